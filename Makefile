@@ -1,0 +1,29 @@
+# `make test` and `make demo` create .venv on first use and install vlmsafe into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vlmsafe-installed
+
+.PHONY: test test-slow demo install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, from the pinned pair (see README "Installation").
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vlmsafe demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

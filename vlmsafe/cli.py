@@ -1,0 +1,68 @@
+"""The ``vlmsafe`` command line.
+
+Each capability registers its own subcommands through a ``register(subparsers)`` function in a
+``cli`` module of its subpackage (see ``_SUBCOMMAND_MODULES``), so this file stays a thin router.
+User errors (:class:`vlmsafe.errors.VlmsafeError`) are printed as one clear message, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from vlmsafe import __version__
+from vlmsafe.errors import VlmsafeError
+
+#: Modules that contribute subcommands, in --help order. Each defines ``register(subparsers)``.
+_SUBCOMMAND_MODULES = (
+    "vlmsafe.testbed.cli",  # demo
+    "vlmsafe.steering.cli",  # calibrate, generate
+    "vlmsafe.eval.cli",  # evaluate
+    "vlmsafe.merge.cli",  # merge
+    "vlmsafe.safeclip.cli",  # safeclip train|eval|pairs
+    "probes.cli",  # probe layers|shift|weights
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmsafe",
+        description=(
+            "Make vision-language models safer. Start with `vlmsafe demo` (bundled tiny LLaVA, no "
+            "downloads), then `vlmsafe calibrate` + `vlmsafe generate` on your own model."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vlmsafe {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a capability not installed in this build
+            if exc.name and name.startswith(exc.name):
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except VlmsafeError as exc:
+        print(f"vlmsafe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
