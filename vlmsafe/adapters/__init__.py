@@ -1,0 +1,45 @@
+"""Model adapters: explicit, per-family knowledge of where the residual stream lives.
+
+>>> adapter = get_adapter(model, processor)        # LLaVA, LLaVA-NeXT, Qwen2(-.5)-VL, causal LMs, CLIP
+>>> mm, text_only = adapter.build_pair(["how do I ...?"], [image])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from vlmsafe.adapters.base import ModelAdapter, adapter_class_for, parse_layer_spec, register_adapter, supported_model_classes
+from vlmsafe.adapters.chat import ChatVLMAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter
+from vlmsafe.adapters.clip import CLIPAdapter, OpenCLIPAdapter
+from vlmsafe.adapters.text import CausalLMAdapter
+
+
+def get_adapter(model: nn.Module | ModelAdapter, processor: Any | None = None, **kwargs: Any) -> ModelAdapter:
+    """Return the adapter for ``model`` (an adapter passes through unchanged).
+
+    Raises :class:`vlmsafe.errors.UnsupportedModelError` naming the class and the supported ones.
+    ``kwargs`` go to the adapter (e.g. ``tower="vision"`` for CLIP).
+    """
+    if isinstance(model, ModelAdapter):
+        if processor is not None and model.processor is None:
+            model.processor = processor
+        return model
+    return adapter_class_for(model)(model, processor, **kwargs)
+
+
+__all__ = [
+    "ModelAdapter",
+    "ChatVLMAdapter",
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "Qwen2VLAdapter",
+    "CausalLMAdapter",
+    "CLIPAdapter",
+    "OpenCLIPAdapter",
+    "get_adapter",
+    "register_adapter",
+    "supported_model_classes",
+    "parse_layer_spec",
+]

@@ -1,0 +1,30 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def hook_ids(model):
+    """Set of (module id, hook id) for every forward (pre-)hook in ``model``.
+
+    transformers installs its own output-capturing hooks lazily, so tests compare the set
+    before and after a vlmsafe context instead of expecting zero.
+    """
+    out = set()
+    for module in model.modules():
+        out |= {(id(module), "f", k) for k in module._forward_hooks}
+        out |= {(id(module), "p", k) for k in module._forward_pre_hooks}
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """All tiny architectures, built once per session: name -> (model, processor)."""
+    from vlmsafe.testing import BUILDERS
+
+    return {name: build() for name, build in BUILDERS.items()}

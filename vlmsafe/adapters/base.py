@@ -1,0 +1,234 @@
+"""The adapter interface: what vlmsafe needs to know about a model family, and the registry.
+
+An adapter wraps one loaded model (and its processor) and answers, explicitly and per family:
+
+* which ``nn.ModuleList`` holds the language model's decoder layers (the residual stream we read
+  and edit), its hidden size and layer count (from ``config.get_text_config()``);
+* where the vision tower and projector are, and which token id marks image positions;
+* how to turn a (prompt, image) item into model inputs, and into its **text-only counterpart**
+  (the same conversation with the image removed) through the model's own processor and chat
+  template.
+
+Layers are never guessed (e.g. "the most frequent ModuleList"): on LLaVA such heuristics can pick
+the vision tower. Each family names its layers; unknown models fail loudly, and new families are
+added with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vlmsafe.errors import InputError, LayerIndexError, UnsupportedModelError
+
+ImageLike = Image.Image
+
+_REGISTRY: dict[str, type["ModelAdapter"]] = {}
+
+
+class ModelAdapter(ABC):
+    """Family-specific knowledge about one loaded model.
+
+    Subclasses set :attr:`family` and :attr:`model_classes` and implement the abstract members.
+    """
+
+    #: Short family name stored in saved artefacts (e.g. ``"llava"``).
+    family: ClassVar[str] = ""
+    #: Model class names this adapter handles (bare ``__name__`` or ``"module.QualName"``).
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: Whether inputs may carry images.
+    supports_images: ClassVar[bool] = False
+    #: Layout of a layer's hidden-state output: batch-first ``(B, T, H)`` or ``(T, B, H)``.
+    batch_first: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, processor: Any | None = None):
+        self.model = model
+        self.processor = processor
+
+    # ----------------------------------------------------------------- structure
+    @property
+    @abstractmethod
+    def layers(self) -> nn.ModuleList:
+        """The stack of transformer blocks whose outputs form the residual stream."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Width of the residual stream."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def entry_module(self) -> nn.Module:
+        """The module whose ``forward`` receives ``input_ids``/``attention_mask`` (for hooks)."""
+        return self.model
+
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        return None
+
+    @property
+    def projector(self) -> nn.Module | None:
+        return None
+
+    @property
+    def image_token_id(self) -> int | None:
+        return None
+
+    @property
+    def model_name(self) -> str:
+        """Name or path the model was loaded from (``config._name_or_path``), if known."""
+        config = getattr(self.model, "config", None)
+        return str(getattr(config, "_name_or_path", "") or "")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def resolve_layers(self, layers: int | Sequence[int] | str | None) -> list[int]:
+        """Normalise a layer selection to sorted, validated, non-negative indices.
+
+        Accepts ``None``/``"all"`` (every layer), an int, a sequence of ints (negative counts from
+        the end, as in Python), or a string such as ``"8-15"`` / ``"3,5,7"`` (CLI form).
+        """
+        n = self.num_layers
+        if layers is None or layers == "all":
+            return list(range(n))
+        if isinstance(layers, str):
+            layers = parse_layer_spec(layers)
+        if isinstance(layers, int):
+            layers = [layers]
+        out = []
+        for idx in layers:
+            if not isinstance(idx, int) or isinstance(idx, bool):
+                raise LayerIndexError(f"layer indices must be integers, got {idx!r}")
+            if not -n <= idx < n:
+                raise LayerIndexError(
+                    f"layer {idx} is out of range: {type(self.model).__name__} has {n} decoder layers "
+                    f"(valid indices 0..{n - 1}, or -{n}..-1 from the end)"
+                )
+            out.append(idx % n)
+        return sorted(set(out))
+
+    # ----------------------------------------------------------------- inputs
+    @abstractmethod
+    def build_inputs(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[ImageLike | None] | None = None,
+        *,
+        padding_side: str | None = None,
+        add_generation_prompt: bool = True,
+        system_prompt: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Batch ``prompts`` (each with an optional image) into model inputs on the model device."""
+
+    def build_pair(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[ImageLike | None],
+        **kwargs: Any,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Return (multimodal inputs, text-only counterpart inputs) for the same conversations."""
+        if len(prompts) != len(images):
+            raise InputError(f"got {len(prompts)} prompts but {len(images)} images; pass one image per prompt")
+        return self.build_inputs(prompts, images, **kwargs), self.build_inputs(prompts, None, **kwargs)
+
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of image-token positions (all False for text-only models)."""
+        if self.image_token_id is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == self.image_token_id
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return [s.strip() for s in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+    def _require_processor(self) -> Any:
+        if self.processor is None:
+            raise InputError(
+                f"{type(self).__name__} needs the model's processor/tokenizer to build inputs; "
+                "pass it as get_adapter(model, processor)"
+            )
+        return self.processor
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={type(self.model).__name__}, layers={self.num_layers}, "
+            f"hidden_size={self.hidden_size})"
+        )
+
+
+def parse_layer_spec(spec: str) -> list[int]:
+    """Parse ``"3"``, ``"3,5,7"``, ``"8-15"`` or ``"-4--1"``-free forms into a list of ints."""
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                cut = part.index("-", 1)
+                lo, hi = int(part[:cut]), int(part[cut + 1 :])
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise LayerIndexError(
+                f"cannot parse layer selection {spec!r}: use e.g. '12', '8,10,12' or '8-15'"
+            ) from None
+    return out
+
+
+def register_adapter(*class_names: str) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:
+    """Class decorator registering an adapter for model classes given by name.
+
+    Example, adding a new family::
+
+        from vlmsafe.adapters import ModelAdapter, register_adapter
+
+        @register_adapter("MyVLMForConditionalGeneration")
+        class MyVLMAdapter(ChatVLMAdapter):
+            family = "myvlm"
+            @property
+            def layers(self): return self.model.model.language_model.layers
+            ...
+
+    Names are matched against every class in the model's MRO, bare (``__name__``) or qualified
+    (``module.QualName``), so subclasses of a supported class work too.
+    """
+
+    def decorator(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+        names = class_names or cls.model_classes
+        cls.model_classes = tuple(names)
+        for name in names:
+            _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def supported_model_classes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def adapter_class_for(model: nn.Module) -> type[ModelAdapter]:
+    for klass in type(model).__mro__:
+        for key in (f"{klass.__module__}.{klass.__qualname__}", klass.__name__):
+            if key in _REGISTRY:
+                return _REGISTRY[key]
+    raise UnsupportedModelError(
+        f"vlmsafe has no adapter for model class {type(model).__name__!r} "
+        f"(module {type(model).__module__}). Supported classes: {', '.join(supported_model_classes())}. "
+        "To add a family, subclass vlmsafe.adapters.ModelAdapter (or ChatVLMAdapter) and decorate it "
+        f"with @vlmsafe.adapters.register_adapter({type(model).__name__!r}); see \"Adding a model family\" in README.md."
+    )

@@ -1,0 +1,193 @@
+"""Adapters for chat VLMs driven by a HF processor + chat template (LLaVA, LLaVA-NeXT, Qwen2-VL)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from vlmsafe.adapters.base import ImageLike, ModelAdapter, register_adapter
+from vlmsafe.errors import InputError
+
+
+@contextlib.contextmanager
+def padding_side(tokenizer: Any, side: str | None) -> Iterator[None]:
+    """Temporarily set ``tokenizer.padding_side`` (generation wants left padding)."""
+    if side is None:
+        yield
+        return
+    if side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
+    old = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = old
+
+
+class ChatVLMAdapter(ModelAdapter):
+    """Shared logic for ``*ForConditionalGeneration`` VLMs whose inner model holds
+    ``language_model`` (a decoder-only LM) and whose processor has a chat template.
+
+    The conversation for an item is ``[{"role": "user", "content": [image?, text]}]`` (plus an
+    optional system turn); its text-only counterpart is the same conversation without the image
+    entry, rendered by the same template, so the two differ *only* by the image.
+    """
+
+    supports_images = True
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.inner.language_model.layers
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        return self.inner.vision_tower
+
+    @property
+    def projector(self) -> nn.Module | None:
+        return self.inner.multi_modal_projector
+
+    @property
+    def image_token_id(self) -> int | None:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def image_placeholder(self) -> str:
+        """The string the processor expands into image tokens."""
+        return self._require_processor().image_token
+
+    def conversation(self, prompt: str, with_image: bool, system_prompt: str | None = None) -> list[dict]:
+        content: list[dict] = [{"type": "image"}] if with_image else []
+        content.append({"type": "text", "text": prompt})
+        conv = [{"role": "user", "content": content}]
+        if system_prompt:
+            conv.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        return conv
+
+    def render(self, prompt: str, with_image: bool, *, system_prompt: str | None = None, add_generation_prompt: bool = True) -> str:
+        processor = self._require_processor()
+        if getattr(processor, "chat_template", None) is None:
+            raise InputError(
+                f"the processor of {type(self.model).__name__} has no chat template; set "
+                "processor.chat_template (see the model card) so vlmsafe can build conversations"
+            )
+        return processor.apply_chat_template(
+            self.conversation(prompt, with_image, system_prompt),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+
+    def build_inputs(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[ImageLike | None] | None = None,
+        *,
+        padding_side: str | None = "left",
+        add_generation_prompt: bool = True,
+        system_prompt: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        processor = self._require_processor()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if images is None:
+            images = [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise InputError(f"got {len(prompts)} prompts but {len(images)} images; pass one image (or None) per prompt")
+        placeholder = self.image_placeholder
+        texts = []
+        for prompt in prompts:
+            if placeholder in prompt:
+                raise InputError(
+                    f"prompt already contains the image placeholder {placeholder!r}; pass the plain "
+                    "instruction and the image separately (vlmsafe inserts the placeholder via the chat template)"
+                )
+        for prompt, image in zip(prompts, images):
+            texts.append(
+                self.render(prompt, image is not None, system_prompt=system_prompt, add_generation_prompt=add_generation_prompt)
+            )
+        flat_images = [img.convert("RGB") for img in images if img is not None]
+        with _padding(processor, padding_side):
+            batch = processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
+        self._check_image_tokens(batch["input_ids"], images)
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def build_raw_inputs(
+        self, texts: Sequence[str], images: Sequence[ImageLike | None], *, padding_side: str | None = "left"
+    ) -> dict[str, torch.Tensor]:
+        """Batch already-templated texts; each text with an image must contain the placeholder."""
+        processor = self._require_processor()
+        placeholder = self.image_placeholder
+        for i, (text, image) in enumerate(zip(texts, images)):
+            if image is not None and placeholder not in text:
+                raise InputError(
+                    f"prompt {i} has an image but no image placeholder {placeholder!r}; add it where the "
+                    "image belongs, or use build_inputs() which applies the chat template for you"
+                )
+            if image is None and placeholder in text:
+                raise InputError(f"prompt {i} contains {placeholder!r} but no image was given for it")
+        flat_images = [img.convert("RGB") for img in images if img is not None]
+        with _padding(processor, padding_side):
+            batch = processor(text=list(texts), images=flat_images or None, padding=True, return_tensors="pt")
+        self._check_image_tokens(batch["input_ids"], images)
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _check_image_tokens(self, input_ids: torch.Tensor, images: Sequence[ImageLike | None]) -> None:
+        has_tokens = self.image_token_mask(input_ids).any(dim=1)
+        for i, image in enumerate(images):
+            if (image is not None) != bool(has_tokens[i]):
+                raise InputError(
+                    f"row {i}: {'an image was given but no' if image is not None else 'no image was given but'} "
+                    f"image tokens (id {self.image_token_id}) are in the tokenised prompt; check that the "
+                    "processor's image token matches model.config.image_token_id"
+                )
+
+
+@contextlib.contextmanager
+def _padding(processor: Any, side: str | None) -> Iterator[None]:
+    with padding_side(processor.tokenizer, side):
+        yield
+
+
+@register_adapter("LlavaForConditionalGeneration")
+class LlavaAdapter(ChatVLMAdapter):
+    """llava-1.5 (``LlavaForConditionalGeneration``): CLIP ViT + MLP projector + Llama/Vicuna."""
+
+    family = "llava"
+
+
+@register_adapter("LlavaNextForConditionalGeneration")
+class LlavaNextAdapter(ChatVLMAdapter):
+    """llava-next / llava-1.6 (``LlavaNextForConditionalGeneration``): AnyRes tiling."""
+
+    family = "llava_next"
+
+
+@register_adapter("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+class Qwen2VLAdapter(ChatVLMAdapter):
+    """Qwen2-VL / Qwen2.5-VL: native-resolution ViT (``model.visual``) with a patch merger."""
+
+    family = "qwen2_vl"
+
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        return self.inner.visual
+
+    @property
+    def projector(self) -> nn.Module | None:
+        return getattr(self.inner.visual, "merger", None)

@@ -1,0 +1,286 @@
+"""Tiny, offline, random-weight instances of every supported architecture, with working processors.
+
+Tests (ours and users') need the *real* transformers / open_clip classes, fast and without
+downloads. Each builder returns ``(model, processor)`` in eval mode, seeded, in well under a
+second: a word-level tokenizer with the family's special tokens and chat template, and the
+family's real image processor configured for tiny images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmsafe.tokenization import (
+    IMAGE_TOKEN,
+    LLAVA_CHAT_TEMPLATE,
+    QWEN2VL_CHAT_TEMPLATE,
+    QWEN2VL_SPECIAL_TOKENS,
+    build_word_tokenizer,
+)
+
+#: A small vocabulary that covers the prompts used in tests and examples.
+TEST_WORDS = (
+    "how do i make a bomb build weapon hack into computer steal car write poem about cats what colour "
+    "is the shape in image describe picture count objects there are red green blue circle square "
+    "triangle sure here steps to i cannot help with that sorry tell me story . , ? ! one two three"
+).split()
+
+IMAGE_SIZE = 32
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def tiny_text_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_vision_config(**overrides):
+    from transformers import CLIPVisionConfig
+
+    kwargs = dict(
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=16,
+    )
+    kwargs.update(overrides)
+    return CLIPVisionConfig(**kwargs)
+
+
+def tiny_tokenizer(**kwargs):
+    return build_word_tokenizer(TEST_WORDS, **kwargs)
+
+
+def tiny_llava(seed: int = 0, num_layers: int = 3):
+    """A random ``LlavaForConditionalGeneration`` (llava-1.5 layout) + ``LlavaProcessor``."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    _seed(seed)
+    tok = tiny_tokenizer()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    config = LlavaConfig(
+        text_config=tiny_text_config(len(tok), num_hidden_layers=num_layers),
+        vision_config=tiny_vision_config(),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    return model, processor
+
+
+def tiny_llava_next(seed: int = 0):
+    """A random ``LlavaNextForConditionalGeneration`` (AnyRes tiling) + ``LlavaNextProcessor``."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    _seed(seed)
+    tok = tiny_tokenizer()
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    config = LlavaNextConfig(
+        text_config=tiny_text_config(len(tok)),
+        vision_config=tiny_vision_config(),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    return model, processor
+
+
+def tiny_qwen2_vl(seed: int = 0, variant: str = "qwen2_vl"):
+    """A random ``Qwen2VLForConditionalGeneration`` (or ``variant="qwen2_5_vl"``) + processor."""
+    from transformers import Qwen2VLImageProcessor
+
+    _seed(seed)
+    tok = build_word_tokenizer(
+        TEST_WORDS,
+        special_tokens=QWEN2VL_SPECIAL_TOKENS,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+        image_token="<|image_pad|>",
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=IMAGE_SIZE * IMAGE_SIZE
+    )
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if variant == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+        vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        config_cls, model_cls, proc_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    elif variant == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+        vision = dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16, fullatt_block_indexes=[0])
+        config_cls, model_cls, proc_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    else:
+        raise ValueError(f"unknown variant {variant!r}; use 'qwen2_vl' or 'qwen2_5_vl'")
+    config = config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    from transformers import Qwen2VLVideoProcessor
+
+    video_processor = Qwen2VLVideoProcessor(patch_size=4, temporal_patch_size=2, merge_size=2)
+    processor = proc_cls(
+        image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=QWEN2VL_CHAT_TEMPLATE
+    )
+    model = model_cls(config).eval()
+    return model, processor
+
+
+def tiny_causal_lm(seed: int = 0, num_layers: int = 3):
+    """A random ``LlamaForCausalLM`` + word-level tokenizer (text-only)."""
+    from transformers import LlamaForCausalLM
+
+    _seed(seed)
+    tok = tiny_tokenizer()
+    model = LlamaForCausalLM(tiny_text_config(len(tok), num_hidden_layers=num_layers)).eval()
+    return model, tok
+
+
+def tiny_clip(seed: int = 0):
+    """A random HF ``CLIPModel`` + ``CLIPProcessor``-like pair (word-level tokenizer, CLIP image processor)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig
+
+    _seed(seed)
+    tok = build_word_tokenizer(TEST_WORDS, special_tokens=(), chat_template=None, padding_side="right", image_token=None)
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ).to_dict(),
+        vision_config=tiny_vision_config().to_dict(),
+        projection_dim=16,
+    )
+    model = CLIPModel(config).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return model, _CLIPProcessorPair(tok, image_processor)
+
+
+class _CLIPProcessorPair:
+    """Minimal processor holding a tokenizer and an image processor (``CLIPProcessor`` needs a CLIP tokenizer)."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+
+def tiny_open_clip(seed: int = 0):
+    """A random open_clip ``CLIP`` model built from an in-memory config (no pretrained tag)."""
+    import open_clip
+    from open_clip.model import CLIP
+    from torchvision import transforms
+
+    _seed(seed)
+    model = CLIP(
+        embed_dim=16,
+        vision_cfg={"image_size": IMAGE_SIZE, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        text_cfg={"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 2},
+    ).eval()
+    preprocess = transforms.Compose([
+        transforms.Resize(IMAGE_SIZE),
+        transforms.CenterCrop(IMAGE_SIZE),
+        transforms.ToTensor(),
+        transforms.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
+    ])
+
+    def tokenizer(texts):
+        # Deterministic toy tokenizer: SOT=1, words hashed into [3, 63], EOT=63 (argmax = end of text).
+        out = torch.zeros(len(texts), 16, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [1] + [3 + (sum(map(ord, w)) % 59) for w in text.lower().split()][:14] + [63]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    return model, {"tokenizer": tokenizer, "preprocess": preprocess}
+
+
+def solid_image(color: tuple[int, int, int] = (200, 30, 30), size: int = IMAGE_SIZE) -> Image.Image:
+    return Image.new("RGB", (size, size), color)
+
+
+def random_image(seed: int = 0, size: int = IMAGE_SIZE) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+BUILDERS = {
+    "llava": tiny_llava,
+    "llava_next": tiny_llava_next,
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": lambda seed=0: tiny_qwen2_vl(seed, variant="qwen2_5_vl"),
+    "causal_lm": tiny_causal_lm,
+}
