@@ -314,7 +314,7 @@ def edit_activations(model: nn.Module | ModelAdapter, plan: EditPlan) -> Iterato
     with _hooks() as handles:
         handles.append(adapter.entry_module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         for layer in layer_ids:
-            handles.append(adapter.layers[layer].register_forward_hook(make_hook(layer, plan.vectors[layer])))
+            handles.append(adapter.layers[layer].register_forward_hook(make_hook(layer, plan.vectors[layer]), prepend=True))
         yield state
 
 
