@@ -248,12 +248,13 @@ MaskFn = Callable[[CallInputs], "torch.Tensor | None"]
 class EditPlan:
     """What :func:`edit_activations` adds: ``scale * vectors[layer]`` times a per-call mask.
 
-    ``vectors[layer]`` is ``(hidden,)`` (same vector for every row) or ``(batch, hidden)`` (one
-    per row, e.g. sample-level CMRM). ``prefill_mask(call)`` / ``decode_mask(call)`` return a
+    ``vectors[layer]`` is ``(hidden,)`` (same vector for every row), ``(batch, hidden)`` (one
+    per row, e.g. sample-level CMRM), or a callable ``fn(hidden, call) -> tensor`` of either
+    shape, evaluated at each forward call on the layer's current (float32) output. ``prefill_mask(call)`` / ``decode_mask(call)`` return a
     ``(batch, seq)`` mask for that forward call, or ``None`` to leave the call untouched.
     """
 
-    vectors: Mapping[int, torch.Tensor]
+    vectors: Mapping[int, "torch.Tensor | Callable[[torch.Tensor, CallInputs], torch.Tensor]"]
     prefill_mask: MaskFn | None
     decode_mask: MaskFn | None = None
     scale: float = 1.0
@@ -285,12 +286,15 @@ def edit_activations(model: nn.Module | ModelAdapter, plan: EditPlan) -> Iterato
             if mask is None:
                 return None
             hidden = _hidden(output)
-            key = (hidden.device, hidden.dtype)
-            if key not in cache:
-                cache[key] = vector.to(device=hidden.device, dtype=torch.float32)
-            vec = cache[key]
             if not adapter.batch_first:
                 hidden = hidden.transpose(0, 1)
+            if callable(vector):
+                vec = vector(hidden.float(), state["last_call"]).to(device=hidden.device, dtype=torch.float32)
+            else:
+                key = (hidden.device, hidden.dtype)
+                if key not in cache:
+                    cache[key] = vector.to(device=hidden.device, dtype=torch.float32)
+                vec = cache[key]
             B, T = hidden.shape[0], hidden.shape[1]
             m = mask.to(device=hidden.device, dtype=torch.float32)
             if m.shape != (B, T):

@@ -1,0 +1,238 @@
+"""``ShiftVectors``: per-layer CMRM shift vectors with their statistics, saved as safetensors + JSON.
+
+A vectors directory holds two files:
+
+``vectors.safetensors``  ``shift.<layer>``, ``mm_mean.<layer>``, ``text_mean.<layer>`` (float32)
+``vectors.json``         metadata: where the vectors were read (model class/name, family,
+                         hidden size, layer count, layers, positions), how (dtype, item count,
+                         calibration-set hash, vlmsafe version), per-layer statistics, and the
+                         sha256 of the tensor file (so corruption is caught before use).
+
+Nothing is ever unpickled. Vectors support algebra like repeng's (``a + b``, ``0.5 * a``, ``-a``),
+which combines the shifts; the means are dropped from the result because they no longer describe it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vlmsafe import __version__
+from vlmsafe.adapters import ModelAdapter, get_adapter
+from vlmsafe.errors import FileFormatError, IncompatibleVectorsError
+from vlmsafe.io import atomic_path
+
+TENSOR_FILE = "vectors.safetensors"
+META_FILE = "vectors.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ShiftVectors:
+    """Per-layer representation shift (multimodal minus text-only) for one model.
+
+    ``shifts[l]`` is the mean over calibration items of ``h_l(image + text) - h_l(text only)``
+    at the read positions. ``stats[l]`` holds float statistics (``shift_norm``, ``mm_norm``,
+    ``text_norm``: mean per-item norms, ``count``). ``meta`` describes provenance and is what
+    :meth:`check_compatible` validates against a model.
+    """
+
+    shifts: dict[int, torch.Tensor]
+    mm_means: dict[int, torch.Tensor] = field(default_factory=dict)
+    text_means: dict[int, torch.Tensor] = field(default_factory=dict)
+    stats: dict[int, dict[str, float]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.shifts)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(next(iter(self.shifts.values())).shape[-1])
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.shifts[layer]
+
+    def __repr__(self) -> str:
+        norms = ", ".join(f"{l}: {self.shifts[l].norm():.3g}" for l in self.layers[:8])
+        more = ", ..." if len(self.layers) > 8 else ""
+        return f"ShiftVectors(layers={len(self.layers)}, hidden_size={self.hidden_size}, norms={{{norms}{more}}})"
+
+    def select(self, layers: list[int]) -> "ShiftVectors":
+        missing = sorted(set(layers) - set(self.shifts))
+        if missing:
+            raise IncompatibleVectorsError(
+                f"the vectors have no layer(s) {missing}; they were calibrated on layers {self.layers}. "
+                "Re-run `vlmsafe calibrate --layers ...` to include them, or choose among the calibrated layers"
+            )
+        pick = lambda d: {l: d[l] for l in layers if l in d}  # noqa: E731
+        return replace(self, shifts=pick(self.shifts), mm_means=pick(self.mm_means), text_means=pick(self.text_means),
+                       stats=pick(self.stats), meta={**self.meta, "layers": list(layers)})
+
+    def normalized(self) -> "ShiftVectors":
+        """Unit-norm shifts: ``alpha`` then is an absolute step length in hidden-state units."""
+        return self._map(lambda v: v / v.norm().clamp_min(1e-12), note="normalized")
+
+    # ------------------------------------------------------------------ algebra
+    def _map(self, fn, note: str) -> "ShiftVectors":
+        meta = {**self.meta, "derived": [*self.meta.get("derived", []), note]}
+        return ShiftVectors(shifts={l: fn(v) for l, v in self.shifts.items()}, meta=meta)
+
+    def __mul__(self, scalar: float) -> "ShiftVectors":
+        if not isinstance(scalar, (int, float)):
+            return NotImplemented
+        return self._map(lambda v: v * float(scalar), note=f"*{scalar}")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: float) -> "ShiftVectors":
+        return self * (1.0 / scalar)
+
+    def __neg__(self) -> "ShiftVectors":
+        return self * -1.0
+
+    def __add__(self, other: "ShiftVectors") -> "ShiftVectors":
+        if not isinstance(other, ShiftVectors):
+            return NotImplemented
+        if other.hidden_size != self.hidden_size:
+            raise IncompatibleVectorsError(
+                f"cannot add vectors of hidden size {self.hidden_size} and {other.hidden_size}"
+            )
+        layers = sorted(set(self.shifts) | set(other.shifts))
+        zero = torch.zeros(self.hidden_size)
+        shifts = {l: self.shifts.get(l, zero) + other.shifts.get(l, zero) for l in layers}
+        meta = {**self.meta, "layers": layers, "derived": [*self.meta.get("derived", []), "sum"]}
+        return ShiftVectors(shifts=shifts, meta=meta)
+
+    def __sub__(self, other: "ShiftVectors") -> "ShiftVectors":
+        return self + (-other)
+
+    # ------------------------------------------------------------------ validation
+    def check_compatible(self, model: Any) -> None:
+        """Raise :class:`IncompatibleVectorsError` unless these vectors fit ``model``'s residual stream."""
+        adapter: ModelAdapter = get_adapter(model)
+        problems = []
+        if adapter.hidden_size != self.hidden_size:
+            problems.append(f"hidden size: vectors have {self.hidden_size}, model has {adapter.hidden_size}")
+        n = self.meta.get("num_layers")
+        if n is not None and int(n) != adapter.num_layers:
+            problems.append(f"layer count: vectors were calibrated on a model with {n} layers, model has {adapter.num_layers}")
+        fam = self.meta.get("family")
+        if fam and fam != adapter.family:
+            problems.append(f"family: vectors are for {fam!r}, model is {adapter.family!r} ({type(adapter.model).__name__})")
+        bad = [l for l in self.layers if l >= adapter.num_layers]
+        if bad and n is None:
+            problems.append(f"layers {bad} do not exist in a model with {adapter.num_layers} layers")
+        if problems:
+            source = self.meta.get("model_name") or self.meta.get("model_class") or "another model"
+            raise IncompatibleVectorsError(
+                f"steering vectors calibrated on {source} do not fit {type(adapter.model).__name__}: "
+                + "; ".join(problems)
+                + ". Calibrate vectors for this model with `vlmsafe calibrate`."
+            )
+
+    # ------------------------------------------------------------------ files
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``vectors.safetensors`` + ``vectors.json`` into ``directory`` atomically."""
+        tensors: dict[str, torch.Tensor] = {}
+        for prefix, table in (("shift", self.shifts), ("mm_mean", self.mm_means), ("text_mean", self.text_means)):
+            for layer, vec in table.items():
+                tensors[f"{prefix}.{layer}"] = vec.detach().to("cpu", torch.float32).contiguous()
+        dest = Path(directory)
+        with atomic_path(dest) as tmp:
+            tmp.mkdir(parents=True)
+            save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "vlmsafe.shift_vectors", "version": str(FORMAT_VERSION)})
+            meta = {
+                **self.meta,
+                "format_version": FORMAT_VERSION,
+                "vlmsafe_version": self.meta.get("vlmsafe_version", __version__),
+                "hidden_size": self.hidden_size,
+                "layers": self.layers,
+                "stats": {str(l): s for l, s in self.stats.items()},
+                "tensor_sha256": _sha256(tmp / TENSOR_FILE),
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return dest
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], model: Any | None = None) -> "ShiftVectors":
+        """Read vectors saved by :meth:`save`; validate against ``model`` if given."""
+        root = Path(directory)
+        tensor_path, meta_path = root / TENSOR_FILE, root / META_FILE
+        for path in (tensor_path, meta_path):
+            if not path.is_file():
+                raise FileFormatError(
+                    f"{path} not found: a vectors directory holds {TENSOR_FILE} and {META_FILE} "
+                    "(as written by `vlmsafe calibrate --out DIR` or ShiftVectors.save)"
+                )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FileFormatError(f"{meta_path} is not valid JSON ({exc}); re-create it with `vlmsafe calibrate`") from None
+        expected = meta.get("tensor_sha256")
+        if expected and _sha256(tensor_path) != expected:
+            raise FileFormatError(
+                f"{tensor_path} is corrupted or truncated: its sha256 does not match the one recorded in "
+                f"{META_FILE}. Re-create the vectors with `vlmsafe calibrate`"
+            )
+        try:
+            raw = load_file(str(tensor_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise FileFormatError(f"{tensor_path} is not a readable safetensors file ({exc}); re-create it with `vlmsafe calibrate`") from None
+        tables: dict[str, dict[int, torch.Tensor]] = {"shift": {}, "mm_mean": {}, "text_mean": {}}
+        for key, value in raw.items():
+            prefix, _, layer = key.rpartition(".")
+            if prefix not in tables or not layer.isdigit():
+                raise FileFormatError(f"{tensor_path}: unexpected tensor {key!r}; expected shift.<layer>, mm_mean.<layer>, text_mean.<layer>")
+            tables[prefix][int(layer)] = value
+        if not tables["shift"]:
+            raise FileFormatError(f"{tensor_path} holds no shift.<layer> tensors")
+        stats = {int(l): s for l, s in meta.pop("stats", {}).items()}
+        vectors = cls(shifts=tables["shift"], mm_means=tables["mm_mean"], text_means=tables["text_mean"], stats=stats, meta=meta)
+        if model is not None:
+            vectors.check_compatible(model)
+        return vectors
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def vectors_from_means(
+    mm_sum: Mapping[int, torch.Tensor],
+    text_sum: Mapping[int, torch.Tensor],
+    diff_norm_sum: Mapping[int, float],
+    mm_norm_sum: Mapping[int, float],
+    text_norm_sum: Mapping[int, float],
+    count: int,
+    meta: dict[str, Any],
+) -> ShiftVectors:
+    """Assemble :class:`ShiftVectors` from float64 running sums (what calibration accumulates)."""
+    shifts, mm_means, text_means, stats = {}, {}, {}, {}
+    for layer in sorted(mm_sum):
+        mm_mean = (mm_sum[layer] / count).float()
+        text_mean = (text_sum[layer] / count).float()
+        shifts[layer] = mm_mean - text_mean
+        mm_means[layer], text_means[layer] = mm_mean, text_mean
+        stats[layer] = {
+            "count": count,
+            "shift_norm": float(shifts[layer].norm()),
+            "mean_item_shift_norm": diff_norm_sum[layer] / count,
+            "mm_norm": mm_norm_sum[layer] / count,
+            "text_norm": text_norm_sum[layer] / count,
+        }
+    return ShiftVectors(shifts=shifts, mm_means=mm_means, text_means=text_means, stats=stats, meta=meta)
