@@ -1,0 +1,63 @@
+"""Safety evaluation: data sets, judges, unsafe-rate / over-refusal / utility reports.
+
+Typical use::
+
+    from vlmsafe.eval import load_items, RefusalJudge, evaluate, compare_reports
+
+    items = load_items("eval.jsonl")
+    mm = evaluate(model, items, RefusalJudge())                  # model: a Generator, e.g. SafeVLM
+    text = evaluate(model, items, RefusalJudge(), text_only=True)
+    print(compare_reports({"text-only": text, "multimodal": mm}))
+
+See :mod:`vlmsafe.eval.loaders` for MM-SafetyBench, FigStep/SafeBench and VLSafe, and
+:mod:`vlmsafe.eval.figstep` for rendering FigStep-style typographic attacks.
+"""
+
+from vlmsafe.eval.data import LABELS, EvalItem, load_items, save_items
+from vlmsafe.eval.evaluate import Generator, contains_reference, evaluate
+from vlmsafe.eval.figstep import FIGSTEP_PROMPT, figstep_text, make_figstep_items, render_typographic
+from vlmsafe.eval.judges import (
+    DEFAULT_REFUSAL_PHRASES,
+    HARMBENCH_PROMPT,
+    HarmBenchJudge,
+    Judge,
+    LlamaGuardJudge,
+    RefusalJudge,
+    Verdict,
+    load_judge,
+    parse_guard_output,
+    parse_yes_no,
+)
+from vlmsafe.eval.loaders import load_figstep, load_mm_safetybench, load_vlsafe
+from vlmsafe.eval.report import EvalReport, ItemRecord, compare_reports, fmt_rate
+
+__all__ = [
+    "LABELS",
+    "EvalItem",
+    "load_items",
+    "save_items",
+    "load_mm_safetybench",
+    "load_figstep",
+    "load_vlsafe",
+    "FIGSTEP_PROMPT",
+    "figstep_text",
+    "render_typographic",
+    "make_figstep_items",
+    "Verdict",
+    "Judge",
+    "RefusalJudge",
+    "LlamaGuardJudge",
+    "HarmBenchJudge",
+    "DEFAULT_REFUSAL_PHRASES",
+    "HARMBENCH_PROMPT",
+    "parse_guard_output",
+    "parse_yes_no",
+    "load_judge",
+    "Generator",
+    "evaluate",
+    "contains_reference",
+    "EvalReport",
+    "ItemRecord",
+    "compare_reports",
+    "fmt_rate",
+]

@@ -1,0 +1,149 @@
+"""`vlmsafe evaluate` end to end with an injected fake generator."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import vlmsafe.eval.cli as eval_cli
+from vlmsafe.cli import build_parser, main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+
+
+class FakeVLM:
+    """Refuses text-only prompts, complies when an image is present; says 'red' for images."""
+
+    def generate(self, prompts, images, *, max_new_tokens=64):
+        return ["sure , here are the steps , it is red" if im is not None else "i cannot help with that ." for im in images]
+
+
+@pytest.fixture()
+def fake_loader(monkeypatch):
+    seen = []
+
+    def load(args):
+        seen.append(args)
+        return FakeVLM()
+
+    monkeypatch.setattr(eval_cli, "load_generator", load)
+    return seen
+
+
+def test_help_lists_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--data", "--judge", "--vectors", "--alpha", "--sample-level", "--modality", "--out", "over-refusal"):
+        assert flag in out
+
+
+def test_evaluate_both_modalities_writes_reports(tmp_path, fake_loader, capsys):
+    out = tmp_path / "run"
+    rc = main(["evaluate", "--model", "m", "--data", str(FIXTURES / "items.jsonl"), "--modality", "both", "--out", str(out), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    # items.jsonl: h1 (image), h2 (no image), b1 (image, reference "red")
+    assert "| text-only | 0.0% | 100.0% | 100.0% | 0.0% | 2 / 1 / 1 |" in printed
+    assert "| multimodal | 50.0% | 50.0% | 0.0% | 100.0% | 2 / 1 / 1 |" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["multimodal.json", "multimodal.md", "summary.md", "text-only.json", "text-only.md"]
+    mm = json.loads((out / "multimodal.json").read_text())
+    assert mm["summary"]["unsafe_rate"] == 0.5 and mm["config"]["steering"] is None and mm["config"]["model"] == "m"
+    assert [r["id"] for r in mm["records"]] == ["h1", "h2", "b1"]
+    assert "| unsafe rate | 50.0% | 2 harmful |" in (out / "multimodal.md").read_text()
+    assert fake_loader[0].vectors is None and fake_loader[0].sample_level is False
+
+
+def test_evaluate_public_layouts(tmp_path, fake_loader, capsys):
+    rc = main(["evaluate", "--model", "m", "--data", str(FIXTURES / "mm_safetybench"), "--image-types", "sd,text", "--out", str(tmp_path / "a"), "--quiet"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "a" / "multimodal.json").read_text())
+    assert rep["summary"]["n_harmful"] == 6 and rep["summary"]["unsafe_rate"] == 0.5  # SD items answered, TEXT refused
+    rc = main([
+        "evaluate", "--model", "m", "--data", str(FIXTURES / "figstep/question/safebench.csv"),
+        "--images", str(FIXTURES / "figstep/images/SafeBench"), "--limit", "2", "--out", str(tmp_path / "b"), "--quiet",
+    ])  # fmt: skip
+    assert rc == 0 and json.loads((tmp_path / "b" / "multimodal.json").read_text())["summary"]["n_items"] == 2
+    rc = main([
+        "evaluate", "--model", "m", "--data", str(FIXTURES / "vlsafe/harmlessness_examine.jsonl"), "--data-format", "vlsafe",
+        "--images", str(FIXTURES / "vlsafe/coco"), "--out", str(tmp_path / "c"), "--quiet",
+    ])  # fmt: skip
+    assert rc == 0 and json.loads((tmp_path / "c" / "multimodal.json").read_text())["summary"]["unsafe_rate"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--alpha", "0.5"], "--alpha sets the steering strength"),
+        (["--judge", "gpt4"], "unknown judge"),
+        (["--vectors", "/nonexistent/vectors"], "is not a folder"),
+        (["--data-format", "figstep"], "needs --images"),
+        (["--data-format", "mm-safetybench"], "processed_questions"),
+        (["--batch-size", "0"], "must be >= 1"),
+    ],
+)
+def test_user_errors_exit_2_with_message(tmp_path, fake_loader, capsys, extra, message):
+    args = ["evaluate", "--model", "m", "--data", str(FIXTURES / "items.jsonl"), "--out", str(tmp_path / "o"), "--quiet", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmsafe evaluate: error:") and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_data_reports_file_and_line(tmp_path, fake_loader, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "x"}\n{"id": "b"}\n')
+    assert main(["evaluate", "--model", "m", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 2" in err and "'prompt'" in err
+
+
+def test_vectors_and_sample_level_are_exclusive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o", "--vectors", "v", "--sample-level"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_load_generator_maps_flags_to_safevlm(tmp_path, monkeypatch):
+    """The real loader builds SafeVLM.from_pretrained(path, vectors=..., alpha=..., mode=...)."""
+    calls = {}
+
+    class ShiftVectors:
+        @staticmethod
+        def load(path):
+            calls["vectors_path"] = path
+            return "VECTORS"
+
+    class SafeVLM:
+        @classmethod
+        def from_pretrained(cls, path, vectors=None, alpha=1.0, mode=None):
+            calls.update(path=path, vectors=vectors, alpha=alpha, mode=mode)
+            return FakeVLM()
+
+    monkeypatch.setitem(sys.modules, "vlmsafe.steering", types.SimpleNamespace(SafeVLM=SafeVLM, ShiftVectors=ShiftVectors))
+    parse = build_parser().parse_args
+    base = ["evaluate", "--model", "mdl", "--data", "d", "--out", "o"]
+    eval_cli.load_generator(parse(base))
+    assert calls == {"path": "mdl", "vectors": None, "alpha": 1.0, "mode": None}
+    eval_cli.load_generator(parse([*base, "--vectors", str(tmp_path), "--alpha", "0.7"]))
+    assert calls["mode"] == "dataset" and calls["vectors"] == "VECTORS" and calls["alpha"] == 0.7 and calls["vectors_path"] == str(tmp_path)
+    eval_cli.load_generator(parse([*base, "--sample-level", "--alpha", "2"]))
+    assert calls["mode"] == "sample" and calls["vectors"] is None and calls["alpha"] == 2.0
+
+
+def test_real_safevlm_loader_on_saved_tiny_llava(tmp_path, capsys):
+    """Integration: the default loader loads a saved (random) tiny LLaVA through vlmsafe.steering."""
+    from vlmsafe.testing import tiny_llava
+
+    model, processor = tiny_llava()
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    for extra, steering in (([], None), (["--sample-level", "--alpha", "1.0"], "sample")):
+        out = tmp_path / f"out-{steering}"
+        args = ["evaluate", "--model", str(tmp_path / "llava"), "--data", str(FIXTURES / "items.jsonl"), "--max-new-tokens", "3", "--out", str(out), "--quiet", *extra]
+        assert main(args) == 0, capsys.readouterr().err
+        rep = json.loads((out / "multimodal.json").read_text())
+        assert len(rep["records"]) == 3 and all(isinstance(r["response"], str) for r in rep["records"])
+        assert rep["config"]["steering"] == steering

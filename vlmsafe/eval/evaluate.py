@@ -1,0 +1,136 @@
+"""Run a model over evaluation items, judge the responses, and report the rates.
+
+The model side is a :class:`Generator`: anything with a batched
+``generate(prompts, images, *, max_new_tokens)``. :class:`vlmsafe.steering.SafeVLM` is one
+(plain or CMRM-steered); a stub is enough in tests. Keeping evaluation behind this small protocol
+means the same harness measures an unmodified model, a steered one, a merged one, or an API.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vlmsafe.errors import InputError
+from vlmsafe.eval.data import EvalItem
+from vlmsafe.eval.judges import Judge
+from vlmsafe.eval.report import EvalReport, ItemRecord
+
+UtilityFn = Callable[[str, str], bool]
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A (possibly steered) VLM that answers prompts, each with an optional image.
+
+    ``images[i]`` is ``None`` for a text-only input; the generator applies its own chat template.
+    Returns one decoded response (without the prompt) per prompt, greedy unless configured.
+    """
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Image.Image | None],
+        *,
+        max_new_tokens: int = 64,
+    ) -> list[str]: ...
+
+
+def _normalize_answer(text: str) -> str:
+    return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
+
+
+def contains_reference(response: str, reference: str) -> bool:
+    """Default utility: the normalised reference appears in the normalised response as whole words.
+
+    Normalisation lower-cases and replaces punctuation by spaces, so ``"3"`` matches
+    ``"there are 3 circles ."`` but not ``"13"``; ``"red circle"`` matches ``"a Red, circle"``.
+    """
+    ref = _normalize_answer(reference)
+    if not ref:
+        return False
+    return f" {ref} " in f" {_normalize_answer(response)} "
+
+
+def evaluate(
+    generator: Generator,
+    items: Sequence[EvalItem],
+    judge: Judge,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    text_only: bool = False,
+    progress: bool = True,
+    utility_fn: UtilityFn | None = None,
+    config: dict | None = None,
+) -> EvalReport:
+    """Generate a response for every item, judge it, and aggregate.
+
+    Args:
+        generator: the model under test (see :class:`Generator`).
+        items: evaluation items (harmful and/or benign; with or without images).
+        judge: decides unsafe / refused (see :mod:`vlmsafe.eval.judges`).
+        batch_size: items per ``generate`` / ``judge`` call.
+        max_new_tokens: generation budget per response.
+        text_only: drop every image -- the text-only counterpart of a multimodal set, the
+            baseline that shows how much safety the image channel loses.
+        progress: show a tqdm progress bar.
+        utility_fn: ``(response, reference) -> bool`` for items with a reference answer
+            (default :func:`contains_reference`).
+        config: extra fields stored in :attr:`EvalReport.config` (model, alpha, ...).
+
+    The judge sees the benchmark's original request (``item.meta["question"]``, set by the
+    MM-SafetyBench and FigStep loaders) when there is one, because their prompts only point at
+    the image ("the image shows a list ...") and a judge cannot tell what was asked from them.
+
+    Returns:
+        An :class:`EvalReport` with one :class:`ItemRecord` per item, in input order.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+    if not items:
+        raise InputError("no items to evaluate; the data set is empty.")
+    utility = utility_fn or contains_reference
+    judges_content = bool(getattr(judge, "judges_content", True))
+    records: list[ItemRecord] = []
+    bar = tqdm(total=len(items), desc="evaluate" + (" (text-only)" if text_only else ""), unit="item", disable=not progress)
+    try:
+        for start in range(0, len(items), batch_size):
+            batch = list(items[start : start + batch_size])
+            prompts = [it.prompt for it in batch]
+            images = [None if text_only else it.load_image() for it in batch]
+            responses = list(generator.generate(prompts, images, max_new_tokens=max_new_tokens))
+            if len(responses) != len(batch):
+                raise InputError(f"generator returned {len(responses)} responses for {len(batch)} prompts; it must return one per prompt.")
+            judge_prompts = [str(it.meta.get("question") or it.prompt) for it in batch]
+            verdicts = judge.judge(judge_prompts, responses)
+            if len(verdicts) != len(batch):
+                raise InputError(f"judge {getattr(judge, 'name', judge)!r} returned {len(verdicts)} verdicts for {len(batch)} responses.")
+            for it, response, verdict in zip(batch, responses, verdicts):
+                unsafe: bool | None = verdict.unsafe
+                if it.label == "benign" and not judges_content:
+                    unsafe = None  # "it answered" is not unsafe for a benign request
+                records.append(
+                    ItemRecord(
+                        id=it.id,
+                        category=it.category,
+                        label=it.label,
+                        prompt=it.prompt,
+                        response=response,
+                        unsafe=unsafe,
+                        refused=verdict.refused,
+                        correct=None if it.reference is None else bool(utility(response, it.reference)),
+                        image=None if text_only else it.image,
+                        reference=it.reference,
+                        judge_category=verdict.category,
+                        judge_raw=verdict.raw,
+                    )
+                )
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    cfg = {"text_only": text_only, "max_new_tokens": max_new_tokens, "batch_size": batch_size, **(config or {})}
+    return EvalReport(records=records, judge=getattr(judge, "name", type(judge).__name__), config=cfg)
