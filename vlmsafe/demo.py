@@ -1,0 +1,154 @@
+"""``vlmsafe demo``: the problem and the fixes, measured on the bundled testbed (no downloads).
+
+Steps (all on CPU, well under two minutes):
+
+1. load the bundled tiny LLaVA (``assets/testbed``) and its held-out splits;
+2. evaluate the *test* split text-only and with images (the safety degradation);
+3. calibrate CMRM vectors on the *calibration* split, sweep alpha on the calibration split and
+   choose alpha there (lowest unsafe rate with benign accuracy within 5 points), then report the
+   test split at that alpha, dataset-level and sample-level, plus the full test sweep;
+4. add the safety-merge and Safe-CLIP rows when those testbed assets are present;
+5. print one table; write ``report.json``, ``table.md`` and ``cmrm_sweep.png`` to the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from vlmsafe.errors import FileFormatError
+
+DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:5.1f}%"
+
+
+def _row(name: str, report: Any, note: str = "", utility: bool = True) -> dict[str, Any]:
+    s = report.summary()
+    return {"setting": name, "unsafe_rate": s["unsafe_rate"], "utility": s["utility"] if utility else None,
+            "over_refusal_rate": s["over_refusal_rate"], "n_harmful": s["n_harmful"], "n_with_reference": s["n_with_reference"],
+            "note": note}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = "| setting | unsafe rate (harmful) | benign image-question accuracy | over-refusal (benign) | note |"
+    lines = [head, "|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {_pct(r['unsafe_rate'])} | {_pct(r['utility'])} | {_pct(r['over_refusal_rate'])} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def run_demo(
+    out_dir: str | Path = "vlmsafe-demo",
+    *,
+    testbed: str | Path | None = None,
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS,
+    batch_size: int = 32,
+    max_new_tokens: int = 12,
+    progress: bool = True,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    import torch
+
+    from vlmsafe.eval import RefusalJudge, evaluate, load_items
+    from vlmsafe.io import write_json_atomic
+    from vlmsafe.steering import SafeVLM, calibrate
+    from vlmsafe.steering.sweep import alpha_sweep, choose_alpha, plot_sweep
+    from vlmsafe.testbed import load_testbed, testbed_dir
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    root = testbed_dir(testbed)
+    model, processor = load_testbed(root)
+    data = root / "data"
+    test = load_items(data / "test.jsonl")
+    calib = load_items(data / "calibration.jsonl")
+    info = _build_info(root)
+    cmrm = {"layers": None, "positions": "last", "decode": False, **info.get("cmrm_defaults", {}), **(settings or {})}
+    judge = RefusalJudge()
+    ev = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    base = SafeVLM(model, processor, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    text_only = evaluate(base, test, judge, text_only=True, **ev)
+    multimodal = evaluate(base, test, judge, **ev)
+
+    calib_images = [it for it in calib if it.image is not None]
+    vectors = calibrate(model, processor, calib_images, layers=cmrm["layers"], positions="last", batch_size=batch_size, progress=progress)
+    steer_kw = dict(layers=cmrm["layers"], positions=cmrm["positions"], decode=cmrm["decode"], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    dataset_vlm = SafeVLM(model, processor, vectors, mode="dataset", **steer_kw)
+    sample_vlm = SafeVLM(model, processor, mode="sample", **steer_kw)
+
+    sweeps_cal = {"dataset-level": alpha_sweep(dataset_vlm, calib, judge, alphas, batch_size=batch_size, max_new_tokens=max_new_tokens),
+                  "sample-level": alpha_sweep(sample_vlm, calib, judge, alphas, batch_size=batch_size, max_new_tokens=max_new_tokens)}
+    chosen = {name: choose_alpha(rows)["alpha"] for name, rows in sweeps_cal.items()}
+    sweeps_test = {"dataset-level": alpha_sweep(dataset_vlm, test, judge, alphas, batch_size=batch_size, max_new_tokens=max_new_tokens),
+                   "sample-level": alpha_sweep(sample_vlm, test, judge, alphas, batch_size=batch_size, max_new_tokens=max_new_tokens)}
+
+    rows = [
+        _row("text-only (image removed)", text_only, "the aligned behaviour", utility=False),
+        _row("multimodal (image + text)", multimodal, "VL adaptation broke refusals"),
+    ]
+    for name in ("dataset-level", "sample-level"):
+        at = next(r for r in sweeps_test[name] if r["alpha"] == chosen[name])
+        rows.append({"setting": f"multimodal + CMRM {name}", "unsafe_rate": at["unsafe_rate"], "utility": at["utility"],
+                     "over_refusal_rate": at["over_refusal_rate"], "n_harmful": at["n_harmful"],
+                     "n_with_reference": at["n_with_reference"], "note": f"alpha={chosen[name]:g} (chosen on calibration split)"})
+    extra_rows, extra_sections = _optional_rows(root, test, judge, ev)
+    rows.extend(extra_rows)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_sweep(sweeps_test, out / "cmrm_sweep.png", chosen=chosen["dataset-level"],
+               title="CMRM on the testbed's held-out test split")
+    table = format_table(rows)
+    report = {
+        "testbed": str(root),
+        "n_test_items": len(test),
+        "n_calibration_items": len(calib),
+        "cmrm_settings": {**cmrm, "read_positions": "last", "chosen_alpha": chosen},
+        "rows": rows,
+        "sweep_test": sweeps_test,
+        "sweep_calibration": sweeps_cal,
+        "vector_norms": {str(l): s["shift_norm"] for l, s in vectors.stats.items()},
+        **extra_sections,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json_atomic(out / "report.json", report)
+    (out / "table.md").write_text(table + "\n")
+    return report
+
+
+def _build_info(root: Path) -> dict[str, Any]:
+    path = root / "build_info.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(f"{path} is not valid JSON ({exc}); rebuild the testbed") from None
+
+
+def _optional_rows(root: Path, test: list, judge: Any, ev: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows for capabilities whose testbed assets exist (safety merge, Safe-CLIP)."""
+    rows: list[dict[str, Any]] = []
+    sections: dict[str, Any] = {}
+    try:
+        from vlmsafe.merge.demo import merge_demo_row
+    except ImportError:
+        merge_demo_row = None
+    if merge_demo_row is not None and (root / "aligned_lm").is_dir():
+        row, section = merge_demo_row(root, test, judge, ev)
+        rows.append(row)
+        sections["safety_merge"] = section
+    try:
+        from vlmsafe.safeclip import safeclip_demo_rows
+    except ImportError:
+        safeclip_demo_rows = None
+    safeclip_dir = root.parent / "safeclip"
+    if safeclip_demo_rows is not None and safeclip_dir.is_dir():
+        sections["safe_clip"] = safeclip_demo_rows(safeclip_dir)
+    return rows, sections
