@@ -320,11 +320,3 @@ def edit_activations(model: nn.Module | ModelAdapter, plan: EditPlan) -> Iterato
         for layer in layer_ids:
             handles.append(adapter.layers[layer].register_forward_hook(make_hook(layer, plan.vectors[layer]), prepend=True))
         yield state
-
-
-def count_hooks(model: nn.Module) -> int:
-    """Number of forward (pre-)hooks registered anywhere in ``model`` (0 after every vlmsafe context)."""
-    total = 0
-    for module in model.modules():
-        total += len(module._forward_hooks) + len(module._forward_pre_hooks)
-    return total

@@ -56,12 +56,18 @@ class ModelAdapter(ABC):
         """The stack of transformer blocks whose outputs form the residual stream."""
 
     @property
-    @abstractmethod
     def hidden_size(self) -> int:
-        """Width of the residual stream."""
+        """Width of the residual stream (``config.get_text_config().hidden_size`` by default)."""
+        return int(self.model.config.get_text_config().hidden_size)
 
     @property
     def num_layers(self) -> int:
+        """Number of blocks (``config.get_text_config().num_hidden_layers`` when the config has it)."""
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "get_text_config"):
+            n = getattr(config.get_text_config(), "num_hidden_layers", None)
+            if n is not None:
+                return int(n)
         return len(self.layers)
 
     @property

@@ -48,14 +48,6 @@ class ChatVLMAdapter(ModelAdapter):
         return self.inner.language_model.layers
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.get_text_config().hidden_size)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.get_text_config().num_hidden_layers)
-
-    @property
     def vision_tower(self) -> nn.Module | None:
         return self.inner.vision_tower
 

@@ -35,14 +35,6 @@ class CausalLMAdapter(ModelAdapter):
             return self.model.model.layers
         return self.model.transformer.h
 
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.get_text_config().hidden_size)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.get_text_config().num_hidden_layers)
-
     def build_inputs(
         self,
         prompts: Sequence[str],

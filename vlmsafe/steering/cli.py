@@ -27,6 +27,12 @@ def _add_steer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode", action="store_true", help="also steer generated tokens")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local HF model directory (or hub id when online)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="load the model in this dtype")
+    p.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
+
+
 def register(subparsers: Any) -> None:
     cal = subparsers.add_parser(
         "calibrate",
@@ -43,15 +49,13 @@ def register(subparsers: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    cal.add_argument("--model", required=True, help="local HF model directory (or hub id when online)")
+    _add_model_args(cal)
     cal.add_argument("--data", required=True, help="JSONL calibration items with images")
     cal.add_argument("--out", required=True, help="output directory for the vectors (written atomically)")
     cal.add_argument("--layers", default=None, help="decoder layers to calibrate, e.g. '8-15' (default: all)")
     cal.add_argument("--positions", default="last", choices=["last", "prompt", "text"], help="token positions read per item (default: last prompt token)")
     cal.add_argument("--batch-size", type=int, default=8)
     cal.add_argument("--limit", type=int, default=None, help="use only the first N items")
-    cal.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="load the model in this dtype")
-    cal.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
     cal.set_defaults(func=run_calibrate)
 
     gen = subparsers.add_parser(
@@ -66,12 +70,10 @@ def register(subparsers: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    gen.add_argument("--model", required=True, help="local HF model directory (or hub id when online)")
+    _add_model_args(gen)
     gen.add_argument("--prompt", required=True, help="the instruction (plain text; the chat template is applied for you)")
     gen.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    gen.add_argument("--device", default=None)
     _add_steer_args(gen)
     gen.set_defaults(func=run_generate)
 
