@@ -1,0 +1,106 @@
+"""``vlmsafe merge`` and ``vlmsafe merge-mask``: the safety merge from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vlmsafe.merge.methods import METHODS
+
+_MERGE_EPILOG = """\
+examples:
+  # the LLaVA recipe: 40% aligned LLM, 60% the VLM's language model
+  vlmsafe merge --vlm llava-7b --aligned llama-2-7b-chat --method linear --weight 0.4 --out llava-7b-safe
+
+  # everything in a YAML file (models, method, per-layer weights, masks, output); flags override it
+  vlmsafe merge merge.yaml --out other-dir
+
+  # LLaVA adds tokens (e.g. <image>): merge the shared vocabulary rows, keep the VLM's extra rows
+  vlmsafe merge --vlm llava --aligned llama-chat --weight 0.4 --vocab-rows shared --out safe
+
+The vision tower and projector are copied unchanged. The output is a normal Hugging Face checkpoint
+(sharded safetensors + index + the VLM's config/tokenizer files) plus vlmsafe_merge.json with the
+recipe and the sha256 of every input. It appears only when complete: an interrupted merge leaves
+the destination untouched. See `python -c "import vlmsafe.merge.config as c; print(c.__doc__)"`
+for every YAML key.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="recover a VLM's safety by merging its language model with the aligned text-only LLM",
+        description=(
+            "Merge the language model inside a VLM (LLaVA-style checkpoint) with the safety-aligned LLM it "
+            "was built from, streaming tensor by tensor with bounded memory. --weight is the aligned "
+            "LLM's share: 0 keeps the VLM, 1 takes the aligned LLM."
+        ),
+        epilog=_MERGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML merge config (optional if --vlm/--aligned/--out are given)")
+    p.add_argument("--vlm", help="VL-adapted model directory (its layout is kept)")
+    p.add_argument("--aligned", help="safety-aligned text-only LLM directory")
+    p.add_argument("--base", help="common base model for task-vector methods (default: the aligned LLM)")
+    p.add_argument("--out", dest="output", help="output directory (created atomically)")
+    p.add_argument("--method", choices=METHODS, help="merge method (default linear)")
+    p.add_argument("--weight", type=float, help="aligned LLM's share in [0, 1] (default 0.5); per-layer in YAML")
+    p.add_argument("--density", type=float, help="ties/dare: fraction of each task vector kept (default 1.0)")
+    p.add_argument("--convention", choices=("mergekit", "peft"), help="ties/dare numerics (default mergekit)")
+    p.add_argument("--mask", help="safetensors mask file (from `vlmsafe merge-mask`): merge only masked entries")
+    p.add_argument("--vocab-rows", choices=("error", "shared"), help="vocabulary-size mismatch handling")
+    p.add_argument("--allow-passthrough", action="store_true", default=None,
+                   help="copy the VLM tensor where a counterpart is missing or mismatched instead of failing")
+    p.add_argument("--cast-dtype", action="store_true", default=None, help="merge inputs of different dtypes")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="output dtype (default: the VLM's)")
+    p.add_argument("--max-shard-size", help="output shard size, e.g. 2GB (default 2GB)")
+    p.add_argument("--seed", type=int, help="seed for DARE's random drop (default 0)")
+    p.add_argument("--no-hash", dest="hash_inputs", action="store_false", default=None,
+                   help="skip sha256 of the inputs in the recipe (faster on huge checkpoints)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_merge)
+
+    m = subparsers.add_parser(
+        "merge-mask",
+        help="write a top-k%% safety mask from the weight difference between the aligned LLM and the VLM",
+        description=(
+            "Score every decoder-layer weight by |W_aligned - W_vlm| (how far VL adaptation moved it) and "
+            "write a safetensors mask of the top fraction, for `vlmsafe merge --mask`. For activation-based "
+            "(Wanda / Antidote) scores use vlmsafe.merge.collect_input_norms + wanda_scores in Python."
+        ),
+    )
+    m.add_argument("--vlm", required=True, help="VL-adapted model directory")
+    m.add_argument("--aligned", required=True, help="safety-aligned LLM directory")
+    m.add_argument("--top", type=float, default=0.2, help="fraction of entries to select (default 0.2)")
+    m.add_argument("--scope", choices=("row", "tensor"), default="row", help="top-k per output row or per tensor")
+    m.add_argument("--include", help="regex of tensor names to score (default: decoder-layer weights)")
+    m.add_argument("--out", required=True, help="output .safetensors mask file")
+    m.set_defaults(func=_merge_mask)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from vlmsafe.merge.config import MergeConfig
+    from vlmsafe.merge.streaming import merge_checkpoints
+
+    overrides = {
+        k: getattr(args, k)
+        for k in ("vlm", "aligned", "base", "output", "method", "weight", "density", "convention", "mask",
+                  "vocab_rows", "allow_passthrough", "cast_dtype", "dtype", "max_shard_size", "seed",
+                  "hash_inputs", "overwrite")
+    }
+    cfg = MergeConfig.from_yaml(args.config, **overrides) if args.config else MergeConfig.from_dict({}, **overrides)
+    result = merge_checkpoints(cfg, progress=not args.no_progress)
+    t = result.recipe["tensors"]
+    print(f"merged {t['merged']} tensors, copied {t['copied']} ({json.dumps(t['copied_by_reason'])}) "
+          f"in {result.seconds:.1f}s -> {result.output}")
+    return 0
+
+
+def _merge_mask(args: argparse.Namespace) -> int:
+    from vlmsafe.merge.localise import DEFAULT_INCLUDE, weight_difference_mask
+
+    summary = weight_difference_mask(args.vlm, args.aligned, args.out, fraction=args.top, scope=args.scope,
+                                     include=args.include or DEFAULT_INCLUDE, progress=True)
+    print(f"wrote {summary['tensors']} masks selecting {summary['selected_fraction']:.1%} -> {summary['path']}")
+    return 0
