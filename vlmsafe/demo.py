@@ -97,11 +97,11 @@ def run_demo(
         rows.append({"setting": f"multimodal + CMRM {name}", "unsafe_rate": at["unsafe_rate"], "utility": at["utility"],
                      "over_refusal_rate": at["over_refusal_rate"], "n_harmful": at["n_harmful"],
                      "n_with_reference": at["n_with_reference"], "note": f"alpha={chosen[name]:g} (chosen on calibration split)"})
-    extra_rows, extra_sections = _optional_rows(root, test, judge, ev)
-    rows.extend(extra_rows)
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    extra_rows, extra_sections = _optional_rows(root, out, calib, test, judge, ev)
+    rows.extend(extra_rows)
+
     plot_sweep(sweeps_test, out / "cmrm_sweep.png", chosen=chosen["dataset-level"],
                title="CMRM on the testbed's held-out test split")
     table = format_table(rows)
@@ -132,18 +132,49 @@ def _build_info(root: Path) -> dict[str, Any]:
         raise FileFormatError(f"{path} is not valid JSON ({exc}); rebuild the testbed") from None
 
 
-def _optional_rows(root: Path, test: list, judge: Any, ev: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+MERGE_WEIGHTS = (0.2, 0.4, 0.6, 0.8)
+
+
+def _merge_section(root: Path, out: Path, calib: list, test: list, judge: Any, ev: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Safety merge of the VLM's language model with the aligned LM (linear; weight = aligned share).
+
+    The weight is chosen on the calibration split with the same rule as alpha (lowest unsafe rate
+    with benign accuracy within 5 points of the unmerged VLM), then the test split is reported.
+    """
+    from vlmsafe.eval import evaluate
+    from vlmsafe.merge import merge_sweep
+    from vlmsafe.steering import SafeVLM, load_model
+    from vlmsafe.steering.sweep import choose_alpha
+
+    def metrics(items):
+        def evaluate_fn(model_dir):
+            model, processor = load_model(model_dir)
+            vlm = SafeVLM(model, processor, max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"])
+            s = evaluate(vlm, items, judge, **{**ev, "progress": False}).summary()
+            return {"unsafe_rate": s["unsafe_rate"], "utility": s["utility"], "over_refusal_rate": s["over_refusal_rate"],
+                    "n_harmful": s["n_harmful"], "n_with_reference": s["n_with_reference"]}
+        return evaluate_fn
+
+    merged_root = out / "merged"
+    cal_rows = merge_sweep(root, root / "aligned_lm", MERGE_WEIGHTS, merged_root, metrics(calib), progress=False,
+                           vocab_rows="shared")
+    base = metrics(calib)(root)
+    candidates = [{"alpha": 0.0, **base}] + [{"alpha": r["weight"], **{k: r[k] for k in base}} for r in cal_rows]
+    weight = choose_alpha(candidates)["alpha"]
+    test_metrics = metrics(test)(merged_root / f"weight_{weight:g}") if weight else metrics(test)(root)
+    row = {"setting": "safety merge (linear, LM only)", **{k: test_metrics[k] for k in ("unsafe_rate", "utility", "over_refusal_rate", "n_harmful", "n_with_reference")},
+           "note": f"weight={weight:g} on the aligned LM (chosen on calibration split)"}
+    section = {"weights": list(MERGE_WEIGHTS), "chosen_weight": weight, "calibration_sweep": candidates, "test": test_metrics}
+    return row, section
+
+
+def _optional_rows(root: Path, out: Path, calib: list, test: list, judge: Any, ev: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows for capabilities whose testbed assets exist (safety merge, Safe-CLIP)."""
     rows: list[dict[str, Any]] = []
     sections: dict[str, Any] = {}
-    try:
-        from vlmsafe.merge.demo import merge_demo_row
-    except ImportError:
-        merge_demo_row = None
-    if merge_demo_row is not None and (root / "aligned_lm").is_dir():
-        row, section = merge_demo_row(root, test, judge, ev)
+    if (root / "aligned_lm").is_dir():
+        row, sections["safety_merge"] = _merge_section(root, out, calib, test, judge, ev)
         rows.append(row)
-        sections["safety_merge"] = section
     try:
         from vlmsafe.safeclip import safeclip_demo_rows
     except ImportError:
