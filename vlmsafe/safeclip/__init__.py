@@ -1,0 +1,82 @@
+"""Safe-CLIP: fine-tune CLIP encoders so unsafe inputs embed like their safe counterparts.
+
+Poppi et al., ECCV 2024. Pieces:
+
+* :mod:`~vlmsafe.safeclip.losses` — the eight loss terms, returned separately.
+* :mod:`~vlmsafe.safeclip.backends` — ``transformers`` ``CLIPModel`` and ``open_clip`` behind one interface.
+* :mod:`~vlmsafe.safeclip.data` — JSONL quadruplets, the ViSU-Text layout + COCO, text-only mode.
+* :mod:`~vlmsafe.safeclip.trainer` — LoRA / full fine-tuning with a truly frozen reference,
+  ``accelerate`` multi-process, resumable safetensors+JSON checkpoints, early stopping.
+* :mod:`~vlmsafe.safeclip.pairs` — the safe→unsafe sentence converter (LoRA on a causal LM).
+* :mod:`~vlmsafe.safeclip.retrieval` — Recall@K tables (S→V, U→V, U→(V∪G), V→S, G→S).
+* :mod:`~vlmsafe.safeclip.integrations` — swap the encoders into diffusers and LLaVA.
+* :mod:`~vlmsafe.safeclip.testbed` — the bundled tiny CLIP testbed (``assets/safeclip``).
+
+CLI: ``vlmsafe safeclip train | eval | pairs``; ``vlmsafe safeclip eval`` with no arguments
+prints the bundled testbed's retrieval table (original vs Safe-CLIP on held-out scenes).
+
+Python::
+
+    from vlmsafe.safeclip import HFCLIPBackend, QuadrupletDataset, SafeCLIPTrainer, SafeCLIPTrainingConfig
+
+    backend = HFCLIPBackend.from_pretrained("openai/clip-vit-large-patch14")
+    train = QuadrupletDataset.from_visu("visu_train.json", coco_dir="coco")   # text-only without coco_dir
+    val = QuadrupletDataset.from_visu("visu_val.json", coco_dir="coco")
+    trainer = SafeCLIPTrainer(backend, SafeCLIPTrainingConfig(num_epochs=2), train, val, output_dir="runs/sc")
+    trainer.train()                        # trainer.train(resume_from="latest") continues a run
+    trainer.save_pretrained("runs/sc/model")   # CLIPModel folder, LoRA merged, best validation weights
+
+    pipe = apply_safe_text_encoder(pipe, "runs/sc/model")    # diffusers
+    llava = apply_safe_vision_encoder(llava, "runs/sc/model")  # LLaVA
+
+Several processes: launch the same script (or ``-m vlmsafe.cli safeclip train ...``) with
+``torchrun --nproc_per_node N`` or ``accelerate launch`` (GPUs); the global batch is split across
+processes and embeddings are all-gathered, so results match a single process. On CPU-only
+machines ``torchrun`` gives a gloo run (``accelerate launch --cpu`` starts only one process).
+
+Checkpoints are safetensors + JSON only (trainable weights, AdamW moments, RNG state; step,
+scheduler, early-stopping state and config as JSON): resuming never unpickles anything.
+"""
+
+from vlmsafe.safeclip.backends import CLIPBackend, HFCLIPBackend, OpenCLIPBackend, load_backend
+from vlmsafe.safeclip.data import Quadruplet, QuadrupletCollator, QuadrupletDataset, load_dataset
+from vlmsafe.safeclip.integrations import apply_safe_text_encoder, apply_safe_vision_encoder, load_safe_text_encoder
+from vlmsafe.safeclip.losses import LOSS_NAMES, SafeCLIPEmbeddings, SafeCLIPLossWeights, clip_nce, cosine_distance, safeclip_losses
+from vlmsafe.safeclip.pairs import PairConverterConfig, generate_unsafe, load_pairs, train_pair_converter
+from vlmsafe.safeclip.retrieval import embed_quadruplets, format_table, recall_at_k, retrieval_metrics, retrieval_table
+from vlmsafe.safeclip.testbed import safeclip_demo_rows
+from vlmsafe.safeclip.trainer import SafeCLIPTrainer, SafeCLIPTrainingConfig, TrainingResult, train_safeclip
+
+__all__ = [
+    "CLIPBackend",
+    "HFCLIPBackend",
+    "OpenCLIPBackend",
+    "load_backend",
+    "Quadruplet",
+    "QuadrupletCollator",
+    "QuadrupletDataset",
+    "load_dataset",
+    "LOSS_NAMES",
+    "SafeCLIPEmbeddings",
+    "SafeCLIPLossWeights",
+    "clip_nce",
+    "cosine_distance",
+    "safeclip_losses",
+    "SafeCLIPTrainer",
+    "SafeCLIPTrainingConfig",
+    "TrainingResult",
+    "train_safeclip",
+    "embed_quadruplets",
+    "format_table",
+    "recall_at_k",
+    "retrieval_metrics",
+    "retrieval_table",
+    "apply_safe_text_encoder",
+    "apply_safe_vision_encoder",
+    "load_safe_text_encoder",
+    "PairConverterConfig",
+    "generate_unsafe",
+    "load_pairs",
+    "train_pair_converter",
+    "safeclip_demo_rows",
+]

@@ -1,0 +1,101 @@
+"""Safe-CLIP data: JSONL quadruplets, the ViSU-Text layout + COCO folder, collation."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.safeclip import Quadruplet, QuadrupletCollator, QuadrupletDataset, load_dataset
+from vlmsafe.safeclip.testbed import tiny_clip_backend
+
+
+def png(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), color).save(path)
+    return path
+
+
+def test_jsonl_quadruplets_with_optional_images(tmp_path):
+    png(tmp_path / "img" / "v0.png", (255, 0, 0))
+    png(tmp_path / "img" / "g0.png", (0, 255, 0))
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"safe": "a red square", "unsafe": "a red square with blood", "safe_image": "img/v0.png", "unsafe_image": "img/g0.png"}) + "\n"
+        + json.dumps({"safe": "a cat", "unsafe": "a dead cat"}) + "\n"
+    )
+    ds = QuadrupletDataset.from_jsonl(tmp_path / "d.jsonl")
+    assert len(ds) == 2 and ds.has_images
+    assert ds[0].safe_image == tmp_path / "img" / "v0.png" and ds[1].safe_image is None
+    assert load_dataset(tmp_path / "d.jsonl")[0].unsafe == "a red square with blood"
+    # collation: pixels only for items that have the image, with their row index
+    backend = tiny_clip_backend(0, hidden=32, layers=1, vision_layers=1)
+    batch = QuadrupletCollator(backend)(ds.items)
+    assert batch["safe_image_index"].tolist() == [0] and batch["safe_image_pixels"].shape == (1, 3, 32, 32)
+    assert batch["safe_text"]["input_ids"].shape[0] == 2
+    text_only = QuadrupletCollator(backend, use_images=False)(ds.items)
+    assert text_only["safe_image_pixels"] is None and text_only["safe_image_index"].numel() == 0
+
+
+def test_visu_layout_with_coco_folder(tmp_path):
+    coco = tmp_path / "coco"
+    png(coco / "train2017" / "000000000042.jpg", (10, 20, 30))
+    png(coco / "val2017" / "000000000007.jpg", (30, 20, 10))
+    records = {
+        "1": {"incremental_id": 1, "safe": "a man riding a horse", "nsfw": "a man whipping a bleeding horse", "coco_id": 7, "tag": "violence", "prompt_id": 3},
+        "0": {"incremental_id": 0, "safe": "a kitchen", "nsfw": "a kitchen full of drugs", "coco_id": 42, "tag": "illegal activity", "prompt_id": 1},
+    }
+    (tmp_path / "visu.json").write_text(json.dumps({"info": {"split": "train"}, "data": records}))
+    ds = QuadrupletDataset.from_visu(tmp_path / "visu.json", coco)
+    assert [q.safe for q in ds] == ["a kitchen", "a man riding a horse"]  # ordered by id
+    assert ds[0].safe_image == coco / "train2017" / "000000000042.jpg"
+    assert ds[1].safe_image == coco / "val2017" / "000000000007.jpg"
+    assert ds[0].unsafe_image is None  # ViSU's unsafe images are not public
+    assert [q.unsafe for q in QuadrupletDataset.from_visu(tmp_path / "visu.json", tags=["violence"])] == ["a man whipping a bleeding horse"]
+    # text-only: no COCO folder
+    assert not QuadrupletDataset.from_visu(tmp_path / "visu.json").has_images
+    # JSONL and list layouts read the same
+    (tmp_path / "visu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+    assert len(load_dataset(tmp_path / "visu.jsonl", coco_dir=str(coco))) == 2
+
+
+def test_visu_missing_coco_image(tmp_path):
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "v.json").write_text(json.dumps([{"safe": "a", "nsfw": "b", "coco_id": 5}]))
+    with pytest.raises(FileFormatError, match="000000000005.jpg"):
+        QuadrupletDataset.from_visu(tmp_path / "v.json", tmp_path / "coco")
+    ds = QuadrupletDataset.from_visu(tmp_path / "v.json", tmp_path / "coco", missing_images="skip")
+    assert ds[0].safe_image is None
+    with pytest.raises(FileFormatError, match="does not exist"):
+        QuadrupletDataset.from_visu(tmp_path / "v.json", tmp_path / "nope")
+
+
+def test_bad_files_raise_clear_errors(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"safe": "x", "unsafe": "y"}\n{broken\n')
+    with pytest.raises(FileFormatError, match=":2"):
+        QuadrupletDataset.from_jsonl(tmp_path / "a.jsonl")
+    (tmp_path / "b.jsonl").write_text('{"safe": "x"}\n')
+    with pytest.raises(FileFormatError, match="'safe' and 'unsafe'"):
+        QuadrupletDataset.from_jsonl(tmp_path / "b.jsonl")
+    with pytest.raises(FileFormatError, match="does not exist"):
+        load_dataset(tmp_path / "missing.jsonl")
+    with pytest.raises(InputError, match="non-empty"):
+        QuadrupletDataset([Quadruplet("", "y")])
+
+
+def test_split_is_deterministic_and_disjoint():
+    ds = QuadrupletDataset(Quadruplet(f"s{i}", f"u{i}") for i in range(20))
+    tr, va = ds.split(0.25, seed=3)
+    tr2, va2 = ds.split(0.25, seed=3)
+    assert [q.safe for q in va] == [q.safe for q in va2] and len(va) == 5 and len(tr) == 15
+    assert not {q.safe for q in tr} & {q.safe for q in va}
+
+
+def test_preprocessed_tensor_images_skip_the_processor():
+    from vlmsafe.safeclip.data import pixel_batch
+
+    backend = tiny_clip_backend(0, hidden=32, layers=1, vision_layers=1)
+    t = torch.rand(3, 32, 32)
+    assert torch.equal(pixel_batch(backend, [t, t]), torch.stack([t, t]))
+    with pytest.raises(InputError, match="mix"):
+        pixel_batch(backend, [t, Image.new("RGB", (32, 32))])

@@ -1,0 +1,116 @@
+"""Each Safe-CLIP loss term against a hand computation on fixed tensors."""
+
+import math
+
+import pytest
+import torch
+
+from vlmsafe.errors import InputError
+from vlmsafe.safeclip.losses import LOSS_NAMES, SafeCLIPEmbeddings, SafeCLIPLossWeights, clip_nce, cosine_distance, safeclip_losses
+
+R2 = math.sqrt(2.0)
+
+# Two items, 2-D embeddings chosen so every cosine is a simple number.
+TS = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # T(S)
+TU = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])  # T(U)
+T0S = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # T0(S) (norm must not matter)
+IV = torch.tensor([[1.0, 1.0], [0.0, 1.0]])  # I(V)
+IG = torch.tensor([[-1.0, 0.0], [0.0, 3.0]])  # I(G)
+I0V = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # I0(V)
+
+
+def hand_nce(a_rows, b_rows, scale):
+    """Symmetric InfoNCE written out with floats: mean over rows of -log softmax, both directions."""
+    na = [[x / math.hypot(*r) for x in r] for r in a_rows]
+    nb = [[x / math.hypot(*r) for x in r] for r in b_rows]
+    n = len(na)
+    logits = [[scale * sum(p * q for p, q in zip(na[i], nb[j])) for j in range(n)] for i in range(n)]
+    row = sum(-logits[i][i] + math.log(sum(math.exp(v) for v in logits[i])) for i in range(n)) / n
+    col = sum(-logits[j][j] + math.log(sum(math.exp(logits[i][j]) for i in range(n))) for j in range(n)) / n
+    return 0.5 * (row + col)
+
+
+def emb(**overrides):
+    base = dict(text_safe=TS, text_nsfw=TU, ref_text_safe=T0S, image_safe=IV, image_nsfw=IG, ref_image_safe=I0V, has_safe_image=torch.tensor([True, True]), has_unsafe_image=torch.tensor([True, True]))
+    base.update(overrides)
+    return SafeCLIPEmbeddings(**base)
+
+
+def test_cosine_terms_match_hand_values():
+    out = safeclip_losses(emb(), logit_scale=1.0)
+    # cos(T(S), T0(S)) = 1, 0           -> d = (0 + 1) / 2
+    assert out["text_safe"].item() == pytest.approx(0.5)
+    # cos(T(U), T0(S)) = 0, -1          -> d = (1 + 2) / 2
+    assert out["text_nsfw"].item() == pytest.approx(1.5)
+    # cos(I(V), I0(V)) = 1/sqrt2, 1     -> d = (1 - 1/sqrt2 + 0) / 2
+    assert out["vision_safe"].item() == pytest.approx((1 - 1 / R2) / 2)
+    # cos(I(G), I0(V)) = -1, 1          -> d = (2 + 0) / 2
+    assert out["vision_nsfw"].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_nce_terms_match_hand_values(scale):
+    out = safeclip_losses(emb(), logit_scale=scale)
+    as_list = lambda t: t.tolist()  # noqa: E731
+    assert out["S_Vref"].item() == pytest.approx(hand_nce(as_list(TS), as_list(I0V), scale), rel=1e-5)
+    assert out["U_Vref"].item() == pytest.approx(hand_nce(as_list(TU), as_list(I0V), scale), rel=1e-5)
+    assert out["V_Sref"].item() == pytest.approx(hand_nce(as_list(IV), as_list(T0S), scale), rel=1e-5)
+    assert out["G_Sref"].item() == pytest.approx(hand_nce(as_list(IG), as_list(T0S), scale), rel=1e-5, abs=1e-6)
+
+
+def test_identity_pair_nce_closed_form():
+    # a = b = I: logits = s*I, each CE = log(1 + e^-s)
+    eye = torch.eye(2)
+    assert clip_nce(eye, eye, 3.0).item() == pytest.approx(math.log(1 + math.exp(-3.0)), rel=1e-6)
+
+
+def test_total_is_weighted_sum_over_weight_sum():
+    w = SafeCLIPLossWeights()
+    out = safeclip_losses(emb(), w, logit_scale=100.0)
+    manual = sum(getattr(w, n) * out[n].item() for n in LOSS_NAMES) / 1.75
+    assert sum(w.as_dict().values()) == pytest.approx(1.75)
+    assert out["loss"].item() == pytest.approx(manual, rel=1e-6)
+    unnormalized = safeclip_losses(emb(), SafeCLIPLossWeights(normalize=False), logit_scale=100.0)
+    assert unnormalized["loss"].item() == pytest.approx(manual * 1.75, rel=1e-6)
+
+
+def test_missing_images_use_only_rows_that_have_them():
+    # item 1 has no unsafe image; item 0 has no safe image
+    out = safeclip_losses(emb(has_safe_image=torch.tensor([False, True]), has_unsafe_image=torch.tensor([True, False])), logit_scale=1.0)
+    assert out["vision_safe"].item() == pytest.approx(0.0)  # only row 1: cos = 1
+    assert out["vision_nsfw"].item() == 0.0  # needs V and G: no row has both
+    assert out["S_Vref"].item() == pytest.approx(hand_nce([[0.0, 1.0]], [[0.0, 1.0]], 1.0))  # one row: log(1) = 0
+    assert out["G_Sref"].item() == pytest.approx(0.0)  # one row
+    assert out["text_safe"].item() == pytest.approx(0.5)  # text terms use every row
+
+
+def test_text_only_batch_trains_text_terms_only():
+    out = safeclip_losses(SafeCLIPEmbeddings(ref_text_safe=T0S, text_safe=TS.requires_grad_(), text_nsfw=TU), logit_scale=100.0)
+    for name in ("vision_safe", "vision_nsfw", "S_Vref", "U_Vref", "V_Sref", "G_Sref"):
+        assert out[name].item() == 0.0
+    assert out["loss"].item() == pytest.approx((0.1 * 0.5 + 0.1 * 1.5) / 1.75)
+    out["loss"].backward()
+    assert TS.grad is not None and TS.grad.abs().sum() > 0
+    TS.requires_grad_(False)
+    TS.grad = None
+
+
+def test_zero_weight_terms_are_reported_but_detached():
+    w = SafeCLIPLossWeights(S_Vref=0.0, U_Vref=0.0, V_Sref=0.0, G_Sref=0.0)
+    a = TS.clone().requires_grad_()
+    out = safeclip_losses(emb(text_safe=a), w)
+    assert not out["V_Sref"].requires_grad and out["V_Sref"].item() > 0
+    assert out["loss"].item() == pytest.approx((0.1 * 0.5 + 0.1 * 1.5 + 0.1 * (1 - 1 / R2) / 2 + 0.2 * 1.0) / 0.5)
+
+
+def test_cosine_distance_empty_is_zero():
+    assert cosine_distance(torch.zeros(0, 3), torch.zeros(0, 3)).item() == 0.0
+
+
+def test_bad_weights_and_shapes_raise_clear_errors():
+    with pytest.raises(InputError, match=">= 0"):
+        SafeCLIPLossWeights(text_safe=-1)
+    with pytest.raises(InputError, match="unknown"):
+        SafeCLIPLossWeights.from_dict({"txt_safe": 1.0})
+    with pytest.raises(InputError, match="rows"):
+        safeclip_losses(emb(text_nsfw=torch.zeros(3, 2)))

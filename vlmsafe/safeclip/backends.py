@@ -1,0 +1,309 @@
+"""One interface over the two CLIP implementations Safe-CLIP fine-tunes.
+
+* :class:`HFCLIPBackend` — ``transformers.CLIPModel`` (+ tokenizer and image processor), saved
+  with ``save_pretrained`` so ``CLIPModel`` / ``CLIPTextModel`` / ``CLIPVisionModel`` /
+  ``diffusers`` / LLaVA can load the result.
+* :class:`OpenCLIPBackend` — an ``open_clip`` ``CLIP`` model, saved as a safetensors state dict
+  plus the JSON model config needed to rebuild it.
+
+The trainer only talks to this interface: tokenize, preprocess, encode text/images into the
+projected embedding space, name the modules of each tower (for LoRA targeting and full
+fine-tuning), and save. Encoding methods take the ``model`` explicitly because during training
+the module that runs is the LoRA-injected (or DDP-wrapped) copy, not ``backend.model``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from vlmsafe.errors import FileFormatError, InputError, UnsupportedModelError
+from vlmsafe.io import atomic_path
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+class CLIPBackend(ABC):
+    """What Safe-CLIP needs from a CLIP implementation."""
+
+    #: ``"hf"`` or ``"open_clip"``; stored in checkpoints.
+    kind: str
+    #: Module-name leaves LoRA targets by default (the reference: k/v/out projections, MLP, patch embedding).
+    default_lora_modules: tuple[str, ...]
+    model: nn.Module
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token tensors for ``texts`` (a dict, so it travels through ``accelerate`` unchanged)."""
+
+    @abstractmethod
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """Pixel tensor ``[N, 3, H, W]`` for PIL images."""
+
+    @abstractmethod
+    def encode_text(self, model: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Projected, un-normalised text embeddings ``[N, D]``."""
+
+    @abstractmethod
+    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected, un-normalised image embeddings ``[N, D]``."""
+
+    @abstractmethod
+    def tower_prefixes(self, tower: str) -> tuple[str, ...]:
+        """Parameter-name prefixes of ``tower`` (``"text"`` or ``"vision"``) incl. its projection."""
+
+    @abstractmethod
+    def _layer_pattern(self, tower: str) -> str:
+        """Regex (no anchors) of the names of a tower's blocks, e.g. ``text_model\\.encoder\\.layers\\.\\d+``."""
+
+    @abstractmethod
+    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None) -> None:
+        """Write ``model`` (default: ``self.model``) as a standard checkpoint, atomically."""
+
+    def lora_target_regex(self, towers: Sequence[str], modules: Optional[Sequence[str]] = None) -> str:
+        """A ``peft`` ``target_modules`` regex limited to ``towers``.
+
+        ``modules`` are leaf names (``"k_proj"``, ``"fc1"``, ``"patch_embedding"``...); they are
+        matched inside the towers' transformer blocks, and an embedding-level module (the patch
+        embedding) is matched anywhere inside the vision tower.
+        """
+        modules = tuple(modules or self.default_lora_modules)
+        if not towers:
+            raise InputError("nothing to train: enable the text and/or the vision tower")
+        alts = []
+        leaf = "|".join(re.escape(m) for m in modules)
+        for tower in towers:
+            alts.append(rf"{self._layer_pattern(tower)}\.(?:.*\.)?(?:{leaf})")
+            if tower == "vision":
+                alts.append(rf"{self._vision_embed_pattern()}\.(?:{leaf})")
+        return "^(?:" + "|".join(alts) + ")$"
+
+    @abstractmethod
+    def _vision_embed_pattern(self) -> str: ...
+
+    def tower_parameters(self, model: nn.Module, towers: Sequence[str]) -> list[tuple[str, nn.Parameter]]:
+        prefixes = tuple(p for t in towers for p in self.tower_prefixes(t))
+        return [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes)]
+
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-able description stored in checkpoints."""
+        return {"kind": self.kind}
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers
+# ---------------------------------------------------------------------------------------------
+
+
+class HFCLIPBackend(CLIPBackend):
+    """``transformers.CLIPModel`` with its tokenizer and image processor."""
+
+    kind = "hf"
+    default_lora_modules = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, image_processor: Any = None, max_length: Optional[int] = None):
+        from transformers import CLIPModel
+
+        if not isinstance(model, CLIPModel):
+            raise UnsupportedModelError(
+                f"HFCLIPBackend needs a transformers CLIPModel, got {type(model).__name__}; "
+                "for open_clip models use OpenCLIPBackend"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        cfg_len = model.config.text_config.max_position_embeddings
+        tok_len = getattr(tokenizer, "model_max_length", None) or cfg_len
+        self.max_length = int(max_length or min(cfg_len, tok_len if tok_len < 10**6 else cfg_len))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> "HFCLIPBackend":
+        """Load model, tokenizer and image processor from a local directory or hub id."""
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        try:
+            model = CLIPModel.from_pretrained(str(path), **kwargs)
+        except OSError as exc:
+            raise FileFormatError(f"cannot load a CLIPModel from {path!s}: {exc}. Pass a directory written by save_pretrained (config.json + model.safetensors) or a hub id") from exc
+        tokenizer = image_processor = None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError):
+            pass
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError):
+            pass
+        return cls(model, tokenizer, image_processor)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise InputError("this CLIP model has no tokenizer; save one next to the model (tokenizer.save_pretrained) or pass tokenizer=")
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        if self.image_processor is None:
+            raise InputError("this CLIP model has no image processor; save one next to the model or pass image_processor=")
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def encode_text(self, model: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"))
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(model.parameters()).dtype
+        out = model.get_image_features(pixel_values=pixel_values.to(dtype))
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def tower_prefixes(self, tower: str) -> tuple[str, ...]:
+        return {"text": ("text_model.", "text_projection."), "vision": ("vision_model.", "visual_projection.")}[tower]
+
+    def _layer_pattern(self, tower: str) -> str:
+        return {"text": r"text_model\.encoder\.layers\.\d+", "vision": r"vision_model\.encoder\.layers\.\d+"}[tower]
+
+    def _vision_embed_pattern(self) -> str:
+        return r"vision_model\.embeddings"
+
+    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None) -> None:
+        model = self.model if model is None else model
+        with atomic_path(path) as tmp:
+            model.save_pretrained(tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            if self.image_processor is not None:
+                self.image_processor.save_pretrained(tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# open_clip
+# ---------------------------------------------------------------------------------------------
+
+
+class OpenCLIPBackend(CLIPBackend):
+    """An ``open_clip`` ``CLIP`` model (standard text tower) with its tokenizer and transform.
+
+    ``model_cfg`` is the dict ``open_clip.CLIP(**model_cfg)`` was built from (``embed_dim``,
+    ``vision_cfg``, ``text_cfg``...); ``model_name`` the registered name, if any. One of them is
+    needed to save a checkpoint that can be rebuilt.
+    """
+
+    kind = "open_clip"
+    default_lora_modules = ("attn", "c_fc", "c_proj", "conv1")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        preprocess: Any = None,
+        *,
+        model_name: Optional[str] = None,
+        model_cfg: Optional[dict[str, Any]] = None,
+    ):
+        import open_clip
+
+        if not isinstance(model, open_clip.CLIP):
+            raise UnsupportedModelError(
+                f"OpenCLIPBackend supports open_clip.CLIP models (built-in text tower), got {type(model).__name__}"
+            )
+        self.model = model
+        self.model_name = model_name
+        self.model_cfg = model_cfg
+        if tokenizer is None:
+            ctx = int(model.positional_embedding.shape[0])
+            tokenizer = open_clip.get_tokenizer(model_name, context_length=ctx) if model_name else open_clip.SimpleTokenizer(context_length=ctx)
+        self.tokenizer = tokenizer
+        if preprocess is None:
+            size = model.visual.image_size
+            preprocess = open_clip.image_transform(size, is_train=False, mean=getattr(model.visual, "image_mean", None), std=getattr(model.visual, "image_std", None))
+        self.transform = preprocess
+
+    @classmethod
+    def create(cls, model_name: str, pretrained: Optional[str] = None, **kwargs: Any) -> "OpenCLIPBackend":
+        """``open_clip.create_model_and_transforms(model_name, pretrained)`` wrapped in a backend."""
+        import open_clip
+
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
+        return cls(model, open_clip.get_tokenizer(model_name), preprocess, model_name=model_name, model_cfg=open_clip.get_model_config(model_name))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> "OpenCLIPBackend":
+        """Rebuild a model saved by :meth:`save_pretrained` (safetensors + JSON, no pickle)."""
+        import open_clip
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        cfg_file, weights = path / OPEN_CLIP_CONFIG, path / OPEN_CLIP_WEIGHTS
+        if not cfg_file.is_file() or not weights.is_file():
+            raise FileFormatError(f"{path} is not an open_clip Safe-CLIP checkpoint: expected {OPEN_CLIP_CONFIG} and {OPEN_CLIP_WEIGHTS}")
+        meta = json.loads(cfg_file.read_text())
+        model_cfg = meta.get("model_cfg")
+        if model_cfg is None:
+            raise FileFormatError(f"{cfg_file} has no 'model_cfg'; re-save the model with OpenCLIPBackend(model_cfg=...)")
+        model = open_clip.CLIP(**model_cfg)
+        load_model(model, str(weights), strict=True)
+        model.eval()
+        return cls(model, model_name=meta.get("model_name"), model_cfg=model_cfg)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokenizer(list(texts))}
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        return torch.stack([self.transform(im) for im in images])
+
+    def encode_text(self, model: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.encode_text(tokens["input_ids"])
+
+    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(pixel_values)
+
+    def tower_prefixes(self, tower: str) -> tuple[str, ...]:
+        if tower == "vision":
+            return ("visual.",)
+        return ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+    def _layer_pattern(self, tower: str) -> str:
+        return {"text": r"transformer\.resblocks\.\d+", "vision": r"visual\.transformer\.resblocks\.\d+"}[tower]
+
+    def _vision_embed_pattern(self) -> str:
+        return r"visual"
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model_name": self.model_name, "model_cfg": self.model_cfg}
+
+    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None) -> None:
+        from safetensors.torch import save_model
+
+        if self.model_cfg is None:
+            raise InputError("cannot save an open_clip model without its config: build the backend with model_cfg= (the dict given to open_clip.CLIP) or via OpenCLIPBackend.create")
+        model = self.model if model is None else model
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            save_model(model, str(tmp / OPEN_CLIP_WEIGHTS))
+            (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_name": self.model_name, "model_cfg": self.model_cfg}, indent=2) + "\n")
+
+
+def load_backend(spec: str | os.PathLike[str]) -> CLIPBackend:
+    """Load a backend from a path or name.
+
+    * a directory with ``open_clip_config.json`` → :meth:`OpenCLIPBackend.from_pretrained`
+    * ``open_clip:NAME`` or ``open_clip:NAME@PRETRAINED`` → :meth:`OpenCLIPBackend.create`
+    * anything else → :meth:`HFCLIPBackend.from_pretrained` (local dir or hub id)
+    """
+    spec = str(spec)
+    if spec.startswith("open_clip:"):
+        name, _, pretrained = spec[len("open_clip:") :].partition("@")
+        return OpenCLIPBackend.create(name, pretrained or None)
+    if (Path(spec) / OPEN_CLIP_CONFIG).is_file():
+        return OpenCLIPBackend.from_pretrained(spec)
+    if Path(spec).exists() and not (Path(spec) / "config.json").is_file():
+        raise FileFormatError(f"{spec} holds neither a transformers CLIP checkpoint (config.json) nor an open_clip one ({OPEN_CLIP_CONFIG})")
+    return HFCLIPBackend.from_pretrained(spec)
