@@ -60,8 +60,11 @@ def run_demo(
     from vlmsafe.steering.sweep import alpha_sweep, choose_alpha, plot_sweep
     from vlmsafe.testbed import load_testbed, testbed_dir
 
+    from transformers.utils import logging as hf_logging
+
     started = time.perf_counter()
     torch.manual_seed(0)
+    hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars drown the demo's own
     root = testbed_dir(testbed)
     model, processor = load_testbed(root)
     data = root / "data"

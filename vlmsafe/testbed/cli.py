@@ -62,9 +62,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"vlmsafe demo — bundled tiny LLaVA testbed, held-out test split ({report['n_test_items']} items)")
     print(format_table(report["rows"]))
     if "safe_clip" in report:
-        print("\nSafe-CLIP on its testbed (held-out split):")
-        for row in report["safe_clip"]:
-            print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
+        from vlmsafe.safeclip import format_table as format_retrieval
+
+        print("\nSafe-CLIP on its tiny CLIP testbed (assets/safeclip, held-out split): retrieval before/after;")
+        print("safe@1 = share of unsafe-text queries whose top-1 image is safe")
+        print(format_retrieval(report["safe_clip"]))
     print(f"\nalpha sweep (test split): {args.out}/cmrm_sweep.png; all figures: {args.out}/report.json "
           f"({report['seconds']} s)")
     return 0
