@@ -1,0 +1,87 @@
+"""Write an analysis to ``DIR/<name>.json`` + ``DIR/<name>.png`` and format its summary table.
+
+Each file is written atomically on its own, so the three reports can share one ``--out`` folder
+and an interrupted run never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from vlmsafe.io import write_json_atomic
+
+from probes.analysis import LayerProbeReport, ShiftReport
+from probes.plots import plot_layer_probes, plot_shift, plot_weight_change
+from probes.weights import WeightChangeReport
+
+Report = LayerProbeReport | ShiftReport | WeightChangeReport
+NAMES = {LayerProbeReport: "layers", ShiftReport: "shift", WeightChangeReport: "weights"}
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf become null (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_report(report: Report, out_dir: str | os.PathLike[str], **plot_kwargs: Any) -> tuple[Path, Path]:
+    """Write ``<name>.json`` (every figure) and ``<name>.png`` into ``out_dir``; return both paths."""
+    name = NAMES[type(report)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+    write_json_atomic(json_path, _clean(report.to_dict()))
+    plot = {"layers": plot_layer_probes, "shift": plot_shift, "weights": plot_weight_change}[name]
+    plot(report, png_path, **plot_kwargs)
+    return json_path, png_path
+
+
+# --------------------------------------------------------------------------- tables
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in header]] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary_table(report: Report, *, top: int = 12) -> str:
+    """A short, fixed-width table of the headline figures of ``report``."""
+    if isinstance(report, LayerProbeReport):
+        def acc(row: dict, cond: str, key: str = "accuracy") -> Any:
+            return (row.get(cond) or {}).get(key)
+
+        return format_table(
+            ["layer", "cv_acc", "text_acc", "image_acc", "cmrm_acc", "drop", "harm_recall_img", "harm_recall_cmrm"],
+            [[r["layer"], r["cv_accuracy"], acc(r, "text"), acc(r, "image"), acc(r, "steered"), r["accuracy_drop"],
+              acc(r, "image", "harmful_recall"), acc(r, "steered", "harmful_recall")] for r in report.rows],
+        )
+    if isinstance(report, ShiftReport):
+        return format_table(
+            ["layer", "cos_dist", "rel_l2", "cka", "shift_norm", "proj/gap", "cos_dist_cmrm", "cka_cmrm"],
+            [[r["layer"], r["cosine_distance"], r["relative_l2"], r["cka"], r["shift_norm"], r.get("shift_probe_gap_ratio"),
+              r.get("steered_cosine_distance"), r.get("steered_cka")] for r in report.rows],
+        )
+    rows = sorted(report.layers, key=lambda r: -(r["relative_change"] or 0.0))[:top]
+    table = format_table(["layer", "rel_change", "diff_norm", "tensors"],
+                         [[r["layer"], r["relative_change"], r["diff_norm"], r["tensors"]] for r in rows])
+    modules = format_table(["module", "rel_change", "tensors"],
+                           [[r["module"], r["relative_change"], r["tensors"]] for r in report.module_types]
+                           + [[t["module"], t["relative_change"], 1] for t in report.other[:top]])
+    return f"layers by relative change (top {len(rows)}):\n{table}\n\nper module type:\n{modules}"
