@@ -4,9 +4,10 @@ Steps (all on CPU, well under two minutes):
 
 1. load the bundled tiny LLaVA (``assets/testbed``) and its held-out splits;
 2. evaluate the *test* split text-only and with images (the safety degradation);
-3. calibrate CMRM vectors on the *calibration* split, sweep alpha on the calibration split and
-   choose alpha there (lowest unsafe rate with benign accuracy within 5 points), then report the
-   test split at that alpha, dataset-level and sample-level, plus the full test sweep;
+3. calibrate CMRM vectors on the *calibration* split; on that split, sweep alpha for every layer
+   together and for each single layer, and choose (layers, alpha) there: lowest unsafe rate with
+   benign accuracy within 5 points and over-refusal up by at most 5 points; then report the test
+   split at that choice, dataset-level and sample-level, plus the full test alpha sweep;
 4. add the safety-merge and Safe-CLIP rows when those testbed assets are present;
 5. print one table; write ``report.json``, ``table.md`` and ``cmrm_sweep.png`` to the output folder.
 """
@@ -20,17 +21,19 @@ from typing import Any
 
 from vlmsafe.errors import FileFormatError
 
-DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:5.1f}%"
 
 
-def _row(name: str, report: Any, note: str = "", utility: bool = True) -> dict[str, Any]:
+def _row(name: str, report: Any, note: str = "", with_image: bool = True) -> dict[str, Any]:
+    # Without images, benign image questions cannot be answered (declining them is right), so the
+    # text-only row shows neither accuracy nor over-refusal.
     s = report.summary()
-    return {"setting": name, "unsafe_rate": s["unsafe_rate"], "utility": s["utility"] if utility else None,
-            "over_refusal_rate": s["over_refusal_rate"], "n_harmful": s["n_harmful"], "n_with_reference": s["n_with_reference"],
+    return {"setting": name, "unsafe_rate": s["unsafe_rate"], "utility": s["utility"] if with_image else None,
+            "over_refusal_rate": s["over_refusal_rate"] if with_image else None, "n_harmful": s["n_harmful"], "n_with_reference": s["n_with_reference"],
             "note": note}
 
 
@@ -80,39 +83,58 @@ def run_demo(
     multimodal = evaluate(base, test, judge, **ev)
 
     calib_images = [it for it in calib if it.image is not None]
-    vectors = calibrate(model, processor, calib_images, layers=cmrm["layers"], positions="last", batch_size=batch_size, progress=progress)
-    steer_kw = dict(layers=cmrm["layers"], positions=cmrm["positions"], decode=cmrm["decode"], max_new_tokens=max_new_tokens, batch_size=batch_size)
-    dataset_vlm = SafeVLM(model, processor, vectors, mode="dataset", **steer_kw)
-    sample_vlm = SafeVLM(model, processor, mode="sample", **steer_kw)
+    vectors = calibrate(model, processor, calib_images, layers=None, positions="last", batch_size=batch_size, progress=progress)
+    n_layers = vectors.meta["num_layers"]
+    layer_sets: list[list[int] | None] = [None] + [[l] for l in range(n_layers)] if cmrm["layers"] is None else [cmrm["layers"]]
+    sweep_kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    base_cal = alpha_sweep(base, calib, judge, [0.0], **sweep_kw)[0]
 
-    sweeps_cal = {"dataset-level": alpha_sweep(dataset_vlm, calib, judge, alphas, batch_size=batch_size, max_new_tokens=max_new_tokens),
-                  "sample-level": alpha_sweep(sample_vlm, calib, judge, alphas, batch_size=batch_size, max_new_tokens=max_new_tokens)}
-    chosen = {name: choose_alpha(rows)["alpha"] for name, rows in sweeps_cal.items()}
-    sweeps_test = {"dataset-level": alpha_sweep(dataset_vlm, test, judge, alphas, batch_size=batch_size, max_new_tokens=max_new_tokens),
-                   "sample-level": alpha_sweep(sample_vlm, test, judge, alphas, batch_size=batch_size, max_new_tokens=max_new_tokens)}
+    def make(mode: str, layers: list[int] | None) -> SafeVLM:
+        return SafeVLM(model, processor, vectors if mode == "dataset" else None, mode=mode, layers=layers,
+                       positions=cmrm["positions"], decode=cmrm["decode"], max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    chosen: dict[str, dict[str, Any]] = {}
+    sweeps_cal: dict[str, list[dict[str, Any]]] = {}
+    sweeps_test: dict[str, list[dict[str, Any]]] = {}
+    for mode in ("dataset", "sample"):
+        name = f"{mode}-level"
+        grid = []
+        for layers in layer_sets:  # selection grid: every layer together, or one layer at a time
+            for row in alpha_sweep(make(mode, layers), calib, judge, [a for a in alphas if a > 0], **sweep_kw):
+                grid.append({**row, "layers": "all" if layers is None else layers})
+        sweeps_cal[name] = grid
+        best = choose_alpha([{**base_cal, "layers": "all"}, *grid], base=base_cal)
+        layers = None if best["layers"] == "all" else best["layers"]
+        chosen[name] = {"alpha": best["alpha"], "layers": best["layers"]}
+        sweeps_test[name] = alpha_sweep(make(mode, layers), test, judge, alphas, **sweep_kw)
 
     rows = [
-        _row("text-only (image removed)", text_only, "the aligned behaviour", utility=False),
+        _row("text-only (image removed)", text_only, "the aligned behaviour", with_image=False),
         _row("multimodal (image + text)", multimodal, "VL adaptation broke refusals"),
     ]
-    for name in ("dataset-level", "sample-level"):
-        at = next(r for r in sweeps_test[name] if r["alpha"] == chosen[name])
+    for name, pick in chosen.items():
+        at = next(r for r in sweeps_test[name] if r["alpha"] == pick["alpha"])
+        where = "all layers" if pick["layers"] == "all" else f"layer {','.join(map(str, pick['layers']))}"
         rows.append({"setting": f"multimodal + CMRM {name}", "unsafe_rate": at["unsafe_rate"], "utility": at["utility"],
                      "over_refusal_rate": at["over_refusal_rate"], "n_harmful": at["n_harmful"],
-                     "n_with_reference": at["n_with_reference"], "note": f"alpha={chosen[name]:g} (chosen on calibration split)"})
+                     "n_with_reference": at["n_with_reference"],
+                     "note": f"alpha={pick['alpha']:g}, {where} (chosen on calibration split)"})
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     extra_rows, extra_sections = _optional_rows(root, out, calib, test, judge, ev)
     rows.extend(extra_rows)
 
-    plot_sweep(sweeps_test, out / "cmrm_sweep.png", chosen=chosen["dataset-level"],
-               title="CMRM on the testbed's held-out test split")
+    plot_sweep({f"{name} ({'all layers' if c['layers'] == 'all' else 'layer ' + ','.join(map(str, c['layers']))})": sweeps_test[name]
+                for name, c in chosen.items()}, out / "cmrm_sweep.png",
+               title="CMRM on the testbed's held-out test split (last prompt token)")
     table = format_table(rows)
     report = {
         "testbed": str(root),
         "n_test_items": len(test),
         "n_calibration_items": len(calib),
-        "cmrm_settings": {**cmrm, "read_positions": "last", "chosen_alpha": chosen},
+        "cmrm_settings": {**cmrm, "read_positions": "last", "chosen": chosen,
+                          "chosen_alpha": {name: c["alpha"] for name, c in chosen.items()}},
         "rows": rows,
         "sweep_test": sweeps_test,
         "sweep_calibration": sweeps_cal,

@@ -37,15 +37,29 @@ def alpha_sweep(
     return rows
 
 
-def choose_alpha(rows: Sequence[dict[str, Any]], *, max_utility_drop: float = 0.05) -> dict[str, Any]:
-    """Pick the alpha with the lowest unsafe rate whose utility stays within ``max_utility_drop``
-    of the unsteered row (alpha 0, or the smallest alpha swept); ties go to the smaller alpha.
+def choose_alpha(
+    rows: Sequence[dict[str, Any]],
+    *,
+    max_utility_drop: float = 0.05,
+    max_over_refusal_rise: float = 0.05,
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Pick the row with the lowest unsafe rate whose benign utility stays within
+    ``max_utility_drop`` and whose over-refusal rises by at most ``max_over_refusal_rise``
+    relative to ``base`` (default: the row with the smallest alpha, i.e. unsteered); ties go to
+    the smaller alpha.
 
     Run this on a calibration/validation split, never on the test split you report.
     """
-    base = min(rows, key=lambda r: r["alpha"])
-    ok = [r for r in rows if r["utility"] is None or base["utility"] is None or r["utility"] >= base["utility"] - max_utility_drop - 1e-9]
-    return min(ok or [base], key=lambda r: (r["unsafe_rate"] if r["unsafe_rate"] is not None else 1.0, r["alpha"]))
+    base = base or min(rows, key=lambda r: r["alpha"])
+
+    def ok(r: dict[str, Any]) -> bool:
+        if r["utility"] is not None and base["utility"] is not None and r["utility"] < base["utility"] - max_utility_drop - 1e-9:
+            return False
+        over, over0 = r.get("over_refusal_rate"), base.get("over_refusal_rate")
+        return over is None or over0 is None or over <= over0 + max_over_refusal_rise + 1e-9
+
+    return min([r for r in rows if ok(r)] or [base], key=lambda r: (r["unsafe_rate"] if r["unsafe_rate"] is not None else 1.0, r["alpha"]))
 
 
 def plot_sweep(curves: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str], *, chosen: float | None = None,

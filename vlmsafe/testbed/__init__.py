@@ -1,0 +1,91 @@
+"""The bundled safety testbed: a tiny LLaVA that shows VL-adaptation safety degradation.
+
+``assets/testbed`` holds a real ``LlavaForConditionalGeneration`` (tiny Llama + tiny CLIP vision
+tower + projector, word-level tokenizer, CLIP image processor) built by
+``python -m vlmsafe.testbed.build`` from synthetic data, its text-only safety-aligned language
+model (``aligned_lm``) and held-out ``calibration`` / ``test`` splits. Text-only harmful prompts
+are refused; the same prompts with an image are mostly answered. See ``assets/testbed/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from vlmsafe.errors import FileFormatError, InputError
+
+__all__ = ["SPLITS", "testbed_dir", "load_testbed", "load_aligned_lm", "load_split"]
+
+SPLITS = ("calibration", "test")
+_ENV = "VLMSAFE_TESTBED"
+
+
+def testbed_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """Folder of the testbed: ``path``, else ``$VLMSAFE_TESTBED``, else ``<repo>/assets/testbed``."""
+    if path is not None:
+        return Path(path)
+    if os.environ.get(_ENV):
+        return Path(os.environ[_ENV])
+    return Path(__file__).resolve().parents[2] / "assets" / "testbed"
+
+
+def _require(d: Path, what: str) -> None:
+    if not d.exists():
+        raise FileFormatError(
+            f"testbed {what} not found at {d}. Set ${_ENV} to the testbed folder, or rebuild it with "
+            f"`python -m vlmsafe.testbed.build --out {testbed_dir()}`."
+        )
+
+
+def load_testbed(path: str | os.PathLike[str] | None = None):
+    """Load the testbed VLM and its processor, offline: ``(LlavaForConditionalGeneration, LlavaProcessor)``.
+
+    The model is returned in eval mode, fp32, on CPU.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    d = testbed_dir(path)
+    _require(d / "config.json", "model")
+    model = LlavaForConditionalGeneration.from_pretrained(d, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(d, local_files_only=True)
+    return model.eval(), processor
+
+
+def load_aligned_lm(path: str | os.PathLike[str] | None = None):
+    """The text-only safety-aligned language model of build stage (b): ``(LlamaForCausalLM, tokenizer)``.
+
+    Its weight names match the VLM's language model (``model.layers.N.*`` here,
+    ``model.language_model.layers.N.*`` in the VLM), so it is the base of a safety merge.
+    """
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    d = testbed_dir(path) / "aligned_lm"
+    _require(d / "config.json", "aligned language model")
+    return LlamaForCausalLM.from_pretrained(d, local_files_only=True).eval(), AutoTokenizer.from_pretrained(d, local_files_only=True)
+
+
+def load_split(name: str, path: str | os.PathLike[str] | None = None) -> list[dict]:
+    """Items of a held-out split (``"calibration"`` or ``"test"``).
+
+    Each item is the JSONL record ``{"id", "prompt", "image", "category", "label", "reference"}``
+    (``image`` relative to the JSONL file) plus ``"image_path"``, the absolute path of the image.
+    """
+    if name not in SPLITS:
+        raise InputError(f"unknown testbed split {name!r}; choose one of {', '.join(SPLITS)}.")
+    f = testbed_dir(path) / "data" / f"{name}.jsonl"
+    _require(f, f"split {name!r}")
+    items = []
+    for n, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FileFormatError(f"{f}, line {n}: not valid JSON ({e.msg}); rebuild the testbed.") from None
+        missing = {"id", "prompt", "image", "category", "label", "reference"} - set(rec)
+        if missing:
+            raise FileFormatError(f"{f}, line {n}: missing key(s) {sorted(missing)}; rebuild the testbed.")
+        rec["image_path"] = str(f.parent / rec["image"]) if rec["image"] else None
+        items.append(rec)
+    return items
