@@ -250,7 +250,7 @@ class EditPlan:
 
     ``vectors[layer]`` is ``(hidden,)`` (same vector for every row), ``(batch, hidden)`` (one
     per row, e.g. sample-level CMRM), or a callable ``fn(hidden, call) -> tensor`` of either
-    shape, evaluated at each forward call on the layer's current (float32) output. ``prefill_mask(call)`` / ``decode_mask(call)`` return a
+    shape, evaluated at each forward call on the layer's current output (model dtype). ``prefill_mask(call)`` / ``decode_mask(call)`` return a
     ``(batch, seq)`` mask for that forward call, or ``None`` to leave the call untouched.
     """
 
@@ -289,7 +289,7 @@ def edit_activations(model: nn.Module | ModelAdapter, plan: EditPlan) -> Iterato
             if not adapter.batch_first:
                 hidden = hidden.transpose(0, 1)
             if callable(vector):
-                vec = vector(hidden.float(), state["last_call"]).to(device=hidden.device, dtype=torch.float32)
+                vec = vector(hidden, state["last_call"]).to(device=hidden.device, dtype=torch.float32)
             else:
                 key = (hidden.device, hidden.dtype)
                 if key not in cache:

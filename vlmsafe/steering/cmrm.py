@@ -242,7 +242,7 @@ def steer_sample_level(
         def vector(hidden: torch.Tensor, call: CallInputs) -> torch.Tensor:
             if not call.is_decode:
                 last = resolve_positions("last", call).to(hidden.device)
-                current = (hidden * last.unsqueeze(-1)).sum(dim=1)  # (B, H) at the last prompt token
+                current = (hidden.float() * last.unsqueeze(-1)).sum(dim=1)  # (B, H) at the last prompt token
                 if target.shape != current.shape:
                     raise InputError(
                         f"text-only states for layer {layer} have shape {tuple(target.shape)} but the batch is "
