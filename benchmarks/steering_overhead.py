@@ -18,7 +18,7 @@ import time
 import torch
 
 from vlmsafe.adapters import get_adapter
-from vlmsafe.steering import SafeVLM, ShiftVectors, steer
+from vlmsafe.steering import SafeVLM, ShiftVectors
 from vlmsafe.testing import random_image, tiny_llava
 
 

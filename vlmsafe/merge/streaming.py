@@ -305,10 +305,11 @@ def _check_output(cfg: MergeConfig) -> None:
             raise InputError(f"output {cfg.output} overlaps the {role} input {p}; choose another --out directory.")
     if cfg.output.exists() and not cfg.overwrite:
         raise InputError(f"output {cfg.output} already exists; pass --overwrite or choose another --out.")
-    stale = sorted(cfg.output.parent.glob(f".{cfg.output.name}.*.tmp")) if cfg.output.parent.is_dir() else []
-    if stale:
-        logger.warning("leftover temporary directories from an interrupted merge (safe to delete): %s",
-                       ", ".join(map(str, stale)))
+    # Temporaries of killed merges are removed by atomic_path; any left here belong to a live process.
+    busy = sorted(cfg.output.parent.glob(f".{cfg.output.name}.*.tmp")) if cfg.output.parent.is_dir() else []
+    if busy:
+        logger.warning("temporary directories for the same output exist (another merge may be writing it): %s",
+                       ", ".join(map(str, busy)))
 
 
 def merge_checkpoints(cfg: MergeConfig, *, progress: bool = True) -> MergeResult:

@@ -1,0 +1,52 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlmsafe.io import atomic_path, write_json_atomic
+
+
+def test_atomic_file_and_dir(tmp_path):
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "old.txt").write_text("old")
+    with atomic_path(tmp_path / "d") as tmp:
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_failure_leaves_destination_untouched(tmp_path):
+    (tmp_path / "out.txt").write_text("before")
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "out.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert (tmp_path / "out.txt").read_text() == "before"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_orphans_of_killed_writers_are_removed(tmp_path):
+    dest = tmp_path / "model"
+    # a writer that is SIGKILLed inside the block leaves its temporary behind ...
+    code = (
+        "import os, signal, sys\n"
+        "from vlmsafe.io import atomic_path\n"
+        f"with atomic_path({str(dest)!r}) as tmp:\n"
+        "    tmp.mkdir(); (tmp / 'x').write_text('partial')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=False)
+    assert not dest.exists()
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    # ... and a live writer's temporary (this process) must survive the clean-up
+    live = tmp_path / f".model.{os.getpid()}-keep.tmp"
+    live.mkdir()
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+    assert dest.is_dir() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name])
