@@ -229,6 +229,10 @@ def test_bad_arguments(llava, vectors):
             pass
     with pytest.raises(InputError, match="needs calibrated vectors"):
         SafeVLM(model, processor, mode="dataset")
+    with pytest.raises(InputError, match="single image"):
+        SafeVLM(model, processor).generate(["a", "b"], random_image(0))
+    with pytest.raises(InputError, match="2 prompts but 1 images"):
+        SafeVLM(model, processor).generate(["a", "b"], [random_image(0)])
     with pytest.raises(IncompatibleVectorsError, match="no layer"):
         with steer(model, vectors.select([0]), layers=[2]):
             pass

@@ -116,6 +116,8 @@ class SafeVLM:
         if single:
             prompts, images = [prompts], [images]
         prompts = list(prompts)
+        if isinstance(images, Image.Image):
+            raise InputError("got a list of prompts but a single image; pass a list with one image (or None) per prompt")
         images = [None] * len(prompts) if images is None else list(images)
         if len(images) != len(prompts):
             raise InputError(f"got {len(prompts)} prompts but {len(images)} images; pass one image (or None) per prompt")
