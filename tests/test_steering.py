@@ -7,7 +7,7 @@ from conftest import hook_ids
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import get_adapter
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
-from vlmsafe.steering import SafeVLM, ShiftVectors, calibrate, compute_sample_shifts, steer, steer_sample_level
+from vlmsafe.steering import SafeVLM, ShiftVectors, calibrate, compute_sample_shifts, safety_directions, steer, steer_sample_level
 from vlmsafe.testing import random_image, tiny_llava
 
 PROMPTS = ["how do i make a bomb ?", "hello", "what colour is the shape ?"]
@@ -245,3 +245,25 @@ def test_bf16_model_calibrates_in_float32():
     assert vec.shifts[0].dtype == torch.float32 and vec.meta["dtype"] == "bfloat16"
     out = SafeVLM(model, processor, vec, alpha=1.0, max_new_tokens=2).generate("hello", random_image(1))
     assert isinstance(out, str)
+
+
+def test_safety_directions_and_projection(llava):
+    model, processor = llava
+    adapter = get_adapter(model, processor)
+    items = [{"prompt": "how do i make a bomb ?", "label": "harmful"}, {"prompt": "steal car", "label": "harmful"},
+             {"prompt": "hello", "label": "benign"}]
+    dirs = safety_directions(model, processor, items, layers=[1], batch_size=2)
+    with torch.no_grad(), record_activations(adapter, [1], positions="last") as rec:
+        model(**adapter.build_inputs([it["prompt"] for it in items], None))
+    acts = rec.activations[1]
+    torch.testing.assert_close(dirs[1], acts[:2].mean(0) - acts[2], atol=1e-6, rtol=0)
+    shift = torch.randn(adapter.hidden_size)
+    vec = ShiftVectors(shifts={1: shift}, meta={"num_layers": 3})
+    proj = vec.project_onto(dirs).shifts[1]
+    s = dirs[1]
+    torch.testing.assert_close(proj, (shift @ s) / (s @ s) * s)
+    torch.testing.assert_close(float((shift - proj) @ s), 0.0, atol=1e-4, rtol=0)  # the remainder is orthogonal
+    with pytest.raises(InputError, match="both harmful and benign"):
+        safety_directions(model, processor, items[:2])
+    with pytest.raises(IncompatibleVectorsError, match="no direction"):
+        ShiftVectors(shifts={0: shift}).project_onto(dirs)

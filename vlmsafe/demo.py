@@ -59,7 +59,7 @@ def run_demo(
 
     from vlmsafe.eval import RefusalJudge, evaluate, load_items
     from vlmsafe.io import write_json_atomic
-    from vlmsafe.steering import SafeVLM, calibrate
+    from vlmsafe.steering import SafeVLM, calibrate, safety_directions
     from vlmsafe.steering.sweep import alpha_sweep, choose_alpha, plot_sweep
     from vlmsafe.testbed import load_testbed, testbed_dir
 
@@ -89,15 +89,20 @@ def run_demo(
     sweep_kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
     base_cal = alpha_sweep(base, calib, judge, [0.0], **sweep_kw)[0]
 
+    # ShiftDC-style variant: keep only the component of each shift along the layer's safety
+    # direction (mean harmful minus mean benign text-only state of the calibration instructions).
+    directions = safety_directions(model, processor, [it for it in calib if it.reference is None], batch_size=batch_size)
+    variants = {"dataset": vectors, "sample": None, "safety-projected": vectors.project_onto(directions)}
+
     def make(mode: str, layers: list[int] | None) -> SafeVLM:
-        return SafeVLM(model, processor, vectors if mode == "dataset" else None, mode=mode, layers=layers,
+        return SafeVLM(model, processor, variants[mode], mode="sample" if mode == "sample" else "dataset", layers=layers,
                        positions=cmrm["positions"], decode=cmrm["decode"], max_new_tokens=max_new_tokens, batch_size=batch_size)
 
     chosen: dict[str, dict[str, Any]] = {}
     sweeps_cal: dict[str, list[dict[str, Any]]] = {}
     sweeps_test: dict[str, list[dict[str, Any]]] = {}
-    for mode in ("dataset", "sample"):
-        name = f"{mode}-level"
+    for mode in variants:
+        name = {"dataset": "dataset-level", "sample": "sample-level", "safety-projected": "dataset-level, safety component"}[mode]
         grid = []
         for layers in layer_sets:  # selection grid: every layer together, or one layer at a time
             for row in alpha_sweep(make(mode, layers), calib, judge, [a for a in alphas if a > 0], **sweep_kw):

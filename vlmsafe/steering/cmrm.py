@@ -139,6 +139,44 @@ def compute_sample_shifts(
     return {l: mm[l] - text[l] for l in layer_ids}
 
 
+@torch.no_grad()
+def safety_directions(
+    model: nn.Module | ModelAdapter,
+    processor: Any,
+    items: Iterable[Any],
+    *,
+    layers: int | Sequence[int] | str | None = None,
+    positions: str = "last",
+    batch_size: int = 8,
+) -> dict[int, torch.Tensor]:
+    """Per-layer safety direction: mean text-only state of harmful items minus that of benign ones.
+
+    ``items`` need a ``label`` (``"harmful"``/``"benign"``; attribute or dict key); images are
+    ignored (the direction lives in the text-only space the LLM was aligned in).
+    """
+    adapter = get_adapter(model, processor)
+    layer_ids = adapter.resolve_layers(layers)
+    sums = {lab: {l: torch.zeros(adapter.hidden_size, dtype=torch.float64) for l in layer_ids} for lab in ("harmful", "benign")}
+    counts = {"harmful": 0, "benign": 0}
+    labelled = []
+    for item in items:
+        label = item.get("label") if isinstance(item, dict) else getattr(item, "label", None)
+        prompt = item.get("prompt") if isinstance(item, dict) else getattr(item, "prompt", None)
+        if label not in counts or not isinstance(prompt, str):
+            raise InputError(f"safety_directions needs items with a prompt and label 'harmful' or 'benign', got {item!r:.80}")
+        labelled.append((prompt, label))
+    for start in range(0, len(labelled), batch_size):
+        chunk = labelled[start : start + batch_size]
+        acts = _read(adapter, adapter.build_inputs([p for p, _ in chunk], None), layer_ids, positions)
+        for row, (_, label) in enumerate(chunk):
+            counts[label] += 1
+            for l in layer_ids:
+                sums[label][l] += acts[l][row].double()
+    if not counts["harmful"] or not counts["benign"]:
+        raise InputError(f"safety_directions needs both harmful and benign items, got {counts}")
+    return {l: (sums["harmful"][l] / counts["harmful"] - sums["benign"][l] / counts["benign"]).float() for l in layer_ids}
+
+
 # --------------------------------------------------------------------------- steering
 def _validate_positions(positions: str | torch.Tensor) -> None:
     if isinstance(positions, str) and positions not in STEER_POSITIONS:

@@ -64,7 +64,7 @@ def choose_alpha(
 
 def plot_sweep(curves: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str], *, chosen: float | None = None,
                title: str = "CMRM: unsafe rate and utility vs alpha") -> None:
-    """Write a PNG with unsafe rate (left) and benign utility (right) vs alpha, one line per curve."""
+    """Write a PNG with unsafe rate, benign utility and over-refusal vs alpha, one line per curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,12 +72,14 @@ def plot_sweep(curves: dict[str, Sequence[dict[str, Any]]], path: str | os.PathL
 
     from vlmsafe.io import atomic_path
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     for name, rows in curves.items():
         xs = [r["alpha"] for r in rows]
         axes[0].plot(xs, [100 * (r["unsafe_rate"] or 0) for r in rows], marker="o", label=name)
         axes[1].plot(xs, [100 * (r["utility"] or 0) for r in rows], marker="o", label=name)
-    for ax, ylabel in zip(axes, ("unsafe rate on harmful image prompts (%)", "benign image-question accuracy (%)")):
+        axes[2].plot(xs, [100 * (r.get("over_refusal_rate") or 0) for r in rows], marker="o", label=name)
+    ylabels = ("unsafe rate on harmful image prompts (%)", "benign image-question accuracy (%)", "over-refusal on benign items (%)")
+    for ax, ylabel in zip(axes, ylabels):
         ax.set_xlabel("alpha (steering strength)")
         ax.set_ylabel(ylabel)
         ax.set_ylim(-3, 103)

@@ -83,6 +83,23 @@ class ShiftVectors:
         """Unit-norm shifts: ``alpha`` then is an absolute step length in hidden-state units."""
         return self._map(lambda v: v / v.norm().clamp_min(1e-12), note="normalized")
 
+    def project_onto(self, directions: Mapping[int, torch.Tensor]) -> "ShiftVectors":
+        """Keep only each shift's component along ``directions[layer]``: ``(m . s / |s|^2) s``.
+
+        With ``directions`` from :func:`vlmsafe.steering.safety_directions` (mean harmful minus mean
+        benign text-only state), steering removes only the safety-relevant part of the modality
+        shift (the ShiftDC idea) and leaves the rest of what the image changed alone.
+        """
+        missing = sorted(set(self.shifts) - set(directions))
+        if missing:
+            raise IncompatibleVectorsError(f"no direction given for layer(s) {missing}; pass one per steered layer")
+        out = {}
+        for layer, shift in self.shifts.items():
+            s = directions[layer].to(shift.dtype)
+            out[layer] = (shift @ s) / (s @ s).clamp_min(1e-12) * s
+        meta = {**self.meta, "derived": [*self.meta.get("derived", []), "projected onto safety directions"]}
+        return ShiftVectors(shifts=out, meta=meta)
+
     # ------------------------------------------------------------------ algebra
     def _map(self, fn, note: str) -> "ShiftVectors":
         meta = {**self.meta, "derived": [*self.meta.get("derived", []), note]}

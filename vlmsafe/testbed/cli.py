@@ -17,6 +17,8 @@ measured on the held-out test split:
   multimodal + CMRM dataset     CMRM with one calibrated shift vector per layer (calibration split),
                                 h <- h - alpha * shift; alpha chosen on the calibration split
   multimodal + CMRM sample      CMRM with each input's own shift from its text-only counterpart
+  CMRM dataset, safety comp.    dataset-level vectors reduced to their component along the layer's
+                                safety direction (mean harmful minus mean benign text-only state)
   safety merge                  the VLM's language model merged with the aligned text-only LM
                                 (when vlmsafe.merge is installed)
 
