@@ -273,13 +273,16 @@ def steer_sample_level(
     rows = _RowState()
     prefill, decode_mask = _plan_masks(adapter, positions, decode, False, rows)
     shifts: dict[int, torch.Tensor] = {}
+    last_cache: dict[str, Any] = {}
 
     def make_vector(layer: int):
         target = text_only_states[layer].float()
 
         def vector(hidden: torch.Tensor, call: CallInputs) -> torch.Tensor:
             if not call.is_decode:
-                last = resolve_positions("last", call).to(hidden.device)
+                if last_cache.get("call") is not call:  # once per forward call, not once per layer
+                    last_cache.update(call=call, mask=resolve_positions("last", call).to(hidden.device))
+                last = last_cache["mask"]
                 current = (hidden.float() * last.unsqueeze(-1)).sum(dim=1)  # (B, H) at the last prompt token
                 if target.shape != current.shape:
                     raise InputError(
