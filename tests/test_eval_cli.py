@@ -147,3 +147,30 @@ def test_real_safevlm_loader_on_saved_tiny_llava(tmp_path, capsys):
         rep = json.loads((out / "multimodal.json").read_text())
         assert len(rep["records"]) == 3 and all(isinstance(r["response"], str) for r in rep["records"])
         assert rep["config"]["steering"] == steering
+
+
+def test_two_process_evaluation_matches_one(tmp_path, capsys):
+    """`torchrun --nproc_per_node 2 -m vlmsafe.cli evaluate` shards the items and gathers them in order."""
+    import os
+    import subprocess
+    import sys
+
+    from vlmsafe.testing import tiny_llava
+
+    model, processor = tiny_llava(seed=1)
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    args = ["evaluate", "--model", str(tmp_path / "llava"), "--data", str(FIXTURES / "items.jsonl"), "--max-new-tokens", "3", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0, capsys.readouterr().err
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("WORLD_SIZE", None)
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlmsafe.cli",
+         *args, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "multimodal.json").read_text())["records"]
+    two = json.loads((tmp_path / "two" / "multimodal.json").read_text())["records"]
+    assert [r["id"] for r in two] == [r["id"] for r in one] and len(one) == 3
+    assert [r["response"] for r in two] == [r["response"] for r in one]

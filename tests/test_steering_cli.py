@@ -58,3 +58,27 @@ def test_cli_errors_are_one_line(saved_llava, capsys, tmp_path):
     ShiftVectors(shifts={0: torch.zeros(48)}, meta={"num_layers": 3}).save(other)
     assert main(["generate", "--model", str(saved_llava / "model"), "--prompt", "x", "--vectors", str(other)]) == 2
     assert "vectors have 48, model has 32" in capsys.readouterr().err
+
+
+def test_two_process_calibration_matches_one(saved_llava, tmp_path):
+    """`torchrun --nproc_per_node 2 -m vlmsafe.cli calibrate` (gloo on CPU) equals one process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("WORLD_SIZE", None)
+    args = ["calibrate", "--model", str(saved_llava / "model"), "--data", str(saved_llava / "calib.jsonl"), "--batch-size", "1"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlmsafe.cli",
+         *args, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = ShiftVectors.load(tmp_path / "one"), ShiftVectors.load(tmp_path / "two")
+    assert one.meta["num_items"] == two.meta["num_items"] == 3
+    assert one.meta["calibration_sha256"] == two.meta["calibration_sha256"]
+    for layer in one.layers:
+        torch.testing.assert_close(two.shifts[layer], one.shifts[layer], atol=1e-6, rtol=0)
+        assert two.stats[layer]["mm_norm"] == pytest.approx(one.stats[layer]["mm_norm"], rel=1e-6)

@@ -131,6 +131,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     items = load_data(args)
     judge = load_judge(args.judge, batch_size=args.batch_size)
     generator = load_generator(args)
+    from vlmsafe.steering.cli import _accelerator_if_launched
+
+    accelerator = _accelerator_if_launched()  # under `accelerate launch` / `torchrun`: shard the items
+    if accelerator is not None and hasattr(generator, "model"):
+        generator.model.to(accelerator.device)
     steering = "dataset" if args.vectors else "sample" if args.sample_level else None
     config = {
         "model": str(args.model),
@@ -151,7 +156,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
             text_only=text_only,
             progress=not args.quiet,
             config=config,
+            accelerator=accelerator,
         )
+    if accelerator is not None and not accelerator.is_main_process:
+        return 0  # every process holds the full reports; only the main one writes them
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, report in reports.items():

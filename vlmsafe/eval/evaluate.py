@@ -9,7 +9,7 @@ means the same harness measures an unmodified model, a steered one, a merged one
 from __future__ import annotations
 
 import re
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -66,6 +66,7 @@ def evaluate(
     progress: bool = True,
     utility_fn: UtilityFn | None = None,
     config: dict | None = None,
+    accelerator: Any | None = None,
 ) -> EvalReport:
     """Generate a response for every item, judge it, and aggregate.
 
@@ -81,6 +82,9 @@ def evaluate(
         utility_fn: ``(response, reference) -> bool`` for items with a reference answer
             (default :func:`contains_reference`).
         config: extra fields stored in :attr:`EvalReport.config` (model, alpha, ...).
+        accelerator: an ``accelerate.Accelerator`` of several processes (``accelerate launch`` /
+            ``torchrun``): each process generates and judges a contiguous shard of ``items``;
+            the records are gathered in item order, so every process returns the full report.
 
     The judge sees the benchmark's original request (``item.meta["question"]``, set by the
     MM-SafetyBench and FigStep loaders) when there is one, because their prompts only point at
@@ -96,6 +100,12 @@ def evaluate(
     utility = utility_fn or contains_reference
     judges_content = bool(getattr(judge, "judges_content", True))
     records: list[ItemRecord] = []
+    all_items = items
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    if distributed:
+        with accelerator.split_between_processes(list(items)) as shard:
+            items = list(shard)
+        progress = progress and accelerator.is_main_process
     bar = tqdm(total=len(items), desc="evaluate" + (" (text-only)" if text_only else ""), unit="item", disable=not progress)
     try:
         for start in range(0, len(items), batch_size):
@@ -132,5 +142,10 @@ def evaluate(
             bar.update(len(batch))
     finally:
         bar.close()
+    if distributed:
+        from accelerate.utils import gather_object
+
+        records = gather_object(records)  # process order = shard order = item order
+        assert len(records) == len(all_items)
     cfg = {"text_only": text_only, "max_new_tokens": max_new_tokens, "batch_size": batch_size, **(config or {})}
     return EvalReport(records=records, judge=getattr(judge, "name", type(judge).__name__), config=cfg)

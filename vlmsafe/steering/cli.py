@@ -44,8 +44,10 @@ def register(subparsers: Any) -> None:
         ),
         epilog=(
             "data file: JSONL, one object per line: {\"id\": \"1\", \"prompt\": \"...\", \"image\": \"img/1.png\"} "
-            "(image paths relative to the file; optional category, label). Example:\n"
-            "  vlmsafe calibrate --model llava-hf/llava-1.5-7b-hf --data calib.jsonl --out vectors/ --layers 8-31"
+            "(image paths relative to the file; optional category, label). Examples:\n"
+            "  vlmsafe calibrate --model llava-hf/llava-1.5-7b-hf --data calib.jsonl --out vectors/ --layers 8-31\n"
+            "  accelerate launch --num_processes 4 -m vlmsafe.cli calibrate ...   # shard a large set over 4 GPUs\n"
+            "  torchrun --nproc_per_node 2 -m vlmsafe.cli calibrate ...           # several CPU processes (gloo)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -84,6 +86,19 @@ def _dtype(name: str | None):
     return None if name is None else getattr(torch, name)
 
 
+def _accelerator_if_launched():
+    """An ``accelerate.Accelerator`` when started by ``accelerate launch`` / ``torchrun`` with
+    several processes (gloo on CPU-only machines), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     from vlmsafe.eval.data import load_items
     from vlmsafe.steering import calibrate, load_model
@@ -94,13 +109,19 @@ def run_calibrate(args: argparse.Namespace) -> int:
     missing = [it.id for it in items if it.image is None]
     if missing:
         raise InputError(f"{args.data}: items {missing[:5]} have no image; CMRM calibration needs an image per item")
-    model, processor = load_model(args.model, torch_dtype=_dtype(args.dtype), device=args.device)
-    vectors = calibrate(model, processor, items, layers=args.layers, positions=args.positions, batch_size=args.batch_size)
+    accelerator = _accelerator_if_launched()
+    device = accelerator.device if accelerator is not None else args.device
+    model, processor = load_model(args.model, torch_dtype=_dtype(args.dtype), device=device)
+    vectors = calibrate(model, processor, items, layers=args.layers, positions=args.positions, batch_size=args.batch_size,
+                        accelerator=accelerator)
     vectors.meta["model_name"] = str(args.model)
     vectors.meta["calibration_data"] = str(Path(args.data).resolve())
-    vectors.save(args.out)
-    print(f"saved CMRM vectors for {len(vectors.layers)} layers from {vectors.meta['num_items']} items to {args.out}")
-    print(json.dumps({str(l): round(s["shift_norm"], 4) for l, s in vectors.stats.items()}))
+    if accelerator is None or accelerator.is_main_process:
+        vectors.save(args.out)
+        print(f"saved CMRM vectors for {len(vectors.layers)} layers from {vectors.meta['num_items']} items to {args.out}")
+        print(json.dumps({str(l): round(s["shift_norm"], 4) for l, s in vectors.stats.items()}))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return 0
 
 

@@ -46,6 +46,7 @@ def calibrate(
     batch_size: int = 8,
     system_prompt: str | None = None,
     progress: bool = True,
+    accelerator: Any | None = None,
 ) -> ShiftVectors:
     """Calibrate dataset-level CMRM vectors on (prompt, image) ``items``.
 
@@ -53,6 +54,11 @@ def calibrate(
     item's activation is its mean over the read ``positions`` (``"last"`` prompt token by
     default). Sums are accumulated in float64, so results are deterministic and bf16/fp16 models
     calibrate as precisely as fp32 ones allow.
+
+    With an ``accelerate.Accelerator`` of several processes (``accelerate launch`` / ``torchrun``),
+    each process runs a contiguous shard of ``items`` and the sums are all-reduced: every process
+    returns the same vectors, equal to a single-process run up to float64 summation order, with
+    the same calibration-set hash.
     """
     adapter = get_adapter(model, processor)
     if not adapter.supports_images:
@@ -66,28 +72,47 @@ def calibrate(
     text_norm = {l: 0.0 for l in layer_ids}
     hasher = DatasetHasher()
     count = 0
-    total = len(items) if hasattr(items, "__len__") else None
-    bar = tqdm(total=total, desc="calibrating CMRM", unit="item", disable=not progress)
-    for batch in batched(items, batch_size):
-        prompts = [p for p, _ in batch]
-        images = [img for _, img in batch]
-        if any(img is None for img in images):
-            raise InputError("every calibration item needs an image (CMRM measures the shift an image causes)")
-        for prompt, image in batch:
-            hasher.update(prompt, image)
-        mm_inputs, text_inputs = adapter.build_pair(prompts, images, system_prompt=system_prompt)
-        mm = _read(adapter, mm_inputs, layer_ids, positions)
-        text = _read(adapter, text_inputs, layer_ids, positions)
-        for l in layer_ids:
-            a, b = mm[l].double(), text[l].double()
-            mm_sum[l] += a.sum(0)
-            text_sum[l] += b.sum(0)
-            diff_norm[l] += float((a - b).norm(dim=1).sum())
-            mm_norm[l] += float(a.norm(dim=1).sum())
-            text_norm[l] += float(b.norm(dim=1).sum())
-        count += len(batch)
-        bar.update(len(batch))
-    bar.close()
+    shard_ctx = contextlib.nullcontext(items)
+    if accelerator is not None and accelerator.num_processes > 1:
+        items = list(items)
+        shard_ctx = accelerator.split_between_processes(items)
+    is_main = accelerator is None or accelerator.is_main_process
+    with shard_ctx as shard:
+        total = len(shard) if hasattr(shard, "__len__") else None
+        bar = tqdm(total=total, desc="calibrating CMRM", unit="item", disable=not (progress and is_main))
+        for batch in batched(shard, batch_size):
+            prompts = [p for p, _ in batch]
+            images = [img for _, img in batch]
+            if any(img is None for img in images):
+                raise InputError("every calibration item needs an image (CMRM measures the shift an image causes)")
+            for prompt, image in batch:
+                hasher.update(prompt, image)
+            mm_inputs, text_inputs = adapter.build_pair(prompts, images, system_prompt=system_prompt)
+            mm = _read(adapter, mm_inputs, layer_ids, positions)
+            text = _read(adapter, text_inputs, layer_ids, positions)
+            for l in layer_ids:
+                a, b = mm[l].double(), text[l].double()
+                mm_sum[l] += a.sum(0)
+                text_sum[l] += b.sum(0)
+                diff_norm[l] += float((a - b).norm(dim=1).sum())
+                mm_norm[l] += float(a.norm(dim=1).sum())
+                text_norm[l] += float(b.norm(dim=1).sum())
+            count += len(batch)
+            bar.update(len(batch))
+        bar.close()
+    item_digests = hasher.item_digests
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        item_digests = gather_object(item_digests)  # process order = shard order = item order
+        device = accelerator.device
+        packed = torch.stack([torch.cat([mm_sum[l], text_sum[l], torch.tensor([diff_norm[l], mm_norm[l], text_norm[l]], dtype=torch.float64)])
+                              for l in layer_ids]).to(device)
+        packed = accelerator.reduce(packed, reduction="sum").cpu()
+        count = int(accelerator.reduce(torch.tensor([count], device=device), reduction="sum").item())
+        for i, l in enumerate(layer_ids):
+            mm_sum[l], text_sum[l] = packed[i, :H].clone(), packed[i, H : 2 * H].clone()
+            diff_norm[l], mm_norm[l], text_norm[l] = (float(x) for x in packed[i, 2 * H :])
     if count == 0:
         raise InputError("no calibration items were given; pass at least one (prompt, image) pair")
     meta = {
@@ -101,7 +126,7 @@ def calibrate(
         "positions": positions,
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "num_items": count,
-        "calibration_sha256": hasher.hexdigest(),
+        "calibration_sha256": hasher.hexdigest(item_digests),
         "system_prompt": system_prompt,
         "vlmsafe_version": __version__,
     }

@@ -52,17 +52,25 @@ def batched(items: Iterable[Any], batch_size: int) -> Iterator[list[Pair]]:
 
 
 class DatasetHasher:
-    """Order-sensitive sha256 over prompts and image pixels: identifies a calibration set."""
+    """Order-sensitive sha256 identifying a calibration set: the hash of per-item digests.
+
+    Hashing item digests (prompt + image pixels) rather than one byte stream lets processes that
+    each saw a shard gather their item digests and reproduce the single-process hash exactly.
+    """
 
     def __init__(self) -> None:
-        self._digest = hashlib.sha256()
+        self.item_digests: list[str] = []
+
+    @staticmethod
+    def item_digest(prompt: str, image: Image.Image | None) -> str:
+        digest = hashlib.sha256(prompt.encode("utf-8") + b"\0")
+        if image is not None:
+            digest.update(f"{image.size}{image.mode}".encode())
+            digest.update(image.tobytes())
+        return digest.hexdigest()
 
     def update(self, prompt: str, image: Image.Image | None) -> None:
-        self._digest.update(prompt.encode("utf-8") + b"\0")
-        if image is not None:
-            self._digest.update(f"{image.size}{image.mode}".encode())
-            self._digest.update(image.tobytes())
-        self._digest.update(b"\1")
+        self.item_digests.append(self.item_digest(prompt, image))
 
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
+    def hexdigest(self, item_digests: list[str] | None = None) -> str:
+        return hashlib.sha256("".join(item_digests if item_digests is not None else self.item_digests).encode()).hexdigest()
