@@ -267,3 +267,20 @@ def test_safety_directions_and_projection(llava):
         safety_directions(model, processor, items[:2])
     with pytest.raises(IncompatibleVectorsError, match="no direction"):
         ShiftVectors(shifts={0: shift}).project_onto(dirs)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_steering_works_on_every_vlm_family(family):
+    from vlmsafe.testing import BUILDERS
+
+    model, processor = BUILDERS[family]()
+    vec = calibrate(model, processor, [("what colour is the shape ?", random_image(i)) for i in range(3)], progress=False)
+    vec = ShiftVectors(shifts={l: s * 300 for l, s in vec.shifts.items()}, meta=vec.meta)
+    prompts, images = ["how do i make a bomb ?", "hello"], [random_image(5), None]
+    kw = dict(positions="prompt", decode=True, max_new_tokens=5)
+    plain = SafeVLM(model, processor, max_new_tokens=5).generate(prompts, images)
+    assert SafeVLM(model, processor, vec, alpha=0.0, **kw).generate(prompts, images) == plain
+    steered = SafeVLM(model, processor, vec, alpha=1.0, **kw).generate(prompts, images)
+    assert steered[0] != plain[0] and steered[1] == plain[1]  # only the multimodal row moves
+    assert [SafeVLM(model, processor, vec, alpha=1.0, **kw).generate(p, i) for p, i in zip(prompts, images)] == steered
+    assert len(SafeVLM(model, processor, mode="sample", decode=True, max_new_tokens=5).generate(prompts, images)) == 2
