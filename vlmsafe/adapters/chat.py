@@ -94,7 +94,7 @@ class ChatVLMAdapter(ModelAdapter):
         add_generation_prompt: bool = True,
         system_prompt: str | None = None,
     ) -> dict[str, torch.Tensor]:
-        processor = self._require_processor()
+        self._require_processor()
         if isinstance(prompts, str):
             prompts = [prompts]
         if images is None:
@@ -113,17 +113,13 @@ class ChatVLMAdapter(ModelAdapter):
             texts.append(
                 self.render(prompt, image is not None, system_prompt=system_prompt, add_generation_prompt=add_generation_prompt)
             )
-        flat_images = [img.convert("RGB") for img in images if img is not None]
-        with _padding(processor, padding_side):
-            batch = processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
-        self._check_image_tokens(batch["input_ids"], images)
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return self._process(texts, images, padding_side)
 
     def build_raw_inputs(
         self, texts: Sequence[str], images: Sequence[ImageLike | None], *, padding_side: str | None = "left"
     ) -> dict[str, torch.Tensor]:
         """Batch already-templated texts; each text with an image must contain the placeholder."""
-        processor = self._require_processor()
+        self._require_processor()
         placeholder = self.image_placeholder
         for i, (text, image) in enumerate(zip(texts, images)):
             if image is not None and placeholder not in text:
@@ -133,9 +129,14 @@ class ChatVLMAdapter(ModelAdapter):
                 )
             if image is None and placeholder in text:
                 raise InputError(f"prompt {i} contains {placeholder!r} but no image was given for it")
+        return self._process(list(texts), images, padding_side)
+
+    def _process(self, texts: list[str], images: Sequence[ImageLike | None], padding_side: str | None) -> dict[str, torch.Tensor]:
+        """Run the processor on rendered texts (+ the non-missing images) and check image tokens."""
+        processor = self._require_processor()
         flat_images = [img.convert("RGB") for img in images if img is not None]
         with _padding(processor, padding_side):
-            batch = processor(text=list(texts), images=flat_images or None, padding=True, return_tensors="pt")
+            batch = processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
         self._check_image_tokens(batch["input_ids"], images)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
