@@ -23,7 +23,7 @@ test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/vlmsafe demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vlmsafe demo --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache

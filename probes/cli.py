@@ -122,7 +122,7 @@ def _dtype(name: str | None) -> Any:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, list, dict]:
     """Model, processor, items and the shared keyword arguments of the model-level analyses."""
-    from vlmsafe.eval.data import load_items
+    from vlmsafe.data import load_items
     from vlmsafe.steering import ShiftVectors, load_model
 
     from probes.collect import blank_image

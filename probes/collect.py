@@ -22,7 +22,7 @@ from vlmsafe.activations import record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import InputError
 from vlmsafe.steering import ShiftVectors, steer, steer_sample_level
-from vlmsafe.steering.items import as_pair
+from vlmsafe.data import as_pair
 from vlmsafe.steering.vectors import vectors_from_means
 
 #: Positions a probe may read (a mean over them per prompt); see :mod:`vlmsafe.activations`.

@@ -32,7 +32,7 @@ def _short(name: str) -> str:
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     FigureCanvasAgg(fig)
     dest = Path(path)
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, overwrite=True) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return dest
 

@@ -38,7 +38,7 @@ def write_report(report: Report, out_dir: str | os.PathLike[str], **plot_kwargs:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"{name}.json", out / f"{name}.png"
-    write_json_atomic(json_path, _clean(report.to_dict()))
+    write_json_atomic(json_path, _clean(report.to_dict()), overwrite=True)
     plot = {"layers": plot_layer_probes, "shift": plot_shift, "weights": plot_weight_change}[name]
     plot(report, png_path, **plot_kwargs)
     return json_path, png_path

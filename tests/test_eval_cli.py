@@ -97,7 +97,7 @@ def test_malformed_data_reports_file_and_line(tmp_path, fake_loader, capsys):
     bad.write_text('{"id": "a", "prompt": "x"}\n{"id": "b"}\n')
     assert main(["evaluate", "--model", "m", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert f"{bad}, line 2" in err and "'prompt'" in err
+    assert f"{bad}:2:" in err and "'prompt'" in err
 
 
 def test_vectors_and_sample_level_are_exclusive(tmp_path, capsys):

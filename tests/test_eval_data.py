@@ -34,19 +34,19 @@ def test_defaults_for_optional_keys(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"id": 7, "prompt": "hello"}\n\n')
     (item,) = load_items(p)
-    assert (item.id, item.image, item.category, item.label, item.reference) == ("7", None, "uncategorized", "harmful", None)
+    assert (item.id, item.image, item.category, item.label, item.reference) == ("7", None, "uncategorized", None, None)
 
 
 @pytest.mark.parametrize(
     "lines, expected",
     [
-        (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"'], [r"line 2", "invalid JSON"]),
-        (['{"id": "a"}'], ["line 1", "'prompt'"]),
-        (['{"id": "a", "prompt": "x", "label": "evil"}'], ["line 1", "'label'", "evil"]),
-        (['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'], ["line 2", "duplicate id 'a'", "line 1"]),
-        (['{"id": "a", "prompt": "x", "image": "nope.png"}'], ["line 1", "'image'", "nope.png", "does not exist"]),
-        (['["a", "b"]'], ["line 1", "JSON object"]),
-        (['{"id": "a", "prompt": 3}'], ["line 1", "'prompt'", "string"]),
+        (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"'], [":2:", "invalid JSON"]),
+        (['{"id": "a"}'], [":1:", "'prompt'"]),
+        (['{"id": "a", "prompt": "x", "label": "evil"}'], [":1:", "'label'", "evil"]),
+        (['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'], [":2:", "duplicate id 'a'", ":1"]),
+        (['{"id": "a", "prompt": "x", "image": "nope.png"}'], [":1:", "image", "nope.png", "does not exist"]),
+        (['["a", "b"]'], [":1:", "JSON object"]),
+        (['{"id": "a", "prompt": 3}'], [":1:", "'prompt'", "string"]),
     ],
 )
 def test_malformed_jsonl_names_file_line_key(tmp_path, lines, expected):

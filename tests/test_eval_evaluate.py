@@ -44,8 +44,8 @@ def items(tmp_path):
     red, blue = tmp_path / "red.png", tmp_path / "blue.png"
     Image.new("RGB", (4, 4), "red").save(red)
     Image.new("RGB", (4, 4), "blue").save(blue)
-    its = [EvalItem(f"h{i}", f"harm request {i}", str(red), "weapons" if i < 3 else "fraud") for i in range(4)]
-    its += [EvalItem("h-text", "harm without image", None, "fraud")]
+    its = [EvalItem(f"h{i}", f"harm request {i}", str(red), "weapons" if i < 3 else "fraud", "harmful") for i in range(4)]
+    its += [EvalItem("h-text", "harm without image", None, "fraud", "harmful")]
     its += [
         EvalItem("b-red-1", "what colour?", str(red), "colour", "benign", reference="red"),
         EvalItem("b-red-2", "what colour?", str(red), "colour", "benign", reference="Red"),

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from vlmsafe.errors import OutputExistsError
 from vlmsafe.io import atomic_path, write_json_atomic
 
 
@@ -13,7 +14,11 @@ def test_atomic_file_and_dir(tmp_path):
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "old.txt").write_text("old")
-    with atomic_path(tmp_path / "d") as tmp:
+    with pytest.raises(OutputExistsError):  # never replaced without being asked
+        with atomic_path(tmp_path / "d") as tmp:
+            raise AssertionError("the block must not run")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["old.txt"]
+    with atomic_path(tmp_path / "d", overwrite=True) as tmp:
         tmp.mkdir()
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["new.txt"]
@@ -23,7 +28,7 @@ def test_atomic_file_and_dir(tmp_path):
 def test_failure_leaves_destination_untouched(tmp_path):
     (tmp_path / "out.txt").write_text("before")
     with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "out.txt") as tmp:
+        with atomic_path(tmp_path / "out.txt", overwrite=True) as tmp:
             tmp.write_text("half")
             raise RuntimeError("boom")
     assert (tmp_path / "out.txt").read_text() == "before"

@@ -14,7 +14,7 @@ from probes.weights import canonical_name, classify, weight_change
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import get_adapter
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.eval.data import EvalItem
+from vlmsafe.data import Item as EvalItem
 from vlmsafe.steering import calibrate, steer
 from vlmsafe.testing import random_image, tiny_llava
 

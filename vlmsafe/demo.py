@@ -54,17 +54,19 @@ def run_demo(
     max_new_tokens: int = 12,
     progress: bool = True,
     settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     import torch
 
     from vlmsafe.eval import RefusalJudge, evaluate, load_items
-    from vlmsafe.io import write_json_atomic
+    from vlmsafe.io import check_output, write_json_atomic
     from vlmsafe.steering import SafeVLM, calibrate, safety_directions
     from vlmsafe.steering.sweep import alpha_sweep, choose_alpha, plot_sweep
     from vlmsafe.testbed import load_testbed, testbed_dir
 
     from transformers.utils import logging as hf_logging
 
+    check_output(out_dir, kind="dir", overwrite=overwrite)
     started = time.perf_counter()
     torch.manual_seed(0)
     hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars drown the demo's own
@@ -126,13 +128,15 @@ def run_demo(
                      "note": f"alpha={pick['alpha']:g}, {where} (chosen on calibration split)"})
 
     out = Path(out_dir)
+    if overwrite and out.exists() and not out.is_dir():
+        out.unlink()  # the user asked to replace this file with the demo's folder
     out.mkdir(parents=True, exist_ok=True)
     extra_rows, extra_sections = _optional_rows(root, out, calib, test, judge, ev)
     rows.extend(extra_rows)
 
     plot_sweep({f"{name} ({'all layers' if c['layers'] == 'all' else 'layer ' + ','.join(map(str, c['layers']))})": sweeps_test[name]
                 for name, c in chosen.items()}, out / "cmrm_sweep.png",
-               title="CMRM on the testbed's held-out test split (last prompt token)")
+               title="CMRM on the testbed's held-out test split (last prompt token)", overwrite=True)
     table = format_table(rows)
     report = {
         "testbed": str(root),
@@ -147,7 +151,7 @@ def run_demo(
         **extra_sections,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_json_atomic(out / "report.json", report)
+    write_json_atomic(out / "report.json", report, overwrite=True)
     (out / "table.md").write_text(table + "\n")
     return report
 

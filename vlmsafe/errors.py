@@ -1,8 +1,9 @@
 """Exceptions raised by vlmsafe.
 
 Every error a user can cause (a wrong path, an unsupported model, a layer out of range, a malformed
-file) is raised as a :class:`VlmsafeError` subclass whose message names the problem *and* the fix.
-The CLI prints these messages without a traceback.
+file, a number that is not finite) is raised as a :class:`VlmsafeError` subclass whose message names
+the problem *and* the fix, in the form ``"<where>: <problem>; <fix>"``. The CLI prints these messages
+as one line on stderr and exits with code 2, without a traceback.
 """
 
 
@@ -15,11 +16,11 @@ class UnsupportedModelError(VlmsafeError, TypeError):
 
 
 class InputError(VlmsafeError, ValueError):
-    """Inputs do not fit the model (missing image token, image for a text-only model, ...)."""
+    """An argument or input is invalid (a non-finite number, a missing image token, a bad option...)."""
 
 
 class LayerIndexError(VlmsafeError, IndexError):
-    """A requested layer index does not exist in the model."""
+    """A requested layer index does not exist in the model, or a layer selection is malformed."""
 
 
 class FileFormatError(VlmsafeError, ValueError):
@@ -28,3 +29,7 @@ class FileFormatError(VlmsafeError, ValueError):
 
 class IncompatibleVectorsError(VlmsafeError, ValueError):
     """Saved steering vectors do not match the model they are applied to."""
+
+
+class OutputExistsError(VlmsafeError, FileExistsError):
+    """An output path already holds something the user did not ask vlmsafe to replace."""

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from vlmsafe.errors import InputError, LayerIndexError, UnsupportedModelError
+from vlmsafe.validation import parse_layer_spec
 
 ImageLike = Image.Image
 
@@ -114,6 +115,8 @@ class ModelAdapter(ABC):
             layers = parse_layer_spec(layers)
         if isinstance(layers, int):
             layers = [layers]
+        if not len(layers):
+            raise LayerIndexError("the layer selection is empty; pass layer indices, a spec such as '8-15', or None for all")
         out = []
         for idx in layers:
             if not isinstance(idx, int) or isinstance(idx, bool):
@@ -173,26 +176,6 @@ class ModelAdapter(ABC):
             f"{type(self).__name__}(model={type(self.model).__name__}, layers={self.num_layers}, "
             f"hidden_size={self.hidden_size})"
         )
-
-
-def parse_layer_spec(spec: str) -> list[int]:
-    """Parse ``"3"``, ``"3,5,7"``, ``"8-15"`` or ``"-4--1"``-free forms into a list of ints."""
-    out: list[int] = []
-    for part in spec.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                cut = part.index("-", 1)
-                lo, hi = int(part[:cut]), int(part[cut + 1 :])
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise LayerIndexError(
-                f"cannot parse layer selection {spec!r}: use e.g. '12', '8,10,12' or '8-15'"
-            ) from None
-    return out
 
 
 def register_adapter(*class_names: str) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:

@@ -13,7 +13,7 @@ See :mod:`vlmsafe.eval.loaders` for MM-SafetyBench, FigStep/SafeBench and VLSafe
 :mod:`vlmsafe.eval.figstep` for rendering FigStep-style typographic attacks.
 """
 
-from vlmsafe.eval.data import LABELS, EvalItem, load_items, save_items
+from vlmsafe.data import LABELS, Item, load_items, save_items
 from vlmsafe.eval.evaluate import Generator, contains_reference, evaluate
 from vlmsafe.eval.figstep import FIGSTEP_PROMPT, figstep_text, make_figstep_items, render_typographic
 from vlmsafe.eval.judges import (
@@ -28,12 +28,15 @@ from vlmsafe.eval.judges import (
     parse_guard_output,
     parse_yes_no,
 )
+EvalItem = Item  # the evaluation name of vlmsafe.data.Item
+
 from vlmsafe.eval.loaders import load_figstep, load_mm_safetybench, load_vlsafe
 from vlmsafe.eval.report import EvalReport, ItemRecord, compare_reports, fmt_rate
 
 __all__ = [
     "LABELS",
     "EvalItem",
+    "Item",
     "load_items",
     "save_items",
     "load_mm_safetybench",

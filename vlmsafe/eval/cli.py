@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.errors import InputError, VlmsafeError
-from vlmsafe.eval.data import EvalItem, load_items
+from vlmsafe.data import Item as EvalItem
+from vlmsafe.data import load_items
 from vlmsafe.eval.evaluate import Generator, evaluate
 from vlmsafe.eval.judges import load_judge
 from vlmsafe.eval.loaders import load_figstep, load_mm_safetybench, load_vlsafe
 from vlmsafe.eval.report import EvalReport, compare_reports
-from vlmsafe.io import atomic_path
+from vlmsafe.io import atomic_path, check_output
 
 DATA_FORMATS = ("auto", "jsonl", "mm-safetybench", "figstep", "vlsafe")
 
@@ -70,6 +71,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="items per generation batch (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per response (default 64)")
     p.add_argument("--out", required=True, help="output folder: <run>.json (records + summary), <run>.md, summary.md")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_evaluate)
 
@@ -128,6 +130,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise InputError("--batch-size and --max-new-tokens must be >= 1.")
     if args.vectors and not os.path.isdir(args.vectors):
         raise InputError(f"--vectors {args.vectors!r} is not a folder; pass the output folder of `vlmsafe calibrate`.")
+    check_output(args.out, kind="dir", overwrite=args.overwrite)
     items = load_data(args)
     judge = load_judge(args.judge, batch_size=args.batch_size)
     generator = load_generator(args)
@@ -161,14 +164,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if accelerator is not None and not accelerator.is_main_process:
         return 0  # every process holds the full reports; only the main one writes them
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, report in reports.items():
-        report.to_json(out / f"{name}.json")
-        with atomic_path(out / f"{name}.md") as tmp:
-            tmp.write_text(report.to_markdown(title=name))
     table = compare_reports(reports)
-    with atomic_path(out / "summary.md") as tmp:
-        tmp.write_text(table + "\n" + "\n".join(r.to_markdown(title=n) for n, r in reports.items()))
+    with atomic_path(out, overwrite=args.overwrite) as tmp:  # the whole folder appears at once, or not at all
+        tmp.mkdir()
+        for name, report in reports.items():
+            report.to_json(tmp / f"{name}.json")
+            (tmp / f"{name}.md").write_text(report.to_markdown(title=name))
+        (tmp / "summary.md").write_text(table + "\n" + "\n".join(r.to_markdown(title=n) for n, r in reports.items()))
     print(table, end="")
     print(f"\nwrote {', '.join(f'{n}.json' for n in reports)}, summary.md to {out}")
     return 0

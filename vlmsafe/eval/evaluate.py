@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmsafe.errors import InputError
-from vlmsafe.eval.data import EvalItem
+from vlmsafe.data import Item as EvalItem
 from vlmsafe.eval.judges import Judge
 from vlmsafe.eval.report import EvalReport, ItemRecord
 

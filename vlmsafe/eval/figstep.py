@@ -21,7 +21,7 @@ from typing import Iterable
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vlmsafe.eval.data import EvalItem
+from vlmsafe.data import Item as EvalItem
 
 #: The text prompt FigStep pairs with its typographic image (from the FigStep paper/repository).
 FIGSTEP_PROMPT = (

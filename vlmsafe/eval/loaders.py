@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from vlmsafe.errors import FileFormatError
-from vlmsafe.eval.data import EvalItem, resolve_path
+from vlmsafe.data import Item as EvalItem
+from vlmsafe.data import resolve_path
 from vlmsafe.eval.figstep import FIGSTEP_PROMPT, render_typographic
 
 # --------------------------------------------------------------------------------------------

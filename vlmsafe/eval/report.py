@@ -122,9 +122,9 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         return {"summary": self.summary(), "config": self.config, "records": [asdict(r) for r in self.records]}
 
-    def to_json(self, path: str | os.PathLike[str]) -> None:
-        """Write summary, config and all records to ``path`` (atomically)."""
-        write_json_atomic(path, self.to_dict())
+    def to_json(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write summary, config and all records to ``path`` (atomically; an existing file only with ``overwrite``)."""
+        write_json_atomic(path, self.to_dict(), overwrite=overwrite)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> "EvalReport":

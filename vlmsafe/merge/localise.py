@@ -191,7 +191,7 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], 
     from safetensors.torch import save_file
 
     p = Path(path)
-    with atomic_path(p) as tmp:
+    with atomic_path(p, overwrite=True) as tmp:
         save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp), metadata=dict(metadata or {}))
     return p
 
@@ -234,7 +234,7 @@ def weight_difference_mask(
         raise InputError(f"no tensor of {vlm} matches include={include!r} with a same-shape counterpart in {aligned}.")
     selected = total = 0
     outp = Path(out)
-    with atomic_path(outp) as tmp:
+    with atomic_path(outp, overwrite=True) as tmp:
         writer = ShardedWriter(tmp.parent, plan, max_shard_bytes=1 << 62, single_name=tmp.name,
                                metadata={"score": "weight_difference", "fraction": str(fraction), "scope": scope})
         try:

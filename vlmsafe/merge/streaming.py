@@ -329,7 +329,7 @@ def merge_checkpoints(cfg: MergeConfig, *, progress: bool = True) -> MergeResult
         roles = {"vlm": vlm, "aligned": aligned, **({"base": base} if base else {}), **({"mask": mask} if mask else {})}
         hashes = pool.submit(_hashes, roles) if cfg.hash_inputs else None
 
-        with atomic_path(cfg.output) as tmp:
+        with atomic_path(cfg.output, overwrite=cfg.overwrite) as tmp:
             tmp.mkdir()
             writer = ShardedWriter(tmp, [i.out for i in plan.items], max_shard_bytes=cfg.max_shard_bytes,
                                    metadata={"vlmsafe_merge_method": cfg.method})

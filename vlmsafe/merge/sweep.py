@@ -68,7 +68,7 @@ def merge_sweep(
             shutil.rmtree(out, ignore_errors=True)
             row["model_dir"] = None
         rows.append(row)
-        write_json_atomic(root / "sweep.json", rows)  # after every weight: partial results survive
+        write_json_atomic(root / "sweep.json", rows, overwrite=True)  # after every weight: partial results survive
     _write_csv(root / "sweep.csv", rows)
     if plot_metrics:
         plot_sweep(rows, plot_metrics, root / "sweep.png")
@@ -96,7 +96,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text(buf.getvalue())
 
 
@@ -119,7 +119,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     p = Path(path)
-    with atomic_path(p) as tmp:
+    with atomic_path(p, overwrite=True) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return p

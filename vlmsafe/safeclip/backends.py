@@ -65,8 +65,9 @@ class CLIPBackend(ABC):
         """Regex (no anchors) of the names of a tower's blocks, e.g. ``text_model\\.encoder\\.layers\\.\\d+``."""
 
     @abstractmethod
-    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None) -> None:
-        """Write ``model`` (default: ``self.model``) as a standard checkpoint, atomically."""
+    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None, *, overwrite: bool = False) -> None:
+        """Write ``model`` (default: ``self.model``) as a standard checkpoint, atomically
+        (an existing non-empty ``path`` is replaced only with ``overwrite=True``)."""
 
     def lora_target_regex(self, towers: Sequence[str], modules: Optional[Sequence[str]] = None) -> str:
         """A ``peft`` ``target_modules`` regex limited to ``towers``.
@@ -173,9 +174,9 @@ class HFCLIPBackend(CLIPBackend):
     def _vision_embed_pattern(self) -> str:
         return r"vision_model\.embeddings"
 
-    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None) -> None:
+    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None, *, overwrite: bool = False) -> None:
         model = self.model if model is None else model
-        with atomic_path(path) as tmp:
+        with atomic_path(path, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
@@ -279,13 +280,13 @@ class OpenCLIPBackend(CLIPBackend):
     def config_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "model_name": self.model_name, "model_cfg": self.model_cfg}
 
-    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None) -> None:
+    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None, *, overwrite: bool = False) -> None:
         from safetensors.torch import save_model
 
         if self.model_cfg is None:
             raise InputError("cannot save an open_clip model without its config: build the backend with model_cfg= (the dict given to open_clip.CLIP) or via OpenCLIPBackend.create")
         model = self.model if model is None else model
-        with atomic_path(path) as tmp:
+        with atomic_path(path, overwrite=overwrite) as tmp:
             tmp.mkdir()
             save_model(model, str(tmp / OPEN_CLIP_WEIGHTS))
             (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_name": self.model_name, "model_cfg": self.model_cfg}, indent=2) + "\n")

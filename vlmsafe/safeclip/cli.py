@@ -204,7 +204,7 @@ def _train(args: argparse.Namespace) -> int:
         mode = "LoRA" if config.use_lora else "full fine-tuning"
         print(f"Safe-CLIP: {len(data)} training items, {0 if val is None else len(val)} validation; towers {', '.join(trainer.towers)}; {mode}; {trainer.total_steps} steps", file=sys.stderr)
     result = trainer.train(resume_from=args.resume)
-    out = trainer.save_pretrained(Path(args.output_dir) / "model")
+    out = trainer.save_pretrained(Path(args.output_dir) / "model", overwrite=bool(args.resume))
     if trainer.accelerator.is_main_process:
         summary = {"model_dir": str(out), "global_step": result.global_step, "stopped_early": result.stopped_early, "best_step": result.best_step, "best_metrics": result.best_metrics}
         print(json.dumps(summary, indent=2))

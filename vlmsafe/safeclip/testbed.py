@@ -298,7 +298,7 @@ def build_testbed(
     curve = pretrain_clip(backend, *train, steps=pretrain_steps, seed=seed, progress=progress)
     t_pre = time.time() - t0
     out = Path(out_dir)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, overwrite=True) as tmp:
         tmp.mkdir()
         backend.save_pretrained(tmp / ORIGINAL_DIR)
         config = SafeCLIPTrainingConfig(

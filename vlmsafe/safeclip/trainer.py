@@ -654,10 +654,10 @@ class SafeCLIPTrainer:
         merged.requires_grad_(False).eval()
         return merged
 
-    def save_pretrained(self, path: str | os.PathLike[str], which: str = "best") -> Path:
+    def save_pretrained(self, path: str | os.PathLike[str], which: str = "best", *, overwrite: bool = False) -> Path:
         """Save the fine-tuned model as a standard checkpoint with LoRA merged (main process only)."""
         if self.accelerator.is_main_process:
-            self.backend.save_pretrained(path, self.merged_model(which))
+            self.backend.save_pretrained(path, self.merged_model(which), overwrite=overwrite)
             write_json_atomic(Path(path) / "safeclip_training.json", {"config": self.config.to_dict(), "towers": list(self.towers), "best_step": self.state.best_step, "global_step": self.state.global_step})
         self.accelerator.wait_for_everyone()
         return Path(path)
@@ -680,7 +680,7 @@ class SafeCLIPTrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             opt_tensors, opt_meta = _optimizer_state(self.optimizer)
-            with atomic_path(dest) as tmp:
+            with atomic_path(dest, overwrite=True) as tmp:
                 tmp.mkdir()
                 save_file(self.trainable_state_dict(), str(tmp / "trainable.safetensors"))
                 save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -710,7 +710,7 @@ class SafeCLIPTrainer:
         from safetensors.torch import save_file
 
         assert self.output_dir is not None and self._best_trainable is not None
-        with atomic_path(self.output_dir / "best") as tmp:
+        with atomic_path(self.output_dir / "best", overwrite=True) as tmp:
             tmp.mkdir()
             save_file(self._best_trainable, str(tmp / "trainable.safetensors"))
             (tmp / "metrics.json").write_text(json.dumps({"step": self.state.global_step, **metrics}, indent=2) + "\n")

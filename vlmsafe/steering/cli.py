@@ -57,6 +57,7 @@ def register(subparsers: Any) -> None:
     cal.add_argument("--layers", default=None, help="decoder layers to calibrate, e.g. '8-15' (default: all)")
     cal.add_argument("--positions", default="last", choices=["last", "prompt", "text"], help="token positions read per item (default: last prompt token)")
     cal.add_argument("--batch-size", type=int, default=8)
+    cal.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     cal.add_argument("--limit", type=int, default=None, help="use only the first N items")
     cal.set_defaults(func=run_calibrate)
 
@@ -100,9 +101,12 @@ def _accelerator_if_launched():
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from vlmsafe.eval.data import load_items
+    from vlmsafe.data import load_items
     from vlmsafe.steering import calibrate, load_model
 
+    from vlmsafe.io import check_output
+
+    check_output(args.out, kind="dir", overwrite=args.overwrite)
     items = load_items(args.data)
     if args.limit is not None:
         items = items[: args.limit]
@@ -117,7 +121,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     vectors.meta["model_name"] = str(args.model)
     vectors.meta["calibration_data"] = str(Path(args.data).resolve())
     if accelerator is None or accelerator.is_main_process:
-        vectors.save(args.out)
+        vectors.save(args.out, overwrite=args.overwrite)
         print(f"saved CMRM vectors for {len(vectors.layers)} layers from {vectors.meta['num_items']} items to {args.out}")
         print(json.dumps({str(l): round(s["shift_norm"], 4) for l, s in vectors.stats.items()}))
     if accelerator is not None:

@@ -1,44 +1,18 @@
-"""Turn the many shapes users hold their data in into (prompt, image) pairs."""
+"""Batching and hashing of calibration items (the item shapes themselves live in :mod:`vlmsafe.data`)."""
 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from vlmsafe.errors import FileFormatError, InputError
-
-Pair = tuple[str, "Image.Image | None"]
-
-
-def as_pair(item: Any) -> Pair:
-    """Accept ``(prompt, image)``, ``{"prompt", "image"}`` dicts or objects with ``prompt`` and
-    ``load_image()`` / ``image`` (e.g. :class:`vlmsafe.eval.EvalItem`). Paths are opened with PIL."""
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        prompt, image = item
-    elif isinstance(item, dict):
-        if "prompt" not in item:
-            raise InputError(f"item {item!r} has no 'prompt' key")
-        prompt, image = item["prompt"], item.get("image")
-    elif hasattr(item, "prompt"):
-        prompt = item.prompt
-        image = item.load_image() if hasattr(item, "load_image") else getattr(item, "image", None)
-    else:
-        raise InputError(f"cannot read a (prompt, image) pair from {type(item).__name__}; pass (prompt, image) tuples or dicts")
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileFormatError(f"image file {path} not found (referenced by item with prompt {str(prompt)[:40]!r})")
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    if not isinstance(prompt, str):
-        raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-    return prompt, image
+from vlmsafe.data import Pair, as_pair
+from vlmsafe.errors import InputError
 
 
 def batched(items: Iterable[Any], batch_size: int) -> Iterator[list[Pair]]:
+    """Yield lists of ``(prompt, image)`` pairs (see :func:`vlmsafe.data.as_pair`) of ``batch_size``."""
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     batch: list[Pair] = []

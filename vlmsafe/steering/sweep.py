@@ -63,7 +63,7 @@ def choose_alpha(
 
 
 def plot_sweep(curves: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str], *, chosen: float | None = None,
-               title: str = "CMRM: unsafe rate and utility vs alpha") -> None:
+               title: str = "CMRM: unsafe rate and utility vs alpha", overwrite: bool = False) -> None:
     """Write a PNG with unsafe rate, benign utility and over-refusal vs alpha, one line per curve."""
     import matplotlib
 
@@ -88,6 +88,6 @@ def plot_sweep(curves: dict[str, Sequence[dict[str, Any]]], path: str | os.PathL
             ax.axvline(chosen, color="grey", linestyle="--", linewidth=1, label=f"chosen alpha = {chosen:g}")
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -159,14 +159,17 @@ class ShiftVectors:
             )
 
     # ------------------------------------------------------------------ files
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``vectors.safetensors`` + ``vectors.json`` into ``directory`` atomically."""
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write ``vectors.safetensors`` + ``vectors.json`` into ``directory`` atomically.
+
+        An existing non-empty ``directory`` is replaced only with ``overwrite=True``.
+        """
         tensors: dict[str, torch.Tensor] = {}
         for prefix, table in (("shift", self.shifts), ("mm_mean", self.mm_means), ("text_mean", self.text_means)):
             for layer, vec in table.items():
                 tensors[f"{prefix}.{layer}"] = vec.detach().to("cpu", torch.float32).contiguous()
         dest = Path(directory)
-        with atomic_path(dest) as tmp:
+        with atomic_path(dest, overwrite=overwrite) as tmp:
             tmp.mkdir(parents=True)
             save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "vlmsafe.shift_vectors", "version": str(FORMAT_VERSION)})
             meta = {

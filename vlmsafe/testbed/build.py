@@ -432,7 +432,7 @@ def build_testbed(out: str | Path, cfg: BuildConfig | None = None, measure: bool
         p.requires_grad_(True)
 
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, overwrite=True) as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -474,7 +474,7 @@ def build_testbed(out: str | Path, cfg: BuildConfig | None = None, measure: bool
     }
     info["sizes_bytes"]["data/images (all)"] = sum(p.stat().st_size for p in (out / "data" / "images").rglob("*.png"))
     info["total_size_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    write_json_atomic(out / "build_info.json", info)
+    write_json_atomic(out / "build_info.json", info, overwrite=True)
     write_readme(out, info)
     return info
 

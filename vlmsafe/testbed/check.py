@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = testbed_dir(args.testbed)
         info = json.loads((root / "build_info.json").read_text())
         info["measured"] = measured
-        write_json_atomic(root / "build_info.json", info)
+        write_json_atomic(root / "build_info.json", info, overwrite=True)
         write_readme(root, info)
     print(format_table(measured["rows"]))
     print(json.dumps(measured["summary"], indent=1))

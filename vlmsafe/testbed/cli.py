@@ -44,6 +44,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--alphas", default=None, help="comma-separated alphas to sweep (default: 0,0.25,...,1.5)")
     p.add_argument("--positions", default=None, choices=["last", "prompt", "text", "image"], help="override the steered positions")
     p.add_argument("--decode", action="store_true", default=None, help="also steer generated tokens")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise InputError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
     settings = {k: v for k, v in (("positions", args.positions), ("decode", args.decode)) if v is not None}
-    report = run_demo(args.out, testbed=args.testbed, alphas=alphas, progress=not args.quiet, settings=settings)
+    report = run_demo(args.out, testbed=args.testbed, alphas=alphas, progress=not args.quiet, settings=settings,
+                      overwrite=args.overwrite)
     print()
     print(f"vlmsafe demo — bundled tiny LLaVA testbed, held-out test split ({report['n_test_items']} items)")
     print(format_table(report["rows"]))

@@ -1,0 +1,164 @@
+"""Validation of the numbers users hand to vlmsafe, in the library and on the command line.
+
+A steering strength of ``nan`` gives empty generations and a 100% "unsafe" rate; a merge weight of
+1.5 extrapolates past the aligned model. Both are silently wrong, so every float argument goes
+through :func:`check_float` (finite, in its documented range) and every count through
+:func:`check_int`. The ``*_arg`` factories wrap the same checks as ``argparse`` types, so bad
+command-line values are rejected at parse time, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable, Sequence
+
+from vlmsafe.errors import InputError, LayerIndexError
+
+
+def check_float(
+    value: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a finite float within ``[low, high]`` (open ends optional), else raise.
+
+    Raises:
+        InputError: ``"<name> must be ...; got <value>"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_scalar_tensor(value):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    x = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(x):
+        raise InputError(f"{name} must be a finite number, got {x}; pass e.g. {name}=1.0")
+    if (low is not None and (x < low or (low_open and x == low))) or (high is not None and (x > high or (high_open and x == high))):
+        raise InputError(f"{name} must be in {_interval(low, high, low_open, high_open)}, got {x:g}")
+    return x
+
+
+def check_int(value: object, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` as an int within ``[low, high]``, else raise :class:`InputError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InputError(f"{name} must be in {_interval(low, high, False, False)}, got {value}")
+    return value
+
+
+def _is_scalar_tensor(value: object) -> bool:
+    return hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1  # type: ignore[attr-defined]
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return "(-inf, inf)"
+
+
+# --------------------------------------------------------------------------- layer selections
+def parse_layer_spec(spec: str) -> list[int]:
+    """Parse ``"12"``, ``"8,10,12"``, ``"8-15"`` or ``"-1"`` (from the end) into layer indices.
+
+    A reversed range (``"3-1"``), an empty selection and anything that is not a number are errors:
+    silently selecting nothing would run a whole calibration for no vectors.
+    """
+    if not isinstance(spec, str):
+        raise LayerIndexError(f"layer selection must be a string such as '8-15', got {spec!r}")
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                cut = part.index("-", 1)
+                lo, hi = int(part[:cut]), int(part[cut + 1 :])
+                if hi < lo:
+                    raise LayerIndexError(
+                        f"layer range {part!r} is reversed (it selects nothing); write it low-high, e.g. '{hi}-{lo}'"
+                    )
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise LayerIndexError(f"cannot parse layer selection {spec!r}; use e.g. '12', '8,10,12' or '8-15'") from None
+    if not out:
+        raise LayerIndexError(f"layer selection {spec!r} is empty; use e.g. '12', '8,10,12', '8-15' or 'all'")
+    return out
+
+
+# --------------------------------------------------------------------------- argparse types
+def float_arg(
+    *, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """An ``argparse`` ``type=`` accepting finite floats in the given range."""
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if (low is not None and (x < low or (low_open and x == low))) or (
+            high is not None and (x > high or (high_open and x == high))
+        ):
+            raise argparse.ArgumentTypeError(f"must be in {_interval(low, high, low_open, high_open)}, got {text}")
+        return x
+
+    parse.__name__ = "number"
+    return parse
+
+
+def int_arg(*, low: int | None = 1, high: int | None = None) -> Callable[[str], int]:
+    """An ``argparse`` ``type=`` accepting integers in ``[low, high]`` (default: positive)."""
+
+    def parse(text: str) -> int:
+        try:
+            x = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if (low is not None and x < low) or (high is not None and x > high):
+            raise argparse.ArgumentTypeError(f"must be in {_interval(low, high, False, False)}, got {x}")
+        return x
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_list_arg(*, low: float | None = None, high: float | None = None) -> Callable[[str], tuple[float, ...]]:
+    """An ``argparse`` ``type=`` for comma-separated finite floats (e.g. ``--alphas 0,0.5,1``)."""
+    one = float_arg(low=low, high=high)
+
+    def parse(text: str) -> tuple[float, ...]:
+        parts = [p for p in text.replace(" ", "").split(",") if p]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        return tuple(one(p) for p in parts)
+
+    parse.__name__ = "numbers"
+    return parse
+
+
+def layer_spec_arg(text: str) -> str:
+    """An ``argparse`` ``type=`` that checks a layer selection's syntax (``all``, ``8-15``, ``4,8``)."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        parse_layer_spec(text)
+    except LayerIndexError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
+    """Raise :class:`InputError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
