@@ -25,7 +25,6 @@ _EXPORTS: dict[str, str] = {
     "ShiftReport": "probes.analysis",
     "analyze_shift": "probes.analysis",
     "probe_layers": "probes.analysis",
-    "Steering": "probes.collect",
     "blank_image": "probes.collect",
     "collect_activations": "probes.collect",
     "vectors_from_activations": "probes.collect",
@@ -54,7 +53,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # static analysers see the real names
     from probes.analysis import LayerProbeReport, ShiftReport, analyze_shift, probe_layers  # noqa: F401
-    from probes.collect import Steering, blank_image, collect_activations, vectors_from_activations  # noqa: F401
+    from probes.collect import blank_image, collect_activations, vectors_from_activations  # noqa: F401
     from probes.linear import LayerProbe, fit_probe, labels_from_items, train_layer_probes  # noqa: F401
     from probes.plots import plot_layer_probes, plot_shift, plot_weight_change  # noqa: F401
     from probes.report import summary_table, write_report  # noqa: F401

@@ -8,7 +8,7 @@ Both return plain dataclasses whose :meth:`to_dict` is the JSON report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,9 +18,9 @@ from sklearn.model_selection import train_test_split
 
 from vlmsafe.adapters import get_adapter
 from vlmsafe.errors import InputError
-from vlmsafe.steering import ShiftVectors
+from vlmsafe.steering import ShiftVectors, SteeringConfig
 
-from probes.collect import Activations, Steering, collect_activations, vectors_from_activations, vectors_source
+from probes.collect import Activations, collect_activations, vectors_from_activations, vectors_source
 from probes.linear import DEFAULT_CS, HARMFUL, LayerProbe, check_binary, labels_from_items, train_layer_probes
 from probes.shift import layer_shift_metrics, shift_on_direction
 
@@ -70,9 +70,9 @@ class ShiftReport:
         return {"analysis": "shift", "config": self.config, "layers": self.rows}
 
 
-def _resolve_vectors(
+def _with_vectors(
     adapter: Any,
-    vectors: ShiftVectors | None,
+    steering: SteeringConfig,
     calibration_items: Sequence[Any] | None,
     fallback: tuple[Activations, Activations, str] | None,
     *,
@@ -81,20 +81,39 @@ def _resolve_vectors(
     image: Image.Image | None,
     batch_size: int,
     progress: bool,
-) -> ShiftVectors | None:
-    """User vectors > vectors calibrated on ``calibration_items`` > vectors from ``fallback`` activations."""
-    if vectors is not None:
-        vectors.check_compatible(adapter)
-        return vectors
+) -> SteeringConfig:
+    """Fill in a dataset-level config's vectors: given > calibrated on ``calibration_items`` > from ``fallback``."""
+    if steering.mode != "dataset" or steering.vectors is not None:
+        return steering
     if calibration_items is not None:
         kw = dict(layers=layers, positions=positions, batch_size=batch_size, progress=progress)
         mm = collect_activations(adapter, None, calibration_items, with_images=True, image=image, desc="calibration (image)", **kw)
         text = collect_activations(adapter, None, calibration_items, with_images=False, desc="calibration (text)", **kw)
-        return vectors_from_activations(adapter, mm, text, positions=positions, source="calibration split")
-    if fallback is not None:
+        vectors = vectors_from_activations(adapter, mm, text, positions=positions, source="calibration split")
+    elif fallback is not None:
         mm, text, source = fallback
-        return vectors_from_activations(adapter, mm, text, positions=positions, source=source)
-    return None
+        vectors = vectors_from_activations(adapter, mm, text, positions=positions, source=source)
+    else:
+        raise InputError("dataset-level steering needs vectors: pass SteeringConfig(vectors=...) or calibration_items")
+    return replace(steering, vectors=vectors)
+
+
+def _check_steering(steering: SteeringConfig | None, calibration_items: Sequence[Any] | None) -> None:
+    if steering is not None and steering.mode == "sample" and calibration_items is not None:
+        raise InputError("sample-level CMRM measures each prompt's own shift: drop calibration_items or use dataset-level")
+    if steering is not None and steering.vectors is not None and calibration_items is not None:
+        raise InputError("pass either vectors (in the steering config) or calibration_items, not both")
+
+
+def _split(items: list[Any], test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels and a stratified (train, test) index split, both classes present in each."""
+    if not 0 < test_size < 1:
+        raise InputError(f"test_size must be between 0 and 1 (a share of the items), got {test_size}")
+    y = labels_from_items(items)
+    check_binary(y, min_per_class=4, what="data set")
+    train_idx, test_idx = train_test_split(np.arange(len(items)), test_size=test_size, stratify=y, random_state=seed)
+    check_binary(y[train_idx], what="training split")
+    return y, train_idx, test_idx
 
 
 def probe_layers(
@@ -109,105 +128,97 @@ def probe_layers(
     Cs: Sequence[float] = DEFAULT_CS,
     seed: int = 0,
     image: Image.Image | None = None,
-    vectors: ShiftVectors | None = None,
+    steering: SteeringConfig | None = None,
     calibration_items: Sequence[Any] | None = None,
-    steer_cmrm: bool = True,
-    sample_level: bool = False,
-    alpha: float = 1.0,
-    steer_layers: Sequence[int] | str | None = None,
-    steer_positions: str = "last",
     batch_size: int = 8,
     progress: bool = True,
 ) -> LayerProbeReport:
     """Train a probe per layer on text-only inputs and test it with and without images.
 
-    ``items`` carry ``label`` = ``"harmful"`` | ``"benign"`` (e.g. :class:`vlmsafe.eval.EvalItem`)
+    ``items`` carry ``label`` = ``"harmful"`` | ``"benign"`` (e.g. :class:`vlmsafe.data.Item`)
     and an image (or pass ``image=``, e.g. a blank one). They are split (stratified, ``test_size``)
     into a training set, on which each layer's probe is cross-validated and fitted from the
     text-only hidden states, and a held-out set, on which the probe is evaluated:
 
     (a) ``text``: held-out prompts, text-only;  (b) ``image``: the same prompts with their image;
-    (c) ``steered``: with their image under CMRM steering.
+    (c) ``steered``: with their image under ``steering`` (skipped when ``None`` or inactive).
 
     The drop (a) -> (b) measures how much the image moves the safety-relevant representation;
-    (c) shows how much CMRM recovers. CMRM vectors are ``vectors`` if given, else calibrated on
-    ``calibration_items``, else computed on the fly from the training split (disjoint from the
-    held-out set); ``sample_level=True`` uses sample-level CMRM instead (no vectors).
-    ``steer_cmrm=False`` skips (c).
+    (c) shows how much CMRM recovers. A dataset-level ``steering`` without vectors gets them
+    calibrated on ``calibration_items``, else computed on the fly from the training split
+    (disjoint from the held-out set).
     """
     adapter = get_adapter(model, processor)
     layer_ids = adapter.resolve_layers(layers)
-    steer_layers = adapter.resolve_layers(steer_layers) if steer_layers is not None else None
-    if sample_level and (vectors is not None or calibration_items is not None):
-        raise InputError("sample-level CMRM measures each prompt's own shift: drop the vectors / calibration items, or sample_level")
+    _check_steering(steering, calibration_items)
+    steer = steering is not None and steering.active
     items = list(items)
-    y = labels_from_items(items)
-    check_binary(y, min_per_class=4, what="data set")
-    idx = np.arange(len(items))
-    train_idx, test_idx = train_test_split(idx, test_size=test_size, stratify=y, random_state=seed)
-    check_binary(y[train_idx], what="training split")
+    y, train_idx, test_idx = _split(items, test_size, seed)
     kw = dict(layers=layer_ids, positions=positions, batch_size=batch_size, progress=progress)
     text = collect_activations(adapter, None, items, with_images=False, desc="text-only", **kw)
-    need_train_mm = steer_cmrm and not sample_level and vectors is None and calibration_items is None
-    mm_idx = idx if need_train_mm else test_idx
+    need_train_mm = steer and steering.mode == "dataset" and steering.vectors is None and calibration_items is None
+    mm_idx = np.arange(len(items)) if need_train_mm else test_idx
     mm_part = collect_activations(adapter, None, [items[i] for i in mm_idx], with_images=True, image=image, desc="with image", **kw)
     pos = {int(i): k for k, i in enumerate(mm_idx)}
     mm_test = {l: a[[pos[int(i)] for i in test_idx]] for l, a in mm_part.items()}
 
     steered_test: Activations | None = None
-    shift_vectors = None
-    steering = None
-    if steer_cmrm:
+    if steer:
         fallback = None
         if need_train_mm:
             mm_train = {l: a[[pos[int(i)] for i in train_idx]] for l, a in mm_part.items()}
             fallback = (mm_train, {l: a[train_idx] for l, a in text.items()}, "training split (on the fly)")
-        if not sample_level:
-            shift_vectors = _resolve_vectors(adapter, vectors, calibration_items, fallback, layers=layer_ids,
-                                             positions=positions, image=image, batch_size=batch_size, progress=progress)
-        steering = Steering(shift_vectors, alpha=alpha, layers=steer_layers, positions=steer_positions, sample_level=sample_level)
+        steering = _with_vectors(adapter, steering, calibration_items, fallback, layers=layer_ids, positions=positions,
+                                 image=image, batch_size=batch_size, progress=progress)
         steered_test = collect_activations(adapter, None, [items[i] for i in test_idx], with_images=True, image=image,
                                            steering=steering, desc="with image + CMRM", **kw)
 
     probes = train_layer_probes({l: a[train_idx] for l, a in text.items()}, y[train_idx], cv=cv, Cs=Cs, seed=seed, progress=progress)
-    y_test = y[test_idx]
-    rows = []
-    for l in layer_ids:
-        probe = probes[l]
-        row: dict[str, Any] = {
-            "layer": l,
-            "cv_accuracy": probe.cv_accuracy,
-            "cv_std": probe.cv_std,
-            "C": probe.C,
-            "text": probe.evaluate(text[l][test_idx], y_test),
-            "image": probe.evaluate(mm_test[l], y_test),
-            "steered": probe.evaluate(steered_test[l], y_test) if steered_test is not None else None,
-        }
-        row["accuracy_drop"] = row["text"]["accuracy"] - row["image"]["accuracy"]
-        row["accuracy_recovered"] = row["steered"]["accuracy"] - row["image"]["accuracy"] if row["steered"] else None
-        rows.append(row)
-
+    rows = [_probe_row(l, probes[l], text[l][test_idx], mm_test[l], None if steered_test is None else steered_test[l], y[test_idx])
+            for l in layer_ids]
     config = {
+        **_model_config(adapter, positions, items, y, image),
+        "n_train": int(len(train_idx)),
+        "n_test": int(len(test_idx)),
+        "test_size": test_size,
+        "majority_baseline": float(max(y[test_idx].mean(), 1 - y[test_idx].mean())),
+        "cv_folds": probes[layer_ids[0]].cv_folds,
+        "Cs": list(Cs),
+        "seed": seed,
+        "steering": steering.describe() if steer else None,
+    }
+    pca = _pca_view(rows, text, mm_test, steered_test, test_idx, train_idx, y)
+    return LayerProbeReport(rows=rows, config=config, pca=pca, probes=probes)
+
+
+def _probe_row(layer: int, probe: LayerProbe, text: np.ndarray, mm: np.ndarray, steered: np.ndarray | None,
+               y: np.ndarray) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "layer": layer,
+        "cv_accuracy": probe.cv_accuracy,
+        "cv_std": probe.cv_std,
+        "C": probe.C,
+        "text": probe.evaluate(text, y),
+        "image": probe.evaluate(mm, y),
+        "steered": probe.evaluate(steered, y) if steered is not None else None,
+    }
+    row["accuracy_drop"] = row["text"]["accuracy"] - row["image"]["accuracy"]
+    row["accuracy_recovered"] = row["steered"]["accuracy"] - row["image"]["accuracy"] if row["steered"] else None
+    return row
+
+
+def _model_config(adapter: Any, positions: str, items: list[Any], y: np.ndarray | None, image: Image.Image | None) -> dict[str, Any]:
+    return {
         "model_class": type(adapter.model).__name__,
         "model_name": adapter.model_name,
         "num_layers": adapter.num_layers,
         "hidden_size": adapter.hidden_size,
         "positions": positions,
         "n_items": len(items),
-        "n_train": int(len(train_idx)),
-        "n_test": int(len(test_idx)),
-        "n_harmful": int((y == HARMFUL).sum()),
-        "n_benign": int((y != HARMFUL).sum()),
-        "test_size": test_size,
-        "majority_baseline": float(max(y_test.mean(), 1 - y_test.mean())),
-        "cv_folds": probes[layer_ids[0]].cv_folds,
-        "Cs": list(Cs),
-        "seed": seed,
+        "n_harmful": int((y == HARMFUL).sum()) if y is not None else None,
+        "n_benign": int((y != HARMFUL).sum()) if y is not None else None,
         "image": "blank" if image is not None else "item images",
-        "steering": steering.describe() if steer_cmrm else None,
     }
-    pca = _pca_view(rows, text, mm_test, steered_test, test_idx, train_idx, y)
-    return LayerProbeReport(rows=rows, config=config, pca=pca, probes=probes)
 
 
 def _pca_view(rows, text, mm_test, steered_test, test_idx, train_idx, y) -> dict[str, Any]:
@@ -235,12 +246,8 @@ def analyze_shift(
     layers: Sequence[int] | str | None = None,
     positions: str = "last",
     image: Image.Image | None = None,
-    vectors: ShiftVectors | None = None,
+    steering: SteeringConfig | None = None,
     calibration_items: Sequence[Any] | None = None,
-    sample_level: bool = False,
-    alpha: float = 1.0,
-    steer_layers: Sequence[int] | str | None = None,
-    steer_positions: str = "last",
     cv: int = 5,
     Cs: Sequence[float] = DEFAULT_CS,
     seed: int = 0,
@@ -251,28 +258,29 @@ def analyze_shift(
 
     For every layer: cosine distance, L2 distance (absolute and relative to the text-only norm)
     and linear CKA between the text-only and multimodal states of the same prompts; the norm of
-    the dataset-level CMRM shift vector (``vectors``, else calibrated on ``calibration_items``,
-    else computed from ``items`` themselves); its projection onto the harmful direction of a
-    probe trained on the text-only states (when ``items`` hold at least 2 harmful and 2 benign
-    prompts), also as a fraction of the harmful-benign gap; and, when ``alpha != 0``, the same
-    distances after CMRM steering (dataset-level with those vectors, or ``sample_level``),
-    showing how much of the drift steering removes.
+    the dataset-level CMRM shift vector (``steering.vectors``, else calibrated on
+    ``calibration_items``, else computed from ``items`` themselves); its projection onto the
+    harmful direction of a probe trained on the text-only states (when ``items`` hold at least 2
+    harmful and 2 benign prompts), also as a fraction of the harmful-benign gap; and, when
+    ``steering`` is active, the same distances after steering, showing how much drift it removes.
     """
     adapter = get_adapter(model, processor)
     layer_ids = adapter.resolve_layers(layers)
-    steer_layers = adapter.resolve_layers(steer_layers) if steer_layers is not None else None
+    _check_steering(steering, calibration_items)
     items = list(items)
     kw = dict(layers=layer_ids, positions=positions, batch_size=batch_size, progress=progress)
     text = collect_activations(adapter, None, items, with_images=False, desc="text-only", **kw)
     mm = collect_activations(adapter, None, items, with_images=True, image=image, desc="with image", **kw)
-    shift_vectors = _resolve_vectors(adapter, vectors, calibration_items, (mm, text, "analysed items"), layers=layer_ids,
-                                     positions=positions, image=image, batch_size=batch_size, progress=progress)
+    base = steering if steering is not None and steering.mode == "dataset" else SteeringConfig(mode="dataset", alpha=0.0)
+    with_vectors = _with_vectors(adapter, base, calibration_items, (mm, text, "analysed items"), layers=layer_ids,
+                                 positions=positions, image=image, batch_size=batch_size, progress=progress)
+    shift_vectors = with_vectors.vectors
+    if steering is not None and steering.mode == "dataset":
+        steering = with_vectors
     steered = None
-    steering = Steering(shift_vectors, alpha=alpha, layers=steer_layers, positions=steer_positions, sample_level=sample_level)
-    if alpha != 0:
+    if steering is not None and steering.active:
         steered = collect_activations(adapter, None, items, with_images=True, image=image, steering=steering,
                                       desc="with image + CMRM", **kw)
-
     probes: dict[int, LayerProbe] = {}
     y = None
     note = None
@@ -282,37 +290,30 @@ def analyze_shift(
         probes = train_layer_probes(text, y, cv=cv, Cs=Cs, seed=seed, progress=progress)
     except InputError as exc:
         note = f"no probe projection: {exc}"
-
-    rows = []
-    for l in layer_ids:
-        row: dict[str, Any] = {"layer": l, **layer_shift_metrics(text[l], mm[l])}
-        vec = shift_vectors.shifts.get(l)
-        row["shift_norm"] = float(vec.norm()) if vec is not None else None
-        row["relative_shift_norm"] = row["shift_norm"] / row["text_norm"] if vec is not None and row["text_norm"] > 0 else None
-        if l in probes and vec is not None:
-            harmful, benign = text[l][y == HARMFUL].mean(0), text[l][y != HARMFUL].mean(0)
-            proj = shift_on_direction(vec.numpy(), probes[l].direction, harmful_mean=harmful, benign_mean=benign)
-            row.update({"probe_cv_accuracy": probes[l].cv_accuracy, "shift_probe_projection": proj["projection"],
-                        "shift_probe_cosine": proj["cosine"], "shift_probe_gap_ratio": proj["gap_ratio"]})
-        if steered is not None:
-            after = layer_shift_metrics(text[l], steered[l])
-            row.update({"steered_cosine_distance": after["cosine_distance"], "steered_l2_distance": after["l2_distance"],
-                        "steered_relative_l2": after["relative_l2"], "steered_cka": after["cka"]})
-        rows.append(row)
-
+    rows = [_shift_row(l, text, mm, steered, shift_vectors, probes, y) for l in layer_ids]
     config = {
-        "model_class": type(adapter.model).__name__,
-        "model_name": adapter.model_name,
-        "num_layers": adapter.num_layers,
-        "hidden_size": adapter.hidden_size,
-        "positions": positions,
-        "n_items": len(items),
-        "n_harmful": int((y == HARMFUL).sum()) if y is not None else None,
-        "n_benign": int((y != HARMFUL).sum()) if y is not None else None,
-        "image": "blank" if image is not None else "item images",
+        **_model_config(adapter, positions, items, y, image),
         "vectors_source": vectors_source(shift_vectors),
         "vectors_positions": shift_vectors.meta.get("positions"),
-        "steering": steering.describe() if alpha != 0 else None,
+        "steering": steering.describe() if steering is not None and steering.active else None,
         "note": note,
     }
     return ShiftReport(rows=rows, config=config)
+
+
+def _shift_row(l: int, text: Activations, mm: Activations, steered: Activations | None, shift_vectors: ShiftVectors,
+               probes: dict[int, LayerProbe], y: np.ndarray | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"layer": l, **layer_shift_metrics(text[l], mm[l])}
+    vec = shift_vectors.shifts.get(l)
+    row["shift_norm"] = float(vec.norm()) if vec is not None else None
+    row["relative_shift_norm"] = row["shift_norm"] / row["text_norm"] if vec is not None and row["text_norm"] > 0 else None
+    if l in probes and vec is not None and y is not None:
+        harmful, benign = text[l][y == HARMFUL].mean(0), text[l][y != HARMFUL].mean(0)
+        proj = shift_on_direction(vec.numpy(), probes[l].direction, harmful_mean=harmful, benign_mean=benign)
+        row.update({"probe_cv_accuracy": probes[l].cv_accuracy, "shift_probe_projection": proj["projection"],
+                    "shift_probe_cosine": proj["cosine"], "shift_probe_gap_ratio": proj["gap_ratio"]})
+    if steered is not None:
+        after = layer_shift_metrics(text[l], steered[l])
+        row.update({"steered_cosine_distance": after["cosine_distance"], "steered_l2_distance": after["l2_distance"],
+                    "steered_relative_l2": after["relative_l2"], "steered_cka": after["cka"]})
+    return row

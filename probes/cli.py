@@ -6,7 +6,16 @@ import argparse
 import time
 from typing import Any
 
+from vlmsafe.cli_options import (
+    add_data_options,
+    add_model_options,
+    add_output_options,
+    add_progress_option,
+    add_steering_options,
+    load_model_from_args,
+)
 from vlmsafe.errors import InputError
+from vlmsafe.validation import float_arg, int_arg, layer_spec_arg
 
 _DATA_HELP = (
     "JSONL items, one per line: {\"id\": \"1\", \"prompt\": \"...\", \"image\": \"img/1.png\", \"label\": \"harmful\"} "
@@ -15,32 +24,23 @@ _DATA_HELP = (
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
-    p.add_argument("--model", required=True, help="VLM folder written by save_pretrained (model + processor)")
-    p.add_argument("--data", required=True, help=_DATA_HELP)
-    p.add_argument("--out", required=True, help="output folder: <analysis>.json (all figures) + <analysis>.png")
-    p.add_argument("--layers", default=None, help="decoder layers to analyse, e.g. '8-15' or '0,4,8' (default: all)")
+    add_model_options(p, help="VLM folder written by save_pretrained (model + processor)")
+    add_data_options(p, help=_DATA_HELP)
+    add_output_options(p, help="output folder: <analysis>.json (all figures) + <analysis>.png")
+    p.add_argument("--layers", type=layer_spec_arg, default=None,
+                   help="decoder layers to analyse, e.g. '8-15' or '0,4,8' (default: all)")
     p.add_argument("--positions", default="last", choices=["last", "prompt", "text"],
                    help="hidden states read per prompt: the last prompt token (default) or the mean over all prompt/text tokens")
     p.add_argument("--blank-image", action="store_true",
                    help="use one blank white image for every prompt instead of the item's own (the CMRM paper's setting)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N items")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: CPU)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="load the model in this dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split and CV folds")
-    p.add_argument("--cv", type=int, default=5, help="cross-validation folds for the probes' regularisation (default 5)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("CMRM steering")
-    g.add_argument("--vectors", metavar="DIR", help="CMRM vectors from `vlmsafe calibrate` (default: calibrated on the fly, see below)")
-    g.add_argument("--calibration", metavar="JSONL",
+    p.add_argument("--cv", type=int_arg(low=2), default=5, help="cross-validation folds for the probes' regularisation (default 5)")
+    add_progress_option(p)
+    add_steering_options(p, layers_flag="--steer-layers", positions_flag="--steer-positions",
+                         title="CMRM steering (default: dataset-level, vectors calibrated on the fly)")
+    p.add_argument("--calibration", metavar="JSONL",
                    help="calibrate CMRM vectors on these items (with images) instead of "
                    + ("the probes' training split" if probes else "the analysed items"))
-    g.add_argument("--sample-level", action="store_true",
-                   help="sample-level CMRM: each prompt's shift from its own text-only counterpart (no vectors needed)")
-    g.add_argument("--alpha", type=float, default=1.0, help="steering strength, h <- h - alpha * shift (default 1.0; 0 disables steering)")
-    g.add_argument("--steer-layers", default=None, help="layers steered (default: every layer the vectors hold)")
-    g.add_argument("--steer-positions", default="last", choices=["last", "prompt", "text", "image"],
-                   help="prompt tokens steered (default: last)")
 
 
 def register(subparsers: Any) -> None:
@@ -75,7 +75,8 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(layers, probes=True)
-    layers.add_argument("--test-size", type=float, default=0.3, help="held-out share of the items (default 0.3)")
+    layers.add_argument("--test-size", type=float_arg(low=0, high=1, low_open=True, high_open=True), default=0.3,
+                        help="held-out share of the items (default 0.3)")
     layers.add_argument("--no-steering", action="store_true", help="skip condition (c)")
     layers.set_defaults(func=run_layers)
 
@@ -108,47 +109,57 @@ def register(subparsers: Any) -> None:
     )
     weights.add_argument("--before", required=True, help="reference checkpoint (file or folder), e.g. the aligned LLM")
     weights.add_argument("--after", required=True, help="changed checkpoint, e.g. the VLM whose language model was adapted")
-    weights.add_argument("--out", required=True, help="output folder: weights.json + weights.png")
-    weights.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_options(weights, help="output folder: weights.json + weights.png")
+    add_progress_option(weights)
     weights.set_defaults(func=run_weights)
 
 
 # --------------------------------------------------------------------------- handlers
-def _dtype(name: str | None) -> Any:
-    import torch
+def _steering(args: argparse.Namespace, *, enabled: bool) -> Any:
+    """The probes' steering: dataset-level by default (vectors from --vectors, --calibration or on the fly)."""
+    from vlmsafe.steering import ShiftVectors, SteeringConfig
 
-    return None if name is None else getattr(torch, name)
-
-
-def _load(args: argparse.Namespace) -> tuple[Any, Any, list, dict]:
-    """Model, processor, items and the shared keyword arguments of the model-level analyses."""
-    from vlmsafe.data import load_items
-    from vlmsafe.steering import ShiftVectors, load_model
-
-    from probes.collect import blank_image
-
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    items = load_items(args.data, check_images=not args.blank_image)
-    if args.limit is not None:
-        items = items[: args.limit]
+    alpha = 1.0 if args.alpha is None else args.alpha
+    if not enabled or alpha == 0:
+        return None
     if args.vectors and args.calibration:
         raise InputError("pass either --vectors (ready vectors) or --calibration (items to calibrate on), not both")
-    model, processor = load_model(args.model, torch_dtype=_dtype(args.dtype), device=args.device)
+    if args.sample_level and args.calibration:
+        raise InputError("--sample-level measures each prompt's own shift; drop --calibration")
+    return SteeringConfig(
+        mode="sample" if args.sample_level else "dataset",
+        vectors=ShiftVectors.load(args.vectors) if args.vectors else None,
+        alpha=alpha,
+        layers=args.steer_layers,
+        positions=args.steer_positions or "last",
+        decode=bool(args.decode),
+    )
+
+
+def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[Any, Any, list, dict]:
+    """Model, processor, items and the shared keyword arguments of the model-level analyses."""
+    from vlmsafe.data import load_items
+
+    from probes.collect import blank_image
+    from probes.report import check_report_paths
+
+    check_report_paths(args.probe_command, args.out, overwrite=args.overwrite)
+    steering = _steering(args, enabled=steering_enabled)
+    items = load_items(args.data, check_images=not args.blank_image)[: args.limit]
+    calibration = load_items(args.calibration, check_images=not args.blank_image) if args.calibration else None
+    model, processor = load_model_from_args(args, kind="vlm")
+    if steering is not None:
+        steering.check_model(model)
     kwargs: dict[str, Any] = dict(
         layers=args.layers,
         positions=args.positions,
         image=blank_image() if args.blank_image else None,
-        vectors=ShiftVectors.load(args.vectors, model=model) if args.vectors else None,
-        calibration_items=load_items(args.calibration, check_images=not args.blank_image) if args.calibration else None,
-        sample_level=args.sample_level,
-        alpha=args.alpha,
-        steer_layers=args.steer_layers,
-        steer_positions=args.steer_positions,
+        steering=steering,
+        calibration_items=calibration,
         cv=args.cv,
         seed=args.seed,
         batch_size=args.batch_size,
-        progress=not args.quiet,
+        progress=not args.no_progress,
     )
     return model, processor, items, kwargs
 
@@ -156,7 +167,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, list, dict]:
 def _finish(report: Any, args: argparse.Namespace, started: float, **plot_kwargs: Any) -> int:
     from probes.report import summary_table, write_report
 
-    json_path, png_path = write_report(report, args.out, **plot_kwargs)
+    json_path, png_path = write_report(report, args.out, overwrite=args.overwrite, **plot_kwargs)
     print(summary_table(report))
     print(f"\nwrote {json_path} and {png_path} ({time.perf_counter() - started:.1f} s)")
     return 0
@@ -166,11 +177,8 @@ def run_layers(args: argparse.Namespace) -> int:
     from probes.analysis import probe_layers
 
     started = time.perf_counter()
-    if not 0 < args.test_size < 1:
-        raise InputError(f"--test-size must be between 0 and 1 (a share of the items), got {args.test_size}")
-    model, processor, items, kwargs = _load(args)
-    report = probe_layers(model, processor, items, test_size=args.test_size,
-                          steer_cmrm=not args.no_steering and args.alpha != 0, **kwargs)
+    model, processor, items, kwargs = _load(args, steering_enabled=not args.no_steering)
+    report = probe_layers(model, processor, items, test_size=args.test_size, **kwargs)
     return _finish(report, args, started)
 
 
@@ -184,8 +192,10 @@ def run_shift(args: argparse.Namespace) -> int:
 
 
 def run_weights(args: argparse.Namespace) -> int:
+    from probes.report import check_report_paths
     from probes.weights import weight_change
 
     started = time.perf_counter()
-    report = weight_change(args.before, args.after, progress=not args.quiet)
+    check_report_paths("weights", args.out, overwrite=args.overwrite)
+    report = weight_change(args.before, args.after, progress=not args.no_progress)
     return _finish(report, args, started)

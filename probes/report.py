@@ -1,7 +1,8 @@
 """Write an analysis to ``DIR/<name>.json`` + ``DIR/<name>.png`` and format its summary table.
 
 Each file is written atomically on its own, so the three reports can share one ``--out`` folder
-and an interrupted run never leaves a half-written file behind.
+and an interrupted run never leaves a half-written file behind. Existing report files are replaced
+only with ``overwrite=True`` (checked by :func:`check_report_paths` before any work).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from vlmsafe.io import write_json_atomic
+from vlmsafe.errors import OutputExistsError
+from vlmsafe.io import check_output, write_json_atomic
 
 from probes.analysis import LayerProbeReport, ShiftReport
 from probes.plots import plot_layer_probes, plot_shift, plot_weight_change
@@ -32,13 +34,23 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_report(report: Report, out_dir: str | os.PathLike[str], **plot_kwargs: Any) -> tuple[Path, Path]:
+def check_report_paths(name: str, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> tuple[Path, Path]:
+    """The ``<name>.json`` / ``<name>.png`` paths in ``out_dir``, refused if they exist (unless ``overwrite``)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; pass a folder for the {name} report")
+    paths = out / f"{name}.json", out / f"{name}.png"
+    for path in paths:
+        check_output(path, kind="file", overwrite=overwrite)
+    return paths
+
+
+def write_report(report: Report, out_dir: str | os.PathLike[str], *, overwrite: bool = False, **plot_kwargs: Any) -> tuple[Path, Path]:
     """Write ``<name>.json`` (every figure) and ``<name>.png`` into ``out_dir``; return both paths."""
     name = NAMES[type(report)]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
-    write_json_atomic(json_path, _clean(report.to_dict()), overwrite=True)
+    json_path, png_path = check_report_paths(name, out_dir, overwrite=overwrite)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(json_path, _clean(report.to_dict()), overwrite=overwrite)
     plot = {"layers": plot_layer_probes, "shift": plot_shift, "weights": plot_weight_change}[name]
     plot(report, png_path, **plot_kwargs)
     return json_path, png_path

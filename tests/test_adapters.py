@@ -134,3 +134,22 @@ def test_clip_adapters():
     oc_text = get_adapter(oc_model, oc_proc, tower="text")
     assert oc_text.family == "open_clip" and oc_text.hidden_size == 32 and oc_text.num_layers == 2
     assert oc_text.layers is oc_model.transformer.resblocks
+
+
+def test_qwen2_vl_vectors_are_refused_by_a_same_shape_qwen2_5_vl(tiny_models):
+    """Qwen2-VL and Qwen2.5-VL are distinct families: their vectors are not interchangeable even
+    when depth and width agree (the 7B models share both)."""
+    from vlmsafe.errors import IncompatibleVectorsError
+    from vlmsafe.steering import ShiftVectors, calibrate
+
+    q2, p2 = tiny_models["qwen2_vl"]
+    q25, _ = tiny_models["qwen2_5_vl"]
+    assert (get_adapter(q2).family, get_adapter(q25).family) == ("qwen2_vl", "qwen2_5_vl")
+    assert (get_adapter(q2).hidden_size, get_adapter(q2).num_layers) == (get_adapter(q25).hidden_size, get_adapter(q25).num_layers)
+    vectors = calibrate(q2, p2, [("what colour is the shape ?", random_image(3))], progress=False)
+    vectors.check_compatible(q2)
+    with pytest.raises(IncompatibleVectorsError, match="model class: vectors were calibrated on Qwen2VLForConditionalGeneration"):
+        vectors.check_compatible(q25)
+    bare = ShiftVectors(shifts=dict(vectors.shifts), meta={"family": "qwen2_vl"})  # older vectors without a class
+    with pytest.raises(IncompatibleVectorsError, match="family"):
+        bare.check_compatible(q25)

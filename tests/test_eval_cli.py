@@ -24,7 +24,7 @@ class FakeVLM:
 def fake_loader(monkeypatch):
     seen = []
 
-    def load(args):
+    def load(args, steering=None):
         seen.append(args)
         return FakeVLM()
 
@@ -50,7 +50,7 @@ def test_evaluate_both_modalities_writes_reports(tmp_path, fake_loader, capsys):
     assert "| multimodal | 50.0% | 50.0% | 0.0% | 100.0% | 2 / 1 / 1 |" in printed
     assert sorted(p.name for p in out.iterdir()) == ["multimodal.json", "multimodal.md", "summary.md", "text-only.json", "text-only.md"]
     mm = json.loads((out / "multimodal.json").read_text())
-    assert mm["summary"]["unsafe_rate"] == 0.5 and mm["config"]["steering"] is None and mm["config"]["model"] == "m"
+    assert mm["summary"]["unsafe_rate"] == 0.5 and mm["config"]["steering"] == {"mode": None} and mm["config"]["model"] == "m"
     assert [r["id"] for r in mm["records"]] == ["h1", "h2", "b1"]
     assert "| unsafe rate | 50.0% | 2 harmful |" in (out / "multimodal.md").read_text()
     assert fake_loader[0].vectors is None and fake_loader[0].sample_level is False
@@ -71,30 +71,41 @@ def test_evaluate_public_layouts(tmp_path, fake_loader, capsys):
         "--images", str(FIXTURES / "vlsafe/coco"), "--out", str(tmp_path / "c"), "--quiet",
     ])  # fmt: skip
     assert rc == 0 and json.loads((tmp_path / "c" / "multimodal.json").read_text())["summary"]["unsafe_rate"] == 1.0
+    rc = main([  # VLSafe as published, detected from its keys, images under coco/train2017/
+        "evaluate", "--model", "m", "--data", str(FIXTURES / "vlsafe_published/harmlessness_examine.jsonl"),
+        "--images", str(FIXTURES / "vlsafe_published/coco"), "--out", str(tmp_path / "d"), "--quiet",
+    ])  # fmt: skip
+    records = json.loads((tmp_path / "d" / "multimodal.json").read_text())["records"]
+    assert rc == 0 and [r["image"].rsplit("/", 2)[-2:] for r in records] == [["train2017", "000000000009.jpg"], ["train2017", "000000000025.jpg"]]
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--alpha", "0.5"], "--alpha sets the steering strength"),
+        (["--alpha", "0.5"], "no steering source"),
+        (["--alpha", "nan"], "finite"),
+        (["--layers", "3-1"], "reversed"),
+        (["--decode"], "no steering source"),
+        (["--limit", "-1"], "must be in"),
         (["--judge", "gpt4"], "unknown judge"),
-        (["--vectors", "/nonexistent/vectors"], "is not a folder"),
+        (["--vectors", "/nonexistent/vectors"], "vectors.safetensors not found"),
         (["--data-format", "figstep"], "needs --images"),
         (["--data-format", "mm-safetybench"], "processed_questions"),
-        (["--batch-size", "0"], "must be >= 1"),
+        (["--batch-size", "0"], "must be in"),
     ],
 )
 def test_user_errors_exit_2_with_message(tmp_path, fake_loader, capsys, extra, message):
     args = ["evaluate", "--model", "m", "--data", str(FIXTURES / "items.jsonl"), "--out", str(tmp_path / "o"), "--quiet", *extra]
     assert main(args) == 2
     err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("vlmsafe evaluate: error:") and message in err
     assert not (tmp_path / "o").exists()
 
 
 def test_malformed_data_reports_file_and_line(tmp_path, fake_loader, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "a", "prompt": "x"}\n{"id": "b"}\n')
+    bad.write_text('{"id": "a", "prompt": "x", "label": "harmful"}\n{"id": "b"}\n')
     assert main(["evaluate", "--model", "m", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2:" in err and "'prompt'" in err
@@ -106,31 +117,22 @@ def test_vectors_and_sample_level_are_exclusive(tmp_path, capsys):
     assert "not allowed with" in capsys.readouterr().err
 
 
-def test_load_generator_maps_flags_to_safevlm(tmp_path, monkeypatch):
-    """The real loader builds SafeVLM.from_pretrained(path, vectors=..., alpha=..., mode=...)."""
-    calls = {}
+def test_steering_flags_map_to_config(tmp_path):
+    """--vectors/--sample-level/--alpha/--layers/--positions/--decode become one SteeringConfig."""
+    import torch
 
-    class ShiftVectors:
-        @staticmethod
-        def load(path):
-            calls["vectors_path"] = path
-            return "VECTORS"
+    from vlmsafe.cli_options import steering_from_args
+    from vlmsafe.steering import ShiftVectors
 
-    class SafeVLM:
-        @classmethod
-        def from_pretrained(cls, path, vectors=None, alpha=1.0, mode=None):
-            calls.update(path=path, vectors=vectors, alpha=alpha, mode=mode)
-            return FakeVLM()
-
-    monkeypatch.setitem(sys.modules, "vlmsafe.steering", types.SimpleNamespace(SafeVLM=SafeVLM, ShiftVectors=ShiftVectors))
+    ShiftVectors(shifts={0: torch.ones(4), 1: torch.ones(4)}, meta={"num_layers": 2}).save(tmp_path / "v")
     parse = build_parser().parse_args
     base = ["evaluate", "--model", "mdl", "--data", "d", "--out", "o"]
-    eval_cli.load_generator(parse(base))
-    assert calls == {"path": "mdl", "vectors": None, "alpha": 1.0, "mode": None}
-    eval_cli.load_generator(parse([*base, "--vectors", str(tmp_path), "--alpha", "0.7"]))
-    assert calls["mode"] == "dataset" and calls["vectors"] == "VECTORS" and calls["alpha"] == 0.7 and calls["vectors_path"] == str(tmp_path)
-    eval_cli.load_generator(parse([*base, "--sample-level", "--alpha", "2"]))
-    assert calls["mode"] == "sample" and calls["vectors"] is None and calls["alpha"] == 2.0
+    assert steering_from_args(parse(base)).active is False
+    cfg = steering_from_args(parse([*base, "--vectors", str(tmp_path / "v"), "--alpha", "0.7", "--layers", "1", "--decode"]))
+    assert (cfg.mode, cfg.alpha, cfg.layers, cfg.positions, cfg.decode) == ("dataset", 0.7, "1", "last", True)
+    assert cfg.vectors.layers == [0, 1]
+    cfg = steering_from_args(parse([*base, "--sample-level", "--alpha", "2", "--positions", "prompt"]))
+    assert (cfg.mode, cfg.vectors, cfg.alpha, cfg.positions) == ("sample", None, 2.0, "prompt")
 
 
 def test_real_safevlm_loader_on_saved_tiny_llava(tmp_path, capsys):
@@ -146,7 +148,7 @@ def test_real_safevlm_loader_on_saved_tiny_llava(tmp_path, capsys):
         assert main(args) == 0, capsys.readouterr().err
         rep = json.loads((out / "multimodal.json").read_text())
         assert len(rep["records"]) == 3 and all(isinstance(r["response"], str) for r in rep["records"])
-        assert rep["config"]["steering"] == steering
+        assert rep["config"]["steering"]["mode"] == steering
 
 
 def test_two_process_evaluation_matches_one(tmp_path, capsys):

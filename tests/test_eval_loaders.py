@@ -49,7 +49,7 @@ def test_mmsb_scenario_filter_and_unknown_scenario():
     assert len(load_mm_safetybench(MMSB, scenarios=["08-Political_Lobbying"])) == 1
     with pytest.raises(FileFormatError, match="Nonexistent"):
         load_mm_safetybench(MMSB, scenarios=["Nonexistent"])
-    with pytest.raises(ValueError, match="image_types"):
+    with pytest.raises(ValueError, match="image types"):
         load_mm_safetybench(MMSB, image_types=("SDXL",))
 
 
@@ -79,7 +79,7 @@ def test_mmsb_invalid_json_names_line(tmp_path):
     root = _copy_mmsb(tmp_path)
     f = root / "processed_questions" / "08-Political_Lobbying.json"
     f.write_text('{\n  "0": {"Question": "x",\n}\n')
-    with pytest.raises(FileFormatError, match=r"08-Political_Lobbying\.json, line 3: invalid JSON"):
+    with pytest.raises(FileFormatError, match=r"08-Political_Lobbying\.json:3:\d+: invalid JSON"):
         load_mm_safetybench(root)
 
 
@@ -114,7 +114,7 @@ def test_figstep_rows_to_items():
 def test_figstep_missing_image_error_and_render_missing(tmp_path):
     with pytest.raises(FileFormatError) as err:
         load_figstep(FIG_CSV, tmp_path / "imgs")
-    assert str(FIG_CSV) in str(err.value) and "line 2" in str(err.value) and "render_missing" in str(err.value)
+    assert f"{FIG_CSV}:2:" in str(err.value) and "render_missing" in str(err.value)
     items = load_figstep(FIG_CSV, tmp_path / "imgs", render_missing=True, size=96)
     rendered = tmp_path / "imgs" / "query_ForbidQI_2_1_6.png"
     assert rendered.is_file() and items[2].image == str(rendered.resolve())
@@ -126,12 +126,12 @@ def test_figstep_missing_image_error_and_render_missing(tmp_path):
 @pytest.mark.parametrize(
     "content, expected",
     [
-        ("dataset,category_id,task_id,question,instruction\nForbidQI,1,1,q,i\n", ["line 1", "missing column", "category_name"]),
+        ("dataset,category_id,task_id,question,instruction\nForbidQI,1,1,q,i\n", ["bad.csv:1:", "missing column", "category_name"]),
         (
             "dataset,category_id,task_id,category_name,question,instruction\nForbidQI,1,1,Cat,q,i\nForbidQI,1,2,Cat,q\n",
-            ["line 3", "fields"],
+            ["bad.csv:3:", "fields"],
         ),
-        ("dataset,category_id,task_id,category_name,question,instruction\nForbidQI,1,1,Cat,q,\n", ["line 2", "'instruction'", "empty"]),
+        ("dataset,category_id,task_id,category_name,question,instruction\nForbidQI,1,1,Cat,q,\n", ["bad.csv:2:", "'instruction'", "empty"]),
     ],
 )
 def test_figstep_malformed_csv(tmp_path, content, expected):
@@ -173,11 +173,11 @@ def test_vlsafe_json_list_and_conversation_records(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ('{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}\n{"query": "q2"}\n', ["line 2", "no image key", "image_id"]),
-        ('{"image_id": "COCO_train2014_000000000009.jpg"}\n', ["line 1", "no prompt", "query"]),
-        ('{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}\n{oops\n', ["line 2", "invalid JSON"]),
-        ('{"image_id": "missing.jpg", "query": "q"}\n', ["line 1", "'image_id'", "does not exist"]),
-        ('[{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}, 5]', ["entry 1", "JSON object"]),
+        ('{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}\n{"query": "q2"}\n', ["bad.jsonl:2:", "no image key", "image_id"]),
+        ('{"image_id": "COCO_train2014_000000000009.jpg"}\n', ["bad.jsonl:1:", "no prompt", "query"]),
+        ('{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}\n{oops\n', ["bad.jsonl:2:", "invalid JSON"]),
+        ('{"image_id": "missing.jpg", "query": "q"}\n', ["bad.jsonl:1:", "missing.jpg", "train2017"]),
+        ('[{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}, 5]', ["bad.jsonl:1:", "entry 1", "JSON object"]),
     ],
 )
 def test_vlsafe_malformed(tmp_path, text, expected):
@@ -189,3 +189,27 @@ def test_vlsafe_malformed(tmp_path, text, expected):
     assert str(p) in msg
     for part in expected:
         assert part in msg
+
+
+def test_vlsafe_as_published_is_detected_and_finds_train2017():
+    """harmlessness_examine.jsonl as released: image_id + caption + query; images under coco/train2017/."""
+    from vlmsafe.eval.loaders import detect_format, load_benchmark
+
+    path = FIXTURES / "vlsafe_published" / "harmlessness_examine.jsonl"
+    assert detect_format(path) == "vlsafe"
+    items = load_benchmark(path, images=FIXTURES / "vlsafe_published" / "coco")  # the parent of train2017/
+    assert [it.image for it in items] == [
+        str((FIXTURES / "vlsafe_published" / "coco" / "train2017" / name).resolve()) for name in ("000000000009.jpg", "000000000025.jpg")
+    ]
+    assert items[0].meta["caption"] == "A plate of placeholder food on a table." and items[0].label == "harmful"
+    same = load_benchmark(path, images=FIXTURES / "vlsafe_published" / "coco" / "train2017")  # train2017/ itself
+    assert [it.image for it in same] == [it.image for it in items]
+
+
+def test_column_oriented_json_is_refused(tmp_path):
+    from vlmsafe.data import read_records
+
+    p = tmp_path / "cols.json"
+    p.write_text(json.dumps({"image_id": {"0": "a.jpg", "1": "b.jpg"}, "query": {"0": "q0", "1": "q1"}}))
+    with pytest.raises(FileFormatError, match="column-oriented.*orient='records'"):
+        read_records(p)

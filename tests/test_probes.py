@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from probes.collect import Steering, collect_activations, vectors_from_activations
+from vlmsafe.steering import SteeringConfig
+
+from probes.collect import collect_activations, vectors_from_activations
 from probes.linear import fit_probe, labels_from_items
 from probes.shift import cosine_distance, l2_distance, layer_shift_metrics, linear_cka, shift_on_direction
 from probes.weights import canonical_name, classify, weight_change
@@ -208,7 +210,7 @@ def test_vectors_from_activations_equal_calibrate(llava):
         torch.testing.assert_close(mine.shifts[l], ref.shifts[l], atol=1e-5, rtol=1e-4)
 
     # collecting under steering equals recording inside steer() by hand
-    steered = collect_activations(model, processor, ITEMS, with_images=True, steering=Steering(mine, alpha=1.0), progress=False)
+    steered = collect_activations(model, processor, ITEMS, with_images=True, steering=SteeringConfig(vectors=mine, alpha=1.0), progress=False)
     inputs = adapter.build_inputs([p for p, _ in ITEMS], [i for _, i in ITEMS], padding_side="left")
     with torch.no_grad(), steer(model, mine, 1.0), record_activations(adapter, None) as rec:
         model(**inputs)
@@ -227,10 +229,10 @@ def test_sample_level_steering_restores_text_only_states(llava):
     model, processor = llava
     text = collect_activations(model, processor, ITEMS, with_images=False, progress=False)
     steered = collect_activations(model, processor, ITEMS, with_images=True, batch_size=2, progress=False,
-                                  steering=Steering(sample_level=True, alpha=1.0))
+                                  steering=SteeringConfig(mode="sample", alpha=1.0))
     mm = collect_activations(model, processor, ITEMS, with_images=True, progress=False)
     for l in text:
         np.testing.assert_allclose(steered[l], text[l], atol=1e-4)
         assert not np.allclose(mm[l], text[l], atol=1e-3)
-    with pytest.raises(InputError, match="needs CMRM vectors"):
-        Steering()
+    with pytest.raises(InputError, match="needs calibrated vectors"):
+        collect_activations(model, processor, ITEMS, with_images=True, progress=False, steering=SteeringConfig(mode="dataset"))

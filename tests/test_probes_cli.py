@@ -67,7 +67,7 @@ def test_probe_layers_cli(workspace, capsys):
     for row in report["layers"]:
         for cond in ("text", "image", "steered"):
             assert 0.0 <= row[cond]["accuracy"] <= 1.0 and row[cond]["n"] == report["config"]["n_test"]
-    assert report["config"]["steering"]["vectors_source"] == "training split (on the fly)"
+    assert report["config"]["steering"]["vectors"]["source"] == "training split (on the fly)"
     assert len(report["pca"]["text"]) == report["config"]["n_test"]
     _png_ok(out / "layers.png")
     printed = capsys.readouterr().out
@@ -88,7 +88,7 @@ def test_probe_shift_cli_blank_image(workspace, capsys):
         # sample-level CMRM at alpha=1 puts each last-token state back on its text-only counterpart
         assert r["steered_cosine_distance"] < 1e-6 < r["cosine_distance"]
     assert report["config"]["image"] == "blank"
-    assert report["config"]["steering"]["mode"] == "sample-level"
+    assert report["config"]["steering"]["mode"] == "sample"
     _png_ok(out / "shift.png")
     assert "cos_dist" in capsys.readouterr().out
 

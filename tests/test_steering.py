@@ -206,7 +206,7 @@ def test_corrupted_and_truncated_files(vectors, tmp_path):
     with pytest.raises(FileFormatError, match="not a readable safetensors file"):
         ShiftVectors.load(tmp_path / "vec")
     meta_path.write_text("{not json")
-    with pytest.raises(FileFormatError, match="not valid JSON"):
+    with pytest.raises(FileFormatError, match="invalid JSON"):
         ShiftVectors.load(tmp_path / "vec")
     with pytest.raises(FileFormatError, match="not found"):
         ShiftVectors.load(tmp_path / "missing")

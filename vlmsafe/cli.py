@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 from vlmsafe import __version__
+from vlmsafe.cli_options import ArgumentParser
 from vlmsafe.errors import VlmsafeError
 
 #: Modules that contribute subcommands, in --help order. Each defines ``register(subparsers)``.
@@ -27,7 +28,7 @@ _SUBCOMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="vlmsafe",
         description=(
             "Make vision-language models safer. Start with `vlmsafe demo` (bundled tiny LLaVA, no "
@@ -50,14 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (already printed as one line): return its code; --help exits 0
+        if exc.code in (0, None):
+            raise
+        return int(exc.code) if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
     try:
         return int(args.func(args) or 0)
     except VlmsafeError as exc:
-        print(f"vlmsafe {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"vlmsafe {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from vlmsafe.adapters.base import ModelAdapter, adapter_class_for, parse_layer_spec, register_adapter, supported_model_classes
-from vlmsafe.adapters.chat import ChatVLMAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter
+from vlmsafe.adapters.chat import ChatVLMAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter
 from vlmsafe.adapters.clip import CLIPAdapter, OpenCLIPAdapter
 from vlmsafe.adapters.text import CausalLMAdapter
 
@@ -35,6 +35,7 @@ __all__ = [
     "LlavaAdapter",
     "LlavaNextAdapter",
     "Qwen2VLAdapter",
+    "Qwen25VLAdapter",
     "CausalLMAdapter",
     "CLIPAdapter",
     "OpenCLIPAdapter",

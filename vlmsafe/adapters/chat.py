@@ -171,9 +171,9 @@ class LlavaNextAdapter(ChatVLMAdapter):
     family = "llava_next"
 
 
-@register_adapter("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+@register_adapter("Qwen2VLForConditionalGeneration")
 class Qwen2VLAdapter(ChatVLMAdapter):
-    """Qwen2-VL / Qwen2.5-VL: native-resolution ViT (``model.visual``) with a patch merger."""
+    """Qwen2-VL: native-resolution ViT (``model.visual``) with a patch merger."""
 
     family = "qwen2_vl"
 
@@ -184,3 +184,11 @@ class Qwen2VLAdapter(ChatVLMAdapter):
     @property
     def projector(self) -> nn.Module | None:
         return getattr(self.inner.visual, "merger", None)
+
+
+@register_adapter("Qwen2_5_VLForConditionalGeneration")
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: Qwen2-VL's layout with a windowed-attention ViT; its own family, because vectors
+    calibrated on one are meaningless on the other even where the 7B models share depth and width."""
+
+    family = "qwen2_5_vl"

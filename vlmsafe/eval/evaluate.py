@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
 from vlmsafe.data import Item as EvalItem
 from vlmsafe.eval.judges import Judge
@@ -100,12 +101,10 @@ def evaluate(
     utility = utility_fn or contains_reference
     judges_content = bool(getattr(judge, "judges_content", True))
     records: list[ItemRecord] = []
-    all_items = items
-    distributed = accelerator is not None and accelerator.num_processes > 1
-    if distributed:
-        with accelerator.split_between_processes(list(items)) as shard:
-            items = list(shard)
-        progress = progress and accelerator.is_main_process
+    n_total = len(items)
+    with shard(items, accelerator) as part:
+        items = part
+    progress = progress and is_main_process(accelerator)
     bar = tqdm(total=len(items), desc="evaluate" + (" (text-only)" if text_only else ""), unit="item", disable=not progress)
     try:
         for start in range(0, len(items), batch_size):
@@ -142,10 +141,8 @@ def evaluate(
             bar.update(len(batch))
     finally:
         bar.close()
-    if distributed:
-        from accelerate.utils import gather_object
-
-        records = gather_object(records)  # process order = shard order = item order
-        assert len(records) == len(all_items)
+    records = gather(records, accelerator)  # process order = shard order = item order
+    if len(records) != n_total:
+        raise RuntimeError(f"gathered {len(records)} records for {n_total} items; the processes disagree on the data set")
     cfg = {"text_only": text_only, "max_new_tokens": max_new_tokens, "batch_size": batch_size, **(config or {})}
     return EvalReport(records=records, judge=getattr(judge, "name", type(judge).__name__), config=cfg)

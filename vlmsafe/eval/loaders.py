@@ -1,9 +1,11 @@
 """Loaders for public multimodal-safety benchmarks, in the layouts their authors distribute.
 
-Each loader returns :class:`~vlmsafe.eval.data.EvalItem` lists (all labelled ``"harmful"``: these
+Each loader returns :class:`~vlmsafe.data.Item` lists (all labelled ``"harmful"``: these
 benchmarks contain only requests a safe model should decline) and raises
-:class:`~vlmsafe.errors.FileFormatError` naming the file, the line/entry/key and the problem when a
-file does not have the expected layout. Nothing is downloaded: point them at your local copy.
+:class:`~vlmsafe.errors.FileFormatError` as ``file:line: problem; fix`` when a file does not have the
+expected layout. Records are read by :func:`vlmsafe.data.read_records`. Nothing is downloaded:
+point them at your local copy. :func:`load_benchmark` picks the loader from the path and its keys
+(what ``vlmsafe evaluate --data`` does).
 
 * MM-SafetyBench (Liu et al., ECCV 2024)::
 
@@ -16,24 +18,25 @@ file does not have the expected layout. Nothing is downloaded: point them at you
   type ``TEXT`` gives the original ``"Question"`` without an image (the text-only baseline).
 * FigStep / SafeBench (Gong et al., 2023): ``question/safebench.csv`` with columns
   ``dataset,category_id,task_id,category_name,question,instruction`` and images
-  ``images/SafeBench/query_<dataset>_<category_id>_<task_id>_6.png``. Missing images (the public
-  repository ships only SafeBench-Tiny's) can be rendered with :func:`render_typographic`.
-* VLSafe (Chen et al., 2023, "DRESS"): JSONL (or a JSON list) of ``{"image_id": <COCO file>,
-  "query": ...}``; images are read from a COCO folder.
+  ``images/SafeBench/query_<dataset>_<category_id>_<task_id>_6.png`` (the repository ships all 500).
+  Missing images can be rendered with :func:`render_typographic` (``render_missing=True``).
+* VLSafe (Chen et al., 2023, "DRESS"): ``harmlessness_examine.jsonl`` as published, one
+  ``{"image_id": "<COCO file name>", "caption": ..., "query": ...}`` per line (a JSON list also
+  works); images are read from a COCO folder, either ``train2017/`` itself or its parent. The
+  caption is kept in ``Item.meta["caption"]``.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from vlmsafe.errors import FileFormatError
+from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.data import Item as EvalItem
-from vlmsafe.data import resolve_path
+from vlmsafe.data import read_records, resolve_path
 from vlmsafe.eval.figstep import FIGSTEP_PROMPT, render_typographic
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +84,7 @@ def load_mm_safetybench(
             )
     bad = [t for t in image_types if t not in MMSB_QUESTION_FIELDS]
     if bad or not image_types:
-        raise ValueError(f"image_types must be a non-empty subset of {list(MMSB_QUESTION_FIELDS)}, got {list(image_types)}")
+        raise InputError(f"image types must be a non-empty subset of {list(MMSB_QUESTION_FIELDS)}, got {list(image_types)}")
     img_root = Path(image_root) if image_root is not None else root_p / "imgs"
     files = sorted(qdir.glob("*.json"))
     if not files:
@@ -97,28 +100,24 @@ def load_mm_safetybench(
     items: list[EvalItem] = []
     for path in files:
         scenario = path.stem
-        entries = _read_json(path)
-        if not isinstance(entries, dict):
-            raise FileFormatError(f"{path}: expected a JSON object mapping question ids to entries, got {type(entries).__name__}.")
-        for qid in sorted(entries, key=_numeric_key):
-            entry = entries[qid]
-            if not isinstance(entry, dict):
-                raise FileFormatError(f"{path}: entry {qid!r}: expected an object, got {type(entry).__name__}.")
+        for where, entry in read_records(path, what="MM-SafetyBench question file", key_field="_qid"):
+            qid = str(entry.get("_qid", where.rsplit(":", 1)[-1]))
             for itype in image_types:
                 field = MMSB_QUESTION_FIELDS[itype]
                 text = entry.get(field)
                 if not isinstance(text, str) or not text.strip():
                     raise FileFormatError(
-                        f"{path}: entry {qid!r}: key {field!r} (needed for image type {itype}) is "
-                        f"{'missing' if field not in entry else 'empty or not a string'}; keys present: {sorted(entry)}."
+                        f"{where}: entry {qid!r}: key {field!r} (needed for image type {itype}) is "
+                        f"{'missing' if field not in entry else 'empty or not a string'} (keys present: "
+                        f"{sorted(k for k in entry if k != '_qid')}); use another image type or fix the file"
                     )
                 image = None
                 if itype != "TEXT":
                     image = str((img_root / scenario / itype / f"{qid}.jpg").resolve())
                     if check_images and not Path(image).is_file():
                         raise FileFormatError(
-                            f"{path}: entry {qid!r}: image {image!r} does not exist; download the MM-SafetyBench images "
-                            "into <root>/imgs (or pass image_root=...), or choose other image_types."
+                            f"{where}: entry {qid!r}: image {image!r} does not exist; download the MM-SafetyBench images "
+                            "into <root>/imgs (or pass image_root=...), or choose other image_types"
                         )
                 items.append(
                     EvalItem(
@@ -140,21 +139,6 @@ def load_mm_safetybench(
 
 def _scenario_key(name: str) -> str:
     return re.sub(r"^\d+[-_]", "", name).lower()
-
-
-def _numeric_key(qid: str) -> tuple[int, int | str]:
-    return (0, int(qid)) if qid.isdigit() else (1, qid)
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileFormatError(f"{str(path)!r} does not exist.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FileFormatError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}).") from exc
-    except UnicodeDecodeError as exc:
-        raise FileFormatError(f"{path}: not UTF-8 text ({exc.reason}); is this the right file?") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +177,7 @@ def load_figstep(
     """
     path = Path(csv_path)
     if not path.is_file():
-        raise FileFormatError(f"FigStep CSV {str(path)!r} does not exist; pass data/question/safebench.csv of the FigStep repository.")
+        raise FileFormatError(f"{path}: FigStep CSV does not exist; pass data/question/safebench.csv of the FigStep repository")
     img_dir = Path(image_dir)
     keep = set(categories) if categories is not None else None
     items: list[EvalItem] = []
@@ -202,14 +186,14 @@ def load_figstep(
         header = reader.fieldnames or []
         missing = [c for c in FIGSTEP_COLUMNS if c not in header]
         if missing:
-            raise FileFormatError(f"{path}, line 1: missing column(s) {missing}; a SafeBench CSV has columns {list(FIGSTEP_COLUMNS)} (found {header}).")
+            raise FileFormatError(f"{path}:1: missing column(s) {missing} (found {header}); a SafeBench CSV has columns {list(FIGSTEP_COLUMNS)}")
         for row in reader:
-            where = f"{path}, line {reader.line_num}"
+            where = f"{path}:{reader.line_num}"
             if None in row or any(row.get(c) is None for c in FIGSTEP_COLUMNS):
-                raise FileFormatError(f"{where}: expected {len(header)} fields, got a row of a different length (unquoted comma?).")
+                raise FileFormatError(f"{where}: expected {len(header)} fields, got a row of a different length; quote fields that hold commas")
             for col in FIGSTEP_COLUMNS:
                 if not row[col].strip():
-                    raise FileFormatError(f"{where}: column {col!r} is empty.")
+                    raise FileFormatError(f"{where}: column {col!r} is empty; fill it or drop the row")
             if keep is not None and row["category_name"] not in keep:
                 continue
             ds, cid, tid = row["dataset"].strip(), row["category_id"].strip(), row["task_id"].strip()
@@ -233,7 +217,7 @@ def load_figstep(
                 )
             )
     if not items:
-        raise FileFormatError(f"{path}: no rows{' in the requested categories' if keep is not None else ''}.")
+        raise FileFormatError(f"{path}: no rows{' in the requested categories' if keep is not None else ''}; check the file and the categories")
     return items
 
 
@@ -251,63 +235,52 @@ def load_vlsafe(
     check_images: bool = True,
     limit: int | None = None,
 ) -> list[EvalItem]:
-    """Load VLSafe (e.g. ``harmlessness_examine.jsonl``) with its COCO images.
+    """Load VLSafe (``harmlessness_examine.jsonl`` as published) with its COCO images.
 
-    Accepts JSONL or a JSON list. Each record needs an image (``image_id``, ``image`` or
-    ``image_path``: a file name under ``image_dir``) and a prompt (``query``, ``question``,
+    Each record needs an image (``image_id``, ``image`` or ``image_path``: a file name, looked up in
+    ``image_dir`` and in ``image_dir/train2017``) and a prompt (``query``, ``question``,
     ``instruction`` or ``prompt``, or the first user turn of ``conversations``/``interaction``).
-    Items are ``id=<record id or "vlsafe-<n>">``, ``category="vlsafe"``.
+    Items are ``id=<record id or "vlsafe-<n>">``, ``category="vlsafe"``, with the record's
+    ``caption`` (and the raw ``image_id``) in ``meta``.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileFormatError(f"VLSafe file {str(p)!r} does not exist.")
-    text = p.read_text(encoding="utf-8")
-    records: list[tuple[str, Any]] = []
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FileFormatError(f"{p}, line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}).") from exc
-        records = [(f"{p}, entry {i}", rec) for i, rec in enumerate(data)]
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{p}, line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise FileFormatError(f"{p}, line {lineno}: invalid JSON ({exc.msg} at column {exc.colno}).") from exc
     img_dir = Path(image_dir)
+    if not img_dir.is_dir():
+        raise FileFormatError(f"{img_dir}: VLSafe image folder does not exist; pass the COCO folder (train2017/ or its parent)")
     items: list[EvalItem] = []
-    for n, (where, rec) in enumerate(records):
+    for n, (where, rec) in enumerate(read_records(path, what="VLSafe file")):
         if limit is not None and len(items) >= limit:
             break
-        if not isinstance(rec, dict):
-            raise FileFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}.")
         image_key = next((k for k in _VLSAFE_IMAGE_KEYS if k in rec), None)
         if image_key is None or not isinstance(rec[image_key], str) or not rec[image_key]:
-            raise FileFormatError(f"{where}: no image key; expected one of {list(_VLSAFE_IMAGE_KEYS)} (keys present: {sorted(rec)}).")
+            raise FileFormatError(f"{where}: no image key (keys present: {sorted(rec)}); each record needs one of {list(_VLSAFE_IMAGE_KEYS)}")
         prompt = _vlsafe_prompt(rec)
         if prompt is None:
             raise FileFormatError(
-                f"{where}: no prompt; expected one of {list(_VLSAFE_PROMPT_KEYS)} or a 'conversations' list (keys present: {sorted(rec)})."
+                f"{where}: no prompt (keys present: {sorted(rec)}); each record needs one of {list(_VLSAFE_PROMPT_KEYS)} or a "
+                "'conversations' list"
             )
-        image = resolve_path(rec[image_key], img_dir)
+        image = _coco_image(rec[image_key], img_dir)
         if check_images and not Path(image).is_file():
-            raise FileFormatError(f"{where}: key {image_key!r}: image {image!r} does not exist; pass the COCO image folder as image_dir.")
-        items.append(
-            EvalItem(
-                id=str(rec.get("id", f"vlsafe-{n}")),
-                prompt=prompt,
-                image=image,
-                category=str(rec.get("category", "vlsafe")),
-                label="harmful",
-                meta={"benchmark": "vlsafe"},
+            raise FileFormatError(
+                f"{where}: image {rec[image_key]!r} is neither in {img_dir} nor in {img_dir / 'train2017'}; pass the COCO folder"
             )
-        )
+        meta = {"benchmark": "vlsafe", "image_id": rec[image_key]}
+        if isinstance(rec.get("caption"), str):
+            meta["caption"] = rec["caption"]
+        items.append(EvalItem(id=str(rec.get("id", f"vlsafe-{n}")), prompt=prompt, image=image,
+                              category=str(rec.get("category", "vlsafe")), label="harmful", meta=meta))
     if not items:
-        raise FileFormatError(f"{p}: no records.")
+        raise FileFormatError(f"{path}: no VLSafe records; is this harmlessness_examine.jsonl?")
     return items
+
+
+def _coco_image(name: str, img_dir: Path) -> str:
+    """``img_dir/name`` if it exists, else ``img_dir/train2017/name`` (COCO's own layout)."""
+    direct = Path(resolve_path(name, img_dir))
+    if direct.is_file():
+        return str(direct)
+    nested = Path(resolve_path(name, img_dir / "train2017"))
+    return str(nested) if nested.is_file() else str(direct)
 
 
 def _vlsafe_prompt(rec: dict[str, Any]) -> str | None:
@@ -321,3 +294,54 @@ def _vlsafe_prompt(rec: dict[str, Any]) -> str | None:
             if isinstance(first.get(key), str) and first[key].strip():
                 return first[key].replace("<image>", "").strip()
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Format detection
+
+BENCHMARK_FORMATS = ("auto", "jsonl", "mm-safetybench", "figstep", "vlsafe")
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """Guess a data set's layout: a folder is MM-SafetyBench, a ``.csv`` FigStep, records with
+    ``image_id`` + ``query`` VLSafe, anything else vlmsafe JSONL."""
+    p = Path(path)
+    if p.is_dir():
+        return "mm-safetybench"
+    if p.suffix.lower() == ".csv":
+        return "figstep"
+    first = read_records(p)[0][1]
+    if "id" not in first and any(k in first for k in _VLSAFE_IMAGE_KEYS[:1]) and _vlsafe_prompt(first) is not None:
+        return "vlsafe"
+    return "jsonl"
+
+
+def load_benchmark(
+    path: str | os.PathLike[str],
+    *,
+    format: str = "auto",
+    images: str | os.PathLike[str] | None = None,
+    image_types: Sequence[str] = ("SD_TYPO",),
+    render_missing: bool = False,
+    require_label: bool = True,
+) -> list[EvalItem]:
+    """Load any supported evaluation set; ``format="auto"`` uses :func:`detect_format`.
+
+    ``images`` is the image folder FigStep and VLSafe need (MM-SafetyBench: the image root,
+    default ``<path>/imgs``). vlmsafe JSONL items must carry a ``label`` unless ``require_label=False``.
+    """
+    from vlmsafe.data import load_items
+
+    if format not in BENCHMARK_FORMATS:
+        raise InputError(f"unknown data format {format!r}; use one of {', '.join(BENCHMARK_FORMATS)}")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "jsonl":
+        return load_items(path, require_label=require_label)
+    if fmt == "mm-safetybench":
+        return load_mm_safetybench(path, image_types=[t.strip().upper() for t in image_types if t.strip()], image_root=images)
+    if images is None:
+        raise InputError(f"{fmt} data needs --images, the image folder: "
+                         + ("the folder of query_*_6.png images, or where to render them" if fmt == "figstep" else "the COCO folder"))
+    if fmt == "figstep":
+        return load_figstep(path, images, render_missing=render_missing)
+    return load_vlsafe(path, images)

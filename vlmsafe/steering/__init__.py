@@ -1,7 +1,20 @@
 """CMRM steering: calibrate shift vectors, steer generation, save/load vectors."""
 
+from vlmsafe.loading import load_model
 from vlmsafe.steering.cmrm import calibrate, compute_sample_shifts, safety_directions, steer, steer_sample_level
-from vlmsafe.steering.safevlm import SafeVLM, load_model
-from vlmsafe.steering.vectors import ShiftVectors
+from vlmsafe.steering.config import SteeringConfig
+from vlmsafe.steering.safevlm import SafeVLM
+from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors
 
-__all__ = ["calibrate", "safety_directions", "compute_sample_shifts", "steer", "steer_sample_level", "SafeVLM", "ShiftVectors", "load_model"]
+__all__ = [
+    "calibrate",
+    "safety_directions",
+    "compute_sample_shifts",
+    "steer",
+    "steer_sample_level",
+    "SteeringConfig",
+    "SafeVLM",
+    "ShiftVectors",
+    "ShiftAccumulator",
+    "load_model",
+]

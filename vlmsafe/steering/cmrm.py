@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from vlmsafe import __version__
 from vlmsafe.activations import CallInputs, EditPlan, edit_activations, record_activations, resolve_positions
 from vlmsafe.adapters import ModelAdapter, get_adapter
+from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
 from vlmsafe.steering.items import DatasetHasher, batched
-from vlmsafe.steering.vectors import ShiftVectors, vectors_from_means
+from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors
 
 STEER_POSITIONS = ("last", "prompt", "text", "image")
 
@@ -52,8 +53,8 @@ def calibrate(
 
     Each item is run twice, with its image and as its text-only counterpart; per layer, the
     item's activation is its mean over the read ``positions`` (``"last"`` prompt token by
-    default). Sums are accumulated in float64, so results are deterministic and bf16/fp16 models
-    calibrate as precisely as fp32 ones allow.
+    default). Sums are accumulated in float64 (:class:`ShiftAccumulator`), so results are
+    deterministic and bf16/fp16 models calibrate as precisely as fp32 ones allow.
 
     With an ``accelerate.Accelerator`` of several processes (``accelerate launch`` / ``torchrun``),
     each process runs a contiguous shard of ``items`` and the sums are all-reduced: every process
@@ -64,73 +65,51 @@ def calibrate(
     if not adapter.supports_images:
         raise InputError(f"{type(adapter.model).__name__} is text-only: CMRM calibration needs a vision-language model")
     layer_ids = adapter.resolve_layers(layers)
-    H = adapter.hidden_size
-    mm_sum = {l: torch.zeros(H, dtype=torch.float64) for l in layer_ids}
-    text_sum = {l: torch.zeros(H, dtype=torch.float64) for l in layer_ids}
-    diff_norm = {l: 0.0 for l in layer_ids}
-    mm_norm = {l: 0.0 for l in layer_ids}
-    text_norm = {l: 0.0 for l in layer_ids}
+    sums = ShiftAccumulator(layer_ids, adapter.hidden_size)
     hasher = DatasetHasher()
-    count = 0
-    shard_ctx = contextlib.nullcontext(items)
-    if accelerator is not None and accelerator.num_processes > 1:
-        items = list(items)
-        shard_ctx = accelerator.split_between_processes(items)
-    is_main = accelerator is None or accelerator.is_main_process
-    with shard_ctx as shard:
-        total = len(shard) if hasattr(shard, "__len__") else None
-        bar = tqdm(total=total, desc="calibrating CMRM", unit="item", disable=not (progress and is_main))
-        for batch in batched(shard, batch_size):
-            prompts = [p for p, _ in batch]
-            images = [img for _, img in batch]
-            if any(img is None for img in images):
-                raise InputError("every calibration item needs an image (CMRM measures the shift an image causes)")
-            for prompt, image in batch:
-                hasher.update(prompt, image)
-            mm_inputs, text_inputs = adapter.build_pair(prompts, images, system_prompt=system_prompt)
-            mm = _read(adapter, mm_inputs, layer_ids, positions)
-            text = _read(adapter, text_inputs, layer_ids, positions)
-            for l in layer_ids:
-                a, b = mm[l].double(), text[l].double()
-                mm_sum[l] += a.sum(0)
-                text_sum[l] += b.sum(0)
-                diff_norm[l] += float((a - b).norm(dim=1).sum())
-                mm_norm[l] += float(a.norm(dim=1).sum())
-                text_norm[l] += float(b.norm(dim=1).sum())
-            count += len(batch)
+    with shard(list(items), accelerator) as part:
+        bar = tqdm(total=len(part), desc="calibrating CMRM", unit="item", disable=not (progress and is_main_process(accelerator)))
+        for batch in batched(part, batch_size):
+            _calibration_batch(adapter, batch, layer_ids, positions, system_prompt, sums, hasher)
             bar.update(len(batch))
         bar.close()
-    item_digests = hasher.item_digests
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        item_digests = gather_object(item_digests)  # process order = shard order = item order
-        device = accelerator.device
-        packed = torch.stack([torch.cat([mm_sum[l], text_sum[l], torch.tensor([diff_norm[l], mm_norm[l], text_norm[l]], dtype=torch.float64)])
-                              for l in layer_ids]).to(device)
-        packed = accelerator.reduce(packed, reduction="sum").cpu()
-        count = int(accelerator.reduce(torch.tensor([count], device=device), reduction="sum").item())
-        for i, l in enumerate(layer_ids):
-            mm_sum[l], text_sum[l] = packed[i, :H].clone(), packed[i, H : 2 * H].clone()
-            diff_norm[l], mm_norm[l], text_norm[l] = (float(x) for x in packed[i, 2 * H :])
-    if count == 0:
+    sums.all_reduce(accelerator)
+    if sums.count == 0:
         raise InputError("no calibration items were given; pass at least one (prompt, image) pair")
-    meta = {
+    digests = gather(hasher.item_digests, accelerator)  # process order = shard order = item order
+    return sums.to_vectors(_vector_meta(adapter, layer_ids, positions, hasher.hexdigest(digests), system_prompt))
+
+
+def _calibration_batch(adapter: ModelAdapter, batch: list, layer_ids: list[int], positions: str,
+                       system_prompt: str | None, sums: ShiftAccumulator, hasher: DatasetHasher) -> None:
+    """Run one batch with and without its images and add the paired activations to ``sums``."""
+    prompts = [p for p, _ in batch]
+    images = [img for _, img in batch]
+    if any(img is None for img in images):
+        raise InputError("every calibration item needs an image (CMRM measures the shift an image causes)")
+    for prompt, image in batch:
+        hasher.update(prompt, image)
+    mm_inputs, text_inputs = adapter.build_pair(prompts, images, system_prompt=system_prompt)
+    sums.add(_read(adapter, mm_inputs, layer_ids, positions), _read(adapter, text_inputs, layer_ids, positions))
+
+
+def _vector_meta(adapter: ModelAdapter, layer_ids: list[int], positions: str, calibration_sha256: str | None,
+                 system_prompt: str | None) -> dict[str, Any]:
+    """Provenance stored with the vectors (what :meth:`ShiftVectors.check_compatible` validates)."""
+    return {
         "method": "cmrm",
         "model_class": type(adapter.model).__name__,
         "model_name": adapter.model_name,
         "family": adapter.family,
-        "hidden_size": H,
+        "hidden_size": adapter.hidden_size,
         "num_layers": adapter.num_layers,
         "layers": layer_ids,
         "positions": positions,
         "dtype": str(adapter.dtype).replace("torch.", ""),
-        "num_items": count,
-        "calibration_sha256": hasher.hexdigest(item_digests),
+        "calibration_sha256": calibration_sha256,
         "system_prompt": system_prompt,
         "vlmsafe_version": __version__,
     }
-    return vectors_from_means(mm_sum, text_sum, diff_norm, mm_norm, text_norm, count, meta)
 
 
 def _read(adapter: ModelAdapter, inputs: dict, layers: list[int], positions: str) -> dict[int, torch.Tensor]:

@@ -14,7 +14,6 @@ which combines the shifts; the means are dropped from the result because they no
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from vlmsafe import __version__
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError
-from vlmsafe.io import atomic_path
+from vlmsafe.io import atomic_path, parse_json, sha256_file
 
 TENSOR_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
@@ -144,6 +143,9 @@ class ShiftVectors:
         n = self.meta.get("num_layers")
         if n is not None and int(n) != adapter.num_layers:
             problems.append(f"layer count: vectors were calibrated on a model with {n} layers, model has {adapter.num_layers}")
+        cls = self.meta.get("model_class")
+        if cls and cls != type(adapter.model).__name__:
+            problems.append(f"model class: vectors were calibrated on {cls}, model is {type(adapter.model).__name__}")
         fam = self.meta.get("family")
         if fam and fam != adapter.family:
             problems.append(f"family: vectors are for {fam!r}, model is {adapter.family!r} ({type(adapter.model).__name__})")
@@ -179,7 +181,7 @@ class ShiftVectors:
                 "hidden_size": self.hidden_size,
                 "layers": self.layers,
                 "stats": {str(l): s for l, s in self.stats.items()},
-                "tensor_sha256": _sha256(tmp / TENSOR_FILE),
+                "tensor_sha256": sha256_file(tmp / TENSOR_FILE),
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return dest
@@ -195,12 +197,12 @@ class ShiftVectors:
                     f"{path} not found: a vectors directory holds {TENSOR_FILE} and {META_FILE} "
                     "(as written by `vlmsafe calibrate --out DIR` or ShiftVectors.save)"
                 )
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FileFormatError(f"{meta_path} is not valid JSON ({exc}); re-create it with `vlmsafe calibrate`") from None
+        meta = parse_json(meta_path.read_text(encoding="utf-8", errors="replace"), where=str(meta_path),
+                          fix="re-create the vectors with `vlmsafe calibrate`")
+        if not isinstance(meta, dict):
+            raise FileFormatError(f"{meta_path}: expected a JSON object; re-create the vectors with `vlmsafe calibrate`")
         expected = meta.get("tensor_sha256")
-        if expected and _sha256(tensor_path) != expected:
+        if expected and sha256_file(tensor_path) != expected:
             raise FileFormatError(
                 f"{tensor_path} is corrupted or truncated: its sha256 does not match the one recorded in "
                 f"{META_FILE}. Re-create the vectors with `vlmsafe calibrate`"
@@ -224,35 +226,61 @@ class ShiftVectors:
         return vectors
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+class ShiftAccumulator:
+    """Running float64 sums of paired activations, turned into :class:`ShiftVectors` at the end.
 
+    Calibration streams items through the model batch by batch; this keeps what the vectors and
+    their statistics need (per-layer sums of the multimodal and text-only states, and the sums of
+    the per-item norms) without storing any activation, and sums across processes exactly.
+    """
 
-def vectors_from_means(
-    mm_sum: Mapping[int, torch.Tensor],
-    text_sum: Mapping[int, torch.Tensor],
-    diff_norm_sum: Mapping[int, float],
-    mm_norm_sum: Mapping[int, float],
-    text_norm_sum: Mapping[int, float],
-    count: int,
-    meta: dict[str, Any],
-) -> ShiftVectors:
-    """Assemble :class:`ShiftVectors` from float64 running sums (what calibration accumulates)."""
-    shifts, mm_means, text_means, stats = {}, {}, {}, {}
-    for layer in sorted(mm_sum):
-        mm_mean = (mm_sum[layer] / count).float()
-        text_mean = (text_sum[layer] / count).float()
-        shifts[layer] = mm_mean - text_mean
-        mm_means[layer], text_means[layer] = mm_mean, text_mean
-        stats[layer] = {
-            "count": count,
-            "shift_norm": float(shifts[layer].norm()),
-            "mean_item_shift_norm": diff_norm_sum[layer] / count,
-            "mm_norm": mm_norm_sum[layer] / count,
-            "text_norm": text_norm_sum[layer] / count,
-        }
-    return ShiftVectors(shifts=shifts, mm_means=mm_means, text_means=text_means, stats=stats, meta=meta)
+    def __init__(self, layers: list[int], hidden_size: int) -> None:
+        self.layers = list(layers)
+        self.hidden_size = hidden_size
+        self.mm_sum = {l: torch.zeros(hidden_size, dtype=torch.float64) for l in self.layers}
+        self.text_sum = {l: torch.zeros(hidden_size, dtype=torch.float64) for l in self.layers}
+        self.norms = {l: torch.zeros(3, dtype=torch.float64) for l in self.layers}  # |mm - text|, |mm|, |text|
+        self.count = 0
+
+    def add(self, mm: Mapping[int, torch.Tensor], text: Mapping[int, torch.Tensor]) -> None:
+        """Add a batch: ``mm[l]`` and ``text[l]`` are ``(B, H)`` paired rows (same item order)."""
+        n = None
+        for l in self.layers:
+            a, b = mm[l].detach().to("cpu", torch.float64), text[l].detach().to("cpu", torch.float64)
+            if a.shape != b.shape or a.dim() != 2:
+                raise IncompatibleVectorsError(f"layer {l}: paired activations have shapes {tuple(a.shape)} and {tuple(b.shape)}")
+            self.mm_sum[l] += a.sum(0)
+            self.text_sum[l] += b.sum(0)
+            self.norms[l] += torch.stack([(a - b).norm(dim=1).sum(), a.norm(dim=1).sum(), b.norm(dim=1).sum()])
+            n = a.shape[0]
+        self.count += int(n or 0)
+
+    def all_reduce(self, accelerator: Any | None) -> "ShiftAccumulator":
+        """Sum the statistics of every process (in place; identity without an accelerator)."""
+        from vlmsafe.distributed import all_reduce_sum, is_distributed
+
+        if not is_distributed(accelerator):
+            return self
+        H = self.hidden_size
+        packed = torch.stack([torch.cat([self.mm_sum[l], self.text_sum[l], self.norms[l]]) for l in self.layers])
+        packed = all_reduce_sum(packed, accelerator)
+        for i, l in enumerate(self.layers):
+            self.mm_sum[l], self.text_sum[l], self.norms[l] = packed[i, :H].clone(), packed[i, H : 2 * H].clone(), packed[i, 2 * H :].clone()
+        self.count = int(all_reduce_sum(torch.tensor([self.count], dtype=torch.float64), accelerator).item())
+        return self
+
+    def to_vectors(self, meta: dict[str, Any]) -> ShiftVectors:
+        """Mean shifts (multimodal minus text-only) with per-layer statistics and ``meta``."""
+        if self.count == 0:
+            raise IncompatibleVectorsError("no calibration items were seen; pass at least one (prompt, image) pair")
+        shifts, mm_means, text_means, stats = {}, {}, {}, {}
+        n = self.count
+        for layer in self.layers:
+            mm_mean, text_mean = (self.mm_sum[layer] / n).float(), (self.text_sum[layer] / n).float()
+            shifts[layer] = mm_mean - text_mean
+            mm_means[layer], text_means[layer] = mm_mean, text_mean
+            diff, mm_norm, text_norm = (float(x) / n for x in self.norms[layer])
+            stats[layer] = {"count": n, "shift_norm": float(shifts[layer].norm()), "mean_item_shift_norm": diff,
+                            "mm_norm": mm_norm, "text_norm": text_norm}
+        return ShiftVectors(shifts=shifts, mm_means=mm_means, text_means=text_means, stats=stats,
+                            meta={**meta, "num_items": n})

@@ -1,0 +1,139 @@
+"""Option groups shared by the ``vlmsafe`` commands, so each flag is defined once.
+
+* :func:`add_model_options` / :func:`load_model_from_args` -- ``--model --dtype --device --device-map``;
+* :func:`add_steering_options` / :func:`steering_from_args` -- the CMRM flags, built from
+  :class:`vlmsafe.steering.SteeringConfig`'s field help;
+* :func:`add_output_options` -- ``--out`` and ``--overwrite`` (see :func:`vlmsafe.io.check_output`);
+* :func:`add_progress_option` -- ``--no-progress`` (``--quiet`` is kept as a hidden alias);
+* :func:`add_data_options` -- ``--data --limit --batch-size``.
+
+Numbers are checked at parse time (:mod:`vlmsafe.validation`): ``--alpha nan`` or ``--limit -1``
+never reach a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+from vlmsafe.errors import InputError
+from vlmsafe.validation import float_arg, int_arg, layer_spec_arg
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
+STEER_POSITIONS = ("last", "prompt", "text", "image")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with vlmsafe's error format: one line naming the problem and the fix, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+# --------------------------------------------------------------------------- model
+def add_model_options(parser: argparse.ArgumentParser, *, help: str | None = None) -> None:
+    """``--model`` (required), ``--dtype``, ``--device``, ``--device-map``."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", required=True, metavar="DIR",
+                   help=help or "model folder written by save_pretrained (model + processor)")
+    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="load the weights in this dtype (default float32; auto = the checkpoint's)")
+    g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu, auto (default: cpu)")
+    g.add_argument("--device-map", default=None, metavar="MAP",
+                   help="dispatch a model too large for one device with accelerate: auto, balanced or sequential")
+
+
+def load_model_from_args(args: argparse.Namespace, *, kind: str = "auto", device: Any = None) -> tuple[Any, Any]:
+    """Load ``--model`` with the shared loader (``device`` overrides ``--device``, e.g. a process's GPU)."""
+    from vlmsafe.loading import load_model
+
+    return load_model(args.model, kind=kind, dtype=args.dtype, device=device if device is not None else args.device,
+                      device_map=getattr(args, "device_map", None))
+
+
+# --------------------------------------------------------------------------- steering
+def add_steering_options(
+    parser: argparse.ArgumentParser,
+    *,
+    layers_flag: str = "--layers",
+    positions_flag: str = "--positions",
+    title: str = "CMRM steering",
+) -> None:
+    """The steering flags; defaults are applied by :func:`steering_from_args` so it can tell what was given."""
+    from vlmsafe.steering.config import field_help
+
+    g = parser.add_argument_group(title)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--vectors", metavar="DIR", help=field_help("vectors"))
+    src.add_argument("--sample-level", action="store_true",
+                     help="sample-level CMRM: each input's shift from its own text-only counterpart (one extra text-only pass)")
+    g.add_argument("--alpha", type=float_arg(), default=None, help=field_help("alpha") + " (default 1.0)")
+    g.add_argument(layers_flag, dest="steer_layers", type=layer_spec_arg, default=None, metavar="LAYERS",
+                   help=field_help("layers"))
+    g.add_argument(positions_flag, dest="steer_positions", choices=STEER_POSITIONS, default=None,
+                   help=field_help("positions") + " (default last)")
+    g.add_argument("--decode", action="store_true", default=None, help=field_help("decode"))
+
+
+def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, flags: Sequence[str] = ()) -> Any:
+    """The :class:`~vlmsafe.steering.SteeringConfig` the flags describe (inactive without a source).
+
+    Steering flags given without ``--vectors`` / ``--sample-level`` are an error: they would be
+    ignored silently. ``model`` validates the vectors against it when given.
+    """
+    from vlmsafe.steering import ShiftVectors, SteeringConfig
+
+    vectors_dir = getattr(args, "vectors", None)
+    sample = bool(getattr(args, "sample_level", False))
+    given = [name for name, value in (("--alpha", args.alpha), (flags[0] if flags else "--layers", args.steer_layers),
+                                      (flags[1] if len(flags) > 1 else "--positions", args.steer_positions),
+                                      ("--decode", args.decode)) if value is not None]
+    if not vectors_dir and not sample:
+        if given:
+            raise InputError(f"{', '.join(given)} set(s) steering, but no steering source was given; add --vectors DIR "
+                             "(dataset-level) or --sample-level")
+        return SteeringConfig()
+    vectors = ShiftVectors.load(vectors_dir, model=model) if vectors_dir else None
+    return SteeringConfig(
+        mode="dataset" if vectors is not None else "sample",
+        vectors=vectors,
+        alpha=1.0 if args.alpha is None else args.alpha,
+        layers=args.steer_layers,
+        positions=args.steer_positions or "last",
+        decode=bool(args.decode),
+    )
+
+
+# --------------------------------------------------------------------------- output, progress, data
+def add_output_options(
+    parser: argparse.ArgumentParser, *, flag: str = "--out", dest: str | None = None, required: bool = True,
+    default: str | None = None, help: str = "output folder",
+) -> None:
+    """The output path flag plus ``--overwrite`` (an existing non-empty output is refused without it)."""
+    kwargs: dict[str, Any] = {"required": required, "help": help}
+    if default is not None:
+        kwargs = {"default": default, "help": help}
+    if dest is not None:
+        kwargs["dest"] = dest
+    parser.add_argument(flag, **kwargs)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output (by default an existing non-empty output is refused before any work)")
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress`` hides progress bars (``--quiet`` is accepted as an alias)."""
+    parser.add_argument("--no-progress", dest="no_progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--quiet", dest="no_progress", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_data_options(parser: argparse.ArgumentParser, *, help: str, batch_size: int = 8) -> None:
+    """``--data`` (required), ``--limit N`` and ``--batch-size N`` (both positive integers)."""
+    parser.add_argument("--data", required=True, help=help)
+    parser.add_argument("--limit", type=int_arg(low=1), default=None, metavar="N", help="use only the first N items")
+    parser.add_argument("--batch-size", type=int_arg(low=1), default=batch_size, metavar="N",
+                        help=f"items per forward pass (default {batch_size})")
+
+
+def add_max_new_tokens(parser: argparse.ArgumentParser, default: int = 64) -> None:
+    parser.add_argument("--max-new-tokens", type=int_arg(low=1), default=default, metavar="N",
+                        help=f"generation budget per response (default {default})")

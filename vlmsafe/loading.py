@@ -1,0 +1,167 @@
+"""The one loading path for models vlmsafe runs: VLMs and causal LMs, with their processors.
+
+:func:`load_model` is what ``SafeVLM.from_pretrained``, the judges, the Safe-CLIP caption converter,
+the testbed and every CLI command use, so every model gets the same device default, the same
+dtype handling and the same errors:
+
+* a local path that does not exist -> "no such directory" (never a confusing hub-id error);
+* a directory without ``config.json`` -> says what a model directory holds;
+* an original LLaVA checkpoint (``LlavaLlamaForCausalLM``, not a transformers class) -> says how to
+  convert it (``vlmsafe convert-llava``).
+
+Devices: ``device=None`` keeps the model where transformers loads it (CPU), ``"auto"`` picks CUDA
+when available; ``device_map`` (e.g. ``"auto"``) dispatches a large model over several GPUs / CPU
+offload with accelerate, and is exclusive with ``device``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from vlmsafe.errors import FileFormatError, InputError
+
+ModelKind = Literal["auto", "vlm", "causal_lm"]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+#: ``architectures`` of checkpoints in the original LLaVA repository's own layout.
+ORIGINAL_LLAVA_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaMptForCausalLM")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` -> ``torch.bfloat16``; ``None`` and ``"auto"`` pass through."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
+        return DTYPES[dtype.replace("torch.", "")]
+    raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))} or 'auto'")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``"auto"`` -> ``cuda`` when available else ``cpu``; a string is checked against what exists."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use e.g. cpu, cuda, cuda:1 or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def check_model_path(path: str | os.PathLike[str]) -> str:
+    """Validate a model location before loading: an existing model directory, or a hub id.
+
+    A string that exists on disk, or that looks like a local path (absolute, ``./``, ``~``, more than
+    one ``/``) must be a directory holding ``config.json``; ``org/name`` is left to the hub.
+    """
+    text = os.fspath(path)
+    expanded = os.path.expanduser(text)
+    looks_local = os.path.isabs(expanded) or text.startswith((".", "~")) or text.count("/") != 1 or os.sep != "/"
+    if os.path.exists(expanded):
+        if not os.path.isdir(expanded):
+            raise FileFormatError(f"{text}: is a file, not a model directory; pass the folder written by save_pretrained")
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise FileFormatError(
+                f"{text}: has no config.json; pass a directory written by save_pretrained (model + processor)"
+            )
+        return expanded
+    if looks_local:
+        raise FileFormatError(f"{text}: no such directory; pass the folder of a model saved with save_pretrained")
+    return text
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    kind: ModelKind = "auto",
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a model and its processor (VLM) or tokenizer (causal LM) in eval mode.
+
+    Args:
+        path: a local directory written by ``save_pretrained`` (or a hub id when online).
+        kind: ``"vlm"`` (``AutoModelForImageTextToText`` + ``AutoProcessor``), ``"causal_lm"``
+            (``AutoModelForCausalLM`` + ``AutoTokenizer``) or ``"auto"`` (a ``vision_config`` in the
+            config means VLM).
+        dtype: ``torch.bfloat16``, ``"float16"``, ``"auto"`` (the checkpoint's), or ``None`` (float32).
+        device: where to put the whole model (``"auto"``: CUDA when available). Default: CPU.
+        device_map: accelerate device map (``"auto"``, ``"balanced"``, or a dict) for models that do
+            not fit one device; exclusive with ``device``.
+        adapter: a peft adapter directory to load on top (e.g. a LoRA caption converter).
+    """
+    from transformers import AutoConfig
+
+    if kind not in ("auto", "vlm", "causal_lm"):
+        raise InputError(f"kind must be 'auto', 'vlm' or 'causal_lm', got {kind!r}")
+    if device is not None and device_map is not None:
+        raise InputError("pass either device or device_map, not both (device_map places the model itself)")
+    location = check_model_path(path)
+    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).split("\n")[0]
+        archs = _architectures(location)
+        if any(a in ORIGINAL_LLAVA_ARCHITECTURES for a in archs):
+            raise FileFormatError(
+                f"{location}: an original LLaVA checkpoint ({', '.join(archs)}) that transformers cannot load; convert it "
+                "with `vlmsafe convert-llava ORIGINAL_DIR --vision CLIP_DIR --out DIR` and load DIR"
+            ) from None
+        raise FileFormatError(f"{location}: cannot read a model config ({first}); pass a save_pretrained directory") from None
+    if kind == "auto":
+        kind = "vlm" if hasattr(config, "vision_config") else "causal_lm"
+    kwargs: dict[str, Any] = {}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model, processor = _from_pretrained(location, kind, kwargs)
+    if adapter is not None:
+        model = _with_adapter(model, adapter)
+    if target is not None:
+        model = model.to(target)
+    return model.eval(), processor
+
+
+def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    try:
+        if kind == "vlm":
+            return AutoModelForImageTextToText.from_pretrained(location, **kwargs), AutoProcessor.from_pretrained(location)
+        return AutoModelForCausalLM.from_pretrained(location, **kwargs), AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        first = str(exc).split("\n")[0]
+        raise FileFormatError(
+            f"{location}: cannot load a {'vision-language model' if kind == 'vlm' else 'causal LM'} ({first}); check "
+            "that the directory holds the weights and the processor/tokenizer files"
+        ) from None
+
+
+def _with_adapter(model: nn.Module, adapter: str | os.PathLike[str]) -> nn.Module:
+    from peft import PeftModel
+
+    if not os.path.isfile(os.path.join(os.fspath(adapter), "adapter_config.json")):
+        raise FileFormatError(f"{adapter}: no adapter_config.json; pass a folder written by a peft model's save_pretrained")
+    return PeftModel.from_pretrained(model, os.fspath(adapter))
+
+
+def _architectures(location: str) -> list[str]:
+    from vlmsafe.io import read_json
+
+    try:
+        data = read_json(os.path.join(location, "config.json"), what="model config")
+    except FileFormatError:
+        return []
+    return list(data.get("architectures") or []) if isinstance(data, dict) else []
