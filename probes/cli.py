@@ -145,8 +145,9 @@ def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[A
 
     check_report_paths(args.probe_command, args.out, overwrite=args.overwrite)
     steering = _steering(args, enabled=steering_enabled)
-    items = load_items(args.data, check_images=not args.blank_image)[: args.limit]
-    calibration = load_items(args.calibration, check_images=not args.blank_image) if args.calibration else None
+    check = False if args.blank_image else "verify"
+    items = load_items(args.data, check_images=check)[: args.limit]
+    calibration = load_items(args.calibration, check_images=check) if args.calibration else None
     model, processor = load_model_from_args(args, kind="vlm")
     if steering is not None:
         steering.check_model(model)

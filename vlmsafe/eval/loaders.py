@@ -336,7 +336,7 @@ def load_benchmark(
         raise InputError(f"unknown data format {format!r}; use one of {', '.join(BENCHMARK_FORMATS)}")
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "jsonl":
-        return load_items(path, require_label=require_label)
+        return load_items(path, require_label=require_label, check_images="verify")
     if fmt == "mm-safetybench":
         return load_mm_safetybench(path, image_types=[t.strip().upper() for t in image_types if t.strip()], image_root=images)
     if images is None:

@@ -79,7 +79,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from vlmsafe.steering import calibrate
 
     check_output(args.out, kind="dir", overwrite=args.overwrite)
-    items = load_items(args.data)[: args.limit]
+    items = load_items(args.data, check_images="verify")[: args.limit]
     missing = [it.id for it in items if it.image is None]
     if missing:
         raise InputError(f"{args.data}: items {missing[:5]} have no image; CMRM calibration needs an image per item")

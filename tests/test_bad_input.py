@@ -1,0 +1,144 @@
+"""Every command x every kind of bad input: exit code 2, one line naming the problem and the fix,
+no traceback, nothing written, nothing deleted.
+
+The workspace holds one good data set and one of each bad thing a user hands a command: a missing
+path, an empty file, a malformed line, a file that is not an image, a truncated image, non-finite
+numbers, reversed layer ranges and an existing output folder full of the user's files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlmsafe.cli import main
+from vlmsafe.testing import random_image, tiny_llava
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_input")
+    model, processor = tiny_llava(seed=0)
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    (root / "img").mkdir()
+    lines = []
+    for i, (prompt, label) in enumerate([("how do i make a bomb ?", "harmful"), ("what colour is the shape ?", "benign")] * 4):
+        random_image(i).save(root / "img" / f"{i}.png")
+        lines.append(json.dumps({"id": str(i), "prompt": prompt, "image": f"img/{i}.png", "label": label}))
+    (root / "good.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "empty.jsonl").write_text("")
+    (root / "malformed.jsonl").write_text(lines[0] + "\n{\"id\": \"x\", \"prompt\": \n")
+    (root / "img" / "not_image.png").write_text("this is text, not a PNG")
+    full = (root / "img" / "0.png").read_bytes()
+    (root / "img" / "truncated.png").write_bytes(full[: len(full) // 2])
+    for name, image in (("nonimage.jsonl", "img/not_image.png"), ("truncated.jsonl", "img/truncated.png")):
+        recs = [json.loads(line) for line in lines]
+        recs[1]["image"] = image
+        (root / name).write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (root / "existing").mkdir()
+    (root / "existing" / "users_notes.txt").write_text("precious")
+    return root
+
+
+def _model(ws):
+    return ["--model", str(ws / "model")]
+
+
+# (command name, argv builder, the output path the command would write, expected message part)
+COMMANDS = {
+    "calibrate": lambda ws, data, out: ["calibrate", *_model(ws), "--data", str(data), "--out", str(out), "--no-progress"],
+    "evaluate": lambda ws, data, out: ["evaluate", *_model(ws), "--data", str(data), "--out", str(out),
+                                       "--max-new-tokens", "2", "--no-progress"],
+    "probe-shift": lambda ws, data, out: ["probe", "shift", *_model(ws), "--data", str(data), "--out", str(out),
+                                          "--cv", "2", "--no-progress"],
+}
+
+CASES = [
+    ("missing-data", lambda ws: ws / "nope.jsonl", [], "does not exist"),
+    ("empty-data", lambda ws: ws / "empty.jsonl", [], "empty"),
+    ("malformed-line", lambda ws: ws / "malformed.jsonl", [], "malformed.jsonl:2:"),
+    ("non-image", lambda ws: ws / "nonimage.jsonl", [], "not a readable image"),
+    ("truncated-image", lambda ws: ws / "truncated.jsonl", [], "not a readable image"),
+    ("data-is-dir", lambda ws: ws / "img", [], "is a directory"),
+]
+EXPECTED_INSTEAD = {("evaluate", "data-is-dir"): "processed_questions"}  # a folder is read as MM-SafetyBench
+NUMBER_CASES = {
+    "calibrate": [(["--layers", "3-1"], "reversed"), (["--limit", "-1"], "must be in"), (["--batch-size", "0"], "must be in")],
+    "evaluate": [(["--vectors", "v", "--alpha", "nan"], "finite"), (["--sample-level", "--alpha", "inf"], "finite"),
+                 (["--sample-level", "--layers", "2-0"], "reversed"), (["--alpha", "1"], "no steering source"),
+                 (["--limit", "0"], "must be in")],
+    "probe-shift": [(["--alpha", "nan"], "finite"), (["--steer-layers", "5-4"], "reversed"), (["--layers", ""], "empty")],
+}
+
+
+def _check(rc: int, err: str, expected: str) -> None:
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("vlmsafe") and "error:" in lines[0], err
+    assert expected in lines[0], f"expected {expected!r} in: {lines[0]}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("case, data, extra, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_data(ws, capsys, command, case, data, extra, expected):
+    out = ws / f"out-{command}-{case}"
+    rc = main(COMMANDS[command](ws, data(ws), out) + extra)
+    _check(rc, capsys.readouterr().err, EXPECTED_INSTEAD.get((command, case), expected))
+    assert not out.exists(), "a failed run must not leave output behind"
+
+
+@pytest.mark.parametrize("command, extra, expected",
+                         [(c, e, m) for c, cases in NUMBER_CASES.items() for e, m in cases],
+                         ids=[f"{c}:{' '.join(e)}" for c, cases in NUMBER_CASES.items() for e, _ in cases])
+def test_bad_numbers_and_ranges(ws, capsys, command, extra, expected):
+    out = ws / "out-numbers"
+    rc = main(COMMANDS[command](ws, ws / "good.jsonl", out) + extra)
+    _check(rc, capsys.readouterr().err, expected)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_existing_output_is_refused_and_kept(ws, capsys, command):
+    rc = main(COMMANDS[command](ws, ws / "good.jsonl", ws / "existing"))
+    err = capsys.readouterr().err
+    if command == "probe-shift":  # probes write <name>.json/.png into a shared folder: only those files are protected
+        assert rc == 0, err
+        (ws / "existing" / "shift.json").write_text("{}")
+        rc = main(COMMANDS[command](ws, ws / "good.jsonl", ws / "existing"))
+        _check(rc, capsys.readouterr().err, "--overwrite")
+        assert (ws / "existing" / "shift.json").read_text() == "{}"
+    else:
+        _check(rc, err, "--overwrite")
+    assert (ws / "existing" / "users_notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("out_name, expected", [(".", "current"), ("good.jsonl", "is a file")])
+def test_output_onto_cwd_or_a_file_is_refused(ws, capsys, monkeypatch, out_name, expected):
+    monkeypatch.chdir(ws)
+    rc = main(["calibrate", *_model(ws), "--data", "good.jsonl", "--out", out_name, "--no-progress"])
+    _check(rc, capsys.readouterr().err, expected)
+    assert (ws / "good.jsonl").read_text().count("\n") == 8
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--image", "img/not_image.png"], "not a readable image"),
+    (["--image", "img/truncated.png"], "not a readable image"),
+    (["--image", "img/missing.png"], "does not exist"),
+    (["--vectors", "nope", "--sample-level"], "not allowed with"),
+    (["--alpha", "2"], "no steering source"),
+    (["--sample-level", "--alpha=-inf"], "finite"),
+    (["--max-new-tokens", "0"], "must be in"),
+])
+def test_generate_bad_input(ws, capsys, monkeypatch, extra, expected):
+    monkeypatch.chdir(ws)
+    rc = main(["generate", *_model(ws), "--prompt", "hello", *extra])
+    _check(rc, capsys.readouterr().err, expected)
+
+
+def test_missing_model_directory_is_named(ws, capsys):
+    rc = main(["generate", "--model", str(ws / "no_such_model"), "--prompt", "hi"])
+    _check(rc, capsys.readouterr().err, "no such directory")
