@@ -16,11 +16,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlmsafe import __version__
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import InputError
-from vlmsafe.steering import ShiftAccumulator, ShiftVectors, SteeringConfig
+from vlmsafe.steering import ShiftAccumulator, ShiftVectors, SteeringConfig, calibration_meta
 from vlmsafe.data import as_pair, prompt_of
 
 #: Positions a probe may read (a mean over them per prompt); see :mod:`vlmsafe.activations`.
@@ -132,17 +131,5 @@ def vectors_from_activations(
         raise InputError("no calibration rows; pass at least one item with an image")
     sums = ShiftAccumulator(layers, adapter.hidden_size)
     sums.add({l: torch.from_numpy(np.asarray(mm[l])) for l in layers}, {l: torch.from_numpy(np.asarray(text[l])) for l in layers})
-    meta = {
-        "method": "cmrm",
-        "model_class": type(adapter.model).__name__,
-        "model_name": adapter.model_name,
-        "family": adapter.family,
-        "hidden_size": adapter.hidden_size,
-        "num_layers": adapter.num_layers,
-        "layers": layers,
-        "positions": positions,
-        "dtype": str(adapter.dtype).replace("torch.", ""),
-        "source": source,
-        "vlmsafe_version": __version__,
-    }
+    meta = calibration_meta(adapter, layers=layers, positions=positions, source=source)
     return sums.to_vectors(meta)

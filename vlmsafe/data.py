@@ -24,11 +24,12 @@ in :attr:`Item.meta`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image
 
@@ -193,17 +194,8 @@ def open_image(path: str | os.PathLike[str], *, context: str = "") -> Image.Imag
     Raises :class:`FileFormatError` for a missing file, a file that is not an image and a truncated
     image (PIL decodes lazily; this forces the decode so the failure happens here).
     """
-    where = f"{context}: " if context else ""
-    p = Path(path)
-    if not p.is_file():
-        kind = "is a directory" if p.is_dir() else "does not exist"
-        raise FileFormatError(f"{where}image file {str(p)!r} {kind}; fix the path or add the image")
-    try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = str(exc).split("\n")[0] or type(exc).__name__
-        raise FileFormatError(f"{where}{str(p)!r} is not a readable image ({reason}); replace or re-download it") from None
+    with _image_errors(path, context) as p, Image.open(p) as im:
+        return im.convert("RGB")
 
 
 def verify_image(path: str | os.PathLike[str], *, context: str = "") -> None:
@@ -213,14 +205,20 @@ def verify_image(path: str | os.PathLike[str], *, context: str = "") -> None:
     truncated stream), so a data set can be validated before a long run at a fraction of the cost
     of decoding it; :func:`open_image` still decodes (and checks) each image when it is used.
     """
+    with _image_errors(path, context) as p, Image.open(p) as im:
+        im.verify()
+
+
+@contextlib.contextmanager
+def _image_errors(path: str | os.PathLike[str], context: str) -> Iterator[Path]:
+    """Turn a missing path and every PIL failure into one :class:`FileFormatError` naming the file."""
     where = f"{context}: " if context else ""
     p = Path(path)
     if not p.is_file():
         kind = "is a directory" if p.is_dir() else "does not exist"
         raise FileFormatError(f"{where}image file {str(p)!r} {kind}; fix the path or add the image")
     try:
-        with Image.open(p) as im:
-            im.verify()
+        yield p
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).split("\n")[0] or type(exc).__name__
         raise FileFormatError(f"{where}{str(p)!r} is not a readable image ({reason}); replace or re-download it") from None

@@ -22,6 +22,7 @@ from typing import Iterable
 from PIL import Image, ImageDraw, ImageFont
 
 from vlmsafe.data import Item as EvalItem
+from vlmsafe.errors import InputError
 
 #: The text prompt FigStep pairs with its typographic image (from the FigStep paper/repository).
 FIGSTEP_PROMPT = (
@@ -74,7 +75,7 @@ def render_typographic(
     """
     width, height = (size, size) if isinstance(size, int) else size
     if width <= 0 or height <= 0:
-        raise ValueError(f"size must be positive, got {size!r}")
+        raise InputError(f"size must be positive, got {size!r}; pass e.g. size=760")
     body = figstep_text(text, steps=steps, wrap_width=wrap_width)
     pad = max(1, round(min(width, height) * 0.025)) if margin is None else margin
     image = Image.new("RGB", (width, height), background)

@@ -4,7 +4,7 @@ from vlmsafe.loading import load_model
 from vlmsafe.steering.cmrm import calibrate, compute_sample_shifts, safety_directions, steer, steer_sample_level
 from vlmsafe.steering.config import SteeringConfig
 from vlmsafe.steering.safevlm import SafeVLM
-from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors
+from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors, calibration_meta
 
 __all__ = [
     "calibrate",
@@ -16,5 +16,6 @@ __all__ = [
     "SafeVLM",
     "ShiftVectors",
     "ShiftAccumulator",
+    "calibration_meta",
     "load_model",
 ]

@@ -25,13 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlmsafe import __version__
 from vlmsafe.activations import CallInputs, EditPlan, edit_activations, record_activations, resolve_positions
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
 from vlmsafe.steering.items import DatasetHasher, batched
-from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors
+from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors, calibration_meta
 
 STEER_POSITIONS = ("last", "prompt", "text", "image")
 
@@ -77,7 +76,8 @@ def calibrate(
     if sums.count == 0:
         raise InputError("no calibration items were given; pass at least one (prompt, image) pair")
     digests = gather(hasher.item_digests, accelerator)  # process order = shard order = item order
-    return sums.to_vectors(_vector_meta(adapter, layer_ids, positions, hasher.hexdigest(digests), system_prompt))
+    return sums.to_vectors(calibration_meta(adapter, layers=layer_ids, positions=positions,
+                                            calibration_sha256=hasher.hexdigest(digests), system_prompt=system_prompt))
 
 
 def _calibration_batch(adapter: ModelAdapter, batch: list, layer_ids: list[int], positions: str,
@@ -91,25 +91,6 @@ def _calibration_batch(adapter: ModelAdapter, batch: list, layer_ids: list[int],
         hasher.update(prompt, image)
     mm_inputs, text_inputs = adapter.build_pair(prompts, images, system_prompt=system_prompt)
     sums.add(_read(adapter, mm_inputs, layer_ids, positions), _read(adapter, text_inputs, layer_ids, positions))
-
-
-def _vector_meta(adapter: ModelAdapter, layer_ids: list[int], positions: str, calibration_sha256: str | None,
-                 system_prompt: str | None) -> dict[str, Any]:
-    """Provenance stored with the vectors (what :meth:`ShiftVectors.check_compatible` validates)."""
-    return {
-        "method": "cmrm",
-        "model_class": type(adapter.model).__name__,
-        "model_name": adapter.model_name,
-        "family": adapter.family,
-        "hidden_size": adapter.hidden_size,
-        "num_layers": adapter.num_layers,
-        "layers": layer_ids,
-        "positions": positions,
-        "dtype": str(adapter.dtype).replace("torch.", ""),
-        "calibration_sha256": calibration_sha256,
-        "system_prompt": system_prompt,
-        "vlmsafe_version": __version__,
-    }
 
 
 def _read(adapter: ModelAdapter, inputs: dict, layers: list[int], positions: str) -> dict[int, torch.Tensor]:

@@ -226,6 +226,24 @@ class ShiftVectors:
         return vectors
 
 
+def calibration_meta(adapter: ModelAdapter, *, layers: list[int], positions: str, **extra: Any) -> dict[str, Any]:
+    """Provenance stored with vectors calibrated on ``adapter``'s model (what :meth:`ShiftVectors.check_compatible`
+    validates); ``extra`` adds fields such as the calibration hash or the source of the activations."""
+    return {
+        "method": "cmrm",
+        "model_class": type(adapter.model).__name__,
+        "model_name": adapter.model_name,
+        "family": adapter.family,
+        "hidden_size": adapter.hidden_size,
+        "num_layers": adapter.num_layers,
+        "layers": list(layers),
+        "positions": positions,
+        "dtype": str(adapter.dtype).replace("torch.", ""),
+        "vlmsafe_version": __version__,
+        **extra,
+    }
+
+
 class ShiftAccumulator:
     """Running float64 sums of paired activations, turned into :class:`ShiftVectors` at the end.
 
