@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 
 from conftest import hook_ids
-from vlmsafe.activations import EditPlan, edit_activations, record_activations
+from vlmsafe.activations import EditPlan, declare_prompt, edit_activations, gather_rows, record_activations
 from vlmsafe.adapters import get_adapter
 from vlmsafe.errors import InputError
 from vlmsafe.testing import BUILDERS, random_image, tiny_clip, tiny_open_clip
@@ -91,12 +93,14 @@ def test_hooks_removed_on_exception(tiny_models):
     with pytest.raises(RuntimeError, match="boom"):
         with record_activations(adapter, layers="all"):
             raise RuntimeError("boom")
-    plan = EditPlan({1: torch.ones(adapter.hidden_size)}, prefill_mask=lambda call: None)
+    plan = EditPlan({1: torch.ones(adapter.hidden_size)}, positions="prompt", decode=True)
     with pytest.raises(RuntimeError, match="boom"):
         with edit_activations(adapter, plan):
+            assert len(hook_ids(model) - before) == 2  # one entry pre-hook + one hook for the one edited layer
             model(**inputs)
             raise RuntimeError("boom")
     assert hook_ids(model) == before
+    assert "generate" not in model.__dict__  # the generate wrapper is gone too
 
 
 def test_edit_adds_vector_at_masked_positions_only(tiny_models):
@@ -106,43 +110,149 @@ def test_edit_adds_vector_at_masked_positions_only(tiny_models):
     vec = torch.randn(adapter.hidden_size)
     with torch.no_grad():
         base = model(**inputs, output_hidden_states=True).hidden_states[2]  # output of layer 1
-    mask = torch.zeros(inputs["input_ids"].shape)
-    mask[0, -1] = 1.0
-    mask[2, -3:] = 0.5
-    plan = EditPlan({1: vec}, prefill_mask=lambda call: mask, scale=-2.0)
+    mask = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
+    mask[0, -1] = True
+    mask[2, -3:] = True
+    plan = EditPlan({1: vec}, positions=mask, scale=-2.0)
     with torch.no_grad(), edit_activations(adapter, plan):
         edited = model(**inputs, output_hidden_states=True).hidden_states[2]
-    expected = base - 2.0 * mask.unsqueeze(-1) * vec
-    torch.testing.assert_close(edited, expected, atol=1e-5, rtol=0)
-    untouched = mask == 0
-    assert torch.equal(edited[untouched], base[untouched])
+    torch.testing.assert_close(edited[mask], base[mask] - 2.0 * vec, atol=1e-5, rtol=0)
+    assert torch.equal(edited[~mask], base[~mask])
 
 
-def test_edit_per_row_vectors_and_decode_steps(tiny_models):
+class _RawAndEdited:
+    """Per forward call, a layer's output before vlmsafe's edit and after it.
+
+    Enter it inside the editing context: its first hook is then placed ahead of vlmsafe's.
+    """
+
+    def __init__(self, layer):
+        self.layer, self.raw, self.edited = layer, [], []
+
+    def __enter__(self):
+        self.handles = [self.layer.register_forward_hook(lambda m, a, out: self.raw.append(out.clone()), prepend=True),
+                        self.layer.register_forward_hook(lambda m, a, out: self.edited.append(out.clone()))]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def deltas(self):
+        assert len(self.raw) == len(self.edited)
+        return [e - r for r, e in zip(self.raw, self.edited)]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prompt_and_generated_positions_are_edited_by_absolute_position(tiny_models, use_cache):
+    """The same edit lands on the same positions whether or not generate keeps a KV cache."""
     model, processor = tiny_models["causal_lm"]
     adapter = get_adapter(model, processor)
     inputs = adapter.build_inputs(["hello", "write a poem about cats"])
-    per_row = torch.randn(2, adapter.hidden_size) * 5
-    seen = {"prefill": 0, "decode": 0}
+    P, new = inputs["input_ids"].shape[1], 4
+    vec = torch.randn(adapter.hidden_size)
+    plan = EditPlan({0: vec}, positions="last", decode=True, rows=lambda prompt: torch.tensor([True, False]))
+    with torch.no_grad(), edit_activations(adapter, plan), _RawAndEdited(adapter.layers[0]) as spy:
+        model.generate(**inputs, max_new_tokens=new, do_sample=False, pad_token_id=0, use_cache=use_cache)
+    deltas = spy.deltas()
+    assert len(deltas) == new
+    for step, delta in enumerate(deltas):
+        T = delta.shape[1]
+        start = 0 if not use_cache else (0 if step == 0 else P + step - 1)
+        expected = torch.zeros_like(delta)
+        for col in range(T):
+            pos = start + col
+            if pos == P - 1 or pos >= P:  # the last prompt token (left padding) and every generated token
+                expected[0, col] = vec
+        torch.testing.assert_close(delta, expected, atol=1e-6, rtol=0)  # row 1 is never edited
 
-    def prefill(call):
-        seen["prefill"] += 1
-        assert call.seq_len == inputs["input_ids"].shape[1]
-        return None
 
-    def decode(call):
-        seen["decode"] += 1
-        assert call.seq_len == 1
-        return torch.tensor([[1.0], [0.0]])
+def test_decode_false_leaves_generated_tokens_alone(tiny_models):
+    model, processor = tiny_models["causal_lm"]
+    adapter = get_adapter(model, processor)
+    inputs = adapter.build_inputs(["write a poem about cats"])
+    vec = torch.randn(adapter.hidden_size)
+    plan = EditPlan({0: vec}, positions="prompt", decode=False)
+    with torch.no_grad(), edit_activations(adapter, plan), _RawAndEdited(adapter.layers[0]) as spy:
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False)
+    P = inputs["input_ids"].shape[1]
+    for delta in spy.deltas():
+        torch.testing.assert_close(delta[0, :P], vec.expand(P, -1), atol=1e-6, rtol=0)
+        assert torch.equal(delta[0, P:], torch.zeros_like(delta[0, P:]))
 
-    plan = EditPlan({0: per_row}, prefill_mask=prefill, decode_mask=decode)
-    with torch.no_grad():
-        plain = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        with edit_activations(adapter, plan):
-            edited = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert seen == {"prefill": 1, "decode": 3}
-    assert torch.equal(plain[1], edited[1])  # row 1 never edited
-    assert torch.equal(plain[:, : inputs["input_ids"].shape[1] + 1], edited[:, : inputs["input_ids"].shape[1] + 1])
+
+def test_manual_decoding_loop_declares_its_prompt(tiny_models):
+    """Outside generate each call is its own prompt; declare_prompt makes later calls generated tokens."""
+    model, processor = tiny_models["causal_lm"]
+    adapter = get_adapter(model, processor)
+    inputs = adapter.build_inputs(["write a poem about cats"])
+    vec = torch.randn(adapter.hidden_size)
+    plan = EditPlan({0: vec}, positions="last", decode=False)
+    for declared in (False, True):
+        with torch.no_grad(), edit_activations(adapter, plan), _RawAndEdited(adapter.layers[0]) as spy:
+            ctx = declare_prompt(model, inputs["input_ids"], inputs["attention_mask"]) if declared else None
+            with ctx or torch.no_grad():
+                out = model(**inputs, use_cache=True)
+                mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
+                model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=out.past_key_values)
+        prefill, step = spy.deltas()
+        torch.testing.assert_close(prefill[0, -1], vec, atol=1e-6, rtol=0)
+        assert torch.equal(prefill[0, :-1], torch.zeros_like(prefill[0, :-1]))
+        expected_step = torch.zeros_like(step) if declared else vec.expand_as(step)
+        torch.testing.assert_close(step, expected_step, atol=1e-6, rtol=0)
+
+
+def test_selection_is_nan_safe(tiny_models):
+    """A non-finite value at an unselected (padded) position never reaches a selected row."""
+    hidden = torch.randn(2, 4, 3)
+    hidden[0, 0] = float("inf")  # a padded position
+    hidden[1, 1] = float("nan")
+    got = gather_rows(hidden, torch.tensor([3, -1]))
+    assert torch.equal(got[0], hidden[0, 3]) and torch.equal(got[1], torch.zeros(3))
+
+    model, processor = tiny_models["llava"]
+    adapter = get_adapter(model, processor)
+    inputs = _mixed_batch(adapter, "left")
+    pad = inputs["attention_mask"] == 0
+    assert pad.any()
+    last = adapter.layers[adapter.num_layers - 1]
+
+    def poison(module, args, out):
+        out = out.clone()
+        out[pad] = float("inf")
+        return out
+
+    handle = last.register_forward_hook(poison)
+    try:
+        with torch.no_grad(), record_activations(adapter, [adapter.num_layers - 1], positions="prompt") as rec:
+            model(**inputs)
+    finally:
+        handle.remove()
+    means = rec.per_row_mean(adapter.num_layers - 1, 3)
+    assert torch.isfinite(means).all()
+    assert rec.activations[adapter.num_layers - 1].shape[0] == int(inputs["attention_mask"].sum())
+
+
+def test_stop_early_runs_only_up_to_the_deepest_layer(tiny_models):
+    model, processor = tiny_models["llava"]
+    adapter = get_adapter(model, processor)
+    inputs = _mixed_batch(adapter, "left")
+    ran = []
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(adapter.layers)]
+    head = model.lm_head.register_forward_hook(lambda m, a, o: ran.append("head"))
+    try:
+        with torch.no_grad(), record_activations(adapter, [0, 1], positions="last") as full:
+            model(**inputs)
+        ran.clear()
+        with torch.no_grad(), record_activations(adapter, [0, 1], positions="last", stop_early=True) as early:
+            model(**inputs)
+            raise AssertionError("not reached: the forward pass stops after layer 1")
+    finally:
+        for h in [*handles, head]:
+            h.remove()
+    assert ran == [0, 1]
+    for layer in (0, 1):
+        assert torch.equal(early.activations[layer], full.activations[layer])
 
 
 def test_recording_on_clip_towers():

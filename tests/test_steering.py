@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -7,8 +8,11 @@ from conftest import hook_ids
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import get_adapter
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
-from vlmsafe.steering import SafeVLM, ShiftVectors, calibrate, compute_sample_shifts, safety_directions, steer, steer_sample_level
-from vlmsafe.testing import random_image, tiny_llava
+from vlmsafe.steering import (
+    SafeVLM, ShiftVectors, SteeringConfig, calibrate, compute_sample_shifts, safety_directions, steer, steer_sample_level,
+)
+from vlmsafe.steering.cmrm import text_only_states
+from vlmsafe.testing import BUILDERS, random_image, tiny_llava
 
 PROMPTS = ["how do i make a bomb ?", "hello", "what colour is the shape ?"]
 
@@ -55,17 +59,28 @@ def test_calibration_needs_images(llava):
 
 
 def test_alpha_zero_is_identity(llava, vectors):
+    """The hooks are installed at alpha 0 and change nothing: same logits, same generated tokens."""
     model, processor = llava
     adapter = get_adapter(model, processor)
-    inputs = adapter.build_inputs(PROMPTS, _images())
+    images = _images()
+    inputs = adapter.build_inputs(PROMPTS, images)
+    gen_kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    model(**inputs, output_hidden_states=True)
+    before = hook_ids(model)
     with torch.no_grad():
         base_logits = model(**inputs).logits
-        base = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        with steer(model, vectors, alpha=0.0, positions="prompt", decode=True):
-            logits = model(**inputs).logits
-            gen = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(base_logits, logits)
-    assert torch.equal(base, gen)
+        base = model.generate(**inputs, **gen_kw)
+        states = text_only_states(adapter, None, PROMPTS, images)
+        for ctx in (steer(model, vectors, alpha=0.0, positions="prompt", decode=True),
+                    steer_sample_level(adapter, states, alpha=0.0, positions="prompt")):
+            with ctx:
+                assert len(hook_ids(model) - before) == 1 + len(vectors.layers)  # entry pre-hook + one per layer
+                logits = model(**inputs).logits
+                gen = model.generate(**inputs, **gen_kw)
+            assert torch.equal(base_logits, logits)
+            assert torch.equal(base.sequences, gen.sequences)
+            for a, b in zip(base.logits, gen.logits):
+                assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("positions", ["last", "prompt", "image"])
@@ -130,8 +145,8 @@ def test_sample_level_shift_matches_two_separate_passes(llava):
 @pytest.mark.parametrize("mode", ["dataset", "sample"])
 def test_batched_padded_generation_equals_one_by_one(llava, vectors, mode):
     model, processor = llava
-    kwargs = dict(vectors=vectors if mode == "dataset" else None, alpha=0.8, mode=mode, positions="prompt", decode=True,
-                  max_new_tokens=6, batch_size=8)
+    kwargs = dict(vectors=vectors if mode == "dataset" else None, alpha=0.8, mode=mode, positions="prompt",
+                  decode=mode == "dataset", max_new_tokens=6, batch_size=8)
     vlm = SafeVLM(model, processor, **kwargs)
     prompts = ["how do i make a bomb ?", "hello", "what colour is the shape in the image ?", "steal car"]
     images = [random_image(1), None, random_image(2), random_image(3)]
@@ -240,11 +255,24 @@ def test_bad_arguments(llava, vectors):
 
 def test_bf16_model_calibrates_in_float32():
     model, processor = tiny_llava(seed=1)
+    items = [("hello", random_image(0)), ("steal car", random_image(1))]
+    full = calibrate(model, processor, items, progress=False)
     model = model.to(torch.bfloat16)
-    vec = calibrate(model, processor, [("hello", random_image(0))], progress=False)
+    vec = calibrate(model, processor, items, progress=False)
     assert vec.shifts[0].dtype == torch.float32 and vec.meta["dtype"] == "bfloat16"
-    out = SafeVLM(model, processor, vec, alpha=1.0, max_new_tokens=2).generate("hello", random_image(1))
-    assert isinstance(out, str)
+    for layer in vec.layers:  # the bf16 model's shift, read in float32, is the float32 model's up to bf16 rounding
+        scale = float(full.shifts[layer].abs().max())
+        torch.testing.assert_close(vec.shifts[layer], full.shifts[layer], atol=0.05 * scale, rtol=0)
+    adapter = get_adapter(model, processor)
+    inputs = adapter.build_inputs(["hello"], [random_image(2)])
+    with torch.no_grad():
+        base = model(**inputs, output_hidden_states=True).hidden_states[2]
+        with steer(model, vec * 100, alpha=1.0, layers=[1]):
+            got = model(**inputs, output_hidden_states=True).hidden_states[2]
+    assert got.dtype == torch.bfloat16
+    step = (-100 * vec.shifts[1]).to(torch.bfloat16)  # the vector is cast to the model dtype once, then added
+    assert torch.equal(got[0, -1], base[0, -1] + step)
+    assert torch.equal(got[0, :-1], base[0, :-1])
 
 
 def test_safety_directions_and_projection(llava):
@@ -283,4 +311,152 @@ def test_steering_works_on_every_vlm_family(family):
     steered = SafeVLM(model, processor, vec, alpha=1.0, **kw).generate(prompts, images)
     assert steered[0] != plain[0] and steered[1] == plain[1]  # only the multimodal row moves
     assert [SafeVLM(model, processor, vec, alpha=1.0, **kw).generate(p, i) for p, i in zip(prompts, images)] == steered
-    assert len(SafeVLM(model, processor, mode="sample", decode=True, max_new_tokens=5).generate(prompts, images)) == 2
+    # random tiny models have tiny image/text gaps: a large alpha makes the sample-level shift visible
+    sample = SafeVLM(model, processor, mode="sample", alpha=30.0, positions="prompt", max_new_tokens=5).generate(prompts, images)
+    assert sample[0] != plain[0] and sample[1] == plain[1]
+
+
+def _generate_both_ways(model, inputs, **kw):
+    """Greedy tokens with and without a KV cache (the image token is suppressed: a random tiny model
+    may emit it, and re-reading it without a cache is an error in the model itself)."""
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, suppress_tokens=[model.config.image_token_id], **kw)
+    return model.generate(**inputs, **kw), model.generate(**inputs, use_cache=False, **kw)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_steering_does_not_depend_on_the_kv_cache(family):
+    """use_cache=False re-runs prompt and generated tokens at every step; they are steered as with a cache."""
+    model, processor = BUILDERS[family]()
+    adapter = get_adapter(model, processor)
+    vec = calibrate(model, processor, [(p, random_image(i)) for i, p in enumerate(PROMPTS)], progress=False)
+    vec = vec * 300
+    images = _images()
+    inputs = adapter.build_inputs(PROMPTS, images)
+    with torch.no_grad():
+        plain, _ = _generate_both_ways(model, inputs)
+        outs = {}
+        for positions, decode in (("last", False), ("prompt", True), ("prompt", False), ("image", False)):
+            with steer(model, vec, alpha=1.0, positions=positions, decode=decode):
+                cached, uncached = _generate_both_ways(model, inputs)
+            assert torch.equal(cached, uncached), (positions, decode)
+            outs[f"{positions} decode={decode}"] = cached
+        assert not torch.equal(outs["prompt decode=True"], outs["prompt decode=False"])  # generated tokens were steered
+        states = text_only_states(adapter, None, PROMPTS, images)
+        for positions in ("last", "prompt"):
+            with steer_sample_level(adapter, states, alpha=30.0, positions=positions):  # tiny gaps: large alpha
+                cached, uncached = _generate_both_ways(model, inputs)
+            assert torch.equal(cached, uncached), ("sample", positions)
+            outs["sample " + positions] = cached
+    for name, out in outs.items():
+        assert not torch.equal(out[0], plain[0]), name  # steering changed the multimodal rows
+        assert torch.equal(out[1], plain[1]), name  # and left the text-only row alone
+
+
+def test_prompt_continued_on_a_filled_cache_is_steered(llava, vectors):
+    """Multi-turn chat: the second turn's prompt tokens are steered when they enter the cache."""
+    model, processor = llava
+    adapter = get_adapter(model, processor)
+    images = [random_image(4), None]
+    first = adapter.build_inputs(PROMPTS[:2], images)
+    with torch.no_grad():
+        out = model.generate(**first, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                             suppress_tokens=[adapter.image_token_id])
+    turn = processor.tokenizer(["tell me story"] * 2, return_tensors="pt", add_special_tokens=False)
+    ids = torch.cat([out.sequences, turn["input_ids"]], 1)
+    mask = torch.cat([first["attention_mask"], torch.ones_like(out.sequences[:, first["input_ids"].shape[1]:]),
+                      turn["attention_mask"]], 1)
+    new = turn["input_ids"].shape[1] + 1
+    layer, alpha = 1, 0.5
+    deltas = {}
+    for positions in ("prompt", "last"):
+        raw, edited = [], []
+        with torch.no_grad(), steer(model, vectors, alpha=alpha, layers=[layer], positions=positions):
+            handles = [adapter.layers[layer].register_forward_hook(lambda m, a, o: raw.append(o.clone()), prepend=True),
+                       adapter.layers[layer].register_forward_hook(lambda m, a, o: edited.append(o.clone()))]
+            try:
+                model.generate(input_ids=ids, attention_mask=mask, past_key_values=copy.deepcopy(out.past_key_values),
+                               max_new_tokens=2, do_sample=False, pad_token_id=0)
+            finally:
+                for h in handles:
+                    h.remove()
+        # the first call holds the uncached tail: turn one's last generated token (never fed back) and the new turn
+        assert raw[0].shape[1] == new
+        deltas[positions] = edited[0] - raw[0]
+        assert all(torch.equal(e, r) for e, r in zip(edited[1:], raw[1:]))  # decode=False: generated tokens untouched
+    step = -alpha * vectors.shifts[layer]
+    torch.testing.assert_close(deltas["prompt"][0], step.expand(new, -1), atol=1e-5, rtol=0)  # row 0 had an image
+    torch.testing.assert_close(deltas["last"][0, -1], step, atol=1e-5, rtol=0)
+    assert torch.equal(deltas["last"][0, :-1], torch.zeros_like(deltas["last"][0, :-1]))
+    assert torch.equal(deltas["prompt"][1], torch.zeros_like(deltas["prompt"][1]))  # text-only conversation
+
+
+def test_sample_level_refuses_decode_steering(llava):
+    model, processor = llava
+    states = {0: torch.zeros(1, 32)}
+    with pytest.raises(InputError, match="no text-only counterpart.*dataset-level"):
+        with steer_sample_level(model, states, decode=True):
+            pass
+    with pytest.raises(InputError, match="cannot steer generated tokens"):
+        SteeringConfig(mode="sample", decode=True)
+    with pytest.raises(InputError, match="cannot steer generated tokens"):
+        SafeVLM(model, processor, mode="sample", decode=True)
+
+
+def test_calibration_reads_text_positions_only(llava):
+    model, processor = llava
+    adapter = get_adapter(model, processor)
+    prompts, images = PROMPTS[:2], [random_image(5), random_image(6)]
+    with pytest.raises(InputError, match="positions='prompt'.*no text-only counterpart.*'text'"):
+        calibrate(model, processor, list(zip(prompts, images)), positions="prompt", progress=False)
+    with pytest.raises(InputError, match="positions='prompt'"):
+        compute_sample_shifts(model, processor, prompts, images, positions="prompt")
+    vec = calibrate(model, processor, list(zip(prompts, images)), layers=[1], positions="text", progress=False)
+    mm, text = adapter.build_pair(prompts, images)
+    with torch.no_grad():
+        mm_h = model(**mm, output_hidden_states=True).hidden_states[2]
+        text_h = model(**text, output_hidden_states=True).hidden_states[2]
+    mm_sel = mm["attention_mask"].bool() & (mm["input_ids"] != adapter.image_token_id)
+    text_sel = text["attention_mask"].bool()
+    hand = torch.stack([mm_h[i][mm_sel[i]].mean(0) - text_h[i][text_sel[i]].mean(0) for i in range(2)]).mean(0)
+    torch.testing.assert_close(vec.shifts[1], hand, atol=1e-5, rtol=0)
+
+
+def test_sample_level_text_pass_is_small_and_nan_safe(llava):
+    model, processor = llava
+    adapter = get_adapter(model, processor)
+    images = _images()
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: seen.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    try:
+        states = text_only_states(adapter, None, PROMPTS, images, layers=[1])
+    finally:
+        handle.remove()
+    text = adapter.build_inputs([PROMPTS[0], PROMPTS[2]], None)
+    assert seen == [tuple(text["input_ids"].shape)]  # one pass over the two rows that have an image
+    with torch.no_grad(), record_activations(adapter, [1], positions="last") as rec:
+        model(**text)
+    torch.testing.assert_close(states[1][[0, 2]], rec.activations[1], atol=1e-6, rtol=0)
+    assert torch.equal(states[1][1], torch.zeros(adapter.hidden_size))
+
+    # an inf at padded positions of the steered layer never reaches the shift or the steered rows
+    inputs = adapter.build_inputs(PROMPTS, images)
+    pad = inputs["attention_mask"] == 0
+    assert pad[1].any()
+
+    def poison(module, args, out):
+        out = out.clone()
+        out[pad] = float("inf")
+        return out
+
+    with torch.no_grad():
+        with steer_sample_level(adapter, states, alpha=1.0) as clean:
+            clean_out = model(**inputs, output_hidden_states=True).hidden_states[2]
+        handle = adapter.layers[1].register_forward_hook(poison)
+        try:
+            with steer_sample_level(adapter, states, alpha=1.0) as dirty:
+                dirty_out = model(**inputs, output_hidden_states=True).hidden_states[2]
+        finally:
+            handle.remove()
+    assert torch.isfinite(dirty["shifts"][1]).all()
+    assert torch.equal(dirty["shifts"][1], clean["shifts"][1])
+    assert torch.equal(dirty_out[~pad], clean_out[~pad])

@@ -11,28 +11,48 @@ multimodal hidden states back: at decoder layer ``l``, ``h_l <- h_l - alpha * sh
   steered layers each layer's shift is measured on the already-steered stream.
 
 Steering touches only rows that contain image tokens (text-only inputs pass through unless
-``steer_text_only=True``) and only the chosen positions: ``"last"`` (last prompt token),
-``"prompt"`` (all prompt tokens), ``"text"`` / ``"image"`` (prompt text / image tokens), with
-``decode=True`` also steering every generated token.
+``steer_text_only=True``) and only the chosen prompt positions: ``"last"`` (last prompt token),
+``"prompt"`` (all prompt tokens), ``"text"`` / ``"image"`` (prompt text / image tokens); with
+``decode=True`` dataset-level steering also moves every generated token. Prompt and generated
+tokens are told apart by absolute position (:mod:`vlmsafe.activations`), so steering does not
+depend on the KV cache: ``use_cache=False`` generates the same tokens, and a prompt continued
+on a filled cache (multi-turn chat) is steered at its own prompt positions.
+
+Choices where the paper is silent (it does not say which positions are read and steered, nor
+whether decoding steps are steered):
+
+* Calibration reads the last prompt token or the mean over the prompt's *text* tokens
+  (:data:`CALIBRATION_POSITIONS`). Image tokens have no text-only counterpart, so a mean over
+  all prompt tokens would mix image-token states into the multimodal side; it is refused.
+* Sample-level steering measures each input's shift at its last prompt token and steers prompt
+  positions only. A generated token has no text-only counterpart (the text-only prompt would
+  have generated other tokens), so ``decode=True`` is refused for sample-level; dataset-level
+  vectors steer generated tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlmsafe.activations import CallInputs, EditPlan, edit_activations, record_activations, resolve_positions
+from vlmsafe.activations import CallEdit, EditPlan, Prompt, edit_activations, gather_rows, record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
 from vlmsafe.steering.items import DatasetHasher, batched
 from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors, calibration_meta
+from vlmsafe.validation import check_float
 
 STEER_POSITIONS = ("last", "prompt", "text", "image")
+#: Positions a shift can be read at: both sides of the pair have them (image tokens have no text-only twin).
+CALIBRATION_POSITIONS = ("last", "text")
+#: Positions text-only states can be read at (no image tokens involved).
+TEXT_READ_POSITIONS = ("last", "prompt", "text")
 
 
 @torch.no_grad()
@@ -51,8 +71,9 @@ def calibrate(
     """Calibrate dataset-level CMRM vectors on (prompt, image) ``items``.
 
     Each item is run twice, with its image and as its text-only counterpart; per layer, the
-    item's activation is its mean over the read ``positions`` (``"last"`` prompt token by
-    default). Sums are accumulated in float64 (:class:`ShiftAccumulator`), so results are
+    item's activation is its mean over the read ``positions``: the ``"last"`` prompt token
+    (default) or the prompt's ``"text"`` tokens (image tokens excluded on the multimodal side:
+    they have no text-only counterpart). Sums are accumulated in float64 (:class:`ShiftAccumulator`), so results are
     deterministic and bf16/fp16 models calibrate as precisely as fp32 ones allow.
 
     With an ``accelerate.Accelerator`` of several processes (``accelerate launch`` / ``torchrun``),
@@ -63,6 +84,7 @@ def calibrate(
     adapter = get_adapter(model, processor)
     if not adapter.supports_images:
         raise InputError(f"{type(adapter.model).__name__} is text-only: CMRM calibration needs a vision-language model")
+    _check_read_positions(positions, CALIBRATION_POSITIONS, "calibrate")
     layer_ids = adapter.resolve_layers(layers)
     sums = ShiftAccumulator(layer_ids, adapter.hidden_size)
     hasher = DatasetHasher()
@@ -93,6 +115,14 @@ def _calibration_batch(adapter: ModelAdapter, batch: list, layer_ids: list[int],
     sums.add(_read(adapter, mm_inputs, layer_ids, positions), _read(adapter, text_inputs, layer_ids, positions))
 
 
+def _check_read_positions(positions: object, allowed: tuple[str, ...], where: str) -> None:
+    if positions == "prompt" and "prompt" not in allowed:
+        raise InputError(f"{where}: positions='prompt' would average image tokens into the multimodal side, and they "
+                         "have no text-only counterpart; use positions='text' (the prompt's text tokens) or 'last'")
+    if positions not in allowed:
+        raise InputError(f"{where}: unknown read positions {positions!r}; use one of {allowed}")
+
+
 def _read(adapter: ModelAdapter, inputs: dict, layers: list[int], positions: str) -> dict[int, torch.Tensor]:
     """Per-row activation (mean over the read positions) at each layer: ``{layer: (B, H)}``."""
     with record_activations(adapter, layers, positions=positions) as rec:
@@ -117,6 +147,7 @@ def compute_sample_shifts(
     one extra (text-only) pass.
     """
     adapter = get_adapter(model, processor)
+    _check_read_positions(positions, CALIBRATION_POSITIONS, "compute_sample_shifts")
     layer_ids = adapter.resolve_layers(layers)
     mm_inputs, text_inputs = adapter.build_pair(list(prompts), list(images))
     mm = _read(adapter, mm_inputs, layer_ids, positions)
@@ -140,6 +171,7 @@ def safety_directions(
     ignored (the direction lives in the text-only space the LLM was aligned in).
     """
     adapter = get_adapter(model, processor)
+    _check_read_positions(positions, TEXT_READ_POSITIONS, "safety_directions")
     layer_ids = adapter.resolve_layers(layers)
     sums = {lab: {l: torch.zeros(adapter.hidden_size, dtype=torch.float64) for l in layer_ids} for lab in ("harmful", "benign")}
     counts = {"harmful": 0, "benign": 0}
@@ -171,39 +203,26 @@ def _validate_positions(positions: str | torch.Tensor) -> None:
         )
 
 
-class _RowState:
-    """Which rows of the current batch are steered; set at prefill, reused at decode steps."""
-
-    def __init__(self) -> None:
-        self.rows: torch.Tensor | None = None
-
-
-def _row_mask(adapter: ModelAdapter, call: CallInputs, steer_text_only: bool) -> torch.Tensor:
-    B = call.batch_size
+def _multimodal_rows(adapter: ModelAdapter, steer_text_only: bool):
+    """Row rule for :class:`EditPlan`: rows whose prompt holds image tokens (all rows with ``steer_text_only``)."""
     if steer_text_only:
-        return torch.ones(B, dtype=torch.bool)
-    if call.input_ids is None:
-        raise InputError("steering needs input_ids to tell multimodal rows from text-only ones (got inputs_embeds)")
-    return adapter.image_token_mask(call.input_ids).any(dim=1).cpu()
+        return None
+
+    def rows(prompt: Prompt) -> torch.Tensor:
+        if prompt.context_ids is None:
+            raise InputError("steering needs input_ids to tell multimodal rows from text-only ones (got inputs_embeds); "
+                             "pass input_ids, or steer_text_only=True to steer every row")
+        return adapter.image_token_mask(prompt.context_ids).any(dim=1)
+
+    return rows
 
 
-def _plan_masks(adapter: ModelAdapter, positions, decode: bool, steer_text_only: bool, rows: _RowState):
-    def prefill(call: CallInputs) -> torch.Tensor:
-        rows.rows = _row_mask(adapter, call, steer_text_only)
-        mask = resolve_positions(positions, call, image_token_id=adapter.image_token_id).cpu()
-        return mask * rows.rows.unsqueeze(1).float()
-
-    def decode_step(call: CallInputs) -> torch.Tensor | None:
-        if rows.rows is None:
-            return None
-        if rows.rows.shape[0] != call.batch_size:
-            raise InputError(
-                f"the batch changed from {rows.rows.shape[0]} to {call.batch_size} rows during generation "
-                "(beam search / num_return_sequences); steer with num_beams=1 and one sequence per prompt"
-            )
-        return rows.rows.unsqueeze(1).float().expand(call.batch_size, call.seq_len)
-
-    return prefill, (decode_step if decode else None)
+def _plan(adapter: ModelAdapter, vectors: dict, alpha: float, positions: str | torch.Tensor, decode: bool,
+          steer_text_only: bool) -> EditPlan:
+    _validate_positions(positions)
+    alpha = check_float(alpha, "alpha")
+    return EditPlan(vectors=vectors, positions=positions, decode=decode, rows=_multimodal_rows(adapter, steer_text_only),
+                    scale=-alpha, image_token_id=adapter.image_token_id)
 
 
 @contextlib.contextmanager
@@ -222,16 +241,15 @@ def steer(
     >>> with steer(model, vectors, alpha=1.0):
     ...     model.generate(**inputs)
 
-    ``layers`` defaults to every layer in ``vectors``. Validates ``vectors`` against the model.
+    ``positions`` picks the prompt tokens steered; ``decode=True`` also steers every generated
+    token. ``layers`` defaults to every layer in ``vectors``. Validates ``vectors`` against the
+    model. The hooks are installed even at ``alpha=0`` (they then add zero).
     """
     adapter = get_adapter(model)
     vectors.check_compatible(adapter)
-    _validate_positions(positions)
     layer_ids = vectors.layers if layers is None else adapter.resolve_layers(layers)
     chosen = vectors.select(layer_ids)
-    rows = _RowState()
-    prefill, decode_mask = _plan_masks(adapter, positions, decode, steer_text_only, rows)
-    plan = EditPlan(vectors=dict(chosen.shifts), prefill_mask=prefill, decode_mask=decode_mask, scale=-float(alpha))
+    plan = _plan(adapter, dict(chosen.shifts), alpha, positions, decode, steer_text_only)
     with edit_activations(adapter, plan) as state:
         yield state
 
@@ -247,40 +265,79 @@ def steer_sample_level(
 ) -> Iterator[dict[str, Any]]:
     """Sample-level CMRM given each row's text-only counterpart state ``{layer: (B, H)}``.
 
-    At prefill, each steered layer computes ``shift = h_l[last prompt token] - text_only_state``
-    per row on the stream it receives, stores it, and applies ``h_l <- h_l - alpha * shift`` at
-    the chosen positions (and, with ``decode=True``, at every generated token). Text-only rows
-    get zero shift: their counterpart is themselves.
+    In the forward call that holds the prompt, each steered layer computes, per row,
+    ``shift = h_l[last prompt token] - text_only_state`` on the stream it receives (so with
+    several layers each shift is measured on the already-steered stream) and applies
+    ``h_l <- h_l - alpha * shift`` at the chosen prompt ``positions``. Text-only rows are not
+    steered (their counterpart is themselves). ``text_only_states`` typically come from
+    :func:`text_only_states`.
+
+    ``decode=True`` is refused: a generated token has no text-only counterpart.
     """
+    if decode:
+        raise InputError("sample-level CMRM cannot steer generated tokens: they have no text-only counterpart (the "
+                         "text-only prompt would have generated other tokens); use decode=False, or dataset-level "
+                         "vectors (`vlmsafe calibrate`, then steer(..., decode=True)) to steer generated tokens")
     adapter = get_adapter(model)
-    _validate_positions(positions)
     layer_ids = adapter.resolve_layers(sorted(text_only_states))
-    rows = _RowState()
-    prefill, decode_mask = _plan_masks(adapter, positions, decode, False, rows)
     shifts: dict[int, torch.Tensor] = {}
-    last_cache: dict[str, Any] = {}
+    measured: dict[int, Prompt] = {}
 
     def make_vector(layer: int):
-        target = text_only_states[layer].float()
+        target = text_only_states[layer].detach().float()
 
-        def vector(hidden: torch.Tensor, call: CallInputs) -> torch.Tensor:
-            if not call.is_decode:
-                if last_cache.get("call") is not call:  # once per forward call, not once per layer
-                    last_cache.update(call=call, mask=resolve_positions("last", call).to(hidden.device))
-                last = last_cache["mask"]
-                current = (hidden.float() * last.unsqueeze(-1)).sum(dim=1)  # (B, H) at the last prompt token
-                if target.shape != current.shape:
-                    raise InputError(
-                        f"text-only states for layer {layer} have shape {tuple(target.shape)} but the batch is "
-                        f"{tuple(current.shape)}; compute them on the same prompts"
-                    )
-                row_on = rows.rows.to(hidden.device).unsqueeze(1).float() if rows.rows is not None else 1.0
-                shifts[layer] = (current - target.to(hidden.device)) * row_on
+        def vector(hidden: torch.Tensor, edit: CallEdit) -> torch.Tensor:
+            if edit.last_cols is None:
+                if measured.get(layer) is not edit.prompt:
+                    raise InputError("sample-level steering needs each row's last prompt token in the same forward call "
+                                     "as the steered positions; prefill in one call (no prefill_chunk_size)")
+                return shifts[layer]
+            if target.shape != (hidden.shape[0], hidden.shape[-1]):
+                raise InputError(f"text-only states for layer {layer} have shape {tuple(target.shape)} but the batch is "
+                                 f"{(hidden.shape[0], hidden.shape[-1])}; compute them on the same prompts")
+            current = gather_rows(hidden, edit.last_cols).float()
+            shift = current - target.to(current.device)
+            keep = edit.last_cols.to(current.device) >= 0
+            if edit.row_mask is not None:
+                keep = keep & edit.row_mask.to(current.device)
+            shifts[layer] = torch.where(keep.unsqueeze(1), shift, torch.zeros_like(shift))
+            measured[layer] = edit.prompt
             return shifts[layer]
 
         return vector
 
-    plan = EditPlan(vectors={l: make_vector(l) for l in layer_ids}, prefill_mask=prefill, decode_mask=decode_mask, scale=-float(alpha))
+    plan = _plan(adapter, {l: make_vector(l) for l in layer_ids}, alpha, positions, False, False)
     with edit_activations(adapter, plan) as state:
         state["shifts"] = shifts
         yield state
+
+
+@torch.no_grad()
+def text_only_states(
+    model: nn.Module | ModelAdapter,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Any] | None,
+    *,
+    layers: int | Sequence[int] | str | None = None,
+    system_prompt: str | None = None,
+) -> dict[int, torch.Tensor]:
+    """Last-prompt-token states of the text-only counterparts, for :func:`steer_sample_level`: ``{layer: (B, H)}``.
+
+    Runs the smallest pass that yields them: only the rows that have an image (other rows are
+    not steered and get zeros), no KV cache, and only up to the deepest requested layer (the
+    layers above it and the output head do not run).
+    """
+    adapter = get_adapter(model, processor)
+    layer_ids = adapter.resolve_layers(layers)
+    rows = list(range(len(prompts))) if images is None else [i for i, img in enumerate(images) if img is not None]
+    out = {l: torch.zeros(len(prompts), adapter.hidden_size, dtype=torch.float32, device=adapter.device) for l in layer_ids}
+    if not rows:
+        return out
+    inputs = adapter.build_inputs([prompts[i] for i in rows], None, system_prompt=system_prompt, padding_side="left")
+    with record_activations(adapter, layer_ids, positions="last", dtype=torch.float32, device=None, stop_early=True) as rec:
+        adapter.model(**inputs, use_cache=False)
+    index = torch.tensor(rows, device=adapter.device)
+    for l in layer_ids:
+        out[l].index_copy_(0, index, rec.activations[l].to(adapter.device))
+    return out

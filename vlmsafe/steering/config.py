@@ -18,12 +18,10 @@ import contextlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ContextManager, Sequence
 
-import torch
 
-from vlmsafe.activations import record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import InputError
-from vlmsafe.steering.cmrm import STEER_POSITIONS, steer, steer_sample_level
+from vlmsafe.steering.cmrm import STEER_POSITIONS, steer, steer_sample_level, text_only_states
 from vlmsafe.steering.vectors import ShiftVectors
 from vlmsafe.validation import check_choice, check_float, parse_layer_spec
 
@@ -52,7 +50,8 @@ class SteeringConfig:
     positions: str = field(default="last", metadata={
         "help": "prompt tokens steered: last (the last prompt token), prompt (every prompt token), text (prompt "
                 "text tokens), image (image tokens)"})
-    decode: bool = field(default=False, metadata={"help": "also steer every generated token"})
+    decode: bool = field(default=False, metadata={
+        "help": "also steer every generated token (dataset-level only: generated tokens have no text-only counterpart)"})
     steer_text_only: bool = field(default=False, metadata={
         "help": "also steer inputs without an image (by default only multimodal rows are moved)"})
 
@@ -64,6 +63,9 @@ class SteeringConfig:
             check_choice(mode, "steering mode", MODES)
         if mode == "sample" and self.vectors is not None:
             raise InputError("sample-level steering computes each input's shift itself; drop the vectors or use mode='dataset'")
+        if mode == "sample" and self.decode:
+            raise InputError("sample-level steering cannot steer generated tokens (they have no text-only counterpart); "
+                             "drop decode (--decode), or use dataset-level vectors (--vectors DIR) to steer them")
         if self.vectors is not None and not isinstance(self.vectors, ShiftVectors):
             raise InputError(f"vectors must be ShiftVectors (ShiftVectors.load(DIR)), got {type(self.vectors).__name__}")
         check_choice(self.positions, "positions", STEER_POSITIONS)
@@ -140,16 +142,9 @@ class SteeringConfig:
                          decode=self.decode, steer_text_only=self.steer_text_only)
         if prompts is None:
             raise InputError("sample-level steering needs the batch's prompts (their text-only counterparts are run first)")
-        return _sample_level(self, adapter, list(prompts), system_prompt)
-
-
-def _sample_level(cfg: SteeringConfig, adapter: ModelAdapter, prompts: list[str], system_prompt: str | None) -> ContextManager[Any]:
-    """Run the text-only counterparts once, then steer each row towards its own text-only state."""
-    layer_ids = adapter.resolve_layers(None if cfg.layers == "all" else cfg.layers)
-    text_inputs = adapter.build_inputs(prompts, None, system_prompt=system_prompt, padding_side="left")
-    with torch.no_grad(), record_activations(adapter, layer_ids, positions="last", dtype=torch.float32, device=None) as rec:
-        adapter.model(**text_inputs)
-    return steer_sample_level(adapter, dict(rec.activations), cfg.alpha, positions=cfg.positions, decode=cfg.decode)
+        layers = None if self.layers == "all" else self.layers
+        states = text_only_states(adapter, None, list(prompts), images, layers=layers, system_prompt=system_prompt)
+        return steer_sample_level(adapter, states, self.alpha, positions=self.positions)
 
 
 def field_help(name: str) -> str:

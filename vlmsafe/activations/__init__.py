@@ -1,0 +1,74 @@
+"""Record and edit the residual stream of a model's layers with forward hooks.
+
+Two context managers, sharing one notion of *positions*:
+
+* :func:`record_activations` reads the output of chosen layers at chosen token positions;
+* :func:`edit_activations` adds ``scale * vector`` at chosen layers and positions, at the prompt
+  tokens and/or at the generated tokens of ``generate`` (what CMRM steering uses).
+
+Position rules, resolved on the inputs the model actually receives, so they are right for
+batched, left- or right-padded inputs without the caller passing masks around:
+
+``"last"``     the last non-padding token of each row (the last prompt token)
+``"prompt"``   every non-padding token (alias ``"all"``)
+``"image"``    image-placeholder tokens
+``"text"``     non-padding, non-image tokens
+tensor         an explicit ``(batch, seq)`` boolean mask
+
+Prompt tokens and generated tokens
+----------------------------------
+Editing tells prompt tokens from generated tokens by *absolute position*, never by whether a
+KV cache happens to be filled, so the same token gets the same edit however it is computed:
+
+* A forward call's tokens sit at absolute positions ``start .. start + seq - 1``, where ``start``
+  is the number of earlier tokens the call attends to: ``attention_mask.shape[1] - seq`` (a
+  2-D mask always spans past and current tokens), else the length of the cache it is given,
+  else 0.
+* Inside ``model.generate`` (the model's ``generate`` is wrapped while a context is open), the
+  *prompt* is what ``generate`` is handed and has not yet been cached: ``input_ids[:, past:]``
+  where ``past`` is the length of a cache passed in (multi-turn chat: the new turn), or all of
+  ``input_ids`` when only the new tokens are passed with a full-length mask. Positions from
+  ``prompt_start`` to ``prompt_end - 1`` are prompt tokens; positions at or after ``prompt_end``
+  are generated tokens; positions before ``prompt_start`` are earlier turns, already computed
+  (and steered, if they were) when they entered the cache. The position rule (``"last"``, ...)
+  is resolved once per ``generate`` on the prompt tokens. So prefill, chunked prefill, every
+  step of ``use_cache=False`` (which re-runs prompt and generated tokens) and a prompt appended
+  to a filled cache all edit each position identically.
+* Outside ``generate`` every forward call is its own prompt (all its tokens are prompt tokens).
+  A hand-written decoding loop declares its prompt with :func:`declare_prompt` so its steps
+  count as generated tokens.
+
+Rows (which batch rows are edited) are decided once per prompt; every hook is removed when
+the context exits, normally or by exception. Selection is by index (``hidden[rows, cols]``),
+never by multiplying with a mask, so a non-finite value at an unselected (e.g. padded) position
+never reaches a selected one.
+"""
+
+from vlmsafe.activations.editing import CallEdit, EditPlan, edit_activations
+from vlmsafe.activations.positions import (
+    POSITION_NAMES,
+    CallInputs,
+    PositionSpec,
+    gather_rows,
+    last_index,
+    resolve_positions,
+)
+from vlmsafe.activations.prompts import Prompt, current_prompt, declare_prompt
+from vlmsafe.activations.recording import Recording, record_activations
+
+__all__ = [
+    "POSITION_NAMES",
+    "CallEdit",
+    "CallInputs",
+    "EditPlan",
+    "PositionSpec",
+    "Prompt",
+    "Recording",
+    "current_prompt",
+    "declare_prompt",
+    "edit_activations",
+    "gather_rows",
+    "last_index",
+    "record_activations",
+    "resolve_positions",
+]

@@ -1,0 +1,202 @@
+"""Add vectors to the residual stream at prompt and generated positions (see :mod:`vlmsafe.activations`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmsafe.activations.positions import (
+    CallInputs,
+    PositionSpec,
+    _capture_call,
+    _hidden,
+    _hooks,
+    _replace_hidden,
+    last_index,
+    resolve_positions,
+)
+from vlmsafe.activations.prompts import Prompt, _track_generate, current_prompt
+from vlmsafe.adapters import ModelAdapter, get_adapter
+from vlmsafe.errors import InputError
+
+VectorFn = Callable[[torch.Tensor, "CallEdit"], torch.Tensor]
+RowFn = Callable[[Prompt], "torch.Tensor | None"]
+
+
+@dataclass
+class EditPlan:
+    """What :func:`edit_activations` adds: ``scale * vectors[layer]`` at the selected positions.
+
+    ``vectors[layer]`` is ``(hidden,)`` (same vector for every row), ``(batch, hidden)`` (one per
+    row), or a callable ``fn(hidden, edit) -> tensor`` of either shape, evaluated on the layer's
+    current output at each forward call that edits something (sample-level CMRM). ``positions``
+    selects prompt tokens (``None``: none); ``decode=True`` also edits every generated token.
+    ``rows(prompt)`` returns a ``(batch,)`` boolean mask of the rows to edit (``None``: all),
+    evaluated once per prompt.
+    """
+
+    vectors: Mapping[int, torch.Tensor | VectorFn]
+    positions: PositionSpec | None = "last"
+    decode: bool = False
+    rows: RowFn | None = None
+    scale: float = 1.0
+    image_token_id: int | None = None
+
+
+@dataclass
+class CallEdit:
+    """The positions one forward call edits, computed once per call and shared by every layer.
+
+    ``rows``/``cols`` index the edited positions; both ``None`` means every position of every
+    row. ``last_cols`` is the column of each row's last prompt token when this call holds the
+    last prompt token of every edited row, else ``None`` (-1 for rows without one).
+    """
+
+    call: CallInputs
+    prompt: Prompt
+    rows: torch.Tensor | None
+    cols: torch.Tensor | None
+    last_cols: torch.Tensor | None
+    row_mask: torch.Tensor | None
+
+
+class _PromptPlan:
+    """A plan's selections for one prompt (resolved once per prompt)."""
+
+    def __init__(self, plan: EditPlan, prompt: Prompt) -> None:
+        tokens = prompt.tokens
+        rows = plan.rows(prompt) if plan.rows is not None else None
+        device = tokens.input_ids.device if tokens.input_ids is not None else None
+        self.prompt = prompt
+        self.rows = rows.to(device).bool() if rows is not None else None
+        self.all_rows = rows is None or bool(self.rows.all())
+        self.any_rows = rows is None or bool(self.rows.any())
+        self.row_index = self.rows.nonzero().squeeze(1) if self.rows is not None else None
+        sel = None
+        if plan.positions is not None:
+            sel = resolve_positions(plan.positions, tokens, image_token_id=plan.image_token_id)
+            if self.rows is not None:
+                sel = sel & self.rows.unsqueeze(1)
+        self.selected = sel
+        valid = tokens.attention_mask.bool() if tokens.attention_mask is not None else \
+            torch.ones(tokens.batch_size, tokens.seq_len, dtype=torch.bool, device=device)
+        self.last = last_index(valid)  # prompt-relative column of each row's last prompt token
+
+    def call_edit(self, plan: EditPlan, call: CallInputs) -> CallEdit | None:
+        prompt = self.prompt
+        B, T = call.batch_size, call.seq_len
+        if prompt.tokens.batch_size != B:
+            raise InputError(
+                f"the batch changed from {prompt.tokens.batch_size} to {B} rows during generation "
+                "(beam search / num_return_sequences); steer with num_beams=1 and one sequence per prompt"
+            )
+        offset = call.start - prompt.start  # prompt column of the call's first token
+        n_ctx = min(max(-offset, 0), T)  # earlier-turn tokens recomputed in this call: never edited
+        p_lo, p_hi = max(offset, 0), min(offset + T, prompt.tokens.seq_len)
+        n_prompt = max(p_hi - p_lo, 0)
+        n_gen = T - n_ctx - n_prompt
+        gen_on = plan.decode and n_gen > 0 and self.any_rows
+        if n_prompt == 0:
+            if not gen_on:
+                return None
+            if n_ctx == 0 and self.all_rows:  # a decode step of a batch that is steered everywhere
+                return CallEdit(call, prompt, None, None, None, self.rows)
+        parts = []
+        device = self.selected.device if self.selected is not None else self.last.device
+        if n_ctx:
+            parts.append(torch.zeros(B, n_ctx, dtype=torch.bool, device=device))
+        if n_prompt:
+            parts.append(self.selected[:, p_lo:p_hi] if self.selected is not None
+                         else torch.zeros(B, n_prompt, dtype=torch.bool, device=device))
+        if n_gen:
+            on = self.rows if self.rows is not None else torch.ones(B, dtype=torch.bool, device=device)
+            parts.append((on if gen_on else torch.zeros_like(on)).unsqueeze(1).expand(B, n_gen))
+        mask = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        rows, cols = mask.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return None
+        last_cols = None
+        if n_prompt:
+            cols_of_last = self.last + n_ctx - p_lo
+            inside = (self.last >= p_lo) & (self.last < p_hi)
+            needed = self.rows if self.rows is not None else torch.ones_like(inside)
+            if bool((inside | ~needed | (self.last < 0)).all()):
+                last_cols = torch.where(inside & (self.last >= 0), cols_of_last, torch.full_like(cols_of_last, -1))
+        return CallEdit(call, prompt, rows, cols, last_cols, self.rows)
+
+
+@contextlib.contextmanager
+def edit_activations(model: nn.Module | ModelAdapter, plan: EditPlan) -> Iterator[dict[str, Any]]:
+    """Add ``plan.scale * vector`` to the output of each layer in ``plan.vectors`` at the selected positions.
+
+    One pre-hook on the entry module works out, once per forward call, which positions are
+    edited (see the module docstring for prompt vs generated tokens); each layer's hook then
+    does one tensor add. Fixed vectors are scaled and cast to the layer's dtype and device once,
+    on entry. Yields a small state dict (``calls``, ``last_call``, ``edit``) for inspection.
+    """
+    adapter = get_adapter(model)
+    layer_ids = adapter.resolve_layers(list(plan.vectors))
+    if plan.image_token_id is None and adapter.image_token_id is not None:
+        plan = EditPlan(**{**plan.__dict__, "image_token_id": adapter.image_token_id})
+    state: dict[str, Any] = {"calls": 0, "last_call": None, "edit": None, "plan": None}
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = _capture_call(args, kwargs)
+        state["calls"] += 1
+        state["last_call"] = call
+        prompt = current_prompt(adapter, call)
+        pp: _PromptPlan | None = state["plan"]
+        if pp is None or pp.prompt is not prompt:
+            pp = state["plan"] = _PromptPlan(plan, prompt)
+        state["edit"] = pp.call_edit(plan, call)
+
+    hooks = [(layer, _make_edit_hook(adapter, layer, plan.vectors[layer], plan.scale, state)) for layer in layer_ids]
+    release = _track_generate(adapter.model)
+    try:
+        with _hooks() as handles:
+            handles.append(adapter.entry_module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            for layer, hook in hooks:
+                handles.append(adapter.layers[layer].register_forward_hook(hook, prepend=True))
+            yield state
+    finally:
+        release()
+
+
+def _make_edit_hook(adapter: ModelAdapter, layer: int, vector: Any, scale: float, state: dict) -> Callable:
+    batch_first = adapter.batch_first
+    if callable(vector):
+        fixed = None
+    else:
+        param = next(adapter.layers[layer].parameters(), None)
+        fixed = (scale * vector.detach().float()).to(device=param.device if param is not None else vector.device,
+                                                      dtype=param.dtype if param is not None else vector.dtype)
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        edit: CallEdit | None = state["edit"]
+        if edit is None:
+            return None
+        hidden = _hidden(output)
+        if not batch_first:
+            hidden = hidden.transpose(0, 1)
+        vec = fixed
+        if vec is None:
+            vec = scale * vector(hidden, edit)
+        if vec.dtype != hidden.dtype or vec.device != hidden.device:
+            vec = vec.to(device=hidden.device, dtype=hidden.dtype)
+        per_row = vec.dim() == 2
+        if per_row and vec.shape[0] != hidden.shape[0]:
+            raise InputError(f"per-row vectors for layer {layer} have {vec.shape[0]} rows but the batch has {hidden.shape[0]}")
+        if edit.rows is None:
+            new = hidden + (vec.unsqueeze(1) if per_row else vec)
+        else:
+            new = hidden.index_put((edit.rows, edit.cols), vec[edit.rows] if per_row else vec, accumulate=True)
+        if not batch_first:
+            new = new.transpose(0, 1)
+        return _replace_hidden(output, new)
+
+    return hook
