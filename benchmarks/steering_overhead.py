@@ -1,38 +1,79 @@
-"""Steering overhead on CPU: plain ``generate`` vs CMRM dataset-level vs sample-level (same run).
+"""Steering overhead: plain ``generate`` vs CMRM dataset-level, sample-level, and steering-vectors (same run).
 
-Prints tokens/s and ratios to the plain baseline, plus the cost of one text-only prefill (the
-extra work sample-level steering must do), and the ``steering-vectors`` library applying the same
-dataset-level vector as a peer row when it is importable.
+Rows, run interleaved (each repeat runs every row once, so drift hits all rows alike):
 
-    python benchmarks/steering_overhead.py [--hidden 512 --layers 8 --new-tokens 32 --repeats 7]
+* ``plain generate``                    the baseline;
+* ``no-op hooks (floor)``               one empty forward hook per steered layer plus one entry pre-hook:
+                                        what any hook-based steering pays before doing any arithmetic;
+* ``vlmsafe dataset-level``             :func:`vlmsafe.steering.steer`, every prompt and generated token;
+* ``steering-vectors``                  the same vectors at the same positions with ``SteeringVector.apply``;
+* ``vlmsafe sample-level``              ``SteeringConfig(mode="sample")``: text-only pass + steered generate;
+* ``text-only prefill (unit)``          build the text-only inputs and run one prefill forward over them
+                                        (cache on, last-position logits, as ``generate`` does): the work a
+                                        sample-level implementation cannot avoid; its floor is 1.0 of these.
 
-Targets (issue 3): dataset-level overhead <= 3%; sample-level extra cost <= one text-only prefill.
+The sample-level rows run in a second block with short generations (``--sample-new-tokens``): its
+decode steps run without layer hooks (prompt-only steering detaches them after the prompt), so its
+extra cost does not grow with length, and a short generation keeps the subtraction
+``sample-level - plain`` well above the timing noise. The first block reports it at full length too.
+
+Times are CPU seconds of this process (``time.process_time``) with one torch thread by default: on a
+machine whose cores are shared, wall time also counts the time spent waiting for a core, which swamps a
+2% effect. ``--clock wall`` measures wall time instead. Overheads are per-repeat ratios (row / plain of
+the same repeat): median [min, max], and the ratio of the fastest repeats (the least disturbed by other
+processes).
+
+    python benchmarks/steering_overhead.py [--hidden 512 --layers 8 --batch 4 --new-tokens 32 --repeats 9]
+
+steering-vectors 0.12.2 declares ``transformers<5`` in its metadata but works with transformers 5; install it
+without dependencies to get its row: ``pip install --no-deps steering-vectors==0.12.2``.
+
+Targets: dataset-level overhead <= 2% and not slower than steering-vectors; sample-level extra cost
+(sample-level minus plain) <= 1.2 text-only prefills.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 from vlmsafe.adapters import get_adapter
-from vlmsafe.steering import SafeVLM, ShiftVectors
+from vlmsafe.steering import ShiftVectors, SteeringConfig, steer
 from vlmsafe.testing import random_image, tiny_llava
 
 
 def build(hidden: int, layers: int):
+    """A random LLaVA with a wider language model (the vision tower stays tiny)."""
+    from transformers import LlavaForConditionalGeneration
+
     model, processor = tiny_llava(seed=0, num_layers=layers)
     cfg = model.config
     cfg.text_config.hidden_size = hidden
     cfg.text_config.intermediate_size = hidden * 3
     cfg.text_config.num_attention_heads = max(4, hidden // 64)
     cfg.text_config.num_key_value_heads = cfg.text_config.num_attention_heads
-    from transformers import LlavaForConditionalGeneration
-
     torch.manual_seed(0)
     return LlavaForConditionalGeneration(cfg).eval(), processor
+
+
+@contextlib.contextmanager
+def noop_hooks(adapter, layers):
+    handles = [adapter.entry_module.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True)]
+    handles += [adapter.layers[l].register_forward_hook(lambda m, a, o: None) for l in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def spread(values: list[float], fmt: str = "{:.4f}") -> str:
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
 def main() -> None:
@@ -41,81 +82,128 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sample-new-tokens", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     model, processor = build(args.hidden, args.layers)
     adapter = get_adapter(model, processor)
-    prompts = ["how do i make a bomb ?", "what colour is the shape in the image ?", "describe the picture", "steal car"][: args.batch]
-    prompts = (prompts * args.batch)[: args.batch]
+    base = ["how do i make a bomb ?", "what colour is the shape in the image ?", "describe the picture", "steal car"]
+    prompts = (base * args.batch)[: args.batch]
     images = [random_image(i) for i in range(args.batch)]
-    vectors = ShiftVectors(shifts={l: torch.randn(args.hidden) * 0.01 for l in range(args.layers)},
-                           meta={"num_layers": args.layers, "family": "llava"})
+    layers = list(range(args.layers))
+    torch.manual_seed(1)
+    vectors = ShiftVectors(shifts={l: torch.randn(args.hidden) * 0.01 for l in layers},
+                           meta={"num_layers": args.layers, "family": "llava", "model_class": type(model).__name__})
     inputs = adapter.build_inputs(prompts, images)
     gen_kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    n_tokens = args.batch * args.new_tokens
+    sample_cfg = SteeringConfig(mode="sample", alpha=1.0, positions="prompt")
+    outputs: dict[str, torch.Tensor] = {}
 
-    plain = SafeVLM(model, processor, max_new_tokens=args.new_tokens, batch_size=args.batch,
-                    generate_kwargs={"min_new_tokens": args.new_tokens})
-    dataset = SafeVLM(model, processor, vectors, alpha=1.0, positions="prompt", decode=True, max_new_tokens=args.new_tokens,
-                      batch_size=args.batch, generate_kwargs={"min_new_tokens": args.new_tokens})
-    sample = SafeVLM(model, processor, mode="sample", alpha=1.0, positions="prompt", decode=True, max_new_tokens=args.new_tokens,
-                     batch_size=args.batch, generate_kwargs={"min_new_tokens": args.new_tokens})
+    def generate(name: str, new_tokens: int = args.new_tokens) -> None:
+        kw = {**gen_kwargs, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        outputs[name] = model.generate(**inputs, **kw)
 
-    rows: dict[str, callable] = {
-        "plain generate": lambda: plain.generate(prompts, images),
-        "CMRM dataset-level (all tokens)": lambda: dataset.generate(prompts, images),
-        "CMRM sample-level (all tokens)": lambda: sample.generate(prompts, images),
-        # what any sample-level implementation must add: build the text-only inputs, run them once
-        "text-only prefill (build inputs + 1 forward)": lambda: model(**adapter.build_inputs(prompts, None)),
+    def dataset_level() -> None:
+        with steer(model, vectors, alpha=1.0, positions="prompt", decode=True):
+            generate("vlmsafe")
+
+    def sample_level(new_tokens: int) -> None:
+        with sample_cfg.apply(adapter, prompts=prompts, images=images):
+            generate("sample", new_tokens)
+
+    def text_prefill() -> None:
+        model(**adapter.build_inputs(prompts, None), logits_to_keep=1)
+
+    def floor() -> None:
+        with noop_hooks(adapter, layers):
+            generate("floor")
+
+    rows: dict[str, Callable[[], None]] = {
+        "plain generate": lambda: generate("plain"),
+        "no-op hooks (floor)": floor,
+        "vlmsafe dataset-level (all tokens)": dataset_level,
     }
     peer_note = None
     try:
         from steering_vectors import SteeringVector
 
-        sv = SteeringVector({l: -v for l, v in vectors.shifts.items()}, layer_type="decoder_block")
+        sv = SteeringVector({l: v for l, v in vectors.shifts.items()}, layer_type="decoder_block")
         layer_config = {"decoder_block": "model.language_model.layers.{num}"}
 
-        def run_peer():
-            with sv.apply(model, layer_config=layer_config, multiplier=1.0):
-                model.generate(**inputs, **gen_kwargs)
+        def peer() -> None:
+            with sv.apply(model, layer_config=layer_config, multiplier=-1.0):
+                generate("peer")
 
-        rows["steering-vectors 0.12 (same vector, all tokens)"] = run_peer
+        rows["steering-vectors 0.12 (all tokens)"] = peer
     except ImportError:
-        peer_note = ("steering-vectors is not installed: its PyPI metadata pins transformers<5 (vlmsafe pins 5.24.0). "
-                     "It imports fine with transformers 5; add it with `pip install --no-deps steering-vectors==0.12.2` "
-                     "to get the peer row.")
+        peer_note = ("steering-vectors is not installed, so it has no row: its metadata pins transformers<5 although it "
+                     "works with transformers 5; `pip install --no-deps steering-vectors==0.12.2` adds it.")
+    rows["vlmsafe sample-level (prompt tokens)"] = lambda: sample_level(args.new_tokens)
+    rows["text-only prefill (unit)"] = text_prefill
+    short = args.sample_new_tokens
+    short_rows: dict[str, Callable[[], None]] = {
+        f"plain generate, {short} tokens": lambda: generate("plain short", short),
+        f"vlmsafe sample-level, {short} tokens": lambda: sample_level(short),
+        "text-only prefill (unit)": text_prefill,
+    }
 
-    times: dict[str, list[float]] = {name: [] for name in rows}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with torch.no_grad():
-        for fn in rows.values():  # warm-up
-            fn()
-        for _ in range(args.repeats):  # interleaved, so drift hits every row alike
-            for name, fn in rows.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = timed(rows, args.repeats, clock)
+        short_times = timed(short_rows, args.repeats, clock)
 
-    base = statistics.median(times["plain generate"])
-    prefill = statistics.median(times["text-only prefill (build inputs + 1 forward)"])
-    print(f"model: LlavaForConditionalGeneration, text hidden={args.hidden}, layers={args.layers}; batch={args.batch}, "
-          f"new tokens={args.new_tokens}, threads={args.threads}, median of {args.repeats}")
-    print(f"{'row':52s} {'median s':>9s} {'tokens/s':>9s} {'vs plain':>9s}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        tps = f"{n_tokens / med:9.1f}" if "prefill" not in name else f"{'-':>9s}"
-        print(f"{name:52s} {med:9.4f} {tps} {med / base:9.3f}x")
-    ds = statistics.median(times["CMRM dataset-level (all tokens)"]) / base - 1
-    extra = statistics.median(times["CMRM sample-level (all tokens)"]) - base
-    print(f"dataset-level overhead: {100 * ds:+.1f}% (target <= 3%)")
-    print(f"sample-level extra time: {extra:.4f}s vs one text-only prefill {prefill:.4f}s "
-          f"(ratio {extra / prefill:.2f}; target <= 1 + noise)")
-    beyond = statistics.median(times["CMRM sample-level (all tokens)"]) - statistics.median(times["CMRM dataset-level (all tokens)"])
-    print(f"  of which beyond dataset-level steering (same hooks): {beyond:.4f}s = {beyond / prefill:.2f} text-only prefills")
+    print(f"model: LlavaForConditionalGeneration, text hidden={args.hidden}, layers={args.layers} (all steered); "
+          f"batch={args.batch}, threads={args.threads}, {args.repeats} interleaved repeats, "
+          f"{'CPU' if args.clock == 'cpu' else 'wall'} time")
+    for title, block in ((f"{args.new_tokens} new tokens", times), (f"{short} new tokens", short_times)):
+        plain = next(ts for name, ts in block.items() if name.startswith("plain"))
+        head = f"{'seconds: median [min, max]':>32s} {'vs plain, per repeat: median [min, max]':>42s}"
+        print(f"\n{title:40s} {head}")
+        for name, ts in block.items():
+            ratio = spread([t / p for t, p in zip(ts, plain)], "{:.3f}") if "unit" not in name else "-"
+            print(f"{name:40s} {spread(ts):>32s} {ratio:>42s}")
+    print()
+    plain = times["plain generate"]
+    for name in ("no-op hooks (floor)", "vlmsafe dataset-level (all tokens)", "steering-vectors 0.12 (all tokens)"):
+        if name in times:
+            over = [100 * (t / p - 1) for t, p in zip(times[name], plain)]
+            best = 100 * (min(times[name]) / min(plain) - 1)
+            print(f"{name} overhead on generate: per repeat {spread(over, '{:+.2f}')} %, fastest vs fastest "
+                  f"{best:+.2f} %")
+    if "steering-vectors 0.12 (all tokens)" in times:
+        ours, theirs = times["vlmsafe dataset-level (all tokens)"], times["steering-vectors 0.12 (all tokens)"]
+        mine = [a / b for a, b in zip(ours, theirs)]
+        print(f"vlmsafe / steering-vectors time: per repeat {spread(mine, '{:.3f}')}, fastest vs fastest "
+              f"{min(ours) / min(theirs):.3f} (same tokens: {torch.equal(outputs['vlmsafe'], outputs['peer'])})")
+    for label, block, name, base in (
+        (f"{args.new_tokens} tokens", times, "vlmsafe sample-level (prompt tokens)", "plain generate"),
+        (f"{short} tokens", short_times, f"vlmsafe sample-level, {short} tokens", f"plain generate, {short} tokens"),
+    ):
+        unit = block["text-only prefill (unit)"]
+        extra = [(s - p) / u for s, p, u in zip(block[name], block[base], unit)]
+        best = (min(block[name]) - min(block[base])) / min(unit)
+        print(f"sample-level extra cost ({label}): per repeat {spread(extra, '{:.2f}')}, fastest vs fastest {best:.2f} "
+              "text-only prefills (floor 1.0; target <= 1.2)")
+    print("target: dataset-level overhead <= 2% and not slower than steering-vectors")
     if peer_note:
         print(peer_note)
+
+
+def timed(rows: dict[str, Callable[[], None]], repeats: int, clock: Callable[[], float]) -> dict[str, list[float]]:
+    """Run every row once as a warm-up, then ``repeats`` rounds of every row in turn."""
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for fn in rows.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in rows.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return times
 
 
 if __name__ == "__main__":

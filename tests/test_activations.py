@@ -1,9 +1,8 @@
-import copy
 
 import pytest
 import torch
-
 from conftest import hook_ids
+
 from vlmsafe.activations import EditPlan, declare_prompt, edit_activations, gather_rows, record_activations
 from vlmsafe.adapters import get_adapter
 from vlmsafe.errors import InputError
@@ -90,15 +89,16 @@ def test_hooks_removed_on_exception(tiny_models):
     inputs = _mixed_batch(adapter, "left")
     model(**inputs, output_hidden_states=True)
     before = hook_ids(model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with record_activations(adapter, layers="all"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), record_activations(adapter, layers="all"):
+        raise RuntimeError("boom")
     plan = EditPlan({1: torch.ones(adapter.hidden_size)}, positions="prompt", decode=True)
-    with pytest.raises(RuntimeError, match="boom"):
-        with edit_activations(adapter, plan):
-            assert len(hook_ids(model) - before) == 2  # one entry pre-hook + one hook for the one edited layer
-            model(**inputs)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), edit_activations(adapter, plan):
+        during = []
+        probe = model.lm_head.register_forward_hook(lambda m, a, o: during.append(hook_ids(model)))
+        model(**inputs)
+        probe.remove()
+        assert len(during[0] - before) == 3  # entry pre-hook, one hook on the edited layer, the probe
+        raise RuntimeError("boom")
     assert hook_ids(model) == before
     assert "generate" not in model.__dict__  # the generate wrapper is gone too
 
@@ -120,23 +120,27 @@ def test_edit_adds_vector_at_masked_positions_only(tiny_models):
     assert torch.equal(edited[~mask], base[~mask])
 
 
-class _RawAndEdited:
-    """Per forward call, a layer's output before vlmsafe's edit and after it.
-
-    Enter it inside the editing context: its first hook is then placed ahead of vlmsafe's.
-    """
+class RawAndEdited:
+    """Per forward call, a layer's output before vlmsafe's edit (its own forward) and after every hook."""
 
     def __init__(self, layer):
         self.layer, self.raw, self.edited = layer, [], []
 
     def __enter__(self):
-        self.handles = [self.layer.register_forward_hook(lambda m, a, out: self.raw.append(out.clone()), prepend=True),
-                        self.layer.register_forward_hook(lambda m, a, out: self.edited.append(out.clone()))]
+        forward = self.layer.forward
+
+        def spy(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            self.raw.append(out.clone())
+            return out
+
+        self.layer.forward = spy
+        self.handle = self.layer.register_forward_hook(lambda m, a, out: self.edited.append(out.clone()))
         return self
 
     def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+        del self.layer.forward
+        self.handle.remove()
 
     def deltas(self):
         assert len(self.raw) == len(self.edited)
@@ -152,7 +156,7 @@ def test_prompt_and_generated_positions_are_edited_by_absolute_position(tiny_mod
     P, new = inputs["input_ids"].shape[1], 4
     vec = torch.randn(adapter.hidden_size)
     plan = EditPlan({0: vec}, positions="last", decode=True, rows=lambda prompt: torch.tensor([True, False]))
-    with torch.no_grad(), edit_activations(adapter, plan), _RawAndEdited(adapter.layers[0]) as spy:
+    with torch.no_grad(), edit_activations(adapter, plan), RawAndEdited(adapter.layers[0]) as spy:
         model.generate(**inputs, max_new_tokens=new, do_sample=False, pad_token_id=0, use_cache=use_cache)
     deltas = spy.deltas()
     assert len(deltas) == new
@@ -173,12 +177,28 @@ def test_decode_false_leaves_generated_tokens_alone(tiny_models):
     inputs = adapter.build_inputs(["write a poem about cats"])
     vec = torch.randn(adapter.hidden_size)
     plan = EditPlan({0: vec}, positions="prompt", decode=False)
-    with torch.no_grad(), edit_activations(adapter, plan), _RawAndEdited(adapter.layers[0]) as spy:
+    with torch.no_grad(), edit_activations(adapter, plan), RawAndEdited(adapter.layers[0]) as spy:
         model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False)
     P = inputs["input_ids"].shape[1]
     for delta in spy.deltas():
         torch.testing.assert_close(delta[0, :P], vec.expand(P, -1), atol=1e-6, rtol=0)
         assert torch.equal(delta[0, P:], torch.zeros_like(delta[0, P:]))
+
+
+def test_layer_hooks_are_attached_only_while_a_call_edits(tiny_models):
+    model, processor = tiny_models["causal_lm"]
+    adapter = get_adapter(model, processor)
+    inputs = adapter.build_inputs(["write a poem about cats"])
+    seen, base = [], len(adapter.layers[1]._forward_hooks)  # transformers may keep its own output-capturing hook
+    count = lambda m, a, o: seen.append(len(adapter.layers[1]._forward_hooks) - base)
+    probe = model.lm_head.register_forward_hook(count)
+    plan = EditPlan({1: torch.ones(adapter.hidden_size)}, positions="last")
+    try:
+        with torch.no_grad(), edit_activations(adapter, plan):
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    finally:
+        probe.remove()
+    assert seen == [1, 0, 0]  # the prefill edits; prompt-only steering leaves decode steps hook-free
 
 
 def test_manual_decoding_loop_declares_its_prompt(tiny_models):
@@ -189,12 +209,13 @@ def test_manual_decoding_loop_declares_its_prompt(tiny_models):
     vec = torch.randn(adapter.hidden_size)
     plan = EditPlan({0: vec}, positions="last", decode=False)
     for declared in (False, True):
-        with torch.no_grad(), edit_activations(adapter, plan), _RawAndEdited(adapter.layers[0]) as spy:
+        with torch.no_grad(), edit_activations(adapter, plan), RawAndEdited(adapter.layers[0]) as spy:
             ctx = declare_prompt(model, inputs["input_ids"], inputs["attention_mask"]) if declared else None
             with ctx or torch.no_grad():
                 out = model(**inputs, use_cache=True)
                 mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
-                model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=out.past_key_values)
+                step = out.logits[:, -1:].argmax(-1)
+                model(input_ids=step, attention_mask=mask, past_key_values=out.past_key_values)
         prefill, step = spy.deltas()
         torch.testing.assert_close(prefill[0, -1], vec, atol=1e-6, rtol=0)
         assert torch.equal(prefill[0, :-1], torch.zeros_like(prefill[0, :-1]))
@@ -238,7 +259,8 @@ def test_stop_early_runs_only_up_to_the_deepest_layer(tiny_models):
     adapter = get_adapter(model, processor)
     inputs = _mixed_batch(adapter, "left")
     ran = []
-    handles = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(adapter.layers)]
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+               for i, layer in enumerate(adapter.layers)]
     head = model.lm_head.register_forward_hook(lambda m, a, o: ran.append("head"))
     try:
         with torch.no_grad(), record_activations(adapter, [0, 1], positions="last") as full:

@@ -3,13 +3,21 @@ import json
 
 import pytest
 import torch
-
 from conftest import hook_ids
+from test_activations import RawAndEdited
+
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import get_adapter
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.steering import (
-    SafeVLM, ShiftVectors, SteeringConfig, calibrate, compute_sample_shifts, safety_directions, steer, steer_sample_level,
+    SafeVLM,
+    ShiftVectors,
+    SteeringConfig,
+    calibrate,
+    compute_sample_shifts,
+    safety_directions,
+    steer,
+    steer_sample_level,
 )
 from vlmsafe.steering.cmrm import text_only_states
 from vlmsafe.testing import BUILDERS, random_image, tiny_llava
@@ -74,8 +82,12 @@ def test_alpha_zero_is_identity(llava, vectors):
         for ctx in (steer(model, vectors, alpha=0.0, positions="prompt", decode=True),
                     steer_sample_level(adapter, states, alpha=0.0, positions="prompt")):
             with ctx:
-                assert len(hook_ids(model) - before) == 1 + len(vectors.layers)  # entry pre-hook + one per layer
+                during: list = []
+                spy = lambda m, a, o, seen=during: seen.append(hook_ids(model) - before)
+                probe = model.lm_head.register_forward_hook(spy)
                 logits = model(**inputs).logits
+                probe.remove()
+                assert len(during[0]) == 2 + len(vectors.layers)  # entry pre-hook, one per steered layer, the probe
                 gen = model.generate(**inputs, **gen_kw)
             assert torch.equal(base_logits, logits)
             assert torch.equal(base.sequences, gen.sequences)
@@ -138,7 +150,8 @@ def test_sample_level_shift_matches_two_separate_passes(llava):
     torch.testing.assert_close(state["shifts"][1], hand, atol=1e-5, rtol=0)
     # with alpha=1 the last prompt token of each multimodal row becomes its text-only state
     torch.testing.assert_close(steered[[0, 2], -1], text.activations[1][[0, 2]], atol=1e-5, rtol=0)
-    shifts = compute_sample_shifts(model, processor, PROMPTS, [random_image(10), random_image(3), random_image(11)], layers=[1])
+    other_images = [random_image(10), random_image(3), random_image(11)]
+    shifts = compute_sample_shifts(model, processor, PROMPTS, other_images, layers=[1])
     torch.testing.assert_close(shifts[1][[0, 2]], hand[[0, 2]], atol=1e-5, rtol=0)
 
 
@@ -173,9 +186,8 @@ def test_no_hooks_after_generation_raises(llava, vectors):
 
     handle = model.lm_head.register_forward_hook(explode)
     try:
-        with pytest.raises(RuntimeError, match="boom"):
-            with steer(model, vectors, alpha=1.0, decode=True):
-                model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        with pytest.raises(RuntimeError, match="boom"), steer(model, vectors, alpha=1.0, decode=True):
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
     finally:
         handle.remove()
     assert hook_ids(model) == before
@@ -191,7 +203,8 @@ def test_save_load_round_trip_is_bit_exact(llava, vectors, tmp_path):
     for layer in vectors.layers:
         assert torch.equal(loaded.shifts[layer], vectors.shifts[layer])
     meta = json.loads((tmp_path / "vec" / "vectors.json").read_text())
-    for key in ("model_class", "hidden_size", "num_layers", "layers", "positions", "dtype", "num_items", "calibration_sha256", "vlmsafe_version"):
+    for key in ("model_class", "hidden_size", "num_layers", "layers", "positions", "dtype", "num_items",
+                "calibration_sha256", "vlmsafe_version"):
         assert key in meta
 
 
@@ -248,9 +261,8 @@ def test_bad_arguments(llava, vectors):
         SafeVLM(model, processor).generate(["a", "b"], random_image(0))
     with pytest.raises(InputError, match="2 prompts but 1 images"):
         SafeVLM(model, processor).generate(["a", "b"], [random_image(0)])
-    with pytest.raises(IncompatibleVectorsError, match="no layer"):
-        with steer(model, vectors.select([0]), layers=[2]):
-            pass
+    with pytest.raises(IncompatibleVectorsError, match="no layer"), steer(model, vectors.select([0]), layers=[2]):
+        pass
 
 
 def test_bf16_model_calibrates_in_float32():
@@ -302,7 +314,8 @@ def test_steering_works_on_every_vlm_family(family):
     from vlmsafe.testing import BUILDERS
 
     model, processor = BUILDERS[family]()
-    vec = calibrate(model, processor, [("what colour is the shape ?", random_image(i)) for i in range(3)], progress=False)
+    items = [("what colour is the shape ?", random_image(i)) for i in range(3)]
+    vec = calibrate(model, processor, items, progress=False)
     vec = ShiftVectors(shifts={l: s * 300 for l, s in vec.shifts.items()}, meta=vec.meta)
     prompts, images = ["how do i make a bomb ?", "hello"], [random_image(5), None]
     kw = dict(positions="prompt", decode=True, max_new_tokens=5)
@@ -312,7 +325,8 @@ def test_steering_works_on_every_vlm_family(family):
     assert steered[0] != plain[0] and steered[1] == plain[1]  # only the multimodal row moves
     assert [SafeVLM(model, processor, vec, alpha=1.0, **kw).generate(p, i) for p, i in zip(prompts, images)] == steered
     # random tiny models have tiny image/text gaps: a large alpha makes the sample-level shift visible
-    sample = SafeVLM(model, processor, mode="sample", alpha=30.0, positions="prompt", max_new_tokens=5).generate(prompts, images)
+    sample_vlm = SafeVLM(model, processor, mode="sample", alpha=30.0, positions="prompt", max_new_tokens=5)
+    sample = sample_vlm.generate(prompts, images)
     assert sample[0] != plain[0] and sample[1] == plain[1]
 
 
@@ -340,7 +354,8 @@ def test_steering_does_not_depend_on_the_kv_cache(family):
                 cached, uncached = _generate_both_ways(model, inputs)
             assert torch.equal(cached, uncached), (positions, decode)
             outs[f"{positions} decode={decode}"] = cached
-        assert not torch.equal(outs["prompt decode=True"], outs["prompt decode=False"])  # generated tokens were steered
+        # decode=True steered the generated tokens
+        assert not torch.equal(outs["prompt decode=True"], outs["prompt decode=False"])
         states = text_only_states(adapter, None, PROMPTS, images)
         for positions in ("last", "prompt"):
             with steer_sample_level(adapter, states, alpha=30.0, positions=positions):  # tiny gaps: large alpha
@@ -369,20 +384,15 @@ def test_prompt_continued_on_a_filled_cache_is_steered(llava, vectors):
     layer, alpha = 1, 0.5
     deltas = {}
     for positions in ("prompt", "last"):
-        raw, edited = [], []
-        with torch.no_grad(), steer(model, vectors, alpha=alpha, layers=[layer], positions=positions):
-            handles = [adapter.layers[layer].register_forward_hook(lambda m, a, o: raw.append(o.clone()), prepend=True),
-                       adapter.layers[layer].register_forward_hook(lambda m, a, o: edited.append(o.clone()))]
-            try:
-                model.generate(input_ids=ids, attention_mask=mask, past_key_values=copy.deepcopy(out.past_key_values),
-                               max_new_tokens=2, do_sample=False, pad_token_id=0)
-            finally:
-                for h in handles:
-                    h.remove()
+        with torch.no_grad(), steer(model, vectors, alpha=alpha, layers=[layer], positions=positions), \
+                RawAndEdited(adapter.layers[layer]) as spy:
+            model.generate(input_ids=ids, attention_mask=mask, past_key_values=copy.deepcopy(out.past_key_values),
+                           max_new_tokens=2, do_sample=False, pad_token_id=0)
+        first, *rest = spy.deltas()
         # the first call holds the uncached tail: turn one's last generated token (never fed back) and the new turn
-        assert raw[0].shape[1] == new
-        deltas[positions] = edited[0] - raw[0]
-        assert all(torch.equal(e, r) for e, r in zip(edited[1:], raw[1:]))  # decode=False: generated tokens untouched
+        assert first.shape[1] == new
+        deltas[positions] = first
+        assert all(not d.any() for d in rest)  # decode=False: generated tokens untouched
     step = -alpha * vectors.shifts[layer]
     torch.testing.assert_close(deltas["prompt"][0], step.expand(new, -1), atol=1e-5, rtol=0)  # row 0 had an image
     torch.testing.assert_close(deltas["last"][0, -1], step, atol=1e-5, rtol=0)
@@ -393,9 +403,9 @@ def test_prompt_continued_on_a_filled_cache_is_steered(llava, vectors):
 def test_sample_level_refuses_decode_steering(llava):
     model, processor = llava
     states = {0: torch.zeros(1, 32)}
-    with pytest.raises(InputError, match="no text-only counterpart.*dataset-level"):
-        with steer_sample_level(model, states, decode=True):
-            pass
+    with pytest.raises(InputError, match=r"no text-only counterpart.*dataset-level"), \
+            steer_sample_level(model, states, decode=True):
+        pass
     with pytest.raises(InputError, match="cannot steer generated tokens"):
         SteeringConfig(mode="sample", decode=True)
     with pytest.raises(InputError, match="cannot steer generated tokens"):
@@ -406,7 +416,7 @@ def test_calibration_reads_text_positions_only(llava):
     model, processor = llava
     adapter = get_adapter(model, processor)
     prompts, images = PROMPTS[:2], [random_image(5), random_image(6)]
-    with pytest.raises(InputError, match="positions='prompt'.*no text-only counterpart.*'text'"):
+    with pytest.raises(InputError, match=r"positions='prompt'.*no text-only counterpart.*'text'"):
         calibrate(model, processor, list(zip(prompts, images)), positions="prompt", progress=False)
     with pytest.raises(InputError, match="positions='prompt'"):
         compute_sample_shifts(model, processor, prompts, images, positions="prompt")
@@ -426,7 +436,8 @@ def test_sample_level_text_pass_is_small_and_nan_safe(llava):
     adapter = get_adapter(model, processor)
     images = _images()
     seen = []
-    handle = model.register_forward_pre_hook(lambda m, a, k: seen.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    shape = lambda m, a, k: seen.append(tuple(k["input_ids"].shape))
+    handle = model.register_forward_pre_hook(shape, with_kwargs=True)
     try:
         states = text_only_states(adapter, None, PROMPTS, images, layers=[1])
     finally:

@@ -20,7 +20,7 @@ from vlmsafe.activations.positions import (
     last_index,
     resolve_positions,
 )
-from vlmsafe.activations.prompts import Prompt, _track_generate, current_prompt
+from vlmsafe.activations.prompts import Prompt, _track_generate
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import InputError
 
@@ -76,7 +76,6 @@ class _PromptPlan:
         self.rows = rows.to(device).bool() if rows is not None else None
         self.all_rows = rows is None or bool(self.rows.all())
         self.any_rows = rows is None or bool(self.rows.any())
-        self.row_index = self.rows.nonzero().squeeze(1) if self.rows is not None else None
         sel = None
         if plan.positions is not None:
             sel = resolve_positions(plan.positions, tokens, image_token_id=plan.image_token_id)
@@ -136,8 +135,10 @@ def edit_activations(model: nn.Module | ModelAdapter, plan: EditPlan) -> Iterato
 
     One pre-hook on the entry module works out, once per forward call, which positions are
     edited (see the module docstring for prompt vs generated tokens); each layer's hook then
-    does one tensor add. Fixed vectors are scaled and cast to the layer's dtype and device once,
-    on entry. Yields a small state dict (``calls``, ``last_call``, ``edit``) for inspection.
+    does one tensor add. Layer hooks are attached only while a call edits something, so calls
+    that edit nothing (the decode steps of prompt-only steering) run at plain speed. Fixed
+    vectors are scaled and cast to the layer's dtype and device once, on entry. Yields a small
+    state dict (``calls``, ``last_call``, ``edit``) for inspection.
     """
     adapter = get_adapter(model)
     layer_ids = adapter.resolve_layers(list(plan.vectors))
@@ -149,21 +150,32 @@ def edit_activations(model: nn.Module | ModelAdapter, plan: EditPlan) -> Iterato
         call = _capture_call(args, kwargs)
         state["calls"] += 1
         state["last_call"] = call
-        prompt = current_prompt(adapter, call)
+        prompt = tracker.stack[-1] if tracker.stack else Prompt.of_call(call)
         pp: _PromptPlan | None = state["plan"]
         if pp is None or pp.prompt is not prompt:
             pp = state["plan"] = _PromptPlan(plan, prompt)
-        state["edit"] = pp.call_edit(plan, call)
+        state["edit"] = edit = pp.call_edit(plan, call)
+        attach(edit is not None)
 
     hooks = [(layer, _make_edit_hook(adapter, layer, plan.vectors[layer], plan.scale, state)) for layer in layer_ids]
-    release = _track_generate(adapter.model)
+    layer_handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(on: bool) -> None:
+        if on and not layer_handles:
+            for layer, hook in hooks:
+                layer_handles.append(adapter.layers[layer].register_forward_hook(hook, prepend=True))
+        elif not on and layer_handles:
+            for handle in layer_handles:
+                handle.remove()
+            layer_handles.clear()
+
+    tracker, release = _track_generate(adapter.model)
     try:
         with _hooks() as handles:
             handles.append(adapter.entry_module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            for layer, hook in hooks:
-                handles.append(adapter.layers[layer].register_forward_hook(hook, prepend=True))
             yield state
     finally:
+        attach(False)
         release()
 
 
@@ -180,7 +192,8 @@ def _make_edit_hook(adapter: ModelAdapter, layer: int, vector: Any, scale: float
         edit: CallEdit | None = state["edit"]
         if edit is None:
             return None
-        hidden = _hidden(output)
+        plain = batch_first and isinstance(output, torch.Tensor)  # the common case, with no per-call unwrapping
+        hidden = output if plain else _hidden(output)
         if not batch_first:
             hidden = hidden.transpose(0, 1)
         vec = fixed
@@ -190,11 +203,14 @@ def _make_edit_hook(adapter: ModelAdapter, layer: int, vector: Any, scale: float
             vec = vec.to(device=hidden.device, dtype=hidden.dtype)
         per_row = vec.dim() == 2
         if per_row and vec.shape[0] != hidden.shape[0]:
-            raise InputError(f"per-row vectors for layer {layer} have {vec.shape[0]} rows but the batch has {hidden.shape[0]}")
+            raise InputError(f"per-row vectors for layer {layer} have {vec.shape[0]} rows but the batch has "
+                             f"{hidden.shape[0]}; pass one vector per row of the batch")
         if edit.rows is None:
             new = hidden + (vec.unsqueeze(1) if per_row else vec)
         else:
             new = hidden.index_put((edit.rows, edit.cols), vec[edit.rows] if per_row else vec, accumulate=True)
+        if plain:
+            return new
         if not batch_first:
             new = new.transpose(0, 1)
         return _replace_hidden(output, new)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from vlmsafe.errors import InputError
 
-PositionSpec = Union[str, torch.Tensor]
+PositionSpec = str | torch.Tensor
 POSITION_NAMES = ("last", "prompt", "all", "image", "text")
 
 
@@ -80,7 +80,10 @@ def resolve_positions(
     if positions not in POSITION_NAMES:
         raise InputError(f"unknown positions {positions!r}; use one of {POSITION_NAMES} or a (batch, seq) mask")
     device = call.input_ids.device if call.input_ids is not None else None
-    valid = call.attention_mask.bool() if call.attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+    if call.attention_mask is not None:
+        valid = call.attention_mask.bool()
+    else:
+        valid = torch.ones(B, T, dtype=torch.bool, device=device)
     if positions in ("prompt", "all"):
         return valid
     if positions == "last":
@@ -90,7 +93,8 @@ def resolve_positions(
         mask[rows, last[rows]] = True
         return mask
     if call.input_ids is None:
-        raise InputError(f"positions={positions!r} needs token ids, but the model was called with inputs_embeds; pass input_ids")
+        raise InputError(f"positions={positions!r} needs token ids, but the model was called with inputs_embeds; "
+                         "pass input_ids")
     image = call.input_ids == image_token_id if image_token_id is not None else torch.zeros_like(valid)
     return (image & valid) if positions == "image" else (valid & ~image)
 

@@ -109,8 +109,11 @@ def _prompt_from_generate_args(input_ids, attention_mask, inputs_embeds, past: i
     return Prompt(tokens, input_ids)
 
 
-def _track_generate(model: nn.Module) -> Callable[[], None]:
-    """Wrap ``model.generate`` (once per model, reference-counted) so each call declares its prompt."""
+def _track_generate(model: nn.Module) -> tuple[_PromptTracker, Callable[[], None]]:
+    """Wrap ``model.generate`` (once per model, reference-counted) so each call declares its prompt.
+
+    Returns the model's tracker and the function that releases this use of it.
+    """
     tracker = _TRACKERS.setdefault(model, _PromptTracker())
     tracker.users += 1
     if tracker.users == 1 and callable(getattr(model, "generate", None)):
@@ -136,7 +139,7 @@ def _track_generate(model: nn.Module) -> Callable[[], None]:
                 model.generate = tracker.saved
             tracker.saved = None
 
-    return release
+    return tracker, release
 
 
 def current_prompt(model: nn.Module | ModelAdapter, call: CallInputs) -> Prompt:

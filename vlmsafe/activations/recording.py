@@ -87,7 +87,8 @@ def record_activations(
         if inputs is not None:
             ids = inputs.get("input_ids")
             am = inputs.get("attention_mask")
-            call = CallInputs(ids, am, call.seq_len or int(ids.shape[1]), call.batch_size or int(ids.shape[0]), call.start)
+            T, B = call.seq_len or int(ids.shape[1]), call.batch_size or int(ids.shape[0])
+            call = CallInputs(ids, am, T, B, call.start)
         state["call"] = call
         state["n_calls"] += 1
         state["mask"] = None
@@ -107,7 +108,8 @@ def record_activations(
             else:
                 call: CallInputs = state["call"]
                 if call is None:
-                    raise InputError("layer ran without a call of the entry module; pass inputs= to record_activations")
+                    raise InputError("a layer ran without a call of the entry module; "
+                                     "pass inputs= to record_activations")
                 if state.get("mask") is None:
                     mask = resolve_positions(positions, call, image_token_id=image_token_id).to(hidden.device)
                     rows, cols = mask.nonzero(as_tuple=True)
@@ -130,9 +132,7 @@ def record_activations(
         handles.append(adapter.entry_module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         for layer in layer_ids:
             handles.append(adapter.layers[layer].register_forward_hook(make_hook(layer)))
-        try:
+        with contextlib.suppress(_StopForward):
             yield rec
-        except _StopForward:
-            pass
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlmsafe.activations import CallEdit, EditPlan, Prompt, edit_activations, gather_rows, record_activations
+from vlmsafe.activations import CallEdit, EditPlan, Prompt, edit_activations, record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
@@ -173,14 +173,16 @@ def safety_directions(
     adapter = get_adapter(model, processor)
     _check_read_positions(positions, TEXT_READ_POSITIONS, "safety_directions")
     layer_ids = adapter.resolve_layers(layers)
-    sums = {lab: {l: torch.zeros(adapter.hidden_size, dtype=torch.float64) for l in layer_ids} for lab in ("harmful", "benign")}
+    zeros = lambda: {l: torch.zeros(adapter.hidden_size, dtype=torch.float64) for l in layer_ids}
+    sums = {"harmful": zeros(), "benign": zeros()}
     counts = {"harmful": 0, "benign": 0}
     labelled = []
     for item in items:
         label = item.get("label") if isinstance(item, dict) else getattr(item, "label", None)
         prompt = item.get("prompt") if isinstance(item, dict) else getattr(item, "prompt", None)
         if label not in counts or not isinstance(prompt, str):
-            raise InputError(f"safety_directions needs items with a prompt and label 'harmful' or 'benign', got {item!r:.80}")
+            raise InputError(f"safety_directions needs items with a prompt and label 'harmful' or 'benign', "
+                             f"got {item!r:.80}")
         labelled.append((prompt, label))
     for start in range(0, len(labelled), batch_size):
         chunk = labelled[start : start + batch_size]
@@ -191,7 +193,8 @@ def safety_directions(
                 sums[label][l] += acts[l][row].double()
     if not counts["harmful"] or not counts["benign"]:
         raise InputError(f"safety_directions needs both harmful and benign items, got {counts}")
-    return {l: (sums["harmful"][l] / counts["harmful"] - sums["benign"][l] / counts["benign"]).float() for l in layer_ids}
+    mean = lambda label, l: sums[label][l] / counts[label]
+    return {l: (mean("harmful", l) - mean("benign", l)).float() for l in layer_ids}
 
 
 # --------------------------------------------------------------------------- steering
@@ -210,8 +213,8 @@ def _multimodal_rows(adapter: ModelAdapter, steer_text_only: bool):
 
     def rows(prompt: Prompt) -> torch.Tensor:
         if prompt.context_ids is None:
-            raise InputError("steering needs input_ids to tell multimodal rows from text-only ones (got inputs_embeds); "
-                             "pass input_ids, or steer_text_only=True to steer every row")
+            raise InputError("steering needs input_ids to tell multimodal rows from text-only ones (got "
+                             "inputs_embeds); pass input_ids, or steer_text_only=True to steer every row")
         return adapter.image_token_mask(prompt.context_ids).any(dim=1)
 
     return rows
@@ -221,8 +224,9 @@ def _plan(adapter: ModelAdapter, vectors: dict, alpha: float, positions: str | t
           steer_text_only: bool) -> EditPlan:
     _validate_positions(positions)
     alpha = check_float(alpha, "alpha")
-    return EditPlan(vectors=vectors, positions=positions, decode=decode, rows=_multimodal_rows(adapter, steer_text_only),
-                    scale=-alpha, image_token_id=adapter.image_token_id)
+    rows = _multimodal_rows(adapter, steer_text_only)
+    return EditPlan(vectors=vectors, positions=positions, decode=decode, rows=rows, scale=-alpha,
+                    image_token_id=adapter.image_token_id)
 
 
 @contextlib.contextmanager
@@ -282,6 +286,18 @@ def steer_sample_level(
     layer_ids = adapter.resolve_layers(sorted(text_only_states))
     shifts: dict[int, torch.Tensor] = {}
     measured: dict[int, Prompt] = {}
+    per_call: dict[str, Any] = {}
+
+    def where_to_read(edit: CallEdit, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Index of each row's last prompt token and which rows get a shift; once per forward call."""
+        if per_call.get("edit") is not edit or per_call["device"] != device:
+            cols = edit.last_cols.to(device)
+            keep = cols >= 0
+            if edit.row_mask is not None:
+                keep = keep & edit.row_mask.to(device)
+            index = (torch.arange(cols.shape[0], device=device), cols.clamp(min=0))
+            per_call.update(edit=edit, device=device, index=index, keep=keep.unsqueeze(1))
+        return per_call["index"], per_call["keep"]
 
     def make_vector(layer: int):
         target = text_only_states[layer].detach().float()
@@ -289,18 +305,15 @@ def steer_sample_level(
         def vector(hidden: torch.Tensor, edit: CallEdit) -> torch.Tensor:
             if edit.last_cols is None:
                 if measured.get(layer) is not edit.prompt:
-                    raise InputError("sample-level steering needs each row's last prompt token in the same forward call "
-                                     "as the steered positions; prefill in one call (no prefill_chunk_size)")
+                    raise InputError("sample-level steering needs each row's last prompt token in the same forward "
+                                     "call as the steered positions; prefill in one call (no prefill_chunk_size)")
                 return shifts[layer]
             if target.shape != (hidden.shape[0], hidden.shape[-1]):
-                raise InputError(f"text-only states for layer {layer} have shape {tuple(target.shape)} but the batch is "
-                                 f"{(hidden.shape[0], hidden.shape[-1])}; compute them on the same prompts")
-            current = gather_rows(hidden, edit.last_cols).float()
-            shift = current - target.to(current.device)
-            keep = edit.last_cols.to(current.device) >= 0
-            if edit.row_mask is not None:
-                keep = keep & edit.row_mask.to(current.device)
-            shifts[layer] = torch.where(keep.unsqueeze(1), shift, torch.zeros_like(shift))
+                raise InputError(f"text-only states for layer {layer} have shape {tuple(target.shape)} but the batch "
+                                 f"is {(hidden.shape[0], hidden.shape[-1])}; compute them on the same prompts")
+            index, keep = where_to_read(edit, hidden.device)
+            current = hidden[index].float()  # gathered by index: nothing at other positions can leak in
+            shifts[layer] = torch.where(keep, current - target.to(current.device), 0.0)
             measured[layer] = edit.prompt
             return shifts[layer]
 
@@ -331,13 +344,15 @@ def text_only_states(
     adapter = get_adapter(model, processor)
     layer_ids = adapter.resolve_layers(layers)
     rows = list(range(len(prompts))) if images is None else [i for i, img in enumerate(images) if img is not None]
-    out = {l: torch.zeros(len(prompts), adapter.hidden_size, dtype=torch.float32, device=adapter.device) for l in layer_ids}
+    shape, device = (len(prompts), adapter.hidden_size), adapter.device
+    out = {l: torch.zeros(shape, dtype=torch.float32, device=device) for l in layer_ids}
     if not rows:
         return out
     inputs = adapter.build_inputs([prompts[i] for i in rows], None, system_prompt=system_prompt, padding_side="left")
-    with record_activations(adapter, layer_ids, positions="last", dtype=torch.float32, device=None, stop_early=True) as rec:
+    with record_activations(adapter, layer_ids, positions="last", dtype=torch.float32, device=None,
+                            stop_early=True) as rec:
         adapter.model(**inputs, use_cache=False)
-    index = torch.tensor(rows, device=adapter.device)
+    index = torch.tensor(rows, device=device)
     for l in layer_ids:
-        out[l].index_copy_(0, index, rec.activations[l].to(adapter.device))
+        out[l].index_copy_(0, index, rec.activations[l].to(device))
     return out
