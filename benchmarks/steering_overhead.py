@@ -140,8 +140,8 @@ def main() -> None:
 
         rows["steering-vectors 0.12 (all tokens)"] = peer
     except ImportError:
-        peer_note = ("steering-vectors is not installed, so it has no row: its metadata pins transformers<5 although it "
-                     "works with transformers 5; `pip install --no-deps steering-vectors==0.12.2` adds it.")
+        peer_note = ("steering-vectors is not installed, so it has no row: its metadata pins transformers<5 although "
+                     "it works with transformers 5; `pip install --no-deps steering-vectors==0.12.2` adds it.")
     rows["vlmsafe sample-level (prompt tokens)"] = lambda: sample_level(args.new_tokens)
     rows["text-only prefill (unit)"] = text_prefill
     short = args.sample_new_tokens
@@ -186,8 +186,8 @@ def main() -> None:
         unit = block["text-only prefill (unit)"]
         extra = [(s - p) / u for s, p, u in zip(block[name], block[base], unit)]
         best = (min(block[name]) - min(block[base])) / min(unit)
-        print(f"sample-level extra cost ({label}): per repeat {spread(extra, '{:.2f}')}, fastest vs fastest {best:.2f} "
-              "text-only prefills (floor 1.0; target <= 1.2)")
+        print(f"sample-level extra cost ({label}): per repeat {spread(extra, '{:.2f}')}, fastest vs fastest "
+              f"{best:.2f} text-only prefills (floor 1.0; target <= 1.2)")
     print("target: dataset-level overhead <= 2% and not slower than steering-vectors")
     if peer_note:
         print(peer_note)
