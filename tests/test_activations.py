@@ -171,6 +171,23 @@ def test_prompt_and_generated_positions_are_edited_by_absolute_position(tiny_mod
         torch.testing.assert_close(delta, expected, atol=1e-6, rtol=0)  # row 1 is never edited
 
 
+def test_chunked_prefill_edits_the_last_prompt_token_once(tiny_models):
+    model, processor = tiny_models["causal_lm"]
+    adapter = get_adapter(model, processor)
+    inputs = adapter.build_inputs(["hello", "write a poem about cats"])  # 9 tokens: chunks of 4, 4 and 1
+    vec = torch.randn(adapter.hidden_size)
+    plan = EditPlan({0: vec}, positions="last")
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with edit_activations(adapter, plan), RawAndEdited(adapter.layers[0]) as spy:
+            chunked = model.generate(**inputs, prefill_chunk_size=4, **kw)
+        with edit_activations(adapter, plan):
+            whole = model.generate(**inputs, **kw)
+    assert torch.equal(chunked, whole)
+    edited = [[(i, *pos) for pos in d.abs().sum(-1).nonzero().tolist()] for i, d in enumerate(spy.deltas())]
+    assert edited == [[], [], [(2, 0, 0), (2, 1, 0)], [], []]
+
+
 def test_decode_false_leaves_generated_tokens_alone(tiny_models):
     model, processor = tiny_models["causal_lm"]
     adapter = get_adapter(model, processor)

@@ -252,6 +252,8 @@ def test_vector_algebra(vectors):
 
 def test_bad_arguments(llava, vectors):
     model, processor = llava
+    with pytest.raises(InputError, match="alpha must be a finite number"), steer(model, vectors, alpha=float("nan")):
+        pass
     with pytest.raises(InputError, match="unknown steering positions"):
         with steer(model, vectors, positions="everywhere"):
             pass
@@ -349,7 +351,7 @@ def test_steering_does_not_depend_on_the_kv_cache(family):
     with torch.no_grad():
         plain, _ = _generate_both_ways(model, inputs)
         outs = {}
-        for positions, decode in (("last", False), ("prompt", True), ("prompt", False), ("image", False)):
+        for positions, decode in (("last", False), ("prompt", True), ("prompt", False)):
             with steer(model, vec, alpha=1.0, positions=positions, decode=decode):
                 cached, uncached = _generate_both_ways(model, inputs)
             assert torch.equal(cached, uncached), (positions, decode)

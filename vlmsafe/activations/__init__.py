@@ -22,24 +22,27 @@ KV cache happens to be filled, so the same token gets the same edit however it i
 
 * A forward call's tokens sit at absolute positions ``start .. start + seq - 1``, where ``start``
   is the number of earlier tokens the call attends to: ``attention_mask.shape[1] - seq`` (a
-  2-D mask always spans past and current tokens), else the length of the cache it is given,
-  else 0.
-* Inside ``model.generate`` (the model's ``generate`` is wrapped while a context is open), the
-  *prompt* is what ``generate`` is handed and has not yet been cached: ``input_ids[:, past:]``
-  where ``past`` is the length of a cache passed in (multi-turn chat: the new turn), or all of
-  ``input_ids`` when only the new tokens are passed with a full-length mask. Positions from
-  ``prompt_start`` to ``prompt_end - 1`` are prompt tokens; positions at or after ``prompt_end``
-  are generated tokens; positions before ``prompt_start`` are earlier turns, already computed
-  (and steered, if they were) when they entered the cache. The position rule (``"last"``, ...)
-  is resolved once per ``generate`` on the prompt tokens. So prefill, chunked prefill, every
-  step of ``use_cache=False`` (which re-runs prompt and generated tokens) and a prompt appended
-  to a filled cache all edit each position identically.
+  2-D mask always spans past and current tokens; ``generate`` always passes one), else the
+  length of the cache it is given, else 0. (transformers 5 passes no ``cache_position``.)
+* Inside ``model.generate`` (the model's ``generate`` is wrapped while an editing context is
+  open), the *prompt* is what ``generate`` is handed and is not yet in the cache:
+  ``input_ids[:, past:]`` where ``past`` is the length of a cache passed in, or all of
+  ``input_ids`` when only the new tokens are passed with a full-length mask, exactly as
+  ``generate`` slices them. Positions ``prompt_start .. prompt_end - 1`` are prompt tokens;
+  positions from ``prompt_end`` on are generated tokens; positions before ``prompt_start`` are
+  earlier turns, computed (and edited, if they were) when they entered the cache. The position
+  rule (``"last"``, ...) is resolved once per ``generate`` call on the prompt tokens.
+* So a ``generate`` call edits each position identically with a cache, with ``use_cache=False``
+  (every step re-runs prompt and generated tokens) and with a chunked prefill; and a prompt
+  appended to a filled cache (multi-turn chat) is edited at its own prompt positions: the new
+  turn plus the previous turn's last generated token, which ``generate`` never fed back.
 * Outside ``generate`` every forward call is its own prompt (all its tokens are prompt tokens).
   A hand-written decoding loop declares its prompt with :func:`declare_prompt` so its steps
   count as generated tokens.
 
-Rows (which batch rows are edited) are decided once per prompt; every hook is removed when
-the context exits, normally or by exception. Selection is by index (``hidden[rows, cols]``),
+Rows (which batch rows are edited) are decided once per prompt. Layer hooks are attached only
+while a forward call edits something, and every hook (and the ``generate`` wrapper) is removed
+when the context exits, normally or by exception. Selection is by index (``hidden[rows, cols]``),
 never by multiplying with a mask, so a non-finite value at an unselected (e.g. padded) position
 never reaches a selected one.
 """

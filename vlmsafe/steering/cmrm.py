@@ -247,7 +247,7 @@ def steer(
 
     ``positions`` picks the prompt tokens steered; ``decode=True`` also steers every generated
     token. ``layers`` defaults to every layer in ``vectors``. Validates ``vectors`` against the
-    model. The hooks are installed even at ``alpha=0`` (they then add zero).
+    model. Steering runs at ``alpha=0`` too (it then adds zero); :class:`SteeringConfig` skips it.
     """
     adapter = get_adapter(model)
     vectors.check_compatible(adapter)
