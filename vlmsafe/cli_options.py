@@ -20,7 +20,6 @@ from vlmsafe.errors import InputError
 from vlmsafe.validation import float_arg, int_arg, layer_spec_arg
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
-STEER_POSITIONS = ("last", "prompt", "text", "image")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -63,6 +62,7 @@ def add_steering_options(
     title: str = "CMRM steering",
 ) -> None:
     """The steering flags; defaults are applied by :func:`steering_from_args` so it can tell what was given."""
+    from vlmsafe.steering.cmrm import STEER_POSITIONS
     from vlmsafe.steering.config import field_help
 
     g = parser.add_argument_group(title)

@@ -37,6 +37,8 @@ examples:
 
 
 def register(subparsers: Any) -> None:
+    from vlmsafe.steering.cmrm import CALIBRATION_POSITIONS
+
     cal = subparsers.add_parser(
         "calibrate",
         help="compute dataset-level CMRM shift vectors for a VLM",
@@ -52,8 +54,9 @@ def register(subparsers: Any) -> None:
     add_data_options(cal, help="JSONL calibration items, each with an image")
     add_output_options(cal, help="output folder for vectors.safetensors + vectors.json (written atomically)")
     cal.add_argument("--layers", type=layer_spec_arg, default=None, help="decoder layers to calibrate, e.g. '8-15' (default: all)")
-    cal.add_argument("--positions", default="last", choices=["last", "prompt", "text"],
-                     help="token positions read per item (default: last prompt token)")
+    cal.add_argument("--positions", default="last", choices=CALIBRATION_POSITIONS,
+                     help="token positions read per item: the last prompt token (default) or the mean over the prompt's "
+                     "text tokens (image tokens have no text-only counterpart)")
     add_progress_option(cal)
     cal.set_defaults(func=run_calibrate)
 
