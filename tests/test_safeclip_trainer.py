@@ -70,7 +70,7 @@ def test_disable_adapter_reference_equals_original_model(data):
     assert trainer.reference is None
     trainer.train()
     batch = trainer.collator(data.items[:4])
-    ref = trainer._reference_embeddings(batch)
+    ref = trainer.frozen(batch, trainer.accelerator.device)
     with torch.no_grad():
         expected = original.encode_text(original.model, batch["safe_text"])
     assert torch.allclose(ref["ref_text_safe"], expected, atol=1e-6)
@@ -222,19 +222,19 @@ def test_open_clip_backend_trains_and_round_trips(tmp_path):
 def test_reference_cache_is_filled_once_and_exact(data):
     cached = SafeCLIPTrainer(backend(), cfg(num_epochs=2), data)
     cached.train()
-    cache = cached._ref_cache
-    assert bool(cache["filled"].all()) and cache["image"].shape == (16, 32)
+    cache = cached.frozen.cache
+    assert bool(cache.filled.all()) and len(cache) == 16 and cache.image.shape == (16, 32)
     # the cache holds exactly what the frozen reference computes
     items = data.items[:4]
     batch = cached.collator(items)
     with torch.no_grad():
         fresh_text = cached.backend.encode_text(cached.reference, batch["safe_text"])
         fresh_img = cached.backend.encode_image(cached.reference, batch["safe_image_pixels"])
-    assert torch.allclose(cache["text"][:4], fresh_text, atol=1e-5)
-    assert torch.allclose(cache["image"][:4], fresh_img, atol=1e-5)
+    assert torch.allclose(cache.text[:4], fresh_text, atol=1e-5)
+    assert torch.allclose(cache.image[:4], fresh_img, atol=1e-5)
     uncached = SafeCLIPTrainer(backend(), cfg(num_epochs=2, cache_reference=False), data)
     uncached.train()
-    assert not uncached._ref_cache
+    assert uncached.frozen.cache is None
     a, b = cached.trainable_state_dict(), uncached.trainable_state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 

@@ -1,0 +1,118 @@
+"""Training batches: a reproducible per-epoch order, item ids for the reference cache, the trainable forward.
+
+Each epoch's order is one seeded permutation (:func:`epoch_order`), so a resumed run sees the same
+batches as an uninterrupted one; batches carry the dataset index of every row (``batch["index"]``)
+so the frozen reference's outputs can be cached per item (:mod:`vlmsafe.safeclip.reference`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vlmsafe.safeclip.backends import CLIPBackend
+from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
+
+
+class FixedOrder(Sampler[int]):
+    """Yields a fixed index order (one seeded permutation per epoch: reproducible and resumable)."""
+
+    def __init__(self, order: Sequence[int]):
+        self.order = list(order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class Indexed(Dataset):
+    """Yields ``(index, item)`` so batches know which training items they hold (reference cache)."""
+
+    def __init__(self, data: QuadrupletDataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.data[i]
+
+
+class IndexedCollator:
+    """A :class:`QuadrupletCollator` batch plus ``index``, the dataset position of every row."""
+
+    def __init__(self, collator: QuadrupletCollator):
+        self.collator = collator
+
+    def __call__(self, pairs: Sequence[tuple[int, Any]]) -> dict[str, Any]:
+        batch = self.collator([item for _, item in pairs])
+        batch["index"] = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+        return batch
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The item order of ``epoch``: a permutation that depends only on ``seed`` and ``epoch``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch))).tolist()
+
+
+def epoch_loader(
+    data: QuadrupletDataset, collator: QuadrupletCollator, *, batch_size: int, seed: int, epoch: int, num_workers: int
+) -> DataLoader:
+    """The (un-prepared) data loader of one epoch; incomplete final batches are dropped."""
+    # An explicit generator keeps the DataLoader from drawing its worker seed from the global
+    # RNG, which would make a resumed run's dropout masks differ from an uninterrupted run's.
+    return DataLoader(
+        Indexed(data),
+        batch_size=batch_size,
+        sampler=FixedOrder(epoch_order(len(data), seed, epoch)),
+        drop_last=True,
+        collate_fn=IndexedCollator(collator),
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)),
+    )
+
+
+def scatter_rows(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows ``x`` placed at ``index`` of an ``[n, D]`` zero tensor (differentiable)."""
+    return x.new_zeros((n, x.shape[-1])).index_copy(0, index.to(x.device), x)
+
+
+def row_mask(index: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """``[n]`` bool mask that is True at ``index``."""
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[index.to(device)] = True
+    return mask
+
+
+class TrainableTowers(nn.Module):
+    """The trainable forward pass in one module, so DDP sees every trainable parameter used."""
+
+    def __init__(self, backend: CLIPBackend, model: nn.Module, towers: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self._backend = backend
+        self.towers = tuple(towers)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        out: dict[str, torch.Tensor | None] = dict.fromkeys(("text_safe", "text_nsfw", "image_safe", "image_nsfw"))
+        b = self._backend
+        if "text" in self.towers:
+            out["text_safe"] = b.encode_text(self.model, batch["safe_text"])
+            out["text_nsfw"] = b.encode_text(self.model, batch["unsafe_text"])
+        if "vision" in self.towers:
+            n = int(batch["size"])
+            for key, name in (("safe_image", "image_safe"), ("unsafe_image", "image_nsfw")):
+                if batch.get(f"{key}_pixels") is not None:
+                    emb = b.encode_image(self.model, batch[f"{key}_pixels"])
+                    out[name] = scatter_rows(emb, batch[f"{key}_index"], n)
+        return out
