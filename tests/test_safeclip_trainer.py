@@ -128,9 +128,13 @@ def test_resume_rejects_mismatched_or_missing_checkpoints(tmp_path, data):
         text_only.train(resume_from=tmp_path / "nope")
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_early_stopping_and_best_weights(tmp_path, data):
-    # lr 0: nothing improves after the first evaluation -> stop after `patience` more.
-    trainer = SafeCLIPTrainer(backend(), cfg(num_epochs=10, batch_size=4, learning_rate=0.0, eval_every=1, early_stopping_patience=2), data, data, output_dir=tmp_path)
+    # weights frozen (the optimizer never steps): nothing improves after the first evaluation -> stop after
+    # `patience` more. (A learning rate of 0 is refused by the config.)
+    trainer = SafeCLIPTrainer(backend(), cfg(num_epochs=10, batch_size=4, eval_every=1, early_stopping_patience=2),
+                              data, data, output_dir=tmp_path)
+    trainer.optimizer.step = lambda *a, **k: None
     res = trainer.train()
     assert res.stopped_early and res.global_step == 3 and res.best_step == 1
     evals = [h for h in res.history if "val/loss" in h]

@@ -41,42 +41,49 @@ scheduler, early-stopping state and config as JSON): resuming never unpickles an
 from vlmsafe.safeclip.backends import CLIPBackend, HFCLIPBackend, OpenCLIPBackend, load_backend
 from vlmsafe.safeclip.data import Quadruplet, QuadrupletCollator, QuadrupletDataset, load_dataset
 from vlmsafe.safeclip.integrations import apply_safe_text_encoder, apply_safe_vision_encoder, load_safe_text_encoder
-from vlmsafe.safeclip.losses import LOSS_NAMES, SafeCLIPEmbeddings, SafeCLIPLossWeights, clip_nce, cosine_distance, safeclip_losses
+from vlmsafe.safeclip.losses import (
+    LOSS_NAMES,
+    SafeCLIPEmbeddings,
+    SafeCLIPLossWeights,
+    clip_nce,
+    cosine_distance,
+    safeclip_losses,
+)
 from vlmsafe.safeclip.pairs import PairConverterConfig, generate_unsafe, load_pairs, train_pair_converter
 from vlmsafe.safeclip.retrieval import embed_quadruplets, format_table, recall_at_k, retrieval_metrics, retrieval_table
 from vlmsafe.safeclip.testbed import safeclip_demo_rows
 from vlmsafe.safeclip.trainer import SafeCLIPTrainer, SafeCLIPTrainingConfig, TrainingResult, train_safeclip
 
 __all__ = [
+    "LOSS_NAMES",
     "CLIPBackend",
     "HFCLIPBackend",
     "OpenCLIPBackend",
-    "load_backend",
+    "PairConverterConfig",
     "Quadruplet",
     "QuadrupletCollator",
     "QuadrupletDataset",
-    "load_dataset",
-    "LOSS_NAMES",
     "SafeCLIPEmbeddings",
     "SafeCLIPLossWeights",
-    "clip_nce",
-    "cosine_distance",
-    "safeclip_losses",
     "SafeCLIPTrainer",
     "SafeCLIPTrainingConfig",
     "TrainingResult",
-    "train_safeclip",
+    "apply_safe_text_encoder",
+    "apply_safe_vision_encoder",
+    "clip_nce",
+    "cosine_distance",
     "embed_quadruplets",
     "format_table",
+    "generate_unsafe",
+    "load_backend",
+    "load_dataset",
+    "load_pairs",
+    "load_safe_text_encoder",
     "recall_at_k",
     "retrieval_metrics",
     "retrieval_table",
-    "apply_safe_text_encoder",
-    "apply_safe_vision_encoder",
-    "load_safe_text_encoder",
-    "PairConverterConfig",
-    "generate_unsafe",
-    "load_pairs",
-    "train_pair_converter",
     "safeclip_demo_rows",
+    "safeclip_losses",
+    "train_pair_converter",
+    "train_safeclip",
 ]

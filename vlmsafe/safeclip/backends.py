@@ -18,8 +18,9 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,11 +66,11 @@ class CLIPBackend(ABC):
         """Regex (no anchors) of the names of a tower's blocks, e.g. ``text_model\\.encoder\\.layers\\.\\d+``."""
 
     @abstractmethod
-    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None, *, overwrite: bool = False) -> None:
+    def save_pretrained(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False) -> None:
         """Write ``model`` (default: ``self.model``) as a standard checkpoint, atomically
         (an existing non-empty ``path`` is replaced only with ``overwrite=True``)."""
 
-    def lora_target_regex(self, towers: Sequence[str], modules: Optional[Sequence[str]] = None) -> str:
+    def lora_target_regex(self, towers: Sequence[str], modules: Sequence[str] | None = None) -> str:
         """A ``peft`` ``target_modules`` regex limited to ``towers``.
 
         ``modules`` are leaf names (``"k_proj"``, ``"fc1"``, ``"patch_embedding"``...); they are
@@ -110,7 +111,7 @@ class HFCLIPBackend(CLIPBackend):
     kind = "hf"
     default_lora_modules = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, image_processor: Any = None, max_length: Optional[int] = None):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, image_processor: Any = None, max_length: int | None = None):
         from transformers import CLIPModel
 
         if not isinstance(model, CLIPModel):
@@ -126,7 +127,7 @@ class HFCLIPBackend(CLIPBackend):
         self.max_length = int(max_length or min(cfg_len, tok_len if tok_len < 10**6 else cfg_len))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> "HFCLIPBackend":
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> HFCLIPBackend:
         """Load model, tokenizer and image processor from a local directory or hub id."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -174,7 +175,7 @@ class HFCLIPBackend(CLIPBackend):
     def _vision_embed_pattern(self) -> str:
         return r"vision_model\.embeddings"
 
-    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None, *, overwrite: bool = False) -> None:
+    def save_pretrained(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False) -> None:
         model = self.model if model is None else model
         with atomic_path(path, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp)
@@ -206,8 +207,8 @@ class OpenCLIPBackend(CLIPBackend):
         tokenizer: Any = None,
         preprocess: Any = None,
         *,
-        model_name: Optional[str] = None,
-        model_cfg: Optional[dict[str, Any]] = None,
+        model_name: str | None = None,
+        model_cfg: dict[str, Any] | None = None,
     ):
         import open_clip
 
@@ -228,7 +229,7 @@ class OpenCLIPBackend(CLIPBackend):
         self.transform = preprocess
 
     @classmethod
-    def create(cls, model_name: str, pretrained: Optional[str] = None, **kwargs: Any) -> "OpenCLIPBackend":
+    def create(cls, model_name: str, pretrained: str | None = None, **kwargs: Any) -> OpenCLIPBackend:
         """``open_clip.create_model_and_transforms(model_name, pretrained)`` wrapped in a backend."""
         import open_clip
 
@@ -236,7 +237,7 @@ class OpenCLIPBackend(CLIPBackend):
         return cls(model, open_clip.get_tokenizer(model_name), preprocess, model_name=model_name, model_cfg=open_clip.get_model_config(model_name))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> "OpenCLIPBackend":
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> OpenCLIPBackend:
         """Rebuild a model saved by :meth:`save_pretrained` (safetensors + JSON, no pickle)."""
         import open_clip
         from safetensors.torch import load_model
@@ -280,7 +281,7 @@ class OpenCLIPBackend(CLIPBackend):
     def config_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "model_name": self.model_name, "model_cfg": self.model_cfg}
 
-    def save_pretrained(self, path: str | os.PathLike[str], model: Optional[nn.Module] = None, *, overwrite: bool = False) -> None:
+    def save_pretrained(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False) -> None:
         from safetensors.torch import save_model
 
         if self.model_cfg is None:

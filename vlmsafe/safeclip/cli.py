@@ -1,4 +1,9 @@
-"""``vlmsafe safeclip train | eval | pairs`` — Safe-CLIP from the command line."""
+"""``vlmsafe safeclip train | eval | pairs`` — Safe-CLIP from the command line.
+
+Every check that needs no model runs first (options, output folder, data files, images), so a bad
+input costs no model loading and leaves nothing behind. The training flags are built from
+:class:`~vlmsafe.safeclip.config.SafeCLIPTrainingConfig`'s field metadata.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+from vlmsafe.cli_options import add_max_new_tokens, add_model_options, add_output_options, add_progress_option
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.validation import float_arg, int_arg
 
 _TRAIN_EPILOG = """\
 data formats:
@@ -26,7 +33,9 @@ examples:
 
 The fine-tuned model (best validation weights, LoRA merged) is written to OUTPUT_DIR/model:
 an HF CLIPModel folder (or open_clip safetensors + JSON). Checkpoints (OUTPUT_DIR/checkpoint-*)
-hold safetensors + JSON only; no pickle is ever loaded.
+hold safetensors + JSON only; no pickle is ever loaded. An existing non-empty OUTPUT_DIR is
+refused unless --resume continues the run in it or --overwrite replaces it (the old folder stays
+untouched until the new run has finished).
 """
 
 _EVAL_EPILOG = """\
@@ -43,188 +52,221 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "safeclip",
         help="Safe-CLIP: fine-tune CLIP so unsafe text/images embed like safe ones (train, eval, pairs)",
-        description="Safe-CLIP (Poppi et al., ECCV 2024): fine-tune CLIP text/vision encoders so unsafe inputs are redirected to safe embeddings while safe ones are preserved.",
+        description="Safe-CLIP (Poppi et al., ECCV 2024): fine-tune CLIP text/vision encoders so unsafe inputs "
+        "are redirected to safe embeddings while safe ones are preserved.",
     )
-    sub = p.add_subparsers(dest="safeclip_command", metavar="{train,eval,pairs}")
+    sub = p.add_subparsers(dest="safeclip_command")
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
+    _register_train(sub)
+    _register_eval(sub)
+    _register_pairs(sub)
 
-    t = sub.add_parser("train", help="fine-tune a CLIP model with the Safe-CLIP losses", description="Fine-tune a CLIP model with the eight Safe-CLIP losses (LoRA by default).", epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--model", required=True, help="HF CLIP folder or hub id, an open_clip checkpoint folder, or open_clip:NAME[@PRETRAINED]")
+
+# ------------------------------------------------------------------------------------ train
+
+
+def _register_train(sub: Any) -> None:
+    from vlmsafe.safeclip.config import SafeCLIPTrainingConfig
+    from vlmsafe.safeclip.options import add_options
+
+    t = sub.add_parser("train", help="fine-tune a CLIP model with the Safe-CLIP losses",
+                       description="Fine-tune a CLIP model with the eight Safe-CLIP losses (LoRA by default).",
+                       epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--model", required=True,
+                   help="HF CLIP folder or hub id, an open_clip checkpoint folder, or open_clip:NAME[@PRETRAINED]")
     t.add_argument("--data", required=True, help="training data: JSONL quadruplets or a ViSU-Text JSON/JSONL file")
     t.add_argument("--val-data", help="validation data (same formats); default: hold out --val-fraction of --data")
-    t.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out for validation when --val-data is not given (0 disables validation)")
+    t.add_argument("--val-fraction", type=float_arg(low=0, high=1, high_open=True), default=0.05, metavar="X",
+                   help="share of --data held out for validation when --val-data is not given, in [0, 1) "
+                   "(0 disables validation; default 0.05)")
     t.add_argument("--image-root", help="folder that relative image paths in JSONL data are relative to")
     t.add_argument("--coco-dir", help="COCO folder (train2017/, val2017/) for ViSU data")
-    t.add_argument("--output-dir", required=True, help="where checkpoints and the final model (OUTPUT_DIR/model) go")
-    t.add_argument("--config", help="JSON or YAML file of SafeCLIPTrainingConfig fields; flags below override it")
-    t.add_argument("--text-only", action="store_true", help="ignore images and train the text tower only")
-    t.add_argument("--no-text", action="store_true", help="do not train the text tower (vision only)")
-    t.add_argument("--full-finetune", action="store_true", help="train all tower weights instead of LoRA")
-    t.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
-    t.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 1, the reference's; update scale = alpha / r)")
-    t.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1)")
-    t.add_argument("--lora-targets", help="comma-separated module names LoRA wraps (default HF: k_proj,v_proj,out_proj,fc1,fc2,patch_embedding)")
-    t.add_argument("--reference", choices=("copy", "disable_adapter"), help="frozen reference: a separate copy (default) or LoRA disabled (saves memory)")
-    t.add_argument("--lr", type=float, dest="learning_rate", help="AdamW learning rate (default 1e-3)")
-    t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    t.add_argument("--scheduler", dest="lr_scheduler", help="transformers scheduler name (constant_with_warmup, cosine, linear...)")
-    t.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps (default 0)")
-    t.add_argument("--batch-size", type=int, help="global batch per forward pass (split across processes)")
-    t.add_argument("--grad-accum", type=int, dest="gradient_accumulation_steps", help="micro-batches per optimizer step (default 1)")
-    t.add_argument("--epochs", type=int, dest="num_epochs", help="passes over the training data (default 1)")
-    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    t.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (default 1.0; 0 disables)")
-    t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast precision (bf16 also works on CPU)")
-    t.add_argument("--eval-every", type=int, help="validate every N optimizer steps (default: every epoch)")
-    t.add_argument("--patience", type=int, dest="early_stopping_patience", help="evaluations without improvement before stopping")
-    t.add_argument("--best-metric", choices=("recall_sum", "loss"), help="which validation metric picks the saved weights (default recall_sum)")
-    t.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (default: at the end)")
-    t.add_argument("--weights", help="loss weights, e.g. 'G_Sref=0.5,text_nsfw=0.2' (others keep their defaults)")
-    t.add_argument("--seed", type=int, help="seed for LoRA init and data order (default 0)")
+    add_output_options(t, flag="--output-dir", dest="output_dir",
+                       help="where checkpoints and the final model (OUTPUT_DIR/model) go")
     t.add_argument("--resume", help="checkpoint folder or 'latest' (in --output-dir) to continue from")
-    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    t.add_argument("--config", help="JSON or YAML file of SafeCLIPTrainingConfig fields; the flags below override it")
+    group = t.add_argument_group("training options (SafeCLIPTrainingConfig fields)")
+    add_options(group, SafeCLIPTrainingConfig, types={"weights": _weights_arg})
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="retrieval Recall@K table, original vs Safe-CLIP (default: bundled testbed)", description="Print Recall@1/5/10/20 for S→V, U→V, U→(V∪G), V→S and G→S, original vs Safe-CLIP.", epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _weights_arg(text: str) -> dict[str, float]:
+    """``NAME=W,NAME=W`` loss weights: known term names, finite weights >= 0 (checked at parse time)."""
+    from vlmsafe.safeclip.losses import LOSS_NAMES
+
+    one = float_arg(low=0)
+    out = {}
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or key not in LOSS_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=WEIGHT pairs with NAME in {', '.join(LOSS_NAMES)}, got {part!r}")
+        out[key] = one(value)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT pairs, got {text!r}")
+    return out
+
+
+def _load_config_file(path: str) -> dict[str, Any]:
+    """``--config``: a JSON (:func:`vlmsafe.io.read_json`) or YAML mapping of config fields."""
+    from vlmsafe.io import read_json
+
+    p = Path(path)
+    fix = "write a mapping of SafeCLIPTrainingConfig fields (JSON, or YAML with a .yaml/.yml name)"
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        if not p.is_file():
+            raise FileFormatError(f"{p}: no such config file; {fix}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise FileFormatError(f"{p}: invalid YAML ({' '.join(str(exc).split())}); {fix}") from None
+    else:
+        data = read_json(p, what="config file", fix=fix)
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{p}: holds a {type(data).__name__}, not a mapping; {fix}")
+    return data
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vlmsafe.safeclip.backends import load_backend
+    from vlmsafe.safeclip.trainer import SafeCLIPTrainer
+
+    config = _training_config(args)
+    out, replace = _check_train_output(args)
+    data, val = _training_data(args, config)
+    backend = load_backend(args.model)
+    with _run_dir(out, replace) as run_dir:
+        trainer = SafeCLIPTrainer(backend, config, data, val, output_dir=run_dir)
+        if trainer.accelerator.is_main_process:
+            mode = "LoRA" if config.use_lora else "full fine-tuning"
+            print(f"Safe-CLIP: {len(data)} training items, {0 if val is None else len(val)} validation; towers "
+                  f"{', '.join(trainer.towers)}; {mode}; {trainer.total_steps} steps", file=sys.stderr)
+        result = trainer.train(resume_from=args.resume)
+        model_dir = trainer.save_pretrained(run_dir / "model", overwrite=bool(args.resume))
+    if trainer.accelerator.is_main_process:
+        summary = {"model_dir": str(out / model_dir.relative_to(run_dir)), "global_step": result.global_step,
+                   "stopped_early": result.stopped_early, "best_step": result.best_step,
+                   "best_metrics": result.best_metrics}
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _training_config(args: argparse.Namespace) -> Any:
+    """``--config`` file, then the flags given (validated by the dataclass)."""
+    from vlmsafe.safeclip.config import SafeCLIPTrainingConfig
+    from vlmsafe.safeclip.options import options_from_args
+
+    fields = _load_config_file(args.config) if args.config else {}
+    given = options_from_args(args, SafeCLIPTrainingConfig)
+    if "weights" in given:
+        base = fields.get("weights") or {}
+        if not isinstance(base, dict):
+            raise FileFormatError(f"{args.config}: 'weights' must be a mapping of loss term names to weights")
+        given["weights"] = {**base, **given["weights"]}
+    fields.update(given)
+    return SafeCLIPTrainingConfig.from_dict(fields)
+
+
+def _check_train_output(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The output policy, before any work: returns (output dir, whether an existing run is replaced)."""
+    from vlmsafe.distributed import world_size
+    from vlmsafe.io import check_output
+    from vlmsafe.safeclip.checkpoint import resolve_checkpoint
+
+    if args.resume and args.overwrite:
+        raise InputError("--resume continues the run in --output-dir and --overwrite replaces it; pass one of them")
+    out = check_output(args.output_dir, kind="dir", overwrite=args.overwrite or bool(args.resume),
+                       option="--output-dir")
+    if args.resume:
+        resolve_checkpoint(args.resume, out)  # a missing checkpoint is reported now, not after loading the model
+        return out, False
+    replace = args.overwrite and out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if replace and world_size() > 1:
+        raise InputError(f"--overwrite of the non-empty {out} is not supported with several processes; remove it "
+                         "or choose a new --output-dir")
+    return out, replace
+
+
+def _run_dir(out: Path, replace: bool) -> Any:
+    """``out`` itself, or (replacing an earlier run) a fresh folder renamed onto ``out`` when the run succeeds."""
+    import contextlib
+
+    from vlmsafe.io import atomic_path
+
+    if not replace:
+        return contextlib.nullcontext(out)
+
+    @contextlib.contextmanager
+    def fresh() -> Any:
+        with atomic_path(out, overwrite=True) as tmp:
+            tmp.mkdir()
+            yield tmp
+
+    return fresh()
+
+
+def _training_data(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
+    """Training and validation quadruplets, images verified, trainable terms checked (no model needed)."""
+    from vlmsafe.safeclip.data import load_dataset
+    from vlmsafe.safeclip.trainer import check_training_data
+
+    data = load_dataset(args.data, image_root=args.image_root, coco_dir=args.coco_dir)
+    val = None
+    if args.val_data:
+        val = load_dataset(args.val_data, image_root=args.image_root, coco_dir=args.coco_dir)
+    if config.train_vision is False:  # --text-only: the images are not even read
+        data = data.text_only()
+        val = val.text_only() if val is not None else None
+    if val is None and args.val_fraction > 0:
+        data, val = data.split(args.val_fraction, seed=config.seed)
+    check_training_data(config, data)
+    for ds in (data, val):
+        if ds is not None:
+            ds.verify_images()
+    return data, val
+
+
+# ------------------------------------------------------------------------------------ eval
+
+
+def _register_eval(sub: Any) -> None:
+    e = sub.add_parser("eval", help="retrieval Recall@K table, original vs Safe-CLIP (default: bundled testbed)",
+                       description="Print Recall@1/5/10/20 for S→V, U→V, U→(V∪G), V→S and G→S, original vs "
+                       "Safe-CLIP.", epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--original", help="the original CLIP (folder, hub id, open_clip:NAME)")
     e.add_argument("--safe", help="the Safe-CLIP model (OUTPUT_DIR/model of `safeclip train`)")
     e.add_argument("--data", help="evaluation quadruplets with images (JSONL or ViSU + --coco-dir)")
     e.add_argument("--image-root", help="folder that relative image paths in --data are relative to")
     e.add_argument("--coco-dir", help="COCO folder for ViSU-layout --data")
     e.add_argument("--assets", help="testbed folder (default: the bundled assets/safeclip)")
-    e.add_argument("--gallery", choices=("original", "self"), default="original", help="which model embeds the retrieval gallery for the Safe-CLIP rows")
-    e.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
-    e.add_argument("--json", help="also write the rows to this JSON file")
+    e.add_argument("--gallery", choices=("original", "self"), default="original",
+                   help="which model embeds the retrieval gallery for the Safe-CLIP rows")
+    e.add_argument("--batch-size", type=int_arg(low=1), default=64, metavar="N", help="embedding batch size")
+    add_output_options(e, flag="--json", dest="json", required=False, help="also write the rows to this JSON file")
+    add_progress_option(e)
     e.set_defaults(func=_eval)
-
-    pr = sub.add_parser("pairs", help="safe→unsafe caption converter: fine-tune a causal LM on pairs, generate unsafe captions", description="Build Safe-CLIP training text: fine-tune a causal LM on (safe, unsafe) caption pairs, then generate unsafe versions of safe captions.")
-    psub = pr.add_subparsers(dest="pairs_command", metavar="{train,generate}")
-    pr.set_defaults(func=lambda args: (pr.print_help(), 1)[1])
-    pt = psub.add_parser("train", help="LoRA fine-tune a causal LM on (safe, unsafe) pairs", description="LoRA (or full) fine-tuning of a transformers causal LM on a small file of (safe, unsafe) caption pairs; the paper used ~100 curated pairs.")
-    pt.add_argument("--model", required=True, help="transformers causal LM folder or hub id")
-    pt.add_argument("--pairs", required=True, help="JSONL/JSON records with 'safe' and 'unsafe' (or 'nsfw'), or a CSV with those columns")
-    pt.add_argument("--output-dir", required=True, help="where the adapter (safetensors) and tokenizer are saved")
-    pt.add_argument("--full-finetune", action="store_true", help="train all weights instead of LoRA")
-    pt.add_argument("--epochs", type=int, default=3)
-    pt.add_argument("--lr", type=float, default=2e-4)
-    pt.add_argument("--batch-size", type=int, default=8)
-    pt.add_argument("--lora-r", type=int, default=16)
-    pt.add_argument("--lora-alpha", type=float, default=32.0)
-    pt.add_argument("--template", default=None, help="prompt template with {safe} (default 'Safe: {safe}\\nUnsafe:')")
-    pt.set_defaults(func=_pairs_train)
-    pg = psub.add_parser("generate", help="write unsafe versions of safe captions (JSONL ready for `safeclip train`)", description="Generate an unsafe version of each safe caption with a converter trained by `pairs train`.")
-    pg.add_argument("--model", required=True, help="the base causal LM (folder or hub id)")
-    pg.add_argument("--adapter", help="folder written by `pairs train` (omit for a fully fine-tuned --model)")
-    pg.add_argument("--captions", required=True, help="a .txt file (one caption per line) or JSONL with 'safe' or 'caption' fields")
-    pg.add_argument("--output", required=True, help="JSONL output: {\"safe\": ..., \"unsafe\": ...} per line")
-    pg.add_argument("--batch-size", type=int, default=16)
-    pg.add_argument("--max-new-tokens", type=int, default=64)
-    pg.add_argument("--sample", action="store_true", help="sample (with --temperature/--top-p) instead of greedy decoding")
-    pg.add_argument("--temperature", type=float, default=1.0)
-    pg.add_argument("--top-p", type=float, default=0.9)
-    pg.add_argument("--template", default=None)
-    pg.set_defaults(func=_pairs_generate)
-
-
-# ------------------------------------------------------------------------------------ train
-
-
-def _load_config_file(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileFormatError(f"config file {p} does not exist")
-    text = p.read_text()
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FileFormatError(f"{p} is not valid JSON ({exc}); use .yaml/.yml for YAML") from exc
-    if not isinstance(data, dict):
-        raise FileFormatError(f"{p} must hold a mapping of SafeCLIPTrainingConfig fields")
-    return data
-
-
-def _parse_weights(text: str) -> dict[str, float]:
-    out = {}
-    for part in filter(None, (s.strip() for s in text.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq:
-            raise InputError(f"--weights expects NAME=VALUE pairs separated by commas, got {part!r}")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError as exc:
-            raise InputError(f"--weights: {value!r} is not a number") from exc
-    return out
-
-
-def _train(args: argparse.Namespace) -> int:
-    from vlmsafe.safeclip.backends import load_backend
-    from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset, load_dataset
-    from vlmsafe.safeclip.losses import SafeCLIPLossWeights
-    from vlmsafe.safeclip.trainer import SafeCLIPTrainer, SafeCLIPTrainingConfig
-
-    fields = _load_config_file(args.config) if args.config else {}
-    for name in ("lora_r", "lora_alpha", "lora_dropout", "reference", "learning_rate", "weight_decay", "lr_scheduler", "warmup_steps", "batch_size", "gradient_accumulation_steps", "num_epochs", "max_steps", "max_grad_norm", "mixed_precision", "eval_every", "early_stopping_patience", "best_metric", "save_every", "seed"):
-        if getattr(args, name, None) is not None:
-            fields[name] = getattr(args, name)
-    if args.lora_targets:
-        fields["lora_target_modules"] = [s.strip() for s in args.lora_targets.split(",") if s.strip()]
-    if args.full_finetune:
-        fields["use_lora"] = False
-    if args.text_only:
-        fields["train_vision"] = False
-    if args.no_text:
-        fields["train_text"] = False
-    if args.weights:
-        base = dict(fields.get("weights") or {})
-        base.update(_parse_weights(args.weights))
-        fields["weights"] = SafeCLIPLossWeights.from_dict(base)
-    if args.no_progress:
-        fields["progress"] = False
-    config = SafeCLIPTrainingConfig.from_dict(fields)
-
-    data = load_dataset(args.data, image_root=args.image_root, coco_dir=args.coco_dir)
-    if args.text_only:
-        data = QuadrupletDataset(Quadruplet(q.safe, q.unsafe) for q in data)
-    if args.val_data:
-        val = load_dataset(args.val_data, image_root=args.image_root, coco_dir=args.coco_dir)
-        if args.text_only:
-            val = QuadrupletDataset(Quadruplet(q.safe, q.unsafe) for q in val)
-    elif args.val_fraction and args.val_fraction > 0:
-        data, val = data.split(args.val_fraction, seed=config.seed)
-    else:
-        val = None
-    backend = load_backend(args.model)
-    trainer = SafeCLIPTrainer(backend, config, data, val, output_dir=args.output_dir)
-    if trainer.accelerator.is_main_process:
-        mode = "LoRA" if config.use_lora else "full fine-tuning"
-        print(f"Safe-CLIP: {len(data)} training items, {0 if val is None else len(val)} validation; towers {', '.join(trainer.towers)}; {mode}; {trainer.total_steps} steps", file=sys.stderr)
-    result = trainer.train(resume_from=args.resume)
-    out = trainer.save_pretrained(Path(args.output_dir) / "model", overwrite=bool(args.resume))
-    if trainer.accelerator.is_main_process:
-        summary = {"model_dir": str(out), "global_step": result.global_step, "stopped_early": result.stopped_early, "best_step": result.best_step, "best_metrics": result.best_metrics}
-        print(json.dumps(summary, indent=2))
-    return 0
-
-
-# ------------------------------------------------------------------------------------ eval
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from vlmsafe.io import check_output, write_json_atomic
     from vlmsafe.safeclip.retrieval import format_table, retrieval_table
 
+    if args.json:
+        check_output(args.json, kind="file", overwrite=args.overwrite, option="--json")
     if args.safe or args.data or args.original:
         if not (args.safe and args.data and args.original):
-            raise InputError("evaluating your own model needs --original, --safe and --data together (or none of them for the bundled testbed)")
+            raise InputError("evaluating your own model needs --original, --safe and --data together (or none of "
+                             "them for the bundled testbed)")
         from vlmsafe.safeclip.backends import load_backend
         from vlmsafe.safeclip.data import load_dataset
 
         data = load_dataset(args.data, image_root=args.image_root, coco_dir=args.coco_dir)
-        rows = retrieval_table(load_backend(args.original), data, load_backend(args.safe), gallery=args.gallery, batch_size=args.batch_size, progress=True)
+        data.verify_images()
+        rows = retrieval_table(load_backend(args.original), data, load_backend(args.safe), gallery=args.gallery,
+                               batch_size=args.batch_size, progress=not args.no_progress)
         title = f"Retrieval on {args.data} ({len(data)} items)"
     else:
         from vlmsafe.safeclip.testbed import default_assets_dir, heldout_rows, resolve_assets_dir
@@ -235,71 +277,94 @@ def _eval(args: argparse.Namespace) -> int:
     print(title)
     print(format_table(rows))
     if args.json:
-        from vlmsafe.io import write_json_atomic
-
-        write_json_atomic(args.json, rows)
+        write_json_atomic(args.json, rows, overwrite=args.overwrite)
     return 0
 
 
 # ------------------------------------------------------------------------------------ pairs
 
 
-def _load_lm(model: str, adapter: Optional[str] = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _register_pairs(sub: Any) -> None:
+    from vlmsafe.safeclip.options import add_options
+    from vlmsafe.safeclip.pairs import PairConverterConfig
 
-    try:
-        tok = AutoTokenizer.from_pretrained(adapter or model) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else AutoTokenizer.from_pretrained(model)
-        lm = AutoModelForCausalLM.from_pretrained(model)
-    except OSError as exc:
-        raise FileFormatError(f"cannot load the causal LM {model}: {exc}") from exc
-    if adapter:
-        from peft import PeftModel
+    pr = sub.add_parser("pairs", help="safe→unsafe caption converter: fine-tune a causal LM on pairs, generate "
+                        "unsafe captions", description="Build Safe-CLIP training text: fine-tune a causal LM on "
+                        "(safe, unsafe) caption pairs, then generate unsafe versions of safe captions.")
+    psub = pr.add_subparsers(dest="pairs_command")
+    pr.set_defaults(func=lambda args: (pr.print_help(), 1)[1])
+    pt = psub.add_parser("train", help="LoRA fine-tune a causal LM on (safe, unsafe) pairs",
+                         description="LoRA (or full) fine-tuning of a transformers causal LM on a small file of "
+                         "(safe, unsafe) caption pairs; the paper used ~100 curated pairs.")
+    add_model_options(pt, help="transformers causal LM folder (or hub id)")
+    pt.add_argument("--pairs", required=True,
+                    help="JSONL/JSON records with 'safe' and 'unsafe' (or 'nsfw'), or a CSV with those columns")
+    add_output_options(pt, flag="--output-dir", dest="output_dir",
+                       help="where the adapter (safetensors) and tokenizer are saved")
+    add_options(pt.add_argument_group("training options (PairConverterConfig fields)"), PairConverterConfig)
+    pt.set_defaults(func=_pairs_train)
 
-        lm = PeftModel.from_pretrained(lm, adapter)
-    return lm, tok
+    pg = psub.add_parser("generate", help="write unsafe versions of safe captions (JSONL ready for `safeclip "
+                         "train`)", description="Generate an unsafe version of each safe caption with a converter "
+                         "trained by `pairs train`.")
+    add_model_options(pg, help="the base causal LM folder (or hub id)")
+    pg.add_argument("--adapter", help="folder written by `pairs train` (omit for a fully fine-tuned --model)")
+    pg.add_argument("--captions", required=True,
+                    help="a .txt file (one caption per line) or JSON/JSONL with 'safe' or 'caption' fields")
+    add_output_options(pg, flag="--output", dest="output",
+                       help="JSONL output: {\"safe\": ..., \"unsafe\": ...} per line")
+    pg.add_argument("--batch-size", type=int_arg(low=1), default=16, metavar="N", help="captions per generate call")
+    add_max_new_tokens(pg)
+    pg.add_argument("--sample", action="store_true", help="sample (with --temperature/--top-p) instead of greedy")
+    pg.add_argument("--temperature", type=float_arg(low=0, low_open=True), metavar="X",
+                    help="sampling temperature, > 0 (default 1.0; needs --sample)")
+    pg.add_argument("--top-p", type=float_arg(low=0, high=1, low_open=True), metavar="X",
+                    help="nucleus sampling mass, in (0, 1] (default 0.9; needs --sample)")
+    pg.add_argument("--template", help="prompt template with {safe} (default: the one `pairs train` used by default)")
+    add_progress_option(pg)
+    pg.set_defaults(func=_pairs_generate)
+
+
+def _load_lm(args: argparse.Namespace, adapter: str | None = None) -> tuple[Any, Any]:
+    from vlmsafe.loading import load_model
+
+    return load_model(args.model, kind="causal_lm", dtype=args.dtype, device=args.device,
+                      device_map=args.device_map, adapter=adapter)
 
 
 def _pairs_train(args: argparse.Namespace) -> int:
-    from vlmsafe.safeclip.pairs import DEFAULT_TEMPLATE, PairConverterConfig, load_pairs, save_converter, train_pair_converter
+    from vlmsafe.io import check_output
+    from vlmsafe.safeclip.options import options_from_args
+    from vlmsafe.safeclip.pairs import PairConverterConfig, load_pairs, save_converter, train_pair_converter
 
+    cfg = PairConverterConfig(**options_from_args(args, PairConverterConfig))
+    check_output(args.output_dir, kind="dir", overwrite=args.overwrite, option="--output-dir")
     pairs = load_pairs(args.pairs)
-    lm, tok = _load_lm(args.model)
-    cfg = PairConverterConfig(prompt_template=args.template or DEFAULT_TEMPLATE, use_lora=not args.full_finetune, num_epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha)
+    lm, tok = _load_lm(args)
     result = train_pair_converter(lm, tok, pairs, cfg)
-    save_converter(result.model, tok, args.output_dir)
-    print(json.dumps({"output_dir": args.output_dir, "pairs": len(pairs), "first_loss": result.losses[0], "last_loss": result.losses[-1]}, indent=2))
+    save_converter(result.model, tok, args.output_dir, overwrite=args.overwrite)
+    print(json.dumps({"output_dir": args.output_dir, "pairs": len(pairs), "first_loss": result.losses[0],
+                      "last_loss": result.losses[-1]}, indent=2))
     return 0
 
 
-def _read_captions(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileFormatError(f"captions file {p} does not exist")
-    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if p.suffix.lower() in (".jsonl", ".json"):
-        out = []
-        for i, line in enumerate(lines, start=1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FileFormatError(f"{p}:{i}: not JSON ({exc})") from exc
-            text = rec.get("safe", rec.get("caption")) if isinstance(rec, dict) else None
-            if not text:
-                raise FileFormatError(f"{p}:{i}: expected a 'safe' or 'caption' field")
-            out.append(text)
-        return out
-    return [line.strip() for line in lines]
-
-
 def _pairs_generate(args: argparse.Namespace) -> int:
-    from vlmsafe.io import atomic_path
-    from vlmsafe.safeclip.pairs import DEFAULT_TEMPLATE, generate_unsafe
+    from vlmsafe.io import atomic_path, check_output
+    from vlmsafe.safeclip.pairs import DEFAULT_TEMPLATE, check_template, generate_unsafe, load_captions
 
-    captions = _read_captions(args.captions)
-    lm, tok = _load_lm(args.model, args.adapter)
-    kwargs: dict[str, Any] = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample else {}
-    unsafe = generate_unsafe(lm, tok, captions, prompt_template=args.template or DEFAULT_TEMPLATE, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=True, **kwargs)
-    with atomic_path(args.output) as tmp:
+    template = check_template(args.template or DEFAULT_TEMPLATE)
+    if not args.sample and (args.temperature is not None or args.top_p is not None):
+        raise InputError("--temperature/--top-p only apply when sampling; add --sample (greedy decoding would "
+                         "ignore them)")
+    check_output(args.output, kind="file", overwrite=args.overwrite, option="--output")
+    captions = load_captions(args.captions)
+    lm, tok = _load_lm(args, args.adapter)
+    kwargs: dict[str, Any] = {}
+    if args.sample:
+        kwargs = {"do_sample": True, "temperature": args.temperature or 1.0, "top_p": args.top_p or 0.9}
+    unsafe = generate_unsafe(lm, tok, captions, prompt_template=template, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, progress=not args.no_progress, **kwargs)
+    with atomic_path(args.output, overwrite=args.overwrite) as tmp:
         tmp.write_text("".join(json.dumps({"safe": s, "unsafe": u}) + "\n" for s, u in zip(captions, unsafe)))
     print(f"wrote {len(unsafe)} pairs to {args.output}")
     return 0

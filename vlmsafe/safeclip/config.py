@@ -1,5 +1,10 @@
 """What shapes a Safe-CLIP run (:class:`SafeCLIPTrainingConfig`) and what a run records about itself.
 
+Every option's help text, range and command-line flag live in its field's metadata
+(:mod:`vlmsafe.safeclip.options`): :meth:`SafeCLIPTrainingConfig.__post_init__` checks the ranges
+(finite numbers, ``learning_rate > 0``, ``lora_dropout`` in [0, 1) ...) and ``vlmsafe safeclip
+train`` builds its flags from the same metadata, so the two cannot drift apart.
+
 :class:`TrainerState` is the JSON part of a checkpoint (where training is, early-stopping state,
 history); :class:`TrainingResult` is what :meth:`SafeCLIPTrainer.train` returns.
 """
@@ -13,6 +18,25 @@ from typing import Any
 
 from vlmsafe.errors import InputError
 from vlmsafe.safeclip.losses import SafeCLIPLossWeights
+from vlmsafe.safeclip.options import (
+    check_options,
+    choice_option,
+    float_option,
+    int_option,
+    other_option,
+    switch_option,
+)
+from vlmsafe.validation import check_float
+
+
+def check_scheduler(name: object) -> str:
+    """``name`` if it is a ``transformers.SchedulerType`` value (checked before any model is loaded)."""
+    from transformers.trainer_utils import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    if name not in names:
+        raise InputError(f"lr_scheduler {name!r} is not a transformers scheduler; use one of {', '.join(names)}")
+    return str(name)
 
 
 @dataclass
@@ -23,57 +47,82 @@ class SafeCLIPTrainingConfig:
     optimizer sees ``batch_size * gradient_accumulation_steps`` items per step.
     """
 
-    train_text: bool = True
-    train_vision: bool | None = None  # None: train the vision tower iff the training data has images
-    use_lora: bool = True
-    lora_r: int = 16
-    lora_alpha: float = 1.0
-    lora_dropout: float = 0.1
-    lora_target_modules: list[str] | None = None  # leaf names; None: backend default
-    reference: str = "copy"  # "copy" | "disable_adapter"
-    cache_reference: bool = True  # reuse T0(S), I0(V) of each training item after its first use
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    lr_scheduler: str = "constant_with_warmup"  # any transformers.get_scheduler name
-    warmup_steps: int = 0
-    batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    num_epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; stops before num_epochs if reached
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (accelerate)
-    cpu: bool = False  # force the CPU even when a GPU is present
-    eval_every: int | None = None  # optimizer steps; None: at the end of every epoch
-    eval_batch_size: int = 64
-    early_stopping_patience: int | None = 3  # evaluations without improvement; None: never stop
-    early_stopping_min_delta: float = 0.0
-    best_metric: str = "recall_sum"  # "recall_sum" (higher is better) | "loss" (lower)
-    save_every: int | None = None  # optimizer steps; None: only at the end
-    keep_checkpoints: int = 2
-    seed: int = 0
-    logit_scale: float = 100.0
-    weights: SafeCLIPLossWeights = field(default_factory=SafeCLIPLossWeights)
-    num_workers: int = 0
-    progress: bool = True
+    train_text: bool = switch_option(
+        True, "train the text tower", flag="--no-text", const=False,
+        flag_help="do not train the text tower (vision only)")
+    train_vision: bool | None = switch_option(
+        None, "train the vision tower (None: iff the training data has images)", flag="--text-only", const=False,
+        flag_help="ignore images and train the text tower only (text-only mode)")
+    use_lora: bool = switch_option(
+        True, "train LoRA adapters (False: all weights of the trained towers)", flag="--full-finetune", const=False,
+        flag_help="train all tower weights instead of LoRA")
+    lora_r: int = int_option(16, "LoRA rank")
+    lora_alpha: float = float_option(
+        1.0, "LoRA alpha (the reference's 1; update scale = alpha / r)", low=0, low_open=True)
+    lora_dropout: float = float_option(0.1, "LoRA dropout, in [0, 1)", low=0, high=1, high_open=True)
+    lora_target_modules: list[str] | None = other_option(  # noqa: RUF009 (returns a dataclasses.field)
+        "comma-separated leaf module names LoRA wraps (default HF: k_proj,v_proj,out_proj,fc1,fc2,patch_embedding)",
+        flag="--lora-targets", kind="csv")
+    reference: str = choice_option(
+        "copy", ("copy", "disable_adapter"),
+        "frozen reference: a separate copy, or the LoRA model with its adapter off (less memory)")
+    cache_reference: bool = switch_option(
+        True, "keep the frozen reference's outputs per training item and reuse them", flag="--no-cache-reference",
+        const=False, flag_help="recompute the frozen reference's outputs at every step")
+    learning_rate: float = float_option(1e-3, "AdamW learning rate", low=0, low_open=True, flag="--lr")
+    weight_decay: float = float_option(0.0, "AdamW weight decay", low=0)
+    adam_betas: tuple[float, float] = other_option(
+        "AdamW betas, two numbers in [0, 1), e.g. 0.9,0.999", flag="--adam-betas", kind="floats2",
+        default=(0.9, 0.999))
+    lr_scheduler: str = other_option(
+        "learning-rate schedule: a transformers scheduler name (constant_with_warmup, cosine, linear...)",
+        flag="--scheduler", kind="str", default="constant_with_warmup")
+    warmup_steps: int = int_option(0, "linear learning-rate warm-up steps", low=0)
+    batch_size: int = int_option(32, "global batch per forward pass (split across processes)")
+    gradient_accumulation_steps: int = int_option(1, "micro-batches per optimizer step", flag="--grad-accum")
+    num_epochs: int = int_option(1, "passes over the training data", flag="--epochs")
+    max_steps: int | None = int_option(None, "stop after this many optimizer steps")
+    max_grad_norm: float | None = float_option(
+        1.0, "gradient clipping norm (0 or None disables)", low=0, optional=True)
+    mixed_precision: str = choice_option(
+        "no", ("no", "fp16", "bf16"), "autocast precision (bf16 also works on CPU)")
+    cpu: bool = switch_option(
+        False, "train on the CPU even when a GPU is present", flag="--cpu", const=True,
+        flag_help="train on the CPU even when a GPU is present")
+    eval_every: int | None = int_option(None, "validate every N optimizer steps (default: every epoch)")
+    eval_batch_size: int = int_option(64, "validation embedding batch (also the NCE chunk of the validation loss)")
+    early_stopping_patience: int | None = int_option(
+        3, "evaluations without improvement before stopping (None: never stop)", flag="--patience", optional=True)
+    early_stopping_min_delta: float = float_option(
+        0.0, "smallest change of loss or recall sum that counts as an improvement", low=0, flag="--min-delta")
+    best_metric: str = choice_option(
+        "recall_sum", ("recall_sum", "loss"), "validation metric that picks the saved weights")
+    save_every: int | None = int_option(None, "checkpoint every N optimizer steps (default: at the end)")
+    keep_checkpoints: int = int_option(2, "checkpoints kept in the output folder (older ones are pruned)")
+    seed: int = int_option(0, "seed for LoRA init and data order", low=0)
+    logit_scale: float = float_option(
+        100.0, "fixed InfoNCE logit scale (the reference's exp(4.6052))", low=0, low_open=True)
+    weights: SafeCLIPLossWeights = other_option(  # noqa: RUF009 (returns a dataclasses.field)
+        "loss weights, e.g. 'G_Sref=0.5,text_nsfw=0.2' (others keep their defaults)", flag="--weights",
+        kind="weights", default_factory=SafeCLIPLossWeights)
+    num_workers: int = int_option(0, "data-loader worker processes", low=0)
+    progress: bool = switch_option(
+        True, "show progress bars", flag="--no-progress", const=False, flag_help="hide progress bars")
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, dict):
             self.weights = SafeCLIPLossWeights.from_dict(self.weights)
-        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
-        if self.reference not in ("copy", "disable_adapter"):
-            raise InputError(f"reference must be 'copy' or 'disable_adapter', got {self.reference!r}")
+        if not isinstance(self.adam_betas, (tuple, list)) or len(self.adam_betas) != 2:
+            raise InputError(f"adam_betas must be two numbers, got {self.adam_betas!r}; e.g. [0.9, 0.999]")
+        self.adam_betas = tuple(  # type: ignore[assignment]
+            check_float(b, "adam_betas", low=0, high=1, high_open=True) for b in self.adam_betas
+        )
+        check_options(self)
+        check_scheduler(self.lr_scheduler)
         if self.reference == "disable_adapter" and not self.use_lora:
             raise InputError(
                 "reference='disable_adapter' needs LoRA (use_lora=True); full fine-tuning needs reference='copy'"
             )
-        if self.best_metric not in ("recall_sum", "loss"):
-            raise InputError(f"best_metric must be 'recall_sum' or 'loss', got {self.best_metric!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise InputError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "eval_batch_size", "lora_r"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

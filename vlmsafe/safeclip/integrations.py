@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def _like(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return new.to(param.device).eval()
 
 
-def load_safe_text_encoder(path: str | os.PathLike[str], like: Optional[nn.Module] = None, *, with_projection: bool = False) -> nn.Module:
+def load_safe_text_encoder(path: str | os.PathLike[str], like: nn.Module | None = None, *, with_projection: bool = False) -> nn.Module:
     """The Safe-CLIP text tower as ``CLIPTextModel`` (or ``CLIPTextModelWithProjection``).
 
     With ``like`` (an existing text encoder) the result copies its class, config, dtype and
@@ -89,7 +89,7 @@ def load_safe_text_encoder(path: str | os.PathLike[str], like: Optional[nn.Modul
     raise UnsupportedModelError(f"cannot put a CLIP text tower in place of {type(like).__name__}; expected CLIPTextModel or CLIPTextModelWithProjection")
 
 
-def apply_safe_text_encoder(pipe: Any, path: str | os.PathLike[str], *, path_2: Optional[str | os.PathLike[str]] = None) -> Any:
+def apply_safe_text_encoder(pipe: Any, path: str | os.PathLike[str], *, path_2: str | os.PathLike[str] | None = None) -> Any:
     """Swap a diffusers pipeline's text encoder(s) for Safe-CLIP's; returns ``pipe``.
 
     ``path`` replaces ``pipe.text_encoder``; for SDXL, ``path_2`` replaces ``pipe.text_encoder_2``

@@ -29,13 +29,14 @@ gradient scale does not jump with the batch composition and gradient accumulatio
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from vlmsafe.errors import InputError
+from vlmsafe.validation import check_float
 
 #: Loss term names, in the reference's order (text/vision cosine, then the four NCE terms).
 LOSS_NAMES: tuple[str, ...] = (
@@ -71,7 +72,7 @@ class SafeCLIPLossWeights:
         return {name: float(getattr(self, name)) for name in LOSS_NAMES}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SafeCLIPLossWeights":
+    def from_dict(cls, data: dict) -> SafeCLIPLossWeights:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -79,11 +80,10 @@ class SafeCLIPLossWeights:
         return cls(**data)
 
     def __post_init__(self) -> None:
-        values = self.as_dict()
-        if any(v < 0 for v in values.values()):
-            raise InputError(f"Safe-CLIP loss weights must be >= 0, got {values}")
-        if sum(values.values()) <= 0:
-            raise InputError("at least one Safe-CLIP loss weight must be > 0")
+        for name in LOSS_NAMES:  # finite and >= 0 (a NaN weight would train on NaN silently)
+            object.__setattr__(self, name, check_float(getattr(self, name), f"loss weight {name}", low=0))
+        if sum(self.as_dict().values()) <= 0:
+            raise InputError(f"all Safe-CLIP loss weights are 0; give at least one of {', '.join(LOSS_NAMES)} a weight > 0")
 
     @property
     def denominator(self) -> float:
@@ -122,15 +122,15 @@ class SafeCLIPEmbeddings:
     """
 
     ref_text_safe: torch.Tensor  # T0(S)
-    text_safe: Optional[torch.Tensor] = None  # T(S); None when the text tower is not trained
-    text_nsfw: Optional[torch.Tensor] = None  # T(U)
-    image_safe: Optional[torch.Tensor] = None  # I(V)
-    image_nsfw: Optional[torch.Tensor] = None  # I(G)
-    ref_image_safe: Optional[torch.Tensor] = None  # I0(V)
-    has_safe_image: Optional[torch.Tensor] = None
-    has_unsafe_image: Optional[torch.Tensor] = None
+    text_safe: torch.Tensor | None = None  # T(S); None when the text tower is not trained
+    text_nsfw: torch.Tensor | None = None  # T(U)
+    image_safe: torch.Tensor | None = None  # I(V)
+    image_nsfw: torch.Tensor | None = None  # I(G)
+    ref_image_safe: torch.Tensor | None = None  # I0(V)
+    has_safe_image: torch.Tensor | None = None
+    has_unsafe_image: torch.Tensor | None = None
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "SafeCLIPEmbeddings":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SafeCLIPEmbeddings:
         """Apply ``fn`` to every tensor field (used to all-gather across processes)."""
         return SafeCLIPEmbeddings(**{f.name: (None if (v := getattr(self, f.name)) is None else fn(v)) for f in dataclasses.fields(self)})
 
@@ -160,10 +160,10 @@ def safeclip_losses(
     w = weights.as_dict()
     empty = ref_s.new_zeros((0, ref_s.shape[-1]))
 
-    def rows(x: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def rows(x: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         return empty if (x is None or not mask.any()) else x[mask]
 
-    def full(x: Optional[torch.Tensor]) -> torch.Tensor:
+    def full(x: torch.Tensor | None) -> torch.Tensor:
         return empty if x is None else x
 
     ref_s_or_empty = ref_s if emb.text_safe is not None else empty

@@ -21,42 +21,62 @@ For a real run use an instruction-tuned 7B-class model in bf16 on a GPU, e.g.::
 from __future__ import annotations
 
 import csv
-import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
+from vlmsafe.data import read_records
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.safeclip.options import check_options, float_option, int_option, other_option, switch_option
+from vlmsafe.validation import check_float, check_int
 
 DEFAULT_TEMPLATE = "Safe: {safe}\nUnsafe:"
 
 
 @dataclass
 class PairConverterConfig:
-    """Fine-tuning settings of the converter. ``prompt_template`` must contain ``{safe}``."""
+    """Fine-tuning settings of the converter (help, ranges and CLI flags in the field metadata)."""
 
-    prompt_template: str = DEFAULT_TEMPLATE
-    use_lora: bool = True
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_target_modules: Union[str, list[str]] = "all-linear"
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    num_epochs: int = 3
-    batch_size: int = 8
-    max_length: int = 256
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    progress: bool = True
+    prompt_template: str = other_option(
+        "prompt template with {safe} where the safe caption goes", flag="--template", kind="str",
+        default=DEFAULT_TEMPLATE)
+    use_lora: bool = switch_option(
+        True, "train LoRA adapters (False: all weights)", flag="--full-finetune", const=False,
+        flag_help="train all weights instead of LoRA")
+    lora_r: int = int_option(16, "LoRA rank")
+    lora_alpha: float = float_option(32.0, "LoRA alpha", low=0, low_open=True)
+    lora_dropout: float = float_option(0.05, "LoRA dropout, in [0, 1)", low=0, high=1, high_open=True)
+    lora_target_modules: str | list[str] = "all-linear"
+    learning_rate: float = float_option(2e-4, "AdamW learning rate", low=0, low_open=True, flag="--lr")
+    weight_decay: float = float_option(0.0, "AdamW weight decay", low=0)
+    warmup_steps: int = int_option(0, "learning-rate warm-up steps", low=0)
+    num_epochs: int = int_option(3, "passes over the pairs", flag="--epochs")
+    batch_size: int = int_option(8, "pairs per optimizer step")
+    max_length: int = int_option(256, "longest prompt + continuation, in tokens")
+    max_grad_norm: float = float_option(1.0, "gradient clipping norm", low=0, low_open=True)
+    seed: int = int_option(0, "seed for LoRA init and pair order", low=0)
+    progress: bool = switch_option(
+        True, "show a progress bar", flag="--no-progress", const=False, flag_help="hide progress bars")
 
     def __post_init__(self) -> None:
-        if "{safe}" not in self.prompt_template:
-            raise InputError("prompt_template must contain '{safe}' where the safe caption goes")
+        check_options(self)
+        check_template(self.prompt_template)
+
+
+def check_template(template: str) -> str:
+    """``template`` if it holds the ``{safe}`` placeholder (and nothing else ``str.format`` would fill)."""
+    try:
+        template.format(safe="x")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InputError(f"prompt template {template!r} has a placeholder other than {{safe}} ({exc}); "
+                         "write literal braces as {{ and }}") from None
+    if "{safe}" not in template:
+        raise InputError(f"prompt template {template!r} has no {{safe}}; put {{safe}} where the safe caption goes")
+    return template
 
 
 @dataclass
@@ -68,30 +88,54 @@ class ConverterTrainingResult:
 def load_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """Read (safe, unsafe) pairs from JSONL/JSON (``safe`` + ``unsafe`` or ``nsfw`` keys) or CSV."""
     p = Path(path)
-    if not p.is_file():
-        raise FileFormatError(f"pairs file {p} does not exist")
     if p.suffix.lower() == ".csv":
-        with p.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = _csv_rows(p)
     else:
-        text = p.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-            rows = data if isinstance(data, list) else [data]
-        except json.JSONDecodeError:
-            try:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            except json.JSONDecodeError as exc:
-                raise FileFormatError(f"{p}: not JSON/JSONL ({exc}); write one {{\"safe\": ..., \"unsafe\": ...}} object per line") from exc
+        rows = read_records(p, what="pairs file")
     pairs = []
-    for i, r in enumerate(rows, start=1):
-        unsafe = r.get("unsafe", r.get("nsfw")) if isinstance(r, dict) else None
-        if not isinstance(r, dict) or not r.get("safe") or not unsafe:
-            raise FileFormatError(f"{p}: record {i} needs non-empty 'safe' and 'unsafe' (or 'nsfw') fields")
-        pairs.append((str(r["safe"]).strip(), str(unsafe).strip()))
-    if not pairs:
-        raise FileFormatError(f"{p} holds no pairs")
+    for where, r in rows:
+        unsafe = r.get("unsafe", r.get("nsfw"))
+        safe = r.get("safe")
+        if not isinstance(safe, str) or not isinstance(unsafe, str) or not safe.strip() or not unsafe.strip():
+            raise FileFormatError(
+                f"{where}: each pair needs non-empty 'safe' and 'unsafe' (or 'nsfw') text fields; "
+                "write one {\"safe\": ..., \"unsafe\": ...} object per line"
+            )
+        pairs.append((safe.strip(), unsafe.strip()))
     return pairs
+
+
+def load_captions(path: str | os.PathLike[str]) -> list[str]:
+    """Safe captions to convert: a text file (one per line) or JSON/JSONL records with ``safe`` or ``caption``."""
+    p = Path(path)
+    if p.suffix.lower() in (".jsonl", ".json"):
+        out = []
+        for where, rec in read_records(p, what="captions file"):
+            text = rec.get("safe", rec.get("caption"))
+            if not isinstance(text, str) or not text.strip():
+                raise FileFormatError(f"{where}: expected a non-empty 'safe' or 'caption' text field; add one per record")
+            out.append(text.strip())
+        return out
+    if not p.is_file():
+        kind = "is a directory" if p.is_dir() else "does not exist"
+        raise FileFormatError(f"{p}: captions file {kind}; pass a .txt file (one caption per line) or JSONL")
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise FileFormatError(f"{p}: not UTF-8 text ({exc.reason}); save the captions as UTF-8") from None
+    if not lines:
+        raise FileFormatError(f"{p}: captions file is empty; write one caption per line")
+    return lines
+
+
+def _csv_rows(p: Path) -> list[tuple[str, dict]]:
+    if not p.is_file():
+        raise FileFormatError(f"{p}: pairs file does not exist; pass a CSV with 'safe' and 'unsafe' columns")
+    with p.open(newline="", encoding="utf-8") as f:
+        rows = [(f"{p}:{i}", dict(r)) for i, r in enumerate(csv.DictReader(f), start=2)]
+    if not rows:
+        raise FileFormatError(f"{p}: pairs file holds no rows; add a header 'safe,unsafe' and one pair per line")
+    return rows
 
 
 def _encode_pair(tokenizer: Any, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
@@ -108,7 +152,7 @@ def train_pair_converter(
     model: Any,
     tokenizer: Any,
     pairs: Sequence[tuple[str, str]],
-    config: Optional[PairConverterConfig] = None,
+    config: PairConverterConfig | None = None,
 ) -> ConverterTrainingResult:
     """Fine-tune ``model`` to continue ``prompt_template.format(safe=S)`` with `` U<eos>``."""
     from tqdm.auto import tqdm
@@ -177,6 +221,13 @@ def generate_unsafe(
     """
     from tqdm.auto import tqdm
 
+    check_int(batch_size, "batch_size", low=1)
+    check_int(max_new_tokens, "max_new_tokens", low=1)
+    if "temperature" in generate_kwargs:
+        check_float(generate_kwargs["temperature"], "temperature", low=0, low_open=True)
+    if "top_p" in generate_kwargs:
+        check_float(generate_kwargs["top_p"], "top_p", low=0, high=1, low_open=True)
+    check_template(prompt_template)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     old_side = tokenizer.padding_side
@@ -204,11 +255,14 @@ def generate_unsafe(
     return out
 
 
-def save_converter(model: Any, tokenizer: Any, path: str | os.PathLike[str]) -> Path:
-    """Save the LoRA adapter (or full model) and tokenizer, safetensors only, atomically."""
+def save_converter(model: Any, tokenizer: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Save the LoRA adapter (or full model) and tokenizer, safetensors only, atomically.
+
+    An existing non-empty ``path`` is replaced only with ``overwrite=True``.
+    """
     from vlmsafe.io import atomic_path
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return Path(path)

@@ -14,7 +14,8 @@ tell them apart by chance.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ DIRECTIONS: tuple[str, ...] = ("S→V", "U→V", "U→(V∪G)", "V→S", "G→S"
 @torch.no_grad()
 def embed_quadruplets(
     backend: CLIPBackend,
-    model: Optional[nn.Module],
+    model: nn.Module | None,
     data: QuadrupletDataset,
     *,
     batch_size: int = 64,
@@ -39,7 +40,7 @@ def embed_quadruplets(
     texts: Sequence[str] = ("safe", "unsafe"),
     images: Sequence[str] = ("safe", "unsafe"),
     progress: bool = True,
-) -> dict[str, Optional[torch.Tensor]]:
+) -> dict[str, torch.Tensor | None]:
     """Embed a dataset: ``S``, ``U`` (texts), ``V``, ``G`` (images; zero rows where missing).
 
     Also returns the boolean masks ``has_V`` / ``has_G``. Entries for towers not in ``towers``
@@ -51,7 +52,7 @@ def embed_quadruplets(
     n = len(data)
     device = next(model.parameters()).device
     items = data.items
-    out: dict[str, Optional[torch.Tensor]] = {
+    out: dict[str, torch.Tensor | None] = {
         "has_V": torch.tensor([q.safe_image is not None for q in items], dtype=torch.bool),
         "has_G": torch.tensor([q.unsafe_image is not None for q in items], dtype=torch.bool),
     }
@@ -88,7 +89,7 @@ def recall_at_k(
     queries: torch.Tensor,
     gallery: torch.Tensor,
     ks: Sequence[int] = DEFAULT_KS,
-    targets: Optional[torch.Tensor] = None,
+    targets: torch.Tensor | None = None,
 ) -> dict[int, float]:
     """Recall@K of cosine retrieval; query ``i``'s correct gallery item is ``targets[i]`` (default ``i``)."""
     if queries.shape[0] == 0:
@@ -105,8 +106,8 @@ def recall_at_k(
 
 
 def retrieval_metrics(
-    query: dict[str, Optional[torch.Tensor]],
-    gallery: dict[str, Optional[torch.Tensor]],
+    query: dict[str, torch.Tensor | None],
+    gallery: dict[str, torch.Tensor | None],
     ks: Sequence[int] = DEFAULT_KS,
 ) -> dict[str, dict[str, float]]:
     """Recall@K per direction from two :func:`embed_quadruplets` results (queries vs gallery)."""
@@ -138,7 +139,7 @@ def retrieval_metrics(
 def retrieval_table(
     original: CLIPBackend,
     data: QuadrupletDataset,
-    safe: Optional[CLIPBackend] = None,
+    safe: CLIPBackend | None = None,
     *,
     ks: Sequence[int] = DEFAULT_KS,
     gallery: str = "original",
@@ -179,5 +180,5 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ["model", "direction", *cols]
     body = [[str(r["model"]), str(r["direction"]), *("-" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols)] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(b) for b in body)])

@@ -27,8 +27,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 ORIGINAL_DIR, SAFE_DIR, HELDOUT_FILE, HELDOUT_JSON, INFO_FILE = "original", "safe", "heldout.safetensors", "heldout.json", "build_info.json"
 
 
-def caption(color: str, shape: str, pos: str, bg: str, unsafe: Optional[str] = None) -> str:
+def caption(color: str, shape: str, pos: str, bg: str, unsafe: str | None = None) -> str:
     text = f"a {color} {shape} on the {pos} on {bg}"
     return f"{text} {UNSAFE[unsafe]}" if unsafe else text
 
@@ -76,7 +77,7 @@ def vocabulary() -> list[str]:
 # ---------------------------------------------------------------------------------- rendering
 
 
-def render_scene(color: str, shape: str, pos: str, bg: str, unsafe: Optional[str], rng: random.Random) -> tuple[Any, Any]:
+def render_scene(color: str, shape: str, pos: str, bg: str, unsafe: str | None, rng: random.Random) -> tuple[Any, Any]:
     """Draw the safe scene and its unsafe twin (same geometry). Returns two PIL images."""
     from PIL import Image, ImageDraw
 
@@ -171,9 +172,9 @@ def quadruplets(records: Sequence[dict[str, str]], safe: torch.Tensor, unsafe: t
     if as_pil:
         from PIL import Image
 
-        conv = lambda t: Image.fromarray(t.permute(1, 2, 0).numpy())  # noqa: E731
+        conv = lambda t: Image.fromarray(t.permute(1, 2, 0).numpy())
     else:
-        conv = lambda t: normalize_pixels(t)  # noqa: E731
+        conv = lambda t: normalize_pixels(t)
     return QuadrupletDataset(Quadruplet(r["safe"], r["unsafe"], conv(safe[i]), conv(unsafe[i])) for i, r in enumerate(records))
 
 
@@ -391,7 +392,7 @@ def safeclip_demo_rows(assets_dir: str | os.PathLike[str] | None = None) -> list
     return heldout_rows(resolve_assets_dir(assets_dir if assets_dir is not None else default_assets_dir()))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the bundled Safe-CLIP testbed (tiny CLIP + Safe-CLIP fine-tune) from synthetic scenes.")
     parser.add_argument("out_dir", nargs="?", default=str(default_assets_dir()), help="where to write it (default: assets/safeclip)")
     parser.add_argument("--seed", type=int, default=0)

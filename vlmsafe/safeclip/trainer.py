@@ -94,7 +94,7 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
             )
         set_seed(config.seed)
         has_images = bool(train_data is not None and train_data.has_images)
-        self.towers = self._select_towers(has_images)
+        self.towers = select_towers(config, None) if train_data is None else check_training_data(config, train_data)
         # The frozen reference is taken BEFORE any LoRA injection (defect (a) of the reference code).
         self.reference: nn.Module | None = frozen_copy(backend.model) if config.reference == "copy" else None
         self.peft_model, self.inner = self._make_trainable(backend.model)
@@ -112,19 +112,6 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
         self.collator = QuadrupletCollator(backend, use_images=has_images)
 
     # ------------------------------------------------------------------ set-up
-
-    def _select_towers(self, has_images: bool) -> tuple[str, ...]:
-        cfg = self.config
-        train_vision = has_images if cfg.train_vision is None else bool(cfg.train_vision)
-        if train_vision and self.train_data is not None and not has_images:
-            raise InputError(
-                "train_vision=True but the training data has no images: use text-only mode (train_vision=False) "
-                "or add images"
-            )
-        towers = tuple(t for t, on in (("text", cfg.train_text), ("vision", train_vision)) if on)
-        if not towers:
-            raise InputError("nothing to train: set train_text and/or train_vision")
-        return towers
 
     def _make_trainable(self, model: nn.Module) -> tuple[Any, nn.Module]:
         """Inject LoRA into the trained towers (or unfreeze them); returns (peft model or None, inner model)."""
@@ -260,6 +247,56 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
             write_json_atomic(Path(path) / "safeclip_training.json", info)
         self.accelerator.wait_for_everyone()
         return Path(path)
+
+
+def select_towers(config: SafeCLIPTrainingConfig, data: QuadrupletDataset | None) -> tuple[str, ...]:
+    """The towers a run trains: text unless ``train_text=False``; vision iff asked, or (default) iff the data has
+    images."""
+    has_images = bool(data is not None and data.has_images)
+    train_vision = has_images if config.train_vision is None else bool(config.train_vision)
+    if train_vision and data is not None and not has_images:
+        raise InputError(
+            "train_vision=True but the training data has no images: use text-only mode (train_vision=False) "
+            "or add images"
+        )
+    towers = tuple(t for t, on in (("text", config.train_text), ("vision", train_vision)) if on)
+    if not towers:
+        raise InputError("nothing to train: set train_text and/or train_vision")
+    return towers
+
+
+def trainable_terms(towers: tuple[str, ...], data: QuadrupletDataset) -> tuple[str, ...]:
+    """The loss terms that reach a trained tower on ``data`` (the others are constants or absent)."""
+    has_v = any(q.safe_image is not None for q in data.items)
+    has_g = any(q.unsafe_image is not None for q in data.items)
+    has_vg = any(q.safe_image is not None and q.unsafe_image is not None for q in data.items)
+    terms: list[str] = []
+    if "text" in towers:
+        terms += ["text_safe", "text_nsfw"] + (["S_Vref", "U_Vref"] if has_v else [])
+    if "vision" in towers:
+        terms += (["vision_safe", "V_Sref"] if has_v else []) + (["vision_nsfw"] if has_vg else [])
+        terms += ["G_Sref"] if has_g else []
+    return tuple(terms)
+
+
+def check_training_data(config: SafeCLIPTrainingConfig, data: QuadrupletDataset) -> tuple[str, ...]:
+    """Check, before any model is loaded, that ``config`` can train on ``data``; returns the trained towers.
+
+    Raises :class:`InputError` for fewer items than one batch, a tower that cannot be trained, and loss
+    weights that are 0 for every term reaching a trained tower (no gradient at all).
+    """
+    if len(data) < config.batch_size:
+        raise InputError(f"need at least batch_size={config.batch_size} training items, got {len(data)}; lower "
+                         "batch_size or add data")
+    towers = select_towers(config, data)
+    terms = trainable_terms(towers, data)
+    weights = config.weights.as_dict()
+    if not any(weights[t] > 0 for t in terms):
+        raise InputError(
+            f"every loss term that trains the {' and '.join(towers)} tower(s) on this data ({', '.join(terms)}) has "
+            f"weight 0, so nothing would be learned; give one of them a weight > 0, e.g. weights {terms[0]}=0.1"
+        )
+    return towers
 
 
 def train_safeclip(

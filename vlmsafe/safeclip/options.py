@@ -1,0 +1,149 @@
+"""Options declared once, in a config dataclass's field metadata, and derived everywhere else.
+
+A field made with :func:`int_option`, :func:`float_option`, :func:`choice_option`,
+:func:`switch_option` or :func:`other_option` carries its help text, its valid range and its
+command-line flag in ``dataclasses.field(metadata=...)`` (as peft's and mergekit's configs carry
+their help). :func:`check_options` validates an instance against those ranges (finite numbers,
+``> 0``, ``[0, 1)`` ...); :func:`add_options` builds the ``argparse`` flags, whose types check the
+same ranges at parse time; :func:`options_from_args` collects the flags that were given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import field
+from typing import Any
+
+from vlmsafe.validation import check_choice, check_float, check_int, float_arg, int_arg
+
+
+# --------------------------------------------------------------------------- field specs
+def int_option(
+    default: int | None, help: str, *, low: int | None = 1, flag: str | None = None, optional: bool = False
+) -> Any:
+    """An integer option ``>= low``; ``optional``: ``None`` is allowed although the default is not ``None``."""
+    meta = {"help": help, "kind": "int", "low": low, "flag": flag, "optional": optional}
+    return field(default=default, metadata=meta)
+
+
+def float_option(
+    default: float | None, help: str, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+    high_open: bool = False, flag: str | None = None, optional: bool = False,
+) -> Any:
+    """A finite float option in ``[low, high]`` (either end open)."""
+    meta = {"help": help, "kind": "float", "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "flag": flag, "optional": optional}
+    return field(default=default, metadata=meta)
+
+
+def choice_option(default: str, choices: Sequence[str], help: str, *, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "kind": "choice", "choices": tuple(choices), "flag": flag})
+
+
+def switch_option(default: bool | None, help: str, *, flag: str, const: bool, flag_help: str) -> Any:
+    """A boolean (``help`` says what it means) set on the command line by ``flag``, which stores ``const``."""
+    meta = {"help": help, "kind": "switch", "flag": flag, "const": const, "flag_help": flag_help}
+    return field(default=default, metadata=meta)
+
+
+def other_option(help: str, *, flag: str | None, kind: str, default: Any = None, default_factory: Any = None) -> Any:
+    """An option of another ``kind``: ``"str"``, ``"csv"`` (comma-separated list), ``"floats2"`` (two
+    comma-separated numbers in [0, 1)) or a kind the caller gives an ``argparse`` type for."""
+    meta = {"help": help, "kind": kind, "flag": flag}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def option_fields(cls: type) -> Iterator[dataclasses.Field]:
+    """The fields of ``cls`` that carry option metadata."""
+    return (f for f in dataclasses.fields(cls) if "help" in f.metadata)
+
+
+def check_options(obj: Any) -> None:
+    """Check every int/float/choice field of ``obj`` against its metadata (floats are stored as ``float``).
+
+    ``None`` passes where it is the field's default or the field is ``optional``.
+
+    Raises:
+        InputError: ``"<field> must be ...; got <value>"``.
+    """
+    for f in option_fields(type(obj)):
+        meta, value = f.metadata, getattr(obj, f.name)
+        if value is None and (f.default is None or meta.get("optional")):
+            continue
+        if meta["kind"] == "int":
+            check_int(value, f.name, low=meta.get("low"))
+        elif meta["kind"] == "float":
+            setattr(obj, f.name, check_float(value, f.name, low=meta.get("low"), high=meta.get("high"),
+                                             low_open=meta["low_open"], high_open=meta["high_open"]))
+        elif meta["kind"] == "choice":
+            check_choice(value, f.name, meta["choices"])
+
+
+# --------------------------------------------------------------------------- argparse
+def csv_arg(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return parts
+
+
+def unit_pair_arg(text: str) -> tuple[float, float]:
+    """Two comma-separated numbers in [0, 1) (Adam's betas)."""
+    one = float_arg(low=0, high=1, high_open=True)
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers such as 0.9,0.999, got {text!r}")
+    return one(parts[0]), one(parts[1])
+
+
+_METAVARS = {"csv": "A,B,...", "floats2": "X,Y", "str": "NAME", "weights": "TERM=W,..."}
+
+
+def add_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    types: dict[str, Callable[[str], Any]] | None = None,
+    skip: Sequence[str] = (),
+) -> None:
+    """One flag per option field of ``cls`` (default ``None``: "not given"; the dataclass default applies).
+
+    ``types`` maps extra ``kind`` names to ``argparse`` types; ``skip`` names fields to leave out.
+    """
+    types = {"str": str, "csv": csv_arg, "floats2": unit_pair_arg, **(types or {})}
+    for f in option_fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": meta.get("flag_help") or meta["help"]}
+        kind = meta["kind"]
+        if kind == "switch":
+            kw.update(action="store_const", const=meta["const"])
+        elif kind == "int":
+            kw.update(type=int_arg(low=meta["low"]), metavar="N")
+        elif kind == "float":
+            kw.update(type=float_arg(low=meta["low"], high=meta["high"], low_open=meta["low_open"],
+                                     high_open=meta["high_open"]), metavar="X")
+        elif kind == "choice":
+            kw.update(choices=meta["choices"])
+        else:
+            kw.update(type=types[kind], metavar=_METAVARS.get(kind, kind.upper()))
+        if kind != "switch" and f.default is not None and f.default is not dataclasses.MISSING:
+            kw["help"] += f" (default {_show(f.default)})"
+        parser.add_argument(flag, **kw)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def options_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The option fields of ``cls`` given on the command line (``None`` means "not given")."""
+    return {f.name: getattr(args, f.name) for f in option_fields(cls) if getattr(args, f.name, None) is not None}
