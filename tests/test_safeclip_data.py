@@ -99,3 +99,34 @@ def test_preprocessed_tensor_images_skip_the_processor():
     assert torch.equal(pixel_batch(backend, [t, t]), torch.stack([t, t]))
     with pytest.raises(InputError, match="mix"):
         pixel_batch(backend, [t, Image.new("RGB", (32, 32))])
+
+
+def test_record_fields_are_checked_with_their_location(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"safe": "x", "unsafe": "y"}\n{"safe": "x", "unsafe": "y", "safe_image": 5}\n')
+    with pytest.raises(FileFormatError, match="a.jsonl:2: 'safe_image' must be an image path"):
+        QuadrupletDataset.from_jsonl(tmp_path / "a.jsonl")
+    (tmp_path / "b.jsonl").write_text('{"safe": "x", "unsafe": "y", "unsafe_image": "gone.png"}\n')
+    with pytest.raises(FileFormatError, match="b.jsonl:1: unsafe_image .*gone.png' does not exist"):
+        QuadrupletDataset.from_jsonl(tmp_path / "b.jsonl")
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "v.json").write_text(json.dumps({"7": {"safe": "a", "nsfw": "b", "coco_id": "seven"}}))
+    with pytest.raises(FileFormatError, match="v.json:1: 'coco_id' must be a non-negative integer"):
+        QuadrupletDataset.from_visu(tmp_path / "v.json", tmp_path / "coco")
+    (tmp_path / "e.jsonl").write_text('{"safe": "", "unsafe": "y"}\n')
+    with pytest.raises(FileFormatError, match="e.jsonl:1: .*non-empty 'safe' and 'unsafe'"):
+        QuadrupletDataset.from_jsonl(tmp_path / "e.jsonl")
+
+
+def test_truncated_and_non_image_files_are_clear_errors(tmp_path):
+    png(tmp_path / "ok.png", (1, 2, 3))
+    full = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(full[: len(full) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    from vlmsafe.safeclip.data import load_image
+
+    for name in ("cut.png", "text.png"):
+        ds = QuadrupletDataset([Quadruplet("a", "b", tmp_path / "ok.png"), Quadruplet("c", "d", tmp_path / name)])
+        with pytest.raises(FileFormatError, match=f"item 1 \\(safe_image\\): .*{name}' is not a readable image"):
+            ds.verify_images()
+        with pytest.raises(FileFormatError, match="is not a readable image"):
+            load_image(tmp_path / name)

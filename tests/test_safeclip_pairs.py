@@ -86,3 +86,21 @@ def test_cli_pairs_train_and_generate(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["safe"] for r in rows] == ["a dog on the grass", "a cat on the beach"]
     assert all(isinstance(r["unsafe"], str) for r in rows)
+
+
+def test_captions_and_templates_are_checked(tmp_path):
+    from vlmsafe.safeclip.pairs import check_template, load_captions
+
+    (tmp_path / "c.jsonl").write_text('{"caption": "a dog"}\n{"safe": " a cat "}\n')
+    assert load_captions(tmp_path / "c.jsonl") == ["a dog", "a cat"]
+    (tmp_path / "bad.jsonl").write_text('{"caption": "a dog"}\n{"text": "x"}\n')
+    with pytest.raises(FileFormatError, match="bad.jsonl:2: expected a non-empty 'safe' or 'caption'"):
+        load_captions(tmp_path / "bad.jsonl")
+    with pytest.raises(InputError, match="placeholder other than"):
+        check_template("Safe: {safe} {extra}")
+    with pytest.raises(InputError, match="temperature must be in > 0"):
+        generate_unsafe(None, None, ["a dog"], do_sample=True, temperature=0.0)
+    with pytest.raises(InputError, match="top_p must be a finite"):
+        generate_unsafe(None, None, ["a dog"], do_sample=True, top_p=float("nan"))
+    with pytest.raises(InputError, match="learning_rate"):
+        PairConverterConfig(learning_rate=float("inf"))

@@ -89,11 +89,119 @@ def test_gradient_accumulation_matches_full_batch(data):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_partial_accumulation_at_epoch_end_is_not_discarded(data):
-    # 16 items, batch 4, accumulation 3: the 4th micro-batch forms a short final step.
-    trainer = SafeCLIPTrainer(backend(), cfg(batch_size=4, gradient_accumulation_steps=3), data)
+def capture_step_grads(trainer):
+    """The trainable parameters' ``.grad`` each time the optimizer steps (after clipping), in order.
+
+    ``hand`` (optional) is called at each step, before the optimizer changes anything, with the step index.
+    """
+    params = {n: p for n, p in trainer.inner.named_parameters() if p.requires_grad}
+    steps = []
+
+    def hook(optimizer, args, kwargs):
+        steps.append({n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                      for n, p in params.items()})
+        for fn in trainer._at_step:
+            fn(len(steps) - 1, params)
+
+    trainer._at_step = []
+    trainer.optimizer.optimizer.register_step_pre_hook(hook)  # the torch optimizer: runs only when it steps
+    return steps
+
+
+def grad_of(loss, params):
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+
+
+def assert_grads_close(got, want, rtol=1e-4, atol=1e-8):
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=rtol, atol=atol), (n, (got[n] - want[n]).abs().max())
+
+
+def test_accumulated_gradient_is_the_group_mean_also_for_the_short_last_group(data):
+    # 16 items, batch 4: 4 micro-batches per epoch; accumulation 3: groups [0, 1, 2] and [3] (the short last one,
+    # which used to get 1/3 of its gradient). At each optimizer step the accumulated .grad must equal the gradient
+    # of the mean loss of that group's micro-batches, computed here by hand.
+    from vlmsafe.safeclip.batches import epoch_loader
+
+    trainer = SafeCLIPTrainer(backend(), cfg(batch_size=4, gradient_accumulation_steps=3, max_grad_norm=None), data)
+    micro = list(epoch_loader(data, trainer.collator, batch_size=4, seed=0, epoch=0, num_workers=0))
+    groups = [micro[0:3], micro[3:4]]
+    expected = []
+
+    def by_hand(step, params):
+        with torch.enable_grad():
+            loss = sum(trainer.compute_losses(b)["loss"] for b in groups[step]) / len(groups[step])
+            expected.append(grad_of(loss, params))
+
+    got = capture_step_grads(trainer)
+    trainer._at_step.append(by_hand)
     res = trainer.train()
-    assert res.global_step == 2
+    assert res.global_step == 2 and len(got) == 2
+    for g, w in zip(got, expected):
+        assert_grads_close(g, w)
+
+
+def test_short_last_group_gradient_equals_full_batch_cosine_loss_by_hand(data):
+    # Cosine terms are per-item means, so the last group (micro-batches of 4 items) must get exactly the gradient
+    # of the weighted cosine loss over its items, written out here without the library's loss code.
+    import torch.nn.functional as F
+
+    from vlmsafe.safeclip.batches import epoch_loader
+
+    trainer = SafeCLIPTrainer(backend(), cfg(batch_size=4, gradient_accumulation_steps=3, max_grad_norm=None,
+                                             weights=COSINE_ONLY), data)
+    micro = list(epoch_loader(data, trainer.collator, batch_size=4, seed=0, epoch=0, num_workers=0))
+    b = trainer.backend
+    expected = {}
+
+    def by_hand(step, params):
+        if step != 1:
+            return
+        items = [data.items[i] for i in micro[3]["index"].tolist()]
+        batch = trainer.collator(items)
+        with torch.enable_grad():
+            ts, tu = b.encode_text(trainer.inner, batch["safe_text"]), b.encode_text(trainer.inner, batch["unsafe_text"])
+            iv = b.encode_image(trainer.inner, batch["safe_image_pixels"])
+            ig = b.encode_image(trainer.inner, batch["unsafe_image_pixels"])
+            with torch.no_grad():
+                ts0 = b.encode_text(trainer.reference, batch["safe_text"])
+                iv0 = b.encode_image(trainer.reference, batch["safe_image_pixels"])
+            d = lambda x, y: (1 - F.cosine_similarity(x, y, dim=-1)).mean()  # noqa: E731
+            loss = (0.1 * d(ts, ts0) + 0.1 * d(tu, ts0) + 0.1 * d(iv, iv0) + 0.2 * d(ig, iv0)) / 0.5
+            expected.update(grad_of(loss, params))
+
+    got = capture_step_grads(trainer)
+    trainer._at_step.append(by_hand)
+    trainer.train()
+    assert expected
+    assert_grads_close(got[1], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_reference_loss_scale_is_an_eighth_and_max_grad_norm_scales_with_it(data):
+    # Same run twice; the reference scale gives 1/8 of the loss and of the gradient (no clipping) ...
+    runs = {}
+    for scale, clip in (("weighted_mean", None), ("reference", None), ("weighted_mean", 8e-3), ("reference", 1e-3)):
+        trainer = SafeCLIPTrainer(backend(), cfg(max_steps=2, loss_scale=scale, max_grad_norm=clip), data)
+        grads = capture_step_grads(trainer)
+        res = trainer.train()
+        runs[scale, clip] = (grads, [h["train/loss"] for h in res.history if "train/loss" in h], trainer)
+    (g_mean, loss_mean, _), (g_ref, loss_ref, _) = runs["weighted_mean", None], runs["reference", None]
+    assert loss_ref[0] == pytest.approx(loss_mean[0] / 8, rel=1e-5)
+    assert_grads_close({n: 8 * v for n, v in g_ref[0].items()}, g_mean[0], rtol=1e-4)
+    # ... and clipping at c with the reference scale clips exactly like 8c with the weighted mean (the clip is active:
+    # the clipped gradient norm is the threshold, well below the unclipped one).
+    (g_mean_c, _, _), (g_ref_c, _, _) = runs["weighted_mean", 8e-3], runs["reference", 1e-3]
+    norm = lambda g: float(torch.sqrt(sum((v.double() ** 2).sum() for v in g.values())))  # noqa: E731
+    assert norm(g_ref_c[0]) == pytest.approx(1e-3, rel=1e-3)
+    assert norm(g_ref[0]) > 2e-3
+    assert_grads_close({n: 8 * v for n, v in g_ref_c[0].items()}, g_mean_c[0], rtol=1e-4)
+    # Adam removes the constant factor (up to its eps): without clipping both scales take (almost) the same steps;
+    # each step moves the LoRA B weights by about lr = 1e-2, the two runs differ by < 1e-4.
+    a, b = runs["weighted_mean", None][2].trainable_state_dict(), runs["reference", None][2].trainable_state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-2
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, data):
@@ -249,3 +357,58 @@ def test_bf16_mixed_precision_runs_on_cpu(data):
     res = trainer.train()
     assert res.global_step == 2
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in res.history if "train/loss" in h)
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_earlier_checkpoints(tmp_path, data):
+    from vlmsafe.errors import OutputExistsError
+
+    SafeCLIPTrainer(backend(), cfg(max_steps=2), data, output_dir=tmp_path).train()
+    # a new run would save checkpoint-0000001, which sorts before the old one and would be pruned at once
+    with pytest.raises(OutputExistsError, match="resume_from='latest'"):
+        SafeCLIPTrainer(backend(), cfg(max_steps=1), data, output_dir=tmp_path).train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0000002"]
+
+
+def test_train_safeclip_output_policy(tmp_path, data, monkeypatch):
+    from vlmsafe.errors import InputError, OutputExistsError
+    from vlmsafe.safeclip import train_safeclip
+    from vlmsafe.safeclip.checkpoint import check_run_output
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        train_safeclip(backend(), data, out, cfg(max_steps=1))
+    # a replacing run that fails leaves the earlier folder as it was, and no temporary behind
+    monkeypatch.setattr(SafeCLIPTrainer, "train", lambda self, resume_from=None: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train_safeclip(backend(), data, out, cfg(max_steps=1), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and (out / "notes.txt").read_text() == "precious"
+    monkeypatch.undo()
+    res = train_safeclip(backend(), data, out, cfg(max_steps=1), overwrite=True)
+    assert res.model_dir == out / "model" and sorted(p.name for p in out.iterdir()) == ["checkpoint-0000001", "model"]
+    res = train_safeclip(backend(), data, out, cfg(max_steps=2), resume_from="latest")
+    assert res.global_step == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")  # several processes would each make their own replacement folder
+    with pytest.raises(InputError, match="several processes"):
+        check_run_output(out, overwrite=True)
+
+
+def test_a_batch_with_no_trainable_term_contributes_no_gradient(data):
+    # vision tower only; one item of 8 has images, so at least one batch of 4 has none: its loss is a constant
+    items = [Quadruplet(q.safe, q.unsafe) for q in data.items[:8]]
+    items[0] = data.items[0]
+    trainer = SafeCLIPTrainer(backend(), cfg(batch_size=4, train_text=False, max_grad_norm=None), QuadrupletDataset(items))
+    grads = capture_step_grads(trainer)
+    res = trainer.train()
+    assert res.global_step == 2 and trainer.towers == ("vision",)
+    # one step saw the item with images (a gradient), the other none (no gradient, no crash)
+    assert sorted(any(float(g.abs().sum()) > 0 for g in step.values()) for step in grads) == [False, True]
+
+
+def test_weights_that_train_nothing_are_refused_before_training(data):
+    text_only = QuadrupletDataset(Quadruplet(q.safe, q.unsafe) for q in data)
+    zero_text = SafeCLIPLossWeights(text_safe=0.0, text_nsfw=0.0)  # the image terms cannot train without images
+    with pytest.raises(InputError, match="text_safe, text_nsfw\\) has weight 0"):
+        SafeCLIPTrainer(backend(), cfg(weights=zero_text), text_only)
+    SafeCLIPTrainer(backend(), cfg(weights=zero_text, max_steps=1), data).train()  # with images the NCE terms train

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,48 @@ class CheckpointMixin:
         best = path.parent / BEST_DIR / "trainable.safetensors"
         if self.state.best_step is not None and best.is_file():
             self._best_trainable = load_file(str(best))
+
+
+def check_run_output(
+    output_dir: str | os.PathLike[str], *, resume_from: Any = None, overwrite: bool = False, option: str = "output_dir"
+) -> tuple[Path, bool]:
+    """The output policy of a training run, checked before any work; returns ``(folder, replace)``.
+
+    A non-empty folder is refused unless ``resume_from`` continues the run in it (the checkpoint must
+    exist) or ``overwrite`` replaces it; ``replace`` says that an earlier run will be replaced (see
+    :func:`run_directory`).
+    """
+    from vlmsafe.distributed import world_size
+    from vlmsafe.io import check_output
+
+    if resume_from is not None and overwrite:
+        raise InputError("resuming (--resume) continues the run in the output folder and overwriting (--overwrite) "
+                         "replaces it; pass one of them")
+    out = check_output(output_dir, kind="dir", overwrite=overwrite or resume_from is not None, option=option)
+    if resume_from is not None:
+        resolve_checkpoint(resume_from, out)  # a missing checkpoint is reported now, not after loading the model
+        return out, False
+    replace = overwrite and out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if replace and world_size() > 1:
+        raise InputError(f"{option} {out}: replacing a non-empty folder is not supported with several processes; "
+                         "remove it or choose a new folder")
+    return out, replace
+
+
+def run_directory(out: Path, *, replace: bool) -> contextlib.AbstractContextManager[Path]:
+    """Where a run writes: ``out`` itself, or (``replace``: an earlier run is to be replaced) a fresh folder
+    that :func:`vlmsafe.io.atomic_path` renames onto ``out`` only when the block succeeds, so the earlier
+    run stays intact if the new one fails or is interrupted. One process only (each would get its own)."""
+    if not replace:
+        return contextlib.nullcontext(out)
+
+    @contextlib.contextmanager
+    def fresh() -> Iterator[Path]:
+        with atomic_path(out, overwrite=True) as tmp:
+            tmp.mkdir()
+            yield tmp
+
+    return fresh()
 
 
 def resolve_checkpoint(path: str | os.PathLike[str], output_dir: Path | None) -> Path:

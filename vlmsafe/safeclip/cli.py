@@ -132,13 +132,16 @@ def _load_config_file(path: str) -> dict[str, Any]:
 
 def _train(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.backends import load_backend
+    from vlmsafe.safeclip.checkpoint import check_run_output, run_directory
     from vlmsafe.safeclip.trainer import SafeCLIPTrainer
 
     config = _training_config(args)
-    out, replace = _check_train_output(args)
+    out, replace = check_run_output(args.output_dir, resume_from=args.resume, overwrite=args.overwrite,
+                                    option="--output-dir")
     data, val = _training_data(args, config)
+    _quiet_weight_loading()
     backend = load_backend(args.model)
-    with _run_dir(out, replace) as run_dir:
+    with run_directory(out, replace=replace) as run_dir:
         trainer = SafeCLIPTrainer(backend, config, data, val, output_dir=run_dir)
         if trainer.accelerator.is_main_process:
             mode = "LoRA" if config.use_lora else "full fine-tuning"
@@ -152,6 +155,13 @@ def _train(args: argparse.Namespace) -> int:
                    "best_metrics": result.best_metrics}
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _quiet_weight_loading() -> None:
+    """transformers' per-tensor "Loading weights" bars are noise next to the command's own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _training_config(args: argparse.Namespace) -> Any:
@@ -168,44 +178,6 @@ def _training_config(args: argparse.Namespace) -> Any:
         given["weights"] = {**base, **given["weights"]}
     fields.update(given)
     return SafeCLIPTrainingConfig.from_dict(fields)
-
-
-def _check_train_output(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The output policy, before any work: returns (output dir, whether an existing run is replaced)."""
-    from vlmsafe.distributed import world_size
-    from vlmsafe.io import check_output
-    from vlmsafe.safeclip.checkpoint import resolve_checkpoint
-
-    if args.resume and args.overwrite:
-        raise InputError("--resume continues the run in --output-dir and --overwrite replaces it; pass one of them")
-    out = check_output(args.output_dir, kind="dir", overwrite=args.overwrite or bool(args.resume),
-                       option="--output-dir")
-    if args.resume:
-        resolve_checkpoint(args.resume, out)  # a missing checkpoint is reported now, not after loading the model
-        return out, False
-    replace = args.overwrite and out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if replace and world_size() > 1:
-        raise InputError(f"--overwrite of the non-empty {out} is not supported with several processes; remove it "
-                         "or choose a new --output-dir")
-    return out, replace
-
-
-def _run_dir(out: Path, replace: bool) -> Any:
-    """``out`` itself, or (replacing an earlier run) a fresh folder renamed onto ``out`` when the run succeeds."""
-    import contextlib
-
-    from vlmsafe.io import atomic_path
-
-    if not replace:
-        return contextlib.nullcontext(out)
-
-    @contextlib.contextmanager
-    def fresh() -> Any:
-        with atomic_path(out, overwrite=True) as tmp:
-            tmp.mkdir()
-            yield tmp
-
-    return fresh()
 
 
 def _training_data(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
@@ -265,6 +237,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         data = load_dataset(args.data, image_root=args.image_root, coco_dir=args.coco_dir)
         data.verify_images()
+        _quiet_weight_loading()
         rows = retrieval_table(load_backend(args.original), data, load_backend(args.safe), gallery=args.gallery,
                                batch_size=args.batch_size, progress=not args.no_progress)
         title = f"Retrieval on {args.data} ({len(data)} items)"
@@ -272,6 +245,7 @@ def _eval(args: argparse.Namespace) -> int:
         from vlmsafe.safeclip.testbed import default_assets_dir, heldout_rows, resolve_assets_dir
 
         d = resolve_assets_dir(args.assets or default_assets_dir())
+        _quiet_weight_loading()
         rows = heldout_rows(d, gallery=args.gallery)
         title = f"Safe-CLIP testbed ({d}): held-out scenes, tiny CLIP before/after Safe-CLIP"
     print(title)
@@ -328,6 +302,7 @@ def _register_pairs(sub: Any) -> None:
 def _load_lm(args: argparse.Namespace, adapter: str | None = None) -> tuple[Any, Any]:
     from vlmsafe.loading import load_model
 
+    _quiet_weight_loading()
     return load_model(args.model, kind="causal_lm", dtype=args.dtype, device=args.device,
                       device_map=args.device_map, adapter=adapter)
 

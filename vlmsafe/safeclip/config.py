@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.errors import InputError
-from vlmsafe.safeclip.losses import SafeCLIPLossWeights
+from vlmsafe.safeclip.losses import LOSS_SCALES, SafeCLIPLossWeights
 from vlmsafe.safeclip.options import (
     check_options,
     choice_option,
@@ -102,6 +102,10 @@ class SafeCLIPTrainingConfig:
     seed: int = int_option(0, "seed for LoRA init and data order", low=0)
     logit_scale: float = float_option(
         100.0, "fixed InfoNCE logit scale (the reference's exp(4.6052))", low=0, low_open=True)
+    loss_scale: str = choice_option(
+        "weighted_mean", LOSS_SCALES,
+        "total loss: the weighted mean of the terms, or the reference code's scale (that mean / 8, so gradients "
+        "are 8x smaller and max_grad_norm clips at an 8x larger weighted-mean gradient)")
     weights: SafeCLIPLossWeights = other_option(  # noqa: RUF009 (returns a dataclasses.field)
         "loss weights, e.g. 'G_Sref=0.5,text_nsfw=0.2' (others keep their defaults)", flag="--weights",
         kind="weights", default_factory=SafeCLIPLossWeights)

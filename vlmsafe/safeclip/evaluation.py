@@ -80,7 +80,7 @@ def validation_losses(cur: Embedded, ref: Embedded, n: int, config: SafeCLIPTrai
             has_safe_image=ref["has_V"][sl],
             has_unsafe_image=ref["has_G"][sl],
         )
-        out = safeclip_losses(emb, config.weights, logit_scale=config.logit_scale)
+        out = safeclip_losses(emb, config.weights, logit_scale=config.logit_scale, loss_scale=config.loss_scale)
         rows = min(bs, n - start)
         for k in totals:
             totals[k] += float(out[k]) * rows

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmsafe.errors import InputError
+from vlmsafe.errors import InputError, OutputExistsError
+from vlmsafe.safeclip.checkpoint import CHECKPOINT_PREFIX
 from vlmsafe.safeclip.config import SafeCLIPTrainingConfig, TrainerState, TrainingResult
 from vlmsafe.safeclip.data import QuadrupletDataset
 
@@ -57,6 +58,12 @@ class TrainingLoopMixin:
             raise InputError(f"need at least batch_size={cfg.batch_size} training items, got {n_train}")
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        elif self.output_dir is not None and (earlier := sorted(self.output_dir.glob(f"{CHECKPOINT_PREFIX}*"))):
+            # Pruning keeps the newest names: a fresh run here would delete its own checkpoints, not the old ones.
+            raise OutputExistsError(
+                f"{self.output_dir} holds checkpoints of an earlier run ({earlier[-1].name}); pass "
+                "resume_from='latest' (--resume latest) to continue it, or use a new output folder"
+            )
         st = self.state
         self.module.train()
         show = cfg.progress and acc.is_main_process
@@ -87,9 +94,13 @@ class TrainingLoopMixin:
         running: dict[str, float] = {}
         micro = 0
         for batch in loader:
+            scale, last_of_group = self._accumulation_scale(st.batch_in_epoch)
             with acc.accumulate(self.module):
                 losses = self.compute_losses(batch)
-                acc.backward(losses["loss"] * self.world_size)
+                if acc.sync_gradients != last_of_group:  # accelerate and this loop must agree on the groups
+                    raise RuntimeError(f"gradient accumulation out of step at micro-batch {st.batch_in_epoch} of "
+                                       f"epoch {st.epoch} (accelerate syncs: {acc.sync_gradients})")
+                self._backward(losses["loss"], scale)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -111,6 +122,31 @@ class TrainingLoopMixin:
             if st.stopped_early or st.global_step >= self.total_steps:
                 return st.batch_in_epoch >= self.micro_batches_per_epoch
         return True
+
+    def _accumulation_scale(self, i: int) -> tuple[float, bool]:
+        """Loss multiplier of micro-batch ``i`` of an epoch, and whether it ends its accumulation group.
+
+        The optimizer steps on the *mean* gradient of a group of micro-batches. ``accelerate``
+        divides every micro-batch loss by ``gradient_accumulation_steps`` (N), which is right for a
+        full group but gives the last, shorter group of an epoch (k < N micro-batches) only k/N of its
+        gradient; the multiplier N/k makes it the mean over its k micro-batches. The number of
+        processes is multiplied in because each process's gradient flows only through its own rows
+        of the gathered batch and DDP averages over processes (see :mod:`vlmsafe.safeclip.distributed`).
+        """
+        n = self.config.gradient_accumulation_steps
+        start = i - i % n
+        size = min(n, self.micro_batches_per_epoch - start)
+        return self.world_size * n / size, i + 1 == start + size
+
+    def _backward(self, loss: torch.Tensor, scale: float) -> None:
+        if not loss.requires_grad:
+            # No term of this batch reaches a trained tower (e.g. vision-only training, a batch without images):
+            # its gradient is zero. Several processes must all run backward, so there it is an error.
+            if self.world_size > 1:
+                raise InputError("a training batch has no loss term that reaches a trained tower; with several "
+                                 "processes every batch needs one: give every item the images the trained tower uses")
+            return
+        self.accelerator.backward(loss * scale)
 
     def _log_step(self, running: dict[str, float], micro: int, bar: Any) -> None:
         """Append one optimizer step's mean losses (over its micro-batches) and learning rate to the history."""

@@ -24,6 +24,15 @@ that have what it needs (``vision_*`` and the NCE terms need ``V``; ``vision_nsf
 and ``G``; ``G_Sref`` needs ``G``). A term with no usable row is 0 for that batch. The weighted
 total is divided by the sum of *all* weights (the reference normalisation), a constant, so the
 gradient scale does not jump with the batch composition and gradient accumulation stays exact.
+
+**Loss scale.** By default (``loss_scale="weighted_mean"``) the total is ``sum(w_i L_i) / sum(w_i)``.
+The reference code divides that once more by the number of terms (8: ``lambdas @ losses /
+lambdas.numel()`` after normalising the lambdas), so its loss, and its gradients, are 8x smaller;
+``loss_scale="reference"`` reproduces that. Adam's update hardly depends on a constant gradient
+factor (only through its ``eps``), so without gradient clipping both scales train alike. Clipping
+(``max_grad_norm``, on by default here; the reference does not clip) compares the gradient norm *of
+the scaled loss* with the threshold: ``max_grad_norm=c`` with the reference scale clips like
+``8c`` with the weighted mean. Logged losses and ``early_stopping_min_delta`` are in the chosen scale.
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ LOSS_NAMES: tuple[str, ...] = (
     "V_Sref",
     "G_Sref",
 )
+
+#: ``loss_scale`` values: the weighted mean of the terms, or the reference code's (that mean / 8).
+LOSS_SCALES: tuple[str, ...] = ("weighted_mean", "reference")
 
 #: Terms that need no image: what text-only training optimises.
 TEXT_ONLY_TERMS: tuple[str, ...] = ("text_safe", "text_nsfw")
@@ -140,13 +152,17 @@ def safeclip_losses(
     weights: SafeCLIPLossWeights = SafeCLIPLossWeights(),
     *,
     logit_scale: float = 100.0,
+    loss_scale: str = "weighted_mean",
 ) -> dict[str, torch.Tensor]:
     """Compute the eight Safe-CLIP terms and their weighted total.
 
     Returns a dict with one scalar tensor per name in :data:`LOSS_NAMES` (unweighted, for logging)
-    and ``"loss"``, the weighted sum divided by :attr:`SafeCLIPLossWeights.denominator`.
+    and ``"loss"``, the weighted sum divided by :attr:`SafeCLIPLossWeights.denominator` (and, with
+    ``loss_scale="reference"``, by the number of terms as well; see the module docstring).
     Terms with weight 0 are still returned (detached) so logs keep the same columns.
     """
+    if loss_scale not in LOSS_SCALES:
+        raise InputError(f"loss_scale must be one of {', '.join(LOSS_SCALES)}; got {loss_scale!r}")
     ref_s = emb.ref_text_safe
     n = ref_s.shape[0]
     for name in ("text_safe", "text_nsfw", "image_safe", "image_nsfw", "ref_image_safe"):
@@ -188,5 +204,6 @@ def safeclip_losses(
         if w[name] != 0.0:
             total = total + w[name] * value
     out = {name: (value if w[name] != 0.0 else value.detach()) for name, value in terms.items()}
-    out["loss"] = total / weights.denominator
+    divisor = weights.denominator * (len(LOSS_NAMES) if loss_scale == "reference" else 1)
+    out["loss"] = total / divisor
     return out

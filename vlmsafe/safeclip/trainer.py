@@ -39,7 +39,7 @@ from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import write_json_atomic
 from vlmsafe.safeclip.backends import CLIPBackend
 from vlmsafe.safeclip.batches import TrainableTowers, epoch_loader, row_mask
-from vlmsafe.safeclip.checkpoint import CheckpointMixin
+from vlmsafe.safeclip.checkpoint import CheckpointMixin, check_run_output, run_directory
 from vlmsafe.safeclip.config import SafeCLIPTrainingConfig, TrainerState, TrainingResult
 from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
 from vlmsafe.safeclip.distributed import build_accelerator, gather_embeddings
@@ -193,7 +193,8 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
         )
         if self.world_size > 1:
             emb = gather_embeddings(emb, self.accelerator, n)
-        return safeclip_losses(emb, self.config.weights, logit_scale=self.config.logit_scale)
+        cfg = self.config
+        return safeclip_losses(emb, cfg.weights, logit_scale=cfg.logit_scale, loss_scale=cfg.loss_scale)
 
     def _keep_best(self, metrics: dict[str, float]) -> None:
         """Remember the current weights as the best so far (and write ``output_dir/best``)."""
@@ -307,12 +308,22 @@ def train_safeclip(
     val_data: QuadrupletDataset | None = None,
     *,
     resume_from: str | None = None,
+    overwrite: bool = False,
 ) -> TrainingResult:
-    """Train and save ``output_dir/model`` (LoRA merged, best weights) in one call."""
+    """Train and save ``output_dir/model`` (LoRA merged, best weights) in one call.
+
+    A non-empty ``output_dir`` is refused before any work unless ``resume_from`` continues the run in
+    it or ``overwrite=True`` replaces it (atomically, when the new run has finished).
+    """
     from vlmsafe.safeclip.backends import load_backend
 
+    out, replace = check_run_output(output_dir, resume_from=resume_from, overwrite=overwrite)
+    config = config or SafeCLIPTrainingConfig()
+    check_training_data(config, train_data)
     backend = model if isinstance(model, CLIPBackend) else load_backend(model)
-    trainer = SafeCLIPTrainer(backend, config, train_data, val_data, output_dir=output_dir)
-    result = trainer.train(resume_from=resume_from)
-    result.model_dir = trainer.save_pretrained(Path(output_dir) / "model")
+    with run_directory(out, replace=replace) as run_dir:
+        trainer = SafeCLIPTrainer(backend, config, train_data, val_data, output_dir=run_dir)
+        result = trainer.train(resume_from=resume_from)
+        trainer.save_pretrained(run_dir / "model", overwrite=resume_from is not None)
+    result.model_dir = out / "model"
     return result
