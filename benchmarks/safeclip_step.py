@@ -1,15 +1,22 @@
 """Time one Safe-CLIP training step against one plain CLIP contrastive step (same model, same batch).
 
-A Safe-CLIP step runs the trainable towers on four inputs (S, U, V, G) and the frozen reference
-on two (S, V); a plain CLIP step runs the towers on (S, V). Both steps here use the same
-LoRA-injected model, optimizer and batch, and include forward, backward and optimizer step.
-Two Safe-CLIP timings are printed: the first epoch, where the reference embeddings are computed,
-and later epochs, where the trainer reuses them (``cache_reference=True``, the default: the
-reference is frozen and items are not augmented, so they cannot change). Timings alternate
-between the step kinds and report medians. Target: ratio <= 2.5x.
+A Safe-CLIP step runs the trainable towers on four inputs (S, U, V, G) and the frozen reference on two
+(S, V); a plain CLIP step runs the towers on (S, V). Every step here uses the same LoRA-injected model,
+optimizer and batch, and includes forward, backward, gradient clipping and the optimizer step.
 
-    python benchmarks/safeclip_step.py                  # ViT-ish CLIP, 64 px, batch 32, LoRA
-    python benchmarks/safeclip_step.py --full-finetune --size small --batch-size 16
+Rows (each timed once per round; rounds interleave the kinds in a rotating order, so a change of load on
+a shared machine hits all of them alike; ratios are taken within a round):
+
+* plain CLIP step (the peer);
+* plain CLIP step on twice the batch: the floor of a cached Safe-CLIP step, which puts twice the data
+  through the trainable towers;
+* Safe-CLIP, reference computed in the step (``cache_reference=False``);
+* Safe-CLIP, reference read from the cache: every step of every epoch, the first included, because the
+  trainer computes the frozen reference's outputs for all training items before the first step;
+* that one-off computation, per batch of items, and the first epoch with it spread over its steps.
+
+    python benchmarks/safeclip_step.py                  # CLIP hidden 256, 4 layers/tower, 64 px, batch 32, LoRA
+    python benchmarks/safeclip_step.py --rounds 15 --size tiny
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -41,84 +49,122 @@ def build(size: str, batch_size: int, full_finetune: bool, threads: int):
     hidden, layers, image, patch = SIZES[size]
     tok = build_tokenizer()
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    heads = max(1, hidden // 64)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), max_position_embeddings=16, eos_token_id=eot, pad_token_id=0),
-        vision_config=dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), image_size=image, patch_size=patch),
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=16,
+                         eos_token_id=eot, pad_token_id=0),
+        vision_config=dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=image, patch_size=patch),
         projection_dim=hidden,
     )
     torch.manual_seed(0)
-    backend = HFCLIPBackend(CLIPModel(cfg), tok, CLIPImageProcessor(size={"shortest_edge": image}, crop_size={"height": image, "width": image}))
+    processor = CLIPImageProcessor(size={"shortest_edge": image}, crop_size={"height": image, "width": image})
+    backend = HFCLIPBackend(CLIPModel(cfg), tok, processor)
     colors = ["blue", "green", "yellow", "purple", "pink", "white"]
     items = [
-        Quadruplet(f"a {colors[i % 6]} circle on the left on sand", f"a {colors[i % 6]} circle on the left on sand with blood", torch.randn(3, image, image), torch.randn(3, image, image))
-        for i in range(batch_size)
+        Quadruplet(f"a {colors[i % 6]} circle on the left on sand", f"a {colors[i % 6]} circle on the left on sand "
+                   "with blood", torch.randn(3, image, image), torch.randn(3, image, image))
+        for i in range(2 * batch_size)
     ]
-    data = QuadrupletDataset(items)
-    config = SafeCLIPTrainingConfig(batch_size=batch_size, use_lora=not full_finetune, lora_dropout=0.0, progress=False, max_grad_norm=1.0)
+    data = QuadrupletDataset(items[:batch_size])
+    config = SafeCLIPTrainingConfig(batch_size=batch_size, eval_batch_size=batch_size, use_lora=not full_finetune,
+                                    lora_dropout=0.0, progress=False, max_grad_norm=1.0)
     trainer = SafeCLIPTrainer(backend, config, data)
-    batch = trainer.collator(items)
+    trainer.module.train()
+    batch = trainer.collator(items[:batch_size])
     batch["index"] = torch.arange(batch_size)  # item ids, as the trainer's data loader adds them
-    return trainer, batch
+    double = trainer.collator(items)  # 2B items: the plain CLIP floor of a cached Safe-CLIP step
+    return trainer, batch, double
 
 
-def safeclip_step(trainer: SafeCLIPTrainer, batch) -> None:
-    losses = trainer.compute_losses(batch)
-    losses["loss"].backward()
+def _update(trainer: SafeCLIPTrainer, loss: torch.Tensor) -> None:
+    loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in trainer.inner.parameters() if p.requires_grad], 1.0)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
+def safeclip_step(trainer: SafeCLIPTrainer, batch) -> None:
+    _update(trainer, trainer.compute_losses(batch)["loss"])
+
+
 def safeclip_step_uncached(trainer: SafeCLIPTrainer, batch) -> None:
-    trainer.config.cache_reference = False
+    cache, trainer.frozen.cache = trainer.frozen.cache, None
     try:
         safeclip_step(trainer, batch)
     finally:
-        trainer.config.cache_reference = True
+        trainer.frozen.cache = cache
 
 
 def clip_step(trainer: SafeCLIPTrainer, batch) -> None:
     b, model = trainer.backend, trainer.inner
     t = b.encode_text(model, batch["safe_text"])
     v = b.encode_image(model, batch["safe_image_pixels"])
-    loss = clip_nce(t, v, 100.0)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    _update(trainer, clip_nce(t, v, 100.0))
+
+
+def precompute(trainer: SafeCLIPTrainer, batch) -> None:
+    """The one-off reference computation for the batch's items (what ``train`` does before the first step)."""
+    trainer.frozen.cache.filled.zero_()
+    trainer.frozen.fill_cache(trainer.train_data, trainer.collator, batch_size=trainer.config.eval_batch_size,
+                              device=trainer.accelerator.device)
+
+
+def measure(trainer, batch, double, rounds: int, warmup: int) -> dict[str, list[float]]:
+    kinds: list[tuple[str, Callable[[], None]]] = [
+        ("clip", lambda: clip_step(trainer, batch)),
+        ("floor", lambda: clip_step(trainer, double)),
+        ("in_step", lambda: safeclip_step_uncached(trainer, batch)),
+        ("cached", lambda: safeclip_step(trainer, batch)),
+        ("precompute", lambda: precompute(trainer, batch)),
+    ]
+    times: dict[str, list[float]] = {name: [] for name, _ in kinds}
+    for r in range(warmup + rounds):
+        order = kinds[r % len(kinds):] + kinds[: r % len(kinds)]
+        for name, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):8.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds (each times every kind once)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--full-finetune", action="store_true")
     args = parser.parse_args()
 
-    trainer, batch = build(args.size, args.batch_size, args.full_finetune, args.threads)
-    trainer.module.train()
-    steps = (("clip", clip_step), ("first", safeclip_step_uncached), ("cached", safeclip_step))
-    for _ in range(args.warmup):
-        for _, fn in steps:
-            fn(trainer, batch)
-    times: dict[str, list[float]] = {name: [] for name, _ in steps}
-    for _ in range(args.steps):
-        for name, fn in steps:
-            t0 = time.perf_counter()
-            fn(trainer, batch)
-            times[name].append(time.perf_counter() - t0)
-    clip_ms, first_ms, cached_ms = (1000 * statistics.median(times[k]) for k in ("clip", "first", "cached"))
+    trainer, batch, double = build(args.size, args.batch_size, args.full_finetune, args.threads)
+    t = measure(trainer, batch, double, args.rounds, args.warmup)
+    ratio = {k: [a / c for a, c in zip(v, t["clip"])] for k, v in t.items()}
+    ratio["first_epoch"] = [(a + p) / c for a, p, c in zip(t["cached"], t["precompute"], t["clip"])]
+    ms = {k: [1000 * x for x in v] for k, v in t.items()}
     hidden, layers, image, patch = SIZES[args.size]
     mode = "full fine-tuning" if args.full_finetune else "LoRA r=16"
-    print(f"model: CLIP hidden={hidden} layers={layers}/tower image={image}px patch={patch}; batch {args.batch_size}; {mode}; {args.threads} thread(s)")
-    print(f"{'step':<46}{'median ms':>10}{'vs CLIP':>9}")
-    print(f"{'plain CLIP contrastive':<46}{clip_ms:>10.1f}{1.0:>8.2f}x")
-    print(f"{'Safe-CLIP, first epoch (reference computed)':<46}{first_ms:>10.1f}{first_ms / clip_ms:>8.2f}x")
-    print(f"{'Safe-CLIP, later epochs (reference cached)':<46}{cached_ms:>10.1f}{cached_ms / clip_ms:>8.2f}x")
-    print("target: <= 2.5x")
+    print(f"model: CLIP hidden={hidden} layers={layers}/tower image={image}px patch={patch}; batch {args.batch_size}; "
+          f"{mode}; {args.threads} thread(s); {args.rounds} rounds (median [min-max])")
+    rows = [
+        ("plain CLIP step (peer)", "clip"),
+        ("plain CLIP step, 2x batch (floor of a cached step)", "floor"),
+        ("Safe-CLIP, reference computed in the step", "in_step"),
+        ("Safe-CLIP, reference cached (every epoch)", "cached"),
+        ("one-off reference computation, per batch", "precompute"),
+    ]
+    print(f"{'':52}{'ms':>24}  {'x plain CLIP (per round)':>26}")
+    for label, key in rows:
+        print(f"{label:52}{spread(ms[key]):>24}  {spread(ratio[key]):>26}")
+    print(f"{'first epoch: cached step + its share of the one-off':52}{'':>24}  {spread(ratio['first_epoch']):>26}")
+    print("targets: cached step <= 2.1x, first epoch <= 2.3x plain CLIP")
 
 
 if __name__ == "__main__":

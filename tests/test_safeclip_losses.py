@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from vlmsafe.errors import InputError
-from vlmsafe.safeclip.losses import LOSS_NAMES, SafeCLIPEmbeddings, SafeCLIPLossWeights, clip_nce, cosine_distance, safeclip_losses
+from vlmsafe.safeclip.losses import (
+    LOSS_NAMES,
+    SafeCLIPEmbeddings,
+    SafeCLIPLossWeights,
+    clip_nce,
+    cosine_distance,
+    safeclip_losses,
+)
 
 R2 = math.sqrt(2.0)
 
@@ -51,7 +58,7 @@ def test_cosine_terms_match_hand_values():
 @pytest.mark.parametrize("scale", [1.0, 100.0])
 def test_nce_terms_match_hand_values(scale):
     out = safeclip_losses(emb(), logit_scale=scale)
-    as_list = lambda t: t.tolist()  # noqa: E731
+    as_list = lambda t: t.tolist()
     assert out["S_Vref"].item() == pytest.approx(hand_nce(as_list(TS), as_list(I0V), scale), rel=1e-5)
     assert out["U_Vref"].item() == pytest.approx(hand_nce(as_list(TU), as_list(I0V), scale), rel=1e-5)
     assert out["V_Sref"].item() == pytest.approx(hand_nce(as_list(IV), as_list(T0S), scale), rel=1e-5)
@@ -114,3 +121,44 @@ def test_bad_weights_and_shapes_raise_clear_errors():
         SafeCLIPLossWeights.from_dict({"txt_safe": 1.0})
     with pytest.raises(InputError, match="rows"):
         safeclip_losses(emb(text_nsfw=torch.zeros(3, 2)))
+
+
+def naive_terms(e: SafeCLIPEmbeddings, scale: float) -> dict:
+    """Each term on its own with the public clip_nce / cosine_distance (the pre-fusion computation)."""
+    v = e.has_safe_image if e.ref_image_safe is not None else torch.zeros_like(e.has_safe_image)
+    g = e.has_unsafe_image
+    return {
+        "text_safe": cosine_distance(e.text_safe, e.ref_text_safe),
+        "text_nsfw": cosine_distance(e.text_nsfw, e.ref_text_safe),
+        "vision_safe": cosine_distance(e.image_safe[v], e.ref_image_safe[v]),
+        "vision_nsfw": cosine_distance(e.image_nsfw[v & g], e.ref_image_safe[v & g]),
+        "S_Vref": clip_nce(e.text_safe[v], e.ref_image_safe[v], scale),
+        "U_Vref": clip_nce(e.text_nsfw[v], e.ref_image_safe[v], scale),
+        "V_Sref": clip_nce(e.image_safe[v], e.ref_text_safe[v], scale),
+        "G_Sref": clip_nce(e.image_nsfw[g], e.ref_text_safe[g], scale),
+    }
+
+
+@pytest.mark.parametrize("masks", ["all", "ragged", "none_g"])
+def test_fused_terms_and_gradients_equal_the_separate_computations(masks):
+    torch.manual_seed(0)
+    n, d = 6, 5
+    has_v = {"all": [1] * 6, "ragged": [1, 0, 1, 1, 0, 1], "none_g": [1, 1, 0, 1, 1, 1]}[masks]
+    has_g = {"all": [1] * 6, "ragged": [1, 1, 0, 1, 0, 0], "none_g": [0] * 6}[masks]
+    leaves = {k: torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+              for k in ("text_safe", "text_nsfw", "image_safe", "image_nsfw")}
+    e = SafeCLIPEmbeddings(ref_text_safe=torch.randn(n, d), ref_image_safe=torch.randn(n, d),
+                           has_safe_image=torch.tensor(has_v, dtype=torch.bool),
+                           has_unsafe_image=torch.tensor(has_g, dtype=torch.bool), **leaves)
+    weights = SafeCLIPLossWeights()
+    fused = safeclip_losses(e, weights, logit_scale=30.0)
+    naive = naive_terms(e, 30.0)
+    for name in LOSS_NAMES:
+        assert fused[name].item() == pytest.approx(naive[name].item(), rel=1e-5, abs=1e-6), name
+    want = sum(getattr(weights, k) * naive[k] for k in LOSS_NAMES) / weights.denominator
+    got_grads = torch.autograd.grad(fused["loss"], list(leaves.values()), allow_unused=True)
+    want_grads = torch.autograd.grad(want, list(leaves.values()), allow_unused=True)
+    for a, b in zip(got_grads, want_grads):
+        assert (a is None) == (b is None)
+        assert a is None or torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+    assert (fused["G_Sref"].item() == 0.0) == (masks == "none_g")

@@ -332,8 +332,13 @@ def test_open_clip_backend_trains_and_round_trips(tmp_path):
 
 
 def test_reference_cache_is_filled_once_and_exact(data):
-    cached = SafeCLIPTrainer(backend(), cfg(num_epochs=2), data)
+    cached = SafeCLIPTrainer(backend(), cfg(num_epochs=2, eval_batch_size=6), data)
+    calls = []
+    compute = cached.frozen._compute
+    cached.frozen._compute = lambda batch: calls.append(int(batch["size"])) or compute(batch)
     cached.train()
+    # the reference ran once per item, before the first step (3 batches of eval_batch_size), never in a step
+    assert calls == [6, 6, 4]
     cache = cached.frozen.cache
     assert bool(cache.filled.all()) and len(cache) == 16 and cache.image.shape == (16, 32)
     # the cache holds exactly what the frozen reference computes
@@ -345,8 +350,11 @@ def test_reference_cache_is_filled_once_and_exact(data):
     assert torch.allclose(cache.text[:4], fresh_text, atol=1e-5)
     assert torch.allclose(cache.image[:4], fresh_img, atol=1e-5)
     uncached = SafeCLIPTrainer(backend(), cfg(num_epochs=2, cache_reference=False), data)
+    calls.clear()
+    compute_uncached = uncached.frozen._compute
+    uncached.frozen._compute = lambda batch: calls.append(int(batch["size"])) or compute_uncached(batch)
     uncached.train()
-    assert uncached.frozen.cache is None
+    assert uncached.frozen.cache is None and calls == [8] * 4  # in every step: 2 epochs x 2 steps
     a, b = cached.trainable_state_dict(), uncached.trainable_state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 

@@ -229,9 +229,23 @@ def pixel_batch(backend: Any, images: Sequence[ImageLike]) -> torch.Tensor:
     return backend.preprocess(loaded)
 
 
+def _trimmed_rows(tokens: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows ``start:stop`` of a tokenizer output, without the padding columns none of them needs."""
+    rows = {k: v[start:stop] for k, v in tokens.items()}
+    mask = rows.get("attention_mask")
+    if mask is not None and mask.ndim == 2 and mask.shape[0]:
+        width = int(mask.sum(dim=1).max())
+        if bool((mask[:, width:] == 0).all()):  # right padding only: the columns after `width` are pure padding
+            rows = {k: v[:, :width] if v.ndim == 2 else v for k, v in rows.items()}
+    return rows
+
+
 class QuadrupletCollator:
     """Turn a list of :class:`Quadruplet` into a batch dict for the trainer.
 
+    The safe and unsafe captions are tokenized together: ``text_pair`` holds the ``2B`` rows (safe
+    first), so the trainable text tower encodes both in one pass; ``safe_text`` / ``unsafe_text``
+    are the two halves with their own padding trimmed (the frozen reference encodes ``safe_text``).
     Image tensors hold only the items that have that image; ``safe_image_index`` /
     ``unsafe_image_index`` say which rows they belong to, so embeddings can be scattered back.
     """
@@ -241,10 +255,13 @@ class QuadrupletCollator:
         self.use_images = use_images
 
     def __call__(self, items: Sequence[Quadruplet]) -> dict[str, Any]:
+        n = len(items)
+        pair = self.backend.tokenize([q.safe for q in items] + [q.unsafe for q in items])
         batch: dict[str, Any] = {
-            "size": torch.tensor(len(items)),
-            "safe_text": self.backend.tokenize([q.safe for q in items]),
-            "unsafe_text": self.backend.tokenize([q.unsafe for q in items]),
+            "size": torch.tensor(n),
+            "text_pair": pair,
+            "safe_text": _trimmed_rows(pair, 0, n),
+            "unsafe_text": _trimmed_rows(pair, n, 2 * n),
         }
         for key in ("safe_image", "unsafe_image"):
             idx = [i for i, q in enumerate(items) if getattr(q, key) is not None] if self.use_images else []

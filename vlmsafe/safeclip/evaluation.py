@@ -31,6 +31,7 @@ class EvaluationMixin:
     inner: nn.Module
     frozen: FrozenReference
     towers: tuple[str, ...]
+    _val_reference: tuple[QuadrupletDataset, Embedded] | None
 
     @torch.no_grad()
     def evaluate(self, data: QuadrupletDataset) -> dict[str, float]:
@@ -43,7 +44,10 @@ class EvaluationMixin:
         return metrics
 
     def _embed_for_validation(self, data: QuadrupletDataset) -> tuple[Embedded, Embedded]:
-        """The trained towers' embeddings of ``data`` and the reference's ``T0(S)``, ``I0(V)``."""
+        """The trained towers' embeddings of ``data`` and the reference's ``T0(S)``, ``I0(V)``.
+
+        The reference's are computed once per validation dataset (object) and reused: the reference is frozen.
+        """
         was_training = self.module.training
         self.module.eval()
         bs = self.config.eval_batch_size
@@ -51,13 +55,16 @@ class EvaluationMixin:
             with self.accelerator.autocast():
                 cur = embed_quadruplets(self.backend, self.inner, data, batch_size=bs, towers=self.towers,
                                         progress=False)
-                with self.frozen.active() as ref_model:
-                    ref = embed_quadruplets(self.backend, ref_model, data, batch_size=bs, towers=("text", "vision"),
-                                            progress=False, texts=("safe",), images=("safe",))
+                if self._val_reference is None or self._val_reference[0] is not data:
+                    with self.frozen.active() as ref_model:
+                        ref = embed_quadruplets(self.backend, ref_model, data, batch_size=bs,
+                                                towers=("text", "vision"), progress=False, texts=("safe",),
+                                                images=("safe",))
+                    self._val_reference = (data, ref)
         finally:
             if was_training:
                 self.module.train()
-        return cur, ref
+        return cur, self._val_reference[1]
 
 
 def validation_losses(cur: Embedded, ref: Embedded, n: int, config: SafeCLIPTrainingConfig) -> dict[str, float]:

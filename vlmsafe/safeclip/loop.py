@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from vlmsafe.errors import InputError, OutputExistsError
 from vlmsafe.safeclip.checkpoint import CHECKPOINT_PREFIX
 from vlmsafe.safeclip.config import SafeCLIPTrainingConfig, TrainerState, TrainingResult
-from vlmsafe.safeclip.data import QuadrupletDataset
+from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
+from vlmsafe.safeclip.reference import FrozenReference
 
 
 class TrainingLoopMixin:
@@ -36,6 +37,8 @@ class TrainingLoopMixin:
     train_data: QuadrupletDataset | None
     val_data: QuadrupletDataset | None
     output_dir: Path | None
+    frozen: FrozenReference
+    collator: QuadrupletCollator
     world_size: int
     total_steps: int
     micro_batches_per_epoch: int
@@ -65,8 +68,11 @@ class TrainingLoopMixin:
                 "resume_from='latest' (--resume latest) to continue it, or use a new output folder"
             )
         st = self.state
-        self.module.train()
         show = cfg.progress and acc.is_main_process
+        if st.global_step < self.total_steps:  # the frozen reference's outputs, once, before the first step
+            self.frozen.fill_cache(self.train_data, self.collator, batch_size=cfg.eval_batch_size, device=acc.device,
+                                   accelerator=acc if self.world_size > 1 else None, progress=show)
+        self.module.train()
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc="safe-clip", disable=not show,
                    dynamic_ncols=True)
         while st.epoch < cfg.num_epochs and not st.stopped_early and st.global_step < self.total_steps:

@@ -88,14 +88,19 @@ class SafeCLIPLossWeights:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise InputError(f"unknown Safe-CLIP loss weight(s) {sorted(unknown)}; valid names are {list(LOSS_NAMES)} and 'normalize'")
+            raise InputError(
+                f"unknown Safe-CLIP loss weight(s) {sorted(unknown)}; valid names are {list(LOSS_NAMES)} and "
+                "'normalize'"
+            )
         return cls(**data)
 
     def __post_init__(self) -> None:
         for name in LOSS_NAMES:  # finite and >= 0 (a NaN weight would train on NaN silently)
             object.__setattr__(self, name, check_float(getattr(self, name), f"loss weight {name}", low=0))
         if sum(self.as_dict().values()) <= 0:
-            raise InputError(f"all Safe-CLIP loss weights are 0; give at least one of {', '.join(LOSS_NAMES)} a weight > 0")
+            raise InputError(
+                f"all Safe-CLIP loss weights are 0; give at least one of {', '.join(LOSS_NAMES)} a weight > 0"
+            )
 
     @property
     def denominator(self) -> float:
@@ -144,7 +149,9 @@ class SafeCLIPEmbeddings:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SafeCLIPEmbeddings:
         """Apply ``fn`` to every tensor field (used to all-gather across processes)."""
-        return SafeCLIPEmbeddings(**{f.name: (None if (v := getattr(self, f.name)) is None else fn(v)) for f in dataclasses.fields(self)})
+        return SafeCLIPEmbeddings(
+            **{f.name: (None if (v := getattr(self, f.name)) is None else fn(v)) for f in dataclasses.fields(self)}
+        )
 
 
 def safeclip_losses(
@@ -160,50 +167,81 @@ def safeclip_losses(
     and ``"loss"``, the weighted sum divided by :attr:`SafeCLIPLossWeights.denominator` (and, with
     ``loss_scale="reference"``, by the number of terms as well; see the module docstring).
     Terms with weight 0 are still returned (detached) so logs keep the same columns.
+
+    The terms share their work: every embedding is L2-normalised once, the cosine terms are row-wise
+    dot products of those unit vectors, and the four InfoNCE terms come from two similarity
+    computations (``[T(S); T(U)]`` against ``I0(V)``, ``[I(V); I(G)]`` against ``T0(S)``), each one
+    batched matrix product and one cross-entropy per direction. The values equal :func:`clip_nce` /
+    :func:`cosine_distance` term by term (up to float rounding).
     """
     if loss_scale not in LOSS_SCALES:
         raise InputError(f"loss_scale must be one of {', '.join(LOSS_SCALES)}; got {loss_scale!r}")
-    ref_s = emb.ref_text_safe
-    n = ref_s.shape[0]
+    n = emb.ref_text_safe.shape[0]
     for name in ("text_safe", "text_nsfw", "image_safe", "image_nsfw", "ref_image_safe"):
         x = getattr(emb, name)
         if x is not None and x.shape[0] != n:
-            raise InputError(f"{name} has {x.shape[0]} rows but ref_text_safe has {n}: all embeddings of one batch need one row per item")
-    device = ref_s.device
-    no_rows = torch.zeros(n, dtype=torch.bool, device=device)
-    has_v = emb.has_safe_image.bool() if (emb.has_safe_image is not None and emb.ref_image_safe is not None) else no_rows
+            raise InputError(
+                f"{name} has {x.shape[0]} rows but ref_text_safe has {n}: all embeddings of one batch need one row "
+                "per item"
+            )
+    unit = {f.name: F.normalize(v.float(), dim=-1) for f in dataclasses.fields(emb)
+            if f.name not in ("has_safe_image", "has_unsafe_image") and (v := getattr(emb, f.name)) is not None}
+    no_rows = torch.zeros(n, dtype=torch.bool, device=emb.ref_text_safe.device)
+    has_v = emb.has_safe_image.bool() if (emb.has_safe_image is not None and "ref_image_safe" in unit) else no_rows
     has_g = emb.has_unsafe_image.bool() if emb.has_unsafe_image is not None else no_rows
-    w = weights.as_dict()
-    empty = ref_s.new_zeros((0, ref_s.shape[-1]))
-
-    def rows(x: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        return empty if (x is None or not mask.any()) else x[mask]
-
-    def full(x: torch.Tensor | None) -> torch.Tensor:
-        return empty if x is None else x
-
-    ref_s_or_empty = ref_s if emb.text_safe is not None else empty
-    ref_s_u = ref_s if emb.text_nsfw is not None else empty
-    v_and_g = has_v & has_g
-    v_rows = has_v if emb.text_safe is not None else no_rows
-    u_rows = has_v if emb.text_nsfw is not None else no_rows
-    iv_rows = has_v if emb.image_safe is not None else no_rows
-    ig_rows = has_g if emb.image_nsfw is not None else no_rows
-    terms: dict[str, torch.Tensor] = {
-        "text_safe": cosine_distance(full(emb.text_safe), ref_s_or_empty),
-        "text_nsfw": cosine_distance(full(emb.text_nsfw), ref_s_u),
-        "vision_safe": cosine_distance(rows(emb.image_safe, iv_rows), rows(emb.ref_image_safe, iv_rows)),
-        "vision_nsfw": cosine_distance(rows(emb.image_nsfw, v_and_g & ig_rows), rows(emb.ref_image_safe, v_and_g & ig_rows)),
-        "S_Vref": clip_nce(rows(emb.text_safe, v_rows), rows(emb.ref_image_safe, v_rows), logit_scale),
-        "U_Vref": clip_nce(rows(emb.text_nsfw, u_rows), rows(emb.ref_image_safe, u_rows), logit_scale),
-        "V_Sref": clip_nce(rows(emb.image_safe, iv_rows), rows(ref_s, iv_rows), logit_scale),
-        "G_Sref": clip_nce(rows(emb.image_nsfw, ig_rows), rows(ref_s, ig_rows), logit_scale),
+    s0, v0 = unit["ref_text_safe"], unit.get("ref_image_safe")
+    ts, tu, iv, ig = (unit.get(k) for k in ("text_safe", "text_nsfw", "image_safe", "image_nsfw"))
+    everyone = torch.ones_like(no_rows)
+    terms = {
+        "text_safe": _cosine_distance_unit(ts, s0, everyone),
+        "text_nsfw": _cosine_distance_unit(tu, s0, everyone),
+        "vision_safe": _cosine_distance_unit(iv, v0, has_v),
+        "vision_nsfw": _cosine_distance_unit(ig, v0, has_v & has_g),
     }
-    total = ref_s.new_zeros((), dtype=torch.float32)
-    for name, value in terms.items():
+    terms["S_Vref"], terms["U_Vref"] = _nce_unit([ts, tu], v0, has_v, logit_scale)
+    if torch.equal(has_v, has_g):  # the usual batch: every item has both images or neither
+        terms["V_Sref"], terms["G_Sref"] = _nce_unit([iv, ig], s0, has_v, logit_scale)
+    else:
+        (terms["V_Sref"],), (terms["G_Sref"],) = _nce_unit([iv], s0, has_v, logit_scale), _nce_unit(
+            [ig], s0, has_g, logit_scale)
+    w = weights.as_dict()
+    total = emb.ref_text_safe.new_zeros((), dtype=torch.float32)
+    for name in LOSS_NAMES:
         if w[name] != 0.0:
-            total = total + w[name] * value
-    out = {name: (value if w[name] != 0.0 else value.detach()) for name, value in terms.items()}
+            total = total + w[name] * terms[name]
+    out = {name: (terms[name] if w[name] != 0.0 else terms[name].detach()) for name in LOSS_NAMES}
     divisor = weights.denominator * (len(LOSS_NAMES) if loss_scale == "reference" else 1)
     out["loss"] = total / divisor
     return out
+
+
+def _cosine_distance_unit(a: torch.Tensor | None, b: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of ``1 - <a_i, b_i>`` over ``rows`` for unit vectors; 0 without rows."""
+    if a is None or b is None or not bool(rows.any()):
+        return rows.new_zeros((), dtype=torch.float32)
+    if not bool(rows.all()):
+        a, b = a[rows], b[rows]
+    return (1.0 - (a * b).sum(dim=-1)).mean()
+
+
+def _nce_unit(
+    queries: list[torch.Tensor | None], keys: torch.Tensor | None, rows: torch.Tensor, scale: float
+) -> list[torch.Tensor]:
+    """Symmetric InfoNCE of each query tensor against ``keys`` (unit vectors, paired by row, over ``rows``).
+
+    All present queries go through one batched product ``[g, m, D] @ [D, m]`` and one cross-entropy per
+    direction; a missing query (or no row) gives 0.
+    """
+    zero = rows.new_zeros((), dtype=torch.float32)
+    present = [q for q in queries if q is not None]
+    if keys is None or not present or not bool(rows.any()):
+        return [zero for _ in queries]
+    if not bool(rows.all()):
+        keys, present = keys[rows], [q[rows] for q in present]
+    logits = scale * torch.stack(present) @ keys.t()  # [g, m, m]: query i against key j
+    g, m = logits.shape[0], logits.shape[1]
+    labels = torch.arange(m, device=logits.device).repeat(g)
+    per_query = F.cross_entropy(logits.reshape(g * m, m), labels, reduction="none").view(g, m).mean(dim=1)
+    per_key = F.cross_entropy(logits.transpose(1, 2).reshape(g * m, m), labels, reduction="none")
+    losses = iter(0.5 * (per_query + per_key.view(g, m).mean(dim=1)))
+    return [zero if q is None else next(losses) for q in queries]

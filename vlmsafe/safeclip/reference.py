@@ -7,8 +7,12 @@ LoRA is injected, with ``requires_grad=False``, in eval mode and outside the opt
 ``disable_adapter()`` (``reference="disable_adapter"``, saves the memory of a second model).
 
 The reference never changes and training items are not augmented, so an item's reference outputs
-``T0(S)`` and ``I0(V)`` are the same every epoch: :class:`ReferenceCache` keeps them per item after
-their first use, saving two of the six encoder passes of a Safe-CLIP step.
+``T0(S)`` and ``I0(V)`` are the same every epoch. Where the data allows it (``cache_reference=True``,
+the default: items are fixed, as every :class:`~vlmsafe.safeclip.data.QuadrupletDataset` is; turn it
+off for a dataset that augments on the fly), :meth:`FrozenReference.fill_cache` computes them for all
+training items once, before the first epoch, in large no-grad batches (split across processes), and
+every training step, from the first one on, reads them from :class:`ReferenceCache`: a step runs the
+trainable towers only. The reference always runs in eval mode (no dropout), so it is deterministic.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmsafe.distributed import gather, shard
 from vlmsafe.safeclip.backends import CLIPBackend
 from vlmsafe.safeclip.batches import scatter_rows
+from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
 
 RefOutputs = dict[str, torch.Tensor | None]  # "ref_text_safe" [B, D], "ref_image_safe" [B, D] or None
 
@@ -57,18 +63,16 @@ class ReferenceCache:
         image = self.image[idx].to(device) if (has_v and self.image is not None) else None
         return {"ref_text_safe": self.text[idx].to(device), "ref_image_safe": image}
 
-    def store(self, batch: dict[str, Any], out: RefOutputs) -> None:
-        idx = batch["index"].cpu()
-        text = out["ref_text_safe"]
-        assert text is not None
+    def store(self, index: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> None:
+        """Keep rows ``text`` / ``image`` (``[len(index), D]``; image rows without a safe image are zero)."""
+        idx = index.cpu()
         if self.text is None:
             self.text = torch.zeros(len(self.filled), text.shape[-1], dtype=text.dtype)
         self.text[idx] = text.detach().cpu()
-        img = out["ref_image_safe"]
-        if img is not None:
+        if image is not None:
             if self.image is None:
-                self.image = torch.zeros(len(self.filled), img.shape[-1], dtype=img.dtype)
-            self.image[idx] = img.detach().cpu()
+                self.image = torch.zeros(len(self.filled), image.shape[-1], dtype=image.dtype)
+            self.image[idx] = image.detach().cpu()
         self.filled[idx] = True
 
 
@@ -101,12 +105,17 @@ class FrozenReference:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:
-        """The module that computes the reference (the copy, or the LoRA model with its adapter off)."""
+        """The module that computes the reference, in eval mode (the copy, or the LoRA model with its adapter off)."""
         if self.model is not None:
             yield self.model
-        else:
+            return
+        was_training = self.inner.training
+        self.inner.eval()
+        try:
             with self.peft_model.disable_adapter():
                 yield self.inner
+        finally:
+            self.inner.train(was_training)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], device: torch.device) -> RefOutputs:
@@ -116,6 +125,12 @@ class FrozenReference:
             cached = self.cache.lookup(batch, device)
             if cached is not None:
                 return cached
+        out = self._compute(batch)
+        if use_cache:
+            self.cache.store(batch["index"], out["ref_text_safe"], out["ref_image_safe"])
+        return out
+
+    def _compute(self, batch: dict[str, Any]) -> RefOutputs:
         n = int(batch["size"])
         out: RefOutputs = {"ref_text_safe": None, "ref_image_safe": None}
         with self.active() as model, self.autocast():
@@ -123,7 +138,40 @@ class FrozenReference:
             if batch.get("safe_image_pixels") is not None:
                 emb = self.backend.encode_image(model, batch["safe_image_pixels"])
                 out["ref_image_safe"] = scatter_rows(emb, batch["safe_image_index"], n)
-        if use_cache:
-            self.cache.store(batch, out)
         return out
+
+    @torch.no_grad()
+    def fill_cache(
+        self,
+        data: QuadrupletDataset,
+        collator: QuadrupletCollator,
+        *,
+        batch_size: int,
+        device: torch.device,
+        accelerator: Any = None,
+        progress: bool = False,
+    ) -> int:
+        """Compute the reference outputs of every training item not cached yet; returns how many were computed.
+
+        The items are shared out between processes (:func:`vlmsafe.distributed.shard`) and the results
+        gathered, so every process ends with the whole cache.
+        """
+        from accelerate.utils import send_to_device
+        from tqdm.auto import tqdm
+
+        if self.cache is None:
+            return 0
+        todo = (~self.cache.filled).nonzero().flatten().tolist()
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        with shard(todo, accelerator) as mine:
+            starts = range(0, len(mine), batch_size)
+            for start in tqdm(starts, desc="frozen reference", disable=not progress, leave=False):
+                index = torch.tensor(mine[start : start + batch_size], dtype=torch.long)
+                batch = collator([data[i] for i in index.tolist()])
+                out = self._compute(send_to_device(batch, device))
+                image = out["ref_image_safe"]
+                parts.append((index, out["ref_text_safe"].cpu(), None if image is None else image.cpu()))
+        for index, text, image in gather(parts, accelerator):
+            self.cache.store(index, text, image)
+        return len(todo)
 

@@ -109,6 +109,7 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
                                       autocast=self.accelerator.autocast, cache_items=cache_items)
         self.state = TrainerState()
         self._best_trainable: dict[str, torch.Tensor] | None = None
+        self._val_reference = None  # the reference's embeddings of the validation set (it is frozen)
         self.collator = QuadrupletCollator(backend, use_images=has_images)
 
     # ------------------------------------------------------------------ set-up
