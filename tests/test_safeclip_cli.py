@@ -245,13 +245,13 @@ def test_pairs_bad_input(ws, capsys, argv, expected):
 # --------------------------------------------------------------------------- runs
 def test_train_overwrite_replaces_the_old_run_and_resume_continues_it(ws, capsys):
     run = user_folder(ws / "run")
-    argv = train_argv(ws, out="run", model="clip") + ["--epochs", "1", "--lora-r", "2", "--val-fraction", "0.25",
-                                                      "--overwrite"]
+    argv = [*train_argv(ws, out="run", model="clip"), "--epochs", "1", "--lora-r", "2", "--val-fraction", "0.25",
+            "--overwrite"]
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     assert summary["model_dir"] == str(run / "model") and summary["global_step"] == 3
     assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoint-0000003", "model"]  # the old file is gone
     assert not [p for p in ws.iterdir() if p.name.startswith(".run.")]  # no temporaries left
     check_error(capsys, argv[:-1], "--overwrite")  # a second run without --overwrite is refused ...
-    assert main(argv[:-1] + ["--epochs", "2", "--resume", "latest"]) == 0  # ... --resume continues it
+    assert main([*argv[:-1], "--epochs", "2", "--resume", "latest"]) == 0  # ... --resume continues it
     assert json.loads(capsys.readouterr().out)["global_step"] == 6

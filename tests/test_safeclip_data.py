@@ -21,8 +21,17 @@ def test_jsonl_quadruplets_with_optional_images(tmp_path):
     png(tmp_path / "img" / "v0.png", (255, 0, 0))
     png(tmp_path / "img" / "g0.png", (0, 255, 0))
     (tmp_path / "d.jsonl").write_text(
-        json.dumps({"safe": "a red square", "unsafe": "a red square with blood", "safe_image": "img/v0.png", "unsafe_image": "img/g0.png"}) + "\n"
-        + json.dumps({"safe": "a cat", "unsafe": "a dead cat"}) + "\n"
+        json.dumps(
+            {
+                "safe": "a red square",
+                "unsafe": "a red square with blood",
+                "safe_image": "img/v0.png",
+                "unsafe_image": "img/g0.png",
+            }
+        )
+        + "\n"
+        + json.dumps({"safe": "a cat", "unsafe": "a dead cat"})
+        + "\n"
     )
     ds = QuadrupletDataset.from_jsonl(tmp_path / "d.jsonl")
     assert len(ds) == 2 and ds.has_images
@@ -42,8 +51,22 @@ def test_visu_layout_with_coco_folder(tmp_path):
     png(coco / "train2017" / "000000000042.jpg", (10, 20, 30))
     png(coco / "val2017" / "000000000007.jpg", (30, 20, 10))
     records = {
-        "1": {"incremental_id": 1, "safe": "a man riding a horse", "nsfw": "a man whipping a bleeding horse", "coco_id": 7, "tag": "violence", "prompt_id": 3},
-        "0": {"incremental_id": 0, "safe": "a kitchen", "nsfw": "a kitchen full of drugs", "coco_id": 42, "tag": "illegal activity", "prompt_id": 1},
+        "1": {
+            "incremental_id": 1,
+            "safe": "a man riding a horse",
+            "nsfw": "a man whipping a bleeding horse",
+            "coco_id": 7,
+            "tag": "violence",
+            "prompt_id": 3,
+        },
+        "0": {
+            "incremental_id": 0,
+            "safe": "a kitchen",
+            "nsfw": "a kitchen full of drugs",
+            "coco_id": 42,
+            "tag": "illegal activity",
+            "prompt_id": 1,
+        },
     }
     (tmp_path / "visu.json").write_text(json.dumps({"info": {"split": "train"}, "data": records}))
     ds = QuadrupletDataset.from_visu(tmp_path / "visu.json", coco)
@@ -51,7 +74,9 @@ def test_visu_layout_with_coco_folder(tmp_path):
     assert ds[0].safe_image == coco / "train2017" / "000000000042.jpg"
     assert ds[1].safe_image == coco / "val2017" / "000000000007.jpg"
     assert ds[0].unsafe_image is None  # ViSU's unsafe images are not public
-    assert [q.unsafe for q in QuadrupletDataset.from_visu(tmp_path / "visu.json", tags=["violence"])] == ["a man whipping a bleeding horse"]
+    assert [q.unsafe for q in QuadrupletDataset.from_visu(tmp_path / "visu.json", tags=["violence"])] == [
+        "a man whipping a bleeding horse"
+    ]
     # text-only: no COCO folder
     assert not QuadrupletDataset.from_visu(tmp_path / "visu.json").has_images
     # JSONL and list layouts read the same
@@ -62,7 +87,7 @@ def test_visu_layout_with_coco_folder(tmp_path):
 def test_visu_missing_coco_image(tmp_path):
     (tmp_path / "coco").mkdir()
     (tmp_path / "v.json").write_text(json.dumps([{"safe": "a", "nsfw": "b", "coco_id": 5}]))
-    with pytest.raises(FileFormatError, match="000000000005.jpg"):
+    with pytest.raises(FileFormatError, match=r"000000000005\.jpg"):
         QuadrupletDataset.from_visu(tmp_path / "v.json", tmp_path / "coco")
     ds = QuadrupletDataset.from_visu(tmp_path / "v.json", tmp_path / "coco", missing_images="skip")
     assert ds[0].safe_image is None
@@ -86,7 +111,7 @@ def test_bad_files_raise_clear_errors(tmp_path):
 def test_split_is_deterministic_and_disjoint():
     ds = QuadrupletDataset(Quadruplet(f"s{i}", f"u{i}") for i in range(20))
     tr, va = ds.split(0.25, seed=3)
-    tr2, va2 = ds.split(0.25, seed=3)
+    _tr2, va2 = ds.split(0.25, seed=3)
     assert [q.safe for q in va] == [q.safe for q in va2] and len(va) == 5 and len(tr) == 15
     assert not {q.safe for q in tr} & {q.safe for q in va}
 
@@ -103,17 +128,17 @@ def test_preprocessed_tensor_images_skip_the_processor():
 
 def test_record_fields_are_checked_with_their_location(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"safe": "x", "unsafe": "y"}\n{"safe": "x", "unsafe": "y", "safe_image": 5}\n')
-    with pytest.raises(FileFormatError, match="a.jsonl:2: 'safe_image' must be an image path"):
+    with pytest.raises(FileFormatError, match=r"a\.jsonl:2: 'safe_image' must be an image path"):
         QuadrupletDataset.from_jsonl(tmp_path / "a.jsonl")
     (tmp_path / "b.jsonl").write_text('{"safe": "x", "unsafe": "y", "unsafe_image": "gone.png"}\n')
-    with pytest.raises(FileFormatError, match="b.jsonl:1: unsafe_image .*gone.png' does not exist"):
+    with pytest.raises(FileFormatError, match=r"b\.jsonl:1: unsafe_image .*gone\.png' does not exist"):
         QuadrupletDataset.from_jsonl(tmp_path / "b.jsonl")
     (tmp_path / "coco").mkdir()
     (tmp_path / "v.json").write_text(json.dumps({"7": {"safe": "a", "nsfw": "b", "coco_id": "seven"}}))
-    with pytest.raises(FileFormatError, match="v.json:1: 'coco_id' must be a non-negative integer"):
+    with pytest.raises(FileFormatError, match=r"v\.json:1: 'coco_id' must be a non-negative integer"):
         QuadrupletDataset.from_visu(tmp_path / "v.json", tmp_path / "coco")
     (tmp_path / "e.jsonl").write_text('{"safe": "", "unsafe": "y"}\n')
-    with pytest.raises(FileFormatError, match="e.jsonl:1: .*non-empty 'safe' and 'unsafe'"):
+    with pytest.raises(FileFormatError, match=r"e\.jsonl:1: .*non-empty 'safe' and 'unsafe'"):
         QuadrupletDataset.from_jsonl(tmp_path / "e.jsonl")
 
 

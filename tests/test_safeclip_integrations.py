@@ -22,7 +22,10 @@ def one_thread():
 def clips(tmp_path_factory):
     """An 'original' and a 'safe' tiny CLIP (different weights, same architecture), saved."""
     d = tmp_path_factory.mktemp("clips")
-    original, safe = tiny_clip_backend(0, hidden=32, layers=1, vision_layers=1), tiny_clip_backend(1, hidden=32, layers=1, vision_layers=1)
+    original, safe = (
+        tiny_clip_backend(0, hidden=32, layers=1, vision_layers=1),
+        tiny_clip_backend(1, hidden=32, layers=1, vision_layers=1),
+    )
     safe.save_pretrained(d / "safe")
     return original, safe, d / "safe"
 
@@ -32,14 +35,36 @@ def tiny_sd(original):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=original.model.config.text_config.hidden_size, attention_head_dim=8, norm_num_groups=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=original.model.config.text_config.hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 32], latent_channels=4, norm_num_groups=8, sample_size=16)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[16, 32],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=original.model.text_model, tokenizer=original.tokenizer, unet=unet,
-        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=original.model.text_model,
+        tokenizer=original.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -47,13 +72,24 @@ def test_stable_diffusion_prompt_to_image_with_safe_text_encoder(clips):
     original, safe, safe_dir = clips
     pipe = tiny_sd(original)
     pipe.set_progress_bar_config(disable=True)
-    run = lambda: pipe(PROMPT, num_inference_steps=2, height=16, width=16, output_type="np", generator=torch.Generator().manual_seed(0)).images  # noqa: E731
+    run = lambda: (
+        pipe(
+            PROMPT,
+            num_inference_steps=2,
+            height=16,
+            width=16,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+    )
     before = run()
     old = pipe.text_encoder
     assert apply_safe_text_encoder(pipe, safe_dir) is pipe
     assert pipe.text_encoder is not old and pipe.components["text_encoder"] is pipe.text_encoder
     # the prompt embeddings are now the Safe-CLIP text tower's hidden states
-    ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        PROMPT, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         emb = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
         want = safe.model.text_model(ids).last_hidden_state
@@ -64,7 +100,9 @@ def test_stable_diffusion_prompt_to_image_with_safe_text_encoder(clips):
     assert after.shape == before.shape == (1, 16, 16, 3)
     assert abs(after - before).max() > 1e-4
     # the replaced module itself is untouched
-    assert torch.equal(old.embeddings.token_embedding.weight, original.model.text_model.embeddings.token_embedding.weight)
+    assert torch.equal(
+        old.embeddings.token_embedding.weight, original.model.text_model.embeddings.token_embedding.weight
+    )
 
 
 def test_text_encoder_with_projection_for_sdxl_style_encoders(clips):
@@ -95,9 +133,25 @@ def tiny_llava(vision_config):
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    text = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    cfg = LlavaConfig(vision_config=vision_config, text_config=text, image_token_index=5, image_seq_length=n_patches, vision_feature_layer=-1)
+    cfg = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text,
+        image_token_index=5,
+        image_seq_length=n_patches,
+        vision_feature_layer=-1,
+    )
     return LlavaForConditionalGeneration(cfg).eval(), n_patches
 
 
@@ -115,7 +169,9 @@ def test_llava_vision_tower_swap(clips):
         assert torch.equal(tower.state_dict()[k], v), k
     with torch.no_grad():
         feats_after = tower(pixels).last_hidden_state
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=3, do_sample=False)
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=3, do_sample=False
+        )
     assert not torch.allclose(feats_before, feats_after)
     assert out.shape == (1, ids.shape[1] + 3)
 

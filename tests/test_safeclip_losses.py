@@ -38,7 +38,16 @@ def hand_nce(a_rows, b_rows, scale):
 
 
 def emb(**overrides):
-    base = dict(text_safe=TS, text_nsfw=TU, ref_text_safe=T0S, image_safe=IV, image_nsfw=IG, ref_image_safe=I0V, has_safe_image=torch.tensor([True, True]), has_unsafe_image=torch.tensor([True, True]))
+    base = dict(
+        text_safe=TS,
+        text_nsfw=TU,
+        ref_text_safe=T0S,
+        image_safe=IV,
+        image_nsfw=IG,
+        ref_image_safe=I0V,
+        has_safe_image=torch.tensor([True, True]),
+        has_unsafe_image=torch.tensor([True, True]),
+    )
     base.update(overrides)
     return SafeCLIPEmbeddings(**base)
 
@@ -83,7 +92,9 @@ def test_total_is_weighted_sum_over_weight_sum():
 
 def test_missing_images_use_only_rows_that_have_them():
     # item 1 has no unsafe image; item 0 has no safe image
-    out = safeclip_losses(emb(has_safe_image=torch.tensor([False, True]), has_unsafe_image=torch.tensor([True, False])), logit_scale=1.0)
+    out = safeclip_losses(
+        emb(has_safe_image=torch.tensor([False, True]), has_unsafe_image=torch.tensor([True, False])), logit_scale=1.0
+    )
     assert out["vision_safe"].item() == pytest.approx(0.0)  # only row 1: cos = 1
     assert out["vision_nsfw"].item() == 0.0  # needs V and G: no row has both
     assert out["S_Vref"].item() == pytest.approx(hand_nce([[0.0, 1.0]], [[0.0, 1.0]], 1.0))  # one row: log(1) = 0
@@ -92,7 +103,9 @@ def test_missing_images_use_only_rows_that_have_them():
 
 
 def test_text_only_batch_trains_text_terms_only():
-    out = safeclip_losses(SafeCLIPEmbeddings(ref_text_safe=T0S, text_safe=TS.requires_grad_(), text_nsfw=TU), logit_scale=100.0)
+    out = safeclip_losses(
+        SafeCLIPEmbeddings(ref_text_safe=T0S, text_safe=TS.requires_grad_(), text_nsfw=TU), logit_scale=100.0
+    )
     for name in ("vision_safe", "vision_nsfw", "S_Vref", "U_Vref", "V_Sref", "G_Sref"):
         assert out[name].item() == 0.0
     assert out["loss"].item() == pytest.approx((0.1 * 0.5 + 0.1 * 1.5) / 1.75)
@@ -145,11 +158,17 @@ def test_fused_terms_and_gradients_equal_the_separate_computations(masks):
     n, d = 6, 5
     has_v = {"all": [1] * 6, "ragged": [1, 0, 1, 1, 0, 1], "none_g": [1, 1, 0, 1, 1, 1]}[masks]
     has_g = {"all": [1] * 6, "ragged": [1, 1, 0, 1, 0, 0], "none_g": [0] * 6}[masks]
-    leaves = {k: torch.randn(n, d, dtype=torch.float64, requires_grad=True)
-              for k in ("text_safe", "text_nsfw", "image_safe", "image_nsfw")}
-    e = SafeCLIPEmbeddings(ref_text_safe=torch.randn(n, d), ref_image_safe=torch.randn(n, d),
-                           has_safe_image=torch.tensor(has_v, dtype=torch.bool),
-                           has_unsafe_image=torch.tensor(has_g, dtype=torch.bool), **leaves)
+    leaves = {
+        k: torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+        for k in ("text_safe", "text_nsfw", "image_safe", "image_nsfw")
+    }
+    e = SafeCLIPEmbeddings(
+        ref_text_safe=torch.randn(n, d),
+        ref_image_safe=torch.randn(n, d),
+        has_safe_image=torch.tensor(has_v, dtype=torch.bool),
+        has_unsafe_image=torch.tensor(has_g, dtype=torch.bool),
+        **leaves,
+    )
     weights = SafeCLIPLossWeights()
     fused = safeclip_losses(e, weights, logit_scale=30.0)
     naive = naive_terms(e, 30.0)

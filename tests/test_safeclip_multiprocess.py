@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent(
         json.dump({"world_size": trainer.world_size,
                    "losses": [h["train/loss"] for h in res.history if "train/loss" in h],
                    "G_Sref": [h["train/G_Sref"] for h in res.history if "train/loss" in h],
-                   "lora_norm": float(sum(v.double().norm() ** 2 for v in lora.values()) ** 0.5)}, open(sys.argv[1], "w"))
+                   "lora_norm": float(sum(v.double().norm() ** 2 for v in lora.values()) ** 0.5)},
+                  open(sys.argv[1], "w"))
     """
 )
 
@@ -42,10 +43,28 @@ def test_two_process_run_matches_single_process(tmp_path):
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.json")], check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one.json")],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "two.json")],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "two.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     one = json.loads((tmp_path / "one.json").read_text())

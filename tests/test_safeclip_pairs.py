@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.safeclip.pairs import PairConverterConfig, generate_unsafe, load_pairs, save_converter, train_pair_converter
+from vlmsafe.safeclip.pairs import (
+    PairConverterConfig,
+    generate_unsafe,
+    load_pairs,
+    save_converter,
+    train_pair_converter,
+)
 from vlmsafe.tokenization import build_word_tokenizer
 
 SUBJECTS = ["dog", "cat", "man", "woman", "child", "horse", "bird", "car"]
@@ -27,7 +33,18 @@ def tiny_lm():
     words = {w for a, b in PAIRS for w in f"{a} {b}".split()} | {"safe", "unsafe", ":"}
     tok = build_word_tokenizer(words, chat_template=None, padding_side="right", image_token=None, special_tokens=())
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg), tok
 
 
@@ -35,11 +52,18 @@ def test_lora_converter_learns_pairs_and_generates_in_batches(tmp_path):
     from peft import PeftModel
 
     lm, tok = tiny_lm()
-    res = train_pair_converter(lm, tok, PAIRS, PairConverterConfig(num_epochs=60, learning_rate=3e-3, batch_size=8, lora_dropout=0.0, progress=False))
+    res = train_pair_converter(
+        lm,
+        tok,
+        PAIRS,
+        PairConverterConfig(num_epochs=60, learning_rate=3e-3, batch_size=8, lora_dropout=0.0, progress=False),
+    )
     assert isinstance(res.model, PeftModel)
     assert len(res.losses) == 60 * 2 and res.losses[-1] < 0.7 * res.losses[0]
     captions = [s for s, _ in PAIRS[:5]]
-    out = generate_unsafe(res.model, tok, captions, batch_size=2, max_new_tokens=12)  # batches of 2 and 1: left padding
+    out = generate_unsafe(
+        res.model, tok, captions, batch_size=2, max_new_tokens=12
+    )  # batches of 2 and 1: left padding
     assert out == [u for _, u in PAIRS[:5]]
     assert tok.padding_side == "right"  # restored
     # the adapter is saved as safetensors and reloads to the same generations
@@ -52,12 +76,16 @@ def test_lora_converter_learns_pairs_and_generates_in_batches(tmp_path):
 
 def test_full_finetune_leaves_no_adapter():
     lm, tok = tiny_lm()
-    res = train_pair_converter(lm, tok, PAIRS[:4], PairConverterConfig(use_lora=False, num_epochs=2, batch_size=4, progress=False))
+    res = train_pair_converter(
+        lm, tok, PAIRS[:4], PairConverterConfig(use_lora=False, num_epochs=2, batch_size=4, progress=False)
+    )
     assert res.model is lm and len(res.losses) == 2
 
 
 def test_load_pairs_formats(tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"safe": "a dog", "unsafe": "a dead dog"}\n\n{"safe": "a cat", "nsfw": "a bloody cat"}\n')
+    (tmp_path / "p.jsonl").write_text(
+        '{"safe": "a dog", "unsafe": "a dead dog"}\n\n{"safe": "a cat", "nsfw": "a bloody cat"}\n'
+    )
     (tmp_path / "p.csv").write_text("safe,unsafe\na dog,a dead dog\n")
     (tmp_path / "p.json").write_text(json.dumps([{"safe": "x", "unsafe": "y"}]))
     assert load_pairs(tmp_path / "p.jsonl") == [("a dog", "a dead dog"), ("a cat", "a bloody cat")]
@@ -68,7 +96,7 @@ def test_load_pairs_formats(tmp_path):
         load_pairs(tmp_path / "bad.jsonl")
     with pytest.raises(FileFormatError, match="does not exist"):
         load_pairs(tmp_path / "missing.jsonl")
-    with pytest.raises(InputError, match="{safe}"):
+    with pytest.raises(InputError, match=r"\{safe\}"):
         PairConverterConfig(prompt_template="no placeholder")
 
 
@@ -80,9 +108,47 @@ def test_cli_pairs_train_and_generate(tmp_path, capsys):
     tok.save_pretrained(tmp_path / "lm")
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"safe": s, "unsafe": u}) + "\n" for s, u in PAIRS))
     (tmp_path / "caps.txt").write_text("a dog on the grass\na cat on the beach\n")
-    assert main(["safeclip", "pairs", "train", "--model", str(tmp_path / "lm"), "--pairs", str(tmp_path / "pairs.jsonl"), "--output-dir", str(tmp_path / "conv"), "--epochs", "2", "--batch-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "safeclip",
+                "pairs",
+                "train",
+                "--model",
+                str(tmp_path / "lm"),
+                "--pairs",
+                str(tmp_path / "pairs.jsonl"),
+                "--output-dir",
+                str(tmp_path / "conv"),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "conv" / "adapter_model.safetensors").is_file()
-    assert main(["safeclip", "pairs", "generate", "--model", str(tmp_path / "lm"), "--adapter", str(tmp_path / "conv"), "--captions", str(tmp_path / "caps.txt"), "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "safeclip",
+                "pairs",
+                "generate",
+                "--model",
+                str(tmp_path / "lm"),
+                "--adapter",
+                str(tmp_path / "conv"),
+                "--captions",
+                str(tmp_path / "caps.txt"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["safe"] for r in rows] == ["a dog on the grass", "a cat on the beach"]
     assert all(isinstance(r["unsafe"], str) for r in rows)
@@ -94,7 +160,7 @@ def test_captions_and_templates_are_checked(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"caption": "a dog"}\n{"safe": " a cat "}\n')
     assert load_captions(tmp_path / "c.jsonl") == ["a dog", "a cat"]
     (tmp_path / "bad.jsonl").write_text('{"caption": "a dog"}\n{"text": "x"}\n')
-    with pytest.raises(FileFormatError, match="bad.jsonl:2: expected a non-empty 'safe' or 'caption'"):
+    with pytest.raises(FileFormatError, match=r"bad\.jsonl:2: expected a non-empty 'safe' or 'caption'"):
         load_captions(tmp_path / "bad.jsonl")
     with pytest.raises(InputError, match="placeholder other than"):
         check_template("Safe: {safe} {extra}")

@@ -36,7 +36,14 @@ def test_union_direction_counts_safe_images():
     n = 4
     V = torch.eye(n)
     G = torch.eye(n) + 0.05  # near their safe twins
-    emb = {"S": torch.eye(n), "U": G.clone(), "V": V, "G": G, "has_V": torch.ones(n, dtype=torch.bool), "has_G": torch.ones(n, dtype=torch.bool)}
+    emb = {
+        "S": torch.eye(n),
+        "U": G.clone(),
+        "V": V,
+        "G": G,
+        "has_V": torch.ones(n, dtype=torch.bool),
+        "has_G": torch.ones(n, dtype=torch.bool),
+    }
     m = retrieval_metrics(emb, emb, ks=(1,))
     assert m["U→(V∪G)"]["safe@1"] == 0.0 and m["U→(V∪G)"]["R@1"] == 0.0  # U retrieves its unsafe twin
     redirected = dict(emb, U=torch.eye(n))
@@ -52,7 +59,7 @@ def test_bundled_testbed_meets_acceptance():
     t0 = time.time()
     rows = safeclip_demo_rows(ASSETS.parent)
     elapsed = time.time() - t0
-    get = lambda model, d: next(r for r in rows if r["model"] == model and r["direction"] == d)  # noqa: E731
+    get = lambda model, d: next(r for r in rows if r["model"] == model and r["direction"] == d)
     before, after = get("original CLIP", "U→(V∪G)"), get("Safe-CLIP", "U→(V∪G)")
     assert before["safe@1"] <= 0.1  # the original CLIP retrieves the unsafe images
     assert after["safe@1"] >= 0.9  # Safe-CLIP retrieves safe ones
@@ -89,10 +96,33 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     for i, r in enumerate(records):
         Image.fromarray(safe[i].permute(1, 2, 0).numpy()).save(tmp_path / f"v{i}.png")
         Image.fromarray(unsafe[i].permute(1, 2, 0).numpy()).save(tmp_path / f"g{i}.png")
-        lines.append(json.dumps({"safe": r["safe"], "unsafe": r["unsafe"], "safe_image": f"v{i}.png", "unsafe_image": f"g{i}.png"}))
+        lines.append(
+            json.dumps(
+                {"safe": r["safe"], "unsafe": r["unsafe"], "safe_image": f"v{i}.png", "unsafe_image": f"g{i}.png"}
+            )
+        )
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    args = ["safeclip", "train", "--model", str(tmp_path / "clip"), "--data", str(tmp_path / "train.jsonl"), "--output-dir", str(tmp_path / "run"),
-            "--batch-size", "4", "--epochs", "2", "--lora-r", "4", "--val-fraction", "0.25", "--weights", "G_Sref=1.0", "--no-progress"]
+    args = [
+        "safeclip",
+        "train",
+        "--model",
+        str(tmp_path / "clip"),
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--lora-r",
+        "4",
+        "--val-fraction",
+        "0.25",
+        "--weights",
+        "G_Sref=1.0",
+        "--no-progress",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["global_step"] == 4 and summary["best_step"] in (2, 4)
@@ -101,12 +131,42 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     saved = json.loads((tmp_path / "run" / "model" / "safeclip_training.json").read_text())
     assert saved["config"]["weights"]["G_Sref"] == 1.0 and saved["towers"] == ["text", "vision"]
     # text-only run resumes from its own checkpoint
-    args_text = ["safeclip", "train", "--model", str(tmp_path / "clip"), "--data", str(tmp_path / "train.jsonl"), "--output-dir", str(tmp_path / "run_text"),
-                 "--text-only", "--batch-size", "4", "--epochs", "1", "--val-fraction", "0", "--no-progress"]
+    args_text = [
+        "safeclip",
+        "train",
+        "--model",
+        str(tmp_path / "clip"),
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--output-dir",
+        str(tmp_path / "run_text"),
+        "--text-only",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--val-fraction",
+        "0",
+        "--no-progress",
+    ]
     assert main(args_text) == 0
     capsys.readouterr()
-    assert main(args_text[:-5] + ["--epochs", "2", "--val-fraction", "0", "--no-progress", "--resume", "latest"]) == 0
+    assert main([*args_text[:-5], "--epochs", "2", "--val-fraction", "0", "--no-progress", "--resume", "latest"]) == 0
     assert json.loads(capsys.readouterr().out)["global_step"] == 6
     # a user error is one clear line, exit code 2
-    assert main(["safeclip", "train", "--model", str(tmp_path / "clip"), "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "safeclip",
+                "train",
+                "--model",
+                str(tmp_path / "clip"),
+                "--data",
+                str(tmp_path / "nope.jsonl"),
+                "--output-dir",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err

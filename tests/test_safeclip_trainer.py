@@ -38,7 +38,16 @@ def backend(seed=0):
 
 
 def cfg(**kw):
-    base = dict(batch_size=8, num_epochs=1, lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2, progress=False, early_stopping_patience=None)
+    base = dict(
+        batch_size=8,
+        num_epochs=1,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        learning_rate=1e-2,
+        progress=False,
+        early_stopping_patience=None,
+    )
     base.update(kw)
     return SafeCLIPTrainingConfig(**base)
 
@@ -80,7 +89,9 @@ def test_gradient_accumulation_matches_full_batch(data):
     # Cosine terms are per-item means, so 2 micro-batches of 4 must equal one batch of 8.
     results = []
     for bs, accum in ((8, 1), (4, 2)):
-        trainer = SafeCLIPTrainer(backend(), cfg(batch_size=bs, gradient_accumulation_steps=accum, max_steps=2, weights=COSINE_ONLY), data)
+        trainer = SafeCLIPTrainer(
+            backend(), cfg(batch_size=bs, gradient_accumulation_steps=accum, max_steps=2, weights=COSINE_ONLY), data
+        )
         res = trainer.train()
         assert res.global_step == 2
         results.append(trainer.trainable_state_dict())
@@ -98,8 +109,9 @@ def capture_step_grads(trainer):
     steps = []
 
     def hook(optimizer, args, kwargs):
-        steps.append({n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                      for n, p in params.items()})
+        steps.append(
+            {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for n, p in params.items()}
+        )
         for fn in trainer._at_step:
             fn(len(steps) - 1, params)
 
@@ -150,8 +162,9 @@ def test_short_last_group_gradient_equals_full_batch_cosine_loss_by_hand(data):
 
     from vlmsafe.safeclip.batches import epoch_loader
 
-    trainer = SafeCLIPTrainer(backend(), cfg(batch_size=4, gradient_accumulation_steps=3, max_grad_norm=None,
-                                             weights=COSINE_ONLY), data)
+    trainer = SafeCLIPTrainer(
+        backend(), cfg(batch_size=4, gradient_accumulation_steps=3, max_grad_norm=None, weights=COSINE_ONLY), data
+    )
     micro = list(epoch_loader(data, trainer.collator, batch_size=4, seed=0, epoch=0, num_workers=0))
     b = trainer.backend
     expected = {}
@@ -162,13 +175,16 @@ def test_short_last_group_gradient_equals_full_batch_cosine_loss_by_hand(data):
         items = [data.items[i] for i in micro[3]["index"].tolist()]
         batch = trainer.collator(items)
         with torch.enable_grad():
-            ts, tu = b.encode_text(trainer.inner, batch["safe_text"]), b.encode_text(trainer.inner, batch["unsafe_text"])
+            ts, tu = (
+                b.encode_text(trainer.inner, batch["safe_text"]),
+                b.encode_text(trainer.inner, batch["unsafe_text"]),
+            )
             iv = b.encode_image(trainer.inner, batch["safe_image_pixels"])
             ig = b.encode_image(trainer.inner, batch["unsafe_image_pixels"])
             with torch.no_grad():
                 ts0 = b.encode_text(trainer.reference, batch["safe_text"])
                 iv0 = b.encode_image(trainer.reference, batch["safe_image_pixels"])
-            d = lambda x, y: (1 - F.cosine_similarity(x, y, dim=-1)).mean()  # noqa: E731
+            d = lambda x, y: (1 - F.cosine_similarity(x, y, dim=-1)).mean()
             loss = (0.1 * d(ts, ts0) + 0.1 * d(tu, ts0) + 0.1 * d(iv, iv0) + 0.2 * d(ig, iv0)) / 0.5
             expected.update(grad_of(loss, params))
 
@@ -193,7 +209,7 @@ def test_reference_loss_scale_is_an_eighth_and_max_grad_norm_scales_with_it(data
     # ... and clipping at c with the reference scale clips exactly like 8c with the weighted mean (the clip is active:
     # the clipped gradient norm is the threshold, well below the unclipped one).
     (g_mean_c, _, _), (g_ref_c, _, _) = runs["weighted_mean", 8e-3], runs["reference", 1e-3]
-    norm = lambda g: float(torch.sqrt(sum((v.double() ** 2).sum() for v in g.values())))  # noqa: E731
+    norm = lambda g: float(torch.sqrt(sum((v.double() ** 2).sum() for v in g.values())))
     assert norm(g_ref_c[0]) == pytest.approx(1e-3, rel=1e-3)
     assert norm(g_ref[0]) > 2e-3
     assert_grads_close({n: 8 * v for n, v in g_ref_c[0].items()}, g_mean_c[0], rtol=1e-4)
@@ -213,9 +229,19 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, data):
     first.train()
     ckpt = tmp_path / "checkpoint-0000003"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0000003"]  # no temporaries left
-    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer.json", "optimizer.safetensors", "rng_0.safetensors", "trainable.safetensors", "trainer_state.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng_0.safetensors",
+        "trainable.safetensors",
+        "trainer_state.json",
+    ]
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["trainer_state"]["global_step"] == 3 and state["trainer_state"]["epoch"] == 1 and state["trainer_state"]["batch_in_epoch"] == 1
+    assert (
+        state["trainer_state"]["global_step"] == 3
+        and state["trainer_state"]["epoch"] == 1
+        and state["trainer_state"]["batch_in_epoch"] == 1
+    )
 
     resumed = SafeCLIPTrainer(backend(), cfg(num_epochs=2, lora_dropout=0.1), data, output_dir=tmp_path)
     res = resumed.train(resume_from="latest")
@@ -240,8 +266,13 @@ def test_resume_rejects_mismatched_or_missing_checkpoints(tmp_path, data):
 def test_early_stopping_and_best_weights(tmp_path, data):
     # weights frozen (the optimizer never steps): nothing improves after the first evaluation -> stop after
     # `patience` more. (A learning rate of 0 is refused by the config.)
-    trainer = SafeCLIPTrainer(backend(), cfg(num_epochs=10, batch_size=4, eval_every=1, early_stopping_patience=2),
-                              data, data, output_dir=tmp_path)
+    trainer = SafeCLIPTrainer(
+        backend(),
+        cfg(num_epochs=10, batch_size=4, eval_every=1, early_stopping_patience=2),
+        data,
+        data,
+        output_dir=tmp_path,
+    )
     trainer.optimizer.step = lambda *a, **k: None
     res = trainer.train()
     assert res.stopped_early and res.global_step == 3 and res.best_step == 1
@@ -310,14 +341,23 @@ def test_open_clip_backend_trains_and_round_trips(tmp_path):
 
     from vlmsafe.safeclip import OpenCLIPBackend, load_backend
 
-    model_cfg = dict(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16, mlp_ratio=2), text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
+    model_cfg = dict(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16, mlp_ratio=2),
+        text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
+    )
     torch.manual_seed(0)
     b = OpenCLIPBackend(open_clip.CLIP(**model_cfg), model_cfg=model_cfg)
     from PIL import Image
 
     imgs = [Image.new("RGB", (32, 32), (i * 30, 100, 200 - i * 20)) for i in range(8)]
-    ds = QuadrupletDataset(Quadruplet(f"a photo of thing {i}", f"a photo of thing {i} with blood", imgs[i], imgs[(i + 1) % 8]) for i in range(8))
-    trainer = SafeCLIPTrainer(b, cfg(batch_size=4, max_steps=2, lora_target_modules=["attn", "c_fc", "c_proj", "conv1"]), ds)
+    ds = QuadrupletDataset(
+        Quadruplet(f"a photo of thing {i}", f"a photo of thing {i} with blood", imgs[i], imgs[(i + 1) % 8])
+        for i in range(8)
+    )
+    trainer = SafeCLIPTrainer(
+        b, cfg(batch_size=4, max_steps=2, lora_target_modules=["attn", "c_fc", "c_proj", "conv1"]), ds
+    )
     trainer.train()
     names = trainer.trainable_names
     assert any(n.startswith("visual.conv1") for n in names) and any(".attn." in n for n in names)
@@ -406,7 +446,9 @@ def test_a_batch_with_no_trainable_term_contributes_no_gradient(data):
     # vision tower only; one item of 8 has images, so at least one batch of 4 has none: its loss is a constant
     items = [Quadruplet(q.safe, q.unsafe) for q in data.items[:8]]
     items[0] = data.items[0]
-    trainer = SafeCLIPTrainer(backend(), cfg(batch_size=4, train_text=False, max_grad_norm=None), QuadrupletDataset(items))
+    trainer = SafeCLIPTrainer(
+        backend(), cfg(batch_size=4, train_text=False, max_grad_norm=None), QuadrupletDataset(items)
+    )
     grads = capture_step_grads(trainer)
     res = trainer.train()
     assert res.global_step == 2 and trainer.towers == ("vision",)

@@ -6,7 +6,13 @@ Poppi et al., ECCV 2024. Pieces:
 * :mod:`~vlmsafe.safeclip.backends` — ``transformers`` ``CLIPModel`` and ``open_clip`` behind one interface.
 * :mod:`~vlmsafe.safeclip.data` — JSONL quadruplets, the ViSU-Text layout + COCO, text-only mode.
 * :mod:`~vlmsafe.safeclip.trainer` — LoRA / full fine-tuning with a truly frozen reference,
-  ``accelerate`` multi-process, resumable safetensors+JSON checkpoints, early stopping.
+  ``accelerate`` multi-process, resumable safetensors+JSON checkpoints, early stopping; built from
+  :mod:`~vlmsafe.safeclip.config` (options and run state), :mod:`~vlmsafe.safeclip.batches`,
+  :mod:`~vlmsafe.safeclip.reference` (frozen reference and its output cache),
+  :mod:`~vlmsafe.safeclip.distributed`, :mod:`~vlmsafe.safeclip.loop` (training, early stopping),
+  :mod:`~vlmsafe.safeclip.evaluation` and :mod:`~vlmsafe.safeclip.checkpoint`.
+* :mod:`~vlmsafe.safeclip.options` — options declared once in dataclass field metadata (help,
+  range, flag), checked in the library and turned into command-line flags.
 * :mod:`~vlmsafe.safeclip.pairs` — the safe→unsafe sentence converter (LoRA on a causal LM).
 * :mod:`~vlmsafe.safeclip.retrieval` — Recall@K tables (S→V, U→V, U→(V∪G), V→S, G→S).
 * :mod:`~vlmsafe.safeclip.integrations` — swap the encoders into diffusers and LLaVA.

@@ -14,6 +14,7 @@ the module that runs is the LoRA-injected (or DDP-wrapped) copy, not ``backend.m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -66,7 +67,9 @@ class CLIPBackend(ABC):
         """Regex (no anchors) of the names of a tower's blocks, e.g. ``text_model\\.encoder\\.layers\\.\\d+``."""
 
     @abstractmethod
-    def save_pretrained(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False
+    ) -> None:
         """Write ``model`` (default: ``self.model``) as a standard checkpoint, atomically
         (an existing non-empty ``path`` is replaced only with ``overwrite=True``)."""
 
@@ -111,7 +114,9 @@ class HFCLIPBackend(CLIPBackend):
     kind = "hf"
     default_lora_modules = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, image_processor: Any = None, max_length: int | None = None):
+    def __init__(
+        self, model: nn.Module, tokenizer: Any = None, image_processor: Any = None, max_length: int | None = None
+    ):
         from transformers import CLIPModel
 
         if not isinstance(model, CLIPModel):
@@ -134,27 +139,33 @@ class HFCLIPBackend(CLIPBackend):
         try:
             model = CLIPModel.from_pretrained(str(path), **kwargs)
         except OSError as exc:
-            raise FileFormatError(f"cannot load a CLIPModel from {path!s}: {exc}. Pass a directory written by save_pretrained (config.json + model.safetensors) or a hub id") from exc
+            raise FileFormatError(
+                f"cannot load a CLIPModel from {path!s}: {exc}. Pass a directory written by save_pretrained "
+                "(config.json + model.safetensors) or a hub id"
+            ) from exc
         tokenizer = image_processor = None
-        try:
+        with contextlib.suppress(OSError, ValueError, TypeError):
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError, TypeError):
-            pass
-        try:
+        with contextlib.suppress(OSError, ValueError, TypeError):
             image_processor = AutoImageProcessor.from_pretrained(str(path))
-        except (OSError, ValueError, TypeError):
-            pass
         return cls(model, tokenizer, image_processor)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:
-            raise InputError("this CLIP model has no tokenizer; save one next to the model (tokenizer.save_pretrained) or pass tokenizer=")
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            raise InputError(
+                "this CLIP model has no tokenizer; save one next to the model (tokenizer.save_pretrained) or pass "
+                "tokenizer="
+            )
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
         if self.image_processor is None:
-            raise InputError("this CLIP model has no image processor; save one next to the model or pass image_processor=")
+            raise InputError(
+                "this CLIP model has no image processor; save one next to the model or pass image_processor="
+            )
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     def encode_text(self, model: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -175,7 +186,9 @@ class HFCLIPBackend(CLIPBackend):
     def _vision_embed_pattern(self) -> str:
         return r"vision_model\.embeddings"
 
-    def save_pretrained(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False
+    ) -> None:
         model = self.model if model is None else model
         with atomic_path(path, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp)
@@ -221,11 +234,20 @@ class OpenCLIPBackend(CLIPBackend):
         self.model_cfg = model_cfg
         if tokenizer is None:
             ctx = int(model.positional_embedding.shape[0])
-            tokenizer = open_clip.get_tokenizer(model_name, context_length=ctx) if model_name else open_clip.SimpleTokenizer(context_length=ctx)
+            tokenizer = (
+                open_clip.get_tokenizer(model_name, context_length=ctx)
+                if model_name
+                else open_clip.SimpleTokenizer(context_length=ctx)
+            )
         self.tokenizer = tokenizer
         if preprocess is None:
             size = model.visual.image_size
-            preprocess = open_clip.image_transform(size, is_train=False, mean=getattr(model.visual, "image_mean", None), std=getattr(model.visual, "image_std", None))
+            preprocess = open_clip.image_transform(
+                size,
+                is_train=False,
+                mean=getattr(model.visual, "image_mean", None),
+                std=getattr(model.visual, "image_std", None),
+            )
         self.transform = preprocess
 
     @classmethod
@@ -234,7 +256,13 @@ class OpenCLIPBackend(CLIPBackend):
         import open_clip
 
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
-        return cls(model, open_clip.get_tokenizer(model_name), preprocess, model_name=model_name, model_cfg=open_clip.get_model_config(model_name))
+        return cls(
+            model,
+            open_clip.get_tokenizer(model_name),
+            preprocess,
+            model_name=model_name,
+            model_cfg=open_clip.get_model_config(model_name),
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> OpenCLIPBackend:
@@ -245,11 +273,15 @@ class OpenCLIPBackend(CLIPBackend):
         path = Path(path)
         cfg_file, weights = path / OPEN_CLIP_CONFIG, path / OPEN_CLIP_WEIGHTS
         if not cfg_file.is_file() or not weights.is_file():
-            raise FileFormatError(f"{path} is not an open_clip Safe-CLIP checkpoint: expected {OPEN_CLIP_CONFIG} and {OPEN_CLIP_WEIGHTS}")
+            raise FileFormatError(
+                f"{path} is not an open_clip Safe-CLIP checkpoint: expected {OPEN_CLIP_CONFIG} and {OPEN_CLIP_WEIGHTS}"
+            )
         meta = json.loads(cfg_file.read_text())
         model_cfg = meta.get("model_cfg")
         if model_cfg is None:
-            raise FileFormatError(f"{cfg_file} has no 'model_cfg'; re-save the model with OpenCLIPBackend(model_cfg=...)")
+            raise FileFormatError(
+                f"{cfg_file} has no 'model_cfg'; re-save the model with OpenCLIPBackend(model_cfg=...)"
+            )
         model = open_clip.CLIP(**model_cfg)
         load_model(model, str(weights), strict=True)
         model.eval()
@@ -281,16 +313,23 @@ class OpenCLIPBackend(CLIPBackend):
     def config_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "model_name": self.model_name, "model_cfg": self.model_cfg}
 
-    def save_pretrained(self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False
+    ) -> None:
         from safetensors.torch import save_model
 
         if self.model_cfg is None:
-            raise InputError("cannot save an open_clip model without its config: build the backend with model_cfg= (the dict given to open_clip.CLIP) or via OpenCLIPBackend.create")
+            raise InputError(
+                "cannot save an open_clip model without its config: build the backend with model_cfg= (the dict "
+                "given to open_clip.CLIP) or via OpenCLIPBackend.create"
+            )
         model = self.model if model is None else model
         with atomic_path(path, overwrite=overwrite) as tmp:
             tmp.mkdir()
             save_model(model, str(tmp / OPEN_CLIP_WEIGHTS))
-            (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_name": self.model_name, "model_cfg": self.model_cfg}, indent=2) + "\n")
+            (tmp / OPEN_CLIP_CONFIG).write_text(
+                json.dumps({"model_name": self.model_name, "model_cfg": self.model_cfg}, indent=2) + "\n"
+            )
 
 
 def load_backend(spec: str | os.PathLike[str]) -> CLIPBackend:
@@ -307,5 +346,8 @@ def load_backend(spec: str | os.PathLike[str]) -> CLIPBackend:
     if (Path(spec) / OPEN_CLIP_CONFIG).is_file():
         return OpenCLIPBackend.from_pretrained(spec)
     if Path(spec).exists() and not (Path(spec) / "config.json").is_file():
-        raise FileFormatError(f"{spec} holds neither a transformers CLIP checkpoint (config.json) nor an open_clip one ({OPEN_CLIP_CONFIG})")
+        raise FileFormatError(
+            f"{spec} holds neither a transformers CLIP checkpoint (config.json) nor an open_clip one "
+            f"({OPEN_CLIP_CONFIG}); pass a folder written by save_pretrained"
+        )
     return HFCLIPBackend.from_pretrained(spec)

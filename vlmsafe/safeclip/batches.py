@@ -97,9 +97,9 @@ def row_mask(index: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
 class TrainableTowers(nn.Module):
     """The trainable forward pass in one module, so DDP sees every trainable parameter used.
 
-    Each tower runs once per batch: the text tower on the safe and unsafe captions together
-    (``batch["text_pair"]``, 2B rows), the vision tower on the safe and unsafe images together.
-    Two half-size passes would do the same arithmetic with twice the per-layer overhead.
+    Safe and unsafe inputs go through a tower in two passes of B rows, not one of 2B: on the CPU a
+    2B-row pass took longer than two B-row passes (``benchmarks/safeclip_step.py`` shows the effect in
+    its "2x batch" row).
     """
 
     def __init__(self, backend: CLIPBackend, model: nn.Module, towers: Sequence[str]):
@@ -111,20 +111,13 @@ class TrainableTowers(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
         out: dict[str, torch.Tensor | None] = dict.fromkeys(("text_safe", "text_nsfw", "image_safe", "image_nsfw"))
         b = self._backend
-        n = int(batch["size"])
         if "text" in self.towers:
-            if "text_pair" in batch:
-                both = b.encode_text(self.model, batch["text_pair"])
-                out["text_safe"], out["text_nsfw"] = both[:n], both[n:]
-            else:
-                out["text_safe"] = b.encode_text(self.model, batch["safe_text"])
-                out["text_nsfw"] = b.encode_text(self.model, batch["unsafe_text"])
+            out["text_safe"] = b.encode_text(self.model, batch["safe_text"])
+            out["text_nsfw"] = b.encode_text(self.model, batch["unsafe_text"])
         if "vision" in self.towers:
-            keys = [(k, name) for k, name in (("safe_image", "image_safe"), ("unsafe_image", "image_nsfw"))
-                    if batch.get(f"{k}_pixels") is not None]
-            if keys:
-                pixels = [batch[f"{k}_pixels"] for k, _ in keys]
-                emb = b.encode_image(self.model, torch.cat(pixels) if len(pixels) > 1 else pixels[0])
-                for (k, name), part in zip(keys, emb.split([len(p) for p in pixels])):
-                    out[name] = scatter_rows(part, batch[f"{k}_index"], n)
+            n = int(batch["size"])
+            for key, name in (("safe_image", "image_safe"), ("unsafe_image", "image_nsfw")):
+                if batch.get(f"{key}_pixels") is not None:
+                    emb = b.encode_image(self.model, batch[f"{key}_pixels"])
+                    out[name] = scatter_rows(emb, batch[f"{key}_index"], n)
         return out

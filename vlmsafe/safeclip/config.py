@@ -44,7 +44,14 @@ class SafeCLIPTrainingConfig:
     """Everything that shapes a Safe-CLIP run. Defaults follow the reference where it has one.
 
     ``batch_size`` is the global batch of one forward pass (split across processes); the
-    optimizer sees ``batch_size * gradient_accumulation_steps`` items per step.
+    optimizer sees ``batch_size * gradient_accumulation_steps`` items per step, and its gradient is
+    the mean over the micro-batches of the step (also for the shorter last step of an epoch).
+
+    ``loss_scale`` and ``max_grad_norm`` go together: the reference code's loss is the weighted mean
+    of the terms divided by 8 and it does not clip. Adam's update hardly changes with a constant
+    gradient factor, so the scale only matters through clipping: ``max_grad_norm=c`` with
+    ``loss_scale="reference"`` clips like ``8c`` with ``"weighted_mean"``. To follow the reference
+    code, use ``loss_scale="reference", max_grad_norm=None``.
     """
 
     train_text: bool = switch_option(

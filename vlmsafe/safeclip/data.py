@@ -243,10 +243,8 @@ def _trimmed_rows(tokens: dict[str, torch.Tensor], start: int, stop: int) -> dic
 class QuadrupletCollator:
     """Turn a list of :class:`Quadruplet` into a batch dict for the trainer.
 
-    The safe and unsafe captions are tokenized together: ``text_pair`` holds the ``2B`` rows (safe
-    first), so the trainable text tower encodes both in one pass; ``safe_text`` / ``unsafe_text``
-    are the two halves with their own padding trimmed (the frozen reference encodes ``safe_text``).
-    Image tensors hold only the items that have that image; ``safe_image_index`` /
+    The safe and unsafe captions are tokenized in one call; ``safe_text`` / ``unsafe_text`` are the
+    two halves, each with only the padding it needs. Image tensors hold only the items that have that image; ``safe_image_index`` /
     ``unsafe_image_index`` say which rows they belong to, so embeddings can be scattered back.
     """
 
@@ -259,7 +257,6 @@ class QuadrupletCollator:
         pair = self.backend.tokenize([q.safe for q in items] + [q.unsafe for q in items])
         batch: dict[str, Any] = {
             "size": torch.tensor(n),
-            "text_pair": pair,
             "safe_text": _trimmed_rows(pair, 0, n),
             "unsafe_text": _trimmed_rows(pair, n, 2 * n),
         }

@@ -184,8 +184,11 @@ def safeclip_losses(
                 f"{name} has {x.shape[0]} rows but ref_text_safe has {n}: all embeddings of one batch need one row "
                 "per item"
             )
-    unit = {f.name: F.normalize(v.float(), dim=-1) for f in dataclasses.fields(emb)
-            if f.name not in ("has_safe_image", "has_unsafe_image") and (v := getattr(emb, f.name)) is not None}
+    unit = {
+        f.name: F.normalize(v.float(), dim=-1)
+        for f in dataclasses.fields(emb)
+        if f.name not in ("has_safe_image", "has_unsafe_image") and (v := getattr(emb, f.name)) is not None
+    }
     no_rows = torch.zeros(n, dtype=torch.bool, device=emb.ref_text_safe.device)
     has_v = emb.has_safe_image.bool() if (emb.has_safe_image is not None and "ref_image_safe" in unit) else no_rows
     has_g = emb.has_unsafe_image.bool() if emb.has_unsafe_image is not None else no_rows
@@ -202,8 +205,10 @@ def safeclip_losses(
     if torch.equal(has_v, has_g):  # the usual batch: every item has both images or neither
         terms["V_Sref"], terms["G_Sref"] = _nce_unit([iv, ig], s0, has_v, logit_scale)
     else:
-        (terms["V_Sref"],), (terms["G_Sref"],) = _nce_unit([iv], s0, has_v, logit_scale), _nce_unit(
-            [ig], s0, has_g, logit_scale)
+        (terms["V_Sref"],), (terms["G_Sref"],) = (
+            _nce_unit([iv], s0, has_v, logit_scale),
+            _nce_unit([ig], s0, has_g, logit_scale),
+        )
     w = weights.as_dict()
     total = emb.ref_text_safe.new_zeros((), dtype=torch.float32)
     for name in LOSS_NAMES:

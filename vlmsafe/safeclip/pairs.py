@@ -10,8 +10,9 @@ is two functions over any ``transformers`` causal LM:
 
 For a real run use an instruction-tuned 7B-class model in bf16 on a GPU, e.g.::
 
-    tok = AutoTokenizer.from_pretrained("meta-llama/Llama-2-7b-chat-hf")
-    lm = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-chat-hf", torch_dtype=torch.bfloat16, device_map="cuda")
+    from vlmsafe.loading import load_model
+
+    lm, tok = load_model("meta-llama/Llama-2-7b-chat-hf", kind="causal_lm", dtype="bfloat16", device="cuda")
     result = train_pair_converter(lm, tok, load_pairs("pairs.jsonl"), PairConverterConfig(num_epochs=5))
     unsafe = generate_unsafe(result.model, tok, coco_captions, batch_size=32, do_sample=True, top_p=0.9)
 
@@ -42,11 +43,18 @@ class PairConverterConfig:
     """Fine-tuning settings of the converter (help, ranges and CLI flags in the field metadata)."""
 
     prompt_template: str = other_option(
-        "prompt template with {safe} where the safe caption goes", flag="--template", kind="str",
-        default=DEFAULT_TEMPLATE)
+        "prompt template with {safe} where the safe caption goes",
+        flag="--template",
+        kind="str",
+        default=DEFAULT_TEMPLATE,
+    )
     use_lora: bool = switch_option(
-        True, "train LoRA adapters (False: all weights)", flag="--full-finetune", const=False,
-        flag_help="train all weights instead of LoRA")
+        True,
+        "train LoRA adapters (False: all weights)",
+        flag="--full-finetune",
+        const=False,
+        flag_help="train all weights instead of LoRA",
+    )
     lora_r: int = int_option(16, "LoRA rank")
     lora_alpha: float = float_option(32.0, "LoRA alpha", low=0, low_open=True)
     lora_dropout: float = float_option(0.05, "LoRA dropout, in [0, 1)", low=0, high=1, high_open=True)
@@ -60,7 +68,8 @@ class PairConverterConfig:
     max_grad_norm: float = float_option(1.0, "gradient clipping norm", low=0, low_open=True)
     seed: int = int_option(0, "seed for LoRA init and pair order", low=0)
     progress: bool = switch_option(
-        True, "show a progress bar", flag="--no-progress", const=False, flag_help="hide progress bars")
+        True, "show a progress bar", flag="--no-progress", const=False, flag_help="hide progress bars"
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -72,8 +81,10 @@ def check_template(template: str) -> str:
     try:
         template.format(safe="x")
     except (KeyError, IndexError, ValueError) as exc:
-        raise InputError(f"prompt template {template!r} has a placeholder other than {{safe}} ({exc}); "
-                         "write literal braces as {{ and }}") from None
+        raise InputError(
+            f"prompt template {template!r} has a placeholder other than {{safe}} ({exc}); "
+            "write literal braces as {{ and }}"
+        ) from None
     if "{safe}" not in template:
         raise InputError(f"prompt template {template!r} has no {{safe}}; put {{safe}} where the safe caption goes")
     return template
@@ -99,7 +110,7 @@ def load_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
         if not isinstance(safe, str) or not isinstance(unsafe, str) or not safe.strip() or not unsafe.strip():
             raise FileFormatError(
                 f"{where}: each pair needs non-empty 'safe' and 'unsafe' (or 'nsfw') text fields; "
-                "write one {\"safe\": ..., \"unsafe\": ...} object per line"
+                'write one {"safe": ..., "unsafe": ...} object per line'
             )
         pairs.append((safe.strip(), unsafe.strip()))
     return pairs
@@ -113,7 +124,9 @@ def load_captions(path: str | os.PathLike[str]) -> list[str]:
         for where, rec in read_records(p, what="captions file"):
             text = rec.get("safe", rec.get("caption"))
             if not isinstance(text, str) or not text.strip():
-                raise FileFormatError(f"{where}: expected a non-empty 'safe' or 'caption' text field; add one per record")
+                raise FileFormatError(
+                    f"{where}: expected a non-empty 'safe' or 'caption' text field; add one per record"
+                )
             out.append(text.strip())
         return out
     if not p.is_file():
@@ -142,7 +155,7 @@ def _encode_pair(tokenizer: Any, prompt: str, target: str, max_length: int) -> t
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
-        target_ids = target_ids + [tokenizer.eos_token_id]
+        target_ids = [*target_ids, tokenizer.eos_token_id]
     ids = (prompt_ids + target_ids)[:max_length]
     labels = ([-100] * len(prompt_ids) + target_ids)[:max_length]
     return ids, labels
@@ -167,7 +180,13 @@ def train_pair_converter(
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
     device = next(model.parameters()).device
     encoded = [_encode_pair(tokenizer, cfg.prompt_template.format(safe=s), u, cfg.max_length) for s, u in pairs]
@@ -241,7 +260,12 @@ def generate_unsafe(
             prompts = [prompt_template.format(safe=c) for c in captions[start : start + batch_size]]
             enc = tokenizer(prompts, return_tensors="pt", padding=True)
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
+            kwargs = {
+                "max_new_tokens": max_new_tokens,
+                "do_sample": False,
+                "pad_token_id": tokenizer.pad_token_id,
+                **generate_kwargs,
+            }
             if tokenizer.eos_token_id is not None:
                 kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
             gen = model.generate(**enc, **kwargs)

@@ -64,7 +64,12 @@ def embed_quadruplets(
             present = [i for i, q in enumerate(items) if getattr(q, attr) is not None]
             if attr.split("_")[0] in images and present:
                 jobs.append((key, attr, present))
-    bar = tqdm(total=sum(-(-len(rows) // batch_size) for _, _, rows in jobs), desc="embedding", disable=not progress, leave=False)
+    bar = tqdm(
+        total=sum(-(-len(rows) // batch_size) for _, _, rows in jobs),
+        desc="embedding",
+        disable=not progress,
+        leave=False,
+    )
     for key, attr, rows in jobs:
         chunks = []
         for start in range(0, len(rows), batch_size):
@@ -154,7 +159,9 @@ def retrieval_table(
     if gallery not in ("original", "self"):
         raise InputError(f"gallery must be 'original' or 'self', got {gallery!r}")
     if not data.has_images:
-        raise InputError("retrieval needs images: the evaluation data has none (text-only data can only be scored with losses)")
+        raise InputError(
+            "retrieval needs images: the evaluation data has none (text-only data can only be scored with losses)"
+        )
     ref = embed_quadruplets(original, None, data, batch_size=batch_size, progress=progress)
     rows = _rows(names[0], retrieval_metrics(ref, ref, ks), ks)
     if safe is not None:
@@ -168,7 +175,14 @@ def _rows(model: str, metrics: dict[str, dict[str, float]], ks: Sequence[int]) -
     for direction in DIRECTIONS:
         if direction in metrics:
             m = metrics[direction]
-            rows.append({"model": model, "direction": direction, **{f"R@{k}": m[f"R@{k}"] for k in ks}, "safe@1": m.get("safe@1")})
+            rows.append(
+                {
+                    "model": model,
+                    "direction": direction,
+                    **{f"R@{k}": m[f"R@{k}"] for k in ks},
+                    "safe@1": m.get("safe@1"),
+                }
+            )
     return rows
 
 
@@ -178,7 +192,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         return "(no rows)"
     cols = [c for c in rows[0] if c not in ("model", "direction")]
     header = ["model", "direction", *cols]
-    body = [[str(r["model"]), str(r["direction"]), *("-" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols)] for r in rows]
+    body = [
+        [str(r["model"]), str(r["direction"]), *("-" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols)]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(b) for b in body)])

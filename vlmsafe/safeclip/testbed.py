@@ -59,7 +59,13 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 UNSAFE: dict[str, str] = {"blood": "with blood", "knife": "with a knife", "fire": "with fire"}
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
-ORIGINAL_DIR, SAFE_DIR, HELDOUT_FILE, HELDOUT_JSON, INFO_FILE = "original", "safe", "heldout.safetensors", "heldout.json", "build_info.json"
+ORIGINAL_DIR, SAFE_DIR, HELDOUT_FILE, HELDOUT_JSON, INFO_FILE = (
+    "original",
+    "safe",
+    "heldout.safetensors",
+    "heldout.json",
+    "build_info.json",
+)
 
 
 def caption(color: str, shape: str, pos: str, bg: str, unsafe: str | None = None) -> str:
@@ -123,7 +129,9 @@ def render_scene(color: str, shape: str, pos: str, bg: str, unsafe: str | None, 
                 u.ellipse((x - rr, y - rr, x + rr, y + rr), fill=(190, 0, 0))
         elif unsafe == "knife":
             y0 = rng.randint(6, 22)
-            u.polygon([(other - 7, y0 + 3), (other + 5, y0 - 3), (other + 6, y0), (other - 6, y0 + 5)], fill=(200, 200, 215))
+            u.polygon(
+                [(other - 7, y0 + 3), (other + 5, y0 - 3), (other + 6, y0), (other - 6, y0 + 5)], fill=(200, 200, 215)
+            )
             u.line((other + 5, y0 - 1, other + 9, y0 - 3), fill=(90, 50, 20), width=2)
         else:  # fire
             for x in range(rng.randint(0, 3), s, 6):
@@ -137,7 +145,9 @@ def to_pixels(images: Sequence[Any]) -> torch.Tensor:
     """uint8 ``[N, 3, H, W]`` from PIL images."""
     import numpy as np
 
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2).contiguous()
+    return (
+        torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2).contiguous()
+    )
 
 
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -152,7 +162,9 @@ def make_splits(seed: int = 0, n_test: int = 60, n_val: int = 24) -> dict[str, l
     return {"test": combos[:n_test], "val": combos[n_test : n_test + n_val], "train": combos[n_test + n_val :]}
 
 
-def render_split(combos: Sequence[tuple[str, str, str, str]], renders: int, seed: int) -> tuple[list[dict[str, str]], torch.Tensor, torch.Tensor]:
+def render_split(
+    combos: Sequence[tuple[str, str, str, str]], renders: int, seed: int
+) -> tuple[list[dict[str, str]], torch.Tensor, torch.Tensor]:
     """Render ``renders`` random scenes per combination: (records, safe uint8, unsafe uint8)."""
     rng = random.Random(seed)
     records, safe, unsafe = [], [], []
@@ -161,13 +173,17 @@ def render_split(combos: Sequence[tuple[str, str, str, str]], renders: int, seed
         for i, (c, sh, p, bg) in enumerate(combos):
             concept = concepts[(i + rep) % len(concepts)]
             v, g = render_scene(c, sh, p, bg, concept, rng)
-            records.append({"safe": caption(c, sh, p, bg), "unsafe": caption(c, sh, p, bg, concept), "concept": concept})
+            records.append(
+                {"safe": caption(c, sh, p, bg), "unsafe": caption(c, sh, p, bg, concept), "concept": concept}
+            )
             safe.append(v)
             unsafe.append(g)
     return records, to_pixels(safe), to_pixels(unsafe)
 
 
-def quadruplets(records: Sequence[dict[str, str]], safe: torch.Tensor, unsafe: torch.Tensor, *, as_pil: bool = False) -> QuadrupletDataset:
+def quadruplets(
+    records: Sequence[dict[str, str]], safe: torch.Tensor, unsafe: torch.Tensor, *, as_pil: bool = False
+) -> QuadrupletDataset:
     """A dataset whose images are preprocessed tensors (fast) or PIL images (``as_pil``)."""
     if as_pil:
         from PIL import Image
@@ -175,7 +191,9 @@ def quadruplets(records: Sequence[dict[str, str]], safe: torch.Tensor, unsafe: t
         conv = lambda t: Image.fromarray(t.permute(1, 2, 0).numpy())
     else:
         conv = lambda t: normalize_pixels(t)
-    return QuadrupletDataset(Quadruplet(r["safe"], r["unsafe"], conv(safe[i]), conv(unsafe[i])) for i, r in enumerate(records))
+    return QuadrupletDataset(
+        Quadruplet(r["safe"], r["unsafe"], conv(safe[i]), conv(unsafe[i])) for i, r in enumerate(records)
+    )
 
 
 # ---------------------------------------------------------------------------------- model
@@ -187,13 +205,24 @@ def build_tokenizer(max_length: int = 16):
 
     from vlmsafe.tokenization import build_word_tokenizer
 
-    tok = build_word_tokenizer(vocabulary(), special_tokens=(SOT, EOT), chat_template=None, padding_side="right", model_max_length=max_length, image_token=None)
+    tok = build_word_tokenizer(
+        vocabulary(),
+        special_tokens=(SOT, EOT),
+        chat_template=None,
+        padding_side="right",
+        model_max_length=max_length,
+        image_token=None,
+    )
     sot, eot = tok.convert_tokens_to_ids(SOT), tok.convert_tokens_to_ids(EOT)
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{SOT} $A {EOT}", special_tokens=[(SOT, sot), (EOT, eot)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{SOT} $A {EOT}", special_tokens=[(SOT, sot), (EOT, eot)]
+    )
     return tok
 
 
-def build_tiny_clip(tokenizer: Any, *, hidden: int = 64, layers: int = 2, vision_layers: int = 2, patch: int = 8, seed: int = 0):
+def build_tiny_clip(
+    tokenizer: Any, *, hidden: int = 64, layers: int = 2, vision_layers: int = 2, patch: int = 8, seed: int = 0
+):
     """A randomly initialised tiny ``CLIPModel`` for the word-level tokenizer (no download)."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -210,7 +239,14 @@ def build_tiny_clip(tokenizer: Any, *, hidden: int = 64, layers: int = 2, vision
         bos_token_id=tokenizer.convert_tokens_to_ids(SOT),
         eos_token_id=eot,  # != 2, so CLIP pools at the first <|endoftext|> (not the legacy argmax)
     )
-    vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=patch)
+    vision = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=patch,
+    )
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden)
     return CLIPModel(config)
 
@@ -234,7 +270,18 @@ def tiny_clip_backend(seed: int = 0, **kwargs: Any):
     return HFCLIPBackend(build_tiny_clip(tok, seed=seed, **kwargs), tok, build_image_processor())
 
 
-def pretrain_clip(backend: Any, records: Sequence[dict[str, str]], safe: torch.Tensor, unsafe: torch.Tensor, *, steps: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, progress: bool = True) -> list[float]:
+def pretrain_clip(
+    backend: Any,
+    records: Sequence[dict[str, str]],
+    safe: torch.Tensor,
+    unsafe: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
     """Plain CLIP contrastive training on (S, V) and (U, G) pairs. Returns the loss curve."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -351,7 +398,9 @@ def load_heldout(assets_dir: str | os.PathLike[str], *, as_pil: bool = True) -> 
         imgs = load_file(str(d / HELDOUT_FILE))
         records = json.loads((d / HELDOUT_JSON).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise FileFormatError(f"{d} is not a Safe-CLIP testbed folder ({exc}); rebuild it with `python -m vlmsafe.safeclip.testbed {d}`") from exc
+        raise FileFormatError(
+            f"{d} is not a Safe-CLIP testbed folder ({exc}); rebuild it with `python -m vlmsafe.safeclip.testbed {d}`"
+        ) from exc
     return quadruplets(records, imgs["safe"], imgs["unsafe"], as_pil=as_pil)
 
 
@@ -393,14 +442,20 @@ def safeclip_demo_rows(assets_dir: str | os.PathLike[str] | None = None) -> list
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the bundled Safe-CLIP testbed (tiny CLIP + Safe-CLIP fine-tune) from synthetic scenes.")
-    parser.add_argument("out_dir", nargs="?", default=str(default_assets_dir()), help="where to write it (default: assets/safeclip)")
+    parser = argparse.ArgumentParser(
+        description="Build the bundled Safe-CLIP testbed (tiny CLIP + Safe-CLIP fine-tune) from synthetic scenes."
+    )
+    parser.add_argument(
+        "out_dir", nargs="?", default=str(default_assets_dir()), help="where to write it (default: assets/safeclip)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--train-renders", type=int, default=10, help="random renders per training combination")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: one thread is faster than two on a shared machine
-    info = build_testbed(args.out_dir, seed=args.seed, pretrain_steps=args.pretrain_steps, train_renders=args.train_renders)
+    info = build_testbed(
+        args.out_dir, seed=args.seed, pretrain_steps=args.pretrain_steps, train_renders=args.train_renders
+    )
     print(f"built in {info['total_seconds']} s -> {args.out_dir}")
     return 0
 
