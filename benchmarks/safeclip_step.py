@@ -8,8 +8,8 @@ Rows (each timed once per round; rounds interleave the kinds in a rotating order
 a shared machine hits all of them alike; ratios are taken within a round):
 
 * plain CLIP step (the peer);
-* the floor of a cached Safe-CLIP step: the same four tower passes (S, U, V, G) with two plain CLIP
-  losses, (S, V) and (U, G), and one update: twice a plain step's data, none of Safe-CLIP's own work;
+* the floor of a cached Safe-CLIP step: the same four tower passes as two plain CLIP forward/backward
+  pairs, (S, V) and (U, G), and one update: twice a plain step's data, none of Safe-CLIP's own work;
 * Safe-CLIP, reference computed in the step (``cache_reference=False``);
 * Safe-CLIP, reference read from the cache: every step of every epoch, the first included, because the
   trainer computes the frozen reference's outputs for all training items before the first step;
@@ -77,15 +77,15 @@ def build(size: str, batch_size: int, full_finetune: bool, threads: int):
     return trainer, batch
 
 
-def _update(trainer: SafeCLIPTrainer, loss: torch.Tensor) -> None:
-    loss.backward()
+def _step(trainer: SafeCLIPTrainer) -> None:
     torch.nn.utils.clip_grad_norm_([p for p in trainer.inner.parameters() if p.requires_grad], 1.0)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
 def safeclip_step(trainer: SafeCLIPTrainer, batch) -> None:
-    _update(trainer, trainer.compute_losses(batch)["loss"])
+    trainer.forward_backward(batch)  # what the training loop runs per micro-batch
+    _step(trainer)
 
 
 def safeclip_step_uncached(trainer: SafeCLIPTrainer, batch) -> None:
@@ -100,15 +100,16 @@ def clip_step(trainer: SafeCLIPTrainer, batch) -> None:
     b, model = trainer.backend, trainer.inner
     t = b.encode_text(model, batch["safe_text"])
     v = b.encode_image(model, batch["safe_image_pixels"])
-    _update(trainer, clip_nce(t, v, 100.0))
+    clip_nce(t, v, 100.0).backward()
+    _step(trainer)
 
 
 def floor_step(trainer: SafeCLIPTrainer, batch) -> None:
-    """Four tower passes, two plain CLIP losses, one update: the work a cached Safe-CLIP step cannot avoid."""
+    """Two plain CLIP forward/backward pairs, one update: the work a cached Safe-CLIP step cannot avoid."""
     b, model = trainer.backend, trainer.inner
-    s, u = b.encode_text(model, batch["safe_text"]), b.encode_text(model, batch["unsafe_text"])
-    v, g = b.encode_image(model, batch["safe_image_pixels"]), b.encode_image(model, batch["unsafe_image_pixels"])
-    _update(trainer, clip_nce(s, v, 100.0) + clip_nce(u, g, 100.0))
+    for text, pixels in (("safe_text", "safe_image_pixels"), ("unsafe_text", "unsafe_image_pixels")):
+        clip_nce(b.encode_text(model, batch[text]), b.encode_image(model, batch[pixels]), 100.0).backward()
+    _step(trainer)
 
 
 def precompute(trainer: SafeCLIPTrainer, batch) -> None:
@@ -162,7 +163,7 @@ def main() -> None:
           f"{mode}; {args.threads} thread(s); {args.rounds} rounds (median [min-max])")
     rows = [
         ("plain CLIP step (peer)", "clip"),
-        ("floor: 4 tower passes, 2 plain CLIP losses", "floor"),
+        ("floor: 2 plain CLIP forward/backward, 1 update", "floor"),
         ("Safe-CLIP, reference computed in the step", "in_step"),
         ("Safe-CLIP, reference cached (every epoch)", "cached"),
         ("one-off reference computation, per batch", "precompute"),

@@ -462,3 +462,20 @@ def test_weights_that_train_nothing_are_refused_before_training(data):
     with pytest.raises(InputError, match="text_safe, text_nsfw\\) has weight 0"):
         SafeCLIPTrainer(backend(), cfg(weights=zero_text), text_only)
     SafeCLIPTrainer(backend(), cfg(weights=zero_text, max_steps=1), data).train()  # with images the NCE terms train
+
+
+def test_pass_by_pass_backward_equals_one_backward_through_all_passes(data):
+    # the loss is a sum of one part per trainable embedding; a ragged batch (one item without its unsafe image)
+    items = list(data.items[:8])
+    items[3] = Quadruplet(items[3].safe, items[3].unsafe, items[3].safe_image, None)
+    trainer = SafeCLIPTrainer(backend(), cfg(), QuadrupletDataset(items))
+    trainer.module.train()
+    batch = trainer.collator(items)
+    params = {n: p for n, p in trainer.inner.named_parameters() if p.requires_grad}
+    joint = trainer.compute_losses(batch)
+    want = grad_of(joint["loss"] * 3.0, params)
+    got_losses = trainer.forward_backward(batch, scale=3.0)
+    got = {n: p.grad for n, p in params.items()}
+    for name in joint:
+        assert got_losses[name].item() == pytest.approx(joint[name].item(), rel=1e-5, abs=1e-7), name
+    assert_grads_close(got, want, rtol=1e-4, atol=1e-7)

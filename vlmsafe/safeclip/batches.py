@@ -94,6 +94,10 @@ def row_mask(index: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
     return mask
 
 
+#: The trainable embeddings of a batch (fields of :class:`~vlmsafe.safeclip.losses.SafeCLIPEmbeddings`).
+EMBEDDINGS = ("text_safe", "text_nsfw", "image_safe", "image_nsfw")
+
+
 class TrainableTowers(nn.Module):
     """The trainable forward pass in one module, so DDP sees every trainable parameter used.
 
@@ -108,16 +112,25 @@ class TrainableTowers(nn.Module):
         self._backend = backend
         self.towers = tuple(towers)
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
-        out: dict[str, torch.Tensor | None] = dict.fromkeys(("text_safe", "text_nsfw", "image_safe", "image_nsfw"))
-        b = self._backend
-        if "text" in self.towers:
-            out["text_safe"] = b.encode_text(self.model, batch["safe_text"])
-            out["text_nsfw"] = b.encode_text(self.model, batch["unsafe_text"])
-        if "vision" in self.towers:
-            n = int(batch["size"])
-            for key, name in (("safe_image", "image_safe"), ("unsafe_image", "image_nsfw")):
-                if batch.get(f"{key}_pixels") is not None:
-                    emb = b.encode_image(self.model, batch[f"{key}_pixels"])
-                    out[name] = scatter_rows(emb, batch[f"{key}_index"], n)
+    def forward(self, batch: dict[str, Any], parts: Sequence[str] | None = None) -> dict[str, torch.Tensor | None]:
+        """``text_safe`` T(S), ``text_nsfw`` T(U), ``image_safe`` I(V), ``image_nsfw`` I(G) (``[B, D]``; ``None``
+        for a tower that is not trained or images the batch lacks); ``parts`` limits which are computed."""
+        out: dict[str, torch.Tensor | None] = dict.fromkeys(EMBEDDINGS)
+        for part in self.parts(batch) if parts is None else parts:
+            out[part] = self._encode(batch, part)
         return out
+
+    def parts(self, batch: dict[str, Any]) -> list[str]:
+        """The embeddings this batch has for the trained towers, in a fixed order."""
+        out = ["text_safe", "text_nsfw"] if "text" in self.towers else []
+        if "vision" in self.towers:
+            out += [name for key, name in (("safe_image", "image_safe"), ("unsafe_image", "image_nsfw"))
+                    if batch.get(f"{key}_pixels") is not None]
+        return out
+
+    def _encode(self, batch: dict[str, Any], part: str) -> torch.Tensor:
+        if part in ("text_safe", "text_nsfw"):
+            return self._backend.encode_text(self.model, batch["safe_text" if part == "text_safe" else "unsafe_text"])
+        key = "safe_image" if part == "image_safe" else "unsafe_image"
+        emb = self._backend.encode_image(self.model, batch[f"{key}_pixels"])
+        return scatter_rows(emb, batch[f"{key}_index"], int(batch["size"]))

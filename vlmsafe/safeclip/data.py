@@ -244,8 +244,9 @@ class QuadrupletCollator:
     """Turn a list of :class:`Quadruplet` into a batch dict for the trainer.
 
     The safe and unsafe captions are tokenized in one call; ``safe_text`` / ``unsafe_text`` are the
-    two halves, each with only the padding it needs. Image tensors hold only the items that have that image; ``safe_image_index`` /
-    ``unsafe_image_index`` say which rows they belong to, so embeddings can be scattered back.
+    two halves, each with only the padding it needs. Image tensors hold only the items that have
+    that image; ``safe_image_index`` / ``unsafe_image_index`` say which rows they belong to, so
+    embeddings can be scattered back.
     """
 
     def __init__(self, backend: Any, use_images: bool = True):

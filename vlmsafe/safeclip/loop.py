@@ -45,7 +45,7 @@ class TrainingLoopMixin:
 
     # provided by the trainer class and the other mixins (annotations only: nothing here shadows them)
     epoch_loader: Callable[[int], DataLoader]
-    compute_losses: Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+    forward_backward: Callable[[dict[str, Any], float], dict[str, torch.Tensor]]
     evaluate: Callable[[QuadrupletDataset], dict[str, float]]
     load_checkpoint: Callable[[str | os.PathLike[str]], None]
     save_checkpoint: Callable[[], Path]
@@ -102,11 +102,10 @@ class TrainingLoopMixin:
         for batch in loader:
             scale, last_of_group = self._accumulation_scale(st.batch_in_epoch)
             with acc.accumulate(self.module):
-                losses = self.compute_losses(batch)
                 if acc.sync_gradients != last_of_group:  # accelerate and this loop must agree on the groups
                     raise RuntimeError(f"gradient accumulation out of step at micro-batch {st.batch_in_epoch} of "
                                        f"epoch {st.epoch} (accelerate syncs: {acc.sync_gradients})")
-                self._backward(losses["loss"], scale)
+                losses = self.forward_backward(batch, scale)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -143,16 +142,6 @@ class TrainingLoopMixin:
         start = i - i % n
         size = min(n, self.micro_batches_per_epoch - start)
         return self.world_size * n / size, i + 1 == start + size
-
-    def _backward(self, loss: torch.Tensor, scale: float) -> None:
-        if not loss.requires_grad:
-            # No term of this batch reaches a trained tower (e.g. vision-only training, a batch without images):
-            # its gradient is zero. Several processes must all run backward, so there it is an error.
-            if self.world_size > 1:
-                raise InputError("a training batch has no loss term that reaches a trained tower; with several "
-                                 "processes every batch needs one: give every item the images the trained tower uses")
-            return
-        self.accelerator.backward(loss * scale)
 
     def _log_step(self, running: dict[str, float], micro: int, bar: Any) -> None:
         """Append one optimizer step's mean losses (over its micro-batches) and learning rate to the history."""

@@ -59,6 +59,15 @@ LOSS_NAMES: tuple[str, ...] = (
     "G_Sref",
 )
 
+#: The terms each trainable embedding appears in. Every term has exactly one trainable embedding (its
+#: partner comes from the frozen reference), so the loss is a sum of one part per embedding.
+TERMS_BY_EMBEDDING: dict[str, tuple[str, ...]] = {
+    "text_safe": ("text_safe", "S_Vref"),
+    "text_nsfw": ("text_nsfw", "U_Vref"),
+    "image_safe": ("vision_safe", "V_Sref"),
+    "image_nsfw": ("vision_nsfw", "G_Sref"),
+}
+
 #: ``loss_scale`` values: the weighted mean of the terms, or the reference code's (that mean / 8).
 LOSS_SCALES: tuple[str, ...] = ("weighted_mean", "reference")
 
