@@ -260,6 +260,11 @@ def test_resume_rejects_mismatched_or_missing_checkpoints(tmp_path, data):
         text_only.train(resume_from="latest")
     with pytest.raises(FileFormatError, match="not a Safe-CLIP checkpoint"):
         text_only.train(resume_from=tmp_path / "nope")
+    ckpt = next(tmp_path.glob("checkpoint-*"))
+    (ckpt / "optimizer.json").write_text('{"param_groups": [')
+    same = SafeCLIPTrainer(backend(), cfg(max_steps=1), data, output_dir=tmp_path)
+    with pytest.raises(FileFormatError, match=r"optimizer\.json:1:\d+: invalid JSON .*resume from another checkpoint"):
+        same.train(resume_from="latest")
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from vlmsafe.errors import FileFormatError, InputError, UnsupportedModelError
-from vlmsafe.io import atomic_path
+from vlmsafe.io import atomic_path, read_json
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -276,7 +276,8 @@ class OpenCLIPBackend(CLIPBackend):
             raise FileFormatError(
                 f"{path} is not an open_clip Safe-CLIP checkpoint: expected {OPEN_CLIP_CONFIG} and {OPEN_CLIP_WEIGHTS}"
             )
-        meta = json.loads(cfg_file.read_text())
+        meta = read_json(cfg_file, what="open_clip config",
+                         fix="re-save the model with OpenCLIPBackend.save_pretrained")
         model_cfg = meta.get("model_cfg")
         if model_cfg is None:
             raise FileFormatError(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import atomic_path
+from vlmsafe.io import atomic_path, read_json
 from vlmsafe.safeclip.config import SafeCLIPTrainingConfig, TrainerState
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -106,15 +106,15 @@ class CheckpointMixin:
         from safetensors.torch import load_file
 
         path = resolve_checkpoint(path, self.output_dir)
+        fix = "the checkpoint is incomplete or corrupted; resume from another checkpoint"
+        state = read_json(path / STATE_FILE, what="checkpoint state file", fix=fix)
+        opt_meta = read_json(path / "optimizer.json", what="optimizer state file", fix=fix)
         try:
-            state = json.loads((path / STATE_FILE).read_text())
             trainable = load_file(str(path / "trainable.safetensors"))
             opt_tensors = load_file(str(path / "optimizer.safetensors"))
-            opt_meta = json.loads((path / "optimizer.json").read_text())
-        except Exception as exc:  # OSError, JSONDecodeError, and safetensors' own error type
-            raise FileFormatError(
-                f"checkpoint {path} is incomplete or corrupted ({exc}); resume from another checkpoint"
-            ) from exc
+        except Exception as exc:  # OSError and safetensors' own error type
+            raise FileFormatError(f"checkpoint {path} is incomplete or corrupted ({exc}); resume from another "
+                                  "checkpoint") from exc
         if list(state.get("towers", [])) != list(self.towers):
             raise FileFormatError(
                 f"checkpoint {path} trained towers {state.get('towers')} but this trainer trains {list(self.towers)}"

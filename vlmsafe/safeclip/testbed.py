@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import random
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmsafe.errors import FileFormatError
-from vlmsafe.io import atomic_path, write_json_atomic
+from vlmsafe.io import atomic_path, read_json, write_json_atomic
 from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset
 
 IMAGE_SIZE = 32
@@ -394,10 +393,11 @@ def load_heldout(assets_dir: str | os.PathLike[str], *, as_pil: bool = True) -> 
     from safetensors.torch import load_file
 
     d = Path(assets_dir)
+    fix = f"rebuild the testbed with `python -m vlmsafe.safeclip.testbed {d}`"
+    records = read_json(d / HELDOUT_JSON, what="testbed held-out split", fix=fix)
     try:
         imgs = load_file(str(d / HELDOUT_FILE))
-        records = json.loads((d / HELDOUT_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # OSError and safetensors' own error type
         raise FileFormatError(
             f"{d} is not a Safe-CLIP testbed folder ({exc}); rebuild it with `python -m vlmsafe.safeclip.testbed {d}`"
         ) from exc
