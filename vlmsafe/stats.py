@@ -1,0 +1,76 @@
+"""Rates with their 95% intervals and counts: the one place vlmsafe computes them.
+
+A rate without its count hides its noise: 2 of 4 and 500 of 1,000 both read "50%". Every rate
+vlmsafe reports therefore travels as a :class:`Rate` (``k`` of ``n``) and prints as
+``62.5% [55.1–69.4] (n=100)``: the point estimate, the Wilson score interval and the denominator.
+
+The Wilson interval (Wilson, 1927) is used rather than the normal ("Wald") approximation
+``p ± 1.96 sqrt(p(1-p)/n)`` because the latter collapses to ``[0, 0]`` when no item is unsafe and
+overshoots [0, 1] near the ends, exactly where safety rates live (Brown, Cai & DasGupta 2001,
+"Interval Estimation for a Binomial Proportion", recommend Wilson for small ``n`` and extreme ``p``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+from vlmsafe.errors import InputError
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of ``k`` successes out of ``n`` trials, as fractions in [0, 1].
+
+    ``wilson_interval(0, 20)`` is ``(0.0, 0.161)``: no unsafe answer in 20 still allows a true rate
+    of up to 16%. With ``n == 0`` there is nothing to estimate and the interval is ``(nan, nan)``.
+
+    Raises:
+        InputError: ``k`` or ``n`` is not a whole number with ``0 <= k <= n``, or ``confidence``
+            is not in (0, 1).
+    """
+    if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n or not 0 <= k <= n:
+        raise InputError(f"wilson_interval: need whole numbers 0 <= k <= n, got k={k!r}, n={n!r}; pass counts, not rates")
+    if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
+        raise InputError(f"wilson_interval: confidence must be in (0, 1), got {confidence!r}; pass e.g. 0.95")
+    if n == 0:
+        return (math.nan, math.nan)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # k == 0 and k == n give exact 0 / 1 ends; clamp away the last ulp of rounding.
+    return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``k`` of ``n``, with its value and 95% Wilson interval (``None`` when ``n == 0``)."""
+
+    k: int
+    n: int
+
+    def __post_init__(self) -> None:
+        wilson_interval(self.k, self.n)  # validates the counts
+
+    @property
+    def value(self) -> float | None:
+        return self.k / self.n if self.n else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return wilson_interval(self.k, self.n) if self.n else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"rate", "ci95": [low, high], "k", "n"}``; rate and interval are ``None`` when ``n == 0``."""
+        ci = self.interval
+        return {"rate": self.value, "ci95": None if ci is None else [ci[0], ci[1]], "k": self.k, "n": self.n}
+
+    def __str__(self) -> str:
+        """``62.5% [55.1–69.4] (n=100)``; ``- (n=0)`` when there is nothing to count."""
+        if not self.n:
+            return "- (n=0)"
+        low, high = wilson_interval(self.k, self.n)
+        return f"{100 * self.k / self.n:.1f}% [{100 * low:.1f}\u2013{100 * high:.1f}] (n={self.n})"
