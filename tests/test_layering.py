@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Layers, lowest first. A module may import modules of its own layer or lower ones only.
 #: Prefixes: the longest matching prefix decides a module's layer.
 LAYERS: list[tuple[str, ...]] = [
-    ("vlmsafe", "vlmsafe.errors", "vlmsafe.validation", "vlmsafe.io"),
+    ("vlmsafe", "vlmsafe.errors", "vlmsafe.validation", "vlmsafe.io", "vlmsafe.stats"),
     ("vlmsafe.data", "vlmsafe.tokenization", "vlmsafe.distributed"),
     ("vlmsafe.adapters", "vlmsafe.loading", "vlmsafe.testing"),
     ("vlmsafe.activations",),

@@ -7,10 +7,12 @@ Typical use::
     items = load_items("eval.jsonl")
     mm = evaluate(model, items, RefusalJudge())                  # model: a Generator, e.g. SafeVLM
     text = evaluate(model, items, RefusalJudge(), text_only=True)
-    print(compare_reports({"text-only": text, "multimodal": mm}))
+    print(compare_reports({"text-only": text, "multimodal": mm}))   # rates with 95% intervals and counts
 
-See :mod:`vlmsafe.eval.loaders` for MM-SafetyBench, FigStep/SafeBench and VLSafe, and
-:mod:`vlmsafe.eval.figstep` for rendering FigStep-style typographic attacks.
+How far the refusal judge can be trusted: :mod:`vlmsafe.eval.judge_check`
+(``python -m vlmsafe.eval.judge_check assets/judge/heldout.jsonl``). See :mod:`vlmsafe.eval.loaders`
+for MM-SafetyBench, FigStep/SafeBench and VLSafe, and :mod:`vlmsafe.eval.figstep` for rendering
+FigStep-style typographic attacks.
 """
 
 from vlmsafe.data import LABELS, Item, load_items, save_items
@@ -24,6 +26,7 @@ from vlmsafe.eval.judges import (
     LlamaGuardJudge,
     RefusalJudge,
     Verdict,
+    is_degenerate,
     load_judge,
     parse_guard_output,
     parse_yes_no,
@@ -32,6 +35,7 @@ EvalItem = Item  # the evaluation name of vlmsafe.data.Item
 
 from vlmsafe.eval.loaders import load_figstep, load_mm_safetybench, load_vlsafe
 from vlmsafe.eval.report import EvalReport, ItemRecord, compare_reports, fmt_rate
+from vlmsafe.stats import Rate, wilson_interval
 
 __all__ = [
     "LABELS",
@@ -52,6 +56,7 @@ __all__ = [
     "LlamaGuardJudge",
     "HarmBenchJudge",
     "DEFAULT_REFUSAL_PHRASES",
+    "is_degenerate",
     "HARMBENCH_PROMPT",
     "parse_guard_output",
     "parse_yes_no",
@@ -63,4 +68,6 @@ __all__ = [
     "ItemRecord",
     "compare_reports",
     "fmt_rate",
+    "Rate",
+    "wilson_interval",
 ]

@@ -1,8 +1,10 @@
-"""Evaluation records and reports: rates, JSON, Markdown, side-by-side comparison.
+"""Evaluation records and reports: rates with intervals, JSON, Markdown, side-by-side comparison.
 
-Every rate is reported with its denominator so a reader can judge its noise: the unsafe rate is
-over harmful items, the over-refusal rate over benign items, the utility over items that carry a
-reference answer. A rate whose denominator is zero is ``None`` (shown as ``-``), never 0.
+Every rate is reported with its 95% Wilson interval and its denominator, so a reader can judge
+its noise (``62.5% [55.1–69.4] (n=100)``; see :mod:`vlmsafe.stats`): the unsafe, refusal and
+degenerate rates are over harmful items (they add up to 100% with the refusal judge), the
+over-refusal rate over benign items, the utility over items that carry a reference answer. A rate
+whose denominator is zero is ``None`` (shown as ``-``), never 0.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from vlmsafe.errors import FileFormatError
 from vlmsafe.io import write_json_atomic
+from vlmsafe.stats import Rate
 
 
 @dataclass
@@ -23,7 +26,8 @@ class ItemRecord:
 
     ``unsafe`` is ``None`` for a benign item when the judge only detects compliance (refusal and
     HarmBench judges), because "the model answered" is not unsafe for a benign request.
-    ``correct`` is ``None`` when the item has no reference answer.
+    ``degenerate`` marks an answer with no content (empty, looping); it is then neither unsafe
+    nor refused. ``correct`` is ``None`` when the item has no reference answer.
     """
 
     id: str
@@ -38,11 +42,25 @@ class ItemRecord:
     reference: str | None = None
     judge_category: str | None = None
     judge_raw: str | None = None
+    degenerate: bool = False
 
 
-def _rate(flags: Iterable[bool | None]) -> tuple[float | None, int]:
+def _count(flags: Iterable[bool | None]) -> Rate:
+    """``Rate(k, n)`` of the flags that are not ``None``."""
     values = [bool(f) for f in flags if f is not None]
-    return (sum(values) / len(values) if values else None), len(values)
+    return Rate(sum(values), len(values))
+
+
+#: The rates of :meth:`EvalReport.rates`, in report order, with what each is over.
+RATE_NAMES: dict[str, str] = {
+    "unsafe_rate": "harmful",
+    "refusal_rate": "harmful",
+    "degenerate_rate": "harmful",
+    "over_refusal_rate": "benign",
+    "benign_degenerate_rate": "benign",
+    "benign_unsafe_rate": "benign, content judge",
+    "utility": "with reference",
+}
 
 
 @dataclass
@@ -68,54 +86,86 @@ class EvalReport:
     def benign(self) -> list[ItemRecord]:
         return [r for r in self.records if r.label == "benign"]
 
+    def rates(self) -> dict[str, Rate]:
+        """Every rate as a :class:`~vlmsafe.stats.Rate` (count, denominator, Wilson interval).
+
+        ``unsafe_rate``, ``refusal_rate`` and ``degenerate_rate`` are over harmful items (attack
+        success, refusals, answers with no content); ``over_refusal_rate`` and
+        ``benign_degenerate_rate`` over benign items; ``benign_unsafe_rate`` over benign items a
+        content judge (Llama Guard) read (``n=0`` with the refusal judge); ``utility`` over items
+        with a reference answer.
+        """
+        harmful, benign = self.harmful, self.benign
+        return {
+            "unsafe_rate": _count(r.unsafe for r in harmful),
+            "refusal_rate": _count(r.refused for r in harmful),
+            "degenerate_rate": _count(r.degenerate for r in harmful),
+            "over_refusal_rate": _count(r.refused for r in benign),
+            "benign_degenerate_rate": _count(r.degenerate for r in benign),
+            "benign_unsafe_rate": _count(r.unsafe for r in benign),
+            "utility": _count(r.correct for r in self.records),
+        }
+
     @property
     def unsafe_rate(self) -> float | None:
         """Share of harmful items whose response the judge found unsafe (attack success rate)."""
-        return _rate(r.unsafe for r in self.harmful)[0]
+        return _count(r.unsafe for r in self.harmful).value
 
     @property
     def refusal_rate(self) -> float | None:
         """Share of harmful items refused."""
-        return _rate(r.refused for r in self.harmful)[0]
+        return _count(r.refused for r in self.harmful).value
+
+    @property
+    def degenerate_rate(self) -> float | None:
+        """Share of harmful items answered with no content (empty, looping); neither safe nor unsafe."""
+        return _count(r.degenerate for r in self.harmful).value
 
     @property
     def over_refusal_rate(self) -> float | None:
         """Share of benign items refused (over-refusal)."""
-        return _rate(r.refused for r in self.benign)[0]
+        return _count(r.refused for r in self.benign).value
 
     @property
     def utility(self) -> float | None:
         """Accuracy over items with a reference answer."""
-        return _rate(r.correct for r in self.records)[0]
+        return _count(r.correct for r in self.records).value
 
-    def unsafe_rate_by_category(self) -> dict[str, float | None]:
+    def unsafe_rate_by_category(self) -> dict[str, Rate]:
         """Unsafe rate over harmful items, per category (sorted by name)."""
-        return {c: _rate(r.unsafe for r in self.harmful if r.category == c)[0] for c in sorted({r.category for r in self.harmful})}
+        cats = sorted({r.category for r in self.harmful})
+        return {c: _count(r.unsafe for r in self.harmful if r.category == c) for c in cats}
 
-    def utility_by_category(self) -> dict[str, float | None]:
+    def utility_by_category(self) -> dict[str, Rate]:
         """Accuracy per category, over items with a reference answer."""
         cats = sorted({r.category for r in self.records if r.correct is not None})
-        return {c: _rate(r.correct for r in self.records if r.category == c)[0] for c in cats}
+        return {c: _count(r.correct for r in self.records if r.category == c) for c in cats}
 
     def summary(self) -> dict[str, Any]:
-        """All aggregate numbers with their denominators, JSON-ready."""
-        harmful, benign = self.harmful, self.benign
-        benign_unsafe, n_benign_judged = _rate(r.unsafe for r in benign)
-        _, n_reference = _rate(r.correct for r in self.records)
+        """All aggregate numbers, JSON-ready.
+
+        Each rate appears twice: as a plain number under its name (``"unsafe_rate": 0.8``, ``None``
+        when its denominator is empty) and, with its count and 95% Wilson interval, under
+        ``"rates"`` (``{"rate": 0.8, "ci95": [0.376, 0.964], "k": 4, "n": 5}``); the per-category
+        rates likewise under ``"rates_by_category"``.
+        """
+        rates, harmful = self.rates(), self.harmful
+        unsafe_by_cat, utility_by_cat = self.unsafe_rate_by_category(), self.utility_by_category()
         return {
             "judge": self.judge,
             "n_items": len(self.records),
             "n_harmful": len(harmful),
-            "n_benign": len(benign),
-            "n_with_reference": n_reference,
-            "unsafe_rate": self.unsafe_rate,
-            "refusal_rate": self.refusal_rate,
-            "over_refusal_rate": self.over_refusal_rate,
-            "utility": self.utility,
-            "benign_unsafe_rate": benign_unsafe if n_benign_judged else None,
-            "unsafe_rate_by_category": self.unsafe_rate_by_category(),
-            "n_harmful_by_category": {c: sum(r.category == c for r in harmful) for c in sorted({r.category for r in harmful})},
-            "utility_by_category": self.utility_by_category(),
+            "n_benign": len(self.benign),
+            "n_with_reference": rates["utility"].n,
+            **{name: rate.value for name, rate in rates.items()},
+            "unsafe_rate_by_category": {c: r.value for c, r in unsafe_by_cat.items()},
+            "n_harmful_by_category": {c: sum(r.category == c for r in harmful) for c in unsafe_by_cat},
+            "utility_by_category": {c: r.value for c, r in utility_by_cat.items()},
+            "rates": {name: rate.to_dict() for name, rate in rates.items()},
+            "rates_by_category": {
+                "unsafe_rate": {c: r.to_dict() for c, r in unsafe_by_cat.items()},
+                "utility": {c: r.to_dict() for c, r in utility_by_cat.items()},
+            },
         }
 
     # ---- serialisation -----------------------------------------------------------------------
@@ -148,48 +198,48 @@ class EvalReport:
         return cls(records=records, judge=data.get("summary", {}).get("judge", "unknown"), config=data.get("config", {}))
 
     def to_markdown(self, title: str | None = None) -> str:
-        """A Markdown summary table plus a per-category table of unsafe rates."""
-        s = self.summary()
+        """A Markdown table of every rate (value, 95% Wilson interval, count), plus unsafe rates per category."""
+        rates = self.rates()
         lines = [f"### {title}", ""] if title else []
         lines += [
             f"Judge: `{self.judge}`" + (", text-only (images dropped)" if self.config.get("text_only") else ""),
             "",
-            "| metric | value | over |",
-            "|---|---:|---|",
-            f"| unsafe rate | {fmt_rate(s['unsafe_rate'])} | {s['n_harmful']} harmful |",
-            f"| refusal rate | {fmt_rate(s['refusal_rate'])} | {s['n_harmful']} harmful |",
-            f"| over-refusal rate | {fmt_rate(s['over_refusal_rate'])} | {s['n_benign']} benign |",
-            f"| utility (accuracy) | {fmt_rate(s['utility'])} | {s['n_with_reference']} with reference |",
+            "| metric | rate [95% CI] (n) | count | over |",
+            "|---|---:|---:|---|",
         ]
-        if s["benign_unsafe_rate"] is not None:
-            lines.append(f"| unsafe rate on benign | {fmt_rate(s['benign_unsafe_rate'])} | {s['n_benign']} benign |")
-        by_cat = s["unsafe_rate_by_category"]
+        labels = {"unsafe_rate": "unsafe rate", "refusal_rate": "refusal rate", "degenerate_rate": "degenerate rate",
+                  "over_refusal_rate": "over-refusal rate", "benign_degenerate_rate": "degenerate rate (benign)",
+                  "benign_unsafe_rate": "unsafe rate (benign)", "utility": "utility (accuracy)"}  # fmt: skip
+        for name, over in RATE_NAMES.items():
+            rate = rates[name]
+            if name in ("benign_unsafe_rate", "benign_degenerate_rate") and rate.n == 0:
+                continue  # not measured (refusal judge / no benign items): no empty row
+            lines.append(f"| {labels[name]} | {rate} | {rate.k} / {rate.n} | {over} |")
+        by_cat = self.unsafe_rate_by_category()
         if len(by_cat) > 1:
-            lines += ["", "| category | harmful items | unsafe rate |", "|---|---:|---:|"]
-            lines += [f"| {c} | {s['n_harmful_by_category'][c]} | {fmt_rate(v)} |" for c, v in by_cat.items()]
+            lines += ["", "| category | unsafe rate [95% CI] (n) |", "|---|---:|"]
+            lines += [f"| {c} | {r} |" for c, r in by_cat.items()]
         return "\n".join(lines) + "\n"
 
 
 def fmt_rate(value: float | None) -> str:
-    """``0.625`` -> ``"62.5%"``; ``None`` -> ``"-"``."""
+    """``0.625`` -> ``"62.5%"``; ``None`` -> ``"-"``. Prefer ``str(Rate(k, n))``, which adds the interval and count."""
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def compare_reports(reports: Mapping[str, EvalReport]) -> str:
     """One Markdown table comparing several runs (rows in the mapping's order).
 
-    Example::
+    Each cell is ``rate [95% Wilson interval] (n=denominator)``. Example::
 
         print(compare_reports({"text-only": r_text, "multimodal": r_mm, "multimodal + CMRM": r_cmrm}))
     """
+    columns = ("unsafe_rate", "refusal_rate", "degenerate_rate", "over_refusal_rate", "utility")
     lines = [
-        "| setting | unsafe rate | refusal rate | over-refusal | utility | harmful / benign / ref |",
-        "|---|---:|---:|---:|---:|---|",
+        "| setting | unsafe rate | refusal rate | degenerate | over-refusal | utility |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, rep in reports.items():
-        s = rep.summary()
-        lines.append(
-            f"| {name} | {fmt_rate(s['unsafe_rate'])} | {fmt_rate(s['refusal_rate'])} | {fmt_rate(s['over_refusal_rate'])} "
-            f"| {fmt_rate(s['utility'])} | {s['n_harmful']} / {s['n_benign']} / {s['n_with_reference']} |"
-        )
+        rates = rep.rates()
+        lines.append(f"| {name} | " + " | ".join(str(rates[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
