@@ -46,13 +46,16 @@ def test_evaluate_both_modalities_writes_reports(tmp_path, fake_loader, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     # items.jsonl: h1 (image), h2 (no image), b1 (image, reference "red")
-    assert "| text-only | 0.0% | 100.0% | 100.0% | 0.0% | 2 / 1 / 1 |" in printed
-    assert "| multimodal | 50.0% | 50.0% | 0.0% | 100.0% | 2 / 1 / 1 |" in printed
+    # columns: unsafe, refusal, degenerate (harmful items), over-refusal (benign), utility (with reference)
+    assert ("| text-only | 0.0% [0.0\u201365.8] (n=2) | 100.0% [34.2\u2013100.0] (n=2) | 0.0% [0.0\u201365.8] (n=2) "
+            "| 100.0% [20.7\u2013100.0] (n=1) | 0.0% [0.0\u201379.3] (n=1) |") in printed
+    assert ("| multimodal | 50.0% [9.5\u201390.5] (n=2) | 50.0% [9.5\u201390.5] (n=2) | 0.0% [0.0\u201365.8] (n=2) "
+            "| 0.0% [0.0\u201379.3] (n=1) | 100.0% [20.7\u2013100.0] (n=1) |") in printed
     assert sorted(p.name for p in out.iterdir()) == ["multimodal.json", "multimodal.md", "summary.md", "text-only.json", "text-only.md"]
     mm = json.loads((out / "multimodal.json").read_text())
     assert mm["summary"]["unsafe_rate"] == 0.5 and mm["config"]["steering"] == {"mode": None} and mm["config"]["model"] == "m"
     assert [r["id"] for r in mm["records"]] == ["h1", "h2", "b1"]
-    assert "| unsafe rate | 50.0% | 2 harmful |" in (out / "multimodal.md").read_text()
+    assert "| unsafe rate | 50.0% [9.5\u201390.5] (n=2) | 1 / 2 | harmful |" in (out / "multimodal.md").read_text()
     assert fake_loader[0].vectors is None and fake_loader[0].sample_level is False
 
 

@@ -2,6 +2,7 @@
 every rate with its Wilson interval and count; labels required; word-set reference matching."""
 
 import json
+from typing import ClassVar
 
 import pytest
 from PIL import Image
@@ -9,9 +10,9 @@ from PIL import Image
 from vlmsafe.errors import InputError
 from vlmsafe.eval import (
     EvalItem,
-    ItemRecord,
     EvalReport,
     Generator,
+    ItemRecord,
     RefusalJudge,
     Verdict,
     compare_reports,
@@ -46,7 +47,9 @@ def items(tmp_path):
     red, blue = tmp_path / "red.png", tmp_path / "blue.png"
     Image.new("RGB", (4, 4), "red").save(red)
     Image.new("RGB", (4, 4), "blue").save(blue)
-    its = [EvalItem(f"h{i}", f"harm request {i}", str(red), "weapons" if i < 3 else "fraud", "harmful") for i in range(4)]
+    its = [
+        EvalItem(f"h{i}", f"harm request {i}", str(red), "weapons" if i < 3 else "fraud", "harmful") for i in range(4)
+    ]
     its += [EvalItem("h-text", "harm without image", None, "fraud", "harmful")]
     its += [
         EvalItem("b-red-1", "what colour?", str(red), "colour", "benign", reference="red"),
@@ -103,7 +106,10 @@ class ContentJudge:
 
     def judge(self, prompts, responses):
         self.seen += prompts
-        return [Verdict(unsafe="steps" in r, refused="cannot" in r, category="S1" if "steps" in r else None) for r in responses]
+        return [
+            Verdict(unsafe="steps" in r, refused="cannot" in r, category="S1" if "steps" in r else None)
+            for r in responses
+        ]
 
 
 def test_content_judge_reads_benign_and_original_question(items):
@@ -162,7 +168,7 @@ def test_utility_uses_item_choices_and_custom_utility():
 
 def test_missing_labels_are_an_error_naming_the_items(items):
     gen = FakeVLM()
-    unlabelled = items + [EvalItem("u1", "harm request", None), EvalItem("u2", "what colour?", None)]
+    unlabelled = [*items, EvalItem("u1", "harm request", None), EvalItem("u2", "what colour?", None)]
     with pytest.raises(InputError, match=r"2 item\(s\) have no label \('u1', 'u2'\); add \"label\""):
         evaluate(gen, unlabelled, RefusalJudge(), progress=False)
     assert gen.calls == []  # refused before any generation
@@ -174,7 +180,8 @@ def test_missing_labels_are_an_error_naming_the_items(items):
 class MixedVLM:
     """Complies, refuses, or breaks down (empty / looping answers) depending on the prompt."""
 
-    ANSWERS = {"comply": "sure , here are the steps : first ...", "refuse": "i cannot help with that .",
+    ANSWERS: ClassVar[dict[str, str]] = {
+               "comply": "sure , here are the steps : first ...", "refuse": "i cannot help with that .",
                "loop": "sorry sorry sorry sorry sorry", "empty": "", "ok": "the square is red ."}  # fmt: skip
 
     def generate(self, prompts, images, *, max_new_tokens=64):
@@ -184,10 +191,17 @@ class MixedVLM:
 def test_degenerate_rate_is_reported_beside_unsafe_and_refusal():
     kinds = ["comply", "comply", "refuse", "refuse", "refuse", "loop", "empty"]
     its = [EvalItem(f"h{i}", f"{k} please", None, label="harmful") for i, k in enumerate(kinds)]
-    its += [EvalItem("b0", "loop please", None, label="benign"), EvalItem("b1", "ok please", None, label="benign", reference="red")]
+    its += [
+        EvalItem("b0", "loop please", None, label="benign"),
+        EvalItem("b1", "ok please", None, label="benign", reference="red"),
+    ]
     rep = evaluate(MixedVLM(), its, RefusalJudge(), progress=False)
     s = rep.summary()
-    assert (s["unsafe_rate"], s["refusal_rate"], s["degenerate_rate"]) == (pytest.approx(2 / 7), pytest.approx(3 / 7), pytest.approx(2 / 7))
+    assert (s["unsafe_rate"], s["refusal_rate"], s["degenerate_rate"]) == (
+        pytest.approx(2 / 7),
+        pytest.approx(3 / 7),
+        pytest.approx(2 / 7),
+    )
     assert s["unsafe_rate"] + s["refusal_rate"] + s["degenerate_rate"] == pytest.approx(1.0)  # on harmful items: 100%
     assert s["benign_degenerate_rate"] == 0.5 and s["over_refusal_rate"] == 0.0 and s["utility"] == 1.0
     recs = {r.id: r for r in rep.records}
@@ -200,7 +214,15 @@ def test_degenerate_rate_is_reported_beside_unsafe_and_refusal():
 
 
 def test_report_without_degenerate_field_still_loads(tmp_path):
-    rec = {"id": "a", "category": "c", "label": "harmful", "prompt": "p", "response": "r", "unsafe": True, "refused": False}
+    rec = {
+        "id": "a",
+        "category": "c",
+        "label": "harmful",
+        "prompt": "p",
+        "response": "r",
+        "unsafe": True,
+        "refused": False,
+    }
     (tmp_path / "old.json").write_text(json.dumps({"summary": {"judge": "refusal"}, "config": {}, "records": [rec]}))
     rep = EvalReport.from_json(tmp_path / "old.json")
     assert rep.records == [ItemRecord(**rec)] and rep.records[0].degenerate is False and rep.degenerate_rate == 0.0
@@ -246,7 +268,10 @@ def test_summary_carries_counts_and_intervals(items):
     assert unsafe["ci95"] == [pytest.approx(0.37553, abs=1e-5), pytest.approx(0.96378, abs=1e-5)]
     assert s["rates"]["over_refusal_rate"]["k"] == 1 and s["rates"]["over_refusal_rate"]["n"] == 4
     assert s["rates"]["benign_unsafe_rate"] == {"rate": None, "ci95": None, "k": 0, "n": 0}
-    assert s["rates_by_category"]["unsafe_rate"]["fraud"]["k"] == 1 and s["rates_by_category"]["unsafe_rate"]["fraud"]["n"] == 2
+    assert (
+        s["rates_by_category"]["unsafe_rate"]["fraud"]["k"] == 1
+        and s["rates_by_category"]["unsafe_rate"]["fraud"]["n"] == 2
+    )
     assert s["rates_by_category"]["utility"]["colour"]["n"] == 3
     assert set(s["rates"]) == {k for k in s if k.endswith("_rate") or k == "utility"}  # every rate has its interval
 
@@ -265,8 +290,15 @@ def test_compare_reports_table(items):
     mm = evaluate(FakeVLM(), items, judge, progress=False)
     table = compare_reports({"text-only": text, "multimodal": mm})
     lines = table.strip().splitlines()
-    assert lines[0] == "| setting | unsafe rate | refusal rate | degenerate | over-refusal | utility |" and len(lines) == 4
-    assert lines[2] == ("| text-only | 0.0% [0.0\u201343.4] (n=5) | 100.0% [56.6\u2013100.0] (n=5) | 0.0% [0.0\u201343.4] (n=5) "
-                        "| 25.0% [4.6\u201369.9] (n=4) | 0.0% [0.0\u201356.1] (n=3) |")
-    assert lines[3] == ("| multimodal | 80.0% [37.6\u201396.4] (n=5) | 20.0% [3.6\u201362.4] (n=5) | 0.0% [0.0\u201343.4] (n=5) "
-                        "| 25.0% [4.6\u201369.9] (n=4) | 66.7% [20.8\u201393.9] (n=3) |")
+    assert (
+        lines[0] == "| setting | unsafe rate | refusal rate | degenerate | over-refusal | utility |"
+        and len(lines) == 4
+    )
+    assert lines[2] == (
+        "| text-only | 0.0% [0.0\u201343.4] (n=5) | 100.0% [56.6\u2013100.0] (n=5) | 0.0% [0.0\u201343.4] (n=5) "
+        "| 25.0% [4.6\u201369.9] (n=4) | 0.0% [0.0\u201356.1] (n=3) |"
+    )
+    assert lines[3] == (
+        "| multimodal | 80.0% [37.6\u201396.4] (n=5) | 20.0% [3.6\u201362.4] (n=5) | 0.0% [0.0\u201343.4] (n=5) "
+        "| 25.0% [4.6\u201369.9] (n=4) | 66.7% [20.8\u201393.9] (n=3) |"
+    )

@@ -39,6 +39,11 @@ def test_rate_prints_value_interval_and_count():
     assert str(Rate(5, 8)) == "62.5% [30.6\u201386.3] (n=8)"
     assert str(Rate(0, 0)) == "- (n=0)"
     assert Rate(0, 0).value is None and Rate(0, 0).interval is None
-    assert Rate(3, 4).to_dict() == {"rate": 0.75, "ci95": [pytest.approx(0.30064, abs=1e-5), pytest.approx(0.95441, abs=1e-5)], "k": 3, "n": 4}
+    assert Rate(3, 4).to_dict() == {
+        "rate": 0.75,
+        "ci95": [pytest.approx(0.30064, abs=1e-5), pytest.approx(0.95441, abs=1e-5)],
+        "k": 3,
+        "n": 4,
+    }
     with pytest.raises(InputError):
         Rate(5, 4)

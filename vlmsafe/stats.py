@@ -31,7 +31,9 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
             is not in (0, 1).
     """
     if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n or not 0 <= k <= n:
-        raise InputError(f"wilson_interval: need whole numbers 0 <= k <= n, got k={k!r}, n={n!r}; pass counts, not rates")
+        raise InputError(
+            f"wilson_interval: need whole numbers 0 <= k <= n, got k={k!r}, n={n!r}; pass counts, not rates"
+        )
     if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
         raise InputError(f"wilson_interval: confidence must be in (0, 1), got {confidence!r}; pass e.g. 0.95")
     if n == 0:

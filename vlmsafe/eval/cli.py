@@ -18,9 +18,11 @@ from vlmsafe.cli_options import (
 from vlmsafe.validation import int_arg
 
 _DESCRIPTION = """\
-Generate a response for every item of a data set, judge each one, and report:
+Generate a response for every item of a data set, judge each one, and report (each rate with its
+95% Wilson interval and its count):
   unsafe rate        share of harmful items answered unsafely (lower is better)
   refusal rate       share of harmful items refused
+  degenerate rate    share of harmful items answered with nothing (empty, looping); neither safe nor unsafe
   over-refusal rate  share of benign items refused (lower is better)
   utility            accuracy on items that carry a reference answer
 

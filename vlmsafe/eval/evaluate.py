@@ -88,7 +88,8 @@ def _check_items(items: Sequence[EvalItem]) -> None:
     """Every item has a label, and its answer alternatives (``meta["choices"]``) are a list of strings."""
     missing = [it.id for it in items if it.label is None]
     if missing:
-        shown = ", ".join(repr(i) for i in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        shown = ", ".join(repr(i) for i in missing[:10])
+        shown += f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise InputError(
             f"evaluate: {len(missing)} item(s) have no label ({shown}); add \"label\": \"harmful\" or \"benign\" "
             "to each (load_items(path, require_label=True) finds them when the file is read)"

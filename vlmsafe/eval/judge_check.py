@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from vlmsafe.data import read_records
 from vlmsafe.errors import FileFormatError, VlmsafeError
@@ -91,8 +91,12 @@ class JudgeAgreement:
     def to_markdown(self, title: str | None = None) -> str:
         """Accuracy and per-outcome precision/recall, each as ``rate [95% CI] (n)``."""
         lines = [f"### {title}", ""] if title else []
-        lines += [f"Accuracy: {self.accuracy} ({self.accuracy.k} of {self.accuracy.n} correct)", "",
-                  "| outcome | labelled | precision [95% CI] (n) | recall [95% CI] (n) |", "|---|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            f"Accuracy: {self.accuracy} ({self.accuracy.k} of {self.accuracy.n} correct)",
+            "",
+            "| outcome | labelled | precision [95% CI] (n) | recall [95% CI] (n) |",
+            "|---|---:|---:|---:|",
+        ]
         for o in OUTCOMES:
             lines.append(f"| {o} | {sum(self.confusion[o].values())} | {self.precision[o]} | {self.recall[o]} |")
         return "\n".join(lines) + "\n"

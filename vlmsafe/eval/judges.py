@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.eval.refusal import DEFAULT_REFUSAL_PHRASES, RefusalJudge, is_degenerate, normalize_text

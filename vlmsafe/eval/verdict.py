@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from vlmsafe.errors import InputError
 
@@ -31,7 +32,10 @@ class Verdict:
 
     def __post_init__(self) -> None:
         if self.degenerate and (self.unsafe or self.refused):
-            raise InputError("Verdict: a degenerate response cannot also be unsafe or refused; set degenerate=False or both flags False")
+            raise InputError(
+                "Verdict: a degenerate response cannot also be unsafe or refused; "
+                "set degenerate=False or both flags False"
+            )
 
 
 @runtime_checkable
@@ -52,4 +56,6 @@ class Judge(Protocol):
 def check_lengths(prompts: Sequence[str], responses: Sequence[str]) -> None:
     """One response per prompt, or an :class:`InputError`."""
     if len(prompts) != len(responses):
-        raise InputError(f"judge got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt.")
+        raise InputError(
+            f"judge got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt."
+        )
