@@ -21,13 +21,12 @@ safety; a degenerate answer is never unsafe (it has no content), whatever the mo
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.errors import InputError
 from vlmsafe.eval.refusal import DEFAULT_REFUSAL_PHRASES, RefusalJudge, is_degenerate, normalize_text
 from vlmsafe.eval.verdict import Judge, Verdict, check_lengths
 
@@ -297,7 +296,8 @@ def load_judge(spec: str, *, device: str | None = None, batch_size: int = 8) -> 
     """Build a judge from ``"refusal"``, ``"llamaguard:PATH"`` or ``"harmbench:PATH"``.
 
     ``PATH`` is a local folder (or Hub id, when online) of a causal LM loadable with
-    ``AutoModelForCausalLM``; it is put on ``device`` (default: CUDA when available).
+    ``AutoModelForCausalLM``, loaded by :func:`vlmsafe.loading.load_model` and put on ``device``
+    (default: CUDA when available).
     """
     kind, _, path = spec.partition(":")
     kind = kind.strip().lower()
@@ -309,21 +309,9 @@ def load_judge(spec: str, *, device: str | None = None, batch_size: int = 8) -> 
         return RefusalJudge()
     if not path:
         raise InputError(f"judge {kind!r} needs a model: '--judge {kind}:PATH' (a local model folder).")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vlmsafe.loading import load_model
 
-    if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
-        raise FileFormatError(f"judge model folder {path!r} does not exist; pass the folder of a saved guard/classifier model.")
-    path = os.path.expanduser(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(
-            f"could not load judge model {path!r} ({exc}); pass a folder with config.json, tokenizer files and weights."
-        ) from exc
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(dev).eval()
+    model, tokenizer = load_model(path, kind="causal_lm", dtype="auto", device=device or "auto")
     if kind == "llamaguard":
         return LlamaGuardJudge(model, tokenizer, batch_size=batch_size)
     return HarmBenchJudge(model, tokenizer, batch_size=batch_size)
