@@ -460,5 +460,5 @@ def test_load_judge_from_saved_folder(tmp_path):
     assert isinstance(load_judge(f"harmbench:{tmp_path / 'guard'}", device="cpu"), HarmBenchJudge)
     from vlmsafe.errors import FileFormatError
 
-    with pytest.raises(FileFormatError, match="does not exist"):
+    with pytest.raises(FileFormatError, match="no such directory"):
         load_judge(f"harmbench:{tmp_path / 'nothing'}")
