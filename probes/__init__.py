@@ -42,7 +42,6 @@ _EXPORTS: dict[str, str] = {
     "layer_shift_metrics": "probes.shift",
     "linear_cka": "probes.shift",
     "shift_on_direction": "probes.shift",
-    "SafetensorsCheckpoint": "probes.weights",
     "WeightChangeReport": "probes.weights",
     "canonical_name": "probes.weights",
     "classify": "probes.weights",
@@ -58,7 +57,7 @@ if TYPE_CHECKING:  # static analysers see the real names
     from probes.plots import plot_layer_probes, plot_shift, plot_weight_change  # noqa: F401
     from probes.report import summary_table, write_report  # noqa: F401
     from probes.shift import cosine_distance, l2_distance, layer_shift_metrics, linear_cka, shift_on_direction  # noqa: F401
-    from probes.weights import SafetensorsCheckpoint, WeightChangeReport, canonical_name, classify, weight_change  # noqa: F401
+    from probes.weights import WeightChangeReport, canonical_name, classify, weight_change  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

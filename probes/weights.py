@@ -1,11 +1,13 @@
 """Which layers did VL adaptation move? Per-layer, per-module relative weight change.
 
-Compares two checkpoints tensor by tensor, streamed from safetensors with ``safe_open`` (one
-tensor pair in memory at a time, so 7B+ checkpoints fit in a laptop's RAM). LLaVA names are
-mapped onto the language model's (``model.language_model.layers.N.*`` and the older
-``language_model.model.layers.N.*`` -> ``model.layers.N.*``), so an aligned LLM and the LLM
-inside a VLM compare directly; tensors with no counterpart (vision tower, projector) are listed
-as unmatched.
+Compares two checkpoints tensor by tensor through vlmsafe's one checkpoint reader
+(:class:`vlmsafe.merge.Checkpoint`: safetensors or PyTorch ``.bin``, sharded or not, one tensor
+pair in memory at a time, so 7B+ checkpoints fit in a laptop's RAM). Names are mapped onto the
+language model's with the merge's layout table (:func:`vlmsafe.merge.canonical_name`:
+``model.language_model.layers.N.*``, ``language_model.model.layers.N.*`` and the original LLaVA
+``model.layers.N.*`` -> ``model.layers.N.*``), so an aligned LLM and the LLM inside a VLM compare
+directly; tensors with no counterpart (vision tower, projector) are listed as unmatched. Stored
+buffers (rotary ``inv_freq``, ``position_ids``) are not weights and are left out.
 
 The figure of merit is the relative Frobenius change ``||B - A|| / ||A||`` with ``A`` the
 ``before`` checkpoint. Groups (a layer, a module type, a layer x module cell) aggregate as
@@ -16,33 +18,22 @@ but left out of the total, where their all-ones norm would swamp the denominator
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections import defaultdict
-from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.errors import InputError
+from vlmsafe.merge import Checkpoint, canonical_name, is_buffer, is_vocab_tensor
 
-from vlmsafe.merge.keymap import KeyMap
-
-_KEYMAP = KeyMap()  # the merge's LLaVA -> LLM name table: one source of truth
+__all__ = ["WeightChangeReport", "canonical_name", "classify", "weight_change"]
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+?)(?:\.(weight|bias))?$")
-_VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias")
-
-
-def canonical_name(name: str) -> str:
-    """Map a VLM tensor name onto its text-only LLM name (names of other tensors pass through)."""
-    return _KEYMAP.lm_name(name) or name
 
 
 def classify(name: str) -> tuple[int | None, str]:
@@ -60,77 +51,6 @@ def classify(name: str) -> tuple[int | None, str]:
     if base.startswith("model.") and base.count(".") == 1:
         base = base[len("model.") :]
     return None, {"norm": "final_norm"}.get(base, base)
-
-
-# --------------------------------------------------------------------------- reading
-class SafetensorsCheckpoint:
-    """Lazy reader of a safetensors checkpoint: a file, a folder with ``model.safetensors``, or a
-    sharded folder with ``model.safetensors.index.json``. Use as a context manager."""
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self.files = _checkpoint_files(self.path)
-        self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
-        self.locations: dict[str, Path] = {}
-        for f in self.files:
-            for key in self._handle(f).keys():
-                self.locations[key] = f
-
-    def _handle(self, f: Path) -> Any:
-        if f not in self._handles:
-            try:
-                self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
-            except (SafetensorError, OSError) as exc:
-                raise FileFormatError(f"{f} is not a readable safetensors file ({exc}); re-save the checkpoint with save_pretrained") from None
-        return self._handles[f]
-
-    def keys(self) -> list[str]:
-        return list(self.locations)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.locations[name]).get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handle(self.locations[name]).get_tensor(name)
-
-    def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
-
-    def __enter__(self) -> "SafetensorsCheckpoint":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _checkpoint_files(path: Path) -> list[Path]:
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise FileFormatError(f"{path} is not a .safetensors file; only safetensors checkpoints are read (nothing is unpickled)")
-        return [path]
-    if not path.is_dir():
-        raise FileFormatError(f"checkpoint {path} does not exist; pass a .safetensors file or a save_pretrained folder")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise FileFormatError(f"{index} is not a valid safetensors index ({exc!r}); re-save the checkpoint") from None
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise FileFormatError(f"{index} lists shard {missing[0].name}, which is missing; download/copy every shard")
-        return files
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    found = sorted(path.glob("*.safetensors"))
-    if found:
-        return found
-    hint = " (it holds .bin files: convert them with save_pretrained(..., safe_serialization=True))" if any(path.glob("*.bin")) else ""
-    raise FileFormatError(f"no safetensors weights in {path}{hint}")
 
 
 # --------------------------------------------------------------------------- comparison
@@ -163,13 +83,15 @@ def _rel(diff_sq: float, base_sq: float) -> float | None:
     return math.sqrt(diff_sq / base_sq) if base_sq > 0 else (0.0 if diff_sq == 0 else None)
 
 
-def _pairs(before: SafetensorsCheckpoint, after: SafetensorsCheckpoint) -> tuple[list[tuple[str, str, str]], dict[str, list[str]]]:
+def _pairs(before: Checkpoint, after: Checkpoint) -> tuple[list[tuple[str, str, str]], dict[str, list[str]]]:
     b_map: dict[str, str] = {}
     for name in before.keys():
-        b_map.setdefault(canonical_name(name), name)
+        if not is_buffer(name):
+            b_map.setdefault(canonical_name(name), name)
     a_map: dict[str, str] = {}
     for name in after.keys():
-        a_map.setdefault(canonical_name(name), name)
+        if not is_buffer(name):
+            a_map.setdefault(canonical_name(name), name)
     common = sorted(set(b_map) & set(a_map), key=_sort_key)
     unmatched = {
         "before": sorted(b_map[c] for c in set(b_map) - set(a_map)),
@@ -190,13 +112,13 @@ def weight_change(
     *,
     progress: bool = True,
 ) -> WeightChangeReport:
-    """Compare two safetensors checkpoints (see the module docstring).
+    """Compare two checkpoints (see the module docstring).
 
     Vocabulary tensors (embeddings, LM head) whose row counts differ (a VLM adds ``<image>`` and
     friends) are compared on their shared leading rows; any other shape mismatch is reported in
     ``unmatched`` with the two shapes. Raises :class:`InputError` when no tensor names match.
     """
-    with SafetensorsCheckpoint(before) as ckpt_b, SafetensorsCheckpoint(after) as ckpt_a:
+    with Checkpoint(before, role="before checkpoint") as ckpt_b, Checkpoint(after, role="after checkpoint") as ckpt_a:
         pairs, unmatched = _pairs(ckpt_b, ckpt_a)
         if not pairs:
             raise InputError(
@@ -209,7 +131,7 @@ def weight_change(
             tb, ta = ckpt_b.get(name_b), ckpt_a.get(name_a)
             rows = None
             if tb.shape != ta.shape:
-                if canon.endswith(_VOCAB_SUFFIXES) and tb.dim() == ta.dim() and tb.shape[1:] == ta.shape[1:]:
+                if is_vocab_tensor(canon) and tb.dim() == ta.dim() and tb.shape[1:] == ta.shape[1:]:
                     rows = min(tb.shape[0], ta.shape[0])
                     tb, ta = tb[:rows], ta[:rows]
                 else:

@@ -29,7 +29,6 @@ LAYERS: list[tuple[str, ...]] = [
 KNOWN_VIOLATIONS = {
     "vlmsafe.testbed.check -> vlmsafe.demo",
     "vlmsafe.testbed.readme -> vlmsafe.demo",
-    "weights.py: from vlmsafe.merge.keymap import KeyMap",
 }
 
 

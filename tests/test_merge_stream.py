@@ -223,11 +223,17 @@ def test_wanda_norms_scores_and_masks(ckpts):
     assert res.num_merged == 7 * LAYERS
 
 
-def test_exception_midway_leaves_destination_untouched(ckpts, monkeypatch):
+@pytest.mark.parametrize("stage", ["read", "compute", "write"])
+def test_exception_midway_leaves_destination_untouched(ckpts, monkeypatch, stage):
+    """A failure in any of the three pipeline threads stops the merge and leaves the destination as it was."""
+    import vlmsafe.merge.checkpoint as checkpoint
     import vlmsafe.merge.streaming as streaming
+    import vlmsafe.merge.writer as writer
 
-    c = cfg(ckpts, "atomic", weight=0.2)
-    real, calls = streaming._merge_item, {"n": 0}
+    owner, attr = {"read": (checkpoint.Checkpoint, "get_rows"), "compute": (streaming._Merger, "compute"),
+                   "write": (writer.ShardedWriter, "write_block")}[stage]
+    c = cfg(ckpts, f"atomic_{stage}", weight=0.2)
+    real, calls = getattr(owner, attr), {"n": 0}
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -235,16 +241,16 @@ def test_exception_midway_leaves_destination_untouched(ckpts, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*a, **k)
 
-    monkeypatch.setattr(streaming, "_merge_item", flaky)
+    monkeypatch.setattr(owner, attr, flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
         merge_checkpoints(c, progress=False)
-    assert not c.output.exists() and not list(c.output.parent.glob(".atomic.*"))
+    assert calls["n"] == 20 and not c.output.exists() and not list(c.output.parent.glob(f".{c.output.name}.*"))
 
-    monkeypatch.setattr(streaming, "_merge_item", real)
+    monkeypatch.setattr(owner, attr, real)
     merge_checkpoints(c, progress=False)
     before = {p.name: p.read_bytes() for p in c.output.iterdir()}
     calls["n"] = 0
-    monkeypatch.setattr(streaming, "_merge_item", flaky)
+    monkeypatch.setattr(owner, attr, flaky)
     c.overwrite, c.weight = True, c.weight.parse(0.9)
     with pytest.raises(RuntimeError):
         merge_checkpoints(c, progress=False)
@@ -256,14 +262,14 @@ def test_sigkill_midway_leaves_no_destination_and_rerun_succeeds(ckpts):
     out, marker = root / "killed", root / "marker"
     script = textwrap.dedent(f"""
         import time, pathlib
-        import vlmsafe.merge.checkpoint as ck
+        import vlmsafe.merge.writer as w
         from vlmsafe.cli import main
-        real, n = ck.ShardedWriter.write_chunks, [0]
-        def slow(self, name, chunks):
-            real(self, name, chunks); n[0] += 1
+        real, n = w.ShardedWriter.write_block, [0]
+        def slow(self, block):
+            real(self, block); n[0] += 1
             if n[0] == 10:
                 self._file.flush(); pathlib.Path({str(marker)!r}).touch(); time.sleep(120)
-        ck.ShardedWriter.write_chunks = slow
+        w.ShardedWriter.write_block = slow
         main(["merge", "--vlm", {str(root / "vlm_orig")!r}, "--aligned", {str(root / "lm")!r},
               "--out", {str(out)!r}, "--no-progress", "--max-shard-size", "10KB"])
     """)
@@ -302,7 +308,7 @@ def test_cli_yaml_config_and_overrides(ckpts, capsys):
     assert recipe["config"]["method"] == "ties" and recipe["config"]["weight"] == 0.3
     assert "merged 21 tensors" in capsys.readouterr().out
     assert main(["merge", str(r / "merge.yaml"), "--no-progress"]) == 2  # exists, no --overwrite
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "is a non-empty directory; pass --overwrite" in capsys.readouterr().err
     (r / "bad.yaml").write_text("vlm: a\naligned: b\noutput: c\nwieght: 0.3\n")
     assert main(["merge", str(r / "bad.yaml")]) == 2
     assert "unknown merge config keys ['wieght']" in capsys.readouterr().err
@@ -336,7 +342,7 @@ def test_merge_sweep_table_and_plot(ckpts):
 
 def test_unreadable_inputs_raise_file_format_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileFormatError, match="no .safetensors weights"):
+    with pytest.raises(FileFormatError, match="no .safetensors or pytorch_model.bin weights"):
         merge_checkpoints(MergeConfig(vlm=tmp_path / "empty", aligned=tmp_path / "empty", output=tmp_path / "o"),
                           progress=False)
     bad = tmp_path / "bad.safetensors"
@@ -374,8 +380,9 @@ def test_row_block_streaming_equals_whole_tensor_merge(ckpts, monkeypatch, metho
         make_lm(seed=2, vocab_size=VOCAB - 4).save_pretrained(r / "lm_small_vocab")
     if not (r / "mask.safetensors").exists():
         weight_difference_mask(r / "vlm_orig", r / "lm", r / "mask.safetensors", fraction=0.25)
-    common = dict(aligned="lm_small_vocab", vocab_rows="shared", method=method, weight=0.6, density=0.5,
-                  mask=r / "mask.safetensors", mask_missing="merge", hash_inputs=False)
+    common = dict(aligned="lm_small_vocab", vocab_rows="shared", method=method, weight=0.6,
+                  density=0.5 if method == "ties" else 1.0, mask=r / "mask.safetensors", mask_missing="merge",
+                  hash_inputs=False)
     whole = merge_checkpoints(cfg(ckpts, f"whole_{method}", **common), progress=False).output
     monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 40)  # 16-wide rows: 2 rows per block, split at row 60
     assert len(streaming._row_blocks((64, 16), 60)) == 32

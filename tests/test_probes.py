@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -169,12 +171,33 @@ def test_weight_change_errors(tmp_path):
         weight_change(tmp_path / "nope", tmp_path / "nope2", progress=False)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(FileFormatError, match="safe_serialization"):
+    with pytest.raises(FileFormatError, match="not a zip-format torch checkpoint"):
         weight_change(tmp_path / "bin", tmp_path / "bin", progress=False)
     save_file({"a.weight": torch.ones(2)}, str(tmp_path / "a.safetensors"))
     save_file({"b.weight": torch.ones(2)}, str(tmp_path / "b.safetensors"))
     with pytest.raises(InputError, match="no tensor"):
         weight_change(tmp_path / "a.safetensors", tmp_path / "b.safetensors", progress=False)
+
+
+def test_weight_change_reads_bin_shards_like_safetensors(tmp_path):
+    """The original LLaVA layout as published: .bin shards with an index and rotary inv_freq buffers."""
+    before = _lm_state(0)
+    after = {k: t + 0.01 * (i % 3) for i, (k, t) in enumerate(before.items())}
+    after["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # a buffer, not a weight
+    names = sorted(after)
+    (tmp_path / "bin").mkdir()
+    torch.save({k: after[k] for k in names[:5]}, tmp_path / "bin" / "pytorch_model-00001-of-00002.bin")
+    torch.save({k: after[k] for k in names[5:]}, tmp_path / "bin" / "pytorch_model-00002-of-00002.bin")
+    weight_map = {k: f"pytorch_model-0000{1 + (i >= 5)}-of-00002.bin" for i, k in enumerate(names)}
+    (tmp_path / "bin" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "st").mkdir()
+    save_file({k: v for k, v in after.items() if "inv_freq" not in k}, str(tmp_path / "st" / "model.safetensors"))
+    save_file(before, str(tmp_path / "before.safetensors"))
+    from_bin = weight_change(tmp_path / "before.safetensors", tmp_path / "bin", progress=False)
+    from_st = weight_change(tmp_path / "before.safetensors", tmp_path / "st", progress=False)
+    assert from_bin.tensors == from_st.tensors and from_bin.unmatched == from_st.unmatched
+    assert any(t["relative_change"] > 0 for t in from_bin.tensors)
+    assert from_bin.unmatched["after"] == []  # the inv_freq buffer is not reported as an unmatched weight
 
 
 # --------------------------------------------------------------------------- collection

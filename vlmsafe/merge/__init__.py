@@ -2,9 +2,11 @@
 
 * :mod:`~vlmsafe.merge.methods` -- tensor merge methods (linear, SLERP, task arithmetic, TIES, DARE).
 * :mod:`~vlmsafe.merge.schedule` -- per-layer / regex weight schedules.
-* :mod:`~vlmsafe.merge.keymap` -- LLaVA <-> LLM tensor names.
+* :mod:`~vlmsafe.merge.keymap` -- the checkpoint layouts: VLM <-> LLM tensor names, vocabulary tensors, buffers.
+* :mod:`~vlmsafe.merge.checkpoint` -- the one checkpoint reader (safetensors and ``.bin``, tensor by tensor).
 * :mod:`~vlmsafe.merge.localise` -- safety-parameter scores and top-k% masks.
-* :mod:`~vlmsafe.merge.streaming` -- the bounded-memory, atomic checkpoint merge.
+* :mod:`~vlmsafe.merge.plan` -- what happens to every tensor, decided from the headers.
+* :mod:`~vlmsafe.merge.streaming` -- the pipelined, bounded-memory, atomic checkpoint merge.
 * :mod:`~vlmsafe.merge.sweep` -- merge at several weights and evaluate each.
 
 Quick start::
@@ -13,8 +15,9 @@ Quick start::
     merge_checkpoints(MergeConfig(vlm="llava", aligned="llama-chat", output="llava-safe", weight=0.4))
 """
 
+from vlmsafe.merge.checkpoint import Checkpoint, TensorInfo
 from vlmsafe.merge.config import MergeConfig
-from vlmsafe.merge.keymap import KeyMap, is_vocab_tensor
+from vlmsafe.merge.keymap import KeyMap, canonical_name, is_buffer, is_vocab_tensor, layer_index
 from vlmsafe.merge.localise import (
     build_masks,
     collect_input_norms,
@@ -44,16 +47,21 @@ from vlmsafe.merge.sweep import merge_sweep, plot_sweep
 __all__ = [
     "METHODS",
     "RECIPE_NAME",
+    "Checkpoint",
     "KeyMap",
     "MergeConfig",
     "MergeResult",
     "Schedule",
+    "TensorInfo",
     "apply_mask",
     "build_masks",
+    "canonical_name",
     "collect_input_norms",
     "dare_linear",
     "dare_ties",
+    "is_buffer",
     "is_vocab_tensor",
+    "layer_index",
     "linear",
     "load_masks",
     "magnitude_scores",

@@ -1,17 +1,26 @@
-"""Lazy reading and streaming writing of (sharded) safetensors checkpoints.
+"""The one checkpoint reader: (sharded) safetensors and PyTorch ``.bin`` files, tensor by tensor.
 
-Reading parses each shard's safetensors header (dtype, shape and byte range of every tensor) and
-reads one tensor at a time with ``readinto`` into a fresh buffer. ``safetensors.safe_open`` would
-memory-map the shards instead, and every mapped page a merge touches stays resident and counts
-toward the process's RSS until the file is closed: merging two 2 GB checkpoints that way peaks
-near 5 GB. With plain reads, memory is released as soon as a tensor is dropped.
+Every tensor is located by a byte range in its file and read with plain ``readinto`` calls into a
+fresh buffer. ``safetensors.safe_open`` would memory-map the shards instead, and every mapped page a
+merge touches stays resident and counts toward the process's RSS until the file is closed: merging
+two 2 GB checkpoints that way peaks near 5 GB. With plain reads, memory is released as soon as a
+tensor is dropped, and a checkpoint of any size is read with a few tensors in memory.
 
-Writing streams too. ``safetensors.torch.save_file`` needs a whole shard in memory; here the
-output plan (names, dtypes, shapes) is known before the first tensor is merged, so each shard's
-header is computed up front and each tensor's bytes are appended as soon as it is merged. Peak
-memory is then a few tensors, independent of the shard size. The files are standard safetensors
-(8-byte little-endian header length, JSON header padded with spaces to 8 bytes, contiguous
-little-endian data) and are read back with ``safe_open`` in the tests.
+* **safetensors**: the byte ranges come from each shard's JSON header.
+* **PyTorch ``.bin``** (``pytorch_model.bin`` or shards with ``pytorch_model.bin.index.json``, as
+  the original LLaVA checkpoints are published): the one place vlmsafe reads a pickle-based format.
+  The pickle is read with ``torch.load(..., weights_only=True)``, which refuses anything but
+  tensors and plain containers, onto the ``meta`` device: no tensor data is loaded, and torch
+  records where each storage starts in the zip archive. Contiguous tensors are then read by byte
+  range like safetensors; any other tensor (a strided view, a big-endian file, a torch without
+  storage offsets) is read through ``torch.load(..., weights_only=True, mmap=True)``. Legacy
+  (pre-zip) ``torch.save`` files are refused.
+
+**Hashing in the same read.** With ``hash_files=True`` every file gets a running sha256 that
+follows the reads: bytes read in file order are hashed as they arrive, gaps (headers, tensors read
+later or never) are read and hashed when a later read skips over them, and :meth:`Checkpoint.file_hashes`
+hashes whatever was never reached. A merge reads each input in storage order, so each input is read
+once, not once to merge and once more to hash.
 """
 
 from __future__ import annotations
@@ -19,18 +28,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import sys
+import zipfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Sequence
+from typing import Any, BinaryIO
 
 import torch
-from vlmsafe.errors import FileFormatError, InputError
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.io import read_json, sha256_file
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+# Backwards-compatible names.
+INDEX_NAME, SINGLE_NAME = SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
 #: safetensors dtype strings <-> torch dtypes (those torch can hold).
 _ST_TO_TORCH: dict[str, torch.dtype] = {
@@ -48,20 +62,23 @@ _ST_TO_TORCH: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+_BLOCK = 8 << 20
 
 
 def torch_dtype(st_dtype: str) -> torch.dtype:
     try:
         return _ST_TO_TORCH[st_dtype]
     except KeyError:
-        raise FileFormatError(f"unsupported safetensors dtype {st_dtype!r}; convert the checkpoint to F16/BF16/F32.")
+        raise FileFormatError(
+            f"unsupported safetensors dtype {st_dtype!r}; convert the checkpoint to F16/BF16/F32"
+        ) from None
 
 
 def st_dtype(dtype: torch.dtype) -> str:
     try:
         return _TORCH_TO_ST[dtype]
     except KeyError:
-        raise InputError(f"cannot write dtype {dtype} to safetensors; choose float16, bfloat16 or float32.")
+        raise InputError(f"cannot write dtype {dtype} to safetensors; choose float16, bfloat16 or float32") from None
 
 
 @dataclass(frozen=True)
@@ -72,94 +89,96 @@ class TensorInfo:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    start: int | None  # absolute offset of the data in ``file``; None: read through torch.load(mmap=True)
+    info: TensorInfo
+
+
+class _RunningHash:
+    """sha256 of one file that follows the reads made from it (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.pos, self.digest = path, 0, hashlib.sha256()
+
+    def feed(self, f: BinaryIO, lo: int, data: memoryview) -> None:
+        """Account for ``data`` read at offset ``lo`` of ``f``."""
+        if lo > self.pos:
+            self._fill(f, lo)
+        hi = lo + len(data)
+        if hi > self.pos:
+            self.digest.update(data[self.pos - lo :])
+            self.pos = hi
+
+    def _fill(self, f: BinaryIO, upto: int) -> None:
+        f.seek(self.pos)
+        while self.pos < upto:
+            chunk = f.read(min(_BLOCK, upto - self.pos))
+            if not chunk:
+                raise FileFormatError(f"{self.path} shrank while it was read; do not modify inputs during a merge")
+            self.digest.update(chunk)
+            self.pos += len(chunk)
+
+    def hexdigest(self, f: BinaryIO) -> str:
+        self._fill(f, self.path.stat().st_size)
+        return self.digest.hexdigest()
 
 
 class Checkpoint:
-    """A Hugging Face model directory (or a single ``.safetensors`` file), opened lazily.
+    """A Hugging Face model directory (or one weight file), opened lazily; see the module docstring.
 
-    Accepts a directory with ``model.safetensors.index.json`` (sharded), a directory with one
-    ``model.safetensors`` (or exactly one ``*.safetensors``), or a path to a ``.safetensors`` file.
-    Use as a context manager so file handles are closed.
+    Accepts a directory with ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``
+    (sharded), a directory with one ``model.safetensors`` / ``pytorch_model.bin`` (or exactly one
+    ``*.safetensors``), or the path of a ``.safetensors`` / ``.bin`` file. safetensors win when a
+    directory holds both. Use as a context manager so file handles are closed.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, role: str = "checkpoint") -> None:
+    def __init__(self, path: str | os.PathLike[str], *, role: str = "checkpoint", hash_files: bool = False) -> None:
         self.path = Path(path)
         self.role = role
-        files = _weight_files(self.path, role)
         self._stack = ExitStack()
         self._files: dict[Path, BinaryIO] = {}
-        self._entries: dict[str, tuple[Path, int, int]] = {}  # name -> (file, start, end)
-        self._info: dict[str, TensorInfo] = {}
-        wanted = files if isinstance(files, dict) else None
-        for file in sorted(set(files.values())) if wanted is not None else files:
-            header, data_start = read_header(file, role)
-            for name, (info, begin, end) in header.items():
-                if wanted is not None and wanted.get(name) != file:
-                    continue
-                self._entries[name] = (file, data_start + begin, data_start + end)
-                self._info[name] = info
-        if wanted is not None:
-            missing = sorted(set(wanted) - set(self._entries))
+        self._hashes: dict[Path, _RunningHash] | None = {} if hash_files else None
+        self._mmapped: dict[Path, dict[str, torch.Tensor]] = {}
+        wanted = _weight_files(self.path, role)
+        entries: dict[str, _Entry] = {}
+        for file in sorted(set(wanted.values())) if isinstance(wanted, dict) else wanted:
+            for name, entry in (_bin_entries(file, role) if file.suffix == ".bin" else _st_entries(file, role)).items():
+                if not isinstance(wanted, dict) or wanted.get(name) == file:
+                    entries[name] = entry
+        if isinstance(wanted, dict):
+            missing = sorted(set(wanted) - set(entries))
             if missing:
                 raise FileFormatError(
-                    f"{role} index lists {len(missing)} tensors its shards lack (e.g. {missing[0]}); re-download "
-                    "the checkpoint."
+                    f"{role} {self.path}: the index lists {len(missing)} tensors its shards lack (e.g. {missing[0]}); "
+                    "re-download the checkpoint"
                 )
-        # Storage order (shard, then byte offset): reads stream sequentially through each file.
-        self._entries = dict(sorted(self._entries.items(), key=lambda kv: (kv[1][0], kv[1][1])))
-        self.weight_map = {n: e[0] for n, e in self._entries.items()}
+        # Storage order (file, then byte offset): reads stream sequentially through each file.
+        self._entries = dict(sorted(entries.items(), key=lambda kv: (kv[1].file, kv[1].start or 0)))
+        self.weight_map = {n: e.file for n, e in self._entries.items()}
 
-    # -- reading ---------------------------------------------------------------------------
-    def _file(self, file: Path) -> BinaryIO:
-        f = self._files.get(file)
-        if f is None:
-            f = self._stack.enter_context(open(file, "rb", buffering=0))
-            self._files[file] = f
-        return f
-
+    # -- metadata --------------------------------------------------------------------------
     def keys(self) -> list[str]:
-        """Tensor names in storage order (shard by shard)."""
-        return list(self.weight_map)
+        """Tensor names in storage order (file by file)."""
+        return list(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self._entries
 
     def info(self, name: str) -> TensorInfo:
-        return self._info[name]
-
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor into memory (a fresh buffer, not a view of a memory map)."""
-        info = self._info[name]
-        return self.get_rows(name, 0, info.shape[0]) if info.shape else self._read(name, 0, info.nbytes).reshape(())
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Load rows ``start:stop`` (along dim 0) of a tensor: a contiguous byte range of the file."""
-        info = self._info[name]
-        if not info.shape:
-            raise ValueError(f"{name} is a scalar; use get()")
-        stop = min(stop, info.shape[0])
-        row = info.nbytes // info.shape[0] if info.shape[0] else 0
-        return self._read(name, start * row, stop * row).reshape((stop - start, *info.shape[1:]))
-
-    def _read(self, name: str, lo: int, hi: int) -> torch.Tensor:
-        file, begin, _ = self._entries[name]
-        buf = torch.empty(hi - lo, dtype=torch.uint8)
-        if hi > lo:
-            f = self._file(file)
-            f.seek(begin + lo)
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise FileFormatError(f"{self.role} shard {file} is truncated (reading {name}); re-download it.")
-                got += n
-        return buf.view(self._info[name].dtype)
+        return self._entries[name].info
 
     @property
     def files(self) -> list[Path]:
@@ -169,9 +188,77 @@ class Checkpoint:
     def directory(self) -> Path:
         return self.path if self.path.is_dir() else self.path.parent
 
+    # -- reading ---------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor into memory (a fresh buffer, not a view of a memory map)."""
+        info = self._entries[name].info
+        return self.get_rows(name, 0, info.shape[0]) if info.shape else self._read(name, 0, info.nbytes).reshape(())
+
+    def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Load rows ``start:stop`` (along dim 0) of a tensor: a contiguous byte range of the file.
+
+        ``out`` (a uint8 tensor of at least the rows' size) is filled and viewed instead of a new buffer.
+        """
+        entry = self._entries[name]
+        info = entry.info
+        if not info.shape:
+            raise ValueError(f"{name} is a scalar; use get()")
+        stop = min(stop, info.shape[0])
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        return self._read(name, start * row, stop * row, out).reshape((stop - start, *info.shape[1:]))
+
+    def _read(self, name: str, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        entry = self._entries[name]
+        buf = torch.empty(hi - lo, dtype=torch.uint8) if out is None else out[: hi - lo]
+        if entry.start is None:
+            buf.copy_(self._mmap_tensor(entry, name).reshape(-1).view(torch.uint8)[lo:hi])
+        elif hi > lo:
+            f = self._file(entry.file)
+            f.seek(entry.start + lo)
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise FileFormatError(f"{self.role} file {entry.file} is truncated (reading {name}); re-download it")
+                got += n
+            if self._hashes is not None:
+                self._hasher(entry.file).feed(f, entry.start + lo, view)
+        return buf.view(entry.info.dtype)
+
+    def _file(self, file: Path) -> BinaryIO:
+        f = self._files.get(file)
+        if f is None:
+            f = self._stack.enter_context(open(file, "rb", buffering=0))
+            self._files[file] = f
+        return f
+
+    def _hasher(self, file: Path) -> _RunningHash:
+        assert self._hashes is not None
+        h = self._hashes.get(file)
+        if h is None:
+            h = self._hashes[file] = _RunningHash(file)
+        return h
+
+    def _mmap_tensor(self, entry: _Entry, name: str) -> torch.Tensor:
+        state = self._mmapped.get(entry.file)
+        if state is None:
+            state = self._mmapped[entry.file] = _torch_load(entry.file, self.role, mmap=True)
+        return state[name]
+
+    # -- provenance ------------------------------------------------------------------------
     def file_hashes(self) -> dict[str, str]:
-        """sha256 of every weight file and of ``config.json`` (read in 8 MiB blocks)."""
-        out = {f.name: sha256_file(f) for f in self.files}
+        """sha256 of every weight file and of ``config.json``.
+
+        With ``hash_files=True`` this completes the running hashes (reading only what the reads so
+        far skipped); otherwise every file is hashed from scratch.
+        """
+        out = {}
+        for f in self.files:
+            if self._hashes is None:
+                out[f.name] = sha256_file(f)
+            else:
+                out[f.name] = self._hasher(f).hexdigest(self._file(f))
         cfg = self.directory / "config.json"
         if cfg.is_file():
             out[cfg.name] = sha256_file(cfg)
@@ -180,55 +267,61 @@ class Checkpoint:
     def close(self) -> None:
         self._stack.close()
         self._files.clear()
+        self._mmapped.clear()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def sha256_file(path: Path, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+# -- locating the weight files --------------------------------------------------------------
 
 
 def _weight_files(path: Path, role: str) -> dict[str, Path] | list[Path]:
-    """The index's name -> shard map for a sharded checkpoint, else the one weight file (as a list)."""
+    """The index's name -> file map for a sharded checkpoint, else the one weight file (as a list)."""
     if not path.exists():
-        raise FileFormatError(f"{role} path {path} does not exist; pass a model directory or .safetensors file.")
+        raise FileFormatError(f"{role} path {path} does not exist; pass a model directory or a weight file")
     if path.is_file():
-        if path.suffix != ".safetensors":
+        if path.suffix not in (".safetensors", ".bin"):
             raise FileFormatError(
-                f"{role} {path} is not a .safetensors file; only safetensors are read (never pickles). Convert "
-                "with `model.save_pretrained(dir)` in transformers."
+                f"{role} {path} is neither a .safetensors nor a .bin file; pass a model directory or its weight file"
             )
         return [path]
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-            if not isinstance(wm, dict):
-                raise TypeError("weight_map is not a mapping")
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise FileFormatError(f"{index} is not a valid safetensors index ({exc}); re-save the checkpoint.") from exc
-        out: dict[str, Path] = {}
-        for name, file in wm.items():
-            f = path / file
-            if not f.is_file():
-                raise FileFormatError(f"{index} names shard {file}, which is missing; re-download the checkpoint.")
-            out[name] = f
-        return out
-    single = path / SINGLE_NAME
-    files = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = path / index_name
+        if index.is_file():
+            return _read_index(path, index)
+    for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
+        if (path / single).is_file():
+            return [path / single]
+    files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
-        hint = "several .safetensors files but no index" if files else "no .safetensors weights"
-        extra = " (found pytorch .bin weights: re-save with safetensors)" if list(path.glob("*.bin")) else ""
-        raise FileFormatError(f"{role} directory {path} has {hint}{extra}; expected {INDEX_NAME} or {SINGLE_NAME}.")
+        hint = "several .safetensors files but no index" if files else "no .safetensors or pytorch_model.bin weights"
+        raise FileFormatError(
+            f"{role} directory {path} has {hint}; expected {SAFETENSORS_INDEX}, {BIN_INDEX}, {SAFETENSORS_SINGLE} "
+            f"or {BIN_SINGLE}"
+        )
     return files
+
+
+def _read_index(directory: Path, index: Path) -> dict[str, Path]:
+    fix = "re-download the checkpoint or re-save it with save_pretrained"
+    weight_map = read_json(index, what="checkpoint index", fix=fix)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FileFormatError(f"{index}: no `weight_map` of tensor name -> file; {fix}")
+    out: dict[str, Path] = {}
+    for name, file in weight_map.items():
+        f = directory / file
+        if not f.is_file():
+            raise FileFormatError(f"{index} names shard {file}, which is missing; re-download the checkpoint")
+        out[name] = f
+    return out
+
+
+# -- safetensors ----------------------------------------------------------------------------
 
 
 def read_header(file: Path, role: str = "checkpoint") -> tuple[dict[str, tuple[TensorInfo, int, int]], int]:
@@ -239,13 +332,13 @@ def read_header(file: Path, role: str = "checkpoint") -> tuple[dict[str, tuple[T
         raw = f.read(8)
         n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
         if n <= 0 or n > min(size - 8, 1 << 28):
-            raise FileFormatError(f"{bad} (bad header length); re-download or re-save it.")
+            raise FileFormatError(f"{bad} (bad header length); re-download or re-save it")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FileFormatError(f"{bad} (corrupted header: {exc}); re-download or re-save it.") from exc
+            raise FileFormatError(f"{bad} (corrupted header: {exc}); re-download or re-save it") from exc
     if not isinstance(header, dict):
-        raise FileFormatError(f"{bad} (header is not a mapping).")
+        raise FileFormatError(f"{bad} (header is not a mapping); re-download or re-save it")
     header.pop("__metadata__", None)
     out: dict[str, tuple[TensorInfo, int, int]] = {}
     for name, entry in header.items():
@@ -253,156 +346,68 @@ def read_header(file: Path, role: str = "checkpoint") -> tuple[dict[str, tuple[T
             info = TensorInfo(torch_dtype(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise FileFormatError(f"{bad} (bad entry for {name}: {exc}).") from exc
+            raise FileFormatError(f"{bad} (bad entry for {name}: {exc}); re-download or re-save it") from exc
         if end - begin != info.nbytes or begin < 0 or 8 + n + end > size:
-            raise FileFormatError(f"{bad}: tensor {name} has a bad byte range (truncated file?); re-download it.")
+            raise FileFormatError(f"{bad}: tensor {name} has a bad byte range (truncated file?); re-download it")
         out[name] = (info, begin, end)
     return out, 8 + n
 
 
-# -- writing -------------------------------------------------------------------------------
+def _st_entries(file: Path, role: str) -> dict[str, _Entry]:
+    header, data_start = read_header(file, role)
+    return {name: _Entry(file, data_start + begin, info) for name, (info, begin, _) in header.items()}
 
 
-def parse_size(size: int | str) -> int:
-    """``"2GB"``, ``"500MB"``, ``"64KiB"`` or an int number of bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise InputError(f"cannot parse size {size!r}; write e.g. 2GB, 500MB or a number of bytes.")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(float(m.group(1)) * base**power)
+# -- PyTorch .bin ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+def _torch_load(file: Path, role: str, *, mmap: bool) -> dict[str, torch.Tensor]:
+    """``torch.load`` restricted to tensors: onto ``meta`` (no data) or memory-mapped."""
+    import pickle
 
-    @property
-    def nbytes(self) -> int:
-        return TensorInfo(self.dtype, self.shape).nbytes
-
-
-def plan_shards(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
-    """Greedy split in order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[OutputTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards if shards[0] else []
-
-
-def _header_bytes(tensors: Sequence[OutputTensor], metadata: dict[str, str]) -> bytes:
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": st_dtype(t.dtype), "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
+    if not zipfile.is_zipfile(file):
+        raise FileFormatError(
+            f"{role} file {file} is not a zip-format torch checkpoint (legacy torch.save before 1.6, or damaged); "
+            "re-save it with a current torch or convert it to safetensors"
+        )
+    kwargs: dict[str, Any] = {"mmap": True} if mmap else {"map_location": "meta"}
+    try:
+        state = torch.load(file, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise FileFormatError(
+            f"{role} file {file} holds objects other than tensors ({first}); vlmsafe never unpickles code, so "
+            "re-save the weights alone (a state dict) or convert them to safetensors"
+        ) from None
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise FileFormatError(f"{role} file {file} is not a readable torch checkpoint ({exc}); re-download it") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise FileFormatError(
+            f"{role} file {file} is not a flat state dict of named tensors; save `model.state_dict()` instead"
+        )
+    return state
 
 
-class ShardedWriter:
-    """Write tensors, in plan order, into sharded safetensors files plus an index.
-
-    ``write(name, tensor)`` must be called once per planned tensor in the planned order; the
-    tensor is cast to the planned dtype and its bytes appended. ``close()`` checks completeness
-    and writes ``model.safetensors.index.json`` when there is more than one shard.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        tensors: Sequence[OutputTensor],
-        *,
-        max_shard_bytes: int,
-        metadata: dict[str, str] | None = None,
-        single_name: str = SINGLE_NAME,
-    ) -> None:
-        self.directory = Path(directory)
-        self.shards = plan_shards(tensors, max_shard_bytes)
-        n = len(self.shards)
-        self.filenames = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._order = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
-        self._pos = 0
-        self._file: BinaryIO | None = None
-        self._shard = -1
-        self._metadata = {"format": "pt", **(metadata or {})}
-        self.total_bytes = sum(t.nbytes for t in tensors)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next planned tensor in one piece."""
-        self.write_chunks(name, [tensor])
-
-    def write_chunks(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
-        """Write the next planned tensor as consecutive row blocks (their bytes concatenated)."""
-        if self._pos >= len(self._order):
-            raise RuntimeError(f"unexpected tensor {name}: all planned tensors were written")
-        si, planned = self._order[self._pos]
-        if planned.name != name:
-            raise RuntimeError(f"out-of-plan write: got {name}, expected {planned.name}")
-        if si != self._shard:
-            self._open_shard(si)
-        if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
-            raise RuntimeError("big-endian hosts are not supported")
-        assert self._file is not None
-        written = 0
-        for chunk in chunks:
-            data = chunk.detach().to(planned.dtype).contiguous().reshape(-1).view(torch.uint8)
-            written += data.numel()
-            if written > planned.nbytes:
-                break
-            self._file.write(memoryview(data.numpy()))
-        if written != planned.nbytes:
-            raise RuntimeError(f"{name}: wrote {written} bytes, planned {planned.nbytes} ({planned.shape})")
-        self._pos += 1
-
-    def _open_shard(self, si: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._shard = si
-        self._file = open(self.directory / self.filenames[si], "wb")
-        self._file.write(_header_bytes(self.shards[si], self._metadata))
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-        if self._pos != len(self._order):
-            raise RuntimeError(f"only {self._pos} of {len(self._order)} planned tensors were written")
-        if len(self.shards) > 1:
-            weight_map = {t.name: self.filenames[si] for si, t in self._order}
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+def _little_endian(file: Path) -> bool:
+    with zipfile.ZipFile(file) as z:
+        order = next((n for n in z.namelist() if n.endswith("/byteorder")), None)
+        return order is None or z.read(order).strip() == b"little"
 
 
-def copy_side_files(src: Path, dst: Path, *, skip: Iterable[str] = ()) -> list[str]:
-    """Copy config, tokenizer and processor files (everything but weights) from ``src`` to ``dst``."""
-    import shutil
-
-    weight_suffixes = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-    skip = set(skip)
-    copied = []
-    for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name in skip or f.name.endswith(weight_suffixes) or f.name.endswith(".index.json"):
-            continue
-        shutil.copy2(f, dst / f.name)
-        copied.append(f.name)
-    return copied
+def _bin_entries(file: Path, role: str) -> dict[str, _Entry]:
+    state = _torch_load(file, role, mmap=False)
+    direct = _little_endian(file)
+    out = {}
+    for name, t in state.items():
+        info = TensorInfo(t.dtype, tuple(t.shape))
+        offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+        if direct and isinstance(offset, int) and t.is_contiguous():
+            start = offset + t.storage_offset() * t.element_size()
+            if start + info.nbytes > file.stat().st_size:
+                raise FileFormatError(f"{role} file {file} is truncated ({name}); re-download it")
+            out[name] = _Entry(file, start, info)
+        else:
+            out[name] = _Entry(file, None, info)
+    return out

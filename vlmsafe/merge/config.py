@@ -8,7 +8,7 @@ Example (every key but ``vlm``, ``aligned`` and ``output`` is optional)::
     method: linear                       # linear | slerp | task_arithmetic | ties | dare_linear | dare_ties
     weight: 0.4                          # share of the aligned model; number, list or mapping
     # weight: {default: 0.4, layers: [0.2, 0.6], rules: [{pattern: "norm", value: 0.0}]}
-    density: 1.0                         # ties / dare: fraction of each task vector kept
+    density: 1.0                         # ties / dare: fraction of each task vector kept, in (0, 1]
     convention: mergekit                 # ties / dare numerics: mergekit | peft
     mask: masks/safety_top20.safetensors # optional: confine the merge to masked entries
     mask_missing: keep                   # tensors absent from the mask: keep (VLM) | merge
@@ -22,6 +22,19 @@ Example (every key but ``vlm``, ``aligned`` and ``output`` is optional)::
     output: merged/llava-7b-safe
 
 Relative paths are taken relative to the current directory, as on the command line.
+
+Valid numbers (checked when the config is built, before any file is read; every value of a
+per-layer schedule counts):
+
+* ``weight`` -- the aligned model's share lam: in [0, 1] for ``linear``, ``slerp``, ``ties``,
+  ``dare_linear`` and ``dare_ties`` (0 keeps the VLM, 1 takes the aligned model; outside that range
+  they extrapolate, and TIES / DARE sign election and rescaling are not defined for it). For
+  ``task_arithmetic`` lam may lie in [-1, 2]: the merge is ``aligned + (1 - lam) * (vlm - aligned)``
+  (or, with ``base``, ``base + (1 - lam) * (vlm - base) + lam * (aligned - base)``), and lam > 1
+  subtracts part of the VL-adaptation task vector -- task negation, Ilharco et al., ICLR 2023.
+* ``density`` -- in (0, 1] for ``ties`` / ``dare_*`` (0 would drop every delta); other methods
+  have no density and refuse a value other than 1.
+* ``seed`` -- an integer >= 0; ``max_shard_size`` -- a positive size.
 """
 
 from __future__ import annotations
@@ -34,9 +47,14 @@ from typing import Any, Literal, Mapping
 import torch
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.merge.checkpoint import parse_size
 from vlmsafe.merge.methods import METHODS, TASK_VECTOR_METHODS
 from vlmsafe.merge.schedule import Schedule
+from vlmsafe.merge.writer import parse_size
+
+#: Valid aligned-model shares per method (see the module docstring); the default is [0, 1].
+WEIGHT_RANGES: dict[str, tuple[float, float]] = {"task_arithmetic": (-1.0, 2.0)}
+#: Methods that use ``density``.
+DENSITY_METHODS = frozenset({"ties", "dare_linear", "dare_ties"})
 
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -87,6 +105,34 @@ class MergeConfig:
             raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
         self.max_shard_bytes  # validate
         self.key_rules = tuple(_pair(r) for r in self.key_rules)
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        low, high = WEIGHT_RANGES.get(self.method, (0.0, 1.0))
+        for where, value in self.weight.items():
+            if not low <= value <= high:
+                other = "; task_arithmetic accepts [-1, 2]" if self.method != "task_arithmetic" else ""
+                raise InputError(
+                    f"{where} = {value:g} is outside [{low:g}, {high:g}] for method {self.method} (the aligned "
+                    f"model's share: 0 keeps the VLM, 1 takes the aligned model); pass a value in range{other}"
+                )
+        for where, value in self.density.items("density"):
+            if self.method in DENSITY_METHODS and not 0.0 < value <= 1.0:
+                raise InputError(
+                    f"{where} = {value:g} is outside (0, 1] (the fraction of each task vector kept); e.g. 0.5"
+                )
+            if self.method not in DENSITY_METHODS and value != 1.0:
+                raise InputError(
+                    f"{where} = {value:g} has no effect with method {self.method}; remove it or use one of "
+                    f"{', '.join(sorted(DENSITY_METHODS))}"
+                )
+        for name in ("allow_passthrough", "cast_dtype", "hash_inputs", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise InputError(f"normalize must be true, false or null, got {self.normalize!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
 
     @property
     def max_shard_bytes(self) -> int:

@@ -1,26 +1,42 @@
-"""Map a VLM checkpoint's tensor names onto the text-only LLM's names.
+"""The one table of checkpoint layouts and tensor names: VLM names -> the text-only LLM's names.
 
-LLaVA-style checkpoints nest the language model under a prefix that differs between
-transformers versions; the aligned LLM (``LlamaForCausalLM`` & co.) uses the bare names:
+A VLM nests its language model under a prefix that depends on who saved it; the aligned LLM
+(``LlamaForCausalLM`` & co.) uses the bare names. Every reader of checkpoint names in vlmsafe (the
+merge, the safety masks, ``probes`` weight comparison) maps names through this module.
 
-====================================================  ==============================
-VLM checkpoint name                                   LLM name
-====================================================  ==============================
-``model.language_model.layers.N.*`` (transformers 5)   ``model.layers.N.*``
-``language_model.model.layers.N.*`` (original format)  ``model.layers.N.*``
-``model.language_model.embed_tokens.weight``          ``model.embed_tokens.weight``
-``language_model.lm_head.weight``                     ``lm_head.weight``
-``lm_head.weight``                                    ``lm_head.weight``
-====================================================  ==============================
+=========================================  ===========================================  =========================
+Layout (who writes it)                     Language model                               Vision tower / projector
+=========================================  ===========================================  =========================
+transformers >= 4.52 in-memory names;      ``model.language_model.layers.N.*``,         ``model.vision_tower.*``,
+``save_pretrained(save_original_format=``  ``model.language_model.embed_tokens|norm``,  ``model.multi_modal_``
+``False)``                                 ``lm_head.*``                                ``projector.*``,
+                                                                                        ``model.image_newline``
+llava-hf Hub layout (``llava-hf/*``;       ``language_model.model.layers.N.*``,         ``vision_tower.*``,
+transformers' default ``save_pretrained``  ``language_model.model.embed_tokens|norm``,  ``multi_modal_projector.*``,
+and ``vlmsafe convert-llava`` output)      ``language_model.lm_head.*``                 ``image_newline``
+original LLaVA (``liuhaotian/llava-v1.5``  ``model.layers.N.*`` (+ ``rotary_emb.``       ``model.mm_projector.{0,2}``,
+and ``-v1.6``; ``LlavaLlamaForCausalLM``)  ``inv_freq`` buffers), ``model.embed_tokens|``  ``model.vision_tower.``
+                                           ``norm``, ``lm_head.*``                      ``vision_tower.*``,
+                                                                                        ``model.image_newline``
+Qwen2-VL / Qwen2.5-VL                      ``model.language_model.*`` (older:           ``model.visual.*``
+                                           ``model.*``), ``lm_head.*``                  (older: ``visual.*``)
+text-only LLM (the aligned model)          ``model.layers.N.*``, ``model.embed_tokens|``  --
+                                           ``norm``, ``lm_head.*``
+=========================================  ===========================================  =========================
 
-Names outside these prefixes (``vision_tower``, ``multi_modal_projector``, ...) have no LLM
-counterpart and pass through. An exact name match always wins, so merging two checkpoints of the
-same architecture works too. If the LLM ties ``lm_head`` to its embeddings (no ``lm_head.weight``
-stored), the VLM's ``lm_head`` is merged with ``model.embed_tokens.weight``.
+Names outside these prefixes (vision tower, projector, ``image_newline``) have no LLM counterpart.
+An exact name match always wins, so merging two checkpoints of the same architecture works too. If
+the LLM ties ``lm_head`` to its embeddings (no ``lm_head.weight`` stored), the VLM's ``lm_head`` is
+merged with ``model.embed_tokens.weight``.
+
+Buffers (:func:`is_buffer`: rotary ``inv_freq``, ``position_ids`` ...) are stored by some savers
+(the original LLaVA checkpoints carry ``model.layers.N.self_attn.rotary_emb.inv_freq``) but are not
+weights: they are derived from the config, never merged, and need no counterpart.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Collection
 
@@ -36,14 +52,25 @@ LLAVA_PREFIX_RULES: tuple[tuple[str, str], ...] = (
     ("lm_head.", "lm_head."),
 )
 
-_VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias")
+#: Token-indexed tensors: their row count is the vocabulary size.
+VOCAB_SUFFIXES: tuple[str, ...] = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias")
+
+#: Last name components of non-persistent buffers that some checkpoints store (not weights).
+BUFFER_NAMES: frozenset[str] = frozenset(
+    {"inv_freq", "original_inv_freq", "cos_cached", "sin_cached", "position_ids", "masked_bias"}
+)
+
+#: The language model's decoder layers in every layout above (not the vision tower's layers).
+DECODER_LAYERS = r"^(model\.language_model\.|language_model\.model\.|model\.)layers\.\d+\."
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
 class KeyMap:
     """Prefix rewriting from VLM tensor names to LLM tensor names.
 
-    ``extra_rules`` (e.g. from a config's ``key_rules``) are tried before the LLaVA defaults.
+    ``extra_rules`` (e.g. from a config's ``key_rules``) are tried before the defaults.
     """
 
     extra_rules: tuple[tuple[str, str], ...] = ()
@@ -80,7 +107,27 @@ class KeyMap:
         return None
 
 
+_DEFAULT = KeyMap()
+
+
+def canonical_name(name: str, keymap: KeyMap | None = None) -> str:
+    """The LLM name of a language-model tensor (``model.layers.N.*``); other names unchanged."""
+    return (keymap or _DEFAULT).lm_name(name) or name
+
+
 def is_vocab_tensor(name: str) -> bool:
     """True for token-indexed tensors (embeddings, LM head): their row count is the vocabulary size."""
-    return name.endswith(_VOCAB_SUFFIXES)
+    return name.endswith(VOCAB_SUFFIXES)
 
+
+def is_buffer(name: str) -> bool:
+    """True for stored non-persistent buffers (rotary ``inv_freq``, ``position_ids``...): not weights."""
+    return name.rpartition(".")[2] in BUFFER_NAMES
+
+
+def layer_index(lm_name: str | None) -> int | None:
+    """Decoder-layer index of a language-model tensor name (``model.layers.N.*``), else None."""
+    if lm_name is None:
+        return None
+    m = _LAYER_RE.match(lm_name)
+    return int(m.group(1)) if m else None

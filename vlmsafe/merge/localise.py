@@ -33,25 +33,20 @@ import torch
 from torch import nn
 
 from vlmsafe.errors import InputError
-from vlmsafe.io import atomic_path
-from vlmsafe.merge.checkpoint import Checkpoint, OutputTensor, ShardedWriter
-from vlmsafe.merge.keymap import KeyMap
+from vlmsafe.io import atomic_path, check_output
+from vlmsafe.validation import check_float
+from vlmsafe.merge.checkpoint import Checkpoint
+from vlmsafe.merge.keymap import DECODER_LAYERS, KeyMap, canonical_name
+from vlmsafe.merge.writer import OutputTensor, ShardedWriter
 
 Scope = Literal["row", "tensor"]
 
-#: The language model's decoder layers in LLM, new LLaVA and original LLaVA naming (not the vision tower).
-DECODER_LAYERS = r"^(model\.language_model\.|language_model\.model\.|model\.)layers\.\d+\."
-#: Default parameter selection: the weights of the decoder layers.
+#: Default parameter selection: the weights of the decoder layers (in every layout of :mod:`~vlmsafe.merge.keymap`).
 DEFAULT_INCLUDE = DECODER_LAYERS + r".*\.weight$"
 
 
 def _selected(name: str, include: str | None) -> bool:
     return include is None or re.search(include, name) is not None
-
-
-def canonical_name(name: str, keymap: KeyMap | None = None) -> str:
-    """The LLM name of a language-model tensor (``model.layers.N.*``); other names unchanged."""
-    return (keymap or KeyMap()).lm_name(name) or name
 
 
 # -- scores --------------------------------------------------------------------------------
@@ -160,8 +155,7 @@ def topk_mask(score: torch.Tensor, fraction: float, *, scope: Scope = "row") -> 
 
     Exactly ``round(fraction * n)`` entries are selected per row / tensor (ties broken by index).
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise InputError(f"fraction must be in [0, 1], got {fraction}; e.g. 0.2 keeps the top 20%.")
+    check_float(fraction, "fraction", low=0.0, high=1.0)
     if scope not in ("row", "tensor"):
         raise InputError(f"scope must be 'row' or 'tensor', got {scope!r}.")
     rows = score.reshape(score.shape[0], -1) if (scope == "row" and score.dim() >= 2) else score.reshape(1, -1)
@@ -186,12 +180,12 @@ def build_masks(
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *,
-               metadata: Mapping[str, str] | None = None) -> Path:
-    """Write masks to a safetensors file atomically."""
+               metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
+    """Write masks to a safetensors file atomically (an existing file only with ``overwrite=True``)."""
     from safetensors.torch import save_file
 
-    p = Path(path)
-    with atomic_path(p, overwrite=True) as tmp:
+    p = check_output(path, kind="file", overwrite=overwrite)
+    with atomic_path(p, overwrite=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp), metadata=dict(metadata or {}))
     return p
 
@@ -211,14 +205,18 @@ def weight_difference_mask(
     scope: Scope = "row",
     include: str | None = DEFAULT_INCLUDE,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Stream both checkpoints and write the top-``fraction`` weight-difference mask to ``out``.
 
-    Memory stays at a few tensors: each mask is written as soon as it is computed. Returns a small
-    summary (tensors, selected fraction).
+    Memory stays at a few tensors: each mask is written as soon as it is computed. An existing
+    ``out`` is refused before any work unless ``overwrite=True``. Returns a small summary (tensors,
+    selected fraction).
     """
     from tqdm.auto import tqdm
 
+    check_float(fraction, "fraction", low=0.0, high=1.0, low_open=True)
+    outp = check_output(out, kind="file", overwrite=overwrite, option="--out")
     km = KeyMap()
     with Checkpoint(vlm, role="VLM") as v, Checkpoint(aligned, role="aligned model") as a:
         keys = set(a.keys())
@@ -233,8 +231,7 @@ def weight_difference_mask(
     if not plan:
         raise InputError(f"no tensor of {vlm} matches include={include!r} with a same-shape counterpart in {aligned}.")
     selected = total = 0
-    outp = Path(out)
-    with atomic_path(outp, overwrite=True) as tmp:
+    with atomic_path(outp, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp.parent, plan, max_shard_bytes=1 << 62, single_name=tmp.name,
                                metadata={"score": "weight_difference", "fraction": str(fraction), "scope": scope})
         try:

@@ -16,21 +16,15 @@ tower layers never pick up a decoder-layer value.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from vlmsafe.errors import InputError
+from vlmsafe.merge.keymap import layer_index
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def layer_index(lm_name: str | None) -> int | None:
-    """Decoder-layer index of a language-model tensor name (``model.layers.N.*``), else None."""
-    if lm_name is None:
-        return None
-    m = _LAYER_RE.match(lm_name)
-    return int(m.group(1)) if m else None
+__all__ = ["Rule", "Schedule", "layer_index"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +58,7 @@ class Schedule:
         if isinstance(spec, bool) or spec is None:
             raise InputError(f"{name}: expected a number, a list or a mapping, got {spec!r}.")
         if isinstance(spec, (int, float)):
-            return cls(default=float(spec))
+            return cls(default=_float(spec, name))
         if isinstance(spec, (list, tuple)):
             values = _floats(spec, name)
             return cls(default=values[-1], layers=values)
@@ -86,6 +80,14 @@ class Schedule:
                 rules.append(Rule(str(r["pattern"]), _float(r["value"], f"{name}.rules[{i}].value")))
             return cls(default=default, layers=layers, rules=tuple(rules))
         raise InputError(f"{name}: expected a number, a list or a mapping, got {type(spec).__name__}.")
+
+    def items(self, name: str = "weight") -> Iterator[tuple[str, float]]:
+        """Every number of the schedule with where it sits (``weight.layers[3]``), for range checks."""
+        yield (f"{name}.default" if not self.is_constant else name), self.default
+        for i, v in enumerate(self.layers or ()):
+            yield f"{name}.layers[{i}]", v
+        for i, r in enumerate(self.rules):
+            yield f"{name}.rules[{i}].value", r.value
 
     @property
     def is_constant(self) -> bool:
@@ -129,7 +131,9 @@ def _interpolate(values: Sequence[float], layer: int, num_layers: int | None) ->
 
 def _float(x: Any, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise InputError(f"{name}: expected a number, got {x!r}.")
+        raise InputError(f"{name}: expected a number, got {x!r}; write e.g. 0.5")
+    if not math.isfinite(x):
+        raise InputError(f"{name}: {x} is not a finite number; write e.g. 0.5")
     return float(x)
 
 

@@ -1,13 +1,16 @@
-"""Streaming checkpoint merge: VLM + aligned LLM -> a new VLM checkpoint, one tensor at a time.
+"""Streaming checkpoint merge: VLM + aligned LLM -> a new VLM checkpoint, at the speed of the disk.
 
-The merge runs in two phases so that no output is created for a merge that cannot succeed:
-
-1. **Plan** from the safetensors headers only: map every VLM tensor to its LLM counterpart
-   (:mod:`vlmsafe.merge.keymap`), check shapes, dtypes, masks and leftovers, resolve the per-tensor
-   weight / density schedules. All problems are reported together in one error.
-2. **Stream**: load the VLM tensor and its counterparts, merge in float32, write the bytes into the
-   output shard (:class:`~vlmsafe.merge.checkpoint.ShardedWriter`), free them. Peak memory is a
-   small multiple of the largest tensor.
+1. **Plan** from the headers only (:mod:`vlmsafe.merge.plan`): nothing is read or written for a
+   merge that cannot succeed, and an existing output is refused before any work unless
+   ``overwrite`` (:func:`vlmsafe.io.check_output`).
+2. **Stream** in three overlapping threads (:mod:`vlmsafe.merge.pipeline`): a reader loads row
+   blocks of the VLM tensor and its counterparts into reused buffers (hashing the input files in
+   the same read, :class:`~vlmsafe.merge.checkpoint.Checkpoint`), the calling thread merges them,
+   a writer appends the result to the output shard (:class:`~vlmsafe.merge.writer.ShardedWriter`).
+   Copied tensors (vision tower, projector, buffers) go from the read buffer to the file unchanged.
+   A linear merge of same-dtype inputs runs as one ``torch.lerp`` in the inputs' dtype (computed in
+   float32 internally, rounded once) straight into the output buffer; other methods compute in
+   float32 and are cast once when written. Memory is a fixed pool of buffers, not the model size.
 
 The output is written into a temporary directory next to the destination and renamed onto it only
 when complete (:func:`vlmsafe.io.atomic_path`): a crash or ``kill -9`` leaves the destination as it
@@ -17,62 +20,43 @@ was. The output holds the shards, the index, the VLM's config / tokenizer / proc
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
+import threading
 import time
 import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from vlmsafe.errors import InputError
-from vlmsafe.io import atomic_path
-from vlmsafe.merge.checkpoint import Checkpoint, OutputTensor, ShardedWriter, copy_side_files, st_dtype
+from vlmsafe.io import atomic_path, check_output, read_json
+from vlmsafe.merge.checkpoint import Checkpoint
 from vlmsafe.merge.config import MergeConfig
-from vlmsafe.merge.keymap import KeyMap, is_vocab_tensor
 from vlmsafe.merge.methods import apply_mask, merge_pair
-from vlmsafe.merge.schedule import layer_index
+from vlmsafe.merge.pipeline import BufferPool, run_pipeline
+from vlmsafe.merge.plan import BUFFER_REASON, PASSTHROUGH_PREFIX, MergePlan, PlanItem, plan_merge
+from vlmsafe.merge.writer import ShardedWriter, copy_side_files
+
+__all__ = ["CHUNK_ELEMENTS", "RECIPE_NAME", "MergeResult", "merge_checkpoints", "plan_merge"]
 
 logger = logging.getLogger(__name__)
 
 RECIPE_NAME = "vlmsafe_merge.json"
-_MAX_LISTED = 12
 
-
-@dataclass
-class PlanItem:
-    """What happens to one output tensor."""
-
-    name: str
-    out: OutputTensor
-    action: str  # "merge" | "copy"
-    reason: str = ""
-    aligned: str | None = None
-    base: str | None = None
-    mask: str | None = None
-    rows: int | None = None  # vocab rows merged when reconciling vocabularies
-    weight: float = 0.0
-    density: float = 1.0
-
-
-@dataclass
-class MergePlan:
-    items: list[PlanItem]
-    num_layers: int
-    ignored_aligned: list[str] = field(default_factory=list)
-    unused_mask: list[str] = field(default_factory=list)
-
-    @property
-    def merged(self) -> list[PlanItem]:
-        return [i for i in self.items if i.action == "merge"]
-
-    @property
-    def copied(self) -> list[PlanItem]:
-        return [i for i in self.items if i.action == "copy"]
+#: Methods whose result at an entry depends only on the inputs at that entry: merged in row blocks.
+_ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
+#: Elements per row block (8 MiB of float16, 16 MiB of float32).
+CHUNK_ELEMENTS = 4 << 20
+#: Reused read buffers (each CHUNK_ELEMENTS float32 elements; only the bytes a block uses become resident).
+READ_BUFFERS = 12
+#: Reused output buffers for merges computed in the output dtype.
+OUT_BUFFERS = 4
+#: Bytes of larger-than-block tensors in flight (whole-tensor methods: TIES, DARE, SLERP).
+OVERSIZE_BUDGET = 1 << 30
 
 
 @dataclass
@@ -92,152 +76,8 @@ class MergeResult:
         return int(self.recipe["tensors"]["copied"])
 
 
-def _fmt(info) -> str:
-    return f"{st_dtype(info.dtype)}{list(info.shape)}"
-
-
-def _compatible(name: str, lm: str | None, v, o, role: str, cfg: MergeConfig, problems: list[str]) -> int | None | bool:
-    """Check ``o`` (aligned/base tensor info) against the VLM's ``v``.
-
-    Returns False after recording a problem, None if shapes match, or the number of shared rows
-    for a vocabulary-size mismatch that ``vocab_rows: shared`` reconciles.
-    """
-    rows: int | None = None
-    if o.shape != v.shape:
-        vocab = is_vocab_tensor(lm or name) and len(v.shape) == len(o.shape) and v.shape[1:] == o.shape[1:]
-        if vocab and cfg.vocab_rows == "shared":
-            rows = min(v.shape[0], o.shape[0])
-        elif vocab:
-            problems.append(
-                f"{name}: vocabulary sizes differ (VLM {v.shape[0]} rows, {role} {o.shape[0]} rows); pass "
-                "--vocab-rows shared (config `vocab_rows: shared`) to merge the shared token rows and keep the "
-                "VLM's rows for the rest"
-            )
-            return False
-        else:
-            problems.append(f"{name}: shape mismatch, VLM {_fmt(v)} vs {role} {_fmt(o)}")
-            return False
-    if o.dtype != v.dtype and not cfg.cast_dtype:
-        problems.append(
-            f"{name}: dtype mismatch, VLM {_fmt(v)} vs {role} {_fmt(o)}; pass --cast-dtype (config "
-            "`cast_dtype: true`) to merge in float32 and write the VLM's dtype"
-        )
-        return False
-    return rows
-
-
-def plan_merge(cfg: MergeConfig, vlm: Checkpoint, aligned: Checkpoint, base: Checkpoint | None = None,
-               mask: Checkpoint | None = None) -> MergePlan:
-    """Decide, from headers only, what happens to every VLM tensor; raise one clear error if anything is off."""
-    keymap = KeyMap(cfg.key_rules)
-    problems: list[str] = []
-    items: list[PlanItem] = []
-    used_aligned: set[str] = set()
-    used_mask: set[str] = set()
-    aligned_keys, base_keys = set(aligned.keys()), set(base.keys()) if base else set()
-    mask_keys = set(mask.keys()) if mask else set()
-
-    lm_layers = [layer_index(keymap.lm_name(k)) for k in vlm.keys()]
-    num_layers = max((i for i in lm_layers if i is not None), default=-1) + 1
-
-    for name, layer in zip(vlm.keys(), lm_layers):
-        v = vlm.info(name)
-        out = OutputTensor(name, cfg.out_dtype if (cfg.out_dtype and v.dtype.is_floating_point) else v.dtype, v.shape)
-        lm = keymap.lm_name(name)
-        a_name = keymap.find(name, aligned_keys)
-        item = PlanItem(name, out, "copy")
-        items.append(item)
-        if a_name is None:
-            if lm is None:
-                item.reason = "no LLM counterpart (vision tower / projector)"
-            else:
-                tried = " or ".join(keymap.candidates(name))
-                msg = f"{name}: language-model tensor has no counterpart in the aligned model (looked for {tried})"
-                if not cfg.allow_passthrough:
-                    problems.append(msg)
-                item.reason = "unmatched in aligned model (passed through)"
-            continue
-        used_aligned.add(a_name)
-        if not v.dtype.is_floating_point:
-            item.reason = "non-floating tensor"
-            continue
-        local: list[str] = []
-        rows = _compatible(name, lm, v, aligned.info(a_name), "aligned", cfg, local)
-        b_name = None
-        if base is not None and rows is not False:
-            b_name = keymap.find(name, base_keys)
-            if b_name is None:
-                tried = " or ".join(keymap.candidates(name))
-                local.append(f"{name}: no counterpart in the base model (looked for {tried})")
-            else:
-                b_rows = _compatible(name, lm, v, base.info(b_name), "base", cfg, local)
-                if b_rows is not False and (rows is not None or b_rows is not None):
-                    rows = min(r for r in (rows, b_rows, v.shape[0]) if r is not None)
-        if local:
-            if cfg.allow_passthrough:
-                item.reason = "passed through: " + local[0].split(": ", 1)[1]
-            else:
-                problems.extend(local)
-            continue
-        weight = cfg.weight.value(name, layer, num_layers)
-        density = cfg.density.value(name, layer, num_layers)
-        if not 0.0 <= density <= 1.0:
-            problems.append(f"{name}: density {density} outside [0, 1]")
-            continue
-        if weight == 0.0 and cfg.method in ("linear", "slerp"):
-            item.reason = "weight 0 (VLM kept)"
-            continue
-        if mask is not None:
-            m_name = next((c for c in (name, lm) if c in mask_keys), None)
-            if m_name is None and cfg.mask_missing == "keep":
-                item.reason = "not in mask (VLM kept)"
-                continue
-            if m_name is not None:
-                used_mask.add(m_name)
-                m_shape = mask.info(m_name).shape
-                try:
-                    torch.broadcast_shapes(m_shape, v.shape)
-                except RuntimeError:
-                    problems.append(f"{name}: mask {m_name} has shape {list(m_shape)}, tensor {list(v.shape)}")
-                    continue
-                item.mask = m_name
-        item.action, item.reason = "merge", ""
-        item.aligned, item.base, item.rows = a_name, b_name, rows
-        item.weight, item.density = weight, density
-
-    ignored = sorted(aligned_keys - used_aligned)
-    if ignored and not cfg.allow_passthrough:
-        problems.append(
-            f"{len(ignored)} aligned-model tensors match no VLM tensor (e.g. {', '.join(ignored[:3])}); the models "
-            "probably differ in depth or architecture"
-        )
-    known = set(vlm.keys()) | {n for n in map(keymap.lm_name, vlm.keys()) if n is not None}
-    unused_mask = sorted(mask_keys - used_mask)
-    foreign = [m for m in unused_mask if m not in known]
-    if foreign and not cfg.allow_passthrough:
-        problems.append(
-            f"{len(foreign)} mask entries name no VLM tensor (e.g. {', '.join(foreign[:3])}); the mask was made "
-            "for another model"
-        )
-    if problems:
-        listed = "\n  ".join(problems[:_MAX_LISTED])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise InputError(
-            f"cannot merge {vlm.path} with {aligned.path}: {len(problems)} problem(s):\n  {listed}{more}\n"
-            "Fix the inputs, or pass --allow-passthrough (config `allow_passthrough: true`) to keep the VLM's "
-            "tensor wherever there is no usable counterpart."
-        )
-    return MergePlan(items, num_layers, ignored_aligned=ignored, unused_mask=unused_mask)
-
-
 def _seed_for(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF
-
-
-#: Methods whose result at an entry depends only on the inputs at that entry: merged in row blocks.
-_ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
-#: Elements per row block (32 MiB of float32 scratch).
-CHUNK_ELEMENTS = 8 << 20
 
 
 def _row_blocks(shape: tuple[int, ...], split_at: int | None) -> list[tuple[int, int]]:
@@ -249,62 +89,129 @@ def _row_blocks(shape: tuple[int, ...], split_at: int | None) -> list[tuple[int,
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _merge_item(item: PlanItem, cfg: MergeConfig, vlm: Checkpoint, aligned: Checkpoint, base: Checkpoint | None,
-                mask: Checkpoint | None) -> Iterator[torch.Tensor]:
-    """Yield the output tensor of ``item`` as consecutive row blocks (one block unless streamable).
+@dataclass
+class _Block:
+    """Rows ``lo:hi`` of one output tensor with its inputs, as it travels through the pipeline."""
 
-    Copies and element-wise methods stream in row blocks straight from the files, so memory does not
-    grow with the tensor; TIES / DARE / SLERP need whole-tensor statistics and load it whole.
-    """
-    shape = item.out.shape
-    elementwise = item.action == "copy" or cfg.method in _ELEMENTWISE
-    blocks = _row_blocks(shape, item.rows) if (shape and elementwise) else [(0, shape[0] if shape else 0)]
-    whole_mask = None
-    if item.mask is not None:
-        assert mask is not None
-        m_shape = mask.info(item.mask).shape
-        if not (len(blocks) > 1 and m_shape == shape):
-            whole_mask = mask.get(item.mask)
-    for lo, hi in blocks:
-        rows = (lambda ck, n: ck.get_rows(n, lo, hi)) if shape else (lambda ck, n: ck.get(n))
-        v = rows(vlm, item.name)
-        if item.action == "copy" or (item.rows is not None and lo >= item.rows):
-            yield v  # pass-through, or VLM-only vocabulary rows
-            continue
-        assert item.aligned is not None
-        a = rows(aligned, item.aligned)
-        b = rows(base, item.base) if (base is not None and item.base is not None) else None
-        kwargs = dict(weight=item.weight, density=item.density, normalize=cfg.normalize, convention=cfg.convention,
-                      seed=_seed_for(cfg.seed, item.name))
-        if item.rows is not None and hi > item.rows:  # whole-tensor method with vocabulary reconciliation
-            r = item.rows
-            merged = v.to(torch.float64 if v.dtype == torch.float64 else torch.float32, copy=True)
-            merged[:r] = merge_pair(cfg.method, v[:r], a[:r], base=None if b is None else b[:r], **kwargs)
+    item: PlanItem
+    lo: int
+    hi: int
+    first: bool
+    last: bool
+    v: torch.Tensor
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    m: torch.Tensor | None = None
+    inputs: list[torch.Tensor] = field(default_factory=list)  # pooled read buffers
+    out: torch.Tensor | None = None
+    out_buffers: list[torch.Tensor] = field(default_factory=list)  # pooled output buffers
+
+
+class _Merger:
+    """The three pipeline stages of one merge (see the module docstring)."""
+
+    def __init__(self, cfg: MergeConfig, cks: dict[str, Checkpoint], writer: ShardedWriter,
+                 on_written: Callable[[int], None]) -> None:
+        self.cfg, self.cks, self.writer, self.on_written = cfg, cks, writer, on_written
+        nbytes = CHUNK_ELEMENTS * 4
+        self.reads = BufferPool(READ_BUFFERS, nbytes, oversize_budget=OVERSIZE_BUDGET)
+        self.outs = BufferPool(OUT_BUFFERS, nbytes, oversize_budget=OVERSIZE_BUDGET)
+        self.stop = threading.Event()
+
+    # -- reader thread ------------------------------------------------------------------------
+    def blocks(self, plan: MergePlan) -> Iterator[_Block]:
+        cfg = self.cfg
+        vlm, aligned, base, mask = (self.cks.get(r) for r in ("vlm", "aligned", "base", "mask"))
+        for item in plan.items:
+            shape = item.out.shape
+            elementwise = item.action == "copy" or cfg.method in _ELEMENTWISE
+            blocks = _row_blocks(shape, item.rows) if (shape and elementwise) else []
+            blocks = blocks or [(0, shape[0] if shape else 0)]  # whole tensor (or zero rows)
+            whole_mask = None
+            if item.mask is not None:
+                assert mask is not None
+                if not (len(blocks) > 1 and mask.info(item.mask).shape == shape):
+                    whole_mask = mask.get(item.mask)
+            for i, (lo, hi) in enumerate(blocks):
+                blk = _Block(item, lo, hi, i == 0, i == len(blocks) - 1, v=self._rows(vlm, item.name, lo, hi, None))
+                blk.inputs.append(blk.v)
+                if item.action == "copy" or (item.rows is not None and lo >= item.rows):
+                    yield blk  # pass-through, or VLM-only vocabulary rows
+                    continue
+                blk.a = self._rows(aligned, item.aligned, lo, hi, blk.inputs)
+                if base is not None and item.base is not None:
+                    blk.b = self._rows(base, item.base, lo, hi, blk.inputs)
+                if item.mask is not None:
+                    m = whole_mask
+                    if m is None:
+                        m = self._rows(mask, item.mask, lo, hi, blk.inputs)
+                    elif len(blocks) > 1 and m.dim() == len(shape) and m.shape[0] == shape[0]:
+                        m = m[lo:hi]
+                    blk.m = m
+                yield blk
+
+    def _rows(self, ck: Checkpoint | None, name: str | None, lo: int, hi: int,
+              held: list[torch.Tensor] | None) -> torch.Tensor:
+        assert ck is not None and name is not None
+        info = ck.info(name)
+        if not info.shape:
+            return ck.get(name)
+        hi = min(hi, info.shape[0])
+        buf = self.reads.take((hi - lo) * (info.nbytes // max(info.shape[0], 1)), self.stop)
+        if held is not None:
+            held.append(buf)
+        return ck.get_rows(name, lo, hi, out=buf)
+
+    # -- calling thread -----------------------------------------------------------------------
+    def compute(self, blk: _Block) -> _Block:
+        if blk.a is None:
+            blk.out = blk.v  # copied: written from the read buffer
+            return blk
+        cfg, item = self.cfg, blk.item
+        v, a, b = blk.v, blk.a, blk.b
+        out_dtype = item.out.dtype
+        if cfg.method == "linear" and b is None and blk.m is None and v.dtype == a.dtype == out_dtype:
+            buf = self.outs.take(v.numel() * v.element_size(), self.stop)
+            blk.out_buffers.append(buf)
+            blk.out = torch.lerp(v, a, item.weight, out=buf.view(v.dtype).view(v.shape))
         else:
-            merged = merge_pair(cfg.method, v, a, base=b, **kwargs)
-        del a, b
-        if item.mask is not None:
-            m = whole_mask if whole_mask is not None else mask.get_rows(item.mask, lo, hi)  # type: ignore[union-attr]
-            if whole_mask is not None and len(blocks) > 1 and m.dim() == len(shape) and m.shape[0] == shape[0]:
-                m = m[lo:hi]
-            merged = apply_mask(v, merged, m)
-        yield merged
+            kwargs = dict(weight=item.weight, density=item.density, normalize=cfg.normalize,
+                          convention=cfg.convention, seed=_seed_for(cfg.seed, item.name))
+            if item.rows is not None and blk.hi > item.rows:  # whole-tensor method with vocabulary reconciliation
+                r = item.rows
+                merged = v.to(torch.float64 if v.dtype == torch.float64 else torch.float32, copy=True)
+                merged[:r] = merge_pair(cfg.method, v[:r], a[:r], base=None if b is None else b[:r], **kwargs)
+            else:
+                merged = merge_pair(cfg.method, v, a, base=b, **kwargs)
+            if blk.m is not None:
+                merged = apply_mask(v, merged, blk.m)
+            blk.out = merged
+        self.reads.give(blk.inputs)  # inputs no longer needed: free them for the reader
+        blk.inputs, blk.v, blk.a, blk.b, blk.m = [], blk.out, None, None, None
+        return blk
+
+    # -- writer thread ------------------------------------------------------------------------
+    def write(self, blk: _Block) -> None:
+        assert blk.out is not None
+        if blk.first:
+            self.writer.begin(blk.item.name)
+        self.writer.write_block(blk.out)
+        if blk.last:
+            self.writer.end()
+        self.on_written(blk.out.numel() * blk.item.out.dtype.itemsize)
+        self.reads.give(blk.inputs)
+        self.outs.give(blk.out_buffers)
 
 
-def _hashes(cks: dict[str, Checkpoint]) -> dict[str, dict[str, str]]:
-    return {role: ck.file_hashes() for role, ck in cks.items()}
-
-
-def _check_output(cfg: MergeConfig) -> None:
+def _check_paths(cfg: MergeConfig) -> None:
     out = cfg.output.resolve()
     for role, p in (("vlm", cfg.vlm), ("aligned", cfg.aligned), ("base", cfg.base), ("mask", cfg.mask)):
         if p is None:
             continue
         p = p.resolve()
         if out == p or out in p.parents or p in out.parents:
-            raise InputError(f"output {cfg.output} overlaps the {role} input {p}; choose another --out directory.")
-    if cfg.output.exists() and not cfg.overwrite:
-        raise InputError(f"output {cfg.output} already exists; pass --overwrite or choose another --out.")
+            raise InputError(f"--out {cfg.output} overlaps the {role} input {p}; choose another output directory")
+    check_output(cfg.output, kind="dir", overwrite=cfg.overwrite)
     # Temporaries of killed merges are removed by atomic_path; any left here belong to a live process.
     busy = sorted(cfg.output.parent.glob(f".{cfg.output.name}.*.tmp")) if cfg.output.parent.is_dir() else []
     if busy:
@@ -317,36 +224,31 @@ def merge_checkpoints(cfg: MergeConfig, *, progress: bool = True) -> MergeResult
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    _check_output(cfg)
+    _check_paths(cfg)
     with ExitStack() as stack:
-        vlm = stack.enter_context(Checkpoint(cfg.vlm, role="VLM"))
-        aligned = stack.enter_context(Checkpoint(cfg.aligned, role="aligned model"))
-        base = stack.enter_context(Checkpoint(cfg.base, role="base model")) if cfg.base else None
-        mask = stack.enter_context(Checkpoint(cfg.mask, role="mask file")) if cfg.mask else None
-        plan = plan_merge(cfg, vlm, aligned, base, mask)
-
-        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(max_workers=1))
-        roles = {"vlm": vlm, "aligned": aligned, **({"base": base} if base else {}), **({"mask": mask} if mask else {})}
-        hashes = pool.submit(_hashes, roles) if cfg.hash_inputs else None
+        roles = {"vlm": cfg.vlm, "aligned": cfg.aligned, "base": cfg.base, "mask": cfg.mask}
+        names = {"vlm": "VLM", "aligned": "aligned model", "base": "base model", "mask": "mask file"}
+        cks = {r: stack.enter_context(Checkpoint(p, role=names[r], hash_files=cfg.hash_inputs))
+               for r, p in roles.items() if p is not None}
+        plan = plan_merge(cfg, cks["vlm"], cks["aligned"], cks.get("base"), cks.get("mask"))
 
         with atomic_path(cfg.output, overwrite=cfg.overwrite) as tmp:
             tmp.mkdir()
             writer = ShardedWriter(tmp, [i.out for i in plan.items], max_shard_bytes=cfg.max_shard_bytes,
                                    metadata={"vlmsafe_merge_method": cfg.method})
-            bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc=f"merge ({cfg.method})",
-                       disable=not progress)
+            bar = stack.enter_context(tqdm(total=writer.total_bytes, unit="B", unit_scale=True,
+                                           desc=f"merge ({cfg.method})", disable=not progress))
+            merger = _Merger(cfg, cks, writer, bar.update)
             try:
-                for item in plan.items:
-                    writer.write_chunks(item.name, _merge_item(item, cfg, vlm, aligned, base, mask))
-                    bar.update(item.out.nbytes)
+                run_pipeline(merger.blocks(plan), merger.compute, merger.write, stop=merger.stop)
                 writer.close()
             finally:
                 writer.abort()
-                bar.close()
-            copy_side_files(vlm.directory, tmp, skip={RECIPE_NAME})
+            hashes = {role: ck.file_hashes() for role, ck in cks.items()} if cfg.hash_inputs else None
+            copy_side_files(cks["vlm"].directory, tmp, skip={RECIPE_NAME})
             if cfg.out_dtype is not None:
                 _set_config_dtype(tmp / "config.json", cfg.dtype)
-            recipe = _recipe(cfg, plan, writer, hashes.result() if hashes else None, roles)
+            recipe = _recipe(cfg, plan, writer, hashes, cks)
             (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
     return MergeResult(cfg.output, recipe, time.perf_counter() - start)
 
@@ -355,7 +257,7 @@ def _set_config_dtype(path: Path, dtype: str | None) -> None:
     if not path.is_file() or dtype is None:
         return
     name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path, what="model config")
     for d in [cfg] + [v for v in cfg.values() if isinstance(v, dict)]:
         for key in ("torch_dtype", "dtype"):
             if key in d:
@@ -385,7 +287,8 @@ def _recipe(cfg: MergeConfig, plan: MergePlan, writer: ShardedWriter, hashes: di
             "merged": len(plan.merged),
             "copied": len(plan.copied),
             "copied_by_reason": copied_reasons,
-            "passed_through": {i.name: i.reason for i in plan.copied if "pass" in i.reason},
+            "passed_through": {i.name: i.reason for i in plan.copied if i.reason.startswith(PASSTHROUGH_PREFIX)},
+            "buffers": [i.name for i in plan.copied if i.reason == BUFFER_REASON],
             "vocab_reconciled": {i.name: i.rows for i in plan.merged if i.rows is not None},
             "ignored_aligned": plan.ignored_aligned,
             "per_tensor": {i.name: {"weight": i.weight, "density": i.density} for i in plan.merged},
