@@ -22,6 +22,7 @@ _SUBCOMMAND_MODULES = (
     "vlmsafe.steering.cli",  # calibrate, generate
     "vlmsafe.eval.cli",  # evaluate
     "vlmsafe.merge.cli",  # merge
+    "vlmsafe.convert.cli",  # convert-llava
     "vlmsafe.safeclip.cli",  # safeclip train|eval|pairs
     "probes.cli",  # probe layers|shift|weights
 )

@@ -26,7 +26,6 @@ once, not once to merge and once more to hash.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zipfile
 from contextlib import ExitStack
@@ -37,7 +36,7 @@ from typing import Any, BinaryIO
 import torch
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import read_json, sha256_file
+from vlmsafe.io import parse_json, read_json, sha256_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -334,9 +333,10 @@ def read_header(file: Path, role: str = "checkpoint") -> tuple[dict[str, tuple[T
         if n <= 0 or n > min(size - 8, 1 << 28):
             raise FileFormatError(f"{bad} (bad header length); re-download or re-save it")
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FileFormatError(f"{bad} (corrupted header: {exc}); re-download or re-save it") from exc
+            text = f.read(n).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FileFormatError(f"{bad} (corrupted header: {exc}); re-download or re-save it") from None
+    header = parse_json(text, where=f"{bad}: header", fix="re-download or re-save the checkpoint")
     if not isinstance(header, dict):
         raise FileFormatError(f"{bad} (header is not a mapping); re-download or re-save it")
     header.pop("__metadata__", None)

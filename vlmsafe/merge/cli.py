@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from vlmsafe.cli_options import add_output_options, add_progress_option
+from vlmsafe.errors import InputError
 from vlmsafe.merge.methods import METHODS
+from vlmsafe.merge.writer import parse_size
+from vlmsafe.validation import float_arg, int_arg
 
 _MERGE_EPILOG = """\
 examples:
@@ -18,12 +22,23 @@ examples:
   # LLaVA adds tokens (e.g. <image>): merge the shared vocabulary rows, keep the VLM's extra rows
   vlmsafe merge --vlm llava --aligned llama-chat --weight 0.4 --vocab-rows shared --out safe
 
-The vision tower and projector are copied unchanged. The output is a normal Hugging Face checkpoint
+The vision tower, projector and stored buffers (rotary inv_freq) are copied unchanged. Inputs may
+be safetensors or PyTorch .bin checkpoints (sharded or not; .bin files are read with
+torch.load(weights_only=True), tensors only). The output is a normal Hugging Face checkpoint
 (sharded safetensors + index + the VLM's config/tokenizer files) plus vlmsafe_merge.json with the
 recipe and the sha256 of every input. It appears only when complete: an interrupted merge leaves
-the destination untouched. See `python -c "import vlmsafe.merge.config as c; print(c.__doc__)"`
-for every YAML key.
+the destination untouched, and an existing output is refused unless --overwrite is given. See
+`python -c "import vlmsafe.merge.config as c; print(c.__doc__)"` for every YAML key.
 """
+
+
+def _size_arg(text: str) -> str:
+    try:
+        parse_size(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,10 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vlm", help="VL-adapted model directory (its layout is kept)")
     p.add_argument("--aligned", help="safety-aligned text-only LLM directory")
     p.add_argument("--base", help="common base model for task-vector methods (default: the aligned LLM)")
-    p.add_argument("--out", dest="output", help="output directory (created atomically)")
     p.add_argument("--method", choices=METHODS, help="merge method (default linear)")
-    p.add_argument("--weight", type=float, help="aligned LLM's share in [0, 1] (default 0.5); per-layer in YAML")
-    p.add_argument("--density", type=float, help="ties/dare: fraction of each task vector kept (default 1.0)")
+    p.add_argument("--weight", type=float_arg(low=-1.0, high=2.0), metavar="LAMBDA",
+                   help="aligned LLM's share (default 0.5): in [0, 1] (0 keeps the VLM, 1 takes the aligned LLM); "
+                        "task_arithmetic also accepts [-1, 2] (extrapolation, task negation); per-layer in YAML")
+    p.add_argument("--density", type=float_arg(low=0.0, high=1.0, low_open=True),
+                   help="ties/dare only: fraction of each task vector kept, in (0, 1] (default 1.0)")
     p.add_argument("--convention", choices=("mergekit", "peft"), help="ties/dare numerics (default mergekit)")
     p.add_argument("--mask", help="safetensors mask file (from `vlmsafe merge-mask`): merge only masked entries")
     p.add_argument("--vocab-rows", choices=("error", "shared"), help="vocabulary-size mismatch handling")
@@ -53,12 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="copy the VLM tensor where a counterpart is missing or mismatched instead of failing")
     p.add_argument("--cast-dtype", action="store_true", default=None, help="merge inputs of different dtypes")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="output dtype (default: the VLM's)")
-    p.add_argument("--max-shard-size", help="output shard size, e.g. 2GB (default 2GB)")
-    p.add_argument("--seed", type=int, help="seed for DARE's random drop (default 0)")
+    p.add_argument("--max-shard-size", type=_size_arg, help="output shard size, e.g. 2GB (default 2GB)")
+    p.add_argument("--seed", type=int_arg(low=0), help="seed for DARE's random drop (default 0)")
     p.add_argument("--no-hash", dest="hash_inputs", action="store_false", default=None,
-                   help="skip sha256 of the inputs in the recipe (faster on huge checkpoints)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+                   help="skip sha256 of the inputs in the recipe (hashing costs CPU, not an extra read)")
+    add_output_options(p, dest="output", required=False, help="output directory (created atomically; or `output:` "
+                       "in the YAML)")
+    add_progress_option(p)
     p.set_defaults(func=_merge)
 
     m = subparsers.add_parser(
@@ -72,10 +90,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--vlm", required=True, help="VL-adapted model directory")
     m.add_argument("--aligned", required=True, help="safety-aligned LLM directory")
-    m.add_argument("--top", type=float, default=0.2, help="fraction of entries to select (default 0.2)")
+    m.add_argument("--top", type=float_arg(low=0.0, high=1.0, low_open=True), default=0.2,
+                   help="fraction of entries to select, in (0, 1] (default 0.2)")
     m.add_argument("--scope", choices=("row", "tensor"), default="row", help="top-k per output row or per tensor")
     m.add_argument("--include", help="regex of tensor names to score (default: decoder-layer weights)")
-    m.add_argument("--out", required=True, help="output .safetensors mask file")
+    add_output_options(m, help="output .safetensors mask file")
+    add_progress_option(m)
     m.set_defaults(func=_merge_mask)
 
 
@@ -87,8 +107,9 @@ def _merge(args: argparse.Namespace) -> int:
         k: getattr(args, k)
         for k in ("vlm", "aligned", "base", "output", "method", "weight", "density", "convention", "mask",
                   "vocab_rows", "allow_passthrough", "cast_dtype", "dtype", "max_shard_size", "seed",
-                  "hash_inputs", "overwrite")
+                  "hash_inputs")
     }
+    overrides["overwrite"] = True if args.overwrite else None  # else the YAML's value (default false)
     cfg = MergeConfig.from_yaml(args.config, **overrides) if args.config else MergeConfig.from_dict({}, **overrides)
     result = merge_checkpoints(cfg, progress=not args.no_progress)
     t = result.recipe["tensors"]
@@ -101,6 +122,7 @@ def _merge_mask(args: argparse.Namespace) -> int:
     from vlmsafe.merge.localise import DEFAULT_INCLUDE, weight_difference_mask
 
     summary = weight_difference_mask(args.vlm, args.aligned, args.out, fraction=args.top, scope=args.scope,
-                                     include=args.include or DEFAULT_INCLUDE, progress=True)
+                                     include=args.include or DEFAULT_INCLUDE, progress=not args.no_progress,
+                                     overwrite=args.overwrite)
     print(f"wrote {summary['tensors']} masks selecting {summary['selected_fraction']:.1%} -> {summary['path']}")
     return 0

@@ -216,6 +216,11 @@ def weight_difference_mask(
     from tqdm.auto import tqdm
 
     check_float(fraction, "fraction", low=0.0, high=1.0, low_open=True)
+    if include is not None:
+        try:
+            re.compile(include)
+        except re.error as exc:
+            raise InputError(f"include pattern {include!r} is not a valid regex ({exc}); fix the pattern") from None
     outp = check_output(out, kind="file", overwrite=overwrite, option="--out")
     km = KeyMap()
     with Checkpoint(vlm, role="VLM") as v, Checkpoint(aligned, role="aligned model") as a:

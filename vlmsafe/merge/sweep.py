@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from vlmsafe.errors import InputError
-from vlmsafe.io import atomic_path, write_json_atomic
+from vlmsafe.errors import InputError, VlmsafeError
+from vlmsafe.io import atomic_path, read_json, write_json_atomic
 from vlmsafe.merge.config import MergeConfig
 from vlmsafe.merge.streaming import RECIPE_NAME, merge_checkpoints
+from vlmsafe.validation import check_float
 
 EvaluateFn = Callable[[Path], Mapping[str, Any]]
 
@@ -49,12 +49,13 @@ def merge_sweep(
     if not weights:
         raise InputError("merge_sweep needs at least one weight, e.g. [0.2, 0.4, 0.6, 0.8].")
     root = Path(out_root)
+    # Every config is built (and its numbers checked) before the first merge: a bad weight fails now, not later.
+    configs = [MergeConfig(vlm=Path(vlm), aligned=Path(aligned), output=root / f"weight_{check_float(w, 'weight'):g}",
+                           method=method, weight=float(w), overwrite=True, **options) for w in weights]
     root.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for w in weights:
-        out = root / f"weight_{float(w):g}"
-        cfg = MergeConfig(vlm=Path(vlm), aligned=Path(aligned), output=out, method=method, weight=float(w),
-                          overwrite=True, **options)
+    for w, cfg in zip(weights, configs):
+        out = cfg.output
         if not _reusable(out, cfg):
             merge_checkpoints(cfg, progress=progress)
         row: dict[str, Any] = {"weight": float(w), "model_dir": str(out)}
@@ -80,8 +81,8 @@ def _reusable(out: Path, cfg: MergeConfig) -> bool:
     if not recipe.is_file():
         return False
     try:
-        old = json.loads(recipe.read_text())["config"]
-    except (json.JSONDecodeError, KeyError):
+        old = read_json(recipe, what="merge recipe")["config"]
+    except (VlmsafeError, KeyError, TypeError):
         return False
     new = cfg.to_json()
     ignore = {"overwrite"}
