@@ -374,9 +374,11 @@ def _torch_load(file: Path, role: str, *, mmap: bool) -> dict[str, torch.Tensor]
     try:
         state = torch.load(file, weights_only=True, **kwargs)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
+        # torch's message suggests weights_only=False; quote only what it refused.
+        why = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unpickler error" in ln),
+                   "an object that is not a tensor")
         raise FileFormatError(
-            f"{role} file {file} holds objects other than tensors ({first}); vlmsafe never unpickles code, so "
+            f"{role} file {file} holds objects other than tensors; vlmsafe never unpickles code ({why[:160]}), so "
             "re-save the weights alone (a state dict) or convert them to safetensors"
         ) from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as exc:

@@ -83,11 +83,11 @@ class Schedule:
 
     def items(self, name: str = "weight") -> Iterator[tuple[str, float]]:
         """Every number of the schedule with where it sits (``weight.layers[3]``), for range checks."""
-        yield (f"{name}.default" if not self.is_constant else name), self.default
         for i, v in enumerate(self.layers or ()):
             yield f"{name}.layers[{i}]", v
         for i, r in enumerate(self.rules):
             yield f"{name}.rules[{i}].value", r.value
+        yield (f"{name}.default" if not self.is_constant else name), self.default
 
     @property
     def is_constant(self) -> bool:
