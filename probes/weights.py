@@ -79,17 +79,21 @@ class WeightChangeReport:
         }
 
 
+def _zero() -> dict[str, float]:
+    return {"diff_sq": 0.0, "base_sq": 0.0, "numel": 0, "tensors": 0}
+
+
 def _rel(diff_sq: float, base_sq: float) -> float | None:
     return math.sqrt(diff_sq / base_sq) if base_sq > 0 else (0.0 if diff_sq == 0 else None)
 
 
 def _pairs(before: Checkpoint, after: Checkpoint) -> tuple[list[tuple[str, str, str]], dict[str, list[str]]]:
     b_map: dict[str, str] = {}
-    for name in before.keys():
+    for name in before:
         if not is_buffer(name):
             b_map.setdefault(canonical_name(name), name)
     a_map: dict[str, str] = {}
-    for name in after.keys():
+    for name in after:
         if not is_buffer(name):
             a_map.setdefault(canonical_name(name), name)
     common = sorted(set(b_map) & set(a_map), key=_sort_key)
@@ -123,7 +127,8 @@ def weight_change(
         if not pairs:
             raise InputError(
                 f"no tensor of {before} matches a tensor of {after}, even after mapping LLaVA names "
-                "(model.language_model.layers.N.* -> model.layers.N.*); are these checkpoints of the same model family?"
+                "(model.language_model.layers.N.* -> model.layers.N.*); are these checkpoints of the same model "
+                "family?"
             )
         unmatched["shape_mismatch"] = []
         tensors = []
@@ -144,14 +149,15 @@ def weight_change(
             base_sq = float(torch.linalg.vector_norm(tb) ** 2)
             layer, module = classify(canon)
             entry = {"name": canon, "layer": layer, "module": module, "ndim": tb.dim(), "numel": int(tb.numel()),
-                     "diff_norm": math.sqrt(diff_sq), "base_norm": math.sqrt(base_sq), "relative_change": _rel(diff_sq, base_sq)}
+                     "diff_norm": math.sqrt(diff_sq), "base_norm": math.sqrt(base_sq),
+                     "relative_change": _rel(diff_sq, base_sq)}
             if rows is not None:
                 entry["rows_compared"] = rows
             tensors.append(entry)
             del tb, ta
 
     def aggregate(key_fn) -> dict[Any, dict[str, float]]:
-        acc: dict[Any, dict[str, float]] = defaultdict(lambda: {"diff_sq": 0.0, "base_sq": 0.0, "numel": 0, "tensors": 0})
+        acc: dict[Any, dict[str, float]] = defaultdict(_zero)
         for t in tensors:
             key = key_fn(t)
             if key is None:
@@ -164,8 +170,9 @@ def weight_change(
         return acc
 
     def row(key_name: str, key: Any, a: dict[str, float]) -> dict[str, Any]:
-        return {key_name: key, "relative_change": _rel(a["diff_sq"], a["base_sq"]), "diff_norm": math.sqrt(a["diff_sq"]),
-                "base_norm": math.sqrt(a["base_sq"]), "numel": int(a["numel"]), "tensors": int(a["tensors"])}
+        return {key_name: key, "relative_change": _rel(a["diff_sq"], a["base_sq"]),
+                "diff_norm": math.sqrt(a["diff_sq"]), "base_norm": math.sqrt(a["base_sq"]), "numel": int(a["numel"]),
+                "tensors": int(a["tensors"])}
 
     # Layer totals cover the weight matrices only: a norm's scale vector (~1s) has a norm comparable
     # to a whole projection matrix at small init, so it would dominate the denominator.
@@ -177,12 +184,15 @@ def weight_change(
     matrix = {
         "layers": layer_ids,
         "modules": modules,
-        "relative_change": [[_rel(by_cell[(l, m)]["diff_sq"], by_cell[(l, m)]["base_sq"]) if (l, m) in by_cell else None
-                             for l in layer_ids] for m in modules],
+        "relative_change": [
+            [_rel(by_cell[(l, m)]["diff_sq"], by_cell[(l, m)]["base_sq"]) if (l, m) in by_cell else None
+             for l in layer_ids]
+            for m in modules
+        ],
     }
     other = [t for t in tensors if t["layer"] is None]
     config = {"before": str(before), "after": str(after), "tensors_compared": len(tensors),
-              "total": row("scope", "all matched tensors", aggregate(lambda t: "all").get("all", {"diff_sq": 0, "base_sq": 0, "numel": 0, "tensors": 0}))}
+              "total": row("scope", "all matched tensors", aggregate(lambda t: "all").get("all", _zero()))}
     return WeightChangeReport(
         tensors=tensors,
         layers=[row("layer", l, by_layer[l]) for l in layer_ids],

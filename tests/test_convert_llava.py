@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from fixtures.merge_llava_original import PINPOINTS, write_original_llava
+
 from vlmsafe.cli import main
 from vlmsafe.convert import convert_llava
 from vlmsafe.errors import FileFormatError, InputError, OutputExistsError
@@ -133,7 +133,7 @@ def test_convert_refuses_bad_inputs_before_writing(tmp_path):
     with pytest.raises(InputError, match="mm_projector_type 'linear' is not supported"):
         convert_llava(o.path, o.vision_path, tmp_path / "x", progress=False)
     (o.path / "config.json").write_text(json.dumps({**cfg, "mm_hidden_size": 1024}))
-    with pytest.raises(InputError, match="hidden size 24 but .* tower of 1024"):
+    with pytest.raises(InputError, match=r"hidden size 24 but .* tower of 1024"):
         convert_llava(o.path, o.vision_path, tmp_path / "x", progress=False)
     (o.path / "config.json").write_text(json.dumps(cfg))
 
@@ -142,7 +142,7 @@ def test_convert_refuses_bad_inputs_before_writing(tmp_path):
 
     save_file({**extra.tensors, "model.vision_resampler.weight": torch.ones(2)},
               str(extra.path / "model.safetensors"))
-    with pytest.raises(FileFormatError, match="model.vision_resampler.weight: not part of an original LLaVA"):
+    with pytest.raises(FileFormatError, match=r"model\.vision_resampler\.weight: not part of an original LLaVA"):
         convert_llava(extra.path, extra.vision_path, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
 
@@ -150,7 +150,8 @@ def test_convert_refuses_bad_inputs_before_writing(tmp_path):
 def test_cli_convert_llava(tmp_path, capsys):
     o = write_original_llava(tmp_path, version="1.6", fmt="bin")
     out = tmp_path / "hf"
-    assert main(["convert-llava", str(o.path), "--vision", str(o.vision_path), "--out", str(out), "--no-progress"]) == 0
+    args = ["convert-llava", str(o.path), "--vision", str(o.vision_path), "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
     assert "LlavaNextForConditionalGeneration" in capsys.readouterr().out and (out / "config.json").is_file()
     assert main(["convert-llava", str(o.path), "--vision", str(o.vision_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err

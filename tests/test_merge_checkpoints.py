@@ -8,11 +8,11 @@ import os
 
 import pytest
 import torch
+from fixtures.merge_llava_original import save_tensors, write_original_llava
 from safetensors import safe_open
 
-from fixtures.merge_llava_original import save_tensors, write_original_llava
 from vlmsafe.errors import FileFormatError
-from vlmsafe.merge import RECIPE_NAME, Checkpoint, MergeConfig, is_buffer, merge_checkpoints
+from vlmsafe.merge import Checkpoint, MergeConfig, is_buffer, merge_checkpoints
 from vlmsafe.merge.plan import BUFFER_REASON
 
 transformers = pytest.importorskip("transformers")
@@ -22,7 +22,7 @@ def _read_all(out) -> dict[str, torch.Tensor]:
     res = {}
     for f in out.glob("*.safetensors"):
         with safe_open(str(f), "pt") as h:
-            res.update({k: h.get_tensor(k) for k in h.keys()})
+            res.update({k: h.get_tensor(k) for k in list(h.keys())})
     return res
 
 
@@ -90,17 +90,17 @@ def test_bin_reader_equals_the_tensors_and_refuses_anything_else(tmp_path):
     assert not (tmp_path / "pwned").exists()
     (tmp_path / "nested").mkdir()
     torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "nested" / "pytorch_model.bin")
-    with pytest.raises(FileFormatError, match="not a flat state dict"):
+    with pytest.raises(FileFormatError, match=r"not a flat state dict"):
         Checkpoint(tmp_path / "nested")
     (tmp_path / "legacy").mkdir()
     torch.save({"w": torch.ones(2)}, tmp_path / "legacy" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
-    with pytest.raises(FileFormatError, match="legacy torch.save before 1.6"):
+    with pytest.raises(FileFormatError, match=r"legacy torch\.save before 1\.6"):
         Checkpoint(tmp_path / "legacy")
     (tmp_path / "idx").mkdir()
     torch.save({"w": torch.ones(2)}, tmp_path / "idx" / "pytorch_model-00001-of-00002.bin")
     wm = {"w": "pytorch_model-00001-of-00002.bin", "v": "pytorch_model-00002-of-00002.bin"}
     (tmp_path / "idx" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
-    with pytest.raises(FileFormatError, match="pytorch_model-00002-of-00002.bin, which is missing"):
+    with pytest.raises(FileFormatError, match=r"pytorch_model-00002-of-00002\.bin, which is missing"):
         Checkpoint(tmp_path / "idx")
 
 

@@ -166,7 +166,7 @@ def _stored(name: str) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     with safe_open(str(MERGEKIT / "expected.safetensors"), "pt") as f:
-        return {k.split("/", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(name + "/")}
+        return {k.split("/", 1)[1]: f.get_tensor(k) for k in list(f.keys()) if k.startswith(name + "/")}
 
 
 def _ours(case: dict, xs: list[torch.Tensor]) -> torch.Tensor:

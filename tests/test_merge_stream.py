@@ -125,7 +125,7 @@ def _load_lm(out: Path) -> dict[str, torch.Tensor]:
     res = {}
     for f in out.glob("*.safetensors"):
         with safe_open(str(f), "pt") as h:
-            for k in h.keys():
+            for k in list(h.keys()):
                 if KeyMap().lm_name(k):
                     res[KeyMap().lm_name(k)] = h.get_tensor(k)
     return res
@@ -158,9 +158,9 @@ def test_shape_dtype_and_unmatched_errors(ckpts):
     with pytest.raises(InputError, match=r"shape mismatch, VLM F32\[32, 16\] vs aligned F32\[24, 16\]") as e:
         merge_checkpoints(cfg(ckpts, "bad", aligned="lm_wide"), progress=False)
     assert "--allow-passthrough" in str(e.value)
-    with pytest.raises(InputError, match="dtype mismatch.*--cast-dtype"):
+    with pytest.raises(InputError, match=r"dtype mismatch.*--cast-dtype"):
         merge_checkpoints(cfg(ckpts, "bad", aligned="lm_fp16"), progress=False)
-    with pytest.raises(InputError, match="language_model.model.layers.1.*no counterpart in the aligned model"):
+    with pytest.raises(InputError, match=r"language_model\.model\.layers\.1.*no counterpart in the aligned model"):
         merge_checkpoints(cfg(ckpts, "bad", aligned="lm_shallow"), progress=False)
     with pytest.raises(InputError, match="aligned-model tensors match no VLM tensor"):
         merge_checkpoints(cfg(ckpts, "bad", aligned="lm_deep"), progress=False)
@@ -342,7 +342,7 @@ def test_merge_sweep_table_and_plot(ckpts):
 
 def test_unreadable_inputs_raise_file_format_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileFormatError, match="no .safetensors or pytorch_model.bin weights"):
+    with pytest.raises(FileFormatError, match=r"no \.safetensors or pytorch_model\.bin weights"):
         merge_checkpoints(MergeConfig(vlm=tmp_path / "empty", aligned=tmp_path / "empty", output=tmp_path / "o"),
                           progress=False)
     bad = tmp_path / "bad.safetensors"

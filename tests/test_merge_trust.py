@@ -160,7 +160,7 @@ def test_merge_sweep_checks_every_weight_before_the_first_merge(pair, tmp_path, 
     from vlmsafe.merge import merge_sweep
 
     root, _ = pair
-    with pytest.raises(InputError, match="weight = 1.2 is outside"):
+    with pytest.raises(InputError, match=r"weight = 1\.2 is outside"):
         merge_sweep(root / "vlm", root / "lm", [0.2, 1.2], tmp_path / "sweep", progress=False)
     with pytest.raises(InputError, match="weight must be a finite number"):
         merge_sweep(root / "vlm", root / "lm", [0.2, float("nan")], tmp_path / "sweep", progress=False)

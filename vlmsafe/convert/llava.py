@@ -170,7 +170,7 @@ def _spec(cfg: dict[str, Any], src: Path, dtype: str | None, template: str | Non
                          "supported; convert a LLaVA-1.5 or 1.6 checkpoint")
     feature = cfg.get("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch"):
-        raise InputError(f"{where}: mm_vision_select_feature {feature!r} is not supported; expected patch or cls_patch")
+        raise InputError(f"{where}: mm_vision_select_feature {feature!r} is not supported; use patch or cls_patch")
     anyres = "anyres" in str(cfg.get("image_aspect_ratio", ""))
     if anyres and cfg.get("mm_patch_merge_type", "spatial_unpad") != "spatial_unpad":
         raise InputError(f"{where}: mm_patch_merge_type {cfg.get('mm_patch_merge_type')!r} is not supported by "
@@ -297,7 +297,7 @@ def _plan(ck: Checkpoint, clip: Checkpoint, spec: dict[str, Any], text_cfg, visi
     """Output tensors in order and where each comes from; one error lists every unknown or misshapen tensor."""
     problems, dropped = [], []
     sources: dict[str, tuple[str, str]] = {}
-    for name in ck.keys():
+    for name in ck:
         if is_buffer(name):
             dropped.append(name)
             continue
@@ -311,7 +311,7 @@ def _plan(ck: Checkpoint, clip: Checkpoint, spec: dict[str, Any], text_cfg, visi
     tuned = any(t.startswith("vision_tower.") for t in sources)
     spec["vision_source"] = "original checkpoint (fine-tuned tower)" if tuned else f"--vision {clip.path}"
     if not tuned:
-        for name in clip.keys():
+        for name in clip:
             key = name[len("vision_model."):] if name.startswith("vision_model.") else name
             if key.startswith(_VISION_PARTS) and not is_buffer(name):
                 sources["vision_tower.vision_model." + key] = ("clip", name)

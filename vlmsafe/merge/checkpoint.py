@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,8 @@ class Checkpoint:
         wanted = _weight_files(self.path, role)
         entries: dict[str, _Entry] = {}
         for file in sorted(set(wanted.values())) if isinstance(wanted, dict) else wanted:
-            for name, entry in (_bin_entries(file, role) if file.suffix == ".bin" else _st_entries(file, role)).items():
+            found = _bin_entries(file, role) if file.suffix == ".bin" else _st_entries(file, role)
+            for name, entry in found.items():
                 if not isinstance(wanted, dict) or wanted.get(name) == file:
                     entries[name] = entry
         if isinstance(wanted, dict):
@@ -175,6 +177,12 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def info(self, name: str) -> TensorInfo:
         return self._entries[name].info
@@ -219,7 +227,9 @@ class Checkpoint:
             while got < len(view):
                 n = f.readinto(view[got:])
                 if not n:
-                    raise FileFormatError(f"{self.role} file {entry.file} is truncated (reading {name}); re-download it")
+                    raise FileFormatError(
+                        f"{self.role} file {entry.file} is truncated (reading {name}); re-download it"
+                    )
                 got += n
             if self._hashes is not None:
                 self._hasher(entry.file).feed(f, entry.start + lo, view)
@@ -228,7 +238,7 @@ class Checkpoint:
     def _file(self, file: Path) -> BinaryIO:
         f = self._files.get(file)
         if f is None:
-            f = self._stack.enter_context(open(file, "rb", buffering=0))
+            f = self._stack.enter_context(open(file, "rb", buffering=0))  # noqa: SIM115 - closed by the stack
             self._files[file] = f
         return f
 
@@ -382,7 +392,9 @@ def _torch_load(file: Path, role: str, *, mmap: bool) -> dict[str, torch.Tensor]
             "re-save the weights alone (a state dict) or convert them to safetensors"
         ) from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise FileFormatError(f"{role} file {file} is not a readable torch checkpoint ({exc}); re-download it") from None
+        raise FileFormatError(
+            f"{role} file {file} is not a readable torch checkpoint ({exc}); re-download it"
+        ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):

@@ -40,9 +40,10 @@ per-layer schedule counts):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -103,7 +104,7 @@ class MergeConfig:
             raise InputError(f"vocab_rows must be 'error' or 'shared', got {self.vocab_rows!r}.")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
-        self.max_shard_bytes  # validate
+        parse_size(self.max_shard_size)  # validate now, before any work
         self.key_rules = tuple(_pair(r) for r in self.key_rules)
         self._check_numbers()
 
@@ -143,7 +144,7 @@ class MergeConfig:
         return _DTYPES[self.dtype] if self.dtype else None
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "MergeConfig":
+    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> MergeConfig:
         """Build from a mapping (parsed YAML); ``overrides`` that are not None replace its values."""
         merged = {**dict(data), **{k: v for k, v in overrides.items() if v is not None}}
         names = {f.name for f in dataclasses.fields(cls)}
@@ -156,7 +157,7 @@ class MergeConfig:
         return cls(**merged)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> "MergeConfig":
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> MergeConfig:
         import yaml
 
         p = Path(path)

@@ -37,8 +37,8 @@ weights: they are derived from the config, never merged, and need no counterpart
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Collection
 
 #: (VLM prefix, LLM prefix), most specific first.
 LLAVA_PREFIX_RULES: tuple[tuple[str, str], ...] = (

@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from vlmsafe.errors import InputError
 from vlmsafe.io import atomic_path, check_output
-from vlmsafe.validation import check_float
 from vlmsafe.merge.checkpoint import Checkpoint
 from vlmsafe.merge.keymap import DECODER_LAYERS, KeyMap, canonical_name
 from vlmsafe.merge.writer import OutputTensor, ShardedWriter
+from vlmsafe.validation import check_float
 
 Scope = Literal["row", "tensor"]
 
@@ -66,7 +67,7 @@ def weight_difference_scores(
     km = keymap or KeyMap()
     with Checkpoint(vlm, role="VLM") as v, Checkpoint(aligned, role="aligned model") as a:
         keys = set(a.keys())
-        for name in v.keys():
+        for name in v:
             if not _selected(name, include) or not v.info(name).dtype.is_floating_point:
                 continue
             other = km.find(name, keys)
@@ -159,7 +160,7 @@ def topk_mask(score: torch.Tensor, fraction: float, *, scope: Scope = "row") -> 
     if scope not in ("row", "tensor"):
         raise InputError(f"scope must be 'row' or 'tensor', got {scope!r}.")
     rows = score.reshape(score.shape[0], -1) if (scope == "row" and score.dim() >= 2) else score.reshape(1, -1)
-    k = int(round(fraction * rows.shape[1]))
+    k = round(fraction * rows.shape[1])
     mask = torch.zeros(rows.shape, dtype=torch.bool)
     if k > 0:
         idx = torch.topk(rows.float(), k, dim=1, sorted=False).indices
@@ -193,7 +194,7 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a mask file written by :func:`save_masks` or :func:`weight_difference_mask`."""
     with Checkpoint(path, role="mask file") as ck:
-        return {k: ck.get(k) for k in ck.keys()}
+        return {k: ck.get(k) for k in ck}
 
 
 def weight_difference_mask(
@@ -227,7 +228,7 @@ def weight_difference_mask(
         keys = set(a.keys())
         plan = [
             OutputTensor(canonical_name(n, km), torch.bool, v.info(n).shape)
-            for n in v.keys()
+            for n in v
             if _selected(n, include)
             and v.info(n).dtype.is_floating_point
             and (o := km.find(n, keys)) is not None
@@ -241,7 +242,7 @@ def weight_difference_mask(
                                metadata={"score": "weight_difference", "fraction": str(fraction), "scope": scope})
         try:
             it = weight_difference_scores(vlm, aligned, include=include, keymap=km)
-            for (name, score), planned in tqdm(zip(it, plan), total=len(plan), desc="scoring", disable=not progress):
+            for (_, score), planned in tqdm(zip(it, plan), total=len(plan), desc="scoring", disable=not progress):
                 m = topk_mask(score, fraction, scope=scope)
                 writer.write(planned.name, m)
                 selected += int(m.sum())

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
@@ -135,14 +136,14 @@ def run_pipeline(
                 if not put(q_in, x):
                     return
             put(q_in, _DONE)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:
             fail(exc)
 
     def writer() -> None:
         try:
             while (y := get(q_out)) is not _DONE:
                 sink(y)  # type: ignore[arg-type]
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:
             fail(exc)
         finally:
             stop_writer.set()

@@ -66,7 +66,9 @@ def _fmt(info) -> str:
     return f"{st_dtype(info.dtype)}{list(info.shape)}"
 
 
-def _compatible(name: str, lm: str | None, v, o, role: str, cfg: MergeConfig, problems: list[str]) -> int | None | bool:
+def _compatible(
+    name: str, lm: str | None, v, o, role: str, cfg: MergeConfig, problems: list[str]
+) -> int | bool | None:
     """Check ``o`` (aligned/base tensor info) against the VLM's ``v``.
 
     Returns False after recording a problem, None if shapes match, or the number of shared rows
@@ -107,7 +109,7 @@ def plan_merge(cfg: MergeConfig, vlm: Checkpoint, aligned: Checkpoint, base: Che
     aligned_keys, base_keys = set(aligned.keys()), set(base.keys()) if base else set()
     mask_keys = set(mask.keys()) if mask else set()
 
-    lm_layers = [layer_index(keymap.lm_name(k)) for k in vlm.keys()]
+    lm_layers = [layer_index(keymap.lm_name(k)) for k in vlm]
     num_layers = max((i for i in lm_layers if i is not None), default=-1) + 1
 
     for name, layer in zip(vlm.keys(), lm_layers):

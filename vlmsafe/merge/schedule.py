@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from vlmsafe.errors import InputError
 from vlmsafe.merge.keymap import layer_index
@@ -51,7 +52,7 @@ class Schedule:
     rules: tuple[Rule, ...] = ()
 
     @classmethod
-    def parse(cls, spec: Any, *, name: str = "weight") -> "Schedule":
+    def parse(cls, spec: Any, *, name: str = "weight") -> Schedule:
         """Build a schedule from a number, a list or a mapping (see the module docstring)."""
         if isinstance(spec, Schedule):
             return spec

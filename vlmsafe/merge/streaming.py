@@ -20,15 +20,17 @@ was. The output holds the shards, the index, the VLM's config / tokenizer / proc
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -86,7 +88,7 @@ def _row_blocks(shape: tuple[int, ...], split_at: int | None) -> list[tuple[int,
     per_row = max(1, int(torch.Size(shape[1:]).numel()))
     step = max(1, CHUNK_ELEMENTS // per_row)
     cuts = sorted({0, rows, *range(0, rows, step), *([split_at] if split_at else [])})
-    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
 
 
 @dataclass

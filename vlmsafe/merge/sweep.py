@@ -13,8 +13,9 @@ import csv
 import io
 import os
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from vlmsafe.errors import InputError, VlmsafeError
 from vlmsafe.io import atomic_path, read_json, write_json_atomic

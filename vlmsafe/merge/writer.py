@@ -19,9 +19,10 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO
 
 import torch
 
@@ -81,7 +82,8 @@ def _header_bytes(tensors: Sequence[OutputTensor], metadata: dict[str, str]) -> 
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": st_dtype(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {"dtype": st_dtype(t.dtype), "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -174,7 +176,9 @@ class ShardedWriter:
         planned = self._current
         assert planned is not None
         if self._written != planned.nbytes:
-            raise RuntimeError(f"{planned.name}: wrote {self._written} bytes, planned {planned.nbytes} ({planned.shape})")
+            raise RuntimeError(
+                f"{planned.name}: wrote {self._written} bytes, planned {planned.nbytes} ({planned.shape})"
+            )
         self._current = None
         self._pos += 1
 
@@ -186,7 +190,7 @@ class ShardedWriter:
         if self._file is not None:
             self._background_sync(self._file)  # closed in close(), after its sync
         self._shard = si
-        self._file = open(self.directory / self.filenames[si], "wb")
+        self._file = open(self.directory / self.filenames[si], "wb")  # noqa: SIM115 - closed in close()/abort()
         self._open.append(self._file)
         self._file.write(_header_bytes(self.shards[si], self._metadata))
 
