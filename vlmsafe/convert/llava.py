@@ -11,24 +11,21 @@ Mapping (the same as transformers' own ``convert_llava_weights_to_hf.py`` and
 ``convert_llava_next_weights_to_hf.py``; output in the llava-hf Hub layout, see
 :mod:`vlmsafe.merge.keymap`):
 
-==============================================  ==================================================
-original                                        converted
-==============================================  ==================================================
-``model.embed_tokens|layers.N|norm.*``          ``language_model.model.*``
-``lm_head.weight``                              ``language_model.lm_head.weight``
-``model.mm_projector.0|2.*`` (mlp2x_gelu)       ``multi_modal_projector.linear_1|linear_2.*``
-``model.image_newline`` (v1.6)                  ``image_newline``
-``model.vision_tower.vision_tower.vision_model``  ``vision_tower.vision_model.*`` (else from ``--vision``)
-``*.rotary_emb.inv_freq`` (buffers)             dropped (recomputed from the config)
-==============================================  ==================================================
+* ``model.embed_tokens|layers.N|norm.*`` -> ``language_model.model.*``;
+* ``lm_head.weight`` -> ``language_model.lm_head.weight``;
+* ``model.mm_projector.0|2.*`` (``mlp2x_gelu``) -> ``multi_modal_projector.linear_1|linear_2.*``;
+* ``model.image_newline`` (v1.6) -> ``image_newline``;
+* ``model.vision_tower.vision_tower.vision_model.*`` (a fine-tuned tower, v1.6) ->
+  ``vision_tower.vision_model.*``; otherwise the ``vision_model.*`` tensors of ``--vision``;
+* ``*.rotary_emb.inv_freq`` (buffers) -> dropped (recomputed from the config).
 
 Differences from the original code, all explicit: the tokenizer gains an ``<image>`` token (the
 original splices image features in at the placeholder id -200 instead) and, if it has none, uses
 ``<unk>`` as its pad token as LLaVA's training did. New vocabulary rows of the embeddings and the LM
 head are the *mean* of the existing rows (transformers' converter samples them around the mean):
-the image token's embedding is replaced by image features anyway, and a mean LM-head row scores
-every hidden state with the mean logit, never above the best original token, so greedy decoding
-never emits a new token. The CLIP weights are cast to the checkpoint's dtype, as LLaVA runs them.
+the image token's embedding is replaced by image features anyway, and a mean LM-head row gives
+every hidden state the mean of the original logits (up to rounding), below the best one, so greedy
+decoding does not emit the new tokens. The CLIP weights are cast to the checkpoint's dtype, as LLaVA runs them.
 ``image_aspect_ratio: pad`` becomes ``LlavaImageProcessor(do_pad=True)`` (the original's pad-to-square
 with the mean colour). The chat template is one of :mod:`vlmsafe.convert.templates`.
 """

@@ -4,25 +4,20 @@ A VLM nests its language model under a prefix that depends on who saved it; the 
 (``LlamaForCausalLM`` & co.) uses the bare names. Every reader of checkpoint names in vlmsafe (the
 merge, the safety masks, ``probes`` weight comparison) maps names through this module.
 
-=========================================  ===========================================  =========================
-Layout (who writes it)                     Language model                               Vision tower / projector
-=========================================  ===========================================  =========================
-transformers >= 4.52 in-memory names;      ``model.language_model.layers.N.*``,         ``model.vision_tower.*``,
-``save_pretrained(save_original_format=``  ``model.language_model.embed_tokens|norm``,  ``model.multi_modal_``
-``False)``                                 ``lm_head.*``                                ``projector.*``,
-                                                                                        ``model.image_newline``
-llava-hf Hub layout (``llava-hf/*``;       ``language_model.model.layers.N.*``,         ``vision_tower.*``,
-transformers' default ``save_pretrained``  ``language_model.model.embed_tokens|norm``,  ``multi_modal_projector.*``,
-and ``vlmsafe convert-llava`` output)      ``language_model.lm_head.*``                 ``image_newline``
-original LLaVA (``liuhaotian/llava-v1.5``  ``model.layers.N.*`` (+ ``rotary_emb.``       ``model.mm_projector.{0,2}``,
-and ``-v1.6``; ``LlavaLlamaForCausalLM``)  ``inv_freq`` buffers), ``model.embed_tokens|``  ``model.vision_tower.``
-                                           ``norm``, ``lm_head.*``                      ``vision_tower.*``,
-                                                                                        ``model.image_newline``
-Qwen2-VL / Qwen2.5-VL                      ``model.language_model.*`` (older:           ``model.visual.*``
-                                           ``model.*``), ``lm_head.*``                  (older: ``visual.*``)
-text-only LLM (the aligned model)          ``model.layers.N.*``, ``model.embed_tokens|``  --
-                                           ``norm``, ``lm_head.*``
-=========================================  ===========================================  =========================
+* **transformers in-memory names** (``save_pretrained(save_original_format=False)``): language model
+  ``model.language_model.layers.N.*``, ``model.language_model.embed_tokens|norm.*``, ``lm_head.*``;
+  ``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``model.image_newline``.
+* **llava-hf Hub layout** (``llava-hf/*``; transformers' default ``save_pretrained``; the output of
+  ``vlmsafe convert-llava``): ``language_model.model.layers.N.*``,
+  ``language_model.model.embed_tokens|norm.*``, ``language_model.lm_head.*``; ``vision_tower.*``,
+  ``multi_modal_projector.*``, ``image_newline``.
+* **original LLaVA** (``liuhaotian/llava-v1.5-*`` and ``-v1.6-*``, ``LlavaLlamaForCausalLM``):
+  ``model.layers.N.*`` (with ``rotary_emb.inv_freq`` buffers), ``model.embed_tokens|norm.*``,
+  ``lm_head.*``; ``model.mm_projector.{0,2}.*``, ``model.vision_tower.vision_tower.*``,
+  ``model.image_newline``.
+* **Qwen2-VL / Qwen2.5-VL**: ``model.language_model.*`` (older: ``model.*``), ``lm_head.*``;
+  ``model.visual.*`` (older: ``visual.*``).
+* **text-only LLM** (the aligned model): ``model.layers.N.*``, ``model.embed_tokens|norm.*``, ``lm_head.*``.
 
 Names outside these prefixes (vision tower, projector, ``image_newline``) have no LLM counterpart.
 An exact name match always wins, so merging two checkpoints of the same architecture works too. If
