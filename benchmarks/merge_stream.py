@@ -2,7 +2,8 @@
 
 Builds, in a temporary directory and shard by shard (the model is never held in memory):
 
-* ``vlm``      -- LLaVA-1.5-shaped fp16 checkpoint in the Hub's original layout: CLIP ViT-L/14 vision
+* ``vlm``      -- LLaVA-1.5-shaped fp16 checkpoint (transformers' in-memory names by default, ``--layout hub``
+                  for the llava-hf Hub layout; see ``vlmsafe.merge.keymap``): CLIP ViT-L/14 vision
                   tower (~303M), 2-layer projector, a 12-layer LLaMA-style LM (hidden 2048) with
                   vocabulary 32064 (LLaVA adds tokens); ~1.06B parameters, ~2.1 GB.
 * ``aligned``  -- the matching text-only LLaMA checkpoint (``model.layers.N.*``, vocabulary 32000).
@@ -79,7 +80,7 @@ def lm_tensors(s: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def vlm_tensors(s: Shape, layout: str) -> list[tuple[str, tuple[int, ...]]]:
-    """LLaVA tensor names/shapes in transformers 5's layout (``model.language_model.*``) or the original one."""
+    """LLaVA tensor names/shapes in transformers' in-memory layout (``model.language_model.*``) or the Hub's."""
     new = layout == "new"
     v = "model.vision_tower." if new else "vision_tower.vision_model."
     proj = "model.multi_modal_projector." if new else "multi_modal_projector."
@@ -228,9 +229,9 @@ def build(work: Path, small: bool, layout: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="~33M-parameter model: a quick run")
-    ap.add_argument("--layout", choices=("new", "original"), default="new",
-                    help="LLaVA key layout: transformers-5 (model.language_model.*) or the original "
-                         "(language_model.model.*); mergekit 0.1.5 only understands 'new'")
+    ap.add_argument("--layout", choices=("new", "hub"), default="new",
+                    help="LLaVA key layout: transformers' in-memory names (model.language_model.*) or the llava-hf "
+                         "Hub layout (language_model.model.*); mergekit 0.1.5 only understands 'new'")
     ap.add_argument("--workdir", help="where to build checkpoints (default: a temp dir, deleted afterwards); "
                     "checkpoints already there are reused")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
