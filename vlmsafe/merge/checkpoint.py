@@ -20,11 +20,15 @@ tensor is dropped, and a checkpoint of any size is read with a few tensors in me
 follows the reads: bytes read in file order are hashed as they arrive, gaps (headers, tensors read
 later or never) are read and hashed when a later read skips over them, and :meth:`Checkpoint.file_hashes`
 hashes whatever was never reached. A merge reads each input in storage order, so each input is read
-once, not once to merge and once more to hash.
+once, not once to merge and once more to hash. The hashing runs in a thread of its own per
+checkpoint (``hashlib`` releases the GIL), so it costs CPU on another core, not time on the reading
+thread; a buffer passed as ``out=`` must not be reused before :attr:`Checkpoint.last_hash` (the
+future of the latest read's hashing) is done.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import zipfile
@@ -108,32 +112,45 @@ class _Entry:
 
 
 class _RunningHash:
-    """sha256 of one file that follows the reads made from it (see the module docstring)."""
+    """sha256 of one file that follows the reads made from it (see the module docstring).
+
+    Gaps are read through a handle of its own, so the hashing thread never moves the reader's file
+    position.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path, self.pos, self.digest = path, 0, hashlib.sha256()
+        self._f: BinaryIO | None = None
 
-    def feed(self, f: BinaryIO, lo: int, data: memoryview) -> None:
-        """Account for ``data`` read at offset ``lo`` of ``f``."""
+    def feed(self, lo: int, data: memoryview) -> None:
+        """Account for ``data`` read at offset ``lo`` of the file."""
         if lo > self.pos:
-            self._fill(f, lo)
+            self._fill(lo)
         hi = lo + len(data)
         if hi > self.pos:
             self.digest.update(data[self.pos - lo :])
             self.pos = hi
 
-    def _fill(self, f: BinaryIO, upto: int) -> None:
-        f.seek(self.pos)
+    def _fill(self, upto: int) -> None:
+        if self._f is None:
+            self._f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed in hexdigest()/close()
+        self._f.seek(self.pos)
         while self.pos < upto:
-            chunk = f.read(min(_BLOCK, upto - self.pos))
+            chunk = self._f.read(min(_BLOCK, upto - self.pos))
             if not chunk:
                 raise FileFormatError(f"{self.path} shrank while it was read; do not modify inputs during a merge")
             self.digest.update(chunk)
             self.pos += len(chunk)
 
-    def hexdigest(self, f: BinaryIO) -> str:
-        self._fill(f, self.path.stat().st_size)
+    def hexdigest(self) -> str:
+        self._fill(self.path.stat().st_size)
+        self.close()
         return self.digest.hexdigest()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
 class Checkpoint:
@@ -151,6 +168,10 @@ class Checkpoint:
         self._stack = ExitStack()
         self._files: dict[Path, BinaryIO] = {}
         self._hashes: dict[Path, _RunningHash] | None = {} if hash_files else None
+        self._hash_thread = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlmsafe-hash")
+                             if hash_files else None)
+        #: Future of the latest read's hashing (None without ``hash_files``); see the module docstring.
+        self.last_hash: concurrent.futures.Future[None] | None = None
         self._mmapped: dict[Path, dict[str, torch.Tensor]] = {}
         wanted = _weight_files(self.path, role)
         entries: dict[str, _Entry] = {}
@@ -231,8 +252,8 @@ class Checkpoint:
                         f"{self.role} file {entry.file} is truncated (reading {name}); re-download it"
                     )
                 got += n
-            if self._hashes is not None:
-                self._hasher(entry.file).feed(f, entry.start + lo, view)
+            if self._hash_thread is not None:
+                self.last_hash = self._hash_thread.submit(self._hasher(entry.file).feed, entry.start + lo, view)
         return buf.view(entry.info.dtype)
 
     def _file(self, file: Path) -> BinaryIO:
@@ -262,18 +283,20 @@ class Checkpoint:
         With ``hash_files=True`` this completes the running hashes (reading only what the reads so
         far skipped); otherwise every file is hashed from scratch.
         """
-        out = {}
-        for f in self.files:
-            if self._hashes is None:
-                out[f.name] = sha256_file(f)
-            else:
-                out[f.name] = self._hasher(f).hexdigest(self._file(f))
+        if self._hash_thread is not None:
+            out = self._hash_thread.submit(lambda: {f.name: self._hasher(f).hexdigest() for f in self.files}).result()
+        else:
+            out = {f.name: sha256_file(f) for f in self.files}
         cfg = self.directory / "config.json"
         if cfg.is_file():
             out[cfg.name] = sha256_file(cfg)
         return out
 
     def close(self) -> None:
+        if self._hash_thread is not None:
+            self._hash_thread.shutdown(wait=True, cancel_futures=True)
+        for h in (self._hashes or {}).values():
+            h.close()
         self._stack.close()
         self._files.clear()
         self._mmapped.clear()

@@ -4,9 +4,10 @@
    merge that cannot succeed, and an existing output is refused before any work unless
    ``overwrite`` (:func:`vlmsafe.io.check_output`).
 2. **Stream** in three overlapping threads (:mod:`vlmsafe.merge.pipeline`): a reader loads row
-   blocks of the VLM tensor and its counterparts into reused buffers (hashing the input files in
-   the same read, :class:`~vlmsafe.merge.checkpoint.Checkpoint`), the calling thread merges them,
-   a writer appends the result to the output shard (:class:`~vlmsafe.merge.writer.ShardedWriter`).
+   blocks of the VLM tensor and its counterparts into reused buffers (each input is hashed in the
+   same read, by a thread of its own: :class:`~vlmsafe.merge.checkpoint.Checkpoint`), the calling
+   thread merges them, a writer appends the result to the output shard
+   (:class:`~vlmsafe.merge.writer.ShardedWriter`) and returns the buffers once written and hashed.
    Copied tensors (vision tower, projector, buffers) go from the read buffer to the file unchanged.
    A linear merge of same-dtype inputs runs as one ``torch.lerp`` in the inputs' dtype (computed in
    float32 internally, rounded once) straight into the output buffer; other methods compute in
@@ -20,6 +21,7 @@ was. The output holds the shards, the index, the VLM's config / tokenizer / proc
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -54,7 +56,7 @@ _ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
 #: Elements per row block (8 MiB of float16, 16 MiB of float32).
 CHUNK_ELEMENTS = 4 << 20
 #: Reused read buffers (each CHUNK_ELEMENTS float32 elements; only the bytes a block uses become resident).
-READ_BUFFERS = 12
+READ_BUFFERS = 16
 #: Reused output buffers for merges computed in the output dtype.
 OUT_BUFFERS = 4
 #: Bytes of larger-than-block tensors in flight (whole-tensor methods: TIES, DARE, SLERP).
@@ -105,6 +107,7 @@ class _Block:
     b: torch.Tensor | None = None
     m: torch.Tensor | None = None
     inputs: list[torch.Tensor] = field(default_factory=list)  # pooled read buffers
+    hashing: list[concurrent.futures.Future[None]] = field(default_factory=list)  # the inputs' hashing
     out: torch.Tensor | None = None
     out_buffers: list[torch.Tensor] = field(default_factory=list)  # pooled output buffers
 
@@ -119,6 +122,7 @@ class _Merger:
         self.reads = BufferPool(READ_BUFFERS, nbytes, oversize_budget=OVERSIZE_BUDGET)
         self.outs = BufferPool(OUT_BUFFERS, nbytes, oversize_budget=OVERSIZE_BUDGET)
         self.stop = threading.Event()
+        self._hashing: list[concurrent.futures.Future[None]] = []
 
     # -- reader thread ------------------------------------------------------------------------
     def blocks(self, plan: MergePlan) -> Iterator[_Block]:
@@ -135,7 +139,9 @@ class _Merger:
                 if not (len(blocks) > 1 and mask.info(item.mask).shape == shape):
                     whole_mask = mask.get(item.mask)
             for i, (lo, hi) in enumerate(blocks):
-                blk = _Block(item, lo, hi, i == 0, i == len(blocks) - 1, v=self._rows(vlm, item.name, lo, hi, None))
+                self._hashing = []
+                blk = _Block(item, lo, hi, i == 0, i == len(blocks) - 1, v=self._rows(vlm, item.name, lo, hi, None),
+                             hashing=self._hashing)
                 blk.inputs.append(blk.v)
                 if item.action == "copy" or (item.rows is not None and lo >= item.rows):
                     yield blk  # pass-through, or VLM-only vocabulary rows
@@ -162,7 +168,10 @@ class _Merger:
         buf = self.reads.take((hi - lo) * (info.nbytes // max(info.shape[0], 1)), self.stop)
         if held is not None:
             held.append(buf)
-        return ck.get_rows(name, lo, hi, out=buf)
+        out = ck.get_rows(name, lo, hi, out=buf)
+        if ck.last_hash is not None:
+            self._hashing.append(ck.last_hash)
+        return out
 
     # -- calling thread -----------------------------------------------------------------------
     def compute(self, blk: _Block) -> _Block:
@@ -188,8 +197,7 @@ class _Merger:
             if blk.m is not None:
                 merged = apply_mask(v, merged, blk.m)
             blk.out = merged
-        self.reads.give(blk.inputs)  # inputs no longer needed: free them for the reader
-        blk.inputs, blk.v, blk.a, blk.b, blk.m = [], blk.out, None, None, None
+        blk.v, blk.a, blk.b, blk.m = blk.out, None, None, None  # the inputs go back to the pool once written
         return blk
 
     # -- writer thread ------------------------------------------------------------------------
@@ -201,6 +209,8 @@ class _Merger:
         if blk.last:
             self.writer.end()
         self.on_written(blk.out.numel() * blk.item.out.dtype.itemsize)
+        for h in blk.hashing:  # a read buffer is reused only once its bytes are hashed
+            h.result()
         self.reads.give(blk.inputs)
         self.outs.give(blk.out_buffers)
 
@@ -241,10 +251,16 @@ def merge_checkpoints(cfg: MergeConfig, *, progress: bool = True) -> MergeResult
             bar = stack.enter_context(tqdm(total=writer.total_bytes, unit="B", unit_scale=True,
                                            desc=f"merge ({cfg.method})", disable=not progress))
             merger = _Merger(cfg, cks, writer, bar.update)
+            threads = torch.get_num_threads()
+            if cfg.method in _ELEMENTWISE:
+                # The pipeline's threads are the parallelism; intra-op threads on a few MB of lerp mostly
+                # spin-wait (measured: a third of the merge's CPU on two cores).
+                torch.set_num_threads(1)
             try:
                 run_pipeline(merger.blocks(plan), merger.compute, merger.write, stop=merger.stop)
                 writer.close()
             finally:
+                torch.set_num_threads(threads)
                 writer.abort()
             hashes = {role: ck.file_hashes() for role, ck in cks.items()} if cfg.hash_inputs else None
             copy_side_files(cks["vlm"].directory, tmp, skip={RECIPE_NAME})
