@@ -43,8 +43,10 @@ def _aligned(tmp_path, o, fmt: str, with_buffers: bool):
 def test_original_layout_with_inv_freq_merges_without_passthrough(tmp_path, fmt, shards, aligned_buffers):
     o = write_original_llava(tmp_path, version="1.5", fmt=fmt, shards=shards)
     aligned, lm = _aligned(tmp_path, o, "bin" if fmt == "safetensors" else "safetensors", aligned_buffers)
+    threads = torch.get_num_threads()
     res = merge_checkpoints(MergeConfig(vlm=o.path, aligned=aligned, output=tmp_path / "out", weight=0.3),
                             progress=False)
+    assert torch.get_num_threads() == threads  # the merge's one intra-op thread is given back
     got = _read_all(res.output)
     assert set(got) == set(o.tensors)  # same layout out, nothing dropped or renamed
     buffers = [k for k in o.tensors if is_buffer(k)]
