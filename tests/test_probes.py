@@ -108,10 +108,14 @@ def test_shift_on_direction_gap_ratio():
 
 # --------------------------------------------------------------------------- weights
 def test_name_mapping_and_classification():
-    assert canonical_name("model.language_model.layers.3.mlp.down_proj.weight") == "model.layers.3.mlp.down_proj.weight"
-    assert canonical_name("language_model.model.layers.0.self_attn.q_proj.weight") == "model.layers.0.self_attn.q_proj.weight"
+    q = "self_attn.q_proj.weight"
+    down = "layers.3.mlp.down_proj.weight"
+    assert canonical_name(f"model.language_model.{down}") == f"model.{down}"
+    assert canonical_name(f"language_model.model.layers.0.{q}") == f"model.layers.0.{q}"
+    assert canonical_name(f"model.layers.0.{q}") == f"model.layers.0.{q}"  # original LLaVA: already the LLM's name
     assert canonical_name("language_model.lm_head.weight") == "lm_head.weight"
-    assert canonical_name("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight").startswith("model.vision_tower.")
+    vision = "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert canonical_name(vision) == vision
     assert classify("model.layers.3.self_attn.q_proj.weight") == (3, "self_attn.q_proj")
     assert classify("model.layers.0.input_layernorm.weight") == (0, "input_layernorm")
     assert classify("model.norm.weight") == (None, "final_norm")
@@ -147,8 +151,10 @@ def test_weight_change_llava_names_vs_llm(tmp_path):
     for name, t in before.items():
         new = name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name
         after[new] = t.clone()
-    after["model.language_model.layers.1.self_attn.q_proj.weight"] += 0.1 * before["model.layers.1.self_attn.q_proj.weight"]
-    after["model.language_model.embed_tokens.weight"] = torch.cat([before["model.embed_tokens.weight"], torch.randn(2, 8)])
+    q = "layers.1.self_attn.q_proj.weight"
+    after[f"model.language_model.{q}"] += 0.1 * before[f"model.{q}"]
+    embed = before["model.embed_tokens.weight"]
+    after["model.language_model.embed_tokens.weight"] = torch.cat([embed, torch.randn(2, 8)])
     after["model.vision_tower.patch.weight"] = torch.randn(4, 4)
     (tmp_path / "llm").mkdir()
     (tmp_path / "vlm").mkdir()
