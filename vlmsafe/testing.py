@@ -4,14 +4,25 @@ Tests (ours and users') need the *real* transformers / open_clip classes, fast a
 downloads. Each builder returns ``(model, processor)`` in eval mode, seeded, in well under a
 second: a word-level tokenizer with the family's special tokens and chat template, and the
 family's real image processor configured for tiny images.
+
+``tokenizer="real"`` (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL) swaps the word-level tokenizer for the
+processor of a published checkpoint as users load it: the real tokenizer class (``LlamaTokenizerFast``,
+``Qwen2TokenizerFast``) with a tiny vocabulary trained offline, the published special tokens and the
+published ``chat_template`` (llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf,
+Qwen/Qwen2-VL-7B-Instruct). Those processors are read offline from ``tests/fixtures/tokenizers`` of a
+source checkout (see :func:`real_processor`).
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vlmsafe.errors import InputError
 from vlmsafe.tokenization import (
     IMAGE_TOKEN,
     LLAVA_CHAT_TEMPLATE,
@@ -21,13 +32,23 @@ from vlmsafe.tokenization import (
 )
 
 #: A small vocabulary that covers the prompts used in tests and examples.
-TEST_WORDS = (
+TEST_WORDS = (  # noqa: SIM905 (a word list reads best as text)
     "how do i make a bomb build weapon hack into computer steal car write poem about cats what colour "
     "is the shape in image describe picture count objects there are red green blue circle square "
     "triangle sure here steps to i cannot help with that sorry tell me story . , ? ! one two three"
 ).split()
 
 IMAGE_SIZE = 32
+
+#: Processor fixtures of published checkpoints, by family (folders under :data:`REAL_PROCESSOR_DIR`).
+REAL_PROCESSORS = {
+    "llava": "llava-1.5-7b-hf",
+    "llava_next": "llava-v1.6-mistral-7b-hf",
+    "qwen2_vl": "Qwen2-VL-7B-Instruct",
+}
+#: Where a source checkout keeps them (``VLMSAFE_TOKENIZER_FIXTURES`` overrides).
+REAL_PROCESSOR_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers"
+TOKENIZER_KINDS = ("word", "real")
 
 
 def _seed(seed: int) -> None:
@@ -75,25 +96,64 @@ def tiny_tokenizer(**kwargs):
     return build_word_tokenizer(TEST_WORDS, **kwargs)
 
 
-def tiny_llava(seed: int = 0, num_layers: int = 3):
-    """A random ``LlavaForConditionalGeneration`` (llava-1.5 layout) + ``LlavaProcessor``."""
+def real_processor(family: str, root: str | os.PathLike[str] | None = None):
+    """The offline processor fixture of a published checkpoint for ``family`` (see :data:`REAL_PROCESSORS`).
+
+    Loaded with ``AutoProcessor.from_pretrained`` exactly as a user loads the hub repository, so the
+    tokenizer class, special tokens and chat template are the published ones; vocabularies are tiny and
+    images 32 pixels. ``root`` defaults to ``$VLMSAFE_TOKENIZER_FIXTURES`` or the checkout's fixtures.
+    """
+    from transformers import AutoProcessor
+
+    if family not in REAL_PROCESSORS:
+        raise InputError(f"no real-tokenizer fixture for family {family!r}; use one of {', '.join(REAL_PROCESSORS)}")
+    base = Path(root or os.environ.get("VLMSAFE_TOKENIZER_FIXTURES") or REAL_PROCESSOR_DIR)
+    folder = base / REAL_PROCESSORS[family]
+    if not (folder / "tokenizer.json").is_file():
+        raise InputError(
+            f"{folder}: no processor fixture there; pass root= (or set VLMSAFE_TOKENIZER_FIXTURES) to the "
+            "tests/fixtures/tokenizers folder of a vlmsafe source checkout"
+        )
+    return AutoProcessor.from_pretrained(folder)
+
+
+def _check_tokenizer_kind(tokenizer: str) -> None:
+    if tokenizer not in TOKENIZER_KINDS:
+        raise InputError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {tokenizer!r}")
+
+
+def _token_ids(tok) -> dict:
+    """pad/bos/eos ids of a tokenizer for a tiny text config (``None`` where the tokenizer has none)."""
+    return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+
+
+def tiny_llava(seed: int = 0, num_layers: int = 3, *, tokenizer: str = "word"):
+    """A random ``LlavaForConditionalGeneration`` (llava-1.5 layout) + ``LlavaProcessor``.
+
+    ``tokenizer="real"``: the llava-1.5-7b-hf processor fixture (``LlamaTokenizerFast``, published template).
+    """
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+    _check_tokenizer_kind(tokenizer)
     _seed(seed)
-    tok = tiny_tokenizer()
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    if tokenizer == "real":
+        processor = real_processor("llava")
+        tok = processor.tokenizer
+    else:
+        tok = tiny_tokenizer()
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=LLAVA_CHAT_TEMPLATE,
+        )
     config = LlavaConfig(
-        text_config=tiny_text_config(len(tok), num_hidden_layers=num_layers),
+        text_config=tiny_text_config(len(tok), num_hidden_layers=num_layers, **_token_ids(tok)),
         vision_config=tiny_vision_config(),
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",
@@ -104,8 +164,12 @@ def tiny_llava(seed: int = 0, num_layers: int = 3):
     return model, processor
 
 
-def tiny_llava_next(seed: int = 0):
-    """A random ``LlavaNextForConditionalGeneration`` (AnyRes tiling) + ``LlavaNextProcessor``."""
+def tiny_llava_next(seed: int = 0, *, tokenizer: str = "word"):
+    """A random ``LlavaNextForConditionalGeneration`` (AnyRes tiling) + ``LlavaNextProcessor``.
+
+    ``tokenizer="real"``: the llava-v1.6-mistral-7b-hf processor fixture (``LlamaTokenizerFast``, published
+    ``[INST]`` template).
+    """
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -113,24 +177,30 @@ def tiny_llava_next(seed: int = 0):
         LlavaNextProcessor,
     )
 
+    _check_tokenizer_kind(tokenizer)
     _seed(seed)
-    tok = tiny_tokenizer()
-    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_grid_pinpoints=pinpoints,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    if tokenizer == "real":
+        processor = real_processor("llava_next")
+        tok = processor.tokenizer
+        pinpoints = [list(p) for p in processor.image_processor.image_grid_pinpoints]
+    else:
+        tok = tiny_tokenizer()
+        pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_grid_pinpoints=pinpoints,
+        )
+        processor = LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=LLAVA_CHAT_TEMPLATE,
+        )
     config = LlavaNextConfig(
-        text_config=tiny_text_config(len(tok)),
+        text_config=tiny_text_config(len(tok), **_token_ids(tok)),
         vision_config=tiny_vision_config(),
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         image_grid_pinpoints=pinpoints,
@@ -141,17 +211,26 @@ def tiny_llava_next(seed: int = 0):
     return model, processor
 
 
-def tiny_qwen2_vl(seed: int = 0, variant: str = "qwen2_vl"):
-    """A random ``Qwen2VLForConditionalGeneration`` (or ``variant="qwen2_5_vl"``) + processor."""
+def tiny_qwen2_vl(seed: int = 0, variant: str = "qwen2_vl", *, tokenizer: str = "word"):
+    """A random ``Qwen2VLForConditionalGeneration`` (or ``variant="qwen2_5_vl"``) + processor.
+
+    ``tokenizer="real"``: the Qwen2-VL-7B-Instruct processor fixture (``Qwen2TokenizerFast``, published
+    template with its default system turn); Qwen2.5-VL then runs with the Qwen2-VL processor.
+    """
     from transformers import Qwen2VLImageProcessor
 
+    _check_tokenizer_kind(tokenizer)
     _seed(seed)
-    tok = build_word_tokenizer(
-        TEST_WORDS,
-        special_tokens=QWEN2VL_SPECIAL_TOKENS,
-        chat_template=QWEN2VL_CHAT_TEMPLATE,
-        image_token="<|image_pad|>",
-    )
+    real = real_processor("qwen2_vl") if tokenizer == "real" else None
+    if real is not None:
+        tok = real.tokenizer
+    else:
+        tok = build_word_tokenizer(
+            TEST_WORDS,
+            special_tokens=QWEN2VL_SPECIAL_TOKENS,
+            chat_template=QWEN2VL_CHAT_TEMPLATE,
+            image_token="<|image_pad|>",
+        )
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
     image_processor = Qwen2VLImageProcessor(
         patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=IMAGE_SIZE * IMAGE_SIZE
@@ -165,9 +244,7 @@ def tiny_qwen2_vl(seed: int = 0, variant: str = "qwen2_vl"):
         num_key_value_heads=2,
         max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        **({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2} if real is None else _token_ids(tok)),
     )
     if variant == "qwen2_vl":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
@@ -179,7 +256,8 @@ def tiny_qwen2_vl(seed: int = 0, variant: str = "qwen2_vl"):
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
         vision = dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=4,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16, fullatt_block_indexes=[0])
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
+                      fullatt_block_indexes=[0])
         config_cls, model_cls, proc_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     else:
         raise ValueError(f"unknown variant {variant!r}; use 'qwen2_vl' or 'qwen2_5_vl'")
@@ -194,9 +272,13 @@ def tiny_qwen2_vl(seed: int = 0, variant: str = "qwen2_vl"):
     from transformers import Qwen2VLVideoProcessor
 
     video_processor = Qwen2VLVideoProcessor(patch_size=4, temporal_patch_size=2, merge_size=2)
-    processor = proc_cls(
-        image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=QWEN2VL_CHAT_TEMPLATE
-    )
+    if real is not None and variant == "qwen2_vl":
+        processor = real
+    else:
+        template = real.chat_template if real is not None else QWEN2VL_CHAT_TEMPLATE
+        processor = proc_cls(
+            image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=template
+        )
     model = model_cls(config).eval()
     return model, processor
 
@@ -216,7 +298,8 @@ def tiny_clip(seed: int = 0):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig
 
     _seed(seed)
-    tok = build_word_tokenizer(TEST_WORDS, special_tokens=(), chat_template=None, padding_side="right", image_token=None)
+    tok = build_word_tokenizer(TEST_WORDS, special_tokens=(), chat_template=None, padding_side="right",
+                               image_token=None)
     config = CLIPConfig(
         text_config=CLIPTextConfig(
             vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
@@ -226,7 +309,8 @@ def tiny_clip(seed: int = 0):
         projection_dim=16,
     )
     model = CLIPModel(config).eval()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return model, _CLIPProcessorPair(tok, image_processor)
 
 
@@ -261,7 +345,7 @@ def tiny_open_clip(seed: int = 0):
         # Deterministic toy tokenizer: SOT=1, words hashed into [3, 63], EOT=63 (argmax = end of text).
         out = torch.zeros(len(texts), 16, dtype=torch.long)
         for i, text in enumerate(texts):
-            ids = [1] + [3 + (sum(map(ord, w)) % 59) for w in text.lower().split()][:14] + [63]
+            ids = [1, *[3 + (sum(map(ord, w)) % 59) for w in text.lower().split()][:14], 63]
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
@@ -283,4 +367,11 @@ BUILDERS = {
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": lambda seed=0: tiny_qwen2_vl(seed, variant="qwen2_5_vl"),
     "causal_lm": tiny_causal_lm,
+}
+
+#: Builders with the published processors (real tokenizer classes and chat templates), by fixture name.
+REAL_TOKENIZER_BUILDERS = {
+    REAL_PROCESSORS["llava"]: lambda seed=0: tiny_llava(seed, tokenizer="real"),
+    REAL_PROCESSORS["llava_next"]: lambda seed=0: tiny_llava_next(seed, tokenizer="real"),
+    REAL_PROCESSORS["qwen2_vl"]: lambda seed=0: tiny_qwen2_vl(seed, tokenizer="real"),
 }

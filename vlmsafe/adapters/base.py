@@ -96,7 +96,24 @@ class ModelAdapter(ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs are placed.
+
+        A model dispatched by accelerate (``device_map``: several GPUs, CPU or disk offload) keeps the
+        weights of offloaded modules on ``meta``, so its first parameter says nothing; inputs go to the
+        first accelerator of its device map (the execution device of offloaded blocks), or the CPU.
+        """
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map:
+            for target in device_map.values():
+                if isinstance(target, int):
+                    return torch.device("cuda", target)
+                if target not in ("cpu", "disk", "meta"):
+                    return torch.device(target)
+            return torch.device("cpu")
+        for param in self.model.parameters():
+            if param.device.type != "meta":
+                return param.device
+        return torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
