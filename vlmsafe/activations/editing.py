@@ -208,7 +208,10 @@ def _make_edit_hook(adapter: ModelAdapter, layer: int, vector: Any, scale: float
         if edit.rows is None:
             new = hidden + (vec.unsqueeze(1) if per_row else vec)
         else:
-            new = hidden.index_put((edit.rows, edit.cols), vec[edit.rows] if per_row else vec, accumulate=True)
+            rows, cols = edit.rows, edit.cols
+            if rows.device != hidden.device:  # a dispatched model's layers may sit on different GPUs
+                rows, cols = rows.to(hidden.device), cols.to(hidden.device)
+            new = hidden.index_put((rows, cols), vec[rows] if per_row else vec, accumulate=True)
         if plain:
             return new
         if not batch_first:

@@ -115,7 +115,10 @@ def record_activations(
                     rows, cols = mask.nonzero(as_tuple=True)
                     state["mask"] = (rows, cols)
                     rec.row_index, rec.position_index = rows.cpu(), cols.cpu()
-                selected = hidden[state["mask"]]
+                rows, cols = state["mask"]
+                if rows.device != hidden.device:  # a dispatched model's layers may sit on different GPUs
+                    rows, cols = rows.to(hidden.device), cols.to(hidden.device)
+                selected = hidden[rows, cols]
             if dtype is not None:
                 selected = selected.to(dtype)
             if device is not None:
