@@ -232,7 +232,7 @@ def _sample_zero_context(adapter):
         text = adapter.build_inputs(prompts, None, padding_side="left")
         with torch.no_grad(), record_activations(adapter, None, positions="last", device=None) as rec:
             adapter.model(**text)
-        with steer_sample_level(adapter, dict(rec.activations), 0.0, positions="prompt", decode=True):
+        with steer_sample_level(adapter, dict(rec.activations), 0.0, positions="prompt"):
             yield
 
     return context
@@ -249,7 +249,7 @@ def steering_checks(adapter, vectors, mode: str, tie: float, images) -> str:
         cfg = SteeringConfig(vectors=vectors, alpha=1.0, positions="prompt", decode=True)
     else:
         zero = _sample_zero_context(adapter)
-        cfg = SteeringConfig(mode="sample", alpha=1.0, positions="prompt", decode=True)
+        cfg = SteeringConfig(mode="sample", alpha=1.0, positions="prompt")
     check(generate(adapter, prompts, images, zero).tokens == plain.tokens,
           f"{mode}: alpha 0 with the hooks installed changed the greedy tokens")
     on = lambda p, i: cfg.apply(adapter, prompts=p, images=i)
@@ -375,7 +375,7 @@ class Smoke:
         same = same_greedy(generate(other, PROMPTS, images), generate(adapter, PROMPTS, images), self.tie,
                            "dispatched vs one piece")
         for cfg in (SteeringConfig(vectors=vectors, alpha=1.0, positions="prompt", decode=True),
-                    SteeringConfig(mode="sample", alpha=1.0, positions="prompt", decode=True)):
+                    SteeringConfig(mode="sample", alpha=1.0, positions="prompt")):
             runs = [generate(a, PROMPTS, images, lambda p, i, a=a, c=cfg: c.apply(a, prompts=p, images=i))
                     for a in (other, adapter)]
             same_greedy(*runs, self.tie, f"{cfg.mode}-level steering, dispatched vs one piece")

@@ -92,10 +92,11 @@ def _eval_items(root):
 
 
 def _run(model, processor, vectors, eval_items):
-    """Sample-level generations and a dataset-level evaluation (both steer every prompt and generated token)."""
-    common = dict(positions="prompt", decode=True, max_new_tokens=NEW_TOKENS)
-    sample = SafeVLM(model, processor, mode="sample", alpha=1.0, **common).generate(PROMPTS, _images())
-    report = evaluate(SafeVLM(model, processor, vectors, alpha=1.0, **common), eval_items, RefusalJudge(),
+    """Sample-level generations (every prompt token) and a dataset-level evaluation (every prompt and generated token)."""
+    sample = SafeVLM(model, processor, mode="sample", alpha=1.0, positions="prompt",
+                     max_new_tokens=NEW_TOKENS).generate(PROMPTS, _images())
+    dataset = SafeVLM(model, processor, vectors, alpha=1.0, positions="prompt", decode=True, max_new_tokens=NEW_TOKENS)
+    report = evaluate(dataset, eval_items, RefusalJudge(),
                       batch_size=2, max_new_tokens=NEW_TOKENS, progress=False)
     return sample, [asdict(r) for r in report.records]
 

@@ -194,16 +194,15 @@ def test_steering_on_the_published_templates(built, name):
         text_inputs = adapter.build_inputs(PROMPTS, None)
         with record_activations(adapter, None, positions="last", device=None) as rec:
             model(**text_inputs)
-        with steer_sample_level(adapter, dict(rec.activations), alpha=0.0, positions="prompt", decode=True) as state:
+        with steer_sample_level(adapter, dict(rec.activations), alpha=0.0, positions="prompt") as state:
             sample_zero = model.generate(**inputs, **kwargs)
         assert state["shifts"]  # sample-level shifts were computed
     assert torch.equal(dataset_zero, plain) and torch.equal(sample_zero, plain)
 
-    common = dict(positions="prompt", decode=True, max_new_tokens=5)
     plain_text = SafeVLM(model, processor, max_new_tokens=5).generate(PROMPTS, images)
     outputs = []
-    for vlm in (SafeVLM(model, processor, vectors, alpha=1.0, **common),
-                SafeVLM(model, processor, mode="sample", alpha=1.0, **common)):
+    for vlm in (SafeVLM(model, processor, vectors, alpha=1.0, positions="prompt", decode=True, max_new_tokens=5),
+                SafeVLM(model, processor, mode="sample", alpha=1.0, positions="prompt", max_new_tokens=5)):
         batched = vlm.generate(PROMPTS, images)
         assert batched == [vlm.generate(p, img) for p, img in zip(PROMPTS, images)]
         assert batched[1] == plain_text[1]  # the text-only row is never moved

@@ -185,7 +185,9 @@ def _make_edit_hook(adapter: ModelAdapter, layer: int, vector: Any, scale: float
         fixed = None
     else:
         param = next(adapter.layers[layer].parameters(), None)
-        fixed = (scale * vector.detach().float()).to(device=param.device if param is not None else vector.device,
+        # an offloaded layer's weights sit on ``meta``: keep the vector where it is, the hook moves it once seen
+        on_device = param is not None and param.device.type != "meta"
+        fixed = (scale * vector.detach().float()).to(device=param.device if on_device else vector.device,
                                                       dtype=param.dtype if param is not None else vector.dtype)
 
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
