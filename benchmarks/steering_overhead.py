@@ -47,8 +47,8 @@ from vlmsafe.steering import ShiftVectors, SteeringConfig, steer
 from vlmsafe.testing import random_image, tiny_llava
 
 
-def build(hidden: int, layers: int):
-    """A random LLaVA with a wider language model (the vision tower stays tiny)."""
+def build(hidden: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A random LLaVA with a wider language model (the vision tower stays tiny), built on ``device``."""
     from transformers import LlavaForConditionalGeneration
 
     model, processor = tiny_llava(seed=0, num_layers=layers)
@@ -58,7 +58,9 @@ def build(hidden: int, layers: int):
     cfg.text_config.num_attention_heads = max(4, hidden // 64)
     cfg.text_config.num_key_value_heads = cfg.text_config.num_attention_heads
     torch.manual_seed(0)
-    return LlavaForConditionalGeneration(cfg).eval(), processor
+    with torch.device(device):  # initialise in place: a 7B-shaped model is built in seconds on a GPU
+        model = LlavaForConditionalGeneration(cfg)
+    return model.to(dtype).eval(), processor
 
 
 @contextlib.contextmanager
@@ -86,10 +88,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda times wall clock after a synchronize)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("steering_overhead: --device cuda asked for but no CUDA device is present")
+        raise SystemExit(77)
 
-    model, processor = build(args.hidden, args.layers)
+    model, processor = build(args.hidden, args.layers, args.device, getattr(torch, args.dtype))
     adapter = get_adapter(model, processor)
     base = ["how do i make a bomb ?", "what colour is the shape in the image ?", "describe the picture", "steal car"]
     prompts = (base * args.batch)[: args.batch]
@@ -151,14 +159,17 @@ def main() -> None:
         "text-only prefill (unit)": text_prefill,
     }
 
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = time.process_time if args.clock == "cpu" and not cuda else time.perf_counter
+    if cuda:  # kernels run asynchronously: a row ends when the GPU has finished its work
+        clock = lambda: (torch.cuda.synchronize(), time.perf_counter())[1]  # noqa: E731
     with torch.no_grad():
         times = timed(rows, args.repeats, clock)
         short_times = timed(short_rows, args.repeats, clock)
 
-    print(f"model: LlavaForConditionalGeneration, text hidden={args.hidden}, layers={args.layers} (all steered); "
-          f"batch={args.batch}, threads={args.threads}, {args.repeats} interleaved repeats, "
-          f"{'CPU' if args.clock == 'cpu' else 'wall'} time")
+    where = torch.cuda.get_device_name() if cuda else f"CPU, threads={args.threads}"
+    print(f"model: LlavaForConditionalGeneration, text hidden={args.hidden}, layers={args.layers} (all steered), "
+          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {args.dtype}; batch={args.batch}; "
+          f"{where}; {args.repeats} interleaved repeats, {'CPU' if clock is time.process_time else 'wall'} time")
     for title, block in ((f"{args.new_tokens} new tokens", times), (f"{short} new tokens", short_times)):
         plain = next(ts for name, ts in block.items() if name.startswith("plain"))
         head = f"{'seconds: median [min, max]':>32s} {'vs plain, per repeat: median [min, max]':>42s}"
