@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vlmsafe.adapters", "vlmsafe.loading", "vlmsafe.testing"),
     ("vlmsafe.activations",),
     ("vlmsafe.steering", "vlmsafe.merge", "vlmsafe.safeclip", "vlmsafe.eval", "vlmsafe.convert"),
-    ("vlmsafe.steering.sweep", "vlmsafe.testbed"),
+    ("vlmsafe.steering.sweep", "vlmsafe.steering.compare", "vlmsafe.testbed"),
     ("vlmsafe.demo", "probes"),
     ("vlmsafe.cli_options", "vlmsafe.cli", "*.cli"),
 ]

@@ -1,8 +1,9 @@
 """Option groups shared by the ``vlmsafe`` commands, so each flag is defined once.
 
 * :func:`add_model_options` / :func:`load_model_from_args` -- ``--model --dtype --device --device-map``;
-* :func:`add_steering_options` / :func:`steering_from_args` -- the CMRM flags, built from
+* :func:`add_steering_options` / :func:`steering_from_args` -- the CMRM and ShiftDC flags, built from
   :class:`vlmsafe.steering.SteeringConfig`'s field help;
+* :func:`add_anchor_options` -- ``--anchor --anchor-colour --anchor-seed`` (CMRM's anchor image);
 * :func:`add_output_options` -- ``--out`` and ``--overwrite`` (see :func:`vlmsafe.io.check_output`);
 * :func:`add_progress_option` -- ``--no-progress`` (``--quiet`` is kept as a hidden alias);
 * :func:`add_data_options` -- ``--data --limit --batch-size``.
@@ -54,12 +55,51 @@ def load_model_from_args(args: argparse.Namespace, *, kind: str = "auto", device
 
 
 # --------------------------------------------------------------------------- steering
+def colour_arg(text: str) -> tuple[int, int, int]:
+    """An ``argparse`` ``type=`` for a colour: ``R,G,B`` with each in 0..255, or one grey level."""
+    from vlmsafe.data import check_colour
+
+    try:
+        parts = tuple(int(p) for p in text.replace(" ", "").split(","))
+        return check_colour(parts[0] if len(parts) == 1 else parts, "colour")
+    except (ValueError, InputError) as exc:
+        raise argparse.ArgumentTypeError(f"expected R,G,B with each in 0..255 (e.g. 255,255,255), got {text!r}"
+                                         + (f" ({exc})" if isinstance(exc, InputError) else "")) from None
+
+
+def add_anchor_options(group: Any, *, help_prefix: str = "") -> None:
+    """``--anchor {real,blank,noise}``, ``--anchor-colour R,G,B`` and ``--anchor-seed N`` (defaults applied later)."""
+    from vlmsafe.steering.config import field_help
+
+    group.add_argument("--anchor", choices=("real", "blank", "noise"), default=None,
+                       help=help_prefix + field_help("anchor") + " (default real)")
+    group.add_argument("--anchor-colour", type=colour_arg, default=None, metavar="R,G,B",
+                       help=field_help("anchor_colour"))
+    group.add_argument("--anchor-seed", type=int_arg(low=0), default=None, metavar="N", help=field_help("anchor_seed"))
+
+
+def anchor_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``anchor``, ``anchor_colour``, ``anchor_seed`` from the flags; a colour for a non-blank anchor (or a seed
+    for a non-noise one) is an error, since it would be ignored."""
+    from vlmsafe.data import BLANK_COLOUR, NOISE_SEED
+
+    anchor = args.anchor or "real"
+    if args.anchor_colour is not None and anchor != "blank":
+        raise InputError(f"--anchor-colour applies to --anchor blank, but the anchor is {anchor}; "
+                         "drop it or use --anchor blank")
+    if args.anchor_seed is not None and anchor != "noise":
+        raise InputError(f"--anchor-seed applies to --anchor noise, but the anchor is {anchor}; "
+                         "drop it or use --anchor noise")
+    return {"anchor": anchor, "anchor_colour": args.anchor_colour or BLANK_COLOUR,
+            "anchor_seed": NOISE_SEED if args.anchor_seed is None else args.anchor_seed}
+
+
 def add_steering_options(
     parser: argparse.ArgumentParser,
     *,
     layers_flag: str = "--layers",
     positions_flag: str = "--positions",
-    title: str = "CMRM steering",
+    title: str = "steering (CMRM / ShiftDC)",
 ) -> None:
     """The steering flags; defaults are applied by :func:`steering_from_args` so it can tell what was given."""
     from vlmsafe.steering.cmrm import STEER_POSITIONS
@@ -70,12 +110,16 @@ def add_steering_options(
     src.add_argument("--vectors", metavar="DIR", help=field_help("vectors"))
     src.add_argument("--sample-level", action="store_true",
                      help="sample-level CMRM: each input's shift from its own text-only counterpart (one extra text-only pass)")
+    src.add_argument("--shiftdc", metavar="DIR", help=field_help("directions"))
     g.add_argument("--alpha", type=float_arg(), default=None, help=field_help("alpha") + " (default 1.0)")
     g.add_argument(layers_flag, dest="steer_layers", type=layer_spec_arg, default=None, metavar="LAYERS",
                    help=field_help("layers"))
     g.add_argument(positions_flag, dest="steer_positions", choices=STEER_POSITIONS, default=None,
                    help=field_help("positions") + " (default last)")
     g.add_argument("--decode", action="store_true", default=None, help=field_help("decode"))
+    add_anchor_options(g, help_prefix="with --sample-level: ")
+    g.add_argument("--shift-from", choices=("unsteered", "running"), default=None,
+                   help="with --shiftdc: " + field_help("shift_from") + " (default unsteered)")
 
 
 def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, flags: Sequence[str] = ()) -> Any:
@@ -84,26 +128,39 @@ def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, fl
     Steering flags given without ``--vectors`` / ``--sample-level`` are an error: they would be
     ignored silently. ``model`` validates the vectors against it when given.
     """
-    from vlmsafe.steering import ShiftVectors, SteeringConfig
+    from vlmsafe.steering import SafetyDirections, ShiftVectors, SteeringConfig
 
     vectors_dir = getattr(args, "vectors", None)
+    shiftdc_dir = getattr(args, "shiftdc", None)
     sample = bool(getattr(args, "sample_level", False))
     given = [name for name, value in (("--alpha", args.alpha), (flags[0] if flags else "--layers", args.steer_layers),
                                       (flags[1] if len(flags) > 1 else "--positions", args.steer_positions),
                                       ("--decode", args.decode)) if value is not None]
-    if not vectors_dir and not sample:
+    anchor_flags = [flag for flag, dest in (("--anchor", "anchor"), ("--anchor-colour", "anchor_colour"),
+                                            ("--anchor-seed", "anchor_seed")) if getattr(args, dest, None) is not None]
+    if anchor_flags and not sample:
+        raise InputError(f"{', '.join(anchor_flags)} choose(s) the sample-level anchor image; add --sample-level, "
+                         "or for dataset-level vectors calibrate with `vlmsafe calibrate --anchor`")
+    if getattr(args, "shift_from", None) is not None and not shiftdc_dir:
+        raise InputError("--shift-from applies to ShiftDC; add --shiftdc DIR or drop it")
+    if not vectors_dir and not sample and not shiftdc_dir:
         if given:
             raise InputError(f"{', '.join(given)} set(s) steering, but no steering source was given; add --vectors DIR "
-                             "(dataset-level) or --sample-level")
+                             "(dataset-level), --sample-level or --shiftdc DIR")
         return SteeringConfig()
     vectors = ShiftVectors.load(vectors_dir, model=model) if vectors_dir else None
+    directions = SafetyDirections.load(shiftdc_dir, model=model) if shiftdc_dir else None
+    anchor = anchor_from_args(args) if sample and hasattr(args, "anchor") else {}
     return SteeringConfig(
-        mode="dataset" if vectors is not None else "sample",
+        mode="dataset" if vectors is not None else "shiftdc" if directions is not None else "sample",
         vectors=vectors,
+        directions=directions,
         alpha=1.0 if args.alpha is None else args.alpha,
         layers=args.steer_layers,
         positions=args.steer_positions or "last",
         decode=bool(args.decode),
+        shift_from=getattr(args, "shift_from", None) or "unsteered",
+        **anchor,
     )
 
 

@@ -198,6 +198,57 @@ def open_image(path: str | os.PathLike[str], *, context: str = "") -> Image.Imag
         return im.convert("RGB")
 
 
+#: Colour of :func:`blank_image` when none is given: white, as in the blank images the CMRM paper and
+#: vlmsafe's probes use to show the modality gap (the paper does not say which colour it used).
+BLANK_COLOUR: tuple[int, int, int] = (255, 255, 255)
+#: Seed of :func:`noise_image` when none is given.
+NOISE_SEED = 0
+
+def _size(size: int | tuple[int, int], where: str) -> tuple[int, int]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+        raise InputError(f"{where}: size must be a positive int or a (width, height) pair of positive ints, "
+                         f"got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def check_colour(colour: object, where: str = "colour") -> tuple[int, int, int]:
+    """``(r, g, b)`` with each channel an int in 0..255 (a single int is a grey level), else :class:`InputError`."""
+    if isinstance(colour, int) and not isinstance(colour, bool):
+        colour = (colour, colour, colour)
+    if (not isinstance(colour, (tuple, list)) or len(colour) != 3
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in colour)):
+        raise InputError(f"{where}: a colour is three integers in 0..255 (r, g, b), got {colour!r}; "
+                         "e.g. (255, 255, 255)")
+    return int(colour[0]), int(colour[1]), int(colour[2])
+
+
+def blank_image(size: int | tuple[int, int] = 336, colour: object = BLANK_COLOUR) -> Image.Image:
+    """A uniform RGB image of ``size`` (an int for a square, or ``(width, height)``) in ``colour``.
+
+    The simplest image there is: it carries no content, so the shift it causes in a VLM's hidden
+    states is the modality gap itself (the CMRM paper's "meaningless image" anchor).
+    """
+    return Image.new("RGB", _size(size, "blank_image"), check_colour(colour, "blank_image"))
+
+
+def noise_image(size: int | tuple[int, int] = 336, seed: int = NOISE_SEED) -> Image.Image:
+    """Uniform RGB noise (every channel of every pixel uniform in 0..255), reproducible from ``seed``.
+
+    The CMRM paper's "corrupted image" anchor. Drawn with ``numpy.random.default_rng(seed)``, so
+    the same seed gives the same image on every platform and numpy version that keeps that generator.
+    """
+    import numpy as np
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"noise_image: seed must be a non-negative integer, got {seed!r}")
+    width, height = _size(size, "noise_image")
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
 def verify_image(path: str | os.PathLike[str], *, context: str = "") -> None:
     """Check, without decoding the pixels, that ``path`` is an image file whose structure is intact.
 

@@ -64,6 +64,21 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
 
 
 # --------------------------------------------------------------------------- layer selections
+#: Named layer selections: every decoder layer (CMRM as published), or the middle one to the last
+#: (``n // 2 .. n - 1``, ShiftDC's default: its paper finds steering from layer 1 worst).
+LAYER_PRESETS = ("all", "middle-to-last")
+
+
+def preset_layers(name: str, num_layers: int) -> list[int]:
+    """The layer indices a named selection (:data:`LAYER_PRESETS`) picks in a model of ``num_layers``."""
+    if name == "all":
+        return list(range(num_layers))
+    if name == "middle-to-last":
+        return list(range(num_layers // 2, num_layers))
+    raise LayerIndexError(f"unknown layer selection {name!r}; use one of {', '.join(LAYER_PRESETS)} "
+                          "or indices such as '8-15'")
+
+
 def parse_layer_spec(spec: str) -> list[int]:
     """Parse ``"12"``, ``"8,10,12"``, ``"8-15"`` or ``"-1"`` (from the end) into layer indices.
 
@@ -148,9 +163,9 @@ def float_list_arg(*, low: float | None = None, high: float | None = None) -> Ca
 
 
 def layer_spec_arg(text: str) -> str:
-    """An ``argparse`` ``type=`` that checks a layer selection's syntax (``all``, ``8-15``, ``4,8``)."""
-    if text.strip().lower() == "all":
-        return "all"
+    """An ``argparse`` ``type=`` checking a layer selection (``all``, ``middle-to-last``, ``8-15``, ``4,8``)."""
+    if text.strip().lower() in LAYER_PRESETS:
+        return text.strip().lower()
     try:
         parse_layer_spec(text)
     except LayerIndexError as exc:

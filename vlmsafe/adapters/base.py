@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from vlmsafe.errors import InputError, LayerIndexError, UnsupportedModelError
-from vlmsafe.validation import parse_layer_spec
+from vlmsafe.validation import LAYER_PRESETS, parse_layer_spec, preset_layers
 
 ImageLike = Image.Image
 
@@ -122,12 +122,15 @@ class ModelAdapter(ABC):
     def resolve_layers(self, layers: int | Sequence[int] | str | None) -> list[int]:
         """Normalise a layer selection to sorted, validated, non-negative indices.
 
-        Accepts ``None``/``"all"`` (every layer), an int, a sequence of ints (negative counts from
-        the end, as in Python), or a string such as ``"8-15"`` / ``"3,5,7"`` (CLI form).
+        Accepts ``None``/``"all"`` (every layer), ``"middle-to-last"`` (layers ``n // 2 .. n - 1``), an
+        int, a sequence of ints (negative counts from the end, as in Python), or a string such as
+        ``"8-15"`` / ``"3,5,7"`` (CLI form).
         """
         n = self.num_layers
-        if layers is None or layers == "all":
+        if layers is None:
             return list(range(n))
+        if isinstance(layers, str) and layers in LAYER_PRESETS:
+            return preset_layers(layers, n)
         if isinstance(layers, str):
             layers = parse_layer_spec(layers)
         if isinstance(layers, int):
@@ -170,6 +173,18 @@ class ModelAdapter(ABC):
             raise InputError(f"got {len(prompts)} prompts but {len(images)} images; pass one image per prompt")
         return self.build_inputs(prompts, images, **kwargs), self.build_inputs(prompts, None, **kwargs)
 
+    @property
+    def image_input_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the images the processor hands the vision tower.
+
+        Read from the image processor: its crop size, else a fixed ``size``, else a square of its
+        shortest edge. Processors with dynamic resolution (Qwen2-VL: a pixel budget, no input size)
+        get :data:`DYNAMIC_RESOLUTION_SIDE` squared, clamped into their pixel budget and rounded down
+        to whole merged patches. Used to draw anchor images (blank / noise) that the processor does
+        not need to resize.
+        """
+        return processor_image_size(getattr(self._require_processor(), "image_processor", None))
+
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask of image-token positions (all False for text-only models)."""
         if self.image_token_id is None:
@@ -193,6 +208,42 @@ class ModelAdapter(ABC):
             f"{type(self).__name__}(model={type(self.model).__name__}, layers={self.num_layers}, "
             f"hidden_size={self.hidden_size})"
         )
+
+
+#: Side of the square anchor image for dynamic-resolution processors (LLaVA-1.5's 336 would be cut to
+#: few tokens by Qwen2-VL's 28-pixel merged patches; 448 = 16 x 28 keeps a typical 256-token image).
+DYNAMIC_RESOLUTION_SIDE = 448
+
+
+def processor_image_size(image_processor: Any) -> tuple[int, int]:
+    """``(width, height)`` an image processor feeds its vision tower (see :attr:`ModelAdapter.image_input_size`)."""
+    if image_processor is None:
+        raise InputError("the processor has no image_processor, so it has no image input size; "
+                         "pass an anchor image yourself")
+
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    for name in ("crop_size", "size"):
+        spec = getattr(image_processor, name, None)
+        if spec is not None and get(spec, "height") and get(spec, "width"):
+            return int(get(spec, "width")), int(get(spec, "height"))
+    patch = getattr(image_processor, "patch_size", None)
+    merge = getattr(image_processor, "merge_size", None)
+    size = getattr(image_processor, "size", None)
+    if patch and merge and size is not None and get(size, "longest_edge"):  # Qwen2-VL: a pixel budget
+        unit = int(patch) * int(merge)
+        low = int(get(size, "shortest_edge") or getattr(image_processor, "min_pixels", 0) or 0) ** 0.5
+        high = int(get(size, "longest_edge")) ** 0.5
+        side = min(max(DYNAMIC_RESOLUTION_SIDE, low), high)
+        side = max(unit, int(side) // unit * unit)
+        return side, side
+    if size is not None and get(size, "shortest_edge"):
+        edge = int(get(size, "shortest_edge"))
+        return edge, edge
+    raise InputError(
+        f"cannot tell the image input size of {type(image_processor).__name__}; pass the anchor as a PIL image"
+    )
 
 
 def register_adapter(*class_names: str) -> Callable[[type[ModelAdapter]], type[ModelAdapter]]:

@@ -8,24 +8,31 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.cli_options import (
+    add_anchor_options,
     add_data_options,
     add_max_new_tokens,
     add_model_options,
     add_output_options,
     add_progress_option,
     add_steering_options,
+    anchor_from_args,
     load_model_from_args,
     steering_from_args,
 )
 from vlmsafe.errors import InputError
-from vlmsafe.validation import layer_spec_arg
+from vlmsafe.validation import int_arg, layer_spec_arg
 
 _CALIBRATE_EPILOG = """\
 data file: JSONL, one object per line: {"id": "1", "prompt": "...", "image": "img/1.png"}
-(image paths relative to the file; optional category, label). Examples:
+(image paths relative to the file; optional category, label, caption). Examples:
   vlmsafe calibrate --model llava-1.5-7b-hf --data calib.jsonl --out vectors/ --layers 8-31
-  accelerate launch --num_processes 4 -m vlmsafe.cli calibrate ...   # shard a large set over 4 GPUs
+  vlmsafe calibrate --model llava-1.5-7b-hf --data prompts.jsonl --anchor blank --out vectors-blank/   # as in CMRM
+  vlmsafe calibrate --model llava-1.5-7b-hf --data labelled.jsonl --method shiftdc --out directions/
+  accelerate launch --num_processes 4 -m vlmsafe.cli calibrate ...   # shard a large set over 4 GPUs (CMRM)
   torchrun --nproc_per_node 2 -m vlmsafe.cli calibrate ...           # several CPU processes (gloo)
+
+--method shiftdc needs labelled items ("label": "harmful" | "benign"); each item's caption is its
+"caption" field, else an entry of --captions, else written by the model from --caption-prompt.
 """
 
 _GENERATE_EPILOG = """\
@@ -33,6 +40,8 @@ examples:
   vlmsafe generate --model DIR --image cat.png --prompt 'What is in the image?'
   vlmsafe generate --model DIR --vectors vectors/ --alpha 1.0 --image x.png --prompt '...'
   vlmsafe generate --model DIR --sample-level --image x.png --prompt '...'
+  vlmsafe generate --model DIR --sample-level --anchor blank --image x.png --prompt '...'
+  vlmsafe generate --model DIR --shiftdc directions/ --alpha 1.0 --image x.png --prompt '...'
 """
 
 
@@ -41,29 +50,48 @@ def register(subparsers: Any) -> None:
 
     cal = subparsers.add_parser(
         "calibrate",
-        help="compute dataset-level CMRM shift vectors for a VLM",
+        help="compute dataset-level CMRM shift vectors (or ShiftDC safety directions) for a VLM",
         description=(
-            "Run every (prompt, image) item of --data through the model twice, with its image and as its "
-            "text-only counterpart, and save the per-layer mean shift (multimodal minus text-only) to --out "
-            "(vectors.safetensors + vectors.json). Use the vectors with `vlmsafe generate --vectors DIR`."
+            "CMRM (default): run every item of --data through the model twice, with an image (its own, or a "
+            "blank / noise anchor) and as its text-only counterpart, and save the per-layer shift (multimodal "
+            "minus text-only; mean or first principal component) to --out (vectors.safetensors + vectors.json). "
+            "Use the vectors with `vlmsafe generate --vectors DIR`. ShiftDC (--method shiftdc): save per-layer "
+            "safety directions (benign minus harmful [prompt + caption] states) and the captions used to --out; "
+            "use them with `vlmsafe generate --shiftdc DIR`."
         ),
         epilog=_CALIBRATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_options(cal)
-    add_data_options(cal, help="JSONL calibration items, each with an image")
-    add_output_options(cal, help="output folder for vectors.safetensors + vectors.json (written atomically)")
-    cal.add_argument("--layers", type=layer_spec_arg, default=None, help="decoder layers to calibrate, e.g. '8-15' (default: all)")
-    cal.add_argument("--positions", default="last", choices=CALIBRATION_POSITIONS,
-                     help="token positions read per item: the last prompt token (default) or the mean over the prompt's "
-                     "text tokens (image tokens have no text-only counterpart)")
+    add_data_options(cal, help="JSONL calibration items (with an image each, unless --anchor blank/noise)")
+    add_output_options(cal, help="output folder for the vectors / directions (written atomically)")
+    cal.add_argument("--method", choices=("cmrm", "shiftdc"), default="cmrm",
+                     help="cmrm: shift vectors (default); shiftdc: safety directions from labelled items")
+    cal.add_argument("--layers", type=layer_spec_arg, default=None,
+                     help="decoder layers to calibrate, e.g. '8-15' or 'middle-to-last' (default: all)")
+    cal.add_argument("--positions", default=None, choices=CALIBRATION_POSITIONS,
+                     help="token positions read per item: the last prompt token (default) or the mean over the "
+                     "prompt's text tokens (image tokens have no text-only counterpart); ShiftDC reads the last only")
+    g = cal.add_argument_group("CMRM")
+    add_anchor_options(g)
+    g.add_argument("--aggregate", choices=("mean", "pca"), default=None,
+                   help="mean of the per-item shifts (default), or their first principal component oriented and "
+                        "scaled by the mean (keeps every item's shift in memory)")
+    g = cal.add_argument_group("ShiftDC")
+    g.add_argument("--caption-prompt", default=None, metavar="TEXT",
+                   help="instruction the model captions an image from; {prompt} is the item's prompt "
+                        "(default: ShiftDC's 'Based on the given Request, describe the image. Request: {prompt}')")
+    g.add_argument("--caption-tokens", type=int_arg(low=1), default=None, metavar="N",
+                   help="caption budget in tokens (default 128, as in ShiftDC's code)")
+    g.add_argument("--captions", default=None, metavar="JSONL",
+                   help="reuse captions by item id, e.g. the captions.jsonl of an earlier --method shiftdc run")
     add_progress_option(cal)
     cal.set_defaults(func=run_calibrate)
 
     gen = subparsers.add_parser(
         "generate",
-        help="generate with a VLM, optionally under CMRM steering",
-        description="Generate a response for one prompt (and image), unsteered or steered with CMRM.",
+        help="generate with a VLM, optionally under CMRM or ShiftDC steering",
+        description="Generate a response for one prompt (and image), unsteered or steered with CMRM or ShiftDC.",
         epilog=_GENERATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -76,27 +104,87 @@ def register(subparsers: Any) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from vlmsafe.data import load_items
-    from vlmsafe.distributed import accelerator_if_launched, is_main_process, wait_for_everyone
     from vlmsafe.io import check_output
-    from vlmsafe.steering import calibrate
 
     check_output(args.out, kind="dir", overwrite=args.overwrite)
-    items = load_items(args.data, check_images="verify")[: args.limit]
+    if args.method == "shiftdc":
+        return _calibrate_shiftdc(args)
+    shiftdc_flags = [f for f, v in (("--caption-prompt", args.caption_prompt),
+                                    ("--caption-tokens", args.caption_tokens), ("--captions", args.captions))
+                     if v is not None]
+    if shiftdc_flags:
+        raise InputError(f"{', '.join(shiftdc_flags)} appl(y) to --method shiftdc; add it or drop them")
+    return _calibrate_cmrm(args)
+
+
+def _calibrate_cmrm(args: argparse.Namespace) -> int:
+    from vlmsafe.data import load_items
+    from vlmsafe.distributed import accelerator_if_launched, is_main_process, wait_for_everyone
+    from vlmsafe.steering import calibrate
+
+    anchor = anchor_from_args(args)
+    real = anchor["anchor"] == "real"
+    items = load_items(args.data, check_images="verify" if real else False)[: args.limit]
     missing = [it.id for it in items if it.image is None]
-    if missing:
-        raise InputError(f"{args.data}: items {missing[:5]} have no image; CMRM calibration needs an image per item")
+    if real and missing:
+        raise InputError(f"{args.data}: items {missing[:5]} have no image; CMRM calibration on real images needs "
+                         "an image per item (or calibrate on a fixed anchor: --anchor blank / noise, which needs "
+                         "prompts only)")
     accelerator = accelerator_if_launched()
     model, processor = load_model_from_args(args, kind="vlm", device=accelerator.device if accelerator is not None else None)
-    vectors = calibrate(model, processor, items, layers=args.layers, positions=args.positions, batch_size=args.batch_size,
-                        accelerator=accelerator, progress=not args.no_progress)
+    vectors = calibrate(model, processor, items, layers=args.layers, positions=args.positions or "last",
+                        batch_size=args.batch_size, accelerator=accelerator, progress=not args.no_progress,
+                        aggregate=args.aggregate or "mean", **anchor)
     vectors.meta["model_name"] = str(args.model)
     vectors.meta["calibration_data"] = str(Path(args.data).resolve())
     if is_main_process(accelerator):
         vectors.save(args.out, overwrite=args.overwrite)
-        print(f"saved CMRM vectors for {len(vectors.layers)} layers from {vectors.meta['num_items']} items to {args.out}")
+        print(f"saved CMRM vectors ({vectors.meta['anchor']} anchor, {vectors.meta['aggregate']}) for "
+              f"{len(vectors.layers)} layers from {vectors.meta['num_items']} items to {args.out}")
         print(json.dumps({str(l): round(s["shift_norm"], 4) for l, s in vectors.stats.items()}))
     wait_for_everyone(accelerator)
+    return 0
+
+
+def _calibrate_shiftdc(args: argparse.Namespace) -> int:
+    from vlmsafe.data import load_items
+    from vlmsafe.distributed import world_size
+    from vlmsafe.steering import calibrate_shiftdc
+    from vlmsafe.steering.shiftdc import CAPTION_PROMPT, CAPTION_TOKENS, check_caption_prompt, read_caption_cache
+
+    cmrm_flags = [f for f, v in (("--anchor", args.anchor), ("--anchor-colour", args.anchor_colour),
+                                 ("--anchor-seed", args.anchor_seed), ("--aggregate", args.aggregate))
+                  if v is not None]
+    if cmrm_flags:
+        raise InputError(f"{', '.join(cmrm_flags)} appl(y) to CMRM; drop them for --method shiftdc")
+    if args.positions not in (None, "last"):
+        raise InputError(f"ShiftDC reads the last prompt token; drop --positions {args.positions}")
+    if world_size() > 1:
+        raise InputError("ShiftDC calibration runs in one process; run it without accelerate launch / torchrun")
+    caption_prompt = check_caption_prompt(args.caption_prompt or CAPTION_PROMPT)
+    cache = read_caption_cache(args.captions) if args.captions else {}
+    items = load_items(args.data, check_images=False, require_label=True)[: args.limit]
+    uncaptioned = [it for it in items if not it.meta.get("caption") and it.id not in cache]
+    missing = [it.id for it in uncaptioned if it.image is None]
+    if missing:
+        raise InputError(f"{args.data}: items {missing[:5]} have neither a caption nor an image; give each a "
+                         "'caption' field or an image (the model captions it)")
+    from vlmsafe.data import verify_image
+
+    for it in uncaptioned:
+        verify_image(it.image, context=f"{args.data}: item {it.id!r}")
+    model, processor = load_model_from_args(args, kind="vlm")
+    directions = calibrate_shiftdc(model, processor, items, layers=args.layers, batch_size=args.batch_size,
+                                   caption_prompt=caption_prompt, caption_tokens=args.caption_tokens or CAPTION_TOKENS,
+                                   captions=cache, progress=not args.no_progress)
+    directions.meta["model_name"] = str(args.model)
+    directions.meta["calibration_data"] = str(Path(args.data).resolve())
+    directions.save(args.out, overwrite=args.overwrite)
+    src = directions.meta["caption_sources"]
+    print(f"saved ShiftDC safety directions for {len(directions.layers)} layers from "
+          f"{directions.meta['n_harmful']} harmful and {directions.meta['n_benign']} benign items to {args.out} "
+          f"(captions: {src['data']} from the data, {src['cache']} from --captions, {src['generated']} generated; "
+          "all in captions.jsonl)")
     return 0
 
 

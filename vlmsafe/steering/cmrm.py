@@ -37,15 +37,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from vlmsafe.activations import CallEdit, EditPlan, Prompt, edit_activations, record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
+from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, prompt_of
 from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
+from vlmsafe.steering.anchors import anchor_image
 from vlmsafe.steering.items import DatasetHasher, batched
-from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors, calibration_meta
+from vlmsafe.steering.vectors import AGGREGATES, ShiftAccumulator, ShiftVectors, calibration_meta
 from vlmsafe.validation import check_float
 
 STEER_POSITIONS = ("last", "prompt", "text", "image")
@@ -67,14 +70,29 @@ def calibrate(
     system_prompt: str | None = None,
     progress: bool = True,
     accelerator: Any | None = None,
+    anchor: str | Image.Image = "real",
+    anchor_colour: Any = BLANK_COLOUR,
+    anchor_seed: int = NOISE_SEED,
+    aggregate: str = "mean",
 ) -> ShiftVectors:
     """Calibrate dataset-level CMRM vectors on (prompt, image) ``items``.
 
-    Each item is run twice, with its image and as its text-only counterpart; per layer, the
+    Each item is run twice, with an image and as its text-only counterpart; per layer, the
     item's activation is its mean over the read ``positions``: the ``"last"`` prompt token
     (default) or the prompt's ``"text"`` tokens (image tokens excluded on the multimodal side:
-    they have no text-only counterpart). Sums are accumulated in float64 (:class:`ShiftAccumulator`), so results are
+    they have no text-only counterpart). Sums are accumulated in float64
+    (:class:`ShiftAccumulator`), so results are
     deterministic and bf16/fp16 models calibrate as precisely as fp32 ones allow.
+
+    ``anchor`` picks the image (:mod:`vlmsafe.steering.anchors`): ``"real"``, each item's own
+    image; ``"blank"`` (in ``anchor_colour``) or ``"noise"`` (from ``anchor_seed``), one
+    meaningless image at the processor's input size for every item, as in the CMRM paper; or a
+    PIL image. With a fixed anchor the items' images are never opened (they may have none), and
+    the vectors depend on the prompts alone.
+
+    ``aggregate``: ``"mean"`` of the per-item shifts, or ``"pca"``, their first principal
+    component oriented and scaled by the mean (:func:`~vlmsafe.steering.vectors.first_principal_component`;
+    keeps every item's shift in memory). Anchor and aggregation are recorded in ``vectors.meta``.
 
     With an ``accelerate.Accelerator`` of several processes (``accelerate launch`` / ``torchrun``),
     each process runs a contiguous shard of ``items`` and the sums are all-reduced: every process
@@ -85,32 +103,40 @@ def calibrate(
     if not adapter.supports_images:
         raise InputError(f"{type(adapter.model).__name__} is text-only: CMRM calibration needs a vision-language model")
     _check_read_positions(positions, CALIBRATION_POSITIONS, "calibrate")
+    if aggregate not in AGGREGATES:
+        raise InputError(f"aggregate must be one of {', '.join(map(repr, AGGREGATES))}, got {aggregate!r}")
     layer_ids = adapter.resolve_layers(layers)
-    sums = ShiftAccumulator(layer_ids, adapter.hidden_size)
+    fixed, anchor_meta = anchor_image(adapter, anchor, colour=anchor_colour, seed=anchor_seed)
+    items = list(items) if fixed is None else [(prompt_of(it), fixed) for it in items]  # fixed anchor: prompts only
+    sums = ShiftAccumulator(layer_ids, adapter.hidden_size, keep_items=aggregate == "pca")
     hasher = DatasetHasher()
-    with shard(list(items), accelerator) as part:
+    with shard(items, accelerator) as part:
         bar = tqdm(total=len(part), desc="calibrating CMRM", unit="item", disable=not (progress and is_main_process(accelerator)))
         for batch in batched(part, batch_size):
-            _calibration_batch(adapter, batch, layer_ids, positions, system_prompt, sums, hasher)
+            _calibration_batch(adapter, batch, layer_ids, positions, system_prompt, sums, hasher,
+                               hash_images=fixed is None)
             bar.update(len(batch))
         bar.close()
     sums.all_reduce(accelerator)
     if sums.count == 0:
         raise InputError("no calibration items were given; pass at least one (prompt, image) pair")
     digests = gather(hasher.item_digests, accelerator)  # process order = shard order = item order
-    return sums.to_vectors(calibration_meta(adapter, layers=layer_ids, positions=positions,
-                                            calibration_sha256=hasher.hexdigest(digests), system_prompt=system_prompt))
+    meta = calibration_meta(adapter, layers=layer_ids, positions=positions, system_prompt=system_prompt,
+                            calibration_sha256=hasher.hexdigest(digests), **anchor_meta)
+    return sums.to_vectors(meta, aggregate=aggregate)
 
 
 def _calibration_batch(adapter: ModelAdapter, batch: list, layer_ids: list[int], positions: str,
-                       system_prompt: str | None, sums: ShiftAccumulator, hasher: DatasetHasher) -> None:
+                       system_prompt: str | None, sums: ShiftAccumulator, hasher: DatasetHasher,
+                       hash_images: bool = True) -> None:
     """Run one batch with and without its images and add the paired activations to ``sums``."""
     prompts = [p for p, _ in batch]
     images = [img for _, img in batch]
     if any(img is None for img in images):
-        raise InputError("every calibration item needs an image (CMRM measures the shift an image causes)")
+        raise InputError("every calibration item needs an image (CMRM measures the shift an image causes); "
+                         "or calibrate on a fixed anchor image (anchor='blank' / 'noise'), which needs prompts only")
     for prompt, image in batch:
-        hasher.update(prompt, image)
+        hasher.update(prompt, image if hash_images else None)
     mm_inputs, text_inputs = adapter.build_pair(prompts, images, system_prompt=system_prompt)
     sums.add(_read(adapter, mm_inputs, layer_ids, positions), _read(adapter, text_inputs, layer_ids, positions))
 
@@ -349,6 +375,41 @@ def text_only_states(
     if not rows:
         return out
     inputs = adapter.build_inputs([prompts[i] for i in rows], None, system_prompt=system_prompt, padding_side="left")
+    with record_activations(adapter, layer_ids, positions="last", dtype=torch.float32, device=None,
+                            stop_early=True) as rec:
+        adapter.model(**inputs, use_cache=False)
+    index = torch.tensor(rows, device=device)
+    for l in layer_ids:
+        out[l].index_copy_(0, index, rec.activations[l].to(device))
+    return out
+
+
+@torch.no_grad()
+def prompt_states(
+    model: nn.Module | ModelAdapter,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Any] | None,
+    *,
+    rows: Sequence[int] | None = None,
+    layers: int | Sequence[int] | str | None = None,
+    system_prompt: str | None = None,
+) -> dict[int, torch.Tensor]:
+    """Unsteered last-prompt-token states of ``(prompts[i], images[i])`` for ``rows`` (default all): ``{layer: (B, H)}``.
+
+    Like :func:`text_only_states` (rows not listed get zeros, no KV cache, the pass stops after the
+    deepest requested layer), for any inputs: the anchored pass of sample-level CMRM on a blank or
+    noise image, and ShiftDC's captioned-counterpart and multimodal passes.
+    """
+    adapter = get_adapter(model, processor)
+    layer_ids = adapter.resolve_layers(layers)
+    rows = list(range(len(prompts))) if rows is None else list(rows)
+    shape, device = (len(prompts), adapter.hidden_size), adapter.device
+    out = {l: torch.zeros(shape, dtype=torch.float32, device=device) for l in layer_ids}
+    if not rows:
+        return out
+    picked = None if images is None else [images[i] for i in rows]
+    inputs = adapter.build_inputs([prompts[i] for i in rows], picked, system_prompt=system_prompt, padding_side="left")
     with record_activations(adapter, layer_ids, positions="last", dtype=torch.float32, device=None,
                             stop_early=True) as rec:
         adapter.model(**inputs, use_cache=False)

@@ -1,4 +1,4 @@
-"""``SafeVLM``: a thin generation wrapper that applies CMRM steering to every call."""
+"""``SafeVLM``: a thin generation wrapper that applies steering (CMRM or ShiftDC) to every call."""
 
 from __future__ import annotations
 
@@ -13,23 +13,24 @@ from torch import nn
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import InputError
 from vlmsafe.loading import load_model
-from vlmsafe.steering.config import SteeringConfig
+from vlmsafe.steering.config import MODES, SteeringConfig
+from vlmsafe.steering.shiftdc import SafetyDirections
 from vlmsafe.steering.vectors import ShiftVectors
 from vlmsafe.validation import check_int
 
-_MODES = ("dataset", "sample", None)
-
-
 class SafeVLM:
-    """Generate with a VLM under CMRM steering.
+    """Generate with a VLM under CMRM or ShiftDC steering.
 
     >>> vlm = SafeVLM(model, processor, vectors=ShiftVectors.load("vectors/"), alpha=1.0)
     >>> vlm.generate("how do I ...?", image)            # one item -> str
     >>> vlm.generate(prompts, images)                   # a batch  -> list[str]
     >>> SafeVLM(model, processor, steering=SteeringConfig(mode="sample", alpha=0.5))
+    >>> SafeVLM(model, processor, mode="shiftdc", directions=SafetyDirections.load("directions/"))
 
     ``mode="dataset"`` applies calibrated ``vectors``; ``mode="sample"`` computes each input's shift
-    from its own text-only counterpart (``layers`` then picks the layers, default all);
+    from its own text-only counterpart (``layers`` then picks the layers, default all; ``anchor``
+    measures it with a blank or noise image instead of the input's own); ``mode="shiftdc"`` removes
+    each input's shift along the safety ``directions`` (default layers middle-to-last);
     ``mode=None`` (or ``alpha=0``) generates unsteered. The keyword arguments build a
     :class:`SteeringConfig`; pass ``steering=`` instead to reuse one. Batches are left-padded and
     generated greedily by default; ``generate_kwargs`` go to ``model.generate``.
@@ -47,6 +48,9 @@ class SafeVLM:
         positions: str = "last",
         decode: bool = False,
         steer_text_only: bool = False,
+        directions: SafetyDirections | None = None,
+        anchor: Any = "real",
+        shift_from: str = "unsteered",
         steering: SteeringConfig | None = None,
         system_prompt: str | None = None,
         max_new_tokens: int = 64,
@@ -56,13 +60,15 @@ class SafeVLM:
         self.adapter: ModelAdapter = get_adapter(model, processor)
         if steering is None:
             if mode == "auto":
-                mode = "dataset" if vectors is not None else None
-            if mode not in _MODES:
-                raise InputError(f"mode must be 'dataset', 'sample' or None, got {mode!r}")
+                mode = "dataset" if vectors is not None else "shiftdc" if directions is not None else None
+            if mode is not None and mode not in MODES:
+                raise InputError(f"mode must be one of {', '.join(map(repr, MODES))} or None, got {mode!r}")
             if mode == "dataset" and vectors is None:
                 raise InputError("mode='dataset' needs calibrated vectors: pass vectors=ShiftVectors.load(DIR) or use mode='sample'")
             steering = SteeringConfig(mode=mode, vectors=vectors if mode == "dataset" else None, alpha=alpha, layers=layers,
-                                      positions=positions, decode=decode, steer_text_only=steer_text_only)
+                                      positions=positions, decode=decode, steer_text_only=steer_text_only,
+                                      directions=directions if mode == "shiftdc" else None, anchor=anchor,
+                                      shift_from=shift_from)
         elif steering.mode == "dataset" and steering.vectors is None:
             raise InputError("the steering config is dataset-level but has no vectors: pass SteeringConfig(vectors=...)")
         steering.check_model(self.adapter)
@@ -78,6 +84,7 @@ class SafeVLM:
         path: str | os.PathLike[str],
         vectors: str | os.PathLike[str] | ShiftVectors | None = None,
         *,
+        directions: str | os.PathLike[str] | SafetyDirections | None = None,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
@@ -87,7 +94,9 @@ class SafeVLM:
         model, processor = load_model(path, kind="vlm", dtype=dtype, device=device, device_map=device_map)
         if vectors is not None and not isinstance(vectors, ShiftVectors):
             vectors = ShiftVectors.load(vectors)
-        return cls(model, processor, vectors, **kwargs)
+        if directions is not None and not isinstance(directions, SafetyDirections):
+            directions = SafetyDirections.load(directions)
+        return cls(model, processor, vectors, directions=directions, **kwargs)
 
     # ------------------------------------------------------------------ views
     @property
@@ -129,38 +138,52 @@ class SafeVLM:
         images: Image.Image | None | Sequence[Image.Image | None] = None,
         *,
         max_new_tokens: int | None = None,
+        captions: str | Sequence[str | None] | None = None,
         **generate_kwargs: Any,
     ) -> str | list[str]:
+        """Generate one response per prompt (a str for a single prompt, else a list).
+
+        ``captions`` (ShiftDC only): known captions of the images, one per prompt (``None`` where
+        unknown); the model writes the missing ones.
+        """
         single = isinstance(prompts, str)
         if single:
             prompts, images = [prompts], [images]
+            captions = None if captions is None else [captions]
         prompts = list(prompts)
         if isinstance(images, Image.Image):
             raise InputError("got a list of prompts but a single image; pass a list with one image (or None) per prompt")
         images = [None] * len(prompts) if images is None else list(images)
         if len(images) != len(prompts):
             raise InputError(f"got {len(prompts)} prompts but {len(images)} images; pass one image (or None) per prompt")
+        captions = [None] * len(prompts) if captions is None else list(captions)
+        if len(captions) != len(prompts):
+            raise InputError(f"got {len(prompts)} prompts but {len(captions)} captions; "
+                             "pass one caption (or None) per prompt")
         budget = self.max_new_tokens if max_new_tokens is None else check_int(max_new_tokens, "max_new_tokens", low=1)
         out: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             end = start + self.batch_size
-            out.extend(self._generate_batch(prompts[start:end], images[start:end], budget, generate_kwargs))
+            out.extend(self._generate_batch(prompts[start:end], images[start:end], budget, generate_kwargs,
+                                            captions[start:end]))
         return out[0] if single else out
 
     @torch.no_grad()
-    def _generate_batch(self, prompts, images, max_new_tokens, generate_kwargs) -> list[str]:
+    def _generate_batch(self, prompts, images, max_new_tokens, generate_kwargs, captions=None) -> list[str]:
         adapter = self.adapter
         inputs = adapter.build_inputs(prompts, images, system_prompt=self.system_prompt, padding_side="left")
         kwargs = {**self.generate_kwargs, **generate_kwargs, "max_new_tokens": max_new_tokens}
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        with self.steering(prompts, images):
+        with self.steering(prompts, images, captions):
             output = adapter.model.generate(**inputs, **kwargs)
         return adapter.decode(output[:, inputs["input_ids"].shape[1] :])
 
-    def steering(self, prompts: Sequence[str], images: Sequence[Image.Image | None]) -> contextlib.AbstractContextManager:
+    def steering(self, prompts: Sequence[str], images: Sequence[Image.Image | None],
+                 captions: Sequence[str | None] | None = None) -> contextlib.AbstractContextManager:
         """The steering context for one batch (a no-op when unsteered)."""
-        return self.steering_config.apply(self.adapter, prompts=prompts, images=images, system_prompt=self.system_prompt)
+        return self.steering_config.apply(self.adapter, prompts=prompts, images=images,
+                                          system_prompt=self.system_prompt, captions=captions)
 
 
 __all__ = ["SafeVLM"]

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmsafe import __version__
 from vlmsafe.adapters import ModelAdapter, get_adapter
-from vlmsafe.errors import FileFormatError, IncompatibleVectorsError
+from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json, sha256_file
 
 TENSOR_FILE = "vectors.safetensors"
@@ -39,7 +39,10 @@ class ShiftVectors:
     """Per-layer representation shift (multimodal minus text-only) for one model.
 
     ``shifts[l]`` is the mean over calibration items of ``h_l(image + text) - h_l(text only)``
-    at the read positions. ``stats[l]`` holds float statistics (``shift_norm``, ``mm_norm``,
+    at the read positions (or, with ``meta["aggregate"] == "pca"``, the first principal component
+    of the per-item differences, scaled by the mean's projection on it); the image is the item's
+    own or a fixed anchor (``meta["anchor"]``, see :mod:`vlmsafe.steering.anchors`).
+    ``stats[l]`` holds float statistics (``shift_norm``, ``mm_norm``,
     ``text_norm``: mean per-item norms, ``count``). ``meta`` describes provenance and is what
     :meth:`check_compatible` validates against a model.
     """
@@ -136,29 +139,8 @@ class ShiftVectors:
     # ------------------------------------------------------------------ validation
     def check_compatible(self, model: Any) -> None:
         """Raise :class:`IncompatibleVectorsError` unless these vectors fit ``model``'s residual stream."""
-        adapter: ModelAdapter = get_adapter(model)
-        problems = []
-        if adapter.hidden_size != self.hidden_size:
-            problems.append(f"hidden size: vectors have {self.hidden_size}, model has {adapter.hidden_size}")
-        n = self.meta.get("num_layers")
-        if n is not None and int(n) != adapter.num_layers:
-            problems.append(f"layer count: vectors were calibrated on a model with {n} layers, model has {adapter.num_layers}")
-        cls = self.meta.get("model_class")
-        if cls and cls != type(adapter.model).__name__:
-            problems.append(f"model class: vectors were calibrated on {cls}, model is {type(adapter.model).__name__}")
-        fam = self.meta.get("family")
-        if fam and fam != adapter.family:
-            problems.append(f"family: vectors are for {fam!r}, model is {adapter.family!r} ({type(adapter.model).__name__})")
-        bad = [l for l in self.layers if l >= adapter.num_layers]
-        if bad and n is None:
-            problems.append(f"layers {bad} do not exist in a model with {adapter.num_layers} layers")
-        if problems:
-            source = self.meta.get("model_name") or self.meta.get("model_class") or "another model"
-            raise IncompatibleVectorsError(
-                f"steering vectors calibrated on {source} do not fit {type(adapter.model).__name__}: "
-                + "; ".join(problems)
-                + ". Calibrate vectors for this model with `vlmsafe calibrate`."
-            )
+        check_fits(self.meta, self.hidden_size, self.layers, model, what="steering vectors",
+                   fix="Calibrate vectors for this model with `vlmsafe calibrate`.")
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -242,6 +224,65 @@ def calibration_meta(adapter: ModelAdapter, *, layers: list[int], positions: str
         "vlmsafe_version": __version__,
         **extra,
     }
+#: How per-item shifts become one vector per layer (see :meth:`ShiftAccumulator.to_vectors`).
+AGGREGATES = ("mean", "pca")
+
+
+def first_principal_component(diffs: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The first principal component of per-item shifts ``diffs`` (N, H), oriented and scaled by ``mean``.
+
+    The component is the top right-singular vector of the centred ``diffs`` (the direction along
+    which the items' shifts vary most, as in ``sklearn.decomposition.PCA``). Its sign is chosen so
+    that the mean shift projects positively on it, and it is scaled by that projection, so the
+    result is the part of the mean shift that lies along the component (``alpha`` keeps its meaning
+    of "how much of the gap to remove"). Returns the vector and its statistics: the share of
+    variance the component explains and its cosine with the mean shift.
+    """
+    d = diffs.double()
+    if d.shape[0] < 2:
+        raise InputError(f"a principal component needs at least 2 calibration items, got {d.shape[0]}; "
+                         "use aggregate='mean'")
+    _, singular, vh = torch.linalg.svd(d - d.mean(dim=0), full_matrices=False)
+    if float(singular[0]) <= 1e-12 * max(1.0, float(d.norm())):
+        raise InputError("the per-item shifts do not vary, so they have no principal component; use aggregate='mean'")
+    component = vh[0]
+    mean = mean.double()
+    projection = float(mean @ component)
+    if projection < 0:
+        component, projection = -component, -projection
+    stats = {"pca_explained_variance": float(singular[0] ** 2 / (singular**2).sum()),
+             "pca_cosine_to_mean": projection / max(float(mean.norm()), 1e-30)}
+    return (projection * component).float(), stats
+
+
+def check_fits(meta: Mapping[str, Any], hidden_size: int, layers: list[int], model: Any, *, what: str,
+               fix: str) -> None:
+    """Raise :class:`IncompatibleVectorsError` unless per-layer tensors read from a model (described by
+    ``meta``: ``num_layers``, ``model_class``, ``family``, ``model_name``) fit ``model``'s residual stream."""
+    adapter: ModelAdapter = get_adapter(model)
+    problems = []
+    if adapter.hidden_size != hidden_size:
+        problems.append(f"hidden size: {what} have {hidden_size}, model has {adapter.hidden_size}")
+    n = meta.get("num_layers")
+    if n is not None and int(n) != adapter.num_layers:
+        problems.append(f"layer count: {what} were calibrated on a model with {n} layers, "
+                        f"model has {adapter.num_layers}")
+    cls = meta.get("model_class")
+    if cls and cls != type(adapter.model).__name__:
+        problems.append(f"model class: {what} were calibrated on {cls}, model is {type(adapter.model).__name__}")
+    fam = meta.get("family")
+    if fam and fam != adapter.family:
+        problems.append(f"family: {what} are for {fam!r}, model is {adapter.family!r} "
+                        f"({type(adapter.model).__name__})")
+    bad = [l for l in layers if l >= adapter.num_layers]
+    if bad and n is None:
+        problems.append(f"layers {bad} do not exist in a model with {adapter.num_layers} layers")
+    if problems:
+        source = meta.get("model_name") or meta.get("model_class") or "another model"
+        raise IncompatibleVectorsError(
+            f"{what} calibrated on {source} do not fit {type(adapter.model).__name__}: "
+            + "; ".join(problems) + ". " + fix
+        )
 
 
 class ShiftAccumulator:
@@ -250,15 +291,18 @@ class ShiftAccumulator:
     Calibration streams items through the model batch by batch; this keeps what the vectors and
     their statistics need (per-layer sums of the multimodal and text-only states, and the sums of
     the per-item norms) without storing any activation, and sums across processes exactly.
+    With ``keep_items=True`` (needed for ``aggregate="pca"``) it also keeps each item's shift, in
+    float32: ``items x layers x hidden x 4`` bytes (300 items, 32 layers of 4096: 157 MB).
     """
 
-    def __init__(self, layers: list[int], hidden_size: int) -> None:
+    def __init__(self, layers: list[int], hidden_size: int, *, keep_items: bool = False) -> None:
         self.layers = list(layers)
         self.hidden_size = hidden_size
         self.mm_sum = {l: torch.zeros(hidden_size, dtype=torch.float64) for l in self.layers}
         self.text_sum = {l: torch.zeros(hidden_size, dtype=torch.float64) for l in self.layers}
         self.norms = {l: torch.zeros(3, dtype=torch.float64) for l in self.layers}  # |mm - text|, |mm|, |text|
         self.count = 0
+        self.item_shifts: dict[int, list[torch.Tensor]] | None = {l: [] for l in self.layers} if keep_items else None
 
     def add(self, mm: Mapping[int, torch.Tensor], text: Mapping[int, torch.Tensor]) -> None:
         """Add a batch: ``mm[l]`` and ``text[l]`` are ``(B, H)`` paired rows (same item order)."""
@@ -270,6 +314,8 @@ class ShiftAccumulator:
             self.mm_sum[l] += a.sum(0)
             self.text_sum[l] += b.sum(0)
             self.norms[l] += torch.stack([(a - b).norm(dim=1).sum(), a.norm(dim=1).sum(), b.norm(dim=1).sum()])
+            if self.item_shifts is not None:
+                self.item_shifts[l].append((a - b).float())
             n = a.shape[0]
         self.count += int(n or 0)
 
@@ -285,12 +331,29 @@ class ShiftAccumulator:
         for i, l in enumerate(self.layers):
             self.mm_sum[l], self.text_sum[l], self.norms[l] = packed[i, :H].clone(), packed[i, H : 2 * H].clone(), packed[i, 2 * H :].clone()
         self.count = int(all_reduce_sum(torch.tensor([self.count], dtype=torch.float64), accelerator).item())
+        if self.item_shifts is not None:
+            from vlmsafe.distributed import gather
+
+            for l in self.layers:  # process order = shard order = item order
+                local = self.item_shifts[l]
+                mine = torch.cat(local) if local else torch.zeros(0, H)
+                self.item_shifts[l] = [t for t in gather([mine], accelerator) if t.numel()]
         return self
 
-    def to_vectors(self, meta: dict[str, Any]) -> ShiftVectors:
-        """Mean shifts (multimodal minus text-only) with per-layer statistics and ``meta``."""
+    def to_vectors(self, meta: dict[str, Any], *, aggregate: str = "mean") -> ShiftVectors:
+        """Per-layer shifts (multimodal minus text-only) with statistics and ``meta``.
+
+        ``aggregate="mean"``: the mean shift. ``"pca"``: the first principal component of the
+        per-item shifts, oriented and scaled by the mean (:func:`first_principal_component`; needs
+        ``keep_items=True``). The means of both sides are kept either way.
+        """
         if self.count == 0:
             raise IncompatibleVectorsError("no calibration items were seen; pass at least one (prompt, image) pair")
+        if aggregate not in AGGREGATES:
+            raise InputError(f"aggregate must be one of {', '.join(map(repr, AGGREGATES))}, got {aggregate!r}")
+        if aggregate == "pca" and self.item_shifts is None:
+            raise InputError("aggregate='pca' needs the per-item shifts; "
+                             "create the ShiftAccumulator with keep_items=True")
         shifts, mm_means, text_means, stats = {}, {}, {}, {}
         n = self.count
         for layer in self.layers:
@@ -300,5 +363,10 @@ class ShiftAccumulator:
             diff, mm_norm, text_norm = (float(x) / n for x in self.norms[layer])
             stats[layer] = {"count": n, "shift_norm": float(shifts[layer].norm()), "mean_item_shift_norm": diff,
                             "mm_norm": mm_norm, "text_norm": text_norm}
+            if aggregate == "pca":
+                mean = self.mm_sum[layer] / n - self.text_sum[layer] / n
+                shifts[layer], extra = first_principal_component(torch.cat(self.item_shifts[layer]), mean)
+                stats[layer].update(extra, mean_shift_norm=stats[layer]["shift_norm"],
+                                    shift_norm=float(shifts[layer].norm()))
         return ShiftVectors(shifts=shifts, mm_means=mm_means, text_means=text_means, stats=stats,
-                            meta={**meta, "num_items": n})
+                            meta={**meta, "num_items": n, "aggregate": aggregate})

@@ -1,0 +1,227 @@
+"""CMRM (real / blank / noise anchor, dataset- and sample-level) and ShiftDC, side by side.
+
+Each method is a family of steering configs indexed by (layers, alpha) (:class:`MethodSpec`);
+:func:`compare_methods` chooses every method's setting on a calibration split (alpha sweep over
+every layer set: all layers as in CMRM, middle-to-last as in ShiftDC, each single layer) and
+reports the held-out test split at that choice, every rate with its 95% Wilson interval and count.
+
+The anchors and the safety directions are computed once, on the calibration split, like the
+vectors: a blank / noise anchor needs only the prompts; ShiftDC needs the labels, and captions
+written by the model (``caption_prompt``) where the items carry none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from vlmsafe.data import Item
+from vlmsafe.steering import SafeVLM, SteeringConfig, calibrate, calibrate_shiftdc
+from vlmsafe.steering.shiftdc import CAPTION_PROMPT
+from vlmsafe.steering.sweep import alpha_sweep, choose_alpha
+
+Z95 = 1.959963984540054
+DEFAULT_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+@dataclass
+class MethodSpec:
+    """One steering method: how to build its config for a (layers, alpha) setting, and which layer sets to try."""
+
+    name: str
+    config: Callable[[Any, float], SteeringConfig]
+    layer_sets: Sequence[Any]
+    description: str = ""
+
+
+def layer_sets(num_layers: int) -> list[Any]:
+    """All layers (CMRM as published), middle-to-last (ShiftDC's default), then each single layer."""
+    return ["all", "middle-to-last", *([i] for i in range(num_layers))]
+
+
+def method_specs(
+    model: Any,
+    processor: Any,
+    calibration: Sequence[Item],
+    *,
+    batch_size: int = 32,
+    caption_prompt: str = CAPTION_PROMPT,
+    caption_tokens: int = 16,
+    anchors: Sequence[str] = ("real", "blank", "noise"),
+    progress: bool = False,
+) -> list[MethodSpec]:
+    """CMRM dataset- and sample-level for each anchor, then ShiftDC (published and running shift)."""
+    n = model.config.get_text_config().num_hidden_layers
+    sets = layer_sets(n)
+    with_images = [it for it in calibration if it.image is not None]
+    specs: list[MethodSpec] = []
+    paper = {"blank": " (paper)", "noise": "", "real": ""}
+    for anchor in anchors:
+        items = with_images if anchor == "real" else calibration
+        vectors = calibrate(model, processor, items, anchor=anchor, batch_size=batch_size, progress=progress)
+        label = "real image" if anchor == "real" else f"{anchor} anchor{paper[anchor]}"
+        specs.append(MethodSpec(
+            f"CMRM dataset-level, {label}",
+            lambda layers, alpha, v=vectors: SteeringConfig(vectors=v, alpha=alpha, layers=layers),
+            sets, f"mean shift h(x, {anchor} image) - h(x) over the calibration split"))
+        specs.append(MethodSpec(
+            f"CMRM sample-level, {label}",
+            lambda layers, alpha, a=anchor: SteeringConfig(mode="sample", anchor=a, alpha=alpha, layers=layers),
+            sets, "each input's own shift" + (" on its own image (one extra pass)" if anchor == "real"
+                                              else f" with a {anchor} image (two extra passes)")))
+    labelled = [it for it in calibration if it.label is not None and (it.image is not None or it.meta.get("caption"))]
+    directions = calibrate_shiftdc(model, processor, labelled, caption_prompt=caption_prompt,
+                                   caption_tokens=caption_tokens, batch_size=batch_size, progress=progress)
+    for shift_from, name in (("unsteered", "ShiftDC (as published)"), ("running", "ShiftDC, running shift")):
+        specs.append(MethodSpec(
+            name,
+            lambda layers, alpha, s=shift_from: SteeringConfig(directions=directions, alpha=alpha, layers=layers,
+                                                               shift_from=s),
+            ["middle-to-last", "all", *([i] for i in range(n))],
+            "image shift against the captioned counterpart, projected on the safety direction, last token"))
+    return specs
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of ``k`` successes out of ``n``."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(flags: Sequence[bool]) -> dict[str, Any] | None:
+    """``{"rate", "ci95", "k", "n"}`` of boolean ``flags`` (``None`` when there are none)."""
+    n = len(flags)
+    if not n:
+        return None
+    k = sum(bool(f) for f in flags)
+    lo, hi = wilson(k, n)
+    return {"rate": k / n, "ci95": [lo, hi], "k": k, "n": n}
+
+
+def split_rates(report: Any, genuine_refusal: Callable[[str], bool]) -> dict[str, Any]:
+    """Unsafe, genuine-refusal, over-refusal and accuracy rates of one evaluation, with intervals."""
+    harmful = [r for r in report.records if r.label == "harmful"]
+    instructions = [r for r in report.records if r.label == "benign" and r.reference is None]
+    questions = [r for r in report.records if r.reference is not None]
+    return {
+        "unsafe": rate([bool(r.unsafe) for r in harmful]),
+        "genuine_refusal": rate([genuine_refusal(r.response) for r in harmful]),
+        "over_refusal": rate([r.refused for r in instructions]),
+        "accuracy": rate([bool(r.correct) for r in questions]),
+    }
+
+
+def compare_methods(
+    specs: Sequence[MethodSpec],
+    model: Any,
+    processor: Any,
+    calibration: Sequence[Item],
+    test: Sequence[Item],
+    judge: Any,
+    *,
+    genuine_refusal: Callable[[str], bool],
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    batch_size: int = 32,
+    max_new_tokens: int = 12,
+) -> dict[str, Any]:
+    """Choose each method's (layers, alpha) on ``calibration`` with :func:`~vlmsafe.steering.sweep.choose_alpha`
+    (lowest unsafe rate keeping accuracy and over-refusal within 5 points of the unsteered model), then
+    measure ``test`` there. Returns ``{"rows": [...], "grids": {name: calibration rows}}``."""
+    from vlmsafe.eval import evaluate
+
+    base = SafeVLM(model, processor, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    sweep = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    base_cal = {**alpha_sweep(base, calibration, judge, [0.0], **sweep)[0], "layers": None}
+    plain = evaluate(base, test, judge, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)
+    rows = [{"setting": "multimodal (unsteered)", **split_rates(plain, genuine_refusal), "chosen": None}]
+    grids: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs:
+        grid = []
+        for layers in spec.layer_sets:
+            vlm = base.with_steering(spec.config(layers, 1.0))
+            for row in alpha_sweep(vlm, calibration, judge, [a for a in alphas if a > 0], **sweep):
+                grid.append({**row, "layers": layers})
+        grids[spec.name] = grid
+        pick = choose_alpha([base_cal, *grid], base=base_cal)
+        steering = spec.config(pick["layers"], pick["alpha"]) if pick["alpha"] else SteeringConfig()
+        report = evaluate(base.with_steering(steering), test, judge, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, progress=False)
+        rows.append({"setting": spec.name, **split_rates(report, genuine_refusal),
+                     "chosen": {"alpha": pick["alpha"], "layers": pick["layers"], "calibration": pick},
+                     "description": spec.description})
+    return {"rows": rows, "grids": grids}
+
+
+def format_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: each cell ``rate [95% interval] k/n``."""
+    def cell(c: dict[str, Any] | None) -> str:
+        if c is None:
+            return "-"
+        lo, hi = c["ci95"]
+        return f"{100 * c['rate']:.1f}% [{100 * lo:.1f}-{100 * hi:.1f}] {c['k']}/{c['n']}"
+
+    lines = ["| method | setting (chosen on calibration) | unsafe | genuine refusal | over-refusal | accuracy |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        chosen = r.get("chosen")
+        where = "-" if not chosen else ("unsteered (nothing qualified)" if not chosen["alpha"] else
+                                        f"alpha {chosen['alpha']:g}, layers {chosen['layers']}")
+        lines.append(f"| {r['setting']} | {where} | {cell(r['unsafe'])} | {cell(r['genuine_refusal'])} | "
+                     f"{cell(r['over_refusal'])} | {cell(r['accuracy'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vlmsafe.steering.compare --out DIR``: the comparison on the bundled testbed."""
+    import argparse
+    import json
+    import time
+
+    import torch
+
+    from vlmsafe.data import load_items
+    from vlmsafe.eval import RefusalJudge
+    from vlmsafe.io import atomic_path, check_output
+    from vlmsafe.steering.compounding import compounding_table, gap_profile
+    from vlmsafe.testbed import load_testbed, testbed_dir
+    from vlmsafe.testbed.data import REFUSAL
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--testbed", default=None)
+    args = ap.parse_args(argv)
+    check_output(args.out, kind="dir", overwrite=args.overwrite)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    root = testbed_dir(args.testbed)
+    model, processor = load_testbed(root)
+    calibration, test = (load_items(root / "data" / f"{s}.jsonl") for s in ("calibration", "test"))
+    specs = method_specs(model, processor, calibration, caption_prompt="describe the image .", caption_tokens=8)
+    result = compare_methods(specs, model, processor, calibration, test, RefusalJudge(),
+                             genuine_refusal=lambda text: text.strip().startswith(REFUSAL))
+    vectors = next(s for s in specs if s.name == "CMRM dataset-level, real image")
+    probe = [it for it in test if it.image is not None and it.reference is None]
+    profiles = {f"dataset-level, real image, alpha 1, layers {layers}": gap_profile(
+        model, processor, probe, vectors.config(layers, 1.0), batch_size=64) for layers in ([1], "middle-to-last", "all")}
+    table, compounding = format_rows(result["rows"]), compounding_table(profiles)
+    report = {**result, "compounding": profiles, "seconds": round(time.perf_counter() - started, 1)}
+    with atomic_path(args.out, overwrite=args.overwrite) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        (tmp / "table.md").write_text(table + "\n\nshare of the modality gap left (last prompt token)\n\n"
+                                      + compounding + "\n")
+    print(table, compounding, sep="\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["DEFAULT_ALPHAS", "MethodSpec", "compare_methods", "format_rows", "layer_sets", "method_specs", "rate", "wilson"]

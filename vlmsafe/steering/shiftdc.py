@@ -1,0 +1,544 @@
+"""ShiftDC: remove only the safety-relevant part of the shift an image causes, per input.
+
+Source: Zou et al., "Understanding and Rectifying Safety Perception Distortion in VLMs" (ShiftDC),
+arXiv 2502.13095, NeurIPS 2025; reference code github.com/Renovamen/ShiftDC.
+
+* **Counterpart.** An input's text-only counterpart is its prompt plus a caption of its image,
+  ``"{prompt} Image Caption: {caption}"`` (:data:`COUNTERPART_TEMPLATE`), the caption written by the
+  same VLM from :data:`CAPTION_PROMPT` (both as in the reference code).
+* **Safety direction.** Per layer, ``s_l`` = mean last-token state of benign counterparts minus that
+  of harmful ones, over a labelled calibration set (:func:`calibrate_shiftdc`; the paper: 480 unsafe
+  MM-SafetyBench and 480 safe LLaVA-Instruct items). The projection does not depend on its sign.
+* **Correction.** Per input and layer, ``m_l = x_l(prompt + image) - x_l(counterpart)`` at the last
+  token, and ``alpha * (m_l . s_l / s_l . s_l) s_l`` is subtracted from the last prompt token at
+  prefill, at layers from the middle to the last (:func:`steer_shiftdc`).
+
+Choices where the paper or its code leave room (see README "Methods and their sources"):
+
+* ``shift_from="unsteered"`` (default, as the reference code does): ``m_l`` is read from a separate,
+  unsteered pass of the multimodal input, so corrections made at earlier layers carry forward and
+  add up along ``s``. ``"running"``: ``m_l`` is read during the steered pass itself, on the stream
+  earlier layers already corrected: no compounding, and one forward pass less.
+* The reference code's hook patches the last position of *every* forward call, so it also corrects
+  each generated token; the paper describes prefill. vlmsafe corrects prefill only unless
+  ``decode=True`` (then every generated token gets the prompt's correction).
+* Inputs and states are built with the model's chat template everywhere (the reference code reads
+  activations without it and adds a preamble at generation only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlmsafe.activations import CallEdit, EditPlan, Prompt, edit_activations
+from vlmsafe.adapters import ModelAdapter, get_adapter
+from vlmsafe.data import as_pair
+from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
+from vlmsafe.io import atomic_path, parse_json, sha256_file
+from vlmsafe.steering.cmrm import prompt_states
+from vlmsafe.steering.vectors import calibration_meta, check_fits
+from vlmsafe.validation import check_int
+
+#: The reference code's caption instruction (``CAPTION_BASED_ON_Q``): the caption is written for the request.
+CAPTION_PROMPT = "Based on the given Request, describe the image. Request: {prompt}"
+#: The reference code's text-only counterpart (``ANSWER_Q_BASED_ON_CAPTION``).
+COUNTERPART_TEMPLATE = "{prompt} Image Caption: {caption}"
+#: Caption budget in tokens (the reference code's ``max_tokens=128``).
+CAPTION_TOKENS = 128
+SHIFT_FROM = ("unsteered", "running")
+DEFAULT_LAYERS = "middle-to-last"
+
+TENSOR_FILE = "directions.safetensors"
+META_FILE = "directions.json"
+CAPTIONS_FILE = "captions.jsonl"
+FORMAT_VERSION = 1
+
+
+def check_caption_prompt(instruction: Any) -> str:
+    """A caption instruction: a non-empty string whose only field, if any, is ``{prompt}``."""
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise InputError(f"caption prompt must be a non-empty string, got {instruction!r}")
+    try:
+        instruction.format(prompt="x")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InputError(
+            f"caption prompt {instruction!r} has a field other than {{prompt}} ({exc}); "
+            "write literal braces as {{ and }}"
+        ) from None
+    return instruction
+
+
+def counterpart_prompt(prompt: str, caption: str) -> str:
+    """The text-only counterpart of (prompt, image): the prompt followed by the image's caption."""
+    return COUNTERPART_TEMPLATE.format(prompt=prompt.strip(), caption=caption.strip())
+
+
+def projection(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``(m . s / s . s) s`` for each row of ``m`` ``(B, H)`` (zero when ``s`` is zero)."""
+    s = s.to(device=m.device, dtype=m.dtype)
+    denom = s @ s
+    if float(denom) <= 0.0:
+        return torch.zeros_like(m)
+    return (m @ s / denom).unsqueeze(-1) * s
+
+
+# --------------------------------------------------------------------------- captions and states
+@torch.no_grad()
+def generate_captions(
+    model: nn.Module | ModelAdapter,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image],
+    *,
+    instruction: str = CAPTION_PROMPT,
+    max_new_tokens: int = CAPTION_TOKENS,
+    batch_size: int = 8,
+    system_prompt: str | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Caption each image with the model itself, greedily, from ``instruction`` (``{prompt}`` = the request)."""
+    adapter = get_adapter(model, processor)
+    check_caption_prompt(instruction)
+    check_int(max_new_tokens, "caption max_new_tokens", low=1)
+    if len(prompts) != len(images) or any(img is None for img in images):
+        raise InputError(
+            f"captions need one image per prompt; got {len(prompts)} prompts and images {list(images)!r:.80}"
+        )
+    tokenizer = getattr(adapter.processor, "tokenizer", adapter.processor)
+    out: list[str] = []
+    bar = tqdm(total=len(prompts), desc="captioning", unit="image", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        chunk = [instruction.format(prompt=p) for p in prompts[start : start + batch_size]]
+        inputs = adapter.build_inputs(
+            chunk, list(images[start : start + batch_size]), system_prompt=system_prompt, padding_side="left"
+        )
+        ids = adapter.model.generate(
+            **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+        )
+        out.extend(adapter.decode(ids[:, inputs["input_ids"].shape[1] :]))
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+# --------------------------------------------------------------------------- directions
+@dataclass
+class SafetyDirections:
+    """Per-layer safety directions for ShiftDC, with where and how they were computed.
+
+    ``directions[l]`` = mean last-token state of benign [prompt + caption] inputs minus that of
+    harmful ones; ``benign_means`` / ``harmful_means`` are the two means. ``meta`` records the model,
+    the caption instruction and budget, the counts and the calibration-set hash; ``captions`` the
+    caption of every calibration item and where it came from (``"data"`` or ``"generated"``).
+    """
+
+    directions: dict[int, torch.Tensor]
+    benign_means: dict[int, torch.Tensor] = field(default_factory=dict)
+    harmful_means: dict[int, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    captions: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.directions)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(next(iter(self.directions.values())).shape[-1])
+
+    @property
+    def caption_prompt(self) -> str:
+        return str(self.meta.get("caption_prompt", CAPTION_PROMPT))
+
+    @property
+    def caption_tokens(self) -> int:
+        return int(self.meta.get("caption_tokens", CAPTION_TOKENS))
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.directions[layer]
+
+    def __repr__(self) -> str:
+        return (
+            f"SafetyDirections(layers={len(self.layers)}, hidden_size={self.hidden_size}, "
+            f"benign={self.meta.get('n_benign')}, harmful={self.meta.get('n_harmful')})"
+        )
+
+    def select(self, layers: list[int]) -> SafetyDirections:
+        missing = sorted(set(layers) - set(self.directions))
+        if missing:
+            raise IncompatibleVectorsError(
+                f"the safety directions have no layer(s) {missing}; they were calibrated on layers {self.layers}. "
+                "Re-run `vlmsafe calibrate --method shiftdc --layers ...` to include them, or steer calibrated layers"
+            )
+        pick = lambda d: {l: d[l] for l in layers if l in d}
+        return replace(
+            self,
+            directions=pick(self.directions),
+            benign_means=pick(self.benign_means),
+            harmful_means=pick(self.harmful_means),
+        )
+
+    def check_compatible(self, model: Any) -> None:
+        """Raise :class:`IncompatibleVectorsError` unless the directions fit ``model``'s residual stream."""
+        check_fits(
+            self.meta,
+            self.hidden_size,
+            self.layers,
+            model,
+            what="ShiftDC safety directions",
+            fix="Compute directions for this model with `vlmsafe calibrate --method shiftdc`.",
+        )
+
+    def corrections(self, shifts: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``(m . s / s . s) s`` per layer for per-row shifts ``{layer: (B, H)}`` (what alpha scales)."""
+        return {l: projection(m.float(), self.directions[l].float()) for l, m in shifts.items()}
+
+    # ------------------------------------------------------------------ files
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write ``directions.safetensors``, ``directions.json`` and ``captions.jsonl`` to ``directory`` atomically."""
+        tensors: dict[str, torch.Tensor] = {}
+        for prefix, table in (
+            ("direction", self.directions),
+            ("benign_mean", self.benign_means),
+            ("harmful_mean", self.harmful_means),
+        ):
+            for layer, vec in table.items():
+                tensors[f"{prefix}.{layer}"] = vec.detach().to("cpu", torch.float32).contiguous()
+        dest = Path(directory)
+        with atomic_path(dest, overwrite=overwrite) as tmp:
+            tmp.mkdir(parents=True)
+            save_file(
+                tensors,
+                str(tmp / TENSOR_FILE),
+                metadata={"format": "vlmsafe.safety_directions", "version": str(FORMAT_VERSION)},
+            )
+            (tmp / CAPTIONS_FILE).write_text(
+                "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in self.captions), encoding="utf-8"
+            )
+            meta = {
+                **self.meta,
+                "format_version": FORMAT_VERSION,
+                "hidden_size": self.hidden_size,
+                "layers": self.layers,
+                "tensor_sha256": sha256_file(tmp / TENSOR_FILE),
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return dest
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], model: Any | None = None) -> SafetyDirections:
+        """Read directions saved by :meth:`save` (checksum verified; nothing unpickled); validate against ``model``."""
+        root = Path(directory)
+        fix = "re-create them with `vlmsafe calibrate --method shiftdc`"
+        for path in (root / TENSOR_FILE, root / META_FILE):
+            if not path.is_file():
+                raise FileFormatError(
+                    f"{path} not found: a ShiftDC directions folder holds {TENSOR_FILE} and {META_FILE}; {fix}"
+                )
+        meta = parse_json(
+            (root / META_FILE).read_text(encoding="utf-8", errors="replace"), where=str(root / META_FILE), fix=fix
+        )
+        if not isinstance(meta, dict) or meta.get("method") != "shiftdc":
+            method = meta.get("method") if isinstance(meta, dict) else None
+            raise FileFormatError(f"{root / META_FILE}: not ShiftDC safety directions (method {method!r}); {fix}")
+        if meta.get("tensor_sha256") and sha256_file(root / TENSOR_FILE) != meta["tensor_sha256"]:
+            raise FileFormatError(
+                f"{root / TENSOR_FILE} is corrupted or truncated (sha256 differs from {META_FILE}); {fix}"
+            )
+        try:
+            raw = load_file(str(root / TENSOR_FILE))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise FileFormatError(f"{root / TENSOR_FILE} is not a readable safetensors file ({exc}); {fix}") from None
+        tables: dict[str, dict[int, torch.Tensor]] = {"direction": {}, "benign_mean": {}, "harmful_mean": {}}
+        for key, value in raw.items():
+            prefix, _, layer = key.rpartition(".")
+            if prefix not in tables or not layer.isdigit():
+                raise FileFormatError(f"{root / TENSOR_FILE}: unexpected tensor {key!r}; {fix}")
+            tables[prefix][int(layer)] = value
+        if not tables["direction"]:
+            raise FileFormatError(f"{root / TENSOR_FILE} holds no direction.<layer> tensors; {fix}")
+        captions = []
+        if (root / CAPTIONS_FILE).is_file():
+            captions = [
+                parse_json(line, where=f"{root / CAPTIONS_FILE}:{i}", fix=fix)
+                for i, line in enumerate((root / CAPTIONS_FILE).read_text(encoding="utf-8").splitlines(), 1)
+                if line.strip()
+            ]
+        out = cls(
+            directions=tables["direction"],
+            benign_means=tables["benign_mean"],
+            harmful_means=tables["harmful_mean"],
+            meta=meta,
+            captions=captions,
+        )
+        if model is not None:
+            out.check_compatible(model)
+        return out
+
+
+def _labelled(item: Any, index: int) -> tuple[str, str, str, str | None, Any]:
+    """``(id, prompt, label, caption or None, item)`` of a labelled calibration item (Item or dict)."""
+    get = item.get if isinstance(item, dict) else (lambda k, d=None: getattr(item, k, d))
+    meta = get("meta") or {}
+    caption = get("caption") if isinstance(item, dict) else meta.get("caption")
+    label, prompt = get("label"), get("prompt")
+    if label not in ("harmful", "benign") or not isinstance(prompt, str):
+        raise InputError(
+            f"ShiftDC calibration item {index} needs a prompt and a label 'harmful' or 'benign', got {item!r:.80}; "
+            "label every item"
+        )
+    if caption is not None and (not isinstance(caption, str) or not caption.strip()):
+        raise InputError(f"ShiftDC calibration item {index}: caption must be a non-empty string, got {caption!r}")
+    return str(get("id", index)), prompt, label, caption, item
+
+
+@torch.no_grad()
+def calibrate_shiftdc(
+    model: nn.Module | ModelAdapter,
+    processor: Any,
+    items: Iterable[Any],
+    *,
+    layers: int | Sequence[int] | str | None = None,
+    batch_size: int = 8,
+    caption_prompt: str = CAPTION_PROMPT,
+    caption_tokens: int = CAPTION_TOKENS,
+    captions: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    progress: bool = True,
+) -> SafetyDirections:
+    """Per-layer ShiftDC safety directions from labelled (harmful / benign) items.
+
+    Each item's counterpart is ``"{prompt} Image Caption: {caption}"``. The caption is, in order:
+    the item's own (``Item.meta["caption"]`` / a dict's ``"caption"``, which the VLSafe loader
+    fills), ``captions[item id]`` (e.g. the ``captions.jsonl`` of an earlier run), or one the model
+    writes from ``caption_prompt`` (the item then needs an image). Every caption and its source is
+    kept in the result (and written to ``captions.jsonl`` by :meth:`SafetyDirections.save`).
+    """
+    adapter = get_adapter(model, processor)
+    check_caption_prompt(caption_prompt)
+    check_int(caption_tokens, "caption_tokens", low=1)
+    check_int(batch_size, "batch_size", low=1)
+    layer_ids = adapter.resolve_layers(layers)
+    rows = [_labelled(it, i) for i, it in enumerate(items)]
+    counts = {lab: sum(r[2] == lab for r in rows) for lab in ("harmful", "benign")}
+    if not counts["harmful"] or not counts["benign"]:
+        raise InputError(f"ShiftDC needs harmful and benign items to find a safety direction, got {counts}; add both")
+    known = dict(captions or {})
+    final: dict[int, tuple[str, str]] = {}
+    todo = []
+    for i, (item_id, _prompt, _, caption, _item) in enumerate(rows):
+        if caption is not None:
+            final[i] = (caption, "data")
+        elif item_id in known:
+            final[i] = (known[item_id], "cache")
+        else:
+            todo.append(i)
+    if todo:
+        pairs = [as_pair(rows[i][4]) for i in todo]
+        missing = [rows[i][0] for i, (_, img) in zip(todo, pairs) if img is None]
+        if missing:
+            raise InputError(
+                f"items {missing[:5]} have neither a caption nor an image; give each a 'caption' or an image"
+            )
+        written = generate_captions(
+            adapter,
+            None,
+            [p for p, _ in pairs],
+            [img for _, img in pairs],
+            instruction=caption_prompt,
+            max_new_tokens=caption_tokens,
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+            progress=progress,
+        )
+        final.update({i: (c, "generated") for i, c in zip(todo, written)})
+    texts = [counterpart_prompt(rows[i][1], final[i][0]) for i in range(len(rows))]
+    states = {l: [] for l in layer_ids}
+    for start in range(0, len(texts), batch_size):
+        chunk = prompt_states(adapter, None, texts[start : start + batch_size], None, layers=layer_ids,
+                              system_prompt=system_prompt)
+        for l in layer_ids:
+            states[l].append(chunk[l].cpu())
+    states = {l: torch.cat(v) for l, v in states.items()}
+    harmful = torch.tensor([r[2] == "harmful" for r in rows])
+    benign_means = {l: states[l][~harmful].double().mean(0).float() for l in layer_ids}
+    harmful_means = {l: states[l][harmful].double().mean(0).float() for l in layer_ids}
+    digest = hashlib.sha256(
+        "\0".join(f"{r[1]}\1{r[2]}\1{final[i][0]}" for i, r in enumerate(rows)).encode()
+    ).hexdigest()
+    meta = calibration_meta(
+        adapter,
+        layers=layer_ids,
+        positions="last",
+        method="shiftdc",
+        direction="benign minus harmful",
+        counterpart_template=COUNTERPART_TEMPLATE,
+        caption_prompt=caption_prompt,
+        caption_tokens=caption_tokens,
+        n_benign=counts["benign"],
+        n_harmful=counts["harmful"],
+        caption_sources={src: sum(v[1] == src for v in final.values()) for src in ("data", "cache", "generated")},
+        calibration_sha256=digest,
+        system_prompt=system_prompt,
+    )
+    caption_rows = [
+        {"id": rows[i][0], "prompt": rows[i][1], "label": rows[i][2], "caption": final[i][0], "source": final[i][1]}
+        for i in range(len(rows))
+    ]
+    return SafetyDirections(
+        directions={l: benign_means[l] - harmful_means[l] for l in layer_ids},
+        benign_means=benign_means,
+        harmful_means=harmful_means,
+        meta=meta,
+        captions=caption_rows,
+    )
+
+
+def read_caption_cache(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``{id: caption}`` from a ``captions.jsonl`` written with ShiftDC directions (to reuse its captions)."""
+    from vlmsafe.data import read_records
+
+    out: dict[str, str] = {}
+    for where, rec in read_records(path, what="caption cache"):
+        if not isinstance(rec.get("caption"), str) or "id" not in rec:
+            raise FileFormatError(
+                f"{where}: a caption cache line needs 'id' and 'caption'; use the captions.jsonl "
+                "that `vlmsafe calibrate --method shiftdc` writes"
+            )
+        out[str(rec["id"])] = rec["caption"]
+    return out
+
+
+# --------------------------------------------------------------------------- steering
+@contextlib.contextmanager
+def steer_shiftdc(
+    model: nn.Module | ModelAdapter,
+    directions: SafetyDirections,
+    alpha: float = 1.0,
+    *,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image | None],
+    captions: Sequence[str | None] | None = None,
+    layers: int | Sequence[int] | str | None = DEFAULT_LAYERS,
+    shift_from: str = "unsteered",
+    decode: bool = False,
+    system_prompt: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Steer the next forward call(s) on this batch with ShiftDC.
+
+    Runs, before yielding: the caption generation for rows with an image and no caption, the
+    counterpart pass, and (``shift_from="unsteered"``) the unsteered multimodal pass. Then, inside
+    the context, the last prompt token of each row with an image gets ``h_l -= alpha * (m_l . s_l /
+    s_l . s_l) s_l`` at every steered layer. The batch must be built from the same ``prompts`` and
+    ``images``, left-padded, with the same ``system_prompt`` (as :class:`~vlmsafe.steering.SafeVLM` does).
+    Yields a state dict whose ``"corrections"`` holds ``{layer: (B, H)}``, the projection each row got
+    (before ``alpha``), and ``"captions"`` the captions used.
+    """
+    adapter = get_adapter(model)
+    directions.check_compatible(adapter)
+    if shift_from not in SHIFT_FROM:
+        raise InputError(f"shift_from must be one of {', '.join(map(repr, SHIFT_FROM))}, got {shift_from!r}")
+    if len(images) != len(prompts) or (captions is not None and len(captions) != len(prompts)):
+        raise InputError(
+            f"got {len(prompts)} prompts, {len(images)} images and "
+            f"{'no' if captions is None else len(captions)} captions; pass one of each per prompt"
+        )
+    layer_ids = adapter.resolve_layers(layers)
+    chosen = directions.select(layer_ids)
+    rows = [i for i, img in enumerate(images) if img is not None]
+    B = len(prompts)
+    given = list(captions) if captions is not None else [None] * B
+    need = [i for i in rows if not given[i]]
+    if need:
+        written = generate_captions(
+            adapter,
+            None,
+            [prompts[i] for i in need],
+            [images[i] for i in need],
+            instruction=directions.caption_prompt,
+            max_new_tokens=directions.caption_tokens,
+            batch_size=B,
+            system_prompt=system_prompt,
+        )
+        for i, c in zip(need, written):
+            given[i] = c
+    row_on = torch.zeros(B, dtype=torch.bool)
+    row_on[rows] = True
+    counterparts = [counterpart_prompt(p, c) if c else p for p, c in zip(prompts, given)]
+    counter = prompt_states(adapter, None, counterparts, None, rows=rows, layers=layer_ids,
+                            system_prompt=system_prompt)
+    state: dict[str, Any] = {"captions": given}
+    if shift_from == "unsteered":
+        mm = prompt_states(adapter, None, list(prompts), list(images), rows=rows, layers=layer_ids,
+                           system_prompt=system_prompt)
+        corrections = chosen.corrections({l: mm[l] - counter[l] for l in layer_ids})  # zero rows: zero correction
+        vectors: dict[int, Any] = corrections
+    else:
+        corrections = {}
+        vectors = {l: _running_correction(l, chosen.directions[l], counter[l], row_on, corrections) for l in layer_ids}
+    plan = EditPlan(vectors=vectors, positions="last", decode=decode, rows=_image_rows(row_on), scale=-float(alpha))
+    with edit_activations(adapter, plan) as edit_state:
+        edit_state.update(state, corrections=corrections)
+        yield edit_state
+
+
+def _image_rows(row_on: torch.Tensor):
+    """Row rule: the rows that have an image (decided from the batch ShiftDC was prepared for)."""
+
+    def rows(prompt: Prompt) -> torch.Tensor:
+        if prompt.tokens.batch_size != row_on.shape[0]:
+            raise InputError(f"ShiftDC was prepared for {row_on.shape[0]} rows but the model got "
+                             f"{prompt.tokens.batch_size}; build the batch from the same prompts and images")
+        return row_on
+
+    return rows
+
+
+def _running_correction(
+    layer: int, direction: torch.Tensor, counter: torch.Tensor, row_on: torch.Tensor, store: dict[int, torch.Tensor]
+):
+    """A vector callable: in the call holding the prompt, the projection of (this layer's running last-token
+    state - counterpart state); generated tokens (``decode=True``) get the prompt's correction."""
+
+    def vector(hidden: torch.Tensor, edit: CallEdit) -> torch.Tensor:
+        if edit.last_cols is None:
+            if layer not in store:
+                raise InputError("ShiftDC needs each row's last prompt token in the same forward call as the "
+                                 "correction; prefill in one call (no prefill_chunk_size)")
+            return store[layer]
+        cols = edit.last_cols.to(hidden.device)
+        current = hidden[torch.arange(cols.shape[0], device=hidden.device), cols.clamp(min=0)].float()
+        keep = (row_on.to(hidden.device) & (cols >= 0)).unsqueeze(1)
+        m = torch.where(keep, current - counter.to(hidden.device), 0.0)
+        store[layer] = projection(m, direction.to(hidden.device).float())
+        return store[layer]
+
+    return vector
+
+
+__all__ = [
+    "CAPTION_PROMPT",
+    "CAPTION_TOKENS",
+    "COUNTERPART_TEMPLATE",
+    "SafetyDirections",
+    "calibrate_shiftdc",
+    "counterpart_prompt",
+    "generate_captions",
+    "projection",
+    "read_caption_cache",
+    "steer_shiftdc",
+]
