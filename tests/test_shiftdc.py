@@ -109,13 +109,17 @@ def test_correction_removed_equals_alpha_projection_by_hand(llava, directions, s
     counter = last_token_states(adapter, [counterpart_prompt(PROMPTS[i], captions[i]) for i in (0, 2)], None, layers)
     before: dict[int, torch.Tensor] = {}
 
-    def grab(layer):
-        def hook(module, args, output):
+    def grab(layer):  # wraps the layer's forward: sees its output before any forward hook (the edit) runs
+        forward = adapter.layers[layer].forward
+
+        def wrapped(*args, **kwargs):
+            output = forward(*args, **kwargs)
             before[layer] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+            return output
 
-        return hook
+        return wrapped
 
-    with steer_shiftdc(
+    steering = steer_shiftdc(
         adapter,
         directions,
         alpha,
@@ -124,16 +128,16 @@ def test_correction_removed_equals_alpha_projection_by_hand(llava, directions, s
         captions=captions,
         layers=layers,
         shift_from=shift_from,
-    ) as state:
-        handles = [
-            adapter.layers[l].register_forward_hook(grab(l), prepend=True) for l in layers
-        ]  # runs before the edit
+    )
+    with steering as state:
+        for l in layers:
+            adapter.layers[l].forward = grab(l)
         try:
             with record_activations(adapter, layers, positions=None) as after:
                 model(**inputs)
         finally:
-            for h in handles:
-                h.remove()
+            for l in layers:
+                del adapter.layers[l].forward
     last = inputs["input_ids"].shape[1] - 1  # left-padded: the last prompt token is the last column
     for layer in layers:
         removed = before[layer] - after.activations[layer]
@@ -339,7 +343,7 @@ def test_cli_calibrate_shiftdc_then_generate(saved, capsys):
     [
         (["--anchor", "blank"], "appl(y) to CMRM"),
         (["--aggregate", "pca"], "appl(y) to CMRM"),
-        (["--positions", "prompt"], "last prompt token"),
+        (["--positions", "text"], "last prompt token"),
         (["--caption-prompt", "describe {image}"], "field other than {prompt}"),
         (["--caption-tokens", "0"], "must be in"),
         (["--captions", "missing.jsonl"], "does not exist"),

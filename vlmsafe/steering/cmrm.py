@@ -395,7 +395,7 @@ def prompt_states(
     layers: int | Sequence[int] | str | None = None,
     system_prompt: str | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Unsteered last-prompt-token states of ``(prompts[i], images[i])`` for ``rows`` (default all): ``{layer: (B, H)}``.
+    """Unsteered last-prompt-token states of ``(prompts[i], images[i])`` for ``rows`` (default all): ``{l: (B, H)}``.
 
     Like :func:`text_only_states` (rows not listed get zeros, no KV cache, the pass stops after the
     deepest requested layer), for any inputs: the anchored pass of sample-level CMRM on a blank or

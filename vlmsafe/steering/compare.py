@@ -13,8 +13,9 @@ written by the model (``caption_prompt``) where the items carry none.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from vlmsafe.data import Item
 from vlmsafe.steering import SafeVLM, SteeringConfig, calibrate, calibrate_shiftdc
@@ -61,25 +62,48 @@ def method_specs(
         items = with_images if anchor == "real" else calibration
         vectors = calibrate(model, processor, items, anchor=anchor, batch_size=batch_size, progress=progress)
         label = "real image" if anchor == "real" else f"{anchor} anchor{paper[anchor]}"
-        specs.append(MethodSpec(
-            f"CMRM dataset-level, {label}",
-            lambda layers, alpha, v=vectors: SteeringConfig(vectors=v, alpha=alpha, layers=layers),
-            sets, f"mean shift h(x, {anchor} image) - h(x) over the calibration split"))
-        specs.append(MethodSpec(
-            f"CMRM sample-level, {label}",
-            lambda layers, alpha, a=anchor: SteeringConfig(mode="sample", anchor=a, alpha=alpha, layers=layers),
-            sets, "each input's own shift" + (" on its own image (one extra pass)" if anchor == "real"
-                                              else f" with a {anchor} image (two extra passes)")))
+        specs.append(
+            MethodSpec(
+                f"CMRM dataset-level, {label}",
+                lambda layers, alpha, v=vectors: SteeringConfig(vectors=v, alpha=alpha, layers=layers),
+                sets,
+                f"mean shift h(x, {anchor} image) - h(x) over the calibration split",
+            )
+        )
+        specs.append(
+            MethodSpec(
+                f"CMRM sample-level, {label}",
+                lambda layers, alpha, a=anchor: SteeringConfig(mode="sample", anchor=a, alpha=alpha, layers=layers),
+                sets,
+                "each input's own shift"
+                + (
+                    " on its own image (one extra pass)"
+                    if anchor == "real"
+                    else f" with a {anchor} image (two extra passes)"
+                ),
+            )
+        )
     labelled = [it for it in calibration if it.label is not None and (it.image is not None or it.meta.get("caption"))]
-    directions = calibrate_shiftdc(model, processor, labelled, caption_prompt=caption_prompt,
-                                   caption_tokens=caption_tokens, batch_size=batch_size, progress=progress)
+    directions = calibrate_shiftdc(
+        model,
+        processor,
+        labelled,
+        caption_prompt=caption_prompt,
+        caption_tokens=caption_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
     for shift_from, name in (("unsteered", "ShiftDC (as published)"), ("running", "ShiftDC, running shift")):
-        specs.append(MethodSpec(
-            name,
-            lambda layers, alpha, s=shift_from: SteeringConfig(directions=directions, alpha=alpha, layers=layers,
-                                                               shift_from=s),
-            ["middle-to-last", "all", *([i] for i in range(n))],
-            "image shift against the captioned counterpart, projected on the safety direction, last token"))
+        specs.append(
+            MethodSpec(
+                name,
+                lambda layers, alpha, s=shift_from: SteeringConfig(
+                    directions=directions, alpha=alpha, layers=layers, shift_from=s
+                ),
+                ["middle-to-last", "all", *([i] for i in range(n))],
+                "image shift against the captioned counterpart, projected on the safety direction, last token",
+            )
+        )
     return specs
 
 
@@ -149,30 +173,53 @@ def compare_methods(
         grids[spec.name] = grid
         pick = choose_alpha([base_cal, *grid], base=base_cal)
         steering = spec.config(pick["layers"], pick["alpha"]) if pick["alpha"] else SteeringConfig()
-        report = evaluate(base.with_steering(steering), test, judge, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, progress=False)
-        rows.append({"setting": spec.name, **split_rates(report, genuine_refusal),
-                     "chosen": {"alpha": pick["alpha"], "layers": pick["layers"], "calibration": pick},
-                     "description": spec.description})
+        report = evaluate(
+            base.with_steering(steering),
+            test,
+            judge,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=False,
+        )
+        rows.append(
+            {
+                "setting": spec.name,
+                **split_rates(report, genuine_refusal),
+                "chosen": {"alpha": pick["alpha"], "layers": pick["layers"], "calibration": pick},
+                "description": spec.description,
+            }
+        )
     return {"rows": rows, "grids": grids}
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: each cell ``rate [95% interval] k/n``."""
+
     def cell(c: dict[str, Any] | None) -> str:
         if c is None:
             return "-"
         lo, hi = c["ci95"]
         return f"{100 * c['rate']:.1f}% [{100 * lo:.1f}-{100 * hi:.1f}] {c['k']}/{c['n']}"
 
-    lines = ["| method | setting (chosen on calibration) | unsafe | genuine refusal | over-refusal | accuracy |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| method | setting (chosen on calibration) | unsafe | genuine refusal | over-refusal | accuracy |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         chosen = r.get("chosen")
-        where = "-" if not chosen else ("unsteered (nothing qualified)" if not chosen["alpha"] else
-                                        f"alpha {chosen['alpha']:g}, layers {chosen['layers']}")
-        lines.append(f"| {r['setting']} | {where} | {cell(r['unsafe'])} | {cell(r['genuine_refusal'])} | "
-                     f"{cell(r['over_refusal'])} | {cell(r['accuracy'])} |")
+        where = (
+            "-"
+            if not chosen
+            else (
+                "unsteered (nothing qualified)"
+                if not chosen["alpha"]
+                else f"alpha {chosen['alpha']:g}, layers {chosen['layers']}"
+            )
+        )
+        lines.append(
+            f"| {r['setting']} | {where} | {cell(r['unsafe'])} | {cell(r['genuine_refusal'])} | "
+            f"{cell(r['over_refusal'])} | {cell(r['accuracy'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -203,19 +250,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, processor = load_testbed(root)
     calibration, test = (load_items(root / "data" / f"{s}.jsonl") for s in ("calibration", "test"))
     specs = method_specs(model, processor, calibration, caption_prompt="describe the image .", caption_tokens=8)
-    result = compare_methods(specs, model, processor, calibration, test, RefusalJudge(),
-                             genuine_refusal=lambda text: text.strip().startswith(REFUSAL))
+    result = compare_methods(
+        specs,
+        model,
+        processor,
+        calibration,
+        test,
+        RefusalJudge(),
+        genuine_refusal=lambda text: text.strip().startswith(REFUSAL),
+    )
     vectors = next(s for s in specs if s.name == "CMRM dataset-level, real image")
     probe = [it for it in test if it.image is not None and it.reference is None]
-    profiles = {f"dataset-level, real image, alpha 1, layers {layers}": gap_profile(
-        model, processor, probe, vectors.config(layers, 1.0), batch_size=64) for layers in ([1], "middle-to-last", "all")}
+    profiles = {
+        f"dataset-level, real image, alpha 1, layers {layers}": gap_profile(
+            model, processor, probe, vectors.config(layers, 1.0), batch_size=64
+        )
+        for layers in ([1], "middle-to-last", "all")
+    }
     table, compounding = format_rows(result["rows"]), compounding_table(profiles)
     report = {**result, "compounding": profiles, "seconds": round(time.perf_counter() - started, 1)}
     with atomic_path(args.out, overwrite=args.overwrite) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-        (tmp / "table.md").write_text(table + "\n\nshare of the modality gap left (last prompt token)\n\n"
-                                      + compounding + "\n")
+        (tmp / "table.md").write_text(
+            table + "\n\nshare of the modality gap left (last prompt token)\n\n" + compounding + "\n"
+        )
     print(table, compounding, sep="\n\n")
     return 0
 
@@ -224,4 +283,13 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["DEFAULT_ALPHAS", "MethodSpec", "compare_methods", "format_rows", "layer_sets", "method_specs", "rate", "wilson"]
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "MethodSpec",
+    "compare_methods",
+    "format_rows",
+    "layer_sets",
+    "method_specs",
+    "rate",
+    "wilson",
+]

@@ -16,7 +16,8 @@ config. ``1`` is untouched, ``0`` is back at the text-only state, negative is pa
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,11 +29,21 @@ from vlmsafe.errors import InputError
 from vlmsafe.steering.config import SteeringConfig
 
 
-def _states(adapter: ModelAdapter, prompts: list[str], images: list[Any] | None, layers: list[int],
-            steering: SteeringConfig | None, all_images: list[Any], system_prompt: str | None) -> dict[int, torch.Tensor]:
+def _states(
+    adapter: ModelAdapter,
+    prompts: list[str],
+    images: list[Any] | None,
+    layers: list[int],
+    steering: SteeringConfig | None,
+    all_images: list[Any],
+    system_prompt: str | None,
+) -> dict[int, torch.Tensor]:
     inputs = adapter.build_inputs(prompts, images, system_prompt=system_prompt, padding_side="left")
-    context = steering.apply(adapter, prompts=prompts, images=all_images, system_prompt=system_prompt) \
-        if steering is not None else None
+    context = (
+        steering.apply(adapter, prompts=prompts, images=all_images, system_prompt=system_prompt)
+        if steering is not None
+        else None
+    )
     with torch.no_grad():
         if context is None:
             with record_activations(adapter, layers, positions="last") as rec:
@@ -78,9 +89,16 @@ def gap_profile(
         gap = (plain - text).mean(0)
         unit = gap / gap.norm().clamp_min(1e-30)
         remaining.append(float((steered - text).mean(0) @ unit / gap.norm().clamp_min(1e-30)))
-        distance.append(float((steered - text).norm(dim=1).mean() / (plain - text).norm(dim=1).mean().clamp_min(1e-30)))
-    return {"layers": layers, "remaining_gap": remaining, "distance_ratio": distance, "n_items": len(pairs),
-            "steering": steering.describe()}
+        distance.append(
+            float((steered - text).norm(dim=1).mean() / (plain - text).norm(dim=1).mean().clamp_min(1e-30))
+        )
+    return {
+        "layers": layers,
+        "remaining_gap": remaining,
+        "distance_ratio": distance,
+        "n_items": len(pairs),
+        "steering": steering.describe(),
+    }
 
 
 def compounding_table(profiles: dict[str, dict[str, Any]], *, digits: int = 2) -> str:
@@ -89,8 +107,7 @@ def compounding_table(profiles: dict[str, dict[str, Any]], *, digits: int = 2) -
     if not names:
         return ""
     layers = profiles[names[0]]["layers"]
-    lines = ["| setting | " + " | ".join(f"layer {l}" for l in layers) + " |",
-             "|---|" + "---:|" * len(layers)]
+    lines = ["| setting | " + " | ".join(f"layer {l}" for l in layers) + " |", "|---|" + "---:|" * len(layers)]
     for name in names:
         cells = " | ".join(f"{v:+.{digits}f}" for v in profiles[name]["remaining_gap"])
         lines.append(f"| {name} | {cells} |")
