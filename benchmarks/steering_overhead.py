@@ -12,6 +12,12 @@ Rows, run interleaved (each repeat runs every row once, so drift hits all rows a
                                         (cache on, last-position logits, as ``generate`` does): the work a
                                         sample-level implementation cannot avoid; its floor is 1.0 of these.
 
+A third block measures ShiftDC (``SteeringConfig(mode="shiftdc")``, middle-to-last layers): with the
+captions given, its extra cost is one text-only pass over the captioned counterparts (``running`` shift)
+plus, as published (``unsteered`` shift), one multimodal pass; without them the model first writes a
+caption per image (``--caption-tokens``, ShiftDC's code allows 128), which dominates. ``caption
+generation (unit)`` is that step alone.
+
 The sample-level rows run in a second block with short generations (``--sample-new-tokens``): its
 decode steps run without layer hooks (prompt-only steering detaches them after the prompt), so its
 extra cost does not grow with length, and a short generation keeps the subtraction
@@ -43,7 +49,7 @@ from collections.abc import Callable
 import torch
 
 from vlmsafe.adapters import get_adapter
-from vlmsafe.steering import ShiftVectors, SteeringConfig, steer
+from vlmsafe.steering import SafetyDirections, ShiftVectors, SteeringConfig, generate_captions, steer
 from vlmsafe.testing import random_image, tiny_llava
 
 
@@ -87,6 +93,7 @@ def main() -> None:
     ap.add_argument("--sample-new-tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--caption-tokens", type=int, default=16)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda times wall clock after a synchronize)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -159,18 +166,44 @@ def main() -> None:
         "text-only prefill (unit)": text_prefill,
     }
 
+    directions = SafetyDirections(
+        directions={l: torch.randn(args.hidden) for l in layers},
+        meta={"method": "shiftdc", "num_layers": args.layers, "family": "llava", "model_class": type(model).__name__,
+              "caption_prompt": "describe the picture", "caption_tokens": args.caption_tokens})
+    captions = ["red circle", "blue square", "two green triangles", "the word cat"][: args.batch]
+    captions = (captions * args.batch)[: args.batch]
+
+    def shiftdc(shift_from: str, given: list[str] | None) -> None:
+        cfg = SteeringConfig(directions=directions, alpha=1.0, shift_from=shift_from)
+        with cfg.apply(adapter, prompts=prompts, images=images, captions=given):
+            generate("shiftdc")
+
+    shiftdc_rows: dict[str, Callable[[], None]] = {
+        "plain generate": lambda: generate("plain"),
+        "ShiftDC running shift, captions given": lambda: shiftdc("running", captions),
+        "ShiftDC as published, captions given": lambda: shiftdc("unsteered", captions),
+        f"ShiftDC as published, {args.caption_tokens}-token captions": lambda: shiftdc("unsteered", None),
+        "caption generation (unit)": lambda: generate_captions(adapter, None, prompts, images,
+                                                               instruction="describe the picture",
+                                                               max_new_tokens=args.caption_tokens),
+        "text-only prefill (unit)": text_prefill,
+    }
+
     clock = time.process_time if args.clock == "cpu" and not cuda else time.perf_counter
     if cuda:  # kernels run asynchronously: a row ends when the GPU has finished its work
         clock = lambda: (torch.cuda.synchronize(), time.perf_counter())[1]  # noqa: E731
     with torch.no_grad():
         times = timed(rows, args.repeats, clock)
         short_times = timed(short_rows, args.repeats, clock)
+        shiftdc_times = timed(shiftdc_rows, args.repeats, clock)
 
     where = torch.cuda.get_device_name() if cuda else f"CPU, threads={args.threads}"
     print(f"model: LlavaForConditionalGeneration, text hidden={args.hidden}, layers={args.layers} (all steered), "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {args.dtype}; batch={args.batch}; "
           f"{where}; {args.repeats} interleaved repeats, {'CPU' if clock is time.process_time else 'wall'} time")
-    for title, block in ((f"{args.new_tokens} new tokens", times), (f"{short} new tokens", short_times)):
+    blocks = ((f"{args.new_tokens} new tokens", times), (f"{short} new tokens", short_times),
+              (f"ShiftDC, {args.new_tokens} new tokens", shiftdc_times))
+    for title, block in blocks:
         plain = next(ts for name, ts in block.items() if name.startswith("plain"))
         head = f"{'seconds: median [min, max]':>32s} {'vs plain, per repeat: median [min, max]':>42s}"
         print(f"\n{title:40s} {head}")
@@ -199,6 +232,11 @@ def main() -> None:
         best = (min(block[name]) - min(block[base])) / min(unit)
         print(f"sample-level extra cost ({label}): per repeat {spread(extra, '{:.2f}')}, fastest vs fastest "
               f"{best:.2f} text-only prefills (floor 1.0; target <= 1.2)")
+    unit, caption = shiftdc_times["text-only prefill (unit)"], shiftdc_times["caption generation (unit)"]
+    for name in list(shiftdc_times)[1:4]:
+        extra = [s_ - p for s_, p in zip(shiftdc_times[name], shiftdc_times["plain generate"])]
+        print(f"{name} extra cost: per repeat {spread([e / u for e, u in zip(extra, unit)], '{:.2f}')} text-only "
+              f"prefills = {spread([e / c for e, c in zip(extra, caption)], '{:.2f}')} caption generations")
     print("target: dataset-level overhead <= 2% and not slower than steering-vectors")
     if peer_note:
         print(peer_note)
