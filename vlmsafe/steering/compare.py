@@ -242,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--testbed", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     check_output(args.out, kind="dir", overwrite=args.overwrite)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -261,12 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     vectors = next(s for s in specs if s.name == "CMRM dataset-level, real image")
     probe = [it for it in test if it.image is not None and it.reference is None]
-    profiles = {
-        f"dataset-level, real image, alpha 1, layers {layers}": gap_profile(
-            model, processor, probe, vectors.config(layers, 1.0), batch_size=64
-        )
-        for layers in ([1], "middle-to-last", "all")
+    settings = {
+        "dataset-level, alpha 1, layer 1": vectors.config([1], 1.0),
+        "dataset-level, alpha 1, layer 2": vectors.config([2], 1.0),
+        "dataset-level, alpha 1, middle-to-last (2-3)": vectors.config("middle-to-last", 1.0),
+        "dataset-level, alpha 1, all layers (paper)": vectors.config("all", 1.0),
+        "dataset-level, alpha 0.25, all layers": vectors.config("all", 0.25),
+        "sample-level (own image), alpha 1, all layers": SteeringConfig(mode="sample", alpha=1.0),
     }
+    profiles = {name: gap_profile(model, processor, probe, cfg, batch_size=64) for name, cfg in settings.items()}
     table, compounding = format_rows(result["rows"]), compounding_table(profiles)
     report = {**result, "compounding": profiles, "seconds": round(time.perf_counter() - started, 1)}
     with atomic_path(args.out, overwrite=args.overwrite) as tmp:
