@@ -1,11 +1,12 @@
 """Inference-time steering: CMRM (shift vectors, dataset- and sample-level) and ShiftDC (safety directions)."""
 
 from vlmsafe.loading import load_model
-from vlmsafe.steering.cmrm import calibrate, compute_sample_shifts, safety_directions, steer, steer_sample_level
 from vlmsafe.steering.anchors import ANCHORS, anchor_image
+from vlmsafe.steering.cmrm import calibrate, compute_sample_shifts, safety_directions, steer, steer_sample_level
 from vlmsafe.steering.config import SteeringConfig
+from vlmsafe.steering.directions import SafetyDirections
 from vlmsafe.steering.safevlm import SafeVLM
-from vlmsafe.steering.shiftdc import SafetyDirections, calibrate_shiftdc, generate_captions, steer_shiftdc
+from vlmsafe.steering.shiftdc import calibrate_shiftdc, generate_captions, steer_shiftdc
 from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors, calibration_meta
 
 __all__ = [

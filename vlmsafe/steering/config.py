@@ -20,14 +20,14 @@ import contextlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ContextManager, Sequence
 
-
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, check_colour
 from vlmsafe.errors import InputError
 from vlmsafe.steering.anchors import anchor_image, check_anchor
 from vlmsafe.steering.cmrm import STEER_POSITIONS, prompt_states, steer, steer_sample_level, text_only_states
+from vlmsafe.steering.directions import SafetyDirections
 from vlmsafe.steering.shiftdc import DEFAULT_LAYERS as SHIFTDC_LAYERS
-from vlmsafe.steering.shiftdc import SHIFT_FROM, SafetyDirections, steer_shiftdc
+from vlmsafe.steering.shiftdc import SHIFT_FROM, steer_shiftdc
 from vlmsafe.steering.vectors import ShiftVectors
 from vlmsafe.validation import LAYER_PRESETS, check_choice, check_float, parse_layer_spec
 

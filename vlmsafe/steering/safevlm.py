@@ -14,7 +14,7 @@ from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import InputError
 from vlmsafe.loading import load_model
 from vlmsafe.steering.config import MODES, SteeringConfig
-from vlmsafe.steering.shiftdc import SafetyDirections
+from vlmsafe.steering.directions import SafetyDirections
 from vlmsafe.steering.vectors import ShiftVectors
 from vlmsafe.validation import check_int
 

@@ -30,42 +30,29 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from vlmsafe.activations import CallEdit, EditPlan, Prompt, edit_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import as_pair
-from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
-from vlmsafe.io import atomic_path, parse_json, sha256_file
+from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.steering.cmrm import prompt_states
-from vlmsafe.steering.vectors import calibration_meta, check_fits
+from vlmsafe.steering.directions import CAPTION_PROMPT, CAPTION_TOKENS, SafetyDirections, projection
+from vlmsafe.steering.vectors import calibration_meta
 from vlmsafe.validation import check_int
 
-#: The reference code's caption instruction (``CAPTION_BASED_ON_Q``): the caption is written for the request.
-CAPTION_PROMPT = "Based on the given Request, describe the image. Request: {prompt}"
 #: The reference code's text-only counterpart (``ANSWER_Q_BASED_ON_CAPTION``).
 COUNTERPART_TEMPLATE = "{prompt} Image Caption: {caption}"
-#: Caption budget in tokens (the reference code's ``max_tokens=128``).
-CAPTION_TOKENS = 128
 SHIFT_FROM = ("unsteered", "running")
 DEFAULT_LAYERS = "middle-to-last"
 
-TENSOR_FILE = "directions.safetensors"
-META_FILE = "directions.json"
-CAPTIONS_FILE = "captions.jsonl"
-FORMAT_VERSION = 1
 
 
 def check_caption_prompt(instruction: Any) -> str:
@@ -85,15 +72,6 @@ def check_caption_prompt(instruction: Any) -> str:
 def counterpart_prompt(prompt: str, caption: str) -> str:
     """The text-only counterpart of (prompt, image): the prompt followed by the image's caption."""
     return COUNTERPART_TEMPLATE.format(prompt=prompt.strip(), caption=caption.strip())
-
-
-def projection(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``(m . s / s . s) s`` for each row of ``m`` ``(B, H)`` (zero when ``s`` is zero)."""
-    s = s.to(device=m.device, dtype=m.dtype)
-    denom = s @ s
-    if float(denom) <= 0.0:
-        return torch.zeros_like(m)
-    return (m @ s / denom).unsqueeze(-1) * s
 
 
 # --------------------------------------------------------------------------- captions and states
@@ -133,161 +111,6 @@ def generate_captions(
         bar.update(len(chunk))
     bar.close()
     return out
-
-
-# --------------------------------------------------------------------------- directions
-@dataclass
-class SafetyDirections:
-    """Per-layer safety directions for ShiftDC, with where and how they were computed.
-
-    ``directions[l]`` = mean last-token state of benign [prompt + caption] inputs minus that of
-    harmful ones; ``benign_means`` / ``harmful_means`` are the two means. ``meta`` records the model,
-    the caption instruction and budget, the counts and the calibration-set hash; ``captions`` the
-    caption of every calibration item and where it came from (``"data"`` or ``"generated"``).
-    """
-
-    directions: dict[int, torch.Tensor]
-    benign_means: dict[int, torch.Tensor] = field(default_factory=dict)
-    harmful_means: dict[int, torch.Tensor] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    captions: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.directions)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(next(iter(self.directions.values())).shape[-1])
-
-    @property
-    def caption_prompt(self) -> str:
-        return str(self.meta.get("caption_prompt", CAPTION_PROMPT))
-
-    @property
-    def caption_tokens(self) -> int:
-        return int(self.meta.get("caption_tokens", CAPTION_TOKENS))
-
-    def __getitem__(self, layer: int) -> torch.Tensor:
-        return self.directions[layer]
-
-    def __repr__(self) -> str:
-        return (
-            f"SafetyDirections(layers={len(self.layers)}, hidden_size={self.hidden_size}, "
-            f"benign={self.meta.get('n_benign')}, harmful={self.meta.get('n_harmful')})"
-        )
-
-    def select(self, layers: list[int]) -> SafetyDirections:
-        missing = sorted(set(layers) - set(self.directions))
-        if missing:
-            raise IncompatibleVectorsError(
-                f"the safety directions have no layer(s) {missing}; they were calibrated on layers {self.layers}. "
-                "Re-run `vlmsafe calibrate --method shiftdc --layers ...` to include them, or steer calibrated layers"
-            )
-        pick = lambda d: {l: d[l] for l in layers if l in d}
-        return replace(
-            self,
-            directions=pick(self.directions),
-            benign_means=pick(self.benign_means),
-            harmful_means=pick(self.harmful_means),
-        )
-
-    def check_compatible(self, model: Any) -> None:
-        """Raise :class:`IncompatibleVectorsError` unless the directions fit ``model``'s residual stream."""
-        check_fits(
-            self.meta,
-            self.hidden_size,
-            self.layers,
-            model,
-            what="ShiftDC safety directions",
-            fix="Compute directions for this model with `vlmsafe calibrate --method shiftdc`.",
-        )
-
-    def corrections(self, shifts: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """``(m . s / s . s) s`` per layer for per-row shifts ``{layer: (B, H)}`` (what alpha scales)."""
-        return {l: projection(m.float(), self.directions[l].float()) for l, m in shifts.items()}
-
-    # ------------------------------------------------------------------ files
-    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write ``directions.safetensors``, ``directions.json`` and ``captions.jsonl`` to ``directory`` atomically."""
-        tensors: dict[str, torch.Tensor] = {}
-        for prefix, table in (
-            ("direction", self.directions),
-            ("benign_mean", self.benign_means),
-            ("harmful_mean", self.harmful_means),
-        ):
-            for layer, vec in table.items():
-                tensors[f"{prefix}.{layer}"] = vec.detach().to("cpu", torch.float32).contiguous()
-        dest = Path(directory)
-        with atomic_path(dest, overwrite=overwrite) as tmp:
-            tmp.mkdir(parents=True)
-            save_file(
-                tensors,
-                str(tmp / TENSOR_FILE),
-                metadata={"format": "vlmsafe.safety_directions", "version": str(FORMAT_VERSION)},
-            )
-            (tmp / CAPTIONS_FILE).write_text(
-                "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in self.captions), encoding="utf-8"
-            )
-            meta = {
-                **self.meta,
-                "format_version": FORMAT_VERSION,
-                "hidden_size": self.hidden_size,
-                "layers": self.layers,
-                "tensor_sha256": sha256_file(tmp / TENSOR_FILE),
-            }
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        return dest
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str], model: Any | None = None) -> SafetyDirections:
-        """Read directions saved by :meth:`save` (checksum verified; nothing unpickled); validate against ``model``."""
-        root = Path(directory)
-        fix = "re-create them with `vlmsafe calibrate --method shiftdc`"
-        for path in (root / TENSOR_FILE, root / META_FILE):
-            if not path.is_file():
-                raise FileFormatError(
-                    f"{path} not found: a ShiftDC directions folder holds {TENSOR_FILE} and {META_FILE}; {fix}"
-                )
-        meta = parse_json(
-            (root / META_FILE).read_text(encoding="utf-8", errors="replace"), where=str(root / META_FILE), fix=fix
-        )
-        if not isinstance(meta, dict) or meta.get("method") != "shiftdc":
-            method = meta.get("method") if isinstance(meta, dict) else None
-            raise FileFormatError(f"{root / META_FILE}: not ShiftDC safety directions (method {method!r}); {fix}")
-        if meta.get("tensor_sha256") and sha256_file(root / TENSOR_FILE) != meta["tensor_sha256"]:
-            raise FileFormatError(
-                f"{root / TENSOR_FILE} is corrupted or truncated (sha256 differs from {META_FILE}); {fix}"
-            )
-        try:
-            raw = load_file(str(root / TENSOR_FILE))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise FileFormatError(f"{root / TENSOR_FILE} is not a readable safetensors file ({exc}); {fix}") from None
-        tables: dict[str, dict[int, torch.Tensor]] = {"direction": {}, "benign_mean": {}, "harmful_mean": {}}
-        for key, value in raw.items():
-            prefix, _, layer = key.rpartition(".")
-            if prefix not in tables or not layer.isdigit():
-                raise FileFormatError(f"{root / TENSOR_FILE}: unexpected tensor {key!r}; {fix}")
-            tables[prefix][int(layer)] = value
-        if not tables["direction"]:
-            raise FileFormatError(f"{root / TENSOR_FILE} holds no direction.<layer> tensors; {fix}")
-        captions = []
-        if (root / CAPTIONS_FILE).is_file():
-            captions = [
-                parse_json(line, where=f"{root / CAPTIONS_FILE}:{i}", fix=fix)
-                for i, line in enumerate((root / CAPTIONS_FILE).read_text(encoding="utf-8").splitlines(), 1)
-                if line.strip()
-            ]
-        out = cls(
-            directions=tables["direction"],
-            benign_means=tables["benign_mean"],
-            harmful_means=tables["harmful_mean"],
-            meta=meta,
-            captions=captions,
-        )
-        if model is not None:
-            out.check_compatible(model)
-        return out
 
 
 def _labelled(item: Any, index: int) -> tuple[str, str, str, str | None, Any]:
