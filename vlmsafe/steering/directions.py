@@ -105,7 +105,8 @@ class SafetyDirections:
             self.hidden_size,
             self.layers,
             model,
-            what="ShiftDC safety directions",
+            what="directions",
+            title="ShiftDC safety directions",
             fix="Compute directions for this model with `vlmsafe calibrate --method shiftdc`.",
         )
 

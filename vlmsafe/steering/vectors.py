@@ -139,7 +139,7 @@ class ShiftVectors:
     # ------------------------------------------------------------------ validation
     def check_compatible(self, model: Any) -> None:
         """Raise :class:`IncompatibleVectorsError` unless these vectors fit ``model``'s residual stream."""
-        check_fits(self.meta, self.hidden_size, self.layers, model, what="steering vectors",
+        check_fits(self.meta, self.hidden_size, self.layers, model, what="vectors", title="steering vectors",
                    fix="Calibrate vectors for this model with `vlmsafe calibrate`.")
 
     # ------------------------------------------------------------------ files
@@ -256,7 +256,7 @@ def first_principal_component(diffs: torch.Tensor, mean: torch.Tensor) -> tuple[
 
 
 def check_fits(meta: Mapping[str, Any], hidden_size: int, layers: list[int], model: Any, *, what: str,
-               fix: str) -> None:
+               fix: str, title: str | None = None) -> None:
     """Raise :class:`IncompatibleVectorsError` unless per-layer tensors read from a model (described by
     ``meta``: ``num_layers``, ``model_class``, ``family``, ``model_name``) fit ``model``'s residual stream."""
     adapter: ModelAdapter = get_adapter(model)
@@ -280,7 +280,7 @@ def check_fits(meta: Mapping[str, Any], hidden_size: int, layers: list[int], mod
     if problems:
         source = meta.get("model_name") or meta.get("model_class") or "another model"
         raise IncompatibleVectorsError(
-            f"{what} calibrated on {source} do not fit {type(adapter.model).__name__}: "
+            f"{title or what} calibrated on {source} do not fit {type(adapter.model).__name__}: "
             + "; ".join(problems) + ". " + fix
         )
 
