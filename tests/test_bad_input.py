@@ -54,6 +54,8 @@ COMMANDS = {
                                        "--max-new-tokens", "2", "--no-progress"],
     "probe-shift": lambda ws, data, out: ["probe", "shift", *_model(ws), "--data", str(data), "--out", str(out),
                                           "--cv", "2", "--no-progress"],
+    "probe-layers": lambda ws, data, out: ["probe", "layers", *_model(ws), "--data", str(data), "--out", str(out),
+                                           "--cv", "2", "--no-progress"],
 }
 
 CASES = [
@@ -71,6 +73,8 @@ NUMBER_CASES = {
                  (["--sample-level", "--layers", "2-0"], "reversed"), (["--alpha", "1"], "no steering source"),
                  (["--limit", "0"], "must be in")],
     "probe-shift": [(["--alpha", "nan"], "finite"), (["--steer-layers", "5-4"], "reversed"), (["--layers", ""], "empty")],
+    "probe-layers": [(["--sample-level", "--alpha=-inf"], "finite"), (["--layers", "2-1"], "reversed"),
+                     (["--test-size", "1.5"], "test-size"), (["--limit", "-2"], "must be in")],
 }
 
 
@@ -105,12 +109,13 @@ def test_bad_numbers_and_ranges(ws, capsys, command, extra, expected):
 def test_existing_output_is_refused_and_kept(ws, capsys, command):
     rc = main(COMMANDS[command](ws, ws / "good.jsonl", ws / "existing"))
     err = capsys.readouterr().err
-    if command == "probe-shift":  # probes write <name>.json/.png into a shared folder: only those files are protected
+    if command.startswith("probe-"):  # probes write <name>.json/.png into a shared folder: only those are protected
         assert rc == 0, err
-        (ws / "existing" / "shift.json").write_text("{}")
+        report = ws / "existing" / f"{command.split('-')[1]}.json"
+        report.write_text("{}")
         rc = main(COMMANDS[command](ws, ws / "good.jsonl", ws / "existing"))
         _check(rc, capsys.readouterr().err, "--overwrite")
-        assert (ws / "existing" / "shift.json").read_text() == "{}"
+        assert report.read_text() == "{}"
     else:
         _check(rc, err, "--overwrite")
     assert (ws / "existing" / "users_notes.txt").read_text() == "precious"
