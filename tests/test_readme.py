@@ -31,3 +31,12 @@ def test_readme_python_examples_run(tmp_path):
     printed = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(printed) >= 3, result.stdout
     assert printed[-1].startswith("torch.Size([1, ")
+
+
+def test_readme_links_point_at_files_in_the_checkout():
+    broken = []
+    for readme in [ROOT / "README.md", *sorted((ROOT / "assets").glob("*/README.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)", readme.read_text(encoding="utf-8")):
+            if not target.startswith(("http://", "https://", "mailto:")) and not (readme.parent / target).exists():
+                broken.append(f"{readme.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
