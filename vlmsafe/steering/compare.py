@@ -12,7 +12,6 @@ written by the model (``caption_prompt``) where the items carry none.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,8 @@ from vlmsafe.data import Item
 from vlmsafe.steering import SafeVLM, SteeringConfig, calibrate, calibrate_shiftdc
 from vlmsafe.steering.shiftdc import CAPTION_PROMPT
 from vlmsafe.steering.sweep import alpha_sweep, choose_alpha
+from vlmsafe.stats import Rate
 
-Z95 = 1.959963984540054
 DEFAULT_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
@@ -107,24 +106,10 @@ def method_specs(
     return specs
 
 
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of ``k`` successes out of ``n``."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def rate(flags: Sequence[bool]) -> dict[str, Any] | None:
     """``{"rate", "ci95", "k", "n"}`` of boolean ``flags`` (``None`` when there are none)."""
-    n = len(flags)
-    if not n:
-        return None
-    k = sum(bool(f) for f in flags)
-    lo, hi = wilson(k, n)
-    return {"rate": k / n, "ci95": [lo, hi], "k": k, "n": n}
+    flags = [bool(f) for f in flags]
+    return Rate(sum(flags), len(flags)).to_dict() if flags else None
 
 
 def split_rates(report: Any, genuine_refusal: Callable[[str], bool]) -> dict[str, Any]:
@@ -296,5 +281,4 @@ __all__ = [
     "layer_sets",
     "method_specs",
     "rate",
-    "wilson",
 ]
