@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmsafe.data import Item
+from vlmsafe.stats import Rate
 from vlmsafe.steering import SafeVLM, SteeringConfig, calibrate, calibrate_shiftdc
 from vlmsafe.steering.shiftdc import CAPTION_PROMPT
 from vlmsafe.steering.sweep import alpha_sweep, choose_alpha
-from vlmsafe.stats import Rate
 
 DEFAULT_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
