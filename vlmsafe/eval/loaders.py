@@ -167,7 +167,8 @@ def load_figstep(
         csv_path: ``safebench.csv`` or ``SafeBench-Tiny.csv``.
         image_dir: folder with ``query_<dataset>_<category_id>_<task_id>_6.png``.
         render_missing: render images that are absent into ``image_dir`` with
-            :func:`render_typographic` instead of failing (the public repo ships only part of them).
+            :func:`render_typographic` instead of failing (the public repository ships all 500 SafeBench
+            images in ``data/images/SafeBench``; this is for subsets or re-rendered variants).
         size: canvas size used when rendering.
         prompt: the text prompt paired with every image (FigStep's by default).
         categories: keep only these ``category_name`` values.
