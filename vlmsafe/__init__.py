@@ -13,6 +13,6 @@ The foundation is :mod:`vlmsafe.adapters` (what each model family looks like) an
 
 __version__ = "0.1.0"
 
-from vlmsafe.errors import VlmsafeError  # noqa: E402
+from vlmsafe.errors import VlmsafeError
 
-__all__ = ["__version__", "VlmsafeError"]
+__all__ = ["VlmsafeError", "__version__"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from vlmsafe import __version__
 from vlmsafe.cli_options import ArgumentParser

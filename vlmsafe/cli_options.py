@@ -15,7 +15,8 @@ never reach a model.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from vlmsafe.errors import InputError
 from vlmsafe.validation import float_arg, int_arg, layer_spec_arg

@@ -19,8 +19,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from vlmsafe.errors import FileFormatError, OutputExistsError
 

@@ -9,7 +9,7 @@ A HF ``tokenizers`` WordLevel model wrapped in ``PreTrainedTokenizerFast`` gives
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from vlmsafe.errors import InputError, LayerIndexError
 
@@ -30,7 +30,7 @@ def check_float(
     Raises:
         InputError: ``"<name> must be ...; got <value>"``.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_scalar_tensor(value):
+    if isinstance(value, bool) or (not isinstance(value, (int, float)) and not _is_scalar_tensor(value)):
         raise InputError(f"{name} must be a number, got {value!r}")
     x = float(value)  # type: ignore[arg-type]
     if not math.isfinite(x):

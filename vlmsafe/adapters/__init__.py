@@ -10,7 +10,13 @@ from typing import Any
 
 from torch import nn
 
-from vlmsafe.adapters.base import ModelAdapter, adapter_class_for, parse_layer_spec, register_adapter, supported_model_classes
+from vlmsafe.adapters.base import (
+    ModelAdapter,
+    adapter_class_for,
+    parse_layer_spec,
+    register_adapter,
+    supported_model_classes,
+)
 from vlmsafe.adapters.chat import ChatVLMAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter
 from vlmsafe.adapters.clip import CLIPAdapter, OpenCLIPAdapter
 from vlmsafe.adapters.text import CausalLMAdapter
@@ -30,17 +36,17 @@ def get_adapter(model: nn.Module | ModelAdapter, processor: Any | None = None, *
 
 
 __all__ = [
-    "ModelAdapter",
+    "CLIPAdapter",
+    "CausalLMAdapter",
     "ChatVLMAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
+    "ModelAdapter",
+    "OpenCLIPAdapter",
     "Qwen2VLAdapter",
     "Qwen25VLAdapter",
-    "CausalLMAdapter",
-    "CLIPAdapter",
-    "OpenCLIPAdapter",
     "get_adapter",
+    "parse_layer_spec",
     "register_adapter",
     "supported_model_classes",
-    "parse_layer_spec",
 ]

@@ -17,7 +17,8 @@ added with :func:`register_adapter`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -28,7 +29,7 @@ from vlmsafe.validation import LAYER_PRESETS, parse_layer_spec, preset_layers
 
 ImageLike = Image.Image
 
-_REGISTRY: dict[str, type["ModelAdapter"]] = {}
+_REGISTRY: dict[str, type[ModelAdapter]] = {}
 
 
 class ModelAdapter(ABC):

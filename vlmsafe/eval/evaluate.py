@@ -9,14 +9,15 @@ means the same harness measures an unmodified model, a steered one, a merged one
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vlmsafe.data import Item as EvalItem
 from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
-from vlmsafe.data import Item as EvalItem
 from vlmsafe.eval.judges import Judge
 from vlmsafe.eval.report import EvalReport, ItemRecord
 

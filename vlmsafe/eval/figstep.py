@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 import textwrap
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
 
 from PIL import Image, ImageDraw, ImageFont
 

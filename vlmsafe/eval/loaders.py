@@ -31,12 +31,13 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.data import Item as EvalItem
 from vlmsafe.data import read_records, resolve_path
+from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.eval.figstep import FIGSTEP_PROMPT, render_typographic
 
 # --------------------------------------------------------------------------------------------

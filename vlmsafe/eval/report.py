@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from vlmsafe.errors import FileFormatError
 from vlmsafe.io import write_json_atomic
@@ -177,7 +178,7 @@ class EvalReport:
         write_json_atomic(path, self.to_dict(), overwrite=overwrite)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike[str]) -> "EvalReport":
+    def from_json(cls, path: str | os.PathLike[str]) -> EvalReport:
         """Read a report written by :meth:`to_json` (aggregates are recomputed from the records)."""
         p = Path(path)
         try:

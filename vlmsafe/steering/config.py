@@ -17,8 +17,9 @@ The field metadata holds the help text of the matching command-line flags
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ContextManager, Sequence
+from typing import Any, ContextManager
 
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, check_colour
@@ -115,7 +116,7 @@ class SteeringConfig:
         """Whether applying this config changes anything (a mode and a non-zero alpha)."""
         return self.mode is not None and self.alpha != 0.0
 
-    def with_alpha(self, alpha: float) -> "SteeringConfig":
+    def with_alpha(self, alpha: float) -> SteeringConfig:
         return replace(self, alpha=alpha)
 
     def describe(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -17,6 +18,7 @@ from vlmsafe.steering.config import MODES, SteeringConfig
 from vlmsafe.steering.directions import SafetyDirections
 from vlmsafe.steering.vectors import ShiftVectors
 from vlmsafe.validation import check_int
+
 
 class SafeVLM:
     """Generate with a VLM under CMRM or ShiftDC steering.
@@ -89,7 +91,7 @@ class SafeVLM:
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
         **kwargs: Any,
-    ) -> "SafeVLM":
+    ) -> SafeVLM:
         """Load model + processor with :func:`vlmsafe.loading.load_model` and wrap them."""
         model, processor = load_model(path, kind="vlm", dtype=dtype, device=device, device_map=device_map)
         if vectors is not None and not isinstance(vectors, ShiftVectors):
@@ -119,11 +121,11 @@ class SafeVLM:
     def vectors(self) -> ShiftVectors | None:
         return self.steering_config.vectors
 
-    def with_alpha(self, alpha: float) -> "SafeVLM":
+    def with_alpha(self, alpha: float) -> SafeVLM:
         """A copy sharing the model and vectors, with another ``alpha`` (for sweeps)."""
         return self.with_steering(self.steering_config.with_alpha(alpha))
 
-    def with_steering(self, steering: SteeringConfig) -> "SafeVLM":
+    def with_steering(self, steering: SteeringConfig) -> SafeVLM:
         """A copy sharing the model, steered by another config."""
         steering.check_model(self.adapter)
         clone = object.__new__(SafeVLM)
@@ -135,7 +137,7 @@ class SafeVLM:
     def generate(
         self,
         prompts: str | Sequence[str],
-        images: Image.Image | None | Sequence[Image.Image | None] = None,
+        images: Image.Image | Sequence[Image.Image | None] | None = None,
         *,
         max_new_tokens: int | None = None,
         captions: str | Sequence[str | None] | None = None,

@@ -8,7 +8,8 @@ evaluation per alpha and nothing more.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from vlmsafe.steering.safevlm import SafeVLM
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -70,22 +71,22 @@ class ShiftVectors:
         more = ", ..." if len(self.layers) > 8 else ""
         return f"ShiftVectors(layers={len(self.layers)}, hidden_size={self.hidden_size}, norms={{{norms}{more}}})"
 
-    def select(self, layers: list[int]) -> "ShiftVectors":
+    def select(self, layers: list[int]) -> ShiftVectors:
         missing = sorted(set(layers) - set(self.shifts))
         if missing:
             raise IncompatibleVectorsError(
                 f"the vectors have no layer(s) {missing}; they were calibrated on layers {self.layers}. "
                 "Re-run `vlmsafe calibrate --layers ...` to include them, or choose among the calibrated layers"
             )
-        pick = lambda d: {l: d[l] for l in layers if l in d}  # noqa: E731
+        pick = lambda d: {l: d[l] for l in layers if l in d}
         return replace(self, shifts=pick(self.shifts), mm_means=pick(self.mm_means), text_means=pick(self.text_means),
                        stats=pick(self.stats), meta={**self.meta, "layers": list(layers)})
 
-    def normalized(self) -> "ShiftVectors":
+    def normalized(self) -> ShiftVectors:
         """Unit-norm shifts: ``alpha`` then is an absolute step length in hidden-state units."""
         return self._map(lambda v: v / v.norm().clamp_min(1e-12), note="normalized")
 
-    def project_onto(self, directions: Mapping[int, torch.Tensor]) -> "ShiftVectors":
+    def project_onto(self, directions: Mapping[int, torch.Tensor]) -> ShiftVectors:
         """Keep only each shift's component along ``directions[layer]``: ``(m . s / |s|^2) s``.
 
         With ``directions`` from :func:`vlmsafe.steering.safety_directions` (mean harmful minus mean
@@ -103,24 +104,24 @@ class ShiftVectors:
         return ShiftVectors(shifts=out, meta=meta)
 
     # ------------------------------------------------------------------ algebra
-    def _map(self, fn, note: str) -> "ShiftVectors":
+    def _map(self, fn, note: str) -> ShiftVectors:
         meta = {**self.meta, "derived": [*self.meta.get("derived", []), note]}
         return ShiftVectors(shifts={l: fn(v) for l, v in self.shifts.items()}, meta=meta)
 
-    def __mul__(self, scalar: float) -> "ShiftVectors":
+    def __mul__(self, scalar: float) -> ShiftVectors:
         if not isinstance(scalar, (int, float)):
             return NotImplemented
         return self._map(lambda v: v * float(scalar), note=f"*{scalar}")
 
     __rmul__ = __mul__
 
-    def __truediv__(self, scalar: float) -> "ShiftVectors":
+    def __truediv__(self, scalar: float) -> ShiftVectors:
         return self * (1.0 / scalar)
 
-    def __neg__(self) -> "ShiftVectors":
+    def __neg__(self) -> ShiftVectors:
         return self * -1.0
 
-    def __add__(self, other: "ShiftVectors") -> "ShiftVectors":
+    def __add__(self, other: ShiftVectors) -> ShiftVectors:
         if not isinstance(other, ShiftVectors):
             return NotImplemented
         if other.hidden_size != self.hidden_size:
@@ -133,7 +134,7 @@ class ShiftVectors:
         meta = {**self.meta, "layers": layers, "derived": [*self.meta.get("derived", []), "sum"]}
         return ShiftVectors(shifts=shifts, meta=meta)
 
-    def __sub__(self, other: "ShiftVectors") -> "ShiftVectors":
+    def __sub__(self, other: ShiftVectors) -> ShiftVectors:
         return self + (-other)
 
     # ------------------------------------------------------------------ validation
@@ -169,7 +170,7 @@ class ShiftVectors:
         return dest
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], model: Any | None = None) -> "ShiftVectors":
+    def load(cls, directory: str | os.PathLike[str], model: Any | None = None) -> ShiftVectors:
         """Read vectors saved by :meth:`save`; validate against ``model`` if given."""
         root = Path(directory)
         tensor_path, meta_path = root / TENSOR_FILE, root / META_FILE
@@ -319,7 +320,7 @@ class ShiftAccumulator:
             n = a.shape[0]
         self.count += int(n or 0)
 
-    def all_reduce(self, accelerator: Any | None) -> "ShiftAccumulator":
+    def all_reduce(self, accelerator: Any | None) -> ShiftAccumulator:
         """Sum the statistics of every process (in place; identity without an accelerator)."""
         from vlmsafe.distributed import all_reduce_sum, is_distributed
 
