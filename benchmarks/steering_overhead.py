@@ -191,7 +191,7 @@ def main() -> None:
 
     clock = time.process_time if args.clock == "cpu" and not cuda else time.perf_counter
     if cuda:  # kernels run asynchronously: a row ends when the GPU has finished its work
-        clock = lambda: (torch.cuda.synchronize(), time.perf_counter())[1]  # noqa: E731
+        clock = lambda: (torch.cuda.synchronize(), time.perf_counter())[1]
     with torch.no_grad():
         times = timed(rows, args.repeats, clock)
         short_times = timed(short_rows, args.repeats, clock)

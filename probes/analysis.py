@@ -8,21 +8,21 @@ Both return plain dataclasses whose :meth:`to_dict` is the JSON report.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.model_selection import train_test_split
 
-from vlmsafe.adapters import get_adapter
-from vlmsafe.errors import InputError
-from vlmsafe.steering import ShiftVectors, SteeringConfig
-
 from probes.collect import Activations, collect_activations, vectors_from_activations, vectors_source
 from probes.linear import DEFAULT_CS, HARMFUL, LayerProbe, check_binary, labels_from_items, train_layer_probes
 from probes.shift import layer_shift_metrics, shift_on_direction
+from vlmsafe.adapters import get_adapter
+from vlmsafe.errors import InputError
+from vlmsafe.steering import ShiftVectors, SteeringConfig
 
 CONDITIONS = ("text", "image", "steered")
 CONDITION_LABELS = {
@@ -178,8 +178,8 @@ def probe_layers(
             for l in layer_ids]
     config = {
         **_model_config(adapter, positions, items, y, image),
-        "n_train": int(len(train_idx)),
-        "n_test": int(len(test_idx)),
+        "n_train": len(train_idx),
+        "n_test": len(test_idx),
         "test_size": test_size,
         "majority_baseline": float(max(y[test_idx].mean(), 1 - y[test_idx].mean())),
         "cv_folds": probes[layer_ids[0]].cv_folds,

@@ -138,10 +138,9 @@ def _steering(args: argparse.Namespace, *, enabled: bool) -> Any:
 
 def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[Any, Any, list, dict]:
     """Model, processor, items and the shared keyword arguments of the model-level analyses."""
-    from vlmsafe.data import load_items
-
     from probes.collect import blank_image
     from probes.report import check_report_paths
+    from vlmsafe.data import load_items
 
     check_report_paths(args.probe_command, args.out, overwrite=args.overwrite)
     steering = _steering(args, enabled=steering_enabled)

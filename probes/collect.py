@@ -8,8 +8,9 @@ bounded by the batch, not the data set.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +19,9 @@ from tqdm.auto import tqdm
 
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
+from vlmsafe.data import as_pair, prompt_of
 from vlmsafe.errors import InputError
 from vlmsafe.steering import ShiftAccumulator, ShiftVectors, SteeringConfig, calibration_meta
-from vlmsafe.data import as_pair, prompt_of
 
 #: Positions a probe may read (a mean over them per prompt); see :mod:`vlmsafe.activations`.
 READ_POSITIONS = ("last", "prompt", "text")

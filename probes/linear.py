@@ -13,8 +13,8 @@ projects the CMRM shift onto this direction.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -98,7 +98,7 @@ def classification_metrics(y: np.ndarray, pred: np.ndarray, score: np.ndarray) -
         "auroc": float(roc_auc_score(y, score)) if both else None,
         "harmful_recall": float((pred[harmful] == HARMFUL).mean()) if harmful.any() else None,
         "benign_recall": float((pred[benign] == BENIGN).mean()) if benign.any() else None,
-        "n": int(len(y)),
+        "n": len(y),
     }
 
 
@@ -148,7 +148,7 @@ def fit_probe(
         cv_accuracy=float(search.cv_results_["mean_test_score"][best]),
         cv_std=float(search.cv_results_["std_test_score"][best]),
         cv_folds=folds,
-        n_train=int(len(y)),
+        n_train=len(y),
     )
 
 

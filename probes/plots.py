@@ -7,18 +7,18 @@ GUI backend, nothing to close, and the caller's own pyplot backend is left untou
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from vlmsafe.io import atomic_path
-
 from probes.analysis import CONDITION_LABELS, LayerProbeReport, ShiftReport
 from probes.weights import WeightChangeReport
+from vlmsafe.io import atomic_path
 
 _COLORS = {"text": "#1f77b4", "image": "#d62728", "steered": "#2ca02c"}
 _MARKERS = {"text": "o", "image": "s", "steered": "^"}

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
-from vlmsafe.errors import OutputExistsError
-from vlmsafe.io import check_output, write_json_atomic
+from typing import Any
 
 from probes.analysis import LayerProbeReport, ShiftReport
 from probes.plots import plot_layer_probes, plot_shift, plot_weight_change
 from probes.weights import WeightChangeReport
+from vlmsafe.errors import OutputExistsError
+from vlmsafe.io import check_output, write_json_atomic
 
 Report = LayerProbeReport | ShiftReport | WeightChangeReport
 NAMES = {LayerProbeReport: "layers", ShiftReport: "shift", WeightChangeReport: "weights"}
