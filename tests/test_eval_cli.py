@@ -2,7 +2,6 @@
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -158,7 +157,6 @@ def test_two_process_evaluation_matches_one(tmp_path, capsys):
     """`torchrun --nproc_per_node 2 -m vlmsafe.cli evaluate` shards the items and gathers them in order."""
     import os
     import subprocess
-    import sys
 
     from vlmsafe.testing import tiny_llava
 

@@ -27,10 +27,9 @@ def test_atomic_file_and_dir(tmp_path):
 
 def test_failure_leaves_destination_untouched(tmp_path):
     (tmp_path / "out.txt").write_text("before")
-    with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "out.txt", overwrite=True) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "out.txt", overwrite=True) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
     assert (tmp_path / "out.txt").read_text() == "before"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 

@@ -9,17 +9,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlmsafe.steering import SteeringConfig
-
 from probes.collect import collect_activations, vectors_from_activations
 from probes.linear import fit_probe, labels_from_items
 from probes.shift import cosine_distance, l2_distance, layer_shift_metrics, linear_cka, shift_on_direction
 from probes.weights import canonical_name, classify, weight_change
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import get_adapter
-from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.data import Item as EvalItem
-from vlmsafe.steering import calibrate, steer
+from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.steering import SteeringConfig, calibrate, steer
 from vlmsafe.testing import random_image, tiny_llava
 
 

@@ -111,8 +111,8 @@ def test_probe_weights_cli(workspace, capsys):
 
 
 def test_probe_shift_cli_with_saved_vectors(workspace, tmp_path):
-    from vlmsafe.steering import calibrate, load_model
     from vlmsafe.data import load_items
+    from vlmsafe.steering import calibrate, load_model
 
     model, processor = load_model(workspace / "vlm")
     calibrate(model, processor, load_items(workspace / "data.jsonl")[:6], layers="1-2", progress=False).save(tmp_path / "vec")
