@@ -110,7 +110,8 @@ def add_steering_options(
     src = g.add_mutually_exclusive_group()
     src.add_argument("--vectors", metavar="DIR", help=field_help("vectors"))
     src.add_argument("--sample-level", action="store_true",
-                     help="sample-level CMRM: each input's shift from its own text-only counterpart (one extra text-only pass)")
+                     help="sample-level CMRM: each input's shift from its own text-only counterpart "
+                          "(one extra text-only pass)")
     src.add_argument("--shiftdc", metavar="DIR", help=field_help("directions"))
     g.add_argument("--alpha", type=float_arg(), default=None, help=field_help("alpha") + " (default 1.0)")
     g.add_argument(layers_flag, dest="steer_layers", type=layer_spec_arg, default=None, metavar="LAYERS",
@@ -146,8 +147,8 @@ def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, fl
         raise InputError("--shift-from applies to ShiftDC; add --shiftdc DIR or drop it")
     if not vectors_dir and not sample and not shiftdc_dir:
         if given:
-            raise InputError(f"{', '.join(given)} set(s) steering, but no steering source was given; add --vectors DIR "
-                             "(dataset-level), --sample-level or --shiftdc DIR")
+            raise InputError(f"{', '.join(given)} set(s) steering, but no steering source was given; "
+                             "add --vectors DIR (dataset-level), --sample-level or --shiftdc DIR")
         return SteeringConfig()
     vectors = ShiftVectors.load(vectors_dir, model=model) if vectors_dir else None
     directions = SafetyDirections.load(shiftdc_dir, model=model) if shiftdc_dir else None
@@ -178,7 +179,8 @@ def add_output_options(
         kwargs["dest"] = dest
     parser.add_argument(flag, **kwargs)
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output (by default an existing non-empty output is refused before any work)")
+                        help="replace an existing output "
+                             "(by default an existing non-empty output is refused before any work)")
 
 
 def add_progress_option(parser: argparse.ArgumentParser) -> None:

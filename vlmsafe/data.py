@@ -45,7 +45,8 @@ Record = tuple[str, dict]
 
 
 # --------------------------------------------------------------------------- records
-def read_records(path: str | os.PathLike[str], *, what: str = "data file", key_field: str | None = None) -> list[Record]:
+def read_records(path: str | os.PathLike[str], *, what: str = "data file",
+                 key_field: str | None = None) -> list[Record]:
     """Read the records of a JSONL or JSON file as ``(location, dict)`` pairs.
 
     Accepted layouts: JSONL (one object per line, blank lines skipped), a JSON list of objects,
@@ -104,7 +105,9 @@ def _jsonl_records(text: str, p: Path) -> list[Record]:
             continue
         rec = parse_json(line, where=f"{p}:{lineno}", fix="each line must be one complete JSON object")
         if not isinstance(rec, dict):
-            raise FileFormatError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}; write one object per line")
+            raise FileFormatError(
+                f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}; write one object per line"
+            )
         out.append((f"{p}:{lineno}", rec))
     return out
 
@@ -131,13 +134,17 @@ def _document_records(text: str, p: Path, key_field: str | None = None) -> list[
         if "data" not in data:
             return [(f"{p}:1", data)]  # a single record
     if not isinstance(data, list):
-        raise FileFormatError(f"{p}:1: expected JSONL records or a JSON list of objects, got a JSON {type(data).__name__}")
+        raise FileFormatError(
+            f"{p}:1: expected JSONL records or a JSON list of objects, got a JSON {type(data).__name__}"
+        )
     out: list[Record] = []
     starts = _list_item_lines(text)
     for i, rec in enumerate(data):
         line = starts[i] if i < len(starts) else 1
         if not isinstance(rec, dict):
-            raise FileFormatError(f"{p}:{line}: entry {i} is a {type(rec).__name__}, not a JSON object; make every entry an object")
+            raise FileFormatError(
+                f"{p}:{line}: entry {i} is a {type(rec).__name__}, not a JSON object; make every entry an object"
+            )
         out.append((f"{p}:{line}", rec))
     return out
 
@@ -273,7 +280,9 @@ def _image_errors(path: str | os.PathLike[str], context: str) -> Iterator[Path]:
         yield p
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).split("\n")[0] or type(exc).__name__
-        raise FileFormatError(f"{where}{str(p)!r} is not a readable image ({reason}); replace or re-download it") from None
+        raise FileFormatError(
+            f"{where}{str(p)!r} is not a readable image ({reason}); replace or re-download it"
+        ) from None
 
 
 def resolve_path(value: str | os.PathLike[str], base: Path) -> str:
@@ -355,7 +364,8 @@ def load_items(
         seen[item.id] = where
         if check_images and item.image is not None and not Path(item.image).is_file():
             raise FileFormatError(
-                f"{where}: image {item.image!r} does not exist; fix the path (relative paths are read from the file's folder)"
+                f"{where}: image {item.image!r} does not exist; "
+                "fix the path (relative paths are read from the file's folder)"
             )
         if check_images == "verify" and item.image is not None:
             verify_image(item.image, context=f"{where}: item {item.id!r}")
@@ -437,7 +447,10 @@ def as_pair(item: Any) -> Pair:
         prompt = item.prompt
         image = item.load_image() if hasattr(item, "load_image") else getattr(item, "image", None)
     else:
-        raise InputError(f"cannot read a (prompt, image) pair from {type(item).__name__}; pass Items, (prompt, image) tuples or dicts")
+        raise InputError(
+            f"cannot read a (prompt, image) pair from {type(item).__name__}; "
+            "pass Items, (prompt, image) tuples or dicts"
+        )
     if not isinstance(prompt, str):
         raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
     if isinstance(image, (str, os.PathLike)):
@@ -456,5 +469,7 @@ def prompt_of(item: Any) -> str:
     else:
         prompt = getattr(item, "prompt", None)
     if not isinstance(prompt, str):
-        raise InputError(f"cannot read a prompt from {type(item).__name__}; pass Items, (prompt, image) tuples or dicts")
+        raise InputError(
+            f"cannot read a prompt from {type(item).__name__}; pass Items, (prompt, image) tuples or dicts"
+        )
     return prompt

@@ -63,7 +63,9 @@ def check_output(
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputExistsError(f"{option} {os.fspath(path)!r}: {parent} is a file, not a directory; choose another path")
+        raise OutputExistsError(
+            f"{option} {os.fspath(path)!r}: {parent} is a file, not a directory; choose another path"
+        )
     if not dest.exists() and not dest.is_symlink():
         return dest
     if overwrite:
@@ -93,10 +95,12 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     for nothing); otherwise :class:`~vlmsafe.errors.OutputExistsError` is raised.
     """
     dest = Path(path)
-    if (dest.exists() or dest.is_symlink()) and not overwrite:
-        if not (dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir())):
-            kind = "a non-empty directory" if dest.is_dir() else "an existing file"
-            raise OutputExistsError(f"{dest} is {kind}; pass overwrite=True (--overwrite) to replace it, or choose another path")
+    exists = dest.exists() or dest.is_symlink()
+    if exists and not overwrite and not (dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir())):
+        kind = "a non-empty directory" if dest.is_dir() else "an existing file"
+        raise OutputExistsError(
+            f"{dest} is {kind}; pass overwrite=True (--overwrite) to replace it, or choose another path"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}-", suffix=".tmp", dir=dest.parent))
@@ -104,7 +108,9 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     try:
         yield target
         if not target.exists():
-            raise FileNotFoundError(f"nothing was written to the temporary {target}; write the output inside the block")
+            raise FileNotFoundError(
+                f"nothing was written to the temporary {target}; write the output inside the block"
+            )
         if (dest.is_dir() and not dest.is_symlink()) or (dest.exists() and target.is_dir() != dest.is_dir()):
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}-", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)

@@ -66,7 +66,9 @@ def check_model_path(path: str | os.PathLike[str]) -> str:
     looks_local = os.path.isabs(expanded) or text.startswith((".", "~")) or text.count("/") != 1 or os.sep != "/"
     if os.path.exists(expanded):
         if not os.path.isdir(expanded):
-            raise FileFormatError(f"{text}: is a file, not a model directory; pass the folder written by save_pretrained")
+            raise FileFormatError(
+                f"{text}: is a file, not a model directory; pass the folder written by save_pretrained"
+            )
         if not os.path.isfile(os.path.join(expanded, "config.json")):
             raise FileFormatError(
                 f"{text}: has no config.json; pass a directory written by save_pretrained (model + processor)"
@@ -115,10 +117,12 @@ def load_model(
         archs = _architectures(location)
         if any(a in ORIGINAL_LLAVA_ARCHITECTURES for a in archs):
             raise FileFormatError(
-                f"{location}: an original LLaVA checkpoint ({', '.join(archs)}) that transformers cannot load; convert it "
-                "with `vlmsafe convert-llava ORIGINAL_DIR --vision CLIP_DIR --out DIR` and load DIR"
+                f"{location}: an original LLaVA checkpoint ({', '.join(archs)}) that transformers cannot load; "
+                "convert it with `vlmsafe convert-llava ORIGINAL_DIR --vision CLIP_DIR --out DIR` and load DIR"
             ) from None
-        raise FileFormatError(f"{location}: cannot read a model config ({first}); pass a save_pretrained directory") from None
+        raise FileFormatError(
+            f"{location}: cannot read a model config ({first}); pass a save_pretrained directory"
+        ) from None
     if kind == "auto":
         kind = "vlm" if hasattr(config, "vision_config") else "causal_lm"
     kwargs: dict[str, Any] = {}
@@ -139,7 +143,8 @@ def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any]) -> tuple[
 
     try:
         if kind == "vlm":
-            return AutoModelForImageTextToText.from_pretrained(location, **kwargs), AutoProcessor.from_pretrained(location)
+            model = AutoModelForImageTextToText.from_pretrained(location, **kwargs)
+            return model, AutoProcessor.from_pretrained(location)
         return AutoModelForCausalLM.from_pretrained(location, **kwargs), AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as exc:
         first = str(exc).split("\n")[0]
@@ -153,7 +158,9 @@ def _with_adapter(model: nn.Module, adapter: str | os.PathLike[str]) -> nn.Modul
     from peft import PeftModel
 
     if not os.path.isfile(os.path.join(os.fspath(adapter), "adapter_config.json")):
-        raise FileFormatError(f"{adapter}: no adapter_config.json; pass a folder written by a peft model's save_pretrained")
+        raise FileFormatError(
+            f"{adapter}: no adapter_config.json; pass a folder written by a peft model's save_pretrained"
+        )
     return PeftModel.from_pretrained(model, os.fspath(adapter))
 
 

@@ -20,13 +20,15 @@ IMAGE_TOKEN = "<image>"
 #: llava-1.5 style template ("USER: <image>\n{prompt} ASSISTANT:"), tokenizer-agnostic.
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] if message['content'] is not string else message['content'] }} "
+    "{% if message['role'] == 'system' %}"
+    "{{ message['content'][0]['text'] if message['content'] is not string else message['content'] }} "
     "{% elif message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }} "
     "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<image> {% endif %}{% endfor %}"
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}"
     "{% else %}ASSISTANT: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     " </s> {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
@@ -41,7 +43,8 @@ QWEN2VL_CHAT_TEMPLATE = (
     "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
 )
 
-QWEN2VL_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN2VL_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                          "<|video_pad|>")
 
 #: Words the chat templates above emit; always in the vocabulary.
 TEMPLATE_WORDS = ("user", "assistant", "system", ":", "\n")
@@ -88,7 +91,8 @@ def build_word_tokenizer(
         model_max_length=model_max_length,
         **kwargs,
     )
-    tok.add_special_tokens({"additional_special_tokens": list(special_tokens)}, replace_extra_special_tokens=False) if special_tokens else None
+    if special_tokens:
+        tok.add_special_tokens({"additional_special_tokens": list(special_tokens)}, replace_extra_special_tokens=False)
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok

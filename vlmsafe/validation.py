@@ -35,7 +35,9 @@ def check_float(
     x = float(value)  # type: ignore[arg-type]
     if not math.isfinite(x):
         raise InputError(f"{name} must be a finite number, got {x}; pass e.g. {name}=1.0")
-    if (low is not None and (x < low or (low_open and x == low))) or (high is not None and (x > high or (high_open and x == high))):
+    too_low = low is not None and (x < low or (low_open and x == low))
+    too_high = high is not None and (x > high or (high_open and x == high))
+    if too_low or too_high:
         raise InputError(f"{name} must be in {_interval(low, high, low_open, high_open)}, got {x:g}")
     return x
 
@@ -103,7 +105,9 @@ def parse_layer_spec(spec: str) -> list[int]:
             else:
                 out.append(int(part))
         except ValueError:
-            raise LayerIndexError(f"cannot parse layer selection {spec!r}; use e.g. '12', '8,10,12' or '8-15'") from None
+            raise LayerIndexError(
+                f"cannot parse layer selection {spec!r}; use e.g. '12', '8,10,12' or '8-15'"
+            ) from None
     if not out:
         raise LayerIndexError(f"layer selection {spec!r} is empty; use e.g. '12', '8,10,12', '8-15' or 'all'")
     return out

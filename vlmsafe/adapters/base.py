@@ -137,7 +137,9 @@ class ModelAdapter(ABC):
         if isinstance(layers, int):
             layers = [layers]
         if not len(layers):
-            raise LayerIndexError("the layer selection is empty; pass layer indices, a spec such as '8-15', or None for all")
+            raise LayerIndexError(
+                "the layer selection is empty; pass layer indices, a spec such as '8-15', or None for all"
+            )
         out = []
         for idx in layers:
             if not isinstance(idx, int) or isinstance(idx, bool):
@@ -288,5 +290,6 @@ def adapter_class_for(model: nn.Module) -> type[ModelAdapter]:
         f"vlmsafe has no adapter for model class {type(model).__name__!r} "
         f"(module {type(model).__module__}). Supported classes: {', '.join(supported_model_classes())}. "
         "To add a family, subclass vlmsafe.adapters.ModelAdapter (or ChatVLMAdapter) and decorate it "
-        f"with @vlmsafe.adapters.register_adapter({type(model).__name__!r}); see \"Adding a model family\" in README.md."
+        f"with @vlmsafe.adapters.register_adapter({type(model).__name__!r}); "
+        "see \"Adding a model family\" in README.md."
     )

@@ -73,7 +73,8 @@ class ChatVLMAdapter(ModelAdapter):
             conv.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
         return conv
 
-    def render(self, prompt: str, with_image: bool, *, system_prompt: str | None = None, add_generation_prompt: bool = True) -> str:
+    def render(self, prompt: str, with_image: bool, *, system_prompt: str | None = None,
+               add_generation_prompt: bool = True) -> str:
         processor = self._require_processor()
         if getattr(processor, "chat_template", None) is None:
             raise InputError(
@@ -101,7 +102,9 @@ class ChatVLMAdapter(ModelAdapter):
         if images is None:
             images = [None] * len(prompts)
         if len(images) != len(prompts):
-            raise InputError(f"got {len(prompts)} prompts but {len(images)} images; pass one image (or None) per prompt")
+            raise InputError(
+                f"got {len(prompts)} prompts but {len(images)} images; pass one image (or None) per prompt"
+            )
         placeholder = self.image_placeholder
         texts = []
         for prompt in prompts:
@@ -112,7 +115,8 @@ class ChatVLMAdapter(ModelAdapter):
                 )
         for prompt, image in zip(prompts, images):
             texts.append(
-                self.render(prompt, image is not None, system_prompt=system_prompt, add_generation_prompt=add_generation_prompt)
+                self.render(prompt, image is not None, system_prompt=system_prompt,
+                            add_generation_prompt=add_generation_prompt)
             )
         return self._process(texts, images, padding_side)
 
@@ -132,7 +136,8 @@ class ChatVLMAdapter(ModelAdapter):
                 raise InputError(f"prompt {i} contains {placeholder!r} but no image was given for it")
         return self._process(list(texts), images, padding_side)
 
-    def _process(self, texts: list[str], images: Sequence[ImageLike | None], padding_side: str | None) -> dict[str, torch.Tensor]:
+    def _process(self, texts: list[str], images: Sequence[ImageLike | None],
+                 padding_side: str | None) -> dict[str, torch.Tensor]:
         """Run the processor on rendered texts (+ the non-missing images) and check image tokens."""
         processor = self._require_processor()
         flat_images = [img.convert("RGB") for img in images if img is not None]

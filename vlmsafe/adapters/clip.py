@@ -32,7 +32,8 @@ class _CLIPAdapterBase(ModelAdapter):
         return torch.zeros_like(input_ids, dtype=torch.bool)
 
 
-@register_adapter("CLIPModel", "CLIPTextModel", "CLIPVisionModel", "CLIPTextModelWithProjection", "CLIPVisionModelWithProjection")
+@register_adapter("CLIPModel", "CLIPTextModel", "CLIPVisionModel", "CLIPTextModelWithProjection",
+                  "CLIPVisionModelWithProjection")
 class CLIPAdapter(_CLIPAdapterBase):
     """HF CLIP: ``text_model.encoder.layers`` / ``vision_model.encoder.layers``."""
 
@@ -43,7 +44,9 @@ class CLIPAdapter(_CLIPAdapterBase):
         if hasattr(self.model, name):
             return getattr(self.model, name)
         # single-tower classes (CLIPTextModel wraps text_model, CLIPVisionModel wraps vision_model)
-        raise InputError(f"{type(self.model).__name__} has no {self.tower} tower; pass tower='text' or 'vision' accordingly")
+        raise InputError(
+            f"{type(self.model).__name__} has no {self.tower} tower; pass tower='text' or 'vision' accordingly"
+        )
 
     @property
     def entry_module(self) -> nn.Module:

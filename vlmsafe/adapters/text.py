@@ -60,11 +60,14 @@ class CausalLMAdapter(ModelAdapter):
                 conv = [{"role": "user", "content": prompt}]
                 if system_prompt:
                     conv.insert(0, {"role": "system", "content": system_prompt})
-                texts.append(tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False))
+                texts.append(tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                                           tokenize=False))
         else:
             texts = list(prompts)
         if tokenizer.pad_token is None:
-            raise InputError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token to batch prompts")
+            raise InputError(
+                "the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token to batch prompts"
+            )
         with _padding_side(tokenizer, padding_side):
             batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         return {k: v.to(self.device) for k, v in batch.items()}

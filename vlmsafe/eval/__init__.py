@@ -31,12 +31,11 @@ from vlmsafe.eval.judges import (
     parse_guard_output,
     parse_yes_no,
 )
+from vlmsafe.eval.loaders import load_figstep, load_mm_safetybench, load_vlsafe
+from vlmsafe.eval.report import EvalReport, ItemRecord, compare_reports, fmt_rate
 from vlmsafe.stats import Rate, wilson_interval
 
 EvalItem = Item  # the evaluation name of vlmsafe.data.Item
-
-from vlmsafe.eval.loaders import load_figstep, load_mm_safetybench, load_vlsafe
-from vlmsafe.eval.report import EvalReport, ItemRecord, compare_reports, fmt_rate
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",

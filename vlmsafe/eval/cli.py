@@ -35,7 +35,8 @@ Data formats (--data-format, default: detected from the path and its keys):
 Examples:
   vlmsafe evaluate --model ./my-llava --data eval.jsonl --out runs/plain
   vlmsafe evaluate --model ./my-llava --data eval.jsonl --vectors runs/cmrm --alpha 1.0 --out runs/cmrm
-  vlmsafe evaluate --model ./my-llava --data eval.jsonl --modality both --judge llamaguard:./Llama-Guard-3-1B --out runs/lg
+  vlmsafe evaluate --model ./my-llava --data eval.jsonl --modality both \\
+      --judge llamaguard:./Llama-Guard-3-1B --out runs/lg
   torchrun --nproc_per_node 2 -m vlmsafe.cli evaluate ...   # shard the items over processes
 """
 
@@ -54,10 +55,12 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="data file or folder (see data formats above)")
     g.add_argument("--data-format", choices=BENCHMARK_FORMATS, default="auto", help="layout of --data (default: auto)")
-    g.add_argument("--images", help="image folder for figstep/vlsafe data; image root for mm-safetybench (default <data>/imgs)")
+    g.add_argument("--images",
+                   help="image folder for figstep/vlsafe data; image root for mm-safetybench (default <data>/imgs)")
     g.add_argument("--image-types", default="SD_TYPO",
                    help="mm-safetybench image types, comma-separated: SD, SD_TYPO, TYPO, TEXT (default SD_TYPO)")
-    g.add_argument("--render-missing", action="store_true", help="figstep: render absent typographic images into --images")
+    g.add_argument("--render-missing", action="store_true",
+                   help="figstep: render absent typographic images into --images")
     g.add_argument("--limit", type=int_arg(low=1), metavar="N", help="evaluate only the first N items (a quick look)")
     p.add_argument(
         "--judge",
@@ -68,9 +71,11 @@ def register(subparsers: Any) -> None:
         "--modality",
         choices=("image", "text", "both"),
         default="image",
-        help="image: items as given; text: images dropped (text-only counterpart); both: run both and compare (default image)",
+        help="image: items as given; text: images dropped (text-only counterpart); "
+        "both: run both and compare (default image)",
     )
-    p.add_argument("--batch-size", type=int_arg(low=1), default=8, metavar="N", help="items per generation batch (default 8)")
+    p.add_argument("--batch-size", type=int_arg(low=1), default=8, metavar="N",
+                   help="items per generation batch (default 8)")
     add_max_new_tokens(p)
     add_steering_options(p)
     add_output_options(p, help="output folder: <run>.json (records + summary), <run>.md, summary.md (written at once)")
@@ -87,7 +92,8 @@ def load_generator(args: argparse.Namespace, steering: Any = None) -> Any:
     from vlmsafe.steering import SafeVLM
 
     accelerator = accelerator_if_launched()
-    model, processor = load_model_from_args(args, kind="vlm", device=accelerator.device if accelerator is not None else None)
+    model, processor = load_model_from_args(args, kind="vlm",
+                                            device=accelerator.device if accelerator is not None else None)
     return SafeVLM(model, processor, steering=steering if steering is not None else steering_from_args(args),
                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
@@ -103,21 +109,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     check_output(args.out, kind="dir", overwrite=args.overwrite)
     steering = steering_from_args(args)
-    items = load_benchmark(args.data, format=args.data_format, images=args.images, image_types=args.image_types.split(","),
-                           render_missing=args.render_missing)[: args.limit]
+    items = load_benchmark(args.data, format=args.data_format, images=args.images,
+                           image_types=args.image_types.split(","), render_missing=args.render_missing)[: args.limit]
     judge = load_judge(args.judge, batch_size=args.batch_size)
     generator = load_generator(args, steering)
     accelerator = accelerator_if_launched()  # under `accelerate launch` / `torchrun`: shard the items
-    config = {"model": str(args.model), "data": str(args.data), "steering": steering.describe(), "vectors": args.vectors}
+    config = {"model": str(args.model), "data": str(args.data), "steering": steering.describe(),
+              "vectors": args.vectors}
     runs = {"image": [("multimodal", False)], "text": [("text-only", True)],
             "both": [("text-only", True), ("multimodal", False)]}[args.modality]
     reports = {name: evaluate(generator, items, judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                              text_only=text_only, progress=not args.no_progress, config=config, accelerator=accelerator)
+                              text_only=text_only, progress=not args.no_progress, config=config,
+                              accelerator=accelerator)
                for name, text_only in runs}
     if not is_main_process(accelerator):
         return 0  # every process holds the full reports; only the main one writes them
     table = compare_reports(reports)
-    with atomic_path(Path(args.out), overwrite=args.overwrite) as tmp:  # the whole folder appears at once, or not at all
+    # the whole folder appears at once, or not at all
+    with atomic_path(Path(args.out), overwrite=args.overwrite) as tmp:
         tmp.mkdir()
         for name, report in reports.items():
             report.to_json(tmp / f"{name}.json")

@@ -155,7 +155,8 @@ def evaluate(
     with shard(items, accelerator) as part:
         items = part
     progress = progress and is_main_process(accelerator)
-    bar = tqdm(total=len(items), desc="evaluate" + (" (text-only)" if text_only else ""), unit="item", disable=not progress)
+    bar = tqdm(total=len(items), desc="evaluate" + (" (text-only)" if text_only else ""), unit="item",
+               disable=not progress)
     try:
         for start in range(0, len(items), batch_size):
             batch = list(items[start : start + batch_size])
@@ -163,11 +164,17 @@ def evaluate(
             images = [None if text_only else it.load_image() for it in batch]
             responses = list(generator.generate(prompts, images, max_new_tokens=max_new_tokens))
             if len(responses) != len(batch):
-                raise InputError(f"generator returned {len(responses)} responses for {len(batch)} prompts; it must return one per prompt.")
+                raise InputError(
+                    f"generator returned {len(responses)} responses for {len(batch)} prompts; "
+                    "it must return one per prompt."
+                )
             judge_prompts = [str(it.meta.get("question") or it.prompt) for it in batch]
             verdicts = judge.judge(judge_prompts, responses)
             if len(verdicts) != len(batch):
-                raise InputError(f"judge {getattr(judge, 'name', judge)!r} returned {len(verdicts)} verdicts for {len(batch)} responses.")
+                raise InputError(
+                    f"judge {getattr(judge, 'name', judge)!r} returned {len(verdicts)} verdicts "
+                    f"for {len(batch)} responses."
+                )
             for it, response, verdict in zip(batch, responses, verdicts):
                 unsafe: bool | None = verdict.unsafe
                 if it.label == "benign" and not judges_content:
@@ -194,7 +201,9 @@ def evaluate(
         bar.close()
     records = gather(records, accelerator)  # process order = shard order = item order
     if len(records) != n_total:
-        raise RuntimeError(f"gathered {len(records)} records for {n_total} items; the processes disagree on the data set")
+        raise RuntimeError(
+            f"gathered {len(records)} records for {n_total} items; the processes disagree on the data set"
+        )
     cfg = {"text_only": text_only, "max_new_tokens": max_new_tokens, "batch_size": batch_size, **(config or {})}
     return EvalReport(records=records, judge=getattr(judge, "name", type(judge).__name__), config=cfg)
 

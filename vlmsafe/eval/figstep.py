@@ -122,7 +122,8 @@ def make_figstep_items(
         dest = folder / f"{_safe_name(item_id)}.png"
         render_typographic(instruction, size, **render_kwargs).save(dest)  # type: ignore[arg-type]
         items.append(
-            EvalItem(id=item_id, prompt=prompt, image=str(dest.resolve()), category=category, label=label, meta={"instruction": instruction})
+            EvalItem(id=item_id, prompt=prompt, image=str(dest.resolve()), category=category, label=label,
+                     meta={"instruction": instruction})
         )
     return items
 

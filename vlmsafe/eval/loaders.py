@@ -85,17 +85,23 @@ def load_mm_safetybench(
             )
     bad = [t for t in image_types if t not in MMSB_QUESTION_FIELDS]
     if bad or not image_types:
-        raise InputError(f"image types must be a non-empty subset of {list(MMSB_QUESTION_FIELDS)}, got {list(image_types)}")
+        raise InputError(
+            f"image types must be a non-empty subset of {list(MMSB_QUESTION_FIELDS)}, got {list(image_types)}"
+        )
     img_root = Path(image_root) if image_root is not None else root_p / "imgs"
     files = sorted(qdir.glob("*.json"))
     if not files:
-        raise FileFormatError(f"{str(qdir)!r} contains no .json files; it should hold one <scenario>.json per scenario.")
+        raise FileFormatError(
+            f"{str(qdir)!r} contains no .json files; it should hold one <scenario>.json per scenario."
+        )
     if scenarios is not None:
         wanted = {_scenario_key(s): s for s in scenarios}
         available = {_scenario_key(f.stem): f for f in files}
         missing = [s for k, s in wanted.items() if k not in available]
         if missing:
-            raise FileFormatError(f"scenario(s) {missing} not found in {str(qdir)!r}; available: {[f.stem for f in files]}.")
+            raise FileFormatError(
+                f"scenario(s) {missing} not found in {str(qdir)!r}; available: {[f.stem for f in files]}."
+            )
         files = [available[k] for k in wanted]
 
     items: list[EvalItem] = []
@@ -117,8 +123,9 @@ def load_mm_safetybench(
                     image = str((img_root / scenario / itype / f"{qid}.jpg").resolve())
                     if check_images and not Path(image).is_file():
                         raise FileFormatError(
-                            f"{where}: entry {qid!r}: image {image!r} does not exist; download the MM-SafetyBench images "
-                            "into <root>/imgs (or pass image_root=...), or choose other image_types"
+                            f"{where}: entry {qid!r}: image {image!r} does not exist; "
+                            "download the MM-SafetyBench images into <root>/imgs (or pass image_root=...), "
+                            "or choose other image_types"
                         )
                 items.append(
                     EvalItem(
@@ -179,7 +186,9 @@ def load_figstep(
     """
     path = Path(csv_path)
     if not path.is_file():
-        raise FileFormatError(f"{path}: FigStep CSV does not exist; pass data/question/safebench.csv of the FigStep repository")
+        raise FileFormatError(
+            f"{path}: FigStep CSV does not exist; pass data/question/safebench.csv of the FigStep repository"
+        )
     img_dir = Path(image_dir)
     keep = set(categories) if categories is not None else None
     items: list[EvalItem] = []
@@ -188,11 +197,17 @@ def load_figstep(
         header = reader.fieldnames or []
         missing = [c for c in FIGSTEP_COLUMNS if c not in header]
         if missing:
-            raise FileFormatError(f"{path}:1: missing column(s) {missing} (found {header}); a SafeBench CSV has columns {list(FIGSTEP_COLUMNS)}")
+            raise FileFormatError(
+                f"{path}:1: missing column(s) {missing} (found {header}); "
+                f"a SafeBench CSV has columns {list(FIGSTEP_COLUMNS)}"
+            )
         for row in reader:
             where = f"{path}:{reader.line_num}"
             if None in row or any(row.get(c) is None for c in FIGSTEP_COLUMNS):
-                raise FileFormatError(f"{where}: expected {len(header)} fields, got a row of a different length; quote fields that hold commas")
+                raise FileFormatError(
+                    f"{where}: expected {len(header)} fields, got a row of a different length; "
+                    "quote fields that hold commas"
+                )
             for col in FIGSTEP_COLUMNS:
                 if not row[col].strip():
                     raise FileFormatError(f"{where}: column {col!r} is empty; fill it or drop the row")
@@ -219,7 +234,10 @@ def load_figstep(
                 )
             )
     if not items:
-        raise FileFormatError(f"{path}: no rows{' in the requested categories' if keep is not None else ''}; check the file and the categories")
+        raise FileFormatError(
+            f"{path}: no rows{' in the requested categories' if keep is not None else ''}; "
+            "check the file and the categories"
+        )
     return items
 
 
@@ -247,24 +265,30 @@ def load_vlsafe(
     """
     img_dir = Path(image_dir)
     if not img_dir.is_dir():
-        raise FileFormatError(f"{img_dir}: VLSafe image folder does not exist; pass the COCO folder (train2017/ or its parent)")
+        raise FileFormatError(
+            f"{img_dir}: VLSafe image folder does not exist; pass the COCO folder (train2017/ or its parent)"
+        )
     items: list[EvalItem] = []
     for n, (where, rec) in enumerate(read_records(path, what="VLSafe file")):
         if limit is not None and len(items) >= limit:
             break
         image_key = next((k for k in _VLSAFE_IMAGE_KEYS if k in rec), None)
         if image_key is None or not isinstance(rec[image_key], str) or not rec[image_key]:
-            raise FileFormatError(f"{where}: no image key (keys present: {sorted(rec)}); each record needs one of {list(_VLSAFE_IMAGE_KEYS)}")
+            raise FileFormatError(
+                f"{where}: no image key (keys present: {sorted(rec)}); "
+                f"each record needs one of {list(_VLSAFE_IMAGE_KEYS)}"
+            )
         prompt = _vlsafe_prompt(rec)
         if prompt is None:
             raise FileFormatError(
-                f"{where}: no prompt (keys present: {sorted(rec)}); each record needs one of {list(_VLSAFE_PROMPT_KEYS)} or a "
-                "'conversations' list"
+                f"{where}: no prompt (keys present: {sorted(rec)}); "
+                f"each record needs one of {list(_VLSAFE_PROMPT_KEYS)} or a 'conversations' list"
             )
         image = _coco_image(rec[image_key], img_dir)
         if check_images and not Path(image).is_file():
             raise FileFormatError(
-                f"{where}: image {rec[image_key]!r} is neither in {img_dir} nor in {img_dir / 'train2017'}; pass the COCO folder"
+                f"{where}: image {rec[image_key]!r} is neither in {img_dir} nor in {img_dir / 'train2017'}; "
+                "pass the COCO folder"
             )
         meta = {"benchmark": "vlsafe", "image_id": rec[image_key]}
         if isinstance(rec.get("caption"), str):
@@ -340,10 +364,12 @@ def load_benchmark(
     if fmt == "jsonl":
         return load_items(path, require_label=require_label, check_images="verify")
     if fmt == "mm-safetybench":
-        return load_mm_safetybench(path, image_types=[t.strip().upper() for t in image_types if t.strip()], image_root=images)
+        return load_mm_safetybench(path, image_types=[t.strip().upper() for t in image_types if t.strip()],
+                                   image_root=images)
     if images is None:
         raise InputError(f"{fmt} data needs --images, the image folder: "
-                         + ("the folder of query_*_6.png images, or where to render them" if fmt == "figstep" else "the COCO folder"))
+                         + ("the folder of query_*_6.png images, or where to render them" if fmt == "figstep"
+                            else "the COCO folder"))
     if fmt == "figstep":
         return load_figstep(path, images, render_missing=render_missing)
     return load_vlsafe(path, images)

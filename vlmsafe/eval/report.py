@@ -196,7 +196,8 @@ class EvalReport:
                 records.append(ItemRecord(**{k: v for k, v in rec.items() if k in names}))
             except TypeError as exc:
                 raise FileFormatError(f"{p}: records[{i}]: {exc}.") from exc
-        return cls(records=records, judge=data.get("summary", {}).get("judge", "unknown"), config=data.get("config", {}))
+        return cls(records=records, judge=data.get("summary", {}).get("judge", "unknown"),
+                   config=data.get("config", {}))
 
     def to_markdown(self, title: str | None = None) -> str:
         """A Markdown table of every rate (value, 95% Wilson interval, count), plus unsafe rates per category."""

@@ -96,7 +96,8 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_options(gen)
-    gen.add_argument("--prompt", required=True, help="the instruction (plain text; the chat template is applied for you)")
+    gen.add_argument("--prompt", required=True,
+                     help="the instruction (plain text; the chat template is applied for you)")
     gen.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
     add_max_new_tokens(gen)
     add_steering_options(gen)
@@ -131,7 +132,8 @@ def _calibrate_cmrm(args: argparse.Namespace) -> int:
                          "an image per item (or calibrate on a fixed anchor: --anchor blank / noise, which needs "
                          "prompts only)")
     accelerator = accelerator_if_launched()
-    model, processor = load_model_from_args(args, kind="vlm", device=accelerator.device if accelerator is not None else None)
+    model, processor = load_model_from_args(args, kind="vlm",
+                                            device=accelerator.device if accelerator is not None else None)
     vectors = calibrate(model, processor, items, layers=args.layers, positions=args.positions or "last",
                         batch_size=args.batch_size, accelerator=accelerator, progress=not args.no_progress,
                         aggregate=args.aggregate or "mean", **anchor)

@@ -101,7 +101,9 @@ def calibrate(
     """
     adapter = get_adapter(model, processor)
     if not adapter.supports_images:
-        raise InputError(f"{type(adapter.model).__name__} is text-only: CMRM calibration needs a vision-language model")
+        raise InputError(
+            f"{type(adapter.model).__name__} is text-only: CMRM calibration needs a vision-language model"
+        )
     _check_read_positions(positions, CALIBRATION_POSITIONS, "calibrate")
     if aggregate not in AGGREGATES:
         raise InputError(f"aggregate must be one of {', '.join(map(repr, AGGREGATES))}, got {aggregate!r}")
@@ -111,7 +113,8 @@ def calibrate(
     sums = ShiftAccumulator(layer_ids, adapter.hidden_size, keep_items=aggregate == "pca")
     hasher = DatasetHasher()
     with shard(items, accelerator) as part:
-        bar = tqdm(total=len(part), desc="calibrating CMRM", unit="item", disable=not (progress and is_main_process(accelerator)))
+        bar = tqdm(total=len(part), desc="calibrating CMRM", unit="item",
+                   disable=not (progress and is_main_process(accelerator)))
         for batch in batched(part, batch_size):
             _calibration_batch(adapter, batch, layer_ids, positions, system_prompt, sums, hasher,
                                hash_images=fixed is None)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ContextManager
+from typing import Any
 
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, check_colour
@@ -59,7 +59,8 @@ class SteeringConfig:
         "help": "prompt tokens steered: last (the last prompt token), prompt (every prompt token), text (prompt "
                 "text tokens), image (image tokens)"})
     decode: bool = field(default=False, metadata={
-        "help": "also steer every generated token (dataset-level only: generated tokens have no text-only counterpart)"})
+        "help": "also steer every generated token (dataset-level only: generated tokens have no text-only "
+                "counterpart)"})
     steer_text_only: bool = field(default=False, metadata={
         "help": "also steer inputs without an image (by default only multimodal rows are moved)"})
     anchor: Any = field(default="real", metadata={
@@ -95,7 +96,9 @@ class SteeringConfig:
             raise InputError("ShiftDC needs safety directions: SteeringConfig(mode='shiftdc', directions="
                              "SafetyDirections.load(DIR)) (`vlmsafe calibrate --method shiftdc` writes them)")
         if self.vectors is not None and not isinstance(self.vectors, ShiftVectors):
-            raise InputError(f"vectors must be ShiftVectors (ShiftVectors.load(DIR)), got {type(self.vectors).__name__}")
+            raise InputError(
+                f"vectors must be ShiftVectors (ShiftVectors.load(DIR)), got {type(self.vectors).__name__}"
+            )
         check_choice(self.positions, "positions", STEER_POSITIONS)
         if mode == "shiftdc" and self.positions != "last":
             raise InputError(f"ShiftDC corrects the last prompt token only; drop positions={self.positions!r}")
@@ -179,7 +182,7 @@ class SteeringConfig:
         images: Sequence[Any] | None = None,
         system_prompt: str | None = None,
         captions: Sequence[str | None] | None = None,
-    ) -> ContextManager[Any]:
+    ) -> contextlib.AbstractContextManager[Any]:
         """A context manager that steers ``model`` while it is open (a no-op when inactive).
 
         Dataset-level needs nothing but the model. Sample-level needs the batch's ``prompts`` (their
@@ -195,7 +198,9 @@ class SteeringConfig:
         adapter: ModelAdapter = get_adapter(model, processor)
         if self.mode == "dataset":
             if self.vectors is None:
-                raise InputError("dataset-level steering needs calibrated vectors: SteeringConfig(vectors=ShiftVectors.load(DIR))")
+                raise InputError(
+                    "dataset-level steering needs calibrated vectors: SteeringConfig(vectors=ShiftVectors.load(DIR))"
+                )
             # "all" = every calibrated layer
             layers = None if self.layers in (None, "all") else adapter.resolve_layers(self.layers)
             return steer(adapter, self.vectors, self.alpha, layers=layers, positions=self.positions,
@@ -218,7 +223,8 @@ class SteeringConfig:
 
 
 def _sample_level_anchored(cfg: SteeringConfig, adapter: ModelAdapter, prompts: list[str],
-                           images: Sequence[Any] | None, system_prompt: str | None) -> ContextManager[Any]:
+                           images: Sequence[Any] | None,
+                           system_prompt: str | None) -> contextlib.AbstractContextManager[Any]:
     """Sample-level CMRM on a fixed anchor image, as in the paper: two extra (unsteered) passes per batch.
 
     Each row's shift is ``h(prompt, anchor) - h(prompt)`` at the last prompt token, measured before

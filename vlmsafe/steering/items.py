@@ -48,4 +48,5 @@ class DatasetHasher:
         self.item_digests.append(self.item_digest(prompt, image))
 
     def hexdigest(self, item_digests: list[str] | None = None) -> str:
-        return hashlib.sha256("".join(item_digests if item_digests is not None else self.item_digests).encode()).hexdigest()
+        digests = item_digests if item_digests is not None else self.item_digests
+        return hashlib.sha256("".join(digests).encode()).hexdigest()

@@ -66,13 +66,18 @@ class SafeVLM:
             if mode is not None and mode not in MODES:
                 raise InputError(f"mode must be one of {', '.join(map(repr, MODES))} or None, got {mode!r}")
             if mode == "dataset" and vectors is None:
-                raise InputError("mode='dataset' needs calibrated vectors: pass vectors=ShiftVectors.load(DIR) or use mode='sample'")
-            steering = SteeringConfig(mode=mode, vectors=vectors if mode == "dataset" else None, alpha=alpha, layers=layers,
-                                      positions=positions, decode=decode, steer_text_only=steer_text_only,
+                raise InputError(
+                    "mode='dataset' needs calibrated vectors: pass vectors=ShiftVectors.load(DIR) or use mode='sample'"
+                )
+            steering = SteeringConfig(mode=mode, vectors=vectors if mode == "dataset" else None, alpha=alpha,
+                                      layers=layers, positions=positions, decode=decode,
+                                      steer_text_only=steer_text_only,
                                       directions=directions if mode == "shiftdc" else None, anchor=anchor,
                                       shift_from=shift_from)
         elif steering.mode == "dataset" and steering.vectors is None:
-            raise InputError("the steering config is dataset-level but has no vectors: pass SteeringConfig(vectors=...)")
+            raise InputError(
+                "the steering config is dataset-level but has no vectors: pass SteeringConfig(vectors=...)"
+            )
         steering.check_model(self.adapter)
         self.steering_config = steering
         self.system_prompt = system_prompt
@@ -154,10 +159,14 @@ class SafeVLM:
             captions = None if captions is None else [captions]
         prompts = list(prompts)
         if isinstance(images, Image.Image):
-            raise InputError("got a list of prompts but a single image; pass a list with one image (or None) per prompt")
+            raise InputError(
+                "got a list of prompts but a single image; pass a list with one image (or None) per prompt"
+            )
         images = [None] * len(prompts) if images is None else list(images)
         if len(images) != len(prompts):
-            raise InputError(f"got {len(prompts)} prompts but {len(images)} images; pass one image (or None) per prompt")
+            raise InputError(
+                f"got {len(prompts)} prompts but {len(images)} images; pass one image (or None) per prompt"
+            )
         captions = [None] * len(prompts) if captions is None else list(captions)
         if len(captions) != len(prompts):
             raise InputError(f"got {len(prompts)} prompts but {len(captions)} captions; "

@@ -55,16 +55,19 @@ def choose_alpha(
     base = base or min(rows, key=lambda r: r["alpha"])
 
     def ok(r: dict[str, Any]) -> bool:
-        if r["utility"] is not None and base["utility"] is not None and r["utility"] < base["utility"] - max_utility_drop - 1e-9:
+        util, util0 = r["utility"], base["utility"]
+        if util is not None and util0 is not None and util < util0 - max_utility_drop - 1e-9:
             return False
         over, over0 = r.get("over_refusal_rate"), base.get("over_refusal_rate")
         return over is None or over0 is None or over <= over0 + max_over_refusal_rise + 1e-9
 
-    return min([r for r in rows if ok(r)] or [base], key=lambda r: (r["unsafe_rate"] if r["unsafe_rate"] is not None else 1.0, r["alpha"]))
+    return min([r for r in rows if ok(r)] or [base],
+               key=lambda r: (r["unsafe_rate"] if r["unsafe_rate"] is not None else 1.0, r["alpha"]))
 
 
-def plot_sweep(curves: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str], *, chosen: float | None = None,
-               title: str = "CMRM: unsafe rate and utility vs alpha", overwrite: bool = False) -> None:
+def plot_sweep(curves: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str], *,
+               chosen: float | None = None, title: str = "CMRM: unsafe rate and utility vs alpha",
+               overwrite: bool = False) -> None:
     """Write a PNG with unsafe rate, benign utility and over-refusal vs alpha, one line per curve."""
     import matplotlib
 
@@ -79,7 +82,8 @@ def plot_sweep(curves: dict[str, Sequence[dict[str, Any]]], path: str | os.PathL
         axes[0].plot(xs, [100 * (r["unsafe_rate"] or 0) for r in rows], marker="o", label=name)
         axes[1].plot(xs, [100 * (r["utility"] or 0) for r in rows], marker="o", label=name)
         axes[2].plot(xs, [100 * (r.get("over_refusal_rate") or 0) for r in rows], marker="o", label=name)
-    ylabels = ("unsafe rate on harmful image prompts (%)", "benign image-question accuracy (%)", "over-refusal on benign items (%)")
+    ylabels = ("unsafe rate on harmful image prompts (%)", "benign image-question accuracy (%)",
+               "over-refusal on benign items (%)")
     for ax, ylabel in zip(axes, ylabels):
         ax.set_xlabel("alpha (steering strength)")
         ax.set_ylabel(ylabel)

@@ -156,7 +156,8 @@ class ShiftVectors:
         dest = Path(directory)
         with atomic_path(dest, overwrite=overwrite) as tmp:
             tmp.mkdir(parents=True)
-            save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "vlmsafe.shift_vectors", "version": str(FORMAT_VERSION)})
+            save_file(tensors, str(tmp / TENSOR_FILE),
+                      metadata={"format": "vlmsafe.shift_vectors", "version": str(FORMAT_VERSION)})
             meta = {
                 **self.meta,
                 "format_version": FORMAT_VERSION,
@@ -183,7 +184,9 @@ class ShiftVectors:
         meta = parse_json(meta_path.read_text(encoding="utf-8", errors="replace"), where=str(meta_path),
                           fix="re-create the vectors with `vlmsafe calibrate`")
         if not isinstance(meta, dict):
-            raise FileFormatError(f"{meta_path}: expected a JSON object; re-create the vectors with `vlmsafe calibrate`")
+            raise FileFormatError(
+                f"{meta_path}: expected a JSON object; re-create the vectors with `vlmsafe calibrate`"
+            )
         expected = meta.get("tensor_sha256")
         if expected and sha256_file(tensor_path) != expected:
             raise FileFormatError(
@@ -193,17 +196,23 @@ class ShiftVectors:
         try:
             raw = load_file(str(tensor_path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise FileFormatError(f"{tensor_path} is not a readable safetensors file ({exc}); re-create it with `vlmsafe calibrate`") from None
+            raise FileFormatError(
+                f"{tensor_path} is not a readable safetensors file ({exc}); re-create it with `vlmsafe calibrate`"
+            ) from None
         tables: dict[str, dict[int, torch.Tensor]] = {"shift": {}, "mm_mean": {}, "text_mean": {}}
         for key, value in raw.items():
             prefix, _, layer = key.rpartition(".")
             if prefix not in tables or not layer.isdigit():
-                raise FileFormatError(f"{tensor_path}: unexpected tensor {key!r}; expected shift.<layer>, mm_mean.<layer>, text_mean.<layer>")
+                raise FileFormatError(
+                    f"{tensor_path}: unexpected tensor {key!r}; "
+                    "expected shift.<layer>, mm_mean.<layer>, text_mean.<layer>"
+                )
             tables[prefix][int(layer)] = value
         if not tables["shift"]:
             raise FileFormatError(f"{tensor_path} holds no shift.<layer> tensors")
         stats = {int(l): s for l, s in meta.pop("stats", {}).items()}
-        vectors = cls(shifts=tables["shift"], mm_means=tables["mm_mean"], text_means=tables["text_mean"], stats=stats, meta=meta)
+        vectors = cls(shifts=tables["shift"], mm_means=tables["mm_mean"], text_means=tables["text_mean"], stats=stats,
+                      meta=meta)
         if model is not None:
             vectors.check_compatible(model)
         return vectors
@@ -311,7 +320,9 @@ class ShiftAccumulator:
         for l in self.layers:
             a, b = mm[l].detach().to("cpu", torch.float64), text[l].detach().to("cpu", torch.float64)
             if a.shape != b.shape or a.dim() != 2:
-                raise IncompatibleVectorsError(f"layer {l}: paired activations have shapes {tuple(a.shape)} and {tuple(b.shape)}")
+                raise IncompatibleVectorsError(
+                    f"layer {l}: paired activations have shapes {tuple(a.shape)} and {tuple(b.shape)}"
+                )
             self.mm_sum[l] += a.sum(0)
             self.text_sum[l] += b.sum(0)
             self.norms[l] += torch.stack([(a - b).norm(dim=1).sum(), a.norm(dim=1).sum(), b.norm(dim=1).sum()])
@@ -330,7 +341,8 @@ class ShiftAccumulator:
         packed = torch.stack([torch.cat([self.mm_sum[l], self.text_sum[l], self.norms[l]]) for l in self.layers])
         packed = all_reduce_sum(packed, accelerator)
         for i, l in enumerate(self.layers):
-            self.mm_sum[l], self.text_sum[l], self.norms[l] = packed[i, :H].clone(), packed[i, H : 2 * H].clone(), packed[i, 2 * H :].clone()
+            self.mm_sum[l], self.text_sum[l] = packed[i, :H].clone(), packed[i, H : 2 * H].clone()
+            self.norms[l] = packed[i, 2 * H :].clone()
         self.count = int(all_reduce_sum(torch.tensor([self.count], dtype=torch.float64), accelerator).item())
         if self.item_shifts is not None:
             from vlmsafe.distributed import gather
