@@ -7,7 +7,7 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
-from vlmsafe.errors import InputError
+from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.eval import (
     EvalItem,
     EvalReport,
@@ -226,6 +226,18 @@ def test_report_without_degenerate_field_still_loads(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({"summary": {"judge": "refusal"}, "config": {}, "records": [rec]}))
     rep = EvalReport.from_json(tmp_path / "old.json")
     assert rep.records == [ItemRecord(**rec)] and rep.records[0].degenerate is False and rep.degenerate_rate == 0.0
+
+
+def test_report_from_json_errors(tmp_path):
+    """A missing, malformed or foreign report is a FileFormatError that names the file, the place and the fix."""
+    with pytest.raises(FileFormatError, match=r"gone\.json: no such evaluation report; pass a <run>\.json"):
+        EvalReport.from_json(tmp_path / "gone.json")
+    (tmp_path / "bad.json").write_text('{"records": [\n  {"id": "a",}\n]}')
+    with pytest.raises(FileFormatError, match=r"bad\.json:2:\d+: invalid JSON \(.*\); pass a <run>\.json"):
+        EvalReport.from_json(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"summary": {}}')
+    with pytest.raises(FileFormatError, match="key 'records' missing"):
+        EvalReport.from_json(tmp_path / "other.json")
 
 
 def test_errors(items):

@@ -42,6 +42,7 @@ _ITEM_KEYS = ("id", "prompt", "image", "category", "label", "reference")
 
 #: ``(location, record)``: location is ``"path:line"`` (JSON documents: the line the record starts on).
 Record = tuple[str, dict]
+_JSON_WHITESPACE = " \t\n\r"  # what the JSON grammar (and the json module) skips around values
 
 
 # --------------------------------------------------------------------------- records
@@ -81,21 +82,26 @@ def read_records(path: str | os.PathLike[str], *, what: str = "data file",
 
 
 def _is_single_document(text: str) -> bool:
-    """True when ``text`` is one JSON value (a document), not several lines of JSON objects."""
+    """True when ``text`` is one JSON value (a document), not several lines of JSON objects.
+
+    Only sniffs the layout; the records themselves are parsed (and their errors reported) by
+    :func:`vlmsafe.io.parse_json`.
+    """
+    decoder = json.JSONDecoder()
+    start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
     try:
-        json.loads(text)
-    except json.JSONDecodeError as exc:
-        # "Extra data" after a complete first value means JSONL; anything else is a broken document
-        # unless the first line alone is a complete object (JSONL whose later line is broken).
-        if exc.msg == "Extra data":
-            return False
+        _, end = decoder.raw_decode(text, start)
+    except json.JSONDecodeError:
+        # A broken first value is a broken document, unless the first line alone is a complete
+        # value (JSONL whose later line is broken).
         first = text.lstrip().split("\n", 1)[0]
         try:
-            json.loads(first)
+            decoder.decode(first)
             return False
         except json.JSONDecodeError:
             return True
-    return True
+    # More than whitespace after a complete first value means JSONL.
+    return not text[end:].strip(_JSON_WHITESPACE)
 
 
 def _jsonl_records(text: str, p: Path) -> list[Record]:

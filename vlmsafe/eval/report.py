@@ -9,7 +9,6 @@ whose denominator is zero is ``None`` (shown as ``-``), never 0.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.errors import FileFormatError
-from vlmsafe.io import write_json_atomic
+from vlmsafe.io import read_json, write_json_atomic
 from vlmsafe.stats import Rate
 
 
@@ -181,12 +180,7 @@ class EvalReport:
     def from_json(cls, path: str | os.PathLike[str]) -> EvalReport:
         """Read a report written by :meth:`to_json` (aggregates are recomputed from the records)."""
         p = Path(path)
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise FileFormatError(f"report {str(p)!r} does not exist.") from exc
-        except json.JSONDecodeError as exc:
-            raise FileFormatError(f"{p}, line {exc.lineno}: invalid JSON ({exc.msg}).") from exc
+        data = read_json(p, what="evaluation report", fix="pass a <run>.json written by `vlmsafe evaluate`")
         if not isinstance(data, dict) or not isinstance(data.get("records"), list):
             raise FileFormatError(f"{p}: key 'records' missing; not a vlmsafe evaluation report.")
         names = {f.name for f in fields(ItemRecord)}
