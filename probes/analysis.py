@@ -87,8 +87,10 @@ def _with_vectors(
         return steering
     if calibration_items is not None:
         kw = dict(layers=layers, positions=positions, batch_size=batch_size, progress=progress)
-        mm = collect_activations(adapter, None, calibration_items, with_images=True, image=image, desc="calibration (image)", **kw)
-        text = collect_activations(adapter, None, calibration_items, with_images=False, desc="calibration (text)", **kw)
+        mm = collect_activations(adapter, None, calibration_items, with_images=True, image=image,
+                                 desc="calibration (image)", **kw)
+        text = collect_activations(adapter, None, calibration_items, with_images=False,
+                                   desc="calibration (text)", **kw)
         vectors = vectors_from_activations(adapter, mm, text, positions=positions, source="calibration split")
     elif fallback is not None:
         mm, text, source = fallback
@@ -100,7 +102,9 @@ def _with_vectors(
 
 def _check_steering(steering: SteeringConfig | None, calibration_items: Sequence[Any] | None) -> None:
     if steering is not None and steering.mode == "sample" and calibration_items is not None:
-        raise InputError("sample-level CMRM measures each prompt's own shift: drop calibration_items or use dataset-level")
+        raise InputError(
+            "sample-level CMRM measures each prompt's own shift: drop calibration_items or use dataset-level"
+        )
     if steering is not None and steering.vectors is not None and calibration_items is not None:
         raise InputError("pass either vectors (in the steering config) or calibration_items, not both")
 
@@ -158,7 +162,8 @@ def probe_layers(
     text = collect_activations(adapter, None, items, with_images=False, desc="text-only", **kw)
     need_train_mm = steer and steering.mode == "dataset" and steering.vectors is None and calibration_items is None
     mm_idx = np.arange(len(items)) if need_train_mm else test_idx
-    mm_part = collect_activations(adapter, None, [items[i] for i in mm_idx], with_images=True, image=image, desc="with image", **kw)
+    mm_part = collect_activations(adapter, None, [items[i] for i in mm_idx], with_images=True, image=image,
+                                  desc="with image", **kw)
     pos = {int(i): k for k, i in enumerate(mm_idx)}
     mm_test = {l: a[[pos[int(i)] for i in test_idx]] for l, a in mm_part.items()}
 
@@ -173,8 +178,10 @@ def probe_layers(
         steered_test = collect_activations(adapter, None, [items[i] for i in test_idx], with_images=True, image=image,
                                            steering=steering, desc="with image + CMRM", **kw)
 
-    probes = train_layer_probes({l: a[train_idx] for l, a in text.items()}, y[train_idx], cv=cv, Cs=Cs, seed=seed, progress=progress)
-    rows = [_probe_row(l, probes[l], text[l][test_idx], mm_test[l], None if steered_test is None else steered_test[l], y[test_idx])
+    probes = train_layer_probes({l: a[train_idx] for l, a in text.items()}, y[train_idx], cv=cv, Cs=Cs, seed=seed,
+                                progress=progress)
+    rows = [_probe_row(l, probes[l], text[l][test_idx], mm_test[l], None if steered_test is None else steered_test[l],
+                       y[test_idx])
             for l in layer_ids]
     config = {
         **_model_config(adapter, positions, items, y, image),
@@ -207,7 +214,8 @@ def _probe_row(layer: int, probe: LayerProbe, text: np.ndarray, mm: np.ndarray, 
     return row
 
 
-def _model_config(adapter: Any, positions: str, items: list[Any], y: np.ndarray | None, image: Image.Image | None) -> dict[str, Any]:
+def _model_config(adapter: Any, positions: str, items: list[Any], y: np.ndarray | None,
+                  image: Image.Image | None) -> dict[str, Any]:
     return {
         "model_class": type(adapter.model).__name__,
         "model_name": adapter.model_name,
@@ -271,7 +279,8 @@ def analyze_shift(
     kw = dict(layers=layer_ids, positions=positions, batch_size=batch_size, progress=progress)
     text = collect_activations(adapter, None, items, with_images=False, desc="text-only", **kw)
     mm = collect_activations(adapter, None, items, with_images=True, image=image, desc="with image", **kw)
-    base = steering if steering is not None and steering.mode == "dataset" else SteeringConfig(mode="dataset", alpha=0.0)
+    dataset_level = steering is not None and steering.mode == "dataset"
+    base = steering if dataset_level else SteeringConfig(mode="dataset", alpha=0.0)
     with_vectors = _with_vectors(adapter, base, calibration_items, (mm, text, "analysed items"), layers=layer_ids,
                                  positions=positions, image=image, batch_size=batch_size, progress=progress)
     shift_vectors = with_vectors.vectors
@@ -306,7 +315,8 @@ def _shift_row(l: int, text: Activations, mm: Activations, steered: Activations 
     row: dict[str, Any] = {"layer": l, **layer_shift_metrics(text[l], mm[l])}
     vec = shift_vectors.shifts.get(l)
     row["shift_norm"] = float(vec.norm()) if vec is not None else None
-    row["relative_shift_norm"] = row["shift_norm"] / row["text_norm"] if vec is not None and row["text_norm"] > 0 else None
+    has_norm = vec is not None and row["text_norm"] > 0
+    row["relative_shift_norm"] = row["shift_norm"] / row["text_norm"] if has_norm else None
     if l in probes and vec is not None and y is not None:
         harmful, benign = text[l][y == HARMFUL].mean(0), text[l][y != HARMFUL].mean(0)
         proj = shift_on_direction(vec.numpy(), probes[l].direction, harmful_mean=harmful, benign_mean=benign)

@@ -18,7 +18,8 @@ from vlmsafe.errors import InputError
 from vlmsafe.validation import float_arg, int_arg, layer_spec_arg
 
 _DATA_HELP = (
-    "JSONL items, one per line: {\"id\": \"1\", \"prompt\": \"...\", \"image\": \"img/1.png\", \"label\": \"harmful\"} "
+    "JSONL items, one per line: "
+    "{\"id\": \"1\", \"prompt\": \"...\", \"image\": \"img/1.png\", \"label\": \"harmful\"} "
     "(label 'harmful' or 'benign'; image paths relative to the file)"
 )
 
@@ -30,11 +31,14 @@ def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
     p.add_argument("--layers", type=layer_spec_arg, default=None,
                    help="decoder layers to analyse, e.g. '8-15' or '0,4,8' (default: all)")
     p.add_argument("--positions", default="last", choices=["last", "prompt", "text"],
-                   help="hidden states read per prompt: the last prompt token (default) or the mean over all prompt/text tokens")
+                   help="hidden states read per prompt: the last prompt token (default) "
+                        "or the mean over all prompt/text tokens")
     p.add_argument("--blank-image", action="store_true",
-                   help="use one blank white image for every prompt instead of the item's own (the CMRM paper's setting)")
+                   help="use one blank white image for every prompt instead of the item's own "
+                        "(the CMRM paper's setting)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split and CV folds")
-    p.add_argument("--cv", type=int_arg(low=2), default=5, help="cross-validation folds for the probes' regularisation (default 5)")
+    p.add_argument("--cv", type=int_arg(low=2), default=5,
+                   help="cross-validation folds for the probes' regularisation (default 5)")
     add_progress_option(p)
     add_steering_options(p, layers_flag="--steer-layers", positions_flag="--steer-positions",
                          title="CMRM steering (default: dataset-level, vectors calibrated on the fly)")
@@ -89,7 +93,8 @@ def register(subparsers: Any) -> None:
             "projection onto the harmful direction of a text-only probe (as a fraction of the harmful-benign gap; "
             "< 0 means images push prompts towards 'benign'); and the distances left after CMRM steering."
         ),
-        epilog="example:\n  vlmsafe probe shift --model assets/testbed --data assets/testbed/data/test.jsonl --out reports/",
+        epilog="example:\n"
+               "  vlmsafe probe shift --model assets/testbed --data assets/testbed/data/test.jsonl --out reports/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(shift, probes=False)
@@ -99,16 +104,19 @@ def register(subparsers: Any) -> None:
         "weights",
         help="per-layer, per-module relative weight change between two checkpoints",
         description=(
-            "Stream two safetensors checkpoints tensor by tensor and report ||after - before|| / ||before|| per tensor, "
-            "per decoder layer, per module type (q_proj, mlp.down_proj, ...) and per layer x module. LLaVA names "
-            "(model.language_model.layers.N.*) are mapped onto LLM names (model.layers.N.*), so an aligned LLM and "
-            "a VLM's language model compare directly; the vision tower and projector are listed as unmatched."
+            "Stream two safetensors checkpoints tensor by tensor and report ||after - before|| / ||before|| "
+            "per tensor, per decoder layer, per module type (q_proj, mlp.down_proj, ...) and per layer x module. "
+            "LLaVA names (model.language_model.layers.N.*) are mapped onto LLM names (model.layers.N.*), so an "
+            "aligned LLM and a VLM's language model compare directly; the vision tower and projector are listed "
+            "as unmatched."
         ),
-        epilog="example:\n  vlmsafe probe weights --before assets/testbed/aligned_lm --after assets/testbed --out reports/",
+        epilog="example:\n"
+               "  vlmsafe probe weights --before assets/testbed/aligned_lm --after assets/testbed --out reports/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     weights.add_argument("--before", required=True, help="reference checkpoint (file or folder), e.g. the aligned LLM")
-    weights.add_argument("--after", required=True, help="changed checkpoint, e.g. the VLM whose language model was adapted")
+    weights.add_argument("--after", required=True,
+                         help="changed checkpoint, e.g. the VLM whose language model was adapted")
     add_output_options(weights, help="output folder: weights.json + weights.png")
     add_progress_option(weights)
     weights.set_defaults(func=run_weights)

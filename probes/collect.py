@@ -82,13 +82,15 @@ def collect_activations(
     if not len(items):
         raise InputError("no items to collect activations from; pass at least one prompt")
     chunks: dict[int, list[np.ndarray]] = {l: [] for l in layer_ids}
-    bar = tqdm(total=len(items), desc=desc or ("multimodal" if with_images else "text-only"), unit="prompt", disable=not progress)
+    bar = tqdm(total=len(items), desc=desc or ("multimodal" if with_images else "text-only"), unit="prompt",
+               disable=not progress)
     for start in range(0, len(items), batch_size):
         batch = [_pair(it, with_images, image) for it in items[start : start + batch_size]]
         prompts = [p for p, _ in batch]
         images = [img for _, img in batch] if with_images else None
         inputs = adapter.build_inputs(prompts, images, padding_side="left", system_prompt=system_prompt)
-        ctx = steering.apply(adapter, prompts=prompts, images=images, system_prompt=system_prompt) if steering else nullcontext()
+        ctx = (steering.apply(adapter, prompts=prompts, images=images, system_prompt=system_prompt) if steering
+               else nullcontext())
         with ctx, record_activations(adapter, layer_ids, positions=positions) as rec:
             adapter.model(**inputs)
         for l in layer_ids:
@@ -131,6 +133,7 @@ def vectors_from_activations(
     if int(next(iter(mm.values())).shape[0]) == 0:
         raise InputError("no calibration rows; pass at least one item with an image")
     sums = ShiftAccumulator(layers, adapter.hidden_size)
-    sums.add({l: torch.from_numpy(np.asarray(mm[l])) for l in layers}, {l: torch.from_numpy(np.asarray(text[l])) for l in layers})
+    sums.add({l: torch.from_numpy(np.asarray(mm[l])) for l in layers},
+             {l: torch.from_numpy(np.asarray(text[l])) for l in layers})
     meta = calibration_meta(adapter, layers=layers, positions=positions, source=source)
     return sums.to_vectors(meta)

@@ -38,7 +38,9 @@ def labels_from_items(items: Sequence[object]) -> np.ndarray:
     for item in items:
         label = getattr(item, "label", None) if not isinstance(item, dict) else item.get("label")
         if label not in ("harmful", "benign"):
-            raise InputError(f"item {getattr(item, 'id', item)!r} has label {label!r}; probes need 'harmful' or 'benign' labels")
+            raise InputError(
+                f"item {getattr(item, 'id', item)!r} has label {label!r}; probes need 'harmful' or 'benign' labels"
+            )
         out.append(HARMFUL if label == "harmful" else BENIGN)
     return np.asarray(out, dtype=np.int64)
 
@@ -127,7 +129,9 @@ def fit_probe(
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.int64)
     if X.ndim != 2 or len(X) != len(y):
-        raise InputError(f"probe inputs must be (n, hidden) with one label per row; got X {X.shape} and {len(y)} labels")
+        raise InputError(
+            f"probe inputs must be (n, hidden) with one label per row; got X {X.shape} and {len(y)} labels"
+        )
     check_binary(y)
     folds = int(min(cv, np.bincount(y, minlength=2).min()))
     if folds < 2:

@@ -52,8 +52,12 @@ def _steering_note(steering: dict[str, Any] | None) -> str:
     if not steering:
         return "no CMRM steering"
     layers = steering.get("layers")
-    where = "all layers" if layers in (None, "all") else f"layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}"
-    return f"CMRM: {steering.get('mode', 'dataset-level')}, alpha={steering['alpha']:g}, {where}, {steering['positions']} token(s)"
+    if layers in (None, "all"):
+        where = "all layers"
+    else:
+        where = f"layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}"
+    return (f"CMRM: {steering.get('mode', 'dataset-level')}, alpha={steering['alpha']:g}, {where}, "
+            f"{steering['positions']} token(s)")
 
 
 def plot_layer_probes(report: LayerProbeReport, path: str | os.PathLike[str]) -> Path:
@@ -66,13 +70,15 @@ def plot_layer_probes(report: LayerProbeReport, path: str | os.PathLike[str]) ->
         if np.all(np.isnan(ys)):
             continue
         ax.plot(layers, ys, marker=_MARKERS[cond], color=_COLORS[cond], label=CONDITION_LABELS[cond])
-    ax.plot(layers, _values([r["cv_accuracy"] for r in report.rows]), ls=":", color="grey", label="text-only, training CV")
+    ax.plot(layers, _values([r["cv_accuracy"] for r in report.rows]), ls=":", color="grey",
+            label="text-only, training CV")
     baseline = report.config.get("majority_baseline")
     if baseline is not None:
         ax.axhline(baseline, ls="--", color="black", lw=0.8, label=f"majority class ({baseline:.0%})")
     ax.set_ylim(-0.02, 1.05)
     ax.set_ylabel("probe accuracy on held-out prompts")
-    ax.set_title(f"Harmful-vs-benign probe per layer (trained text-only)\n{_steering_note(report.config.get('steering'))}", fontsize=11)
+    ax.set_title("Harmful-vs-benign probe per layer (trained text-only)\n"
+                 f"{_steering_note(report.config.get('steering'))}", fontsize=11)
     _layer_axis(ax, layers)
     ax.legend(loc="lower left", fontsize=8)
 
@@ -88,7 +94,8 @@ def plot_layer_probes(report: LayerProbeReport, path: str | os.PathLike[str]) ->
                 if sel.any():
                     ax_pca.scatter(pts[sel, 0], pts[sel, 1], marker=_MARKERS[cond], s=28, alpha=0.75,
                                    facecolors=_LABEL_COLORS[lab] if cond != "text" else "none",
-                                   edgecolors=_LABEL_COLORS[lab], label=f"{lab}, {CONDITION_LABELS[cond].split(' (')[0]}")
+                                   edgecolors=_LABEL_COLORS[lab],
+                                   label=f"{lab}, {CONDITION_LABELS[cond].split(' (')[0]}")
         ev = pca["explained_variance_ratio"]
         ax_pca.set_xlabel(f"PC1 of text-only states ({ev[0]:.0%} var.)")
         ax_pca.set_ylabel(f"PC2 ({ev[1]:.0%} var.)")
@@ -108,7 +115,8 @@ def plot_shift(report: ShiftReport, path: str | os.PathLike[str]) -> Path:
     layers = report.layers
     steered = any(r.get("steered_cka") is not None for r in report.rows)
 
-    ax_geo.plot(layers, _values(report.series("cosine_distance")), marker="o", color="#d62728", label="cosine distance")
+    ax_geo.plot(layers, _values(report.series("cosine_distance")), marker="o", color="#d62728",
+                label="cosine distance")
     ax_geo.plot(layers, 1 - _values(report.series("cka")), marker="s", color="#9467bd", label="1 - linear CKA")
     if steered:
         ax_geo.plot(layers, _values(report.series("steered_cosine_distance")), ls="--", marker="o", mfc="none",
@@ -120,7 +128,8 @@ def plot_shift(report: ShiftReport, path: str | os.PathLike[str]) -> Path:
     _layer_axis(ax_geo, layers)
     ax_geo.legend(fontsize=8)
 
-    ax_len.plot(layers, _values(report.series("relative_l2")), marker="o", color="#ff7f0e", label="per-prompt L2 / ||h_text||")
+    ax_len.plot(layers, _values(report.series("relative_l2")), marker="o", color="#ff7f0e",
+                label="per-prompt L2 / ||h_text||")
     ax_len.plot(layers, _values(report.series("relative_shift_norm")), marker="D", color="#8c564b",
                 label="CMRM shift ||mean diff|| / ||h_text||")
     if steered:
@@ -174,8 +183,8 @@ def plot_weight_change(report: WeightChangeReport, path: str | os.PathLike[str],
         ax_bar.bar(layers, rel, color="#1f77b4", label="decoder layer (all weight matrices)")
         for t in report.other:
             if t["module"] in ("embed_tokens", "final_norm", "lm_head") and t["relative_change"] is not None:
-                ax_bar.axhline(t["relative_change"], ls="--", lw=0.9, color={"embed_tokens": "#2ca02c", "final_norm": "#9467bd",
-                               "lm_head": "#ff7f0e"}[t["module"]], label=t["module"])
+                color = {"embed_tokens": "#2ca02c", "final_norm": "#9467bd", "lm_head": "#ff7f0e"}[t["module"]]
+                ax_bar.axhline(t["relative_change"], ls="--", lw=0.9, color=color, label=t["module"])
         ax_bar.set_ylabel("relative change ||after - before|| / ||before||")
         ax_bar.set_title("Per-layer total")
         _layer_axis(ax_bar, layers)

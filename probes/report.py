@@ -45,7 +45,8 @@ def check_report_paths(name: str, out_dir: str | os.PathLike[str], *, overwrite:
     return paths
 
 
-def write_report(report: Report, out_dir: str | os.PathLike[str], *, overwrite: bool = False, **plot_kwargs: Any) -> tuple[Path, Path]:
+def write_report(report: Report, out_dir: str | os.PathLike[str], *, overwrite: bool = False,
+                 **plot_kwargs: Any) -> tuple[Path, Path]:
     """Write ``<name>.json`` (every figure) and ``<name>.png`` into ``out_dir``; return both paths."""
     name = NAMES[type(report)]
     json_path, png_path = check_report_paths(name, out_dir, overwrite=overwrite)
@@ -87,8 +88,9 @@ def summary_table(report: Report, *, top: int = 12) -> str:
     if isinstance(report, ShiftReport):
         return format_table(
             ["layer", "cos_dist", "rel_l2", "cka", "shift_norm", "proj/gap", "cos_dist_cmrm", "cka_cmrm"],
-            [[r["layer"], r["cosine_distance"], r["relative_l2"], r["cka"], r["shift_norm"], r.get("shift_probe_gap_ratio"),
-              r.get("steered_cosine_distance"), r.get("steered_cka")] for r in report.rows],
+            [[r["layer"], r["cosine_distance"], r["relative_l2"], r["cka"], r["shift_norm"],
+              r.get("shift_probe_gap_ratio"), r.get("steered_cosine_distance"), r.get("steered_cka")]
+             for r in report.rows],
         )
     rows = sorted(report.layers, key=lambda r: -(r["relative_change"] or 0.0))[:top]
     table = format_table(["layer", "rel_change", "diff_norm", "tensors"],

@@ -97,7 +97,8 @@ def shift_on_direction(
     unit = d / d_norm
     proj = float(shift @ unit)
     s_norm = float(np.linalg.norm(shift))
-    out: dict[str, float | None] = {"projection": proj, "cosine": proj / s_norm if s_norm > _EPS else 0.0, "gap_ratio": None}
+    out: dict[str, float | None] = {"projection": proj, "cosine": proj / s_norm if s_norm > _EPS else 0.0,
+                                    "gap_ratio": None}
     if harmful_mean is not None and benign_mean is not None:
         gap = float((np.asarray(harmful_mean, dtype=np.float64) - np.asarray(benign_mean, dtype=np.float64)) @ unit)
         out["gap_ratio"] = proj / gap if abs(gap) > _EPS else None
