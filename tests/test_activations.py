@@ -78,9 +78,12 @@ def test_image_and_text_positions(tiny_models):
     with torch.no_grad(), record_activations(adapter, layers=[0], positions=explicit) as ex:
         model(**inputs)
     assert ex.row_index.tolist() == [1, 1]
-    with pytest.raises(InputError, match="explicit position mask has shape"):
-        with torch.no_grad(), record_activations(adapter, layers=[0], positions=explicit[:, :3]):
-            model(**inputs)
+    with (
+        pytest.raises(InputError, match="explicit position mask has shape"),
+        torch.no_grad(),
+        record_activations(adapter, layers=[0], positions=explicit[:, :3]),
+    ):
+        model(**inputs)
 
 
 def test_hooks_removed_on_exception(tiny_models):

@@ -35,7 +35,8 @@ def test_text_only_counterpart_differs_only_by_image(tiny_models, name):
         txt_ids = text["input_ids"][row][text["attention_mask"][row].bool()]
         assert adapter.image_token_mask(mm_ids).any()
         assert not adapter.image_token_mask(txt_ids).any()
-        drop = {adapter.image_token_id} | {tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")}
+        vision_marks = {tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")}
+        drop = {adapter.image_token_id} | vision_marks
         kept = [int(t) for t in mm_ids if int(t) not in drop]
         assert kept == [int(t) for t in txt_ids if int(t) not in drop]
     assert "pixel_values" in mm and "pixel_values" not in text
@@ -97,7 +98,7 @@ def test_layer_out_of_range(tiny_models):
     adapter = get_adapter(*tiny_models["llava"])
     assert adapter.resolve_layers([-1, 0]) == [0, 2]
     assert adapter.resolve_layers("0-1") == [0, 1]
-    with pytest.raises(LayerIndexError, match="layer 3 is out of range.*3 decoder layers"):
+    with pytest.raises(LayerIndexError, match=r"layer 3 is out of range.*3 decoder layers"):
         adapter.resolve_layers([3])
     with pytest.raises(LayerIndexError, match="cannot parse"):
         adapter.resolve_layers("a-b")
@@ -145,10 +146,12 @@ def test_qwen2_vl_vectors_are_refused_by_a_same_shape_qwen2_5_vl(tiny_models):
     q2, p2 = tiny_models["qwen2_vl"]
     q25, _ = tiny_models["qwen2_5_vl"]
     assert (get_adapter(q2).family, get_adapter(q25).family) == ("qwen2_vl", "qwen2_5_vl")
-    assert (get_adapter(q2).hidden_size, get_adapter(q2).num_layers) == (get_adapter(q25).hidden_size, get_adapter(q25).num_layers)
+    a2, a25 = get_adapter(q2), get_adapter(q25)
+    assert (a2.hidden_size, a2.num_layers) == (a25.hidden_size, a25.num_layers)
     vectors = calibrate(q2, p2, [("what colour is the shape ?", random_image(3))], progress=False)
     vectors.check_compatible(q2)
-    with pytest.raises(IncompatibleVectorsError, match="model class: vectors were calibrated on Qwen2VLForConditionalGeneration"):
+    with pytest.raises(IncompatibleVectorsError,
+                       match="model class: vectors were calibrated on Qwen2VLForConditionalGeneration"):
         vectors.check_compatible(q25)
     bare = ShiftVectors(shifts=dict(vectors.shifts), meta={"family": "qwen2_vl"})  # older vectors without a class
     with pytest.raises(IncompatibleVectorsError, match="family"):

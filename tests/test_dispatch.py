@@ -92,7 +92,8 @@ def _eval_items(root):
 
 
 def _run(model, processor, vectors, eval_items):
-    """Sample-level generations (every prompt token) and a dataset-level evaluation (every prompt and generated token)."""
+    """Sample-level generations (every prompt token) and a dataset-level evaluation (every prompt and generated
+    token)."""
     sample = SafeVLM(model, processor, mode="sample", alpha=1.0, positions="prompt",
                      max_new_tokens=NEW_TOKENS).generate(PROMPTS, _images())
     dataset = SafeVLM(model, processor, vectors, alpha=1.0, positions="prompt", decode=True, max_new_tokens=NEW_TOKENS)

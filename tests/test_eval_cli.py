@@ -16,7 +16,8 @@ class FakeVLM:
     """Refuses text-only prompts, complies when an image is present; says 'red' for images."""
 
     def generate(self, prompts, images, *, max_new_tokens=64):
-        return ["sure , here are the steps , it is red" if im is not None else "i cannot help with that ." for im in images]
+        return ["sure , here are the steps , it is red" if im is not None else "i cannot help with that ."
+                for im in images]
 
 
 @pytest.fixture()
@@ -35,13 +36,15 @@ def test_help_lists_options(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--model", "--data", "--judge", "--vectors", "--alpha", "--sample-level", "--modality", "--out", "over-refusal"):
+    for flag in ("--model", "--data", "--judge", "--vectors", "--alpha", "--sample-level", "--modality", "--out",
+                 "over-refusal"):
         assert flag in out
 
 
 def test_evaluate_both_modalities_writes_reports(tmp_path, fake_loader, capsys):
     out = tmp_path / "run"
-    rc = main(["evaluate", "--model", "m", "--data", str(FIXTURES / "items.jsonl"), "--modality", "both", "--out", str(out), "--quiet"])
+    rc = main(["evaluate", "--model", "m", "--data", str(FIXTURES / "items.jsonl"), "--modality", "both",
+               "--out", str(out), "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
     # items.jsonl: h1 (image), h2 (no image), b1 (image, reference "red")
@@ -50,26 +53,32 @@ def test_evaluate_both_modalities_writes_reports(tmp_path, fake_loader, capsys):
             "| 100.0% [20.7\u2013100.0] (n=1) | 0.0% [0.0\u201379.3] (n=1) |") in printed
     assert ("| multimodal | 50.0% [9.5\u201390.5] (n=2) | 50.0% [9.5\u201390.5] (n=2) | 0.0% [0.0\u201365.8] (n=2) "
             "| 0.0% [0.0\u201379.3] (n=1) | 100.0% [20.7\u2013100.0] (n=1) |") in printed
-    assert sorted(p.name for p in out.iterdir()) == ["multimodal.json", "multimodal.md", "summary.md", "text-only.json", "text-only.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "multimodal.json", "multimodal.md", "summary.md", "text-only.json", "text-only.md"
+    ]
     mm = json.loads((out / "multimodal.json").read_text())
-    assert mm["summary"]["unsafe_rate"] == 0.5 and mm["config"]["steering"] == {"mode": None} and mm["config"]["model"] == "m"
+    assert mm["summary"]["unsafe_rate"] == 0.5
+    assert mm["config"]["steering"] == {"mode": None} and mm["config"]["model"] == "m"
     assert [r["id"] for r in mm["records"]] == ["h1", "h2", "b1"]
     assert "| unsafe rate | 50.0% [9.5\u201390.5] (n=2) | 1 / 2 | harmful |" in (out / "multimodal.md").read_text()
     assert fake_loader[0].vectors is None and fake_loader[0].sample_level is False
 
 
 def test_evaluate_public_layouts(tmp_path, fake_loader, capsys):
-    rc = main(["evaluate", "--model", "m", "--data", str(FIXTURES / "mm_safetybench"), "--image-types", "sd,text", "--out", str(tmp_path / "a"), "--quiet"])
+    rc = main(["evaluate", "--model", "m", "--data", str(FIXTURES / "mm_safetybench"), "--image-types", "sd,text",
+               "--out", str(tmp_path / "a"), "--quiet"])
     assert rc == 0
     rep = json.loads((tmp_path / "a" / "multimodal.json").read_text())
     assert rep["summary"]["n_harmful"] == 6 and rep["summary"]["unsafe_rate"] == 0.5  # SD items answered, TEXT refused
     rc = main([
         "evaluate", "--model", "m", "--data", str(FIXTURES / "figstep/question/safebench.csv"),
-        "--images", str(FIXTURES / "figstep/images/SafeBench"), "--limit", "2", "--out", str(tmp_path / "b"), "--quiet",
+        "--images", str(FIXTURES / "figstep/images/SafeBench"), "--limit", "2",
+        "--out", str(tmp_path / "b"), "--quiet",
     ])  # fmt: skip
     assert rc == 0 and json.loads((tmp_path / "b" / "multimodal.json").read_text())["summary"]["n_items"] == 2
     rc = main([
-        "evaluate", "--model", "m", "--data", str(FIXTURES / "vlsafe/harmlessness_examine.jsonl"), "--data-format", "vlsafe",
+        "evaluate", "--model", "m", "--data", str(FIXTURES / "vlsafe/harmlessness_examine.jsonl"),
+        "--data-format", "vlsafe",
         "--images", str(FIXTURES / "vlsafe/coco"), "--out", str(tmp_path / "c"), "--quiet",
     ])  # fmt: skip
     assert rc == 0 and json.loads((tmp_path / "c" / "multimodal.json").read_text())["summary"]["unsafe_rate"] == 1.0
@@ -78,7 +87,9 @@ def test_evaluate_public_layouts(tmp_path, fake_loader, capsys):
         "--images", str(FIXTURES / "vlsafe_published/coco"), "--out", str(tmp_path / "d"), "--quiet",
     ])  # fmt: skip
     records = json.loads((tmp_path / "d" / "multimodal.json").read_text())["records"]
-    assert rc == 0 and [r["image"].rsplit("/", 2)[-2:] for r in records] == [["train2017", "000000000009.jpg"], ["train2017", "000000000025.jpg"]]
+    assert rc == 0 and [r["image"].rsplit("/", 2)[-2:] for r in records] == [
+        ["train2017", "000000000009.jpg"], ["train2017", "000000000025.jpg"]
+    ]
 
 
 @pytest.mark.parametrize(
@@ -97,7 +108,8 @@ def test_evaluate_public_layouts(tmp_path, fake_loader, capsys):
     ],
 )
 def test_user_errors_exit_2_with_message(tmp_path, fake_loader, capsys, extra, message):
-    args = ["evaluate", "--model", "m", "--data", str(FIXTURES / "items.jsonl"), "--out", str(tmp_path / "o"), "--quiet", *extra]
+    args = ["evaluate", "--model", "m", "--data", str(FIXTURES / "items.jsonl"), "--out", str(tmp_path / "o"),
+            "--quiet", *extra]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -115,7 +127,8 @@ def test_malformed_data_reports_file_and_line(tmp_path, fake_loader, capsys):
 
 def test_vectors_and_sample_level_are_exclusive(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o", "--vectors", "v", "--sample-level"])
+        build_parser().parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o", "--vectors", "v",
+                                   "--sample-level"])
     assert "not allowed with" in capsys.readouterr().err
 
 
@@ -130,7 +143,8 @@ def test_steering_flags_map_to_config(tmp_path):
     parse = build_parser().parse_args
     base = ["evaluate", "--model", "mdl", "--data", "d", "--out", "o"]
     assert steering_from_args(parse(base)).active is False
-    cfg = steering_from_args(parse([*base, "--vectors", str(tmp_path / "v"), "--alpha", "0.7", "--layers", "1", "--decode"]))
+    cfg = steering_from_args(parse([*base, "--vectors", str(tmp_path / "v"), "--alpha", "0.7", "--layers", "1",
+                                    "--decode"]))
     assert (cfg.mode, cfg.alpha, cfg.layers, cfg.positions, cfg.decode) == ("dataset", 0.7, "1", "last", True)
     assert cfg.vectors.layers == [0, 1]
     cfg = steering_from_args(parse([*base, "--sample-level", "--alpha", "2", "--positions", "prompt"]))
@@ -146,7 +160,8 @@ def test_real_safevlm_loader_on_saved_tiny_llava(tmp_path, capsys):
     processor.save_pretrained(tmp_path / "llava")
     for extra, steering in (([], None), (["--sample-level", "--alpha", "1.0"], "sample")):
         out = tmp_path / f"out-{steering}"
-        args = ["evaluate", "--model", str(tmp_path / "llava"), "--data", str(FIXTURES / "items.jsonl"), "--max-new-tokens", "3", "--out", str(out), "--quiet", *extra]
+        args = ["evaluate", "--model", str(tmp_path / "llava"), "--data", str(FIXTURES / "items.jsonl"),
+                "--max-new-tokens", "3", "--out", str(out), "--quiet", *extra]
         assert main(args) == 0, capsys.readouterr().err
         rep = json.loads((out / "multimodal.json").read_text())
         assert len(rep["records"]) == 3 and all(isinstance(r["response"], str) for r in rep["records"])
@@ -163,8 +178,9 @@ def test_two_process_evaluation_matches_one(tmp_path, capsys):
     model, processor = tiny_llava(seed=1)
     model.save_pretrained(tmp_path / "llava")
     processor.save_pretrained(tmp_path / "llava")
-    args = ["evaluate", "--model", str(tmp_path / "llava"), "--data", str(FIXTURES / "items.jsonl"), "--max-new-tokens", "3", "--quiet"]
-    assert main(args + ["--out", str(tmp_path / "one")]) == 0, capsys.readouterr().err
+    args = ["evaluate", "--model", str(tmp_path / "llava"), "--data", str(FIXTURES / "items.jsonl"),
+            "--max-new-tokens", "3", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0, capsys.readouterr().err
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
     two = subprocess.run(

@@ -83,7 +83,8 @@ def test_invalid_label_in_constructor():
 def test_save_items_round_trip_with_relative_images(tmp_path):
     Image.new("RGB", (4, 4), "blue").save(tmp_path / "a.png")
     items = [
-        EvalItem(id="a", prompt="p1", image=str(tmp_path / "a.png"), category="c", label="benign", reference="blue", meta={"k": 1}),
+        EvalItem(id="a", prompt="p1", image=str(tmp_path / "a.png"), category="c", label="benign", reference="blue",
+                 meta={"k": 1}),
         EvalItem(id="b", prompt="p2"),
     ]
     save_items(items, tmp_path / "out.jsonl")

@@ -113,7 +113,7 @@ class ContentJudge:
 
 
 def test_content_judge_reads_benign_and_original_question(items):
-    items = items + [EvalItem("b-odd", "harm-looking but benign", items[0].image, "chat", "benign")]
+    items = [*items, EvalItem("b-odd", "harm-looking but benign", items[0].image, "chat", "benign")]
     items[0].meta["question"] = "the original question"
     judge = ContentJudge()
     rep = evaluate(FakeVLM(), items, judge, progress=False)

@@ -56,8 +56,10 @@ def test_render_steps_zero_and_colours():
 
 
 def test_make_figstep_items_writes_pngs(tmp_path):
-    items = make_figstep_items([("a/1", "Steps to bake bread.", "cooking"), ("b", "Steps to fold paper.")], tmp_path, size=48)
+    items = make_figstep_items([("a/1", "Steps to bake bread.", "cooking"), ("b", "Steps to fold paper.")], tmp_path,
+                               size=48)
     assert [it.id for it in items] == ["a/1", "b"]
-    assert items[0].prompt == FIGSTEP_PROMPT and items[0].category == "cooking" and items[1].category == "uncategorized"
+    assert items[0].prompt == FIGSTEP_PROMPT
+    assert items[0].category == "cooking" and items[1].category == "uncategorized"
     assert items[0].meta["instruction"] == "Steps to bake bread."
     assert items[0].image.endswith("a_1.png") and items[0].load_image().size == (48, 48)

@@ -41,7 +41,8 @@ def test_mmsb_image_types_pair_with_their_question_field():
     assert {k: len(v) for k, v in by_type.items()} == {"SD": 2, "TYPO": 2, "TEXT": 2}
     assert by_type["SD"][0].prompt.startswith("The image shows")  # "Rephrased Question(SD)"
     assert by_type["TYPO"][0].prompt.startswith("The bottom of the image")
-    assert by_type["TEXT"][0].prompt == "How can someone do placeholder activity A?" and by_type["TEXT"][0].image is None
+    assert by_type["TEXT"][0].prompt == "How can someone do placeholder activity A?"
+    assert by_type["TEXT"][0].image is None
     assert by_type["SD"][1].image.endswith("01-Illegal_Activitiy/SD/1.jpg")
 
 
@@ -126,12 +127,18 @@ def test_figstep_missing_image_error_and_render_missing(tmp_path):
 @pytest.mark.parametrize(
     "content, expected",
     [
-        ("dataset,category_id,task_id,question,instruction\nForbidQI,1,1,q,i\n", ["bad.csv:1:", "missing column", "category_name"]),
+        (
+            "dataset,category_id,task_id,question,instruction\nForbidQI,1,1,q,i\n",
+            ["bad.csv:1:", "missing column", "category_name"],
+        ),
         (
             "dataset,category_id,task_id,category_name,question,instruction\nForbidQI,1,1,Cat,q,i\nForbidQI,1,2,Cat,q\n",
             ["bad.csv:3:", "fields"],
         ),
-        ("dataset,category_id,task_id,category_name,question,instruction\nForbidQI,1,1,Cat,q,\n", ["bad.csv:2:", "'instruction'", "empty"]),
+        (
+            "dataset,category_id,task_id,category_name,question,instruction\nForbidQI,1,1,Cat,q,\n",
+            ["bad.csv:2:", "'instruction'", "empty"],
+        ),
     ],
 )
 def test_figstep_malformed_csv(tmp_path, content, expected):
@@ -161,23 +168,32 @@ def test_vlsafe_jsonl():
 
 def test_vlsafe_json_list_and_conversation_records(tmp_path):
     recs = [
-        {"id": "c1", "image_id": "COCO_train2014_000000000009.jpg", "conversations": [{"from": "human", "value": "<image>\nPlaceholder question?"}]},
+        {"id": "c1", "image_id": "COCO_train2014_000000000009.jpg",
+         "conversations": [{"from": "human", "value": "<image>\nPlaceholder question?"}]},
         {"image": "COCO_train2014_000000000025.jpg", "question": "Another placeholder?"},
     ]
     p = tmp_path / "vlsafe.json"
     p.write_text(json.dumps(recs))
     items = load_vlsafe(p, VLS / "coco")
-    assert [(it.id, it.prompt) for it in items] == [("c1", "Placeholder question?"), ("vlsafe-1", "Another placeholder?")]
+    assert [(it.id, it.prompt) for it in items] == [
+        ("c1", "Placeholder question?"), ("vlsafe-1", "Another placeholder?")
+    ]
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ('{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}\n{"query": "q2"}\n', ["bad.jsonl:2:", "no image key", "image_id"]),
+        (
+            '{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}\n{"query": "q2"}\n',
+            ["bad.jsonl:2:", "no image key", "image_id"],
+        ),
         ('{"image_id": "COCO_train2014_000000000009.jpg"}\n', ["bad.jsonl:1:", "no prompt", "query"]),
         ('{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}\n{oops\n', ["bad.jsonl:2:", "invalid JSON"]),
         ('{"image_id": "missing.jpg", "query": "q"}\n', ["bad.jsonl:1:", "missing.jpg", "train2017"]),
-        ('[{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}, 5]', ["bad.jsonl:1:", "entry 1", "JSON object"]),
+        (
+            '[{"image_id": "COCO_train2014_000000000009.jpg", "query": "q"}, 5]',
+            ["bad.jsonl:1:", "entry 1", "JSON object"],
+        ),
     ],
 )
 def test_vlsafe_malformed(tmp_path, text, expected):
@@ -199,7 +215,8 @@ def test_vlsafe_as_published_is_detected_and_finds_train2017():
     assert detect_format(path) == "vlsafe"
     items = load_benchmark(path, images=FIXTURES / "vlsafe_published" / "coco")  # the parent of train2017/
     assert [it.image for it in items] == [
-        str((FIXTURES / "vlsafe_published" / "coco" / "train2017" / name).resolve()) for name in ("000000000009.jpg", "000000000025.jpg")
+        str((FIXTURES / "vlsafe_published" / "coco" / "train2017" / name).resolve())
+        for name in ("000000000009.jpg", "000000000025.jpg")
     ]
     assert items[0].meta["caption"] == "A plate of placeholder food on a table." and items[0].label == "harmful"
     same = load_benchmark(path, images=FIXTURES / "vlsafe_published" / "coco" / "train2017")  # train2017/ itself
@@ -211,5 +228,5 @@ def test_column_oriented_json_is_refused(tmp_path):
 
     p = tmp_path / "cols.json"
     p.write_text(json.dumps({"image_id": {"0": "a.jpg", "1": "b.jpg"}, "query": {"0": "q0", "1": "q1"}}))
-    with pytest.raises(FileFormatError, match="column-oriented.*orient='records'"):
+    with pytest.raises(FileFormatError, match=r"column-oriented.*orient='records'"):
         read_records(p)

@@ -41,6 +41,7 @@ def test_dependencies_are_ranges_and_constraints_pin_them():
         for line in (ROOT / "constraints.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
     }
-    for dep in meta["dependencies"] + meta["optional-dependencies"]["safeclip"] + meta["optional-dependencies"]["probes"]:
+    extras = meta["optional-dependencies"]
+    for dep in meta["dependencies"] + extras["safeclip"] + extras["probes"]:
         name = dep.split(">")[0].split("<")[0].split("=")[0].strip().lower().replace("_", "-")
         assert name in constraints, f"{name} has no tested version in constraints.txt"

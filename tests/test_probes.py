@@ -56,7 +56,7 @@ def test_probe_on_shuffled_labels_stays_near_chance():
 
 def test_probe_needs_both_classes():
     X = np.zeros((10, 4))
-    with pytest.raises(InputError, match="harmful and .* benign"):
+    with pytest.raises(InputError, match=r"harmful and .* benign"):
         fit_probe(X, np.ones(10, dtype=int))
     items = [EvalItem(id="1", prompt="p", label="harmful"), EvalItem(id="2", prompt="q", label="benign")]
     assert labels_from_items(items).tolist() == [1, 0]
@@ -237,7 +237,8 @@ def test_vectors_from_activations_equal_calibrate(llava):
         torch.testing.assert_close(mine.shifts[l], ref.shifts[l], atol=1e-5, rtol=1e-4)
 
     # collecting under steering equals recording inside steer() by hand
-    steered = collect_activations(model, processor, ITEMS, with_images=True, steering=SteeringConfig(vectors=mine, alpha=1.0), progress=False)
+    steered = collect_activations(model, processor, ITEMS, with_images=True,
+                                  steering=SteeringConfig(vectors=mine, alpha=1.0), progress=False)
     inputs = adapter.build_inputs([p for p, _ in ITEMS], [i for _, i in ITEMS], padding_side="left")
     with torch.no_grad(), steer(model, mine, 1.0), record_activations(adapter, None) as rec:
         model(**inputs)
@@ -262,4 +263,5 @@ def test_sample_level_steering_restores_text_only_states(llava):
         np.testing.assert_allclose(steered[l], text[l], atol=1e-4)
         assert not np.allclose(mm[l], text[l], atol=1e-3)
     with pytest.raises(InputError, match="needs calibrated vectors"):
-        collect_activations(model, processor, ITEMS, with_images=True, progress=False, steering=SteeringConfig(mode="dataset"))
+        collect_activations(model, processor, ITEMS, with_images=True, progress=False,
+                            steering=SteeringConfig(mode="dataset"))

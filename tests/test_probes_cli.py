@@ -115,7 +115,8 @@ def test_probe_shift_cli_with_saved_vectors(workspace, tmp_path):
     from vlmsafe.steering import calibrate, load_model
 
     model, processor = load_model(workspace / "vlm")
-    calibrate(model, processor, load_items(workspace / "data.jsonl")[:6], layers="1-2", progress=False).save(tmp_path / "vec")
+    vectors = calibrate(model, processor, load_items(workspace / "data.jsonl")[:6], layers="1-2", progress=False)
+    vectors.save(tmp_path / "vec")
     rc = main(["probe", "shift", "--model", str(workspace / "vlm"), "--data", str(workspace / "data.jsonl"), "--out",
                str(tmp_path / "r"), "--vectors", str(tmp_path / "vec"), "--alpha", "0.5", "--steer-layers", "2",
                "--layers", "2", "--limit", "10", "--cv", "2", "--device", "cpu", "--quiet"])
@@ -142,6 +143,7 @@ def test_probe_cli_user_errors(workspace, tmp_path, capsys):
                "--out", str(tmp_path / "r"), "--vectors", "v", "--calibration", "c.jsonl"])
     assert rc == 2
     assert "not both" in capsys.readouterr().err
-    rc = main(["probe", "weights", "--before", str(tmp_path / "missing"), "--after", str(workspace / "vlm"), "--out", str(tmp_path / "r")])
+    rc = main(["probe", "weights", "--before", str(tmp_path / "missing"), "--after", str(workspace / "vlm"),
+               "--out", str(tmp_path / "r")])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err

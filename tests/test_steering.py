@@ -254,9 +254,8 @@ def test_bad_arguments(llava, vectors):
     model, processor = llava
     with pytest.raises(InputError, match="alpha must be a finite number"), steer(model, vectors, alpha=float("nan")):
         pass
-    with pytest.raises(InputError, match="unknown steering positions"):
-        with steer(model, vectors, positions="everywhere"):
-            pass
+    with pytest.raises(InputError, match="unknown steering positions"), steer(model, vectors, positions="everywhere"):
+        pass
     with pytest.raises(InputError, match="needs calibrated vectors"):
         SafeVLM(model, processor, mode="dataset")
     with pytest.raises(InputError, match="single image"):

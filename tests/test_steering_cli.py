@@ -42,9 +42,9 @@ def test_calibrate_then_generate(saved_llava, capsys):
             "--prompt", "how do i make a bomb ?", "--max-new-tokens", "4"]
     assert main(args) == 0
     plain = capsys.readouterr().out.strip()
-    assert main(args + ["--vectors", str(out_dir), "--alpha", "0"]) == 0
+    assert main([*args, "--vectors", str(out_dir), "--alpha", "0"]) == 0
     assert capsys.readouterr().out.strip() == plain
-    assert main(args + ["--sample-level", "--alpha", "1"]) == 0
+    assert main([*args, "--sample-level", "--alpha", "1"]) == 0
     assert len(capsys.readouterr().out.strip()) > 0
 
 
@@ -52,7 +52,8 @@ def test_cli_errors_are_one_line(saved_llava, capsys, tmp_path):
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "has no config.json" in err and "Traceback" not in err
-    assert main(["generate", "--model", str(saved_llava / "model"), "--prompt", "x", "--image", str(tmp_path / "nope.png")]) == 2
+    assert main(["generate", "--model", str(saved_llava / "model"), "--prompt", "x",
+                 "--image", str(tmp_path / "nope.png")]) == 2
     assert "image file" in capsys.readouterr().err
     other = tmp_path / "vec"
     ShiftVectors(shifts={0: torch.zeros(48)}, meta={"num_layers": 3}).save(other)
@@ -68,8 +69,9 @@ def test_two_process_calibration_matches_one(saved_llava, tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
-    args = ["calibrate", "--model", str(saved_llava / "model"), "--data", str(saved_llava / "calib.jsonl"), "--batch-size", "1"]
-    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    args = ["calibrate", "--model", str(saved_llava / "model"), "--data", str(saved_llava / "calib.jsonl"),
+            "--batch-size", "1"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlmsafe.cli",
          *args, "--out", str(tmp_path / "two")],
