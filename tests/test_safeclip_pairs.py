@@ -162,7 +162,7 @@ def test_captions_and_templates_are_checked(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"caption": "a dog"}\n{"text": "x"}\n')
     with pytest.raises(FileFormatError, match=r"bad\.jsonl:2: expected a non-empty 'safe' or 'caption'"):
         load_captions(tmp_path / "bad.jsonl")
-    with pytest.raises(InputError, match="placeholder other than"):
+    with pytest.raises(InputError, match="field other than"):
         check_template("Safe: {safe} {extra}")
     with pytest.raises(InputError, match="temperature must be in > 0"):
         generate_unsafe(None, None, ["a dog"], do_sample=True, temperature=0.0)

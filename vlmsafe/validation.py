@@ -177,6 +177,25 @@ def layer_spec_arg(text: str) -> str:
     return text
 
 
+def check_template(template: object, name: str, field: str, *, required: bool = True) -> str:
+    """A ``str.format`` template whose only field is ``{field}`` (present unless ``required=False``).
+
+    Checked by formatting it once, so a stray ``{`` or another field name is caught when the
+    template is given, not on the first item of a long run.
+    """
+    if not isinstance(template, str) or not template.strip():
+        raise InputError(f"{name} must be a non-empty string, got {template!r}")
+    try:
+        template.format(**{field: "x"})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InputError(
+            f"{name} {template!r} has a field other than {{{field}}} ({exc}); write literal braces as {{{{ and }}}}"
+        ) from None
+    if required and "{" + field + "}" not in template:
+        raise InputError(f"{name} {template!r} has no {{{field}}}; put {{{field}}} where the {field} text goes")
+    return template
+
+
 def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
     """Raise :class:`InputError` unless ``value`` is one of ``choices``."""
     if value not in choices:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from vlmsafe import validation
 from vlmsafe.data import read_records
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.safeclip.options import check_options, float_option, int_option, other_option, switch_option
@@ -78,16 +79,7 @@ class PairConverterConfig:
 
 def check_template(template: str) -> str:
     """``template`` if it holds the ``{safe}`` placeholder (and nothing else ``str.format`` would fill)."""
-    try:
-        template.format(safe="x")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise InputError(
-            f"prompt template {template!r} has a placeholder other than {{safe}} ({exc}); "
-            "write literal braces as {{ and }}"
-        ) from None
-    if "{safe}" not in template:
-        raise InputError(f"prompt template {template!r} has no {{safe}}; put {{safe}} where the safe caption goes")
-    return template
+    return validation.check_template(template, "prompt template", "safe")
 
 
 @dataclass

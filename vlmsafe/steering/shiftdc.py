@@ -46,7 +46,7 @@ from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.steering.cmrm import prompt_states
 from vlmsafe.steering.directions import CAPTION_PROMPT, CAPTION_TOKENS, SafetyDirections, projection
 from vlmsafe.steering.vectors import calibration_meta
-from vlmsafe.validation import check_int
+from vlmsafe.validation import check_int, check_template
 
 #: The reference code's text-only counterpart (``ANSWER_Q_BASED_ON_CAPTION``).
 COUNTERPART_TEMPLATE = "{prompt} Image Caption: {caption}"
@@ -57,16 +57,7 @@ DEFAULT_LAYERS = "middle-to-last"
 
 def check_caption_prompt(instruction: Any) -> str:
     """A caption instruction: a non-empty string whose only field, if any, is ``{prompt}``."""
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise InputError(f"caption prompt must be a non-empty string, got {instruction!r}")
-    try:
-        instruction.format(prompt="x")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise InputError(
-            f"caption prompt {instruction!r} has a field other than {{prompt}} ({exc}); "
-            "write literal braces as {{ and }}"
-        ) from None
-    return instruction
+    return check_template(instruction, "caption prompt", "prompt", required=False)
 
 
 def counterpart_prompt(prompt: str, caption: str) -> str:
