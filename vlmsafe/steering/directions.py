@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError
-from vlmsafe.io import atomic_path, parse_json, sha256_file
-from vlmsafe.steering.vectors import check_fits
+from vlmsafe.io import atomic_path, parse_json
+from vlmsafe.steering.vectors import check_fits, read_layer_tables, write_layer_tables
 
 #: The reference code's caption instruction (``CAPTION_BASED_ON_Q``): the caption is written for the request.
 CAPTION_PROMPT = "Based on the given Request, describe the image. Request: {prompt}"
@@ -117,33 +115,16 @@ class SafetyDirections:
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write ``directions.safetensors``, ``directions.json`` and ``captions.jsonl`` to ``directory`` atomically."""
-        tensors: dict[str, torch.Tensor] = {}
-        for prefix, table in (
-            ("direction", self.directions),
-            ("benign_mean", self.benign_means),
-            ("harmful_mean", self.harmful_means),
-        ):
-            for layer, vec in table.items():
-                tensors[f"{prefix}.{layer}"] = vec.detach().to("cpu", torch.float32).contiguous()
         dest = Path(directory)
+        meta = {**self.meta, "format_version": FORMAT_VERSION, "hidden_size": self.hidden_size, "layers": self.layers}
+        tables = {"direction": self.directions, "benign_mean": self.benign_means, "harmful_mean": self.harmful_means}
         with atomic_path(dest, overwrite=overwrite) as tmp:
             tmp.mkdir(parents=True)
-            save_file(
-                tensors,
-                str(tmp / TENSOR_FILE),
-                metadata={"format": "vlmsafe.safety_directions", "version": str(FORMAT_VERSION)},
-            )
+            write_layer_tables(tmp, tables, meta, tensor_file=TENSOR_FILE, meta_file=META_FILE,
+                               fmt="vlmsafe.safety_directions")
             (tmp / CAPTIONS_FILE).write_text(
                 "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in self.captions), encoding="utf-8"
             )
-            meta = {
-                **self.meta,
-                "format_version": FORMAT_VERSION,
-                "hidden_size": self.hidden_size,
-                "layers": self.layers,
-                "tensor_sha256": sha256_file(tmp / TENSOR_FILE),
-            }
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return dest
 
     @classmethod
@@ -151,33 +132,11 @@ class SafetyDirections:
         """Read directions saved by :meth:`save` (checksum verified; nothing unpickled); validate against ``model``."""
         root = Path(directory)
         fix = "re-create them with `vlmsafe calibrate --method shiftdc`"
-        for path in (root / TENSOR_FILE, root / META_FILE):
-            if not path.is_file():
-                raise FileFormatError(
-                    f"{path} not found: a ShiftDC directions folder holds {TENSOR_FILE} and {META_FILE}; {fix}"
-                )
-        meta = parse_json(
-            (root / META_FILE).read_text(encoding="utf-8", errors="replace"), where=str(root / META_FILE), fix=fix
-        )
-        if not isinstance(meta, dict) or meta.get("method") != "shiftdc":
-            method = meta.get("method") if isinstance(meta, dict) else None
+        meta, tables = read_layer_tables(root, ("direction", "benign_mean", "harmful_mean"), tensor_file=TENSOR_FILE,
+                                         meta_file=META_FILE, what="a ShiftDC directions folder", fix=fix)
+        if meta.get("method") != "shiftdc":
+            method = meta.get("method")
             raise FileFormatError(f"{root / META_FILE}: not ShiftDC safety directions (method {method!r}); {fix}")
-        if meta.get("tensor_sha256") and sha256_file(root / TENSOR_FILE) != meta["tensor_sha256"]:
-            raise FileFormatError(
-                f"{root / TENSOR_FILE} is corrupted or truncated (sha256 differs from {META_FILE}); {fix}"
-            )
-        try:
-            raw = load_file(str(root / TENSOR_FILE))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise FileFormatError(f"{root / TENSOR_FILE} is not a readable safetensors file ({exc}); {fix}") from None
-        tables: dict[str, dict[int, torch.Tensor]] = {"direction": {}, "benign_mean": {}, "harmful_mean": {}}
-        for key, value in raw.items():
-            prefix, _, layer = key.rpartition(".")
-            if prefix not in tables or not layer.isdigit():
-                raise FileFormatError(f"{root / TENSOR_FILE}: unexpected tensor {key!r}; {fix}")
-            tables[prefix][int(layer)] = value
-        if not tables["direction"]:
-            raise FileFormatError(f"{root / TENSOR_FILE} holds no direction.<layer> tensors; {fix}")
         captions = []
         if (root / CAPTIONS_FILE).is_file():
             captions = [

@@ -35,6 +35,63 @@ META_FILE = "vectors.json"
 FORMAT_VERSION = 1
 
 
+def write_layer_tables(
+    folder: Path,
+    tables: Mapping[str, Mapping[int, torch.Tensor]],
+    meta: Mapping[str, Any],
+    *,
+    tensor_file: str,
+    meta_file: str,
+    fmt: str,
+) -> None:
+    """Write ``{prefix.layer: tensor}`` as float32 safetensors and ``meta`` (+ the tensor file's sha256) as JSON.
+
+    The one on-disk format of per-layer artifacts (shift vectors, ShiftDC directions): tensors only,
+    nothing pickled, with a checksum so a truncated copy is refused on load.
+    """
+    tensors = {f"{prefix}.{layer}": vec.detach().to("cpu", torch.float32).contiguous()
+               for prefix, table in tables.items() for layer, vec in table.items()}
+    save_file(tensors, str(folder / tensor_file), metadata={"format": fmt, "version": str(FORMAT_VERSION)})
+    meta = {**meta, "tensor_sha256": sha256_file(folder / tensor_file)}
+    (folder / meta_file).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_layer_tables(
+    root: Path, prefixes: tuple[str, ...], *, tensor_file: str, meta_file: str, what: str, fix: str
+) -> tuple[dict[str, Any], dict[str, dict[int, torch.Tensor]]]:
+    """``(meta, {prefix: {layer: tensor}})`` written by :func:`write_layer_tables`, checked on the way.
+
+    Refused with a :class:`FileFormatError` naming the file and ``fix``: a missing file, meta that is not
+    a JSON object, a tensor file whose sha256 differs from the recorded one (corrupted or truncated), an
+    unreadable safetensors file, an unknown tensor name, or no ``<prefixes[0]>.<layer>`` tensor at all.
+    """
+    tensor_path, meta_path = root / tensor_file, root / meta_file
+    for path in (tensor_path, meta_path):
+        if not path.is_file():
+            raise FileFormatError(f"{path} not found: {what} holds {tensor_file} and {meta_file}; {fix}")
+    meta = parse_json(meta_path.read_text(encoding="utf-8", errors="replace"), where=str(meta_path), fix=fix)
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"{meta_path}: expected a JSON object; {fix}")
+    expected = meta.get("tensor_sha256")
+    if expected and sha256_file(tensor_path) != expected:
+        raise FileFormatError(f"{tensor_path} is corrupted or truncated: its sha256 does not match the one "
+                              f"recorded in {meta_file}; {fix}")
+    try:
+        raw = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FileFormatError(f"{tensor_path} is not a readable safetensors file ({exc}); {fix}") from None
+    tables: dict[str, dict[int, torch.Tensor]] = {prefix: {} for prefix in prefixes}
+    for key, value in raw.items():
+        prefix, _, layer = key.rpartition(".")
+        if prefix not in tables or not layer.isdigit():
+            expected_names = ", ".join(f"{p}.<layer>" for p in prefixes)
+            raise FileFormatError(f"{tensor_path}: unexpected tensor {key!r}; expected {expected_names}; {fix}")
+        tables[prefix][int(layer)] = value
+    if not tables[prefixes[0]]:
+        raise FileFormatError(f"{tensor_path} holds no {prefixes[0]}.<layer> tensors; {fix}")
+    return meta, tables
+
+
 @dataclass
 class ShiftVectors:
     """Per-layer representation shift (multimodal minus text-only) for one model.
@@ -149,67 +206,29 @@ class ShiftVectors:
 
         An existing non-empty ``directory`` is replaced only with ``overwrite=True``.
         """
-        tensors: dict[str, torch.Tensor] = {}
-        for prefix, table in (("shift", self.shifts), ("mm_mean", self.mm_means), ("text_mean", self.text_means)):
-            for layer, vec in table.items():
-                tensors[f"{prefix}.{layer}"] = vec.detach().to("cpu", torch.float32).contiguous()
         dest = Path(directory)
+        meta = {
+            **self.meta,
+            "format_version": FORMAT_VERSION,
+            "vlmsafe_version": self.meta.get("vlmsafe_version", __version__),
+            "hidden_size": self.hidden_size,
+            "layers": self.layers,
+            "stats": {str(l): s for l, s in self.stats.items()},
+        }
         with atomic_path(dest, overwrite=overwrite) as tmp:
             tmp.mkdir(parents=True)
-            save_file(tensors, str(tmp / TENSOR_FILE),
-                      metadata={"format": "vlmsafe.shift_vectors", "version": str(FORMAT_VERSION)})
-            meta = {
-                **self.meta,
-                "format_version": FORMAT_VERSION,
-                "vlmsafe_version": self.meta.get("vlmsafe_version", __version__),
-                "hidden_size": self.hidden_size,
-                "layers": self.layers,
-                "stats": {str(l): s for l, s in self.stats.items()},
-                "tensor_sha256": sha256_file(tmp / TENSOR_FILE),
-            }
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            write_layer_tables(tmp, {"shift": self.shifts, "mm_mean": self.mm_means, "text_mean": self.text_means},
+                               meta, tensor_file=TENSOR_FILE, meta_file=META_FILE, fmt="vlmsafe.shift_vectors")
         return dest
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], model: Any | None = None) -> ShiftVectors:
         """Read vectors saved by :meth:`save`; validate against ``model`` if given."""
-        root = Path(directory)
-        tensor_path, meta_path = root / TENSOR_FILE, root / META_FILE
-        for path in (tensor_path, meta_path):
-            if not path.is_file():
-                raise FileFormatError(
-                    f"{path} not found: a vectors directory holds {TENSOR_FILE} and {META_FILE} "
-                    "(as written by `vlmsafe calibrate --out DIR` or ShiftVectors.save)"
-                )
-        meta = parse_json(meta_path.read_text(encoding="utf-8", errors="replace"), where=str(meta_path),
-                          fix="re-create the vectors with `vlmsafe calibrate`")
-        if not isinstance(meta, dict):
-            raise FileFormatError(
-                f"{meta_path}: expected a JSON object; re-create the vectors with `vlmsafe calibrate`"
-            )
-        expected = meta.get("tensor_sha256")
-        if expected and sha256_file(tensor_path) != expected:
-            raise FileFormatError(
-                f"{tensor_path} is corrupted or truncated: its sha256 does not match the one recorded in "
-                f"{META_FILE}. Re-create the vectors with `vlmsafe calibrate`"
-            )
-        try:
-            raw = load_file(str(tensor_path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise FileFormatError(
-                f"{tensor_path} is not a readable safetensors file ({exc}); re-create it with `vlmsafe calibrate`"
-            ) from None
-        tables: dict[str, dict[int, torch.Tensor]] = {"shift": {}, "mm_mean": {}, "text_mean": {}}
-        for key, value in raw.items():
-            prefix, _, layer = key.rpartition(".")
-            if prefix not in tables or not layer.isdigit():
-                raise FileFormatError(
-                    f"{tensor_path}: unexpected tensor {key!r}; "
-                    "expected shift.<layer>, mm_mean.<layer>, text_mean.<layer>"
-                )
-            tables[prefix][int(layer)] = value
-        if not tables["shift"]:
-            raise FileFormatError(f"{tensor_path} holds no shift.<layer> tensors")
+        meta, tables = read_layer_tables(
+            Path(directory), ("shift", "mm_mean", "text_mean"), tensor_file=TENSOR_FILE, meta_file=META_FILE,
+            what="a vectors directory (written by `vlmsafe calibrate --out DIR` or ShiftVectors.save)",
+            fix="re-create the vectors with `vlmsafe calibrate`",
+        )
         stats = {int(l): s for l, s in meta.pop("stats", {}).items()}
         vectors = cls(shifts=tables["shift"], mm_means=tables["mm_mean"], text_means=tables["text_mean"], stats=stats,
                       meta=meta)
