@@ -127,6 +127,15 @@ def _token_ids(tok) -> dict:
     return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
 
 
+#: Processor settings the tiny LLaVA and LLaVA-NeXT share (CLIP patch 8 at 32 px, CLS token dropped).
+_LLAVA_PROCESSOR_KWARGS = dict(
+    patch_size=8,
+    vision_feature_select_strategy="default",
+    num_additional_image_tokens=1,
+    chat_template=LLAVA_CHAT_TEMPLATE,
+)
+
+
 def tiny_llava(seed: int = 0, num_layers: int = 3, *, tokenizer: str = "word"):
     """A random ``LlavaForConditionalGeneration`` (llava-1.5 layout) + ``LlavaProcessor``.
 
@@ -147,10 +156,7 @@ def tiny_llava(seed: int = 0, num_layers: int = 3, *, tokenizer: str = "word"):
         processor = LlavaProcessor(
             image_processor=image_processor,
             tokenizer=tok,
-            patch_size=8,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA_CHAT_TEMPLATE,
+            **_LLAVA_PROCESSOR_KWARGS,
         )
     config = LlavaConfig(
         text_config=tiny_text_config(len(tok), num_hidden_layers=num_layers, **_token_ids(tok)),
@@ -194,10 +200,7 @@ def tiny_llava_next(seed: int = 0, *, tokenizer: str = "word"):
         processor = LlavaNextProcessor(
             image_processor=image_processor,
             tokenizer=tok,
-            patch_size=8,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA_CHAT_TEMPLATE,
+            **_LLAVA_PROCESSOR_KWARGS,
         )
     config = LlavaNextConfig(
         text_config=tiny_text_config(len(tok), **_token_ids(tok)),
