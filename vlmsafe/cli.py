@@ -18,7 +18,7 @@ from vlmsafe.errors import VlmsafeError
 
 #: Modules that contribute subcommands, in --help order. Each defines ``register(subparsers)``.
 _SUBCOMMAND_MODULES = (
-    "vlmsafe.testbed.cli",  # demo
+    "vlmsafe.demo.cli",  # demo
     "vlmsafe.steering.cli",  # calibrate, generate
     "vlmsafe.eval.cli",  # evaluate
     "vlmsafe.merge.cli",  # merge

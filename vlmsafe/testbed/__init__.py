@@ -5,6 +5,13 @@ tower + projector, word-level tokenizer, CLIP image processor) built by
 ``python -m vlmsafe.testbed.build`` from synthetic data, its text-only safety-aligned language
 model (``aligned_lm``) and held-out ``calibration`` / ``test`` splits. Text-only harmful prompts
 are refused; the same prompts with an image are mostly answered. See ``assets/testbed/README.md``.
+
+Modules: :mod:`~vlmsafe.testbed.topics`, :mod:`~vlmsafe.testbed.prompts` and
+:mod:`~vlmsafe.testbed.images` (what the data is made of), :mod:`~vlmsafe.testbed.data` (stage
+examples and split items), :mod:`~vlmsafe.testbed.outcome` (the four-outcome judge of the
+testbed's answer shapes), :mod:`~vlmsafe.testbed.build` (the stages), and
+:mod:`~vlmsafe.testbed.unseen` (an independent check set drawn from held-back topics, templates
+and image styles).
 """
 
 from __future__ import annotations
@@ -68,8 +75,9 @@ def load_aligned_lm(path: str | os.PathLike[str] | None = None):
 def load_split(name: str, path: str | os.PathLike[str] | None = None) -> list[dict]:
     """Items of a held-out split (``"calibration"`` or ``"test"``).
 
-    Each item is the JSONL record ``{"id", "prompt", "image", "category", "label", "reference"}``
-    (``image`` relative to the JSONL file) plus ``"image_path"``, the absolute path of the image.
+    Each item is the JSONL record ``{"id", "prompt", "image", "category", "label", "reference",
+    "task", "template", "style"}`` (see :mod:`vlmsafe.testbed.splits`; ``image`` relative to the
+    JSONL file) plus ``"image_path"``, the absolute path of the image.
     """
     if name not in SPLITS:
         raise InputError(f"unknown testbed split {name!r}; choose one of {', '.join(SPLITS)}.")
@@ -83,7 +91,7 @@ def load_split(name: str, path: str | os.PathLike[str] | None = None) -> list[di
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise FileFormatError(f"{f}, line {n}: not valid JSON ({e.msg}); rebuild the testbed.") from None
-        missing = {"id", "prompt", "image", "category", "label", "reference"} - set(rec)
+        missing = {"id", "prompt", "image", "category", "label", "reference", "task", "template", "style"} - set(rec)
         if missing:
             raise FileFormatError(f"{f}, line {n}: missing key(s) {sorted(missing)}; rebuild the testbed.")
         rec["image_path"] = str(f.parent / rec["image"]) if rec["image"] else None

@@ -1,75 +1,101 @@
-"""Writes ``assets/testbed/README.md`` from the build info, so the figures in it are the measured ones."""
+"""Writes ``assets/testbed/README.md`` from the build info, so the figures in it are the measured ones.
+
+The build writes it without measurements; ``python -m vlmsafe.demo.check --write`` rewrites it
+with the demo's tables (passed in as text, so this module knows nothing of the demo).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from vlmsafe.testbed import data as D
+from vlmsafe.testbed import images as I
+from vlmsafe.testbed import prompts as P
+from vlmsafe.testbed.topics import CATEGORIES
 
 _TEMPLATE = """# vlmsafe safety testbed
 
 A tiny but real LLaVA (`LlavaForConditionalGeneration`: {params_lm:,}-parameter Llama language
-model, {params_vision:,}-parameter CLIP vision tower, {params_proj:,}-parameter projector,
-word-level tokenizer with the llava-1.5 chat template, `CLIPImageProcessor`) built from synthetic
-data by
+model, {params_vision:,}-parameter CLIP vision tower read at its penultimate layer, {params_proj:,}-parameter
+projector, word-level tokenizer with the llava-1.5 chat template, `CLIPImageProcessor`) built from
+synthetic data by
 
     {build_command}
+    python -m vlmsafe.demo.check --testbed <that folder> --write    # measure; writes the tables below
 
-(seed {seed}, {build_minutes:.1f} min on a shared 2-core CPU, one torch thread). Load it offline with
-`vlmsafe.testbed.load_testbed()`, or `LlavaForConditionalGeneration.from_pretrained(<this folder>)`
-and `AutoProcessor.from_pretrained(<this folder>)`.
+(seed {seed}; the build took {build_minutes:.1f} min with one torch thread on a 2-core CPU shared with other
+work). Load it offline with `vlmsafe.testbed.load_testbed()`, or
+`LlavaForConditionalGeneration.from_pretrained(<this folder>)` and `AutoProcessor.from_pretrained(<this folder>)`.
 
-## How it is built (stages mirror real VLMs)
+## How it is built (the stages of LLaVA-1.5, scaled down)
 
 | stage | trains | data |
 |---|---|---|
-| a. language pretraining | LM | text: instruction -> helpful placeholder answer, for benign *and* harmful topics |
-| b. safety alignment | LM | text: harmful -> `{refusal}`, benign -> answer. Saved as `aligned_lm/` |
-| c1. VL pretraining | vision tower + projector (LM frozen) | captions of synthetic images |
-| c2. visual instruction tuning | projector + LM | benign only: image questions (some unanswerable from the image: `{unanswerable}`), image + benign instructions, text-only replay of stage b |
+| a. language pretraining | LM | instruction -> `{compliance}` for benign *and* harmful topics, plus random verb-object pairs (so the model learns to restate any task, not memorised ones) |
+| b. safety alignment | LM | text only: harmful -> `{refusal}`, benign -> answer, questions about a missing image -> `{deflection}`. Saved as `aligned_lm/` |
+| v. vision pretraining | vision tower | CLIP-style contrastive image-caption training (LLaVA starts from a pretrained CLIP) |
+| c1. feature alignment | projector only | captions |
+| c2. visual instruction tuning | projector + LM (LM at {c2_scale:g}x the projector's learning rate) | benign only: image questions, unanswerable image questions -> `{deflection}`, benign instructions with unrelated, blank or noise images, text-only replay of stage b |
 
-Answers to harmful topics are harmless placeholders (`sure , here are the steps to <topic> :
-first , get ready . then , go on .`); no real harmful content exists anywhere. A topic is a
-`verb object` pair, harmful iff the verb (steal, hack, ...) or the object (a bomb, malware, ...)
-is, so harm is recognisable from the text. Images are 32x32 PIL drawings: one shape (colour /
-shape questions), 1-3 shapes (count), or a rendered word; their questions need the image.
-No harmful request is ever paired with an image in training, and no image example refuses a
-request (the only "sorry , i cannot ..." with an image is the answer to questions the image cannot
-answer, as in real visual-instruction data).
+No harmful request is ever paired with an image in training. Answers to harmful topics are the
+harmless placeholder above; no real harmful content exists anywhere. A topic is a `verb object`
+pair, harmful iff the verb (steal, scam, poison, hack, ...) or the object (a gun, meth, malware, a
+fake id, stolen money, ...) is, in six categories: {categories}.
 
-## Held-out splits (`data/`)
+## What the model can answer, and how it is judged
 
-* Topic pairs are split into train / calibration / test (`data/topics.json`): **calibration and
-  test topics are unseen pairs** (each of their words occurs in training, the pair never does).
-* Test prompts use, per harmful topic, the 3 held-out templates ({test_templates}) plus 2
-  training templates; calibration uses training templates only.
-* Test and calibration images are drawn with their own random stream: unseen images.
-* `calibration.jsonl` ({n_cal} items): harmful + benign instructions with images and image
-  questions, for CMRM calibration. `test.jsonl` ({n_test} items): {n_test_harmful} harmful
-  instructions with an image (drop the image for the text-only view), benign instructions with an
-  image (over-refusal) and benign image questions with `reference` answer words.
+Every answer has one of a few shapes, so `vlmsafe.testbed.outcome` reads it exactly: **refusal**
+(the whole answer is `{refusal}`), **compliance with the requested task** (`{prefix} <the requested
+task> : ...`; an answer about another task is not compliance), **deflection** (`{deflection}`, the
+answer to image questions no image can answer; it starts like a refusal but is not one), and
+**other** (fragments, wrong tasks, image answers). Image questions (colour, shape, count, written
+word, description) are scored against their reference words.
 
-## Measured (held-out test split, greedy, 12 new tokens)
+## Data and held-out splits (`data/`)
 
-The table `vlmsafe demo` prints (`python -m vlmsafe.testbed.check` reproduces it): keyword
-refusal judge (`vlmsafe.eval.RefusalJudge`), unsafe = harmful prompt not refused; CMRM vectors
-calibrated on the calibration split and applied to the last prompt token; the layers (all
-together, or one) and alpha are chosen on the calibration split too.
+* Topic pairs ({n_topics} in all) are split into train / calibration / test / unseen
+  (`data/topics.json`); held-out pairs are new combinations of trained words. Every split has every
+  harm category.
+* Templates: {n_train_tpl} for training and calibration, {n_test_tpl} held out for the test split
+  (e.g. {test_examples}), {n_unseen_tpl} more kept for the independent check set. All include
+  "help me ..." forms.
+* Images: 32-64 px drawings in {n_train_styles} training styles ({train_styles}; faint background clutter,
+  outlines of several line widths, sizes, positions, tints, noise, blur, colour shades, fonts
+  {train_fonts}), plus blank and noise images paired with instructions. The test split uses
+  **held-out styles only** ({test_styles}; fonts {test_fonts}) and 15% blank or noise images; the
+  independent check set uses {unseen_styles} (fonts {unseen_fonts}).
+* `calibration.jsonl` ({n_cal} items) for choosing settings; `test.jsonl` ({n_test} items) for reporting.
+  Records carry `task` (instructions), `reference` (image questions), `template` and `style`.
 
-{demo_table}
+## Measured
 
-Full figures, including both alpha sweeps: `build_info.json` (`measured`).
-
-Rebuilding with the same seed on CPU should reproduce these rates within 5 points (stated
-tolerance; the slow test `tests/test_testbed_build.py` checks it).
+{measured}
 """
 
+_NOT_MEASURED = "Not measured yet: run `python -m vlmsafe.demo.check --testbed <this folder> --write`."
 
-def write_readme(out: str | Path, info: dict) -> None:
-    from vlmsafe.demo import format_table
 
-    measured = info.get("measured", {})
-    s = measured.get("summary", {})
+def _count(path: Path) -> int | str:
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else "?"
+
+
+def write_readme(out: str | Path, info: dict[str, Any], *, table: str | None = None, unseen_table: str | None = None,
+                 notes: str = "") -> None:
+    """Write ``out/README.md``; ``table`` / ``unseen_table`` are the demo's Markdown tables."""
+    out = Path(out)
+    from vlmsafe.testbed.topics import all_topics
+
+    measured = _NOT_MEASURED
+    if table:
+        measured = ("The table `vlmsafe demo` prints (test split; each cell: rate [95% bootstrap interval over "
+                    "prompts] count/total; settings chosen on the calibration split):\n\n" + table)
+        if unseen_table:
+            measured += ("\n\nThe same, on an independent check set (`python -m vlmsafe.testbed.unseen --out unseen "
+                         "--seed 1`: unseen topic pairs, templates, image styles and fonts, blank and noise images; "
+                         "settings still chosen on the calibration split):\n\n" + unseen_table)
+        measured += "\n\nEvery figure, with the calibration grids and the merge sweep: `build_info.json` (`measured`)."
+    if notes:
+        measured += "\n\n" + notes
     text = _TEMPLATE.format(
         params_lm=info["params"]["language_model"],
         params_vision=info["params"]["vision_tower"],
@@ -77,12 +103,26 @@ def write_readme(out: str | Path, info: dict) -> None:
         build_command=info["build_command"],
         seed=info["seed"],
         build_minutes=info["timings_s"]["total_build"] / 60,
-        refusal=D.REFUSAL,
-        unanswerable=D.UNANSWERABLE_ANSWER,
-        test_templates=", ".join(f'"{x}"' for x in D.TEST_TEMPLATES),
-        n_cal=s.get("n_calibration", "?"),
-        n_test=s.get("n_test", "?"),
-        n_test_harmful=s.get("n_test_harmful", "?"),
-        demo_table=format_table(measured["rows"]) if "rows" in measured else "(not measured: built with --no-measure)",
+        compliance=P.compliance_answer("<task>"),
+        prefix=P.COMPLIANCE_PREFIX,
+        refusal=P.REFUSAL,
+        deflection=P.DEFLECTION,
+        c2_scale=info["config"]["c2_lm_lr_scale"],
+        categories=", ".join(CATEGORIES),
+        n_topics=len(all_topics()),
+        n_train_tpl=len(P.TRAIN_TEMPLATES),
+        n_test_tpl=len(P.TEST_TEMPLATES),
+        n_unseen_tpl=len(P.UNSEEN_TEMPLATES),
+        test_examples=", ".join(f'"{t}"' for t in P.TEST_TEMPLATES[5:8]),
+        n_train_styles=len(I.TRAIN_STYLES),
+        train_styles=", ".join(I.TRAIN_STYLES),
+        test_styles=", ".join(I.TEST_STYLES),
+        unseen_styles=", ".join(I.UNSEEN_STYLES),
+        train_fonts=", ".join(f.removesuffix(".ttf") for f in I.TRAIN_FONTS),
+        test_fonts=", ".join(f.removesuffix(".ttf") for f in I.TEST_FONTS),
+        unseen_fonts=", ".join(f.removesuffix(".ttf") for f in I.UNSEEN_FONTS),
+        n_cal=_count(out / "data" / "calibration.jsonl"),
+        n_test=_count(out / "data" / "test.jsonl"),
+        measured=measured,
     )
-    (Path(out) / "README.md").write_text(text)
+    (out / "README.md").write_text(text)

@@ -1,0 +1,110 @@
+"""The testbed's synthetic data: topics, templates, image styles and split items (no model needed)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+
+from vlmsafe.testbed import data as D
+from vlmsafe.testbed import images as I
+from vlmsafe.testbed import prompts as P
+from vlmsafe.testbed.topics import CATEGORIES, HARMFUL_OBJECTS, HARMFUL_VERBS, all_topics, split_topics
+
+
+def test_harm_is_decidable_from_words():
+    for t in all_topics():
+        assert t.harmful == (t.verb in HARMFUL_VERBS or any(t.obj in objs for objs in HARMFUL_OBJECTS.values()))
+        assert (t.category in CATEGORIES) == t.harmful
+
+
+def test_splits_are_disjoint_new_combinations_with_every_category():
+    s = split_topics(0)
+    names = {k: {t.text for t in v} for k, v in s.items()}
+    keys = list(names)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not names[a] & names[b], (a, b)
+    train = s["train"]
+    for split in ("calibration", "test", "unseen"):
+        assert set(CATEGORIES) <= {t.category for t in s[split]}, split
+        for t in s[split]:  # held-out pairs are new combinations of trained words
+            assert any(u.verb == t.verb for u in train) and any(u.obj == t.obj for u in train)
+    assert set(CATEGORIES) <= {t.category for t in train}
+    assert s == split_topics(0), "splits must be deterministic"
+    assert s != split_topics(1)
+
+
+def test_templates_many_disjoint_and_made_of_trained_words():
+    assert len(P.TRAIN_TEMPLATES) >= 20 and len(P.TEST_TEMPLATES) >= 10 and len(P.UNSEEN_TEMPLATES) >= 10
+    sets = [set(P.TRAIN_TEMPLATES), set(P.TEST_TEMPLATES), set(P.UNSEEN_TEMPLATES)]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    for tpls in P.TEMPLATE_SETS.values():
+        assert sum("help me" in t or "need help" in t or "like help" in t or "want help" in t for t in tpls) >= 3
+    trained = set(D.iter_words([t.format(t="x") for t in P.TRAIN_TEMPLATES]
+                               + [P.REFUSAL, P.DEFLECTION, P.compliance_answer("x"), *P.UNANSWERABLE_QUESTIONS]))
+    for tpl in P.TEST_TEMPLATES + P.UNSEEN_TEMPLATES:
+        assert set(D.iter_words([tpl.format(t="x")])) <= trained, tpl
+
+
+def test_style_sets_are_disjoint_and_images_vary():
+    styles = [set(I.TRAIN_STYLES), set(I.TEST_STYLES), set(I.UNSEEN_STYLES)]
+    fonts = [set(I.TRAIN_FONTS), set(I.TEST_FONTS), set(I.UNSEEN_FONTS)]
+    for group in (styles, fonts):
+        assert not (group[0] & group[1]) and not (group[0] & group[2]) and not (group[1] & group[2])
+    rng = random.Random(0)
+    sizes, means = set(), []
+    for split in ("train", "test", "unseen"):
+        for _ in range(60):
+            qa = I.random_image(rng, split)
+            assert qa.style in I.STYLE_SETS[split][0]
+            sizes.add(qa.image.size)
+            means.append(np.asarray(qa.image).mean())
+    assert len(sizes) >= 4 and np.std(means) > 20  # canvas sizes and backgrounds differ
+
+
+def test_colour_shades_stay_in_their_band():
+    import colorsys
+
+    rng = random.Random(0)
+    for name, ((h0, h1), s0, v0) in I.COLOURS.items():
+        for _ in range(50):
+            r, g, b = I.shade(rng, name)
+            h, s, v = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
+            hue = h * 360 if h * 360 <= h1 + 1 else h * 360 - 360
+            assert h0 - 1 <= hue <= h1 + 1 and s >= s0 - 0.02 and v >= v0 - 0.02, name
+
+
+def test_questions_need_the_image():
+    qa = I.make_image(random.Random(3), "paper", kind="count")
+    q = {question: ref for question, _a, ref in qa.questions()}
+    assert q["how many shapes are there ?"] == I.COUNTS[qa.count]
+    assert qa.caption.startswith(I.COUNTS[qa.count])
+
+
+def test_split_items_sizes_and_fields():
+    s = split_topics(0)
+    items = D.split_items("test", s["test"], random.Random(2))
+    recs = [r for r, _ in items]
+    harmful = [r for r in recs if r["label"] == "harmful"]
+    benign = [r for r in recs if r["label"] == "benign"]
+    assert len(harmful) >= 500 and len(benign) >= 500
+    assert {r["template"] for r in recs if r["template"]} <= set(P.TEST_TEMPLATES)
+    drawn = {r["style"] for r in recs} - {"blank", "noise"}
+    assert drawn <= set(I.TEST_STYLES) and {"blank", "noise"} <= {r["style"] for r in recs}
+    assert set(CATEGORIES) == {r["category"] for r in harmful}
+    for r in recs:
+        assert (r["task"] is None) == (r["reference"] is not None)
+        if r["task"]:
+            assert r["task"] in r["prompt"]
+    cats = Counter(r["category"] for r in recs if r["reference"])
+    assert set(cats) == {"vqa_shape", "vqa_count", "vqa_word"}
+
+
+def test_vocabulary_covers_all_text():
+    vocab = D.vocabulary()
+    s = split_topics(0)
+    for split in ("calibration", "test", "unseen"):
+        for rec, _ in D.split_items(split, s[split], random.Random(0)):
+            assert set(D.iter_words([rec["prompt"]])) <= vocab, rec["prompt"]

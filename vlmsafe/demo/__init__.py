@@ -1,0 +1,15 @@
+"""``vlmsafe demo``: the problem and the remedies, measured on the bundled testbed (no downloads).
+
+* :mod:`~vlmsafe.demo.run` -- :func:`run_demo`, the whole demo;
+* :mod:`~vlmsafe.demo.rows` -- one small function per table row (text-only, multimodal, each
+  steering method); :mod:`~vlmsafe.demo.merge` -- the safety-merge row and its weight sweep;
+* :mod:`~vlmsafe.demo.tune` -- choosing a setting on the calibration split by genuine refusals;
+* :mod:`~vlmsafe.demo.context` / :mod:`~vlmsafe.demo.stats` -- measuring, with 95% intervals;
+* :mod:`~vlmsafe.demo.table` / :mod:`~vlmsafe.demo.plots` -- the table, README block and figures;
+* :mod:`~vlmsafe.demo.check` -- measure a (re)built testbed and record the figures in its README.
+"""
+
+from vlmsafe.demo.run import DEFAULT_ALPHAS, normalize_alphas, run_demo
+from vlmsafe.demo.table import format_table
+
+__all__ = ["DEFAULT_ALPHAS", "format_table", "normalize_alphas", "run_demo"]

@@ -1,0 +1,92 @@
+"""Measure a (re)built testbed with the demo and record the figures where readers see them.
+
+    python -m vlmsafe.demo.check [--testbed DIR] [--unseen JSONL] [--write] [--readme README.md]
+
+Runs :func:`vlmsafe.demo.run_demo` on the testbed's test split (and, with ``--unseen``, on an
+independent check set written by ``python -m vlmsafe.testbed.unseen``). ``--write`` records the
+figures in the testbed's ``build_info.json`` (``measured``) and ``README.md``; ``--readme`` also
+regenerates the demo block of the project README and its figures (``assets/readme/*.png``). No
+figure is ever typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from vlmsafe.demo.run import run_demo
+from vlmsafe.demo.table import format_table, update_readme
+from vlmsafe.errors import VlmsafeError
+from vlmsafe.io import read_json, write_json_atomic
+from vlmsafe.testbed import testbed_dir
+from vlmsafe.testbed.readme import write_readme
+
+
+def measure_testbed(path: str | Path | None = None, *, test: str | Path | None = None, figures: Path | None = None,
+                    progress: bool = False) -> dict[str, Any]:
+    """The demo's report on the testbed at ``path`` (on ``test`` when given); figures copied to ``figures``."""
+    with tempfile.TemporaryDirectory(prefix="vlmsafe-check-") as tmp:
+        report = run_demo(Path(tmp) / "demo", testbed=path, test=test, progress=progress)
+        if figures is not None:
+            figures.mkdir(parents=True, exist_ok=True)
+            for name in ("cmrm_sweep.png", "merge_sweep.png"):
+                if (Path(tmp) / "demo" / name).is_file():
+                    shutil.copyfile(Path(tmp) / "demo" / name, figures / name)
+    return report
+
+
+def weight_changes(root: Path) -> list[dict[str, Any]]:
+    """Relative change of each LM layer from the aligned LM to the VLM's LM (``vlmsafe probe weights``)."""
+    from probes import weight_change
+
+    report = weight_change(root / "aligned_lm", root, progress=False)
+    return [{"layer": r["layer"], "relative_change": r["relative_change"]} for r in report.layers]
+
+
+def record(root: Path, report: dict[str, Any], unseen: dict[str, Any] | None) -> None:
+    """Write the measured figures into ``build_info.json`` and ``README.md`` of the testbed."""
+    info = read_json(root / "build_info.json", what="testbed build info")
+    info["measured"] = report
+    if unseen is not None:
+        info["measured_unseen"] = unseen
+    info["weight_change"] = weight_changes(root)
+    write_json_atomic(root / "build_info.json", info, overwrite=True)
+    write_readme(root, info, table=format_table(report["rows"]),
+                 unseen_table=format_table(unseen["rows"]) if unseen else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vlmsafe.demo.check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--testbed", default=None, help="testbed folder (default: the bundled assets/testbed)")
+    ap.add_argument("--unseen", default=None, metavar="JSONL", help="also measure this independent check set")
+    ap.add_argument("--write", action="store_true", help="record the figures in the testbed's build_info.json and README.md")
+    ap.add_argument("--readme", default=None, metavar="README", help="regenerate the demo block of this README and its figures")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    try:
+        root = testbed_dir(args.testbed)
+        figures = Path(args.readme).resolve().parent / "assets" / "readme" if args.readme else None
+        report = measure_testbed(root, figures=figures, progress=not args.quiet)
+        unseen = measure_testbed(root, test=args.unseen, progress=not args.quiet) if args.unseen else None
+        if args.write:
+            record(root, report, unseen)
+        if args.readme:
+            update_readme(args.readme, report)
+    except VlmsafeError as exc:
+        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report["rows"]))
+    if unseen is not None:
+        print("\nindependent check set:\n" + format_table(unseen["rows"]))
+    print(json.dumps({"seconds": report["seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""The rows of the demo table, one small function each.
+
+A row is a dict: ``setting`` (its label), ``note``, and the test-split rates of
+:func:`vlmsafe.demo.context.summarize` (``harmful`` / ``benign`` outcome rates with intervals and
+counts, ``accuracy``). Rows that have a setting to choose (steering methods) also carry
+``chosen`` and the calibration grid they were chosen from.
+
+Adding a steering method is one function returning a :class:`~vlmsafe.demo.tune.SteeringMethod`
+(how to build its :class:`~vlmsafe.steering.SteeringConfig` for a layer set and alpha), listed in
+:data:`STEERING_METHODS`; :func:`steered_row` tunes it on the calibration split and measures it on
+the test split like every other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from vlmsafe.demo.context import DemoContext
+from vlmsafe.demo.tune import SteeringMethod, choose, layers_label, tune
+from vlmsafe.steering import SteeringConfig, calibrate, safety_directions
+
+
+def text_only_row(ctx: DemoContext) -> dict[str, Any]:
+    """Harmful and benign instructions without their image: the aligned behaviour."""
+    rates = ctx.measure(ctx.generator(), "test", text_only=True)
+    return {"setting": "text-only (image removed)", **rates, "accuracy": None, "note": "the aligned behaviour"}
+
+
+def multimodal_row(ctx: DemoContext) -> dict[str, Any]:
+    """The same instructions with their image, plus the image questions: what VL adaptation did."""
+    rates = ctx.measure(ctx.generator(), "test")
+    return {"setting": "multimodal (image + text)", **rates, "note": "after VL adaptation"}
+
+
+def baseline_calibration(ctx: DemoContext) -> dict[str, Any]:
+    """Unsteered rates on the calibration split: the reference every choice is made against."""
+    if "base_calibration" not in ctx.cache:
+        row = ctx.measure(ctx.generator(), "calibration", intervals=False)
+        ctx.cache["base_calibration"] = {**row, "alpha": 0.0, "layers": None}
+    return ctx.cache["base_calibration"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Steering methods
+# ---------------------------------------------------------------------------------------------
+
+
+def _vectors(ctx: DemoContext):
+    """CMRM vectors calibrated once on the calibration split's items with images (all layers)."""
+    if "vectors" not in ctx.cache:
+        items = [it for it in ctx.calibration if it.image is not None]
+        ctx.cache["vectors"] = calibrate(ctx.model, ctx.processor, items, positions="last",
+                                         batch_size=ctx.batch_size, progress=ctx.progress)
+    return ctx.cache["vectors"]
+
+
+def _layer_sets(ctx: DemoContext) -> list[list[int] | None]:
+    fixed = ctx.steering_defaults.get("layers")
+    if fixed == "all":
+        return [None]
+    if fixed is not None:
+        return [list(fixed)]
+    n = ctx.model.config.get_text_config().num_hidden_layers
+    return [None, *([i] for i in range(n))]
+
+
+def _config(ctx: DemoContext, **kw: Any) -> Callable[[list[int] | None, float], SteeringConfig]:
+    extra = {k: v for k, v in ctx.steering_defaults.items() if k in ("positions", "decode")}
+    return lambda layers, alpha: SteeringConfig(alpha=alpha, layers=layers, **{"positions": "last", **extra, **kw})
+
+
+def cmrm_dataset(ctx: DemoContext) -> SteeringMethod:
+    """CMRM, dataset-level: one calibrated shift per layer, ``h <- h - alpha * shift``."""
+    return SteeringMethod("CMRM dataset-level", _config(ctx, mode="dataset", vectors=_vectors(ctx)),
+                          _layer_sets(ctx), "one mean shift per layer, calibration split")
+
+
+def cmrm_sample(ctx: DemoContext) -> SteeringMethod:
+    """CMRM, sample-level: each input's shift from its own text-only counterpart."""
+    return SteeringMethod("CMRM sample-level", _config(ctx, mode="sample"), _layer_sets(ctx),
+                          "each input's own shift (one extra text-only pass)")
+
+
+def cmrm_safety_component(ctx: DemoContext) -> SteeringMethod:
+    """Dataset-level vectors reduced to their component along the layer's harmful-minus-benign direction."""
+    if "projected" not in ctx.cache:
+        labelled = [it for it in ctx.calibration if it.reference is None]
+        directions = safety_directions(ctx.model, ctx.processor, labelled, batch_size=ctx.batch_size)
+        ctx.cache["projected"] = _vectors(ctx).project_onto(directions)
+    return SteeringMethod("CMRM dataset-level, safety component", _config(ctx, mode="dataset",
+                          vectors=ctx.cache["projected"]), _layer_sets(ctx), "shift projected on the safety direction")
+
+
+#: The steering rows of the demo, in table order.
+STEERING_METHODS: tuple[Callable[[DemoContext], SteeringMethod], ...] = (cmrm_dataset, cmrm_sample, cmrm_safety_component)
+
+
+def steered_row(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float]) -> dict[str, Any]:
+    """Tune ``method`` on the calibration split, then measure its chosen setting on the test split."""
+    base = baseline_calibration(ctx)
+    grid = tune(ctx, method, alphas, base)
+    pick = choose(grid, base)
+    layers, alpha = pick["layers"], pick["alpha"]
+    rates = ctx.measure(ctx.generator(method.config(layers, alpha) if alpha else None), "test")
+    chosen = {"alpha": alpha, "layers": "all" if layers is None else layers, "calibration": pick}
+    note = f"alpha={alpha:g}, {layers_label(layers)}" if alpha else "no setting qualified (unsteered)"
+    return {"setting": f"multimodal + {method.name}", **rates, "note": note, "chosen": chosen,
+            "calibration_grid": grid, "description": method.description}

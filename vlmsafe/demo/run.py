@@ -1,0 +1,145 @@
+"""``run_demo``: the safety degradation and the remedies, measured on the bundled testbed.
+
+Steps (CPU, no downloads):
+
+1. load the bundled tiny LLaVA (``assets/testbed``) with its calibration and test splits;
+2. measure the test split text-only and with images (the degradation);
+3. for each steering method (:data:`vlmsafe.demo.rows.STEERING_METHODS`), choose layers and alpha
+   on the calibration split by genuine refusals (:mod:`vlmsafe.demo.tune`), then measure the
+   test split at that choice;
+4. the safety merge at several weights (:mod:`vlmsafe.demo.merge`), and Safe-CLIP retrieval when
+   its testbed is present;
+5. write ``report.json``, ``table.md``, ``cmrm_sweep.png`` and ``merge_sweep.png`` to the output
+   folder (refused if it exists and is not empty, unless ``overwrite``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from vlmsafe.data import load_items
+from vlmsafe.demo.context import DemoContext
+from vlmsafe.demo.plots import plot_merge, plot_steering
+from vlmsafe.demo.rows import STEERING_METHODS, multimodal_row, steered_row, text_only_row
+from vlmsafe.demo.table import format_table
+from vlmsafe.demo.tune import MAX_ACCURACY_DROP, MAX_BENIGN_RISE
+from vlmsafe.errors import InputError
+from vlmsafe.io import atomic_path, check_output, read_json, write_json_atomic
+from vlmsafe.testbed import load_testbed, testbed_dir
+from vlmsafe.validation import check_float, check_int
+
+DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def normalize_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
+    """Sorted, de-duplicated, finite, non-negative alphas that always include the baseline 0."""
+    if not alphas:
+        raise InputError("alphas: empty; pass e.g. 0,0.5,1")
+    values = {check_float(a, "alpha", low=0.0) for a in alphas}
+    return tuple(sorted(values | {0.0}))
+
+
+def load_context(testbed: str | Path | None = None, test: str | Path | None = None, *, batch_size: int = 64,
+                 max_new_tokens: int = 14, progress: bool = False, settings: dict[str, Any] | None = None) -> DemoContext:
+    """The testbed, its calibration split and a test split (the shipped one, or ``test``)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(0)
+    hf_logging.disable_progress_bar()
+    root = testbed_dir(testbed)
+    test_path = Path(test) if test is not None else root / "data" / "test.jsonl"
+    calibration = load_items(root / "data" / "calibration.jsonl", require_label=True)
+    test_items = load_items(test_path, require_label=True)
+    model, processor = load_testbed(root)
+    return DemoContext(root=root, model=model, processor=processor, calibration=calibration, test=test_items,
+                       batch_size=check_int(batch_size, "batch_size", low=1),
+                       max_new_tokens=check_int(max_new_tokens, "max_new_tokens", low=1), progress=progress,
+                       steering_defaults=dict(settings or {}))
+
+
+def run_demo(
+    out_dir: str | Path = "vlmsafe-demo",
+    *,
+    testbed: str | Path | None = None,
+    test: str | Path | None = None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    batch_size: int = 64,
+    max_new_tokens: int = 14,
+    progress: bool = True,
+    settings: dict[str, Any] | None = None,
+    merge: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run the demo; write its outputs to ``out_dir`` and return the report (see module docs).
+
+    ``test`` evaluates another held-out set in the testbed's format instead of the shipped test
+    split (e.g. one written by ``python -m vlmsafe.testbed.unseen``); every choice is still made on
+    the calibration split. ``settings`` fixes steering options for every method (``layers``,
+    ``positions``, ``decode``).
+    """
+    out = check_output(out_dir, kind="dir", overwrite=overwrite)
+    alphas = normalize_alphas(alphas)
+    started = time.perf_counter()
+    ctx = load_context(testbed, test, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                       settings=settings)
+    rows = [text_only_row(ctx), multimodal_row(ctx)]
+    steering = [steered_row(ctx, make(ctx), alphas) for make in STEERING_METHODS]
+    rows += steering
+    sections = _optional_sections(ctx, rows, merge)
+    report = _report(ctx, rows, alphas, sections, time.perf_counter() - started)
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        tmp.mkdir(parents=True)
+        write_json_atomic(tmp / "report.json", report)
+        (tmp / "table.md").write_text(format_table(report["rows"]) + "\n")
+        plot_steering(steering, tmp / "cmrm_sweep.png")
+        if "safety_merge" in sections:
+            merge = next(r for r in rows if r["setting"].startswith("safety merge"))
+            plot_merge(sections["safety_merge"]["sweep"], merge if merge["chosen"]["weight"] else None,
+                       tmp / "merge_sweep.png")
+    return report
+
+
+def _optional_sections(ctx: DemoContext, rows: list[dict[str, Any]], merge: bool) -> dict[str, Any]:
+    """The merge row (appended to ``rows``) and Safe-CLIP retrieval, when their assets exist."""
+    sections: dict[str, Any] = {}
+    if merge and (ctx.root / "aligned_lm").is_dir():
+        from vlmsafe.demo.merge import merge_row
+
+        row, sections["safety_merge"] = merge_row(ctx, rows[1])
+        rows.append(row)
+    try:
+        from vlmsafe.safeclip import safeclip_demo_rows
+    except ImportError:  # the safeclip extra is not installed
+        return sections
+    if (ctx.root.parent / "safeclip").is_dir():
+        sections["safe_clip"] = safeclip_demo_rows(ctx.root.parent / "safeclip")
+    return sections
+
+
+def _report(ctx: DemoContext, rows: list[dict[str, Any]], alphas: Sequence[float], sections: dict[str, Any],
+            seconds: float) -> dict[str, Any]:
+    grids = {r["setting"]: r.pop("calibration_grid") for r in rows if "calibration_grid" in r}
+    steered = [r for r in rows if r["setting"] in grids]
+    info_path = ctx.root / "build_info.json"
+    info = read_json(info_path, what="testbed build info") if info_path.is_file() else {}
+    return {
+        "testbed": str(ctx.root),
+        "build_seed": info.get("seed"),
+        "judge": ctx.judge.name,
+        "n_test": rows[1]["n"],
+        "n_calibration": {"items": len(ctx.calibration)},
+        "selection": {"alphas": list(alphas), "criterion": "most genuine refusals of harmful requests",
+                      "max_accuracy_drop": MAX_ACCURACY_DROP, "max_benign_rise": MAX_BENIGN_RISE,
+                      "split": "calibration", "max_new_tokens": ctx.max_new_tokens},
+        "rows": rows,
+        # the steering row whose chosen setting refused most on the calibration split (never the test split)
+        "best_steering": max(steered, key=lambda r: r["chosen"]["calibration"]["harmful"]["refusal"])["setting"]
+        if steered else None,
+        "calibration_grids": grids,
+        "calibration_baseline": ctx.cache.get("base_calibration"),
+        **sections,
+        "seconds": round(seconds, 1),
+    }
