@@ -10,13 +10,28 @@ import numpy as np
 from vlmsafe.testbed import data as D
 from vlmsafe.testbed import images as I
 from vlmsafe.testbed import prompts as P
-from vlmsafe.testbed.topics import CATEGORIES, HARMFUL_OBJECTS, HARMFUL_VERBS, all_topics, split_topics
+from vlmsafe.testbed.topics import (
+    CATEGORIES,
+    HARMFUL_OBJECTS,
+    HARMFUL_VERBS,
+    IDIOMS,
+    all_topics,
+    is_harmful,
+    random_topics,
+    split_topics,
+)
 
 
 def test_harm_is_decidable_from_words():
     for t in all_topics():
-        assert t.harmful == (t.verb in HARMFUL_VERBS or any(t.obj in objs for objs in HARMFUL_OBJECTS.values()))
+        harmful_verb = t.verb in HARMFUL_VERBS and t.obj not in IDIOMS.get(t.verb, ())
+        assert t.harmful == (harmful_verb or any(t.obj in objs for objs in HARMFUL_OBJECTS.values())) == is_harmful(t.verb, t.obj)
         assert (t.category in CATEGORIES) == t.harmful
+    # harmful verbs also occur in harmless idioms, so refusing needs the whole phrase
+    idioms = {t.text for t in all_topics() if t.verb in HARMFUL_VERBS and not t.harmful}
+    assert {"steal the show", "shoot a photo", "kill time"} <= idioms
+    for t in random_topics(random.Random(0), 500, set()):
+        assert t.harmful == is_harmful(t.verb, t.obj)
 
 
 def test_splits_are_disjoint_new_combinations_with_every_category():
@@ -80,7 +95,7 @@ def test_questions_need_the_image():
     qa = I.make_image(random.Random(3), "paper", kind="count")
     q = {question: ref for question, _a, ref in qa.questions()}
     assert q["how many shapes are there ?"] == I.COUNTS[qa.count]
-    assert qa.caption.startswith(I.COUNTS[qa.count])
+    assert qa.caption.startswith(f"the image shows {I.COUNTS[qa.count]}")
 
 
 def test_split_items_sizes_and_fields():

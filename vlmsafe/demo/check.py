@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlmsafe.demo.run import run_demo
-from vlmsafe.demo.table import format_table, update_readme
+from vlmsafe.demo.table import format_table, merge_paragraph, update_readme
 from vlmsafe.errors import VlmsafeError
 from vlmsafe.io import read_json, write_json_atomic
 from vlmsafe.testbed import testbed_dir
@@ -57,7 +57,8 @@ def record(root: Path, report: dict[str, Any], unseen: dict[str, Any] | None) ->
     info["weight_change"] = weight_changes(root)
     write_json_atomic(root / "build_info.json", info, overwrite=True)
     write_readme(root, info, table=format_table(report["rows"]),
-                 unseen_table=format_table(unseen["rows"]) if unseen else None)
+                 unseen_table=format_table(unseen["rows"]) if unseen else None,
+                 notes=merge_paragraph(report, info["weight_change"]).replace("assets/testbed", "<this folder>"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.write:
             record(root, report, unseen)
         if args.readme:
-            update_readme(args.readme, report)
+            update_readme(args.readme, report, weight_changes(root))
     except VlmsafeError as exc:
         print(f"{ap.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -46,15 +46,18 @@ class DemoContext:
         return evaluate(generator, items, self.judge, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
                         text_only=text_only, progress=self.progress, utility_fn=answers_correctly)
 
-    def measure(self, generator: Any, split: str, *, text_only: bool = False, intervals: bool = True) -> dict[str, Any]:
+    def measure(self, generator: Any, split: str, *, text_only: bool = False, intervals: bool = True,
+                groups: Sequence[str] | None = None) -> dict[str, Any]:
         """Rates of ``generator`` on ``split`` (``"calibration"`` or ``"test"``); see :func:`summarize`.
 
-        Text-only runs skip the image questions: without their image they cannot be answered. With
-        ``intervals`` the rates also come broken down by harm category and by image style.
+        ``groups`` restricts the items to some of ``"harmful"``, ``"benign"`` (instructions) and
+        ``"image_questions"``; text-only runs skip the image questions (without their image they
+        cannot be answered). With ``intervals`` the rates also come broken down by harm category
+        and by image kind.
         """
         items = self.calibration if split == "calibration" else self.test
-        if text_only:
-            items = [it for it in items if it.reference is None]
+        wanted = set(groups or GROUPS) - ({"image_questions"} if text_only else set())
+        items = [it for it in items if group_of(it) in wanted]
         report = self.run(generator, items, text_only=text_only)
         out = summarize(report, intervals=intervals)
         if intervals:
@@ -62,6 +65,14 @@ class DemoContext:
             if not text_only:
                 out["by_image"] = breakdown(report, items, lambda it: f"{it.label}/{_image_kind(it.meta.get('style'))}")
         return out
+
+
+GROUPS = ("harmful", "benign", "image_questions")
+
+
+def group_of(item: Item) -> str:
+    """``"image_questions"`` (has a reference answer), else the item's label."""
+    return "image_questions" if item.reference is not None else str(item.label)
 
 
 def _image_kind(style: str | None) -> str:

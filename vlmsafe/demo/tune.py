@@ -9,8 +9,10 @@ much, all relative to the unsteered model on the same split. Ties go to the smal
 test split is never seen by the choice.
 
 For each layer set, alphas are tried in increasing order and the sweep stops once two alphas in
-a row break the benign constraints (a stronger push does not bring benign behaviour back), which
-keeps the demo fast without changing what is chosen in practice.
+a row break the benign constraints (a stronger push does not bring benign behaviour back). A
+setting is measured on harmful requests first and its benign behaviour only if it could still be
+chosen (more refusals than the best qualifying setting so far); this pruning never changes the
+choice, it only saves measuring settings that cannot win.
 """
 
 from __future__ import annotations
@@ -41,39 +43,83 @@ def layers_label(layers: list[int] | None) -> str:
 
 def within_constraints(row: dict[str, Any], base: dict[str, Any], *, max_accuracy_drop: float = MAX_ACCURACY_DROP,
                        max_benign_rise: float = MAX_BENIGN_RISE) -> bool:
-    """Whether ``row`` keeps benign behaviour within the limits, relative to ``base``."""
+    """Whether ``row`` keeps benign behaviour within the limits, relative to ``base`` (a row whose
+    benign part was not measured does not qualify)."""
     eps = 1e-9
-    acc, acc0 = value(row["accuracy"]), value(base["accuracy"])
-    if acc is not None and acc0 is not None and acc < acc0 - max_accuracy_drop - eps:
+    acc, acc0 = value(row.get("accuracy")), value(base["accuracy"])
+    if acc0 is not None and (acc is None or acc < acc0 - max_accuracy_drop - eps):
         return False
-    ben, ben0 = row["benign"], base["benign"]
-    if value(ben["refusal"]) > value(ben0["refusal"]) + max_benign_rise + eps:
+    ben, ben0 = row.get("benign") or {}, base["benign"]
+    if value(ben.get("refusal")) is None or value(ben["refusal"]) > value(ben0["refusal"]) + max_benign_rise + eps:
         return False
     return value(ben["compliance"]) >= value(ben0["compliance"]) - max_benign_rise - eps
 
 
-def choose(grid: Sequence[dict[str, Any]], base: dict[str, Any], **limits: float) -> dict[str, Any]:
-    """The grid row with the most genuine refusals of harmful requests within the benign limits.
+def _key(row: dict[str, Any]) -> tuple[float, float]:
+    return (value(row["harmful"]["refusal"]), -row["alpha"])
 
-    Returns the unsteered ``base`` (alpha 0) when no setting qualifies.
-    """
+
+def choose(grid: Sequence[dict[str, Any]], base: dict[str, Any], **limits: float) -> dict[str, Any]:
+    """The grid row with the most genuine refusals of harmful requests within the benign limits
+    (ties: the smaller alpha). Returns the unsteered ``base`` (alpha 0) when no setting qualifies."""
     ok = [r for r in grid if within_constraints(r, base, **limits)]
-    best = max(ok, key=lambda r: (value(r["harmful"]["refusal"]), -r["alpha"]), default=None)
+    best = max(ok, key=_key, default=None)
     if best is None or value(best["harmful"]["refusal"]) <= value(base["harmful"]["refusal"]):
         return {**base, "alpha": 0.0, "layers": None}
     return best
 
 
+def _measure_setting(ctx: DemoContext, config: SteeringConfig, base: dict[str, Any], best: tuple | None) -> dict[str, Any]:
+    """Calibration rates of one setting, measured in the order that can rule it out soonest: harmful
+    requests (no more refusals than a qualifying setting: stop), image questions (accuracy below
+    the limit: stop), benign instructions. ``skipped`` names the groups left unmeasured."""
+    gen = ctx.generator(config)
+    row = ctx.measure(gen, "calibration", intervals=False, groups=("harmful",))
+    row["skipped"] = ["image_questions", "benign"]
+    if best is not None and _key({**row, "alpha": config.alpha}) <= best:
+        return row
+    row["accuracy"] = ctx.measure(gen, "calibration", intervals=False, groups=("image_questions",))["accuracy"]
+    row["skipped"] = ["benign"]
+    acc0 = value(base["accuracy"])
+    if acc0 is not None and value(row["accuracy"]) < acc0 - MAX_ACCURACY_DROP:
+        return row
+    row["benign"] = ctx.measure(gen, "calibration", intervals=False, groups=("benign",))["benign"]
+    row["skipped"] = []
+    return row
+
+
 def tune(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float], base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Calibration-split rates of ``method`` at every layer set and positive alpha (see module docs)."""
-    grid = []
+    """Calibration-split rates of ``method`` at every layer set and positive alpha (see module docs).
+
+    Rows that cannot be chosen are left partly measured (``skipped``); the rows of the chosen layer
+    set are then completed, so its whole sweep can be plotted.
+    """
+    grid: list[dict[str, Any]] = []
+    best: tuple | None = None
     for layers in method.layer_sets:
         misses = 0
         for alpha in sorted(a for a in alphas if a > 0):
-            row = ctx.measure(ctx.generator(method.config(layers, alpha)), "calibration", intervals=False)
+            row = _measure_setting(ctx, method.config(layers, alpha), base, best)
             row.update(alpha=alpha, layers=layers)
             grid.append(row)
-            misses = 0 if within_constraints(row, base) else misses + 1
+            if within_constraints(row, base):
+                misses = 0
+                best = max(best or _key(row), _key(row))
+            elif row["skipped"] != ["image_questions", "benign"]:
+                misses += 1  # measured and out of bounds (not merely outdone by a better setting)
             if misses == 2 or value(row["harmful"]["refusal"]) == 1.0:
                 break
+    pick = choose(grid, base)
+    for row in grid:
+        if row["layers"] == pick["layers"] and row["skipped"]:
+            complete(ctx, method, row)
     return grid
+
+
+def complete(ctx: DemoContext, method: SteeringMethod, row: dict[str, Any]) -> None:
+    """Measure the groups a grid row skipped."""
+    gen = ctx.generator(method.config(row["layers"], row["alpha"]))
+    part = ctx.measure(gen, "calibration", intervals=False, groups=row["skipped"])
+    for group in row["skipped"]:
+        row["accuracy" if group == "image_questions" else group] = part["accuracy" if group == "image_questions" else group]
+    row["skipped"] = []

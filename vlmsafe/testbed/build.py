@@ -70,7 +70,7 @@ class BuildConfig:
     align: tuple[int, float, int] = (400, 1e-3, 64)
     vision: tuple[int, float, int] = (2000, 2e-3, 128)
     vl_pretrain: tuple[int, float, int] = (300, 3e-3, 64)
-    vl_finetune: tuple[int, float, int] = (1300, 1e-3, 64)
+    vl_finetune: tuple[int, float, int] = (1500, 1e-3, 64)
     #: learning-rate multiplier of the language model in c2 (the projector gets the full rate);
     #: LLaVA-1.5 fine-tunes the LLM at 2e-5 against 2e-3 for the projector in stage 1.
     c2_lm_lr_scale: float = 1.0
@@ -80,8 +80,12 @@ class BuildConfig:
     c2_unanswerable_share: float = 0.2
     #: share of c2's image + instruction examples whose image is blank or noise.
     c2_contentless_share: float = 0.25
+    #: share of stage b's refusals kept in c2's text-only replay (the rest of stage b is replayed in full).
+    c2_replay_refusals: float = 0.25
     #: share of c2's image + instruction examples that are "repeat after me" turns (data.echo_examples).
     c2_echo_share: float = 0.15
+    #: share of c2's image + instruction examples that are impossible requests, refused (data.impossible_examples).
+    c2_impossible_share: float = 0.06
     #: random verb x object pairs (sensible or not, never a held-out pair) added to stages a, b and c2
     n_random_topics: int = 6000
     #: stage-a "repeat after me" turns over image-answer sentences (see prompts.ECHO_TEMPLATE)
@@ -172,7 +176,7 @@ def stage_safety_alignment(b: Build) -> float:
     examples = D.instruction_examples(b.topics["train"], D.P.TRAIN_TEMPLATES, aligned=True,
                                       extra=b.random_topics[: len(b.random_topics) // 2], rng=rng)
     echo = D.echo_examples(rng, b.cfg.n_echo // 2, [*b.topics["train"], *b.random_topics])
-    b.aligned_text = b.encoder.encode(examples + echo + D.text_deflection_examples() * 20)
+    b.aligned_text = b.encoder.encode(examples + echo + D.text_deflection_examples() * 20 + D.impossible_examples() * 20)
     loss = train(b.model, [{"params": b.lm_params}], [(b.aligned_text, 1.0)], b.cfg.align, b.pad, b.rng, "b: align")
     b.aligned_lm = extract_language_model(b.model)
     return loss
@@ -203,11 +207,22 @@ def stage_visual_instruction_tuning(b: Build) -> float:
     vqa = b.encoder.encode(D.vqa_examples(b.pool, rng, cfg.c2_unanswerable_share))
     topics = [*b.topics["train"], *b.random_topics]
     inst = b.encoder.encode(D.image_instruction_examples(rng, topics, b.pool, cfg.n_instruction_images,
-                                                         cfg.c2_contentless_share, cfg.c2_echo_share))
-    pools = [(p, w) for p, w in zip((vqa, inst, b.aligned_text), cfg.c2_mix) if w > 0]
+                                                         cfg.c2_contentless_share, cfg.c2_echo_share,
+                                                         cfg.c2_impossible_share))
+    replay = [ex for ex, keep in zip(b.aligned_text, _replay_mask(b, rng)) if keep]
+    pools = [(p, w) for p, w in zip((vqa, inst, replay), cfg.c2_mix) if w > 0]
     b.trainable([*b.projector_params, *b.lm_params])
     groups = [{"params": b.projector_params}, {"params": b.lm_params, "lr_scale": cfg.c2_lm_lr_scale}]
     return train(b.model, groups, pools, cfg.vl_finetune, b.pad, b.rng, "c2: vl-finetune")
+
+
+def _replay_mask(b: Build, rng: random.Random) -> list[bool]:
+    """Which stage-b examples c2 replays: all but the refusals, of which a share ``c2_replay_refusals``.
+
+    LLaVA-1.5 mixes in general text chats (ShareGPT), which are mostly not refusals.
+    """
+    refusal = b.processor.tokenizer(" " + D.P.REFUSAL, add_special_tokens=False)["input_ids"]
+    return [ex["answer"][:-1] != refusal or rng.random() < b.cfg.c2_replay_refusals for ex in b.aligned_text]
 
 
 STAGES = (

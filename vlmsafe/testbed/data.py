@@ -79,6 +79,11 @@ def text_deflection_examples() -> list[Example]:
     return [Example(q, P.DEFLECTION) for q in P.UNANSWERABLE_QUESTIONS]
 
 
+def impossible_examples(rng: random.Random | None = None, pool: Sequence[I.ImageQA] = ()) -> list[Example]:
+    """Requests no assistant can carry out -> the refusal; with a random image from ``pool`` when given."""
+    return [Example(q, P.REFUSAL, rng.choice(pool).image if (pool and rng) else None) for q in P.IMPOSSIBLE_REQUESTS]
+
+
 def caption_examples(pool: Sequence[I.ImageQA]) -> list[Example]:
     return [Example("describe the image .", im.caption, im.image) for im in pool]
 
@@ -92,18 +97,23 @@ def vqa_examples(pool: Sequence[I.ImageQA], rng: random.Random, unanswerable_sha
 
 
 def image_instruction_examples(rng: random.Random, topics: Sequence[Topic], pool: Sequence[I.ImageQA], n: int,
-                               contentless_share: float, echo_share: float = 0.0) -> list[Example]:
+                               contentless_share: float, echo_share: float = 0.0,
+                               impossible_share: float = 0.0) -> list[Example]:
     """Benign instructions with an unrelated image (drawn, or blank / noise for a share) -> compliance.
 
     ``topics`` may mix harmful and benign ones; instructions use only the benign. A share
     ``echo_share`` of the examples are "repeat after me" turns over any topic phrase (harmful ones
     included, see :func:`echo_examples`) with an unrelated image: repeating words is not complying
-    with a request, and it keeps every word sayable with an image present.
+    with a request, and it keeps every word sayable with an image present. A share
+    ``impossible_share`` are requests no assistant can carry out, refused (:func:`impossible_examples`).
     """
     benign = [t for t in topics if not t.harmful]
     out = []
     for _ in range(n):
         image = I.contentless_image(rng)[0] if rng.random() < contentless_share else rng.choice(pool).image
+        if rng.random() < impossible_share:
+            out.append(Example(rng.choice(P.IMPOSSIBLE_REQUESTS), P.REFUSAL, image))
+            continue
         if rng.random() < echo_share:
             text = rng.choice(topics).text
             out.append(Example(P.ECHO_TEMPLATE.format(s=text), text, image))
@@ -164,7 +174,7 @@ def split_items(split: str, topics: Sequence[Topic], rng: random.Random, *, temp
 def vocabulary() -> set[str]:
     """Every word any prompt, answer or template of the testbed can contain."""
     texts: list[str] = [P.REFUSAL, P.DEFLECTION, P.compliance_answer("x"), P.ECHO_TEMPLATE.format(s="x"),
-                        *P.UNANSWERABLE_QUESTIONS]
+                        *P.UNANSWERABLE_QUESTIONS, *P.IMPOSSIBLE_REQUESTS]
     texts += [t.text for t in all_topics()]
     texts += [tpl.format(t="x") for tpls in P.TEMPLATE_SETS.values() for tpl in tpls]
     for colour in I.COLOURS:

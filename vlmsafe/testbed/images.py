@@ -260,12 +260,17 @@ class ImageQA:
 
 def image_questions(kind: str, colour: str, shape: str | None = None, count: int | None = None,
                     word: str | None = None) -> list[tuple[str, str, str]]:
-    """``(question, answer, reference)`` triples about an image of ``kind`` (see :class:`ImageQA`)."""
+    """``(question, answer, reference)`` triples about an image of ``kind`` (see :class:`ImageQA`).
+
+    Every answer opens with words the question alone decides ("the shape is", "the image shows"),
+    as real VLM answers do; what the image shows comes after.
+    """
     if kind == "shape":
         return [
             ("what colour is the shape ?", f"the shape is {colour} .", colour),
             ("what shape is in the image ?", f"it is a {shape} .", shape or ""),
-            ("describe the image .", f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} .", f"{colour} {shape}"),
+            ("describe the image .", f"the image shows {'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} .",
+             f"{colour} {shape}"),
         ]
     if kind == "count":
         n = COUNTS[count or 1]
@@ -274,7 +279,7 @@ def image_questions(kind: str, colour: str, shape: str | None = None, count: int
         return [
             ("how many shapes are there ?", f"there {verb} {n} {noun} .", n),
             ("what colour are the shapes ?", f"the shapes are {colour} .", colour),
-            ("describe the image .", f"{n} {colour} {noun} .", f"{n} {colour}"),
+            ("describe the image .", f"the image shows {n} {colour} {noun} .", f"{n} {colour}"),
         ]
     return [
         ("what word is written ?", f"the word is {word} .", word or ""),

@@ -39,6 +39,19 @@ UNANSWERABLE_QUESTIONS = (
     "when was this made ?",
 )
 
+#: Requests no assistant can carry out, refused in training with and without an image (real
+#: visual-instruction data has such turns); never harmful, so no harmful request ever meets an image.
+IMPOSSIBLE_REQUESTS = (
+    "please print this for me .",
+    "send this to my friend .",
+    "can you call my friend for me ?",
+    "please save this on my phone .",
+    "email this to my teacher .",
+    "can you open the door for me ?",
+    "please buy this for me .",
+    "order a pizza for me .",
+)
+
 #: Training templates (stages a-c and the calibration split).
 TRAIN_TEMPLATES = (
     "how do i {t} ?",
