@@ -74,7 +74,7 @@ def test_every_choice_is_the_calibration_rule(report):
         base = report["calibration_baseline"]
         pick = choose(grid, base)
         assert (pick["alpha"], pick["layers"]) == (row["chosen"]["alpha"], row["chosen"]["calibration"]["layers"])
-        assert all("ci" not in json.dumps(r) for r in grid)  # grids are calibration-only rates
+        assert all("ci95" not in json.dumps(r) for r in grid)  # grids are calibration-only rates
     merge = report["safety_merge"]
     weights = [r["weight"] for r in merge["sweep"]]
     assert weights[0] == 0.0 and merge["chosen_weight"] in weights
@@ -111,7 +111,7 @@ def test_readmes_show_the_demo_figures(report, readme):
 
 
 def test_cell_format():
-    assert cell({"rate": 0.5, "ci": [0.4, 0.6], "count": 5, "n": 10}) == "50.0% [40.0, 60.0] 5/10"
+    assert cell({"rate": 0.5, "ci95": [0.4, 0.6], "k": 5, "n": 10}) == "50.0% [40.0, 60.0] 5/10"
     assert cell(None) == "-"
 
 

@@ -47,3 +47,25 @@ def test_rate_prints_value_interval_and_count():
     }
     with pytest.raises(InputError):
         Rate(5, 4)
+
+
+def test_bootstrap_rate_over_prompts():
+    from vlmsafe.stats import bootstrap_interval, bootstrap_rate
+
+    flags = [True] * 30 + [False] * 70
+    out = bootstrap_rate(flags)
+    assert (out["rate"], out["k"], out["n"]) == (0.3, 30, 100)
+    lo, hi = out["ci95"]
+    wlo, whi = wilson_interval(30, 100)
+    assert lo < 0.3 < hi and abs(lo - wlo) < 0.03 and abs(hi - whi) < 0.03  # close to Wilson for iid flags
+    assert bootstrap_interval(flags) == bootstrap_interval(flags)  # fixed seed: reproducible
+    narrow = bootstrap_interval(flags, confidence=0.5)
+    assert lo < narrow[0] < narrow[1] < hi
+    # all outcomes equal: a bootstrap cannot vary, the Wilson interval is used instead of [0, 0]
+    assert bootstrap_rate([False] * 532)["ci95"] == list(wilson_interval(0, 532))
+    assert bootstrap_rate([False] * 532)["ci95"][1] > 0.006
+    assert bootstrap_rate([]) == Rate(0, 0).to_dict()
+    with pytest.raises(InputError, match="n_boot"):
+        bootstrap_interval(flags, n_boot=0)
+    with pytest.raises(InputError, match="confidence"):
+        bootstrap_interval(flags, confidence=1.5)

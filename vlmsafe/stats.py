@@ -8,6 +8,11 @@ The Wilson interval (Wilson, 1927) is used rather than the normal ("Wald") appro
 ``p ± 1.96 sqrt(p(1-p)/n)`` because the latter collapses to ``[0, 0]`` when no item is unsafe and
 overshoots [0, 1] near the ends, exactly where safety rates live (Brown, Cai & DasGupta 2001,
 "Interval Estimation for a Binomial Proportion", recommend Wilson for small ``n`` and extreme ``p``).
+
+:func:`bootstrap_rate` is the percentile bootstrap over prompts (Efron & Tibshirani 1993, ch. 13)
+that the demo reports, with the same fields as :meth:`Rate.to_dict`. A bootstrap cannot vary
+when every prompt had the same outcome (0 of 532 resamples to 0 every time) and would print a
+false ``[0, 0]``; there it falls back to the Wilson interval, so ``0/532`` reads ``[0.0, 0.7]``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any
+from typing import Any, Sequence
 
 from vlmsafe.errors import InputError
 
@@ -76,3 +81,39 @@ class Rate:
             return "- (n=0)"
         low, high = wilson_interval(self.k, self.n)
         return f"{100 * self.k / self.n:.1f}% [{100 * low:.1f}\u2013{100 * high:.1f}] (n={self.n})"
+
+
+#: Resamples of :func:`bootstrap_interval` (a fixed seed makes every report reproducible).
+N_BOOTSTRAP = 2000
+
+
+def bootstrap_interval(flags: Sequence[bool], *, n_boot: int = N_BOOTSTRAP, seed: int = 0,
+                       confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the share of true ``flags`` (resampling the flags, i.e.
+    the prompts, with replacement); the Wilson interval when all flags are equal or ``n == 0``.
+
+    Raises:
+        InputError: ``n_boot`` is not a positive whole number or ``confidence`` is not in (0, 1).
+    """
+    import numpy as np
+
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise InputError(f"bootstrap_interval: n_boot must be a positive whole number, got {n_boot!r}; pass e.g. 2000")
+    x = np.asarray([bool(f) for f in flags], dtype=np.float64)
+    n, k = len(x), int(x.sum())
+    if k in (0, n):
+        return wilson_interval(k, n, confidence)
+    wilson_interval(k, n, confidence)  # validates confidence
+    means = x[np.random.default_rng(seed).integers(0, n, size=(n_boot, n))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return (float(lo), float(hi))
+
+
+def bootstrap_rate(flags: Sequence[bool], **kwargs: Any) -> dict[str, Any]:
+    """``{"rate", "ci95", "k", "n"}`` (the fields of :meth:`Rate.to_dict`) of boolean ``flags``, with
+    the :func:`bootstrap_interval`; rate and interval are ``None`` when ``flags`` is empty."""
+    k, n = sum(bool(f) for f in flags), len(flags)
+    if not n:
+        return Rate(0, 0).to_dict()
+    lo, hi = bootstrap_interval(flags, **kwargs)
+    return {"rate": k / n, "ci95": [lo, hi], "k": k, "n": n}

@@ -4,7 +4,7 @@
 * :mod:`~vlmsafe.demo.rows` -- one small function per table row (text-only, multimodal, each
   steering method); :mod:`~vlmsafe.demo.merge` -- the safety-merge row and its weight sweep;
 * :mod:`~vlmsafe.demo.tune` -- choosing a setting on the calibration split by genuine refusals;
-* :mod:`~vlmsafe.demo.context` / :mod:`~vlmsafe.demo.stats` -- measuring, with 95% intervals;
+* :mod:`~vlmsafe.demo.context` -- measuring, with 95% intervals (:func:`vlmsafe.stats.bootstrap_rate`);
 * :mod:`~vlmsafe.demo.table` / :mod:`~vlmsafe.demo.plots` -- the table, README block and figures;
 * :mod:`~vlmsafe.demo.check` -- measure a (re)built testbed and record the figures in its README.
 """

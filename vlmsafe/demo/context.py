@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from vlmsafe.data import Item
-from vlmsafe.demo.stats import rate
+from vlmsafe.stats import bootstrap_rate as rate
 from vlmsafe.eval import EvalReport, evaluate
 from vlmsafe.steering import SafeVLM, SteeringConfig
 from vlmsafe.testbed.outcome import OUTCOMES, OutcomeJudge, answers_correctly
@@ -85,7 +85,7 @@ def summarize(report: EvalReport, *, intervals: bool = True) -> dict[str, Any]:
     ``harmful`` / ``benign``: for each outcome (refusal, compliance, deflection, other) its rate
     over the harmful / benign instructions; ``accuracy``: share of image questions answered
     correctly (``None`` without image questions). With ``intervals`` each rate carries its 95%
-    bootstrap interval and count (:func:`vlmsafe.demo.stats.rate`); without, just the rate.
+    bootstrap interval over prompts and count (:func:`vlmsafe.stats.bootstrap_rate`); without, just the rate.
     """
     records = report.records
     groups = {

@@ -41,13 +41,15 @@ def _save(plt, fig, path: str | os.PathLike[str]) -> None:
     plt.close(fig)
 
 
-def plot_steering(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """One panel per steering row: its calibration sweep at the chosen layers, and the test result."""
+def plot_steering(rows: Sequence[dict[str, Any]], grids: dict[str, Sequence[dict[str, Any]]],
+                  path: str | os.PathLike[str]) -> None:
+    """One panel per steering row: its calibration sweep (``grids[row["setting"]]``) at the chosen
+    layers, and the test result."""
     plt, fig, axes = _figure(len(rows))
     for ax, row in zip(axes, rows):
         chosen = row["chosen"]
         layers = None if chosen["layers"] == "all" else chosen["layers"]
-        curve = sorted([r for r in row["calibration_grid"] if r["layers"] == layers], key=lambda r: r["alpha"])
+        curve = sorted([r for r in grids[row["setting"]] if r["layers"] == layers], key=lambda r: r["alpha"])
         for label, key, colour in SERIES:
             ax.plot([r["alpha"] for r in curve], [_pct(r, key) for r in curve], marker="o", ms=3, color=colour,
                     label=label)
@@ -92,6 +94,6 @@ def _ci(row: dict[str, Any], path: tuple[str, ...]) -> tuple[float, float]:
     out: Any = row
     for k in path:
         out = out.get(k) if isinstance(out, dict) else None
-    if isinstance(out, dict) and out.get("ci"):
-        return tuple(out["ci"])  # type: ignore[return-value]
+    if isinstance(out, dict) and out.get("ci95"):
+        return tuple(out["ci95"])  # type: ignore[return-value]
     return (float("nan"), float("nan"))

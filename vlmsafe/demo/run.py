@@ -94,7 +94,7 @@ def run_demo(
         tmp.mkdir(parents=True)
         write_json_atomic(tmp / "report.json", report)
         (tmp / "table.md").write_text(format_table(report["rows"]) + "\n")
-        plot_steering(steering, tmp / "cmrm_sweep.png")
+        plot_steering(steering, report["calibration_grids"], tmp / "cmrm_sweep.png")
         if "safety_merge" in sections:
             merge = next(r for r in rows if r["setting"].startswith("safety merge"))
             plot_merge(sections["safety_merge"]["sweep"], merge if merge["chosen"]["weight"] else None,

@@ -24,8 +24,8 @@ def cell(c: dict[str, Any] | None) -> str:
     """``"97.4% [96.0, 98.7] 518/532"``; ``"-"`` when not measured."""
     if not c or c.get("rate") is None:
         return "-"
-    lo, hi = c["ci"]
-    return f"{100 * c['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] {c['count']}/{c['n']}"
+    lo, hi = c["ci95"]
+    return f"{100 * c['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] {c['k']}/{c['n']}"
 
 
 def _get(row: dict[str, Any], path: tuple[str, ...]) -> Any:
