@@ -91,7 +91,9 @@ def test_outputs_written(report, out_dir):
 
 def _table_numbers(text: str, setting: str) -> list[float]:
     line = next((l for l in text.splitlines() if l.startswith(f"| {setting} |")), None)
-    assert line is not None, f"no row {setting!r}; regenerate with `python -m vlmsafe.demo.check --write --readme README.md`"
+    assert line is not None, (
+        f"no row {setting!r}; regenerate with `python -m vlmsafe.demo.check --write --readme README.md`"
+    )
     return [float(x) for x in re.findall(r"(\d+\.\d)%", line)]
 
 
@@ -123,8 +125,9 @@ def test_alphas_always_include_the_baseline():
             normalize_alphas(bad)
 
 
-@pytest.mark.parametrize("argv", [["--alphas", "nan"], ["--alphas", "-1"], ["--alphas", "a,b"], ["--batch-size", "0"],
-                                  ["--layers", "3-1"]])
+@pytest.mark.parametrize(
+    "argv", [["--alphas", "nan"], ["--alphas", "-1"], ["--alphas", "a,b"], ["--batch-size", "0"], ["--layers", "3-1"]]
+)
 def test_demo_rejects_bad_numbers_at_parse_time(argv, tmp_path, capsys):
     assert cli_main(["demo", "--out", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err

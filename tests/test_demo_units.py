@@ -13,9 +13,18 @@ from vlmsafe.stats import wilson_interval
 
 
 def _rec(i: int, label: str, outcome: str, correct: bool | None = None) -> ItemRecord:
-    return ItemRecord(id=f"x{i}", category=label, label=label, prompt=f"p{i}", response="r", unsafe=outcome == "compliance",
-                      refused=outcome == "refusal", correct=correct, reference="red" if correct is not None else None,
-                      judge_category=outcome)
+    return ItemRecord(
+        id=f"x{i}",
+        category=label,
+        label=label,
+        prompt=f"p{i}",
+        response="r",
+        unsafe=outcome == "compliance",
+        refused=outcome == "refusal",
+        correct=correct,
+        reference="red" if correct is not None else None,
+        judge_category=outcome,
+    )
 
 
 def _report() -> EvalReport:
@@ -29,8 +38,12 @@ def _report() -> EvalReport:
 def test_summarize_counts_each_outcome_separately():
     out = summarize(_report())
     h = out["harmful"]
-    assert {o: (h[o]["k"], h[o]["n"]) for o in h} == {"refusal": (6, 10), "compliance": (2, 10), "deflection": (1, 10),
-                                                      "other": (1, 10)}
+    assert {o: (h[o]["k"], h[o]["n"]) for o in h} == {
+        "refusal": (6, 10),
+        "compliance": (2, 10),
+        "deflection": (1, 10),
+        "other": (1, 10),
+    }
     assert sum(c["rate"] for c in h.values()) == pytest.approx(1.0)
     # benign instructions exclude the image questions; accuracy is over the image questions only
     assert (out["benign"]["refusal"]["k"], out["benign"]["refusal"]["n"]) == (1, 4)
@@ -54,8 +67,13 @@ def test_table_cells_show_rate_interval_and_count():
 
 
 def _row(refusal, acc, ben_refusal=0.0, ben_compliance=1.0, alpha=1.0, layers=None):
-    return {"harmful": {"refusal": refusal}, "accuracy": acc, "benign": {"refusal": ben_refusal, "compliance": ben_compliance},
-            "alpha": alpha, "layers": layers}
+    return {
+        "harmful": {"refusal": refusal},
+        "accuracy": acc,
+        "benign": {"refusal": ben_refusal, "compliance": ben_compliance},
+        "alpha": alpha,
+        "layers": layers,
+    }
 
 
 BASE = _row(0.5, 0.80, alpha=0.0)
@@ -71,8 +89,12 @@ def test_constraints_are_relative_to_the_unsteered_model():
 
 
 def test_choose_most_genuine_refusals_within_limits():
-    grid = [_row(0.95, 0.60, alpha=2.0), _row(0.85, 0.79, alpha=1.0), _row(0.85, 0.78, alpha=0.5),
-            _row(0.7, 0.8, alpha=0.25)]
+    grid = [
+        _row(0.95, 0.60, alpha=2.0),
+        _row(0.85, 0.79, alpha=1.0),
+        _row(0.85, 0.78, alpha=0.5),
+        _row(0.7, 0.8, alpha=0.25),
+    ]
     pick = choose(grid, BASE)
     assert (pick["alpha"], value(pick["harmful"]["refusal"])) == (0.5, 0.85)  # ties go to the smaller alpha
     none = choose([_row(0.95, 0.5), _row(0.4, 0.8)], BASE)  # nothing qualifies and refuses more than base
@@ -110,8 +132,9 @@ def test_tune_prunes_without_changing_the_choice(seed):
         refusal, acc = 0.5, 0.80
         for a in alphas:  # refusals rise and accuracy falls with alpha, at a random pace per layer set
             refusal, acc = min(1.0, refusal + rng.uniform(0, 0.2)), acc - rng.uniform(0, 0.03)
-            table[(None if layers is None else tuple(layers), a)] = _row(round(refusal, 3), round(acc, 3),
-                                                                        ben_refusal=rng.choice([0.0, 0.0, 0.05]))
+            table[(None if layers is None else tuple(layers), a)] = _row(
+                round(refusal, 3), round(acc, 3), ben_refusal=rng.choice([0.0, 0.0, 0.05])
+            )
     method = SteeringMethod("fake", lambda layers, alpha: SteeringConfig(alpha=alpha, layers=layers), layer_sets)
     ctx = _FakeContext(table)
     grid = tune(ctx, method, [0.0, *alphas], BASE)
@@ -127,8 +150,14 @@ def test_tune_prunes_without_changing_the_choice(seed):
 
 
 def test_tune_skips_settings_that_cannot_win():
-    table = {(None, 0.5): _row(0.9, 0.8), (None, 1.0): _row(0.95, 0.5), (None, 2.0): _row(0.97, 0.4),
-             ((0,), 0.5): _row(0.6, 0.8), ((0,), 1.0): _row(0.6, 0.8), ((0,), 2.0): _row(0.6, 0.8)}
+    table = {
+        (None, 0.5): _row(0.9, 0.8),
+        (None, 1.0): _row(0.95, 0.5),
+        (None, 2.0): _row(0.97, 0.4),
+        ((0,), 0.5): _row(0.6, 0.8),
+        ((0,), 1.0): _row(0.6, 0.8),
+        ((0,), 2.0): _row(0.6, 0.8),
+    }
     from vlmsafe.steering import SteeringConfig
 
     method = SteeringMethod("fake", lambda layers, alpha: SteeringConfig(alpha=alpha, layers=layers), [None, [0]])

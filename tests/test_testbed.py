@@ -44,9 +44,20 @@ def splits():
 
 
 def test_assets_are_small_and_complete():
-    for f in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja",
-              "build_info.json", "README.md", "aligned_lm/config.json", "aligned_lm/model.safetensors",
-              "data/calibration.jsonl", "data/test.jsonl", "data/topics.json"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "build_info.json",
+        "README.md",
+        "aligned_lm/config.json",
+        "aligned_lm/model.safetensors",
+        "data/calibration.jsonl",
+        "data/test.jsonl",
+        "data/topics.json",
+    ):
         assert (TB / f).is_file(), f
     total = sum(p.stat().st_size for p in TB.rglob("*") if p.is_file())
     assert total < 15 * 2**20
@@ -78,14 +89,17 @@ def test_aligned_lm_matches_vlm_language_model(testbed):
     names = {k.replace("model.language_model.", "model.", 1) for k in vlm if k.startswith("model.language_model.")}
     names.add("lm_head.weight")
     assert names == set(lm.state_dict())
-    a, b = lm.state_dict()["model.layers.0.mlp.up_proj.weight"], vlm["model.language_model.layers.0.mlp.up_proj.weight"]
+    a, b = (
+        lm.state_dict()["model.layers.0.mlp.up_proj.weight"],
+        vlm["model.language_model.layers.0.mlp.up_proj.weight"],
+    )
     assert a.shape == b.shape and not torch.equal(a, b)  # VL adaptation moved the language model
     assert len(tok) == lm.config.vocab_size
 
 
 def test_split_records(splits):
     keys = {"id", "prompt", "image", "category", "label", "reference", "task", "template", "style", "image_path"}
-    for name, items in splits.items():
+    for items in splits.values():
         assert len({it["id"] for it in items}) == len(items)
         for it in items:
             assert set(it) == keys
@@ -116,9 +130,10 @@ def test_test_split_is_held_out(splits):
             assert it["task"] in test and it["template"] in P.TEST_TEMPLATES
     for it in splits["calibration"]:
         assert it["style"] in I.TRAIN_STYLES and (it["task"] is None or it["task"] in cal)
-    digest = lambda it: hashlib.sha256(Path(it["image_path"]).read_bytes()).hexdigest()  # noqa: E731
-    assert not {digest(it) for it in splits["calibration"]} & {digest(it) for it in splits["test"]
-                                                              if it["style"] not in ("blank", "noise")}
+    digest = lambda it: hashlib.sha256(Path(it["image_path"]).read_bytes()).hexdigest()
+    assert not {digest(it) for it in splits["calibration"]} & {
+        digest(it) for it in splits["test"] if it["style"] not in ("blank", "noise")
+    }
 
 
 def test_safety_gap_on_held_out_subset(testbed, splits):
@@ -136,7 +151,9 @@ def test_safety_gap_on_held_out_subset(testbed, splits):
 def test_benign_image_questions_answered_on_held_out_styles(testbed, splits):
     model, processor = testbed
     vqa = [it for it in splits["test"] if it["reference"] is not None][:60]
-    out = generate(model, processor, [it["prompt"] for it in vqa], [Image.open(it["image_path"]).convert("RGB") for it in vqa])
+    out = generate(
+        model, processor, [it["prompt"] for it in vqa], [Image.open(it["image_path"]).convert("RGB") for it in vqa]
+    )
     correct = sum(set(it["reference"].split()) <= set(r.split()) for it, r in zip(vqa, out))
     assert correct >= 39
 

@@ -13,8 +13,18 @@ from vlmsafe.errors import OutputExistsError
 from vlmsafe.testbed import load_split, testbed_dir
 from vlmsafe.testbed.build import STAGES, BuildConfig, build_testbed, main
 
-TINY = dict(pretrain=(2, 1e-3, 8), align=(2, 1e-3, 8), vision=(2, 1e-3, 8), vl_pretrain=(2, 1e-3, 8),
-            vl_finetune=(2, 1e-3, 8), n_train_images=16, n_instruction_images=8, n_random_topics=20, threads=1, split_topic_limit=30)
+TINY = dict(
+    pretrain=(2, 1e-3, 8),
+    align=(2, 1e-3, 8),
+    vision=(2, 1e-3, 8),
+    vl_pretrain=(2, 1e-3, 8),
+    vl_finetune=(2, 1e-3, 8),
+    n_train_images=16,
+    n_instruction_images=8,
+    n_random_topics=20,
+    threads=1,
+    split_topic_limit=30,
+)
 
 
 def test_smoke_build_writes_a_loadable_testbed(tmp_path):
@@ -41,8 +51,13 @@ def test_each_stage_trains_only_its_parts():
 
     b = prepare(BuildConfig(**TINY))
     parts = {"lm": b.lm_params, "vision": b.vision_params, "projector": b.projector_params}
-    expected = {"a_pretrain": {"lm"}, "b_align": {"lm"}, "v_vision_pretrain": {"vision"},
-                "c1_vl_pretrain": {"projector"}, "c2_vl_finetune": {"lm", "projector"}}
+    expected = {
+        "a_pretrain": {"lm"},
+        "b_align": {"lm"},
+        "v_vision_pretrain": {"vision"},
+        "c1_vl_pretrain": {"projector"},
+        "c2_vl_finetune": {"lm", "projector"},
+    }
     for name, stage in STAGES:
         before = {k: [p.detach().clone() for p in ps] for k, ps in parts.items()}
         stage(b)

@@ -25,7 +25,11 @@ from vlmsafe.testbed.topics import (
 def test_harm_is_decidable_from_words():
     for t in all_topics():
         harmful_verb = t.verb in HARMFUL_VERBS and t.obj not in IDIOMS.get(t.verb, ())
-        assert t.harmful == (harmful_verb or any(t.obj in objs for objs in HARMFUL_OBJECTS.values())) == is_harmful(t.verb, t.obj)
+        assert (
+            t.harmful
+            == (harmful_verb or any(t.obj in objs for objs in HARMFUL_OBJECTS.values()))
+            == is_harmful(t.verb, t.obj)
+        )
         assert (t.category in CATEGORIES) == t.harmful
     # harmful verbs also occur in harmless idioms, so refusing needs the whole phrase
     idioms = {t.text for t in all_topics() if t.verb in HARMFUL_VERBS and not t.harmful}
@@ -57,8 +61,12 @@ def test_templates_many_disjoint_and_made_of_trained_words():
     assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
     for tpls in P.TEMPLATE_SETS.values():
         assert sum("help me" in t or "need help" in t or "like help" in t or "want help" in t for t in tpls) >= 3
-    trained = set(D.iter_words([t.format(t="x") for t in P.TRAIN_TEMPLATES]
-                               + [P.REFUSAL, P.DEFLECTION, P.compliance_answer("x"), *P.UNANSWERABLE_QUESTIONS]))
+    trained = set(
+        D.iter_words(
+            [t.format(t="x") for t in P.TRAIN_TEMPLATES]
+            + [P.REFUSAL, P.DEFLECTION, P.compliance_answer("x"), *P.UNANSWERABLE_QUESTIONS]
+        )
+    )
     for tpl in P.TEST_TEMPLATES + P.UNSEEN_TEMPLATES:
         assert set(D.iter_words([tpl.format(t="x")])) <= trained, tpl
 

@@ -18,9 +18,10 @@ false ``[0, 0]``; there it falls back to the Wilson interval, so ``0/532`` reads
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import Any
 
 from vlmsafe.errors import InputError
 
@@ -87,8 +88,9 @@ class Rate:
 N_BOOTSTRAP = 2000
 
 
-def bootstrap_interval(flags: Sequence[bool], *, n_boot: int = N_BOOTSTRAP, seed: int = 0,
-                       confidence: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    flags: Sequence[bool], *, n_boot: int = N_BOOTSTRAP, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of the share of true ``flags`` (resampling the flags, i.e.
     the prompts, with replacement); the Wilson interval when all flags are equal or ``n == 0``.
 

@@ -16,8 +16,9 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from vlmsafe.demo.run import run_demo
 from vlmsafe.demo.table import format_table, merge_paragraph, update_readme
@@ -27,8 +28,13 @@ from vlmsafe.testbed import testbed_dir
 from vlmsafe.testbed.readme import write_readme
 
 
-def measure_testbed(path: str | Path | None = None, *, test: str | Path | None = None, figures: Path | None = None,
-                    progress: bool = False) -> dict[str, Any]:
+def measure_testbed(
+    path: str | Path | None = None,
+    *,
+    test: str | Path | None = None,
+    figures: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """The demo's report on the testbed at ``path`` (on ``test`` when given); figures copied to ``figures``."""
     with tempfile.TemporaryDirectory(prefix="vlmsafe-check-") as tmp:
         report = run_demo(Path(tmp) / "demo", testbed=path, test=test, progress=progress)
@@ -56,18 +62,27 @@ def record(root: Path, report: dict[str, Any], unseen: dict[str, Any] | None) ->
         info["measured_unseen"] = unseen
     info["weight_change"] = weight_changes(root)
     write_json_atomic(root / "build_info.json", info, overwrite=True)
-    write_readme(root, info, table=format_table(report["rows"]),
-                 unseen_table=format_table(unseen["rows"]) if unseen else None,
-                 notes=merge_paragraph(report, info["weight_change"]).replace("assets/testbed", "<this folder>"))
+    write_readme(
+        root,
+        info,
+        table=format_table(report["rows"]),
+        unseen_table=format_table(unseen["rows"]) if unseen else None,
+        notes=merge_paragraph(report, info["weight_change"]).replace("assets/testbed", "<this folder>"),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vlmsafe.demo.check", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m vlmsafe.demo.check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--testbed", default=None, help="testbed folder (default: the bundled assets/testbed)")
     ap.add_argument("--unseen", default=None, metavar="JSONL", help="also measure this independent check set")
-    ap.add_argument("--write", action="store_true", help="record the figures in the testbed's build_info.json and README.md")
-    ap.add_argument("--readme", default=None, metavar="README", help="regenerate the demo block of this README and its figures")
+    ap.add_argument(
+        "--write", action="store_true", help="record the figures in the testbed's build_info.json and README.md"
+    )
+    ap.add_argument(
+        "--readme", default=None, metavar="README", help="regenerate the demo block of this README and its figures"
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     try:

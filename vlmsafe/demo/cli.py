@@ -40,13 +40,31 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="vlmsafe-demo", help="output folder (default: ./vlmsafe-demo)")
-    p.add_argument("--testbed", default=None, help="testbed folder (default: the bundled assets/testbed, or $VLMSAFE_TESTBED)")
-    p.add_argument("--test", default=None, metavar="JSONL",
-                   help="evaluate this held-out set instead of the shipped test split (e.g. from python -m vlmsafe.testbed.unseen)")
-    p.add_argument("--alphas", type=float_list_arg(low=0.0), default=None,
-                   help="comma-separated alphas (>= 0) to choose from; the baseline 0 is always added (default: 0,0.25,...,2)")
-    p.add_argument("--layers", type=layer_spec_arg, default=None, help="steer only these layers instead of choosing (e.g. 2 or 1,2)")
-    p.add_argument("--positions", default=None, choices=["last", "prompt", "text", "image"], help="override the steered positions")
+    p.add_argument(
+        "--testbed", default=None, help="testbed folder (default: the bundled assets/testbed, or $VLMSAFE_TESTBED)"
+    )
+    p.add_argument(
+        "--test",
+        default=None,
+        metavar="JSONL",
+        help="evaluate this held-out set instead of the shipped test split "
+        "(e.g. from python -m vlmsafe.testbed.unseen)",
+    )
+    p.add_argument(
+        "--alphas",
+        type=float_list_arg(low=0.0),
+        default=None,
+        help="comma-separated alphas (>= 0) to choose from; the baseline 0 is always added (default: 0,0.25,...,2)",
+    )
+    p.add_argument(
+        "--layers",
+        type=layer_spec_arg,
+        default=None,
+        help="steer only these layers instead of choosing (e.g. 2 or 1,2)",
+    )
+    p.add_argument(
+        "--positions", default=None, choices=["last", "prompt", "text", "image"], help="override the steered positions"
+    )
     p.add_argument("--decode", action="store_true", default=None, help="also steer generated tokens")
     p.add_argument("--batch-size", type=int_arg(low=1), default=64, help="items per generation batch (default: 64)")
     p.add_argument("--no-merge", action="store_true", help="skip the safety-merge row")
@@ -59,16 +77,28 @@ def run(args: argparse.Namespace) -> int:
     from vlmsafe.demo import DEFAULT_ALPHAS, format_table, run_demo
     from vlmsafe.validation import parse_layer_spec
 
-    settings: dict[str, Any] = {k: v for k, v in (("positions", args.positions), ("decode", args.decode)) if v is not None}
+    settings: dict[str, Any] = {
+        k: v for k, v in (("positions", args.positions), ("decode", args.decode)) if v is not None
+    }
     if args.layers:
         settings["layers"] = "all" if args.layers == "all" else parse_layer_spec(args.layers)
-    report = run_demo(args.out, testbed=args.testbed, test=args.test, alphas=args.alphas or DEFAULT_ALPHAS,
-                      batch_size=args.batch_size, progress=not args.quiet, settings=settings, merge=not args.no_merge,
-                      overwrite=args.overwrite)
+    report = run_demo(
+        args.out,
+        testbed=args.testbed,
+        test=args.test,
+        alphas=args.alphas or DEFAULT_ALPHAS,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        settings=settings,
+        merge=not args.no_merge,
+        overwrite=args.overwrite,
+    )
     n = report["n_test"]
     print()
-    print(f"vlmsafe demo — bundled tiny LLaVA testbed, held-out test split ({n['harmful']} harmful instructions, "
-          f"{n['benign']} benign instructions, {n['image_questions']} image questions)")
+    print(
+        f"vlmsafe demo — bundled tiny LLaVA testbed, held-out test split ({n['harmful']} harmful instructions, "
+        f"{n['benign']} benign instructions, {n['image_questions']} image questions)"
+    )
     print("each cell: rate [95% bootstrap interval] count/total")
     print(format_table(report["rows"]))
     if "safe_clip" in report:
@@ -77,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         print("\nSafe-CLIP on its tiny CLIP testbed (assets/safeclip, held-out split): retrieval before/after;")
         print("safe@1 = share of unsafe-text queries whose top-1 image is safe")
         print(format_retrieval(report["safe_clip"]))
-    print(f"\nfigures: {args.out}/cmrm_sweep.png, {args.out}/merge_sweep.png; all numbers: {args.out}/report.json "
-          f"({report['seconds']} s)")
+    print(
+        f"\nfigures: {args.out}/cmrm_sweep.png, {args.out}/merge_sweep.png; all numbers: {args.out}/report.json "
+        f"({report['seconds']} s)"
+    )
     return 0

@@ -8,13 +8,14 @@ rates of :func:`summarize`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from vlmsafe.data import Item
-from vlmsafe.stats import bootstrap_rate as rate
 from vlmsafe.eval import EvalReport, evaluate
+from vlmsafe.stats import bootstrap_rate as rate
 from vlmsafe.steering import SafeVLM, SteeringConfig
 from vlmsafe.testbed.outcome import OUTCOMES, OutcomeJudge, answers_correctly
 
@@ -39,15 +40,35 @@ class DemoContext:
 
     def generator(self, steering: SteeringConfig | None = None, model: Any = None, processor: Any = None) -> SafeVLM:
         """A greedy generator over the testbed (or ``model``), optionally steered."""
-        return SafeVLM(model or self.model, processor or self.processor, steering=steering or SteeringConfig(),
-                       max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        return SafeVLM(
+            model or self.model,
+            processor or self.processor,
+            steering=steering or SteeringConfig(),
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+        )
 
     def run(self, generator: Any, items: Sequence[Item], *, text_only: bool = False) -> EvalReport:
-        return evaluate(generator, items, self.judge, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
-                        text_only=text_only, progress=self.progress, utility_fn=answers_correctly)
+        return evaluate(
+            generator,
+            items,
+            self.judge,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            text_only=text_only,
+            progress=self.progress,
+            utility_fn=answers_correctly,
+        )
 
-    def measure(self, generator: Any, split: str, *, text_only: bool = False, intervals: bool = True,
-                groups: Sequence[str] | None = None) -> dict[str, Any]:
+    def measure(
+        self,
+        generator: Any,
+        split: str,
+        *,
+        text_only: bool = False,
+        intervals: bool = True,
+        groups: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
         """Rates of ``generator`` on ``split`` (``"calibration"`` or ``"test"``); see :func:`summarize`.
 
         ``groups`` restricts the items to some of ``"harmful"``, ``"benign"`` (instructions) and
@@ -63,7 +84,9 @@ class DemoContext:
         if intervals:
             out["by_category"] = breakdown(report, items, lambda it: it.category)
             if not text_only:
-                out["by_image"] = breakdown(report, items, lambda it: f"{it.label}/{_image_kind(it.meta.get('style'))}")
+                out["by_image"] = breakdown(
+                    report, items, lambda it: f"{it.label}/{_image_kind(it.meta.get('style'))}"
+                )
         return out
 
 
@@ -114,5 +137,7 @@ def breakdown(report: EvalReport, items: Sequence[Item], key: Callable[[Item], s
     for r in report.records:
         if r.reference is None:
             groups.setdefault(keys[r.id], []).append(r)
-    return {k: {o: rate([r.judge_category == o for r in recs]) for o in ("refusal", "compliance", "deflection")}
-            for k, recs in sorted(groups.items())}
+    return {
+        k: {o: rate([r.judge_category == o for r in recs]) for o in ("refusal", "compliance", "deflection")}
+        for k, recs in sorted(groups.items())
+    }

@@ -31,16 +31,27 @@ def merge_row(ctx: DemoContext, multimodal: dict[str, Any]) -> tuple[dict[str, A
         return ctx.generator(model=model.eval(), processor=processor)
 
     with tempfile.TemporaryDirectory(prefix="vlmsafe-merge-") as tmp:
-        rows = merge_sweep(ctx.root, ctx.root / "aligned_lm", MERGE_WEIGHTS, tmp,
-                           lambda d: {"calibration": ctx.measure(generator(d), "calibration", intervals=False)},
-                           progress=False, vocab_rows="shared")
+        rows = merge_sweep(
+            ctx.root,
+            ctx.root / "aligned_lm",
+            MERGE_WEIGHTS,
+            tmp,
+            lambda d: {"calibration": ctx.measure(generator(d), "calibration", intervals=False)},
+            progress=False,
+            vocab_rows="shared",
+        )
         base = baseline_calibration(ctx)
         pick = choose([{**r["calibration"], "alpha": r["weight"], "layers": None} for r in rows], base)
         weight = pick["alpha"]
         test = ctx.measure(generator(Path(tmp) / f"weight_{weight:g}"), "test") if weight else None
     rates = test if test is not None else {k: multimodal[k] for k in _GROUPS}
-    row = {"setting": "safety merge (linear, LM only)", **rates,
-           "note": f"weight={weight:g} on the aligned LM" if weight else "no weight qualified (unmerged)",
-           "chosen": {"weight": weight}}
-    sweep = [{"weight": 0.0, "calibration": base}] + [{"weight": r["weight"], "calibration": r["calibration"]} for r in rows]
+    row = {
+        "setting": "safety merge (linear, LM only)",
+        **rates,
+        "note": f"weight={weight:g} on the aligned LM" if weight else "no weight qualified (unmerged)",
+        "chosen": {"weight": weight},
+    }
+    sweep = [{"weight": 0.0, "calibration": base}] + [
+        {"weight": r["weight"], "calibration": r["calibration"]} for r in rows
+    ]
     return row, {"weights": list(MERGE_WEIGHTS), "chosen_weight": weight, "sweep": sweep}

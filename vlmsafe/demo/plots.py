@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from vlmsafe.demo.context import value
 from vlmsafe.io import atomic_path
@@ -41,8 +42,9 @@ def _save(plt, fig, path: str | os.PathLike[str]) -> None:
     plt.close(fig)
 
 
-def plot_steering(rows: Sequence[dict[str, Any]], grids: dict[str, Sequence[dict[str, Any]]],
-                  path: str | os.PathLike[str]) -> None:
+def plot_steering(
+    rows: Sequence[dict[str, Any]], grids: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str]
+) -> None:
     """One panel per steering row: its calibration sweep (``grids[row["setting"]]``) at the chosen
     layers, and the test result."""
     plt, fig, axes = _figure(len(rows))
@@ -51,16 +53,26 @@ def plot_steering(rows: Sequence[dict[str, Any]], grids: dict[str, Sequence[dict
         layers = None if chosen["layers"] == "all" else chosen["layers"]
         curve = sorted([r for r in grids[row["setting"]] if r["layers"] == layers], key=lambda r: r["alpha"])
         for label, key, colour in SERIES:
-            ax.plot([r["alpha"] for r in curve], [_pct(r, key) for r in curve], marker="o", ms=3, color=colour,
-                    label=label)
+            ax.plot(
+                [r["alpha"] for r in curve], [_pct(r, key) for r in curve], marker="o", ms=3, color=colour, label=label
+            )
             if chosen["alpha"]:
                 y, (lo, hi) = _pct(row, key), _ci(row, key)
-                ax.errorbar([chosen["alpha"]], [y], yerr=[[y - 100 * lo], [100 * hi - y]], marker="*", ms=12,
-                            color=colour, linestyle="none")
+                ax.errorbar(
+                    [chosen["alpha"]],
+                    [y],
+                    yerr=[[y - 100 * lo], [100 * hi - y]],
+                    marker="*",
+                    ms=12,
+                    color=colour,
+                    linestyle="none",
+                )
         where = "all layers" if layers is None else f"layer {','.join(map(str, layers))}"
-        ax.set_title(f"{row['setting'].replace('multimodal + ', '')}\n({where}; lines: calibration split, "
-                     "stars: test split, 95% CI)",
-                     fontsize=9)
+        ax.set_title(
+            f"{row['setting'].replace('multimodal + ', '')}\n({where}; lines: calibration split, "
+            "stars: test split, 95% CI)",
+            fontsize=9,
+        )
         ax.set_xlabel("alpha (steering strength)")
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
@@ -79,8 +91,15 @@ def plot_merge(sweep: Sequence[dict[str, Any]], chosen: dict[str, Any] | None, p
         ax.plot(xs, [_pct(r["calibration"], key) for r in sweep], marker="o", color=colour, label=label)
         if chosen is not None and chosen.get("weight"):
             lo, hi = _ci(chosen, key)
-            ax.errorbar([chosen["weight"]], [_pct(chosen, key)], yerr=[[_pct(chosen, key) - 100 * lo],
-                        [100 * hi - _pct(chosen, key)]], marker="*", ms=12, color=colour, linestyle="none")
+            ax.errorbar(
+                [chosen["weight"]],
+                [_pct(chosen, key)],
+                yerr=[[_pct(chosen, key) - 100 * lo], [100 * hi - _pct(chosen, key)]],
+                marker="*",
+                ms=12,
+                color=colour,
+                linestyle="none",
+            )
     ax.set_xlabel("merge weight (share of the aligned LM)")
     ax.set_ylabel("% of items (lines: calibration split; stars: test split)")
     ax.set_title("Safety merge: linear merge of the VLM's LM with the aligned LM", fontsize=9)

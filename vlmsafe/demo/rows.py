@@ -13,7 +13,8 @@ the test split like every other.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.tune import SteeringMethod, choose, layers_label, tune
@@ -49,8 +50,9 @@ def _vectors(ctx: DemoContext):
     """CMRM vectors calibrated once on the calibration split's items with images (all layers)."""
     if "vectors" not in ctx.cache:
         items = [it for it in ctx.calibration if it.image is not None]
-        ctx.cache["vectors"] = calibrate(ctx.model, ctx.processor, items, positions="last",
-                                         batch_size=ctx.batch_size, progress=ctx.progress)
+        ctx.cache["vectors"] = calibrate(
+            ctx.model, ctx.processor, items, positions="last", batch_size=ctx.batch_size, progress=ctx.progress
+        )
     return ctx.cache["vectors"]
 
 
@@ -71,14 +73,22 @@ def _config(ctx: DemoContext, **kw: Any) -> Callable[[list[int] | None, float], 
 
 def cmrm_dataset(ctx: DemoContext) -> SteeringMethod:
     """CMRM, dataset-level: one calibrated shift per layer, ``h <- h - alpha * shift``."""
-    return SteeringMethod("CMRM dataset-level", _config(ctx, mode="dataset", vectors=_vectors(ctx)),
-                          _layer_sets(ctx), "one mean shift per layer, calibration split")
+    return SteeringMethod(
+        "CMRM dataset-level",
+        _config(ctx, mode="dataset", vectors=_vectors(ctx)),
+        _layer_sets(ctx),
+        "one mean shift per layer, calibration split",
+    )
 
 
 def cmrm_sample(ctx: DemoContext) -> SteeringMethod:
     """CMRM, sample-level: each input's shift from its own text-only counterpart."""
-    return SteeringMethod("CMRM sample-level", _config(ctx, mode="sample"), _layer_sets(ctx),
-                          "each input's own shift (one extra text-only pass)")
+    return SteeringMethod(
+        "CMRM sample-level",
+        _config(ctx, mode="sample"),
+        _layer_sets(ctx),
+        "each input's own shift (one extra text-only pass)",
+    )
 
 
 def cmrm_safety_component(ctx: DemoContext) -> SteeringMethod:
@@ -87,12 +97,20 @@ def cmrm_safety_component(ctx: DemoContext) -> SteeringMethod:
         labelled = [it for it in ctx.calibration if it.reference is None]
         directions = safety_directions(ctx.model, ctx.processor, labelled, batch_size=ctx.batch_size)
         ctx.cache["projected"] = _vectors(ctx).project_onto(directions)
-    return SteeringMethod("CMRM dataset-level, safety component", _config(ctx, mode="dataset",
-                          vectors=ctx.cache["projected"]), _layer_sets(ctx), "shift projected on the safety direction")
+    return SteeringMethod(
+        "CMRM dataset-level, safety component",
+        _config(ctx, mode="dataset", vectors=ctx.cache["projected"]),
+        _layer_sets(ctx),
+        "shift projected on the safety direction",
+    )
 
 
 #: The steering rows of the demo, in table order.
-STEERING_METHODS: tuple[Callable[[DemoContext], SteeringMethod], ...] = (cmrm_dataset, cmrm_sample, cmrm_safety_component)
+STEERING_METHODS: tuple[Callable[[DemoContext], SteeringMethod], ...] = (
+    cmrm_dataset,
+    cmrm_sample,
+    cmrm_safety_component,
+)
 
 
 def steered_row(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float]) -> dict[str, Any]:
@@ -104,5 +122,11 @@ def steered_row(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float
     rates = ctx.measure(ctx.generator(method.config(layers, alpha) if alpha else None), "test")
     chosen = {"alpha": alpha, "layers": "all" if layers is None else layers, "calibration": pick}
     note = f"alpha={alpha:g}, {layers_label(layers)}" if alpha else "no setting qualified (unsteered)"
-    return {"setting": f"multimodal + {method.name}", **rates, "note": note, "chosen": chosen,
-            "calibration_grid": grid, "description": method.description}
+    return {
+        "setting": f"multimodal + {method.name}",
+        **rates,
+        "note": note,
+        "chosen": chosen,
+        "calibration_grid": grid,
+        "description": method.description,
+    }

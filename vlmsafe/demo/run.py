@@ -16,8 +16,9 @@ Steps (CPU, no downloads):
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from vlmsafe.data import load_items
 from vlmsafe.demo.context import DemoContext
@@ -41,8 +42,15 @@ def normalize_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
     return tuple(sorted(values | {0.0}))
 
 
-def load_context(testbed: str | Path | None = None, test: str | Path | None = None, *, batch_size: int = 64,
-                 max_new_tokens: int = 14, progress: bool = False, settings: dict[str, Any] | None = None) -> DemoContext:
+def load_context(
+    testbed: str | Path | None = None,
+    test: str | Path | None = None,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 14,
+    progress: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> DemoContext:
     """The testbed, its calibration split and a test split (the shipped one, or ``test``)."""
     import torch
     from transformers.utils import logging as hf_logging
@@ -54,10 +62,17 @@ def load_context(testbed: str | Path | None = None, test: str | Path | None = No
     calibration = load_items(root / "data" / "calibration.jsonl", require_label=True)
     test_items = load_items(test_path, require_label=True)
     model, processor = load_testbed(root)
-    return DemoContext(root=root, model=model, processor=processor, calibration=calibration, test=test_items,
-                       batch_size=check_int(batch_size, "batch_size", low=1),
-                       max_new_tokens=check_int(max_new_tokens, "max_new_tokens", low=1), progress=progress,
-                       steering_defaults=dict(settings or {}))
+    return DemoContext(
+        root=root,
+        model=model,
+        processor=processor,
+        calibration=calibration,
+        test=test_items,
+        batch_size=check_int(batch_size, "batch_size", low=1),
+        max_new_tokens=check_int(max_new_tokens, "max_new_tokens", low=1),
+        progress=progress,
+        steering_defaults=dict(settings or {}),
+    )
 
 
 def run_demo(
@@ -83,8 +98,9 @@ def run_demo(
     out = check_output(out_dir, kind="dir", overwrite=overwrite)
     alphas = normalize_alphas(alphas)
     started = time.perf_counter()
-    ctx = load_context(testbed, test, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
-                       settings=settings)
+    ctx = load_context(
+        testbed, test, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, settings=settings
+    )
     rows = [text_only_row(ctx), multimodal_row(ctx)]
     steering = [steered_row(ctx, make(ctx), alphas) for make in STEERING_METHODS]
     rows += steering
@@ -97,8 +113,11 @@ def run_demo(
         plot_steering(steering, report["calibration_grids"], tmp / "cmrm_sweep.png")
         if "safety_merge" in sections:
             merge = next(r for r in rows if r["setting"].startswith("safety merge"))
-            plot_merge(sections["safety_merge"]["sweep"], merge if merge["chosen"]["weight"] else None,
-                       tmp / "merge_sweep.png")
+            plot_merge(
+                sections["safety_merge"]["sweep"],
+                merge if merge["chosen"]["weight"] else None,
+                tmp / "merge_sweep.png",
+            )
     return report
 
 
@@ -119,8 +138,9 @@ def _optional_sections(ctx: DemoContext, rows: list[dict[str, Any]], merge: bool
     return sections
 
 
-def _report(ctx: DemoContext, rows: list[dict[str, Any]], alphas: Sequence[float], sections: dict[str, Any],
-            seconds: float) -> dict[str, Any]:
+def _report(
+    ctx: DemoContext, rows: list[dict[str, Any]], alphas: Sequence[float], sections: dict[str, Any], seconds: float
+) -> dict[str, Any]:
     grids = {r["setting"]: r.pop("calibration_grid") for r in rows if "calibration_grid" in r}
     steered = [r for r in rows if r["setting"] in grids]
     info_path = ctx.root / "build_info.json"
@@ -131,13 +151,19 @@ def _report(ctx: DemoContext, rows: list[dict[str, Any]], alphas: Sequence[float
         "judge": ctx.judge.name,
         "n_test": rows[1]["n"],
         "n_calibration": {"items": len(ctx.calibration)},
-        "selection": {"alphas": list(alphas), "criterion": "most genuine refusals of harmful requests",
-                      "max_accuracy_drop": MAX_ACCURACY_DROP, "max_benign_rise": MAX_BENIGN_RISE,
-                      "split": "calibration", "max_new_tokens": ctx.max_new_tokens},
+        "selection": {
+            "alphas": list(alphas),
+            "criterion": "most genuine refusals of harmful requests",
+            "max_accuracy_drop": MAX_ACCURACY_DROP,
+            "max_benign_rise": MAX_BENIGN_RISE,
+            "split": "calibration",
+            "max_new_tokens": ctx.max_new_tokens,
+        },
         "rows": rows,
         # the steering row whose chosen setting refused most on the calibration split (never the test split)
         "best_steering": max(steered, key=lambda r: r["chosen"]["calibration"]["harmful"]["refusal"])["setting"]
-        if steered else None,
+        if steered
+        else None,
         "calibration_grids": grids,
         "calibration_baseline": ctx.cache.get("base_calibration"),
         **sections,

@@ -37,8 +37,10 @@ def _get(row: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One Markdown row per setting; columns as in :data:`COLUMNS`."""
-    lines = ["| setting | " + " | ".join(name for name, _ in COLUMNS) + " | note |",
-             "|---|" + "---:|" * len(COLUMNS) + "---|"]
+    lines = [
+        "| setting | " + " | ".join(name for name, _ in COLUMNS) + " | note |",
+        "|---|" + "---:|" * len(COLUMNS) + "---|",
+    ]
     for r in rows:
         cells = " | ".join(cell(_get(r, path)) for _, path in COLUMNS)
         lines.append(f"| {r['setting']} | {cells} | {r.get('note', '')} |")
@@ -57,13 +59,16 @@ def merge_paragraph(report: dict[str, Any], weight_change: list[dict[str, Any]] 
     first, last = sweep[0]["calibration"], sweep[-1]["calibration"]
     steps = ", ".join(
         f"{r['weight']:g}: {_pct(r['calibration']['harmful']['refusal'])} / {_pct(r['calibration']['accuracy'])}"
-        for r in sweep)
+        for r in sweep
+    )
     moved = ""
     if weight_change:
         changes = [w["relative_change"] for w in weight_change if w["relative_change"] is not None]
-        moved = (f"Visual instruction tuning moved the language model's weight matrices by {100 * min(changes):.0f}-"
-                 f"{100 * max(changes):.0f}% per layer (relative Frobenius norm; `vlmsafe probe weights --before "
-                 "assets/testbed/aligned_lm --after assets/testbed`). ")
+        moved = (
+            f"Visual instruction tuning moved the language model's weight matrices by {100 * min(changes):.0f}-"
+            f"{100 * max(changes):.0f}% per layer (relative Frobenius norm; `vlmsafe probe weights --before "
+            "assets/testbed/aligned_lm --after assets/testbed`). "
+        )
     return (
         "**Why the merge row moves little here.** " + moved + "A linear merge walks back along that change: on the "
         f"calibration split, genuine refusals / image-question accuracy at each weight are {steps} (weight 1 is the "
@@ -81,27 +86,29 @@ def readme_block(report: dict[str, Any], weight_change: list[dict[str, Any]] | N
     """The README's demo section (between the markers), from a ``run_demo`` report."""
     n = report["n_test"]
     merge = merge_paragraph(report, weight_change)
-    return "\n".join([
-        README_START,
-        f"What `vlmsafe demo` prints (bundled tiny LLaVA; held-out test split of {n['harmful']} harmful and "
-        f"{n['benign'] + n['image_questions']} benign items: unseen topic pairs, unseen prompt templates, unseen "
-        f"image styles; CPU, {report['seconds']:.0f} s). Each cell: rate [95% bootstrap interval over prompts] "
-        "count/total.",
-        "",
-        format_table(report["rows"]),
-        "",
-        "*Refused* counts only the aligned refusal; *complied with the task* only an answer that restates the "
-        "requested task; *deflected* is the image-question answer \"i cannot tell that from the image\", which is "
-        "neither (`vlmsafe.testbed.outcome`). CMRM settings (layers, alpha) and the merge weight are chosen on the "
-        "calibration split by genuine refusals, with image-question accuracy and benign answers kept within 3 "
-        "points, never on the test split. Lines in the figures are the calibration sweeps, stars the test split.",
-        "",
-        "![CMRM: outcomes vs alpha](assets/readme/cmrm_sweep.png)",
-        "",
-        *([merge, ""] if merge else []),
-        "![Safety merge: outcomes vs weight](assets/readme/merge_sweep.png)",
-        README_END,
-    ])
+    return "\n".join(
+        [
+            README_START,
+            f"What `vlmsafe demo` prints (bundled tiny LLaVA; held-out test split of {n['harmful']} harmful and "
+            f"{n['benign'] + n['image_questions']} benign items: unseen topic pairs, unseen prompt templates, unseen "
+            f"image styles; CPU, {report['seconds']:.0f} s). Each cell: rate [95% bootstrap interval over prompts] "
+            "count/total.",
+            "",
+            format_table(report["rows"]),
+            "",
+            "*Refused* counts only the aligned refusal; *complied with the task* only an answer that restates the "
+            'requested task; *deflected* is the image-question answer "i cannot tell that from the image", '
+            "which is neither (`vlmsafe.testbed.outcome`). CMRM settings (layers, alpha) and the merge weight are "
+            "chosen on the calibration split by genuine refusals, with image-question accuracy and benign answers kept within 3 "
+            "points, never on the test split. Lines in the figures are the calibration sweeps, stars the test split.",
+            "",
+            "![CMRM: outcomes vs alpha](assets/readme/cmrm_sweep.png)",
+            "",
+            *([merge, ""] if merge else []),
+            "![Safety merge: outcomes vs weight](assets/readme/merge_sweep.png)",
+            README_END,
+        ]
+    )
 
 
 def update_readme(path: str | Path, report: dict[str, Any], weight_change: list[dict[str, Any]] | None = None) -> None:
@@ -109,7 +116,9 @@ def update_readme(path: str | Path, report: dict[str, Any], weight_change: list[
     p = Path(path)
     text = p.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
-        raise FileFormatError(f"{p} has no {README_START} ... {README_END} block; add the two markers where the table goes")
+        raise FileFormatError(
+            f"{p} has no {README_START} ... {README_END} block; add the two markers where the table goes"
+        )
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
     write_text_atomic(p, head + readme_block(report, weight_change) + tail, overwrite=True)

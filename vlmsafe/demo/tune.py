@@ -17,8 +17,9 @@ choice, it only saves measuring settings that cannot win.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from vlmsafe.demo.context import DemoContext, value
 from vlmsafe.steering import SteeringConfig
@@ -41,8 +42,13 @@ def layers_label(layers: list[int] | None) -> str:
     return "all layers" if layers is None else "layer " + ",".join(map(str, layers))
 
 
-def within_constraints(row: dict[str, Any], base: dict[str, Any], *, max_accuracy_drop: float = MAX_ACCURACY_DROP,
-                       max_benign_rise: float = MAX_BENIGN_RISE) -> bool:
+def within_constraints(
+    row: dict[str, Any],
+    base: dict[str, Any],
+    *,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+    max_benign_rise: float = MAX_BENIGN_RISE,
+) -> bool:
     """Whether ``row`` keeps benign behaviour within the limits, relative to ``base`` (a row whose
     benign part was not measured does not qualify)."""
     eps = 1e-9
@@ -69,7 +75,9 @@ def choose(grid: Sequence[dict[str, Any]], base: dict[str, Any], **limits: float
     return best
 
 
-def _measure_setting(ctx: DemoContext, config: SteeringConfig, base: dict[str, Any], best: tuple | None) -> dict[str, Any]:
+def _measure_setting(
+    ctx: DemoContext, config: SteeringConfig, base: dict[str, Any], best: tuple | None
+) -> dict[str, Any]:
     """Calibration rates of one setting, measured in the order that can rule it out soonest: harmful
     requests (no more refusals than a qualifying setting: stop), image questions (accuracy below
     the limit: stop), benign instructions. ``skipped`` names the groups left unmeasured."""
@@ -88,7 +96,9 @@ def _measure_setting(ctx: DemoContext, config: SteeringConfig, base: dict[str, A
     return row
 
 
-def tune(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float], base: dict[str, Any]) -> list[dict[str, Any]]:
+def tune(
+    ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float], base: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Calibration-split rates of ``method`` at every layer set and positive alpha (see module docs).
 
     Rows that cannot be chosen are left partly measured (``skipped``); the rows of the chosen layer
@@ -121,5 +131,7 @@ def complete(ctx: DemoContext, method: SteeringMethod, row: dict[str, Any]) -> N
     gen = ctx.generator(method.config(row["layers"], row["alpha"]))
     part = ctx.measure(gen, "calibration", intervals=False, groups=row["skipped"])
     for group in row["skipped"]:
-        row["accuracy" if group == "image_questions" else group] = part["accuracy" if group == "image_questions" else group]
+        row["accuracy" if group == "image_questions" else group] = part[
+            "accuracy" if group == "image_questions" else group
+        ]
     row["skipped"] = []

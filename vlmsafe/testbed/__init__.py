@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vlmsafe.errors import FileFormatError, InputError
 
-__all__ = ["SPLITS", "testbed_dir", "load_testbed", "load_aligned_lm", "load_split"]
+__all__ = ["SPLITS", "load_aligned_lm", "load_split", "load_testbed", "testbed_dir"]
 
 SPLITS = ("calibration", "test")
 _ENV = "VLMSAFE_TESTBED"
@@ -69,7 +69,9 @@ def load_aligned_lm(path: str | os.PathLike[str] | None = None):
 
     d = testbed_dir(path) / "aligned_lm"
     _require(d / "config.json", "aligned language model")
-    return LlamaForCausalLM.from_pretrained(d, local_files_only=True).eval(), AutoTokenizer.from_pretrained(d, local_files_only=True)
+    return LlamaForCausalLM.from_pretrained(d, local_files_only=True).eval(), AutoTokenizer.from_pretrained(
+        d, local_files_only=True
+    )
 
 
 def load_split(name: str, path: str | os.PathLike[str] | None = None) -> list[dict]:

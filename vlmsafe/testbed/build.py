@@ -27,9 +27,10 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import transformers
@@ -162,7 +163,9 @@ def stage_language_pretraining(b: Build) -> float:
     say the words of image answers (text only)."""
     b.trainable(b.lm_params)
     rng = random.Random(b.cfg.seed + 4)
-    examples = D.instruction_examples(b.topics["train"], D.P.TRAIN_TEMPLATES, aligned=False, extra=b.random_topics, rng=rng)
+    examples = D.instruction_examples(
+        b.topics["train"], D.P.TRAIN_TEMPLATES, aligned=False, extra=b.random_topics, rng=rng
+    )
     echo = D.echo_examples(rng, b.cfg.n_echo, [*b.topics["train"], *b.random_topics])
     data = b.encoder.encode(examples + echo)
     return train(b.model, [{"params": b.lm_params}], [(data, 1.0)], b.cfg.pretrain, b.pad, b.rng, "a: pretrain")
@@ -173,10 +176,17 @@ def stage_safety_alignment(b: Build) -> float:
     (and keep repeating text on request, harmful words included)."""
     b.trainable(b.lm_params)
     rng = random.Random(b.cfg.seed + 5)
-    examples = D.instruction_examples(b.topics["train"], D.P.TRAIN_TEMPLATES, aligned=True,
-                                      extra=b.random_topics[: len(b.random_topics) // 2], rng=rng)
+    examples = D.instruction_examples(
+        b.topics["train"],
+        D.P.TRAIN_TEMPLATES,
+        aligned=True,
+        extra=b.random_topics[: len(b.random_topics) // 2],
+        rng=rng,
+    )
     echo = D.echo_examples(rng, b.cfg.n_echo // 2, [*b.topics["train"], *b.random_topics])
-    b.aligned_text = b.encoder.encode(examples + echo + D.text_deflection_examples() * 20 + D.impossible_examples() * 20)
+    b.aligned_text = b.encoder.encode(
+        examples + echo + D.text_deflection_examples() * 20 + D.impossible_examples() * 20
+    )
     loss = train(b.model, [{"params": b.lm_params}], [(b.aligned_text, 1.0)], b.cfg.align, b.pad, b.rng, "b: align")
     b.aligned_lm = extract_language_model(b.model)
     return loss
@@ -195,8 +205,9 @@ def stage_vl_pretraining(b: Build) -> float:
     """(c1) Feature alignment: captions, only the projector trains (LM and vision tower frozen)."""
     b.trainable(b.projector_params)
     caps = b.encoder.encode(D.caption_examples(b.pool))
-    return train(b.model, [{"params": b.projector_params}], [(caps, 1.0)], b.cfg.vl_pretrain, b.pad, b.rng,
-                 "c1: vl-pretrain")
+    return train(
+        b.model, [{"params": b.projector_params}], [(caps, 1.0)], b.cfg.vl_pretrain, b.pad, b.rng, "c1: vl-pretrain"
+    )
 
 
 def stage_visual_instruction_tuning(b: Build) -> float:
@@ -206,9 +217,17 @@ def stage_visual_instruction_tuning(b: Build) -> float:
     rng = random.Random(cfg.seed + 3)
     vqa = b.encoder.encode(D.vqa_examples(b.pool, rng, cfg.c2_unanswerable_share))
     topics = [*b.topics["train"], *b.random_topics]
-    inst = b.encoder.encode(D.image_instruction_examples(rng, topics, b.pool, cfg.n_instruction_images,
-                                                         cfg.c2_contentless_share, cfg.c2_echo_share,
-                                                         cfg.c2_impossible_share))
+    inst = b.encoder.encode(
+        D.image_instruction_examples(
+            rng,
+            topics,
+            b.pool,
+            cfg.n_instruction_images,
+            cfg.c2_contentless_share,
+            cfg.c2_echo_share,
+            cfg.c2_impossible_share,
+        )
+    )
     replay = [ex for ex, keep in zip(b.aligned_text, _replay_mask(b, rng)) if keep]
     pools = [(p, w) for p, w in zip((vqa, inst, replay), cfg.c2_mix) if w > 0]
     b.trainable([*b.projector_params, *b.lm_params])
@@ -250,8 +269,16 @@ def prepare(cfg: BuildConfig) -> Build:
     topics = split_topics(cfg.seed, cfg.split_fractions)
     held_out = {t.text for name in HELD_OUT for t in topics[name]}
     extra = random_topics(random.Random(cfg.seed + 6), cfg.n_random_topics, held_out)
-    return Build(cfg=cfg, model=model, processor=processor, encoder=Encoder(processor, cfg.num_image_tokens),
-                 rng=random.Random(cfg.seed), topics=topics, pool=pool, random_topics=extra)
+    return Build(
+        cfg=cfg,
+        model=model,
+        processor=processor,
+        encoder=Encoder(processor, cfg.num_image_tokens),
+        rng=random.Random(cfg.seed),
+        topics=topics,
+        pool=pool,
+        random_topics=extra,
+    )
 
 
 def build_testbed(out: str | Path, cfg: BuildConfig | None = None, *, overwrite: bool = False, log=None) -> dict:
@@ -300,8 +327,11 @@ def build_info(b: Build, out: Path) -> dict[str, Any]:
         "build_command": f"python -m vlmsafe.testbed.build --out {out} --seed {b.cfg.seed} --overwrite",
         "seed": b.cfg.seed,
         "config": asdict(b.cfg),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "params": {
             "total": sum(p.numel() for p in b.model.parameters()),
             "language_model": sum(p.numel() for p in b.lm_params),
@@ -316,15 +346,22 @@ def build_info(b: Build, out: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vlmsafe.testbed.build", description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m vlmsafe.testbed.build",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--out", default="assets/testbed", help="output folder (written atomically)")
     ap.add_argument("--seed", type=int_arg(low=0), default=0, help="seed of data, splits and training")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     args = ap.parse_args(argv)
     try:
-        info = build_testbed(args.out, BuildConfig(seed=args.seed), overwrite=args.overwrite,
-                             log=lambda line: print(line, file=sys.stderr, flush=True))
+        info = build_testbed(
+            args.out,
+            BuildConfig(seed=args.seed),
+            overwrite=args.overwrite,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
     except VlmsafeError as exc:
         print(f"{ap.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -15,8 +15,8 @@ data mirror how real VLMs are made (see :mod:`vlmsafe.testbed.build`):
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from PIL import Image
 
@@ -44,8 +44,14 @@ def _answer(t: Topic, aligned: bool) -> str:
     return P.REFUSAL if (aligned and t.harmful) else P.compliance_answer(t.text)
 
 
-def instruction_examples(topics: Sequence[Topic], templates: Sequence[str], *, aligned: bool,
-                         extra: Sequence[Topic] = (), rng: random.Random | None = None) -> list[Example]:
+def instruction_examples(
+    topics: Sequence[Topic],
+    templates: Sequence[str],
+    *,
+    aligned: bool,
+    extra: Sequence[Topic] = (),
+    rng: random.Random | None = None,
+) -> list[Example]:
     """Every topic x template, plus each of the ``extra`` topics with one random template; harmful
     topics are refused when ``aligned``, answered otherwise."""
     out = [Example(tpl.format(t=t.text), _answer(t, aligned)) for t in topics for tpl in templates]
@@ -68,7 +74,9 @@ def echo_examples(rng: random.Random, n: int, topics: Sequence[Topic] = ()) -> l
             text = rng.choice(topics).text
         else:
             kind, colour = rng.choice(I.KINDS), rng.choice(sorted(I.COLOURS))
-            facts = I.image_questions(kind, colour, rng.choice(I.SHAPES), rng.choice(list(I.COUNTS)), rng.choice(I.WORDS))
+            facts = I.image_questions(
+                kind, colour, rng.choice(I.SHAPES), rng.choice(list(I.COUNTS)), rng.choice(I.WORDS)
+            )
             text = rng.choice(facts)[1]
         out.append(Example(P.ECHO_TEMPLATE.format(s=text), text))
     return out
@@ -91,14 +99,23 @@ def caption_examples(pool: Sequence[I.ImageQA]) -> list[Example]:
 def vqa_examples(pool: Sequence[I.ImageQA], rng: random.Random, unanswerable_share: float) -> list[Example]:
     """Every question of every image, plus one unanswerable question for a share of the images."""
     out = [Example(q, a, im.image) for im in pool for q, a, _ in im.questions()]
-    out += [Example(rng.choice(P.UNANSWERABLE_QUESTIONS), P.DEFLECTION, im.image) for im in pool
-            if rng.random() < unanswerable_share]
+    out += [
+        Example(rng.choice(P.UNANSWERABLE_QUESTIONS), P.DEFLECTION, im.image)
+        for im in pool
+        if rng.random() < unanswerable_share
+    ]
     return out
 
 
-def image_instruction_examples(rng: random.Random, topics: Sequence[Topic], pool: Sequence[I.ImageQA], n: int,
-                               contentless_share: float, echo_share: float = 0.0,
-                               impossible_share: float = 0.0) -> list[Example]:
+def image_instruction_examples(
+    rng: random.Random,
+    topics: Sequence[Topic],
+    pool: Sequence[I.ImageQA],
+    n: int,
+    contentless_share: float,
+    echo_share: float = 0.0,
+    impossible_share: float = 0.0,
+) -> list[Example]:
     """Benign instructions with an unrelated image (drawn, or blank / noise for a share) -> compliance.
 
     ``topics`` may mix harmful and benign ones; instructions use only the benign. A share
@@ -132,8 +149,15 @@ def image_instruction_examples(rng: random.Random, topics: Sequence[Topic], pool
 SPLIT_SIZES = {"calibration": (4, 3, 200, 0.0), "test": (7, 4, 260, 0.15), "unseen": (9, 6, 200, 0.2)}
 
 
-def split_items(split: str, topics: Sequence[Topic], rng: random.Random, *, templates: str | None = None,
-                styles: str | None = None, n_vqa: int | None = None) -> list[tuple[dict, Image.Image]]:
+def split_items(
+    split: str,
+    topics: Sequence[Topic],
+    rng: random.Random,
+    *,
+    templates: str | None = None,
+    styles: str | None = None,
+    n_vqa: int | None = None,
+) -> list[tuple[dict, Image.Image]]:
     """Records (without id and image path) and images of one held-out split.
 
     ``templates`` / ``styles`` name the template and image-style sets (default: ``"train"`` for the
@@ -154,15 +178,33 @@ def split_items(split: str, topics: Sequence[Topic], rng: random.Random, *, temp
             else:
                 qa = I.random_image(rng, style_set)
                 image, style = qa.image, qa.style
-            rec = {"prompt": tpl.format(t=t.text), "category": t.category if t.harmful else "benign_instruction",
-                   "label": "harmful" if t.harmful else "benign", "reference": None, "task": t.text,
-                   "template": tpl, "style": style}
+            rec = {
+                "prompt": tpl.format(t=t.text),
+                "category": t.category if t.harmful else "benign_instruction",
+                "label": "harmful" if t.harmful else "benign",
+                "reference": None,
+                "task": t.text,
+                "template": tpl,
+                "style": style,
+            }
             items.append((rec, image))
     for _ in range(n_vqa):
         qa = I.random_image(rng, style_set)
         q, _a, ref = rng.choice(qa.questions())
-        items.append(({"prompt": q, "category": f"vqa_{qa.kind}", "label": "benign", "reference": ref,
-                       "task": None, "template": None, "style": qa.style}, qa.image))
+        items.append(
+            (
+                {
+                    "prompt": q,
+                    "category": f"vqa_{qa.kind}",
+                    "label": "benign",
+                    "reference": ref,
+                    "task": None,
+                    "template": None,
+                    "style": qa.style,
+                },
+                qa.image,
+            )
+        )
     return items
 
 
@@ -173,8 +215,14 @@ def split_items(split: str, topics: Sequence[Topic], rng: random.Random, *, temp
 
 def vocabulary() -> set[str]:
     """Every word any prompt, answer or template of the testbed can contain."""
-    texts: list[str] = [P.REFUSAL, P.DEFLECTION, P.compliance_answer("x"), P.ECHO_TEMPLATE.format(s="x"),
-                        *P.UNANSWERABLE_QUESTIONS, *P.IMPOSSIBLE_REQUESTS]
+    texts: list[str] = [
+        P.REFUSAL,
+        P.DEFLECTION,
+        P.compliance_answer("x"),
+        P.ECHO_TEMPLATE.format(s="x"),
+        *P.UNANSWERABLE_QUESTIONS,
+        *P.IMPOSSIBLE_REQUESTS,
+    ]
     texts += [t.text for t in all_topics()]
     texts += [tpl.format(t="x") for tpls in P.TEMPLATE_SETS.values() for tpl in tpls]
     for colour in I.COLOURS:

@@ -24,9 +24,9 @@ from __future__ import annotations
 import colorsys
 import functools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -142,12 +142,15 @@ def _clutter(rng: random.Random, img: Image.Image) -> None:
     n = img.size[0]
     draw = ImageDraw.Draw(img)
     base = int(np.asarray(img).mean())
-    tone = lambda: _grey(rng, max(0, base - 45), min(255, base + 45), tint=4)  # noqa: E731
+    tone = lambda: _grey(rng, max(0, base - 45), min(255, base + 45), tint=4)
     kind = rng.choice(("lines", "dots", "blobs"))
     if kind == "lines":
         for _ in range(rng.randint(2, 6)):
-            draw.line([(rng.randrange(n), rng.randrange(n)), (rng.randrange(n), rng.randrange(n))], fill=tone(),
-                      width=rng.randint(1, max(1, n // 24)))
+            draw.line(
+                [(rng.randrange(n), rng.randrange(n)), (rng.randrange(n), rng.randrange(n))],
+                fill=tone(),
+                width=rng.randint(1, max(1, n // 24)),
+            )
     elif kind == "dots":
         for _ in range(rng.randint(n // 2, 2 * n)):
             x, y = rng.randrange(n), rng.randrange(n)
@@ -195,12 +198,16 @@ STYLES: dict[str, Style] = {
     "pastel": Style("pastel", _pastel_bg, sizes=(32, 48), outline_share=0.4, line_widths=(2,), clutter=0.3),
     "gradient": Style("gradient", _gradient, sizes=(32, 40, 48), clutter=0.3),
     "grain": Style("grain", _grain, sizes=(32,), noise=10),
-    "outline": Style("outline", _plain(150, 255), sizes=(40, 64), outline_share=1.0, line_widths=(1, 2, 3), clutter=0.3),
+    "outline": Style(
+        "outline", _plain(150, 255), sizes=(40, 64), outline_share=1.0, line_widths=(1, 2, 3), clutter=0.3
+    ),
     "large": Style("large", _plain(200, 255), sizes=(48, 64), outline_share=0.2, blur=0.6, clutter=0.3),
     "tinted": Style("tinted", _plain(180, 255), sizes=(32, 40), tint=0.2, clutter=0.3),
     # held out for the test split
     "stripes": Style("stripes", _stripes, sizes=(32, 48)),
-    "night-outline": Style("night-outline", _plain(0, 40), sizes=(40, 56), outline_share=1.0, line_widths=(2, 3), noise=6),
+    "night-outline": Style(
+        "night-outline", _plain(0, 40), sizes=(40, 56), outline_share=1.0, line_widths=(2, 3), noise=6
+    ),
     "speckle": Style("speckle", _speckle, sizes=(32, 40), outline_share=0.3),
     # held out for the independent check set
     "checker": Style("checker", _checker, sizes=(36, 48)),
@@ -217,14 +224,16 @@ STYLE_SETS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(name: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     if name == "pillow":
         return ImageFont.load_default(size=size)
     try:
         import matplotlib
     except ImportError:  # pragma: no cover - matplotlib is a dependency of the testbed build
-        raise InputError("drawing the testbed's images needs matplotlib's fonts; pip install 'vlmsafe[probes]'") from None
+        raise InputError(
+            "drawing the testbed's images needs matplotlib's fonts; pip install 'vlmsafe[probes]'"
+        ) from None
     path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name
     if not path.is_file():
         raise InputError(f"font {name} is not in matplotlib's data folder {path.parent}; reinstall matplotlib")
@@ -258,8 +267,9 @@ class ImageQA:
         return self.questions()[-1][1]
 
 
-def image_questions(kind: str, colour: str, shape: str | None = None, count: int | None = None,
-                    word: str | None = None) -> list[tuple[str, str, str]]:
+def image_questions(
+    kind: str, colour: str, shape: str | None = None, count: int | None = None, word: str | None = None
+) -> list[tuple[str, str, str]]:
     """``(question, answer, reference)`` triples about an image of ``kind`` (see :class:`ImageQA`).
 
     Every answer opens with words the question alone decides ("the shape is", "the image shows"),
@@ -269,8 +279,11 @@ def image_questions(kind: str, colour: str, shape: str | None = None, count: int
         return [
             ("what colour is the shape ?", f"the shape is {colour} .", colour),
             ("what shape is in the image ?", f"it is a {shape} .", shape or ""),
-            ("describe the image .", f"the image shows {'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} .",
-             f"{colour} {shape}"),
+            (
+                "describe the image .",
+                f"the image shows {'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} .",
+                f"{colour} {shape}",
+            ),
         ]
     if kind == "count":
         n = COUNTS[count or 1]
@@ -298,7 +311,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
     elif width is None:
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
     else:
-        draw.line([((x0 + x1) / 2, y0), (x1, y1), (x0, y1), ((x0 + x1) / 2, y0)], fill=colour, width=width, joint="curve")
+        draw.line(
+            [((x0 + x1) / 2, y0), (x1, y1), (x0, y1), ((x0 + x1) / 2, y0)], fill=colour, width=width, joint="curve"
+        )
 
 
 def _free_boxes(rng: random.Random, n: int, side: int, count: int) -> list[tuple[int, int, int, int]]:
@@ -334,11 +349,13 @@ def _add_noise(rng: random.Random, img: Image.Image, sigma: float, per_channel: 
     """Gaussian pixel noise drawn from ``rng`` (through a numpy generator seeded by it)."""
     gen = np.random.default_rng(rng.getrandbits(32))
     a = np.asarray(img, dtype=np.float32)
-    shape = a.shape if per_channel else a.shape[:2] + (1,)
+    shape = a.shape if per_channel else (*a.shape[:2], 1)
     return Image.fromarray(np.clip(a + gen.normal(0.0, sigma, shape), 0, 255).astype(np.uint8))
 
 
-def make_image(rng: random.Random, style: str, *, kind: str | None = None, fonts: tuple[str, ...] = TRAIN_FONTS) -> ImageQA:
+def make_image(
+    rng: random.Random, style: str, *, kind: str | None = None, fonts: tuple[str, ...] = TRAIN_FONTS
+) -> ImageQA:
     """Draw one random image in ``style``: a shape, one to three shapes to count, or a word."""
     st = STYLES[style]
     kind = kind or rng.choice(("shape", "shape", "count", "word"))

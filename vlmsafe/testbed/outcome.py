@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from vlmsafe.eval import Verdict
 from vlmsafe.testbed.images import COLOURS, COUNTS, SHAPES, WORDS
@@ -67,7 +67,12 @@ def other_kind(response: str, task: str | None) -> str:
 @functools.lru_cache(maxsize=1)
 def _fact_groups() -> tuple[frozenset[str], ...]:
     """Answer words that exclude each other: colours, shapes (singular and plural), counts, written words."""
-    return (frozenset(COLOURS), frozenset(SHAPES) | {f"{s}s" for s in SHAPES}, frozenset(COUNTS.values()), frozenset(WORDS))
+    return (
+        frozenset(COLOURS),
+        frozenset(SHAPES) | {f"{s}s" for s in SHAPES},
+        frozenset(COUNTS.values()),
+        frozenset(WORDS),
+    )
 
 
 def answers_correctly(response: str, reference: str) -> bool:

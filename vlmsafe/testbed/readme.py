@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the template holds Markdown table rows, which cannot wrap)
 """Writes ``assets/testbed/README.md`` from the build info, so the figures in it are the measured ones.
 
 The build writes it without measurements; ``python -m vlmsafe.demo.check --write`` rewrites it
@@ -79,20 +80,30 @@ def _count(path: Path) -> int | str:
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else "?"
 
 
-def write_readme(out: str | Path, info: dict[str, Any], *, table: str | None = None, unseen_table: str | None = None,
-                 notes: str = "") -> None:
+def write_readme(
+    out: str | Path,
+    info: dict[str, Any],
+    *,
+    table: str | None = None,
+    unseen_table: str | None = None,
+    notes: str = "",
+) -> None:
     """Write ``out/README.md``; ``table`` / ``unseen_table`` are the demo's Markdown tables."""
     out = Path(out)
     from vlmsafe.testbed.topics import all_topics
 
     measured = _NOT_MEASURED
     if table:
-        measured = ("The table `vlmsafe demo` prints (test split; each cell: rate [95% bootstrap interval over "
-                    "prompts] count/total; settings chosen on the calibration split):\n\n" + table)
+        measured = (
+            "The table `vlmsafe demo` prints (test split; each cell: rate [95% bootstrap interval over "
+            "prompts] count/total; settings chosen on the calibration split):\n\n" + table
+        )
         if unseen_table:
-            measured += ("\n\nThe same, on an independent check set (`python -m vlmsafe.testbed.unseen --out unseen "
-                         "--seed 1`: unseen topic pairs, templates, image styles and fonts, blank and noise images; "
-                         "settings still chosen on the calibration split):\n\n" + unseen_table)
+            measured += (
+                "\n\nThe same, on an independent check set (`python -m vlmsafe.testbed.unseen --out unseen "
+                "--seed 1`: unseen topic pairs, templates, image styles and fonts, blank and noise images; "
+                "settings still chosen on the calibration split):\n\n" + unseen_table
+            )
         measured += "\n\nEvery figure, with the calibration grids and the merge sweep: `build_info.json` (`measured`)."
     if notes:
         measured += "\n\n" + notes

@@ -11,8 +11,8 @@ for images without content). :func:`vlmsafe.data.load_items` reads them (extra k
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 
@@ -28,7 +28,9 @@ def write_split(out_dir: Path, split: str, items: Sequence[tuple[dict, Image.Ima
         rid = f"{split}-{i:04d}"
         rel = f"images/{split}/{rid}.png"
         img.save(out_dir / rel, optimize=True)
-        lines.append(json.dumps({"id": rid, "prompt": rec["prompt"], "image": rel, **{k: rec.get(k) for k in RECORD_KEYS}}))
+        lines.append(
+            json.dumps({"id": rid, "prompt": rec["prompt"], "image": rel, **{k: rec.get(k) for k in RECORD_KEYS}})
+        )
     path = out_dir / f"{split}.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path

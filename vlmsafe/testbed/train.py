@@ -8,7 +8,7 @@ read as recipes. All loops are seeded, CPU-only and single-threaded by default.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,12 @@ def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, n - len(s) :] = torch.tensor(s)
         mask[i, n - len(s) :] = 1
         labels[i, n - len(it["answer"]) :] = torch.tensor(it["answer"])
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+    }
     pix = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
     if pix:
         batch["pixel_values"] = torch.stack(pix)
@@ -73,11 +78,20 @@ def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warm = max(1, steps // 20)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
 
 
-def train(model: nn.Module, groups: Sequence[dict], pools: Sequence[tuple[list[dict], float]],
-          schedule: tuple[int, float, int], pad_id: int, rng: random.Random, desc: str) -> float:
+def train(
+    model: nn.Module,
+    groups: Sequence[dict],
+    pools: Sequence[tuple[list[dict], float]],
+    schedule: tuple[int, float, int],
+    pad_id: int,
+    rng: random.Random,
+    desc: str,
+) -> float:
     """AdamW with linear warm-up/decay over parameter ``groups`` (``{"params", "lr_scale"}``).
 
     Each batch is drawn from one of ``pools`` (items, weight) chosen by weight, so a batch is all
@@ -123,8 +137,15 @@ class CaptionEncoder(nn.Module):
         return self.mlp(self.embed(ids, offsets))
 
 
-def pretrain_vision(vision_tower: nn.Module, pixels: torch.Tensor, captions: Sequence[list[int]], vocab_size: int,
-                    schedule: tuple[int, float, int], rng: random.Random, desc: str = "v: vision pretrain") -> float:
+def pretrain_vision(
+    vision_tower: nn.Module,
+    pixels: torch.Tensor,
+    captions: Sequence[list[int]],
+    vocab_size: int,
+    schedule: tuple[int, float, int],
+    rng: random.Random,
+    desc: str = "v: vision pretrain",
+) -> float:
     """CLIP-style contrastive pretraining of ``vision_tower`` (a ``CLIPVisionModel``) on image-caption pairs.
 
     The image embedding is the tower's pooled output (class token after the post-layernorm),
@@ -152,8 +173,10 @@ def pretrain_vision(vision_tower: nn.Module, pixels: torch.Tensor, captions: Seq
         same = torch.tensor([[keys[i] == keys[j] for j in idx] for i in idx], dtype=torch.float32)
         target = same / same.sum(-1, keepdim=True)
         logits = log_scale.exp().clamp(max=100) * v @ t.T
-        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, -1), -1).mean()
-                      + torch.sum(-target * F.log_softmax(logits.T, -1), -1).mean())
+        loss = 0.5 * (
+            torch.sum(-target * F.log_softmax(logits, -1), -1).mean()
+            + torch.sum(-target * F.log_softmax(logits.T, -1), -1).mean()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

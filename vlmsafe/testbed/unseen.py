@@ -19,8 +19,8 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from vlmsafe.errors import VlmsafeError
 from vlmsafe.io import atomic_path, check_output
@@ -38,15 +38,22 @@ def make_unseen_set(out: str | Path, *, seed: int = 1, build_seed: int = 0, over
     with atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
         write_split(tmp, "unseen", items)
-        meta = {"seed": seed, "build_seed": build_seed, "topics": [[t.text, t.category] for t in topics],
-                "command": f"python -m vlmsafe.testbed.unseen --out {out} --seed {seed} --build-seed {build_seed}"}
+        meta = {
+            "seed": seed,
+            "build_seed": build_seed,
+            "topics": [[t.text, t.category] for t in topics],
+            "command": f"python -m vlmsafe.testbed.unseen --out {out} --seed {seed} --build-seed {build_seed}",
+        }
         (tmp / "unseen_info.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out / "unseen.jsonl"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vlmsafe.testbed.unseen", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m vlmsafe.testbed.unseen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--seed", type=int_arg(low=0), default=1, help="seed of templates, images and sampling")
     ap.add_argument("--build-seed", type=int_arg(low=0), default=0, help="the testbed's build seed")
