@@ -100,7 +100,8 @@ def readme_block(report: dict[str, Any], weight_change: list[dict[str, Any]] | N
             'requested task; *deflected* is the image-question answer "i cannot tell that from the image", '
             "which is neither (`vlmsafe.testbed.outcome`). CMRM settings (layers, alpha) and the merge weight are "
             "chosen on the calibration split by genuine refusals, with image-question accuracy and benign answers "
-            "kept within 3 points, never on the test split. Lines in the figures are the calibration sweeps, stars the test split.",
+            "kept within 3 points, never on the test split. Lines in the figures are the calibration sweeps, "
+            "stars the test split.",
             "",
             "![CMRM: outcomes vs alpha](assets/readme/cmrm_sweep.png)",
             "",
