@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vlmsafe.cli_options import add_output_options, add_progress_option
 from vlmsafe.validation import float_list_arg, int_arg, layer_spec_arg
 
 DEMO_HELP = """\
@@ -33,13 +34,15 @@ cmrm_sweep.png and merge_sweep.png to --out.
 
 
 def register(subparsers: Any) -> None:
+    from vlmsafe.steering.cmrm import STEER_POSITIONS
+
     p = subparsers.add_parser(
         "demo",
         help="show the safety degradation and the fixes on the bundled tiny LLaVA (no downloads)",
         description=DEMO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default="vlmsafe-demo", help="output folder (default: ./vlmsafe-demo)")
+    add_output_options(p, default="vlmsafe-demo", help="output folder (default: ./vlmsafe-demo)")
     p.add_argument(
         "--testbed", default=None, help="testbed folder (default: the bundled assets/testbed, or $VLMSAFE_TESTBED)"
     )
@@ -62,14 +65,11 @@ def register(subparsers: Any) -> None:
         default=None,
         help="steer only these layers instead of choosing (e.g. 2 or 1,2)",
     )
-    p.add_argument(
-        "--positions", default=None, choices=["last", "prompt", "text", "image"], help="override the steered positions"
-    )
+    p.add_argument("--positions", default=None, choices=STEER_POSITIONS, help="override the steered positions")
     p.add_argument("--decode", action="store_true", default=None, help="also steer generated tokens")
     p.add_argument("--batch-size", type=int_arg(low=1), default=64, help="items per generation batch (default: 64)")
     p.add_argument("--no-merge", action="store_true", help="skip the safety-merge row")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress_option(p)
     p.set_defaults(func=run)
 
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         test=args.test,
         alphas=args.alphas or DEFAULT_ALPHAS,
         batch_size=args.batch_size,
-        progress=not args.quiet,
+        progress=not args.no_progress,
         settings=settings,
         merge=not args.no_merge,
         overwrite=args.overwrite,
