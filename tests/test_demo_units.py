@@ -64,6 +64,18 @@ def test_table_cells_show_rate_interval_and_count():
     assert line.startswith("| multimodal (image + text) | 60.0% [") and " 6/10 |" in line and " 3/5 |" in line
     block = readme_block({"n_test": {"harmful": 10, "benign": 4, "image_questions": 5}, "rows": [row], "seconds": 3.0})
     assert "10 harmful and 9 benign items" in block and line in block
+    sized = readme_block(
+        {
+            "n_test": {"harmful": 1, "benign": 1, "image_questions": 0},
+            "rows": [row],
+            "seconds": 1.0,
+            "testbed_params": 751296,
+            "build_seconds": 600,
+        }
+    )
+    assert (
+        "751,296-parameter `LlavaForConditionalGeneration`" in sized and "(10 minutes with one torch thread)" in sized
+    )
 
 
 def _row(refusal, acc, ben_refusal=0.0, ben_compliance=1.0, alpha=1.0, layers=None):

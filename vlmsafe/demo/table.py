@@ -77,8 +77,26 @@ def merge_paragraph(report: dict[str, Any], weight_change: list[dict[str, Any]] 
         "the same weight change, so every point of safety the merge buys costs accuracy, and no weight keeps "
         "accuracy within 3 points with more refusals than the chosen one. CMRM instead removes the image-induced "
         "shift of one hidden state at inference, which is why it recovers refusals at little cost in accuracy. "
-        "Real VLMs start from a far larger, broadly pretrained LM that needs to move less to learn images; "
-        "measure yours with `vlmsafe probe weights` before expecting either outcome."
+        "A likely reason merges recover more on real VLMs, not measured here: a large, broadly pretrained LM "
+        "needs to move much less to learn images; measure yours with `vlmsafe probe weights` before expecting "
+        "either outcome."
+    )
+
+
+def testbed_paragraph(report: dict[str, Any]) -> str:
+    """What the bundled testbed is and how to rebuild it (size and build time from its build info)."""
+    size = f"{report['testbed_params']:,}-parameter " if report.get("testbed_params") else ""
+    minutes = (
+        f" ({report['build_seconds'] / 60:.0f} minutes with one torch thread)" if report.get("build_seconds") else ""
+    )
+    return (
+        f"The testbed is a {size}`LlavaForConditionalGeneration` trained on synthetic data in the stages of "
+        "LLaVA-1.5 (language pretraining, text-only safety alignment, vision pretraining, feature alignment, "
+        "visual instruction tuning on benign image data only); test topic pairs, templates and image styles are "
+        "held out from training and calibration. See [assets/testbed/README.md](assets/testbed/README.md). It "
+        "shows the mechanism on a model small enough to ship, not the figures of a 7B model. Rebuild it with "
+        f"`python -m vlmsafe.testbed.build --out assets/testbed --seed 0 --overwrite`{minutes}, then record its "
+        "figures with `python -m vlmsafe.demo.check --write --readme README.md`."
     )
 
 
@@ -102,6 +120,8 @@ def readme_block(report: dict[str, Any], weight_change: list[dict[str, Any]] | N
             "chosen on the calibration split by genuine refusals, with image-question accuracy and benign answers "
             "kept within 3 points, never on the test split. Lines in the figures are the calibration sweeps, "
             "stars the test split.",
+            "",
+            testbed_paragraph(report),
             "",
             "![CMRM: outcomes vs alpha](assets/readme/cmrm_sweep.png)",
             "",
