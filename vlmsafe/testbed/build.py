@@ -76,17 +76,17 @@ class BuildConfig:
     #: LLaVA-1.5 fine-tunes the LLM at 2e-5 against 2e-3 for the projector in stage 1.
     c2_lm_lr_scale: float = 1.0
     #: c2 mixture: image questions / image + benign instruction / text-only replay of stage b.
-    c2_mix: tuple[float, float, float] = (0.4, 0.5, 0.1)
+    c2_mix: tuple[float, float, float] = (0.4, 0.45, 0.15)
     #: share of c2 images that also get one unanswerable question (-> the deflection).
     c2_unanswerable_share: float = 0.2
     #: share of c2's image + instruction examples whose image is blank or noise.
     c2_contentless_share: float = 0.25
     #: share of stage b's refusals kept in c2's text-only replay (the rest of stage b is replayed in full).
-    c2_replay_refusals: float = 1.0
+    c2_replay_refusals: float = 0.25
     #: share of c2's image + instruction examples that are "repeat after me" turns (data.echo_examples).
     c2_echo_share: float = 0.15
     #: share of c2's image + instruction examples that are impossible requests, refused (data.impossible_examples).
-    c2_impossible_share: float = 0.0
+    c2_impossible_share: float = 0.06
     #: random verb x object pairs (sensible or not, never a held-out pair) added to stages a, b and c2
     n_random_topics: int = 6000
     #: stage-a "repeat after me" turns over image-answer sentences (see prompts.ECHO_TEMPLATE)
