@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlmsafe.io import atomic_path, check_output
     from vlmsafe.steering.compounding import compounding_table, gap_profile
     from vlmsafe.testbed import load_testbed, testbed_dir
-    from vlmsafe.testbed.data import REFUSAL
+    from vlmsafe.testbed.prompts import REFUSAL
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--out", required=True)
