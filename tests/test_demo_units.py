@@ -182,3 +182,23 @@ def test_tune_skips_settings_that_cannot_win():
     assert (pick["alpha"], pick["layers"]) == (0.5, None)
     # the chosen (all-layer) sweep was completed for its plot: alpha 1 and 2 got their benign part afterwards
     assert [r["benign"] for r in grid if r["layers"] is None] == [table[(None, a)]["benign"] for a in (0.5, 1.0, 2.0)]
+
+
+def test_merge_figure_marks_the_test_split_at_the_chosen_weight(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from vlmsafe.demo.plots import SERIES, plot_merge
+
+    stars = []
+    monkeypatch.setattr(Axes, "errorbar", lambda self, x, y, **kw: stars.append((x, y)))
+    row = {"setting": "safety merge (linear, LM only)", **summarize(_report()), "chosen": {"weight": 0.4}}
+    base = summarize(_report(), intervals=False)
+    sweep = [{"weight": w, "calibration": base} for w in (0.0, 0.4, 1.0)]
+    plot_merge(sweep, row, tmp_path / "m.png")
+    assert len(stars) == len(SERIES) and all(x == [0.4] for x, _ in stars)
+    assert stars[0][1] == [pytest.approx(60.0)]  # genuine refusals of the test rows, in percent
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    stars.clear()
+    plot_merge(sweep, None, tmp_path / "n.png")
+    assert not stars

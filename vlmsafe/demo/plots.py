@@ -83,16 +83,19 @@ def plot_steering(
 
 def plot_merge(sweep: Sequence[dict[str, Any]], chosen: dict[str, Any] | None, path: str | os.PathLike[str]) -> None:
     """Outcomes on the calibration split against the merge weight (0 = the VLM as built, 1 = the
-    aligned LM inside it), with the test split at the chosen weight (stars, 95% intervals)."""
+    aligned LM inside it), with the test split at the chosen weight (stars, 95% intervals). ``chosen``
+    is the merge row (its test-split rates, and the weight at ``chosen["chosen"]["weight"]``), or
+    ``None`` for no stars."""
+    weight = (chosen or {}).get("chosen", {}).get("weight")
     plt, fig, axes = _figure(1)
     ax = axes[0]
     xs = [r["weight"] for r in sweep]
     for label, key, colour in SERIES:
         ax.plot(xs, [_pct(r["calibration"], key) for r in sweep], marker="o", color=colour, label=label)
-        if chosen is not None and chosen.get("weight"):
+        if weight:
             lo, hi = _ci(chosen, key)
             ax.errorbar(
-                [chosen["weight"]],
+                [weight],
                 [_pct(chosen, key)],
                 yerr=[[_pct(chosen, key) - 100 * lo], [100 * hi - _pct(chosen, key)]],
                 marker="*",
