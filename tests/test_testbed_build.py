@@ -29,7 +29,13 @@ TINY = dict(
 
 def test_smoke_build_writes_a_loadable_testbed(tmp_path):
     lines = []
-    info = build_testbed(tmp_path / "tb", BuildConfig(**TINY), log=lines.append)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        info = build_testbed(tmp_path / "tb", BuildConfig(**{**TINY, "threads": 1}), log=lines.append)
+        assert torch.get_num_threads() == 2  # the build's own thread count does not leak to the caller
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path / "tb"
     model = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True)
     processor = AutoProcessor.from_pretrained(out, local_files_only=True)

@@ -260,7 +260,6 @@ STAGES = (
 
 def prepare(cfg: BuildConfig) -> Build:
     """Seeded model, processor, topic splits and the pool of training images."""
-    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     processor = build_processor(cfg)
     model = build_model(cfg, processor.tokenizer)
@@ -290,9 +289,14 @@ def build_testbed(out: str | Path, cfg: BuildConfig | None = None, *, overwrite:
     cfg = cfg or BuildConfig()
     out = check_output(out, kind="dir", overwrite=overwrite)
     started = time.time()
-    b = prepare(cfg)
-    for name, stage in STAGES:
-        b.run(name, stage, log)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # the build's figures depend on it; the caller's setting is restored
+    try:
+        b = prepare(cfg)
+        for name, stage in STAGES:
+            b.run(name, stage, log)
+    finally:
+        torch.set_num_threads(threads)
     with atomic_path(out, overwrite=overwrite) as tmp:
         info = _write(tmp, b, out, started)
     return info
