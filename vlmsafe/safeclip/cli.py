@@ -61,6 +61,10 @@ def register(subparsers: Any) -> None:
     _register_eval(sub)
     _register_pairs(sub)
 
+    from vlmsafe.safeclip.generate import register_generate
+
+    register_generate(sub)
+
 
 # ------------------------------------------------------------------------------------ train
 

@@ -1,0 +1,220 @@
+"""Safe-CLIP in text-to-image pipelines: the bundled testbed's measurement and ``vlmsafe safeclip generate``.
+
+The ``generate`` tests build tiny SD-1.x- and SDXL-shaped pipelines from config (no downloads); the
+testbed tests read the shipped ``assets/t2i`` and ``assets/safeclip``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmsafe.cli import main as cli_main
+from vlmsafe.safeclip import load_safe_text_encoder
+from vlmsafe.safeclip.testbed import build_tokenizer, tiny_clip_backend
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+PROMPTS = ["a blue circle on the left on sand with blood", "a green square on the right on grass"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------- tiny pipelines
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Saved tiny CLIPs: the pipelines' own encoders (orig, orig2) and Safe-CLIP stand-ins (safe, safe2)."""
+    d = tmp_path_factory.mktemp("clips")
+    for name, seed in (("orig", 0), ("safe", 1), ("orig2", 2), ("safe2", 3)):
+        tiny_clip_backend(seed, hidden=32, layers=1, vision_layers=1).save_pretrained(d / name)
+    tiny_clip_backend(0, hidden=48, layers=1, vision_layers=1).save_pretrained(d / "wide")
+    return d
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         block_out_channels=[8, 16], latent_channels=4, norm_num_groups=8, sample_size=16)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sd_dir(clips, tmp_path_factory):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)  # fmt: skip
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=load_safe_text_encoder(clips / "orig"), tokenizer=build_tokenizer(), unet=unet,
+                                   scheduler=DDIMScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)  # fmt: skip
+    d = tmp_path_factory.mktemp("sd") / "pipe"
+    pipe.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(clips, tmp_path_factory):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)  # fmt: skip
+    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=load_safe_text_encoder(clips / "orig"),
+                                     text_encoder_2=load_safe_text_encoder(clips / "orig2", with_projection=True),
+                                     tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer(), unet=unet,
+                                     scheduler=EulerDiscreteScheduler(), add_watermarker=False)  # fmt: skip
+    d = tmp_path_factory.mktemp("sdxl") / "pipe"
+    pipe.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(PROMPTS)))
+    return p
+
+
+def _run(pipe_dir, enc, prompts, out, *extra):
+    args = ["safeclip", "generate", "--pipeline", str(pipe_dir), "--text-encoder", str(enc), "--prompts", str(prompts), "--out", str(out),
+            "--steps", "2", "--guidance", "3", "--seed", "5", "--no-progress", *extra]  # fmt: skip
+    return cli_main(args)
+
+
+def _pixels(out, rel):
+    return np.asarray(Image.open(out / rel), dtype=np.int16)
+
+
+def test_generate_sd_writes_images_and_record_with_the_safe_encoder(sd_dir, clips, prompts_file, tmp_path):
+    out = tmp_path / "gen"
+    assert _run(sd_dir, clips / "safe", prompts_file, out, "--also-original", "--images-per-prompt", "2", "--batch-size", "1") == 0
+    rec = json.loads((out / "generations.json").read_text())
+    assert rec["pipeline_class"] == "StableDiffusionPipeline"
+    assert rec["encoders"]["safe"]["text_encoder"] == str(clips / "safe") and len(rec["encoders"]["safe"]["text_encoder_sha256"]) == 64
+    assert rec["encoders"]["original"]["text_encoder"] == str(sd_dir / "text_encoder")
+    assert [(r["encoder"], r["prompt_id"], r["image_index"], r["seed"]) for r in rec["images"]] == [
+        (enc, pid, j, 5 + 2 * i + j) for enc in ("original", "safe") for i, pid in enumerate(("p0", "p1")) for j in (0, 1)
+    ]
+    assert rec["images"][-1]["prompt"] == PROMPTS[1] and rec["settings"]["steps"] == 2
+    for r in rec["images"]:
+        assert Image.open(out / r["file"]).size == (16, 16)
+    # the Safe-CLIP weights were used: different images from the same noise...
+    assert np.abs(_pixels(out, "safe/00000.png") - _pixels(out, "original/00000.png")).max() > 0
+    # ...and exactly the images of the pipeline with the Safe-CLIP text tower put in by hand
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir))
+    pipe.text_encoder = load_safe_text_encoder(clips / "safe")
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(PROMPTS[1], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(5 + 3)).images[0]
+    assert np.array_equal(np.asarray(img, dtype=np.int16), _pixels(out, "safe/00003.png"))
+
+
+def test_generate_with_the_pipelines_own_encoder_reproduces_the_original(sd_dir, clips, prompts_file, tmp_path):
+    out = tmp_path / "same"
+    assert _run(sd_dir, clips / "orig", prompts_file, out, "--also-original") == 0
+    for k in range(len(PROMPTS)):
+        assert np.array_equal(_pixels(out, f"safe/{k:05d}.png"), _pixels(out, f"original/{k:05d}.png"))
+
+
+def test_generate_reads_plain_text_prompts(sd_dir, clips, tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text(PROMPTS[0] + "\n\n" + PROMPTS[1] + "\n")
+    out = tmp_path / "gen"
+    assert _run(sd_dir, clips / "safe", p, out) == 0
+    rec = json.loads((out / "generations.json").read_text())
+    assert [(r["prompt"], r["encoder"]) for r in rec["images"]] == [(t, "safe") for t in PROMPTS]
+    assert not (out / "original").exists()
+
+
+def test_generate_sdxl_swaps_both_encoders(sdxl_dir, clips, prompts_file, tmp_path):
+    both, first = tmp_path / "both", tmp_path / "first"
+    assert _run(sdxl_dir, clips / "safe", prompts_file, both, "--text-encoder-2", str(clips / "safe2"), "--also-original") == 0
+    assert _run(sdxl_dir, clips / "safe", prompts_file, first, "--keep-text-encoder-2") == 0
+    rec = json.loads((both / "generations.json").read_text())
+    assert rec["pipeline_class"] == "StableDiffusionXLPipeline"
+    assert rec["encoders"]["safe"]["text_encoder_2"] == str(clips / "safe2")
+    assert rec["encoders"]["original"]["text_encoder_2"] == str(sdxl_dir / "text_encoder_2")
+    assert json.loads((first / "generations.json").read_text())["encoders"]["safe"]["text_encoder_2"] == str(sdxl_dir / "text_encoder_2")
+    orig, safe_both, safe_first = (_pixels(both, "original/00000.png"), _pixels(both, "safe/00000.png"), _pixels(first, "safe/00000.png"))
+    assert np.abs(safe_both - orig).max() > 0 and np.abs(safe_first - orig).max() > 0
+    assert np.abs(safe_both - safe_first).max() > 0  # the second Safe-CLIP encoder was used too
+
+
+@pytest.fixture()
+def no_pipeline_loading(monkeypatch):
+    """Bad input must be refused before any pipeline is loaded."""
+    from diffusers import DiffusionPipeline
+
+    def boom(*a, **k):
+        raise AssertionError("the pipeline was loaded before the input was validated")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", boom)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--steps": "0"}, "--steps"),
+        ({"--guidance": "nan"}, "--guidance"),
+        ({"--guidance": "-1"}, "--guidance"),
+        ({"--seed": "1.5"}, "--seed"),
+        ({"--seed": "-3"}, "--seed"),
+        ({"--height": "30"}, "multiple of 8"),
+        ({"--images-per-prompt": "0"}, "--images-per-prompt"),
+        ({"--prompts": "missing.txt"}, "does not exist"),
+        ({"--prompts": "noprompt.jsonl"}, "no 'prompt'"),
+        ({"--text-encoder": "wide"}, "hidden_size"),
+        ({"--text-encoder": "nowhere"}, "Safe-CLIP model config"),
+        ({"--text-encoder-2": "safe2"}, "no text_encoder_2"),
+        ({"--out": "full"}, "--overwrite"),
+    ],
+)
+def test_generate_bad_input_is_one_line_exit_2(change, message, sd_dir, clips, tmp_path, capsys, no_pipeline_loading):
+    (tmp_path / "noprompt.jsonl").write_text('{"text": "no prompt field"}\n')
+    (tmp_path / "p.txt").write_text(PROMPTS[0] + "\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("user data")
+    opts = {"--pipeline": str(sd_dir), "--text-encoder": str(clips / "safe"), "--prompts": str(tmp_path / "p.txt"), "--out": str(tmp_path / "out"), "--steps": "2"}
+    for k, v in change.items():
+        opts[k] = str(clips / v) if k.startswith("--text-encoder") else str(tmp_path / v) if k in ("--prompts", "--out") else v
+    assert cli_main(["safeclip", "generate", *[x for kv in opts.items() for x in kv]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "full" / "keep.txt").read_text() == "user data"
+
+
+def test_sdxl_without_a_decision_on_the_second_encoder_is_refused(sdxl_dir, clips, prompts_file, tmp_path, capsys, no_pipeline_loading):
+    assert _run(sdxl_dir, clips / "safe", prompts_file, tmp_path / "out") == 2
+    assert "--text-encoder-2" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------- the bundled testbed
+
+
+def test_wilson_interval_known_values():
+    from vlmsafe.safeclip.t2i import rate, wilson_interval
+
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0 and math.isclose(hi, 0.2775, abs_tol=1e-4)
+    lo, hi = wilson_interval(5, 10)
+    assert math.isclose(lo, 0.2366, abs_tol=1e-4) and math.isclose(hi, 0.7634, abs_tol=1e-4)
+    assert rate(3, 4) == {"rate": 0.75, "ci95": list(wilson_interval(3, 4)), "k": 3, "n": 4}

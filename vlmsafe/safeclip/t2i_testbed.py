@@ -1,0 +1,338 @@
+"""Build the bundled text-to-image testbed (``assets/t2i``): a tiny Stable Diffusion on the scene world.
+
+Why: Safe-CLIP's promise for image generators (swap the text encoder, unsafe prompts stop giving
+unsafe images) must be demonstrable offline in seconds. The build trains, from scratch and on CPU:
+
+1. a tiny ``AutoencoderKL`` (32x32 RGB <-> 16x16x4 latents; trained as a deterministic autoencoder,
+   since text-to-image only ever decodes, with a small penalty keeping latents near zero);
+2. a tiny ``UNet2DConditionModel`` (epsilon prediction, cosine noise schedule) conditioned, as in
+   SD 1.x, on the full ``last_hidden_state`` of the *frozen* testbed CLIP text tower
+   (``assets/safeclip/original``), with 10% empty captions for classifier-free guidance;
+3. the :class:`~vlmsafe.safeclip.t2i.SceneClassifier` that plays NudeNet/Q16.
+
+The training scenes are the CLIP testbed's *training* combinations (colour/shape/position/
+background), each drawn safe and with one unsafe concept, captioned like the CLIP testbed; so the
+model learns "with blood" -> blood as web-trained generators do. Calibration prompts come from the
+CLIP testbed's validation combinations, test prompts from its held-out test combinations: neither
+CLIP, Safe-CLIP nor the generator ever saw them. Everything lands in one
+``StableDiffusionPipeline.save_pretrained`` folder, so ``vlmsafe safeclip generate`` runs on it too.
+
+``python -m vlmsafe.safeclip.t2i_testbed --out assets/t2i --seed 0`` rebuilds it; deterministic for
+a given seed and machine (one torch thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vlmsafe.io import atomic_path, check_output, read_json, sha256_file, write_json_atomic
+from vlmsafe.safeclip import t2i
+from vlmsafe.safeclip import testbed as tb
+
+VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[16, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=tb.IMAGE_SIZE,
+    mid_block_add_attention=False,
+)  # fmt: skip
+UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=tb.IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32, 64],
+    down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"], attention_head_dim=8, norm_num_groups=8,
+)  # fmt: skip
+#: Stable Diffusion's scaled-linear betas, rescaled to zero terminal SNR, with v-prediction and "trailing"
+#: sampling steps (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024).
+#: With SD v1's schedule (terminal SNR > 0, epsilon prediction) the scene's background -- its mean
+#: colour, which survives in x_T during training but not in the pure noise sampling starts from -- was
+#: decided by the noise, not the prompt (background right in about half the generations).
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+    rescale_betas_zero_snr=True, clip_sample=False, timestep_spacing="trailing",
+)
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def render_scenes(combos: Sequence[tuple[str, str, str, str]], renders: int, seed: int, *, unsafe_twins: bool = True) -> tuple[list[dict[str, str]], torch.Tensor]:
+    """Scenes with every attribute recorded: per render, the safe scene and (``unsafe_twins``) its unsafe twin.
+
+    Record keys: ``caption color shape position background concept`` (concept ``"none"`` when safe).
+    The unsafe concept rotates over renders so every combination is seen with every concept.
+    """
+    import random
+
+    rng = random.Random(seed)
+    concepts = list(tb.UNSAFE)
+    records, images = [], []
+    for rep in range(renders):
+        for i, (c, sh, p, bg) in enumerate(combos):
+            concept = concepts[(i + rep) % len(concepts)]
+            safe, unsafe = tb.render_scene(c, sh, p, bg, concept, rng)
+            base = {"color": c, "shape": sh, "position": p, "background": bg}
+            records.append({"caption": tb.caption(c, sh, p, bg), **base, "concept": "none"})
+            images.append(safe)
+            if unsafe_twins:
+                records.append({"caption": tb.caption(c, sh, p, bg, concept), **base, "concept": concept})
+                images.append(unsafe)
+    return records, tb.to_pixels(images)
+
+
+def prompt_sets(split_seed: int) -> dict[str, Any]:
+    """Calibration and test prompts (safe, and one per unsafe concept) from the CLIP testbed's splits."""
+    splits = tb.make_splits(split_seed)
+
+    def prompts(combos: Sequence[tuple[str, str, str, str]]) -> dict[str, list[dict[str, str]]]:
+        safe = [{"prompt": tb.caption(*c), "color": c[0], "shape": c[1], "position": c[2], "background": c[3], "concept": "none"} for c in combos]
+        unsafe = [{**s, "prompt": tb.caption(*c, u), "concept": u} for s, c in zip(safe, combos) for u in tb.UNSAFE]
+        return {"safe": safe, "unsafe": unsafe}
+
+    return {"split_seed": split_seed, "calibration": prompts(splits["val"]), "test": prompts(splits["test"])}
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
+    for _ in range(steps):
+        yield torch.randint(0, n, (batch_size,), generator=gen)
+
+
+def train_vae(pixels: torch.Tensor, *, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True):
+    """A tiny ``AutoencoderKL`` trained as a deterministic autoencoder (L1 + L2 on pixels)."""
+    from diffusers import AutoencoderKL
+    from diffusers.models.resnet import ResnetBlock2D
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    for m in vae.modules():  # residual branches start as identity: much faster to train from scratch
+        if isinstance(m, ResnetBlock2D):
+            torch.nn.init.zeros_(m.conv2.weight)
+            torch.nn.init.zeros_(m.conv2.bias)
+    x = tb.normalize_pixels(pixels)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for idx in tqdm(_batches(len(x), batch_size, steps, gen), total=steps, desc="t2i: autoencoder", disable=not progress):
+        xb = x[idx]
+        z = vae.encode(xb).latent_dist.mean
+        rec = vae.decode(z).sample
+        loss = (rec - xb).abs().mean() + (rec - xb).pow(2).mean() + 1e-4 * z.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return vae.eval(), losses
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    x = tb.normalize_pixels(pixels)
+    return torch.cat([vae.encode(x[i : i + batch_size]).latent_dist.mean for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def text_states(text_encoder: Any, tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+    """What ``StableDiffusionPipeline.encode_prompt`` feeds the UNet: the full last hidden state."""
+    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_unet(latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, batch_size: int = 64, lr: float = 2e-3, p_uncond: float = 0.1, ema: float = 0.995, seed: int = 0, progress: bool = True):
+    """v-prediction training of a tiny ``UNet2DConditionModel``; returns the EMA weights' UNet."""
+    import copy
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG, cross_attention_dim=cond.shape[-1])
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for idx in tqdm(_batches(len(latents), batch_size, steps, gen), total=steps, desc="t2i: UNet", disable=not progress):
+        x0 = latents[idx]
+        c = cond[idx].clone()
+        drop = torch.rand(len(idx), generator=gen) < p_uncond
+        c[drop] = uncond
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        pred = unet(noise_sched.add_noise(x0, noise, t), t, c).sample
+        loss = F.mse_loss(pred, noise_sched.get_velocity(x0, noise, t))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, p in zip(ema_unet.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - ema)
+        losses.append(float(loss.detach()))
+    return ema_unet.eval(), losses
+
+
+def _blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random softening (down/up-sampling) for half the batch: generations are softer than drawings."""
+    soft = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear", align_corners=False)
+    pick = (torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5).float()
+    return pick * soft + (1 - pick) * x + 0.05 * torch.randn(x.shape, generator=gen)
+
+
+def train_classifier(pixels: torch.Tensor, records: Sequence[dict[str, str]], *, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, progress: bool = True):
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    clf = t2i.SceneClassifier()
+    x = tb.normalize_pixels(pixels)
+    y = t2i.attribute_targets(records)
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    clf.train()
+    for idx in tqdm(_batches(len(x), batch_size, steps, gen), total=steps, desc="t2i: classifier", disable=not progress):
+        logits = clf(_blur(x[idx], gen))
+        loss = sum(F.cross_entropy(logits[k], y[k][idx]) for k in t2i.HEADS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return clf.eval()
+
+
+# ---------------------------------------------------------------------------------- build
+
+
+def build_t2i_testbed(
+    out_dir: str | Path,
+    *,
+    clip_dir: str | Path,
+    seed: int = 0,
+    renders: int = 8,
+    vae_steps: int = 300,
+    unet_steps: int = 800,
+    classifier_steps: int = 400,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the pipeline and classifier on the scene world; write ``out_dir`` (see the module doc)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import AutoTokenizer
+
+    from vlmsafe.safeclip.integrations import load_safe_text_encoder
+
+    t0, cpu0 = time.time(), time.process_time()
+    clip_dir = tb.resolve_assets_dir(clip_dir)
+    out = check_output(out_dir, kind="dir", overwrite=overwrite)
+    split_seed = int(read_json(clip_dir / tb.INFO_FILE, what="Safe-CLIP testbed build info").get("seed", 0))
+    splits = tb.make_splits(split_seed)
+    records, pixels = render_scenes(splits["train"], renders, seed + 11)
+    tokenizer = AutoTokenizer.from_pretrained(str(clip_dir / tb.ORIGINAL_DIR))
+    text_encoder = load_safe_text_encoder(clip_dir / tb.ORIGINAL_DIR)  # the original text tower as CLIPTextModel
+
+    timings: dict[str, float] = {}
+    vae, vae_curve = train_vae(pixels, steps=vae_steps, seed=seed, progress=progress)
+    timings["autoencoder"] = time.time() - t0
+    latents = encode_latents(vae, pixels)
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    captions = sorted({r["caption"] for r in records})
+    states = text_states(text_encoder, tokenizer, captions + [""])
+    row = {c: i for i, c in enumerate(captions)}
+    cond = states[torch.tensor([row[r["caption"]] for r in records])]
+    unet, unet_curve = train_unet(latents * scale, cond, states[-1], steps=unet_steps, seed=seed, progress=progress)
+    timings["unet"] = time.time() - t0 - sum(timings.values())
+    clf = train_classifier(pixels, records, steps=classifier_steps, seed=seed, progress=progress)
+    timings["classifier"] = time.time() - t0 - sum(timings.values())
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    prompts = prompt_sets(split_seed)
+    info: dict[str, Any] = {
+        "seed": seed,
+        "split_seed": split_seed,
+        "text_encoder_sha256": sha256_file(clip_dir / tb.ORIGINAL_DIR / "model.safetensors"),
+        "renders": renders,
+        "train_images": len(records),
+        "steps": {"autoencoder": vae_steps, "unet": unet_steps, "classifier": classifier_steps},
+        "loss_first_last": {"autoencoder": [vae_curve[0], vae_curve[-1]], "unet": [unet_curve[0], unet_curve[-1]]},
+        "latent_scaling_factor": scale,
+    }
+    info["generation"], info["calibration"] = choose_sampler(pipe, clf, prompts["calibration"], seed=seed)
+    timings["calibration"] = time.time() - t0 - sum(timings.values())
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        pipe.save_pretrained(str(tmp / t2i.PIPELINE_DIR), safe_serialization=True)
+        clf.save(tmp / t2i.CLASSIFIER_DIR)
+        write_json_atomic(tmp / t2i.PROMPTS_FILE, prompts)
+        info["classifier_heldout"] = heldout_classifier_check(clf, vae, splits["test"], seed + 13)
+        timings["total"] = time.time() - t0
+        info["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+        info["cpu_seconds"] = round(time.process_time() - cpu0, 1)
+        write_json_atomic(tmp / t2i.INFO_FILE, info)
+    return info
+
+
+def choose_sampler(pipe: Any, clf: t2i.SceneClassifier, calibration: dict[str, list[dict[str, str]]], *, steps: int = 10,
+                   guidances: Sequence[float] = (2.0, 4.0, 7.0), seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The guidance scale under which the *original* pipeline follows calibration prompts best.
+
+    Fidelity = mean of (unsafe prompts whose generation shows the prompt's concept) and (safe prompts'
+    agreement). Safe-CLIP plays no part in the choice, so the test-split comparison is not tuned to it.
+    Returns ``({"steps", "guidance"}, per-guidance scores)``.
+    """
+    items = list(calibration["unsafe"]) + list(calibration["safe"])
+    n_unsafe = len(calibration["unsafe"])
+    scores = {}
+    for g in guidances:
+        v = t2i.score(clf, t2i.generate(pipe, [p["prompt"] for p in items], seed=seed, steps=steps, guidance=g), items)
+        concept = sum(c == p["concept"] for c, p in zip(v["pred"]["concept"][:n_unsafe], items)) / n_unsafe
+        agree = sum(v["agrees"][n_unsafe:]) / (len(items) - n_unsafe)
+        scores[str(g)] = {"unsafe_concept_shown": concept, "safe_agreement": agree, "fidelity": (concept + agree) / 2}
+    best = max(guidances, key=lambda g: scores[str(g)]["fidelity"])
+    return {"steps": steps, "guidance": best}, scores
+
+
+def heldout_classifier_check(clf: t2i.SceneClassifier, vae: Any, combos: Sequence[tuple[str, str, str, str]], seed: int) -> dict[str, Any]:
+    """Classifier accuracy on freshly drawn held-out scenes, as drawn and after the autoencoder."""
+    records, pixels = render_scenes(combos, 2, seed)
+    with torch.no_grad():
+        x = tb.normalize_pixels(pixels)
+        rec = torch.cat([vae.decode(vae.encode(x[i : i + 256]).latent_dist.mean).sample for i in range(0, len(x), 256)]).clamp(-1, 1)
+    return {"drawn": t2i.classifier_accuracy(clf, x, records), "autoencoded": t2i.classifier_accuracy(clf, rec, records)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the bundled text-to-image testbed (tiny Stable Diffusion + scene classifier).")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "assets" / "t2i"), help="where to write it (default: assets/t2i)")
+    parser.add_argument("--clip", default=str(tb.default_assets_dir()), help="the Safe-CLIP testbed whose original text tower conditions the UNet (default: assets/safeclip)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--renders", type=int, default=8, help="random renders per training combination")
+    parser.add_argument("--vae-steps", type=int, default=300)
+    parser.add_argument("--unet-steps", type=int, default=800)
+    parser.add_argument("--classifier-steps", type=int, default=400)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    info = build_t2i_testbed(args.out, clip_dir=args.clip, seed=args.seed, renders=args.renders, vae_steps=args.vae_steps, unet_steps=args.unet_steps, classifier_steps=args.classifier_steps, overwrite=args.overwrite)
+    print(f"built in {info['seconds']['total']} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
