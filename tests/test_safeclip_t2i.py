@@ -7,7 +7,6 @@ testbed tests read the shipped ``assets/t2i`` and ``assets/safeclip``.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +46,16 @@ def clips(tmp_path_factory):
 def _vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         block_out_channels=[8, 16], latent_channels=4, norm_num_groups=8, sample_size=16)  # fmt: skip
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[8, 16],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +63,28 @@ def sd_dir(clips, tmp_path_factory):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)  # fmt: skip
-    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=load_safe_text_encoder(clips / "orig"), tokenizer=build_tokenizer(), unet=unet,
-                                   scheduler=DDIMScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=load_safe_text_encoder(clips / "orig"),
+        tokenizer=build_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     d = tmp_path_factory.mktemp("sd") / "pipe"
     pipe.save_pretrained(str(d))
     return d
@@ -72,14 +95,31 @@ def sdxl_dir(clips, tmp_path_factory):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
-                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)  # fmt: skip
-    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=load_safe_text_encoder(clips / "orig"),
-                                     text_encoder_2=load_safe_text_encoder(clips / "orig2", with_projection=True),
-                                     tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer(), unet=unet,
-                                     scheduler=EulerDiscreteScheduler(), add_watermarker=False)  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=load_safe_text_encoder(clips / "orig"),
+        text_encoder_2=load_safe_text_encoder(clips / "orig2", with_projection=True),
+        tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+        add_watermarker=False,
+    )
     d = tmp_path_factory.mktemp("sdxl") / "pipe"
     pipe.save_pretrained(str(d))
     return d
@@ -93,8 +133,26 @@ def prompts_file(tmp_path_factory):
 
 
 def _run(pipe_dir, enc, prompts, out, *extra):
-    args = ["safeclip", "generate", "--pipeline", str(pipe_dir), "--text-encoder", str(enc), "--prompts", str(prompts), "--out", str(out),
-            "--steps", "2", "--guidance", "3", "--seed", "5", "--no-progress", *extra]  # fmt: skip
+    args = [
+        "safeclip",
+        "generate",
+        "--pipeline",
+        str(pipe_dir),
+        "--text-encoder",
+        str(enc),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--guidance",
+        "3",
+        "--seed",
+        "5",
+        "--no-progress",
+        *extra,
+    ]
     return cli_main(args)
 
 
@@ -104,13 +162,32 @@ def _pixels(out, rel):
 
 def test_generate_sd_writes_images_and_record_with_the_safe_encoder(sd_dir, clips, prompts_file, tmp_path):
     out = tmp_path / "gen"
-    assert _run(sd_dir, clips / "safe", prompts_file, out, "--also-original", "--images-per-prompt", "2", "--batch-size", "1") == 0
+    assert (
+        _run(
+            sd_dir,
+            clips / "safe",
+            prompts_file,
+            out,
+            "--also-original",
+            "--images-per-prompt",
+            "2",
+            "--batch-size",
+            "1",
+        )
+        == 0
+    )
     rec = json.loads((out / "generations.json").read_text())
     assert rec["pipeline_class"] == "StableDiffusionPipeline"
-    assert rec["encoders"]["safe"]["text_encoder"] == str(clips / "safe") and len(rec["encoders"]["safe"]["text_encoder_sha256"]) == 64
+    assert (
+        rec["encoders"]["safe"]["text_encoder"] == str(clips / "safe")
+        and len(rec["encoders"]["safe"]["text_encoder_sha256"]) == 64
+    )
     assert rec["encoders"]["original"]["text_encoder"] == str(sd_dir / "text_encoder")
     assert [(r["encoder"], r["prompt_id"], r["image_index"], r["seed"]) for r in rec["images"]] == [
-        (enc, pid, j, 5 + 2 * i + j) for enc in ("original", "safe") for i, pid in enumerate(("p0", "p1")) for j in (0, 1)
+        (enc, pid, j, 5 + 2 * i + j)
+        for enc in ("original", "safe")
+        for i, pid in enumerate(("p0", "p1"))
+        for j in (0, 1)
     ]
     assert rec["images"][-1]["prompt"] == PROMPTS[1] and rec["settings"]["steps"] == 2
     for r in rec["images"]:
@@ -123,7 +200,9 @@ def test_generate_sd_writes_images_and_record_with_the_safe_encoder(sd_dir, clip
     pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir))
     pipe.text_encoder = load_safe_text_encoder(clips / "safe")
     pipe.set_progress_bar_config(disable=True)
-    img = pipe(PROMPTS[1], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(5 + 3)).images[0]
+    img = pipe(
+        PROMPTS[1], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(5 + 3)
+    ).images[0]
     assert np.array_equal(np.asarray(img, dtype=np.int16), _pixels(out, "safe/00003.png"))
 
 
@@ -146,14 +225,23 @@ def test_generate_reads_plain_text_prompts(sd_dir, clips, tmp_path):
 
 def test_generate_sdxl_swaps_both_encoders(sdxl_dir, clips, prompts_file, tmp_path):
     both, first = tmp_path / "both", tmp_path / "first"
-    assert _run(sdxl_dir, clips / "safe", prompts_file, both, "--text-encoder-2", str(clips / "safe2"), "--also-original") == 0
+    assert (
+        _run(sdxl_dir, clips / "safe", prompts_file, both, "--text-encoder-2", str(clips / "safe2"), "--also-original")
+        == 0
+    )
     assert _run(sdxl_dir, clips / "safe", prompts_file, first, "--keep-text-encoder-2") == 0
     rec = json.loads((both / "generations.json").read_text())
     assert rec["pipeline_class"] == "StableDiffusionXLPipeline"
     assert rec["encoders"]["safe"]["text_encoder_2"] == str(clips / "safe2")
     assert rec["encoders"]["original"]["text_encoder_2"] == str(sdxl_dir / "text_encoder_2")
-    assert json.loads((first / "generations.json").read_text())["encoders"]["safe"]["text_encoder_2"] == str(sdxl_dir / "text_encoder_2")
-    orig, safe_both, safe_first = (_pixels(both, "original/00000.png"), _pixels(both, "safe/00000.png"), _pixels(first, "safe/00000.png"))
+    assert json.loads((first / "generations.json").read_text())["encoders"]["safe"]["text_encoder_2"] == str(
+        sdxl_dir / "text_encoder_2"
+    )
+    orig, safe_both, safe_first = (
+        _pixels(both, "original/00000.png"),
+        _pixels(both, "safe/00000.png"),
+        _pixels(first, "safe/00000.png"),
+    )
     assert np.abs(safe_both - orig).max() > 0 and np.abs(safe_first - orig).max() > 0
     assert np.abs(safe_both - safe_first).max() > 0  # the second Safe-CLIP encoder was used too
 
@@ -192,9 +280,21 @@ def test_generate_bad_input_is_one_line_exit_2(change, message, sd_dir, clips, t
     (tmp_path / "p.txt").write_text(PROMPTS[0] + "\n")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("user data")
-    opts = {"--pipeline": str(sd_dir), "--text-encoder": str(clips / "safe"), "--prompts": str(tmp_path / "p.txt"), "--out": str(tmp_path / "out"), "--steps": "2"}
+    opts = {
+        "--pipeline": str(sd_dir),
+        "--text-encoder": str(clips / "safe"),
+        "--prompts": str(tmp_path / "p.txt"),
+        "--out": str(tmp_path / "out"),
+        "--steps": "2",
+    }
     for k, v in change.items():
-        opts[k] = str(clips / v) if k.startswith("--text-encoder") else str(tmp_path / v) if k in ("--prompts", "--out") else v
+        opts[k] = (
+            str(clips / v)
+            if k.startswith("--text-encoder")
+            else str(tmp_path / v)
+            if k in ("--prompts", "--out")
+            else v
+        )
     assert cli_main(["safeclip", "generate", *[x for kv in opts.items() for x in kv]]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
@@ -202,7 +302,9 @@ def test_generate_bad_input_is_one_line_exit_2(change, message, sd_dir, clips, t
     assert (tmp_path / "full" / "keep.txt").read_text() == "user data"
 
 
-def test_sdxl_without_a_decision_on_the_second_encoder_is_refused(sdxl_dir, clips, prompts_file, tmp_path, capsys, no_pipeline_loading):
+def test_sdxl_without_a_decision_on_the_second_encoder_is_refused(
+    sdxl_dir, clips, prompts_file, tmp_path, capsys, no_pipeline_loading
+):
     assert _run(sdxl_dir, clips / "safe", prompts_file, tmp_path / "out") == 2
     assert "--text-encoder-2" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
@@ -210,11 +312,105 @@ def test_sdxl_without_a_decision_on_the_second_encoder_is_refused(sdxl_dir, clip
 # ---------------------------------------------------------------------------------- the bundled testbed
 
 
-def test_wilson_interval_known_values():
-    from vlmsafe.safeclip.t2i import rate, wilson_interval
+# ---------------------------------------------------------------------------------- the testbed build + demo section
 
-    lo, hi = wilson_interval(0, 10)
-    assert lo == 0 and math.isclose(hi, 0.2775, abs_tol=1e-4)
-    lo, hi = wilson_interval(5, 10)
-    assert math.isclose(lo, 0.2366, abs_tol=1e-4) and math.isclose(hi, 0.7634, abs_tol=1e-4)
-    assert rate(3, 4) == {"rate": 0.75, "ci95": list(wilson_interval(3, 4)), "k": 3, "n": 4}
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """A testbed built with a handful of steps (seconds): structure, determinism and the demo section's plumbing."""
+    from vlmsafe.safeclip.t2i_testbed import build_t2i_testbed
+
+    d = tmp_path_factory.mktemp("t2i")
+    kw = dict(clip_dir=ASSETS / "safeclip", seed=3, renders=1, vae_steps=2, unet_steps=2, classifier_steps=2,
+              sampler_steps=2, guidances=(2.0, 4.0), progress=False)  # fmt: skip
+    info = build_t2i_testbed(d / "a", **kw)
+    return d, kw, info
+
+
+def _digests(root):
+    from vlmsafe.io import sha256_file
+
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*.safetensors"))} | {
+        "prompts.json": sha256_file(root / "prompts.json")
+    }
+
+
+def test_build_writes_a_loadable_pipeline_and_held_out_prompts(tiny_build):
+    from vlmsafe.safeclip import testbed as tb
+    from vlmsafe.safeclip.t2i import SceneClassifier, load_pipeline
+
+    d, _, info = tiny_build
+    pipe = load_pipeline(d / "a" / "pipeline")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    SceneClassifier.load(d / "a" / "classifier")
+    assert info["generation"]["steps"] == 2 and info["generation"]["guidance"] in (2.0, 4.0)
+    assert set(info["calibration"]) == {"2.0", "4.0"}
+    clf = info["classifier_heldout"]["drawn"]["safe_vs_unsafe"]
+    assert clf["n"] == 60 * 2 * 2 and len(clf["ci95"]) == 2  # 60 held-out combinations x 2 renders x (safe, unsafe)
+    # calibration and test prompts come from combinations the generator never trained on
+    prompts = json.loads((d / "a" / "prompts.json").read_text())
+    splits = tb.make_splits(prompts["split_seed"])
+    train = {tb.caption(*c) for c in splits["train"]}
+    for split in ("calibration", "test"):
+        safe, unsafe = prompts[split]["safe"], prompts[split]["unsafe"]
+        assert safe and len(unsafe) == len(tb.UNSAFE) * len(safe)
+        assert not {p["prompt"] for p in safe} & train
+        assert all(p["concept"] in tb.UNSAFE and p["concept"] in p["prompt"].split()[-1] for p in unsafe)
+
+
+def test_build_is_deterministic_for_a_seed(tiny_build, tmp_path):
+    from vlmsafe.safeclip.t2i_testbed import build_t2i_testbed
+
+    d, kw, _ = tiny_build
+    build_t2i_testbed(tmp_path / "again", **kw)
+    assert _digests(tmp_path / "again") == _digests(d / "a")
+    build_t2i_testbed(tmp_path / "other", **{**kw, "seed": 4})
+    other = _digests(tmp_path / "other")
+    assert (
+        other["pipeline/unet/diffusion_pytorch_model.safetensors"]
+        != _digests(d / "a")["pipeline/unet/diffusion_pytorch_model.safetensors"]
+    )
+
+
+def test_build_refuses_an_existing_output_before_training(tmp_path, monkeypatch):
+    from vlmsafe.errors import OutputExistsError
+    from vlmsafe.safeclip import t2i_testbed
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    monkeypatch.setattr(t2i_testbed, "train_vae", lambda *a, **k: pytest.fail("trained before checking --out"))
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        t2i_testbed.build_t2i_testbed(tmp_path / "out", clip_dir=ASSETS / "safeclip")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+
+
+def test_demo_section_rates_and_grid(tiny_build, tmp_path):
+    from vlmsafe.errors import OutputExistsError
+    from vlmsafe.safeclip.t2i_demo import draw_grid, format_t2i_table, t2i_demo_section
+    from vlmsafe.stats import Rate
+
+    d, _, info = tiny_build
+    sec = t2i_demo_section(d / "a", tmp_path, split="calibration", safeclip_dir=ASSETS / "safeclip")
+    prompts = json.loads((d / "a" / "prompts.json").read_text())["calibration"]
+    assert [r["encoder"] for r in sec["rows"]] == ["original", "Safe-CLIP"]
+    for row in sec["rows"]:
+        assert row["unsafe_rate"]["n"] == len(prompts["unsafe"]) and row["safe_agreement"]["n"] == len(prompts["safe"])
+        for r in (row["unsafe_rate"], row["safe_agreement"]):
+            assert r == Rate(r["k"], r["n"]).to_dict()
+    for name, row in zip(("original", "Safe-CLIP"), sec["rows"]):  # per-concept counts add up to the row
+        assert sum(r["k"] for r in sec["per_concept"][name].values()) == row["unsafe_rate"]["k"]
+    assert sec["settings"]["guidance"] == info["generation"]["guidance"]
+    # the grid: 2 prompts per unsafe concept + 2 safe ones; the Safe-CLIP column differs from the original one
+    grid = np.asarray(Image.open(sec["grid"]).convert("RGB"), dtype=np.int16)
+    ref = draw_grid(
+        ["x"] * 8, [torch.zeros(3, 32, 32, dtype=torch.uint8)] * 8, [torch.zeros(3, 32, 32, dtype=torch.uint8)] * 8
+    )
+    assert grid.shape[:2] == (ref.size[1], ref.size[0])
+    size, x0 = 32 * 3, 300 + 6
+    left, right = grid[22 : 22 + size, x0 : x0 + size], grid[22 : 22 + size, x0 + size + 6 : x0 + 2 * size + 6]
+    assert np.abs(left - right).max() > 0
+    table = format_t2i_table(sec)
+    assert "Safe-CLIP in a diffusers pipeline" in table
+    assert str(Rate(sec["rows"][1]["unsafe_rate"]["k"], sec["rows"][1]["unsafe_rate"]["n"])) in table
+    with pytest.raises(OutputExistsError):
+        t2i_demo_section(d / "a", tmp_path, split="calibration", safeclip_dir=ASSETS / "safeclip")

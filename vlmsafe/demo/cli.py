@@ -107,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
         print("\nSafe-CLIP on its tiny CLIP testbed (assets/safeclip, held-out split): retrieval before/after;")
         print("safe@1 = share of unsafe-text queries whose top-1 image is safe")
         print(format_retrieval(report["safe_clip"]))
+    if "safe_clip_t2i" in report:
+        from vlmsafe.safeclip.t2i_demo import format_t2i_table
+
+        print()
+        print(format_t2i_table(report["safe_clip_t2i"]))
+        print(f"prompts x (original, Safe-CLIP) grid: {args.out}/{report['safe_clip_t2i']['grid']}")
     print(
         f"\nfigures: {args.out}/cmrm_sweep.png, {args.out}/merge_sweep.png; all numbers: {args.out}/report.json "
         f"({report['seconds']} s)"

@@ -7,10 +7,12 @@ Steps (CPU, no downloads):
 3. for each steering method (:data:`vlmsafe.demo.rows.STEERING_METHODS`), choose layers and alpha
    on the calibration split by genuine refusals (:mod:`vlmsafe.demo.tune`), then measure the
    test split at that choice;
-4. the safety merge at several weights (:mod:`vlmsafe.demo.merge`), and Safe-CLIP retrieval when
-   its testbed is present;
-5. write ``report.json``, ``table.md``, ``cmrm_sweep.png`` and ``merge_sweep.png`` to the output
-   folder (refused if it exists and is not empty, unless ``overwrite``).
+4. the safety merge at several weights (:mod:`vlmsafe.demo.merge`), Safe-CLIP retrieval when
+   its testbed is present, and Safe-CLIP in a diffusers pipeline when the text-to-image testbed
+   (``assets/t2i``, :mod:`vlmsafe.safeclip.t2i_demo`) is present;
+5. write ``report.json``, ``table.md``, ``cmrm_sweep.png``, ``merge_sweep.png`` (and
+   ``safeclip_t2i_grid.png``) to the output folder (refused if it exists and is not empty, unless
+   ``overwrite``).
 """
 
 from __future__ import annotations
@@ -105,9 +107,12 @@ def run_demo(
     steering = [steered_row(ctx, make(ctx), alphas) for make in STEERING_METHODS]
     rows += steering
     sections = _optional_sections(ctx, rows, merge)
-    report = _report(ctx, rows, alphas, sections, time.perf_counter() - started)
     with atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
+        t2i = t2i_section(ctx.root.parent, tmp)
+        if t2i is not None:
+            sections["safe_clip_t2i"] = t2i
+        report = _report(ctx, rows, alphas, sections, time.perf_counter() - started)
         write_json_atomic(tmp / "report.json", report)
         (tmp / "table.md").write_text(format_table(report["rows"]) + "\n")
         plot_steering(steering, report["calibration_grids"], tmp / "cmrm_sweep.png")
@@ -136,6 +141,20 @@ def _optional_sections(ctx: DemoContext, rows: list[dict[str, Any]], merge: bool
     if (ctx.root.parent / "safeclip").is_dir():
         sections["safe_clip"] = safeclip_demo_rows(ctx.root.parent / "safeclip")
     return sections
+
+
+def t2i_section(assets: Path, folder: Path) -> dict[str, Any] | None:
+    """"Safe-CLIP in a diffusers pipeline" with its grid written to ``folder``, when ``assets`` holds
+    the text-to-image testbed (``t2i/``) and the Safe-CLIP testbed (``safeclip/``) and diffusers is installed."""
+    if not ((assets / "t2i").is_dir() and (assets / "safeclip").is_dir()):
+        return None
+    try:
+        from vlmsafe.safeclip.t2i_demo import GRID_FILE, t2i_demo_section
+    except ImportError:  # the safeclip extra (diffusers) is not installed
+        return None
+    section = t2i_demo_section(assets, folder, overwrite=True)
+    section["grid"] = GRID_FILE  # relative to the demo's output folder
+    return section
 
 
 def _report(

@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,30 +38,53 @@ from vlmsafe.safeclip import t2i
 from vlmsafe.safeclip import testbed as tb
 
 VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-    block_out_channels=[16, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=tb.IMAGE_SIZE,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[16, 32],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=tb.IMAGE_SIZE,
     mid_block_add_attention=False,
-)  # fmt: skip
+)
 UNET_CONFIG: dict[str, Any] = dict(
-    sample_size=tb.IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32, 64],
+    sample_size=tb.IMAGE_SIZE // 2,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=[16, 32, 64],
     down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"], attention_head_dim=8, norm_num_groups=8,
-)  # fmt: skip
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
 #: Stable Diffusion's scaled-linear betas, rescaled to zero terminal SNR, with v-prediction and "trailing"
 #: sampling steps (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024).
 #: With SD v1's schedule (terminal SNR > 0, epsilon prediction) the scene's background -- its mean
 #: colour, which survives in x_T during training but not in the pure noise sampling starts from -- was
 #: decided by the noise, not the prompt (background right in about half the generations).
+#: UNet training steps of the shipped build
+UNET_STEPS = 800
 SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
-    rescale_betas_zero_snr=True, clip_sample=False, timestep_spacing="trailing",
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    clip_sample=False,
+    timestep_spacing="trailing",
 )
 
 
 # ---------------------------------------------------------------------------------- data
 
 
-def render_scenes(combos: Sequence[tuple[str, str, str, str]], renders: int, seed: int, *, unsafe_twins: bool = True) -> tuple[list[dict[str, str]], torch.Tensor]:
+def render_scenes(
+    combos: Sequence[tuple[str, str, str, str]], renders: int, seed: int, *, unsafe_twins: bool = True
+) -> tuple[list[dict[str, str]], torch.Tensor]:
     """Scenes with every attribute recorded: per render, the safe scene and (``unsafe_twins``) its unsafe twin.
 
     Record keys: ``caption color shape position background concept`` (concept ``"none"`` when safe).
@@ -89,7 +113,17 @@ def prompt_sets(split_seed: int) -> dict[str, Any]:
     splits = tb.make_splits(split_seed)
 
     def prompts(combos: Sequence[tuple[str, str, str, str]]) -> dict[str, list[dict[str, str]]]:
-        safe = [{"prompt": tb.caption(*c), "color": c[0], "shape": c[1], "position": c[2], "background": c[3], "concept": "none"} for c in combos]
+        safe = [
+            {
+                "prompt": tb.caption(*c),
+                "color": c[0],
+                "shape": c[1],
+                "position": c[2],
+                "background": c[3],
+                "concept": "none",
+            }
+            for c in combos
+        ]
         unsafe = [{**s, "prompt": tb.caption(*c, u), "concept": u} for s, c in zip(safe, combos) for u in tb.UNSAFE]
         return {"safe": safe, "unsafe": unsafe}
 
@@ -104,7 +138,9 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
         yield torch.randint(0, n, (batch_size,), generator=gen)
 
 
-def train_vae(pixels: torch.Tensor, *, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True):
+def train_vae(
+    pixels: torch.Tensor, *, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True
+):
     """A tiny ``AutoencoderKL`` trained as a deterministic autoencoder (L1 + L2 on pixels)."""
     from diffusers import AutoencoderKL
     from diffusers.models.resnet import ResnetBlock2D
@@ -121,7 +157,9 @@ def train_vae(pixels: torch.Tensor, *, steps: int, batch_size: int = 32, lr: flo
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    for idx in tqdm(_batches(len(x), batch_size, steps, gen), total=steps, desc="t2i: autoencoder", disable=not progress):
+    for idx in tqdm(
+        _batches(len(x), batch_size, steps, gen), total=steps, desc="t2i: autoencoder", disable=not progress
+    ):
         xb = x[idx]
         z = vae.encode(xb).latent_dist.mean
         rec = vae.decode(z).sample
@@ -143,11 +181,25 @@ def encode_latents(vae: Any, pixels: torch.Tensor, batch_size: int = 256) -> tor
 @torch.no_grad()
 def text_states(text_encoder: Any, tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
     """What ``StableDiffusionPipeline.encode_prompt`` feeds the UNet: the full last hidden state."""
-    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return text_encoder(ids)[0]
 
 
-def train_unet(latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, batch_size: int = 64, lr: float = 2e-3, p_uncond: float = 0.1, ema: float = 0.995, seed: int = 0, progress: bool = True):
+def train_unet(
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    p_uncond: float = 0.1,
+    ema: float = 0.995,
+    seed: int = 0,
+    progress: bool = True,
+):
     """v-prediction training of a tiny ``UNet2DConditionModel``; returns the EMA weights' UNet."""
     import copy
 
@@ -163,7 +215,9 @@ def train_unet(latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, 
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    for idx in tqdm(_batches(len(latents), batch_size, steps, gen), total=steps, desc="t2i: UNet", disable=not progress):
+    for idx in tqdm(
+        _batches(len(latents), batch_size, steps, gen), total=steps, desc="t2i: UNet", disable=not progress
+    ):
         x0 = latents[idx]
         c = cond[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < p_uncond
@@ -191,7 +245,16 @@ def _blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return pick * soft + (1 - pick) * x + 0.05 * torch.randn(x.shape, generator=gen)
 
 
-def train_classifier(pixels: torch.Tensor, records: Sequence[dict[str, str]], *, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, progress: bool = True):
+def train_classifier(
+    pixels: torch.Tensor,
+    records: Sequence[dict[str, str]],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+):
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -202,7 +265,9 @@ def train_classifier(pixels: torch.Tensor, records: Sequence[dict[str, str]], *,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     clf.train()
-    for idx in tqdm(_batches(len(x), batch_size, steps, gen), total=steps, desc="t2i: classifier", disable=not progress):
+    for idx in tqdm(
+        _batches(len(x), batch_size, steps, gen), total=steps, desc="t2i: classifier", disable=not progress
+    ):
         logits = clf(_blur(x[idx], gen))
         loss = sum(F.cross_entropy(logits[k], y[k][idx]) for k in t2i.HEADS)
         opt.zero_grad()
@@ -222,12 +287,55 @@ def build_t2i_testbed(
     seed: int = 0,
     renders: int = 8,
     vae_steps: int = 300,
-    unet_steps: int = 800,
+    unet_steps: int = UNET_STEPS,
     classifier_steps: int = 400,
+    sampler_steps: int = 10,
+    guidances: Sequence[float] = (2.0, 4.0, 7.0),
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the pipeline and classifier on the scene world; write ``out_dir`` (see the module doc)."""
+    """Train the pipeline and classifier on the scene world; write ``out_dir`` (see the module doc).
+
+    ``sampler_steps`` and the guidance scale (one of ``guidances``, chosen on the calibration prompts
+    with the original encoder by :func:`choose_sampler`) are recorded as the pipeline's sampler settings.
+    Returns the build record also written to ``out_dir/build_info.json``. Runs on one torch thread
+    (restored afterwards): multi-threaded CPU kernels sum in varying order, and a seed must give the
+    same weights bit for bit.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build(
+            out_dir,
+            clip_dir=clip_dir,
+            seed=seed,
+            renders=renders,
+            vae_steps=vae_steps,
+            unet_steps=unet_steps,
+            classifier_steps=classifier_steps,
+            sampler_steps=sampler_steps,
+            guidances=guidances,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(
+    out_dir: str | Path,
+    *,
+    clip_dir: str | Path,
+    seed: int,
+    renders: int,
+    vae_steps: int,
+    unet_steps: int,
+    classifier_steps: int,
+    sampler_steps: int,
+    guidances: Sequence[float],
+    overwrite: bool,
+    progress: bool,
+) -> dict[str, Any]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import AutoTokenizer
 
@@ -249,7 +357,7 @@ def build_t2i_testbed(
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     captions = sorted({r["caption"] for r in records})
-    states = text_states(text_encoder, tokenizer, captions + [""])
+    states = text_states(text_encoder, tokenizer, [*captions, ""])
     row = {c: i for i, c in enumerate(captions)}
     cond = states[torch.tensor([row[r["caption"]] for r in records])]
     unet, unet_curve = train_unet(latents * scale, cond, states[-1], steps=unet_steps, seed=seed, progress=progress)
@@ -258,9 +366,15 @@ def build_t2i_testbed(
     timings["classifier"] = time.time() - t0 - sum(timings.values())
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     prompts = prompt_sets(split_seed)
     info: dict[str, Any] = {
@@ -273,7 +387,9 @@ def build_t2i_testbed(
         "loss_first_last": {"autoencoder": [vae_curve[0], vae_curve[-1]], "unet": [unet_curve[0], unet_curve[-1]]},
         "latent_scaling_factor": scale,
     }
-    info["generation"], info["calibration"] = choose_sampler(pipe, clf, prompts["calibration"], seed=seed)
+    info["generation"], info["calibration"] = choose_sampler(
+        pipe, clf, prompts["calibration"], steps=sampler_steps, guidances=guidances, seed=seed
+    )
     timings["calibration"] = time.time() - t0 - sum(timings.values())
     with atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir()
@@ -288,8 +404,15 @@ def build_t2i_testbed(
     return info
 
 
-def choose_sampler(pipe: Any, clf: t2i.SceneClassifier, calibration: dict[str, list[dict[str, str]]], *, steps: int = 10,
-                   guidances: Sequence[float] = (2.0, 4.0, 7.0), seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+def choose_sampler(
+    pipe: Any,
+    clf: t2i.SceneClassifier,
+    calibration: dict[str, list[dict[str, str]]],
+    *,
+    steps: int = 10,
+    guidances: Sequence[float] = (2.0, 4.0, 7.0),
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The guidance scale under which the *original* pipeline follows calibration prompts best.
 
     Fidelity = mean of (unsafe prompts whose generation shows the prompt's concept) and (safe prompts'
@@ -308,29 +431,65 @@ def choose_sampler(pipe: Any, clf: t2i.SceneClassifier, calibration: dict[str, l
     return {"steps": steps, "guidance": best}, scores
 
 
-def heldout_classifier_check(clf: t2i.SceneClassifier, vae: Any, combos: Sequence[tuple[str, str, str, str]], seed: int) -> dict[str, Any]:
+def heldout_classifier_check(
+    clf: t2i.SceneClassifier, vae: Any, combos: Sequence[tuple[str, str, str, str]], seed: int
+) -> dict[str, Any]:
     """Classifier accuracy on freshly drawn held-out scenes, as drawn and after the autoencoder."""
     records, pixels = render_scenes(combos, 2, seed)
     with torch.no_grad():
         x = tb.normalize_pixels(pixels)
-        rec = torch.cat([vae.decode(vae.encode(x[i : i + 256]).latent_dist.mean).sample for i in range(0, len(x), 256)]).clamp(-1, 1)
-    return {"drawn": t2i.classifier_accuracy(clf, x, records), "autoencoded": t2i.classifier_accuracy(clf, rec, records)}
+        rec = torch.cat(
+            [vae.decode(vae.encode(x[i : i + 256]).latent_dist.mean).sample for i in range(0, len(x), 256)]
+        ).clamp(-1, 1)
+    return {
+        "drawn": t2i.classifier_accuracy(clf, x, records),
+        "autoencoded": t2i.classifier_accuracy(clf, rec, records),
+    }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the bundled text-to-image testbed (tiny Stable Diffusion + scene classifier).")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "assets" / "t2i"), help="where to write it (default: assets/t2i)")
-    parser.add_argument("--clip", default=str(tb.default_assets_dir()), help="the Safe-CLIP testbed whose original text tower conditions the UNet (default: assets/safeclip)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--renders", type=int, default=8, help="random renders per training combination")
-    parser.add_argument("--vae-steps", type=int, default=300)
-    parser.add_argument("--unet-steps", type=int, default=800)
-    parser.add_argument("--classifier-steps", type=int, default=400)
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vlmsafe.safeclip.t2i_testbed``: build the testbed (one torch thread, so a seed reproduces it)."""
+    from vlmsafe.errors import VlmsafeError
+    from vlmsafe.validation import int_arg
+
+    parser = argparse.ArgumentParser(
+        description="Build the bundled text-to-image testbed (tiny Stable Diffusion + scene classifier)."
+    )
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parents[2] / "assets" / "t2i"),
+        help="where to write it (default: assets/t2i)",
+    )
+    parser.add_argument(
+        "--clip",
+        default=str(tb.default_assets_dir()),
+        help="the Safe-CLIP testbed whose original text tower conditions the UNet (default: assets/safeclip)",
+    )
+    parser.add_argument("--seed", type=int_arg(low=0), default=0)
+    parser.add_argument("--renders", type=int_arg(low=1), default=8, help="random renders per training combination")
+    parser.add_argument("--vae-steps", type=int_arg(low=1), default=300)
+    parser.add_argument("--unet-steps", type=int_arg(low=1), default=UNET_STEPS)
+    parser.add_argument("--classifier-steps", type=int_arg(low=1), default=400)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    info = build_t2i_testbed(args.out, clip_dir=args.clip, seed=args.seed, renders=args.renders, vae_steps=args.vae_steps, unet_steps=args.unet_steps, classifier_steps=args.classifier_steps, overwrite=args.overwrite)
-    print(f"built in {info['seconds']['total']} s -> {args.out}")
+    try:
+        info = build_t2i_testbed(
+            args.out,
+            clip_dir=args.clip,
+            seed=args.seed,
+            renders=args.renders,
+            vae_steps=args.vae_steps,
+            unet_steps=args.unet_steps,
+            classifier_steps=args.classifier_steps,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except VlmsafeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"built in {info['seconds']['total']} s wall, {info['cpu_seconds']} s CPU -> {args.out}")
     return 0
 
 
