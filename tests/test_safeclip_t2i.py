@@ -414,3 +414,21 @@ def test_demo_section_rates_and_grid(tiny_build, tmp_path):
     assert str(Rate(sec["rows"][1]["unsafe_rate"]["k"], sec["rows"][1]["unsafe_rate"]["n"])) in table
     with pytest.raises(OutputExistsError):
         t2i_demo_section(d / "a", tmp_path, split="calibration", safeclip_dir=ASSETS / "safeclip")
+
+
+def test_demo_adds_the_section_when_the_t2i_assets_are_there(tiny_build, tmp_path):
+    from vlmsafe.demo.run import t2i_section
+
+    d, _, _ = tiny_build
+    assets = tmp_path / "assets"
+    (assets / "testbed").mkdir(parents=True)
+    (assets / "t2i").symlink_to(d / "a")
+    (assets / "safeclip").symlink_to(ASSETS / "safeclip")
+    out = tmp_path / "demo"
+    out.mkdir()
+    section = t2i_section(assets, out)
+    assert [r["encoder"] for r in section["rows"]] == ["original", "Safe-CLIP"]
+    assert section["settings"]["split"] == "test"
+    assert section["grid"] == "safeclip_t2i_grid.png" and (out / "safeclip_t2i_grid.png").is_file()
+    (assets / "t2i").unlink()  # no t2i assets: no section
+    assert t2i_section(assets, out) is None

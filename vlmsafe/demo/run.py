@@ -17,6 +17,7 @@ Steps (CPU, no downloads):
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,10 +149,10 @@ def t2i_section(assets: Path, folder: Path) -> dict[str, Any] | None:
     the text-to-image testbed (``t2i/``) and the Safe-CLIP testbed (``safeclip/``) and diffusers is installed."""
     if not ((assets / "t2i").is_dir() and (assets / "safeclip").is_dir()):
         return None
-    try:
-        from vlmsafe.safeclip.t2i_demo import GRID_FILE, t2i_demo_section
-    except ImportError:  # the safeclip extra (diffusers) is not installed
+    if importlib.util.find_spec("diffusers") is None:  # the safeclip extra is not installed
         return None
+    from vlmsafe.safeclip.t2i_demo import GRID_FILE, t2i_demo_section
+
     section = t2i_demo_section(assets, folder, overwrite=True)
     section["grid"] = GRID_FILE  # relative to the demo's output folder
     return section

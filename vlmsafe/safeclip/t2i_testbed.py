@@ -5,9 +5,10 @@ unsafe images) must be demonstrable offline in seconds. The build trains, from s
 
 1. a tiny ``AutoencoderKL`` (32x32 RGB <-> 16x16x4 latents; trained as a deterministic autoencoder,
    since text-to-image only ever decodes, with a small penalty keeping latents near zero);
-2. a tiny ``UNet2DConditionModel`` (epsilon prediction, cosine noise schedule) conditioned, as in
-   SD 1.x, on the full ``last_hidden_state`` of the *frozen* testbed CLIP text tower
-   (``assets/safeclip/original``), with 10% empty captions for classifier-free guidance;
+2. a tiny ``UNet2DConditionModel`` (v-prediction, zero-terminal-SNR schedule, see
+   :data:`SCHEDULER_CONFIG`) conditioned, as in SD 1.x, on the full ``last_hidden_state`` of the
+   *frozen* testbed CLIP text tower (``assets/safeclip/original``), with 10% empty captions for
+   classifier-free guidance and conditioning augmentation (:data:`COND_NOISE`);
 3. the :class:`~vlmsafe.safeclip.t2i.SceneClassifier` that plays NudeNet/Q16.
 
 The training scenes are the CLIP testbed's *training* combinations (colour/shape/position/
@@ -17,8 +18,10 @@ CLIP testbed's validation combinations, test prompts from its held-out test comb
 CLIP, Safe-CLIP nor the generator ever saw them. Everything lands in one
 ``StableDiffusionPipeline.save_pretrained`` folder, so ``vlmsafe safeclip generate`` runs on it too.
 
-``python -m vlmsafe.safeclip.t2i_testbed --out assets/t2i --seed 0`` rebuilds it; deterministic for
-a given seed and machine (one torch thread).
+``python -m vlmsafe.safeclip.t2i_testbed --out assets/t2i --seed 0`` rebuilds it: about 450 s of CPU
+time on one thread, bit-identical for a given seed and machine. ``build_info.json`` records the
+settings, losses, timings, the sampler chosen on the calibration prompts and the classifier's
+accuracy on held-out drawn scenes.
 """
 
 from __future__ import annotations
@@ -70,8 +73,9 @@ UNET_CONFIG: dict[str, Any] = dict(
 #: decided by the noise, not the prompt (background right in about half the generations).
 #: UNet training steps of the shipped build
 UNET_STEPS = 1500
-#: conditioning augmentation of the shipped build (see :func:`train_unet`)
-COND_NOISE = 0.1
+#: conditioning augmentation (see :func:`train_unet`), chosen between 0.15 and 0.3 on the calibration
+#: prompts: with 0.15 the Safe-CLIP encoder cost 8 points of safe-prompt agreement there, with 0.3 none
+COND_NOISE = 0.3
 SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_schedule="scaled_linear",
