@@ -230,8 +230,10 @@ def run_generate(
     from diffusers import DiffusionPipeline
 
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    # float32 is diffusers' default; naming it would only trigger the torch_dtype -> dtype rename warning
+    load_kwargs = {} if torch_dtype is torch.float32 else {"torch_dtype": torch_dtype}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(pipe_dir), torch_dtype=torch_dtype).to(device)
+        pipe = DiffusionPipeline.from_pretrained(str(pipe_dir), **load_kwargs).to(device)
     except (OSError, ValueError) as exc:
         raise FileFormatError(
             f"--pipeline {pipe_dir}: cannot load the diffusers pipeline ({str(exc).splitlines()[0]}); "
