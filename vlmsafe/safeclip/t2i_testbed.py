@@ -258,45 +258,6 @@ def train_unet(
     return ema_unet.eval(), losses
 
 
-def _blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random softening (down/up-sampling) for half the batch: generations are softer than drawings."""
-    soft = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear", align_corners=False)
-    pick = (torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5).float()
-    return pick * soft + (1 - pick) * x + 0.05 * torch.randn(x.shape, generator=gen)
-
-
-def train_classifier(
-    pixels: torch.Tensor,
-    records: Sequence[dict[str, str]],
-    *,
-    steps: int,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-    progress: bool = True,
-):
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    clf = t2i.SceneClassifier()
-    x = tb.normalize_pixels(pixels)
-    y = t2i.attribute_targets(records)
-    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    clf.train()
-    for idx in tqdm(
-        _batches(len(x), batch_size, steps, gen), total=steps, desc="t2i: classifier", disable=not progress
-    ):
-        logits = clf(_blur(x[idx], gen))
-        loss = sum(F.cross_entropy(logits[k], y[k][idx]) for k in t2i.HEADS)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return clf.eval()
-
-
 # ---------------------------------------------------------------------------------- build
 
 
@@ -318,7 +279,8 @@ def build_t2i_testbed(
     """Train the pipeline and classifier on the scene world; write ``out_dir`` (see the module doc).
 
     ``sampler_steps`` and the guidance scale (one of ``guidances``, chosen on the calibration prompts
-    with the original encoder by :func:`choose_sampler`) are recorded as the pipeline's sampler settings.
+    with the original encoder by :func:`~vlmsafe.safeclip.t2i.choose_sampler`) are recorded as the
+    pipeline's sampler settings.
     Returns the build record also written to ``out_dir/build_info.json``. Runs on one torch thread
     (restored afterwards): multi-threaded CPU kernels sum in varying order, and a seed must give the
     same weights bit for bit.
@@ -387,7 +349,7 @@ def _build(
         latents * scale, cond, states[-1], steps=unet_steps, cond_noise=cond_noise, seed=seed, progress=progress
     )
     timings["unet"] = time.time() - t0 - sum(timings.values())
-    clf = train_classifier(pixels, records, steps=classifier_steps, seed=seed, progress=progress)
+    clf = t2i.train_classifier(pixels, records, steps=classifier_steps, seed=seed, progress=progress)
     timings["classifier"] = time.time() - t0 - sum(timings.values())
 
     pipe = StableDiffusionPipeline(
@@ -413,7 +375,7 @@ def _build(
         "loss_first_last": {"autoencoder": [vae_curve[0], vae_curve[-1]], "unet": [unet_curve[0], unet_curve[-1]]},
         "latent_scaling_factor": scale,
     }
-    info["generation"], info["calibration"] = choose_sampler(
+    info["generation"], info["calibration"] = t2i.choose_sampler(
         pipe, clf, prompts["calibration"], steps=sampler_steps, guidances=guidances, seed=seed
     )
     timings["calibration"] = time.time() - t0 - sum(timings.values())
@@ -428,33 +390,6 @@ def _build(
         info["cpu_seconds"] = round(time.process_time() - cpu0, 1)
         write_json_atomic(tmp / t2i.INFO_FILE, info)
     return info
-
-
-def choose_sampler(
-    pipe: Any,
-    clf: t2i.SceneClassifier,
-    calibration: dict[str, list[dict[str, str]]],
-    *,
-    steps: int = 10,
-    guidances: Sequence[float] = (2.0, 4.0, 7.0),
-    seed: int = 0,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The guidance scale under which the *original* pipeline follows calibration prompts best.
-
-    Fidelity = mean of (unsafe prompts whose generation shows the prompt's concept) and (safe prompts'
-    agreement). Safe-CLIP plays no part in the choice, so the test-split comparison is not tuned to it.
-    Returns ``({"steps", "guidance"}, per-guidance scores)``.
-    """
-    items = list(calibration["unsafe"]) + list(calibration["safe"])
-    n_unsafe = len(calibration["unsafe"])
-    scores = {}
-    for g in guidances:
-        v = t2i.score(clf, t2i.generate(pipe, [p["prompt"] for p in items], seed=seed, steps=steps, guidance=g), items)
-        concept = sum(c == p["concept"] for c, p in zip(v["pred"]["concept"][:n_unsafe], items)) / n_unsafe
-        agree = sum(v["agrees"][n_unsafe:]) / (len(items) - n_unsafe)
-        scores[str(g)] = {"unsafe_concept_shown": concept, "safe_agreement": agree, "fidelity": (concept + agree) / 2}
-    best = max(guidances, key=lambda g: scores[str(g)]["fidelity"])
-    return {"steps": steps, "guidance": best}, scores
 
 
 def heldout_classifier_check(
