@@ -202,3 +202,18 @@ def test_merge_figure_marks_the_test_split_at_the_chosen_weight(tmp_path, monkey
     stars.clear()
     plot_merge(sweep, None, tmp_path / "n.png")
     assert not stars
+
+
+def test_demo_steering_defaults_reach_each_method_as_it_allows(monkeypatch):
+    """--decode / --positions reach dataset-level rows; sample-level drops decode; ShiftDC takes neither."""
+    from types import SimpleNamespace
+
+    from vlmsafe.demo import rows
+
+    monkeypatch.setattr(rows, "SteeringConfig", lambda **kw: kw)  # capture what each method would build
+    ctx = SimpleNamespace(steering_defaults={"decode": True, "positions": "prompt"})
+    assert rows._config(ctx, mode="dataset")([1], 1.0) == dict(
+        mode="dataset", alpha=1.0, layers=[1], positions="prompt", decode=True
+    )
+    assert rows._config(ctx, mode="sample")([1], 0.5) == dict(mode="sample", alpha=0.5, layers=[1], positions="prompt")
+    assert rows._config(ctx, directions="d")(None, 2.0) == dict(directions="d", alpha=2.0, layers=None, positions="last")

@@ -66,9 +66,20 @@ def register(subparsers: Any) -> None:
         help="steer only these layers instead of choosing (e.g. 2 or 1,2)",
     )
     p.add_argument("--positions", default=None, choices=STEER_POSITIONS, help="override the steered positions")
-    p.add_argument("--decode", action="store_true", default=None, help="also steer generated tokens")
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        default=None,
+        help="also steer generated tokens (dataset-level rows; sample-level and ShiftDC steer the prompt only)",
+    )
     p.add_argument("--batch-size", type=int_arg(low=1), default=64, help="items per generation batch (default: 64)")
     p.add_argument("--no-merge", action="store_true", help="skip the safety-merge row")
+    p.add_argument(
+        "--all-methods",
+        action="store_true",
+        help="add the published variants side by side: CMRM with a blank anchor (dataset- and sample-level) and "
+        "ShiftDC, each chosen on the calibration split (about twice the run time)",
+    )
     add_progress_option(p)
     p.set_defaults(func=run)
 
@@ -91,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         settings=settings,
         merge=not args.no_merge,
+        all_methods=args.all_methods,
         overwrite=args.overwrite,
     )
     n = report["n_test"]

@@ -18,7 +18,8 @@ from typing import Any
 
 from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.tune import SteeringMethod, choose, layers_label, tune
-from vlmsafe.steering import SteeringConfig, calibrate, safety_directions
+from vlmsafe.steering import SteeringConfig, calibrate, calibrate_shiftdc, safety_directions
+from vlmsafe.validation import preset_layers
 
 
 def text_only_row(ctx: DemoContext) -> dict[str, Any]:
@@ -68,6 +69,10 @@ def _layer_sets(ctx: DemoContext) -> list[list[int] | None]:
 
 def _config(ctx: DemoContext, **kw: Any) -> Callable[[list[int] | None, float], SteeringConfig]:
     extra = {k: v for k, v in ctx.steering_defaults.items() if k in ("positions", "decode")}
+    if kw.get("mode") == "sample":  # a generated token has no text-only counterpart: sample-level steers prompts only
+        extra.pop("decode", None)
+    if "directions" in kw:  # ShiftDC corrects the last prompt token at prefill, as published
+        extra = {}
     return lambda layers, alpha: SteeringConfig(alpha=alpha, layers=layers, **{"positions": "last", **extra, **kw})
 
 
@@ -105,11 +110,69 @@ def cmrm_safety_component(ctx: DemoContext) -> SteeringMethod:
     )
 
 
+def cmrm_dataset_blank(ctx: DemoContext) -> SteeringMethod:
+    """CMRM dataset-level with the paper's anchor: the shift a blank image causes (prompts only needed)."""
+    if "vectors_blank" not in ctx.cache:
+        ctx.cache["vectors_blank"] = calibrate(
+            ctx.model, ctx.processor, ctx.calibration, anchor="blank", batch_size=ctx.batch_size, progress=ctx.progress
+        )
+    return SteeringMethod(
+        "CMRM dataset-level, blank anchor (paper)",
+        _config(ctx, mode="dataset", vectors=ctx.cache["vectors_blank"]),
+        _layer_sets(ctx),
+        "mean shift a blank image causes, calibration split",
+    )
+
+
+def cmrm_sample_blank(ctx: DemoContext) -> SteeringMethod:
+    """CMRM sample-level with the paper's anchor: each input's shift measured with a blank image."""
+    return SteeringMethod(
+        "CMRM sample-level, blank anchor (paper)",
+        _config(ctx, mode="sample", anchor="blank"),
+        _layer_sets(ctx),
+        "each input's shift with a blank image (two extra passes)",
+    )
+
+
+def shiftdc(ctx: DemoContext) -> SteeringMethod:
+    """ShiftDC as published: per-input shift against the captioned counterpart, safety component removed.
+
+    Captions are written by the testbed itself from its caption question (``describe the image .``);
+    layer sets start with ShiftDC's default, middle-to-last.
+    """
+    if "directions" not in ctx.cache:
+        labelled = [it for it in ctx.calibration if it.image is not None or it.meta.get("caption")]
+        ctx.cache["directions"] = calibrate_shiftdc(
+            ctx.model, ctx.processor, labelled, caption_prompt=TESTBED_CAPTION_PROMPT, caption_tokens=8,
+            batch_size=ctx.batch_size, progress=ctx.progress,
+        )  # fmt: skip
+    n = ctx.model.config.get_text_config().num_hidden_layers
+    fixed = ctx.steering_defaults.get("layers")
+    sets = _layer_sets(ctx) if fixed is not None else [preset_layers("middle-to-last", n), *_layer_sets(ctx)]
+    return SteeringMethod(
+        "ShiftDC (as published)",
+        _config(ctx, directions=ctx.cache["directions"]),
+        sets,
+        "captioned counterpart, safety direction only, last prompt token",
+    )
+
+
+#: The caption question the testbed was trained to answer (ShiftDC's captions on the testbed).
+TESTBED_CAPTION_PROMPT = "describe the image ."
+
 #: The steering rows of the demo, in table order.
 STEERING_METHODS: tuple[Callable[[DemoContext], SteeringMethod], ...] = (
     cmrm_dataset,
     cmrm_sample,
     cmrm_safety_component,
+)
+
+#: The published variants, added with ``run_demo(all_methods=True)`` / ``vlmsafe demo --all-methods``:
+#: CMRM's blank anchor (dataset- and sample-level) and ShiftDC, each chosen on the calibration split.
+EXTRA_METHODS: tuple[Callable[[DemoContext], SteeringMethod], ...] = (
+    cmrm_dataset_blank,
+    cmrm_sample_blank,
+    shiftdc,
 )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from vlmsafe.data import load_items
 from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.plots import plot_merge, plot_steering
-from vlmsafe.demo.rows import STEERING_METHODS, multimodal_row, steered_row, text_only_row
+from vlmsafe.demo.rows import EXTRA_METHODS, STEERING_METHODS, multimodal_row, steered_row, text_only_row
 from vlmsafe.demo.table import format_table
 from vlmsafe.demo.tune import MAX_ACCURACY_DROP, MAX_BENIGN_RISE
 from vlmsafe.errors import InputError
@@ -89,6 +89,7 @@ def run_demo(
     progress: bool = True,
     settings: dict[str, Any] | None = None,
     merge: bool = True,
+    all_methods: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the demo; write its outputs to ``out_dir`` and return the report (see module docs).
@@ -96,7 +97,8 @@ def run_demo(
     ``test`` evaluates another held-out set in the testbed's format instead of the shipped test
     split (e.g. one written by ``python -m vlmsafe.testbed.unseen``); every choice is still made on
     the calibration split. ``settings`` fixes steering options for every method (``layers``,
-    ``positions``, ``decode``).
+    ``positions``, ``decode``; sample-level and ShiftDC steer prompt tokens only). ``all_methods`` adds
+    the published variants (:data:`vlmsafe.demo.rows.EXTRA_METHODS`: CMRM blank anchor, ShiftDC).
     """
     out = check_output(out_dir, kind="dir", overwrite=overwrite)
     alphas = normalize_alphas(alphas)
@@ -105,7 +107,8 @@ def run_demo(
         testbed, test, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, settings=settings
     )
     rows = [text_only_row(ctx), multimodal_row(ctx)]
-    steering = [steered_row(ctx, make(ctx), alphas) for make in STEERING_METHODS]
+    methods = STEERING_METHODS + (EXTRA_METHODS if all_methods else ())
+    steering = [steered_row(ctx, make(ctx), alphas) for make in methods]
     rows += steering
     sections = _optional_sections(ctx, rows, merge)
     with atomic_path(out, overwrite=overwrite) as tmp:
