@@ -216,4 +216,5 @@ def test_demo_steering_defaults_reach_each_method_as_it_allows(monkeypatch):
         mode="dataset", alpha=1.0, layers=[1], positions="prompt", decode=True
     )
     assert rows._config(ctx, mode="sample")([1], 0.5) == dict(mode="sample", alpha=0.5, layers=[1], positions="prompt")
-    assert rows._config(ctx, directions="d")(None, 2.0) == dict(directions="d", alpha=2.0, layers=None, positions="last")
+    shiftdc = rows._config(ctx, directions="d")(None, 2.0)
+    assert shiftdc == dict(directions="d", alpha=2.0, layers=None, positions="last")
