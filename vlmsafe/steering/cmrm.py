@@ -370,21 +370,8 @@ def text_only_states(
     not steered and get zeros), no KV cache, and only up to the deepest requested layer (the
     layers above it and the output head do not run).
     """
-    adapter = get_adapter(model, processor)
-    layer_ids = adapter.resolve_layers(layers)
-    rows = list(range(len(prompts))) if images is None else [i for i, img in enumerate(images) if img is not None]
-    shape, device = (len(prompts), adapter.hidden_size), adapter.device
-    out = {l: torch.zeros(shape, dtype=torch.float32, device=device) for l in layer_ids}
-    if not rows:
-        return out
-    inputs = adapter.build_inputs([prompts[i] for i in rows], None, system_prompt=system_prompt, padding_side="left")
-    with record_activations(adapter, layer_ids, positions="last", dtype=torch.float32, device=None,
-                            stop_early=True) as rec:
-        adapter.model(**inputs, use_cache=False)
-    index = torch.tensor(rows, device=device)
-    for l in layer_ids:
-        out[l].index_copy_(0, index, rec.activations[l].to(device))
-    return out
+    rows = None if images is None else [i for i, img in enumerate(images) if img is not None]
+    return prompt_states(model, processor, prompts, None, rows=rows, layers=layers, system_prompt=system_prompt)
 
 
 @torch.no_grad()
