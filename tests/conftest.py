@@ -9,6 +9,15 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (bit-exact reductions), restoring the thread count after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def hook_ids(model):
     """Set of (module id, hook id) for every forward (pre-)hook in ``model``.
 

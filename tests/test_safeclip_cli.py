@@ -11,18 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from vlmsafe.cli import build_parser, main
 from vlmsafe.safeclip import SafeCLIPLossWeights, SafeCLIPTrainingConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Safe-CLIP results are bit-exact on one thread
 
 
 @pytest.fixture(scope="module")

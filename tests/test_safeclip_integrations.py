@@ -10,12 +10,7 @@ from vlmsafe.safeclip.testbed import tiny_clip_backend
 PROMPT = "a blue circle on the left on sand with blood"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Safe-CLIP results are bit-exact on one thread
 
 
 @pytest.fixture(scope="module")

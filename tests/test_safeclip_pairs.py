@@ -19,12 +19,7 @@ SUBJECTS = ["dog", "cat", "man", "woman", "child", "horse", "bird", "car"]
 PAIRS = [(f"a {s} on the {p}", f"a {s} on the {p} covered in blood") for s in SUBJECTS for p in ("grass", "beach")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Safe-CLIP results are bit-exact on one thread
 
 
 def tiny_lm():

@@ -12,12 +12,7 @@ from vlmsafe.safeclip import format_table, recall_at_k, retrieval_metrics, safec
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "safeclip"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Safe-CLIP results are bit-exact on one thread
 
 
 def test_recall_at_k_hand_example():

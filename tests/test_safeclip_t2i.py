@@ -22,12 +22,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PROMPTS = ["a blue circle on the left on sand with blood", "a green square on the right on grass"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Safe-CLIP results are bit-exact on one thread
 
 
 # ---------------------------------------------------------------------------------- tiny pipelines

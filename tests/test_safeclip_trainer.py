@@ -19,12 +19,7 @@ from vlmsafe.safeclip.testbed import make_splits, quadruplets, render_split, tin
 COSINE_ONLY = SafeCLIPLossWeights(S_Vref=0.0, U_Vref=0.0, V_Sref=0.0, G_Sref=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Safe-CLIP results are bit-exact on one thread
 
 
 @pytest.fixture(scope="module")
