@@ -1,6 +1,7 @@
 """ShiftDC: safety directions, captions, the per-input correction, and the command line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,27 +267,16 @@ def saved(tmp_path_factory, llava):
     return root
 
 
+def calibrate_shiftdc_cli(model: Path, data: Path, out: Path, *extra: str) -> int:
+    """``vlmsafe calibrate --method shiftdc`` with the given model, data and output (and ``extra`` flags)."""
+    return main(["calibrate", "--method", "shiftdc", "--model", str(model), "--data", str(data), "--out", str(out),
+                 *extra])
+
+
 def test_cli_calibrate_shiftdc_then_generate(saved, capsys):
     out = saved / "dirs"
-    assert (
-        main(
-            [
-                "calibrate",
-                "--method",
-                "shiftdc",
-                "--model",
-                str(saved / "model"),
-                "--data",
-                str(saved / "labelled.jsonl"),
-                "--out",
-                str(out),
-                "--caption-tokens",
-                "3",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    fast = ["--caption-tokens", "3", "--no-progress"]
+    assert calibrate_shiftdc_cli(saved / "model", saved / "labelled.jsonl", out, *fast) == 0
     assert "2 from the data" in capsys.readouterr().out
     directions = SafetyDirections.load(out)
     captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
@@ -294,27 +284,8 @@ def test_cli_calibrate_shiftdc_then_generate(saved, capsys):
     assert directions.meta["model_name"] == str(saved / "model") and directions.meta["caption_tokens"] == 3
     # the written captions are a cache for the next run: nothing is generated again
     again = saved / "dirs2"
-    assert (
-        main(
-            [
-                "calibrate",
-                "--method",
-                "shiftdc",
-                "--model",
-                str(saved / "model"),
-                "--data",
-                str(saved / "labelled.jsonl"),
-                "--out",
-                str(again),
-                "--captions",
-                str(out / "captions.jsonl"),
-                "--caption-tokens",
-                "3",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    cached = ["--captions", str(out / "captions.jsonl"), "--caption-tokens", "3", "--no-progress"]
+    assert calibrate_shiftdc_cli(saved / "model", saved / "labelled.jsonl", again, *cached) == 0
     assert SafetyDirections.load(again).meta["caption_sources"] == {"data": 2, "cache": 2, "generated": 0}
     assert torch.equal(SafetyDirections.load(again).directions[2], directions.directions[2])
     capsys.readouterr()
@@ -351,41 +322,14 @@ def test_cli_calibrate_shiftdc_then_generate(saved, capsys):
 )
 def test_cli_calibrate_shiftdc_refuses_bad_flags(saved, capsys, extra, message):
     out = saved / "bad"
-    args = [
-        "calibrate",
-        "--method",
-        "shiftdc",
-        "--model",
-        str(saved / "model"),
-        "--data",
-        str(saved / "labelled.jsonl"),
-        "--out",
-        str(out),
-        *extra,
-    ]
-    assert main(args) == 2
+    assert calibrate_shiftdc_cli(saved / "model", saved / "labelled.jsonl", out, *extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not out.exists()
 
 
 def test_cli_shiftdc_needs_labels_and_generate_flag_errors(saved, tmp_path, capsys):
     (tmp_path / "unlabelled.jsonl").write_text(json.dumps({"id": "1", "prompt": "x", "caption": "y"}) + "\n")
-    assert (
-        main(
-            [
-                "calibrate",
-                "--method",
-                "shiftdc",
-                "--model",
-                str(saved / "model"),
-                "--data",
-                str(tmp_path / "unlabelled.jsonl"),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    assert calibrate_shiftdc_cli(saved / "model", tmp_path / "unlabelled.jsonl", tmp_path / "o") == 2
     assert "label" in capsys.readouterr().err
     base = ["generate", "--model", str(saved / "model"), "--prompt", "x"]
     assert main([*base, "--shift-from", "running"]) == 2
@@ -398,25 +342,8 @@ def test_cli_shiftdc_needs_labels_and_generate_flag_errors(saved, tmp_path, caps
 
 def test_cli_evaluate_with_shiftdc(saved, capsys):
     dirs = saved / "dirs-eval"
-    assert (
-        main(
-            [
-                "calibrate",
-                "--method",
-                "shiftdc",
-                "--model",
-                str(saved / "model"),
-                "--data",
-                str(saved / "labelled.jsonl"),
-                "--out",
-                str(dirs),
-                "--caption-tokens",
-                "3",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    fast = ["--caption-tokens", "3", "--no-progress"]
+    assert calibrate_shiftdc_cli(saved / "model", saved / "labelled.jsonl", dirs, *fast) == 0
     out = saved / "eval"
     assert (
         main(
