@@ -6,6 +6,7 @@ import torch
 from vlmsafe.errors import InputError, UnsupportedModelError
 from vlmsafe.safeclip import apply_safe_text_encoder, apply_safe_vision_encoder, load_safe_text_encoder
 from vlmsafe.safeclip.testbed import tiny_clip_backend
+from vlmsafe.testing import tiny_sd_pipeline
 
 PROMPT = "a blue circle on the left on sand with blood"
 
@@ -26,41 +27,7 @@ def clips(tmp_path_factory):
 
 
 def tiny_sd(original):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=original.model.config.text_config.hidden_size,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        block_out_channels=[16, 32],
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=original.model.text_model,
-        tokenizer=original.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return tiny_sd_pipeline(original.model.text_model, original.tokenizer)
 
 
 def test_stable_diffusion_prompt_to_image_with_safe_text_encoder(clips):

@@ -17,6 +17,7 @@ from PIL import Image
 from vlmsafe.cli import main as cli_main
 from vlmsafe.safeclip import load_safe_text_encoder
 from vlmsafe.safeclip.testbed import build_tokenizer, tiny_clip_backend
+from vlmsafe.testing import tiny_sd_pipeline, tiny_unet, tiny_vae
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PROMPTS = ["a blue circle on the left on sand with blood", "a green square on the right on grass"]
@@ -38,48 +39,9 @@ def clips(tmp_path_factory):
     return d
 
 
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        block_out_channels=[8, 16],
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
-
-
 @pytest.fixture(scope="module")
 def sd_dir(clips, tmp_path_factory):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=load_safe_text_encoder(clips / "orig"),
-        tokenizer=build_tokenizer(),
-        unet=unet,
-        scheduler=DDIMScheduler(steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = tiny_sd_pipeline(load_safe_text_encoder(clips / "orig"), build_tokenizer())
     d = tmp_path_factory.mktemp("sd") / "pipe"
     pipe.save_pretrained(str(d))
     return d
@@ -87,26 +49,11 @@ def sd_dir(clips, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_dir(clips, tmp_path_factory):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-    )
+    unet = tiny_unet(64, sdxl=True)
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(),
+        vae=tiny_vae(),
         text_encoder=load_safe_text_encoder(clips / "orig"),
         text_encoder_2=load_safe_text_encoder(clips / "orig2", with_projection=True),
         tokenizer=build_tokenizer(),

@@ -355,6 +355,45 @@ def tiny_open_clip(seed: int = 0):
     return model, {"tokenizer": tokenizer, "preprocess": preprocess}
 
 
+def tiny_unet(cross_attention_dim: int, *, sdxl: bool = False, seed: int = 0):
+    """A random diffusers ``UNet2DConditionModel`` on 4-channel 8x8 latents (SD layout; ``sdxl``: text-time
+    added conditions for a 32-wide pooled text embedding, as ``StableDiffusionXLPipeline`` passes them)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 32) if sdxl else {}
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8, **extra,
+    )  # fmt: skip
+
+
+def tiny_vae(seed: int = 0):
+    """A random diffusers ``AutoencoderKL``: 16x16 RGB images <-> 4-channel 8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4, norm_num_groups=8,
+        sample_size=16,
+    )  # fmt: skip
+
+
+def tiny_sd_pipeline(text_encoder, tokenizer, *, seed: int = 0):
+    """A random ``StableDiffusionPipeline`` around ``text_encoder`` (DDIM, no safety checker)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=tiny_unet(text_encoder.config.hidden_size, seed=seed),
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+
+
 def solid_image(color: tuple[int, int, int] = (200, 30, 30), size: int = IMAGE_SIZE) -> Image.Image:
     return Image.new("RGB", (size, size), color)
 
