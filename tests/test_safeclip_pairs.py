@@ -13,6 +13,7 @@ from vlmsafe.safeclip.pairs import (
     save_converter,
     train_pair_converter,
 )
+from vlmsafe.testing import tiny_text_config
 from vlmsafe.tokenization import build_word_tokenizer
 
 SUBJECTS = ["dog", "cat", "man", "woman", "child", "horse", "bird", "car"]
@@ -23,23 +24,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # Safe-CLIP results are bit-
 
 
 def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     words = {w for a, b in PAIRS for w in f"{a} {b}".split()} | {"safe", "unsafe", ":"}
     tok = build_word_tokenizer(words, chat_template=None, padding_side="right", image_token=None, special_tokens=())
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
+    cfg = tiny_text_config(
+        len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=4,
+        max_position_embeddings=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        max_position_embeddings=64,
-    )
+    )  # fmt: skip
     return LlamaForCausalLM(cfg), tok
 
 
