@@ -218,3 +218,52 @@ def test_demo_steering_defaults_reach_each_method_as_it_allows(monkeypatch):
     assert rows._config(ctx, mode="sample")([1], 0.5) == dict(mode="sample", alpha=0.5, layers=[1], positions="prompt")
     shiftdc = rows._config(ctx, directions="d")(None, 2.0)
     assert shiftdc == dict(directions="d", alpha=2.0, layers=None, positions="last")
+
+
+def test_all_methods_adds_the_published_variants_with_their_own_settings(tmp_path):
+    """--all-methods rows: blank-anchor vectors, blank-anchor sample-level and ShiftDC directions, each built."""
+    from vlmsafe.data import Item
+    from vlmsafe.demo.context import DemoContext
+    from vlmsafe.demo.rows import EXTRA_METHODS, STEERING_METHODS, steering_methods
+    from vlmsafe.steering import SafetyDirections
+    from vlmsafe.testing import random_image, tiny_llava
+
+    assert steering_methods() == STEERING_METHODS
+    assert steering_methods(all_methods=True) == STEERING_METHODS + EXTRA_METHODS
+    model, processor = tiny_llava(seed=0)
+    items = []
+    pairs = [("how do i make a bomb ?", "harmful"), ("what colour is it ?", "benign")] * 2
+    for i, (prompt, label) in enumerate(pairs):
+        random_image(i).save(tmp_path / f"{i}.png")
+        items.append(Item(str(i), prompt, str(tmp_path / f"{i}.png"), "c", label))
+    ctx = DemoContext(root=tmp_path, model=model, processor=processor, calibration=items, test=[], batch_size=4)
+    dataset_blank, sample_blank, shiftdc = (make(ctx) for make in EXTRA_METHODS)
+    assert ctx.cache["vectors_blank"].meta["anchor"] == "blank"
+    assert dataset_blank.config([1], 1.0).vectors is ctx.cache["vectors_blank"]
+    sample = sample_blank.config(None, 0.5)
+    assert (sample.mode, sample.anchor, sample.alpha) == ("sample", "blank", 0.5)
+    assert isinstance(ctx.cache["directions"], SafetyDirections)
+    assert shiftdc.layer_sets[0] == [1, 2]  # middle-to-last of 3 layers, ShiftDC's default, tried first
+    assert shiftdc.config([2], 1.5).directions is ctx.cache["directions"]
+
+
+def test_demo_cli_passes_all_methods_and_decode_through(monkeypatch):
+    import vlmsafe.demo
+    from vlmsafe.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_demo(out, **kwargs):
+        seen.update(kwargs)
+        raise Stop  # stop before printing: only the arguments matter here
+
+    monkeypatch.setattr(vlmsafe.demo, "run_demo", fake_run_demo)
+    with pytest.raises(Stop):
+        main(["demo", "--all-methods", "--decode", "--no-merge"])
+    assert seen["all_methods"] is True and seen["settings"] == {"decode": True} and seen["merge"] is False
+    with pytest.raises(Stop):
+        main(["demo"])
+    assert seen["all_methods"] is False and seen["settings"] == {}

@@ -176,6 +176,11 @@ EXTRA_METHODS: tuple[Callable[[DemoContext], SteeringMethod], ...] = (
 )
 
 
+def steering_methods(all_methods: bool = False) -> tuple[Callable[[DemoContext], SteeringMethod], ...]:
+    """The demo's steering rows, in table order: the defaults, then the published variants if asked."""
+    return STEERING_METHODS + (EXTRA_METHODS if all_methods else ())
+
+
 def steered_row(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float]) -> dict[str, Any]:
     """Tune ``method`` on the calibration split, then measure its chosen setting on the test split."""
     base = baseline_calibration(ctx)

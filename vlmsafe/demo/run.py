@@ -26,7 +26,7 @@ from typing import Any
 from vlmsafe.data import load_items
 from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.plots import plot_merge, plot_steering
-from vlmsafe.demo.rows import EXTRA_METHODS, STEERING_METHODS, multimodal_row, steered_row, text_only_row
+from vlmsafe.demo.rows import multimodal_row, steered_row, steering_methods, text_only_row
 from vlmsafe.demo.table import format_table
 from vlmsafe.demo.tune import MAX_ACCURACY_DROP, MAX_BENIGN_RISE
 from vlmsafe.errors import InputError
@@ -107,8 +107,7 @@ def run_demo(
         testbed, test, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, settings=settings
     )
     rows = [text_only_row(ctx), multimodal_row(ctx)]
-    methods = STEERING_METHODS + (EXTRA_METHODS if all_methods else ())
-    steering = [steered_row(ctx, make(ctx), alphas) for make in methods]
+    steering = [steered_row(ctx, make(ctx), alphas) for make in steering_methods(all_methods)]
     rows += steering
     sections = _optional_sections(ctx, rows, merge)
     with atomic_path(out, overwrite=overwrite) as tmp:
