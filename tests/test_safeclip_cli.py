@@ -90,8 +90,8 @@ def test_every_config_field_is_a_flag_and_reaches_the_config():
         "--batch-size", "16", "--grad-accum", "2", "--epochs", "3", "--max-steps", "7", "--max-grad-norm", "0",
         "--mixed-precision", "bf16", "--cpu", "--eval-every", "9", "--eval-batch-size", "32", "--patience", "4",
         "--min-delta", "0.5", "--best-metric", "loss", "--save-every", "11", "--keep-checkpoints", "3", "--seed", "2",
-        "--logit-scale", "50", "--loss-scale", "reference", "--weights", "G_Sref=1,text_nsfw=0", "--num-workers", "1",
-        "--no-progress",
+        "--logit-scale", "50", "--loss-scale", "reference", "--weights", "G_Sref=1,text_nsfw=0,text_safe_tokens=2",
+        "--token-layer", "penultimate", "--num-workers", "1", "--no-progress",
     )
     expected = SafeCLIPTrainingConfig(
         train_text=False, train_vision=False, use_lora=False, lora_r=4, lora_alpha=2.0, lora_dropout=0.0,
@@ -100,9 +100,19 @@ def test_every_config_field_is_a_flag_and_reaches_the_config():
         num_epochs=3, max_steps=7, max_grad_norm=0.0, mixed_precision="bf16", cpu=True, eval_every=9,
         eval_batch_size=32, early_stopping_patience=4, early_stopping_min_delta=0.5, best_metric="loss",
         save_every=11, keep_checkpoints=3, seed=2, logit_scale=50.0, loss_scale="reference",
-        weights=SafeCLIPLossWeights(G_Sref=1.0, text_nsfw=0.0), num_workers=1, progress=False,
+        weights=SafeCLIPLossWeights(G_Sref=1.0, text_nsfw=0.0, text_safe_tokens=2.0), token_layer="penultimate",
+        num_workers=1, progress=False,
     )
     assert cfg == expected
+
+
+def test_train_help_documents_the_token_term(capsys):
+    with pytest.raises(SystemExit):
+        main(["safeclip", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "text_safe_tokens (default 0, not in the paper)" in text
+    assert "--token-layer {last,penultimate}" in text and "hidden_states[-2]" in text
+    assert "--weights text_safe_tokens=" in text  # the epilog's example
 
 
 def test_config_file_then_flags(tmp_path):
@@ -152,6 +162,8 @@ NUMBER_CASES = [
     (["--weights", "G_Sref=nan"], "finite"),
     (["--weights", "G_Sref=-1"], "--weights"),
     (["--weights", "nope=1"], "NAME=WEIGHT"),
+    (["--weights", "text_safe_tokens=-1"], "--weights"),
+    (["--token-layer", "first"], "--token-layer"),
     (["--epochs", "0"], "--epochs: must be in >= 1"),
     (["--batch-size", "-2"], "--batch-size"),
     (["--scheduler", "nope"], "not a transformers scheduler"),

@@ -7,12 +7,14 @@ import torch
 
 from vlmsafe.errors import InputError
 from vlmsafe.safeclip.losses import (
+    ALL_LOSS_NAMES,
     LOSS_NAMES,
     SafeCLIPEmbeddings,
     SafeCLIPLossWeights,
     clip_nce,
     cosine_distance,
     safeclip_losses,
+    token_drift,
 )
 
 R2 = math.sqrt(2.0)
@@ -123,6 +125,56 @@ def test_zero_weight_terms_are_reported_but_detached():
     assert out["loss"].item() == pytest.approx((0.1 * 0.5 + 0.1 * 1.5 + 0.1 * (1 - 1 / R2) / 2 + 0.2 * 1.0) / 0.5)
 
 
+# --------------------------------------------------------------------------- the token-state term (ninth)
+# Two captions, three positions, 2-D token states; reference norms differ per token (the normalisation must use
+# each token's own reference norm).
+H0 = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]], [[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])
+H = torch.tensor([[[1.0, 1.0], [0.0, 1.0], [3.0, 4.0]], [[0.0, 0.0], [1.0, 1.0], [1.0, 0.0]]])
+# row 0: ||(0,1)||^2/1 = 1, ||(0,-1)||^2/4 = 0.25, 0/25 = 0        -> mean 1.25/3
+# row 1: ||(-2,0)||^2/4 = 1, ||(1,0)||^2/1 = 1, 0                  -> mean 2/3
+DRIFT = [1.25 / 3, 2.0 / 3]
+
+
+def test_token_drift_matches_hand_values():
+    assert token_drift(H, H0).tolist() == pytest.approx(DRIFT)
+    assert token_drift(H0, H0).tolist() == [0.0, 0.0]
+    # scale-free: the same relative change of bigger states gives the same value
+    assert token_drift(10 * H, 10 * H0).tolist() == pytest.approx(DRIFT)
+    with pytest.raises(InputError, match="same padding"):
+        token_drift(H[:, :2], H0)
+
+
+def test_token_term_enters_the_total_with_its_weight():
+    drift = token_drift(H, H0)
+    w = SafeCLIPLossWeights(text_safe_tokens=0.5)
+    out = safeclip_losses(emb(text_safe_token_drift=drift), w, logit_scale=100.0)
+    assert out["text_safe_tokens"].item() == pytest.approx(sum(DRIFT) / 2)
+    eight = sum(getattr(w, n) * out[n].item() for n in LOSS_NAMES)
+    assert w.denominator == pytest.approx(1.75 + 0.5)
+    assert out["loss"].item() == pytest.approx((eight + 0.5 * sum(DRIFT) / 2) / 2.25, rel=1e-6)
+    ref = safeclip_losses(emb(text_safe_token_drift=drift), w, logit_scale=100.0, loss_scale="reference")
+    assert ref["loss"].item() == pytest.approx(out["loss"].item() / 8, rel=1e-6)  # the paper's 8, not 9
+    # the gradient reaches the token states through the per-row drift
+    states = H.clone().requires_grad_()
+    safeclip_losses(emb(text_safe_token_drift=token_drift(states, H0)), w)["loss"].backward()
+    assert states.grad is not None and states.grad[:, 2].abs().sum() == 0 and states.grad[:, :2].abs().sum() > 0
+
+
+def test_token_weight_zero_is_the_papers_loss_exactly():
+    w = SafeCLIPLossWeights()
+    assert w.text_safe_tokens == 0.0 and not w.keeps_token_states and set(w.as_dict()) == set(ALL_LOSS_NAMES)
+    with_drift = safeclip_losses(emb(text_safe_token_drift=token_drift(H, H0)), w, logit_scale=100.0)
+    without = safeclip_losses(emb(), w, logit_scale=100.0)
+    assert torch.equal(with_drift["loss"], without["loss"])
+    assert without["text_safe_tokens"].item() == 0.0 and not with_drift["text_safe_tokens"].requires_grad
+    manual = sum(getattr(w, n) * without[n].item() for n in LOSS_NAMES) / 1.75
+    assert without["loss"].item() == pytest.approx(manual, rel=1e-6)
+    with pytest.raises(InputError, match="loss weight text_safe_tokens"):
+        SafeCLIPLossWeights(text_safe_tokens=float("nan"))
+    only_tokens = SafeCLIPLossWeights(**dict.fromkeys(LOSS_NAMES, 0.0), text_safe_tokens=1.0)
+    assert only_tokens.denominator == 1.0  # a token-only weighting is valid: not "all weights are 0"
+
+
 def test_cosine_distance_empty_is_zero():
     assert cosine_distance(torch.zeros(0, 3), torch.zeros(0, 3)).item() == 0.0
 
@@ -134,6 +186,8 @@ def test_bad_weights_and_shapes_raise_clear_errors():
         SafeCLIPLossWeights.from_dict({"txt_safe": 1.0})
     with pytest.raises(InputError, match="rows"):
         safeclip_losses(emb(text_nsfw=torch.zeros(3, 2)))
+    with pytest.raises(InputError, match="text_safe_token_drift has 3 rows"):
+        safeclip_losses(emb(text_safe_token_drift=torch.zeros(3)))
 
 
 def naive_terms(e: SafeCLIPEmbeddings, scale: float) -> dict:

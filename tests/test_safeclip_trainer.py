@@ -459,7 +459,7 @@ def test_a_batch_with_no_trainable_term_contributes_no_gradient(data):
 def test_weights_that_train_nothing_are_refused_before_training(data):
     text_only = QuadrupletDataset(Quadruplet(q.safe, q.unsafe) for q in data)
     zero_text = SafeCLIPLossWeights(text_safe=0.0, text_nsfw=0.0)  # the image terms cannot train without images
-    with pytest.raises(InputError, match="text_safe, text_nsfw\\) has weight 0"):
+    with pytest.raises(InputError, match="text_safe, text_nsfw, text_safe_tokens\\) has weight 0"):
         SafeCLIPTrainer(backend(), cfg(weights=zero_text), text_only)
     SafeCLIPTrainer(backend(), cfg(weights=zero_text, max_steps=1), data).train()  # with images the NCE terms train
 

@@ -2,7 +2,9 @@
 
 Poppi et al., ECCV 2024. Pieces:
 
-* :mod:`~vlmsafe.safeclip.losses` — the eight loss terms, returned separately.
+* :mod:`~vlmsafe.safeclip.losses` — the eight loss terms, returned separately, and an optional ninth,
+  ``text_safe_tokens`` (not in the paper, weight 0 by default), that keeps safe captions' per-token text
+  states where a diffusion UNet reads them.
 * :mod:`~vlmsafe.safeclip.backends` — ``transformers`` ``CLIPModel`` and ``open_clip`` behind one interface.
 * :mod:`~vlmsafe.safeclip.data` — JSONL quadruplets, the ViSU-Text layout + COCO, text-only mode.
 * :mod:`~vlmsafe.safeclip.trainer` — LoRA / full fine-tuning with a truly frozen reference,
@@ -48,12 +50,14 @@ from vlmsafe.safeclip.backends import CLIPBackend, HFCLIPBackend, OpenCLIPBacken
 from vlmsafe.safeclip.data import Quadruplet, QuadrupletCollator, QuadrupletDataset, load_dataset
 from vlmsafe.safeclip.integrations import apply_safe_text_encoder, apply_safe_vision_encoder, load_safe_text_encoder
 from vlmsafe.safeclip.losses import (
+    ALL_LOSS_NAMES,
     LOSS_NAMES,
     SafeCLIPEmbeddings,
     SafeCLIPLossWeights,
     clip_nce,
     cosine_distance,
     safeclip_losses,
+    token_drift,
 )
 from vlmsafe.safeclip.pairs import PairConverterConfig, generate_unsafe, load_pairs, train_pair_converter
 from vlmsafe.safeclip.retrieval import embed_quadruplets, format_table, recall_at_k, retrieval_metrics, retrieval_table
@@ -61,6 +65,7 @@ from vlmsafe.safeclip.testbed import safeclip_demo_rows
 from vlmsafe.safeclip.trainer import SafeCLIPTrainer, SafeCLIPTrainingConfig, TrainingResult, train_safeclip
 
 __all__ = [
+    "ALL_LOSS_NAMES",
     "LOSS_NAMES",
     "CLIPBackend",
     "HFCLIPBackend",
@@ -90,6 +95,7 @@ __all__ = [
     "retrieval_table",
     "safeclip_demo_rows",
     "safeclip_losses",
+    "token_drift",
     "train_pair_converter",
     "train_safeclip",
 ]

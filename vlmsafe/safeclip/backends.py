@@ -8,8 +8,10 @@
 
 The trainer only talks to this interface: tokenize, preprocess, encode text/images into the
 projected embedding space, name the modules of each tower (for LoRA targeting and full
-fine-tuning), and save. Encoding methods take the ``model`` explicitly because during training
-the module that runs is the LoRA-injected (or DDP-wrapped) copy, not ``backend.model``.
+fine-tuning), and save. :meth:`CLIPBackend.encode_text_states` also returns the text tower's per-token
+states as a diffusion pipeline reads them (for the optional ``text_safe_tokens`` loss term). Encoding
+methods take the ``model`` explicitly because during training the module that runs is the
+LoRA-injected (or DDP-wrapped) copy, not ``backend.model``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from torch import nn
 
 from vlmsafe.errors import FileFormatError, InputError, UnsupportedModelError
 from vlmsafe.io import atomic_path, read_json
+from vlmsafe.validation import check_choice
 
+#: Which token states :meth:`CLIPBackend.encode_text_states` returns (see there).
+TOKEN_STATE_LAYERS = ("last", "penultimate")
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
@@ -57,6 +62,25 @@ class CLIPBackend(ABC):
     @abstractmethod
     def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected, un-normalised image embeddings ``[N, D]``."""
+
+    def tokenize_padded(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids padded to the full context length, without an attention mask.
+
+        What a diffusers pipeline's ``encode_prompt`` gives the text encoder (``padding="max_length"``, no
+        mask for CLIP), so :meth:`encode_text_states` sees every position a UNet reads.
+        """
+        return {"input_ids": self.tokenize(texts)["input_ids"]}
+
+    @abstractmethod
+    def encode_text_states(
+        self, model: nn.Module, tokens: dict[str, torch.Tensor], layer: str = "last"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(projected embeddings [N, D], token states [N, L, W])`` from one text-tower pass.
+
+        ``layer`` picks the states: ``"last"`` (the final layer norm's output, SD 1.x/2.x's
+        ``last_hidden_state``) or ``"penultimate"`` (the second-to-last block's output, what SDXL reads as
+        ``hidden_states[-2]``). Give it :meth:`tokenize_padded` tokens to see what a diffusion UNet sees.
+        """
 
     @abstractmethod
     def tower_prefixes(self, tower: str) -> tuple[str, ...]:
@@ -151,15 +175,18 @@ class HFCLIPBackend(CLIPBackend):
         return cls(model, tokenizer, image_processor)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self._tokenizer()(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise InputError(
                 "this CLIP model has no tokenizer; save one next to the model (tokenizer.save_pretrained) or pass "
                 "tokenizer="
             )
-        enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return self.tokenizer
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
         if self.image_processor is None:
@@ -176,6 +203,24 @@ class HFCLIPBackend(CLIPBackend):
         dtype = next(model.parameters()).dtype
         out = model.get_image_features(pixel_values=pixel_values.to(dtype))
         return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def tokenize_padded(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self._tokenizer()(
+            list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"]}
+
+    def encode_text_states(
+        self, model: nn.Module, tokens: dict[str, torch.Tensor], layer: str = "last"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        check_choice(layer, "token state layer", TOKEN_STATE_LAYERS)
+        out = model.text_model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens.get("attention_mask"),
+            output_hidden_states=layer == "penultimate",
+        )
+        states = out.last_hidden_state if layer == "last" else out.hidden_states[-2]
+        return model.text_projection(out.pooler_output), states
 
     def tower_prefixes(self, tower: str) -> tuple[str, ...]:
         return {"text": ("text_model.", "text_projection."), "vision": ("vision_model.", "visual_projection.")}[tower]
@@ -299,6 +344,24 @@ class OpenCLIPBackend(CLIPBackend):
 
     def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model.encode_image(pixel_values)
+
+    def encode_text_states(
+        self, model: nn.Module, tokens: dict[str, torch.Tensor], layer: str = "last"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The states are caught by a forward hook on ``ln_final`` (``"last"``) or on the second-to-last
+        residual block (``"penultimate"``) while ``encode_text`` runs, so open_clip's own pooling is kept."""
+        check_choice(layer, "token state layer", TOKEN_STATE_LAYERS)
+        module = model.ln_final if layer == "last" else model.transformer.resblocks[-2]
+        caught: list[torch.Tensor] = []
+        handle = module.register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            pooled = model.encode_text(tokens["input_ids"])
+        finally:
+            handle.remove()
+        states = caught[-1]
+        if layer == "penultimate" and not getattr(model.transformer, "batch_first", True):
+            states = states.transpose(0, 1)  # older open_clip runs its blocks sequence-first
+        return pooled, states
 
     def tower_prefixes(self, tower: str) -> tuple[str, ...]:
         if tower == "vision":

@@ -103,21 +103,31 @@ class TrainableTowers(nn.Module):
 
     Safe and unsafe inputs go through a tower in two passes of B rows, not one of 2B: on the CPU a
     2B-row pass took longer than two B-row passes (``benchmarks/safeclip_step.py`` shows the effect in
-    its "2x batch" row).
+    its "2x batch" row). With ``token_layer`` (the ``text_safe_tokens`` term is on) the safe captions'
+    pass runs on ``batch["safe_text_padded"]`` and also returns their token states at that layer.
     """
 
-    def __init__(self, backend: CLIPBackend, model: nn.Module, towers: Sequence[str]):
+    def __init__(
+        self, backend: CLIPBackend, model: nn.Module, towers: Sequence[str], token_layer: str | None = None
+    ):
         super().__init__()
         self.model = model
         self._backend = backend
         self.towers = tuple(towers)
+        self.token_layer = token_layer
 
     def forward(self, batch: dict[str, Any], parts: Sequence[str] | None = None) -> dict[str, torch.Tensor | None]:
         """``text_safe`` T(S), ``text_nsfw`` T(U), ``image_safe`` I(V), ``image_nsfw`` I(G) (``[B, D]``; ``None``
-        for a tower that is not trained or images the batch lacks); ``parts`` limits which are computed."""
+        for a tower that is not trained or images the batch lacks), and ``text_safe_tokens`` (T(S)'s token
+        states ``[B, L, W]``, with ``token_layer`` only); ``parts`` limits which are computed."""
         out: dict[str, torch.Tensor | None] = dict.fromkeys(EMBEDDINGS)
         for part in self.parts(batch) if parts is None else parts:
-            out[part] = self._encode(batch, part)
+            if part == "text_safe" and self.token_layer is not None:
+                out[part], out["text_safe_tokens"] = self._backend.encode_text_states(
+                    self.model, batch["safe_text_padded"], self.token_layer
+                )
+            else:
+                out[part] = self._encode(batch, part)
         return out
 
     def parts(self, batch: dict[str, Any]) -> list[str]:

@@ -31,6 +31,12 @@ examples:
   vlmsafe safeclip train ... --resume latest          # continue an interrupted run
   torchrun --nproc_per_node 2 -m vlmsafe.cli safeclip train ...   # several processes/GPUs
 
+For a text encoder that will condition an image generator (Stable Diffusion), add a weight for
+text_safe_tokens (not in the paper, default 0): the paper's eight terms only hold the pooled text
+embedding, while the UNet reads every token state; the term keeps safe captions' token states at
+the original's (--token-layer picks last_hidden_state, SD 1.x/2.x, or hidden_states[-2], SDXL):
+  vlmsafe safeclip train ... --weights text_safe_tokens=2
+
 The fine-tuned model (best validation weights, LoRA merged) is written to OUTPUT_DIR/model:
 an HF CLIPModel folder (or open_clip safetensors + JSON). Checkpoints (OUTPUT_DIR/checkpoint-*)
 hold safetensors + JSON only; no pickle is ever loaded. An existing non-empty OUTPUT_DIR is
@@ -93,16 +99,16 @@ def _register_train(sub: Any) -> None:
 
 def _weights_arg(text: str) -> dict[str, float]:
     """``NAME=W,NAME=W`` loss weights: known term names, finite weights >= 0 (checked at parse time)."""
-    from vlmsafe.safeclip.losses import LOSS_NAMES
+    from vlmsafe.safeclip.losses import ALL_LOSS_NAMES
 
     one = float_arg(low=0)
     out = {}
     for part in filter(None, (s.strip() for s in text.split(","))):
         key, eq, value = part.partition("=")
         key = key.strip()
-        if not eq or key not in LOSS_NAMES:
+        if not eq or key not in ALL_LOSS_NAMES:
             raise argparse.ArgumentTypeError(
-                f"expected NAME=WEIGHT pairs with NAME in {', '.join(LOSS_NAMES)}, got {part!r}")
+                f"expected NAME=WEIGHT pairs with NAME in {', '.join(ALL_LOSS_NAMES)}, got {part!r}")
         out[key] = one(value)
     if not out:
         raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT pairs, got {text!r}")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.errors import InputError
-from vlmsafe.safeclip.losses import LOSS_SCALES, SafeCLIPLossWeights
+from vlmsafe.safeclip.backends import TOKEN_STATE_LAYERS
+from vlmsafe.safeclip.losses import LOSS_NAMES, LOSS_SCALES, TOKEN_TERM, SafeCLIPLossWeights
 from vlmsafe.safeclip.options import (
     check_options,
     choice_option,
@@ -114,8 +115,15 @@ class SafeCLIPTrainingConfig:
         "total loss: the weighted mean of the terms, or the reference code's scale (that mean / 8, so gradients "
         "are 8x smaller and max_grad_norm clips at an 8x larger weighted-mean gradient)")
     weights: SafeCLIPLossWeights = other_option(  # noqa: RUF009 (returns a dataclasses.field)
-        "loss weights, e.g. 'G_Sref=0.5,text_nsfw=0.2' (others keep their defaults)", flag="--weights",
+        "loss weights, e.g. 'G_Sref=0.5,text_nsfw=0.2' (others keep their defaults). Names: the paper's eight, "
+        f"{', '.join(LOSS_NAMES)}, and {TOKEN_TERM} (default 0, not in the paper): keeps safe captions' per-token "
+        "text states (what a diffusion UNet cross-attends to) at the original's; give it a weight > 0 when the "
+        "text encoder will condition an image generator", flag="--weights",
         kind="weights", default_factory=SafeCLIPLossWeights)
+    token_layer: str = choice_option(
+        "last", TOKEN_STATE_LAYERS,
+        f"token states the {TOKEN_TERM} term keeps: 'last' (last_hidden_state, read by SD 1.x/2.x UNets) or "
+        "'penultimate' (hidden_states[-2], read by SDXL and clip_skip=1); unused while that term's weight is 0")
     num_workers: int = int_option(0, "data-loader worker processes", low=0)
     progress: bool = switch_option(
         True, "show progress bars", flag="--no-progress", const=False, flag_help="hide progress bars")

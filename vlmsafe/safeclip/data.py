@@ -246,12 +246,16 @@ class QuadrupletCollator:
     The safe and unsafe captions are tokenized in one call; ``safe_text`` / ``unsafe_text`` are the
     two halves, each with only the padding it needs. Image tensors hold only the items that have
     that image; ``safe_image_index`` / ``unsafe_image_index`` say which rows they belong to, so
-    embeddings can be scattered back.
+    embeddings can be scattered back. With ``padded_safe_text`` the batch also holds
+    ``safe_text_padded``, the safe captions padded to the full context length without a mask
+    (:meth:`~vlmsafe.safeclip.backends.CLIPBackend.tokenize_padded`: what a diffusion pipeline feeds
+    the text encoder), for the ``text_safe_tokens`` loss term.
     """
 
-    def __init__(self, backend: Any, use_images: bool = True):
+    def __init__(self, backend: Any, use_images: bool = True, *, padded_safe_text: bool = False):
         self.backend = backend
         self.use_images = use_images
+        self.padded_safe_text = padded_safe_text
 
     def __call__(self, items: Sequence[Quadruplet]) -> dict[str, Any]:
         n = len(items)
@@ -261,6 +265,8 @@ class QuadrupletCollator:
             "safe_text": _trimmed_rows(pair, 0, n),
             "unsafe_text": _trimmed_rows(pair, n, 2 * n),
         }
+        if self.padded_safe_text:
+            batch["safe_text_padded"] = self.backend.tokenize_padded([q.safe for q in items])
         for key in ("safe_image", "unsafe_image"):
             idx = [i for i, q in enumerate(items) if getattr(q, key) is not None] if self.use_images else []
             batch[f"{key}_index"] = torch.tensor(idx, dtype=torch.long)

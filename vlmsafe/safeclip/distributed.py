@@ -15,8 +15,9 @@ import torch
 from vlmsafe.distributed import world_size
 from vlmsafe.safeclip.losses import SafeCLIPEmbeddings
 
-#: Embedding fields that may be absent (a tower that is not trained, a batch share without images).
-OPTIONAL_FIELDS = ("text_safe", "text_nsfw", "image_safe", "image_nsfw", "ref_image_safe")
+#: Embedding fields that may be absent (a tower that is not trained, a batch share without images, the token
+#: term off). ``text_safe_token_drift`` is one number per row; the others are ``[n, D]``.
+OPTIONAL_FIELDS = ("text_safe", "text_nsfw", "image_safe", "image_nsfw", "ref_image_safe", "text_safe_token_drift")
 
 
 def build_accelerator(*, gradient_accumulation_steps: int, mixed_precision: str, cpu: bool) -> Any:
@@ -82,7 +83,9 @@ def gather_embeddings(emb: SafeCLIPEmbeddings, accelerator: Any, n: int) -> Safe
     fields: dict[str, torch.Tensor | None] = {}
     for name, any_process in zip(OPTIONAL_FIELDS, present):
         x = getattr(emb, name)
-        fields[name] = gather(x if x is not None else emb.ref_text_safe.new_zeros((n, dim))) if any_process else None
+        if x is None and any_process:
+            x = emb.ref_text_safe.new_zeros((n,) if name == "text_safe_token_drift" else (n, dim))
+        fields[name] = gather(x) if any_process else None
     fields["ref_text_safe"] = gather(emb.ref_text_safe)
     fields["has_safe_image"] = acc.gather(emb.has_safe_image)
     fields["has_unsafe_image"] = acc.gather(emb.has_unsafe_image)

@@ -1,8 +1,12 @@
-"""Validation during Safe-CLIP training: the eight losses and the recall sum that early stopping watches.
+"""Validation during Safe-CLIP training: the losses and the recall sum that early stopping watches.
 
 The recall sum is R@1 of T(S)→I0(V) + T(U)→I0(V) + I(V)→T0(S) + I(G)→T0(S): each trained tower
 queried against the frozen reference's other tower, as the NCE terms train them (the reference
 code's criterion). Without images it is R@1 of T(S)→T0(S) + T(U)→T0(S).
+
+With the ``text_safe_tokens`` term on, the validation loss includes it: the safe captions' token states
+are computed, chunk by chunk, by the trained and the reference text tower, and only their per-item drift
+is kept.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from torch import nn
 
 from vlmsafe.safeclip.config import SafeCLIPTrainingConfig
 from vlmsafe.safeclip.data import QuadrupletDataset
-from vlmsafe.safeclip.losses import LOSS_NAMES, SafeCLIPEmbeddings, safeclip_losses
+from vlmsafe.safeclip.losses import ALL_LOSS_NAMES, SafeCLIPEmbeddings, safeclip_losses, token_drift
 from vlmsafe.safeclip.reference import FrozenReference
 from vlmsafe.safeclip.retrieval import embed_quadruplets, recall_at_k
 
@@ -31,6 +35,7 @@ class EvaluationMixin:
     inner: nn.Module
     frozen: FrozenReference
     towers: tuple[str, ...]
+    token_layer: str | None
     _val_reference: tuple[QuadrupletDataset, Embedded] | None
 
     @torch.no_grad()
@@ -61,16 +66,35 @@ class EvaluationMixin:
                                                 towers=("text", "vision"), progress=False, texts=("safe",),
                                                 images=("safe",))
                     self._val_reference = (data, ref)
+                if self.token_layer is not None:
+                    cur["S_token_drift"] = self._token_drift(data)
         finally:
             if was_training:
                 self.module.train()
         return cur, self._val_reference[1]
 
+    def _token_drift(self, data: QuadrupletDataset) -> torch.Tensor:
+        """Per item, :func:`~vlmsafe.safeclip.losses.token_drift` of the trained text tower's safe-caption token
+        states from the reference's (``eval_batch_size`` captions at a time; only the ``[N]`` result is kept)."""
+        bs, device, layer = self.config.eval_batch_size, self.accelerator.device, self.token_layer
+        drifts = []
+        for start in range(0, len(data), bs):
+            tokens = self.backend.tokenize_padded([q.safe for q in data.items[start : start + bs]])
+            tokens = {k: v.to(device) for k, v in tokens.items()}
+            _, states = self.backend.encode_text_states(self.inner, tokens, layer)
+            with self.frozen.active() as ref_model:
+                _, ref_states = self.backend.encode_text_states(ref_model, tokens, layer)
+            drifts.append(token_drift(states, ref_states).cpu())
+        return torch.cat(drifts)
+
 
 def validation_losses(cur: Embedded, ref: Embedded, n: int, config: SafeCLIPTrainingConfig) -> dict[str, float]:
-    """The eight terms and ``loss`` over ``eval_batch_size`` chunks (NCE negatives within a chunk)."""
+    """The terms and ``loss`` over ``eval_batch_size`` chunks (NCE negatives within a chunk).
+
+    ``cur["S_token_drift"]`` (``[N]``, when the token term is on) is the per-item value of ``text_safe_tokens``.
+    """
     bs = config.eval_batch_size
-    totals = dict.fromkeys((*LOSS_NAMES, "loss"), 0.0)
+    totals = dict.fromkeys((*ALL_LOSS_NAMES, "loss"), 0.0)
     for start in range(0, n, bs):
         sl = slice(start, start + bs)
 
@@ -86,6 +110,7 @@ def validation_losses(cur: Embedded, ref: Embedded, n: int, config: SafeCLIPTrai
             image_nsfw=take(cur.get("G")),
             has_safe_image=ref["has_V"][sl],
             has_unsafe_image=ref["has_G"][sl],
+            text_safe_token_drift=take(cur.get("S_token_drift")),
         )
         out = safeclip_losses(emb, config.weights, logit_scale=config.logit_scale, loss_scale=config.loss_scale)
         rows = min(bs, n - start)

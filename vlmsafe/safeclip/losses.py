@@ -1,23 +1,25 @@
-"""The eight Safe-CLIP loss terms (Poppi et al., ECCV 2024).
+"""The eight Safe-CLIP loss terms (Poppi et al., ECCV 2024), and an optional ninth for diffusion text encoders.
 
 A training item is a quadruplet: safe text S, unsafe text U, safe image V, unsafe image G.
 ``T``/``I`` are the trainable text/vision encoders, ``T0``/``I0`` their frozen originals.
 
-==============  ======================  ======================  ==============
-term            role                    formula                 default weight
-==============  ======================  ======================  ==============
-``text_safe``   preservation, cosine    d(T(S), T0(S))          0.1
-``text_nsfw``   redirection, cosine     d(T(U), T0(S))          0.1
-``vision_safe`` preservation, cosine    d(I(V), I0(V))          0.1
-``vision_nsfw`` redirection, cosine     d(I(G), I0(V))          0.2
-``S_Vref``      preservation, InfoNCE   NCE(T(S), I0(V))        0.25
-``U_Vref``      redirection, InfoNCE    NCE(T(U), I0(V))        0.25
-``V_Sref``      preservation, InfoNCE   NCE(I(V), T0(S))        0.25
-``G_Sref``      redirection, InfoNCE    NCE(I(G), T0(S))        0.5
-==============  ======================  ======================  ==============
+======================  ======================  ======================  ==============
+term                    role                    formula                 default weight
+======================  ======================  ======================  ==============
+``text_safe``           preservation, cosine    d(T(S), T0(S))          0.1
+``text_nsfw``           redirection, cosine     d(T(U), T0(S))          0.1
+``vision_safe``         preservation, cosine    d(I(V), I0(V))          0.1
+``vision_nsfw``         redirection, cosine     d(I(G), I0(V))          0.2
+``S_Vref``              preservation, InfoNCE   NCE(T(S), I0(V))        0.25
+``U_Vref``              redirection, InfoNCE    NCE(T(U), I0(V))        0.25
+``V_Sref``              preservation, InfoNCE   NCE(I(V), T0(S))        0.25
+``G_Sref``              redirection, InfoNCE    NCE(I(G), T0(S))        0.5
+``text_safe_tokens``    preservation, tokens    e(T(S)_t, T0(S)_t)      0 (not in the paper)
+======================  ======================  ======================  ==============
 
 ``d(a, b) = 1 - cos(a, b)`` averaged over the batch; ``NCE`` is the symmetric CLIP InfoNCE on
-L2-normalised embeddings with a fixed logit scale (100, as in the reference code).
+L2-normalised embeddings with a fixed logit scale (100, as in the reference code); ``e`` is the per-token
+normalised squared error of the text tower's token states (the ninth term, below).
 
 Items may lack images (ViSU's unsafe images are not public): each term is computed over the rows
 that have what it needs (``vision_*`` and the NCE terms need ``V``; ``vision_nsfw`` needs ``V``
@@ -28,11 +30,33 @@ gradient scale does not jump with the batch composition and gradient accumulatio
 **Loss scale.** By default (``loss_scale="weighted_mean"``) the total is ``sum(w_i L_i) / sum(w_i)``.
 The reference code divides that once more by the number of terms (8: ``lambdas @ losses /
 lambdas.numel()`` after normalising the lambdas), so its loss, and its gradients, are 8x smaller;
-``loss_scale="reference"`` reproduces that. Adam's update hardly depends on a constant gradient
-factor (only through its ``eps``), so without gradient clipping both scales train alike. Clipping
-(``max_grad_norm``, on by default here; the reference does not clip) compares the gradient norm *of
-the scaled loss* with the threshold: ``max_grad_norm=c`` with the reference scale clips like
-``8c`` with the weighted mean. Logged losses and ``early_stopping_min_delta`` are in the chosen scale.
+``loss_scale="reference"`` reproduces that (by 8 also when the ninth term below is on). Adam's update
+hardly depends on a constant gradient factor (only through its ``eps``), so without gradient clipping
+both scales train alike. Clipping (``max_grad_norm``, on by default here; the reference does not clip)
+compares the gradient norm *of the scaled loss* with the threshold: ``max_grad_norm=c`` with the
+reference scale clips like ``8c`` with the weighted mean. Logged losses and ``early_stopping_min_delta``
+are in the chosen scale.
+
+**The ninth term, ``text_safe_tokens`` (not in the paper; weight 0 by default).** The eight terms only
+see the *pooled* text embedding (the end-of-text state, projected). A Stable Diffusion 1.x/2.x UNet
+cross-attends to *every* token state of the text tower's ``last_hidden_state``, padding positions
+included (``encode_prompt`` pads to the tokenizer's ``model_max_length`` and passes no attention mask);
+SDXL reads ``hidden_states[-2]``. Nothing in the eight terms holds those states still, and a Safe-CLIP
+text tower can move a *safe* prompt's token states as much as an unsafe one's while its pooled embedding
+stays put, so a generator fed by it drifts on safe prompts. The ninth term keeps them at the reference::
+
+    text_safe_tokens = mean over rows i and positions t of  ||h_t(S_i) - h0_t(S_i)||^2 / ||h0_t(S_i)||^2
+
+``h`` / ``h0`` are the token states of ``T`` / ``T0`` for the safe caption padded to the full context
+length, run as diffusers runs them (:meth:`~vlmsafe.safeclip.backends.CLIPBackend.encode_text_states`).
+It is a *normalised squared error* rather than a cosine distance because cross-attention reads the
+states' magnitude too (keys set the attention logits' scale, values are summed as they are), and it is
+normalised per token so that every position counts alike whatever its norm and the weight means the same
+for any hidden width. Its square root is the RMS relative change of a token state, the unit conditioning
+augmentation is set in: Gaussian noise of ``sigma`` times each state's RMS has an expected term value of
+``sigma**2``, a yardstick for how much (random) drift a generator saw in training. Unsafe captions' token
+states are left free: redirection needs them to move. :func:`token_drift` computes the per-row value;
+the trainer passes it in :attr:`SafeCLIPEmbeddings.text_safe_token_drift`.
 """
 
 from __future__ import annotations
@@ -59,10 +83,13 @@ LOSS_NAMES: tuple[str, ...] = (
     "G_Sref",
 )
 
+#: The optional term that keeps safe captions' token states at the reference (not in the paper; default weight 0).
+TOKEN_TERM = "text_safe_tokens"
+
 #: The terms each trainable embedding appears in. Every term has exactly one trainable embedding (its
 #: partner comes from the frozen reference), so the loss is a sum of one part per embedding.
 TERMS_BY_EMBEDDING: dict[str, tuple[str, ...]] = {
-    "text_safe": ("text_safe", "S_Vref"),
+    "text_safe": ("text_safe", "S_Vref", TOKEN_TERM),
     "text_nsfw": ("text_nsfw", "U_Vref"),
     "image_safe": ("vision_safe", "V_Sref"),
     "image_nsfw": ("vision_nsfw", "G_Sref"),
@@ -71,13 +98,21 @@ TERMS_BY_EMBEDDING: dict[str, tuple[str, ...]] = {
 #: ``loss_scale`` values: the weighted mean of the terms, or the reference code's (that mean / 8).
 LOSS_SCALES: tuple[str, ...] = ("weighted_mean", "reference")
 
+#: Every loss term: the paper's eight, then the optional token-state term.
+ALL_LOSS_NAMES: tuple[str, ...] = (*LOSS_NAMES, TOKEN_TERM)
+
 #: Terms that need no image: what text-only training optimises.
-TEXT_ONLY_TERMS: tuple[str, ...] = ("text_safe", "text_nsfw")
+TEXT_ONLY_TERMS: tuple[str, ...] = ("text_safe", "text_nsfw", TOKEN_TERM)
 
 
 @dataclass(frozen=True)
 class SafeCLIPLossWeights:
-    """Weights of the eight terms. Defaults are the reference's; ``normalize`` divides by their sum."""
+    """Weights of the terms. Defaults are the reference's; ``normalize`` divides by their sum.
+
+    ``text_safe_tokens`` (default 0, i.e. the paper's recipe) weights the optional ninth term that keeps safe
+    captions' token states at the reference (see the module docstring); with ``normalize`` it enters the
+    sum like the others.
+    """
 
     text_safe: float = 0.1
     text_nsfw: float = 0.1
@@ -87,10 +122,11 @@ class SafeCLIPLossWeights:
     U_Vref: float = 0.25
     V_Sref: float = 0.25
     G_Sref: float = 0.5
+    text_safe_tokens: float = 0.0
     normalize: bool = True
 
     def as_dict(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in LOSS_NAMES}
+        return {name: float(getattr(self, name)) for name in ALL_LOSS_NAMES}
 
     @classmethod
     def from_dict(cls, data: dict) -> SafeCLIPLossWeights:
@@ -98,22 +134,43 @@ class SafeCLIPLossWeights:
         unknown = set(data) - known
         if unknown:
             raise InputError(
-                f"unknown Safe-CLIP loss weight(s) {sorted(unknown)}; valid names are {list(LOSS_NAMES)} and "
+                f"unknown Safe-CLIP loss weight(s) {sorted(unknown)}; valid names are {list(ALL_LOSS_NAMES)} and "
                 "'normalize'"
             )
         return cls(**data)
 
     def __post_init__(self) -> None:
-        for name in LOSS_NAMES:  # finite and >= 0 (a NaN weight would train on NaN silently)
+        for name in ALL_LOSS_NAMES:  # finite and >= 0 (a NaN weight would train on NaN silently)
             object.__setattr__(self, name, check_float(getattr(self, name), f"loss weight {name}", low=0))
         if sum(self.as_dict().values()) <= 0:
             raise InputError(
-                f"all Safe-CLIP loss weights are 0; give at least one of {', '.join(LOSS_NAMES)} a weight > 0"
+                f"all Safe-CLIP loss weights are 0; give at least one of {', '.join(ALL_LOSS_NAMES)} a weight > 0"
             )
 
     @property
     def denominator(self) -> float:
         return sum(self.as_dict().values()) if self.normalize else 1.0
+
+    @property
+    def keeps_token_states(self) -> bool:
+        """Whether the token-state term is on (its weight > 0): only then are token states computed."""
+        return self.text_safe_tokens > 0
+
+
+def token_drift(states: torch.Tensor, ref_states: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per row, the mean over positions of ``||h_t - h0_t||^2 / ||h0_t||^2`` (``[B, T, D]`` -> ``[B]``).
+
+    The value of the ``text_safe_tokens`` term for each caption; see the module docstring for why a
+    per-token normalised squared error. ``eps`` guards a zero reference state.
+    """
+    if states.shape != ref_states.shape:
+        raise InputError(
+            f"token states {tuple(states.shape)} and reference token states {tuple(ref_states.shape)} differ in "
+            "shape; tokenize both with the same padding (the full context length)"
+        )
+    ref = ref_states.float()
+    err = (states.float() - ref).pow(2).sum(dim=-1)
+    return (err / ref.pow(2).sum(dim=-1).clamp_min(eps)).mean(dim=-1)
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -145,6 +202,7 @@ class SafeCLIPEmbeddings:
     ``has_safe_image`` / ``has_unsafe_image`` (``[B]`` bool) say which rows are real. The image
     fields may be ``None`` for a text-only batch, and the trainable-tower fields (``text_*``,
     ``image_*``) are ``None`` for a tower that is not trained: the terms that need them are 0.
+    ``text_safe_token_drift`` is not an embedding but the per-row value of the token-state term.
     """
 
     ref_text_safe: torch.Tensor  # T0(S)
@@ -155,6 +213,8 @@ class SafeCLIPEmbeddings:
     ref_image_safe: torch.Tensor | None = None  # I0(V)
     has_safe_image: torch.Tensor | None = None
     has_unsafe_image: torch.Tensor | None = None
+    #: ``[B]`` :func:`token_drift` of T(S)'s token states from T0(S)'s; ``None`` when the token term is off
+    text_safe_token_drift: torch.Tensor | None = None
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SafeCLIPEmbeddings:
         """Apply ``fn`` to every tensor field (used to all-gather across processes)."""
@@ -170,9 +230,9 @@ def safeclip_losses(
     logit_scale: float = 100.0,
     loss_scale: str = "weighted_mean",
 ) -> dict[str, torch.Tensor]:
-    """Compute the eight Safe-CLIP terms and their weighted total.
+    """Compute the Safe-CLIP terms and their weighted total.
 
-    Returns a dict with one scalar tensor per name in :data:`LOSS_NAMES` (unweighted, for logging)
+    Returns a dict with one scalar tensor per name in :data:`ALL_LOSS_NAMES` (unweighted, for logging)
     and ``"loss"``, the weighted sum divided by :attr:`SafeCLIPLossWeights.denominator` (and, with
     ``loss_scale="reference"``, by the number of terms as well; see the module docstring).
     Terms with weight 0 are still returned (detached) so logs keep the same columns.
@@ -186,7 +246,7 @@ def safeclip_losses(
     if loss_scale not in LOSS_SCALES:
         raise InputError(f"loss_scale must be one of {', '.join(LOSS_SCALES)}; got {loss_scale!r}")
     n = emb.ref_text_safe.shape[0]
-    for name in ("text_safe", "text_nsfw", "image_safe", "image_nsfw", "ref_image_safe"):
+    for name in ("text_safe", "text_nsfw", "image_safe", "image_nsfw", "ref_image_safe", "text_safe_token_drift"):
         x = getattr(emb, name)
         if x is not None and x.shape[0] != n:
             raise InputError(
@@ -196,7 +256,8 @@ def safeclip_losses(
     unit = {
         f.name: F.normalize(v.float(), dim=-1)
         for f in dataclasses.fields(emb)
-        if f.name not in ("has_safe_image", "has_unsafe_image") and (v := getattr(emb, f.name)) is not None
+        if f.name not in ("has_safe_image", "has_unsafe_image", "text_safe_token_drift")
+        and (v := getattr(emb, f.name)) is not None
     }
     no_rows = torch.zeros(n, dtype=torch.bool, device=emb.ref_text_safe.device)
     has_v = emb.has_safe_image.bool() if (emb.has_safe_image is not None and "ref_image_safe" in unit) else no_rows
@@ -218,12 +279,14 @@ def safeclip_losses(
             _nce_unit([iv], s0, has_v, logit_scale),
             _nce_unit([ig], s0, has_g, logit_scale),
         )
+    drift = emb.text_safe_token_drift
+    terms[TOKEN_TERM] = everyone.new_zeros((), dtype=torch.float32) if drift is None else drift.float().mean()
     w = weights.as_dict()
     total = emb.ref_text_safe.new_zeros((), dtype=torch.float32)
-    for name in LOSS_NAMES:
+    for name in ALL_LOSS_NAMES:
         if w[name] != 0.0:
             total = total + w[name] * terms[name]
-    out = {name: (terms[name] if w[name] != 0.0 else terms[name].detach()) for name in LOSS_NAMES}
+    out = {name: (terms[name] if w[name] != 0.0 else terms[name].detach()) for name in ALL_LOSS_NAMES}
     divisor = weights.denominator * (len(LOSS_NAMES) if loss_scale == "reference" else 1)
     out["loss"] = total / divisor
     return out

@@ -13,6 +13,13 @@ off for a dataset that augments on the fly), :meth:`FrozenReference.fill_cache` 
 training items once, before the first epoch, in large no-grad batches (split across processes), and
 every training step, from the first one on, reads them from :class:`ReferenceCache`: a step runs the
 trainable towers only. The reference always runs in eval mode (no dropout), so it is deterministic.
+
+With the ``text_safe_tokens`` loss term on (``token_layer`` given), the reference's text pass runs on the
+safe captions padded to the full context length and also yields their token states, ``[L, W]`` per item.
+Those are cached too when all items' states fit in :data:`TOKEN_CACHE_MAX_BYTES` (the bundled testbed:
+6 MB); otherwise (ViSU with a ViT-L/14 text tower: 165k x 77 x 768 floats, 39 GB) they are not kept, and
+each step recomputes the reference's text pass for its batch (one no-grad forward; the cached image
+embeddings are still used).
 """
 
 from __future__ import annotations
@@ -31,7 +38,11 @@ from vlmsafe.safeclip.backends import CLIPBackend
 from vlmsafe.safeclip.batches import scatter_rows
 from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
 
-RefOutputs = dict[str, torch.Tensor | None]  # "ref_text_safe" [B, D], "ref_image_safe" [B, D] or None
+#: "ref_text_safe" [B, D], "ref_image_safe" [B, D] or None, "ref_text_safe_tokens" [B, L, W] or None
+RefOutputs = dict[str, torch.Tensor | None]
+
+#: The most memory the reference's token states of all training items may take in the cache (1 GiB).
+TOKEN_CACHE_MAX_BYTES = 1 << 30
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -43,13 +54,25 @@ class ReferenceCache:
     """``T0(S)`` and ``I0(V)`` of every training item (CPU tensors), filled as items are first seen.
 
     ``text`` / ``image`` are ``[N, D]`` (``image`` rows of items without a safe image stay zero);
-    ``filled`` says which items are stored.
+    ``filled`` says which items are stored. ``tokens`` (``[N, L, W]``) holds the token states when they
+    are computed and fit in ``max_token_bytes`` (default :data:`TOKEN_CACHE_MAX_BYTES`); see
+    :meth:`keeps_tokens`.
     """
 
-    def __init__(self, n_items: int):
+    def __init__(self, n_items: int, max_token_bytes: int | None = None):
         self.filled = torch.zeros(n_items, dtype=torch.bool)
         self.text: torch.Tensor | None = None
         self.image: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
+        self.max_token_bytes = TOKEN_CACHE_MAX_BYTES if max_token_bytes is None else max_token_bytes
+        self._keep_tokens: bool | None = None  # decided on the first token states seen
+
+    def keeps_tokens(self, states: torch.Tensor) -> bool:
+        """Whether token states like ``states`` (``[B, L, W]``) are kept: all items' must fit the budget."""
+        if self._keep_tokens is None:
+            need = len(self.filled) * states[0].numel() * states.element_size()
+            self._keep_tokens = need <= self.max_token_bytes
+        return self._keep_tokens
 
     def __len__(self) -> int:
         return int(self.filled.sum())
@@ -61,10 +84,14 @@ class ReferenceCache:
             return None
         has_v = batch["safe_image_index"].numel() > 0
         image = self.image[idx].to(device) if (has_v and self.image is not None) else None
-        return {"ref_text_safe": self.text[idx].to(device), "ref_image_safe": image}
+        tokens = self.tokens[idx].to(device) if self.tokens is not None else None
+        return {"ref_text_safe": self.text[idx].to(device), "ref_image_safe": image, "ref_text_safe_tokens": tokens}
 
-    def store(self, index: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> None:
-        """Keep rows ``text`` / ``image`` (``[len(index), D]``; image rows without a safe image are zero)."""
+    def store(
+        self, index: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None, tokens: torch.Tensor | None = None
+    ) -> None:
+        """Keep rows ``text`` / ``image`` (``[len(index), D]``; image rows without a safe image are zero) and
+        ``tokens`` (``[len(index), L, W]``, only if :meth:`keeps_tokens`)."""
         idx = index.cpu()
         if self.text is None:
             self.text = torch.zeros(len(self.filled), text.shape[-1], dtype=text.dtype)
@@ -73,6 +100,10 @@ class ReferenceCache:
             if self.image is None:
                 self.image = torch.zeros(len(self.filled), image.shape[-1], dtype=image.dtype)
             self.image[idx] = image.detach().cpu()
+        if tokens is not None and self.keeps_tokens(tokens):
+            if self.tokens is None:
+                self.tokens = torch.zeros(len(self.filled), *tokens.shape[1:], dtype=tokens.dtype)
+            self.tokens[idx] = tokens.detach().cpu()
         self.filled[idx] = True
 
 
@@ -81,7 +112,8 @@ class FrozenReference:
 
     ``model`` is the frozen copy; without one, ``peft_model.disable_adapter()`` turns the LoRA model
     (``inner``, its wrapped module) back into the original. ``autocast`` is the trainer's mixed
-    precision context.
+    precision context. ``token_layer`` (``"last"`` / ``"penultimate"``; ``None``: the token term is off)
+    makes the text pass run on ``batch["safe_text_padded"]`` and return the token states at that layer.
     """
 
     def __init__(
@@ -93,6 +125,7 @@ class FrozenReference:
         inner: nn.Module | None = None,
         autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         cache_items: int | None = None,
+        token_layer: str | None = None,
     ):
         if model is None and (peft_model is None or inner is None):
             raise ValueError("a reference needs a frozen copy or a peft model to disable the adapter of")
@@ -101,6 +134,7 @@ class FrozenReference:
         self.peft_model = peft_model
         self.inner = inner
         self.autocast = autocast
+        self.token_layer = token_layer
         self.cache = ReferenceCache(cache_items) if cache_items else None
 
     @contextlib.contextmanager
@@ -124,20 +158,29 @@ class FrozenReference:
         if use_cache:
             cached = self.cache.lookup(batch, device)
             if cached is not None:
+                if self.token_layer is not None and cached["ref_text_safe_tokens"] is None:
+                    cached.update(self._compute(batch, images=False))  # token states too large to cache
                 return cached
         out = self._compute(batch)
         if use_cache:
-            self.cache.store(batch["index"], out["ref_text_safe"], out["ref_image_safe"])
+            self.cache.store(batch["index"], out["ref_text_safe"], out["ref_image_safe"], out["ref_text_safe_tokens"])
         return out
 
-    def _compute(self, batch: dict[str, Any]) -> RefOutputs:
+    def _compute(self, batch: dict[str, Any], *, images: bool = True) -> RefOutputs:
         n = int(batch["size"])
-        out: RefOutputs = {"ref_text_safe": None, "ref_image_safe": None}
+        out: RefOutputs = {"ref_text_safe": None, "ref_text_safe_tokens": None}
         with self.active() as model, self.autocast():
-            out["ref_text_safe"] = self.backend.encode_text(model, batch["safe_text"])
-            if batch.get("safe_image_pixels") is not None:
-                emb = self.backend.encode_image(model, batch["safe_image_pixels"])
-                out["ref_image_safe"] = scatter_rows(emb, batch["safe_image_index"], n)
+            if self.token_layer is None:
+                out["ref_text_safe"] = self.backend.encode_text(model, batch["safe_text"])
+            else:
+                out["ref_text_safe"], out["ref_text_safe_tokens"] = self.backend.encode_text_states(
+                    model, batch["safe_text_padded"], self.token_layer
+                )
+            if images:
+                out["ref_image_safe"] = None
+                if batch.get("safe_image_pixels") is not None:
+                    emb = self.backend.encode_image(model, batch["safe_image_pixels"])
+                    out["ref_image_safe"] = scatter_rows(emb, batch["safe_image_index"], n)
         return out
 
     @torch.no_grad()
@@ -162,16 +205,19 @@ class FrozenReference:
         if self.cache is None:
             return 0
         todo = (~self.cache.filled).nonzero().flatten().tolist()
-        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        parts: list[tuple[torch.Tensor, ...]] = []
         with shard(todo, accelerator) as mine:
             starts = range(0, len(mine), batch_size)
             for start in tqdm(starts, desc="frozen reference", disable=not progress, leave=False):
                 index = torch.tensor(mine[start : start + batch_size], dtype=torch.long)
                 batch = collator([data[i] for i in index.tolist()])
                 out = self._compute(send_to_device(batch, device))
-                image = out["ref_image_safe"]
-                parts.append((index, out["ref_text_safe"].cpu(), None if image is None else image.cpu()))
-        for index, text, image in gather(parts, accelerator):
-            self.cache.store(index, text, image)
+                image, tokens = out["ref_image_safe"], out["ref_text_safe_tokens"]
+                if tokens is not None and not self.cache.keeps_tokens(tokens):
+                    tokens = None  # too large for the cache: steps compute them (do not hold them all here)
+                rest = (None if x is None else x.cpu() for x in (image, tokens))
+                parts.append((index, out["ref_text_safe"].cpu(), *rest))
+        for index, text, image, tokens in gather(parts, accelerator):
+            self.cache.store(index, text, image, tokens)
         return len(todo)
 

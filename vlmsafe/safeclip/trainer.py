@@ -13,6 +13,9 @@ What this trainer fixes or adds relative to the reference code (aimagelab/safe-c
   the same loss and gradient as one process on the same global batch.
 * **Checkpoints without pickle** (:mod:`~vlmsafe.safeclip.checkpoint`); resuming restores
   weights, optimizer, scheduler, RNG and the position in the epoch.
+* An optional ninth loss term, ``text_safe_tokens`` (weight 0 by default, so the paper's recipe is the
+  default), that keeps safe captions' per-token text states at the reference, for text encoders that
+  will condition a diffusion UNet (:mod:`~vlmsafe.safeclip.losses` says why).
 * Validation (:mod:`~vlmsafe.safeclip.evaluation`) with early stopping on the validation loss
   *and* a recall sum (:mod:`~vlmsafe.safeclip.loop`); the best weights are kept and saved with
   LoRA merged as a standard checkpoint.
@@ -26,7 +29,6 @@ Module map: :mod:`~vlmsafe.safeclip.config` (options, state), :mod:`~vlmsafe.saf
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -46,8 +48,15 @@ from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
 from vlmsafe.safeclip.distributed import build_accelerator, gather_embeddings
 from vlmsafe.safeclip.evaluation import EvaluationMixin
 from vlmsafe.safeclip.loop import TrainingLoopMixin
-from vlmsafe.safeclip.losses import LOSS_NAMES, TERMS_BY_EMBEDDING, SafeCLIPEmbeddings, safeclip_losses
-from vlmsafe.safeclip.reference import FrozenReference, frozen_copy
+from vlmsafe.safeclip.losses import (
+    ALL_LOSS_NAMES,
+    TERMS_BY_EMBEDDING,
+    TOKEN_TERM,
+    SafeCLIPEmbeddings,
+    safeclip_losses,
+    token_drift,
+)
+from vlmsafe.safeclip.reference import FrozenReference, RefOutputs, frozen_copy
 
 __all__ = ["SafeCLIPTrainer", "SafeCLIPTrainingConfig", "TrainerState", "TrainingResult", "train_safeclip"]
 
@@ -96,6 +105,9 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
         set_seed(config.seed)
         has_images = bool(train_data is not None and train_data.has_images)
         self.towers = select_towers(config, None) if train_data is None else check_training_data(config, train_data)
+        #: the layer whose token states the text_safe_tokens term keeps (None: the term is off)
+        keeps_tokens = config.weights.keeps_token_states and "text" in self.towers
+        self.token_layer = config.token_layer if keeps_tokens else None
         # The frozen reference is taken BEFORE any LoRA injection (defect (a) of the reference code).
         self.reference: nn.Module | None = frozen_copy(backend.model) if config.reference == "copy" else None
         self.peft_model, self.inner = self._make_trainable(backend.model)
@@ -107,11 +119,13 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
             self.reference.to(self.accelerator.device)
         cache_items = len(train_data) if (config.cache_reference and train_data is not None) else None
         self.frozen = FrozenReference(backend, self.reference, peft_model=self.peft_model, inner=self.inner,
-                                      autocast=self.accelerator.autocast, cache_items=cache_items)
+                                      autocast=self.accelerator.autocast, cache_items=cache_items,
+                                      token_layer=self.token_layer)
         self.state = TrainerState()
         self._best_trainable: dict[str, torch.Tensor] | None = None
         self._val_reference = None  # the reference's embeddings of the validation set (it is frozen)
-        self.collator = QuadrupletCollator(backend, use_images=has_images)
+        self.collator = QuadrupletCollator(backend, use_images=has_images,
+                                           padded_safe_text=self.token_layer is not None)
 
     # ------------------------------------------------------------------ set-up
 
@@ -154,7 +168,7 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
         self.total_steps = min(total, self.steps_per_epoch * cfg.num_epochs) if self.steps_per_epoch else total
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=max(1, self.total_steps))
-        towers_module = TrainableTowers(self.backend, self.inner, self.towers)
+        towers_module = TrainableTowers(self.backend, self.inner, self.towers, self.token_layer)
         self.module, self.optimizer, self.scheduler = self.accelerator.prepare(towers_module, optimizer, scheduler)
 
     @property
@@ -173,7 +187,7 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
     # ------------------------------------------------------------------ loss
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Forward one batch (this process's share) and return the eight terms and ``loss``.
+        """Forward one batch (this process's share) and return the terms and ``loss``.
 
         With several processes the embeddings of all processes are gathered first, so the
         returned losses are those of the global batch on every process.
@@ -197,10 +211,10 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
             losses = self.compute_losses(batch)
             self._backward(losses["loss"], scale)
             return {k: v.detach() for k, v in losses.items()}
-        ref = self._embeddings(batch, {})
-        out = {name: ref.ref_text_safe.new_zeros((), dtype=torch.float32) for name in (*LOSS_NAMES, "loss")}
+        ref = self.frozen(batch, self.accelerator.device)
+        out = {name: ref["ref_text_safe"].new_zeros((), dtype=torch.float32) for name in (*ALL_LOSS_NAMES, "loss")}
         for part in self.module.parts(batch):
-            losses = self._losses(dataclasses.replace(ref, **{part: self.module(batch, parts=(part,))[part]}))
+            losses = self._losses(self._embeddings(batch, self.module(batch, parts=(part,)), ref))
             self._backward(losses["loss"], scale)
             for term in TERMS_BY_EMBEDDING[part]:
                 out[term] = losses[term].detach()
@@ -217,15 +231,25 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
             return
         self.accelerator.backward(loss * scale)
 
-    def _embeddings(self, batch: dict[str, Any], trainable: dict[str, torch.Tensor | None]) -> SafeCLIPEmbeddings:
+    def _embeddings(
+        self, batch: dict[str, Any], trainable: dict[str, torch.Tensor | None], ref: RefOutputs | None = None
+    ) -> SafeCLIPEmbeddings:
+        """The loss inputs: ``trainable`` tower outputs and the frozen reference's (``ref``, computed if not given).
+
+        Token states (``trainable["text_safe_tokens"]``) become their per-row drift from the reference's.
+        """
         n, device = int(batch["size"]), self.accelerator.device
-        ref = self.frozen(batch, device)
+        ref = self.frozen(batch, device) if ref is None else ref
         has_v = row_mask(batch["safe_image_index"], n, device)
         if ref["ref_image_safe"] is None:
             has_v = torch.zeros_like(has_v)
         has_g = row_mask(batch["unsafe_image_index"], n, device)
+        trainable = dict(trainable)
+        states = trainable.pop(TOKEN_TERM, None)
+        drift = None if states is None else token_drift(states, ref["ref_text_safe_tokens"])
         return SafeCLIPEmbeddings(ref_text_safe=ref["ref_text_safe"], ref_image_safe=ref["ref_image_safe"],
-                                  has_safe_image=has_v, has_unsafe_image=has_g, **trainable)
+                                  has_safe_image=has_v, has_unsafe_image=has_g, text_safe_token_drift=drift,
+                                  **trainable)
 
     def _losses(self, emb: SafeCLIPEmbeddings) -> dict[str, torch.Tensor]:
         cfg = self.config
@@ -308,7 +332,7 @@ def trainable_terms(towers: tuple[str, ...], data: QuadrupletDataset) -> tuple[s
     has_vg = any(q.safe_image is not None and q.unsafe_image is not None for q in data.items)
     terms: list[str] = []
     if "text" in towers:
-        terms += ["text_safe", "text_nsfw"] + (["S_Vref", "U_Vref"] if has_v else [])
+        terms += ["text_safe", "text_nsfw", TOKEN_TERM] + (["S_Vref", "U_Vref"] if has_v else [])
     if "vision" in towers:
         terms += (["vision_safe", "V_Sref"] if has_v else []) + (["vision_nsfw"] if has_vg else [])
         terms += ["G_Sref"] if has_g else []
