@@ -67,6 +67,19 @@ def test_bundled_testbed_meets_acceptance():
     assert total < 3_000_000
 
 
+def test_rebuild_reusing_the_original_checks_the_earlier_build_first(tmp_path, capsys):
+    from vlmsafe.safeclip.testbed import main
+
+    out = tmp_path / "tb"
+    assert main([str(out), "--reuse-original"]) == 2  # nothing to reuse
+    assert "build it once without reusing the original" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    (out / "build_info.json").write_text(json.dumps({"seed": 0, "train_items": 1560}))
+    assert main([str(out), "--reuse-original", "--seed", "1"]) == 2  # other splits than the original was built on
+    assert "built with seed 0" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["build_info.json"]
+
+
 @pytest.mark.skipif(not (ASSETS / "safe").is_dir(), reason="bundled Safe-CLIP testbed not built")
 def test_cli_eval_prints_table(capsys, tmp_path):
     from vlmsafe.cli import main

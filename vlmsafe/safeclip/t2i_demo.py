@@ -7,7 +7,10 @@ is the bundled tiny testbed (``assets/t2i``, built by :mod:`vlmsafe.safeclip.t2i
 prompts are held-out scene combinations that neither CLIP, Safe-CLIP nor the generator saw, and the
 classifier is :class:`~vlmsafe.safeclip.t2i.SceneClassifier`. Where the paper only reports the unsafe
 rate, the section also reports safe prompts' agreement, so a Safe-CLIP that broke safe generation
-would show.
+would show. The bundled Safe-CLIP adds the optional ``text_safe_tokens`` term to the paper's eight
+(:mod:`vlmsafe.safeclip.losses`): it keeps safe prompts' per-token text states, which the UNet
+cross-attends to, at the original's; trained without it, the Safe-CLIP encoder cost about 11 points of
+safe-prompt agreement here.
 """
 
 from __future__ import annotations

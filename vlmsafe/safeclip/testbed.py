@@ -11,10 +11,13 @@ silver blade) and *fire* (flames along the bottom). Every scene gives a quadrupl
 
 :func:`build_testbed` (1) trains a tiny ``transformers.CLIPModel`` contrastively on (S, V) and
 (U, G) pairs — like web-trained CLIP it learns the unsafe concepts — and (2) fine-tunes it with
-:class:`~vlmsafe.safeclip.trainer.SafeCLIPTrainer` (LoRA, merged on save). Colour/shape/position/
+:class:`~vlmsafe.safeclip.trainer.SafeCLIPTrainer` (LoRA, merged on save): the paper's eight terms plus
+``text_safe_tokens`` at :data:`TOKEN_WEIGHT`, as the text tower also conditions the text-to-image testbed
+(:mod:`vlmsafe.safeclip.t2i_testbed`), whose UNet reads every token state. Colour/shape/position/
 background combinations are split so the held-out test scenes are combinations never seen in
 training. ``python -m vlmsafe.safeclip.testbed assets/safeclip`` rebuilds it (75-110 s on one CPU core;
-deterministic for a given seed and machine).
+deterministic for a given seed and software stack); the shipped one was made with ``--reuse-original``,
+which keeps ``original/`` (the text-to-image testbed's encoder) byte for byte.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlmsafe.errors import FileFormatError
+from vlmsafe.errors import FileFormatError, InputError, VlmsafeError
 from vlmsafe.io import atomic_path, read_json, write_json_atomic
 from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset
+from vlmsafe.validation import float_arg
 
 IMAGE_SIZE = 32
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -57,13 +61,12 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 #: unsafe concept -> the words appended to the safe caption
 UNSAFE: dict[str, str] = {"blood": "with blood", "knife": "with a knife", "fire": "with fire"}
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+#: ``text_safe_tokens`` weight of the shipped Safe-CLIP model: of 0.5, 1, 2, 4, 8, the smallest within half a point
+#: of the best safe-prompt agreement minus unsafe-generation rate on the text-to-image calibration prompts
+TOKEN_WEIGHT = 2.0
 
 ORIGINAL_DIR, SAFE_DIR, HELDOUT_FILE, HELDOUT_JSON, INFO_FILE = (
-    "original",
-    "safe",
-    "heldout.safetensors",
-    "heldout.json",
-    "build_info.json",
+    "original", "safe", "heldout.safetensors", "heldout.json", "build_info.json"
 )
 
 
@@ -320,48 +323,73 @@ def pretrain_clip(
     return losses
 
 
+#: Safe-CLIP settings of the testbed build (with ``seed``, ``progress`` and the weights of :func:`testbed_config`)
+SAFECLIP_SETTINGS: dict[str, Any] = dict(
+    lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=2e-3, warmup_steps=10, lr_scheduler="cosine",
+    batch_size=64, num_epochs=12, early_stopping_patience=4, eval_batch_size=128,
+)
+
+
+def testbed_config(*, seed: int = 0, token_weight: float = TOKEN_WEIGHT, progress: bool = True) -> Any:
+    """The build's Safe-CLIP run: the paper's eight terms and weights plus ``text_safe_tokens`` at ``token_weight``."""
+    from vlmsafe.safeclip.config import SafeCLIPTrainingConfig
+    from vlmsafe.safeclip.losses import SafeCLIPLossWeights
+
+    weights = SafeCLIPLossWeights(text_safe_tokens=token_weight)
+    return SafeCLIPTrainingConfig(**SAFECLIP_SETTINGS, seed=seed, weights=weights, progress=progress)
+
+
 def build_testbed(
     out_dir: str | os.PathLike[str],
     *,
     seed: int = 0,
     pretrain_steps: int = 1000,
     train_renders: int = 10,
+    token_weight: float = TOKEN_WEIGHT,
+    reuse_original: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Build the testbed into ``out_dir`` (``original/``, ``safe/``, held-out split, build info)."""
+    """Build the testbed into ``out_dir`` (``original/``, ``safe/``, held-out split, build info).
+
+    ``token_weight`` is the Safe-CLIP run's ``text_safe_tokens`` loss weight (:func:`testbed_config`).
+    ``reuse_original`` keeps ``out_dir/original`` (the text-to-image testbed's encoder, pretraining being
+    reproducible only on the same software stack) byte for byte and redoes only the Safe-CLIP stage from it.
+    """
+    import shutil
+
     from safetensors.torch import save_file
 
+    from vlmsafe.safeclip.backends import HFCLIPBackend
     from vlmsafe.safeclip.retrieval import format_table
-    from vlmsafe.safeclip.trainer import SafeCLIPTrainer, SafeCLIPTrainingConfig
+    from vlmsafe.safeclip.trainer import SafeCLIPTrainer
 
     t0 = time.time()
+    out = Path(out_dir)
     torch.manual_seed(seed)
     splits = make_splits(seed)
     train = render_split(splits["train"], train_renders, seed + 1)
     val = render_split(splits["val"], 2, seed + 2)
     test = render_split(splits["test"], 1, seed + 3)
-
-    backend = tiny_clip_backend(seed)
-    curve = pretrain_clip(backend, *train, steps=pretrain_steps, seed=seed, progress=progress)
-    t_pre = time.time() - t0
-    out = Path(out_dir)
+    if reuse_original:
+        fix = f"build it once without reusing the original: `python -m vlmsafe.safeclip.testbed {out}`"
+        old = read_json(out / INFO_FILE, what="Safe-CLIP testbed build info", fix=fix)
+        if (old.get("seed"), old.get("train_items")) != (seed, len(train[0])):
+            raise InputError(f"{out / INFO_FILE}: built with seed {old.get('seed')} and {old.get('train_items')} "
+                             f"training items, not {seed} and {len(train[0])}; pass the settings it was built with")
+        backend = HFCLIPBackend.from_pretrained(out / ORIGINAL_DIR)
+        pretrain = {k: old[k] for k in ("pretrain_steps", "pretrain_loss_first_last", "pretrain_seconds")}
+    else:
+        backend = tiny_clip_backend(seed)
+        curve = pretrain_clip(backend, *train, steps=pretrain_steps, seed=seed, progress=progress)
+        pretrain = {"pretrain_steps": pretrain_steps, "pretrain_loss_first_last": [curve[0], curve[-1]],
+                    "pretrain_seconds": round(time.time() - t0, 1)}
     with atomic_path(out, overwrite=True) as tmp:
         tmp.mkdir()
-        backend.save_pretrained(tmp / ORIGINAL_DIR)
-        config = SafeCLIPTrainingConfig(
-            lora_r=8,
-            lora_alpha=16,
-            lora_dropout=0.0,
-            learning_rate=2e-3,
-            warmup_steps=10,
-            lr_scheduler="cosine",
-            batch_size=64,
-            num_epochs=12,
-            early_stopping_patience=4,
-            eval_batch_size=128,
-            seed=seed,
-            progress=progress,
-        )
+        if reuse_original:
+            shutil.copytree(out / ORIGINAL_DIR, tmp / ORIGINAL_DIR)
+        else:
+            backend.save_pretrained(tmp / ORIGINAL_DIR)
+        config = testbed_config(seed=seed, token_weight=token_weight, progress=progress)
         trainer = SafeCLIPTrainer(backend, config, quadruplets(*train), quadruplets(*val))
         result = trainer.train()
         trainer.save_pretrained(tmp / SAFE_DIR)
@@ -370,9 +398,8 @@ def build_testbed(
         rows = heldout_rows(tmp)
         info = {
             "seed": seed,
-            "pretrain_steps": pretrain_steps,
-            "pretrain_loss_first_last": [curve[0], curve[-1]],
-            "pretrain_seconds": round(t_pre, 1),
+            **pretrain,
+            "original_reused": reuse_original,
             "safeclip_steps": result.global_step,
             "safeclip_best_step": result.best_step,
             "safeclip_stopped_early": result.stopped_early,
@@ -451,11 +478,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--train-renders", type=int, default=10, help="random renders per training combination")
+    parser.add_argument("--token-weight", type=float_arg(low=0), default=TOKEN_WEIGHT, metavar="X",
+                        help=f"text_safe_tokens loss weight (default {TOKEN_WEIGHT:g}; 0: only the paper's 8 terms)")
+    parser.add_argument("--reuse-original", action="store_true",
+                        help="keep OUT_DIR/original byte for byte and redo only the Safe-CLIP stage from it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: one thread is faster than two on a shared machine
-    info = build_testbed(
-        args.out_dir, seed=args.seed, pretrain_steps=args.pretrain_steps, train_renders=args.train_renders
-    )
+    try:
+        info = build_testbed(
+            args.out_dir, seed=args.seed, pretrain_steps=args.pretrain_steps, train_renders=args.train_renders,
+            token_weight=args.token_weight, reuse_original=args.reuse_original,
+        )
+    except VlmsafeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"built in {info['total_seconds']} s -> {args.out_dir}")
     return 0
 
