@@ -7,6 +7,7 @@ see the pooled embedding, while Stable Diffusion's UNet cross-attends to every t
 import pytest
 import torch
 
+from vlmsafe.errors import InputError
 from vlmsafe.safeclip import (
     Quadruplet,
     QuadrupletDataset,
@@ -64,7 +65,7 @@ def test_hf_token_states_are_what_a_stable_diffusion_pipeline_feeds_its_unet():
         assert not torch.allclose(penultimate, states, atol=1e-3)
         # the pooled embedding is the one retrieval uses (padding after the end token changes nothing)
         assert torch.allclose(pooled, b.encode_text(b.model, b.tokenize(texts)), atol=1e-5)
-    with pytest.raises(Exception, match="token state layer"):
+    with pytest.raises(InputError, match="token state layer"):
         b.encode_text_states(b.model, tokens, "first")
 
 
@@ -91,6 +92,9 @@ def test_open_clip_token_states_come_from_its_own_encode_text():
         x = model.token_embedding(ids) + model.positional_embedding
         x = model.transformer.resblocks[0](x, attn_mask=model.attn_mask)  # the first of two blocks
         assert torch.allclose(b.encode_text_states(model, tokens, "penultimate")[1], x, atol=1e-5)
+    one_block = open_clip.CLIP(**{**model_cfg, "text_cfg": {**model_cfg["text_cfg"], "layers": 1}})
+    with pytest.raises(InputError, match="2 or more blocks"):
+        b.encode_text_states(one_block, tokens, "penultimate")
     ds = QuadrupletDataset(Quadruplet(f"a photo of thing {i}", f"a photo of thing {i} with blood") for i in range(8))
     trainer = SafeCLIPTrainer(b, cfg(batch_size=4, max_steps=2, weights=TOKENS,
                                      lora_target_modules=["attn", "c_fc", "c_proj"]), ds)

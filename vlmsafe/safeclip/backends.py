@@ -351,7 +351,11 @@ class OpenCLIPBackend(CLIPBackend):
         """The states are caught by a forward hook on ``ln_final`` (``"last"``) or on the second-to-last
         residual block (``"penultimate"``) while ``encode_text`` runs, so open_clip's own pooling is kept."""
         check_choice(layer, "token state layer", TOKEN_STATE_LAYERS)
-        module = model.ln_final if layer == "last" else model.transformer.resblocks[-2]
+        blocks = model.transformer.resblocks
+        if layer == "penultimate" and len(blocks) < 2:
+            raise InputError(f"token_layer 'penultimate' needs a text tower of 2 or more blocks, this one has "
+                             f"{len(blocks)}; use token_layer 'last'")
+        module = model.ln_final if layer == "last" else blocks[-2]
         caught: list[torch.Tensor] = []
         handle = module.register_forward_hook(lambda _m, _i, out: caught.append(out))
         try:
