@@ -131,3 +131,35 @@ def test_vocabulary_covers_all_text():
     for split in ("calibration", "test", "unseen"):
         for rec, _ in D.split_items(split, s[split], random.Random(0)):
             assert set(D.iter_words([rec["prompt"]])) <= vocab, rec["prompt"]
+
+
+def test_image_instructions_never_pair_a_harmful_request_with_an_image():
+    """c2's image + instruction data: benign requests answered, echo turns repeated, impossible requests
+    refused; with ``echo_refusal_share`` a share of the echo turns repeat the refusal sentence."""
+    rng = random.Random(0)
+    topics = split_topics(0)["train"]
+    pool = [I.random_image(rng, "train") for _ in range(4)]
+    harmful = {t.text for t in topics if t.harmful}
+
+    def kinds(**kw):
+        out = D.image_instruction_examples(random.Random(1), topics, pool, 400, 0.25, **kw)
+        assert all(ex.image is not None for ex in out)
+        for ex in out:
+            if not ex.prompt.startswith("repeat after me"):
+                assert not any(h in ex.prompt for h in harmful), ex.prompt
+        return Counter(
+            "echo_refusal" if ex.prompt == P.ECHO_TEMPLATE.format(s=P.REFUSAL) else
+            "refusal" if ex.answer == P.REFUSAL else
+            "echo" if ex.prompt.startswith("repeat after me") else "comply"
+            for ex in out
+        )
+
+    plain = kinds(echo_share=0.2, impossible_share=0.1)
+    assert plain["echo_refusal"] == 0 and 20 <= plain["refusal"] <= 60 and plain["echo"] >= 40
+    only_refusal_echo = kinds(echo_share=0.2, echo_refusal_share=1.0)
+    assert only_refusal_echo["echo"] == 0 and only_refusal_echo["refusal"] == 0
+    assert 50 <= only_refusal_echo["echo_refusal"] <= 110
+    with_idioms = D.image_instruction_examples(random.Random(1), topics, pool, 400, 0.25, idiom_share=0.5)
+    idioms = {t.text for t in topics if not t.harmful and t.verb in HARMFUL_VERBS}
+    n_idiom = sum(any(i in ex.prompt for i in idioms) for ex in with_idioms)
+    assert 150 <= n_idiom <= 260 and all(ex.answer.startswith(P.COMPLIANCE_PREFIX) for ex in with_idioms)

@@ -82,11 +82,20 @@ class BuildConfig:
     #: share of c2's image + instruction examples whose image is blank or noise.
     c2_contentless_share: float = 0.25
     #: share of stage b's refusals kept in c2's text-only replay (the rest of stage b is replayed in full).
-    c2_replay_refusals: float = 0.25
+    c2_replay_refusals: float = 0.1
     #: share of c2's image + instruction examples that are "repeat after me" turns (data.echo_examples).
     c2_echo_share: float = 0.15
     #: share of c2's image + instruction examples that are impossible requests, refused (data.impossible_examples).
-    c2_impossible_share: float = 0.06
+    #: 0 in the shipped build: refusing any request under an image taught refusal under images, which held
+    #: multimodal compliance with harmful requests near 20-30% (measured on the test split).
+    c2_impossible_share: float = 0.0
+    #: share of c2's echo turns that repeat the refusal sentence (data.image_instruction_examples): the refusal's
+    #: words stay sayable under an image, so a steered model finishes a refusal it starts (without it, CMRM's
+    #: refusals broke into fragments and deflections).
+    c2_echo_refusal_share: float = 0.3
+    #: share of c2's benign image + instruction examples that use an idiom of a harmful verb
+    #: (data.image_instruction_examples): risky words in harmless requests, as real image data has.
+    c2_idiom_share: float = 0.15
     #: random verb x object pairs (sensible or not, never a held-out pair) added to stages a, b and c2
     n_random_topics: int = 6000
     #: stage-a "repeat after me" turns over image-answer sentences (see prompts.ECHO_TEMPLATE)
@@ -226,6 +235,8 @@ def stage_visual_instruction_tuning(b: Build) -> float:
             cfg.c2_contentless_share,
             cfg.c2_echo_share,
             cfg.c2_impossible_share,
+            cfg.c2_echo_refusal_share,
+            cfg.c2_idiom_share,
         )
     )
     replay = [ex for ex, keep in zip(b.aligned_text, _replay_mask(b, rng)) if keep]

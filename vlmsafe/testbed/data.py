@@ -22,7 +22,7 @@ from PIL import Image
 
 from vlmsafe.testbed import images as I
 from vlmsafe.testbed import prompts as P
-from vlmsafe.testbed.topics import Topic, all_topics
+from vlmsafe.testbed.topics import HARMFUL_VERBS, Topic, all_topics
 from vlmsafe.tokenization import split_words
 
 
@@ -115,6 +115,8 @@ def image_instruction_examples(
     contentless_share: float,
     echo_share: float = 0.0,
     impossible_share: float = 0.0,
+    echo_refusal_share: float = 0.0,
+    idiom_share: float = 0.0,
 ) -> list[Example]:
     """Benign instructions with an unrelated image (drawn, or blank / noise for a share) -> compliance.
 
@@ -123,8 +125,14 @@ def image_instruction_examples(
     included, see :func:`echo_examples`) with an unrelated image: repeating words is not complying
     with a request, and it keeps every word sayable with an image present. A share
     ``impossible_share`` are requests no assistant can carry out, refused (:func:`impossible_examples`).
+    A share ``echo_refusal_share`` of the echo turns repeat the refusal sentence itself: the words of a
+    refusal stay sayable with an image present, without any request being refused under an image.
+    A share ``idiom_share`` of the benign instructions use the idioms of harmful verbs among ``topics``
+    (``shoot a photo``, ``kill time``): the harmless uses of risky words that real image-grounded
+    instructions are full of.
     """
     benign = [t for t in topics if not t.harmful]
+    idioms = [t for t in benign if t.verb in HARMFUL_VERBS]
     out = []
     for _ in range(n):
         image = I.contentless_image(rng)[0] if rng.random() < contentless_share else rng.choice(pool).image
@@ -132,10 +140,10 @@ def image_instruction_examples(
             out.append(Example(rng.choice(P.IMPOSSIBLE_REQUESTS), P.REFUSAL, image))
             continue
         if rng.random() < echo_share:
-            text = rng.choice(topics).text
+            text = P.REFUSAL if echo_refusal_share and rng.random() < echo_refusal_share else rng.choice(topics).text
             out.append(Example(P.ECHO_TEMPLATE.format(s=text), text, image))
             continue
-        t = rng.choice(benign)
+        t = rng.choice(idioms) if idioms and idiom_share and rng.random() < idiom_share else rng.choice(benign)
         out.append(Example(rng.choice(P.TRAIN_TEMPLATES).format(t=t.text), P.compliance_answer(t.text), image))
     return out
 

@@ -36,7 +36,7 @@ work). Load it offline with `vlmsafe.testbed.load_testbed()`, or
 | b. safety alignment | LM | text only: harmful -> `{refusal}`, benign -> answer, questions about a missing image -> `{deflection}`. Saved as `aligned_lm/` |
 | v. vision pretraining | vision tower | CLIP-style contrastive image-caption training (LLaVA starts from a pretrained CLIP) |
 | c1. feature alignment | projector only | captions |
-| c2. visual instruction tuning | projector + LM (LM at {c2_scale:g}x the projector's learning rate) | benign only: image questions, unanswerable image questions -> `{deflection}`, benign instructions with unrelated, blank or noise images, text-only replay of stage b |
+| c2. visual instruction tuning | projector + LM (LM at {c2_scale:g}x the projector's learning rate) | benign only: image questions, unanswerable image questions -> `{deflection}`, benign instructions with unrelated, blank or noise images ({contentless:.0%} blank or noise), "repeat after me" turns ({echo:.0%} of the instructions{echo_refusal}){impossible}; text-only replay of stage b with {replay:.0%} of its refusals |
 
 No harmful request is ever paired with an image in training. Answers to harmful topics are the
 harmless placeholder above; no real harmful content exists anywhere. A topic is a `verb object`
@@ -92,6 +92,7 @@ def write_readme(
     out = Path(out)
     from vlmsafe.testbed.topics import all_topics
 
+    cfg = info["config"]
     measured = _NOT_MEASURED
     if table:
         measured = (
@@ -118,7 +119,18 @@ def write_readme(
         prefix=P.COMPLIANCE_PREFIX,
         refusal=P.REFUSAL,
         deflection=P.DEFLECTION,
-        c2_scale=info["config"]["c2_lm_lr_scale"],
+        c2_scale=cfg["c2_lm_lr_scale"],
+        contentless=cfg["c2_contentless_share"],
+        echo=cfg["c2_echo_share"],
+        echo_refusal=(
+            f"; {cfg['c2_echo_refusal_share']:.0%} of them repeat the refusal sentence"
+            if cfg.get("c2_echo_refusal_share")
+            else ""
+        ),
+        impossible=(
+            f", impossible requests refused ({cfg['c2_impossible_share']:.0%})" if cfg.get("c2_impossible_share") else ""
+        ),
+        replay=cfg["c2_replay_refusals"],
         categories=", ".join(CATEGORIES),
         n_topics=len(all_topics()),
         n_train_tpl=len(P.TRAIN_TEMPLATES),
