@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
 
-from vlmsafe.errors import OutputExistsError
+from vlmsafe.errors import InputError, OutputExistsError
 from vlmsafe.testbed import load_split, testbed_dir
 from vlmsafe.testbed.build import STAGES, BuildConfig, build_testbed, main
 
@@ -96,3 +96,19 @@ def test_full_rebuild_reproduces_shipped_figures(tmp_path):
             assert abs(a[group][outcome]["rate"] - b[group][outcome]["rate"]) <= 0.05, (a["setting"], group, outcome)
         if a["accuracy"]:
             assert abs(a["accuracy"]["rate"] - b["accuracy"]["rate"]) <= 0.05, a["setting"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"c2_echo_refusal_share": float("nan")},
+        {"c2_idiom_share": 1.5},
+        {"c2_impossible_share": -0.1},
+        {"c2_replay_refusals": float("inf")},
+        {"c2_mix": (0.0, 0.0, 0.0)},
+        {"c2_mix": (0.4, float("nan"), 0.1)},
+    ],
+)
+def test_config_refuses_bad_shares_before_any_work(bad):
+    with pytest.raises(InputError, match=next(iter(bad)).split("_share")[0].split("_refusals")[0]):
+        BuildConfig(**bad)

@@ -28,14 +28,14 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
-from vlmsafe.errors import VlmsafeError
+from vlmsafe.errors import InputError, VlmsafeError
 from vlmsafe.io import atomic_path, check_output, write_json_atomic
 from vlmsafe.testbed import data as D
 from vlmsafe.testbed import images as I
@@ -44,7 +44,7 @@ from vlmsafe.testbed.readme import write_readme
 from vlmsafe.testbed.splits import write_split
 from vlmsafe.testbed.topics import DEFAULT_FRACTIONS, HELD_OUT, random_topics, split_topics
 from vlmsafe.testbed.train import Encoder, pretrain_vision, train
-from vlmsafe.validation import int_arg
+from vlmsafe.validation import check_float, int_arg
 
 
 @dataclass
@@ -110,6 +110,19 @@ class BuildConfig:
     split_topic_limit: int | None = None
     threads: int = 1
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Shares are finite and in [0, 1], mixture weights finite, >= 0 and not all 0, before any work
+        (``rng.random() < nan`` is silently never true)."""
+        for name in (f.name for f in fields(self) if f.name.startswith("c2_") and f.name.endswith("_share")):
+            check_float(getattr(self, name), name, low=0.0, high=1.0)
+        check_float(self.c2_replay_refusals, "c2_replay_refusals", low=0.0, high=1.0)
+        check_float(self.c2_lm_lr_scale, "c2_lm_lr_scale", low=0.0)
+        mix = [check_float(w, "c2_mix weight", low=0.0) for w in self.c2_mix]
+        if len(mix) != 3 or sum(mix) <= 0:
+            raise InputError(
+                f"c2_mix must be 3 weights (image questions, instructions, text replay), not all 0; got {self.c2_mix}"
+            )
 
     @property
     def num_image_tokens(self) -> int:
