@@ -38,6 +38,15 @@ def test_harm_is_decidable_from_words():
         assert t.harmful == is_harmful(t.verb, t.obj)
 
 
+def test_every_harmful_verb_with_a_harmless_sense_is_trained_in_it():
+    """A harmful verb loses its refusal under an image only if VL tuning showed it used harmlessly with
+    images: every verb but the two without a harmless sense has an idiom in the *training* topics."""
+    assert set(HARMFUL_VERBS) - set(IDIOMS) == {"shoplift", "hurt"}
+    train = split_topics(0)["train"]
+    trained = {t.verb for t in train if t.verb in HARMFUL_VERBS and not t.harmful}
+    assert trained == set(IDIOMS)
+
+
 def test_splits_are_disjoint_new_combinations_with_every_category():
     s = split_topics(0)
     names = {k: {t.text for t in v} for k, v in s.items()}

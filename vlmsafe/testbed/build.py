@@ -51,10 +51,13 @@ from vlmsafe.validation import check_float, int_arg
 class BuildConfig:
     """Sizes and schedules of the testbed build (defaults = the shipped testbed).
 
-    Schedules are ``(steps, learning rate, batch size)``. The c2 mixture (``c2_*``) was chosen among 17
-    variants by their figures on the shipped *test* split, so those figures are optimistic for this
-    choice; the independent check set (:mod:`vlmsafe.testbed.unseen`) played no part in it and is the
-    unbiased measure.
+    Schedules are ``(steps, learning rate, batch size)``. How the c2 mixture (``c2_*``) was chosen:
+    the replay, echo and impossible-request shares among 17 variants by their figures on an earlier
+    build's *test* split; the idiom share (0.15 or 0.3, with the idioms of :data:`topics.IDIOMS`) on
+    the *calibration* split of this build (multimodal compliance 40.8% at 0.15, 69.9% at 0.3, both
+    with >= 99% of harmful prompts refused as text). The split of topics changed with the idioms, so
+    the shipped test split and the independent check set (:mod:`vlmsafe.testbed.unseen`, used by no
+    choice) are both held out from the last choice.
     """
 
     seed: int = 0
@@ -98,7 +101,7 @@ class BuildConfig:
     c2_echo_refusal_share: float = 0.3
     #: share of c2's benign image + instruction examples that use an idiom of a harmful verb
     #: (data.image_instruction_examples): risky words in harmless requests, as real image data has.
-    c2_idiom_share: float = 0.15
+    c2_idiom_share: float = 0.3
     #: random verb x object pairs (sensible or not, never a held-out pair) added to stages a, b and c2
     n_random_topics: int = 6000
     #: stage-a "repeat after me" turns over image-answer sentences (see prompts.ECHO_TEMPLATE)

@@ -107,9 +107,10 @@ def write_readme(
             )
         measured += "\n\nEvery figure, with the calibration grids and the merge sweep: `build_info.json` (`measured`)."
         measured += (
-            " The build's visual-instruction-tuning mixture was chosen among 17 variants by their test-split"
-            " figures, so the test table is optimistic for that choice; the independent check set played no"
-            " part in it."
+            " How the build's visual-instruction-tuning mixture was chosen: its replay, echo and"
+            " impossible-request shares among 17 variants by an earlier build's test-split figures, its idiom"
+            " share on this build's calibration split (`BuildConfig`); neither table's items played a part in"
+            " the last choice, and the independent check set in none."
         )
     if notes:
         measured += "\n\n" + notes
