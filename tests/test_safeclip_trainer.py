@@ -511,8 +511,9 @@ def test_pooled_reference_pass_equals_the_full_forward_hf(legacy_eos):
     model = b.model.eval()
     if legacy_eos:  # CLIPTextModel then pools at the argmax of the ids; the pooled pass must follow the same rule
         model.text_model.eos_token_id = 2
-    tok = b.tokenize(CAPTIONS)  # ragged: the padding mask matters
+    tok = b.tokenize(CAPTIONS)  # ragged: padded rows
     assert bool((tok["attention_mask"] == 0).any())
+    tok["attention_mask"][0, 2] = 0  # a masked key before the end of text (as left padding would give)
     size = model.config.vision_config.image_size
     pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     text_blocks, vision_blocks = model.text_model.encoder.layers, model.vision_model.encoder.layers
