@@ -532,7 +532,9 @@ def test_pooled_reference_pass_equals_the_full_forward_hf(legacy_eos):
         assert torch.equal(b.encode_text(model, tok), full_text)
 
 
-@pytest.mark.parametrize("text_cfg", [{}, {"pool_type": "eos", "eos_id": 63}, {"pool_type": "last", "no_causal_mask": True}])
+@pytest.mark.parametrize(
+    "text_cfg", [{}, {"pool_type": "eos", "eos_id": 63}, {"pool_type": "last", "no_causal_mask": True}]
+)
 def test_pooled_reference_pass_equals_the_full_forward_open_clip(text_cfg):
     import open_clip
 
