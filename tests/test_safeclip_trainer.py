@@ -373,12 +373,13 @@ def test_open_clip_backend_trains_and_round_trips(tmp_path):
 
 def test_reference_cache_is_filled_once_and_exact(data):
     cached = SafeCLIPTrainer(backend(), cfg(num_epochs=2, eval_batch_size=6), data)
-    calls = []
+    calls, keys = [], set()
     compute = cached.frozen._compute
-    cached.frozen._compute = lambda batch: calls.append(int(batch["size"])) or compute(batch)
+    cached.frozen._compute = lambda batch: calls.append(int(batch["size"])) or keys.update(batch) or compute(batch)
     cached.train()
     # the reference ran once per item, before the first step (3 batches of eval_batch_size), never in a step
     assert calls == [6, 6, 4]
+    assert not any(k.startswith("unsafe") for k in keys)  # its batches hold the safe half only
     cache = cached.frozen.cache
     assert bool(cache.filled.all()) and len(cache) == 16 and cache.image.shape == (16, 32)
     # the cache holds exactly what the frozen reference computes

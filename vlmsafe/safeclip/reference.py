@@ -213,7 +213,7 @@ class FrozenReference:
             starts = range(0, len(mine), batch_size)
             for start in tqdm(starts, desc="frozen reference", disable=not progress, leave=False):
                 index = torch.tensor(mine[start : start + batch_size], dtype=torch.long)
-                batch = collator([data[i] for i in index.tolist()])
+                batch = collator([data[i] for i in index.tolist()], safe_only=True)
                 out = self._compute(send_to_device(batch, device))
                 image, tokens = out["ref_image_safe"], out["ref_text_safe_tokens"]
                 if tokens is not None and not self.cache.keeps_tokens(tokens):
