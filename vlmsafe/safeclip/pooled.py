@@ -121,11 +121,17 @@ def _with_rows(x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> 
 
 
 def _hf_blocks_ok(tower: nn.Module) -> bool:
-    from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPEncoderLayer
+    from transformers.models.clip.modeling_clip import (
+        CLIPMLP,
+        CLIPAttention,
+        CLIPEncoderLayer,
+        CLIPTextModel,
+        CLIPVisionModel,
+    )
 
-    layers = getattr(getattr(tower, "encoder", None), "layers", None)
-    if not layers:
+    if type(tower) not in (CLIPTextModel, CLIPVisionModel) or not len(tower.encoder.layers):
         return False
+    layers = tower.encoder.layers
     last = layers[-1]
     return (
         type(last) is CLIPEncoderLayer
