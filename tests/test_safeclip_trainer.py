@@ -625,3 +625,21 @@ def test_training_with_the_pooled_reference_matches_the_full_reference(data, mon
     for got, want in zip(fast_history, full_history):
         assert set(got) == set(want) and all(got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6) for k in want)
     assert set(fast) == set(full) and all(torch.allclose(fast[k], full[k], atol=1e-4) for k in full)
+
+
+def test_in_place_quick_gelu_mlp_is_bit_identical_in_row_blocks(monkeypatch):
+    from transformers.activations import QuickGELUActivation
+
+    import vlmsafe.safeclip.pooled as pooled
+
+    torch.manual_seed(0)
+    fc1, act, fc2 = torch.nn.Linear(8, 16), QuickGELUActivation(), torch.nn.Linear(16, 8)
+    x = torch.randn(2, 37, 8)
+    monkeypatch.setattr(pooled, "QUICK_GELU_ROWS", 4)  # 74 rows of 16: 18 blocks of 64 values and a short last one
+    steps = []
+    block_rows = pooled._gelu_block_rows
+    monkeypatch.setattr(pooled, "_gelu_block_rows", lambda rows: steps.append(block_rows(rows)) or steps[-1])
+    with torch.no_grad():
+        assert torch.equal(pooled._quick_gelu_mlp(fc1, act, fc2)(x), fc2(act(fc1(x))))
+    assert steps == [4]  # it ran in blocks
+    assert block_rows(torch.zeros(74, 15)) == 74  # blocks of 60 values would move the vector tail: one pass

@@ -83,8 +83,18 @@ def _shadowed(backend: CLIPBackend, blocks: Sequence[nn.Module], last: BlockForw
 
 
 #: Rows of an MLP activation processed at a time on the CPU by the in-place quick GELU (its scratch: 128 x width
-#: floats, small enough to stay in a core's cache while the three elementwise passes run over it).
+#: floats, small enough to stay in a core's cache while the three elementwise passes run over it). Blocks are
+#: used only when they hold a multiple of 64 values: the elementwise kernels then see the same SIMD vectors
+#: and scalar tail as in one pass, so the values stay bit for bit the same.
 QUICK_GELU_ROWS = 128
+
+
+def _gelu_block_rows(rows: torch.Tensor) -> int:
+    """Rows per block of the in-place quick GELU of ``rows`` ``[N, W]``: all of them (one pass) on a GPU (one
+    launch per op) or where blocks of :data:`QUICK_GELU_ROWS` would change a vector tail."""
+    if rows.device.type == "cpu" and QUICK_GELU_ROWS * rows.shape[1] % 64 == 0:
+        return min(QUICK_GELU_ROWS, len(rows))
+    return len(rows)
 
 
 def _quick_gelu_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> BlockForward:
@@ -96,7 +106,7 @@ def _quick_gelu_mlp(fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> BlockForw
         if h.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() or not h.is_contiguous():
             return fc2(act(h))
         rows = h.view(-1, h.shape[-1])
-        step = min(QUICK_GELU_ROWS, len(rows)) if h.device.type == "cpu" else len(rows)  # one launch on a GPU
+        step = _gelu_block_rows(rows)
         scratch = torch.empty((step, rows.shape[1]), dtype=h.dtype, device=h.device)
         for start in range(0, len(rows), step):
             part = rows[start : start + step]
