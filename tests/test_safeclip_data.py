@@ -155,3 +155,25 @@ def test_truncated_and_non_image_files_are_clear_errors(tmp_path):
             ds.verify_images()
         with pytest.raises(FileFormatError, match="is not a readable image"):
             load_image(tmp_path / name)
+
+
+def test_safe_only_batch_is_the_safe_half_and_loads_no_unsafe_image(tmp_path):
+    # what the frozen reference reads; the unsafe captions (longer here: they set the pair's padding) and images
+    # are neither tokenized nor loaded
+    items = [
+        Quadruplet("a red square", "a red square covered in blood and gore", png(tmp_path / "v0.png", (255, 0, 0)),
+                   png(tmp_path / "g0.png", (0, 255, 0))),
+        Quadruplet("a cat", "a dead cat", None, png(tmp_path / "g1.png", (0, 0, 255))),
+        Quadruplet("a blue circle on sand", "a blue circle on sand with blood", png(tmp_path / "v2.png", (0, 0, 9))),
+    ]
+    collator = QuadrupletCollator(tiny_clip_backend(0, hidden=32, layers=1, vision_layers=1), padded_safe_text=True)
+    full, safe = collator(items), collator(items, safe_only=True)
+    assert set(safe) == {"size", "safe_text", "safe_text_padded", "safe_image_index", "safe_image_pixels"}
+    assert int(safe["size"]) == 3 and torch.equal(safe["safe_image_index"], full["safe_image_index"])
+    assert torch.equal(safe["safe_image_pixels"], full["safe_image_pixels"])
+    for key in ("safe_text", "safe_text_padded"):
+        assert set(safe[key]) == set(full[key]) and all(torch.equal(safe[key][k], full[key][k]) for k in full[key])
+    (tmp_path / "g0.png").unlink()  # an unsafe image the reference never reads
+    with pytest.raises(FileFormatError):
+        collator(items)
+    assert torch.equal(collator(items, safe_only=True)["safe_image_pixels"], full["safe_image_pixels"])

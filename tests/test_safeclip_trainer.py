@@ -373,12 +373,13 @@ def test_open_clip_backend_trains_and_round_trips(tmp_path):
 
 def test_reference_cache_is_filled_once_and_exact(data):
     cached = SafeCLIPTrainer(backend(), cfg(num_epochs=2, eval_batch_size=6), data)
-    calls = []
+    calls, keys = [], set()
     compute = cached.frozen._compute
-    cached.frozen._compute = lambda batch: calls.append(int(batch["size"])) or compute(batch)
+    cached.frozen._compute = lambda batch: calls.append(int(batch["size"])) or keys.update(batch) or compute(batch)
     cached.train()
     # the reference ran once per item, before the first step (3 batches of eval_batch_size), never in a step
     assert calls == [6, 6, 4]
+    assert not any(k.startswith("unsafe") for k in keys)  # its batches hold the safe half only
     cache = cached.frozen.cache
     assert bool(cache.filled.all()) and len(cache) == 16 and cache.image.shape == (16, 32)
     # the cache holds exactly what the frozen reference computes
@@ -479,3 +480,166 @@ def test_pass_by_pass_backward_equals_one_backward_through_all_passes(data):
     for name in joint:
         assert got_losses[name].item() == pytest.approx(joint[name].item(), rel=1e-5, abs=1e-7), name
     assert_grads_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the reference's pooled-only pass
+
+CAPTIONS = ["a blue circle on the left on sand with blood", "a red square", "a green circle on grass on the right"]
+
+
+def spy_pooled(blocks, fc2: str):
+    """Watch one pass: the dims of the last block's MLP input ([B, W] when only the pooled token runs) and whether
+    the first block's MLP ran with its quick GELU in place (its ``forward`` shadowed while ``fc2`` runs)."""
+    seen = {"last_mlp_dims": [], "inplace": []}
+    hooks = [
+        blocks[-1].mlp.register_forward_pre_hook(lambda m, args: seen["last_mlp_dims"].append(args[0].dim())),
+        getattr(blocks[0].mlp, fc2).register_forward_hook(
+            lambda m, i, o: seen["inplace"].append("forward" in blocks[0].mlp.__dict__)
+        ),
+    ]
+    return seen, hooks
+
+
+def assert_restored(*modules):
+    assert not any("forward" in m.__dict__ for blocks in modules for b in blocks for m in (b, b.mlp))
+
+
+@pytest.mark.parametrize("legacy_eos", [False, True])
+def test_pooled_reference_pass_equals_the_full_forward_hf(legacy_eos):
+    from vlmsafe.safeclip.pooled import pooled_image, pooled_text
+
+    b = tiny_clip_backend(0, hidden=32, layers=2, vision_layers=2)
+    model = b.model.eval()
+    if legacy_eos:  # CLIPTextModel then pools at the argmax of the ids; the pooled pass must follow the same rule
+        model.text_model.eos_token_id = 2
+    tok = b.tokenize(CAPTIONS)  # ragged: padded rows
+    assert bool((tok["attention_mask"] == 0).any())
+    tok["attention_mask"][0, 2] = 0  # a masked key before the end of text (as left padding would give)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    text_blocks, vision_blocks = model.text_model.encoder.layers, model.vision_model.encoder.layers
+    with torch.no_grad():
+        full_text, full_image = b.encode_text(model, tok), b.encode_image(model, pixels)
+        seen_t, hooks = spy_pooled(text_blocks, "fc2")
+        fast_text = pooled_text(b, model, tok)
+        seen_i, more = spy_pooled(vision_blocks, "fc2")
+        fast_image = pooled_image(b, model, pixels)
+    for h in hooks + more:
+        h.remove()
+    assert seen_t == seen_i == {"last_mlp_dims": [2], "inplace": [True]}  # the fast path ran, not the full one
+    assert torch.allclose(fast_text, full_text, atol=1e-5) and torch.allclose(fast_image, full_image, atol=1e-5)
+    assert_restored(text_blocks, vision_blocks)
+    with torch.no_grad():  # and the model is unchanged
+        assert torch.equal(b.encode_text(model, tok), full_text)
+
+
+@pytest.mark.parametrize(
+    "text_cfg", [{}, {"pool_type": "eos", "eos_id": 63}, {"pool_type": "last", "no_causal_mask": True}]
+)
+def test_pooled_reference_pass_equals_the_full_forward_open_clip(text_cfg):
+    import open_clip
+
+    from vlmsafe.safeclip import OpenCLIPBackend
+    from vlmsafe.safeclip.pooled import pooled_image, pooled_text
+    from vlmsafe.testing import tiny_open_clip
+
+    _, extra = tiny_open_clip(0)  # its toy tokenizer: SOT=1, EOT=63, zero padding
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16, ls_init_value=0.5),
+        text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=2, layers=2, **text_cfg),
+        quick_gelu=True,
+    ).eval()
+    b = OpenCLIPBackend(model, extra["tokenizer"], extra["preprocess"])
+    tok = b.tokenize(CAPTIONS)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    text_blocks, vision_blocks = model.transformer.resblocks, model.visual.transformer.resblocks
+    with torch.no_grad():
+        full_text, full_image = b.encode_text(model, tok), b.encode_image(model, pixels)
+        seen_t, hooks = spy_pooled(text_blocks, "c_proj")
+        fast_text = pooled_text(b, model, tok)
+        seen_i, more = spy_pooled(vision_blocks, "c_proj")
+        fast_image = pooled_image(b, model, pixels)
+    for h in hooks + more:
+        h.remove()
+    assert seen_t == seen_i == {"last_mlp_dims": [2], "inplace": [True]}
+    assert torch.allclose(fast_text, full_text, atol=1e-5) and torch.allclose(fast_image, full_image, atol=1e-5)
+    assert_restored(text_blocks, vision_blocks)
+
+
+def test_pooled_reference_pass_falls_back_where_it_does_not_apply():
+    from vlmsafe.safeclip.pooled import pooled_image
+
+    b = tiny_clip_backend(0, hidden=32, layers=2, vision_layers=2)
+    model = b.model.eval()
+    blocks = model.vision_model.encoder.layers
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = b.encode_image(model, pixels)
+    # a hook on the last block (whose own forward the fast path skips): the full forward runs, hook included
+    outputs = []
+    handle = blocks[-1].register_forward_hook(lambda m, i, o: outputs.append(o.shape))
+    seen, hooks = spy_pooled(blocks, "fc2")
+    with torch.no_grad():
+        got = pooled_image(b, model, pixels)
+    handle.remove()
+    assert outputs and seen == {"last_mlp_dims": [3], "inplace": [False]} and torch.equal(got, full)
+    for h in hooks:
+        h.remove()
+    # with autograd on, the last block still runs pooled, but nothing is computed in place
+    seen, hooks = spy_pooled(blocks, "fc2")
+    got = pooled_image(b, model, pixels)
+    assert seen == {"last_mlp_dims": [2], "inplace": [False]} and torch.allclose(got, full, atol=1e-5)
+    for h in hooks:
+        h.remove()
+    assert_restored(blocks)
+
+
+@pytest.mark.parametrize("reference", ["copy", "disable_adapter"])
+def test_training_with_the_pooled_reference_matches_the_full_reference(data, monkeypatch, reference):
+    import vlmsafe.safeclip.reference as ref_module
+
+    # At the start T(S) = T0(S) and I(V) = I0(V), so the gradients of the text_safe / vision_safe cosines are
+    # float noise, which Adam's first steps (about lr * sign(g)) turn into weight changes of the size of lr: those
+    # terms are compared by their first losses; losses and weights after several steps without them (Adam still
+    # magnifies rounding in near-zero gradient components, hence weights within 1% of the learning rate).
+    no_cosines = SafeCLIPLossWeights(text_safe=0.0, vision_safe=0.0)
+
+    def run(weights, steps):
+        trainer = SafeCLIPTrainer(tiny_clip_backend(0, hidden=32, layers=2, vision_layers=2),
+                                  cfg(num_epochs=2, max_steps=steps, reference=reference, weights=weights), data)
+        history = trainer.train().history
+        return trainer.trainable_state_dict(), trainer.frozen.cache, history
+
+    fast, fast_cache, fast_history = run(no_cosines, 3)
+    fast_history += run(SafeCLIPLossWeights(), 1)[2]
+    monkeypatch.setattr(ref_module, "pooled_text", lambda b, m, tok: b.encode_text(m, tok))
+    monkeypatch.setattr(ref_module, "pooled_image", lambda b, m, px: b.encode_image(m, px))
+    full, full_cache, full_history = run(no_cosines, 3)
+    full_history += run(SafeCLIPLossWeights(), 1)[2]
+    assert torch.allclose(fast_cache.text, full_cache.text, atol=1e-5)
+    assert torch.allclose(fast_cache.image, full_cache.image, atol=1e-5)
+    assert len(fast_history) == len(full_history) == 4
+    for got, want in zip(fast_history, full_history):
+        assert set(got) == set(want) and all(got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6) for k in want)
+    assert set(fast) == set(full) and all(torch.allclose(fast[k], full[k], atol=1e-4) for k in full)
+
+
+def test_in_place_quick_gelu_mlp_is_bit_identical_in_row_blocks(monkeypatch):
+    from transformers.activations import QuickGELUActivation
+
+    import vlmsafe.safeclip.pooled as pooled
+
+    torch.manual_seed(0)
+    fc1, act, fc2 = torch.nn.Linear(8, 16), QuickGELUActivation(), torch.nn.Linear(16, 8)
+    x = torch.randn(2, 37, 8)
+    monkeypatch.setattr(pooled, "QUICK_GELU_ROWS", 4)  # 74 rows of 16: 18 blocks of 64 values and a short last one
+    steps = []
+    block_rows = pooled._gelu_block_rows
+    monkeypatch.setattr(pooled, "_gelu_block_rows", lambda rows: steps.append(block_rows(rows)) or steps[-1])
+    with torch.no_grad():
+        assert torch.equal(pooled._quick_gelu_mlp(fc1, act, fc2)(x), fc2(act(fc1(x))))
+    assert steps == [4]  # it ran in blocks
+    assert block_rows(torch.zeros(74, 15)) == 74  # blocks of 60 values would move the vector tail: one pass

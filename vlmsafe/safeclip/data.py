@@ -257,17 +257,18 @@ class QuadrupletCollator:
         self.use_images = use_images
         self.padded_safe_text = padded_safe_text
 
-    def __call__(self, items: Sequence[Quadruplet]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[Quadruplet], *, safe_only: bool = False) -> dict[str, Any]:
+        """The batch of ``items``; ``safe_only``: only its safe half (``safe_text``, ``safe_text_padded``, the safe
+        images), all the frozen reference reads: the unsafe captions are not tokenized nor the images loaded."""
         n = len(items)
-        pair = self.backend.tokenize([q.safe for q in items] + [q.unsafe for q in items])
-        batch: dict[str, Any] = {
-            "size": torch.tensor(n),
-            "safe_text": _trimmed_rows(pair, 0, n),
-            "unsafe_text": _trimmed_rows(pair, n, 2 * n),
-        }
+        texts = [q.safe for q in items] + ([] if safe_only else [q.unsafe for q in items])
+        pair = self.backend.tokenize(texts)
+        batch: dict[str, Any] = {"size": torch.tensor(n), "safe_text": _trimmed_rows(pair, 0, n)}
+        if not safe_only:
+            batch["unsafe_text"] = _trimmed_rows(pair, n, 2 * n)
         if self.padded_safe_text:
             batch["safe_text_padded"] = self.backend.tokenize_padded([q.safe for q in items])
-        for key in ("safe_image", "unsafe_image"):
+        for key in ("safe_image",) if safe_only else ("safe_image", "unsafe_image"):
             idx = [i for i, q in enumerate(items) if getattr(q, key) is not None] if self.use_images else []
             batch[f"{key}_index"] = torch.tensor(idx, dtype=torch.long)
             batch[f"{key}_pixels"] = pixel_batch(self.backend, [getattr(items[i], key) for i in idx]) if idx else None

@@ -12,7 +12,9 @@ the default: items are fixed, as every :class:`~vlmsafe.safeclip.data.Quadruplet
 off for a dataset that augments on the fly), :meth:`FrozenReference.fill_cache` computes them for all
 training items once, before the first epoch, in large no-grad batches (split across processes), and
 every training step, from the first one on, reads them from :class:`ReferenceCache`: a step runs the
-trainable towers only. The reference always runs in eval mode (no dropout), so it is deterministic.
+trainable towers only. The reference always runs in eval mode (no dropout), so it is deterministic. As only
+its pooled embeddings are read, its last transformer block runs on the pooled token alone
+(:mod:`~vlmsafe.safeclip.pooled`; equal to the full forward up to float rounding).
 
 With the ``text_safe_tokens`` loss term on (``token_layer`` given), the reference's text pass runs on the
 safe captions padded to the full context length and also yields their token states, ``[L, W]`` per item.
@@ -37,6 +39,7 @@ from vlmsafe.distributed import gather, shard
 from vlmsafe.safeclip.backends import CLIPBackend
 from vlmsafe.safeclip.batches import scatter_rows
 from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
+from vlmsafe.safeclip.pooled import pooled_image, pooled_text
 
 #: "ref_text_safe" [B, D], "ref_image_safe" [B, D] or None, "ref_text_safe_tokens" [B, L, W] or None
 RefOutputs = dict[str, torch.Tensor | None]
@@ -170,8 +173,8 @@ class FrozenReference:
         n = int(batch["size"])
         out: RefOutputs = {"ref_text_safe": None, "ref_text_safe_tokens": None}
         with self.active() as model, self.autocast():
-            if self.token_layer is None:
-                out["ref_text_safe"] = self.backend.encode_text(model, batch["safe_text"])
+            if self.token_layer is None:  # only the pooled embedding is read: the last block runs on that token
+                out["ref_text_safe"] = pooled_text(self.backend, model, batch["safe_text"])
             else:
                 out["ref_text_safe"], out["ref_text_safe_tokens"] = self.backend.encode_text_states(
                     model, batch["safe_text_padded"], self.token_layer
@@ -179,7 +182,7 @@ class FrozenReference:
             if images:
                 out["ref_image_safe"] = None
                 if batch.get("safe_image_pixels") is not None:
-                    emb = self.backend.encode_image(model, batch["safe_image_pixels"])
+                    emb = pooled_image(self.backend, model, batch["safe_image_pixels"])
                     out["ref_image_safe"] = scatter_rows(emb, batch["safe_image_index"], n)
         return out
 
@@ -210,7 +213,7 @@ class FrozenReference:
             starts = range(0, len(mine), batch_size)
             for start in tqdm(starts, desc="frozen reference", disable=not progress, leave=False):
                 index = torch.tensor(mine[start : start + batch_size], dtype=torch.long)
-                batch = collator([data[i] for i in index.tolist()])
+                batch = collator([data[i] for i in index.tolist()], safe_only=True)
                 out = self._compute(send_to_device(batch, device))
                 image, tokens = out["ref_image_safe"], out["ref_text_safe_tokens"]
                 if tokens is not None and not self.cache.keeps_tokens(tokens):
