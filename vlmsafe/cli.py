@@ -61,8 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    ok = False
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        ok = code == 0
+        return code
     except VlmsafeError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message holds
         print(f"vlmsafe {args.command}: error: {message}", file=sys.stderr)
@@ -70,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:  # under torchrun / accelerate launch: leave the process group cleanly
+            from vlmsafe.distributed import shutdown
+
+            shutdown(barrier=ok)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -75,3 +75,20 @@ def all_reduce_sum(tensor: torch.Tensor, accelerator: Any | None) -> torch.Tenso
 def wait_for_everyone(accelerator: Any | None) -> None:
     if is_distributed(accelerator):
         accelerator.wait_for_everyone()
+
+
+def shutdown(*, barrier: bool = True) -> None:
+    """Leave the process group of a multi-process launch, if one is up (no-op otherwise).
+
+    With ``barrier`` every process first waits for the others (the success path; after an error in one
+    process the others may never arrive, so pass ``False`` there). Exiting with the group still up lets
+    the interpreter tear gloo's threads down while they run, which can abort a process ("terminate
+    called without an active exception") after its work is done and written.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
