@@ -487,6 +487,25 @@ def test_pass_by_pass_backward_equals_one_backward_through_all_passes(data):
 CAPTIONS = ["a blue circle on the left on sand with blood", "a red square", "a green circle on grass on the right"]
 
 
+def check_pooled_equals_full(b, model, tok, pixels, text_blocks, vision_blocks, mlp_out):
+    """The pooled passes ran their fast path (not the full one), equal the full forward, and left the model
+    restored; returns the full text embeddings."""
+    from vlmsafe.safeclip.pooled import pooled_image, pooled_text
+
+    with torch.no_grad():
+        full_text, full_image = b.encode_text(model, tok), b.encode_image(model, pixels)
+        seen_t, hooks = spy_pooled(text_blocks, mlp_out)
+        fast_text = pooled_text(b, model, tok)
+        seen_i, more = spy_pooled(vision_blocks, mlp_out)
+        fast_image = pooled_image(b, model, pixels)
+    for h in hooks + more:
+        h.remove()
+    assert seen_t == seen_i == {"last_mlp_dims": [2], "inplace": [True]}
+    assert torch.allclose(fast_text, full_text, atol=1e-5) and torch.allclose(fast_image, full_image, atol=1e-5)
+    assert_restored(text_blocks, vision_blocks)
+    return full_text
+
+
 def spy_pooled(blocks, fc2: str):
     """Watch one pass: the dims of the last block's MLP input ([B, W] when only the pooled token runs) and whether
     the first block's MLP ran with its quick GELU in place (its ``forward`` shadowed while ``fc2`` runs)."""
@@ -506,7 +525,6 @@ def assert_restored(*modules):
 
 @pytest.mark.parametrize("legacy_eos", [False, True])
 def test_pooled_reference_pass_equals_the_full_forward_hf(legacy_eos):
-    from vlmsafe.safeclip.pooled import pooled_image, pooled_text
 
     b = tiny_clip_backend(0, hidden=32, layers=2, vision_layers=2)
     model = b.model.eval()
@@ -518,17 +536,7 @@ def test_pooled_reference_pass_equals_the_full_forward_hf(legacy_eos):
     size = model.config.vision_config.image_size
     pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     text_blocks, vision_blocks = model.text_model.encoder.layers, model.vision_model.encoder.layers
-    with torch.no_grad():
-        full_text, full_image = b.encode_text(model, tok), b.encode_image(model, pixels)
-        seen_t, hooks = spy_pooled(text_blocks, "fc2")
-        fast_text = pooled_text(b, model, tok)
-        seen_i, more = spy_pooled(vision_blocks, "fc2")
-        fast_image = pooled_image(b, model, pixels)
-    for h in hooks + more:
-        h.remove()
-    assert seen_t == seen_i == {"last_mlp_dims": [2], "inplace": [True]}  # the fast path ran, not the full one
-    assert torch.allclose(fast_text, full_text, atol=1e-5) and torch.allclose(fast_image, full_image, atol=1e-5)
-    assert_restored(text_blocks, vision_blocks)
+    full_text = check_pooled_equals_full(b, model, tok, pixels, text_blocks, vision_blocks, "fc2")
     with torch.no_grad():  # and the model is unchanged
         assert torch.equal(b.encode_text(model, tok), full_text)
 
@@ -540,7 +548,6 @@ def test_pooled_reference_pass_equals_the_full_forward_open_clip(text_cfg):
     import open_clip
 
     from vlmsafe.safeclip import OpenCLIPBackend
-    from vlmsafe.safeclip.pooled import pooled_image, pooled_text
     from vlmsafe.testing import tiny_open_clip
 
     _, extra = tiny_open_clip(0)  # its toy tokenizer: SOT=1, EOT=63, zero padding
@@ -555,17 +562,7 @@ def test_pooled_reference_pass_equals_the_full_forward_open_clip(text_cfg):
     tok = b.tokenize(CAPTIONS)
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     text_blocks, vision_blocks = model.transformer.resblocks, model.visual.transformer.resblocks
-    with torch.no_grad():
-        full_text, full_image = b.encode_text(model, tok), b.encode_image(model, pixels)
-        seen_t, hooks = spy_pooled(text_blocks, "c_proj")
-        fast_text = pooled_text(b, model, tok)
-        seen_i, more = spy_pooled(vision_blocks, "c_proj")
-        fast_image = pooled_image(b, model, pixels)
-    for h in hooks + more:
-        h.remove()
-    assert seen_t == seen_i == {"last_mlp_dims": [2], "inplace": [True]}
-    assert torch.allclose(fast_text, full_text, atol=1e-5) and torch.allclose(fast_image, full_image, atol=1e-5)
-    assert_restored(text_blocks, vision_blocks)
+    check_pooled_equals_full(b, model, tok, pixels, text_blocks, vision_blocks, "c_proj")
 
 
 def test_pooled_reference_pass_falls_back_where_it_does_not_apply():
