@@ -24,8 +24,8 @@ synthetic data by
     {build_command}
     python -m vlmsafe.demo.check --testbed <that folder> --write    # measure; writes the tables below
 
-(seed {seed}; the build took {build_minutes:.1f} min with one torch thread on a 2-core CPU shared with other
-work). Load it offline with `vlmsafe.testbed.load_testbed()`, or
+(seed {seed}; the build took {build_minutes:.1f} min with one torch thread on a 2-core CPU).
+Load it offline with `vlmsafe.testbed.load_testbed()`, or
 `LlavaForConditionalGeneration.from_pretrained(<this folder>)` and `AutoProcessor.from_pretrained(<this folder>)`.
 
 ## How it is built (the stages of LLaVA-1.5, scaled down)
@@ -36,7 +36,7 @@ work). Load it offline with `vlmsafe.testbed.load_testbed()`, or
 | b. safety alignment | LM | text only: harmful -> `{refusal}`, benign -> answer, questions about a missing image -> `{deflection}`. Saved as `aligned_lm/` |
 | v. vision pretraining | vision tower | CLIP-style contrastive image-caption training (LLaVA starts from a pretrained CLIP) |
 | c1. feature alignment | projector only | captions |
-| c2. visual instruction tuning | projector + LM (LM at {c2_scale:g}x the projector's learning rate) | benign only: image questions, unanswerable image questions -> `{deflection}`, benign instructions with unrelated, blank or noise images ({contentless:.0%} blank or noise), "repeat after me" turns ({echo:.0%} of the instructions{echo_refusal}){impossible}; text-only replay of stage b with {replay:.0%} of its refusals |
+| c2. visual instruction tuning | projector + LM (LM at {c2_scale:g}x the projector's learning rate) | benign only: image questions, unanswerable image questions -> `{deflection}`, benign instructions with unrelated, blank or noise images ({contentless:.0%} blank or noise; {idioms:.0%} use a harmless idiom of a harmful verb, `poison weeds`, `kill time`), "repeat after me" turns ({echo:.0%} of the instructions{echo_refusal}){impossible}; text-only replay of stage b with {replay:.0%} of its refusals |
 
 No harmful request is ever paired with an image in training. Answers to harmful topics are the
 harmless placeholder above; no real harmful content exists anywhere. A topic is a `verb object`
@@ -128,6 +128,7 @@ def write_readme(
         c2_scale=cfg["c2_lm_lr_scale"],
         contentless=cfg["c2_contentless_share"],
         echo=cfg["c2_echo_share"],
+        idioms=cfg.get("c2_idiom_share", 0.0),
         echo_refusal=(
             f"; {cfg['c2_echo_refusal_share']:.0%} of them repeat the refusal sentence"
             if cfg.get("c2_echo_refusal_share")
