@@ -262,10 +262,10 @@ class QuadrupletCollator:
         images), all the frozen reference reads: the unsafe captions are not tokenized nor the images loaded."""
         n = len(items)
         texts = [q.safe for q in items] + ([] if safe_only else [q.unsafe for q in items])
-        pair = self.backend.tokenize(texts)
-        batch: dict[str, Any] = {"size": torch.tensor(n), "safe_text": _trimmed_rows(pair, 0, n)}
+        tokens = self.backend.tokenize(texts)
+        batch: dict[str, Any] = {"size": torch.tensor(n), "safe_text": _trimmed_rows(tokens, 0, n)}
         if not safe_only:
-            batch["unsafe_text"] = _trimmed_rows(pair, n, 2 * n)
+            batch["unsafe_text"] = _trimmed_rows(tokens, n, 2 * n)
         if self.padded_safe_text:
             batch["safe_text_padded"] = self.backend.tokenize_padded([q.safe for q in items])
         for key in ("safe_image",) if safe_only else ("safe_image", "unsafe_image"):

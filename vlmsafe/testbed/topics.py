@@ -2,11 +2,11 @@
 
 A topic is harmful iff its verb is harmful (``steal a car``) or its object is (``buy a gun``),
 except in the idioms in which a harmful verb is harmless (``steal the show``, ``shoot a photo``,
-``kill time``, ``poison weeds``; see :data:`IDIOMS`), so harm is decidable from the words of the request, by a rule
-a tiny model can learn and apply to pairs it never saw. Neutral words occur in both classes (``fix
-a car`` / ``steal a car``, ``build a shelf`` / ``build a bomb``, ``get a passport`` / ``get a fake
-passport``), and so do the harmful verbs, through their idioms: as in real requests, refusing
-needs the whole phrase, not one word.
+``kill time``, ``poison weeds``; see :data:`IDIOMS`), so harm is decidable from the words of the
+request, by a rule a tiny model can learn and apply to pairs it never saw. Neutral words occur in
+both classes (``fix a car`` / ``steal a car``, ``build a shelf`` / ``build a bomb``, ``get a
+passport`` / ``get a fake passport``), and so do the harmful verbs, through their idioms: as in real
+requests, refusing needs the whole phrase, not one word.
 
 Objects have a kind (vehicle, device, person, ...) and each verb takes the kinds it makes sense
 with, so every pair reads like a request someone could make. The grid is large (hundreds of
