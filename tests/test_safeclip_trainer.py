@@ -594,14 +594,101 @@ def test_pooled_reference_pass_falls_back_where_it_does_not_apply():
     assert_restored(blocks)
 
 
+def lora_trainer(data):
+    """A trainer whose LoRA model is in training mode, and its inner model's two towers' blocks."""
+    b = tiny_clip_backend(0, hidden=32, layers=2, vision_layers=2)
+    trainer = SafeCLIPTrainer(b, cfg(), data)
+    trainer.module.train()
+    model = trainer.inner
+    return trainer, model, model.text_model.encoder.layers, model.vision_model.encoder.layers
+
+
+def pass_grads(trainer, encode):
+    """The trainable parameters' gradients of one pass's ``encode(backend, model)`` embeddings (a fixed weighting)."""
+    params = [(n, p) for n, p in trainer.inner.named_parameters() if p.requires_grad]
+    with torch.no_grad():  # LoRA B starts at zero: give the adapters values, so every gradient is non-trivial
+        for _, p in params:
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(p.flatten()))) * 0.1)
+    emb = encode(trainer.backend, trainer.inner)
+    weights = torch.randn(emb.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((emb * weights).sum(), [p for _, p in params], allow_unused=True)
+    return emb.detach(), {n: g for (n, _), g in zip(params, grads) if g is not None}  # the pass's tower
+
+
+def test_trainable_pooled_passes_backpropagate_like_the_full_forward(data):
+    """The training passes run the last block on the pooled token too (LoRA model in training mode, autograd on):
+    same embeddings, same gradients of every LoRA weight, the last block's among them."""
+    from vlmsafe.safeclip.pooled import pooled_image, pooled_text
+
+    trainer, model, text_blocks, vision_blocks = lora_trainer(data)
+    tok = trainer.backend.tokenize(CAPTIONS)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for blocks, full, fast in (
+        (text_blocks, lambda b, m: b.encode_text(m, tok), lambda b, m: pooled_text(b, m, tok)),
+        (vision_blocks, lambda b, m: b.encode_image(m, pixels), lambda b, m: pooled_image(b, m, pixels)),
+    ):
+        want, want_grads = pass_grads(trainer, full)
+        seen, hooks = spy_pooled(blocks, "fc2")
+        got, got_grads = pass_grads(trainer, fast)
+        for h in hooks:
+            h.remove()
+        assert seen == {"last_mlp_dims": [2], "inplace": [False]}  # the fast path ran, nothing in place
+        assert torch.allclose(got, want, atol=1e-5)
+        last = [n for n in want_grads if ".layers.1." in n and "lora_B" in n]  # the last block's k, v, out, fc1, fc2
+        assert len(last) == 5 and all(want_grads[n].abs().max() > 1e-3 for n in last)
+        assert set(got_grads) == set(want_grads)
+        for n in want_grads:
+            assert torch.allclose(got_grads[n], want_grads[n], rtol=1e-4, atol=1e-5), n
+        assert_restored(blocks)
+
+
+@pytest.mark.parametrize("token_term", [False, True])
+def test_training_step_runs_every_trainable_pass_pooled_but_the_token_states_one(data, token_term):
+    weights = SafeCLIPLossWeights(text_safe_tokens=1.0 if token_term else 0.0)
+    trainer = SafeCLIPTrainer(tiny_clip_backend(0, hidden=32, layers=2, vision_layers=2),
+                              cfg(reference="copy", weights=weights), data)
+    trainer.module.train()
+    batch = trainer.collator([data[i] for i in range(4)])
+    model = trainer.inner  # the trainable passes only (the reference is a copy)
+    seen_t, hooks = spy_pooled(model.text_model.encoder.layers, "fc2")
+    seen_i, more = spy_pooled(model.vision_model.encoder.layers, "fc2")
+    trainer.forward_backward(batch)
+    for h in hooks + more:
+        h.remove()
+    # T(S), T(U): the pass that returns T(S)'s token states runs in full; I(V), I(G) pooled
+    assert seen_t["last_mlp_dims"] == ([3, 2] if token_term else [2, 2])
+    assert seen_i["last_mlp_dims"] == [2, 2]
+
+
+def test_trainable_pass_keeps_the_full_forward_where_attention_dropout_is_on(data):
+    from vlmsafe.safeclip.pooled import pooled_image
+
+    trainer, model, _, vision_blocks = lora_trainer(data)
+    vision_blocks[-1].self_attn.dropout = 0.1  # CLIPConfig(attention_dropout=0.1)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    seen, hooks = spy_pooled(vision_blocks, "fc2")
+    pooled_image(trainer.backend, model, pixels)
+    assert seen == {"last_mlp_dims": [3], "inplace": [False]}  # training mode with dropout: the full forward
+    model.eval()
+    pooled_image(trainer.backend, model, pixels)
+    assert seen["last_mlp_dims"] == [3, 2]  # in eval mode that dropout is off: the fast path
+    for h in hooks:
+        h.remove()
+
+
 @pytest.mark.parametrize("reference", ["copy", "disable_adapter"])
-def test_training_with_the_pooled_reference_matches_the_full_reference(data, monkeypatch, reference):
+def test_training_with_pooled_passes_matches_training_with_full_passes(data, monkeypatch, reference):
+    import vlmsafe.safeclip.batches as batches_module
     import vlmsafe.safeclip.reference as ref_module
 
     # At the start T(S) = T0(S) and I(V) = I0(V), so the gradients of the text_safe / vision_safe cosines are
     # float noise, which Adam's first steps (about lr * sign(g)) turn into weight changes of the size of lr: those
     # terms are compared by their first losses; losses and weights after several steps without them (Adam still
-    # magnifies rounding in near-zero gradient components, hence weights within 1% of the learning rate).
+    # magnifies rounding in near-zero gradient components, hence weights within 5% of the learning rate, and
+    # losses within 1e-4, as the cosine terms 1 - cos of two close embeddings lose digits). The gradients
+    # themselves are compared tightly in test_trainable_pooled_passes_backpropagate_like_the_full_forward.
     no_cosines = SafeCLIPLossWeights(text_safe=0.0, vision_safe=0.0)
 
     def run(weights, steps):
@@ -612,16 +699,17 @@ def test_training_with_the_pooled_reference_matches_the_full_reference(data, mon
 
     fast, fast_cache, fast_history = run(no_cosines, 3)
     fast_history += run(SafeCLIPLossWeights(), 1)[2]
-    monkeypatch.setattr(ref_module, "pooled_text", lambda b, m, tok: b.encode_text(m, tok))
-    monkeypatch.setattr(ref_module, "pooled_image", lambda b, m, px: b.encode_image(m, px))
+    for module in (ref_module, batches_module):  # the frozen reference's passes and the trainable ones
+        monkeypatch.setattr(module, "pooled_text", lambda b, m, tok: b.encode_text(m, tok))
+        monkeypatch.setattr(module, "pooled_image", lambda b, m, px: b.encode_image(m, px))
     full, full_cache, full_history = run(no_cosines, 3)
     full_history += run(SafeCLIPLossWeights(), 1)[2]
     assert torch.allclose(fast_cache.text, full_cache.text, atol=1e-5)
     assert torch.allclose(fast_cache.image, full_cache.image, atol=1e-5)
     assert len(fast_history) == len(full_history) == 4
     for got, want in zip(fast_history, full_history):
-        assert set(got) == set(want) and all(got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6) for k in want)
-    assert set(fast) == set(full) and all(torch.allclose(fast[k], full[k], atol=1e-4) for k in full)
+        assert set(got) == set(want) and all(got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5) for k in want)
+    assert set(fast) == set(full) and all(torch.allclose(fast[k], full[k], atol=5e-4) for k in full)
 
 
 def test_in_place_quick_gelu_mlp_is_bit_identical_in_row_blocks(monkeypatch):

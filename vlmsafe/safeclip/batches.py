@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlmsafe.safeclip.backends import CLIPBackend
 from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
+from vlmsafe.safeclip.pooled import pooled_image, pooled_text
 
 
 class FixedOrder(Sampler[int]):
@@ -104,7 +105,9 @@ class TrainableTowers(nn.Module):
     Safe and unsafe inputs go through a tower in two passes of B rows, not one of 2B: on the CPU a
     2B-row pass took longer than two B-row passes (``benchmarks/safeclip_step.py`` shows the effect in
     its "2x batch" row). With ``token_layer`` (the ``text_safe_tokens`` term is on) the safe captions'
-    pass runs on ``batch["safe_text_padded"]`` and also returns their token states at that layer.
+    pass runs on ``batch["safe_text_padded"]`` and also returns their token states at that layer. Every
+    other pass reads its pooled embedding only, so the last block of its tower runs (and backpropagates)
+    the pooled token alone (:mod:`vlmsafe.safeclip.pooled`).
     """
 
     def __init__(
@@ -139,8 +142,9 @@ class TrainableTowers(nn.Module):
         return out
 
     def _encode(self, batch: dict[str, Any], part: str) -> torch.Tensor:
+        # Only the pooled embedding is read: the last block runs on the pooled token (and backpropagates it)
         if part in ("text_safe", "text_nsfw"):
-            return self._backend.encode_text(self.model, batch["safe_text" if part == "text_safe" else "unsafe_text"])
+            return pooled_text(self._backend, self.model, batch["safe_text" if part == "text_safe" else "unsafe_text"])
         key = "safe_image" if part == "image_safe" else "unsafe_image"
-        emb = self._backend.encode_image(self.model, batch[f"{key}_pixels"])
+        emb = pooled_image(self._backend, self.model, batch[f"{key}_pixels"])
         return scatter_rows(emb, batch[f"{key}_index"], int(batch["size"]))

@@ -204,7 +204,8 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
         from the frozen reference), so the loss is a sum of one part per embedding. In one process each
         tower pass is therefore backpropagated right after its forward, and only one pass's activations
         are alive at a time: on the CPU that step took 1.99x a plain CLIP step where one backward through
-        all four passes took 2.21x (``benchmarks/safeclip_step.py``). With several processes the four
+        all four passes took 2.21x (``benchmarks/safeclip_step.py``, both before the passes ran their last
+        block on the pooled token only). With several processes the four
         passes go through DDP as one forward and one backward (:meth:`compute_losses`).
         """
         if self.world_size > 1:
