@@ -42,6 +42,7 @@ SIZES = {
     "tiny": (64, 2, 32, 8),
     "small": (256, 4, 64, 8),
     "base": (512, 6, 96, 16),
+    "deep": (256, 12, 64, 8),  # ViT-B's depth: how the pooled last block's share shrinks with depth
 }
 
 
