@@ -111,18 +111,21 @@ def clip_step(trainer: SafeCLIPTrainer, batch) -> None:
     _step(trainer)
 
 
-def pooled_clip_step(trainer: SafeCLIPTrainer, batch) -> None:
+def _pooled_pair_backward(trainer: SafeCLIPTrainer, text, pixels) -> None:
+    """The plain contrastive loss of one (text, image) pair batch through the pooled passes, backpropagated."""
     b, model = trainer.backend, trainer.inner
-    clip_nce(pooled_text(b, model, batch["safe_text"]), pooled_image(b, model, batch["safe_image_pixels"]),
-             100.0).backward()
+    clip_nce(pooled_text(b, model, text), pooled_image(b, model, pixels), 100.0).backward()
+
+
+def pooled_clip_step(trainer: SafeCLIPTrainer, batch) -> None:
+    _pooled_pair_backward(trainer, batch["safe_text"], batch["safe_image_pixels"])
     _step(trainer)
 
 
 def floor_step(trainer: SafeCLIPTrainer, batch) -> None:
     """Two pooled plain CLIP forward/backward pairs, one update: the work a cached Safe-CLIP step cannot avoid."""
-    b, model = trainer.backend, trainer.inner
     for text, pixels in (("safe_text", "safe_image_pixels"), ("unsafe_text", "unsafe_image_pixels")):
-        clip_nce(pooled_text(b, model, batch[text]), pooled_image(b, model, batch[pixels]), 100.0).backward()
+        _pooled_pair_backward(trainer, batch[text], batch[pixels])
     _step(trainer)
 
 

@@ -103,8 +103,8 @@ class TrainableTowers(nn.Module):
     """The trainable forward pass in one module, so DDP sees every trainable parameter used.
 
     Safe and unsafe inputs go through a tower in two passes of B rows, not one of 2B: on the CPU a
-    2B-row pass took longer than two B-row passes (``benchmarks/safeclip_step.py`` shows the effect in
-    its "2x batch" row). With ``token_layer`` (the ``text_safe_tokens`` term is on) the safe captions'
+    2B-row pass took longer than two B-row passes (measured with ``benchmarks/safeclip_step.py`` when
+    the passes were split). With ``token_layer`` (the ``text_safe_tokens`` term is on) the safe captions'
     pass runs on ``batch["safe_text_padded"]`` and also returns their token states at that layer. Every
     other pass reads its pooled embedding only, so the last block of its tower runs (and backpropagates)
     the pooled token alone (:mod:`vlmsafe.safeclip.pooled`).
