@@ -15,7 +15,7 @@ from vlmsafe.cli_options import (
     load_model_from_args,
 )
 from vlmsafe.errors import InputError
-from vlmsafe.validation import float_arg, int_arg, layer_spec_arg
+from vlmsafe.validation import float_arg, int_arg, layer_spec_arg, seed_arg
 
 _DATA_HELP = (
     "JSONL items, one per line: "
@@ -36,7 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
     p.add_argument("--blank-image", action="store_true",
                    help="use one blank white image for every prompt instead of the item's own "
                         "(the CMRM paper's setting)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split and CV folds")
+    p.add_argument("--seed", type=seed_arg(), default=0, help="seed of the train/test split and CV folds")
     p.add_argument("--cv", type=int_arg(low=2), default=5,
                    help="cross-validation folds for the probes' regularisation (default 5)")
     add_progress_option(p)

@@ -78,7 +78,8 @@ NUMBER_CASES = {
     "probe-shift": [(["--alpha", "nan"], "finite"), (["--steer-layers", "5-4"], "reversed"),
                     (["--layers", ""], "empty")],
     "probe-layers": [(["--sample-level", "--alpha=-inf"], "finite"), (["--layers", "2-1"], "reversed"),
-                     (["--test-size", "1.5"], "test-size"), (["--limit", "-2"], "must be in")],
+                     (["--test-size", "1.5"], "test-size"), (["--limit", "-2"], "must be in"),
+                     (["--seed=-1"], "--seed: must be in [0, 4294967295]"), (["--seed", str(2**32)], "must be in")],
 }
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vlmsafe.errors import InputError
-from vlmsafe.validation import float_arg, int_arg, layer_spec_arg
+from vlmsafe.validation import float_arg, int_arg, layer_spec_arg, seed_arg
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 
@@ -76,7 +76,7 @@ def add_anchor_options(group: Any, *, help_prefix: str = "") -> None:
                        help=help_prefix + field_help("anchor") + " (default real)")
     group.add_argument("--anchor-colour", type=colour_arg, default=None, metavar="R,G,B",
                        help=field_help("anchor_colour"))
-    group.add_argument("--anchor-seed", type=int_arg(low=0), default=None, metavar="N", help=field_help("anchor_seed"))
+    group.add_argument("--anchor-seed", type=seed_arg(), default=None, metavar="N", help=field_help("anchor_seed"))
 
 
 def anchor_from_args(args: argparse.Namespace) -> dict[str, Any]:

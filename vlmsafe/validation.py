@@ -152,6 +152,15 @@ def int_arg(*, low: int | None = 1, high: int | None = None) -> Callable[[str], 
     return parse
 
 
+#: The largest seed every consumer accepts (numpy's and scikit-learn's ``random_state`` stop at 2**32 - 1).
+SEED_MAX = 2**32 - 1
+
+
+def seed_arg() -> Callable[[str], int]:
+    """An ``argparse`` ``type=`` for a random seed: an integer in ``[0, 2**32 - 1]``."""
+    return int_arg(low=0, high=SEED_MAX)
+
+
 def float_list_arg(*, low: float | None = None, high: float | None = None) -> Callable[[str], tuple[float, ...]]:
     """An ``argparse`` ``type=`` for comma-separated finite floats (e.g. ``--alphas 0,0.5,1``)."""
     one = float_arg(low=low, high=high)

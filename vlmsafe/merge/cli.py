@@ -9,7 +9,7 @@ from vlmsafe.cli_options import add_output_options, add_progress_option
 from vlmsafe.errors import InputError
 from vlmsafe.merge.methods import METHODS
 from vlmsafe.merge.writer import parse_size
-from vlmsafe.validation import float_arg, int_arg
+from vlmsafe.validation import float_arg, seed_arg
 
 _MERGE_EPILOG = """\
 examples:
@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cast-dtype", action="store_true", default=None, help="merge inputs of different dtypes")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="output dtype (default: the VLM's)")
     p.add_argument("--max-shard-size", type=_size_arg, help="output shard size, e.g. 2GB (default 2GB)")
-    p.add_argument("--seed", type=int_arg(low=0), help="seed for DARE's random drop (default 0)")
+    p.add_argument("--seed", type=seed_arg(), help="seed for DARE's random drop (default 0)")
     p.add_argument("--no-hash", dest="hash_inputs", action="store_false", default=None,
                    help="skip sha256 of the inputs in the recipe (hashing costs CPU, not an extra read)")
     add_output_options(p, dest="output", required=False, help="output directory (created atomically; or `output:` "

@@ -15,7 +15,7 @@ from typing import Any
 
 from vlmsafe.cli_options import add_max_new_tokens, add_model_options, add_output_options, add_progress_option
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.validation import float_arg, int_arg
+from vlmsafe.validation import float_arg, int_arg, seed_arg
 
 _TRAIN_EPILOG = """\
 data formats:
@@ -397,7 +397,7 @@ def _register_generate(sub: Any) -> None:
     g.add_argument("--steps", type=int_arg(low=1), default=30, metavar="N", help="denoising steps (default 30)")
     g.add_argument("--guidance", type=float_arg(low=0), default=7.5, metavar="G",
                    help="classifier-free guidance scale (default 7.5; <= 1 disables guidance)")
-    g.add_argument("--seed", type=int_arg(low=0), default=0, help="seed of the first image; image k uses seed + k")
+    g.add_argument("--seed", type=seed_arg(), default=0, help="seed of the first image; image k uses seed + k")
     g.add_argument("--images-per-prompt", type=int_arg(low=1), default=1, metavar="N")
     g.add_argument("--height", type=int_arg(low=8), default=None,
                    help="image height in pixels, a multiple of 8 (default: the pipeline's)")

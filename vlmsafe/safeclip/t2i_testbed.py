@@ -411,7 +411,7 @@ def heldout_classifier_check(
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vlmsafe.safeclip.t2i_testbed``: build the testbed (one torch thread, so a seed reproduces it)."""
     from vlmsafe.errors import VlmsafeError
-    from vlmsafe.validation import float_arg, int_arg
+    from vlmsafe.validation import float_arg, int_arg, seed_arg
 
     parser = argparse.ArgumentParser(
         description="Build the bundled text-to-image testbed (tiny Stable Diffusion + scene classifier)."
@@ -426,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=str(tb.default_assets_dir()),
         help="the Safe-CLIP testbed whose original text tower conditions the UNet (default: assets/safeclip)",
     )
-    parser.add_argument("--seed", type=int_arg(low=0), default=0)
+    parser.add_argument("--seed", type=seed_arg(), default=0)
     parser.add_argument("--renders", type=int_arg(low=1), default=8, help="random renders per training combination")
     parser.add_argument("--vae-steps", type=int_arg(low=1), default=300)
     parser.add_argument("--unet-steps", type=int_arg(low=1), default=UNET_STEPS)

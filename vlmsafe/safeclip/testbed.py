@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from vlmsafe.errors import FileFormatError, InputError, VlmsafeError
 from vlmsafe.io import atomic_path, read_json, write_json_atomic
 from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset
-from vlmsafe.validation import float_arg
+from vlmsafe.validation import float_arg, seed_arg
 
 IMAGE_SIZE = 32
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -475,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "out_dir", nargs="?", default=str(default_assets_dir()), help="where to write it (default: assets/safeclip)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg(), default=0)
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--train-renders", type=int, default=10, help="random renders per training combination")
     parser.add_argument("--token-weight", type=float_arg(low=0), default=TOKEN_WEIGHT, metavar="X",

@@ -44,7 +44,7 @@ from vlmsafe.testbed.readme import write_readme
 from vlmsafe.testbed.splits import write_split
 from vlmsafe.testbed.topics import DEFAULT_FRACTIONS, HELD_OUT, random_topics, split_topics
 from vlmsafe.testbed.train import Encoder, pretrain_vision, train
-from vlmsafe.validation import check_float, int_arg
+from vlmsafe.validation import check_float, seed_arg
 
 
 @dataclass
@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--out", default="assets/testbed", help="output folder (written atomically)")
-    ap.add_argument("--seed", type=int_arg(low=0), default=0, help="seed of data, splits and training")
+    ap.add_argument("--seed", type=seed_arg(), default=0, help="seed of data, splits and training")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     args = ap.parse_args(argv)
     try:

@@ -27,7 +27,7 @@ from vlmsafe.io import atomic_path, check_output
 from vlmsafe.testbed.data import split_items
 from vlmsafe.testbed.splits import write_split
 from vlmsafe.testbed.topics import split_topics
-from vlmsafe.validation import int_arg
+from vlmsafe.validation import seed_arg
 
 
 def make_unseen_set(out: str | Path, *, seed: int = 1, build_seed: int = 0, overwrite: bool = False) -> Path:
@@ -55,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--seed", type=int_arg(low=0), default=1, help="seed of templates, images and sampling")
-    ap.add_argument("--build-seed", type=int_arg(low=0), default=0, help="the testbed's build seed")
+    ap.add_argument("--seed", type=seed_arg(), default=1, help="seed of templates, images and sampling")
+    ap.add_argument("--build-seed", type=seed_arg(), default=0, help="the testbed's build seed")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     args = ap.parse_args(argv)
     try:
