@@ -56,12 +56,15 @@ def _is_scalar_tensor(value: object) -> bool:
 
 
 def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    def num(x: float) -> str:  # integers in full (a seed's 4294967295, not 4.29497e+09)
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
     if low is not None and high is not None:
-        return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"{'(' if low_open else '['}{num(low)}, {num(high)}{')' if high_open else ']'}"
     if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
+        return f"{'>' if low_open else '>='} {num(low)}"
     if high is not None:
-        return f"{'<' if high_open else '<='} {high:g}"
+        return f"{'<' if high_open else '<='} {num(high)}"
     return "(-inf, inf)"
 
 
