@@ -126,7 +126,8 @@ def test_existing_output_is_refused_and_kept(ws, capsys, command):
     assert (ws / "existing" / "users_notes.txt").read_text() == "precious"
 
 
-@pytest.mark.parametrize("out_name, expected", [(".", "current"), ("good.jsonl", "is a file")])
+@pytest.mark.parametrize("out_name, expected", [(".", "current"), ("img/0.png", "is a file"),
+                                                 ("good.jsonl", "overlaps the --data input")])
 def test_output_onto_cwd_or_a_file_is_refused(ws, capsys, monkeypatch, out_name, expected):
     monkeypatch.chdir(ws)
     rc = main(["calibrate", *_model(ws), "--data", "good.jsonl", "--out", out_name, "--no-progress"])
@@ -152,3 +153,39 @@ def test_generate_bad_input(ws, capsys, monkeypatch, extra, expected):
 def test_missing_model_directory_is_named(ws, capsys):
     rc = main(["generate", "--model", str(ws / "no_such_model"), "--prompt", "hi"])
     _check(rc, capsys.readouterr().err, "no such directory")
+
+
+@pytest.mark.parametrize("command", ["calibrate", "evaluate"])
+def test_overwrite_never_replaces_an_input(ws, capsys, tmp_path, command):
+    """--overwrite replaces an earlier output, never what the command reads: an output that is, holds or lies in an
+    input (the model folder, the data file's folder) is refused before any work."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(ws / "model", model)
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(ws / "good.jsonl", data / "items.jsonl")
+    shutil.copytree(ws / "img", data / "img")
+    before = sorted(p.name for p in model.iterdir())
+    for out, role in ((model, "--model"), (data, "--data"), (model / "sub", "--model")):
+        argv = COMMANDS[command](ws, data / "items.jsonl", out)
+        argv[argv.index("--model") + 1] = str(model)
+        rc = main([*argv, "--overwrite"])
+        _check(rc, capsys.readouterr().err, f"overlaps the {role} input")
+    assert sorted(p.name for p in model.iterdir()) == before and (data / "items.jsonl").exists()
+
+
+def test_merge_mask_over_its_own_input_is_refused(ws, capsys, tmp_path):
+    weights = ws / "model" / "model.safetensors"
+    before = weights.read_bytes()
+    rc = main(["merge-mask", "--vlm", str(ws / "model"), "--aligned", str(ws / "model"), "--out", str(weights),
+               "--overwrite"])
+    _check(rc, capsys.readouterr().err, "overlaps the --vlm input")
+    assert weights.read_bytes() == before
+
+
+def test_unwritable_output_location_is_refused_before_any_work(ws, capsys):
+    # /proc takes no new entries, whoever runs the test (root included: os.access would say yes there)
+    rc = main(COMMANDS["calibrate"](ws, ws / "good.jsonl", Path("/proc/vlmsafe-test-out/vectors")))
+    _check(rc, capsys.readouterr().err, "cannot write in /proc")

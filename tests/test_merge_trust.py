@@ -52,7 +52,7 @@ BAD_NUMBERS = [
     (["--density", "0", "--method", "ties"], "--density: must be in (0, 1]"),
     (["--density", "nan", "--method", "ties"], "--density: must be a finite number"),
     (["--density", "0.5"], "density = 0.5 has no effect with method linear"),
-    (["--seed", "-1"], "--seed: must be in >= 0"),
+    (["--seed", "-1"], "--seed: must be in [0, 4294967295]"),
     (["--max-shard-size", "0"], "max_shard_size must be positive"),
     (["--max-shard-size", "lots"], "cannot parse 'lots'"),
 ]

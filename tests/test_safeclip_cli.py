@@ -231,7 +231,8 @@ PAIRS_CASES = [
       "--temperature", "nan"], "finite"),
     (["pairs", "generate", "--captions", "{ws}/empty.jsonl", "--output", "{ws}/gen.jsonl"], "empty"),
     (["pairs", "generate", "--captions", "{ws}/missing.txt", "--output", "{ws}/gen.jsonl"], "does not exist"),
-    (["pairs", "generate", "--captions", "{ws}/captions.txt", "--output", "{ws}/captions.txt"], "--overwrite"),
+    (["pairs", "generate", "--captions", "{ws}/captions.txt", "--output", "{ws}/captions.txt"],
+     "overlaps the --captions input"),
     (["pairs", "generate", "--captions", "{ws}/captions.txt", "--output", "{ws}/gen.jsonl", "--max-new-tokens", "0"],
      "--max-new-tokens"),
 ]

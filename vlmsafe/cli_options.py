@@ -4,7 +4,8 @@
 * :func:`add_steering_options` / :func:`steering_from_args` -- the CMRM and ShiftDC flags, built from
   :class:`vlmsafe.steering.SteeringConfig`'s field help;
 * :func:`add_anchor_options` -- ``--anchor --anchor-colour --anchor-seed`` (CMRM's anchor image);
-* :func:`add_output_options` -- ``--out`` and ``--overwrite`` (see :func:`vlmsafe.io.check_output`);
+* :func:`add_output_options` -- ``--out`` and ``--overwrite`` (see :func:`vlmsafe.io.check_output`), and
+  :func:`input_paths`, the inputs an output must not overlap;
 * :func:`add_progress_option` -- ``--no-progress`` (``--quiet`` is kept as a hidden alias);
 * :func:`add_data_options` -- ``--data --limit --batch-size``.
 
@@ -181,6 +182,24 @@ def add_output_options(
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output "
                              "(by default an existing non-empty output is refused before any work)")
+
+
+#: ``argparse`` destinations that name what a command reads (models, data, vectors, adapters, ...).
+INPUT_DESTS = ("model", "data", "images", "vectors", "shiftdc", "captions", "pairs", "adapter", "judge", "original",
+               "safe", "assets", "val_data", "prompts", "pipeline", "text_encoder", "text_encoder_2", "config")
+
+
+def input_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The ``(--flag, path)`` inputs of a parsed command that exist on disk, for
+    :func:`vlmsafe.io.check_output`'s ``inputs`` (an output there would replace or mix into them)."""
+    import os
+
+    out = []
+    for dest in INPUT_DESTS:
+        value = getattr(args, dest, None)
+        if isinstance(value, (str, os.PathLike)) and os.fspath(value) and os.path.exists(os.path.expanduser(value)):
+            out.append(("--" + dest.replace("_", "-"), os.fspath(value)))
+    return out
 
 
 def add_progress_option(parser: argparse.ArgumentParser) -> None:

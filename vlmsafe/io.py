@@ -19,11 +19,11 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from vlmsafe.errors import FileFormatError, OutputExistsError
+from vlmsafe.errors import FileFormatError, InputError, OutputExistsError
 
 OutputKind = Literal["dir", "file"]
 
@@ -35,6 +35,7 @@ def check_output(
     kind: OutputKind,
     overwrite: bool = False,
     option: str = "--out",
+    inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = (),
 ) -> Path:
     """Validate an output destination before any work is done; return it as a :class:`Path`.
 
@@ -42,10 +43,13 @@ def check_output(
     directory. Refused unless ``overwrite``: a non-empty directory, an existing file, a file where a
     directory is wanted and the reverse. Always refused: the current directory or one of its
     parents, the file-system root or the home directory (replacing them cannot be what anyone means),
-    and a destination whose parent is a file.
+    a destination whose parent is a file, one that is, holds or lies inside one of ``inputs``
+    (``(option, path)`` pairs; ``--overwrite`` would otherwise replace the command's own input), and
+    one in a folder this process cannot write in (found now, not after the work).
 
     Raises:
         OutputExistsError: naming the path, what is there, and the fix (``--overwrite`` / another path).
+        InputError: the destination overlaps an input or cannot be written.
     """
     if kind not in ("dir", "file"):
         raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
@@ -66,6 +70,8 @@ def check_output(
         raise OutputExistsError(
             f"{option} {os.fspath(path)!r}: {parent} is a file, not a directory; choose another path"
         )
+    check_no_overlap(dest, inputs, option=option)
+    _check_writable(parent, path, option)
     if not dest.exists() and not dest.is_symlink():
         return dest
     if overwrite:
@@ -78,6 +84,35 @@ def check_output(
     else:
         what = "an existing file" if kind == "file" else "a file (a directory is written here)"
     raise OutputExistsError(f"{option} {os.fspath(path)!r} is {what}; {fix}")
+
+
+def check_no_overlap(
+    output: str | os.PathLike[str],
+    inputs: Iterable[tuple[str, str | os.PathLike[str] | None]],
+    *,
+    option: str = "--out",
+) -> None:
+    """Refuse an output that is, holds or lies inside one of ``inputs`` (``(option, path)``; ``None`` skipped):
+    writing it would replace or mix into what the command reads."""
+    out = Path(os.path.expanduser(os.fspath(output))).resolve()
+    for role, p in inputs:
+        if p is None:
+            continue
+        p = Path(os.path.expanduser(os.fspath(p))).resolve()
+        if out == p or out in p.parents or p in out.parents:
+            raise InputError(f"{option} {os.fspath(output)} overlaps the {role} input {p}; choose another output path")
+
+
+def _check_writable(folder: Path, path: str | os.PathLike[str], option: str) -> None:
+    """Create and remove a temporary directory in ``folder`` (the nearest existing one above the output): the
+    only reliable test (``os.access`` says yes to root on a read-only or immutable folder)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".vlmsafe-write-check-", dir=folder))
+    except OSError as exc:
+        raise InputError(
+            f"{option} {os.fspath(path)!r}: cannot write in {folder} ({exc.strerror or exc}); "
+            "choose a writable location"
+        ) from None
 
 
 def _noun(kind: OutputKind) -> str:

@@ -12,6 +12,7 @@ from vlmsafe.cli_options import (
     add_output_options,
     add_progress_option,
     add_steering_options,
+    input_paths,
     load_model_from_args,
     steering_from_args,
 )
@@ -107,7 +108,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from vlmsafe.eval.report import compare_reports
     from vlmsafe.io import atomic_path, check_output
 
-    check_output(args.out, kind="dir", overwrite=args.overwrite)
+    check_output(args.out, kind="dir", overwrite=args.overwrite, inputs=input_paths(args))
     steering = steering_from_args(args)
     items = load_benchmark(args.data, format=args.data_format, images=args.images,
                            image_types=args.image_types.split(","), render_missing=args.render_missing)[: args.limit]

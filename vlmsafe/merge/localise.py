@@ -222,7 +222,8 @@ def weight_difference_mask(
             re.compile(include)
         except re.error as exc:
             raise InputError(f"include pattern {include!r} is not a valid regex ({exc}); fix the pattern") from None
-    outp = check_output(out, kind="file", overwrite=overwrite, option="--out")
+    outp = check_output(out, kind="file", overwrite=overwrite, option="--out",
+                        inputs=(("--vlm", vlm), ("--aligned", aligned)))
     km = KeyMap()
     with Checkpoint(vlm, role="VLM") as v, Checkpoint(aligned, role="aligned model") as a:
         keys = set(a.keys())

@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from vlmsafe.errors import InputError
 from vlmsafe.io import atomic_path, check_output, read_json
 from vlmsafe.merge.checkpoint import Checkpoint
 from vlmsafe.merge.config import MergeConfig
@@ -216,14 +215,8 @@ class _Merger:
 
 
 def _check_paths(cfg: MergeConfig) -> None:
-    out = cfg.output.resolve()
-    for role, p in (("vlm", cfg.vlm), ("aligned", cfg.aligned), ("base", cfg.base), ("mask", cfg.mask)):
-        if p is None:
-            continue
-        p = p.resolve()
-        if out == p or out in p.parents or p in out.parents:
-            raise InputError(f"--out {cfg.output} overlaps the {role} input {p}; choose another output directory")
-    check_output(cfg.output, kind="dir", overwrite=cfg.overwrite)
+    inputs = (("vlm", cfg.vlm), ("aligned", cfg.aligned), ("base", cfg.base), ("mask", cfg.mask))
+    check_output(cfg.output, kind="dir", overwrite=cfg.overwrite, inputs=inputs)
     # Temporaries of killed merges are removed by atomic_path; any left here belong to a live process.
     busy = sorted(cfg.output.parent.glob(f".{cfg.output.name}.*.tmp")) if cfg.output.parent.is_dir() else []
     if busy:

@@ -13,7 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.cli_options import add_max_new_tokens, add_model_options, add_output_options, add_progress_option
+from vlmsafe.cli_options import (
+    add_max_new_tokens,
+    add_model_options,
+    add_output_options,
+    add_progress_option,
+    input_paths,
+)
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.validation import float_arg, int_arg, seed_arg
 
@@ -234,7 +240,7 @@ def _eval(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.retrieval import format_table, retrieval_table
 
     if args.json:
-        check_output(args.json, kind="file", overwrite=args.overwrite, option="--json")
+        check_output(args.json, kind="file", overwrite=args.overwrite, option="--json", inputs=input_paths(args))
     if args.safe or args.data or args.original:
         if not (args.safe and args.data and args.original):
             raise InputError("evaluating your own model needs --original, --safe and --data together (or none of "
@@ -320,7 +326,8 @@ def _pairs_train(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.pairs import PairConverterConfig, load_pairs, save_converter, train_pair_converter
 
     cfg = PairConverterConfig(**options_from_args(args, PairConverterConfig))
-    check_output(args.output_dir, kind="dir", overwrite=args.overwrite, option="--output-dir")
+    check_output(args.output_dir, kind="dir", overwrite=args.overwrite, option="--output-dir",
+                 inputs=input_paths(args))
     pairs = load_pairs(args.pairs)
     lm, tok = _load_lm(args)
     result = train_pair_converter(lm, tok, pairs, cfg)
@@ -338,7 +345,7 @@ def _pairs_generate(args: argparse.Namespace) -> int:
     if not args.sample and (args.temperature is not None or args.top_p is not None):
         raise InputError("--temperature/--top-p only apply when sampling; add --sample (greedy decoding would "
                          "ignore them)")
-    check_output(args.output, kind="file", overwrite=args.overwrite, option="--output")
+    check_output(args.output, kind="file", overwrite=args.overwrite, option="--output", inputs=input_paths(args))
     captions = load_captions(args.captions)
     lm, tok = _load_lm(args, args.adapter)
     kwargs: dict[str, Any] = {}

@@ -207,7 +207,9 @@ def run_generate(
     check_choice(dtype, "dtype", DTYPES)
     _check_size(height, "--height")
     _check_size(width, "--width")
-    dest = check_output(out, kind="dir", overwrite=overwrite)
+    inputs = (("--pipeline", pipeline), ("--text-encoder", text_encoder), ("--text-encoder-2", text_encoder_2),
+              ("--prompts", prompts_file))
+    dest = check_output(out, kind="dir", overwrite=overwrite, inputs=inputs)
     prompts = read_prompts(prompts_file)
     index = pipeline_index(pipeline)
     pipe_dir = Path(pipeline)

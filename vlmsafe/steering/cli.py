@@ -16,6 +16,7 @@ from vlmsafe.cli_options import (
     add_progress_option,
     add_steering_options,
     anchor_from_args,
+    input_paths,
     load_model_from_args,
     steering_from_args,
 )
@@ -107,7 +108,7 @@ def register(subparsers: Any) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
     from vlmsafe.io import check_output
 
-    check_output(args.out, kind="dir", overwrite=args.overwrite)
+    check_output(args.out, kind="dir", overwrite=args.overwrite, inputs=input_paths(args))
     if args.method == "shiftdc":
         return _calibrate_shiftdc(args)
     shiftdc_flags = [f for f, v in (("--caption-prompt", args.caption_prompt),
