@@ -116,6 +116,9 @@ def test_apply_mask_bool_float_and_broadcast():
     assert close(M.apply_mask(orig, merged, T([[0.5], [1.0]])), [[0.5, 1.0], [3.0, 4.0]])
     with pytest.raises(InputError, match="does not broadcast"):
         M.apply_mask(orig, merged, torch.ones(3))
+    for bad in (float("nan"), float("inf"), -0.5, 5.0):  # NaN weights, or an extrapolation past the merge
+        with pytest.raises(InputError, match=f"finite and in \\[0, 1\\].*found {bad}"):
+            M.apply_mask(orig, merged, T([[0.5], [bad]]))
 
 
 def test_bad_inputs_raise_clear_errors():

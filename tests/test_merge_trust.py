@@ -134,6 +134,21 @@ def test_merge_writes_into_empty_dir_and_overwrites_only_when_asked(pair, capsys
     capsys.readouterr()
 
 
+def test_merge_with_a_nan_mask_fails_cleanly_and_writes_nothing(pair, capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    root, models = pair
+    mask = {n: torch.full_like(t, 0.5) for n, t in models["vlm"].state_dict().items()}
+    mask["model.layers.0.input_layernorm.weight"][1] = float("nan")
+    save_file(mask, tmp_path / "mask.safetensors")
+    out = tmp_path / "merged"
+    rc = main(["merge", "--vlm", str(root / "vlm"), "--aligned", str(root / "lm"), "--mask",
+               str(tmp_path / "mask.safetensors"), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "mask entries must be finite and in [0, 1]" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))
+
+
 def test_merge_mask_output_policy_and_numbers(pair, capsys, tmp_path):
     root, _ = pair
     args = ["merge-mask", "--vlm", str(root / "vlm"), "--aligned", str(root / "lm"), "--no-progress", "--out"]

@@ -298,7 +298,8 @@ def apply_mask(original: torch.Tensor, merged: torch.Tensor, mask: torch.Tensor)
 
     A boolean mask selects the merged value where True and keeps ``original`` elsewhere; a float
     mask blends (1 = fully merged). The mask must broadcast to the tensor's shape (e.g. a per-row
-    ``[out, 1]`` mask).
+    ``[out, 1]`` mask), and a non-boolean one must hold finite values in ``[0, 1]``: NaN would write
+    NaN weights, and 5 would extrapolate five times past the merge.
     """
     try:
         torch.broadcast_shapes(mask.shape, merged.shape)
@@ -309,6 +310,11 @@ def apply_mask(original: torch.Tensor, merged: torch.Tensor, mask: torch.Tensor)
         ) from exc
     if mask.dtype == torch.bool:
         return torch.where(mask, merged, original.to(merged.dtype))
+    ok = torch.isfinite(mask) & (mask >= 0) & (mask <= 1)
+    if not bool(ok.all()):
+        bad = mask[~ok].flatten()[0].item()
+        raise InputError(f"mask entries must be finite and in [0, 1] (1 = fully merged), found {bad}; "
+                         "regenerate the mask (vlmsafe merge-mask) or clamp it")
     o = original.to(merged.dtype)
     return o + mask.to(merged.dtype) * (merged - o)
 
