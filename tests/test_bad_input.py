@@ -74,7 +74,9 @@ NUMBER_CASES = {
                   (["--batch-size", "0"], "must be in")],
     "evaluate": [(["--vectors", "v", "--alpha", "nan"], "finite"), (["--sample-level", "--alpha", "inf"], "finite"),
                  (["--sample-level", "--layers", "2-0"], "reversed"), (["--alpha", "1"], "no steering source"),
-                 (["--limit", "0"], "must be in")],
+                 (["--limit", "0"], "must be in"),
+                 (["--sample-level", "--alpha=-1"], "--alpha: must be in [0, 1000]"),  # CMRM reversed
+                 (["--sample-level", "--alpha", "1e308"], "--alpha: must be in [0, 1000]")],  # overflow: empty answers
     "probe-shift": [(["--alpha", "nan"], "finite"), (["--steer-layers", "5-4"], "reversed"),
                     (["--layers", ""], "empty")],
     "probe-layers": [(["--sample-level", "--alpha=-inf"], "finite"), (["--layers", "2-1"], "reversed"),

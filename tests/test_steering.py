@@ -472,3 +472,11 @@ def test_sample_level_text_pass_is_small_and_nan_safe(llava):
     assert torch.isfinite(dirty["shifts"][1]).all()
     assert torch.equal(dirty["shifts"][1], clean["shifts"][1])
     assert torch.equal(dirty_out[~pad], clean_out[~pad])
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 1e308, float("nan")])
+def test_steering_config_refuses_alpha_outside_its_range(alpha):
+    # negative: CMRM reversed (further from the text-only distribution); huge: hidden states overflow
+    with pytest.raises(InputError, match=r"alpha must be"):
+        SteeringConfig(mode="sample", alpha=alpha)
+    assert SteeringConfig(mode="sample", alpha=0.0).alpha == 0.0  # 0 = unsteered stays allowed

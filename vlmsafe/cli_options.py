@@ -105,7 +105,7 @@ def add_steering_options(
 ) -> None:
     """The steering flags; defaults are applied by :func:`steering_from_args` so it can tell what was given."""
     from vlmsafe.steering.cmrm import STEER_POSITIONS
-    from vlmsafe.steering.config import field_help
+    from vlmsafe.steering.config import MAX_ALPHA, field_help
 
     g = parser.add_argument_group(title)
     src = g.add_mutually_exclusive_group()
@@ -114,7 +114,8 @@ def add_steering_options(
                      help="sample-level CMRM: each input's shift from its own text-only counterpart "
                           "(one extra text-only pass)")
     src.add_argument("--shiftdc", metavar="DIR", help=field_help("directions"))
-    g.add_argument("--alpha", type=float_arg(), default=None, help=field_help("alpha") + " (default 1.0)")
+    g.add_argument("--alpha", type=float_arg(low=0.0, high=MAX_ALPHA), default=None,
+                   help=field_help("alpha") + " (default 1.0)")
     g.add_argument(layers_flag, dest="steer_layers", type=layer_spec_arg, default=None, metavar="LAYERS",
                    help=field_help("layers"))
     g.add_argument(positions_flag, dest="steer_positions", choices=STEER_POSITIONS, default=None,

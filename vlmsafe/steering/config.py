@@ -32,6 +32,11 @@ from vlmsafe.steering.shiftdc import SHIFT_FROM, steer_shiftdc
 from vlmsafe.steering.vectors import ShiftVectors
 from vlmsafe.validation import LAYER_PRESETS, check_choice, check_float, parse_layer_spec
 
+#: The largest steering strength accepted. The papers use about 1; a small safety component (ShiftDC on a
+#: tiny model) can need a few hundred. A negative alpha would push states further from the text-only
+#: distribution (CMRM reversed), and a huge one overflows the hidden states into empty answers.
+MAX_ALPHA = 1000.0
+
 MODES = ("dataset", "sample", "shiftdc")
 LayerSpec = "int | Sequence[int] | str | None"
 
@@ -51,7 +56,8 @@ class SteeringConfig:
     vectors: ShiftVectors | None = field(default=None, repr=False, metadata={
         "help": "dataset-level CMRM: the vectors folder written by `vlmsafe calibrate`"})
     alpha: float = field(default=1.0, metadata={
-        "help": "steering strength: h <- h - alpha * shift (0 = unsteered)"})
+        "help": f"steering strength in [0, {MAX_ALPHA:g}]: h <- h - alpha * shift (0 = unsteered; the papers use "
+                "about 1)"})
     layers: Any = field(default=None, metadata={
         "help": "decoder layers to steer: 'all', 'middle-to-last', '8-15' or '4,8,12' (default: every calibrated "
                 "layer for dataset-level, all layers for sample-level, middle-to-last for ShiftDC)"})
@@ -110,7 +116,7 @@ class SteeringConfig:
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
             parse_layer_spec(self.layers)  # syntax errors now, not after a model is loaded
         object.__setattr__(self, "mode", mode)
-        object.__setattr__(self, "alpha", check_float(self.alpha, "alpha"))
+        object.__setattr__(self, "alpha", check_float(self.alpha, "alpha", low=0.0, high=MAX_ALPHA))
         object.__setattr__(self, "anchor_colour", check_colour(self.anchor_colour, "anchor colour"))
 
     # ------------------------------------------------------------------ queries
