@@ -240,6 +240,27 @@ def test_corrupted_and_truncated_files(vectors, tmp_path):
         ShiftVectors.load(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t["shift.1"].__setitem__(0, float("nan")), "shift.1 holds non-finite values"),
+    (lambda t: t.__setitem__("mm_mean.2", torch.zeros(7)), "mm_mean.2 has 7 values, unlike the recorded hidden_size"),
+    (lambda t: t.__setitem__("shift.0", torch.zeros(2, 32)), "not a vector of floats"),
+])
+def test_a_folder_without_checksum_is_still_checked(vectors, tmp_path, edit, message):
+    """A hand-made or edited folder carries no tensor_sha256: its values and sizes are checked all the same."""
+    from safetensors.torch import load_file, save_file
+
+    vectors.save(tmp_path / "vec")
+    path, meta_path = tmp_path / "vec" / "vectors.safetensors", tmp_path / "vec" / "vectors.json"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    meta = json.loads(meta_path.read_text())
+    meta.pop("tensor_sha256")
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(FileFormatError, match=message):
+        ShiftVectors.load(tmp_path / "vec")
+
+
 def test_vector_algebra(vectors):
     combo = 0.5 * vectors + vectors
     for layer in vectors.layers:

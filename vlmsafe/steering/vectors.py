@@ -63,7 +63,10 @@ def read_layer_tables(
 
     Refused with a :class:`FileFormatError` naming the file and ``fix``: a missing file, meta that is not
     a JSON object, a tensor file whose sha256 differs from the recorded one (corrupted or truncated), an
-    unreadable safetensors file, an unknown tensor name, or no ``<prefixes[0]>.<layer>`` tensor at all.
+    unreadable safetensors file, an unknown tensor name, or no ``<prefixes[0]>.<layer>`` tensor at all;
+    and, whether or not a checksum was recorded (a hand-made or edited folder has none), a tensor that is
+    not a vector of floats, non-finite values, or vectors of a size other than the others' and the
+    recorded ``hidden_size``.
     """
     tensor_path, meta_path = root / tensor_file, root / meta_file
     for path in (tensor_path, meta_path):
@@ -89,7 +92,24 @@ def read_layer_tables(
         tables[prefix][int(layer)] = value
     if not tables[prefixes[0]]:
         raise FileFormatError(f"{tensor_path} holds no {prefixes[0]}.<layer> tensors; {fix}")
+    _check_vectors(raw, meta.get("hidden_size"), tensor_path, fix)
     return meta, tables
+
+
+def _check_vectors(raw: Mapping[str, torch.Tensor], hidden_size: Any, path: Path, fix: str) -> None:
+    """Every tensor a finite float vector of one size (``hidden_size`` where recorded): a NaN vector would steer
+    every answer into NaN, a wrong size fails inside the model's forward."""
+    sizes = {hidden_size} if isinstance(hidden_size, int) and not isinstance(hidden_size, bool) else set()
+    for key, value in raw.items():
+        if value.dim() != 1 or not value.is_floating_point():
+            raise FileFormatError(f"{path}: {key} is a {value.dtype} tensor of shape {list(value.shape)}, not a "
+                                  f"vector of floats; {fix}")
+        if not bool(torch.isfinite(value).all()):
+            raise FileFormatError(f"{path}: {key} holds non-finite values (NaN or inf); {fix}")
+        sizes.add(value.shape[0])
+        if len(sizes) > 1:
+            what = f"the recorded hidden_size {hidden_size}" if hidden_size in sizes else "the other vectors'"
+            raise FileFormatError(f"{path}: {key} has {value.shape[0]} values, unlike {what}; {fix}")
 
 
 @dataclass
