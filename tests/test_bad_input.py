@@ -191,3 +191,14 @@ def test_unwritable_output_location_is_refused_before_any_work(ws, capsys):
     # /proc takes no new entries, whoever runs the test (root included: os.access would say yes there)
     rc = main(COMMANDS["calibrate"](ws, ws / "good.jsonl", Path("/proc/vlmsafe-test-out/vectors")))
     _check(rc, capsys.readouterr().err, "cannot write in /proc")
+
+
+def test_truncated_model_weights_are_one_line(ws, capsys, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(ws / "model", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # an interrupted copy
+    rc = main(["generate", "--model", str(model), "--prompt", "hi"])
+    _check(rc, capsys.readouterr().err, "cannot load a vision-language model")

@@ -139,6 +139,7 @@ def load_model(
 
 
 def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
+    from safetensors import SafetensorError  # a truncated or corrupt weights file (not an OSError)
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     try:
@@ -146,7 +147,7 @@ def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any]) -> tuple[
             model = AutoModelForImageTextToText.from_pretrained(location, **kwargs)
             return model, AutoProcessor.from_pretrained(location)
         return AutoModelForCausalLM.from_pretrained(location, **kwargs), AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         first = str(exc).split("\n")[0]
         raise FileFormatError(
             f"{location}: cannot load a {'vision-language model' if kind == 'vlm' else 'causal LM'} ({first}); check "
