@@ -159,3 +159,11 @@ def test_cli_convert_llava(tmp_path, capsys):
     assert main(["convert-llava", str(o.path), "--vision", str(o.vision_path), "--out", str(out), "--overwrite",
                  "--no-progress", "--chat-template", "mistral"]) == 0
     assert "[INST]" in (out / "chat_template.jinja").read_text()
+
+
+@pytest.mark.parametrize("size", ["-1", "0", "lots"])
+def test_cli_convert_llava_checks_the_shard_size_when_parsing(tmp_path, capsys, size):
+    rc = main(["convert-llava", str(tmp_path / "nope"), "--out", str(tmp_path / "hf"), f"--max-shard-size={size}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--max-shard-size" in err and "2GB" in err
+    assert not (tmp_path / "hf").exists()

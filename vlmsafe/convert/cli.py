@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vlmsafe.cli_options import add_output_options, add_progress_option
+from vlmsafe.merge.writer import size_arg
 
 _EPILOG = """\
 example:
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dtype of the written weights (default: the checkpoint's torch_dtype)")
     p.add_argument("--chat-template", choices=tuple(TEMPLATES),
                    help="conversation format (default: vicuna for Llama models, mistral for Mistral)")
-    p.add_argument("--max-shard-size", default="2GB", help="output shard size (default 2GB)")
+    p.add_argument("--max-shard-size", type=size_arg, default="2GB", help="output shard size (default 2GB)")
     add_progress_option(p)
     p.set_defaults(func=_convert)
 

@@ -6,9 +6,8 @@ import argparse
 import json
 
 from vlmsafe.cli_options import add_output_options, add_progress_option
-from vlmsafe.errors import InputError
 from vlmsafe.merge.methods import METHODS
-from vlmsafe.merge.writer import parse_size
+from vlmsafe.merge.writer import size_arg
 from vlmsafe.validation import float_arg, seed_arg
 
 _MERGE_EPILOG = """\
@@ -30,14 +29,6 @@ recipe and the sha256 of every input. It appears only when complete: an interrup
 the destination untouched, and an existing output is refused unless --overwrite is given. See
 `python -c "import vlmsafe.merge.config as c; print(c.__doc__)"` for every YAML key.
 """
-
-
-def _size_arg(text: str) -> str:
-    try:
-        parse_size(text)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 
@@ -70,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="copy the VLM tensor where a counterpart is missing or mismatched instead of failing")
     p.add_argument("--cast-dtype", action="store_true", default=None, help="merge inputs of different dtypes")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="output dtype (default: the VLM's)")
-    p.add_argument("--max-shard-size", type=_size_arg, help="output shard size, e.g. 2GB (default 2GB)")
+    p.add_argument("--max-shard-size", type=size_arg, help="output shard size, e.g. 2GB (default 2GB)")
     p.add_argument("--seed", type=seed_arg(), help="seed for DARE's random drop (default 0)")
     p.add_argument("--no-hash", dest="hash_inputs", action="store_false", default=None,
                    help="skip sha256 of the inputs in the recipe (hashing costs CPU, not an extra read)")

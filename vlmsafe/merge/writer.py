@@ -54,6 +54,17 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def size_arg(text: str) -> str:
+    """An ``argparse`` ``type=`` for ``--max-shard-size``: checked by :func:`parse_size` at parse time."""
+    import argparse
+
+    try:
+        parse_size(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 @dataclass(frozen=True)
 class OutputTensor:
     name: str
