@@ -63,7 +63,6 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = probe.add_subparsers(dest="probe_command", metavar="ANALYSIS")
-    probe.set_defaults(func=lambda args: (probe.print_help(), 1)[1])
 
     layers = sub.add_parser(
         "layers",

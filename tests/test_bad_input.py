@@ -202,3 +202,18 @@ def test_truncated_model_weights_are_one_line(ws, capsys, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-1000])  # an interrupted copy
     rc = main(["generate", "--model", str(model), "--prompt", "hi"])
     _check(rc, capsys.readouterr().err, "cannot load a vision-language model")
+
+
+@pytest.mark.parametrize("argv, prog, expected", [
+    ([], "vlmsafe", "name a command (demo, calibrate"),
+    (["safeclip"], "vlmsafe safeclip", "name a command (train, eval, pairs, generate)"),
+    (["safeclip", "pairs"], "vlmsafe safeclip pairs", "name a command (train, generate)"),
+    (["probe"], "vlmsafe probe", "name a command (layers, shift, weights)"),
+    (["generate", "--model", "m", "--prompt", "p", "--bogus"], "vlmsafe generate", "unrecognized arguments: --bogus"),
+    (["safeclip", "eval", "--bogus"], "vlmsafe safeclip eval", "unrecognized arguments: --bogus"),
+])
+def test_usage_errors_name_the_command_and_its_help(capsys, argv, prog, expected):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"{prog}: error: ") and expected in err and f"see `{prog} --help`" in err

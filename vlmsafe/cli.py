@@ -50,17 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The (sub)parser of the command ``argv`` names (``vlmsafe safeclip train ...`` -> the ``train`` one)."""
+    for token in argv:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or token not in actions[0].choices:
+            break
+        parser = actions[0].choices[token]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:  # reported by the command's own parser, so the hint names its --help
+            _command_parser(parser, argv).error(f"unrecognized arguments: {' '.join(extras)}")
     except SystemExit as exc:  # a usage error (already printed as one line): return its code; --help exits 0
         if exc.code in (0, None):
             raise
         return int(exc.code) if isinstance(exc.code, int) else 2
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
+    if not getattr(args, "func", None):  # `vlmsafe`, `vlmsafe safeclip`, ...: a group without its command
+        group = _command_parser(parser, argv)
+        actions = [a for a in group._actions if isinstance(a, argparse._SubParsersAction)]
+        choices = ", ".join(actions[0].choices) if actions else ""
+        print(f"{group.prog}: error: name a command ({choices}); see `{group.prog} --help`", file=sys.stderr)
+        return 2
     ok = False
     try:
         code = int(args.func(args) or 0)

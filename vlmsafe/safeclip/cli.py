@@ -68,7 +68,6 @@ def register(subparsers: Any) -> None:
         "are redirected to safe embeddings while safe ones are preserved.",
     )
     sub = p.add_subparsers(dest="safeclip_command")
-    p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
     _register_train(sub)
     _register_eval(sub)
     _register_pairs(sub)
@@ -279,7 +278,6 @@ def _register_pairs(sub: Any) -> None:
                         "unsafe captions", description="Build Safe-CLIP training text: fine-tune a causal LM on "
                         "(safe, unsafe) caption pairs, then generate unsafe versions of safe captions.")
     psub = pr.add_subparsers(dest="pairs_command")
-    pr.set_defaults(func=lambda args: (pr.print_help(), 1)[1])
     pt = psub.add_parser("train", help="LoRA fine-tune a causal LM on (safe, unsafe) pairs",
                          description="LoRA (or full) fine-tuning of a transformers causal LM on a small file of "
                          "(safe, unsafe) caption pairs; the paper used ~100 curated pairs.")
