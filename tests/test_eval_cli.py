@@ -99,12 +99,12 @@ def test_evaluate_public_layouts(tmp_path, fake_loader, capsys):
         (["--alpha", "nan"], "finite"),
         (["--layers", "3-1"], "reversed"),
         (["--decode"], "no steering source"),
-        (["--limit", "-1"], "must be in"),
+        (["--limit", "-1"], "must be"),
         (["--judge", "gpt4"], "unknown judge"),
         (["--vectors", "/nonexistent/vectors"], "vectors.safetensors not found"),
         (["--data-format", "figstep"], "needs --images"),
         (["--data-format", "mm-safetybench"], "processed_questions"),
-        (["--batch-size", "0"], "must be in"),
+        (["--batch-size", "0"], "must be"),
     ],
 )
 def test_user_errors_exit_2_with_message(tmp_path, fake_loader, capsys, extra, message):

@@ -149,7 +149,7 @@ def test_train_bad_data(ws, capsys, data, expected):
 
 
 NUMBER_CASES = [
-    (["--lr", "0"], "--lr: must be in > 0"),
+    (["--lr", "0"], "--lr: must be > 0"),
     (["--lr", "nan"], "finite"),
     (["--lora-dropout", "1"], "--lora-dropout: must be in [0, 1)"),
     (["--lora-alpha", "-1"], "--lora-alpha"),
@@ -164,7 +164,7 @@ NUMBER_CASES = [
     (["--weights", "nope=1"], "NAME=WEIGHT"),
     (["--weights", "text_safe_tokens=-1"], "--weights"),
     (["--token-layer", "first"], "--token-layer"),
-    (["--epochs", "0"], "--epochs: must be in >= 1"),
+    (["--epochs", "0"], "--epochs: must be >= 1"),
     (["--batch-size", "-2"], "--batch-size"),
     (["--scheduler", "nope"], "not a transformers scheduler"),
     (["--text-only", "--weights", "text_safe=0,text_nsfw=0"], "weight 0"),

@@ -153,7 +153,7 @@ def test_captions_and_templates_are_checked(tmp_path):
         load_captions(tmp_path / "bad.jsonl")
     with pytest.raises(InputError, match="field other than"):
         check_template("Safe: {safe} {extra}")
-    with pytest.raises(InputError, match="temperature must be in > 0"):
+    with pytest.raises(InputError, match="temperature must be > 0"):
         generate_unsafe(None, None, ["a dog"], do_sample=True, temperature=0.0)
     with pytest.raises(InputError, match="top_p must be a finite"):
         generate_unsafe(None, None, ["a dog"], do_sample=True, top_p=float("nan"))

@@ -316,7 +316,7 @@ def test_cli_calibrate_shiftdc_then_generate(saved, capsys):
         (["--aggregate", "pca"], "appl(y) to CMRM"),
         (["--positions", "text"], "last prompt token"),
         (["--caption-prompt", "describe {image}"], "field other than {prompt}"),
-        (["--caption-tokens", "0"], "must be in"),
+        (["--caption-tokens", "0"], "must be"),
         (["--captions", "missing.jsonl"], "does not exist"),
     ],
 )

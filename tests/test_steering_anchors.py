@@ -257,7 +257,7 @@ def test_cli_blank_anchor_vectors_do_not_depend_on_the_images(saved, capsys):
     [
         (["--anchor-colour", "300,0,0"], "0..255"),
         (["--anchor-colour", "red"], "R,G,B"),
-        (["--anchor-seed", "-1"], "must be in"),
+        (["--anchor-seed", "-1"], "must be"),
         (["--anchor", "grey"], "invalid choice"),
         (["--anchor", "blank", "--anchor-seed", "3"], "--anchor-seed applies to --anchor noise"),
         (["--anchor-colour", "0,0,0"], "--anchor-colour applies to --anchor blank"),

@@ -38,7 +38,7 @@ def check_float(
     too_low = low is not None and (x < low or (low_open and x == low))
     too_high = high is not None and (x > high or (high_open and x == high))
     if too_low or too_high:
-        raise InputError(f"{name} must be in {_interval(low, high, low_open, high_open)}, got {x:g}")
+        raise InputError(f"{name} must be {_interval(low, high, low_open, high_open)}, got {x:g}")
     return x
 
 
@@ -47,7 +47,7 @@ def check_int(value: object, name: str, *, low: int | None = None, high: int | N
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"{name} must be an integer, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise InputError(f"{name} must be in {_interval(low, high, False, False)}, got {value}")
+        raise InputError(f"{name} must be {_interval(low, high, False, False)}, got {value}")
     return value
 
 
@@ -60,12 +60,12 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
         return str(x) if isinstance(x, int) else f"{x:g}"
 
     if low is not None and high is not None:
-        return f"{'(' if low_open else '['}{num(low)}, {num(high)}{')' if high_open else ']'}"
+        return f"in {'(' if low_open else '['}{num(low)}, {num(high)}{')' if high_open else ']'}"
     if low is not None:
         return f"{'>' if low_open else '>='} {num(low)}"
     if high is not None:
         return f"{'<' if high_open else '<='} {num(high)}"
-    return "(-inf, inf)"
+    return "in (-inf, inf)"
 
 
 # --------------------------------------------------------------------------- layer selections
@@ -132,7 +132,7 @@ def float_arg(
         if (low is not None and (x < low or (low_open and x == low))) or (
             high is not None and (x > high or (high_open and x == high))
         ):
-            raise argparse.ArgumentTypeError(f"must be in {_interval(low, high, low_open, high_open)}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {_interval(low, high, low_open, high_open)}, got {text}")
         return x
 
     parse.__name__ = "number"
@@ -148,7 +148,7 @@ def int_arg(*, low: int | None = 1, high: int | None = None) -> Callable[[str], 
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if (low is not None and x < low) or (high is not None and x > high):
-            raise argparse.ArgumentTypeError(f"must be in {_interval(low, high, False, False)}, got {x}")
+            raise argparse.ArgumentTypeError(f"must be {_interval(low, high, False, False)}, got {x}")
         return x
 
     parse.__name__ = "integer"
