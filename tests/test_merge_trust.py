@@ -74,7 +74,7 @@ YAML_BAD = [
     ("weight: {default: 0.4, rules: [{pattern: norm, value: -2}]}", "weight.rules[0].value = -2 is outside"),
     ("method: ties\ndensity: [0.5, 0.0]", "density.layers[1] = 0 is outside (0, 1]"),
     ("allow_passthrough: 'yes'", "allow_passthrough must be true or false"),
-    ("seed: 1.5", "seed must be an integer >= 0"),
+    ("seed: 1.5", "seed must be an integer in [0, 4294967295]"),
 ]
 
 
@@ -196,3 +196,11 @@ def test_yaml_overwrite_and_cli_flag(pair, tmp_path, capsys):
     """))
     assert main(["merge", str(path), "--no-progress"]) == 0 and not (out / "x").exists()
     capsys.readouterr()
+
+
+def test_merge_seed_only_where_something_is_random(pair, capsys, no_reading):
+    root, _ = pair
+    args = ["merge", "--vlm", str(root / "vlm"), "--aligned", str(root / "lm"), "--out", str(root / "never")]
+    assert main([*args, "--seed", "5"]) == 2  # linear: nothing is random, the seed would be silently ignored
+    err = capsys.readouterr().err
+    assert "seed = 5 has no effect with method linear" in err and "dare_linear, dare_ties" in err

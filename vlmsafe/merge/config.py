@@ -51,11 +51,14 @@ from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.merge.methods import METHODS, TASK_VECTOR_METHODS
 from vlmsafe.merge.schedule import Schedule
 from vlmsafe.merge.writer import parse_size
+from vlmsafe.validation import SEED_MAX
 
 #: Valid aligned-model shares per method (see the module docstring); the default is [0, 1].
 WEIGHT_RANGES: dict[str, tuple[float, float]] = {"task_arithmetic": (-1.0, 2.0)}
 #: Methods that use ``density``.
 DENSITY_METHODS = frozenset({"ties", "dare_linear", "dare_ties"})
+#: Methods that use ``seed`` (DARE's random drop).
+SEED_METHODS = frozenset({"dare_linear", "dare_ties"})
 
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -132,8 +135,11 @@ class MergeConfig:
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.normalize is not None and not isinstance(self.normalize, bool):
             raise InputError(f"normalize must be true, false or null, got {self.normalize!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise InputError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
+        if self.seed != 0 and self.method not in SEED_METHODS:
+            raise InputError(f"seed = {self.seed} has no effect with method {self.method} (nothing is random); "
+                             f"remove it or use one of {', '.join(sorted(SEED_METHODS))}")
 
     @property
     def max_shard_bytes(self) -> int:

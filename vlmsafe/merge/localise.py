@@ -193,7 +193,7 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a mask file written by :func:`save_masks` or :func:`weight_difference_mask`."""
-    with Checkpoint(path, role="mask file") as ck:
+    with Checkpoint(path, role="mask") as ck:
         return {k: ck.get(k) for k in ck}
 
 

@@ -232,7 +232,7 @@ def merge_checkpoints(cfg: MergeConfig, *, progress: bool = True) -> MergeResult
     _check_paths(cfg)
     with ExitStack() as stack:
         roles = {"vlm": cfg.vlm, "aligned": cfg.aligned, "base": cfg.base, "mask": cfg.mask}
-        names = {"vlm": "VLM", "aligned": "aligned model", "base": "base model", "mask": "mask file"}
+        names = {"vlm": "VLM", "aligned": "aligned model", "base": "base model", "mask": "mask"}
         cks = {r: stack.enter_context(Checkpoint(p, role=names[r], hash_files=cfg.hash_inputs))
                for r, p in roles.items() if p is not None}
         plan = plan_merge(cfg, cks["vlm"], cks["aligned"], cks.get("base"), cks.get("mask"))
