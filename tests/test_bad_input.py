@@ -75,6 +75,8 @@ NUMBER_CASES = {
     "evaluate": [(["--vectors", "v", "--alpha", "nan"], "finite"), (["--sample-level", "--alpha", "inf"], "finite"),
                  (["--sample-level", "--layers", "2-0"], "reversed"), (["--alpha", "1"], "no steering source"),
                  (["--limit", "0"], "must be"),
+                 (["--image-types", "SD"], "--image-types applies to mm-safetybench data, but"),  # not ignored
+                 (["--render-missing"], "--render-missing applies to figstep data, but"),
                  (["--sample-level", "--alpha=-1"], "--alpha: must be in [0, 1000]"),  # CMRM reversed
                  (["--sample-level", "--alpha", "1e308"], "--alpha: must be in [0, 1000]")],  # overflow: empty answers
     "probe-shift": [(["--alpha", "nan"], "finite"), (["--steer-layers", "5-4"], "reversed"),

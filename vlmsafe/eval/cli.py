@@ -58,7 +58,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--data-format", choices=BENCHMARK_FORMATS, default="auto", help="layout of --data (default: auto)")
     g.add_argument("--images",
                    help="image folder for figstep/vlsafe data; image root for mm-safetybench (default <data>/imgs)")
-    g.add_argument("--image-types", default="SD_TYPO",
+    g.add_argument("--image-types", default=None,
                    help="mm-safetybench image types, comma-separated: SD, SD_TYPO, TYPO, TEXT (default SD_TYPO)")
     g.add_argument("--render-missing", action="store_true",
                    help="figstep: render absent typographic images into --images")
@@ -110,8 +110,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     check_output(args.out, kind="dir", overwrite=args.overwrite, inputs=input_paths(args))
     steering = steering_from_args(args)
-    items = load_benchmark(args.data, format=args.data_format, images=args.images,
-                           image_types=args.image_types.split(","), render_missing=args.render_missing)[: args.limit]
+    image_types = None if args.image_types is None else args.image_types.split(",")
+    items = load_benchmark(args.data, format=args.data_format, images=args.images, image_types=image_types,
+                           render_missing=args.render_missing)[: args.limit]
     judge = load_judge(args.judge, batch_size=args.batch_size)
     generator = load_generator(args, steering)
     accelerator = accelerator_if_launched()  # under `accelerate launch` / `torchrun`: shard the items

@@ -347,7 +347,7 @@ def load_benchmark(
     *,
     format: str = "auto",
     images: str | os.PathLike[str] | None = None,
-    image_types: Sequence[str] = ("SD_TYPO",),
+    image_types: Sequence[str] | None = None,
     render_missing: bool = False,
     require_label: bool = True,
 ) -> list[EvalItem]:
@@ -355,17 +355,23 @@ def load_benchmark(
 
     ``images`` is the image folder FigStep and VLSafe need (MM-SafetyBench: the image root,
     default ``<path>/imgs``). vlmsafe JSONL items must carry a ``label`` unless ``require_label=False``.
+    ``image_types`` (MM-SafetyBench only; default ``SD_TYPO``) and ``render_missing`` (FigStep only)
+    are refused for other formats rather than ignored.
     """
     from vlmsafe.data import load_items
 
     if format not in BENCHMARK_FORMATS:
         raise InputError(f"unknown data format {format!r}; use one of {', '.join(BENCHMARK_FORMATS)}")
     fmt = detect_format(path) if format == "auto" else format
+    for given, option, owner in ((image_types is not None, "--image-types", "mm-safetybench"),
+                                 (render_missing, "--render-missing", "figstep")):
+        if given and fmt != owner:
+            raise InputError(f"{option} applies to {owner} data, but {path} is {fmt} data; remove {option}")
     if fmt == "jsonl":
         return load_items(path, require_label=require_label, check_images="verify")
     if fmt == "mm-safetybench":
-        return load_mm_safetybench(path, image_types=[t.strip().upper() for t in image_types if t.strip()],
-                                   image_root=images)
+        types = ["SD_TYPO"] if image_types is None else [t.strip().upper() for t in image_types if t.strip()]
+        return load_mm_safetybench(path, image_types=types, image_root=images)
     if images is None:
         raise InputError(f"{fmt} data needs --images, the image folder: "
                          + ("the folder of query_*_6.png images, or where to render them" if fmt == "figstep"
