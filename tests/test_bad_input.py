@@ -219,3 +219,15 @@ def test_usage_errors_name_the_command_and_its_help(capsys, argv, prog, expected
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"{prog}: error: ") and expected in err and f"see `{prog} --help`" in err
+
+
+def test_demo_refuses_a_test_set_without_harmful_items_before_the_run(capsys, tmp_path):
+    from vlmsafe.testbed import testbed_dir
+
+    root = testbed_dir(None)
+    benign = [line for line in (root / "data" / "test.jsonl").read_text().splitlines() if '"benign"' in line][:3]
+    test = tmp_path / "benign.jsonl"
+    test.write_text("".join(line.replace('"images/', f'"{root}/data/images/') + "\n" for line in benign))
+    rc = main(["demo", "--test", str(test), "--out", str(tmp_path / "out"), "--no-progress"])
+    _check(rc, capsys.readouterr().err, "has no harmful items")
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -64,6 +64,11 @@ def load_context(
     test_path = Path(test) if test is not None else root / "data" / "test.jsonl"
     calibration = load_items(root / "data" / "calibration.jsonl", require_label=True)
     test_items = load_items(test_path, require_label=True)
+    labels = {item.label for item in test_items}
+    missing = [label for label in ("harmful", "benign") if label not in labels]
+    if missing:  # every row's rates would be empty: refuse now, not after the run
+        raise InputError(f"{test_path} has no {' and no '.join(missing)} items; the demo's rates need both "
+                         "harmful and benign items (labels 'harmful' / 'benign')")
     model, processor = load_testbed(root)
     return DemoContext(
         root=root,
