@@ -63,7 +63,7 @@ COMMANDS = {
 CASES = [
     ("missing-data", lambda ws: ws / "nope.jsonl", [], "does not exist"),
     ("empty-data", lambda ws: ws / "empty.jsonl", [], "empty"),
-    ("malformed-line", lambda ws: ws / "malformed.jsonl", [], "malformed.jsonl:2:"),
+    ("malformed-line", lambda ws: ws / "malformed.jsonl", [], "malformed.jsonl:2:23: invalid JSON"),
     ("non-image", lambda ws: ws / "nonimage.jsonl", [], "not a readable image"),
     ("truncated-image", lambda ws: ws / "truncated.jsonl", [], "not a readable image"),
     ("data-is-dir", lambda ws: ws / "img", [], "is a directory"),

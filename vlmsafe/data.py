@@ -109,7 +109,7 @@ def _jsonl_records(text: str, p: Path) -> list[Record]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        rec = parse_json(line, where=f"{p}:{lineno}", fix="each line must be one complete JSON object")
+        rec = parse_json(line, where=str(p), line=lineno, fix="each line must be one complete JSON object")
         if not isinstance(rec, dict):
             raise FileFormatError(
                 f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}; write one object per line"

@@ -210,12 +210,14 @@ def read_json(path: str | os.PathLike[str], *, what: str = "JSON file", fix: str
     return parse_json(text, where=str(p), fix=fix)
 
 
-def parse_json(text: str, *, where: str, fix: str) -> Any:
-    """``json.loads`` with the location format of :func:`read_json` (``where:line:col``)."""
+def parse_json(text: str, *, where: str, fix: str, line: int | None = None) -> Any:
+    """``json.loads`` with the location format of :func:`read_json` (``where:line:col``); ``line``: ``text`` is
+    that line of the file named by ``where`` (a JSONL record), so the location is ``where:line:col``."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise FileFormatError(f"{where}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg}); {fix}") from None
+        lineno = exc.lineno if line is None else line + exc.lineno - 1
+        raise FileFormatError(f"{where}:{lineno}:{exc.colno}: invalid JSON ({exc.msg}); {fix}") from None
 
 
 # --------------------------------------------------------------------------- hashing

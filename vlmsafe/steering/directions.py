@@ -140,7 +140,7 @@ class SafetyDirections:
         captions = []
         if (root / CAPTIONS_FILE).is_file():
             captions = [
-                parse_json(line, where=f"{root / CAPTIONS_FILE}:{i}", fix=fix)
+                parse_json(line, where=str(root / CAPTIONS_FILE), line=i, fix=fix)
                 for i, line in enumerate((root / CAPTIONS_FILE).read_text(encoding="utf-8").splitlines(), 1)
                 if line.strip()
             ]
