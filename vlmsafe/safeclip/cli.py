@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,23 @@ def _train(args: argparse.Namespace) -> int:
         summary = {"model_dir": str(out / model_dir.relative_to(run_dir)), "global_step": result.global_step,
                    "stopped_early": result.stopped_early, "best_step": result.best_step,
                    "best_metrics": result.best_metrics}
-        print(json.dumps(summary, indent=2))
+        print(_json(summary))
     return 0
+
+
+def _json(obj: Any) -> str:
+    """``obj`` as indented JSON with every non-finite float written as ``null`` (bare NaN is not JSON)."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def _quiet_weight_loading() -> None:
@@ -330,8 +346,8 @@ def _pairs_train(args: argparse.Namespace) -> int:
     lm, tok = _load_lm(args)
     result = train_pair_converter(lm, tok, pairs, cfg)
     save_converter(result.model, tok, args.output_dir, overwrite=args.overwrite)
-    print(json.dumps({"output_dir": args.output_dir, "pairs": len(pairs), "first_loss": result.losses[0],
-                      "last_loss": result.losses[-1]}, indent=2))
+    print(_json({"output_dir": args.output_dir, "pairs": len(pairs), "truncated_pairs": result.truncated_pairs,
+                 "first_loss": result.losses[0], "last_loss": result.losses[-1]}))
     return 0
 
 
