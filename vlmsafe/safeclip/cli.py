@@ -392,7 +392,7 @@ text encoder of every image). Image k of the run starts from seed --seed + k.
 
 
 def _register_generate(sub: Any) -> None:
-    from vlmsafe.safeclip.generate import DTYPES
+    from vlmsafe.safeclip.generate import DTYPES, GUIDANCE_MAX
 
     g = sub.add_parser(
         "generate",
@@ -416,8 +416,9 @@ def _register_generate(sub: Any) -> None:
     g.add_argument("--also-original", action="store_true",
                    help="also generate every prompt with the pipeline's own text encoder(s), from the same noise")
     g.add_argument("--steps", type=int_arg(low=1), default=30, metavar="N", help="denoising steps (default 30)")
-    g.add_argument("--guidance", type=float_arg(low=0), default=7.5, metavar="G",
-                   help="classifier-free guidance scale (default 7.5; <= 1 disables guidance)")
+    g.add_argument("--guidance", type=float_arg(low=0, high=GUIDANCE_MAX), default=7.5, metavar="G",
+                   help=f"classifier-free guidance scale, in [0, {GUIDANCE_MAX:g}] (default 7.5; <= 1 disables "
+                   "guidance; useful values are about 1-20)")
     g.add_argument("--seed", type=seed_arg(), default=0, help="seed of the first image; image k uses seed + k")
     g.add_argument("--images-per-prompt", type=int_arg(low=1), default=1, metavar="N")
     g.add_argument("--height", type=int_arg(low=8), default=None,

@@ -33,8 +33,17 @@ import torch
 from vlmsafe import validation
 from vlmsafe.data import read_records
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.safeclip.options import check_options, float_option, int_option, other_option, switch_option
-from vlmsafe.validation import check_float, check_int
+from vlmsafe.safeclip.options import (
+    LORA_ALPHA_MAX,
+    LR_MAX,
+    WEIGHT_DECAY_MAX,
+    check_options,
+    float_option,
+    int_option,
+    other_option,
+    switch_option,
+)
+from vlmsafe.validation import SEED_MAX, check_float, check_int
 
 DEFAULT_TEMPLATE = "Safe: {safe}\nUnsafe:"
 
@@ -57,17 +66,18 @@ class PairConverterConfig:
         flag_help="train all weights instead of LoRA",
     )
     lora_r: int = int_option(16, "LoRA rank")
-    lora_alpha: float = float_option(32.0, "LoRA alpha", low=0, low_open=True)
+    lora_alpha: float = float_option(32.0, "LoRA alpha, in (0, 10000]", low=0, low_open=True, high=LORA_ALPHA_MAX)
     lora_dropout: float = float_option(0.05, "LoRA dropout, in [0, 1)", low=0, high=1, high_open=True)
     lora_target_modules: str | list[str] = "all-linear"
-    learning_rate: float = float_option(2e-4, "AdamW learning rate", low=0, low_open=True, flag="--lr")
-    weight_decay: float = float_option(0.0, "AdamW weight decay", low=0)
+    learning_rate: float = float_option(
+        2e-4, "AdamW learning rate, in (0, 10]", low=0, low_open=True, high=LR_MAX, flag="--lr")
+    weight_decay: float = float_option(0.0, "AdamW weight decay, in [0, 10]", low=0, high=WEIGHT_DECAY_MAX)
     warmup_steps: int = int_option(0, "learning-rate warm-up steps", low=0)
     num_epochs: int = int_option(3, "passes over the pairs", flag="--epochs")
     batch_size: int = int_option(8, "pairs per optimizer step")
     max_length: int = int_option(256, "longest prompt + continuation, in tokens")
     max_grad_norm: float = float_option(1.0, "gradient clipping norm", low=0, low_open=True)
-    seed: int = int_option(0, "seed for LoRA init and pair order", low=0)
+    seed: int = int_option(0, "seed for LoRA init and pair order", low=0, high=SEED_MAX)
     progress: bool = switch_option(
         True, "show a progress bar", flag="--no-progress", const=False, flag_help="hide progress bars"
     )
