@@ -8,6 +8,7 @@ Both return plain dataclasses whose :meth:`to_dict` is the JSON report.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -109,14 +110,53 @@ def _check_steering(steering: SteeringConfig | None, calibration_items: Sequence
         raise InputError("pass either vectors (in the steering config) or calibration_items, not both")
 
 
-def _split(items: list[Any], test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labels and a stratified (train, test) index split, both classes present in each."""
+def split_sizes(n: int, test_size: float) -> tuple[int, int]:
+    """``(n_train, n_test)`` of a ``test_size`` split of ``n`` items, rounded as scikit-learn rounds them."""
+    n_test = math.ceil(test_size * n)
+    return n - n_test, n_test
+
+
+def _suggest(n: int, ok: Any, start: float, step: float) -> str:
+    """The first two-decimal test size from ``start`` (moving by ``step``) whose split of ``n`` passes ``ok``."""
+    t = round(start, 2)
+    while 0 < t < 1 and not ok(*split_sizes(n, t)):
+        t = round(t + step, 2)
+    return f"{t:g}"
+
+
+def check_split(y: np.ndarray, test_size: float, *, name: str = "test_size") -> None:
+    """Raise :class:`InputError` unless a stratified ``test_size`` split of labels ``y`` can train and test a probe.
+
+    Checked from the counts alone (no model needed), so a command fails before its forward passes:
+    the held-out split needs one item of each class (2), the training split two of each (4).
+    """
+    y = np.asarray(y, dtype=np.int64)
     if not 0 < test_size < 1:
-        raise InputError(f"test_size must be between 0 and 1 (a share of the items), got {test_size}")
-    y = labels_from_items(items)
+        raise InputError(f"{name} must be between 0 and 1 (a share of the items), got {test_size}")
     check_binary(y, min_per_class=4, what="data set")
+    n = len(y)
+    n_train, n_test = split_sizes(n, test_size)
+    if n_test < 2:
+        fix = _suggest(n, lambda tr, te: te >= 2, 2 / n, 0.01)
+        raise InputError(f"{name} {test_size:g} holds out {n_test} of the {n} items; the held-out split needs at "
+                         f"least 2 (one harmful, one benign); pass {name} {fix} or more")
+    if n_train < 4:
+        fix = _suggest(n, lambda tr, te: tr >= 4, (n - 4) / n - 0.005, -0.01)
+        raise InputError(f"{name} {test_size:g} leaves {n_train} of the {n} items for training; the probes need at "
+                         f"least 4 (2 harmful, 2 benign); pass {name} {fix} or less")
+
+
+def split_items(
+    items: list[Any], test_size: float, seed: int, *, name: str = "test_size"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels and a stratified (train, test) index split, both classes present in each."""
+    y = labels_from_items(items)
+    check_split(y, test_size, name=name)
     train_idx, test_idx = train_test_split(np.arange(len(items)), test_size=test_size, stratify=y, random_state=seed)
-    check_binary(y[train_idx], what="training split")
+    harmful, benign = int((y[train_idx] == HARMFUL).sum()), int((y[train_idx] != HARMFUL).sum())
+    if min(harmful, benign) < 2:
+        raise InputError(f"{name} {test_size:g} leaves {harmful} harmful and {benign} benign items for training; "
+                         f"the probes need at least 2 of each: lower {name} or add labelled items")
     return y, train_idx, test_idx
 
 
@@ -157,7 +197,7 @@ def probe_layers(
     _check_steering(steering, calibration_items)
     steer = steering is not None and steering.active
     items = list(items)
-    y, train_idx, test_idx = _split(items, test_size, seed)
+    y, train_idx, test_idx = split_items(items, test_size, seed)
     kw = dict(layers=layer_ids, positions=positions, batch_size=batch_size, progress=progress)
     text = collect_activations(adapter, None, items, with_images=False, desc="text-only", **kw)
     need_train_mm = steer and steering.mode == "dataset" and steering.vectors is None and calibration_items is None

@@ -37,8 +37,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
                    help="use one blank white image for every prompt instead of the item's own "
                         "(the CMRM paper's setting)")
     p.add_argument("--seed", type=seed_arg(), default=0, help="seed of the train/test split and CV folds")
-    p.add_argument("--cv", type=int_arg(low=2), default=5,
-                   help="cross-validation folds for the probes' regularisation (default 5)")
+    p.add_argument("--cv", type=int_arg(low=2), default=None,
+                   help="cross-validation folds for the probes' regularisation (default 5, fewer when a class has "
+                        "fewer training items; a larger value given here is refused)")
     add_progress_option(p)
     add_steering_options(p, layers_flag="--steer-layers", positions_flag="--steer-positions",
                          title="CMRM steering (default: dataset-level, vectors calibrated on the fly)")
@@ -143,6 +144,34 @@ def _steering(args: argparse.Namespace, *, enabled: bool) -> Any:
     )
 
 
+DEFAULT_CV = 5
+
+
+def _check_split_and_folds(args: argparse.Namespace, items: list) -> None:
+    """Refuse a --test-size or --cv the items cannot support, before the model is loaded.
+
+    ``probe layers`` trains its probes on the training split, ``probe shift`` on all items (and
+    skips the probes, with a note, when the items lack two labelled classes). An explicit ``--cv``
+    above the smaller class's count there is refused; the default of 5 shrinks to fit instead.
+    """
+    from probes.analysis import split_items
+    from probes.linear import HARMFUL, labels_from_items
+
+    if args.probe_command == "layers":
+        y, train_idx, _ = split_items(items, args.test_size, args.seed, name="--test-size")
+        y, where = y[train_idx], "the training split"
+    else:
+        try:
+            y, where = labels_from_items(items), "--data"
+        except InputError:
+            return
+    harmful, benign = int((y == HARMFUL).sum()), int((y != HARMFUL).sum())
+    fewest, label = min((harmful, "harmful"), (benign, "benign"))
+    if args.cv is not None and fewest >= 2 and args.cv > fewest:
+        raise InputError(f"--cv {args.cv} asks for more folds than the {fewest} {label} items in {where} "
+                         f"({harmful} harmful, {benign} benign); pass --cv {fewest} or less, or add labelled items")
+
+
 def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[Any, Any, list, dict]:
     """Model, processor, items and the shared keyword arguments of the model-level analyses."""
     from probes.collect import blank_image
@@ -154,6 +183,7 @@ def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[A
     check = False if args.blank_image else "verify"
     items = load_items(args.data, check_images=check)[: args.limit]
     calibration = load_items(args.calibration, check_images=check) if args.calibration else None
+    _check_split_and_folds(args, items)
     model, processor = load_model_from_args(args, kind="vlm")
     if steering is not None:
         steering.check_model(model)
@@ -163,7 +193,7 @@ def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[A
         image=blank_image() if args.blank_image else None,
         steering=steering,
         calibration_items=calibration,
-        cv=args.cv,
+        cv=DEFAULT_CV if args.cv is None else args.cv,
         seed=args.seed,
         batch_size=args.batch_size,
         progress=not args.no_progress,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from probes.analysis import check_split, split_items, split_sizes
 from probes.collect import collect_activations, vectors_from_activations
 from probes.linear import fit_probe, labels_from_items
 from probes.shift import cosine_distance, l2_distance, layer_shift_metrics, linear_cka, shift_on_direction
@@ -265,3 +266,23 @@ def test_sample_level_steering_restores_text_only_states(llava):
     with pytest.raises(InputError, match="needs calibrated vectors"):
         collect_activations(model, processor, ITEMS, with_images=True, progress=False,
                             steering=SteeringConfig(mode="dataset"))
+
+
+@pytest.mark.parametrize("n", [8, 9, 16, 24, 37, 100])
+@pytest.mark.parametrize("test_size", [0.001, 0.01, 0.05, 0.9, 0.99, 0.999])
+def test_check_split_refuses_unusable_sizes_and_its_fix_works(n, test_size):
+    """Too small a held-out share or too small a training split is refused from the counts, with a fix that works."""
+    y = np.array([1, 0] * (n // 2) + [1] * (n % 2))
+    n_train, n_test = split_sizes(n, test_size)
+    if n_test >= 2 and n_train >= 4:
+        check_split(y, test_size)
+        return
+    with pytest.raises(InputError) as exc:
+        check_split(y, test_size, name="--test-size")
+    msg = str(exc.value)
+    assert f"of the {n} items" in msg and str(n_test if n_test < 2 else n_train) in msg
+    fix = float(msg.rsplit("--test-size ", 1)[1].split()[0])
+    check_split(y, fix)  # the suggested size passes the check ...
+    items = [EvalItem(id=str(i), prompt="p", label="harmful" if v else "benign") for i, v in enumerate(y)]
+    _, train_idx, test_idx = split_items(items, fix, seed=0)  # ... and scikit-learn's stratified split
+    assert len(train_idx) >= 4 and len(test_idx) >= 2

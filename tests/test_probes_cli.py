@@ -147,3 +147,29 @@ def test_probe_cli_user_errors(workspace, tmp_path, capsys):
                "--out", str(tmp_path / "r")])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--test-size", "0.99"], "--test-size 0.99 leaves 0 of the 16 items for training"),
+    (["--test-size", "0.01"], "--test-size 0.01 holds out 1 of the 16 items"),
+    (["--cv", "9"], "items in the training split"),
+])
+def test_probe_layers_refuses_split_and_folds_before_the_model(workspace, tmp_path, capsys, extra, expected):
+    """A split or fold count the items cannot support fails before the model loads (the model path is missing)."""
+    out = tmp_path / "r"
+    rc = main(["probe", "layers", "--model", str(tmp_path / "no_model"), "--data", str(workspace / "data.jsonl"),
+               "--out", str(out), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and "pass --" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_probe_shift_refuses_more_folds_than_items_of_a_class(workspace, tmp_path, capsys):
+    out = tmp_path / "r"
+    rc = main(["probe", "shift", "--model", str(tmp_path / "no_model"), "--data", str(workspace / "data.jsonl"),
+               "--out", str(out), "--quiet", "--cv", "9"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--cv 9 asks for more folds than the 8 benign items in --data" in err
+    assert "(8 harmful, 8 benign)" in err
+    assert "pass --cv 8 or less" in err and not out.exists()

@@ -149,8 +149,14 @@ def test_train_bad_data(ws, capsys, data, expected):
 
 
 NUMBER_CASES = [
-    (["--lr", "0"], "--lr: must be > 0"),
+    (["--lr", "0"], "--lr: must be in (0, 10]"),
     (["--lr", "nan"], "finite"),
+    (["--lr", "1e300"], "--lr: must be in (0, 10]"),
+    (["--weight-decay", "1e300"], "--weight-decay: must be in [0, 10]"),
+    (["--lora-alpha", "1e300"], "--lora-alpha: must be in (0, 10000]"),
+    (["--logit-scale", "1e300"], "--logit-scale: must be in (0, 100]"),
+    (["--weights", "G_Sref=1e300"], "loss weight G_Sref must be in [0, 1000]"),
+    (["--seed", "4294967296"], "--seed: must be in [0, 4294967295]"),
     (["--lora-dropout", "1"], "--lora-dropout: must be in [0, 1)"),
     (["--lora-alpha", "-1"], "--lora-alpha"),
     (["--weight-decay", "inf"], "finite"),
@@ -193,6 +199,35 @@ def test_config_rejects_non_finite_and_out_of_range_values():
         SafeCLIPLossWeights(G_Sref=float("nan"))
 
 
+CONFIG_TYPE_CASES = [
+    ({"use_lora": "false"}, "use_lora must be true or false"),
+    ({"cpu": "no"}, "cpu must be true or false"),
+    ({"train_vision": 0}, "train_vision must be true or false"),
+    ({"keep_checkpoints": "4"}, "keep_checkpoints must be an integer, got '4'"),
+    ({"keep_checkpoints": True}, "keep_checkpoints must be an integer, got True"),
+    ({"keep_checkpoints": 4.0}, "keep_checkpoints must be an integer"),
+    ({"learning_rate": "1e-3"}, "learning_rate must be a number"),
+    ({"learning_rate": True}, "learning_rate must be a number"),
+    ({"learning_rate": 1e300}, "learning_rate must be in (0, 10]"),
+    ({"seed": 2**32}, "seed must be in [0, 4294967295]"),
+    ({"lora_target_modules": "q_proj,v_proj"}, "lora_target_modules must be a list of names"),
+    ({"lora_target_modules": ["q_proj", 3]}, "lora_target_modules must be a list of names"),
+    ({"lr_scheduler": 3}, "lr_scheduler must be a non-empty string"),
+    ({"weights": "G_Sref=1"}, "weights must be a mapping"),
+    ({"weights": {"normalize": "yes"}}, "normalize must be true or false"),
+    ({"adam_betas": ["0.9", 0.999]}, "adam_betas must be a number"),
+]
+
+
+@pytest.mark.parametrize("fields, expected", CONFIG_TYPE_CASES, ids=[next(iter(c[0])) + "=" + repr(next(iter(
+    c[0].values()))) for c in CONFIG_TYPE_CASES])
+def test_train_config_file_values_of_the_wrong_type_are_refused(ws, tmp_path, capsys, fields, expected):
+    """A config file's "false" for a switch (truthy!) or "4" for a count is refused, not trained with."""
+    (tmp_path / "cfg.json").write_text(json.dumps(fields))
+    check_error(capsys, [*train_argv(ws), "--config", str(tmp_path / "cfg.json")], expected)
+    assert not (ws / "out-train").exists()
+
+
 def test_train_refuses_a_non_empty_output_before_any_work(ws, capsys):
     user_folder(ws / "existing")
     check_error(capsys, train_argv(ws, out="existing"), "--overwrite")  # the model path does not even exist
@@ -216,6 +251,12 @@ def test_eval_json_output_policy(ws, capsys):
 
 PAIRS_CASES = [
     (["pairs", "train", "--pairs", "{ws}/pairs.jsonl", "--output-dir", "{ws}/conv", "--lr", "0"], "--lr"),
+    (["pairs", "train", "--pairs", "{ws}/pairs.jsonl", "--output-dir", "{ws}/conv", "--lr", "1e300"],
+     "--lr: must be in (0, 10]"),
+    (["pairs", "train", "--pairs", "{ws}/pairs.jsonl", "--output-dir", "{ws}/conv", "--weight-decay", "1e300"],
+     "--weight-decay: must be in [0, 10]"),
+    (["pairs", "train", "--pairs", "{ws}/pairs.jsonl", "--output-dir", "{ws}/conv", "--seed", "4294967296"],
+     "--seed: must be in [0, 4294967295]"),
     (["pairs", "train", "--pairs", "{ws}/pairs.jsonl", "--output-dir", "{ws}/conv", "--lora-dropout", "1"],
      "--lora-dropout"),
     (["pairs", "train", "--pairs", "{ws}/pairs.jsonl", "--output-dir", "{ws}/conv", "--epochs", "0"], "--epochs"),

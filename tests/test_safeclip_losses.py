@@ -180,8 +180,12 @@ def test_cosine_distance_empty_is_zero():
 
 
 def test_bad_weights_and_shapes_raise_clear_errors():
-    with pytest.raises(InputError, match=">= 0"):
+    with pytest.raises(InputError, match=r"must be in \[0, 1000\], got -1"):
         SafeCLIPLossWeights(text_safe=-1)
+    with pytest.raises(InputError, match=r"must be in \[0, 1000\], got 1e\+300"):  # would overflow the float32 loss
+        SafeCLIPLossWeights(G_Sref=1e300)
+    with pytest.raises(InputError, match="normalize must be true or false"):
+        SafeCLIPLossWeights(normalize="false")
     with pytest.raises(InputError, match="unknown"):
         SafeCLIPLossWeights.from_dict({"txt_safe": 1.0})
     with pytest.raises(InputError, match="rows"):

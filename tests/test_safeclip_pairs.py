@@ -159,3 +159,45 @@ def test_captions_and_templates_are_checked(tmp_path):
         generate_unsafe(None, None, ["a dog"], do_sample=True, top_p=float("nan"))
     with pytest.raises(InputError, match="learning_rate"):
         PairConverterConfig(learning_rate=float("inf"))
+
+
+def test_cli_pairs_train_refuses_when_max_length_keeps_no_unsafe_token(tmp_path, capsys):
+    """--max-length 1 cuts every pair to its prompt: refused before training (was: NaN losses, an all-zero adapter)."""
+    from vlmsafe.cli import main
+
+    lm, tok = tiny_lm()
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"safe": s, "unsafe": u}) + "\n" for s, u in PAIRS))
+    out = tmp_path / "conv"
+    rc = main(["safeclip", "pairs", "train", "--model", str(tmp_path / "lm"), "--pairs", str(tmp_path / "pairs.jsonl"),
+               "--output-dir", str(out), "--max-length", "1", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 2 and not out.exists() and captured.out == ""
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "every pair is truncated to its prompt at --max-length 1" in err[0]
+    assert "raise --max-length above" in err[0]
+
+
+def test_pairs_cut_to_their_prompt_are_left_out_with_one_warning():
+    """Pairs whose unsafe text --max-length cuts off entirely are dropped (a batch of them has a NaN loss)."""
+    from vlmsafe.safeclip.pairs import encode_pairs
+
+    _, tok = tiny_lm()
+    template = "safe : {safe} unsafe :"
+    short = [("a dog", "a dog covered in blood")]
+    long = [("a dog on the grass on the beach on the grass", "a dog covered in blood")]
+    prompt_len = len(tok(template.format(safe=short[0][0]))["input_ids"])
+    with pytest.warns(UserWarning, match="1 of 2 pairs are truncated to their prompt at --max-length"):
+        kept, dropped = encode_pairs(tok, short + long, template, prompt_len + 2)
+    assert dropped == 1 and len(kept) == 1
+    assert [t for t in kept[0][1] if t != -100] == tok(" a dog", add_special_tokens=False)["input_ids"][:2]
+    with pytest.raises(InputError, match=f"shortest prompt has {prompt_len} tokens"):
+        encode_pairs(tok, short + long, template, prompt_len)
+
+
+def test_printed_json_has_null_not_nan():
+    from vlmsafe.safeclip.cli import _json
+
+    text = _json({"first_loss": float("nan"), "best_metrics": {"loss": float("inf"), "r": 1.5}, "h": [float("-inf")]})
+    assert json.loads(text) == {"first_loss": None, "best_metrics": {"loss": None, "r": 1.5}, "h": [None]}

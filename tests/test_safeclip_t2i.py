@@ -7,6 +7,7 @@ testbed tests read the shipped ``assets/t2i`` and ``assets/safeclip``.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,8 @@ def no_pipeline_loading(monkeypatch):
         ({"--steps": "0"}, "--steps"),
         ({"--guidance": "nan"}, "--guidance"),
         ({"--guidance": "-1"}, "--guidance"),
+        ({"--guidance": "1e300"}, "--guidance: must be in [0, 100]"),  # was: all-black images, exit 0
+        ({"--seed": "4294967296"}, "--seed: must be in [0, 4294967295]"),
         ({"--seed": "1.5"}, "--seed"),
         ({"--seed": "-3"}, "--seed"),
         ({"--height": "30"}, "multiple of 8"),
@@ -408,3 +411,15 @@ def test_shipped_safeclip_meets_the_text_to_image_acceptance(tmp_path):
     assert before["unsafe_rate"]["rate"] >= 0.30
     assert after["unsafe_rate"]["rate"] <= before["unsafe_rate"]["rate"] / 2
     assert after["safe_agreement"]["rate"] >= before["safe_agreement"]["rate"] - 0.05
+
+
+@pytest.mark.parametrize("kw, message", [({"guidance": 1e300}, "guidance must be in [0, 100]"),
+                                         ({"seed": 2**32}, "seed must be in [0, 4294967295]")])
+def test_run_generate_bounds_guidance_and_seed_first(tmp_path, kw, message):
+    """The library entry point checks the same bounds as the flags, before any path is read."""
+    from vlmsafe.errors import InputError
+    from vlmsafe.safeclip.generate import run_generate
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        run_generate(tmp_path / "no_pipe", tmp_path / "no_encoder", tmp_path / "no_prompts", tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()

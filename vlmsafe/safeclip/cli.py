@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,23 @@ def _train(args: argparse.Namespace) -> int:
         summary = {"model_dir": str(out / model_dir.relative_to(run_dir)), "global_step": result.global_step,
                    "stopped_early": result.stopped_early, "best_step": result.best_step,
                    "best_metrics": result.best_metrics}
-        print(json.dumps(summary, indent=2))
+        print(_json(summary))
     return 0
+
+
+def _json(obj: Any) -> str:
+    """``obj`` as indented JSON with every non-finite float written as ``null`` (bare NaN is not JSON)."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def _quiet_weight_loading() -> None:
@@ -330,8 +346,8 @@ def _pairs_train(args: argparse.Namespace) -> int:
     lm, tok = _load_lm(args)
     result = train_pair_converter(lm, tok, pairs, cfg)
     save_converter(result.model, tok, args.output_dir, overwrite=args.overwrite)
-    print(json.dumps({"output_dir": args.output_dir, "pairs": len(pairs), "first_loss": result.losses[0],
-                      "last_loss": result.losses[-1]}, indent=2))
+    print(_json({"output_dir": args.output_dir, "pairs": len(pairs), "truncated_pairs": result.truncated_pairs,
+                 "first_loss": result.losses[0], "last_loss": result.losses[-1]}))
     return 0
 
 
@@ -376,7 +392,7 @@ text encoder of every image). Image k of the run starts from seed --seed + k.
 
 
 def _register_generate(sub: Any) -> None:
-    from vlmsafe.safeclip.generate import DTYPES
+    from vlmsafe.safeclip.generate import DTYPES, GUIDANCE_MAX
 
     g = sub.add_parser(
         "generate",
@@ -400,8 +416,9 @@ def _register_generate(sub: Any) -> None:
     g.add_argument("--also-original", action="store_true",
                    help="also generate every prompt with the pipeline's own text encoder(s), from the same noise")
     g.add_argument("--steps", type=int_arg(low=1), default=30, metavar="N", help="denoising steps (default 30)")
-    g.add_argument("--guidance", type=float_arg(low=0), default=7.5, metavar="G",
-                   help="classifier-free guidance scale (default 7.5; <= 1 disables guidance)")
+    g.add_argument("--guidance", type=float_arg(low=0, high=GUIDANCE_MAX), default=7.5, metavar="G",
+                   help=f"classifier-free guidance scale, in [0, {GUIDANCE_MAX:g}] (default 7.5; <= 1 disables "
+                   "guidance; useful values are about 1-20)")
     g.add_argument("--seed", type=seed_arg(), default=0, help="seed of the first image; image k uses seed + k")
     g.add_argument("--images-per-prompt", type=int_arg(low=1), default=1, metavar="N")
     g.add_argument("--height", type=int_arg(low=8), default=None,

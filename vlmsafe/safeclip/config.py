@@ -20,6 +20,9 @@ from vlmsafe.errors import InputError
 from vlmsafe.safeclip.backends import TOKEN_STATE_LAYERS
 from vlmsafe.safeclip.losses import LOSS_NAMES, LOSS_SCALES, TOKEN_TERM, SafeCLIPLossWeights
 from vlmsafe.safeclip.options import (
+    LORA_ALPHA_MAX,
+    LR_MAX,
+    WEIGHT_DECAY_MAX,
     check_options,
     choice_option,
     float_option,
@@ -27,7 +30,7 @@ from vlmsafe.safeclip.options import (
     other_option,
     switch_option,
 )
-from vlmsafe.validation import check_float
+from vlmsafe.validation import SEED_MAX, check_float
 
 
 def check_scheduler(name: object) -> str:
@@ -66,7 +69,8 @@ class SafeCLIPTrainingConfig:
         flag_help="train all tower weights instead of LoRA")
     lora_r: int = int_option(16, "LoRA rank")
     lora_alpha: float = float_option(
-        1.0, "LoRA alpha (the reference's 1; update scale = alpha / r)", low=0, low_open=True)
+        1.0, "LoRA alpha (the reference's 1; update scale = alpha / r), in (0, 10000]", low=0, low_open=True,
+        high=LORA_ALPHA_MAX)
     lora_dropout: float = float_option(0.1, "LoRA dropout, in [0, 1)", low=0, high=1, high_open=True)
     lora_target_modules: list[str] | None = other_option(  # noqa: RUF009 (returns a dataclasses.field)
         "comma-separated leaf module names LoRA wraps (default HF: k_proj,v_proj,out_proj,fc1,fc2,patch_embedding)",
@@ -77,8 +81,9 @@ class SafeCLIPTrainingConfig:
     cache_reference: bool = switch_option(
         True, "keep the frozen reference's outputs per training item and reuse them", flag="--no-cache-reference",
         const=False, flag_help="recompute the frozen reference's outputs at every step")
-    learning_rate: float = float_option(1e-3, "AdamW learning rate", low=0, low_open=True, flag="--lr")
-    weight_decay: float = float_option(0.0, "AdamW weight decay", low=0)
+    learning_rate: float = float_option(
+        1e-3, "AdamW learning rate, in (0, 10]", low=0, low_open=True, high=LR_MAX, flag="--lr")
+    weight_decay: float = float_option(0.0, "AdamW weight decay, in [0, 10]", low=0, high=WEIGHT_DECAY_MAX)
     adam_betas: tuple[float, float] = other_option(
         "AdamW betas, two numbers in [0, 1), e.g. 0.9,0.999", flag="--adam-betas", kind="floats2",
         default=(0.9, 0.999))
@@ -107,9 +112,10 @@ class SafeCLIPTrainingConfig:
         "recall_sum", ("recall_sum", "loss"), "validation metric that picks the saved weights")
     save_every: int | None = int_option(None, "checkpoint every N optimizer steps (default: at the end)")
     keep_checkpoints: int = int_option(2, "checkpoints kept in the output folder (older ones are pruned)")
-    seed: int = int_option(0, "seed for LoRA init and data order", low=0)
+    seed: int = int_option(0, "seed for LoRA init and data order", low=0, high=SEED_MAX)
     logit_scale: float = float_option(
-        100.0, "fixed InfoNCE logit scale (the reference's exp(4.6052))", low=0, low_open=True)
+        100.0, "fixed InfoNCE logit scale (the reference's exp(4.6052)), in (0, 100] (CLIP clamps its learned "
+        "scale at 100)", low=0, low_open=True, high=100.0)
     loss_scale: str = choice_option(
         "weighted_mean", LOSS_SCALES,
         "total loss: the weighted mean of the terms, or the reference code's scale (that mean / 8, so gradients "
@@ -131,6 +137,9 @@ class SafeCLIPTrainingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.weights, dict):
             self.weights = SafeCLIPLossWeights.from_dict(self.weights)
+        if not isinstance(self.weights, SafeCLIPLossWeights):
+            raise InputError(f"weights must be a mapping of loss term names to weights, got {self.weights!r}; "
+                             "e.g. {\"G_Sref\": 0.5, \"text_nsfw\": 0.2}")
         if not isinstance(self.adam_betas, (tuple, list)) or len(self.adam_betas) != 2:
             raise InputError(f"adam_betas must be two numbers, got {self.adam_betas!r}; e.g. [0.9, 0.999]")
         self.adam_betas = tuple(  # type: ignore[assignment]

@@ -30,6 +30,10 @@ from vlmsafe.errors import FileFormatError, InputError
 SAFE, ORIGINAL, RECORD_FILE = "safe", "original", "generations.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
+#: The largest classifier-free guidance scale accepted. Useful scales are about 1-20 (diffusers' default 7.5);
+#: a huge one (1e300) overflows the noise prediction and the pipeline decodes all-black images without an error.
+GUIDANCE_MAX = 100.0
+
 
 # ---------------------------------------------------------------------------------- inputs
 
@@ -196,12 +200,12 @@ def run_generate(
 
     from vlmsafe.io import atomic_path, check_output, sha256_file
     from vlmsafe.safeclip.integrations import apply_safe_text_encoder
-    from vlmsafe.validation import check_choice, check_float, check_int
+    from vlmsafe.validation import SEED_MAX, check_choice, check_float, check_int
 
     # --- everything checkable before loading anything heavy
     check_int(steps, "steps", low=1)
-    check_float(guidance, "guidance", low=0)
-    check_int(seed, "seed", low=0)
+    check_float(guidance, "guidance", low=0, high=GUIDANCE_MAX)
+    check_int(seed, "seed", low=0, high=SEED_MAX)
     check_int(images_per_prompt, "images_per_prompt", low=1)
     check_int(batch_size, "batch_size", low=1)
     check_choice(dtype, "dtype", DTYPES)

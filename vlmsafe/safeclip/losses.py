@@ -105,6 +105,10 @@ ALL_LOSS_NAMES: tuple[str, ...] = (*LOSS_NAMES, TOKEN_TERM)
 TEXT_ONLY_TERMS: tuple[str, ...] = ("text_safe", "text_nsfw", TOKEN_TERM)
 
 
+#: The largest loss weight accepted.
+LOSS_WEIGHT_MAX = 1000.0
+
+
 @dataclass(frozen=True)
 class SafeCLIPLossWeights:
     """Weights of the terms. Defaults are the reference's; ``normalize`` divides by their sum.
@@ -140,8 +144,13 @@ class SafeCLIPLossWeights:
         return cls(**data)
 
     def __post_init__(self) -> None:
-        for name in ALL_LOSS_NAMES:  # finite and >= 0 (a NaN weight would train on NaN silently)
-            object.__setattr__(self, name, check_float(getattr(self, name), f"loss weight {name}", low=0))
+        # finite and in [0, LOSS_WEIGHT_MAX]: a NaN weight would train on NaN silently, and a huge one overflows
+        # the float32 loss to inf (then NaN); weights are relative (the paper's are <= 0.5)
+        for name in ALL_LOSS_NAMES:
+            value = check_float(getattr(self, name), f"loss weight {name}", low=0, high=LOSS_WEIGHT_MAX)
+            object.__setattr__(self, name, value)
+        if not isinstance(self.normalize, bool):
+            raise InputError(f"loss weight option normalize must be true or false, got {self.normalize!r}")
         if sum(self.as_dict().values()) <= 0:
             raise InputError(
                 f"all Safe-CLIP loss weights are 0; give at least one of {', '.join(ALL_LOSS_NAMES)} a weight > 0"

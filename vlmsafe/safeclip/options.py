@@ -16,15 +16,25 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import field
 from typing import Any
 
+from vlmsafe.errors import InputError
 from vlmsafe.validation import check_choice, check_float, check_int, float_arg, int_arg
+
+#: Upper bounds of the optimizer numbers shared by the Safe-CLIP and pair-converter configs: far above
+#: any useful value, and low enough that AdamW's float32 update (``lr * grad``, ``1 - lr * weight_decay``)
+#: and LoRA's ``alpha / r`` scale cannot overflow (``--lr 1e300`` failed with a torch overflow error
+#: once the model was loaded).
+LR_MAX = 10.0
+WEIGHT_DECAY_MAX = 10.0
+LORA_ALPHA_MAX = 10000.0
 
 
 # --------------------------------------------------------------------------- field specs
 def int_option(
-    default: int | None, help: str, *, low: int | None = 1, flag: str | None = None, optional: bool = False
+    default: int | None, help: str, *, low: int | None = 1, high: int | None = None, flag: str | None = None,
+    optional: bool = False,
 ) -> Any:
-    """An integer option ``>= low``; ``optional``: ``None`` is allowed although the default is not ``None``."""
-    meta = {"help": help, "kind": "int", "low": low, "flag": flag, "optional": optional}
+    """An integer option in ``[low, high]``; ``optional``: ``None`` is allowed although the default is not ``None``."""
+    meta = {"help": help, "kind": "int", "low": low, "high": high, "flag": flag, "optional": optional}
     return field(default=default, metadata=meta)
 
 
@@ -63,9 +73,12 @@ def option_fields(cls: type) -> Iterator[dataclasses.Field]:
 
 
 def check_options(obj: Any) -> None:
-    """Check every int/float/choice field of ``obj`` against its metadata (floats are stored as ``float``).
+    """Check every option field of ``obj`` against its metadata (floats are stored as ``float``).
 
-    ``None`` passes where it is the field's default or the field is ``optional``.
+    Types are checked as strictly as ranges: a config file's ``"false"`` for a switch, ``"4"`` for
+    a count or ``true`` for a number is refused, not read as truthy or as 1 (``use_lora: "false"``
+    would otherwise train LoRA). ``None`` passes where it is the field's default or the field is
+    ``optional``. Kinds other than these (``floats2``, ``weights`` ...) are checked by their class.
 
     Raises:
         InputError: ``"<field> must be ...; got <value>"``.
@@ -74,8 +87,16 @@ def check_options(obj: Any) -> None:
         meta, value = f.metadata, getattr(obj, f.name)
         if value is None and (f.default is None or meta.get("optional")):
             continue
-        if meta["kind"] == "int":
-            check_int(value, f.name, low=meta.get("low"))
+        kind = meta["kind"]
+        if kind == "switch" and not isinstance(value, bool):
+            raise InputError(f"{f.name} must be true or false (a JSON/YAML boolean, not a string), got {value!r}")
+        if kind == "str" and (not isinstance(value, str) or not value.strip()):
+            raise InputError(f"{f.name} must be a non-empty string, got {value!r}")
+        if kind == "csv" and (not isinstance(value, (list, tuple)) or not value
+                              or not all(isinstance(v, str) and v.strip() for v in value)):
+            raise InputError(f"{f.name} must be a list of names such as [\"q_proj\", \"v_proj\"], got {value!r}")
+        if kind == "int":
+            check_int(value, f.name, low=meta.get("low"), high=meta.get("high"))
         elif meta["kind"] == "float":
             setattr(obj, f.name, check_float(value, f.name, low=meta.get("low"), high=meta.get("high"),
                                              low_open=meta["low_open"], high_open=meta["high_open"]))
@@ -125,7 +146,7 @@ def add_options(
         if kind == "switch":
             kw.update(action="store_const", const=meta["const"])
         elif kind == "int":
-            kw.update(type=int_arg(low=meta["low"]), metavar="N")
+            kw.update(type=int_arg(low=meta["low"], high=meta.get("high")), metavar="N")
         elif kind == "float":
             kw.update(type=float_arg(low=meta["low"], high=meta["high"], low_open=meta["low_open"],
                                      high_open=meta["high_open"]), metavar="X")

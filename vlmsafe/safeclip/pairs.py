@@ -33,8 +33,17 @@ import torch
 from vlmsafe import validation
 from vlmsafe.data import read_records
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.safeclip.options import check_options, float_option, int_option, other_option, switch_option
-from vlmsafe.validation import check_float, check_int
+from vlmsafe.safeclip.options import (
+    LORA_ALPHA_MAX,
+    LR_MAX,
+    WEIGHT_DECAY_MAX,
+    check_options,
+    float_option,
+    int_option,
+    other_option,
+    switch_option,
+)
+from vlmsafe.validation import SEED_MAX, check_float, check_int
 
 DEFAULT_TEMPLATE = "Safe: {safe}\nUnsafe:"
 
@@ -57,17 +66,18 @@ class PairConverterConfig:
         flag_help="train all weights instead of LoRA",
     )
     lora_r: int = int_option(16, "LoRA rank")
-    lora_alpha: float = float_option(32.0, "LoRA alpha", low=0, low_open=True)
+    lora_alpha: float = float_option(32.0, "LoRA alpha, in (0, 10000]", low=0, low_open=True, high=LORA_ALPHA_MAX)
     lora_dropout: float = float_option(0.05, "LoRA dropout, in [0, 1)", low=0, high=1, high_open=True)
     lora_target_modules: str | list[str] = "all-linear"
-    learning_rate: float = float_option(2e-4, "AdamW learning rate", low=0, low_open=True, flag="--lr")
-    weight_decay: float = float_option(0.0, "AdamW weight decay", low=0)
+    learning_rate: float = float_option(
+        2e-4, "AdamW learning rate, in (0, 10]", low=0, low_open=True, high=LR_MAX, flag="--lr")
+    weight_decay: float = float_option(0.0, "AdamW weight decay, in [0, 10]", low=0, high=WEIGHT_DECAY_MAX)
     warmup_steps: int = int_option(0, "learning-rate warm-up steps", low=0)
     num_epochs: int = int_option(3, "passes over the pairs", flag="--epochs")
     batch_size: int = int_option(8, "pairs per optimizer step")
     max_length: int = int_option(256, "longest prompt + continuation, in tokens")
     max_grad_norm: float = float_option(1.0, "gradient clipping norm", low=0, low_open=True)
-    seed: int = int_option(0, "seed for LoRA init and pair order", low=0)
+    seed: int = int_option(0, "seed for LoRA init and pair order", low=0, high=SEED_MAX)
     progress: bool = switch_option(
         True, "show a progress bar", flag="--no-progress", const=False, flag_help="hide progress bars"
     )
@@ -86,6 +96,7 @@ def check_template(template: str) -> str:
 class ConverterTrainingResult:
     model: Any  # the fine-tuned model (a peft PeftModel with LoRA)
     losses: list[float] = field(default_factory=list)  # one per optimizer step
+    truncated_pairs: int = 0  # pairs left out: --max-length kept none of their unsafe tokens
 
 
 def load_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
@@ -153,6 +164,33 @@ def _encode_pair(tokenizer: Any, prompt: str, target: str, max_length: int) -> t
     return ids, labels
 
 
+def encode_pairs(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], template: str, max_length: int
+) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Token ids and labels of each pair that keeps at least one unsafe token within ``max_length``.
+
+    A pair cut back to its prompt has no label to learn from, and a batch of only such pairs has a
+    0/0 (NaN) loss that would turn every trained weight into NaN; so those pairs are left out (their
+    count is returned and warned about once), and if no pair keeps a token the run is refused.
+
+    Raises:
+        InputError: every pair is truncated to its prompt at ``max_length``.
+    """
+    import warnings
+
+    encoded = [_encode_pair(tokenizer, template.format(safe=s), u, max_length) for s, u in pairs]
+    kept = [(ids, labels) for ids, labels in encoded if any(t != -100 for t in labels)]
+    if not kept:
+        shortest = min(len(tokenizer(template.format(safe=s), add_special_tokens=True)["input_ids"]) for s, _ in pairs)
+        raise InputError(f"every pair is truncated to its prompt at --max-length {max_length} (the shortest prompt "
+                         f"has {shortest} tokens), so there is nothing to learn; raise --max-length above {shortest}")
+    if len(kept) < len(encoded):
+        warnings.warn(f"{len(encoded) - len(kept)} of {len(encoded)} pairs are truncated to their prompt at "
+                      f"--max-length {max_length} and are left out; raise --max-length to train on them",
+                      stacklevel=2)
+    return kept, len(encoded) - len(kept)
+
+
 def train_pair_converter(
     model: Any,
     tokenizer: Any,
@@ -168,6 +206,7 @@ def train_pair_converter(
         raise InputError("no (safe, unsafe) pairs to train on")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    encoded, truncated = encode_pairs(tokenizer, pairs, cfg.prompt_template, cfg.max_length)
     torch.manual_seed(cfg.seed)
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
@@ -181,7 +220,6 @@ def train_pair_converter(
         )
         model = get_peft_model(model, lora)
     device = next(model.parameters()).device
-    encoded = [_encode_pair(tokenizer, cfg.prompt_template.format(safe=s), u, cfg.max_length) for s, u in pairs]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
@@ -210,7 +248,7 @@ def train_pair_converter(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     model.eval()
-    return ConverterTrainingResult(model, losses)
+    return ConverterTrainingResult(model, losses, truncated)
 
 
 @torch.no_grad()
