@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -178,6 +179,22 @@ def _remove_orphans(dest: Path) -> None:
         match = pattern.match(entry.name)
         if match and not _pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def json_text(obj: Any, *, indent: int | None = 2) -> str:
+    """``obj`` as strict JSON, every non-finite float written as ``null`` (a bare ``NaN`` is not JSON: other
+    readers reject it)."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any, *, overwrite: bool = False) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from vlmsafe.cli_options import (
     input_paths,
 )
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.io import json_text
 from vlmsafe.validation import float_arg, int_arg, seed_arg
 
 _TRAIN_EPILOG = """\
@@ -166,23 +166,8 @@ def _train(args: argparse.Namespace) -> int:
         summary = {"model_dir": str(out / model_dir.relative_to(run_dir)), "global_step": result.global_step,
                    "stopped_early": result.stopped_early, "best_step": result.best_step,
                    "best_metrics": result.best_metrics}
-        print(_json(summary))
+        print(json_text(summary))
     return 0
-
-
-def _json(obj: Any) -> str:
-    """``obj`` as indented JSON with every non-finite float written as ``null`` (bare NaN is not JSON)."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def _quiet_weight_loading() -> None:
@@ -346,7 +331,7 @@ def _pairs_train(args: argparse.Namespace) -> int:
     lm, tok = _load_lm(args)
     result = train_pair_converter(lm, tok, pairs, cfg)
     save_converter(result.model, tok, args.output_dir, overwrite=args.overwrite)
-    print(_json({"output_dir": args.output_dir, "pairs": len(pairs), "truncated_pairs": result.truncated_pairs,
+    print(json_text({"output_dir": args.output_dir, "pairs": len(pairs), "truncated_pairs": result.truncated_pairs,
                  "first_loss": result.losses[0], "last_loss": result.losses[-1]}))
     return 0
 
