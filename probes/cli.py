@@ -128,7 +128,15 @@ def _steering(args: argparse.Namespace, *, enabled: bool) -> Any:
     from vlmsafe.steering import ShiftVectors, SteeringConfig
 
     alpha = 1.0 if args.alpha is None else args.alpha
-    if not enabled or alpha == 0:
+    if not enabled:  # --no-steering: a steering flag given with it would be silently ignored
+        given = [flag for flag, value in (("--alpha", args.alpha), ("--vectors", args.vectors),
+                                          ("--calibration", args.calibration), ("--sample-level", args.sample_level),
+                                          ("--steer-layers", args.steer_layers)) if value not in (None, False)]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to the steered condition, which --no-steering skips; "
+                             "drop one or the other")
+        return None
+    if alpha == 0:
         return None
     if args.vectors and args.calibration:
         raise InputError("pass either --vectors (ready vectors) or --calibration (items to calibrate on), not both")

@@ -83,7 +83,8 @@ NUMBER_CASES = {
                     (["--layers", ""], "empty")],
     "probe-layers": [(["--sample-level", "--alpha=-inf"], "finite"), (["--layers", "2-1"], "reversed"),
                      (["--test-size", "1.5"], "test-size"), (["--limit", "-2"], "must be"),
-                     (["--seed=-1"], "--seed: must be in [0, 4294967295]"), (["--seed", str(2**32)], "must be")],
+                     (["--seed=-1"], "--seed: must be in [0, 4294967295]"), (["--seed", str(2**32)], "must be"),
+                     (["--no-steering", "--alpha", "2"], "--alpha only apply to the steered condition")],
 }
 
 
