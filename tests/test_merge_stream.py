@@ -121,6 +121,12 @@ def test_per_layer_schedule_and_rules(ckpts):
     assert torch.allclose(got[k], 0.5 * vlm_lm[k] + 0.5 * ref[k])
 
 
+def test_a_schedule_rule_that_matches_no_tensor_is_refused(ckpts):
+    weight = {"default": 0.5, "rules": [{"pattern": r"v_porj", "value": 0.25}]}  # a typo: would merge at 0.5
+    with pytest.raises(InputError, match=r"weight rule 'v_porj' matches no tensor name"):
+        merge_checkpoints(cfg(ckpts, "typo", weight=weight), progress=False)
+
+
 def _load_lm(out: Path) -> dict[str, torch.Tensor]:
     res = {}
     for f in out.glob("*.safetensors"):

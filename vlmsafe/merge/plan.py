@@ -101,6 +101,11 @@ def _compatible(
 def plan_merge(cfg: MergeConfig, vlm: Checkpoint, aligned: Checkpoint, base: Checkpoint | None = None,
                mask: Checkpoint | None = None) -> MergePlan:
     """Decide, from headers only, what happens to every VLM tensor; raise one clear error if anything is off."""
+    for param, schedule in (("weight", cfg.weight), ("density", cfg.density)):
+        for rule in schedule.rules:  # a typo in a pattern would silently merge those tensors at the default
+            if not any(rule.regex.search(name) for name in vlm):
+                raise InputError(f"{param} rule {rule.pattern!r} matches no tensor name of {vlm.path} (they look "
+                                 f"like {next(iter(vlm.keys()), '?')}); fix the pattern")
     keymap = KeyMap(cfg.key_rules)
     problems: list[str] = []
     items: list[PlanItem] = []
