@@ -247,6 +247,16 @@ def test_generate_bad_input_is_one_line_exit_2(change, message, sd_dir, clips, t
     assert (tmp_path / "full" / "keep.txt").read_text() == "user data"
 
 
+def test_keep_text_encoder_2_without_a_second_encoder_is_refused(sd_dir, clips, tmp_path, capsys,
+                                                                 no_pipeline_loading):
+    (tmp_path / "p.txt").write_text(PROMPTS[0] + "\n")
+    rc = cli_main(["safeclip", "generate", "--pipeline", str(sd_dir), "--text-encoder", str(clips / "safe"),
+                   "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--keep-text-encoder-2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--keep-text-encoder-2 has nothing to keep" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_sdxl_without_a_decision_on_the_second_encoder_is_refused(
     sdxl_dir, clips, prompts_file, tmp_path, capsys, no_pipeline_loading
 ):

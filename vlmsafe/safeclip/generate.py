@@ -225,6 +225,9 @@ def run_generate(
             "fine-tuned from that CLIP) or --keep-text-encoder-2 to replace only the first one (the second still "
             "carries unsafe concepts)"
         )
+    if keep_text_encoder_2 and (text_encoder_2 or not has_second):
+        why = "--text-encoder-2 replaces it" if text_encoder_2 else f"{pipe_dir} has no text_encoder_2 (not SDXL)"
+        raise InputError(f"--keep-text-encoder-2 has nothing to keep: {why}; drop it")
     if text_encoder_2:
         if not has_second:
             raise InputError(
