@@ -232,3 +232,15 @@ def test_demo_refuses_a_test_set_without_harmful_items_before_the_run(capsys, tm
     rc = main(["demo", "--test", str(test), "--out", str(tmp_path / "out"), "--no-progress"])
     _check(rc, capsys.readouterr().err, "has no harmful items")
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_missing_adapter_is_named_before_the_model_loads(ws, monkeypatch, tmp_path):
+    import vlmsafe.loading as loading
+    from vlmsafe.errors import FileFormatError
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the adapter path was checked")
+
+    monkeypatch.setattr(loading, "_from_pretrained", boom)
+    with pytest.raises(FileFormatError, match=r"no adapter_config\.json"):
+        loading.load_model(ws / "model", adapter=tmp_path / "no_adapter")

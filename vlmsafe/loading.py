@@ -108,6 +108,8 @@ def load_model(
     if device is not None and device_map is not None:
         raise InputError("pass either device or device_map, not both (device_map places the model itself)")
     location = check_model_path(path)
+    if adapter is not None:
+        _check_adapter(adapter)  # before the model loads
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     try:
@@ -158,11 +160,15 @@ def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any]) -> tuple[
 def _with_adapter(model: nn.Module, adapter: str | os.PathLike[str]) -> nn.Module:
     from peft import PeftModel
 
+    _check_adapter(adapter)
+    return PeftModel.from_pretrained(model, os.fspath(adapter))
+
+
+def _check_adapter(adapter: str | os.PathLike[str]) -> None:
     if not os.path.isfile(os.path.join(os.fspath(adapter), "adapter_config.json")):
         raise FileFormatError(
             f"{adapter}: no adapter_config.json; pass a folder written by a peft model's save_pretrained"
         )
-    return PeftModel.from_pretrained(model, os.fspath(adapter))
 
 
 def _architectures(location: str) -> list[str]:
