@@ -142,6 +142,13 @@ TRAIN_DATA_CASES = [
 ]
 
 
+def test_train_output_over_its_data_is_refused_even_with_overwrite(ws, capsys):
+    before = sorted(p.name for p in ws.iterdir())
+    # --output-dir is the folder holding --data (and its images): --overwrite would delete them
+    check_error(capsys, [*train_argv(ws, out="."), "--overwrite"], "overlaps the --data input")
+    assert sorted(p.name for p in ws.iterdir()) == before
+
+
 @pytest.mark.parametrize("data, expected", TRAIN_DATA_CASES, ids=[c[0] for c in TRAIN_DATA_CASES])
 def test_train_bad_data(ws, capsys, data, expected):
     check_error(capsys, train_argv(ws, data), expected)
@@ -232,7 +239,7 @@ def test_train_refuses_a_non_empty_output_before_any_work(ws, capsys):
     user_folder(ws / "existing")
     check_error(capsys, train_argv(ws, out="existing"), "--overwrite")  # the model path does not even exist
     assert sorted(p.name for p in (ws / "existing").iterdir()) == ["users_notes.txt"]
-    check_error(capsys, train_argv(ws, out="good.jsonl"), "a file")
+    check_error(capsys, train_argv(ws, out="captions.txt"), "a file")
 
 
 def test_eval_json_output_policy(ws, capsys):

@@ -21,7 +21,7 @@ from vlmsafe.cli_options import (
     input_paths,
 )
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import json_text
+from vlmsafe.io import check_no_overlap, json_text
 from vlmsafe.validation import float_arg, int_arg, seed_arg
 
 _TRAIN_EPILOG = """\
@@ -149,6 +149,7 @@ def _train(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.trainer import SafeCLIPTrainer
 
     config = _training_config(args)
+    check_no_overlap(args.output_dir, input_paths(args), option="--output-dir")  # even with --overwrite / --resume
     out, replace = check_run_output(args.output_dir, resume_from=args.resume, overwrite=args.overwrite,
                                     option="--output-dir")
     data, val = _training_data(args, config)
