@@ -103,6 +103,16 @@ def _pixels(out, rel):
     return np.asarray(Image.open(out / rel), dtype=np.int16)
 
 
+def test_no_progress_silences_the_pipeline_loading_bars_and_restores_them(sd_dir, clips, prompts_file, tmp_path,
+                                                                          capsys):
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.enable_progress_bar()
+    assert _run(sd_dir, clips / "safe", prompts_file, tmp_path / "gen") == 0
+    assert "Loading" not in capsys.readouterr().err  # no "Loading pipeline components" bar
+    assert diffusers_logging.is_progress_bar_enabled()  # the process-wide switch is left as it was
+
+
 def test_generate_sd_writes_images_and_record_with_the_safe_encoder(sd_dir, clips, prompts_file, tmp_path):
     out = tmp_path / "gen"
     assert (

@@ -18,10 +18,11 @@ architecture of the encoder it replaces.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +243,8 @@ def run_generate(
     # float32 is diffusers' default; naming it would only trigger the torch_dtype -> dtype rename warning
     load_kwargs = {} if torch_dtype is torch.float32 else {"torch_dtype": torch_dtype}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(pipe_dir), **load_kwargs).to(device)
+        with _loading_bars(progress):
+            pipe = DiffusionPipeline.from_pretrained(str(pipe_dir), **load_kwargs).to(device)
     except (OSError, ValueError) as exc:
         raise FileFormatError(
             f"--pipeline {pipe_dir}: cannot load the diffusers pipeline ({str(exc).splitlines()[0]}); "
@@ -267,7 +269,8 @@ def run_generate(
         encoders[ORIGINAL] = {"text_encoder": str(pipe_dir / "text_encoder")}
         if has_second:
             encoders[ORIGINAL]["text_encoder_2"] = str(pipe_dir / "text_encoder_2")
-    apply_safe_text_encoder(pipe, text_encoder, path_2=text_encoder_2)
+    with _loading_bars(progress):
+        apply_safe_text_encoder(pipe, text_encoder, path_2=text_encoder_2)
     runs[SAFE] = generate_images(pipe, prompts, progress=progress, **settings)
     encoders[SAFE] = {
         "text_encoder": str(text_encoder),
@@ -308,6 +311,30 @@ def run_generate(
         }
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
+
+
+@contextlib.contextmanager
+def _loading_bars(progress: bool) -> Iterator[None]:
+    """diffusers' and transformers' loading bars on or off for the duration, as ``progress`` says (restored after:
+    they are process-wide switches)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libs = (diffusers_logging, transformers_logging)
+    before = [lib.is_progress_bar_enabled() for lib in libs]
+    _set_bars(libs, [progress] * len(libs))
+    try:
+        yield
+    finally:
+        _set_bars(libs, before)
+
+
+def _set_bars(libs: Sequence[Any], enabled: Sequence[bool]) -> None:
+    for lib, on in zip(libs, enabled):
+        if on:
+            lib.enable_progress_bar()
+        else:
+            lib.disable_progress_bar()
 
 
 def _weights_digest(model_dir: str | os.PathLike[str], sha256_file: Any) -> str | None:
