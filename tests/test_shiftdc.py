@@ -312,8 +312,8 @@ def test_cli_calibrate_shiftdc_then_generate(saved, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--anchor", "blank"], "appl(y) to CMRM"),
-        (["--aggregate", "pca"], "appl(y) to CMRM"),
+        (["--anchor", "blank"], "CMRM options, which --method shiftdc does not use"),
+        (["--aggregate", "pca"], "CMRM options, which --method shiftdc does not use"),
         (["--positions", "text"], "last prompt token"),
         (["--caption-prompt", "describe {image}"], "field other than {prompt}"),
         (["--caption-tokens", "0"], "must be"),
@@ -331,6 +331,10 @@ def test_cli_shiftdc_needs_labels_and_generate_flag_errors(saved, tmp_path, caps
     (tmp_path / "unlabelled.jsonl").write_text(json.dumps({"id": "1", "prompt": "x", "caption": "y"}) + "\n")
     assert calibrate_shiftdc_cli(saved / "model", tmp_path / "unlabelled.jsonl", tmp_path / "o") == 2
     assert "label" in capsys.readouterr().err
+    (tmp_path / "benign.jsonl").write_text(json.dumps({"id": "1", "prompt": "x", "caption": "y", "label": "benign"}))
+    # one label only: refused before the model is read (the model path does not even exist)
+    assert calibrate_shiftdc_cli(tmp_path / "no_model", tmp_path / "benign.jsonl", tmp_path / "o") == 2
+    assert "needs harmful and benign items" in capsys.readouterr().err
     base = ["generate", "--model", str(saved / "model"), "--prompt", "x"]
     assert main([*base, "--shift-from", "running"]) == 2
     assert "add --shiftdc DIR" in capsys.readouterr().err

@@ -261,7 +261,7 @@ def test_cli_blank_anchor_vectors_do_not_depend_on_the_images(saved, capsys):
         (["--anchor", "grey"], "invalid choice"),
         (["--anchor", "blank", "--anchor-seed", "3"], "--anchor-seed applies to --anchor noise"),
         (["--anchor-colour", "0,0,0"], "--anchor-colour applies to --anchor blank"),
-        (["--caption-tokens", "4"], "appl(y) to --method shiftdc"),
+        (["--caption-tokens", "4"], "ShiftDC options, which need --method shiftdc"),
         (["--aggregate", "mode"], "invalid choice"),
     ],
 )

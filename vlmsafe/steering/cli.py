@@ -115,7 +115,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
                                     ("--caption-tokens", args.caption_tokens), ("--captions", args.captions))
                      if v is not None]
     if shiftdc_flags:
-        raise InputError(f"{', '.join(shiftdc_flags)} appl(y) to --method shiftdc; add it or drop them")
+        raise InputError(f"{', '.join(shiftdc_flags)}: ShiftDC options, which need --method shiftdc; add it or drop "
+                         "them")
     return _calibrate_cmrm(args)
 
 
@@ -153,13 +154,19 @@ def _calibrate_shiftdc(args: argparse.Namespace) -> int:
     from vlmsafe.data import load_items
     from vlmsafe.distributed import world_size
     from vlmsafe.steering import calibrate_shiftdc
-    from vlmsafe.steering.shiftdc import CAPTION_PROMPT, CAPTION_TOKENS, check_caption_prompt, read_caption_cache
+    from vlmsafe.steering.shiftdc import (
+        CAPTION_PROMPT,
+        CAPTION_TOKENS,
+        check_caption_prompt,
+        labelled_rows,
+        read_caption_cache,
+    )
 
     cmrm_flags = [f for f, v in (("--anchor", args.anchor), ("--anchor-colour", args.anchor_colour),
                                  ("--anchor-seed", args.anchor_seed), ("--aggregate", args.aggregate))
                   if v is not None]
     if cmrm_flags:
-        raise InputError(f"{', '.join(cmrm_flags)} appl(y) to CMRM; drop them for --method shiftdc")
+        raise InputError(f"{', '.join(cmrm_flags)}: CMRM options, which --method shiftdc does not use; drop them")
     if args.positions not in (None, "last"):
         raise InputError(f"ShiftDC reads the last prompt token; drop --positions {args.positions}")
     if world_size() > 1:
@@ -167,6 +174,7 @@ def _calibrate_shiftdc(args: argparse.Namespace) -> int:
     caption_prompt = check_caption_prompt(args.caption_prompt or CAPTION_PROMPT)
     cache = read_caption_cache(args.captions) if args.captions else {}
     items = load_items(args.data, check_images=False, require_label=True)[: args.limit]
+    labelled_rows(items)  # both labels present: checked before the model loads
     uncaptioned = [it for it in items if not it.meta.get("caption") and it.id not in cache]
     missing = [it.id for it in uncaptioned if it.image is None]
     if missing:

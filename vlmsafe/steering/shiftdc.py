@@ -120,6 +120,16 @@ def _labelled(item: Any, index: int) -> tuple[str, str, str, str | None, Any]:
     return str(get("id", index)), prompt, label, caption, item
 
 
+def labelled_rows(items: Iterable[Any]) -> list[tuple[str, str, str, str | None, Any]]:
+    """The :func:`calibrate_shiftdc` rows of ``items``, refused (before any model work) unless every item is
+    labelled and both labels occur."""
+    rows = [_labelled(it, i) for i, it in enumerate(items)]
+    counts = {lab: sum(r[2] == lab for r in rows) for lab in ("harmful", "benign")}
+    if not counts["harmful"] or not counts["benign"]:
+        raise InputError(f"ShiftDC needs harmful and benign items to find a safety direction, got {counts}; add both")
+    return rows
+
+
 @torch.no_grad()
 def calibrate_shiftdc(
     model: nn.Module | ModelAdapter,
@@ -147,10 +157,7 @@ def calibrate_shiftdc(
     check_int(caption_tokens, "caption_tokens", low=1)
     check_int(batch_size, "batch_size", low=1)
     layer_ids = adapter.resolve_layers(layers)
-    rows = [_labelled(it, i) for i, it in enumerate(items)]
-    counts = {lab: sum(r[2] == lab for r in rows) for lab in ("harmful", "benign")}
-    if not counts["harmful"] or not counts["benign"]:
-        raise InputError(f"ShiftDC needs harmful and benign items to find a safety direction, got {counts}; add both")
+    rows = labelled_rows(items)
     known = dict(captions or {})
     final: dict[int, tuple[str, str]] = {}
     todo = []
@@ -203,8 +210,8 @@ def calibrate_shiftdc(
         counterpart_template=COUNTERPART_TEMPLATE,
         caption_prompt=caption_prompt,
         caption_tokens=caption_tokens,
-        n_benign=counts["benign"],
-        n_harmful=counts["harmful"],
+        n_benign=sum(r[2] == "benign" for r in rows),
+        n_harmful=sum(r[2] == "harmful" for r in rows),
         caption_sources={src: sum(v[1] == src for v in final.values()) for src in ("data", "cache", "generated")},
         calibration_sha256=digest,
         system_prompt=system_prompt,
