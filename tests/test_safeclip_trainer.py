@@ -728,3 +728,13 @@ def test_in_place_quick_gelu_mlp_is_bit_identical_in_row_blocks(monkeypatch):
         assert torch.equal(pooled._quick_gelu_mlp(fc1, act, fc2)(x), fc2(act(fc1(x))))
     assert steps == [4]  # it ran in blocks
     assert block_rows(torch.zeros(74, 15)) == 74  # blocks of 60 values would move the vector tail: one pass
+
+
+def test_lora_injection_is_quiet(data):
+    """peft's read of transformers' deprecated is_gradient_checkpointing is not the user's to fix: not on stderr."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SafeCLIPTrainer(backend(), cfg(), data)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

@@ -179,3 +179,15 @@ def _architectures(location: str) -> list[str]:
     except FileFormatError:
         return []
     return list(data.get("architectures") or []) if isinstance(data, dict) else []
+
+
+def inject_lora(model: nn.Module, config: Any) -> Any:
+    """``peft.get_peft_model(model, config)``, without the FutureWarning transformers 5 raises inside it
+    (peft reads the deprecated ``is_gradient_checkpointing``): noise on stderr that the user cannot act on."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)

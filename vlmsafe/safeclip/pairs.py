@@ -209,7 +209,9 @@ def train_pair_converter(
     encoded, truncated = encode_pairs(tokenizer, pairs, cfg.prompt_template, cfg.max_length)
     torch.manual_seed(cfg.seed)
     if cfg.use_lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
+
+        from vlmsafe.loading import inject_lora
 
         lora = LoraConfig(
             r=cfg.lora_r,
@@ -218,7 +220,7 @@ def train_pair_converter(
             target_modules=cfg.lora_target_modules,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        model = inject_lora(model, lora)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

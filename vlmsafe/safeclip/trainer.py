@@ -137,7 +137,9 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
             for _, p in self.backend.tower_parameters(model, self.towers):
                 p.requires_grad_(True)
             return None, model
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
+
+        from vlmsafe.loading import inject_lora
 
         lora = LoraConfig(
             r=cfg.lora_r,
@@ -146,7 +148,7 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
             target_modules=self.backend.lora_target_regex(self.towers, cfg.lora_target_modules),
         )
         try:
-            peft_model = get_peft_model(model, lora)
+            peft_model = inject_lora(model, lora)
         except ValueError as exc:
             targets = cfg.lora_target_modules or self.backend.default_lora_modules
             raise InputError(
