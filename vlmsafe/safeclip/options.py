@@ -97,10 +97,10 @@ def check_options(obj: Any) -> None:
             raise InputError(f"{f.name} must be a list of names such as [\"q_proj\", \"v_proj\"], got {value!r}")
         if kind == "int":
             check_int(value, f.name, low=meta.get("low"), high=meta.get("high"))
-        elif meta["kind"] == "float":
+        elif kind == "float":
             setattr(obj, f.name, check_float(value, f.name, low=meta.get("low"), high=meta.get("high"),
                                              low_open=meta["low_open"], high_open=meta["high_open"]))
-        elif meta["kind"] == "choice":
+        elif kind == "choice":
             check_choice(value, f.name, meta["choices"])
 
 
