@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmsafe.io import atomic_path, check_output, read_json, sha256_file, write_json_atomic
+from vlmsafe.resources import bundled_asset
 from vlmsafe.safeclip import t2i
 from vlmsafe.safeclip import testbed as tb
 
@@ -418,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out",
-        default=str(Path(__file__).resolve().parents[2] / "assets" / "t2i"),
+        default=str(bundled_asset("t2i")),
         help="where to write it (default: assets/t2i)",
     )
     parser.add_argument(

@@ -442,8 +442,10 @@ def heldout_rows(assets_dir: str | os.PathLike[str], gallery: str = "original") 
 
 
 def default_assets_dir() -> Path:
-    """``assets/safeclip`` of the source checkout (the bundled testbed)."""
-    return Path(__file__).resolve().parents[2] / "assets" / "safeclip"
+    """The bundled Safe-CLIP testbed (``assets/safeclip``, installed as ``vlmsafe_assets/safeclip``)."""
+    from vlmsafe.resources import bundled_asset
+
+    return bundled_asset("safeclip")
 
 
 def resolve_assets_dir(assets_dir: str | os.PathLike[str]) -> Path:

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.resources import bundled_asset
 
 __all__ = ["SPLITS", "load_aligned_lm", "load_split", "load_testbed", "testbed_dir"]
 
@@ -29,12 +30,12 @@ _ENV = "VLMSAFE_TESTBED"
 
 
 def testbed_dir(path: str | os.PathLike[str] | None = None) -> Path:
-    """Folder of the testbed: ``path``, else ``$VLMSAFE_TESTBED``, else ``<repo>/assets/testbed``."""
+    """Folder of the testbed: ``path``, else ``$VLMSAFE_TESTBED``, else the bundled one (:mod:`vlmsafe.resources`)."""
     if path is not None:
         return Path(path)
     if os.environ.get(_ENV):
         return Path(os.environ[_ENV])
-    return Path(__file__).resolve().parents[2] / "assets" / "testbed"
+    return bundled_asset("testbed")
 
 
 def _require(d: Path, what: str) -> None:
