@@ -388,8 +388,9 @@ def _release(claim: _Claim | None) -> None:
 
 
 def release_outputs() -> None:
-    """Release every output lock this process holds (end of a run; also at interpreter exit)."""
-    for claim in list(_HELD.values()):
+    """Release every output lock this process holds (end of a run; also at interpreter exit). Newest first: a
+    folder made for an earlier output's lock may hold a later one's (``out/a.json`` and ``out/a.png``)."""
+    for claim in reversed(list(_HELD.values())):
         _release(claim)
 
 
@@ -428,16 +429,16 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     """
     shown = os.fspath(path)
     dest = _resolve_output(Path(os.path.expanduser(shown)), option="output", shown=shown)
-    if os.path.lexists(dest) and not overwrite and not (dest.is_dir() and not any(dest.iterdir())):
-        kind = "a non-empty directory" if dest.is_dir() else "an existing file"
-        raise OutputExistsError(
-            f"{shown} is {kind}; pass overwrite=True (--overwrite) to replace it, or choose another path"
-        )
     _check_name_lengths(dest, _nearest_existing(dest.parent), option="output", shown=shown)
     claim, _ = _claim(dest, shown=shown, fix="choose another path")
     try:
         if claim.fd is not None:
-            _remove_orphans(dest)
+            _remove_orphans(dest)  # first: it may put back the output a killed run was replacing
+        if os.path.lexists(dest) and not overwrite and not (dest.is_dir() and not any(dest.iterdir())):
+            kind = "a non-empty directory" if dest.is_dir() else "an existing file"
+            raise OutputExistsError(
+                f"{shown} is {kind}; pass overwrite=True (--overwrite) to replace it, or choose another path"
+            )
         tmp = Path(tempfile.mkdtemp(prefix=f".{_tag(dest.name)}.vlmsafe-", suffix=".tmp", dir=dest.parent))
         try:
             target = tmp / dest.name
@@ -501,8 +502,13 @@ def _commit(target: Path, dest: Path, *, overwrite: bool, shown: str) -> None:
 
 def _umask() -> int:
     """The process umask, read without changing it where Linux allows (``os.umask`` sets it to read it)."""
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status", errors="replace") as fh:
-        for line in fh:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)  # os-level: tests may count builtin opens
+        try:
+            text = os.read(fd, 1 << 16).decode("ascii", "replace")
+        finally:
+            os.close(fd)
+        for line in text.splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     mask = os.umask(0o022)
@@ -512,15 +518,16 @@ def _umask() -> int:
 
 def _apply_umask(target: Path) -> None:
     """Give ``target`` (and, for a folder, everything in it) the mode a plain ``mkdir``/``open`` gives under
-    the umask: 0777/0666 less the umask, a file's execute bits kept. The temporary folder is 0700 and some
-    writers create 0600 files; an output must not end more private (or more open) than the user's setting."""
+    the umask: 0777 (folders, executable files) or 0666 less the umask. The temporary folder is 0700 and some
+    writers (safetensors) create 0600 files; an output must not end more private, or more open, than the
+    user's setting says."""
     mask = _umask()
 
     def fix(entry: str, base: int) -> None:
         st = os.lstat(entry)
         if stat.S_ISLNK(st.st_mode):
             return
-        want = (base | (st.st_mode & 0o111 if base == 0o666 else 0)) & ~mask
+        want = (0o777 if st.st_mode & 0o111 else base) & ~mask
         if stat.S_IMODE(st.st_mode) != want:
             with contextlib.suppress(OSError):
                 os.chmod(entry, want)
