@@ -19,7 +19,6 @@ import atexit
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -41,6 +40,11 @@ from vlmsafe.errors import (
     OutputWriteError,
     VlmsafeError,
 )
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: outputs are written unlocked (and no temporary is ever swept)
+    fcntl = None  # type: ignore[assignment]
 
 OutputKind = Literal["dir", "file"]
 
@@ -340,6 +344,8 @@ def _claim(dest: Path, *, shown: str, fix: str) -> tuple[_Claim, bool]:
             raise InputError(f"{shown}: cannot create the lock file {lock} ({exc.strerror or exc}); "
                              "choose a writable location") from None
         try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, "no flock")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = _owner(fd)
