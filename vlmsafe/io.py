@@ -134,7 +134,7 @@ def _refuse_existing(
     if not os.path.lexists(dest) or overwrite:
         return
     fix = f"pass --overwrite to replace it, or choose another {option} path"
-    where = repr(shown) if os.path.realpath(link) == os.path.abspath(link) else f"{shown!r} (a link to {dest})"
+    where = f"{shown!r} (a link to {dest})" if os.path.islink(link) else repr(shown)
     if dest.is_dir():
         if kind == "dir" and not any(dest.iterdir()):
             return
