@@ -392,3 +392,24 @@ def test_cli_puts_back_the_signal_handlers_it_replaced(tmp_path, capsys):
     before = signal.getsignal(signal.SIGTERM)
     assert main(_merge(tmp_path / "M")) == 0, capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_the_rename_itself_refuses_a_target_made_after_the_last_look(tmp_path, monkeypatch, kind):
+    """The window between the last existence test and the rename: the rename (a hard link for a file, a
+    rename onto a non-empty folder for a folder) must fail rather than replace."""
+    dest = tmp_path / "out"
+    real_lexists = os.path.lexists
+    monkeypatch.setattr(os.path, "lexists", lambda p: False if Path(p) == dest else real_lexists(p))
+    with pytest.raises(OutputExistsError, match="created by another program"), atomic_path(dest) as tmp:
+        if kind == "dir":
+            tmp.mkdir()
+            (tmp / "ours.txt").write_text("ours")
+            dest.mkdir()
+            (dest / "theirs.txt").write_text("theirs")
+        else:
+            tmp.write_text("ours")
+            dest.write_text("theirs")
+    monkeypatch.undo()
+    assert (dest / "theirs.txt" if kind == "dir" else dest).read_text() == "theirs"
+    assert _names(tmp_path) == ["out"]
