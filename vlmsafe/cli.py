@@ -2,15 +2,21 @@
 
 Each capability registers its own subcommands through a ``register(subparsers)`` function in a
 ``cli`` module of its subpackage (see ``_SUBCOMMAND_MODULES``), so this file stays a thin router.
-User errors (:class:`vlmsafe.errors.VlmsafeError`) are printed as one clear message, exit code 2.
+User errors (:class:`vlmsafe.errors.VlmsafeError`) are printed as one clear message, exit code 2; so is a
+full disk or quota. SIGTERM and SIGHUP end a command like Ctrl-C does (``finally`` blocks run, so a
+half-written output's temporary is removed), with exit code 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from vlmsafe import __version__
 from vlmsafe.cli_options import ArgumentParser
@@ -60,6 +66,37 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> arg
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: raised like Ctrl-C's KeyboardInterrupt, so the same clean-up runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once (the clean-up is cut short)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into :class:`Terminated` while a command runs (main thread only; a signal that is
+    ignored, e.g. SIGHUP under nohup, stays ignored); the previous handlers are put back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _terminate)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -77,18 +114,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices = ", ".join(actions[0].choices) if actions else ""
         print(f"{group.prog}: error: name a command ({choices}); see `{group.prog} --help`", file=sys.stderr)
         return 2
+    from vlmsafe.io import hold_outputs
+
     ok = False
     try:
-        code = int(args.func(args) or 0)
+        with _terminate_cleanly(), hold_outputs():  # outputs checked by the command stay its own until it ends
+            code = int(args.func(args) or 0)
         ok = code == 0
         return code
     except VlmsafeError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message holds
         print(f"vlmsafe {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"vlmsafe {args.command}: error: {exc.strerror or exc}{where}; free space (or quota) there, or choose "
+              "an output location with room", file=sys.stderr)
+        return 2
     finally:
         if "torch" in sys.modules:  # under torchrun / accelerate launch: leave the process group cleanly
             from vlmsafe.distributed import shutdown

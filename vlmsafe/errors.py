@@ -33,3 +33,11 @@ class IncompatibleVectorsError(VlmsafeError, ValueError):
 
 class OutputExistsError(VlmsafeError, FileExistsError):
     """An output path already holds something the user did not ask vlmsafe to replace."""
+
+
+class OutputBusyError(VlmsafeError):
+    """Another vlmsafe run is writing the same output (it holds the output's lock)."""
+
+
+class OutputWriteError(VlmsafeError, OSError):
+    """An output could not be written for want of room, quota or a writable file system (ENOSPC, EDQUOT...)."""
