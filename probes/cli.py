@@ -193,6 +193,8 @@ def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[A
     calibration = load_items(args.calibration, check_images=check) if args.calibration else None
     _check_split_and_folds(args, items)
     model, processor = load_model_from_args(args, kind="vlm")
+    from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work
+    check_prompt_lengths(model, processor, items)
     if steering is not None:
         steering.check_model(model)
     kwargs: dict[str, Any] = dict(
