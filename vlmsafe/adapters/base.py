@@ -124,10 +124,6 @@ class ModelAdapter(ABC):
                     "(or split it into several items)"
                 )
 
-    def check_template(self) -> None:
-        """Render a one-message conversation through the model's chat template once, so a template that
-        raises is named now, when the model is loaded, not in the middle of a run (no-op by default)."""
-
     @property
     def entry_module(self) -> nn.Module:
         """The module whose ``forward`` receives ``input_ids``/``attention_mask`` (for hooks)."""
