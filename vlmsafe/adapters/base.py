@@ -329,7 +329,7 @@ def apply_template(processor: Any, conversation: list[dict], *, model_name: str 
         at = f" (line {line})" if line and isinstance(exc, TemplateSyntaxError) else ""
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise InputError(
-            f"{source}: the chat template fails{at} on vlmsafe's one-turn conversation [user: image + text] "
+            f"{source}: the chat template fails{at} on a one-turn user conversation "
             f"({type(exc).__name__}: {reason}); fix the template, or restore the model's original one"
         ) from None
 
