@@ -182,6 +182,8 @@ def _check_split_and_folds(args: argparse.Namespace, items: list) -> None:
 
 def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[Any, Any, list, dict]:
     """Model, processor, items and the shared keyword arguments of the model-level analyses."""
+    from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
+    require_extra("probes", "sklearn", "matplotlib", feature=f"vlmsafe probe {args.probe_command}")
     from probes.collect import blank_image
     from probes.report import check_report_paths
     from vlmsafe.data import load_items
@@ -193,6 +195,8 @@ def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[A
     calibration = load_items(args.calibration, check_images=check) if args.calibration else None
     _check_split_and_folds(args, items)
     model, processor = load_model_from_args(args, kind="vlm")
+    from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work
+    check_prompt_lengths(model, processor, items)
     if steering is not None:
         steering.check_model(model)
     kwargs: dict[str, Any] = dict(
@@ -237,6 +241,8 @@ def run_shift(args: argparse.Namespace) -> int:
 
 
 def run_weights(args: argparse.Namespace) -> int:
+    from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
+    require_extra("probes", "matplotlib", feature="vlmsafe probe weights (it draws weights.png)")
     from probes.report import check_report_paths
     from probes.weights import weight_change
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from probes.analysis import CONDITION_LABELS, LayerProbeReport, ShiftReport
-from probes.weights import WeightChangeReport
 from vlmsafe.io import atomic_path
+
+if TYPE_CHECKING:  # probes.analysis imports scikit-learn, which the weights plot does not need
+    from probes.analysis import LayerProbeReport, ShiftReport
+    from probes.weights import WeightChangeReport
 
 _COLORS = {"text": "#1f77b4", "image": "#d62728", "steered": "#2ca02c"}
 _MARKERS = {"text": "o", "image": "s", "steered": "^"}
@@ -62,6 +64,7 @@ def _steering_note(steering: dict[str, Any] | None) -> str:
 
 def plot_layer_probes(report: LayerProbeReport, path: str | os.PathLike[str]) -> Path:
     """Probe accuracy per layer under the three conditions, and a 2-D PCA at the worst layer."""
+    from probes.analysis import CONDITION_LABELS
     fig = Figure(figsize=(13, 4.8), layout="constrained")
     ax, ax_pca = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.35, 1]})
     layers = report.layers

@@ -11,16 +11,18 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.analysis import LayerProbeReport, ShiftReport
-from probes.plots import plot_layer_probes, plot_shift, plot_weight_change
-from probes.weights import WeightChangeReport
 from vlmsafe.errors import OutputExistsError
 from vlmsafe.io import check_output, write_json_atomic
 
-Report = LayerProbeReport | ShiftReport | WeightChangeReport
-NAMES = {LayerProbeReport: "layers", ShiftReport: "shift", WeightChangeReport: "weights"}
+if TYPE_CHECKING:  # probes.analysis imports scikit-learn, which `probe weights` does not need
+    from probes.analysis import LayerProbeReport, ShiftReport
+    from probes.weights import WeightChangeReport
+
+    Report = LayerProbeReport | ShiftReport | WeightChangeReport
+#: Report class name -> report name (by name: importing the classes would import scikit-learn).
+NAMES = {"LayerProbeReport": "layers", "ShiftReport": "shift", "WeightChangeReport": "weights"}
 
 
 def _clean(obj: Any) -> Any:
@@ -48,7 +50,9 @@ def check_report_paths(name: str, out_dir: str | os.PathLike[str], *, overwrite:
 def write_report(report: Report, out_dir: str | os.PathLike[str], *, overwrite: bool = False,
                  **plot_kwargs: Any) -> tuple[Path, Path]:
     """Write ``<name>.json`` (every figure) and ``<name>.png`` into ``out_dir``; return both paths."""
-    name = NAMES[type(report)]
+    from probes.plots import plot_layer_probes, plot_shift, plot_weight_change
+
+    name = NAMES[type(report).__name__]
     json_path, png_path = check_report_paths(name, out_dir, overwrite=overwrite)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, _clean(report.to_dict()), overwrite=overwrite)
@@ -76,7 +80,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def summary_table(report: Report, *, top: int = 12) -> str:
     """A short, fixed-width table of the headline figures of ``report``."""
-    if isinstance(report, LayerProbeReport):
+    if NAMES.get(type(report).__name__) == "layers":
         def acc(row: dict, cond: str, key: str = "accuracy") -> Any:
             return (row.get(cond) or {}).get(key)
 
@@ -85,7 +89,7 @@ def summary_table(report: Report, *, top: int = 12) -> str:
             [[r["layer"], r["cv_accuracy"], acc(r, "text"), acc(r, "image"), acc(r, "steered"), r["accuracy_drop"],
               acc(r, "image", "harmful_recall"), acc(r, "steered", "harmful_recall")] for r in report.rows],
         )
-    if isinstance(report, ShiftReport):
+    if NAMES.get(type(report).__name__) == "shift":
         return format_table(
             ["layer", "cos_dist", "rel_l2", "cka", "shift_norm", "proj/gap", "cos_dist_cmrm", "cka_cmrm"],
             [[r["layer"], r["cosine_distance"], r["relative_l2"], r["cka"], r["shift_norm"],

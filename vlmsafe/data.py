@@ -91,14 +91,16 @@ def _is_single_document(text: str) -> bool:
     start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
     try:
         _, end = decoder.raw_decode(text, start)
-    except json.JSONDecodeError:
+    except RecursionError:  # nested too deeply to parse: one line is a JSONL record, parse_json names it
+        return len([line for line in text.splitlines() if line.strip()]) == 1
+    except ValueError:  # a JSONDecodeError, or an integer of more digits than Python converts
         # A broken first value is a broken document, unless the first line alone is a complete
         # value (JSONL whose later line is broken).
         first = text.lstrip().split("\n", 1)[0]
         try:
             decoder.decode(first)
             return False
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return True
     # More than whitespace after a complete first value means JSONL.
     return not text[end:].strip(_JSON_WHITESPACE)
@@ -209,7 +211,66 @@ def open_image(path: str | os.PathLike[str], *, context: str = "") -> Image.Imag
     image (PIL decodes lazily; this forces the decode so the failure happens here).
     """
     with _image_errors(path, context) as p, Image.open(p) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
+
+
+#: Background that transparent pixels are composited onto: white, as ``transformers``' own ``convert_rgb`` does,
+#: so an image means the same whether vlmsafe or a model's processor flattens it.
+ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as an 8-bit RGB image, every mode scaled to what it shows (the one conversion vlmsafe uses).
+
+    ``Image.convert("RGB")`` clips instead of scaling: a 16-bit greyscale PNG (``I;16``, values 0..65535)
+    comes out almost white, a float image in 0..1 (``F``) black. Here high-bit-depth modes are scaled to 8
+    bits (``I;16*``: / 257; ``I`` and ``F``: by the range their values occupy, see :func:`_scale_to_8bit`),
+    transparent images (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour) are composited onto
+    :data:`ALPHA_BACKGROUND` instead of showing whatever colour their invisible pixels hold, and the rest
+    (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ...) go through PIL's own conversion.
+    """
+    import numpy as np
+
+    mode = image.mode
+    if mode == "RGB":
+        return image.convert("RGB")  # a decoded copy, as every other branch returns
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        pixels = np.asarray(image)
+        if pixels.ndim != 2:  # pragma: no cover - PIL's single-channel modes are 2-D
+            raise FileFormatError(f"cannot read a {mode} image of shape {pixels.shape}; save it as an 8-bit PNG")
+        grey = _scale_to_8bit(pixels, sixteen_bit=mode.startswith("I;16"))
+        return Image.fromarray(grey).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _scale_to_8bit(pixels: Any, *, sixteen_bit: bool) -> Any:
+    """A single-channel array of any depth as ``uint8``, scaled to what it shows.
+
+    16-bit modes: ``/ 257`` (65535 -> 255). 32-bit integer and float images say nothing of their range, so
+    it is read from the values: floats in [0, 1] are fractions (x 255), values in [0, 255] are already
+    8-bit, integers in [0, 65535] are 16-bit (``I`` is how some readers open 16-bit files); anything else is
+    stretched from its minimum to its maximum. NaN reads as black.
+    """
+    import numpy as np
+
+    values = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if sixteen_bit:
+        scaled = values / 257.0
+    elif pixels.dtype.kind == "f" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif low >= 0.0 and high <= 255.0:
+        scaled = values
+    elif pixels.dtype.kind != "f" and low >= 0.0 and high <= 65535.0:
+        scaled = values / 257.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 #: Colour of :func:`blank_image` when none is given: white, as in the blank images the CMRM paper and
@@ -313,6 +374,8 @@ class Item:
             when unknown (fine for calibration; evaluation refuses unlabelled items).
         reference: reference answer; items that carry one count towards the utility score.
         meta: provenance (benchmark fields such as the original question or an image caption).
+        source: where the item was read (``"file:line"``), so a later check can name it; not part of the
+            item's identity or of its JSONL record.
     """
 
     id: str
@@ -322,6 +385,7 @@ class Item:
     label: str | None = None
     reference: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.label is not None and self.label not in LABELS:
@@ -409,6 +473,7 @@ def item_from_record(rec: dict[str, Any], *, where: str, base: Path, require_lab
         label=label,
         reference=rec.get("reference"),
         meta={k: v for k, v in rec.items() if k not in _ITEM_KEYS},
+        source=where,
     )
 
 

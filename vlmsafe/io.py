@@ -27,6 +27,7 @@ import re
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -646,6 +647,11 @@ def parse_json(text: str, *, where: str, fix: str, line: int | None = None) -> A
     except json.JSONDecodeError as exc:
         lineno = exc.lineno if line is None else line + exc.lineno - 1
         raise FileFormatError(f"{where}:{lineno}:{exc.colno}: invalid JSON ({exc.msg}); {fix}") from None
+    except RecursionError:  # Python's parser recurses once per level: ~1000 nested lists or objects exhaust it
+        raise FileFormatError(f"{where}:{line or 1}: JSON nested too deeply to read (over "
+                              f"{sys.getrecursionlimit()} levels of lists or objects); {fix}") from None
+    except ValueError as exc:  # not a JSONDecodeError: an integer of more digits than Python converts
+        raise FileFormatError(f"{where}:{line or 1}: invalid JSON ({exc}); {fix}") from None
 
 
 # --------------------------------------------------------------------------- hashing

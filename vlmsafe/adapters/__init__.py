@@ -13,6 +13,7 @@ from torch import nn
 from vlmsafe.adapters.base import (
     ModelAdapter,
     adapter_class_for,
+    check_prompt_lengths,
     parse_layer_spec,
     register_adapter,
     supported_model_classes,
@@ -45,6 +46,7 @@ __all__ = [
     "OpenCLIPAdapter",
     "Qwen2VLAdapter",
     "Qwen25VLAdapter",
+    "check_prompt_lengths",
     "get_adapter",
     "parse_layer_spec",
     "register_adapter",

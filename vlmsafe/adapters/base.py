@@ -16,8 +16,10 @@ added with :func:`register_adapter`.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -71,6 +73,56 @@ class ModelAdapter(ABC):
             if n is not None:
                 return int(n)
         return len(self.layers)
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions the language model was built for: the text config's ``max_position_embeddings``, else the
+        tokenizer's ``model_max_length`` when it is a real limit (transformers' default is 1e30); ``None`` if
+        neither says. A prompt longer than this is refused before the model runs (see :meth:`check_prompts`)."""
+        config = getattr(self.model, "config", None)
+        text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else None
+        n = getattr(text_config, "max_position_embeddings", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        n = getattr(tokenizer, "model_max_length", None)
+        if isinstance(n, int) and not isinstance(n, bool) and 0 < n < MAX_SANE_CONTEXT:
+            return n
+        return None
+
+    def prompt_tokens(self, prompt: str, with_image: bool) -> int:
+        """Tokens of ``prompt`` as the model sees it (in its chat template; an image placeholder counts once).
+
+        The base version tokenizes the prompt alone; adapters that build conversations override it.
+        """
+        tokenizer = getattr(self._require_processor(), "tokenizer", self.processor)
+        return len(tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"])
+
+    def check_prompts(self, items: Sequence[Any]) -> None:
+        """Refuse, before any work, a prompt longer than the model's context (:attr:`context_length`).
+
+        ``items``: :class:`vlmsafe.data.Item` (named by its file:line), ``(prompt, image)`` pairs, dicts with a
+        ``prompt`` or plain strings (named by their index). A 2 MB prompt would otherwise run the model on
+        600k positions of a 128-position model: minutes of work and gigabytes of memory for garbage. Prompts
+        are counted with their chat template, without the image's tokens (a lower bound: an image only adds).
+        """
+        limit = self.context_length
+        if limit is None:
+            return
+        for index, item in enumerate(items):
+            prompt, with_image = _prompt_and_image(item)
+            if prompt is None:
+                continue
+            n = self.prompt_tokens(prompt, with_image)
+            if n > limit:
+                where = getattr(item, "source", None) or f"item {index}"
+                ident = getattr(item, "id", None)
+                what = f"item {ident!r}" if ident is not None and not where.startswith("item ") else "the prompt"
+                raise InputError(
+                    f"{where}: {what} is {n} tokens long ({len(prompt)} characters) with the chat template, over the "
+                    f"{limit}-token context of {self.model_name or type(self.model).__name__}; shorten the prompt "
+                    "(or split it into several items)"
+                )
 
     @property
     def entry_module(self) -> nn.Module:
@@ -211,6 +263,75 @@ class ModelAdapter(ABC):
             f"{type(self).__name__}(model={type(self.model).__name__}, layers={self.num_layers}, "
             f"hidden_size={self.hidden_size})"
         )
+
+
+#: A ``model_max_length`` at or above this is a tokenizer's "no limit" placeholder, not a context length.
+MAX_SANE_CONTEXT = 10_000_000
+
+
+def _prompt_and_image(item: Any) -> tuple[str | None, bool]:
+    """``(prompt, has image)`` of an Item, a ``(prompt, image)`` pair, a dict or a string (``None``: no prompt)."""
+    if isinstance(item, str):
+        return item, False
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        prompt, image = item
+    elif isinstance(item, dict):
+        prompt, image = item.get("prompt"), item.get("image")
+    else:
+        prompt, image = getattr(item, "prompt", None), getattr(item, "image", None)
+    return (prompt if isinstance(prompt, str) else None), image is not None
+
+
+def check_prompt_lengths(model: Any, processor: Any, items: Sequence[Any]) -> None:
+    """:meth:`ModelAdapter.check_prompts` for ``model`` (an ``nn.Module``, an adapter, or an object holding one
+    as ``.adapter``, such as :class:`vlmsafe.steering.SafeVLM`); anything else is left alone.
+
+    What every command calls once its model is loaded and before its first batch: a prompt the model
+    cannot hold is refused with one line naming its file and line, before the work.
+    """
+    adapter = getattr(model, "adapter", model)
+    if isinstance(adapter, nn.Module):
+        adapter = adapter_class_for(adapter)(adapter, processor)
+    if not isinstance(adapter, ModelAdapter):
+        return
+    if processor is not None and adapter.processor is None:
+        adapter.processor = processor
+    if adapter.processor is None:
+        return
+    adapter.check_prompts(items)
+
+
+def template_source(processor: Any, model_name: str = "") -> str:
+    """Where a model's chat template lives, for error messages: the folder's ``chat_template.jinja`` (or
+    ``chat_template.json`` / ``tokenizer_config.json``) when the model was loaded from a folder."""
+    folders = [model_name, getattr(processor, "name_or_path", None),
+               getattr(getattr(processor, "tokenizer", None), "name_or_path", None)]
+    for folder in folders:
+        if folder and os.path.isdir(folder):
+            for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+                path = Path(folder) / name
+                if path.is_file():
+                    return str(path)
+    return f"the chat template of {model_name or type(processor).__name__}"
+
+
+def apply_template(processor: Any, conversation: list[dict], *, model_name: str = "", **kwargs: Any) -> Any:
+    """``processor.apply_chat_template(conversation, **kwargs)``, a template that raises (its own
+    ``raise_exception``, a syntax error, an undefined name) turned into one :class:`InputError` naming the
+    template file and the fix, instead of jinja's traceback."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        return processor.apply_chat_template(conversation, **kwargs)
+    except TemplateError as exc:
+        source = template_source(processor, model_name)
+        line = getattr(exc, "lineno", None)
+        at = f" (line {line})" if line and isinstance(exc, TemplateSyntaxError) else ""
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise InputError(
+            f"{source}: the chat template fails{at} on a one-turn user conversation "
+            f"({type(exc).__name__}: {reason}); fix the template, or restore the model's original one"
+        ) from None
 
 
 #: Side of the square anchor image for dynamic-resolution processors (LLaVA-1.5's 336 would be cut to

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmsafe.adapters.base import ImageLike, ModelAdapter, register_adapter
+from vlmsafe.adapters.base import ImageLike, ModelAdapter, apply_template, register_adapter
+from vlmsafe.data import to_rgb
 from vlmsafe.errors import InputError
 
 
@@ -39,6 +40,27 @@ class ChatVLMAdapter(ModelAdapter):
     """
 
     supports_images = True
+
+    def __init__(self, model: nn.Module, processor: Any | None = None):
+        super().__init__(model, processor)
+        if processor is not None:
+            self.check_template()
+
+    def check_template(self) -> None:
+        """Render a one-message conversation (with and without an image) through the chat template, once per
+        processor and template: a template that raises is named when the model is loaded, with its file."""
+        processor = self.processor
+        template = getattr(processor, "chat_template", None)
+        if template is None or not callable(getattr(processor, "apply_chat_template", None)):
+            return  # render() says there is no template when one is needed
+        key = (id(processor), str(template))
+        if key in _CHECKED_TEMPLATES:
+            return
+        for with_image in (True, False):
+            self.render("Describe the image.", with_image)
+        if len(_CHECKED_TEMPLATES) > 64:
+            _CHECKED_TEMPLATES.clear()
+        _CHECKED_TEMPLATES.add(key)
 
     @property
     def inner(self) -> nn.Module:
@@ -81,11 +103,18 @@ class ChatVLMAdapter(ModelAdapter):
                 f"the processor of {type(self.model).__name__} has no chat template; set "
                 "processor.chat_template (see the model card) so vlmsafe can build conversations"
             )
-        return processor.apply_chat_template(
+        return apply_template(
+            processor,
             self.conversation(prompt, with_image, system_prompt),
+            model_name=self.model_name,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
         )
+
+    def prompt_tokens(self, prompt: str, with_image: bool) -> int:
+        """Tokens of the rendered conversation (the image placeholder counts as the text it is)."""
+        tokenizer = self._require_processor().tokenizer
+        return len(tokenizer(self.render(prompt, with_image), add_special_tokens=False, verbose=False)["input_ids"])
 
     def build_inputs(
         self,
@@ -140,11 +169,28 @@ class ChatVLMAdapter(ModelAdapter):
                  padding_side: str | None) -> dict[str, torch.Tensor]:
         """Run the processor on rendered texts (+ the non-missing images) and check image tokens."""
         processor = self._require_processor()
-        flat_images = [img.convert("RGB") for img in images if img is not None]
+        flat_images = [to_rgb(img) for img in images if img is not None]
         with _padding(processor, padding_side):
-            batch = processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt")
+            batch = processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt",
+                              verbose=False)  # an over-long prompt: _check_lengths says so, in one line
         self._check_image_tokens(batch["input_ids"], images)
+        self._check_lengths(batch)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _check_lengths(self, batch: Any) -> None:
+        """Refuse a row whose text alone exceeds the model's context, before the model runs on it (what
+        :meth:`check_prompts` checks for a whole data set up front; this catches direct library calls)."""
+        limit = self.context_length
+        mask = batch.get("attention_mask")
+        if limit is None or mask is None:
+            return
+        text_tokens = mask.sum(dim=1) - (self.image_token_mask(batch["input_ids"]) & mask.bool()).sum(dim=1)
+        for i, n in enumerate(text_tokens.tolist()):
+            if n > limit:
+                raise InputError(
+                    f"prompt {i} is {n} tokens long with the chat template, over the {limit}-token context of "
+                    f"{self.model_name or type(self.model).__name__}; shorten it"
+                )
 
     def _check_image_tokens(self, input_ids: torch.Tensor, images: Sequence[ImageLike | None]) -> None:
         has_tokens = self.image_token_mask(input_ids).any(dim=1)
@@ -155,6 +201,10 @@ class ChatVLMAdapter(ModelAdapter):
                     f"image tokens (id {self.image_token_id}) are in the tokenised prompt; check that the "
                     "processor's image token matches model.config.image_token_id"
                 )
+
+
+#: ``(id(processor), template)`` pairs whose template rendered a probe conversation (checked once each).
+_CHECKED_TEMPLATES: set[tuple[int, str]] = set()
 
 
 @contextlib.contextmanager

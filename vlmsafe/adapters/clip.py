@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vlmsafe.adapters.base import ImageLike, ModelAdapter, register_adapter
+from vlmsafe.data import to_rgb
 from vlmsafe.errors import InputError
 
 _TOWERS = ("text", "vision")
@@ -91,7 +92,7 @@ class CLIPAdapter(_CLIPAdapterBase):
             if not images or any(img is None for img in images):
                 raise InputError("the vision tower needs one image per item; got a missing image")
             image_processor = getattr(processor, "image_processor", processor)
-            batch = image_processor(images=[img.convert("RGB") for img in images], return_tensors="pt")
+            batch = image_processor(images=[to_rgb(img) for img in images], return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items()}
 
 
@@ -149,5 +150,5 @@ class OpenCLIPAdapter(_CLIPAdapterBase):
             return {"input_ids": tokens.to(self.device)}
         if not images or any(img is None for img in images):
             raise InputError("the vision tower needs one image per item; got a missing image")
-        pixels = torch.stack([processor["preprocess"](img.convert("RGB")) for img in images])
+        pixels = torch.stack([processor["preprocess"](to_rgb(img)) for img in images])
         return {"pixel_values": pixels.to(self.device)}

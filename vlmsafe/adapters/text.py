@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vlmsafe.adapters.base import ImageLike, ModelAdapter, register_adapter
+from vlmsafe.adapters.base import ImageLike, ModelAdapter, apply_template, register_adapter
 from vlmsafe.adapters.chat import padding_side as _padding_side
 from vlmsafe.errors import InputError
 
@@ -60,8 +60,8 @@ class CausalLMAdapter(ModelAdapter):
                 conv = [{"role": "user", "content": prompt}]
                 if system_prompt:
                     conv.insert(0, {"role": "system", "content": system_prompt})
-                texts.append(tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
-                                                           tokenize=False))
+                texts.append(apply_template(tokenizer, conv, model_name=self.model_name,
+                                            add_generation_prompt=add_generation_prompt, tokenize=False))
         else:
             texts = list(prompts)
         if tokenizer.pad_token is None:

@@ -86,7 +86,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlmsafe.demo import DEFAULT_ALPHAS, format_table, run_demo
+    from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     from vlmsafe.validation import parse_layer_spec
+    require_extra("probes", "matplotlib", feature="vlmsafe demo (it draws cmrm_sweep.png and merge_sweep.png)")
 
     settings: dict[str, Any] = {
         k: v for k, v in (("positions", args.positions), ("decode", args.decode)) if v is not None

@@ -115,6 +115,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                            render_missing=args.render_missing)[: args.limit]
     judge = load_judge(args.judge, batch_size=args.batch_size)
     generator = load_generator(args, steering)
+    from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work
+    check_prompt_lengths(generator, None, items)
     accelerator = accelerator_if_launched()  # under `accelerate launch` / `torchrun`: shard the items
     config = {"model": str(args.model), "data": str(args.data), "steering": steering.describe(),
               "vectors": args.vectors}

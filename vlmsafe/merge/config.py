@@ -97,6 +97,10 @@ class MergeConfig:
         self.density = Schedule.parse(self.density, name="density")
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.method in TASK_VECTOR_METHODS:  # peft's merge_utils: a missing package named before the work
+            from vlmsafe.extras import require_extra
+
+            require_extra("safeclip", "peft", feature=f"the {self.method} merge")
         if self.base is not None and self.method not in TASK_VECTOR_METHODS:
             raise InputError(f"`base` only applies to {sorted(TASK_VECTOR_METHODS)}; remove it for {self.method}.")
         if self.convention not in ("mergekit", "peft"):

@@ -408,6 +408,10 @@ def load_backend(spec: str | os.PathLike[str]) -> CLIPBackend:
     * anything else → :meth:`HFCLIPBackend.from_pretrained` (local dir or hub id)
     """
     spec = str(spec)
+    if spec.startswith("open_clip:") or (Path(spec) / OPEN_CLIP_CONFIG).is_file():
+        from vlmsafe.extras import require_extra
+
+        require_extra("safeclip", "open_clip", feature=f"the open_clip model {spec}")
     if spec.startswith("open_clip:"):
         name, _, pretrained = spec[len("open_clip:") :].partition("@")
         return OpenCLIPBackend.create(name, pretrained or None)

@@ -149,6 +149,8 @@ def _train(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.trainer import SafeCLIPTrainer
 
     config = _training_config(args)
+    from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
+    require_extra("safeclip", *(("peft",) if config.use_lora else ()), feature="safeclip train with LoRA")
     check_no_overlap(args.output_dir, input_paths(args), option="--output-dir")  # even with --overwrite / --resume
     out, replace = check_run_output(args.output_dir, resume_from=args.resume, overwrite=args.overwrite,
                                     option="--output-dir")
@@ -326,6 +328,8 @@ def _pairs_train(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.pairs import PairConverterConfig, load_pairs, save_converter, train_pair_converter
 
     cfg = PairConverterConfig(**options_from_args(args, PairConverterConfig))
+    from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
+    require_extra("safeclip", *(("peft",) if cfg.use_lora else ()), feature="safeclip pairs train with LoRA")
     check_output(args.output_dir, kind="dir", overwrite=args.overwrite, option="--output-dir",
                  inputs=input_paths(args))
     pairs = load_pairs(args.pairs)
@@ -338,9 +342,11 @@ def _pairs_train(args: argparse.Namespace) -> int:
 
 
 def _pairs_generate(args: argparse.Namespace) -> int:
+    from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     from vlmsafe.io import atomic_path, check_output
     from vlmsafe.safeclip.pairs import DEFAULT_TEMPLATE, check_template, generate_unsafe, load_captions
 
+    require_extra("safeclip", *(("peft",) if args.adapter else ()), feature="safeclip pairs generate --adapter")
     template = check_template(args.template or DEFAULT_TEMPLATE)
     if not args.sample and (args.temperature is not None or args.top_p is not None):
         raise InputError("--temperature/--top-p only apply when sampling; add --sample (greedy decoding would "
@@ -420,8 +426,10 @@ def _register_generate(sub: Any) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     from vlmsafe.safeclip.generate import run_generate
 
+    require_extra("safeclip", "diffusers", feature="safeclip generate")
     record = run_generate(
         args.pipeline, args.text_encoder, args.prompts, args.out, text_encoder_2=args.text_encoder_2,
         keep_text_encoder_2=args.keep_text_encoder_2, also_original=args.also_original, steps=args.steps,

@@ -27,7 +27,7 @@ from typing import Any, Union
 import torch
 from torch.utils.data import Dataset
 
-from vlmsafe.data import Record, open_image, read_records, resolve_path, verify_image
+from vlmsafe.data import Record, open_image, read_records, resolve_path, to_rgb, verify_image
 from vlmsafe.errors import FileFormatError, InputError
 
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image", torch.Tensor]  # noqa: F821
@@ -215,7 +215,7 @@ def load_image(image: ImageLike) -> Any:
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     return open_image(image)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image
 
 from vlmsafe.adapters import ModelAdapter
-from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, blank_image, check_colour, noise_image
+from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, blank_image, check_colour, noise_image, to_rgb
 from vlmsafe.errors import InputError
 
 ANCHORS = ("real", "blank", "noise")
@@ -49,7 +49,7 @@ def anchor_image(
     """
     check_anchor(anchor, colour, seed)
     if isinstance(anchor, Image.Image):
-        image, meta = anchor.convert("RGB"), {"anchor": "image"}
+        image, meta = to_rgb(anchor), {"anchor": "image"}
     elif anchor == "real":
         return None, {"anchor": "real"}
     elif anchor == "blank":

@@ -136,6 +136,8 @@ def _calibrate_cmrm(args: argparse.Namespace) -> int:
     accelerator = accelerator_if_launched()
     model, processor = load_model_from_args(args, kind="vlm",
                                             device=accelerator.device if accelerator is not None else None)
+    from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work
+    check_prompt_lengths(model, processor, items)
     vectors = calibrate(model, processor, items, layers=args.layers, positions=args.positions or "last",
                         batch_size=args.batch_size, accelerator=accelerator, progress=not args.no_progress,
                         aggregate=args.aggregate or "mean", **anchor)
@@ -185,6 +187,8 @@ def _calibrate_shiftdc(args: argparse.Namespace) -> int:
     for it in uncaptioned:
         verify_image(it.image, context=f"{args.data}: item {it.id!r}")
     model, processor = load_model_from_args(args, kind="vlm")
+    from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work
+    check_prompt_lengths(model, processor, items)
     directions = calibrate_shiftdc(model, processor, items, layers=args.layers, batch_size=args.batch_size,
                                    caption_prompt=caption_prompt, caption_tokens=args.caption_tokens or CAPTION_TOKENS,
                                    captions=cache, progress=not args.no_progress)

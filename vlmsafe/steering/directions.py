@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from vlmsafe.errors import FileFormatError, IncompatibleVectorsError
+from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json
-from vlmsafe.steering.vectors import check_fits, read_layer_tables, write_layer_tables
+from vlmsafe.steering.vectors import META_SCHEMA, Field, check_fits, read_layer_tables, write_layer_tables
+from vlmsafe.validation import check_template
 
 #: The reference code's caption instruction (``CAPTION_BASED_ON_Q``): the caption is written for the request.
 CAPTION_PROMPT = "Based on the given Request, describe the image. Request: {prompt}"
@@ -29,6 +30,37 @@ TENSOR_FILE = "directions.safetensors"
 META_FILE = "directions.json"
 CAPTIONS_FILE = "captions.jsonl"
 FORMAT_VERSION = 1
+
+
+def _counts(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in value.items()
+    )
+
+
+def _caption_prompt(value: Any) -> bool:
+    try:
+        check_template(value, "caption prompt", "prompt", required=False)  # what calibration accepts
+    except InputError:
+        return False
+    return True
+
+
+def _count(low: int) -> Field:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}")
+
+
+#: ``directions.json``: the fields of ``vectors.json`` (:data:`vlmsafe.steering.vectors.META_SCHEMA`) and ShiftDC's.
+DIRECTIONS_SCHEMA: dict[str, Field] = {
+    **META_SCHEMA,
+    "direction": (lambda v: isinstance(v, str), "a string"),
+    "counterpart_template": (lambda v: isinstance(v, str), "a string"),
+    "caption_prompt": (_caption_prompt, "a non-empty string whose only {field}, if any, is {prompt}"),
+    "caption_tokens": _count(1),
+    "n_benign": _count(1),
+    "n_harmful": _count(1),
+    "caption_sources": (_counts, "an object {source: count}"),
+}
 
 
 def projection(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -133,17 +165,21 @@ class SafetyDirections:
         root = Path(directory)
         fix = "re-create them with `vlmsafe calibrate --method shiftdc`"
         meta, tables = read_layer_tables(root, ("direction", "benign_mean", "harmful_mean"), tensor_file=TENSOR_FILE,
-                                         meta_file=META_FILE, what="a ShiftDC directions folder", fix=fix)
+                                         meta_file=META_FILE, what="a ShiftDC directions folder", fix=fix,
+                                         schema=DIRECTIONS_SCHEMA)
         if meta.get("method") != "shiftdc":
             method = meta.get("method")
             raise FileFormatError(f"{root / META_FILE}: not ShiftDC safety directions (method {method!r}); {fix}")
         captions = []
         if (root / CAPTIONS_FILE).is_file():
-            captions = [
-                parse_json(line, where=str(root / CAPTIONS_FILE), line=i, fix=fix)
-                for i, line in enumerate((root / CAPTIONS_FILE).read_text(encoding="utf-8").splitlines(), 1)
-                if line.strip()
-            ]
+            for i, line in enumerate((root / CAPTIONS_FILE).read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                rec = parse_json(line, where=str(root / CAPTIONS_FILE), line=i, fix=fix)
+                if not isinstance(rec, dict) or not isinstance(rec.get("caption"), str) or "id" not in rec:
+                    raise FileFormatError(f"{root / CAPTIONS_FILE}:{i}: a caption line is an object with 'id' and a "
+                                          f"'caption' string; {fix}")
+                captions.append(rec)
         out = cls(
             directions=tables["direction"],
             benign_means=tables["benign_mean"],

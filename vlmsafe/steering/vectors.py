@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,8 @@ def write_layer_tables(
 
 
 def read_layer_tables(
-    root: Path, prefixes: tuple[str, ...], *, tensor_file: str, meta_file: str, what: str, fix: str
+    root: Path, prefixes: tuple[str, ...], *, tensor_file: str, meta_file: str, what: str, fix: str,
+    schema: Mapping[str, Field] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[int, torch.Tensor]]]:
     """``(meta, {prefix: {layer: tensor}})`` written by :func:`write_layer_tables`, checked on the way.
 
@@ -66,7 +67,8 @@ def read_layer_tables(
     unreadable safetensors file, an unknown tensor name, or no ``<prefixes[0]>.<layer>`` tensor at all;
     and, whether or not a checksum was recorded (a hand-made or edited folder has none), a tensor that is
     not a vector of floats, non-finite values, or vectors of a size other than the others' and the
-    recorded ``hidden_size``.
+    recorded ``hidden_size``; and metadata whose fields do not match ``schema`` (default :data:`META_SCHEMA`,
+    see :func:`check_meta`).
     """
     tensor_path, meta_path = root / tensor_file, root / meta_file
     for path in (tensor_path, meta_path):
@@ -92,6 +94,7 @@ def read_layer_tables(
         tables[prefix][int(layer)] = value
     if not tables[prefixes[0]]:
         raise FileFormatError(f"{tensor_path} holds no {prefixes[0]}.<layer> tensors; {fix}")
+    check_meta(meta, META_SCHEMA if schema is None else schema, meta_path, layers=sorted(tables[prefixes[0]]))
     _check_vectors(raw, meta.get("hidden_size"), tensor_path, fix)
     return meta, tables
 
@@ -110,6 +113,119 @@ def _check_vectors(raw: Mapping[str, torch.Tensor], hidden_size: Any, path: Path
         if len(sizes) > 1:
             what = f"the recorded hidden_size {hidden_size}" if hidden_size in sizes else "the other vectors'"
             raise FileFormatError(f"{path}: {key} has {value.shape[0]} values, unlike {what}; {fix}")
+
+
+# --------------------------------------------------------------------------- metadata schema
+#: A metadata field: ``(check(value) -> ok, what a valid value is)``.
+Field = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _optional_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_sha256(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and len(value) == 64
+                             and all(c in "0123456789abcdef" for c in value.lower()))
+
+
+def _int_list(length: int | None = None, low: int = 0, high: int | None = None) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        return (isinstance(value, list) and (length is None or len(value) == length)
+                and all(_is_int(v, low) and (high is None or v <= high) for v in value))
+    return check
+
+
+def _stats_problem(stats: dict) -> str | None:
+    """What is wrong with ``stats`` (``{"<layer>": {"<statistic>": number, "count": int}}``), or ``None``."""
+    for key, entry in stats.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            return f"has the key {json.dumps(key)}, not a layer number"
+        if not isinstance(entry, dict):
+            return f"entry {key!r} must be an object {{statistic: number}}, got {json.dumps(entry)[:40]}"
+        for name, value in entry.items():
+            if not _is_number(value):
+                return f"entry {key!r}: {name!r} must be a number, got {json.dumps(value)[:40]}"
+        if "count" in entry and not _is_int(entry["count"]):
+            return f"entry {key!r}: 'count' must be a non-negative integer, got {json.dumps(entry['count'])}"
+    return None
+
+
+#: Every field vlmsafe writes in ``vectors.json``, with the values it accepts on load (types and ranges). A field
+#: may be absent (older or hand-made vectors hold fewer); fields it does not know are kept as they are, so
+#: provenance added later (a model fingerprint, ...) loads in this version too.
+META_SCHEMA: dict[str, Field] = {
+    "format_version": (lambda v: _is_int(v, 1), f"an integer from 1 to {FORMAT_VERSION}"),
+    "method": (_is_str, "a string such as 'cmrm'"),
+    "model_class": (_optional_str, "a model class name such as 'LlavaForConditionalGeneration'"),
+    "model_name": (_optional_str, "a string (the model's path or hub id)"),
+    "family": (_optional_str, "an adapter family such as 'llava'"),
+    "hidden_size": (lambda v: _is_int(v, 1), "a positive integer"),
+    "num_layers": (lambda v: _is_int(v, 1), "a positive integer"),
+    "layers": (_int_list(), "a list of layer indices (integers >= 0)"),
+    "positions": (_is_str, "a string such as 'last'"),
+    "dtype": (_is_str, "a dtype name such as 'float32'"),
+    "vlmsafe_version": (_is_str, "a version string"),
+    "system_prompt": (_optional_str, "a string or null"),
+    "calibration_sha256": (_is_sha256, "64 hex digits or null"),
+    "calibration_data": (_optional_str, "a path string or null"),
+    "num_items": (lambda v: _is_int(v, 1), "a positive integer"),
+    "aggregate": (lambda v: v in ("mean", "pca"), "'mean' or 'pca'"),
+    "anchor": (lambda v: v in ("real", "blank", "noise", "image"), "one of 'real', 'blank', 'noise', 'image'"),
+    "anchor_colour": (_int_list(3, 0, 255), "three integers in 0..255"),
+    "anchor_seed": (lambda v: _is_int(v), "a non-negative integer"),
+    "anchor_size": (_int_list(2, 1), "[width, height], positive integers"),
+    "anchor_sha256": (_is_sha256, "64 hex digits"),
+    "stats": (lambda v: isinstance(v, dict), "an object {layer: {statistic: number}}"),
+    "derived": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "tensor_sha256": (_is_sha256, "64 hex digits"),
+}
+
+
+def check_meta(meta: Mapping[str, Any], schema: Mapping[str, Field], path: Path, *,
+               layers: list[int] | None = None) -> None:
+    """Refuse metadata (``vectors.json``, ``directions.json``) that an edit by hand or another tool left with a
+    field of the wrong type or range, with one :class:`FileFormatError` naming the field, the file and what the
+    field must be -- not a ``ValueError`` from deep inside a later step. Also: a ``format_version`` newer than
+    this vlmsafe reads, ``num_layers`` below a stored layer, and ``layers`` / ``stats`` naming layers the tensor
+    file does not hold (``layers``: the stored ones)."""
+    fix = "correct it, or re-create the folder with `vlmsafe calibrate`"
+
+    def refuse(name: str, problem: str) -> FileFormatError:
+        return FileFormatError(f"{path}: field {name!r} {problem}; {fix}")
+
+    for name, (ok, expected) in schema.items():
+        if name in meta and not ok(meta[name]):
+            raise refuse(name, f"must be {expected}, got {json.dumps(meta[name])[:60]}")
+    problem = _stats_problem(meta["stats"]) if isinstance(meta.get("stats"), dict) else None
+    if problem:
+        raise refuse("stats", problem)
+    version = meta.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise FileFormatError(f"{path}: format_version {version} is newer than this vlmsafe reads ({FORMAT_VERSION}); "
+                              "upgrade vlmsafe")
+    if layers is None:
+        return
+    n = meta.get("num_layers")
+    if isinstance(n, int) and layers and max(layers) >= n:
+        raise refuse("num_layers", f"is {n}, but the tensor file holds layer {max(layers)}")
+    if "layers" in meta and sorted(set(meta["layers"])) != layers:
+        raise refuse("layers", f"lists {meta['layers']}, but the tensor file holds layers {layers}")
+    extra = sorted(int(k) for k in meta.get("stats", {}) if int(k) not in layers)
+    if extra:
+        raise refuse("stats", f"has statistics for layer(s) {extra} that the tensor file does not hold ({layers})")
 
 
 @dataclass
