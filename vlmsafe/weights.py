@@ -113,7 +113,7 @@ def read_safetensors_header(
     absolute offset where the data area starts.
     """
     file = Path(file)
-    bad = f"{role} file {file} is not a valid safetensors file"
+    bad = f"{role} file {file} is not a readable safetensors file"
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -132,6 +132,7 @@ def read_safetensors_header(
     meta = header.pop("__metadata__", None)
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise FileFormatError(f"{bad} (__metadata__ is not a mapping of strings); {_RESAVE}")
+    data_size = size - 8 - n
     out: dict[str, tuple[TensorInfo, int, int]] = {}
     for name, entry in header.items():
         try:
@@ -145,13 +146,12 @@ def read_safetensors_header(
         except (KeyError, TypeError, ValueError, FileFormatError) as exc:
             raise FileFormatError(f"{bad} (bad entry for tensor {name}: {exc}); {_RESAVE}") from None
         begin, end = offsets
-        if begin < 0 or end - begin != info.nbytes:
+        if begin < 0 or end - begin != info.nbytes or end > data_size:
             raise FileFormatError(
-                f"{bad}: tensor {name} has data_offsets {offsets} for {info.nbytes} bytes of "
-                f"{st_dtype(info.dtype)}{list(info.shape)}; {_RESAVE}"
+                f"{bad}: tensor {name} has a bad byte range (data_offsets {offsets} for {info.nbytes} bytes of "
+                f"{st_dtype(info.dtype)}{list(info.shape)}, {data_size} bytes of data: truncated file?); {_RESAVE}"
             )
         out[name] = (info, begin, end)
-    data_size = size - 8 - n
     ordered = sorted(out.items(), key=lambda kv: (kv[1][1], kv[1][2]))
     pos, prev = 0, None
     for name, (_, begin, end) in ordered:
@@ -166,9 +166,7 @@ def read_safetensors_header(
             )
         pos, prev = end, name
     if pos != data_size:
-        what = "truncated" if pos > data_size else f"followed by {data_size - pos} bytes that belong to no tensor"
-        raise FileFormatError(f"{bad}: its tensors need {pos} bytes of data but the file holds {data_size} "
-                              f"({what}); {_RESAVE}")
+        raise FileFormatError(f"{bad}: its last {data_size - pos} bytes belong to no tensor; {_RESAVE}")
     return dict(ordered), 8 + n
 
 
