@@ -154,12 +154,16 @@ def read_safetensors_header(
         out[name] = (info, begin, end)
     ordered = sorted(out.items(), key=lambda kv: (kv[1][1], kv[1][2]))
     pos, prev = 0, None
-    for name, (_, begin, end) in ordered:
+    for name, (_, begin, end) in ordered:  # overlaps first: they are what a crafted file looks like
         if begin < pos:
             raise FileFormatError(
-                f"{bad}: tensors {prev} and {name} overlap (their data_offsets share bytes {begin}..{pos}), a "
-                f"malformed or crafted file; {_RESAVE}"
+                f"{bad}: tensors {prev} and {name} overlap (their data_offsets share bytes {begin}..{min(pos, end)}), "
+                f"a malformed or crafted file; {_RESAVE}"
             )
+        if end > pos:
+            pos, prev = end, name
+    pos, prev = 0, None
+    for name, (_, begin, end) in ordered:
         if begin > pos:
             raise FileFormatError(
                 f"{bad}: bytes {pos}..{begin} of its data belong to no tensor (before {name}); {_RESAVE}"
