@@ -146,6 +146,12 @@ CASES = [
     ("merge-swapped", lambda ws, out: ["merge", "--vlm", str(ws / "aligned"), "--aligned", str(ws / "testbed"),
                                        "--out", str(out), "--no-progress"],
      "--vlm and --aligned look swapped"),
+    ("merge-mask-swapped", lambda ws, out: ["merge-mask", "--vlm", str(ws / "aligned"), "--aligned",
+                                            str(ws / "testbed"), "--out", str(out), "--no-progress"],
+     "--vlm and --aligned look swapped"),
+    ("merge-mask-same-folder", lambda ws, out: ["merge-mask", "--vlm", str(ws / "testbed"), "--aligned",
+                                                str(ws / "testbed"), "--out", str(out), "--no-progress"],
+     "are the same model"),
 ]
 
 
@@ -312,3 +318,16 @@ def test_strict_check_refuses_vectors_of_other_weights(ws, vectors):
     warn_if_other_model(meta, model, what="vectors", strict=True)  # the same weights: nothing to say
     with pytest.raises(IncompatibleVectorsError, match="whose weights differ"):
         warn_if_other_model({**meta, "model_fingerprint": "sha256:other"}, model, what="vectors", strict=True)
+
+
+def test_a_cached_hub_model_is_checked_like_a_folder(ws, capsys, monkeypatch, tmp_path):
+    """Offline, a hub id loads from the Hugging Face cache: the same checks apply to that folder."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--acme--evil"
+    shutil.copytree(ws / "automap", repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _check(main(_generate("acme/evil")), capsys.readouterr().err, REFUSAL)
+    assert not (ws / "MARKER").exists()

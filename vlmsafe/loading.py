@@ -4,10 +4,19 @@
 the testbed and every CLI command use, so every model gets the same device default, the same
 dtype handling and the same errors:
 
-* a local path that does not exist -> "no such directory" (never a confusing hub-id error);
+* a local path that does not exist -> "no such directory" at once, with a close sibling's name when
+  there is one (``assets/testbd``: never a minute of hub retries); offline, a hub id not in the cache
+  -> says so;
 * a directory without ``config.json`` -> says what a model directory holds;
+* a folder whose JSON files point at code (``auto_map``), with pickle weights only, or with a
+  malformed safetensors file -> refused before transformers reads it (:mod:`vlmsafe.weights`); every
+  ``from_pretrained`` passes ``trust_remote_code=False``;
+* a tensor whose shape differs from what ``config.json`` implies -> names the tensor and both shapes;
 * an original LLaVA checkpoint (``LlavaLlamaForCausalLM``, not a transformers class) -> says how to
   convert it (``vlmsafe convert-llava``).
+
+A model loaded from a folder carries :func:`model_fingerprint` (:func:`vlmsafe.weights.fingerprint`
+of its weights), which calibrated vectors record and check (:func:`warn_if_other_model`).
 
 Devices: ``device=None`` keeps the model where transformers loads it (CPU), ``"auto"`` picks CUDA
 when available; ``device_map`` (e.g. ``"auto"``) dispatches a large model over several GPUs / CPU
@@ -154,9 +163,10 @@ def load_model(
         _check_adapter(adapter)  # before the model loads
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
-    headers = None
-    if os.path.isdir(location):  # no code, safetensors only, valid headers: before transformers reads a byte
-        headers = _local_folder_weights(location)
+    # No code, safetensors only, valid headers: checked before transformers reads a byte, for a local folder
+    # and for a hub model already in the cache (offline); one still to be downloaded is checked by transformers.
+    folder = location if os.path.isdir(location) else _cached_snapshot(location)
+    headers = _local_folder_weights(folder) if folder is not None else None
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
@@ -186,6 +196,16 @@ def load_model(
     if target is not None:
         model = model.to(target)
     return model.eval(), processor
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The Hugging Face cache folder of ``repo_id`` when offline (what transformers will load), else None."""
+    if not _offline():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    return os.path.dirname(cached) if isinstance(cached, str) else None
 
 
 def _local_folder_weights(location: str) -> dict[Any, Any] | None:
