@@ -128,7 +128,8 @@ CASES = [
                                                            "--no-progress"],
      "overlap (their data_offsets share bytes"),
     ("generate-shape-vs-config", lambda ws, out: _generate(ws / "shape"),
-     "has shape [88, 96] in the weights but config.json implies [96, 96]; the weights and config.json are of "
+     "tensor language_model.model.layers.0.self_attn.q_proj.weight has shape [88, 96] in the weights but "
+     "config.json implies [96, 96]; the weights and config.json are of "
      "different models"),
     ("generate-pickle-bin", lambda ws, out: _generate(ws / "pickle"),
      "holds pytorch_model.bin but no model.safetensors; vlmsafe loads safetensors only"),

@@ -187,7 +187,8 @@ def load_model(
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model, processor = _from_pretrained(location, kind, kwargs)
+    stored = {n: entry[0].shape for header in (headers or {}).values() for n, entry in header.items()}
+    model, processor = _from_pretrained(location, kind, kwargs, stored)
     if headers is not None:  # which weights these are: vectors calibrated on them remember it
         set_fingerprint(model, fingerprint(headers))
     if adapter is not None:
@@ -217,7 +218,8 @@ def _local_folder_weights(location: str) -> dict[Any, Any] | None:
     return check_model_folder(location)
 
 
-def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
+def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any],
+                     stored: dict[str, tuple[int, ...]]) -> tuple[nn.Module, Any]:
     from safetensors import SafetensorError  # a truncated or corrupt weights file (not an OSError)
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -230,7 +232,7 @@ def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any]) -> tuple[
                 model, info = AutoModelForImageTextToText.from_pretrained(location, **kwargs)
             else:
                 model, info = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-        error = shape_mismatch_error(location, info.get("mismatched_keys"))
+        error = shape_mismatch_error(location, info.get("mismatched_keys"), stored)
         if error is None:
             auto = AutoProcessor if kind == "vlm" else AutoTokenizer
             return model, auto.from_pretrained(location, trust_remote_code=False)

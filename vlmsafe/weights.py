@@ -285,12 +285,26 @@ def check_model_folder(folder: str | os.PathLike[str], role: str = "model") -> d
     return headers
 
 
-def shape_mismatch_error(location: str, mismatched: object) -> FileFormatError | None:
-    """The one-line error for transformers' ``mismatched_keys`` (name, checkpoint shape, model shape), or None."""
+def shape_mismatch_error(location: str, mismatched: object, stored_shapes: dict[str, tuple[int, ...]] | None = None
+                         ) -> FileFormatError | None:
+    """The one-line error for transformers' ``mismatched_keys`` (name, checkpoint shape, model shape), or None.
+
+    transformers names the tensor as its module tree does (``model.language_model.layers.0...``); with
+    ``stored_shapes`` (the files' name -> shape) the name the user finds in the file
+    (``language_model.model.layers.0...``) is given.
+    """
     items = sorted(mismatched or [], key=lambda m: str(m[0]))  # type: ignore[attr-defined]
     if not items:
         return None
     name, stored, expected = items[0]
+    parts = str(name).split(".")
+    for i in range(len(parts)):  # the longest suffix of the module name that names exactly one stored tensor
+        suffix = ".".join(parts[i:])
+        found = [k for k, shape in (stored_shapes or {}).items()
+                 if (k == suffix or k.endswith("." + suffix)) and list(shape) == list(stored)]
+        if len(found) == 1:
+            name = found[0]
+            break
     more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
     return FileFormatError(
         f"{location}: tensor {name} has shape {list(stored)} in the weights but config.json implies "
