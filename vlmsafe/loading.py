@@ -4,10 +4,19 @@
 the testbed and every CLI command use, so every model gets the same device default, the same
 dtype handling and the same errors:
 
-* a local path that does not exist -> "no such directory" (never a confusing hub-id error);
+* a local path that does not exist -> "no such directory" at once, with a close sibling's name when
+  there is one (``assets/testbd``: never a minute of hub retries); offline, a hub id not in the cache
+  -> says so;
 * a directory without ``config.json`` -> says what a model directory holds;
+* a folder whose JSON files point at code (``auto_map``), with pickle weights only, or with a
+  malformed safetensors file -> refused before transformers reads it (:mod:`vlmsafe.weights`); every
+  ``from_pretrained`` passes ``trust_remote_code=False``;
+* a tensor whose shape differs from what ``config.json`` implies -> names the tensor and both shapes;
 * an original LLaVA checkpoint (``LlavaLlamaForCausalLM``, not a transformers class) -> says how to
   convert it (``vlmsafe convert-llava``).
+
+A model loaded from a folder carries :func:`model_fingerprint` (:func:`vlmsafe.weights.fingerprint`
+of its weights), which calibrated vectors record and check (:func:`warn_if_other_model`).
 
 Devices: ``device=None`` keeps the model where transformers loads it (CPU), ``"auto"`` picks CUDA
 when available; ``device_map`` (e.g. ``"auto"``) dispatches a large model over several GPUs / CPU
@@ -16,13 +25,17 @@ offload with accelerate, and is exclusive with ``device``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.weights import check_model_folder, check_no_remote_code, fingerprint, shape_mismatch_error
 
 ModelKind = Literal["auto", "vlm", "causal_lm"]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -55,15 +68,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     return dev
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def check_model_path(path: str | os.PathLike[str]) -> str:
     """Validate a model location before loading: an existing model directory, or a hub id.
 
-    A string that exists on disk, or that looks like a local path (absolute, ``./``, ``~``, more than
-    one ``/``) must be a directory holding ``config.json``; ``org/name`` is left to the hub.
+    A string that exists on disk must be a directory holding ``config.json``, and passes
+    :func:`vlmsafe.weights.check_model_folder` (no code, safetensors only, valid headers). One that
+    does not exist is refused at once when it looks local: absolute, ``./``, ``~``, not one ``/``,
+    or ``org/name`` whose ``org`` is a local folder (``assets/testbd``, a typo) -- never sent to the
+    hub for a minute of retries. A hub id in offline mode must be in the Hugging Face cache.
     """
     text = os.fspath(path)
     expanded = os.path.expanduser(text)
-    looks_local = os.path.isabs(expanded) or text.startswith((".", "~")) or text.count("/") != 1 or os.sep != "/"
     if os.path.exists(expanded):
         if not os.path.isdir(expanded):
             raise FileFormatError(
@@ -74,9 +92,42 @@ def check_model_path(path: str | os.PathLike[str]) -> str:
                 f"{text}: has no config.json; pass a directory written by save_pretrained (model + processor)"
             )
         return expanded
+    parent = os.path.dirname(expanded.rstrip("/\\"))
+    looks_local = (os.path.isabs(expanded) or text.startswith((".", "~")) or not _HUB_ID.match(text)
+                   or (parent and os.path.isdir(parent)))
     if looks_local:
-        raise FileFormatError(f"{text}: no such directory; pass the folder of a model saved with save_pretrained")
+        hint = _did_you_mean(expanded)
+        raise FileFormatError(
+            f"{text}: no such directory{hint}; pass the folder of a model saved with save_pretrained"
+        )
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(text, "config.json"), str):
+            raise FileFormatError(
+                f"{text}: no such local folder, and not a model in the Hugging Face cache (offline mode is on); pass "
+                f"a model folder, or download it first (`hf download {text}` with HF_HUB_OFFLINE unset)"
+            )
     return text
+
+
+def _did_you_mean(path: str) -> str:
+    import difflib
+
+    parent, name = os.path.split(path.rstrip("/\\"))
+    try:
+        siblings = [e.name for e in os.scandir(parent or ".") if e.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
+    return f" (did you mean {os.path.join(parent, close[0])}?)" if close else ""
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES",
+                                                                                                     "TRUE")
 
 
 def load_model(
@@ -112,8 +163,12 @@ def load_model(
         _check_adapter(adapter)  # before the model loads
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
+    # No code, safetensors only, valid headers: checked before transformers reads a byte, for a local folder
+    # and for a hub model already in the cache (offline); one still to be downloaded is checked by transformers.
+    folder = location if os.path.isdir(location) else _cached_snapshot(location)
+    headers = _local_folder_weights(folder) if folder is not None else None
     try:
-        config = AutoConfig.from_pretrained(location)
+        config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).split("\n")[0]
         archs = _architectures(location)
@@ -132,29 +187,124 @@ def load_model(
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model, processor = _from_pretrained(location, kind, kwargs)
+    stored = {n: entry[0].shape for header in (headers or {}).values() for n, entry in header.items()}
+    model, processor = _from_pretrained(location, kind, kwargs, stored)
+    if headers is not None:  # which weights these are: vectors calibrated on them remember it
+        set_fingerprint(model, fingerprint(headers))
     if adapter is not None:
         model = _with_adapter(model, adapter)
+        set_fingerprint(model, None)  # the adapter changes the weights; an unknown model, not the folder's
     if target is not None:
         model = model.to(target)
     return model.eval(), processor
 
 
-def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The Hugging Face cache folder of ``repo_id`` when offline (what transformers will load), else None."""
+    if not _offline():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    return os.path.dirname(cached) if isinstance(cached, str) else None
+
+
+def _local_folder_weights(location: str) -> dict[Any, Any] | None:
+    """:func:`vlmsafe.weights.check_model_folder`, except for an original LLaVA checkpoint, which gets the
+    convert-llava advice from :func:`load_model` (it is usually published as pickle ``.bin`` shards)."""
+    if any(a in ORIGINAL_LLAVA_ARCHITECTURES for a in _architectures(location)):
+        check_no_remote_code(location)
+        return None
+    return check_model_folder(location)
+
+
+def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any],
+                     stored: dict[str, tuple[int, ...]]) -> tuple[nn.Module, Any]:
     from safetensors import SafetensorError  # a truncated or corrupt weights file (not an OSError)
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+    # Remote code never runs; a tensor whose shape differs from the config is reported by name (transformers
+    # would reinitialise it, or raise after a long table), so mismatches are collected rather than raised.
+    kwargs = {**kwargs, "trust_remote_code": False, "ignore_mismatched_sizes": True, "output_loading_info": True}
     try:
-        if kind == "vlm":
-            model = AutoModelForImageTextToText.from_pretrained(location, **kwargs)
-            return model, AutoProcessor.from_pretrained(location)
-        return AutoModelForCausalLM.from_pretrained(location, **kwargs), AutoTokenizer.from_pretrained(location)
+        with _quiet_size_mismatch_report():
+            if kind == "vlm":
+                model, info = AutoModelForImageTextToText.from_pretrained(location, **kwargs)
+            else:
+                model, info = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        error = shape_mismatch_error(location, info.get("mismatched_keys"), stored)
+        if error is None:
+            auto = AutoProcessor if kind == "vlm" else AutoTokenizer
+            return model, auto.from_pretrained(location, trust_remote_code=False)
     except (OSError, ValueError, SafetensorError) as exc:
         first = str(exc).split("\n")[0]
         raise FileFormatError(
             f"{location}: cannot load a {'vision-language model' if kind == 'vlm' else 'causal LM'} ({first}); check "
             "that the directory holds the weights and the processor/tokenizer files"
         ) from None
+    raise error
+
+
+@contextlib.contextmanager
+def _quiet_size_mismatch_report() -> Iterator[None]:
+    """Drop transformers' load-report table when it reports size mismatches: :func:`_from_pretrained` refuses
+    the model with one line instead. Other reports (missing or unexpected keys) still reach the log."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "size mismatch" not in record.getMessage()
+
+    log = logging.getLogger("transformers.modeling_utils")
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
+#: Attribute :func:`load_model` sets on a model: :func:`vlmsafe.weights.fingerprint` of the weights it loaded.
+FINGERPRINT_ATTR = "vlmsafe_fingerprint"
+
+
+def set_fingerprint(model: nn.Module, value: str | None) -> None:
+    object.__setattr__(model, FINGERPRINT_ATTR, value)
+
+
+def model_fingerprint(model: Any) -> str | None:
+    """The fingerprint of the weights ``model`` was loaded from by :func:`load_model`; None if unknown (a model
+    built in memory, loaded another way, or with an adapter on top)."""
+    inner = getattr(model, "model", None)  # a ModelAdapter wraps the model
+    for m in (model, inner):
+        if FINGERPRINT_ATTR in getattr(m, "__dict__", {}):
+            value = m.__dict__[FINGERPRINT_ATTR]
+            return value if isinstance(value, str) else None
+    return None
+
+
+def warn_if_other_model(meta: Mapping[str, Any], model: Any, *, what: str, strict: bool = False) -> None:
+    """One stderr line (once per pair) when ``meta`` (of vectors or directions) records weights other than
+    ``model``'s; :class:`IncompatibleVectorsError` instead with ``strict``. Silent when either side is unknown
+    (vectors saved before fingerprints were recorded, a model built in memory)."""
+    import sys
+
+    from vlmsafe.errors import IncompatibleVectorsError
+
+    recorded = meta.get("model_fingerprint")
+    current = model_fingerprint(model)
+    if not isinstance(recorded, str) or current is None or recorded == current:
+        return
+    source = meta.get("model_name") or "another model"
+    msg = (f"{what} were calibrated on {source}, whose weights differ from the model loaded now (same architecture, "
+           "other weights: e.g. a merged or fine-tuned copy)")
+    if strict:
+        raise IncompatibleVectorsError(f"{msg}; calibrate them on this model with `vlmsafe calibrate`")
+    if (recorded, current) not in _WARNED:
+        _WARNED.add((recorded, current))
+        print(f"vlmsafe: warning: {msg}; their effect was measured on the other model, so calibrate on this one "
+              "with `vlmsafe calibrate` to be sure", file=sys.stderr)
+
+
+_WARNED: set[tuple[str, str]] = set()
 
 
 def _with_adapter(model: nn.Module, adapter: str | os.PathLike[str]) -> nn.Module:

@@ -44,6 +44,7 @@ from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import atomic_path, check_output, read_json, write_json_atomic
 from vlmsafe.merge import Checkpoint, is_buffer
 from vlmsafe.merge.writer import OutputTensor, ShardedWriter, parse_size
+from vlmsafe.weights import check_no_remote_code
 
 from .templates import DEFAULT_TEMPLATE, TEMPLATES
 
@@ -91,6 +92,7 @@ def convert_llava(
     for p, what in ((src, "original LLaVA directory"), (vis, "--vision CLIP directory")):
         if not p.is_dir():
             raise FileFormatError(f"{p}: no such {what}; pass the directory that holds config.json and the weights")
+        check_no_remote_code(p, what)  # the original's tokenizer is loaded with transformers
     dest = check_output(out, kind="dir", overwrite=overwrite)
     for p in (src, vis):
         if dest.resolve() == p.resolve() or p.resolve() in dest.resolve().parents:
@@ -231,7 +233,7 @@ def _tokenizer(src: Path):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(src)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise FileFormatError(f"{src}: cannot load its tokenizer ({exc}); the original directory must hold the "
                               "tokenizer files it was published with") from None

@@ -40,8 +40,9 @@ from typing import Any, BinaryIO
 
 import torch
 
-from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import parse_json, read_json, sha256_file
+from vlmsafe.errors import FileFormatError
+from vlmsafe.io import read_json, sha256_file
+from vlmsafe.weights import TensorInfo, read_safetensors_header, st_dtype, torch_dtype  # noqa: F401 - re-exported
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -50,58 +51,7 @@ BIN_SINGLE = "pytorch_model.bin"
 # Backwards-compatible names.
 INDEX_NAME, SINGLE_NAME = SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
-#: safetensors dtype strings <-> torch dtypes (those torch can hold).
-_ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
 _BLOCK = 8 << 20
-
-
-def torch_dtype(st_dtype: str) -> torch.dtype:
-    try:
-        return _ST_TO_TORCH[st_dtype]
-    except KeyError:
-        raise FileFormatError(
-            f"unsupported safetensors dtype {st_dtype!r}; convert the checkpoint to F16/BF16/F32"
-        ) from None
-
-
-def st_dtype(dtype: torch.dtype) -> str:
-    try:
-        return _TORCH_TO_ST[dtype]
-    except KeyError:
-        raise InputError(f"cannot write dtype {dtype} to safetensors; choose float16, bfloat16 or float32") from None
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Header information of one stored tensor."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -357,33 +307,9 @@ def _read_index(directory: Path, index: Path) -> dict[str, Path]:
 
 
 def read_header(file: Path, role: str = "checkpoint") -> tuple[dict[str, tuple[TensorInfo, int, int]], int]:
-    """Parse a safetensors header: ``{name: (info, begin, end)}`` (offsets into the data) and the data start."""
-    bad = f"{role} file {file} is not a readable safetensors file"
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if n <= 0 or n > min(size - 8, 1 << 28):
-            raise FileFormatError(f"{bad} (bad header length); re-download or re-save it")
-        try:
-            text = f.read(n).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise FileFormatError(f"{bad} (corrupted header: {exc}); re-download or re-save it") from None
-    header = parse_json(text, where=f"{bad}: header", fix="re-download or re-save the checkpoint")
-    if not isinstance(header, dict):
-        raise FileFormatError(f"{bad} (header is not a mapping); re-download or re-save it")
-    header.pop("__metadata__", None)
-    out: dict[str, tuple[TensorInfo, int, int]] = {}
-    for name, entry in header.items():
-        try:
-            info = TensorInfo(torch_dtype(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FileFormatError(f"{bad} (bad entry for {name}: {exc}); re-download or re-save it") from exc
-        if end - begin != info.nbytes or begin < 0 or 8 + n + end > size:
-            raise FileFormatError(f"{bad}: tensor {name} has a bad byte range (truncated file?); re-download it")
-        out[name] = (info, begin, end)
-    return out, 8 + n
+    """Parse and validate a safetensors header with the one validator every reader uses
+    (:func:`vlmsafe.weights.read_safetensors_header`): ``{name: (info, begin, end)}`` and the data start."""
+    return read_safetensors_header(file, role)
 
 
 def _st_entries(file: Path, role: str) -> dict[str, _Entry]:

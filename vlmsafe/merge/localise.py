@@ -37,6 +37,7 @@ from vlmsafe.errors import InputError
 from vlmsafe.io import atomic_path, check_output
 from vlmsafe.merge.checkpoint import Checkpoint
 from vlmsafe.merge.keymap import DECODER_LAYERS, KeyMap, canonical_name
+from vlmsafe.merge.plan import check_roles
 from vlmsafe.merge.writer import OutputTensor, ShardedWriter
 from vlmsafe.validation import check_float
 
@@ -66,6 +67,7 @@ def weight_difference_scores(
     """
     km = keymap or KeyMap()
     with Checkpoint(vlm, role="VLM") as v, Checkpoint(aligned, role="aligned model") as a:
+        check_roles(v, a, km)
         keys = set(a.keys())
         for name in v:
             if not _selected(name, include) or not v.info(name).dtype.is_floating_point:
@@ -226,6 +228,7 @@ def weight_difference_mask(
                         inputs=(("--vlm", vlm), ("--aligned", aligned)))
     km = KeyMap()
     with Checkpoint(vlm, role="VLM") as v, Checkpoint(aligned, role="aligned model") as a:
+        check_roles(v, a, km)
         keys = set(a.keys())
         plan = [
             OutputTensor(canonical_name(n, km), torch.bool, v.info(n).shape)

@@ -23,6 +23,7 @@ from vlmsafe.merge.checkpoint import Checkpoint, st_dtype
 from vlmsafe.merge.config import MergeConfig
 from vlmsafe.merge.keymap import KeyMap, is_buffer, is_vocab_tensor, layer_index
 from vlmsafe.merge.writer import OutputTensor
+from vlmsafe.weights import fingerprint
 
 _MAX_LISTED = 12
 #: Reason recorded for stored buffers.
@@ -98,6 +99,29 @@ def _compatible(
     return rows
 
 
+def check_roles(vlm: Checkpoint, aligned: Checkpoint, keymap: KeyMap) -> None:
+    """Refuse the two mix-ups that otherwise "succeed": one model given twice (every tensor merged with
+    itself, the vision tower included: a copy presented as a safety merge) and ``--vlm`` / ``--aligned``
+    swapped (the text-only LLM as the VLM: dozens of "no counterpart" problems and a hint at
+    ``--allow-passthrough``, which would write the LLM back unchanged)."""
+    same = vlm.path.resolve() == aligned.path.resolve()
+    stored = all(f.suffix == ".safetensors" for f in vlm.files + aligned.files)
+    if not same and stored and set(vlm.keys()) == set(aligned.keys()):
+        same = fingerprint(vlm.files, vlm.role) == fingerprint(aligned.files, aligned.role)
+    if same:
+        raise InputError(
+            f"--vlm {vlm.path} and --aligned {aligned.path} are the same model (same weights), so the merge would "
+            "change nothing; pass the safety-aligned text-only LLM the VLM was built from as --aligned"
+        )
+    vision = [k for k in aligned if keymap.lm_name(k) is None and not is_buffer(k)]
+    if vision and all(keymap.lm_name(k) is not None or is_buffer(k) for k in vlm):
+        raise InputError(
+            f"--vlm and --aligned look swapped: --vlm {vlm.path} has no vision tower (a text-only LLM) while "
+            f"--aligned {aligned.path} has one ({len(vision)} tensors such as {vision[0]}); pass the VLM as --vlm "
+            "and the text-only LLM as --aligned"
+        )
+
+
 def plan_merge(cfg: MergeConfig, vlm: Checkpoint, aligned: Checkpoint, base: Checkpoint | None = None,
                mask: Checkpoint | None = None) -> MergePlan:
     """Decide, from headers only, what happens to every VLM tensor; raise one clear error if anything is off."""
@@ -107,6 +131,7 @@ def plan_merge(cfg: MergeConfig, vlm: Checkpoint, aligned: Checkpoint, base: Che
                 raise InputError(f"{param} rule {rule.pattern!r} matches no tensor name of {vlm.path} (they look "
                                  f"like {next(iter(vlm.keys()), '?')}); fix the pattern")
     keymap = KeyMap(cfg.key_rules)
+    check_roles(vlm, aligned, keymap)
     problems: list[str] = []
     items: list[PlanItem] = []
     used_aligned: set[str] = set()

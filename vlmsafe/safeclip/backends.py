@@ -31,6 +31,7 @@ from torch import nn
 from vlmsafe.errors import FileFormatError, InputError, UnsupportedModelError
 from vlmsafe.io import atomic_path, read_json
 from vlmsafe.validation import check_choice
+from vlmsafe.weights import check_no_remote_code
 
 #: Which token states :meth:`CLIPBackend.encode_text_states` returns (see there).
 TOKEN_STATE_LAYERS = ("last", "penultimate")
@@ -160,8 +161,9 @@ class HFCLIPBackend(CLIPBackend):
         """Load model, tokenizer and image processor from a local directory or hub id."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
+        check_no_remote_code(path, "CLIP model folder")
         try:
-            model = CLIPModel.from_pretrained(str(path), **kwargs)
+            model = CLIPModel.from_pretrained(str(path), **{"trust_remote_code": False, **kwargs})
         except OSError as exc:
             raise FileFormatError(
                 f"cannot load a CLIPModel from {path!s}: {exc}. Pass a directory written by save_pretrained "
@@ -169,9 +171,9 @@ class HFCLIPBackend(CLIPBackend):
             ) from exc
         tokenizer = image_processor = None
         with contextlib.suppress(OSError, ValueError, TypeError):
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         with contextlib.suppress(OSError, ValueError, TypeError):
-            image_processor = AutoImageProcessor.from_pretrained(str(path))
+            image_processor = AutoImageProcessor.from_pretrained(str(path), trust_remote_code=False)
         return cls(model, tokenizer, image_processor)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:

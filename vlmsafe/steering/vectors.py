@@ -29,6 +29,7 @@ from vlmsafe import __version__
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json, sha256_file
+from vlmsafe.loading import model_fingerprint, warn_if_other_model
 
 TENSOR_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
@@ -387,6 +388,7 @@ def calibration_meta(adapter: ModelAdapter, *, layers: list[int], positions: str
         "positions": positions,
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "vlmsafe_version": __version__,
+        **({"model_fingerprint": fp} if (fp := model_fingerprint(adapter.model)) else {}),  # see check_fits
         **extra,
     }
 #: How per-item shifts become one vector per layer (see :meth:`ShiftAccumulator.to_vectors`).
@@ -448,6 +450,7 @@ def check_fits(meta: Mapping[str, Any], hidden_size: int, layers: list[int], mod
             f"{title or what} calibrated on {source} do not fit {type(adapter.model).__name__}: "
             + "; ".join(problems) + ". " + fix
         )
+    warn_if_other_model(meta, adapter.model, what=title or what)  # same shapes, other weights: a warning
 
 
 class ShiftAccumulator:

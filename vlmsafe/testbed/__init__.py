@@ -55,8 +55,8 @@ def load_testbed(path: str | os.PathLike[str] | None = None):
 
     d = testbed_dir(path)
     _require(d / "config.json", "model")
-    model = LlavaForConditionalGeneration.from_pretrained(d, local_files_only=True)
-    processor = AutoProcessor.from_pretrained(d, local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(d, local_files_only=True, trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(d, local_files_only=True, trust_remote_code=False)
     return model.eval(), processor
 
 
@@ -71,7 +71,7 @@ def load_aligned_lm(path: str | os.PathLike[str] | None = None):
     d = testbed_dir(path) / "aligned_lm"
     _require(d / "config.json", "aligned language model")
     return LlamaForCausalLM.from_pretrained(d, local_files_only=True).eval(), AutoTokenizer.from_pretrained(
-        d, local_files_only=True
+        d, local_files_only=True, trust_remote_code=False
     )
 
 
