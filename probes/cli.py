@@ -223,19 +223,17 @@ def _finish(report: Any, args: argparse.Namespace, started: float, **plot_kwargs
 
 
 def run_layers(args: argparse.Namespace) -> int:
-    from probes.analysis import probe_layers
-
     started = time.perf_counter()
     model, processor, items, kwargs = _load(args, steering_enabled=not args.no_steering)
+    from probes.analysis import probe_layers  # after _load, which names a missing scikit-learn in one line
     report = probe_layers(model, processor, items, test_size=args.test_size, **kwargs)
     return _finish(report, args, started)
 
 
 def run_shift(args: argparse.Namespace) -> int:
-    from probes.analysis import analyze_shift
-
     started = time.perf_counter()
     model, processor, items, kwargs = _load(args)
+    from probes.analysis import analyze_shift  # after _load, which names a missing scikit-learn in one line
     report = analyze_shift(model, processor, items, **kwargs)
     return _finish(report, args, started)
 

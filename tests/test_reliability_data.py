@@ -504,6 +504,6 @@ def test_a_task_vector_merge_without_peft_is_refused_when_configured(tmp_path, m
     from vlmsafe.merge.config import MergeConfig
 
     _hide(monkeypatch, "peft")
-    with pytest.raises(MissingExtraError, match=r"the ties merge needs peft"):
+    with pytest.raises(MissingExtraError, match=r"the ties merge needs peft.*vlmsafe\[merge\]"):
         MergeConfig(vlm=tmp_path / "v", aligned=tmp_path / "a", output=tmp_path / "o", method="ties", density=0.5)
     MergeConfig(vlm=tmp_path / "v", aligned=tmp_path / "a", output=tmp_path / "o", method="linear")  # no peft needed

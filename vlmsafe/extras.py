@@ -20,6 +20,7 @@ from vlmsafe.errors import VlmsafeError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "probes": ("sklearn", "matplotlib"),
     "safeclip": ("peft", "open_clip", "diffusers"),
+    "merge": ("peft",),
 }
 #: Distribution names where they differ from the module name (what ``pip install`` takes).
 DISTRIBUTIONS: dict[str, str] = {"sklearn": "scikit-learn", "open_clip": "open_clip_torch"}

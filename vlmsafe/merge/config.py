@@ -100,7 +100,7 @@ class MergeConfig:
         if self.method in TASK_VECTOR_METHODS:  # peft's merge_utils: a missing package named before the work
             from vlmsafe.extras import require_extra
 
-            require_extra("safeclip", "peft", feature=f"the {self.method} merge")
+            require_extra("merge", "peft", feature=f"the {self.method} merge")
         if self.base is not None and self.method not in TASK_VECTOR_METHODS:
             raise InputError(f"`base` only applies to {sorted(TASK_VECTOR_METHODS)}; remove it for {self.method}.")
         if self.convention not in ("mergekit", "peft"):
