@@ -164,6 +164,18 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def remote_id(spec: str | os.PathLike[str]) -> str | None:
+    """``spec`` when it is to be fetched from the Hub: an ``org/name`` id that is no local path (it does not
+    exist, is not absolute or ``./`` / ``~``, and ``org`` is no local folder: a typo in a path is never sent
+    to the Hub), else ``None``."""
+    text = os.fspath(spec)
+    expanded = os.path.expanduser(text)
+    parent = os.path.dirname(expanded.rstrip("/\\"))
+    if hub_id(text) is None or (parent and os.path.isdir(parent)):
+        return None
+    return text
+
+
 def resolve(spec: str | os.PathLike[str], *, patterns: Sequence[str], what: str, revision: str | None = None) -> Path:
     """The local folder of ``spec``: itself when it exists or looks like a path, else a Hub repository id
     downloaded with ``huggingface_hub.snapshot_download`` (only ``patterns``; the cache is reused).
@@ -172,11 +184,9 @@ def resolve(spec: str | os.PathLike[str], *, patterns: Sequence[str], what: str,
     has. Hub failures become one :class:`FileFormatError` line naming the id and the fix: offline and not in
     the cache, no such repository (or private), no such revision, the Hub unreachable.
     """
-    text = os.fspath(spec)
-    expanded = os.path.expanduser(text)
-    parent = os.path.dirname(expanded.rstrip("/\\"))
-    if os.path.exists(expanded) or hub_id(text) is None or (parent and os.path.isdir(parent)):
-        return Path(expanded)
+    text = remote_id(spec)
+    if text is None:
+        return Path(os.path.expanduser(os.fspath(spec)))
     import huggingface_hub
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -264,4 +274,4 @@ def push_saved(save: Any, repo_id: str, **kwargs: Any) -> str:
 
 
 __all__ = ["CARD_FILE", "CHECKPOINT_PATTERNS", "LIBRARY_NAME", "digest_lines", "hub_id", "push_saved",
-           "push_to_hub", "read_card", "render_card", "resolve", "write_card"]
+           "push_to_hub", "read_card", "remote_id", "render_card", "resolve", "write_card"]
