@@ -51,6 +51,13 @@ def hub_id(name: Any) -> str | None:
     return name if _HUB_ID.match(name) and not looks_local else None
 
 
+def display_name(name: Any) -> str | None:
+    """How a card's title names a model: its Hub id, or a local folder's name (not the path on this machine)."""
+    if not name:
+        return None
+    return hub_id(name) or Path(os.fspath(name)).name or str(name)
+
+
 def digest_lines(lines: Iterable[str]) -> str:
     """sha256 of ``lines`` joined by newlines: a data fingerprint that does not depend on where the files lie."""
     h = hashlib.sha256()
@@ -273,5 +280,5 @@ def push_saved(save: Any, repo_id: str, **kwargs: Any) -> str:
         return push_to_hub(folder, repo_id, **kwargs)
 
 
-__all__ = ["CARD_FILE", "CHECKPOINT_PATTERNS", "LIBRARY_NAME", "digest_lines", "hub_id", "push_saved",
+__all__ = ["CARD_FILE", "CHECKPOINT_PATTERNS", "LIBRARY_NAME", "digest_lines", "display_name", "hub_id", "push_saved",
            "push_to_hub", "read_card", "remote_id", "render_card", "resolve", "write_card"]

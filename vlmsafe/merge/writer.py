@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from vlmsafe.cards import digest_lines, render_card
+from vlmsafe.cards import digest_lines, display_name, render_card
 from vlmsafe.errors import InputError
 from vlmsafe.merge.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorInfo, st_dtype
 
@@ -301,7 +301,7 @@ model, processor = load_model("THIS_FOLDER_OR_HUB_ID")
 ```"""
     return render_card(
         artifact="merged-model", method=method,
-        title=f"{Path(str(config.get('output', 'merged'))).name}: a safety merge of {names.get('vlm')}",
+        title=f"{display_name(config.get('output')) or 'merged'}: a safety merge of {display_name(names.get('vlm'))}",
         summary=("A vision-language model whose language model was merged with a safety-aligned language model "
                  "by vlmsafe, to bring back the aligned model's refusals without retraining."),
         base_model=[names[r] for r in ("vlm", "aligned", "base") if r in names], relation="merge",

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from vlmsafe.cards import CARD_FILE, digest_lines, render_card
+from vlmsafe.cards import CARD_FILE, digest_lines, display_name, render_card
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import atomic_path, read_json
 from vlmsafe.safeclip.config import SafeCLIPTrainingConfig, TrainerState
@@ -195,7 +195,7 @@ def safeclip_card(trainer: Any) -> str:
     the training data's sha256, the best validation metrics."""
     cfg, st, backend = trainer.config, trainer.state, trainer.backend
     hf = backend.kind == "hf"
-    base = getattr(backend.model, "name_or_path", None) if hf else backend.model_name
+    base = getattr(getattr(backend.model, "config", None), "name_or_path", None) if hf else backend.model_name
     base = base or None
     lora = ({"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
              "lora_target_modules": list(cfg.lora_target_modules or backend.default_lora_modules)}
@@ -242,7 +242,7 @@ backend = load_backend("THIS_FOLDER_OR_HUB_ID")  # open_clip_config.json + open_
     mode = "LoRA (merged into the weights)" if cfg.use_lora else "full fine-tuning"
     return render_card(
         artifact="safe-clip-encoder", method="safe-clip",
-        title=f"Safe-CLIP: {base or 'a CLIP model'} fine-tuned away from NSFW concepts",
+        title=f"Safe-CLIP: {display_name(base) or 'a CLIP model'} fine-tuned away from NSFW concepts",
         summary=(f"A CLIP model whose {' and '.join(trainer.towers)} tower(s) were fine-tuned with the Safe-CLIP "
                  f"objective (Poppi et al., ECCV 2024) by {mode}: unsafe inputs are mapped near their safe "
                  f"counterparts while safe inputs keep the original model's embeddings."),

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vlmsafe.cards import CARD_FILE, push_saved, render_card, resolve, write_card
+from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, resolve, write_card
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json
 from vlmsafe.steering.vectors import (
@@ -253,7 +253,7 @@ Then steer with `steer_shiftdc(model, directions, alpha={alpha}, prompts=..., im
              f"- `{CAPTIONS_FILE}`: every calibration item's caption and where it came from")
     return render_card(
         artifact="safety-directions", method="shiftdc",
-        title=f"ShiftDC safety directions for {model or 'a vision-language model'}",
+        title=f"ShiftDC safety directions for {display_name(model) or 'a vision-language model'}",
         summary=(f"Per-layer safety directions (mean benign minus mean harmful last-token state of prompt + "
                  f"caption inputs) at {len(layers)} decoder layer(s), for ShiftDC: at inference only the "
                  f"safety-relevant part of the image-induced shift is removed. alpha {alpha}."),

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmsafe import __version__
 from vlmsafe.adapters import ModelAdapter, get_adapter
-from vlmsafe.cards import CARD_FILE, push_saved, render_card, resolve, write_card
+from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, resolve, write_card
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json, sha256_file
 from vlmsafe.loading import model_fingerprint, warn_if_other_model
@@ -442,7 +442,7 @@ Or on the command line: `vlmsafe generate --model MODEL --vectors THIS_FOLDER_OR
              f"- `{META_FILE}`: the full provenance and per-layer statistics, with the tensor file's sha256")
     return render_card(
         artifact="steering-vectors", method=str(meta.get("method", "cmrm")),
-        title=f"CMRM steering vectors for {model or 'a vision-language model'}",
+        title=f"CMRM steering vectors for {display_name(model) or 'a vision-language model'}",
         summary=(f"Per-layer shift vectors (multimodal minus text-only hidden states) at {len(layers)} decoder "
                  f"layer(s), for Cross-Modal Representation Manipulation: at inference the shift is removed "
                  f"from the hidden states of image inputs, which restores the language model's text-only "
