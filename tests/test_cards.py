@@ -353,3 +353,28 @@ def test_merge_card_lists_hub_inputs_as_base_models():
     meta = ModelCard(merge_card(recipe)).data.to_dict()
     assert meta["base_model"] == [BASE, "lmsys/vicuna-7b-v1.5"] and meta["base_model_relation"] == "merge"
     assert meta["vlmsafe"]["settings"]["density"] == 0.5 and meta["vlmsafe"]["data"]["sha256"] is None
+
+
+def test_generate_cli_takes_vectors_by_hub_id(vectors, llava, hub, monkeypatch, tmp_path, capsys):
+    from vlmsafe.cli import main
+
+    model, processor = llava
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    with hub.online(monkeypatch):
+        vectors.push_to_hub("org/cmrm")
+    common = ["generate", "--model", str(tmp_path / "model"), "--prompt", "hello", "--max-new-tokens", "2",
+              "--alpha", "1"]
+    assert main([*common, "--vectors", "org/cmrm"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--vectors", "org/not-downloaded"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vlmsafe generate: error: org/not-downloaded: no such local folder")
+
+
+def test_a_recorded_alpha_is_checked_on_load(vectors, tmp_path):
+    out = vectors.save(tmp_path / "vecs")
+    meta = json.loads((out / "vectors.json").read_text())
+    (out / "vectors.json").write_text(json.dumps({**meta, "alpha": "strong"}))
+    with pytest.raises(FileFormatError, match=r"field 'alpha' must be a number >= 0, got \"strong\""):
+        ShiftVectors.load(out)
