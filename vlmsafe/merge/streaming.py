@@ -36,13 +36,14 @@ from typing import Any
 
 import torch
 
+from vlmsafe.cards import write_card
 from vlmsafe.io import atomic_path, check_output, read_json
 from vlmsafe.merge.checkpoint import Checkpoint
 from vlmsafe.merge.config import MergeConfig
 from vlmsafe.merge.methods import apply_mask, merge_pair
 from vlmsafe.merge.pipeline import BufferPool, run_pipeline
 from vlmsafe.merge.plan import BUFFER_REASON, PASSTHROUGH_PREFIX, MergePlan, PlanItem, plan_merge
-from vlmsafe.merge.writer import ShardedWriter, copy_side_files
+from vlmsafe.merge.writer import ShardedWriter, copy_side_files, merge_card
 
 __all__ = ["CHUNK_ELEMENTS", "RECIPE_NAME", "MergeResult", "merge_checkpoints", "plan_merge"]
 
@@ -77,6 +78,13 @@ class MergeResult:
     @property
     def num_copied(self) -> int:
         return int(self.recipe["tensors"]["copied"])
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload the merged model (with its card) to the Hub repository ``repo_id``: see
+        :func:`vlmsafe.cards.push_to_hub` for ``kwargs``."""
+        from vlmsafe.cards import CHECKPOINT_PATTERNS, push_to_hub
+
+        return push_to_hub(self.output, repo_id, patterns=CHECKPOINT_PATTERNS, **kwargs)
 
 
 def _seed_for(seed: int, name: str) -> int:
@@ -261,6 +269,7 @@ def merge_checkpoints(cfg: MergeConfig, *, progress: bool = True) -> MergeResult
                 _set_config_dtype(tmp / "config.json", cfg.dtype)
             recipe = _recipe(cfg, plan, writer, hashes, cks)
             (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
+            write_card(tmp, merge_card(recipe))  # after the VLM's side files: the VLM's own card is replaced
     return MergeResult(cfg.output, recipe, time.perf_counter() - start)
 
 

@@ -9,6 +9,9 @@ header length, JSON header padded with spaces to 8 bytes, contiguous little-endi
 Durability without a stall at the end: while a shard is written, the data already written is
 flushed to disk in the background (``fdatasync`` every ``flush_bytes``) so the final ``fsync``
 of a multi-GB output does not wait for all of it at once.
+
+:func:`merge_card` is the merged model's ``README.md``: a Hugging Face model card whose metadata and body
+carry the merge recipe (as mergekit's output does), written by the merge inside its atomic output.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
+from vlmsafe.cards import digest_lines, display_name, render_card
 from vlmsafe.errors import InputError
 from vlmsafe.merge.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorInfo, st_dtype
 
@@ -240,3 +244,67 @@ def copy_side_files(src: Path, dst: Path, *, skip: Iterable[str] = ()) -> list[s
         shutil.copy2(f, dst / f.name)
         copied.append(f.name)
     return copied
+
+
+#: Recipe settings a card leaves out: where the output went and how it was written, not what it is.
+_NOT_SETTINGS = ("vlm", "aligned", "base", "output", "overwrite", "max_shard_size", "hash_inputs")
+#: What each role is, in a card.
+_ROLES = {"vlm": "vision-language model (its layout, vision tower and projector are kept)",
+          "aligned": "safety-aligned language model", "base": "common base model", "mask": "merge mask"}
+
+
+def merge_card(recipe: dict[str, Any]) -> str:
+    """The model card of a merged model from its ``vlmsafe_merge.json`` recipe: the input models (Hub ids as
+    ``base_model``), the method and its settings in the metadata, and the recipe as YAML in the body (what
+    ``vlmsafe merge CONFIG.yaml`` reads again), as mergekit writes its configuration into its cards."""
+    import yaml
+
+    config = dict(recipe.get("config", {}))
+    inputs = recipe.get("inputs", {})
+    names = {role: str(config.get(role)) for role in ("vlm", "aligned", "base") if config.get(role)}
+    method = str(config.get("method", "linear"))
+    settings = {k: v for k, v in config.items() if k not in _NOT_SETTINGS}
+    tensors = recipe.get("tensors", {})
+    settings["tensors_merged"] = tensors.get("merged")
+    settings["tensors_copied"] = tensors.get("copied")
+    role_digests: dict[str, Any] = {}
+    for role, entry in inputs.items():
+        hashes = entry.get("sha256") if isinstance(entry, dict) else None
+        role_digests[role] = {
+            "name": str(config.get(role)) if config.get(role) else entry.get("path"),
+            "files": len(hashes) if isinstance(hashes, dict) else None,
+            "sha256": (digest_lines(f"{n} {h}" for n, h in sorted(hashes.items())) if isinstance(hashes, dict)
+                       else None),
+        }
+    recorded = all(d["sha256"] for d in role_digests.values()) and bool(role_digests)
+    data = {
+        "sha256": digest_lines(f"{r} {d['sha256']}" for r, d in sorted(role_digests.items())) if recorded else None,
+        "description": ("no training data: the inputs are the models merged; sha256 over each input's weight and "
+                        "config files (per-file hashes in vlmsafe_merge.json)" if recorded else
+                        "no training data: the inputs are the models merged (file hashes not recorded: "
+                        "hash_inputs was false)"),
+        "inputs": role_digests,
+    }
+    models = "\n".join(f"* {_ROLES.get(role, role)}: `{d['name']}`" + (f" (sha256 `{d['sha256'][:16]}...`)"
+                                                                    if d["sha256"] else "")
+                       for role, d in role_digests.items())
+    recipe_yaml = yaml.safe_dump({k: v for k, v in config.items() if k != "overwrite"}, sort_keys=False).strip()
+    details = (f"This model was merged with the `{method}` method: the language model of `{names.get('vlm')}` and "
+               f"`{names.get('aligned')}` were combined tensor by tensor (the aligned model's share is `weight`); "
+               f"the vision tower and projector were copied unchanged.\n\n### Models Merged\n\n{models}\n\n"
+               f"### Configuration\n\nThe following YAML configuration was used to produce this model "
+               f"(`vlmsafe merge CONFIG.yaml` reads it):\n\n```yaml\n{recipe_yaml}\n```")
+    usage = """```python
+from vlmsafe.loading import load_model  # or transformers' AutoModelForImageTextToText / AutoProcessor
+
+model, processor = load_model("THIS_FOLDER_OR_HUB_ID")
+```"""
+    return render_card(
+        artifact="merged-model", method=method,
+        title=f"{display_name(config.get('output')) or 'merged'}: a safety merge of {display_name(names.get('vlm'))}",
+        summary=("A vision-language model whose language model was merged with a safety-aligned language model "
+                 "by vlmsafe, to bring back the aligned model's refusals without retraining."),
+        base_model=[names[r] for r in ("vlm", "aligned", "base") if r in names], relation="merge",
+        library_name="transformers", pipeline_tag="image-text-to-text", tags=["merge", "safety"],
+        settings=settings, data=data, sections=[("Merge Details", details), ("Usage", usage)],
+    )

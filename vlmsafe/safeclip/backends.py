@@ -21,7 +21,7 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,12 @@ class CLIPBackend(ABC):
 
     @abstractmethod
     def save_pretrained(
-        self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False
+        self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False,
+        extra_files: Mapping[str, str] | None = None,
     ) -> None:
         """Write ``model`` (default: ``self.model``) as a standard checkpoint, atomically
-        (an existing non-empty ``path`` is replaced only with ``overwrite=True``)."""
+        (an existing non-empty ``path`` is replaced only with ``overwrite=True``); ``extra_files``
+        (``{name: text}``, e.g. the model card) are written in the same atomic output."""
 
     def lora_target_regex(self, towers: Sequence[str], modules: Sequence[str] | None = None) -> str:
         """A ``peft`` ``target_modules`` regex limited to ``towers``.
@@ -234,7 +236,8 @@ class HFCLIPBackend(CLIPBackend):
         return r"vision_model\.embeddings"
 
     def save_pretrained(
-        self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False
+        self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False,
+        extra_files: Mapping[str, str] | None = None,
     ) -> None:
         model = self.model if model is None else model
         with atomic_path(path, overwrite=overwrite) as tmp:
@@ -243,6 +246,7 @@ class HFCLIPBackend(CLIPBackend):
                 self.tokenizer.save_pretrained(tmp)
             if self.image_processor is not None:
                 self.image_processor.save_pretrained(tmp)
+            _write_extra(tmp, extra_files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +388,8 @@ class OpenCLIPBackend(CLIPBackend):
         return {"kind": self.kind, "model_name": self.model_name, "model_cfg": self.model_cfg}
 
     def save_pretrained(
-        self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False
+        self, path: str | os.PathLike[str], model: nn.Module | None = None, *, overwrite: bool = False,
+        extra_files: Mapping[str, str] | None = None,
     ) -> None:
         from safetensors.torch import save_model
 
@@ -400,6 +405,12 @@ class OpenCLIPBackend(CLIPBackend):
             (tmp / OPEN_CLIP_CONFIG).write_text(
                 json.dumps({"model_name": self.model_name, "model_cfg": self.model_cfg}, indent=2) + "\n"
             )
+            _write_extra(tmp, extra_files)
+
+
+def _write_extra(folder: Path, files: Mapping[str, str] | None) -> None:
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text, encoding="utf-8")
 
 
 def load_backend(spec: str | os.PathLike[str]) -> CLIPBackend:
@@ -410,6 +421,10 @@ def load_backend(spec: str | os.PathLike[str]) -> CLIPBackend:
     * anything else → :meth:`HFCLIPBackend.from_pretrained` (local dir or hub id)
     """
     spec = str(spec)
+    from vlmsafe.cards import CHECKPOINT_PATTERNS, remote_id, resolve
+
+    if not spec.startswith("open_clip:") and remote_id(spec):  # a Hub id: its checkpoint files, then folder checks
+        spec = str(resolve(spec, patterns=CHECKPOINT_PATTERNS, what="a CLIP model folder written by save_pretrained"))
     if spec.startswith("open_clip:") or (Path(spec) / OPEN_CLIP_CONFIG).is_file():
         from vlmsafe.extras import require_extra
 

@@ -39,7 +39,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import write_json_atomic
 from vlmsafe.safeclip.backends import CLIPBackend
 from vlmsafe.safeclip.batches import TrainableTowers, epoch_loader, row_mask
 from vlmsafe.safeclip.checkpoint import CheckpointMixin, check_run_output, run_directory
@@ -303,11 +302,9 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
 
     def save_pretrained(self, path: str | os.PathLike[str], which: str = "best", *, overwrite: bool = False) -> Path:
         """Save the fine-tuned model as a standard checkpoint with LoRA merged (main process only)."""
-        if self.accelerator.is_main_process:
-            self.backend.save_pretrained(path, self.merged_model(which), overwrite=overwrite)
-            info = {"config": self.config.to_dict(), "towers": list(self.towers), "best_step": self.state.best_step,
-                    "global_step": self.state.global_step}
-            write_json_atomic(Path(path) / "safeclip_training.json", info)
+        if self.accelerator.is_main_process:  # the run's summary and the model card: in the same atomic output
+            self.backend.save_pretrained(path, self.merged_model(which), overwrite=overwrite,
+                                         extra_files=self.model_files())
         self.accelerator.wait_for_everyone()
         return Path(path)
 

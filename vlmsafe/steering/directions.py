@@ -3,7 +3,9 @@
 A directions folder holds ``directions.safetensors`` (``direction.<layer>``, ``benign_mean.<layer>``,
 ``harmful_mean.<layer>``, float32), ``directions.json`` (model, caption instruction and budget, counts,
 calibration hash, tensor sha256) and ``captions.jsonl`` (every calibration item's caption and where it
-came from, reusable as a cache). Nothing is ever unpickled; the tensor file's sha256 is checked on load.
+came from, reusable as a cache) and ``README.md``, the model card (:mod:`vlmsafe.cards`). Nothing is ever
+unpickled; the tensor file's sha256 is checked on load. ``SafetyDirections.load`` takes the folder or a Hub
+repository id; ``push_to_hub`` uploads them.
 """
 
 from __future__ import annotations
@@ -17,9 +19,18 @@ from typing import Any
 
 import torch
 
+from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, resolve, write_card
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json
-from vlmsafe.steering.vectors import META_SCHEMA, Field, check_fits, read_layer_tables, write_layer_tables
+from vlmsafe.steering.vectors import (
+    DEFAULT_ALPHA,
+    META_SCHEMA,
+    Field,
+    check_fits,
+    data_fields,
+    read_layer_tables,
+    write_layer_tables,
+)
 from vlmsafe.validation import check_template
 
 #: The reference code's caption instruction (``CAPTION_BASED_ON_Q``): the caption is written for the request.
@@ -30,6 +41,8 @@ TENSOR_FILE = "directions.safetensors"
 META_FILE = "directions.json"
 CAPTIONS_FILE = "captions.jsonl"
 FORMAT_VERSION = 1
+#: What a directions folder holds: all a Hub download fetches (and an upload sends).
+DIRECTION_FILES = (TENSOR_FILE, META_FILE, CAPTIONS_FILE, CARD_FILE)
 
 
 def _counts(value: Any) -> bool:
@@ -157,12 +170,20 @@ class SafetyDirections:
             (tmp / CAPTIONS_FILE).write_text(
                 "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in self.captions), encoding="utf-8"
             )
+            write_card(tmp, directions_card(meta))  # inside the atomic output: never a folder without its card
         return dest
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Save (with the card) and upload to the Hub repository ``repo_id``; returns the commit URL.
+        ``kwargs``: ``private``, ``token``, ``revision``, ``commit_message``, ``create_pr``."""
+        return push_saved(self.save, repo_id, patterns=DIRECTION_FILES, **kwargs)
+
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], model: Any | None = None) -> SafetyDirections:
-        """Read directions saved by :meth:`save` (checksum verified; nothing unpickled); validate against ``model``."""
-        root = Path(directory)
+    def load(cls, directory: str | os.PathLike[str], model: Any | None = None, *,
+             revision: str | None = None) -> SafetyDirections:
+        """Read directions saved by :meth:`save` from a folder or a Hub repository id (checksum verified; nothing
+        unpickled; a download gets every check a local folder does); validate against ``model``."""
+        root = resolve(directory, patterns=DIRECTION_FILES, what="a ShiftDC directions folder", revision=revision)
         fix = "re-create them with `vlmsafe calibrate --method shiftdc`"
         meta, tables = read_layer_tables(root, ("direction", "benign_mean", "harmful_mean"), tensor_file=TENSOR_FILE,
                                          meta_file=META_FILE, what="a ShiftDC directions folder", fix=fix,
@@ -190,6 +211,55 @@ class SafetyDirections:
         if model is not None:
             out.check_compatible(model)
         return out
+
+
+def directions_card(meta: dict[str, Any]) -> str:
+    """The model card of ShiftDC directions with ``meta`` (``directions.json``)."""
+    layers = list(meta.get("layers", []))
+    alpha = meta.get("alpha", DEFAULT_ALPHA)
+    model = meta.get("model_name") or meta.get("model_class")
+    counts = {k: meta.get(k) for k in ("n_benign", "n_harmful")}
+    items = sum(v for v in counts.values() if isinstance(v, int)) or None
+    settings = {
+        "alpha": alpha,
+        "layers": layers,
+        "positions": meta.get("positions", "last"),
+        "direction": meta.get("direction"),
+        "caption_prompt": meta.get("caption_prompt", CAPTION_PROMPT),
+        "caption_tokens": meta.get("caption_tokens", CAPTION_TOKENS),
+        **counts,
+        "caption_sources": meta.get("caption_sources"),
+        "hidden_size": meta.get("hidden_size"),
+        "num_layers": meta.get("num_layers"),
+        "model_class": meta.get("model_class"),
+        "family": meta.get("family"),
+        "system_prompt": meta.get("system_prompt"),
+    }
+    data = data_fields(meta, items=items)
+    data["description"] = (f"{counts['n_benign']} benign and {counts['n_harmful']} harmful calibration prompts with "
+                           "their image captions; sha256 over every item's prompt, label and caption, in order"
+                           + ("" if data["sha256"] else " (not recorded)"))
+    usage = f"""```python
+from vlmsafe.steering import SafetyDirections, load_model, steer_shiftdc
+
+model, processor = load_model({json.dumps(str(model or "BASE_MODEL"))})
+directions = SafetyDirections.load("THIS_FOLDER_OR_HUB_ID", model=model)
+```
+
+Then steer with `steer_shiftdc(model, directions, alpha={alpha}, prompts=..., images=...)`, or on the command line:
+`vlmsafe generate --model MODEL --shiftdc THIS_FOLDER_OR_HUB_ID --alpha {alpha} ...`."""
+    files = (f"- `{TENSOR_FILE}`: `direction.<layer>`, `benign_mean.<layer>`, `harmful_mean.<layer>` (float32)\n"
+             f"- `{META_FILE}`: the full provenance, with the tensor file's sha256\n"
+             f"- `{CAPTIONS_FILE}`: every calibration item's caption and where it came from")
+    return render_card(
+        artifact="safety-directions", method="shiftdc",
+        title=f"ShiftDC safety directions for {display_name(model) or 'a vision-language model'}",
+        summary=(f"Per-layer safety directions (mean benign minus mean harmful last-token state of prompt + "
+                 f"caption inputs) at {len(layers)} decoder layer(s), for ShiftDC: at inference only the "
+                 f"safety-relevant part of the image-induced shift is removed. alpha {alpha}."),
+        base_model=meta.get("model_name"), relation="adapter", tags=["steering-vectors", "shiftdc", "safety"],
+        settings=settings, data=data, sections=[("Usage", usage), ("Files", files)], license=meta.get("license"),
+    )
 
 
 __all__ = ["CAPTION_PROMPT", "CAPTION_TOKENS", "SafetyDirections", "projection"]

@@ -7,6 +7,10 @@ A vectors directory holds two files:
                          hidden size, layer count, layers, positions), how (dtype, item count,
                          calibration-set hash, vlmsafe version), per-layer statistics, and the
                          sha256 of the tensor file (so corruption is caught before use).
+``README.md``            the model card (:mod:`vlmsafe.cards`): the same provenance in the Hugging Face
+                         Hub's format, so the folder can be shared as a Hub repository.
+
+``ShiftVectors.load`` takes the folder or a Hub repository id; ``push_to_hub`` uploads them.
 
 Nothing is ever unpickled. Vectors support algebra like repeng's (``a + b``, ``0.5 * a``, ``-a``),
 which combines the shifts; the means are dropped from the result because they no longer describe it.
@@ -27,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmsafe import __version__
 from vlmsafe.adapters import ModelAdapter, get_adapter
+from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, resolve, write_card
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json, sha256_file
 from vlmsafe.loading import model_fingerprint, warn_if_other_model
@@ -34,6 +39,10 @@ from vlmsafe.loading import model_fingerprint, warn_if_other_model
 TENSOR_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
 FORMAT_VERSION = 1
+#: What a vectors folder holds: all a Hub download fetches (and an upload sends).
+VECTOR_FILES = (TENSOR_FILE, META_FILE, CARD_FILE)
+#: The steering strength a card states when none was recorded (``steer``'s and ``--alpha``'s default).
+DEFAULT_ALPHA = 1.0
 
 
 def write_layer_tables(
@@ -192,6 +201,7 @@ META_SCHEMA: dict[str, Field] = {
     "stats": (lambda v: isinstance(v, dict), "an object {layer: {statistic: number}}"),
     "derived": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
     "tensor_sha256": (_is_sha256, "64 hex digits"),
+    "alpha": (lambda v: _is_number(v) and v is not None and 0 <= v < float("inf"), "a number >= 0"),
 }
 
 
@@ -356,13 +366,24 @@ class ShiftVectors:
             tmp.mkdir(parents=True)
             write_layer_tables(tmp, {"shift": self.shifts, "mm_mean": self.mm_means, "text_mean": self.text_means},
                                meta, tensor_file=TENSOR_FILE, meta_file=META_FILE, fmt="vlmsafe.shift_vectors")
+            write_card(tmp, vectors_card(meta))  # inside the atomic output: never a folder without its card
         return dest
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Save (with the card) and upload to the Hub repository ``repo_id``; returns the commit URL.
+        ``kwargs``: ``private``, ``token``, ``revision``, ``commit_message``, ``create_pr``
+        (:func:`vlmsafe.cards.push_to_hub`)."""
+        return push_saved(self.save, repo_id, patterns=VECTOR_FILES, **kwargs)
+
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], model: Any | None = None) -> ShiftVectors:
-        """Read vectors saved by :meth:`save`; validate against ``model`` if given."""
+    def load(cls, directory: str | os.PathLike[str], model: Any | None = None, *,
+             revision: str | None = None) -> ShiftVectors:
+        """Read vectors saved by :meth:`save` from a folder or a Hub repository id (``org/name``, downloaded
+        with ``huggingface_hub``: its vectors files only, ``revision`` if given); validate against ``model``.
+        A downloaded folder gets every check a local one does."""
+        root = resolve(directory, patterns=VECTOR_FILES, what="a vectors folder", revision=revision)
         meta, tables = read_layer_tables(
-            Path(directory), ("shift", "mm_mean", "text_mean"), tensor_file=TENSOR_FILE, meta_file=META_FILE,
+            root, ("shift", "mm_mean", "text_mean"), tensor_file=TENSOR_FILE, meta_file=META_FILE,
             what="a vectors directory (written by `vlmsafe calibrate --out DIR` or ShiftVectors.save)",
             fix="re-create the vectors with `vlmsafe calibrate`",
         )
@@ -372,6 +393,64 @@ class ShiftVectors:
         if model is not None:
             vectors.check_compatible(model)
         return vectors
+
+
+def data_fields(meta: Mapping[str, Any], *, items: int | None) -> dict[str, Any]:
+    """A card's ``data`` block for per-layer artefacts: the calibration file's name (not its local path), the
+    item count and the calibration-set sha256 vlmsafe recorded."""
+    source = meta.get("calibration_data")
+    sha = meta.get("calibration_sha256")
+    count = f"{items} calibration items" if items is not None else "the calibration items"
+    where = f" from `{Path(source).name}`" if isinstance(source, str) and source else ""
+    return {"sha256": sha, "items": items, "source": Path(source).name if isinstance(source, str) and source else None,
+            "description": f"{count}{where}; sha256 over every item's prompt and image, in order"
+                           + ("" if sha else " (not recorded)")}
+
+
+def vectors_card(meta: Mapping[str, Any]) -> str:
+    """The model card of CMRM vectors with ``meta`` (``vectors.json``): method, where to steer and how much."""
+    layers = list(meta.get("layers", []))
+    alpha = meta.get("alpha", DEFAULT_ALPHA)
+    settings = {
+        "alpha": alpha,
+        "layers": layers,
+        "positions": meta.get("positions"),
+        "anchor": meta.get("anchor", "real"),
+        "aggregate": meta.get("aggregate", "mean"),
+        "hidden_size": meta.get("hidden_size"),
+        "num_layers": meta.get("num_layers"),
+        "model_class": meta.get("model_class"),
+        "family": meta.get("family"),
+        "dtype": meta.get("dtype"),
+        "system_prompt": meta.get("system_prompt"),
+        **({"derived": meta["derived"]} if meta.get("derived") else {}),
+    }
+    model = meta.get("model_name") or meta.get("model_class")
+    tuned = ("recorded with the vectors" if "alpha" in meta
+             else "vlmsafe's default; compare others with `vlmsafe evaluate --alpha`")
+    usage = f"""```python
+from vlmsafe.steering import ShiftVectors, load_model, steer
+
+model, processor = load_model({json.dumps(str(model or "BASE_MODEL"))})
+vectors = ShiftVectors.load("THIS_FOLDER_OR_HUB_ID", model=model)  # checks they fit the model
+with steer(model, vectors, alpha={alpha}):
+    ...  # generate as usual: h_l <- h_l - alpha * shift_l at the steered layers
+```
+
+Or on the command line: `vlmsafe generate --model MODEL --vectors THIS_FOLDER_OR_HUB_ID --alpha {alpha} ...`."""
+    files = (f"- `{TENSOR_FILE}`: `shift.<layer>`, `mm_mean.<layer>`, `text_mean.<layer>` (float32)\n"
+             f"- `{META_FILE}`: the full provenance and per-layer statistics, with the tensor file's sha256")
+    return render_card(
+        artifact="steering-vectors", method=str(meta.get("method", "cmrm")),
+        title=f"CMRM steering vectors for {display_name(model) or 'a vision-language model'}",
+        summary=(f"Per-layer shift vectors (multimodal minus text-only hidden states) at {len(layers)} decoder "
+                 f"layer(s), for Cross-Modal Representation Manipulation: at inference the shift is removed "
+                 f"from the hidden states of image inputs, which restores the language model's text-only "
+                 f"safety behaviour. alpha {alpha}: {tuned}."),
+        base_model=meta.get("model_name"), relation="adapter", tags=["steering-vectors", "cmrm", "safety"],
+        settings=settings, data=data_fields(meta, items=meta.get("num_items")),
+        sections=[("Usage", usage), ("Files", files)], license=meta.get("license"),
+    )
 
 
 def calibration_meta(adapter: ModelAdapter, *, layers: list[int], positions: str, **extra: Any) -> dict[str, Any]:
