@@ -36,23 +36,31 @@ _IMAGE_FIELDS = ("image", "safe_image", "unsafe_image")
 
 def _overlapping(output: str | os.PathLike[str], inputs: Iterable[tuple[str, str | os.PathLike[str]]],
                  ) -> list[tuple[str, str]]:
-    """The ``inputs`` that ``output`` is, holds or lies in -- a cheap superset of what
-    :func:`vlmsafe.io.check_no_overlap` refuses, for the thousands of images a data file names: each folder is
-    resolved once (not every path, component by component), a linked file by its target too."""
+    """The ``inputs`` that ``output`` is, holds or lies in -- a superset of what :func:`vlmsafe.io.check_no_overlap`
+    refuses, cheap enough for the many thousand images a data file names: each folder is resolved and compared with
+    the output once (not every path, component by component); per path only a linked file costs its target."""
     out = os.path.realpath(os.path.expanduser(os.fspath(output)))
+    cwd = os.getcwd()
     found, folders = [], {}
     for role, p in inputs:
-        path = os.path.abspath(os.path.expanduser(os.fspath(p)))
-        head, name = os.path.split(path)
+        path = os.path.expanduser(os.fspath(p))
+        head, name = os.path.split(path if os.path.isabs(path) else os.path.join(cwd, path))
         if head not in folders:
-            folders[head] = os.path.realpath(head)
-        candidates = [os.path.join(folders[head], name)]
-        if os.path.islink(path):
-            candidates.append(os.path.realpath(path))
-        if any(c == out or c.startswith(out.rstrip(os.sep) + os.sep) or out.startswith(c.rstrip(os.sep) + os.sep)
-               for c in candidates):
+            folders[head] = _relation(os.path.realpath(head), out)
+        relation = folders[head] if name not in ("", ".", "..") else _relation(os.path.realpath(path), out)
+        if (relation is True or (relation is not None and name == relation)
+                or (os.path.islink(path) and _relation(os.path.realpath(path), out) is not None)):
             found.append((role, os.fspath(p)))
     return found
+
+
+def _relation(path: str, out: str) -> bool | str | None:
+    """How the resolved ``path`` meets the resolved ``out``: ``True`` (``out`` is ``path`` or holds it), the name of
+    the entry of ``path`` that is or holds ``out`` (``out`` lies in ``path``), or ``None`` (apart)."""
+    if path == out or path.startswith(out.rstrip(os.sep) + os.sep):
+        return True
+    prefix = path.rstrip(os.sep) + os.sep
+    return out[len(prefix):].split(os.sep, 1)[0] if out.startswith(prefix) else None
 
 
 def check_named_inputs(output: str | os.PathLike[str], named: Mapping[str, Iterable[Any]], *,
@@ -60,7 +68,12 @@ def check_named_inputs(output: str | os.PathLike[str], named: Mapping[str, Itera
     """Refuse an ``output`` that is, holds or lies in an image named inside a data file (``{"--data": items}``):
     ``--overwrite`` would delete the images the data set points at. Runs once the data are loaded."""
     pairs = [(f"{source} image", p) for source, items in named.items() for p in named_paths(items)]
-    check_no_overlap(output, _overlapping(output, pairs), option=option)
+    found = _overlapping(output, pairs)
+    check_no_overlap(output, found, option=option)
+    if found:  # the output holds a linked image (the link, not its target): deleting it breaks the data set
+        role, p = found[0]
+        raise InputError(f"{option} {os.fspath(output)} overlaps the {role} input {os.path.abspath(p)} (a link); "
+                         "choose another output path")
 
 
 def check_file_name(path: str | os.PathLike[str], *, option: str = "--out", example: str = "out.json") -> None:
