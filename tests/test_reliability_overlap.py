@@ -153,13 +153,19 @@ def probe_layers_calibration(ws: Path):
 
 
 def probe_weights_into_model(ws: Path):
-    a, b = _fake_model(ws / "A"), _fake_model(ws / "B")
+    import shutil
+
+    a = shutil.copytree(TESTBED / "aligned_lm", ws / "A")  # real checkpoints: without the check the run writes
+    (ws / "B").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(TESTBED / name, ws / "B" / name)
+    b = ws / "B"
     return (["probe", "weights", "--before", str(a), "--after", str(b), "--out", str(b), "--no-progress"],
             ["overlaps the --after input", str(b)])
 
 
 def merge_yaml(ws: Path):
-    vlm, aligned = _fake_model(ws / "vlm"), _fake_model(ws / "aligned")
+    vlm, aligned = TESTBED, TESTBED / "aligned_lm"  # real (read only): without the check the merge replaces R
     (ws / "R").mkdir()
     (ws / "R" / "merge.yaml").write_text(f"vlm: {vlm}\naligned: {aligned}\nweight: 0.4\n")
     return (["merge", str(ws / "R" / "merge.yaml"), "--out", str(ws / "R"), "--overwrite", "--no-progress"],
