@@ -48,8 +48,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
     add_steering_options(p, layers_flag="--steer-layers", positions_flag="--steer-positions",
                          title="CMRM steering (default: dataset-level, vectors calibrated on the fly)")
     add_input(p, "--calibration", metavar="JSONL",
-                   help="calibrate CMRM vectors on these items (with images) instead of "
-                   + ("the probes' training split" if probes else "the analysed items"))
+              help="calibrate CMRM vectors on these items (with images) instead of "
+              + ("the probes' training split" if probes else "the analysed items"))
 
 
 def register(subparsers: Any) -> None:
@@ -121,7 +121,7 @@ def register(subparsers: Any) -> None:
     add_input(weights, "--before", required=True,
               help="reference checkpoint (file or folder), e.g. the aligned LLM")
     add_input(weights, "--after", required=True,
-                         help="changed checkpoint, e.g. the VLM whose language model was adapted")
+              help="changed checkpoint, e.g. the VLM whose language model was adapted")
     add_output_options(weights, help="output folder: weights.json + weights.png")
     add_progress_option(weights)
     weights.set_defaults(func=run_weights)

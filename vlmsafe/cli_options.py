@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +42,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, help: str | None = Non
     """``--model`` (required), ``--dtype``, ``--device``, ``--device-map``."""
     g = parser.add_argument_group("model")
     add_input(g, "--model", required=True, metavar="DIR",
-                   help=help or "model folder written by save_pretrained (model + processor)")
+              help=help or "model folder written by save_pretrained (model + processor)")
     g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                    help="load the weights in this dtype (default float32; auto = the checkpoint's)")
     g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu, auto (default: cpu)")
@@ -249,16 +249,15 @@ def check_command_output(
     option: str = "--out",
     overwrite: bool | None = None,
     inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = (),
-    named: Mapping[str, Iterable[Any]] | None = None,
     file_example: str = "out.json",
 ) -> Path:
     """The one output check of a command, before any work: :func:`vlmsafe.io.check_output` against *every* input.
 
-    Inputs are the options marked with :func:`add_input` (:func:`command_inputs`), the ``inputs`` the command
-    resolved itself (a default testbed, the paths a config file names), and the images its data files name
-    (``named``: ``{"--data": items}``, items as loaded anyway: no file is read twice). An output that is, holds or
-    lies in any of them is refused with or without ``--overwrite``; a file output named like a folder
-    (``dir/``) is refused instead of becoming a file called ``dir``. ``overwrite`` defaults to ``args.overwrite``.
+    Inputs are the options marked with :func:`add_input` (:func:`command_inputs`) and the ``inputs`` the command
+    resolved itself (a default testbed, the paths a config file names). An output that is, holds or lies in any of
+    them is refused with or without ``--overwrite``; a file output named like a folder (``dir/``) is refused instead
+    of becoming a file called ``dir``. ``overwrite`` defaults to ``args.overwrite``. The images a data file names
+    are checked by :func:`check_named_inputs` once the command has read the file (no file is read twice).
     """
     from vlmsafe.io import check_output
 
@@ -268,8 +267,6 @@ def check_command_output(
     if overwrite is None:
         overwrite = bool(getattr(args, "overwrite", False))
     check_output(path, kind=kind, overwrite=overwrite, option=option, inputs=every)
-    if named:
-        check_named_inputs(path, named, option=option)
     return Path(os.path.expanduser(os.fspath(path)))
 
 

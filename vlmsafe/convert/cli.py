@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_input(p, "original", metavar="ORIGINAL_DIR", help="original LLaVA checkpoint directory (with tokenizer)")
     add_input(p, "--vision", required=True, metavar="CLIP_DIR",
-                   help="the CLIP tower named by the checkpoint's mm_vision_tower (CLIPModel or CLIPVisionModel "
-                        "directory); its weights are used unless the checkpoint carries a fine-tuned tower")
+              help="the CLIP tower named by the checkpoint's mm_vision_tower (CLIPModel or CLIPVisionModel "
+                   "directory); its weights are used unless the checkpoint carries a fine-tuned tower")
     add_output_options(p, help="output directory (created atomically)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                    help="dtype of the written weights (default: the checkpoint's torch_dtype)")

@@ -59,7 +59,7 @@ def register(subparsers: Any) -> None:
     add_input(g, "--data", required=True, help="data file or folder (see data formats above)")
     g.add_argument("--data-format", choices=BENCHMARK_FORMATS, default="auto", help="layout of --data (default: auto)")
     add_input(g, "--images",
-                   help="image folder for figstep/vlsafe data; image root for mm-safetybench (default <data>/imgs)")
+              help="image folder for figstep/vlsafe data; image root for mm-safetybench (default <data>/imgs)")
     g.add_argument("--image-types", default=None,
                    help="mm-safetybench image types, comma-separated: SD, SD_TYPO, TYPO, TEXT (default SD_TYPO)")
     g.add_argument("--render-missing", action="store_true",

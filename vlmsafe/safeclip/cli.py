@@ -89,7 +89,7 @@ def _register_train(sub: Any) -> None:
                        description="Fine-tune a CLIP model with the eight Safe-CLIP losses (LoRA by default).",
                        epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_input(t, "--model", required=True,
-                   help="HF CLIP folder or hub id, an open_clip checkpoint folder, or open_clip:NAME[@PRETRAINED]")
+              help="HF CLIP folder or hub id, an open_clip checkpoint folder, or open_clip:NAME[@PRETRAINED]")
     add_input(t, "--data", required=True, help="training data: JSONL quadruplets or a ViSU-Text JSON/JSONL file")
     add_input(t, "--val-data", help="validation data (same formats); default: hold out --val-fraction of --data")
     t.add_argument("--val-fraction", type=float_arg(low=0, high=1, high_open=True), default=0.05, metavar="X",
@@ -296,7 +296,7 @@ def _register_pairs(sub: Any) -> None:
                          "(safe, unsafe) caption pairs; the paper used ~100 curated pairs.")
     add_model_options(pt, help="transformers causal LM folder (or hub id)")
     add_input(pt, "--pairs", required=True,
-                    help="JSONL/JSON records with 'safe' and 'unsafe' (or 'nsfw'), or a CSV with those columns")
+              help="JSONL/JSON records with 'safe' and 'unsafe' (or 'nsfw'), or a CSV with those columns")
     add_output_options(pt, flag="--output-dir", dest="output_dir",
                        help="where the adapter (safetensors) and tokenizer are saved")
     add_options(pt.add_argument_group("training options (PairConverterConfig fields)"), PairConverterConfig)
@@ -308,7 +308,7 @@ def _register_pairs(sub: Any) -> None:
     add_model_options(pg, help="the base causal LM folder (or hub id)")
     add_input(pg, "--adapter", help="folder written by `pairs train` (omit for a fully fine-tuned --model)")
     add_input(pg, "--captions", required=True,
-                    help="a .txt file (one caption per line) or JSON/JSONL with 'safe' or 'caption' fields")
+              help="a .txt file (one caption per line) or JSON/JSONL with 'safe' or 'caption' fields")
     add_output_options(pg, flag="--output", dest="output",
                        help="JSONL output: {\"safe\": ..., \"unsafe\": ...} per line")
     pg.add_argument("--batch-size", type=int_arg(low=1), default=16, metavar="N", help="captions per generate call")
@@ -396,17 +396,17 @@ def _register_generate(sub: Any) -> None:
         "Safe-CLIP's.", epilog=_GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     add_input(g, "--pipeline", required=True, metavar="DIR",
-                   help="a diffusers pipeline folder (model_index.json), e.g. Stable Diffusion v1.4 or SDXL")
+              help="a diffusers pipeline folder (model_index.json), e.g. Stable Diffusion v1.4 or SDXL")
     add_input(g, "--text-encoder", required=True, metavar="SAFE_DIR",
-                   help="Safe-CLIP model folder (OUTPUT_DIR/model of `safeclip train`) replacing text_encoder")
+              help="Safe-CLIP model folder (OUTPUT_DIR/model of `safeclip train`) replacing text_encoder")
     te2 = g.add_mutually_exclusive_group()
     add_input(te2, "--text-encoder-2", metavar="SAFE_DIR",
-                     help="SDXL: Safe-CLIP fine-tuned from the pipeline's second CLIP, replacing text_encoder_2")
+              help="SDXL: Safe-CLIP fine-tuned from the pipeline's second CLIP, replacing text_encoder_2")
     te2.add_argument("--keep-text-encoder-2", action="store_true",
                      help="SDXL: replace text_encoder only and keep the original text_encoder_2 (it still carries "
                      "unsafe concepts)")
     add_input(g, "--prompts", required=True, metavar="FILE",
-                   help="JSONL/JSON records with 'prompt', or a text file with one prompt per line")
+              help="JSONL/JSON records with 'prompt', or a text file with one prompt per line")
     add_output_options(g, help="output folder (images + generations.json)")
     g.add_argument("--also-original", action="store_true",
                    help="also generate every prompt with the pipeline's own text encoder(s), from the same noise")

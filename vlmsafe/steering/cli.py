@@ -87,7 +87,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--caption-tokens", type=int_arg(low=1), default=None, metavar="N",
                    help="caption budget in tokens (default 128, as in ShiftDC's code)")
     add_input(g, "--captions", default=None, metavar="JSONL",
-                   help="reuse captions by item id, e.g. the captions.jsonl of an earlier --method shiftdc run")
+              help="reuse captions by item id, e.g. the captions.jsonl of an earlier --method shiftdc run")
     add_progress_option(cal)
     cal.set_defaults(func=run_calibrate)
 
