@@ -260,7 +260,7 @@ def test_an_output_over_an_input_is_refused_and_nothing_is_lost(tmp_path, capsys
 def test_an_output_beside_the_images_is_still_allowed(tmp_path):
     """Only the images themselves (and folders holding them) are protected: an output next to them, or a probe
     report in a folder that holds the data file, is legal."""
-    from vlmsafe.cli_options import check_command_output, command_inputs
+    from vlmsafe.cli_options import check_command_output, check_named_inputs, command_inputs
 
     data = _items(tmp_path / "D")
     args = build_parser().parse_args(["probe", "shift", "--model", str(TESTBED), "--data", str(data),
@@ -270,7 +270,8 @@ def test_an_output_beside_the_images_is_still_allowed(tmp_path):
 
     items = load_items(data)
     for out in (tmp_path / "D" / "run", tmp_path / "D" / "shift.json", tmp_path / "D" / "imgs" / "run"):
-        check_command_output(args, out, kind="dir" if out.name == "run" else "file", named={"--data": items})
+        check_command_output(args, out, kind="dir" if out.name == "run" else "file")
+        check_named_inputs(out, {"--data": items})
 
 
 def test_a_linked_image_is_protected_by_its_target_too(tmp_path):
