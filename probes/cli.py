@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from vlmsafe.cli_options import (
     add_data_options,
+    add_input,
     add_model_options,
     add_output_options,
     add_progress_option,
     add_steering_options,
+    check_command_output,
+    check_named_inputs,
     load_model_from_args,
 )
 from vlmsafe.errors import InputError
@@ -43,9 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
     add_progress_option(p)
     add_steering_options(p, layers_flag="--steer-layers", positions_flag="--steer-positions",
                          title="CMRM steering (default: dataset-level, vectors calibrated on the fly)")
-    p.add_argument("--calibration", metavar="JSONL",
-                   help="calibrate CMRM vectors on these items (with images) instead of "
-                   + ("the probes' training split" if probes else "the analysed items"))
+    add_input(p, "--calibration", metavar="JSONL",
+              help="calibrate CMRM vectors on these items (with images) instead of "
+              + ("the probes' training split" if probes else "the analysed items"))
 
 
 def register(subparsers: Any) -> None:
@@ -114,9 +118,10 @@ def register(subparsers: Any) -> None:
                "  vlmsafe probe weights --before assets/testbed/aligned_lm --after assets/testbed --out reports/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    weights.add_argument("--before", required=True, help="reference checkpoint (file or folder), e.g. the aligned LLM")
-    weights.add_argument("--after", required=True,
-                         help="changed checkpoint, e.g. the VLM whose language model was adapted")
+    add_input(weights, "--before", required=True,
+              help="reference checkpoint (file or folder), e.g. the aligned LLM")
+    add_input(weights, "--after", required=True,
+              help="changed checkpoint, e.g. the VLM whose language model was adapted")
     add_output_options(weights, help="output folder: weights.json + weights.png")
     add_progress_option(weights)
     weights.set_defaults(func=run_weights)
@@ -180,19 +185,36 @@ def _check_split_and_folds(args: argparse.Namespace, items: list) -> None:
                          f"({harmful} harmful, {benign} benign); pass --cv {fewest} or less, or add labelled items")
 
 
+def _report_files(args: argparse.Namespace, name: str) -> tuple[Any, Any]:
+    """``--out/<name>.json`` and ``--out/<name>.png``, checked against every input of the command before any work.
+
+    A probe writes only these two files into its (shared) folder, so each of them -- not the folder -- must not
+    be, hold or lie in an input: ``--out`` may hold the data file, but ``--data R/shift.json --out R`` (the report
+    would replace the data) and ``--after B --out B`` (files written into a model folder) are refused.
+    """
+    from probes.report import check_report_paths
+
+    files = tuple(Path(args.out) / f"{name}{suffix}" for suffix in (".json", ".png"))
+    for path in files:
+        check_command_output(args, path, kind="file")
+    return check_report_paths(name, args.out, overwrite=args.overwrite)
+
+
 def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[Any, Any, list, dict]:
     """Model, processor, items and the shared keyword arguments of the model-level analyses."""
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     require_extra("probes", "sklearn", "matplotlib", feature=f"vlmsafe probe {args.probe_command}")
     from probes.collect import blank_image
-    from probes.report import check_report_paths
     from vlmsafe.data import load_items
 
-    check_report_paths(args.probe_command, args.out, overwrite=args.overwrite)
+    files = _report_files(args, args.probe_command)
     steering = _steering(args, enabled=steering_enabled)
     check = False if args.blank_image else "verify"
-    items = load_items(args.data, check_images=check)[: args.limit]
+    items = load_items(args.data, check_images=check)
     calibration = load_items(args.calibration, check_images=check) if args.calibration else None
+    for path in files:  # every image the data files name, used or beyond --limit
+        check_named_inputs(path, {"--data": items, "--calibration": calibration or []})
+    items = items[: args.limit]
     _check_split_and_folds(args, items)
     model, processor = load_model_from_args(args, kind="vlm")
     from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work
@@ -241,10 +263,9 @@ def run_shift(args: argparse.Namespace) -> int:
 def run_weights(args: argparse.Namespace) -> int:
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     require_extra("probes", "matplotlib", feature="vlmsafe probe weights (it draws weights.png)")
-    from probes.report import check_report_paths
     from probes.weights import weight_change
 
     started = time.perf_counter()
-    check_report_paths("weights", args.out, overwrite=args.overwrite)
+    _report_files(args, "weights")
     report = weight_change(args.before, args.after, progress=not args.no_progress)
     return _finish(report, args, started)

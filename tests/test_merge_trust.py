@@ -118,7 +118,7 @@ def test_merge_refuses_existing_outputs_before_any_work(pair, capsys, no_reading
     assert "is a file (a directory is written here)" in capsys.readouterr().err
     assert a_file.read_text() == "mine"
     assert main([*args, str(root / "vlm")]) == 2  # the output may not be an input
-    assert "overlaps the vlm input" in capsys.readouterr().err
+    assert "overlaps the --vlm input" in capsys.readouterr().err
 
 
 def test_merge_writes_into_empty_dir_and_overwrites_only_when_asked(pair, capsys):

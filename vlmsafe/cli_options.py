@@ -4,8 +4,9 @@
 * :func:`add_steering_options` / :func:`steering_from_args` -- the CMRM and ShiftDC flags, built from
   :class:`vlmsafe.steering.SteeringConfig`'s field help;
 * :func:`add_anchor_options` -- ``--anchor --anchor-colour --anchor-seed`` (CMRM's anchor image);
-* :func:`add_output_options` -- ``--out`` and ``--overwrite`` (see :func:`vlmsafe.io.check_output`), and
-  :func:`input_paths`, the inputs an output must not overlap;
+* :func:`add_output_options` -- ``--out`` and ``--overwrite``; :func:`add_input` marks an option as something the
+  command reads, and :func:`check_command_output` checks an output against every input (marked options, paths
+  named inside data and config files) before any work (see :func:`vlmsafe.io.check_output`);
 * :func:`add_progress_option` -- ``--no-progress`` (``--quiet`` is kept as a hidden alias);
 * :func:`add_data_options` -- ``--data --limit --batch-size``.
 
@@ -16,10 +17,14 @@ never reach a model.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from typing import Any
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 from vlmsafe.errors import InputError
+from vlmsafe.inputs import check_file_name
+from vlmsafe.inputs import check_named_inputs as check_named_inputs  # re-exported: the commands' one import
 from vlmsafe.validation import float_arg, int_arg, layer_spec_arg, seed_arg
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
@@ -36,8 +41,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_model_options(parser: argparse.ArgumentParser, *, help: str | None = None) -> None:
     """``--model`` (required), ``--dtype``, ``--device``, ``--device-map``."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True, metavar="DIR",
-                   help=help or "model folder written by save_pretrained (model + processor)")
+    add_input(g, "--model", required=True, metavar="DIR",
+              help=help or "model folder written by save_pretrained (model + processor)")
     g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                    help="load the weights in this dtype (default float32; auto = the checkpoint's)")
     g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu, auto (default: cpu)")
@@ -109,11 +114,11 @@ def add_steering_options(
 
     g = parser.add_argument_group(title)
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--vectors", metavar="DIR", help=field_help("vectors"))
+    add_input(src, "--vectors", metavar="DIR", help=field_help("vectors"))
     src.add_argument("--sample-level", action="store_true",
                      help="sample-level CMRM: each input's shift from its own text-only counterpart "
                           "(one extra text-only pass)")
-    src.add_argument("--shiftdc", metavar="DIR", help=field_help("directions"))
+    add_input(src, "--shiftdc", metavar="DIR", help=field_help("directions"))
     g.add_argument("--alpha", type=float_arg(low=0.0, high=MAX_ALPHA), default=None,
                    help=field_help("alpha") + " (default 1.0)")
     g.add_argument(layers_flag, dest="steer_layers", type=layer_spec_arg, default=None, metavar="LAYERS",
@@ -185,22 +190,81 @@ def add_output_options(
                              "(by default an existing non-empty output is refused before any work)")
 
 
-#: ``argparse`` destinations that name what a command reads (models, data, vectors, adapters, ...).
-INPUT_DESTS = ("model", "data", "images", "vectors", "shiftdc", "captions", "pairs", "adapter", "judge", "original",
-               "safe", "assets", "val_data", "prompts", "pipeline", "text_encoder", "text_encoder_2", "config")
+# --------------------------------------------------------------------------- inputs: the output policy's other half
+#: Parser default under which :func:`add_input` records the options that name what a command reads.
+INPUTS_KEY = "vlmsafe_inputs"
 
 
-def input_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """The ``(--flag, path)`` inputs of a parsed command that exist on disk, for
-    :func:`vlmsafe.io.check_output`'s ``inputs`` (an output there would replace or mix into them)."""
-    import os
+def add_input(container: Any, *names: str, path_of: Callable[[str], str | None] | None = None,
+              label: str | None = None, **kwargs: Any) -> argparse.Action:
+    """``container.add_argument(*names, **kwargs)`` for an option (or positional) that names something the command
+    reads -- a model, a data file, a config, a folder of images -- recorded so that :func:`command_inputs` finds it.
 
+    Inputs are marked where they are declared rather than listed by name elsewhere: a new input option cannot be
+    forgotten by the output check. ``path_of`` maps a value to the path it names when the value is not a bare path
+    (``--judge llamaguard:DIR`` -> ``DIR``; ``None``: the value names no local path). ``label`` names the input in
+    messages (default: the longest flag, or a positional's metavar).
+    """
+    action = container.add_argument(*names, **kwargs)
+    mark_input(container, action, path_of=path_of, label=label)
+    return action
+
+
+def mark_input(container: Any, action: argparse.Action, *, path_of: Callable[[str], str | None] | None = None,
+               label: str | None = None) -> None:
+    """Record an already added ``action`` as an input of ``container``'s command (see :func:`add_input`)."""
+    if label is None:
+        label = max(action.option_strings, key=len) if action.option_strings else (
+            action.metavar if isinstance(action.metavar, str) else action.dest.upper())
+    # an argument group shares its parser's defaults: the record lands on the command's parser
+    marked = tuple(container.get_default(INPUTS_KEY) or ())
+    container.set_defaults(**{INPUTS_KEY: (*marked, (action.dest, label, path_of))})
+
+
+def command_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The ``(--flag, path)`` inputs of a parsed command that exist on disk (every option declared with
+    :func:`add_input`, positionals included), for :func:`vlmsafe.io.check_output`'s ``inputs``: an output there
+    would replace or mix into them. A value that is no local path (a Hub id) is skipped."""
     out = []
-    for dest in INPUT_DESTS:
+    for dest, label, path_of in getattr(args, INPUTS_KEY, None) or ():
         value = getattr(args, dest, None)
-        if isinstance(value, (str, os.PathLike)) and os.fspath(value) and os.path.exists(os.path.expanduser(value)):
-            out.append(("--" + dest.replace("_", "-"), os.fspath(value)))
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
+                continue
+            path = path_of(os.fspath(v)) if path_of is not None else os.fspath(v)
+            if path and os.path.lexists(os.path.expanduser(path)):
+                out.append((label, path))
     return out
+
+
+
+def check_command_output(
+    args: argparse.Namespace,
+    path: str | os.PathLike[str],
+    *,
+    kind: Literal["dir", "file"],
+    option: str = "--out",
+    overwrite: bool | None = None,
+    inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = (),
+    file_example: str = "out.json",
+) -> Path:
+    """The one output check of a command, before any work: :func:`vlmsafe.io.check_output` against *every* input.
+
+    Inputs are the options marked with :func:`add_input` (:func:`command_inputs`) and the ``inputs`` the command
+    resolved itself (a default testbed, the paths a config file names). An output that is, holds or lies in any of
+    them is refused with or without ``--overwrite``; a file output named like a folder (``dir/``) is refused instead
+    of becoming a file called ``dir``. ``overwrite`` defaults to ``args.overwrite``. The images a data file names
+    are checked by :func:`check_named_inputs` once the command has read the file (no file is read twice).
+    """
+    from vlmsafe.io import check_output
+
+    if kind == "file":
+        check_file_name(path, option=option, example=file_example)
+    every = [*command_inputs(args), *((r, p) for r, p in inputs if p is not None)]
+    if overwrite is None:
+        overwrite = bool(getattr(args, "overwrite", False))
+    check_output(path, kind=kind, overwrite=overwrite, option=option, inputs=every)
+    return Path(os.path.expanduser(os.fspath(path)))
 
 
 def add_progress_option(parser: argparse.ArgumentParser) -> None:
@@ -211,7 +275,7 @@ def add_progress_option(parser: argparse.ArgumentParser) -> None:
 
 def add_data_options(parser: argparse.ArgumentParser, *, help: str, batch_size: int = 8) -> None:
     """``--data`` (required), ``--limit N`` and ``--batch-size N`` (both positive integers)."""
-    parser.add_argument("--data", required=True, help=help)
+    add_input(parser, "--data", required=True, help=help)
     parser.add_argument("--limit", type=int_arg(low=1), default=None, metavar="N", help="use only the first N items")
     parser.add_argument("--batch-size", type=int_arg(low=1), default=batch_size, metavar="N",
                         help=f"items per forward pass (default {batch_size})")

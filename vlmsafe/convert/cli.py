@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vlmsafe.cli_options import add_output_options, add_progress_option
+from vlmsafe.cli_options import add_input, add_output_options, add_progress_option, check_command_output
 from vlmsafe.merge.writer import size_arg
 
 _EPILOG = """\
@@ -34,10 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("original", metavar="ORIGINAL_DIR", help="original LLaVA checkpoint directory (with tokenizer)")
-    p.add_argument("--vision", required=True, metavar="CLIP_DIR",
-                   help="the CLIP tower named by the checkpoint's mm_vision_tower (CLIPModel or CLIPVisionModel "
-                        "directory); its weights are used unless the checkpoint carries a fine-tuned tower")
+    add_input(p, "original", metavar="ORIGINAL_DIR", help="original LLaVA checkpoint directory (with tokenizer)")
+    add_input(p, "--vision", required=True, metavar="CLIP_DIR",
+              help="the CLIP tower named by the checkpoint's mm_vision_tower (CLIPModel or CLIPVisionModel "
+                   "directory); its weights are used unless the checkpoint carries a fine-tuned tower")
     add_output_options(p, help="output directory (created atomically)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                    help="dtype of the written weights (default: the checkpoint's torch_dtype)")
@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from vlmsafe.convert.llava import convert_llava
 
+    check_command_output(args, args.out, kind="dir")  # before anything is read; convert_llava checks it again
     res = convert_llava(args.original, args.vision, args.out, dtype=args.dtype, chat_template=args.chat_template,
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress)
     extra = f", added tokens {res.added_tokens}" if res.added_tokens else ""

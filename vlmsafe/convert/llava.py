@@ -93,10 +93,8 @@ def convert_llava(
         if not p.is_dir():
             raise FileFormatError(f"{p}: no such {what}; pass the directory that holds config.json and the weights")
         check_no_remote_code(p, what)  # the original's tokenizer is loaded with transformers
-    dest = check_output(out, kind="dir", overwrite=overwrite)
-    for p in (src, vis):
-        if dest.resolve() == p.resolve() or p.resolve() in dest.resolve().parents:
-            raise InputError(f"--out {dest} is inside the input {p}; choose an output directory elsewhere")
+    # an output that is, holds or lies in either input is refused (even with overwrite): it would replace them
+    dest = check_output(out, kind="dir", overwrite=overwrite, inputs=(("ORIGINAL_DIR", src), ("--vision", vis)))
     orig_cfg = read_json(src / "config.json", what="LLaVA config", fix="pass an original LLaVA checkpoint directory")
     spec = _spec(orig_cfg, src, dtype, chat_template)
     vision_cfg = _vision_config(vis)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmsafe.cli_options import add_output_options, add_progress_option
+from vlmsafe.cli_options import add_input, add_output_options, add_progress_option
 from vlmsafe.validation import float_list_arg, int_arg, layer_spec_arg
 
 DEMO_HELP = """\
@@ -43,10 +43,11 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_output_options(p, default="vlmsafe-demo", help="output folder (default: ./vlmsafe-demo)")
-    p.add_argument(
-        "--testbed", default=None, help="testbed folder (default: the bundled assets/testbed, or $VLMSAFE_TESTBED)"
+    add_input(  # the outputs are checked against it (and the Safe-CLIP testbeds beside it) by run_demo
+        p, "--testbed", default=None, help="testbed folder (default: the bundled assets/testbed, or $VLMSAFE_TESTBED)"
     )
-    p.add_argument(
+    add_input(
+        p,
         "--test",
         default=None,
         metavar="JSONL",

@@ -30,6 +30,7 @@ from vlmsafe.demo.rows import multimodal_row, steered_row, steering_methods, tex
 from vlmsafe.demo.table import format_table
 from vlmsafe.demo.tune import MAX_ACCURACY_DROP, MAX_BENIGN_RISE
 from vlmsafe.errors import InputError
+from vlmsafe.inputs import check_named_inputs
 from vlmsafe.io import atomic_path, check_output, read_json, write_json_atomic
 from vlmsafe.testbed import load_testbed, testbed_dir
 from vlmsafe.validation import check_float, check_int
@@ -53,8 +54,10 @@ def load_context(
     max_new_tokens: int = 14,
     progress: bool = False,
     settings: dict[str, Any] | None = None,
+    test_items: list[Any] | None = None,
 ) -> DemoContext:
-    """The testbed, its calibration split and a test split (the shipped one, or ``test``)."""
+    """The testbed, its calibration split and a test split (the shipped one, or ``test``; ``test_items``: its
+    items, already read)."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -63,7 +66,8 @@ def load_context(
     root = testbed_dir(testbed)
     test_path = Path(test) if test is not None else root / "data" / "test.jsonl"
     calibration = load_items(root / "data" / "calibration.jsonl", require_label=True)
-    test_items = load_items(test_path, require_label=True)
+    if test_items is None:
+        test_items = load_items(test_path, require_label=True)
     labels = {item.label for item in test_items}
     missing = [label for label in ("harmful", "benign") if label not in labels]
     if missing:  # every row's rates would be empty: refuse now, not after the run
@@ -105,11 +109,21 @@ def run_demo(
     ``positions``, ``decode``; sample-level and ShiftDC steer prompt tokens only). ``all_methods`` adds
     the published variants (:data:`vlmsafe.demo.rows.EXTRA_METHODS`: CMRM blank anchor, ShiftDC).
     """
-    out = check_output(out_dir, kind="dir", overwrite=overwrite)
+    root = testbed_dir(testbed)
+    # everything the demo reads: the testbed, the Safe-CLIP testbeds beside it, --test and the images it names
+    inputs = [(role, p) for role, p in (("--testbed", root), ("Safe-CLIP testbed", root.parent / "safeclip"),
+                                        ("text-to-image testbed", root.parent / "t2i"), ("--test", test))
+              if p is not None and Path(p).exists()]
+    out = check_output(out_dir, kind="dir", overwrite=overwrite, inputs=inputs)
+    test_items = None
+    if test is not None:  # read once: its images are inputs too
+        test_items = load_items(test, require_label=True)
+        check_named_inputs(out, {"--test": test_items})
     alphas = normalize_alphas(alphas)
     started = time.perf_counter()
     ctx = load_context(
-        testbed, test, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, settings=settings
+        root, test, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, settings=settings,
+        test_items=test_items,
     )
     rows = [text_only_row(ctx), multimodal_row(ctx)]
     steering = [steered_row(ctx, make(ctx), alphas) for make in steering_methods(all_methods)]

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.cli_options import (
+    add_input,
     add_max_new_tokens,
     add_model_options,
     add_output_options,
     add_progress_option,
     add_steering_options,
-    input_paths,
+    check_command_output,
+    check_named_inputs,
     load_model_from_args,
     steering_from_args,
 )
@@ -54,17 +56,19 @@ def register(subparsers: Any) -> None:
     )
     add_model_options(p)
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="data file or folder (see data formats above)")
+    add_input(g, "--data", required=True, help="data file or folder (see data formats above)")
     g.add_argument("--data-format", choices=BENCHMARK_FORMATS, default="auto", help="layout of --data (default: auto)")
-    g.add_argument("--images",
-                   help="image folder for figstep/vlsafe data; image root for mm-safetybench (default <data>/imgs)")
+    add_input(g, "--images",
+              help="image folder for figstep/vlsafe data; image root for mm-safetybench (default <data>/imgs)")
     g.add_argument("--image-types", default=None,
                    help="mm-safetybench image types, comma-separated: SD, SD_TYPO, TYPO, TEXT (default SD_TYPO)")
     g.add_argument("--render-missing", action="store_true",
                    help="figstep: render absent typographic images into --images")
     g.add_argument("--limit", type=int_arg(low=1), metavar="N", help="evaluate only the first N items (a quick look)")
-    p.add_argument(
+    add_input(
+        p,
         "--judge",
+        path_of=_judge_path,
         default="refusal",
         help="refusal (default), llamaguard:PATH (a Llama-Guard-style model) or harmbench:PATH (HarmBench classifier)",
     )
@@ -82,6 +86,11 @@ def register(subparsers: Any) -> None:
     add_output_options(p, help="output folder: <run>.json (records + summary), <run>.md, summary.md (written at once)")
     add_progress_option(p)
     p.set_defaults(func=run_evaluate)
+
+
+def _judge_path(spec: str) -> str | None:
+    """The model folder a ``--judge KIND:PATH`` names (``refusal`` names none)."""
+    return spec.partition(":")[2] or None
 
 
 def load_generator(args: argparse.Namespace, steering: Any = None) -> Any:
@@ -106,13 +115,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from vlmsafe.eval.judges import load_judge
     from vlmsafe.eval.loaders import load_benchmark
     from vlmsafe.eval.report import compare_reports
-    from vlmsafe.io import atomic_path, check_output
+    from vlmsafe.io import atomic_path
 
-    check_output(args.out, kind="dir", overwrite=args.overwrite, inputs=input_paths(args))
+    check_command_output(args, args.out, kind="dir")  # the images --data names: once it is read, below
     steering = steering_from_args(args)
     image_types = None if args.image_types is None else args.image_types.split(",")
     items = load_benchmark(args.data, format=args.data_format, images=args.images, image_types=image_types,
-                           render_missing=args.render_missing)[: args.limit]
+                           render_missing=args.render_missing)
+    check_named_inputs(args.out, {"--data": items})  # every image the data name, used or beyond --limit
+    items = items[: args.limit]
     judge = load_judge(args.judge, batch_size=args.batch_size)
     generator = load_generator(args, steering)
     from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlmsafe.cli_options import add_output_options, add_progress_option
+from vlmsafe.cli_options import add_input, add_output_options, add_progress_option, check_command_output
 from vlmsafe.merge.methods import METHODS
 from vlmsafe.merge.writer import size_arg
 from vlmsafe.validation import float_arg, seed_arg
@@ -44,10 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=_MERGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", nargs="?", help="YAML merge config (optional if --vlm/--aligned/--out are given)")
-    p.add_argument("--vlm", help="VL-adapted model directory (its layout is kept)")
-    p.add_argument("--aligned", help="safety-aligned text-only LLM directory")
-    p.add_argument("--base", help="common base model for task-vector methods (default: the aligned LLM)")
+    add_input(p, "config", nargs="?", label="merge config",
+              help="YAML merge config (optional if --vlm/--aligned/--out are given)")
+    add_input(p, "--vlm", help="VL-adapted model directory (its layout is kept)")
+    add_input(p, "--aligned", help="safety-aligned text-only LLM directory")
+    add_input(p, "--base", help="common base model for task-vector methods (default: the aligned LLM)")
     p.add_argument("--method", choices=METHODS, help="merge method (default linear)")
     p.add_argument("--weight", type=float_arg(low=-1.0, high=2.0), metavar="LAMBDA",
                    help="aligned LLM's share (default 0.5): in [0, 1] (0 keeps the VLM, 1 takes the aligned LLM); "
@@ -55,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=float_arg(low=0.0, high=1.0, low_open=True),
                    help="ties/dare only: fraction of each task vector kept, in (0, 1] (default 1.0)")
     p.add_argument("--convention", choices=("mergekit", "peft"), help="ties/dare numerics (default mergekit)")
-    p.add_argument("--mask", help="safetensors mask file (from `vlmsafe merge-mask`): merge only masked entries")
+    add_input(p, "--mask", help="safetensors mask file (from `vlmsafe merge-mask`): merge only masked entries")
     p.add_argument("--vocab-rows", choices=("error", "shared"), help="vocabulary-size mismatch handling")
     p.add_argument("--allow-passthrough", action="store_true", default=None,
                    help="copy the VLM tensor where a counterpart is missing or mismatched instead of failing")
@@ -79,8 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(Wanda / Antidote) scores use vlmsafe.merge.collect_input_norms + wanda_scores in Python."
         ),
     )
-    m.add_argument("--vlm", required=True, help="VL-adapted model directory")
-    m.add_argument("--aligned", required=True, help="safety-aligned LLM directory")
+    add_input(m, "--vlm", required=True, help="VL-adapted model directory")
+    add_input(m, "--aligned", required=True, help="safety-aligned LLM directory")
     m.add_argument("--top", type=float_arg(low=0.0, high=1.0, low_open=True), default=0.2,
                    help="fraction of entries to select, in (0, 1] (default 0.2)")
     m.add_argument("--scope", choices=("row", "tensor"), default="row", help="top-k per output row or per tensor")
@@ -102,6 +103,10 @@ def _merge(args: argparse.Namespace) -> int:
     }
     overrides["overwrite"] = True if args.overwrite else None  # else the YAML's value (default false)
     cfg = MergeConfig.from_yaml(args.config, **overrides) if args.config else MergeConfig.from_dict({}, **overrides)
+    # the paths the YAML names are inputs too (the flags' own are found by check_command_output)
+    named = f" (named in {args.config})" if args.config else ""
+    check_command_output(args, cfg.output, kind="dir", overwrite=cfg.overwrite,
+                         inputs=[(key + named, getattr(cfg, key)) for key in ("vlm", "aligned", "base", "mask")])
     result = merge_checkpoints(cfg, progress=not args.no_progress)
     t = result.recipe["tensors"]
     print(f"merged {t['merged']} tensors, copied {t['copied']} ({json.dumps(t['copied_by_reason'])}) "
@@ -112,6 +117,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _merge_mask(args: argparse.Namespace) -> int:
     from vlmsafe.merge.localise import DEFAULT_INCLUDE, weight_difference_mask
 
+    check_command_output(args, args.out, kind="file", file_example="mask.safetensors")
     summary = weight_difference_mask(args.vlm, args.aligned, args.out, fraction=args.top, scope=args.scope,
                                      include=args.include or DEFAULT_INCLUDE, progress=not args.no_progress,
                                      overwrite=args.overwrite)

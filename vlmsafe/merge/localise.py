@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from vlmsafe.errors import InputError
+from vlmsafe.inputs import check_file_name
 from vlmsafe.io import atomic_path, check_output
 from vlmsafe.merge.checkpoint import Checkpoint
 from vlmsafe.merge.keymap import DECODER_LAYERS, KeyMap, canonical_name
@@ -187,6 +188,7 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str], 
     """Write masks to a safetensors file atomically (an existing file only with ``overwrite=True``)."""
     from safetensors.torch import save_file
 
+    check_file_name(path, example="mask.safetensors")
     p = check_output(path, kind="file", overwrite=overwrite)
     with atomic_path(p, overwrite=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp), metadata=dict(metadata or {}))
@@ -224,6 +226,7 @@ def weight_difference_mask(
             re.compile(include)
         except re.error as exc:
             raise InputError(f"include pattern {include!r} is not a valid regex ({exc}); fix the pattern") from None
+    check_file_name(out, example="mask.safetensors")
     outp = check_output(out, kind="file", overwrite=overwrite, option="--out",
                         inputs=(("--vlm", vlm), ("--aligned", aligned)))
     km = KeyMap()

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.cli_options import (
+    add_input,
     add_max_new_tokens,
     add_model_options,
     add_output_options,
     add_progress_option,
-    input_paths,
+    check_command_output,
+    check_named_inputs,
+    command_inputs,
 )
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import check_no_overlap, json_text
@@ -85,19 +88,19 @@ def _register_train(sub: Any) -> None:
     t = sub.add_parser("train", help="fine-tune a CLIP model with the Safe-CLIP losses",
                        description="Fine-tune a CLIP model with the eight Safe-CLIP losses (LoRA by default).",
                        epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--model", required=True,
-                   help="HF CLIP folder or hub id, an open_clip checkpoint folder, or open_clip:NAME[@PRETRAINED]")
-    t.add_argument("--data", required=True, help="training data: JSONL quadruplets or a ViSU-Text JSON/JSONL file")
-    t.add_argument("--val-data", help="validation data (same formats); default: hold out --val-fraction of --data")
+    add_input(t, "--model", required=True,
+              help="HF CLIP folder or hub id, an open_clip checkpoint folder, or open_clip:NAME[@PRETRAINED]")
+    add_input(t, "--data", required=True, help="training data: JSONL quadruplets or a ViSU-Text JSON/JSONL file")
+    add_input(t, "--val-data", help="validation data (same formats); default: hold out --val-fraction of --data")
     t.add_argument("--val-fraction", type=float_arg(low=0, high=1, high_open=True), default=0.05, metavar="X",
                    help="share of --data held out for validation when --val-data is not given, in [0, 1) "
                    "(0 disables validation; default 0.05)")
-    t.add_argument("--image-root", help="folder that relative image paths in JSONL data are relative to")
-    t.add_argument("--coco-dir", help="COCO folder (train2017/, val2017/) for ViSU data")
+    add_input(t, "--image-root", help="folder that relative image paths in JSONL data are relative to")
+    add_input(t, "--coco-dir", help="COCO folder (train2017/, val2017/) for ViSU data")
     add_output_options(t, flag="--output-dir", dest="output_dir",
                        help="where checkpoints and the final model (OUTPUT_DIR/model) go")
     t.add_argument("--resume", help="checkpoint folder or 'latest' (in --output-dir) to continue from")
-    t.add_argument("--config", help="JSON or YAML file of SafeCLIPTrainingConfig fields; the flags below override it")
+    add_input(t, "--config", help="JSON or YAML file of SafeCLIPTrainingConfig fields; the flags below override it")
     group = t.add_argument_group("training options (SafeCLIPTrainingConfig fields)")
     add_options(group, SafeCLIPTrainingConfig, types={"weights": _weights_arg})
     t.set_defaults(func=_train)
@@ -151,7 +154,7 @@ def _train(args: argparse.Namespace) -> int:
     config = _training_config(args)
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     require_extra("safeclip", *(("peft",) if config.use_lora else ()), feature="safeclip train with LoRA")
-    check_no_overlap(args.output_dir, input_paths(args), option="--output-dir")  # even with --overwrite / --resume
+    check_no_overlap(args.output_dir, command_inputs(args), option="--output-dir")  # even with --overwrite / --resume
     out, replace = check_run_output(args.output_dir, resume_from=args.resume, overwrite=args.overwrite,
                                     option="--output-dir")
     data, val = _training_data(args, config)
@@ -205,6 +208,9 @@ def _training_data(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
     val = None
     if args.val_data:
         val = load_dataset(args.val_data, image_root=args.image_root, coco_dir=args.coco_dir)
+    # the images the data name are inputs too (even those --text-only will not read)
+    check_named_inputs(args.output_dir, {"--data": data.items, "--val-data": val.items if val is not None else []},
+                       option="--output-dir")
     if config.train_vision is False:  # --text-only: the images are not even read
         data = data.text_only()
         val = val.text_only() if val is not None else None
@@ -224,12 +230,12 @@ def _register_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="retrieval Recall@K table, original vs Safe-CLIP (default: bundled testbed)",
                        description="Print Recall@1/5/10/20 for S→V, U→V, U→(V∪G), V→S and G→S, original vs "
                        "Safe-CLIP.", epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("--original", help="the original CLIP (folder, hub id, open_clip:NAME)")
-    e.add_argument("--safe", help="the Safe-CLIP model (OUTPUT_DIR/model of `safeclip train`)")
-    e.add_argument("--data", help="evaluation quadruplets with images (JSONL or ViSU + --coco-dir)")
-    e.add_argument("--image-root", help="folder that relative image paths in --data are relative to")
-    e.add_argument("--coco-dir", help="COCO folder for ViSU-layout --data")
-    e.add_argument("--assets", help="testbed folder (default: the bundled assets/safeclip)")
+    add_input(e, "--original", help="the original CLIP (folder, hub id, open_clip:NAME)")
+    add_input(e, "--safe", help="the Safe-CLIP model (OUTPUT_DIR/model of `safeclip train`)")
+    add_input(e, "--data", help="evaluation quadruplets with images (JSONL or ViSU + --coco-dir)")
+    add_input(e, "--image-root", help="folder that relative image paths in --data are relative to")
+    add_input(e, "--coco-dir", help="COCO folder for ViSU-layout --data")
+    add_input(e, "--assets", help="testbed folder (default: the bundled assets/safeclip)")
     e.add_argument("--gallery", choices=("original", "self"), default="original",
                    help="which model embeds the retrieval gallery for the Safe-CLIP rows")
     e.add_argument("--batch-size", type=int_arg(low=1), default=64, metavar="N", help="embedding batch size")
@@ -239,11 +245,14 @@ def _register_eval(sub: Any) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vlmsafe.io import check_output, write_json_atomic
+    from vlmsafe.io import write_json_atomic
     from vlmsafe.safeclip.retrieval import format_table, retrieval_table
 
     if args.json:
-        check_output(args.json, kind="file", overwrite=args.overwrite, option="--json", inputs=input_paths(args))
+        from vlmsafe.safeclip.testbed import default_assets_dir
+
+        testbed = None if args.safe or args.data or args.original or args.assets else default_assets_dir()
+        check_command_output(args, args.json, kind="file", option="--json", inputs=[("Safe-CLIP testbed", testbed)])
     if args.safe or args.data or args.original:
         if not (args.safe and args.data and args.original):
             raise InputError("evaluating your own model needs --original, --safe and --data together (or none of "
@@ -252,6 +261,8 @@ def _eval(args: argparse.Namespace) -> int:
         from vlmsafe.safeclip.data import load_dataset
 
         data = load_dataset(args.data, image_root=args.image_root, coco_dir=args.coco_dir)
+        if args.json:
+            check_named_inputs(args.json, {"--data": data.items}, option="--json")
         data.verify_images()
         _quiet_weight_loading()
         rows = retrieval_table(load_backend(args.original), data, load_backend(args.safe), gallery=args.gallery,
@@ -286,8 +297,8 @@ def _register_pairs(sub: Any) -> None:
                          description="LoRA (or full) fine-tuning of a transformers causal LM on a small file of "
                          "(safe, unsafe) caption pairs; the paper used ~100 curated pairs.")
     add_model_options(pt, help="transformers causal LM folder (or hub id)")
-    pt.add_argument("--pairs", required=True,
-                    help="JSONL/JSON records with 'safe' and 'unsafe' (or 'nsfw'), or a CSV with those columns")
+    add_input(pt, "--pairs", required=True,
+              help="JSONL/JSON records with 'safe' and 'unsafe' (or 'nsfw'), or a CSV with those columns")
     add_output_options(pt, flag="--output-dir", dest="output_dir",
                        help="where the adapter (safetensors) and tokenizer are saved")
     add_options(pt.add_argument_group("training options (PairConverterConfig fields)"), PairConverterConfig)
@@ -297,9 +308,9 @@ def _register_pairs(sub: Any) -> None:
                          "train`)", description="Generate an unsafe version of each safe caption with a converter "
                          "trained by `pairs train`.")
     add_model_options(pg, help="the base causal LM folder (or hub id)")
-    pg.add_argument("--adapter", help="folder written by `pairs train` (omit for a fully fine-tuned --model)")
-    pg.add_argument("--captions", required=True,
-                    help="a .txt file (one caption per line) or JSON/JSONL with 'safe' or 'caption' fields")
+    add_input(pg, "--adapter", help="folder written by `pairs train` (omit for a fully fine-tuned --model)")
+    add_input(pg, "--captions", required=True,
+              help="a .txt file (one caption per line) or JSON/JSONL with 'safe' or 'caption' fields")
     add_output_options(pg, flag="--output", dest="output",
                        help="JSONL output: {\"safe\": ..., \"unsafe\": ...} per line")
     pg.add_argument("--batch-size", type=int_arg(low=1), default=16, metavar="N", help="captions per generate call")
@@ -323,15 +334,13 @@ def _load_lm(args: argparse.Namespace, adapter: str | None = None) -> tuple[Any,
 
 
 def _pairs_train(args: argparse.Namespace) -> int:
-    from vlmsafe.io import check_output
     from vlmsafe.safeclip.options import options_from_args
     from vlmsafe.safeclip.pairs import PairConverterConfig, load_pairs, save_converter, train_pair_converter
 
     cfg = PairConverterConfig(**options_from_args(args, PairConverterConfig))
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     require_extra("safeclip", *(("peft",) if cfg.use_lora else ()), feature="safeclip pairs train with LoRA")
-    check_output(args.output_dir, kind="dir", overwrite=args.overwrite, option="--output-dir",
-                 inputs=input_paths(args))
+    check_command_output(args, args.output_dir, kind="dir", option="--output-dir")
     pairs = load_pairs(args.pairs)
     lm, tok = _load_lm(args)
     result = train_pair_converter(lm, tok, pairs, cfg)
@@ -343,7 +352,7 @@ def _pairs_train(args: argparse.Namespace) -> int:
 
 def _pairs_generate(args: argparse.Namespace) -> int:
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
-    from vlmsafe.io import atomic_path, check_output
+    from vlmsafe.io import atomic_path
     from vlmsafe.safeclip.pairs import DEFAULT_TEMPLATE, check_template, generate_unsafe, load_captions
 
     require_extra("safeclip", *(("peft",) if args.adapter else ()), feature="safeclip pairs generate --adapter")
@@ -351,7 +360,7 @@ def _pairs_generate(args: argparse.Namespace) -> int:
     if not args.sample and (args.temperature is not None or args.top_p is not None):
         raise InputError("--temperature/--top-p only apply when sampling; add --sample (greedy decoding would "
                          "ignore them)")
-    check_output(args.output, kind="file", overwrite=args.overwrite, option="--output", inputs=input_paths(args))
+    check_command_output(args, args.output, kind="file", option="--output", file_example="unsafe.jsonl")
     captions = load_captions(args.captions)
     lm, tok = _load_lm(args, args.adapter)
     kwargs: dict[str, Any] = {}
@@ -392,18 +401,18 @@ def _register_generate(sub: Any) -> None:
         description="Generate images from a diffusers text-to-image pipeline whose text encoder(s) are replaced by "
         "Safe-CLIP's.", epilog=_GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    g.add_argument("--pipeline", required=True, metavar="DIR",
-                   help="a diffusers pipeline folder (model_index.json), e.g. Stable Diffusion v1.4 or SDXL")
-    g.add_argument("--text-encoder", required=True, metavar="SAFE_DIR",
-                   help="Safe-CLIP model folder (OUTPUT_DIR/model of `safeclip train`) replacing text_encoder")
+    add_input(g, "--pipeline", required=True, metavar="DIR",
+              help="a diffusers pipeline folder (model_index.json), e.g. Stable Diffusion v1.4 or SDXL")
+    add_input(g, "--text-encoder", required=True, metavar="SAFE_DIR",
+              help="Safe-CLIP model folder (OUTPUT_DIR/model of `safeclip train`) replacing text_encoder")
     te2 = g.add_mutually_exclusive_group()
-    te2.add_argument("--text-encoder-2", metavar="SAFE_DIR",
-                     help="SDXL: Safe-CLIP fine-tuned from the pipeline's second CLIP, replacing text_encoder_2")
+    add_input(te2, "--text-encoder-2", metavar="SAFE_DIR",
+              help="SDXL: Safe-CLIP fine-tuned from the pipeline's second CLIP, replacing text_encoder_2")
     te2.add_argument("--keep-text-encoder-2", action="store_true",
                      help="SDXL: replace text_encoder only and keep the original text_encoder_2 (it still carries "
                      "unsafe concepts)")
-    g.add_argument("--prompts", required=True, metavar="FILE",
-                   help="JSONL/JSON records with 'prompt', or a text file with one prompt per line")
+    add_input(g, "--prompts", required=True, metavar="FILE",
+              help="JSONL/JSON records with 'prompt', or a text file with one prompt per line")
     add_output_options(g, help="output folder (images + generations.json)")
     g.add_argument("--also-original", action="store_true",
                    help="also generate every prompt with the pipeline's own text encoder(s), from the same noise")
@@ -430,6 +439,7 @@ def _generate(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.generate import run_generate
 
     require_extra("safeclip", "diffusers", feature="safeclip generate")
+    check_command_output(args, args.out, kind="dir")  # run_generate checks it again (its Python callers)
     record = run_generate(
         args.pipeline, args.text_encoder, args.prompts, args.out, text_encoder_2=args.text_encoder_2,
         keep_text_encoder_2=args.keep_text_encoder_2, also_original=args.also_original, steps=args.steps,

@@ -10,13 +10,15 @@ from typing import Any
 from vlmsafe.cli_options import (
     add_anchor_options,
     add_data_options,
+    add_input,
     add_max_new_tokens,
     add_model_options,
     add_output_options,
     add_progress_option,
     add_steering_options,
     anchor_from_args,
-    input_paths,
+    check_command_output,
+    check_named_inputs,
     load_model_from_args,
     steering_from_args,
 )
@@ -84,8 +86,8 @@ def register(subparsers: Any) -> None:
                         "(default: ShiftDC's 'Based on the given Request, describe the image. Request: {prompt}')")
     g.add_argument("--caption-tokens", type=int_arg(low=1), default=None, metavar="N",
                    help="caption budget in tokens (default 128, as in ShiftDC's code)")
-    g.add_argument("--captions", default=None, metavar="JSONL",
-                   help="reuse captions by item id, e.g. the captions.jsonl of an earlier --method shiftdc run")
+    add_input(g, "--captions", default=None, metavar="JSONL",
+              help="reuse captions by item id, e.g. the captions.jsonl of an earlier --method shiftdc run")
     add_progress_option(cal)
     cal.set_defaults(func=run_calibrate)
 
@@ -99,16 +101,14 @@ def register(subparsers: Any) -> None:
     add_model_options(gen)
     gen.add_argument("--prompt", required=True,
                      help="the instruction (plain text; the chat template is applied for you)")
-    gen.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+    add_input(gen, "--image", default=None, help="image file (omit for a text-only prompt)")
     add_max_new_tokens(gen)
     add_steering_options(gen)
     gen.set_defaults(func=run_generate)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from vlmsafe.io import check_output
-
-    check_output(args.out, kind="dir", overwrite=args.overwrite, inputs=input_paths(args))
+    check_command_output(args, args.out, kind="dir")  # the images --data names: once it is read, below
     if args.method == "shiftdc":
         return _calibrate_shiftdc(args)
     shiftdc_flags = [f for f, v in (("--caption-prompt", args.caption_prompt),
@@ -127,7 +127,9 @@ def _calibrate_cmrm(args: argparse.Namespace) -> int:
 
     anchor = anchor_from_args(args)
     real = anchor["anchor"] == "real"
-    items = load_items(args.data, check_images="verify" if real else False)[: args.limit]
+    items = load_items(args.data, check_images="verify" if real else False)
+    check_named_inputs(args.out, {"--data": items})  # every image the file names, used or beyond --limit
+    items = items[: args.limit]
     missing = [it.id for it in items if it.image is None]
     if real and missing:
         raise InputError(f"{args.data}: items {missing[:5]} have no image; CMRM calibration on real images needs "
@@ -175,7 +177,9 @@ def _calibrate_shiftdc(args: argparse.Namespace) -> int:
         raise InputError("ShiftDC calibration runs in one process; run it without accelerate launch / torchrun")
     caption_prompt = check_caption_prompt(args.caption_prompt or CAPTION_PROMPT)
     cache = read_caption_cache(args.captions) if args.captions else {}
-    items = load_items(args.data, check_images=False, require_label=True)[: args.limit]
+    items = load_items(args.data, check_images=False, require_label=True)
+    check_named_inputs(args.out, {"--data": items})  # every image the file names, used or beyond --limit
+    items = items[: args.limit]
     labelled_rows(items)  # both labels present: checked before the model loads
     uncaptioned = [it for it in items if not it.meta.get("caption") and it.id not in cache]
     missing = [it.id for it in uncaptioned if it.image is None]
