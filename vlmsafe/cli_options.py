@@ -109,7 +109,7 @@ def add_steering_options(
     title: str = "steering (CMRM / ShiftDC)",
 ) -> None:
     """The steering flags; defaults are applied by :func:`steering_from_args` so it can tell what was given."""
-    from vlmsafe.steering.cmrm import STEER_POSITIONS
+    from vlmsafe.steering.choices import STEER_POSITIONS
     from vlmsafe.steering.config import MAX_ALPHA, field_help
 
     g = parser.add_argument_group(title)

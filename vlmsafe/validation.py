@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable, Sequence
 
 from vlmsafe.errors import InputError, LayerIndexError
@@ -212,3 +213,31 @@ def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
     """Raise :class:`InputError` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def parse_size(size: int | str) -> int:
+    """``"2GB"``, ``"500MB"``, ``"64KiB"`` or a positive int number of bytes."""
+    if isinstance(size, bool):
+        raise InputError(f"max_shard_size: cannot parse {size!r}; write e.g. 2GB, 500MB or a number of bytes")
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise InputError(f"max_shard_size: cannot parse {size!r}; write e.g. 2GB, 500MB or a number of bytes")
+        unit = (m.group(2) or "B").upper()
+        base = 1024 if "I" in unit else 1000
+        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+        value = int(float(m.group(1)) * base**power)
+    if value <= 0:
+        raise InputError(f"max_shard_size must be positive, got {size!r}; write e.g. 2GB")
+    return value
+
+
+def size_arg(text: str) -> str:
+    """An ``argparse`` ``type=`` for ``--max-shard-size``: checked by :func:`parse_size` at parse time."""
+    try:
+        parse_size(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

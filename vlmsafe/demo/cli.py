@@ -34,7 +34,7 @@ cmrm_sweep.png and merge_sweep.png to --out.
 
 
 def register(subparsers: Any) -> None:
-    from vlmsafe.steering.cmrm import STEER_POSITIONS
+    from vlmsafe.steering.choices import STEER_POSITIONS
 
     p = subparsers.add_parser(
         "demo",

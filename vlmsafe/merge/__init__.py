@@ -15,34 +15,79 @@ Quick start::
     merge_checkpoints(MergeConfig(vlm="llava", aligned="llama-chat", output="llava-safe", weight=0.4))
 """
 
-from vlmsafe.merge.checkpoint import Checkpoint, TensorInfo
-from vlmsafe.merge.config import MergeConfig
-from vlmsafe.merge.keymap import KeyMap, canonical_name, is_buffer, is_vocab_tensor, layer_index
-from vlmsafe.merge.localise import (
-    build_masks,
-    collect_input_norms,
-    load_masks,
-    magnitude_scores,
-    save_masks,
-    topk_mask,
-    wanda_scores,
-    weight_difference_mask,
-    weight_difference_scores,
-)
-from vlmsafe.merge.methods import (
-    METHODS,
-    apply_mask,
-    dare_linear,
-    dare_ties,
-    linear,
-    merge_pair,
-    slerp,
-    task_arithmetic,
-    ties,
-)
-from vlmsafe.merge.schedule import Schedule
-from vlmsafe.merge.streaming import RECIPE_NAME, MergeResult, merge_checkpoints, plan_merge
-from vlmsafe.merge.sweep import merge_sweep, plot_sweep
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vlmsafe._lazy import attach
+
+if TYPE_CHECKING:  # static analysers see the real names; at run time they load on first access
+    from vlmsafe.merge.checkpoint import Checkpoint, TensorInfo
+    from vlmsafe.merge.config import MergeConfig
+    from vlmsafe.merge.keymap import KeyMap, canonical_name, is_buffer, is_vocab_tensor, layer_index
+    from vlmsafe.merge.localise import (
+        build_masks,
+        collect_input_norms,
+        load_masks,
+        magnitude_scores,
+        save_masks,
+        topk_mask,
+        wanda_scores,
+        weight_difference_mask,
+        weight_difference_scores,
+    )
+    from vlmsafe.merge.methods import (
+        METHODS,
+        apply_mask,
+        dare_linear,
+        dare_ties,
+        linear,
+        merge_pair,
+        slerp,
+        task_arithmetic,
+        ties,
+    )
+    from vlmsafe.merge.schedule import Schedule
+    from vlmsafe.merge.streaming import RECIPE_NAME, MergeResult, merge_checkpoints, plan_merge
+    from vlmsafe.merge.sweep import merge_sweep, plot_sweep
+
+#: Public name -> the module that defines it (``module:attr`` for an alias).
+_EXPORTS: dict[str, str] = {
+    "Checkpoint": "vlmsafe.merge.checkpoint",
+    "KeyMap": "vlmsafe.merge.keymap",
+    "METHODS": "vlmsafe.merge.methods",
+    "MergeConfig": "vlmsafe.merge.config",
+    "MergeResult": "vlmsafe.merge.streaming",
+    "RECIPE_NAME": "vlmsafe.merge.streaming",
+    "Schedule": "vlmsafe.merge.schedule",
+    "TensorInfo": "vlmsafe.merge.checkpoint",
+    "apply_mask": "vlmsafe.merge.methods",
+    "build_masks": "vlmsafe.merge.localise",
+    "canonical_name": "vlmsafe.merge.keymap",
+    "collect_input_norms": "vlmsafe.merge.localise",
+    "dare_linear": "vlmsafe.merge.methods",
+    "dare_ties": "vlmsafe.merge.methods",
+    "is_buffer": "vlmsafe.merge.keymap",
+    "is_vocab_tensor": "vlmsafe.merge.keymap",
+    "layer_index": "vlmsafe.merge.keymap",
+    "linear": "vlmsafe.merge.methods",
+    "load_masks": "vlmsafe.merge.localise",
+    "magnitude_scores": "vlmsafe.merge.localise",
+    "merge_checkpoints": "vlmsafe.merge.streaming",
+    "merge_pair": "vlmsafe.merge.methods",
+    "merge_sweep": "vlmsafe.merge.sweep",
+    "plan_merge": "vlmsafe.merge.streaming",
+    "plot_sweep": "vlmsafe.merge.sweep",
+    "save_masks": "vlmsafe.merge.localise",
+    "slerp": "vlmsafe.merge.methods",
+    "task_arithmetic": "vlmsafe.merge.methods",
+    "ties": "vlmsafe.merge.methods",
+    "topk_mask": "vlmsafe.merge.localise",
+    "wanda_scores": "vlmsafe.merge.localise",
+    "weight_difference_mask": "vlmsafe.merge.localise",
+    "weight_difference_scores": "vlmsafe.merge.localise",
+}
+__getattr__, __dir__ = attach(__name__, _EXPORTS)
 
 __all__ = [
     "METHODS",

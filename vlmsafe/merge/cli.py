@@ -6,9 +6,8 @@ import argparse
 import json
 
 from vlmsafe.cli_options import add_input, add_output_options, add_progress_option, check_command_output
-from vlmsafe.merge.methods import METHODS
-from vlmsafe.merge.writer import size_arg
-from vlmsafe.validation import float_arg, seed_arg
+from vlmsafe.merge.choices import METHODS
+from vlmsafe.validation import float_arg, seed_arg, size_arg
 
 _MERGE_EPILOG = """\
 examples:

@@ -48,10 +48,9 @@ from typing import Any, Literal
 import torch
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.merge.methods import METHODS, TASK_VECTOR_METHODS
+from vlmsafe.merge.choices import METHODS, TASK_VECTOR_METHODS
 from vlmsafe.merge.schedule import Schedule
-from vlmsafe.merge.writer import parse_size
-from vlmsafe.validation import SEED_MAX
+from vlmsafe.validation import SEED_MAX, parse_size
 
 #: Valid aligned-model shares per method (see the module docstring); the default is [0, 1].
 WEIGHT_RANGES: dict[str, tuple[float, float]] = {"task_arithmetic": (-1.0, 2.0)}

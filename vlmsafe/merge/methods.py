@@ -30,13 +30,10 @@ from typing import Literal
 import torch
 
 from vlmsafe.errors import InputError
+from vlmsafe.merge.choices import METHODS
 
 Convention = Literal["mergekit", "peft"]
 
-#: Method names accepted by :func:`merge_pair` and the CLI / config files.
-METHODS: tuple[str, ...] = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-#: Methods that work on task vectors relative to a base model.
-TASK_VECTOR_METHODS: frozenset[str] = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import re
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
@@ -30,43 +29,13 @@ from typing import Any, BinaryIO
 import torch
 
 from vlmsafe.cards import digest_lines, display_name, render_card
-from vlmsafe.errors import InputError
 from vlmsafe.merge.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorInfo, st_dtype
+from vlmsafe.validation import parse_size, size_arg  # noqa: F401  (re-exported: the writer's shard-size rule)
 
 #: Bytes written between background ``fdatasync`` calls.
 FLUSH_BYTES = 256 << 20
 #: Weight-file suffixes never copied as side files.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-
-
-def parse_size(size: int | str) -> int:
-    """``"2GB"``, ``"500MB"``, ``"64KiB"`` or a positive int number of bytes."""
-    if isinstance(size, bool):
-        raise InputError(f"max_shard_size: cannot parse {size!r}; write e.g. 2GB, 500MB or a number of bytes")
-    if isinstance(size, int):
-        value = size
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
-        if not m:
-            raise InputError(f"max_shard_size: cannot parse {size!r}; write e.g. 2GB, 500MB or a number of bytes")
-        unit = (m.group(2) or "B").upper()
-        base = 1024 if "I" in unit else 1000
-        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-        value = int(float(m.group(1)) * base**power)
-    if value <= 0:
-        raise InputError(f"max_shard_size must be positive, got {size!r}; write e.g. 2GB")
-    return value
-
-
-def size_arg(text: str) -> str:
-    """An ``argparse`` ``type=`` for ``--max-shard-size``: checked by :func:`parse_size` at parse time."""
-    import argparse
-
-    try:
-        parse_size(text)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,10 @@ from torch import nn
 
 from vlmsafe.errors import FileFormatError, InputError, UnsupportedModelError
 from vlmsafe.io import atomic_path, read_json
+from vlmsafe.safeclip.terms import TOKEN_STATE_LAYERS  # which token states encode_text_states returns
 from vlmsafe.validation import check_choice
 from vlmsafe.weights import check_no_remote_code
 
-#: Which token states :meth:`CLIPBackend.encode_text_states` returns (see there).
-TOKEN_STATE_LAYERS = ("last", "penultimate")
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 

@@ -108,7 +108,7 @@ def _register_train(sub: Any) -> None:
 
 def _weights_arg(text: str) -> dict[str, float]:
     """``NAME=W,NAME=W`` loss weights: known term names, finite weights >= 0 (checked at parse time)."""
-    from vlmsafe.safeclip.losses import ALL_LOSS_NAMES
+    from vlmsafe.safeclip.terms import ALL_LOSS_NAMES
 
     one = float_arg(low=0)
     out = {}

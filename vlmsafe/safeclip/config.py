@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.errors import InputError
-from vlmsafe.safeclip.backends import TOKEN_STATE_LAYERS
-from vlmsafe.safeclip.losses import LOSS_NAMES, LOSS_SCALES, TOKEN_TERM, SafeCLIPLossWeights
 from vlmsafe.safeclip.options import (
     LORA_ALPHA_MAX,
     LR_MAX,
@@ -30,6 +28,7 @@ from vlmsafe.safeclip.options import (
     other_option,
     switch_option,
 )
+from vlmsafe.safeclip.terms import LOSS_NAMES, LOSS_SCALES, TOKEN_STATE_LAYERS, TOKEN_TERM, SafeCLIPLossWeights
 from vlmsafe.validation import SEED_MAX, check_float
 
 

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlmsafe import validation
+from vlmsafe._lazy import no_grad
 from vlmsafe.data import read_records
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.safeclip.options import (
@@ -198,6 +197,7 @@ def train_pair_converter(
     config: PairConverterConfig | None = None,
 ) -> ConverterTrainingResult:
     """Fine-tune ``model`` to continue ``prompt_template.format(safe=S)`` with `` U<eos>``."""
+    import torch
     from tqdm.auto import tqdm
     from transformers import get_constant_schedule_with_warmup
 
@@ -253,7 +253,7 @@ def train_pair_converter(
     return ConverterTrainingResult(model, losses, truncated)
 
 
-@torch.no_grad()
+@no_grad  # torch loads when this runs: the CLI reads this module for its flags
 def generate_unsafe(
     model: Any,
     tokenizer: Any,

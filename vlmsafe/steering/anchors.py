@@ -26,8 +26,7 @@ from PIL import Image
 from vlmsafe.adapters import ModelAdapter
 from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, blank_image, check_colour, noise_image, to_rgb
 from vlmsafe.errors import InputError
-
-ANCHORS = ("real", "blank", "noise")
+from vlmsafe.steering.choices import ANCHORS
 
 
 def check_anchor(anchor: Any, colour: Any = BLANK_COLOUR, seed: Any = NOISE_SEED) -> None:

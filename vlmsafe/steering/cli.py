@@ -49,7 +49,7 @@ examples:
 
 
 def register(subparsers: Any) -> None:
-    from vlmsafe.steering.cmrm import CALIBRATION_POSITIONS
+    from vlmsafe.steering.choices import CALIBRATION_POSITIONS
 
     cal = subparsers.add_parser(
         "calibrate",

@@ -47,15 +47,10 @@ from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, prompt_of
 from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
 from vlmsafe.steering.anchors import anchor_image
+from vlmsafe.steering.choices import CALIBRATION_POSITIONS, STEER_POSITIONS, TEXT_READ_POSITIONS
 from vlmsafe.steering.items import DatasetHasher, batched
 from vlmsafe.steering.vectors import AGGREGATES, ShiftAccumulator, ShiftVectors, calibration_meta
 from vlmsafe.validation import check_float
-
-STEER_POSITIONS = ("last", "prompt", "text", "image")
-#: Positions a shift can be read at: both sides of the pair have them (image tokens have no text-only twin).
-CALIBRATION_POSITIONS = ("last", "text")
-#: Positions text-only states can be read at (no image tokens involved).
-TEXT_READ_POSITIONS = ("last", "prompt", "text")
 
 
 @torch.no_grad()

@@ -19,25 +19,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, check_colour
 from vlmsafe.errors import InputError
-from vlmsafe.steering.anchors import anchor_image, check_anchor
-from vlmsafe.steering.cmrm import STEER_POSITIONS, prompt_states, steer, steer_sample_level, text_only_states
-from vlmsafe.steering.directions import SafetyDirections
-from vlmsafe.steering.shiftdc import DEFAULT_LAYERS as SHIFTDC_LAYERS
-from vlmsafe.steering.shiftdc import SHIFT_FROM, steer_shiftdc
-from vlmsafe.steering.vectors import ShiftVectors
+from vlmsafe.steering.choices import MAX_ALPHA, MODES, SHIFT_FROM, SHIFTDC_LAYERS, STEER_POSITIONS
 from vlmsafe.validation import LAYER_PRESETS, check_choice, check_float, parse_layer_spec
 
-#: The largest steering strength accepted. The papers use about 1; a small safety component (ShiftDC on a
-#: tiny model) can need a few hundred. A negative alpha would push states further from the text-only
-#: distribution (CMRM reversed), and a huge one overflows the hidden states into empty answers.
-MAX_ALPHA = 1000.0
+# The model-side modules import torch: they load when a config is checked or applied, not when the command line
+# reads this module for its flags' help (``field_help``), so ``vlmsafe --help`` stays fast.
+if TYPE_CHECKING:
+    from vlmsafe.adapters import ModelAdapter
+    from vlmsafe.steering.directions import SafetyDirections
+    from vlmsafe.steering.vectors import ShiftVectors
 
-MODES = ("dataset", "sample", "shiftdc")
+__all__ = ["MAX_ALPHA", "MODES", "SteeringConfig", "field_help"]
 LayerSpec = "int | Sequence[int] | str | None"
 
 
@@ -83,6 +79,10 @@ class SteeringConfig:
                 "less)"})
 
     def __post_init__(self) -> None:
+        from vlmsafe.steering.anchors import check_anchor
+        from vlmsafe.steering.directions import SafetyDirections
+        from vlmsafe.steering.vectors import ShiftVectors
+
         mode = self.mode
         if mode is None and self.vectors is not None:
             mode = "dataset"
@@ -166,6 +166,8 @@ class SteeringConfig:
 
     def check_model(self, model: Any) -> None:
         """Validate the vectors and layers against ``model`` (before any generation)."""
+        from vlmsafe.adapters import get_adapter
+
         adapter = get_adapter(model)
         if self.vectors is not None:
             self.vectors.check_compatible(adapter)
@@ -201,6 +203,10 @@ class SteeringConfig:
             return contextlib.nullcontext()
         if images is not None and all(img is None for img in images) and not self.steer_text_only:
             return contextlib.nullcontext()
+        from vlmsafe.adapters import get_adapter
+        from vlmsafe.steering.cmrm import steer, steer_sample_level, text_only_states
+        from vlmsafe.steering.shiftdc import steer_shiftdc
+
         adapter: ModelAdapter = get_adapter(model, processor)
         if self.mode == "dataset":
             if self.vectors is None:
@@ -237,6 +243,10 @@ def _sample_level_anchored(cfg: SteeringConfig, adapter: ModelAdapter, prompts: 
     generation; rows without an image get none. Steering then subtracts ``alpha`` times it at the
     chosen positions of every steered layer (like dataset-level, with one vector per row).
     """
+    from vlmsafe.steering.anchors import anchor_image
+    from vlmsafe.steering.cmrm import prompt_states, steer
+    from vlmsafe.steering.vectors import ShiftVectors
+
     layer_ids = adapter.resolve_layers(cfg.layers)
     anchor, meta = anchor_image(adapter, cfg.anchor, colour=cfg.anchor_colour, seed=cfg.anchor_seed)
     rows = [i for i in range(len(prompts)) if images is None or images[i] is not None]

@@ -43,6 +43,8 @@ from vlmsafe.activations import CallEdit, EditPlan, Prompt, edit_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import as_pair
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.steering.choices import SHIFT_FROM
+from vlmsafe.steering.choices import SHIFTDC_LAYERS as DEFAULT_LAYERS
 from vlmsafe.steering.cmrm import prompt_states
 from vlmsafe.steering.directions import CAPTION_PROMPT, CAPTION_TOKENS, SafetyDirections, projection
 from vlmsafe.steering.vectors import calibration_meta
@@ -50,8 +52,6 @@ from vlmsafe.validation import check_int, check_template
 
 #: The reference code's text-only counterpart (``ANSWER_Q_BASED_ON_CAPTION``).
 COUNTERPART_TEMPLATE = "{prompt} Image Caption: {caption}"
-SHIFT_FROM = ("unsteered", "running")
-DEFAULT_LAYERS = "middle-to-last"
 
 
 

@@ -35,6 +35,7 @@ from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, reso
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json, sha256_file
 from vlmsafe.loading import model_fingerprint, warn_if_other_model
+from vlmsafe.steering.choices import AGGREGATES
 
 TENSOR_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
@@ -471,7 +472,6 @@ def calibration_meta(adapter: ModelAdapter, *, layers: list[int], positions: str
         **extra,
     }
 #: How per-item shifts become one vector per layer (see :meth:`ShiftAccumulator.to_vectors`).
-AGGREGATES = ("mean", "pca")
 
 
 def first_principal_component(diffs: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

@@ -1,0 +1,74 @@
+"""`vlmsafe --help` and every subcommand's `--help` answer without importing torch or transformers.
+
+Importing torch alone takes seconds; a help screen should take a fraction of one. The help text of every
+flag (choices, ranges, defaults) comes from modules that import nothing heavy (``vlmsafe.steering.choices``,
+``vlmsafe.merge.choices``, ``vlmsafe.safeclip.terms``), and the packages export their names lazily
+(``vlmsafe._lazy``). This checks the cause, not a time: a timed test would be flaky on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("torch", "transformers", "safetensors", "diffusers", "peft", "open_clip", "sklearn", "matplotlib")
+
+
+def _commands() -> list[list[str]]:
+    from vlmsafe.cli import build_parser
+
+    out: list[list[str]] = [[]]
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if action.__class__.__name__ == "_SubParsersAction":
+                for name, sub in action.choices.items():
+                    out.append([*prefix, name])
+                    walk(sub, [*prefix, name])
+
+    walk(build_parser(), [])
+    return out
+
+
+def test_every_help_screen_imports_nothing_heavy():
+    commands = _commands()
+    assert ["safeclip", "pairs", "generate"] in commands and ["probe", "weights"] in commands
+    code = f"""
+import contextlib, io, json, sys
+from vlmsafe.cli import main
+loaded = {{}}
+for cmd in {commands!r}:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            main([*cmd, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, (cmd, exc.code)
+    assert "usage:" in out.getvalue(), cmd
+    loaded[" ".join(cmd)] = sorted(m for m in {HEAVY!r} if m in sys.modules)
+print(json.dumps(loaded))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(loaded) == len(commands)
+    heavy = {cmd: mods for cmd, mods in loaded.items() if mods}
+    assert not heavy, f"help screens that import heavy modules: {heavy}"
+
+
+def test_lazy_package_exports_resolve_to_the_defining_module():
+    """Every name a package lists in __all__ loads on access, from the module its table names."""
+    import importlib
+
+    for pkg in ("vlmsafe.steering", "vlmsafe.eval", "vlmsafe.merge", "vlmsafe.safeclip", "vlmsafe.convert",
+                "vlmsafe.demo"):
+        module = importlib.import_module(pkg)
+        assert sorted(module.__all__) == sorted(module._EXPORTS), pkg
+        for name in module.__all__:
+            value = getattr(module, name)
+            target, _, attr = module._EXPORTS[name].partition(":")
+            assert value is getattr(importlib.import_module(target), attr or name), (pkg, name)
+        assert set(module.__all__) <= set(dir(module))
+    from vlmsafe.eval import EvalItem, Item
+
+    assert EvalItem is Item

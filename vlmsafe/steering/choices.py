@@ -1,0 +1,29 @@
+"""The values each steering option can take, in one module that imports nothing heavy.
+
+The command line builds its flags (choices, ranges, defaults) from these before any model code is imported,
+so ``vlmsafe --help`` never pays for torch; the steering modules import them from here, so a flag and the
+code behind it cannot disagree.
+"""
+
+from __future__ import annotations
+
+#: Prompt positions a shift can be applied at.
+STEER_POSITIONS = ("last", "prompt", "text", "image")
+#: Positions a shift can be read at: both sides of the pair have them (image tokens have no text-only twin).
+CALIBRATION_POSITIONS = ("last", "text")
+#: Positions text-only states can be read at (no image tokens involved).
+TEXT_READ_POSITIONS = ("last", "prompt", "text")
+#: Images a CMRM shift is measured with: each item's own, a uniform one (the CMRM paper), or seeded noise.
+ANCHORS = ("real", "blank", "noise")
+#: How per-item shifts become one vector per layer: their mean, or their first principal component.
+AGGREGATES = ("mean", "pca")
+#: ShiftDC: read each layer's image shift from an unsteered pass or from the already-corrected stream.
+SHIFT_FROM = ("unsteered", "running")
+#: ShiftDC's default layers (the reference code's n//2..n-1).
+SHIFTDC_LAYERS = "middle-to-last"
+#: Steering modes of :class:`~vlmsafe.steering.config.SteeringConfig`.
+MODES = ("dataset", "sample", "shiftdc")
+#: The largest steering strength accepted. The papers use about 1; a small safety component (ShiftDC on a
+#: tiny model) can need a few hundred. A negative alpha would push states further from the text-only
+#: distribution (CMRM reversed), and a huge one overflows the hidden states into empty answers.
+MAX_ALPHA = 1000.0
