@@ -26,7 +26,10 @@ torch.load(weights_only=True), tensors only). The output is a normal Hugging Fac
 (sharded safetensors + index + the VLM's config/tokenizer files) plus vlmsafe_merge.json with the
 recipe and the sha256 of every input. It appears only when complete: an interrupted merge leaves
 the destination untouched, and an existing output is refused unless --overwrite is given. See
-`python -c "import vlmsafe.merge.config as c; print(c.__doc__)"` for every YAML key.
+`python -c "import vlmsafe.merge.config as c; print(c.__doc__)"` for every YAML key. A mergekit-style
+YAML (models: / merge_method: / base_model: / parameters:) is read too, for linear, slerp,
+task_arithmetic, ties, dare_linear and dare_ties with two models (the VLM is the one whose config.json
+has a vision_config); the output then comes from --out.
 """
 
 
@@ -44,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_input(p, "config", nargs="?", label="merge config",
-              help="YAML merge config (optional if --vlm/--aligned/--out are given)")
+              help="YAML merge config, vlmsafe's or mergekit's form (optional if --vlm/--aligned/--out are given)")
     add_input(p, "--vlm", help="VL-adapted model directory (its layout is kept)")
     add_input(p, "--aligned", help="safety-aligned text-only LLM directory")
     add_input(p, "--base", help="common base model for task-vector methods (default: the aligned LLM)")

@@ -178,6 +178,10 @@ class MergeConfig:
             raise FileFormatError(f"merge config {p} is not valid YAML: {exc}") from exc
         if not isinstance(data, Mapping):
             raise FileFormatError(f"merge config {p} must be a mapping of keys to values.")
+        from vlmsafe.merge.mergekit_yaml import is_mergekit_config, translate
+
+        if is_mergekit_config(data):  # mergekit's own form (models: / merge_method:), for the methods both have
+            data = translate(data, where=str(p))
         return cls.from_dict(data, **overrides)
 
     def to_json(self) -> dict[str, Any]:
