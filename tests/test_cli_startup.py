@@ -72,3 +72,22 @@ def test_lazy_package_exports_resolve_to_the_defining_module():
     from vlmsafe.eval import EvalItem, Item
 
     assert EvalItem is Item
+
+
+def test_import_vlmsafe_is_light_and_exposes_the_public_face():
+    code = """
+import sys
+import vlmsafe
+assert "torch" not in sys.modules, "import vlmsafe loaded torch"
+names = [n for n in vlmsafe.__all__ if n not in ("VlmsafeError", "__version__")]
+assert len(names) >= 15, names
+for name in names:
+    assert getattr(vlmsafe, name) is not None, name
+from vlmsafe import SafeVLM, ShiftVectors, calibrate, evaluate, load_model, merge_checkpoints
+from vlmsafe.eval.evaluate import evaluate as ev
+from vlmsafe.steering.safevlm import SafeVLM as S
+assert evaluate is ev and SafeVLM is S
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

@@ -9,10 +9,44 @@ Three remedies and the tools to measure them:
 
 The foundation is :mod:`vlmsafe.adapters` (what each model family looks like) and
 :mod:`vlmsafe.activations` (record and edit the residual stream).
+
+The names a user needs are here, imported on first access (``import vlmsafe`` itself loads no torch)::
+
+    import vlmsafe
+
+    model, processor = vlmsafe.load_model("assets/testbed")
+    vectors = vlmsafe.calibrate(model, processor, vlmsafe.load_items("data.jsonl"))
+    print(vlmsafe.SafeVLM(model, processor, vectors).generate("...", image))
 """
 
 __version__ = "0.1.0"
 
+from vlmsafe._lazy import attach
 from vlmsafe.errors import VlmsafeError
 
-__all__ = ["VlmsafeError", "__version__"]
+#: The public face: name -> the module that defines it (loaded on first access).
+_EXPORTS: dict[str, str] = {
+    # models and data
+    "load_model": "vlmsafe.loading",
+    "get_adapter": "vlmsafe.adapters",
+    "load_items": "vlmsafe.data",
+    # steering (CMRM, ShiftDC)
+    "calibrate": "vlmsafe.steering.cmrm",
+    "calibrate_shiftdc": "vlmsafe.steering.shiftdc",
+    "steer": "vlmsafe.steering.cmrm",
+    "ShiftVectors": "vlmsafe.steering.vectors",
+    "SafetyDirections": "vlmsafe.steering.directions",
+    "SteeringConfig": "vlmsafe.steering.config",
+    "SafeVLM": "vlmsafe.steering.safevlm",
+    # safety merge
+    "MergeConfig": "vlmsafe.merge.config",
+    "merge_checkpoints": "vlmsafe.merge.streaming",
+    # Safe-CLIP
+    "train_safeclip": "vlmsafe.safeclip.trainer",
+    "apply_safe_text_encoder": "vlmsafe.safeclip.integrations",
+    # evaluation
+    "evaluate": "vlmsafe.eval.evaluate",
+}
+__getattr__, __dir__ = attach(__name__, _EXPORTS)
+
+__all__ = ["VlmsafeError", "__version__", *_EXPORTS]
