@@ -7,6 +7,8 @@ code behind it cannot disagree.
 
 from __future__ import annotations
 
+from vlmsafe.validation import check_float
+
 #: Prompt positions a shift can be applied at.
 STEER_POSITIONS = ("last", "prompt", "text", "image")
 #: Positions a shift can be read at: both sides of the pair have them (image tokens have no text-only twin).
@@ -27,3 +29,9 @@ MODES = ("dataset", "sample", "shiftdc")
 #: tiny model) can need a few hundred. A negative alpha would push states further from the text-only
 #: distribution (CMRM reversed), and a huge one overflows the hidden states into empty answers.
 MAX_ALPHA = 1000.0
+
+
+def check_alpha(alpha: object) -> float:
+    """The one check of a steering strength, for every entry point (``steer``, ``steer_sample_level``,
+    ``steer_shiftdc``, :class:`~vlmsafe.steering.config.SteeringConfig`, ``--alpha``): finite, in [0, MAX_ALPHA]."""
+    return check_float(alpha, "alpha", low=0.0, high=MAX_ALPHA)

@@ -47,10 +47,9 @@ from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, prompt_of
 from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
 from vlmsafe.steering.anchors import anchor_image
-from vlmsafe.steering.choices import CALIBRATION_POSITIONS, STEER_POSITIONS, TEXT_READ_POSITIONS
+from vlmsafe.steering.choices import CALIBRATION_POSITIONS, STEER_POSITIONS, TEXT_READ_POSITIONS, check_alpha
 from vlmsafe.steering.items import DatasetHasher, batched
 from vlmsafe.steering.vectors import AGGREGATES, ShiftAccumulator, ShiftVectors, calibration_meta
-from vlmsafe.validation import check_float
 
 
 @torch.no_grad()
@@ -247,7 +246,7 @@ def _multimodal_rows(adapter: ModelAdapter, steer_text_only: bool):
 def _plan(adapter: ModelAdapter, vectors: dict, alpha: float, positions: str | torch.Tensor, decode: bool,
           steer_text_only: bool) -> EditPlan:
     _validate_positions(positions)
-    alpha = check_float(alpha, "alpha")
+    alpha = check_alpha(alpha)
     rows = _multimodal_rows(adapter, steer_text_only)
     return EditPlan(vectors=vectors, positions=positions, decode=decode, rows=rows, scale=-alpha,
                     image_token_id=adapter.image_token_id)

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, check_colour
 from vlmsafe.errors import InputError
-from vlmsafe.steering.choices import MAX_ALPHA, MODES, SHIFT_FROM, SHIFTDC_LAYERS, STEER_POSITIONS
-from vlmsafe.validation import LAYER_PRESETS, check_choice, check_float, parse_layer_spec
+from vlmsafe.steering.choices import MAX_ALPHA, MODES, SHIFT_FROM, SHIFTDC_LAYERS, STEER_POSITIONS, check_alpha
+from vlmsafe.validation import LAYER_PRESETS, check_choice, parse_layer_spec
 
 # The model-side modules import torch: they load when a config is checked or applied, not when the command line
 # reads this module for its flags' help (``field_help``), so ``vlmsafe --help`` stays fast.
@@ -116,7 +116,7 @@ class SteeringConfig:
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
             parse_layer_spec(self.layers)  # syntax errors now, not after a model is loaded
         object.__setattr__(self, "mode", mode)
-        object.__setattr__(self, "alpha", check_float(self.alpha, "alpha", low=0.0, high=MAX_ALPHA))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
         object.__setattr__(self, "anchor_colour", check_colour(self.anchor_colour, "anchor colour"))
 
     # ------------------------------------------------------------------ queries

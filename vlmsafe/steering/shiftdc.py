@@ -43,7 +43,7 @@ from vlmsafe.activations import CallEdit, EditPlan, Prompt, edit_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import as_pair
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.steering.choices import SHIFT_FROM
+from vlmsafe.steering.choices import SHIFT_FROM, check_alpha
 from vlmsafe.steering.choices import SHIFTDC_LAYERS as DEFAULT_LAYERS
 from vlmsafe.steering.cmrm import prompt_states
 from vlmsafe.steering.directions import CAPTION_PROMPT, CAPTION_TOKENS, SafetyDirections, projection
@@ -269,6 +269,7 @@ def steer_shiftdc(
     Yields a state dict whose ``"corrections"`` holds ``{layer: (B, H)}``, the projection each row got
     (before ``alpha``), and ``"captions"`` the captions used.
     """
+    alpha = check_alpha(alpha)  # the one rule for every steering entry point, checked before any forward pass
     adapter = get_adapter(model)
     directions.check_compatible(adapter)
     if shift_from not in SHIFT_FROM:
@@ -311,7 +312,7 @@ def steer_shiftdc(
     else:
         corrections = {}
         vectors = {l: _running_correction(l, chosen.directions[l], counter[l], row_on, corrections) for l in layer_ids}
-    plan = EditPlan(vectors=vectors, positions="last", decode=decode, rows=_image_rows(row_on), scale=-float(alpha))
+    plan = EditPlan(vectors=vectors, positions="last", decode=decode, rows=_image_rows(row_on), scale=-alpha)
     with edit_activations(adapter, plan) as edit_state:
         edit_state.update(state, corrections=corrections)
         yield edit_state
