@@ -318,7 +318,7 @@ def test_safety_directions_and_projection(llava):
     with torch.no_grad(), record_activations(adapter, [1], positions="last") as rec:
         model(**adapter.build_inputs([it["prompt"] for it in items], None))
     acts = rec.activations[1]
-    torch.testing.assert_close(dirs[1], acts[:2].mean(0) - acts[2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(dirs[1], acts[2] - acts[:2].mean(0), atol=1e-6, rtol=0)  # benign - harmful
     shift = torch.randn(adapter.hidden_size)
     vec = ShiftVectors(shifts={1: shift}, meta={"num_layers": 3})
     proj = vec.project_onto(dirs).shifts[1]

@@ -188,7 +188,11 @@ def safety_directions(
     positions: str = "last",
     batch_size: int = 8,
 ) -> dict[int, torch.Tensor]:
-    """Per-layer safety direction: mean text-only state of harmful items minus that of benign ones.
+    """Per-layer safety direction: mean text-only state of benign items minus that of harmful ones.
+
+    The sign is vlmsafe's one convention for safety directions, ShiftDC's (:class:`SafetyDirections`: benign
+    minus harmful, as in Zou et al.'s reference code). Projections (:meth:`ShiftVectors.project_onto`) do not
+    depend on it; a reader comparing the two kinds of direction can rely on it.
 
     ``items`` need a ``label`` (``"harmful"``/``"benign"``; attribute or dict key); images are
     ignored (the direction lives in the text-only space the LLM was aligned in).
@@ -217,7 +221,7 @@ def safety_directions(
     if not counts["harmful"] or not counts["benign"]:
         raise InputError(f"safety_directions needs both harmful and benign items, got {counts}")
     mean = lambda label, l: sums[label][l] / counts[label]
-    return {l: (mean("harmful", l) - mean("benign", l)).float() for l in layer_ids}
+    return {l: (mean("benign", l) - mean("harmful", l)).float() for l in layer_ids}
 
 
 # --------------------------------------------------------------------------- steering
