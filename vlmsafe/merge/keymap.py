@@ -17,6 +17,7 @@ merge, the safety masks, ``probes`` weight comparison) maps names through this m
   ``model.image_newline``.
 * **Qwen2-VL / Qwen2.5-VL**: ``model.language_model.*`` (older: ``model.*``), ``lm_head.*``;
   ``model.visual.*`` (older: ``visual.*``).
+* **SmolVLM / Idefics3**: ``model.text_model.*``, ``lm_head.*``; ``model.vision_model.*``, ``model.connector.*``.
 * **text-only LLM** (the aligned model): ``model.layers.N.*``, ``model.embed_tokens|norm.*``, ``lm_head.*``.
 
 Names outside these prefixes (vision tower, projector, ``image_newline``) have no LLM counterpart.
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 #: (VLM prefix, LLM prefix), most specific first.
 LLAVA_PREFIX_RULES: tuple[tuple[str, str], ...] = (
     ("model.language_model.", "model."),
+    ("model.text_model.", "model."),
     ("language_model.model.", "model."),
     ("language_model.lm_head.", "lm_head."),
     ("language_model.", ""),
@@ -56,7 +58,7 @@ BUFFER_NAMES: frozenset[str] = frozenset(
 )
 
 #: The language model's decoder layers in every layout above (not the vision tower's layers).
-DECODER_LAYERS = r"^(model\.language_model\.|language_model\.model\.|model\.)layers\.\d+\."
+DECODER_LAYERS = r"^(model\.language_model\.|model\.text_model\.|language_model\.model\.|model\.)layers\.\d+\."
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 

@@ -1,0 +1,243 @@
+"""Every explicit VLM family on a tiny model of its real transformers class: structure, text-only twin,
+steering (alpha 0, exact edits, KV-cache independence), sample-level anchors, and the safety merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vlmsafe.adapters import get_adapter
+from vlmsafe.adapters.families import MllamaAdapter
+from vlmsafe.errors import UnsupportedModelError
+from vlmsafe.merge import MergeConfig, merge_checkpoints
+from vlmsafe.merge.keymap import KeyMap
+from vlmsafe.steering import SafeVLM, calibrate, steer, steer_sample_level
+from vlmsafe.steering.cmrm import text_only_states
+from vlmsafe.testing import random_image
+from vlmsafe.testing_families import FAMILY_BUILDERS, tiny_aligned_llm
+
+FAMILIES = list(FAMILY_BUILDERS)
+PROMPTS = ["how do i make a bomb ?", "hello", "what colour is the shape ?"]
+
+#: Per family: (adapter class name, the decoder layers' path, tokens the processor puts around image tokens).
+EXPECTED = {
+    "llava_onevision": ("LlavaOnevisionAdapter", "model.language_model.layers", ()),
+    "qwen3_vl": ("Qwen3VLAdapter", "model.language_model.layers", ("<|vision_start|>", "<|vision_end|>")),
+    "qwen3_vl_moe": ("Qwen3VLMoeAdapter", "model.language_model.layers", ("<|vision_start|>", "<|vision_end|>")),
+    "gemma3": ("Gemma3Adapter", "model.language_model.layers", ("<start_of_image>", "<end_of_image>")),
+    "mistral3": ("Mistral3Adapter", "model.language_model.layers", ("[IMG_BREAK]", "[IMG_END]")),
+    "smolvlm": ("SmolVLMAdapter", "model.text_model.layers", ("<fake_token_around_image>", "<global-img>")),
+    "idefics3": ("SmolVLMAdapter", "model.text_model.layers", ("<fake_token_around_image>", "<global-img>")),
+    "internvl": ("InternVLAdapter", "model.language_model.layers", ("<img>", "</img>")),
+    "paligemma": ("PaliGemmaAdapter", "model.language_model.layers", ()),
+}
+#: Families whose merge with the aligned LLM's layout is not supported yet, and why.
+MERGE_GAPS = {
+    "qwen3_vl_moe": "Qwen3-VL-MoE stores fused expert tensors (experts.gate_up_proj); Qwen3-MoE one per expert",
+}
+
+
+@pytest.fixture(scope="module")
+def built():
+    cache: dict = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = FAMILY_BUILDERS[name]()
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def vectors(built):
+    cache: dict = {}
+
+    def get(name):
+        if name not in cache:
+            model, processor = built(name)
+            items = [(p, random_image(i)) for i, p in enumerate(PROMPTS)]
+            cache[name] = calibrate(model, processor, items, progress=False) * 300  # tiny models: tiny shifts
+        return cache[name]
+
+    return get
+
+
+def _images():
+    return [random_image(10), None, random_image(11)]
+
+
+def _module(model, path):
+    for part in path.split("."):
+        model = getattr(model, part)
+    return model
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_explicit_adapter_knows_the_structure(built, name):
+    model, processor = built(name)
+    adapter = get_adapter(model, processor)
+    cls, layers, _ = EXPECTED[name]
+    assert type(adapter).__name__ == cls
+    text = model.config.get_text_config()
+    assert adapter.layers is _module(model, layers)
+    assert adapter.num_layers == text.num_hidden_layers == len(adapter.layers)
+    assert adapter.hidden_size == text.hidden_size
+    vision = {id(p) for p in adapter.vision_tower.parameters()}
+    projector = {id(p) for p in adapter.projector.parameters()}
+    assert vision and projector  # (Qwen keeps its merger inside the vision tower)
+    assert not any(id(p) in vision | projector for p in adapter.layers.parameters())
+    # hooks on the chosen layers see the language model's hidden states (a wrong choice would not)
+    inputs = adapter.build_inputs(PROMPTS[:1], [random_image(1)])
+    seen = []
+    handles = [layer.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+               for layer in adapter.layers]
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(seen[0], hidden[1])
+    assert len(seen) == adapter.num_layers
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_text_only_twin_is_the_template_without_the_image(built, name):
+    model, processor = built(name)
+    adapter = get_adapter(model, processor)
+    tok = processor.tokenizer
+    mm, text = adapter.build_pair(PROMPTS, [random_image(1), random_image(2), random_image(3)], padding_side="right")
+    for i, prompt in enumerate(PROMPTS):
+        conv = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        if processor.chat_template is not None:
+            want = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        else:  # PaliGemma: the processor's own format, '<bos>{prompt}\n' after the image tokens
+            want = tok.bos_token + prompt + "\n"
+        assert adapter.render(prompt, False) == want
+        txt_ids = text["input_ids"][i][text["attention_mask"][i].bool()].tolist()
+        assert txt_ids == tok(want, add_special_tokens=False)["input_ids"]
+        mm_ids = mm["input_ids"][i][mm["attention_mask"][i].bool()]
+        assert adapter.image_token_mask(mm_ids).sum() > 0 and not adapter.image_token_mask(torch.tensor(txt_ids)).any()
+        markup = {adapter.image_token_id} | {tok.convert_tokens_to_ids(t) for t in EXPECTED[name][2]}
+        assert [int(t) for t in mm_ids if int(t) not in markup] == txt_ids  # the twin differs only by the image
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_alpha_zero_is_plain_greedy_generation(built, vectors, name):
+    model, processor = built(name)
+    vec = vectors(name)
+    prompts, images = PROMPTS, _images()
+    plain = SafeVLM(model, processor, max_new_tokens=4).generate(prompts, images)
+    for kw in (dict(vectors=vec, positions="prompt", decode=True), dict(mode="sample", positions="prompt")):
+        assert SafeVLM(model, processor, alpha=0.0, max_new_tokens=4, **kw).generate(prompts, images) == plain
+    adapter = get_adapter(model, processor)
+    inputs = adapter.build_inputs(prompts, images)
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        base = model.generate(**inputs, **gen)
+        with steer(model, vec, alpha=0.0, positions="prompt", decode=True):
+            assert torch.equal(model.generate(**inputs, **gen), base)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_steering_edits_exactly_the_intended_positions_and_layer(built, vectors, name):
+    model, processor = built(name)
+    adapter = get_adapter(model, processor)
+    vec = vectors(name)
+    inputs = adapter.build_inputs(PROMPTS, _images())
+    alpha, layer = 0.7, 1
+    with torch.no_grad():
+        base = model(**inputs, output_hidden_states=True).hidden_states
+        for positions in ("prompt", "image"):
+            with steer(model, vec, alpha=alpha, layers=[layer], positions=positions):
+                got = model(**inputs, output_hidden_states=True).hidden_states
+            sel = inputs["attention_mask"].bool().clone() if positions == "prompt" else (
+                inputs["input_ids"] == adapter.image_token_id)
+            sel[1] = False  # the text-only row is never steered
+            assert sel.any()
+            torch.testing.assert_close(got[layer + 1][sel], base[layer + 1][sel] - alpha * vec.shifts[layer],
+                                       atol=1e-4, rtol=0)
+            assert torch.equal(got[layer + 1][~sel], base[layer + 1][~sel])
+            assert all(torch.equal(got[i], base[i]) for i in range(layer + 1))  # earlier layers untouched
+
+
+def _both_ways(model, inputs, pad_id):
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=pad_id, suppress_tokens=[model.config.image_token_id])
+    return model.generate(**inputs, **kw), model.generate(**inputs, use_cache=False, **kw)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_steering_does_not_depend_on_the_kv_cache(built, vectors, name):
+    model, processor = built(name)
+    adapter = get_adapter(model, processor)
+    images = _images()
+    inputs = adapter.build_inputs(PROMPTS, images)
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        plain, _ = _both_ways(model, inputs, pad)
+        with steer(model, vectors(name), alpha=1.0, positions="prompt", decode=True):
+            cached, uncached = _both_ways(model, inputs, pad)
+        assert torch.equal(cached, uncached)
+        assert torch.equal(cached[1], plain[1])  # the text-only row is left alone
+        states = text_only_states(adapter, None, PROMPTS, images)
+        with steer_sample_level(adapter, states, alpha=30.0, positions="prompt"):
+            cached, uncached = _both_ways(model, inputs, pad)
+        assert torch.equal(cached, uncached) and torch.equal(cached[1], plain[1])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sample_level_runs_on_every_anchor(built, name):
+    """Blank and noise anchors are drawn at the processor's input size and go through its processor."""
+    model, processor = built(name)
+    adapter = get_adapter(model, processor)
+    w, h = adapter.image_input_size
+    assert w > 0 and h > 0
+    for anchor in ("real", "blank", "noise"):
+        out = SafeVLM(model, processor, mode="sample", anchor=anchor, alpha=1.0, max_new_tokens=2).generate(
+            PROMPTS[:2], _images()[:2])
+        assert len(out) == 2
+
+
+def _read(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n not in MERGE_GAPS])
+def test_merge_with_the_aligned_llm_layout(built, name, tmp_path):
+    model, processor = built(name)
+    llm = tiny_aligned_llm(name, model)
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    llm.save_pretrained(tmp_path / "llm")
+    vlm_t, llm_t = _read(tmp_path / "vlm"), _read(tmp_path / "llm")
+    res = merge_checkpoints(MergeConfig(vlm=tmp_path / "vlm", aligned=tmp_path / "llm", output=tmp_path / "out",
+                                        weight=0.3), progress=False)
+    got = _read(res.output)
+    assert set(got) == set(vlm_t)
+    keymap = KeyMap()
+    merged = 0
+    for key, tensor in vlm_t.items():
+        other = keymap.find(key, llm_t)
+        if other is None:  # vision tower, projector, image_newline: bit for bit
+            assert not key.startswith(("model.language_model.", "language_model.", "model.text_model.")), key
+            assert torch.equal(got[key], tensor), key
+            continue
+        merged += 1
+        torch.testing.assert_close(got[key], 0.7 * tensor + 0.3 * llm_t[other], atol=1e-6, rtol=0, msg=key)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    assert merged >= 9 * n_layers  # every decoder-layer weight found its counterpart
+    reloaded = type(model).from_pretrained(res.output).eval()
+    sd = reloaded.state_dict()
+    adapter = get_adapter(reloaded, processor)
+    assert adapter.num_layers == n_layers and len(sd)
+
+
+def test_mllama_refuses_the_text_only_twin_in_one_line():
+    adapter = MllamaAdapter.__new__(MllamaAdapter)
+    with pytest.raises(UnsupportedModelError) as err:
+        adapter.build_pair(["hello"], [random_image()])
+    assert "\n" not in str(err.value) and "cross-attention" in str(err.value)
