@@ -9,15 +9,16 @@ from safetensors import safe_open
 
 from vlmsafe.adapters import get_adapter
 from vlmsafe.adapters.families import MllamaAdapter
-from vlmsafe.errors import UnsupportedModelError
+from vlmsafe.errors import InputError, UnsupportedModelError
 from vlmsafe.merge import MergeConfig, merge_checkpoints
 from vlmsafe.merge.keymap import KeyMap
-from vlmsafe.steering import SafeVLM, calibrate, steer, steer_sample_level
+from vlmsafe.steering import SafeVLM, ShiftVectors, calibrate, steer, steer_sample_level
 from vlmsafe.steering.cmrm import text_only_states
+from vlmsafe.steering.shiftdc import calibrate_shiftdc
 from vlmsafe.testing import random_image
 from vlmsafe.testing_families import FAMILY_BUILDERS, tiny_aligned_llm
 
-FAMILIES = list(FAMILY_BUILDERS)
+FAMILIES = [n for n in FAMILY_BUILDERS if n != "mllama"]  # cross-attention: its own tests below
 PROMPTS = ["how do i make a bomb ?", "hello", "what colour is the shape ?"]
 
 #: Per family: (adapter class name, the decoder layers' path, tokens the processor puts around image tokens).
@@ -206,8 +207,11 @@ def _read(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("name", [n for n in FAMILIES if n not in MERGE_GAPS])
+@pytest.mark.parametrize("name", [n for n in FAMILY_BUILDERS if n not in MERGE_GAPS])
 def test_merge_with_the_aligned_llm_layout(built, name, tmp_path):
+    """Every language tensor is the hand-computed linear merge with its LLM counterpart (mllama: renumbered
+    around the cross-attention layers; its 8 extra embedding rows kept); vision, projector and mllama's
+    cross-attention layers are kept bit for bit; the folder loads with the family's class."""
     model, processor = built(name)
     llm = tiny_aligned_llm(name, model)
     model.save_pretrained(tmp_path / "vlm")
@@ -215,29 +219,82 @@ def test_merge_with_the_aligned_llm_layout(built, name, tmp_path):
     llm.save_pretrained(tmp_path / "llm")
     vlm_t, llm_t = _read(tmp_path / "vlm"), _read(tmp_path / "llm")
     res = merge_checkpoints(MergeConfig(vlm=tmp_path / "vlm", aligned=tmp_path / "llm", output=tmp_path / "out",
-                                        weight=0.3), progress=False)
+                                        weight=0.3, vocab_rows="shared"), progress=False)
     got = _read(res.output)
     assert set(got) == set(vlm_t)
-    keymap = KeyMap()
-    merged = 0
+    keymap = KeyMap.for_checkpoint(tmp_path / "vlm")
+    merged = set()
     for key, tensor in vlm_t.items():
         other = keymap.find(key, llm_t)
-        if other is None:  # vision tower, projector, image_newline: bit for bit
-            assert not key.startswith(("model.language_model.", "language_model.", "model.text_model.")), key
+        if other is None:  # vision tower, projector, image_newline, cross-attention layers: bit for bit
+            assert keymap.lm_name(key) is None, key
             assert torch.equal(got[key], tensor), key
             continue
-        merged += 1
-        torch.testing.assert_close(got[key], 0.7 * tensor + 0.3 * llm_t[other], atol=1e-6, rtol=0, msg=key)
-    n_layers = model.config.get_text_config().num_hidden_layers
-    assert merged >= 9 * n_layers  # every decoder-layer weight found its counterpart
+        merged.add(other)
+        rows = llm_t[other].shape[0]
+        torch.testing.assert_close(got[key][:rows], 0.7 * tensor[:rows] + 0.3 * llm_t[other], atol=1e-6, rtol=0,
+                                   msg=key)
+        assert torch.equal(got[key][rows:], tensor[rows:]), key  # added image-token rows: the VLM's
+    assert merged == set(llm_t)  # every LLM tensor has its VLM counterpart
     reloaded = type(model).from_pretrained(res.output).eval()
-    sd = reloaded.state_dict()
     adapter = get_adapter(reloaded, processor)
-    assert adapter.num_layers == n_layers and len(sd)
+    assert adapter.num_layers == model.config.get_text_config().num_hidden_layers
+    embed = next(k for k in got if k.endswith("embed_tokens.weight"))
+    assert torch.equal(reloaded.get_input_embeddings().weight.detach(), got[embed])  # loads what was written
 
 
-def test_mllama_refuses_the_text_only_twin_in_one_line():
-    adapter = MllamaAdapter.__new__(MllamaAdapter)
-    with pytest.raises(UnsupportedModelError) as err:
-        adapter.build_pair(["hello"], [random_image()])
-    assert "\n" not in str(err.value) and "cross-attention" in str(err.value)
+# ---------------------------------------------------------------------------------- mllama (cross-attention)
+def test_mllama_structure_and_template(built):
+    model, processor = built("mllama")
+    adapter = get_adapter(model, processor)
+    assert isinstance(adapter, MllamaAdapter)
+    assert adapter.layers is model.model.language_model.layers and adapter.num_layers == 3
+    assert adapter.cross_attention_layers == [1]
+    assert type(adapter.layers[1]).__name__ == "MllamaCrossAttentionDecoderLayer"
+    conv = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    text_only = adapter.render("hello", False)
+    assert text_only == processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    # why the twin is refused: without the image the published template adds a system block
+    assert "system" in text_only and "system" not in adapter.render("hello", True)
+
+
+def test_mllama_refuses_what_needs_the_text_only_twin_in_one_line(built):
+    model, processor = built("mllama")
+    items = [("what colour is the shape ?", random_image(1))]
+    for call in (lambda: calibrate(model, processor, items, progress=False),
+                 lambda: SafeVLM(model, processor, mode="sample", alpha=1.0).generate(["hello"], [random_image(1)]),
+                 lambda: calibrate_shiftdc(model, processor, items)):
+        with pytest.raises(UnsupportedModelError) as err:
+            call()
+        assert "\n" not in str(err.value) and "cross-attention" in str(err.value)
+    adapter = get_adapter(model, processor)
+    with pytest.raises(InputError, match="cannot batch prompts with and without an image"):
+        adapter.build_inputs(["hello", "hello"], [random_image(1), None])
+
+
+def test_mllama_steering_with_given_vectors(built):
+    """Vectors from elsewhere steer the text positions: alpha 0 is plain greedy decoding, the edit is exact on
+    the chosen layer (a self-attention or the cross-attention layer), and it does not depend on the KV cache."""
+    model, processor = built("mllama")
+    adapter = get_adapter(model, processor)
+    g = torch.Generator().manual_seed(0)
+    vec = ShiftVectors(shifts={l: torch.randn(32, generator=g) for l in range(3)})
+    prompts, images = PROMPTS[:2], [random_image(10), random_image(11)]
+    plain = SafeVLM(model, processor, max_new_tokens=4).generate(prompts, images)
+    assert SafeVLM(model, processor, vec, alpha=0.0, positions="prompt", decode=True,
+                   max_new_tokens=4).generate(prompts, images) == plain
+    inputs = adapter.build_inputs(prompts, images)
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        base = model(**inputs, output_hidden_states=True).hidden_states
+        for layer in (0, 1):  # a self-attention layer, the cross-attention layer (the last state is normed)
+            with steer(model, vec, alpha=0.5, layers=[layer], positions="prompt"):
+                got = model(**inputs, output_hidden_states=True).hidden_states
+            sel = inputs["attention_mask"].bool()
+            torch.testing.assert_close(got[layer + 1][sel], base[layer + 1][sel] - 0.5 * vec.shifts[layer],
+                                       atol=1e-4, rtol=0)
+            assert torch.equal(got[layer + 1][~sel], base[layer + 1][~sel]) and torch.equal(got[layer], base[layer])
+        plain_ids, _ = _both_ways(model, inputs, pad)
+        with steer(model, vec * 50, alpha=1.0, positions="prompt", decode=True):
+            cached, uncached = _both_ways(model, inputs, pad)
+        assert torch.equal(cached, uncached) and not torch.equal(cached, plain_ids)

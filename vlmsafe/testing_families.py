@@ -323,6 +323,50 @@ def tiny_paligemma(seed: int = 0):
     return t.PaliGemmaForConditionalGeneration(config).eval(), processor
 
 
+# ---------------------------------------------------------------------------------- Llama 3.2 Vision (mllama)
+#: meta-llama/Llama-3.2-11B-Vision-Instruct, without tools and dates: a system block only when no image is given.
+MLLAMA_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(image=false) %}{% for m in messages %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{% set ns.image = true %}{% endif %}{% endfor %}{% endfor %}"
+    "{% if not ns.image %}<|start_header_id|>system<|end_header_id|>{{ '\n\n' }}"
+    "Cutting Knowledge Date: December 2023<|eot_id|>{% endif %}"
+    "{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>{{ '\n\n' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{{ '\n\n' }}{% endif %}"
+)
+
+
+def tiny_mllama(seed: int = 0):
+    """``MllamaForConditionalGeneration`` (tiled ViT + cross-attention layer 1 of 3 in the Llama text model) +
+    ``MllamaProcessor``. The cross-attention gates (zero in a fresh model) are randomised."""
+    import transformers as t
+
+    _seed(seed)
+    tok = family_tokenizer(("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|image|>"),
+                           {"image_token": "<|image|>"}, chat_template=MLLAMA_TEMPLATE, bos="<|begin_of_text|>",
+                           eos="<|eot_id|>", pad="<|finetune_right_pad_id|>")
+    processor = t.MllamaProcessor(
+        image_processor=t.MllamaImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=2),
+        tokenizer=tok, chat_template=MLLAMA_TEMPLATE,
+    )
+    config = t.MllamaConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                         max_position_embeddings=512, **_ids(tok)),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, vision_output_dim=32, image_size=IMAGE_SIZE, patch_size=8,
+                           max_num_tiles=2, intermediate_layers_indices=[0],
+                           supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
+        image_token_index=tok.convert_tokens_to_ids("<|image|>"),
+    )
+    model = t.MllamaForConditionalGeneration(config).eval()
+    for layer in config.text_config.cross_attention_layers:
+        block = model.model.language_model.layers[layer]
+        _randomise(block.cross_attn_attn_gate, block.cross_attn_mlp_gate, std=1.0)
+    return model, processor
+
+
 FAMILY_BUILDERS = {
     "llava_onevision": tiny_llava_onevision,
     "qwen3_vl": tiny_qwen3_vl,
@@ -333,6 +377,7 @@ FAMILY_BUILDERS = {
     "idefics3": lambda seed=0: tiny_smolvlm(seed, variant="idefics3"),
     "internvl": tiny_internvl,
     "paligemma": tiny_paligemma,
+    "mllama": tiny_mllama,
 }
 
 
@@ -347,6 +392,7 @@ ALIGNED_LLMS = {
     "idefics3": ("LlamaConfig", "LlamaForCausalLM"),
     "internvl": ("Qwen2Config", "Qwen2ForCausalLM"),
     "paligemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "mllama": ("LlamaConfig", "LlamaForCausalLM"),
 }
 
 
@@ -360,6 +406,8 @@ def tiny_aligned_llm(family: str, vlm, seed: int = 1):
     for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
         text.pop(key, None)
     text["tie_word_embeddings"] = bool(getattr(vlm.config, "tie_word_embeddings", False))
+    if family == "mllama":  # Llama 3.1: the self-attention layers only
+        text["num_hidden_layers"] -= len(text.pop("cross_attention_layers"))
     _seed(seed)
     config = getattr(t, config_name)(**text)
     return getattr(t, model_name)(config).eval()

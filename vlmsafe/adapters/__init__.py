@@ -31,6 +31,7 @@ from vlmsafe.adapters.families import (
     Qwen3VLMoeAdapter,
     SmolVLMAdapter,
 )
+from vlmsafe.adapters.generic import GenericVLMAdapter, GuessedAdapterWarning
 from vlmsafe.adapters.text import CausalLMAdapter
 
 
@@ -52,6 +53,8 @@ __all__ = [
     "CausalLMAdapter",
     "ChatVLMAdapter",
     "Gemma3Adapter",
+    "GenericVLMAdapter",
+    "GuessedAdapterWarning",
     "InternVLAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",

@@ -126,6 +126,12 @@ class ModelAdapter(ABC):
                     "(or split it into several items)"
                 )
 
+    def refuse(self, need: str) -> None:
+        """Raise :class:`UnsupportedModelError` (one line: why) if this family cannot provide ``need`` (a key of
+        :attr:`refusals`, e.g. ``"text-only twin"``); remedies call it before any work."""
+        if need in self.refusals:
+            raise UnsupportedModelError(self.refusals[need])
+
     @property
     def entry_module(self) -> nn.Module:
         """The module whose ``forward`` receives ``input_ids``/``attention_mask`` (for hooks)."""

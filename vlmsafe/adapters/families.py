@@ -18,7 +18,7 @@ from torch import nn
 from vlmsafe.adapters.base import DYNAMIC_RESOLUTION_SIDE, ImageLike, register_adapter
 from vlmsafe.adapters.chat import ChatVLMAdapter, Qwen2VLAdapter
 from vlmsafe.data import to_rgb
-from vlmsafe.errors import InputError, UnsupportedModelError
+from vlmsafe.errors import InputError
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -57,10 +57,15 @@ class Gemma3Adapter(ChatVLMAdapter):
     family = "gemma3"
 
     def _processor_images(self, images: Sequence[ImageLike | None]) -> list:
-        """One list per row (empty for a text-only row): Gemma 3's processor counts images per prompt."""
-        if all(img is None for img in images):
-            return []
-        return [[to_rgb(img)] if img is not None else [] for img in images]
+        return _images_per_row(images)
+
+
+def _images_per_row(images: Sequence[ImageLike | None]) -> list:
+    """One list per row (empty for a text-only row), for processors that count images per prompt (Gemma 3,
+    mllama) and refuse a flat list when a batch mixes rows with and without an image."""
+    if all(img is None for img in images):
+        return []
+    return [[to_rgb(img)] if img is not None else [] for img in images]
 
 
 @register_adapter("Mistral3ForConditionalGeneration")
@@ -206,7 +211,19 @@ class MllamaAdapter(ChatVLMAdapter):
         return [int(i) for i in self.model.config.get_text_config().cross_attention_layers]
 
     def build_pair(self, prompts, images, **kwargs):
-        raise UnsupportedModelError(self.refusals["text-only twin"])
+        self.refuse("text-only twin")
+        raise AssertionError("unreachable")
+
+    def _processor_images(self, images: Sequence[ImageLike | None]) -> list:
+        return _images_per_row(images)
+
+    def _process(self, texts: list[str], images: Sequence[ImageLike | None],
+                 padding_side: str | None) -> dict[str, torch.Tensor]:
+        if len({img is None for img in images}) > 1:
+            raise InputError("Llama 3.2 Vision (mllama) cannot batch prompts with and without an image together "
+                             "(its cross-attention inputs are per image); pass them in separate batches (or batch "
+                             "size 1)")
+        return super()._process(texts, images, padding_side)
 
     @property
     def image_input_size(self) -> tuple[int, int]:
