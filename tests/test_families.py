@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vlmsafe.adapters import get_adapter
+from vlmsafe.activations import record_activations
+from vlmsafe.adapters import get_adapter, support_table
 from vlmsafe.adapters.families import MllamaAdapter
+from vlmsafe.adapters.support import ALIGNED_LLMS, MERGE_GAPS
 from vlmsafe.errors import InputError, UnsupportedModelError
 from vlmsafe.merge import MergeConfig, merge_checkpoints
 from vlmsafe.merge.keymap import KeyMap
@@ -32,10 +34,6 @@ EXPECTED = {
     "idefics3": ("SmolVLMAdapter", "model.text_model.layers", ("<fake_token_around_image>", "<global-img>")),
     "internvl": ("InternVLAdapter", "model.language_model.layers", ("<img>", "</img>")),
     "paligemma": ("PaliGemmaAdapter", "model.language_model.layers", ()),
-}
-#: Families whose merge with the aligned LLM's layout is not supported yet, and why.
-MERGE_GAPS = {
-    "qwen3_vl_moe": "Qwen3-VL-MoE stores fused expert tensors (experts.gate_up_proj); Qwen3-MoE one per expert",
 }
 
 
@@ -100,6 +98,11 @@ def test_explicit_adapter_knows_the_structure(built, name):
         h.remove()
     torch.testing.assert_close(seen[0], hidden[1])
     assert len(seen) == adapter.num_layers
+    # recording (what probes and calibration read) sees the same states
+    with record_activations(adapter, [0, 1], positions="last") as rec:
+        model(**inputs)
+    for layer in (0, 1):
+        torch.testing.assert_close(rec.activations[layer][0], hidden[layer + 1][0, -1].float())
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -298,3 +301,21 @@ def test_mllama_steering_with_given_vectors(built):
         with steer(model, vec * 50, alpha=1.0, positions="prompt", decode=True):
             cached, uncached = _both_ways(model, inputs, pad)
         assert torch.equal(cached, uncached) and not torch.equal(cached, plain_ids)
+    with record_activations(adapter, [0, 1, 2], positions="last") as rec:  # probes read the text positions
+        model(**inputs)
+    torch.testing.assert_close(rec.activations[1], base[2][:, -1].float())
+
+
+def test_support_table_states_what_the_tests_check():
+    """One row per explicit family (each built and tested here), gaps with their reasons; the merge gaps are the
+    families the merge test skips, and the cross-attention family's twin refusal is its adapter's."""
+    table = support_table()
+    rows = {line.split(" | ")[0]: line for line in table.splitlines()[2:]}
+    assert len(rows) == len(ALIGNED_LLMS) + 1
+    tested = set(FAMILY_BUILDERS) | {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl"}
+    assert set(ALIGNED_LLMS) <= tested
+    for family in ALIGNED_LLMS:
+        (line,) = [v for k, v in rows.items() if f"(`{family}`)" in k]
+        assert (f"no: {MERGE_GAPS.get(family)}" in line) == (family in MERGE_GAPS)
+    assert "cross-attention" in next(v for k, v in rows.items() if "mllama" in k)
+    assert table.count("no: ") == 2 * 1 + len(MERGE_GAPS)  # mllama: sample-level, ShiftDC; the merge gaps

@@ -411,3 +411,77 @@ def tiny_aligned_llm(family: str, vlm, seed: int = 1):
     _seed(seed)
     config = getattr(t, config_name)(**text)
     return getattr(t, model_name)(config).eval()
+
+
+#: Small text widths for a real (not meta) forward of a default config cut to 2 layers.
+SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  moe_intermediate_size=32, num_experts=4, num_local_experts=4, vocab_size=512)
+
+
+def shrunk_config(config_class, narrow: bool = False):
+    """``config_class()`` (the family's default architecture) with every sub-config cut to at most 2 layers
+    (``num_hidden_layers`` / ``depth`` / ``num_layers``, with ``layer_types`` cut to match); ``narrow``: the text
+    config's widths too (:data:`SMALL_TEXT`), for a forward on CPU."""
+    config = config_class()
+    subs = [config] + [getattr(config, k, None) for k in getattr(config, "sub_configs", {})]
+    for sub in subs:
+        for key in ("num_hidden_layers", "depth", "num_layers"):
+            value = getattr(sub, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 2:
+                setattr(sub, key, 2)
+                if isinstance(getattr(sub, "layer_types", None), list):
+                    sub.layer_types = sub.layer_types[:2]
+    if narrow:
+        text = config.get_text_config()
+        for key, value in SMALL_TEXT.items():
+            if isinstance(getattr(text, key, None), int):
+                setattr(text, key, value)
+    return config
+
+
+def walk_image_text_to_text(names=None, models=None):
+    """Every image-text-to-text model class of the installed transformers, built from its shrunk default config
+    on the ``meta`` device (structure only, no memory), and what vlmsafe makes of it.
+
+    Returns rows ``(model_type, class name, status, detail)``; status is ``explicit`` (detail: the adapter),
+    ``generic`` (detail: the decoder layers it chose), ``refused`` (detail: the reason) or ``unbuildable`` (its
+    default config cannot be built on the meta device; detail: the error). ``models``: a dict that receives
+    the built (meta) models by model type, for structural checks.
+    """
+    import warnings
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from vlmsafe.adapters.base import adapter_class_for
+    from vlmsafe.adapters.generic import GenericVLMAdapter
+    from vlmsafe.errors import UnsupportedModelError
+
+    rows, seen = [], set()
+    for model_type, class_name in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items()):
+        cls = getattr(transformers, class_name, None)
+        if cls is None or class_name in seen or (names is not None and model_type not in names):
+            continue
+        seen.add(class_name)
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = cls(shrunk_config(cls.config_class))
+        except Exception as exc:  # a default config that cannot be built is reported, not raised
+            rows.append((model_type, class_name, "unbuildable", f"{type(exc).__name__}: {exc}".split("\n")[0]))
+            continue
+        if models is not None:
+            models[model_type] = model
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                adapter = adapter_class_for(model)
+        except UnsupportedModelError as exc:
+            reason = str(exc).split(". Supported classes")[0]
+            rows.append((model_type, class_name, "refused", reason))
+            continue
+        if issubclass(adapter, GenericVLMAdapter):
+            rows.append((model_type, class_name, "generic", adapter.layers_path))
+        else:
+            rows.append((model_type, class_name, "explicit", adapter.__name__))
+    return rows

@@ -32,6 +32,7 @@ from vlmsafe.adapters.families import (
     SmolVLMAdapter,
 )
 from vlmsafe.adapters.generic import GenericVLMAdapter, GuessedAdapterWarning
+from vlmsafe.adapters.support import support_table
 from vlmsafe.adapters.text import CausalLMAdapter
 
 
@@ -73,5 +74,6 @@ __all__ = [
     "get_adapter",
     "parse_layer_spec",
     "register_adapter",
+    "support_table",
     "supported_model_classes",
 ]

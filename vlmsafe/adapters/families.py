@@ -200,9 +200,9 @@ class MllamaAdapter(ChatVLMAdapter):
 
     family = "mllama"
     refusals: ClassVar[dict[str, str]] = {
-        "text-only twin": "Llama 3.2 Vision (mllama) reads the image through cross-attention layers, so its "
-                          "text-only twin has no image tokens and its template adds a system block only without "
-                          "an image: CMRM calibration, sample-level CMRM and ShiftDC cannot apply to it",
+        "text-only twin": "Llama 3.2 Vision (mllama) reads the image through cross-attention, so its text-only "
+                          "twin has no image tokens (and its template adds a system block without an image): CMRM "
+                          "calibration, sample-level CMRM and ShiftDC cannot apply",
     }
 
     @property
