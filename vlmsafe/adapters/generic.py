@@ -77,6 +77,13 @@ class GenericVLMAdapter(ChatVLMAdapter):
     def image_token_id(self) -> int | None:
         return image_token_id(self.model.config)
 
+    @property
+    def image_placeholder(self) -> str:
+        """The processor's ``image_token``, else the token string of the config's image token id."""
+        processor = self._require_processor()
+        token = getattr(processor, "image_token", None)
+        return token or processor.tokenizer.convert_ids_to_tokens(self.image_token_id)
+
 
 def image_token_id(config: Any) -> int | None:
     for name in ("image_token_id", "image_token_index"):
