@@ -17,7 +17,7 @@ from vlmsafe.merge.keymap import KeyMap
 from vlmsafe.steering import SafeVLM, ShiftVectors, calibrate, steer, steer_sample_level
 from vlmsafe.steering.cmrm import text_only_states
 from vlmsafe.steering.shiftdc import calibrate_shiftdc
-from vlmsafe.testing import random_image
+from vlmsafe.testing import IMAGE_SIZE, random_image
 from vlmsafe.testing_families import FAMILY_BUILDERS, tiny_aligned_llm
 
 FAMILIES = [n for n in FAMILY_BUILDERS if n != "mllama"]  # cross-attention: its own tests below
@@ -105,19 +105,27 @@ def test_explicit_adapter_knows_the_structure(built, name):
         torch.testing.assert_close(rec.activations[layer][0], hidden[layer + 1][0, -1].float())
 
 
+@pytest.mark.parametrize("system_prompt", [None, "be safe ."])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_text_only_twin_is_the_template_without_the_image(built, name):
+def test_text_only_twin_is_the_template_without_the_image(built, name, system_prompt):
     model, processor = built(name)
     adapter = get_adapter(model, processor)
     tok = processor.tokenizer
-    mm, text = adapter.build_pair(PROMPTS, [random_image(1), random_image(2), random_image(3)], padding_side="right")
+    images = [random_image(1), random_image(2), random_image(3)]
+    if processor.chat_template is None and system_prompt:  # PaliGemma has no system turn: refused, in one line
+        with pytest.raises(InputError, match="PaliGemma has no system turn"):
+            adapter.build_pair(PROMPTS, images, system_prompt=system_prompt)
+        return
+    mm, text = adapter.build_pair(PROMPTS, images, padding_side="right", system_prompt=system_prompt)
     for i, prompt in enumerate(PROMPTS):
         conv = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        if system_prompt:
+            conv.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
         if processor.chat_template is not None:
             want = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
         else:  # PaliGemma: the processor's own format, '<bos>{prompt}\n' after the image tokens
             want = tok.bos_token + prompt + "\n"
-        assert adapter.render(prompt, False) == want
+        assert adapter.render(prompt, False, system_prompt=system_prompt) == want
         txt_ids = text["input_ids"][i][text["attention_mask"][i].bool()].tolist()
         assert txt_ids == tok(want, add_special_tokens=False)["input_ids"]
         mm_ids = mm["input_ids"][i][mm["attention_mask"][i].bool()]
@@ -194,8 +202,9 @@ def test_sample_level_runs_on_every_anchor(built, name):
     """Blank and noise anchors are drawn at the processor's input size and go through its processor."""
     model, processor = built(name)
     adapter = get_adapter(model, processor)
-    w, h = adapter.image_input_size
-    assert w > 0 and h > 0
+    # every tiny processor takes 32-pixel images as they are (Qwen3-VL: its pixel budget; Pixtral: its longest
+    # edge; SmolVLM: its tile; OneVision, Gemma 3, InternVL, PaliGemma: their fixed size)
+    assert adapter.image_input_size == (IMAGE_SIZE, IMAGE_SIZE)
     for anchor in ("real", "blank", "noise"):
         out = SafeVLM(model, processor, mode="sample", anchor=anchor, alpha=1.0, max_new_tokens=2).generate(
             PROMPTS[:2], _images()[:2])
@@ -253,6 +262,7 @@ def test_mllama_structure_and_template(built):
     assert isinstance(adapter, MllamaAdapter)
     assert adapter.layers is model.model.language_model.layers and adapter.num_layers == 3
     assert adapter.cross_attention_layers == [1]
+    assert adapter.image_input_size == (IMAGE_SIZE, IMAGE_SIZE)  # one tile
     assert type(adapter.layers[1]).__name__ == "MllamaCrossAttentionDecoderLayer"
     conv = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
     text_only = adapter.render("hello", False)
