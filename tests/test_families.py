@@ -255,6 +255,23 @@ def test_merge_with_the_aligned_llm_layout(built, name, tmp_path):
     assert torch.equal(reloaded.get_input_embeddings().weight.detach(), got[embed])  # loads what was written
 
 
+def test_internvl_embedding_with_fewer_rows_than_its_llm(built, tmp_path):
+    """InternVL's released embedding has fewer rows than its LLM's: the shared rows are merged, the shape kept."""
+    model, _ = built("internvl")
+    llm = tiny_aligned_llm("internvl", model, extra_rows=8)
+    model.save_pretrained(tmp_path / "vlm")
+    llm.save_pretrained(tmp_path / "llm")
+    vlm_t, llm_t = _read(tmp_path / "vlm"), _read(tmp_path / "llm")
+    res = merge_checkpoints(MergeConfig(vlm=tmp_path / "vlm", aligned=tmp_path / "llm", output=tmp_path / "out",
+                                        weight=0.3, vocab_rows="shared"), progress=False)
+    got = _read(res.output)
+    key = "language_model.model.embed_tokens.weight"
+    rows = vlm_t[key].shape[0]
+    assert llm_t["model.embed_tokens.weight"].shape[0] == rows + 8 and got[key].shape == vlm_t[key].shape
+    torch.testing.assert_close(got[key], 0.7 * vlm_t[key] + 0.3 * llm_t["model.embed_tokens.weight"][:rows],
+                               atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------------- mllama (cross-attention)
 def test_mllama_structure_and_template(built):
     model, processor = built("mllama")

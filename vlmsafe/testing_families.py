@@ -396,9 +396,10 @@ ALIGNED_LLMS = {
 }
 
 
-def tiny_aligned_llm(family: str, vlm, seed: int = 1):
+def tiny_aligned_llm(family: str, vlm, seed: int = 1, extra_rows: int = 0):
     """A random text-only LLM with ``vlm``'s language-model shapes (``Qwen3ForCausalLM`` for Qwen3-VL, ...):
-    the aligned model a safety merge pulls the VLM's language model toward."""
+    the aligned model a safety merge pulls the VLM's language model toward. ``extra_rows``: a larger vocabulary
+    (InternVL's released embeddings have fewer rows than its LLM's)."""
     import transformers as t
 
     config_name, model_name = ALIGNED_LLMS[family]
@@ -406,6 +407,7 @@ def tiny_aligned_llm(family: str, vlm, seed: int = 1):
     for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
         text.pop(key, None)
     text["tie_word_embeddings"] = bool(getattr(vlm.config, "tie_word_embeddings", False))
+    text["vocab_size"] += extra_rows
     if family == "mllama":  # Llama 3.1: the self-attention layers only
         text["num_hidden_layers"] -= len(text.pop("cross_attention_layers"))
     _seed(seed)
