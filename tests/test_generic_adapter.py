@@ -47,6 +47,7 @@ def test_walk_reports_every_image_text_to_text_class(walk):
     for model_type in ("pix2struct", "florence2"):
         assert "found no decoder layers" in reasons[model_type]
     assert "found no image token" in reasons["minicpmv4_6"]
+    assert all("the generic adapter" in reason for reason in reasons.values())  # every refusal says why
 
 
 def test_generic_layers_belong_to_the_language_model(walk):

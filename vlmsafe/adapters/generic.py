@@ -112,12 +112,21 @@ def generic_adapter_for(model: nn.Module) -> type[ModelAdapter] | str:
     return _CACHE[cls]
 
 
+def _is_image_text_to_text(model: nn.Module) -> bool:
+    """Whether transformers lists ``model``'s class as an image-text-to-text model."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    except ImportError:
+        return False
+    return type(model).__name__ in set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
+
+
 def _inspect(model: nn.Module) -> type[ModelAdapter] | str:
     name = type(model).__name__
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "get_text_config") or not hasattr(config, "vision_config"):
-        return ""  # not a VLM: the plain "no adapter" message says it all
-    if config.vision_config is None:
+    if config is None or not hasattr(config, "get_text_config") or getattr(config, "vision_config", None) is None:
+        if not _is_image_text_to_text(model):
+            return ""  # not a VLM: the plain "no adapter" message says it all
         return f"the generic adapter needs a vision config; {name}'s config has none"
     text = config.get_text_config()
     n, width = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
