@@ -12,6 +12,7 @@ from vlmsafe.adapters import get_adapter, support_table
 from vlmsafe.adapters.families import MllamaAdapter
 from vlmsafe.adapters.support import ALIGNED_LLMS, MERGE_GAPS
 from vlmsafe.errors import InputError, UnsupportedModelError
+from vlmsafe.loading import load_model
 from vlmsafe.merge import MergeConfig, merge_checkpoints
 from vlmsafe.merge.keymap import KeyMap
 from vlmsafe.steering import SafeVLM, ShiftVectors, calibrate, steer, steer_sample_level
@@ -248,8 +249,10 @@ def test_merge_with_the_aligned_llm_layout(built, name, tmp_path):
                                    msg=key)
         assert torch.equal(got[key][rows:], tensor[rows:]), key  # added image-token rows: the VLM's
     assert merged == set(llm_t)  # every LLM tensor has its VLM counterpart
-    reloaded = type(model).from_pretrained(res.output).eval()
-    adapter = get_adapter(reloaded, processor)
+    reloaded, loaded_processor = load_model(str(res.output))  # as the CLI loads it: AutoModelForImageTextToText
+    assert type(reloaded) is type(model) and type(loaded_processor) is type(processor)
+    adapter = get_adapter(reloaded, loaded_processor)
+    assert type(adapter) is type(get_adapter(model, processor))
     assert adapter.num_layers == model.config.get_text_config().num_hidden_layers
     embed = next(k for k in got if k.endswith("embed_tokens.weight"))
     assert torch.equal(reloaded.get_input_embeddings().weight.detach(), got[embed])  # loads what was written
