@@ -3,9 +3,9 @@
 Each builder returns ``(model, processor)``: the family's real transformers model class built from its
 own config class with the default architecture shrunk (2-3 decoder layers, widths of 16-32, 32-pixel
 images), and the family's real processor class around a word-level tokenizer that carries the family's
-special tokens and a chat template in the published prompt format (transcribed from the model card's
-``chat_template`` of the checkpoint named in each docstring; simplified where the published one handles
-tools, videos or reasoning). Nothing is downloaded.
+special tokens and a chat template that renders the published prompt format of the checkpoint named above
+each template (written to match it, not a byte-for-byte copy: tool calls, videos, reasoning and role-order
+checks are left out). Nothing is downloaded.
 
 Kept apart from :data:`vlmsafe.testing.BUILDERS` (which ``tests/conftest.py`` builds for every session):
 these are built only by the tests that use them (:data:`FAMILY_BUILDERS`).
