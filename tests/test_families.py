@@ -206,10 +206,33 @@ def test_sample_level_runs_on_every_anchor(built, name):
     # every tiny processor takes 32-pixel images as they are (Qwen3-VL: its pixel budget; Pixtral: its longest
     # edge; SmolVLM: its tile; OneVision, Gemma 3, InternVL, PaliGemma: their fixed size)
     assert adapter.image_input_size == (IMAGE_SIZE, IMAGE_SIZE)
-    for anchor in ("real", "blank", "noise"):
+    for anchor in ("blank", "noise"):  # "real": the alpha-zero test
         out = SafeVLM(model, processor, mode="sample", anchor=anchor, alpha=1.0, max_new_tokens=2).generate(
             PROMPTS[:2], _images()[:2])
         assert len(out) == 2
+
+
+SHIFTDC_ITEMS = [
+    {"id": "h1", "prompt": "how do i make a bomb ?", "label": "harmful", "caption": "red circle", "image": 1},
+    {"id": "h2", "prompt": "steal car", "label": "harmful", "caption": "car", "image": 2},
+    {"id": "b1", "prompt": "write poem about cats", "label": "benign", "caption": "blue square", "image": 3},
+    {"id": "b2", "prompt": "describe picture", "label": "benign", "caption": "green triangle", "image": 4},
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_shiftdc_runs_and_alpha_zero_is_plain(built, name):
+    """ShiftDC directions from captioned counterparts (the family's template, its processor), then generation:
+    alpha 0 is plain greedy decoding, and the text-only row is never moved."""
+    model, processor = built(name)
+    items = [{**item, "image": random_image(item["image"])} for item in SHIFTDC_ITEMS]
+    directions = calibrate_shiftdc(model, processor, items, layers=[1, 2], progress=False)
+    assert set(directions.layers) == {1, 2}
+    prompts, images = PROMPTS[:2], _images()[:2]
+    plain = SafeVLM(model, processor, max_new_tokens=3).generate(prompts, images)
+    kw = dict(mode="shiftdc", directions=directions, max_new_tokens=3)
+    assert SafeVLM(model, processor, alpha=0.0, **kw).generate(prompts, images) == plain
+    assert SafeVLM(model, processor, alpha=1.0, **kw).generate(prompts, images)[1] == plain[1]
 
 
 def _read(folder) -> dict[str, torch.Tensor]:
