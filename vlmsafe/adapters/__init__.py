@@ -1,6 +1,6 @@
 """Model adapters: explicit, per-family knowledge of where the residual stream lives.
 
->>> adapter = get_adapter(model, processor)        # LLaVA, LLaVA-NeXT, Qwen2(-.5)-VL, causal LMs, CLIP
+>>> adapter = get_adapter(model, processor)        # the VLM families of adapters.families, causal LMs, CLIP
 >>> mm, text_only = adapter.build_pair(["how do I ...?"], [image])
 """
 
@@ -20,6 +20,19 @@ from vlmsafe.adapters.base import (
 )
 from vlmsafe.adapters.chat import ChatVLMAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter
 from vlmsafe.adapters.clip import CLIPAdapter, OpenCLIPAdapter
+from vlmsafe.adapters.families import (
+    Gemma3Adapter,
+    InternVLAdapter,
+    LlavaOnevisionAdapter,
+    Mistral3Adapter,
+    MllamaAdapter,
+    PaliGemmaAdapter,
+    Qwen3VLAdapter,
+    Qwen3VLMoeAdapter,
+    SmolVLMAdapter,
+)
+from vlmsafe.adapters.generic import GenericVLMAdapter, GuessedAdapterWarning
+from vlmsafe.adapters.support import support_table
 from vlmsafe.adapters.text import CausalLMAdapter
 
 
@@ -40,15 +53,27 @@ __all__ = [
     "CLIPAdapter",
     "CausalLMAdapter",
     "ChatVLMAdapter",
+    "Gemma3Adapter",
+    "GenericVLMAdapter",
+    "GuessedAdapterWarning",
+    "InternVLAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
+    "Mistral3Adapter",
+    "MllamaAdapter",
     "ModelAdapter",
     "OpenCLIPAdapter",
+    "PaliGemmaAdapter",
     "Qwen2VLAdapter",
+    "Qwen3VLAdapter",
+    "Qwen3VLMoeAdapter",
     "Qwen25VLAdapter",
+    "SmolVLMAdapter",
     "check_prompt_lengths",
     "get_adapter",
     "parse_layer_spec",
     "register_adapter",
+    "support_table",
     "supported_model_classes",
 ]

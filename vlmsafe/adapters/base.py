@@ -48,6 +48,8 @@ class ModelAdapter(ABC):
     supports_images: ClassVar[bool] = False
     #: Layout of a layer's hidden-state output: batch-first ``(B, T, H)`` or ``(T, B, H)``.
     batch_first: ClassVar[bool] = True
+    #: What this family cannot do, and why (one line each), e.g. ``{"text-only twin": "..."}``.
+    refusals: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module, processor: Any | None = None):
         self.model = model
@@ -123,6 +125,12 @@ class ModelAdapter(ABC):
                     f"{limit}-token context of {self.model_name or type(self.model).__name__}; shorten the prompt "
                     "(or split it into several items)"
                 )
+
+    def refuse(self, need: str) -> None:
+        """Raise :class:`UnsupportedModelError` (one line: why) if this family cannot provide ``need`` (a key of
+        :attr:`refusals`, e.g. ``"text-only twin"``); remedies call it before any work."""
+        if need in self.refusals:
+            raise UnsupportedModelError(self.refusals[need])
 
     @property
     def entry_module(self) -> nn.Module:
@@ -402,14 +410,26 @@ def supported_model_classes() -> list[str]:
     return sorted(_REGISTRY)
 
 
+#: Tried in order when no adapter is registered for a model: each returns an adapter class, or a string saying
+#: why it does not apply (see :mod:`vlmsafe.adapters.generic`).
+FALLBACKS: list[Callable[[nn.Module], type[ModelAdapter] | str]] = []
+
+
 def adapter_class_for(model: nn.Module) -> type[ModelAdapter]:
     for klass in type(model).__mro__:
         for key in (f"{klass.__module__}.{klass.__qualname__}", klass.__name__):
             if key in _REGISTRY:
                 return _REGISTRY[key]
+    reasons = []
+    for fallback in FALLBACKS:
+        found = fallback(model)
+        if not isinstance(found, str):
+            return found
+        reasons.append(found)
+    why = "".join(f" {r}." for r in reasons if r)
     raise UnsupportedModelError(
         f"vlmsafe has no adapter for model class {type(model).__name__!r} "
-        f"(module {type(model).__module__}). Supported classes: {', '.join(supported_model_classes())}. "
+        f"(module {type(model).__module__}).{why} Supported classes: {', '.join(supported_model_classes())}. "
         "To add a family, subclass vlmsafe.adapters.ModelAdapter (or ChatVLMAdapter) and decorate it "
         f"with @vlmsafe.adapters.register_adapter({type(model).__name__!r}); "
         "see \"Adding a model family\" in README.md."

@@ -169,13 +169,17 @@ class ChatVLMAdapter(ModelAdapter):
                  padding_side: str | None) -> dict[str, torch.Tensor]:
         """Run the processor on rendered texts (+ the non-missing images) and check image tokens."""
         processor = self._require_processor()
-        flat_images = [to_rgb(img) for img in images if img is not None]
+        flat_images = self._processor_images(images)
         with _padding(processor, padding_side):
             batch = processor(text=texts, images=flat_images or None, padding=True, return_tensors="pt",
                               verbose=False)  # an over-long prompt: _check_lengths says so, in one line
         self._check_image_tokens(batch["input_ids"], images)
         self._check_lengths(batch)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _processor_images(self, images: Sequence[ImageLike | None]) -> list:
+        """The images as the processor takes them for a batch: the non-missing ones, in order."""
+        return [to_rgb(img) for img in images if img is not None]
 
     def _check_lengths(self, batch: Any) -> None:
         """Refuse a row whose text alone exceeds the model's context, before the model runs on it (what

@@ -17,7 +17,11 @@ merge, the safety masks, ``probes`` weight comparison) maps names through this m
   ``model.image_newline``.
 * **Qwen2-VL / Qwen2.5-VL**: ``model.language_model.*`` (older: ``model.*``), ``lm_head.*``;
   ``model.visual.*`` (older: ``visual.*``).
+* **SmolVLM / Idefics3**: ``model.text_model.*``, ``lm_head.*``; ``model.vision_model.*``, ``model.connector.*``.
 * **text-only LLM** (the aligned model): ``model.layers.N.*``, ``model.embed_tokens|norm.*``, ``lm_head.*``.
+
+* **Llama 3.2 Vision (mllama)**: as llava-hf, with cross-attention layers interleaved; :func:`family_rules` renumbers
+  the layers from the folder's ``config.json`` (:meth:`KeyMap.for_checkpoint`).
 
 Names outside these prefixes (vision tower, projector, ``image_newline``) have no LLM counterpart.
 An exact name match always wins, so merging two checkpoints of the same architecture works too. If
@@ -31,13 +35,17 @@ weights: they are derived from the config, never merged, and need no counterpart
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 #: (VLM prefix, LLM prefix), most specific first.
 LLAVA_PREFIX_RULES: tuple[tuple[str, str], ...] = (
     ("model.language_model.", "model."),
+    ("model.text_model.", "model."),
     ("language_model.model.", "model."),
     ("language_model.lm_head.", "lm_head."),
     ("language_model.", ""),
@@ -56,7 +64,7 @@ BUFFER_NAMES: frozenset[str] = frozenset(
 )
 
 #: The language model's decoder layers in every layout above (not the vision tower's layers).
-DECODER_LAYERS = r"^(model\.language_model\.|language_model\.model\.|model\.)layers\.\d+\."
+DECODER_LAYERS = r"^(model\.language_model\.|model\.text_model\.|language_model\.model\.|model\.)layers\.\d+\."
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -68,18 +76,25 @@ class KeyMap:
     ``extra_rules`` (e.g. from a config's ``key_rules``) are tried before the defaults.
     """
 
-    extra_rules: tuple[tuple[str, str], ...] = ()
+    extra_rules: tuple[tuple[str, str | None], ...] = ()
 
     @property
-    def rules(self) -> tuple[tuple[str, str], ...]:
+    def rules(self) -> tuple[tuple[str, str | None], ...]:
         return tuple(self.extra_rules) + LLAVA_PREFIX_RULES
 
     def lm_name(self, vlm_name: str) -> str | None:
-        """The LLM name for a VLM tensor, or None if it is not part of the language model."""
+        """The LLM name for a VLM tensor, or None if it is not part of the language model (a rule whose
+        LLM prefix is None: e.g. mllama's cross-attention layers, which the text-only LLM does not have)."""
         for src, dst in self.rules:
             if vlm_name.startswith(src):
-                return dst + vlm_name[len(src) :]
+                return None if dst is None else dst + vlm_name[len(src) :]
         return None
+
+    @classmethod
+    def for_checkpoint(cls, folder: str | os.PathLike[str], extra_rules: tuple = ()) -> KeyMap:
+        """The key map for the VLM saved in ``folder``: ``extra_rules``, then the rules its ``config.json`` calls
+        for (:func:`family_rules`), then the defaults."""
+        return cls(tuple(extra_rules) + family_rules(folder))
 
     def candidates(self, vlm_name: str) -> list[str]:
         """Names to look up in the other checkpoint, best first."""
@@ -103,6 +118,34 @@ class KeyMap:
 
 
 _DEFAULT = KeyMap()
+
+
+def family_rules(folder: str | os.PathLike[str]) -> tuple[tuple[str, str | None], ...]:
+    """Layer renumbering a VLM's ``config.json`` calls for, else ``()``.
+
+    Llama 3.2 Vision (``model_type: mllama``) interleaves cross-attention layers
+    (``text_config.cross_attention_layers``) with Llama 3.1's layers: VLM layer ``i`` is LLM layer ``i`` minus
+    the cross-attention layers before it, and the cross-attention layers have no LLM counterpart (kept as is).
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return ()
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ()  # the merge's own config checks name the problem
+    if not isinstance(config, dict) or config.get("model_type") != "mllama":
+        return ()
+    text = config.get("text_config") or {}
+    cross = set(text.get("cross_attention_layers") or ())
+    rules: list[tuple[str, str | None]] = []
+    llm_layer = 0
+    for i in range(int(text.get("num_hidden_layers", 0))):
+        dst = None if i in cross else f"model.layers.{llm_layer}."
+        llm_layer += i not in cross
+        for prefix in ("model.language_model.", "language_model.model."):
+            rules.append((f"{prefix}layers.{i}.", dst))
+    return tuple(rules)
 
 
 def canonical_name(name: str, keymap: KeyMap | None = None) -> str:

@@ -130,7 +130,7 @@ def plan_merge(cfg: MergeConfig, vlm: Checkpoint, aligned: Checkpoint, base: Che
             if not any(rule.regex.search(name) for name in vlm):
                 raise InputError(f"{param} rule {rule.pattern!r} matches no tensor name of {vlm.path} (they look "
                                  f"like {next(iter(vlm.keys()), '?')}); fix the pattern")
-    keymap = KeyMap(cfg.key_rules)
+    keymap = KeyMap.for_checkpoint(vlm.path, cfg.key_rules)
     check_roles(vlm, aligned, keymap)
     problems: list[str] = []
     items: list[PlanItem] = []

@@ -390,6 +390,7 @@ def prompt_states(
     noise image, and ShiftDC's captioned-counterpart and multimodal passes.
     """
     adapter = get_adapter(model, processor)
+    adapter.refuse("text-only twin")
     layer_ids = adapter.resolve_layers(layers)
     rows = list(range(len(prompts))) if rows is None else list(rows)
     shape, device = (len(prompts), adapter.hidden_size), adapter.device

@@ -153,6 +153,7 @@ def calibrate_shiftdc(
     kept in the result (and written to ``captions.jsonl`` by :meth:`SafetyDirections.save`).
     """
     adapter = get_adapter(model, processor)
+    adapter.refuse("text-only twin")
     check_caption_prompt(caption_prompt)
     check_int(caption_tokens, "caption_tokens", low=1)
     check_int(batch_size, "batch_size", low=1)

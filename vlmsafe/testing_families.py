@@ -1,0 +1,489 @@
+"""Tiny, offline, random-weight models of the VLM families people run today, with working processors.
+
+Each builder returns ``(model, processor)``: the family's real transformers model class built from its
+own config class with the default architecture shrunk (2-3 decoder layers, widths of 16-32, 32-pixel
+images), and the family's real processor class around a word-level tokenizer that carries the family's
+special tokens and a chat template that renders the published prompt format of the checkpoint named above
+each template (written to match it, not a byte-for-byte copy: tool calls, videos, reasoning and role-order
+checks are left out). Nothing is downloaded.
+
+Kept apart from :data:`vlmsafe.testing.BUILDERS` (which ``tests/conftest.py`` builds for every session):
+these are built only by the tests that use them (:data:`FAMILY_BUILDERS`).
+
+Weights a fresh model initialises to zero are randomised so the image has an effect: Gemma 3's
+multimodal projection and mllama's cross-attention gates.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _seed
+from vlmsafe.tokenization import BOS, EOS, PAD, TEMPLATE_WORDS, UNK
+
+
+def family_tokenizer(special_tokens, named=None, *, chat_template=None, bos=BOS, eos=EOS, pad=PAD,
+                     padding_side="left"):
+    """A lower-casing word-level tokenizer (as :func:`vlmsafe.tokenization.build_word_tokenizer`) whose
+    pad/bos/eos are the family's own strings and whose ``named`` special tokens (``{"image_token":
+    "<image>", "boi_token": ...}``) are attributes, as the families' processors read them."""
+    named = dict(named or {})
+    fixed = list(dict.fromkeys([pad, bos, eos, UNK, *special_tokens, *named.values()]))
+    extra = sorted(({w.lower() for w in TEST_WORDS} | set(TEMPLATE_WORDS)) - set(fixed) - {""})
+    vocab = {tok: i for i, tok in enumerate([*fixed, *extra])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=UNK, padding_side=padding_side,
+        model_max_length=512, extra_special_tokens=named or None,
+    )
+    specials = [t for t in fixed if t not in (pad, bos, eos, UNK)]
+    if specials:
+        tok.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def _ids(tok) -> dict:
+    return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+
+
+def _text(tok, **overrides) -> dict:
+    kwargs = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                  tie_word_embeddings=False, **_ids(tok))
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _siglip(**overrides) -> dict:
+    kwargs = dict(model_type="siglip_vision_model", image_size=IMAGE_SIZE, patch_size=8, hidden_size=24,
+                  intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _user_turns(image: str, sep: str = "") -> str:
+    """Jinja: a user turn's images (``image`` each) then its texts, as the published templates order them."""
+    return ("{% for c in message['content'] %}{% if c['type'] == 'image' %}" + image + "{% endif %}{% endfor %}"
+            "{% for c in message['content'] %}{% if c['type'] == 'text' %}"
+            "{{ " + repr(sep) + " + c['text'] }}{% endif %}{% endfor %}")
+
+
+# ------------------------------------------------------------------------------------------- LLaVA-OneVision
+#: llava-hf/llava-onevision-qwen2-7b-ov-hf: ``<|im_start|>user <image>\n{text}<|im_end|><|im_start|>assistant\n``.
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    + _user_turns("<image>", "\n") + "<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_llava_onevision(seed: int = 0):
+    """``LlavaOnevisionForConditionalGeneration`` (SigLIP + Qwen2, AnyRes-max tiling) + its processor."""
+    import transformers as t
+
+    _seed(seed)
+    tok = family_tokenizer(("<image>", "<video>", "<|im_start|>", "<|im_end|>"),
+                           {"image_token": "<image>", "video_token": "<video>"}, chat_template=ONEVISION_TEMPLATE,
+                           bos="<|endoftext|>", eos="<|im_end|>")
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = t.LlavaOnevisionProcessor(
+        image_processor=t.LlavaOnevisionImageProcessor(size=size, crop_size=size, image_grid_pinpoints=pinpoints),
+        tokenizer=tok, video_processor=t.LlavaOnevisionVideoProcessor(size=size),
+        num_image_tokens=(IMAGE_SIZE // 8) ** 2, vision_feature_select_strategy="full",
+        chat_template=ONEVISION_TEMPLATE,
+    )
+    config = t.LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", **_text(tok)), vision_config=_siglip(),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), video_token_id=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )
+    return t.LlavaOnevisionForConditionalGeneration(config).eval(), processor
+
+
+# ------------------------------------------------------------------------------------------------- Qwen3-VL
+#: Qwen/Qwen3-VL-8B-Instruct (no default system turn, unlike Qwen2-VL).
+QWEN3VL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN3VL_SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                   "<|video_pad|>")
+
+
+def tiny_qwen3_vl(seed: int = 0, moe: bool = False):
+    """``Qwen3VLForConditionalGeneration`` (``moe=True``: ``Qwen3VLMoeForConditionalGeneration``; DeepStack
+    visual features added to the first decoder layers) + ``Qwen3VLProcessor``."""
+    import transformers as t
+
+    _seed(seed)
+    tok = family_tokenizer(QWEN3VL_SPECIAL, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                             "vision_bos_token": "<|vision_start|>",
+                                             "vision_eos_token": "<|vision_end|>"},
+                           chat_template=QWEN3VL_TEMPLATE, bos="<|endoftext|>", eos="<|im_end|>")
+    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN3VL_SPECIAL}
+    processor = t.Qwen3VLProcessor(
+        image_processor=t.Qwen2VLImageProcessor(patch_size=4, temporal_patch_size=2, merge_size=2,
+                                                size={"shortest_edge": 16 * 16, "longest_edge": IMAGE_SIZE ** 2}),
+        tokenizer=tok, video_processor=t.Qwen3VLVideoProcessor(patch_size=4, temporal_patch_size=2, merge_size=2),
+        chat_template=QWEN3VL_TEMPLATE,
+    )
+    text = _text(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                       "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
+        config_cls, model_cls = t.Qwen3VLMoeConfig, t.Qwen3VLMoeForConditionalGeneration
+    else:
+        config_cls, model_cls = t.Qwen3VLConfig, t.Qwen3VLForConditionalGeneration
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"])
+    return model_cls(config).eval(), processor
+
+
+# --------------------------------------------------------------------------------------------------- Gemma 3
+#: google/gemma-3-4b-it: a system turn is folded into the first user turn; images are ``<start_of_image>``.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set first = messages[0]['content'][0]['text'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<start_of_image>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _randomise(*tensors: torch.Tensor, std: float = 0.5) -> None:
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.normal_(0.0, std)
+
+
+def tiny_gemma3(seed: int = 0):
+    """``Gemma3ForConditionalGeneration`` (SigLIP, pooled to 4 soft tokens, Gemma 3 text with sliding-window
+    layers) + ``Gemma3Processor``. The multimodal projection (zero in a fresh model) is randomised."""
+    import transformers as t
+
+    _seed(seed)
+    tok = family_tokenizer(("<start_of_turn>", "<end_of_turn>"),
+                           {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                            "eoi_token": "<end_of_image>"}, chat_template=GEMMA3_TEMPLATE, bos="<bos>", eos="<eos>")
+    processor = t.Gemma3Processor(
+        image_processor=t.Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tok, image_seq_length=4, chat_template=GEMMA3_TEMPLATE,
+    )
+    config = t.Gemma3Config(
+        text_config=dict(model_type="gemma3_text", **_text(tok, sliding_window=16, tie_word_embeddings=True)),
+        vision_config=_siglip(), mm_tokens_per_image=4, image_token_id=tok.convert_tokens_to_ids("<image_soft_token>"),
+        boi_token_id=tok.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_id=tok.convert_tokens_to_ids("<end_of_image>"), tie_word_embeddings=True,
+    )
+    model = t.Gemma3ForConditionalGeneration(config).eval()
+    _randomise(model.model.multi_modal_projector.mm_input_projection_weight, std=0.2)
+    return model, processor
+
+
+# ------------------------------------------------------------------------------------------ Mistral 3 / Pixtral
+#: mistralai/Mistral-Small-3.1-24B-Instruct-2503 (hf): ``<s>[INST]{images}{text}[/INST]``.
+MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ message['content'][0]['text'] }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]" + _user_turns("[IMG]") + "[/INST]"
+    "{% else %}{{ message['content'][0]['text'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def tiny_mistral3(seed: int = 0):
+    """``Mistral3ForConditionalGeneration`` (Pixtral ViT, 2x2 patch merger, Mistral text) + ``PixtralProcessor``."""
+    import transformers as t
+
+    _seed(seed)
+    tok = family_tokenizer(("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]",
+                            "[IMG_END]"), {"image_token": "[IMG]"}, chat_template=MISTRAL3_TEMPLATE)
+    processor = t.PixtralProcessor(
+        image_processor=t.PixtralImageProcessor(size={"longest_edge": IMAGE_SIZE}, patch_size=4),
+        tokenizer=tok, patch_size=4, spatial_merge_size=2, chat_template=MISTRAL3_TEMPLATE,
+    )
+    config = t.Mistral3Config(
+        text_config=dict(model_type="mistral", **_text(tok)),
+        vision_config=dict(model_type="pixtral", image_size=IMAGE_SIZE, patch_size=4, hidden_size=16,
+                           intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=8),
+        image_token_id=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    return t.Mistral3ForConditionalGeneration(config).eval(), processor
+
+
+# -------------------------------------------------------------------------------------- SmolVLM / Idefics3
+#: HuggingFaceTB/SmolVLM-Instruct: ``<|im_start|>User:<image>{text}<end_of_utterance>\nAssistant:``.
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm"):
+    """``SmolVLMForConditionalGeneration`` (or ``variant="idefics3"``): SigLIP + pixel-shuffle connector, the
+    language model under ``model.text_model``; with ``Idefics3Processor`` (``SmolVLMProcessor`` needs the
+    ``num2words`` package; both expand ``<image>`` the same way for one unsplit image)."""
+    import transformers as t
+
+    _seed(seed)
+    tok = family_tokenizer(("<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                            "<global-img>"), {"image_token": "<image>"}, chat_template=SMOLVLM_TEMPLATE,
+                           eos="<end_of_utterance>")
+    processor = t.Idefics3Processor(
+        image_processor=t.Idefics3ImageProcessor(size={"longest_edge": IMAGE_SIZE}, do_image_splitting=False,
+                                                 max_image_size={"longest_edge": IMAGE_SIZE}),
+        tokenizer=tok, image_seq_len=(IMAGE_SIZE // 8) ** 2 // 4, chat_template=SMOLVLM_TEMPLATE,
+    )
+    vision = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=2)
+    text = dict(model_type="llama", **_text(tok))
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    if variant == "smolvlm":
+        config = t.SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2, image_token_id=image_token_id)
+        model = t.SmolVLMForConditionalGeneration(config)
+    elif variant == "idefics3":
+        config = t.Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
+                                  image_token_id=image_token_id)
+        model = t.Idefics3ForConditionalGeneration(config)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; use 'smolvlm' or 'idefics3'")
+    return model.eval(), processor
+
+
+# ------------------------------------------------------------------------------------------------ InternVL
+#: OpenGVLab/InternVL3-1B-hf: Qwen2 turns, an image is ``<IMG_CONTEXT>\n`` before the text.
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_internvl(seed: int = 0):
+    """``InternVLForConditionalGeneration`` (InternViT, pixel-shuffle MLP projector, Qwen2 text; the HF-native
+    layout) + ``InternVLProcessor`` (one 32-pixel tile, no thumbnail)."""
+    import transformers as t
+
+    _seed(seed)
+    tok = family_tokenizer(("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
+                           {"start_image_token": "<img>", "end_image_token": "</img>",
+                            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+                           chat_template=INTERNVL_TEMPLATE, bos="<|endoftext|>", eos="<|im_end|>")
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = t.InternVLProcessor(
+        image_processor=t.GotOcr2ImageProcessor(size=size, crop_to_patches=False),
+        tokenizer=tok, video_processor=t.InternVLVideoProcessor(size=size),
+        image_seq_length=(IMAGE_SIZE // 8) ** 2 // 4, chat_template=INTERNVL_TEMPLATE,
+    )
+    config = t.InternVLConfig(
+        text_config=dict(model_type="qwen2", **_text(tok)),
+        vision_config=dict(image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[8, 8], hidden_size=24,
+                           intermediate_size=48, num_hidden_layers=2, num_attention_heads=2),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
+    )
+    return t.InternVLForConditionalGeneration(config).eval(), processor
+
+
+# ----------------------------------------------------------------------------------------------- PaliGemma
+def tiny_paligemma(seed: int = 0):
+    """``PaliGemmaForConditionalGeneration`` (SigLIP + linear projector + Gemma, prefix-LM) + ``PaliGemmaProcessor``
+    (no chat template: ``<image>*N<bos>{prompt}\\n``)."""
+    import transformers as t
+
+    _seed(seed)
+    tok = family_tokenizer((), {"image_token": "<image>"}, bos="<bos>", eos="<eos>", chat_template=None)
+    image_processor = t.SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor.image_seq_length = (IMAGE_SIZE // 8) ** 2
+    processor = t.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
+    config = t.PaliGemmaConfig(
+        text_config=dict(model_type="gemma", **_text(tok)), vision_config=_siglip(projection_dim=32),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), projection_dim=32,
+    )
+    return t.PaliGemmaForConditionalGeneration(config).eval(), processor
+
+
+# ---------------------------------------------------------------------------------- Llama 3.2 Vision (mllama)
+#: meta-llama/Llama-3.2-11B-Vision-Instruct, without tools and dates: a system block only when no image is given.
+MLLAMA_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(image=false) %}{% for m in messages %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{% set ns.image = true %}{% endif %}{% endfor %}{% endfor %}"
+    "{% if not ns.image %}<|start_header_id|>system<|end_header_id|>{{ '\n\n' }}"
+    "Cutting Knowledge Date: December 2023<|eot_id|>{% endif %}"
+    "{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>{{ '\n\n' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{{ '\n\n' }}{% endif %}"
+)
+
+
+def tiny_mllama(seed: int = 0):
+    """``MllamaForConditionalGeneration`` (tiled ViT + cross-attention layer 1 of 3 in the Llama text model) +
+    ``MllamaProcessor``. The cross-attention gates (zero in a fresh model) are randomised."""
+    import transformers as t
+
+    _seed(seed)
+    tok = family_tokenizer(("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|image|>"),
+                           {"image_token": "<|image|>"}, chat_template=MLLAMA_TEMPLATE, bos="<|begin_of_text|>",
+                           eos="<|eot_id|>", pad="<|finetune_right_pad_id|>")
+    processor = t.MllamaProcessor(
+        image_processor=t.MllamaImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=2),
+        tokenizer=tok, chat_template=MLLAMA_TEMPLATE,
+    )
+    config = t.MllamaConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                         max_position_embeddings=512, **_ids(tok)),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, vision_output_dim=32, image_size=IMAGE_SIZE, patch_size=8,
+                           max_num_tiles=2, intermediate_layers_indices=[0],
+                           supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
+        image_token_index=tok.convert_tokens_to_ids("<|image|>"),
+    )
+    model = t.MllamaForConditionalGeneration(config).eval()
+    for layer in config.text_config.cross_attention_layers:
+        block = model.model.language_model.layers[layer]
+        _randomise(block.cross_attn_attn_gate, block.cross_attn_mlp_gate, std=1.0)
+    return model, processor
+
+
+FAMILY_BUILDERS = {
+    "llava_onevision": tiny_llava_onevision,
+    "qwen3_vl": tiny_qwen3_vl,
+    "qwen3_vl_moe": lambda seed=0: tiny_qwen3_vl(seed, moe=True),
+    "gemma3": tiny_gemma3,
+    "mistral3": tiny_mistral3,
+    "smolvlm": tiny_smolvlm,
+    "idefics3": lambda seed=0: tiny_smolvlm(seed, variant="idefics3"),
+    "internvl": tiny_internvl,
+    "paligemma": tiny_paligemma,
+    "mllama": tiny_mllama,
+}
+
+
+#: The aligned text-only LLM of each family (the safety merge's other side), as a transformers causal-LM class.
+ALIGNED_LLMS = {
+    "llava_onevision": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3_vl": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen3_vl_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "mistral3": ("MistralConfig", "MistralForCausalLM"),
+    "smolvlm": ("LlamaConfig", "LlamaForCausalLM"),
+    "idefics3": ("LlamaConfig", "LlamaForCausalLM"),
+    "internvl": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "paligemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "mllama": ("LlamaConfig", "LlamaForCausalLM"),
+}
+
+
+def tiny_aligned_llm(family: str, vlm, seed: int = 1, extra_rows: int = 0):
+    """A random text-only LLM with ``vlm``'s language-model shapes (``Qwen3ForCausalLM`` for Qwen3-VL, ...):
+    the aligned model a safety merge pulls the VLM's language model toward. ``extra_rows``: a larger vocabulary
+    (InternVL's released embeddings have fewer rows than its LLM's)."""
+    import transformers as t
+
+    config_name, model_name = ALIGNED_LLMS[family]
+    text = vlm.config.get_text_config().to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
+        text.pop(key, None)
+    text["tie_word_embeddings"] = bool(getattr(vlm.config, "tie_word_embeddings", False))
+    text["vocab_size"] += extra_rows
+    if family == "mllama":  # Llama 3.1: the self-attention layers only
+        text["num_hidden_layers"] -= len(text.pop("cross_attention_layers"))
+    _seed(seed)
+    config = getattr(t, config_name)(**text)
+    return getattr(t, model_name)(config).eval()
+
+
+#: Small text widths for a real (not meta) forward of a default config cut to 2 layers.
+SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  moe_intermediate_size=32, num_experts=4, num_local_experts=4, vocab_size=512)
+
+
+def shrunk_config(config_class, narrow: bool = False):
+    """``config_class()`` (the family's default architecture) with every sub-config cut to at most 2 layers
+    (``num_hidden_layers`` / ``depth`` / ``num_layers``, with ``layer_types`` cut to match); ``narrow``: the text
+    config's widths too (:data:`SMALL_TEXT`), for a forward on CPU."""
+    config = config_class()
+    subs = [config] + [getattr(config, k, None) for k in getattr(config, "sub_configs", {})]
+    for sub in subs:
+        for key in ("num_hidden_layers", "depth", "num_layers"):
+            value = getattr(sub, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 2:
+                setattr(sub, key, 2)
+                if isinstance(getattr(sub, "layer_types", None), list):
+                    sub.layer_types = sub.layer_types[:2]
+    if narrow:
+        text = config.get_text_config()
+        for key, value in SMALL_TEXT.items():
+            if isinstance(getattr(text, key, None), int):
+                setattr(text, key, value)
+    return config
+
+
+def walk_image_text_to_text(names=None, models=None):
+    """Every image-text-to-text model class of the installed transformers, built from its shrunk default config
+    on the ``meta`` device (structure only, no memory), and what vlmsafe makes of it.
+
+    Returns rows ``(model_type, class name, status, detail)``; status is ``explicit`` (detail: the adapter),
+    ``generic`` (detail: the decoder layers it chose), ``refused`` (detail: the reason) or ``unbuildable`` (its
+    default config cannot be built on the meta device; detail: the error). ``models``: a dict that receives
+    the built (meta) models by model type, for structural checks.
+    """
+    import warnings
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from vlmsafe.adapters.base import adapter_class_for
+    from vlmsafe.adapters.generic import GenericVLMAdapter
+    from vlmsafe.errors import UnsupportedModelError
+
+    rows, seen = [], set()
+    for model_type, class_name in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items()):
+        cls = getattr(transformers, class_name, None)
+        if cls is None or class_name in seen or (names is not None and model_type not in names):
+            continue
+        seen.add(class_name)
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = cls(shrunk_config(cls.config_class))
+        except Exception as exc:  # a default config that cannot be built is reported, not raised
+            rows.append((model_type, class_name, "unbuildable", f"{type(exc).__name__}: {exc}".split("\n")[0]))
+            continue
+        if models is not None:
+            models[model_type] = model
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                adapter = adapter_class_for(model)
+        except UnsupportedModelError as exc:
+            reason = str(exc).split(". Supported classes")[0]
+            rows.append((model_type, class_name, "refused", reason))
+            continue
+        if issubclass(adapter, GenericVLMAdapter):
+            rows.append((model_type, class_name, "generic", adapter.layers_path))
+        else:
+            rows.append((model_type, class_name, "explicit", adapter.__name__))
+    return rows
