@@ -295,8 +295,9 @@ class ShiftVectors:
         """Keep only each shift's component along ``directions[layer]``: ``(m . s / |s|^2) s``.
 
         With ``directions`` from :func:`vlmsafe.steering.safety_directions` (mean benign minus mean
-        harmful text-only state; the projection does not depend on the sign), steering removes only the safety-relevant part of the modality
-        shift (the ShiftDC idea) and leaves the rest of what the image changed alone.
+        harmful text-only state; the projection does not depend on the sign), steering removes only the
+        safety-relevant part of the modality shift (the ShiftDC idea) and leaves the rest of what the image
+        changed alone.
         """
         missing = sorted(set(self.shifts) - set(directions))
         if missing:
