@@ -40,3 +40,11 @@ def test_readme_links_point_at_files_in_the_checkout():
             if not target.startswith(("http://", "https://", "mailto:")) and not (readme.parent / target).exists():
                 broken.append(f"{readme.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def test_readme_support_table_is_the_generated_one():
+    from vlmsafe.adapters import support_table
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- SUPPORT-TABLE-START -->\n", 1)[1].split("\n<!-- SUPPORT-TABLE-END -->", 1)[0]
+    assert block.strip() == support_table().strip(), "regenerate it from vlmsafe.adapters.support_table()"
