@@ -54,7 +54,8 @@ def page_script(page: str) -> str:
         if lang == "python":
             parts.append(block)
         else:
-            parts += [f"_vlmsafe({shlex.split(line, comments=True)[1:]!r}, {line!r})" for line in shell_commands(block)]
+            for line in shell_commands(block):
+                parts.append(f"_vlmsafe({shlex.split(line, comments=True)[1:]!r}, {line!r})")
     return "\n".join(parts) + "\n"
 
 
