@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmsafe-installed
 
-.PHONY: test test-slow lint demo install dist clean
+.PHONY: test test-slow lint demo install dist docs clean
 
 install: $(STAMP)
 
@@ -33,6 +33,17 @@ dist: $(STAMP)
 	rm -rf dist build
 	$(PY) -m build --no-isolation --outdir dist .
 	$(VENV)/bin/twine check --strict dist/*
+
+# The documentation site (mkdocs.yml, docs/) into site/: API reference from the docstrings, CLI reference from the
+# argument parsers (docs/gen_cli.py), task pages. --strict: any warning fails the build.
+DOCS_STAMP := $(VENV)/.vlmsafe-docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) .pytest_cache dist build
