@@ -20,7 +20,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check vlmsafe probes tests benchmarks
+	$(VENV)/bin/ruff check vlmsafe probes tests benchmarks docs setup.py
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
@@ -46,4 +46,4 @@ docs: $(DOCS_STAMP)
 	HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) .pytest_cache dist build
+	rm -rf $(VENV) .pytest_cache dist build site
