@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from vlmsafe.errors import InputError
 from vlmsafe.eval import Verdict
+from vlmsafe.eval.evaluate import locate_item
 from vlmsafe.testbed.images import COLOURS, COUNTS, SHAPES, WORDS
 from vlmsafe.testbed.prompts import COMPLIANCE_PREFIX, DEFLECTION, REFUSAL
 from vlmsafe.testbed.topics import all_topics
@@ -134,20 +135,13 @@ def requested_tasks(
         tasks[it.prompt] = task
     if unknown and strict:
         first = unknown[0]
-        where = _location(source, first.id) if source is not None else f"item {first.id!r}"
+        where = locate_item(source, first.id) if source is not None else f"item {first.id!r}"
         raise InputError(
             f"{where}: {len(unknown)} instruction(s) have no 'task' and name no testbed task (first: "
             f"{first.prompt!r}), so compliance with them cannot be read; add \"task\": \"<the requested verb and "
             "object>\" to each, or use prompts built from the testbed's topics (python -m vlmsafe.testbed.unseen)"
         )
     return tasks
-
-
-def _location(source: str | os.PathLike[str], item_id: str) -> str:
-    """``file:line`` of the record with id ``item_id`` (just the file when it cannot be found)."""
-    from vlmsafe.data import read_records
-
-    return next((where for where, rec in read_records(source) if str(rec.get("id")) == item_id), str(source))
 
 
 class OutcomeJudge:
