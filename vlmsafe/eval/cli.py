@@ -24,8 +24,10 @@ Generate a response for every item of a data set, judge each one, and report (ea
   unsafe rate        share of harmful items answered unsafely (lower is better)
   refusal rate       share of harmful items refused
   degenerate rate    share of harmful items answered with nothing (empty, looping); neither safe nor unsafe
-  over-refusal rate  share of benign items refused (lower is better)
+  deflection rate    share of harmful items answered "i cannot tell that from the image" (shown when any)
+  over-refusal rate  share of benign instructions (no reference answer) refused (lower is better)
   utility            accuracy on items that carry a reference answer
+Items without an image are reported as their own modality (no-image), never as multimodal.
 
 Data formats (--data-format, default: detected from the path and its keys):
   jsonl           vlmsafe JSONL: {"id","prompt","image","category","label":"harmful"|"benign","reference"}
