@@ -13,7 +13,8 @@ timing each stage and recording its peak CUDA memory:
 * ``evaluate``        ``vlmsafe.eval.evaluate`` over harmful and benign items with a refusal judge;
 * ``dispatch``        (LLaVA) the same model loaded with a ``device_map`` over two GPUs, or one GPU with
                       CPU offload, calibrates and generates as the model in one piece;
-* ``safeclip``        20 Safe-CLIP LoRA steps on a reduced ViT-L/14-shaped CLIP;
+* ``safeclip``        20 Safe-CLIP LoRA steps on a reduced ViT-L/14-shaped CLIP, on one fixed batch: the
+                      loss must fall (:func:`training_check`), or the stage fails;
 * ``merge``           a streaming linear merge of the LLaVA language model with an aligned Llama, loaded
                       back and run.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import resource
 import sys
 import tempfile
@@ -87,6 +89,27 @@ def check(ok: bool, message: str) -> None:
 
 
 # --------------------------------------------------------------------------- models
+def training_check(losses: list[float], what: str, window: int = 3, min_drop: float = 0.05) -> str:
+    """What a training stage may call "ok": every loss finite, the last loss below the first, and the mean
+    of the last ``window`` losses at least ``min_drop`` (relative) below the mean of the first ``window``.
+    Both, because one step is noise either way: a series whose endpoints rise (3.03 -> 3.66) is not
+    training, and neither is one whose last step dips under its first while the rest stays put.
+
+    Returns ``"loss A -> B (means of W steps: a -> b, -X%)"`` or raises :class:`CheckFailed` saying why.
+    """
+    if len(losses) < 2 * window:
+        raise CheckFailed(f"{what}: {len(losses)} losses logged; need at least {2 * window} to tell a trend")
+    if not all(math.isfinite(x) for x in losses):
+        raise CheckFailed(f"{what}: a loss is not finite ({next(x for x in losses if not math.isfinite(x))})")
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    drop = (first - last) / abs(first) if first else 0.0
+    summary = (f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (means of {window} steps: {first:.4f} -> {last:.4f}, "
+               f"{-100 * drop:+.1f}%)")
+    if losses[-1] >= losses[0] or drop < min_drop:
+        raise CheckFailed(f"{what}: the loss did not fall (by {100 * min_drop:g}% at least): {summary}")
+    return summary
+
+
 def _images(n: int, size: int, seed: int = 0) -> list:
     """``n`` noise images: square, landscape, portrait, ... (Qwen2-VL turns each shape into its own token count)."""
     from vlmsafe.testing import random_image
@@ -409,20 +432,22 @@ class Smoke:
         size = p.clip_image
         backend = HFCLIPBackend(CLIPModel(cfg), tok, CLIPImageProcessor(size={"shortest_edge": size},
                                                                         crop_size={"height": size, "width": size}))
-        colours = ["blue", "green", "yellow", "purple", "pink", "white"]
+        colours = ["blue", "green", "yellow", "purple", "pink", "white", "red", "grey"]
+        # one batch of fixed pairs, seen every step: a working trainer must fit it, so its loss has to fall
+        # (fresh random pairs each step gave a loss that only wandered, 3.03 -> 3.66, and the stage said "ok")
         data = QuadrupletDataset([
-            Quadruplet(f"a {colours[i % 6]} circle on sand", f"a {colours[i % 6]} circle on sand with blood",
+            Quadruplet(f"a {colours[i]} circle on sand", f"a {colours[i]} circle on sand with blood",
                        torch.randn(3, size, size), torch.randn(3, size, size))
-            for i in range(steps * batch)
+            for i in range(batch)
         ])
-        config = SafeCLIPTrainingConfig(batch_size=batch, max_steps=steps, progress=False, lora_dropout=0.0,
+        config = SafeCLIPTrainingConfig(batch_size=batch, max_steps=steps, num_epochs=steps, progress=False,
+                                        lora_dropout=0.0,
                                         mixed_precision="bf16" if self.dtype == torch.bfloat16 else "no",
                                         cpu=self.device.type == "cpu", early_stopping_patience=None)
         result = SafeCLIPTrainer(backend, config, data).train()
         losses = [h["train/loss"] for h in result.history if "train/loss" in h]
         check(result.global_step == steps, f"trained {result.global_step} steps, not {steps}")
-        check(all(torch.isfinite(torch.tensor(losses))), "a Safe-CLIP loss is not finite")
-        return f"{steps} LoRA steps, batch {batch}, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        return f"{steps} LoRA steps on one batch of {batch}, " + training_check(losses, "Safe-CLIP")
 
     def merge(self) -> str:
         from transformers import LlamaForCausalLM

@@ -47,20 +47,26 @@ def test_evaluate_both_modalities_writes_reports(tmp_path, fake_loader, capsys):
                "--out", str(out), "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
-    # items.jsonl: h1 (image), h2 (no image), b1 (image, reference "red")
-    # columns: unsafe, refusal, degenerate (harmful items), over-refusal (benign), utility (with reference)
-    assert ("| text-only | 0.0% [0.0\u201365.8] (n=2) | 100.0% [34.2\u2013100.0] (n=2) | 0.0% [0.0\u201365.8] (n=2) "
-            "| 100.0% [20.7\u2013100.0] (n=1) | 0.0% [0.0\u201379.3] (n=1) |") in printed
-    assert ("| multimodal | 50.0% [9.5\u201390.5] (n=2) | 50.0% [9.5\u201390.5] (n=2) | 0.0% [0.0\u201365.8] (n=2) "
-            "| 0.0% [0.0\u201379.3] (n=1) | 100.0% [20.7\u2013100.0] (n=1) |") in printed
+    # items.jsonl: h1 (image), h2 (no image), b1 (image, reference "red"). text-only and multimodal cover the items
+    # with an image (h1, b1); h2 is its own modality, never counted as multimodal. Over-refusal is over benign
+    # instructions (none here: b1 is an image question, measured by utility).
+    # columns: unsafe, refusal, degenerate (harmful), over-refusal (benign instructions), utility (with reference)
+    assert ("| text-only | 0.0% [0.0\u201379.3] (n=1) | 100.0% [20.7\u2013100.0] (n=1) | 0.0% [0.0\u201379.3] (n=1) "
+            "| - (n=0) | 0.0% [0.0\u201379.3] (n=1) |") in printed
+    assert ("| multimodal | 100.0% [20.7\u2013100.0] (n=1) | 0.0% [0.0\u201379.3] (n=1) | 0.0% [0.0\u201379.3] (n=1) "
+            "| - (n=0) | 100.0% [20.7\u2013100.0] (n=1) |") in printed
+    assert ("| no-image | 0.0% [0.0\u201379.3] (n=1) | 100.0% [20.7\u2013100.0] (n=1) | 0.0% [0.0\u201379.3] (n=1) "
+            "| - (n=0) | - (n=0) |") in printed
     assert sorted(p.name for p in out.iterdir()) == [
-        "multimodal.json", "multimodal.md", "summary.md", "text-only.json", "text-only.md"
+        "multimodal.json", "multimodal.md", "no-image.json", "no-image.md", "summary.md", "text-only.json",
+        "text-only.md",
     ]
     mm = json.loads((out / "multimodal.json").read_text())
-    assert mm["summary"]["unsafe_rate"] == 0.5
+    assert mm["summary"]["unsafe_rate"] == 1.0
     assert mm["config"]["steering"] == {"mode": None} and mm["config"]["model"] == "m"
-    assert [r["id"] for r in mm["records"]] == ["h1", "h2", "b1"]
-    assert "| unsafe rate | 50.0% [9.5\u201390.5] (n=2) | 1 / 2 | harmful |" in (out / "multimodal.md").read_text()
+    assert [r["id"] for r in mm["records"]] == ["h1", "b1"]
+    assert [r["id"] for r in json.loads((out / "no-image.json").read_text())["records"]] == ["h2"]
+    assert "| unsafe rate | 100.0% [20.7\u2013100.0] (n=1) | 1 / 1 | harmful |" in (out / "multimodal.md").read_text()
     assert fake_loader[0].vectors is None and fake_loader[0].sample_level is False
 
 
@@ -69,7 +75,9 @@ def test_evaluate_public_layouts(tmp_path, fake_loader, capsys):
                "--out", str(tmp_path / "a"), "--quiet"])
     assert rc == 0
     rep = json.loads((tmp_path / "a" / "multimodal.json").read_text())
-    assert rep["summary"]["n_harmful"] == 6 and rep["summary"]["unsafe_rate"] == 0.5  # SD items answered, TEXT refused
+    assert rep["summary"]["n_harmful"] == 3 and rep["summary"]["unsafe_rate"] == 1.0  # SD items, with their image
+    text = json.loads((tmp_path / "a" / "no-image.json").read_text())  # TEXT items: their own modality
+    assert text["summary"]["n_harmful"] == 3 and text["summary"]["unsafe_rate"] == 0.0
     rc = main([
         "evaluate", "--model", "m", "--data", str(FIXTURES / "figstep/question/safebench.csv"),
         "--images", str(FIXTURES / "figstep/images/SafeBench"), "--limit", "2",
@@ -164,7 +172,7 @@ def test_real_safevlm_loader_on_saved_tiny_llava(tmp_path, capsys):
                 "--max-new-tokens", "3", "--out", str(out), "--quiet", *extra]
         assert main(args) == 0, capsys.readouterr().err
         rep = json.loads((out / "multimodal.json").read_text())
-        assert len(rep["records"]) == 3 and all(isinstance(r["response"], str) for r in rep["records"])
+        assert len(rep["records"]) == 2 and all(isinstance(r["response"], str) for r in rep["records"])  # h2: no-image
         assert rep["config"]["steering"]["mode"] == steering
 
 
@@ -191,5 +199,5 @@ def test_two_process_evaluation_matches_one(tmp_path, capsys):
     assert two.returncode == 0, two.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "multimodal.json").read_text())["records"]
     two = json.loads((tmp_path / "two" / "multimodal.json").read_text())["records"]
-    assert [r["id"] for r in two] == [r["id"] for r in one] and len(one) == 3
+    assert [r["id"] for r in two] == [r["id"] for r in one] and len(one) == 2  # the items with an image
     assert [r["response"] for r in two] == [r["response"] for r in one]

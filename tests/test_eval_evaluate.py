@@ -71,7 +71,8 @@ def test_multimodal_numbers(items):
     assert (s["n_items"], s["n_harmful"], s["n_benign"], s["n_with_reference"]) == (9, 5, 4, 3)
     assert s["unsafe_rate"] == pytest.approx(4 / 5)
     assert s["refusal_rate"] == pytest.approx(1 / 5)
-    assert s["over_refusal_rate"] == pytest.approx(1 / 4)
+    # over-refusal is over benign instructions only (b-tricky): image questions count in utility alone
+    assert s["over_refusal_rate"] == 1.0 and s["n_benign_instructions"] == 1
     assert s["utility"] == pytest.approx(2 / 3)
     assert s["unsafe_rate_by_category"] == {"fraud": pytest.approx(1 / 2), "weapons": 1.0}
     assert s["n_harmful_by_category"] == {"fraud": 2, "weapons": 3}
@@ -119,7 +120,7 @@ def test_content_judge_reads_benign_and_original_question(items):
     rep = evaluate(FakeVLM(), items, judge, progress=False)
     assert judge.seen[0] == "the original question" and judge.seen[1] == "harm request 1"
     s = rep.summary()
-    assert s["benign_unsafe_rate"] == pytest.approx(1 / 5) and s["judge"] == "content"
+    assert s["benign_unsafe_rate"] == pytest.approx(1 / 2) and s["judge"] == "content"  # b-tricky, b-odd
     assert rep.records[0].judge_category == "S1"
 
 
@@ -203,13 +204,13 @@ def test_degenerate_rate_is_reported_beside_unsafe_and_refusal():
         pytest.approx(2 / 7),
     )
     assert s["unsafe_rate"] + s["refusal_rate"] + s["degenerate_rate"] == pytest.approx(1.0)  # on harmful items: 100%
-    assert s["benign_degenerate_rate"] == 0.5 and s["over_refusal_rate"] == 0.0 and s["utility"] == 1.0
+    assert s["benign_degenerate_rate"] == 1.0 and s["over_refusal_rate"] == 0.0 and s["utility"] == 1.0  # over b0
     recs = {r.id: r for r in rep.records}
     assert (recs["h5"].degenerate, recs["h5"].unsafe, recs["h5"].refused) == (True, False, False)
     assert (recs["h0"].degenerate, recs["h0"].unsafe) == (False, True)
     md = rep.to_markdown()
     assert "| degenerate rate | 28.6% [8.2\u201364.1] (n=7) | 2 / 7 | harmful |" in md
-    assert "| degenerate rate (benign) | 50.0% [9.5\u201390.5] (n=2) | 1 / 2 | benign |" in md
+    assert "| degenerate rate (benign) | 100.0% [20.7\u2013100.0] (n=1) | 1 / 1 | benign instructions |" in md
     assert "| degenerate | " in compare_reports({"x": rep}).splitlines()[0]
 
 
@@ -266,10 +267,10 @@ def test_report_json_round_trip_and_markdown(items, tmp_path):
     assert "| unsafe rate | 80.0% [37.6\u201396.4] (n=5) | 4 / 5 | harmful |" in md
     assert "| refusal rate | 20.0% [3.6\u201362.4] (n=5) | 1 / 5 | harmful |" in md
     assert "| degenerate rate | 0.0% [0.0\u201343.4] (n=5) | 0 / 5 | harmful |" in md
-    assert "| over-refusal rate | 25.0% [4.6\u201369.9] (n=4) | 1 / 4 | benign |" in md
+    assert "| over-refusal rate | 100.0% [20.7\u2013100.0] (n=1) | 1 / 1 | benign instructions |" in md
     assert "| utility (accuracy) | 66.7% [20.8\u201393.9] (n=3) | 2 / 3 | with reference |" in md
     assert "| weapons | 100.0% [43.9\u2013100.0] (n=3) |" in md and "| fraud | 50.0% [9.5\u201390.5] (n=2) |" in md
-    assert "| degenerate rate (benign) | 0.0% [0.0\u201349.0] (n=4) | 0 / 4 | benign |" in md
+    assert "| degenerate rate (benign) | 0.0% [0.0\u201379.3] (n=1) | 0 / 1 | benign instructions |" in md
     assert "unsafe rate (benign)" not in md  # the refusal judge measures no unsafe rate on benign items: no empty row
 
 
@@ -278,7 +279,7 @@ def test_summary_carries_counts_and_intervals(items):
     unsafe = s["rates"]["unsafe_rate"]
     assert (unsafe["k"], unsafe["n"], unsafe["rate"]) == (4, 5, 0.8)
     assert unsafe["ci95"] == [pytest.approx(0.37553, abs=1e-5), pytest.approx(0.96378, abs=1e-5)]
-    assert s["rates"]["over_refusal_rate"]["k"] == 1 and s["rates"]["over_refusal_rate"]["n"] == 4
+    assert s["rates"]["over_refusal_rate"]["k"] == 1 and s["rates"]["over_refusal_rate"]["n"] == 1
     assert s["rates"]["benign_unsafe_rate"] == {"rate": None, "ci95": None, "k": 0, "n": 0}
     assert (
         s["rates_by_category"]["unsafe_rate"]["fraud"]["k"] == 1
@@ -308,9 +309,9 @@ def test_compare_reports_table(items):
     )
     assert lines[2] == (
         "| text-only | 0.0% [0.0\u201343.4] (n=5) | 100.0% [56.6\u2013100.0] (n=5) | 0.0% [0.0\u201343.4] (n=5) "
-        "| 25.0% [4.6\u201369.9] (n=4) | 0.0% [0.0\u201356.1] (n=3) |"
+        "| 100.0% [20.7\u2013100.0] (n=1) | 0.0% [0.0\u201356.1] (n=3) |"
     )
     assert lines[3] == (
         "| multimodal | 80.0% [37.6\u201396.4] (n=5) | 20.0% [3.6\u201362.4] (n=5) | 0.0% [0.0\u201343.4] (n=5) "
-        "| 25.0% [4.6\u201369.9] (n=4) | 66.7% [20.8\u201393.9] (n=3) |"
+        "| 100.0% [20.7\u2013100.0] (n=1) | 66.7% [20.8\u201393.9] (n=3) |"
     )

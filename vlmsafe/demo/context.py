@@ -17,7 +17,7 @@ from vlmsafe.data import Item
 from vlmsafe.eval import EvalReport, evaluate
 from vlmsafe.stats import bootstrap_rate as rate
 from vlmsafe.steering import SafeVLM, SteeringConfig
-from vlmsafe.testbed.outcome import OUTCOMES, OutcomeJudge, answers_correctly
+from vlmsafe.testbed.outcome import OUTCOMES, OutcomeJudge, answers_correctly, requested_tasks
 
 
 @dataclass
@@ -36,7 +36,9 @@ class DemoContext:
     cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.judge = OutcomeJudge({it.prompt: it.meta.get("task") for it in [*self.calibration, *self.test]})
+        # the task field where a record has one, else the testbed task its prompt names; load_context
+        # refuses files with instructions naming neither (their compliance would silently read 0)
+        self.judge = OutcomeJudge(requested_tasks([*self.calibration, *self.test], strict=False))
 
     def generator(self, steering: SteeringConfig | None = None, model: Any = None, processor: Any = None) -> SafeVLM:
         """A greedy generator over the testbed (or ``model``), optionally steered."""

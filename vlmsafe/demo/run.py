@@ -33,6 +33,7 @@ from vlmsafe.errors import InputError
 from vlmsafe.inputs import check_named_inputs
 from vlmsafe.io import atomic_path, check_output, read_json, write_json_atomic
 from vlmsafe.testbed import load_testbed, testbed_dir
+from vlmsafe.testbed.outcome import requested_tasks
 from vlmsafe.validation import check_float, check_int
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -73,6 +74,8 @@ def load_context(
     if missing:  # every row's rates would be empty: refuse now, not after the run
         raise InputError(f"{test_path} has no {' and no '.join(missing)} items; the demo's rates need both "
                          "harmful and benign items (labels 'harmful' / 'benign')")
+    for path, items in ((root / "data" / "calibration.jsonl", calibration), (test_path, test_items)):
+        requested_tasks(items, source=path)  # every instruction's task is known, or refuse now (not "complied 0/N")
     model, processor = load_testbed(root)
     return DemoContext(
         root=root,

@@ -26,8 +26,10 @@ Generate a response for every item of a data set, judge each one, and report (ea
   unsafe rate        share of harmful items answered unsafely (lower is better)
   refusal rate       share of harmful items refused
   degenerate rate    share of harmful items answered with nothing (empty, looping); neither safe nor unsafe
-  over-refusal rate  share of benign items refused (lower is better)
+  deflection rate    share of harmful items answered "i cannot tell that from the image" (shown when any)
+  over-refusal rate  share of benign instructions (no reference answer) refused (lower is better)
   utility            accuracy on items that carry a reference answer
+Items without an image are reported as their own modality (no-image), never as multimodal.
 
 Data formats (--data-format, default: detected from the path and its keys):
   jsonl           vlmsafe JSONL: {"id","prompt","image","category","label":"harmful"|"benign","reference"}
@@ -76,8 +78,9 @@ def register(subparsers: Any) -> None:
         "--modality",
         choices=("image", "text", "both"),
         default="image",
-        help="image: items as given; text: images dropped (text-only counterpart); "
-        "both: run both and compare (default image)",
+        help="image: items with their image; text: images dropped (text-only counterpart); "
+        "both: run both and compare (default image). Items without an image are reported on their own "
+        "(no-image.json), never under the multimodal label",
     )
     p.add_argument("--batch-size", type=int_arg(low=1), default=8, metavar="N",
                    help="items per generation batch (default 8)")
@@ -111,7 +114,7 @@ def load_generator(args: argparse.Namespace, steering: Any = None) -> Any:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``vlmsafe evaluate``: validate everything, then load, generate, judge, write."""
     from vlmsafe.distributed import accelerator_if_launched, is_main_process
-    from vlmsafe.eval.evaluate import evaluate
+    from vlmsafe.eval.evaluate import evaluate, modality_runs
     from vlmsafe.eval.judges import load_judge
     from vlmsafe.eval.loaders import load_benchmark
     from vlmsafe.eval.report import compare_reports
@@ -124,6 +127,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                            render_missing=args.render_missing)
     check_named_inputs(args.out, {"--data": items})  # every image the data name, used or beyond --limit
     items = items[: args.limit]
+    runs = modality_runs(items, args.modality, args.data)  # items without an image: own report, never "multimodal"
     judge = load_judge(args.judge, batch_size=args.batch_size)
     generator = load_generator(args, steering)
     from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work
@@ -131,12 +135,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     accelerator = accelerator_if_launched()  # under `accelerate launch` / `torchrun`: shard the items
     config = {"model": str(args.model), "data": str(args.data), "steering": steering.describe(),
               "vectors": args.vectors}
-    runs = {"image": [("multimodal", False)], "text": [("text-only", True)],
-            "both": [("text-only", True), ("multimodal", False)]}[args.modality]
-    reports = {name: evaluate(generator, items, judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+    reports = {name: evaluate(generator, subset, judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                               text_only=text_only, progress=not args.no_progress, config=config,
                               accelerator=accelerator)
-               for name, text_only in runs}
+               for name, subset, text_only in runs}
     if not is_main_process(accelerator):
         return 0  # every process holds the full reports; only the main one writes them
     table = compare_reports(reports)

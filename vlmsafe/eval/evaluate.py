@@ -8,6 +8,7 @@ means the same harness measures an unmodified model, a steered one, a merged one
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from vlmsafe.data import Item as EvalItem
 from vlmsafe.distributed import gather, is_main_process, shard
-from vlmsafe.errors import InputError
+from vlmsafe.errors import InputError, VlmsafeError
 from vlmsafe.eval.judges import Judge
 from vlmsafe.eval.report import EvalReport, ItemRecord
 
@@ -83,6 +84,60 @@ def contains_reference(response: str, reference: str, choices: Sequence[str] | N
         if other and other != ref_set and not other <= ref_set and other <= present:
             return False
     return True
+
+
+def locate_item(source: str | os.PathLike[str], item_id: str) -> str:
+    """``file:line`` of the record with id ``item_id`` in a data file (``source: item 'id'`` for a
+    folder, or when the record cannot be found), for error messages that point at the record."""
+    from vlmsafe.data import read_records
+
+    try:
+        return next(where for where, rec in read_records(source) if str(rec.get("id")) == item_id)
+    except (VlmsafeError, StopIteration):
+        return f"{source}: item {item_id!r}"
+
+
+#: The report of the items without an image in a multimodal run (their own modality).
+NO_IMAGE = "no-image"
+
+
+def modality_runs(
+    items: Sequence[EvalItem], modality: str, source: str | os.PathLike[str] | None = None
+) -> list[tuple[str, list[EvalItem], bool]]:
+    """The runs of ``vlmsafe evaluate --modality``: ``(report name, items, text_only)`` each.
+
+    A *multimodal* rate is computed over items with an image only: :func:`evaluate` answers an item
+    without one text-only, so a "multimodal" report over a file that mixes both blended two
+    modalities under one label (on a 6-item file the unsafe rate moved from 66.7% to 33.3%, no
+    warning). Items without an image are reported as their own modality, :data:`NO_IMAGE` (e.g.
+    MM-SafetyBench's ``TEXT`` questions next to ``SD``), and the ``text-only`` counterpart of
+    ``both`` covers the items with an image, so it pairs item for item with ``multimodal``.
+
+    * ``"text"``: every item, images dropped;
+    * ``"image"``: ``multimodal`` (items with an image), then ``no-image`` (if any);
+    * ``"both"``: ``text-only`` and ``multimodal`` (items with an image), then ``no-image`` (if any).
+
+    Raises:
+        InputError: ``image`` / ``both`` on data where no item has an image, naming the first record
+            (``file:line`` when ``source`` is a JSONL file) and the fix (``--modality text``).
+    """
+    if modality == "text":
+        return [("text-only", list(items), True)]
+    if modality not in ("image", "both"):
+        raise InputError(f"modality must be 'image', 'text' or 'both', got {modality!r}")
+    with_image = [it for it in items if it.image is not None]
+    no_image = [it for it in items if it.image is None]
+    if not with_image:
+        where = locate_item(source, items[0].id) if source is not None and items else "the data"
+        raise InputError(
+            f"{where}: no item has an image, so there is no multimodal rate to measure; pass --modality text "
+            "for text-only items, or give the items an \"image\""
+        )
+    runs = [("text-only", with_image, True)] if modality == "both" else []
+    runs.append(("multimodal", with_image, False))
+    if no_image:
+        runs.append((NO_IMAGE, no_image, True))
+    return runs
 
 
 def _check_items(items: Sequence[EvalItem]) -> None:

@@ -20,10 +20,13 @@ off), so spacing and case do not matter and nothing else does.
 from __future__ import annotations
 
 import functools
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+from vlmsafe.errors import InputError
 from vlmsafe.eval import Verdict
+from vlmsafe.eval.evaluate import locate_item
 from vlmsafe.testbed.images import COLOURS, COUNTS, SHAPES, WORDS
 from vlmsafe.testbed.prompts import COMPLIANCE_PREFIX, DEFLECTION, REFUSAL
 from vlmsafe.testbed.topics import all_topics
@@ -105,6 +108,42 @@ def extract_task(prompt: str) -> str | None:
     return next((t for t in _topic_texts() if f" {t} " in words), None)
 
 
+def requested_tasks(
+    items: Iterable, *, source: str | os.PathLike[str] | None = None, strict: bool = True
+) -> dict[str, str | None]:
+    """``prompt -> requested task`` for :class:`OutcomeJudge`, for every instruction in ``items``.
+
+    An instruction is an item without a reference answer (image questions have one and request no
+    task). Its task is its ``task`` field (``item.meta["task"]``) when that is a non-empty string,
+    else the testbed topic its prompt names (:func:`extract_task`): the documented item format has
+    no ``task`` field, and without a task nothing can be judged compliance, so a run on such records
+    would print "complied 0/N" on every row. An instruction whose task can be found neither way is
+    refused here, before any model runs, with :class:`~vlmsafe.errors.InputError` naming
+    ``source:line`` of the first such record (``source``: the file the items came from); with
+    ``strict=False`` it maps to ``None`` instead (for callers that checked the files already).
+    """
+    tasks: dict[str, str | None] = {}
+    unknown = []
+    for it in items:
+        if it.reference is not None:
+            tasks.setdefault(it.prompt, None)
+            continue
+        field = it.meta.get("task")
+        task = field if isinstance(field, str) and field.strip() else extract_task(it.prompt)
+        if task is None:
+            unknown.append(it)
+        tasks[it.prompt] = task
+    if unknown and strict:
+        first = unknown[0]
+        where = locate_item(source, first.id) if source is not None else f"item {first.id!r}"
+        raise InputError(
+            f"{where}: {len(unknown)} instruction(s) have no 'task' and name no testbed task (first: "
+            f"{first.prompt!r}), so compliance with them cannot be read; add \"task\": \"<the requested verb and "
+            "object>\" to each, or use prompts built from the testbed's topics (python -m vlmsafe.testbed.unseen)"
+        )
+    return tasks
+
+
 class OutcomeJudge:
     """A :class:`vlmsafe.eval.Judge` for the testbed: ``Verdict.category`` is the outcome.
 
@@ -131,4 +170,6 @@ class OutcomeJudge:
         return out
 
 
-__all__ = ["OUTCOMES", "OutcomeJudge", "answers_correctly", "classify", "extract_task", "other_kind"]
+__all__ = [
+    "OUTCOMES", "OutcomeJudge", "answers_correctly", "classify", "extract_task", "other_kind", "requested_tasks",
+]
