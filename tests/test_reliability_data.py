@@ -413,7 +413,8 @@ def test_require_extra_names_the_extra_and_the_packages(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("sklearn", "open_clip") else real(name, *a))
-    monkeypatch.delitem(sys.modules, "sklearn", raising=False)
+    for name in ("sklearn", "open_clip"):  # imported by earlier tests: hide them from sys.modules too
+        monkeypatch.delitem(sys.modules, name, raising=False)
     assert not is_installed("sklearn") and is_installed("json")
     with pytest.raises(MissingExtraError, match=r"^probe layers needs scikit-learn, which the core install leaves "
                                                 r"out; install the extra: pip install 'vlmsafe\[probes\]' "
