@@ -294,6 +294,19 @@ def test_vectors_on_another_model_of_the_same_architecture_warn_once(ws, vectors
     assert "whose weights differ from the model loaded now" in err[0] and "vlmsafe calibrate" in err[0]
 
 
+def test_strict_model_flag_refuses_vectors_of_other_weights_in_one_line(ws, vectors, merged, capsys):
+    capsys.readouterr()
+    rc = main([*_generate(merged), "--vectors", str(vectors), "--strict-model"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "steering vectors were calibrated on" in err[0] and "calibrate them on this model" in err[0]
+    assert "warning" not in err[0]  # refused, not warned and then refused
+    assert main([*_generate(ws / "testbed"), "--vectors", str(vectors), "--strict-model"]) == 0  # their own model
+    capsys.readouterr()
+    assert main([*_generate(ws / "testbed"), "--strict-model"]) == 2  # nothing to check: refused, not ignored
+    assert "--strict-model checks calibrated --vectors" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model", ["testbed", "testbed_copy"])
 def test_vectors_on_their_own_model_are_silent(ws, vectors, capsys, model):
     rc = main([*_generate(ws / model), "--vectors", str(vectors)])

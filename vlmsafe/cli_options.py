@@ -126,6 +126,7 @@ def add_steering_options(
     g.add_argument(positions_flag, dest="steer_positions", choices=STEER_POSITIONS, default=None,
                    help=field_help("positions") + " (default last)")
     g.add_argument("--decode", action="store_true", default=None, help=field_help("decode"))
+    g.add_argument("--strict-model", action="store_true", help=field_help("strict_model"))
     add_anchor_options(g, help_prefix="with --sample-level: ")
     g.add_argument("--shift-from", choices=("unsteered", "running"), default=None,
                    help="with --shiftdc: " + field_help("shift_from") + " (default unsteered)")
@@ -152,6 +153,9 @@ def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, fl
                          "or for dataset-level vectors calibrate with `vlmsafe calibrate --anchor`")
     if getattr(args, "shift_from", None) is not None and not shiftdc_dir:
         raise InputError("--shift-from applies to ShiftDC; add --shiftdc DIR or drop it")
+    if getattr(args, "strict_model", False) and not vectors_dir and not shiftdc_dir:
+        raise InputError("--strict-model checks calibrated --vectors or --shiftdc directions against the model; add "
+                         "one of them or drop it")
     if not vectors_dir and not sample and not shiftdc_dir:
         if given:
             raise InputError(f"{', '.join(given)} set(s) steering, but no steering source was given; "
@@ -169,6 +173,7 @@ def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, fl
         positions=args.steer_positions or "last",
         decode=bool(args.decode),
         shift_from=getattr(args, "shift_from", None) or "unsteered",
+        strict_model=bool(getattr(args, "strict_model", False)),
         **anchor,
     )
 

@@ -73,6 +73,9 @@ class SteeringConfig:
     anchor_seed: int = field(default=NOISE_SEED, metadata={"help": "seed of the noise anchor (default 0)"})
     directions: SafetyDirections | None = field(default=None, repr=False, metadata={
         "help": "ShiftDC: the safety-directions folder written by `vlmsafe calibrate --method shiftdc`"})
+    strict_model: bool = field(default=False, metadata={
+        "help": "refuse vectors or directions calibrated on other weights of the same architecture (e.g. the "
+                "merged model; default: one warning line)"})
     shift_from: str = field(default="unsteered", metadata={
         "help": "ShiftDC: read each layer's image shift from an unsteered pass (unsteered, as published; corrections "
                 "add up across layers) or from the stream already corrected at earlier layers (running; one pass "
@@ -113,6 +116,8 @@ class SteeringConfig:
             raise InputError("an anchor image is a sample-level choice (dataset-level vectors carry the anchor they "
                              "were calibrated with: `vlmsafe calibrate --anchor`); use mode='sample' or drop it")
         check_choice(self.shift_from, "shift_from", SHIFT_FROM)
+        if not isinstance(self.strict_model, bool):
+            raise InputError(f"strict_model must be True or False, got {self.strict_model!r}")
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
             parse_layer_spec(self.layers)  # syntax errors now, not after a model is loaded
         object.__setattr__(self, "mode", mode)
@@ -170,9 +175,9 @@ class SteeringConfig:
 
         adapter = get_adapter(model)
         if self.vectors is not None:
-            self.vectors.check_compatible(adapter)
+            self.vectors.check_compatible(adapter, strict=self.strict_model)
         if self.directions is not None:
-            self.directions.check_compatible(adapter)
+            self.directions.check_compatible(adapter, strict=self.strict_model)
             self.directions.select(adapter.resolve_layers(self._shiftdc_layers()))
         if self.layers is not None:
             adapter.resolve_layers(self.layers)

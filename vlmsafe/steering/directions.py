@@ -141,8 +141,9 @@ class SafetyDirections:
             harmful_means=pick(self.harmful_means),
         )
 
-    def check_compatible(self, model: Any) -> None:
-        """Raise :class:`IncompatibleVectorsError` unless the directions fit ``model``'s residual stream."""
+    def check_compatible(self, model: Any, *, strict: bool = False) -> None:
+        """Raise :class:`IncompatibleVectorsError` unless the directions fit ``model``'s residual stream
+        (directions read from other weights of the same architecture: a warning, or this error with ``strict``)."""
         check_fits(
             self.meta,
             self.hidden_size,
@@ -151,6 +152,7 @@ class SafetyDirections:
             what="directions",
             title="ShiftDC safety directions",
             fix="Compute directions for this model with `vlmsafe calibrate --method shiftdc`.",
+            strict=strict,
         )
 
     def corrections(self, shifts: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:

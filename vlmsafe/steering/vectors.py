@@ -344,10 +344,13 @@ class ShiftVectors:
         return self + (-other)
 
     # ------------------------------------------------------------------ validation
-    def check_compatible(self, model: Any) -> None:
-        """Raise :class:`IncompatibleVectorsError` unless these vectors fit ``model``'s residual stream."""
+    def check_compatible(self, model: Any, *, strict: bool = False) -> None:
+        """Raise :class:`IncompatibleVectorsError` unless these vectors fit ``model``'s residual stream.
+
+        Vectors calibrated on other weights of the same architecture (say the merged model) give a warning,
+        or with ``strict`` this error."""
         check_fits(self.meta, self.hidden_size, self.layers, model, what="vectors", title="steering vectors",
-                   fix="Calibrate vectors for this model with `vlmsafe calibrate`.")
+                   fix="Calibrate vectors for this model with `vlmsafe calibrate`.", strict=strict)
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -503,7 +506,7 @@ def first_principal_component(diffs: torch.Tensor, mean: torch.Tensor) -> tuple[
 
 
 def check_fits(meta: Mapping[str, Any], hidden_size: int, layers: list[int], model: Any, *, what: str,
-               fix: str, title: str | None = None) -> None:
+               fix: str, title: str | None = None, strict: bool = False) -> None:
     """Raise :class:`IncompatibleVectorsError` unless per-layer tensors read from a model (described by
     ``meta``: ``num_layers``, ``model_class``, ``family``, ``model_name``) fit ``model``'s residual stream."""
     adapter: ModelAdapter = get_adapter(model)
@@ -530,7 +533,7 @@ def check_fits(meta: Mapping[str, Any], hidden_size: int, layers: list[int], mod
             f"{title or what} calibrated on {source} do not fit {type(adapter.model).__name__}: "
             + "; ".join(problems) + ". " + fix
         )
-    warn_if_other_model(meta, adapter.model, what=title or what)  # same shapes, other weights: a warning
+    warn_if_other_model(meta, adapter.model, what=title or what, strict=strict)  # same shapes, other weights
 
 
 class ShiftAccumulator:
