@@ -92,3 +92,22 @@ def test_greedy_comparison_allows_only_near_ties(smoke):
             smoke.same_greedy(clear, b if clear is same else a, 1e-4, "x")
     with pytest.raises(smoke.CheckFailed, match="differs in length only"):
         smoke.same_greedy(same, run([3], [(2.0, 1.0)]), 1e-4, "x")
+
+
+def test_a_training_stage_whose_loss_does_not_fall_is_not_ok(smoke):
+    rising = [3.031, 3.105, 4.557, 3.426, 3.283, 4.615, 3.644, 3.306, 4.85, 3.675, 3.09, 2.217, 4.234, 4.126,
+              3.606, 3.672, 2.832, 3.076, 2.172, 3.664]  # the Safe-CLIP stage that printed "ok" (3.03 -> 3.66)
+    with pytest.raises(smoke.CheckFailed, match=r"^Safe-CLIP: the loss did not fall \(by 5% at least\): "
+                                                r"loss 3\.0310 -> 3\.6640 "):
+        smoke.training_check(rising, "Safe-CLIP")
+    falling = [3.59, 3.56, 3.53, 3.49, 3.45, 3.41, 3.37, 3.32, 3.28, 3.23, 3.17, 3.12, 3.06, 3.01, 2.95, 2.89]
+    assert smoke.training_check(falling, "x") == "loss 3.5900 -> 2.8900 (means of 3 steps: 3.5600 -> 2.9500, -17.1%)"
+    with pytest.raises(smoke.CheckFailed, match="did not fall"):
+        smoke.training_check([1.0] * 3 + [0.99] * 3, "x")  # a 1% dip: noise, not training
+    assert "-1.0%" in smoke.training_check([1.0] * 3 + [0.99] * 3, "x", min_drop=0.0)
+    with pytest.raises(smoke.CheckFailed, match="did not fall"):
+        smoke.training_check([2.0, 3.0, 3.0, 3.0, 3.0, 1.9], "x")  # endpoints fall, the means rise
+    with pytest.raises(smoke.CheckFailed, match="not finite"):
+        smoke.training_check([*falling[:-1], float("nan")], "x")
+    with pytest.raises(smoke.CheckFailed, match="need at least 6"):
+        smoke.training_check([2.0, 1.0], "x")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_checks import one_line_error
 from PIL import Image
 
 from vlmsafe import data as vdata
@@ -33,15 +34,7 @@ from vlmsafe.testbed import testbed_dir
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _check(rc: int, err: str, *expected: str) -> str:
-    """Exit 2, exactly one stderr line (no traceback) holding every ``expected`` part; return the line."""
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("vlmsafe") and "error:" in lines[0], err
-    for part in expected:
-        assert part in lines[0], f"expected {part!r} in: {lines[0]}"
-    return lines[0]
+_check = one_line_error
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

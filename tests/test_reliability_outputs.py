@@ -166,9 +166,9 @@ def test_lock_files_and_folders_made_for_them_are_never_left(tmp_path):
     assert _names(tmp_path) == ["a", "f.txt"]
 
 
-@pytest.mark.parametrize("kind", ["file", "dir"])
-def test_final_rename_never_replaces_what_another_program_made_meanwhile(tmp_path, kind):
-    dest = tmp_path / "out"
+def _race(dest: Path, kind: str) -> None:
+    """Write our output in atomic_path's temporary while "another program" creates ``dest`` (a file or a
+    folder): the final rename must refuse to replace it."""
     with pytest.raises(OutputExistsError, match="created by another program"), atomic_path(dest) as tmp:
         if kind == "dir":
             tmp.mkdir()
@@ -178,6 +178,12 @@ def test_final_rename_never_replaces_what_another_program_made_meanwhile(tmp_pat
         else:
             tmp.write_text("ours")
             dest.write_text("theirs")
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_final_rename_never_replaces_what_another_program_made_meanwhile(tmp_path, kind):
+    dest = tmp_path / "out"
+    _race(dest, kind)
     assert (dest / "theirs.txt" if kind == "dir" else dest).read_text() == "theirs"
     assert _names(tmp_path) == ["out"]
 
@@ -401,15 +407,7 @@ def test_the_rename_itself_refuses_a_target_made_after_the_last_look(tmp_path, m
     dest = tmp_path / "out"
     real_lexists = os.path.lexists
     monkeypatch.setattr(os.path, "lexists", lambda p: False if Path(p) == dest else real_lexists(p))
-    with pytest.raises(OutputExistsError, match="created by another program"), atomic_path(dest) as tmp:
-        if kind == "dir":
-            tmp.mkdir()
-            (tmp / "ours.txt").write_text("ours")
-            dest.mkdir()
-            (dest / "theirs.txt").write_text("theirs")
-        else:
-            tmp.write_text("ours")
-            dest.write_text("theirs")
+    _race(dest, kind)
     monkeypatch.undo()
     assert (dest / "theirs.txt" if kind == "dir" else dest).read_text() == "theirs"
     assert _names(tmp_path) == ["out"]

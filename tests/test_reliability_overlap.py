@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cli_checks import one_line_error
 
 from vlmsafe.cli import build_parser, main
 from vlmsafe.testing import random_image
@@ -246,13 +247,7 @@ def test_an_output_over_an_input_is_refused_and_nothing_is_lost(tmp_path, capsys
         rc = main(argv)
     finally:
         os.environ.pop("VLMSAFE_TESTBED", None)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("vlmsafe") and "error:" in lines[0], err
-    for part in expected:
-        assert part in lines[0], f"expected {part!r} in: {lines[0]}"
+    one_line_error(rc, capsys.readouterr().err, *expected)
     assert _snapshot(ws) == before, "a refused run changed, removed or added files"
     assert not (ws / "dir").exists()
 
