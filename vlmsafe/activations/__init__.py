@@ -47,7 +47,7 @@ never by multiplying with a mask, so a non-finite value at an unselected (e.g. p
 never reaches a selected one.
 """
 
-from vlmsafe.activations.editing import CallEdit, EditPlan, edit_activations
+from vlmsafe.activations.editing import CallEdit, EditPlan, RelativeVector, edit_activations
 from vlmsafe.activations.positions import (
     POSITION_NAMES,
     CallInputs,
@@ -67,6 +67,7 @@ __all__ = [
     "PositionSpec",
     "Prompt",
     "Recording",
+    "RelativeVector",
     "current_prompt",
     "declare_prompt",
     "edit_activations",

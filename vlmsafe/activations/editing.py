@@ -48,6 +48,62 @@ class EditPlan:
     image_token_id: int | None = None
 
 
+@dataclass(eq=False)
+class RelativeVector:
+    """A per-row vector measured in the forward call that holds the prompt, on the stream the layer outputs.
+
+    ``hidden[last prompt token] - target`` for each row (sample-level CMRM), projected on ``direction`` when
+    given (ShiftDC with the running shift), in float32; rows that are not edited (or have no prompt token)
+    get zero. Later calls of the same prompt (generated tokens with ``decode=True``) reuse the measured value.
+    ``store[layer]`` keeps what was measured, for inspection. Being data rather than a closure, it runs on
+    both paths: a hook calls it (:meth:`__call__`), and the compiled path (:mod:`vlmsafe.activations.compiled`)
+    evaluates the same arithmetic as tensor operations inside the graph.
+    """
+
+    layer: int
+    target: torch.Tensor
+    direction: torch.Tensor | None = None
+    store: dict[int, torch.Tensor] | None = None
+    what: str = "sample-level steering"
+
+    def __post_init__(self) -> None:
+        self.target = self.target.detach().float()
+        if self.direction is not None:
+            self.direction = self.direction.detach().float()
+        if self.store is None:
+            self.store = {}
+        self._measured: Prompt | None = None
+        # fixed per context, so the compiled path never reads a tensor's value into Python
+        self._nonzero_direction = self.direction is None or float(self.direction @ self.direction) > 0.0
+
+    def measure(self, current: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The vector from each row's last-prompt-token state ``current`` ``(B, H)`` and row rule ``keep`` ``(B, 1)``."""
+        m = torch.where(keep, current.float() - self.target.to(current.device), 0.0)
+        if self.direction is not None:
+            s = self.direction.to(m.device)
+            denom = s @ s
+            m = (m @ s / denom).unsqueeze(-1) * s if self._nonzero_direction else torch.zeros_like(m)
+        return m
+
+    def __call__(self, hidden: torch.Tensor, edit: CallEdit) -> torch.Tensor:
+        if edit.last_cols is None:
+            if self._measured is not edit.prompt or self.layer not in self.store:
+                raise InputError(f"{self.what} needs each row's last prompt token in the same forward call as the "
+                                 "steered positions; prefill in one call (no prefill_chunk_size)")
+            return self.store[self.layer]
+        if self.target.shape != (hidden.shape[0], hidden.shape[-1]):
+            raise InputError(f"text-only states for layer {self.layer} have shape {tuple(self.target.shape)} but the "
+                             f"batch is {(hidden.shape[0], hidden.shape[-1])}; compute them on the same prompts")
+        cols = edit.last_cols.to(hidden.device)
+        keep = cols >= 0
+        if edit.row_mask is not None:
+            keep = keep & edit.row_mask.to(hidden.device)
+        current = hidden[torch.arange(cols.shape[0], device=hidden.device), cols.clamp(min=0)]
+        self.store[self.layer] = self.measure(current, keep.unsqueeze(1))
+        self._measured = edit.prompt
+        return self.store[self.layer]
+
+
 @dataclass
 class CallEdit:
     """The positions one forward call edits, computed once per call and shared by every layer.
@@ -130,8 +186,13 @@ class _PromptPlan:
 
 
 @contextlib.contextmanager
-def edit_activations(model: nn.Module | ModelAdapter, plan: EditPlan) -> Iterator[dict[str, Any]]:
+def edit_activations(model: nn.Module | ModelAdapter, plan: EditPlan, *,
+                     static: bool | None = False) -> Iterator[dict[str, Any]]:
     """Add ``plan.scale * vector`` to the output of each layer in ``plan.vectors`` at the selected positions.
+
+    ``static=True`` takes the compiled path (:mod:`vlmsafe.activations.compiled`: no per-token Python
+    work, no graph breaks under ``torch.compile``, for ``generate`` with a KV cache); ``None`` takes it
+    when the model is set up for compiled generation and the plan allows it, else the hook path below.
 
     One pre-hook on the entry module works out, once per forward call, which positions are
     edited (see the module docstring for prompt vs generated tokens); each layer's hook then
@@ -140,10 +201,18 @@ def edit_activations(model: nn.Module | ModelAdapter, plan: EditPlan) -> Iterato
     vectors are scaled and cast to the layer's dtype and device once, on entry. Yields a small
     state dict (``calls``, ``last_call``, ``edit``) for inspection.
     """
+    from vlmsafe.activations.compiled import edit_static, static_unsupported, wants_static
+
     adapter = get_adapter(model)
     layer_ids = adapter.resolve_layers(list(plan.vectors))
     if plan.image_token_id is None and adapter.image_token_id is not None:
         plan = EditPlan(**{**plan.__dict__, "image_token_id": adapter.image_token_id})
+    if static is None:
+        static = wants_static(adapter.model) and static_unsupported(adapter, plan) is None
+    if static:
+        with edit_static(adapter, plan, layer_ids) as state:
+            yield state
+        return
     state: dict[str, Any] = {"calls": 0, "last_call": None, "edit": None, "plan": None}
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

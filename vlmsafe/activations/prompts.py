@@ -52,6 +52,7 @@ class _PromptTracker:
         self.stack: list[Prompt] = []
         self.users = 0
         self.saved: Any = None
+        self.listeners: list[Callable[[Prompt], None]] = []  # told of each declared prompt (compiled editing)
 
     @property
     def current(self) -> Prompt | None:
@@ -82,6 +83,8 @@ def declare_prompt(
     prompt = _prompt_from_generate_args(input_ids, attention_mask, inputs_embeds, past_length)
     tracker.stack.append(prompt)
     try:
+        for listener in list(tracker.listeners):
+            listener(prompt)
         yield prompt
     finally:
         tracker.stack.remove(prompt)

@@ -41,7 +41,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlmsafe.activations import CallEdit, EditPlan, Prompt, edit_activations, record_activations
+from vlmsafe.activations import EditPlan, Prompt, RelativeVector, edit_activations, record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, prompt_of
 from vlmsafe.distributed import gather, is_main_process, shard
@@ -266,6 +266,7 @@ def steer(
     positions: str | torch.Tensor = "last",
     decode: bool = False,
     steer_text_only: bool = False,
+    static: bool | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Dataset-level CMRM over an existing model: ``h_l <- h_l - alpha * vectors[l]``.
 
@@ -275,13 +276,19 @@ def steer(
     ``positions`` picks the prompt tokens steered; ``decode=True`` also steers every generated
     token. ``layers`` defaults to every layer in ``vectors``. Validates ``vectors`` against the
     model. Steering runs at ``alpha=0`` too (it then adds zero); :class:`SteeringConfig` skips it.
+
+    ``static=True`` steers with no per-token Python work (:mod:`vlmsafe.activations.compiled`: usable under
+    ``torch.compile`` and static-cache ``generate``, same tokens); ``False`` with forward hooks that
+    handle every way of calling the model; ``None`` (default) picks the compiled path when the model is
+    set up for compiled generation (a static cache or compile config in its generation config, a
+    compiled forward).
     """
     adapter = get_adapter(model)
     vectors.check_compatible(adapter)
     layer_ids = vectors.layers if layers is None else adapter.resolve_layers(layers)
     chosen = vectors.select(layer_ids)
     plan = _plan(adapter, dict(chosen.shifts), alpha, positions, decode, steer_text_only)
-    with edit_activations(adapter, plan) as state:
+    with edit_activations(adapter, plan, static=static) as state:
         yield state
 
 
@@ -293,6 +300,7 @@ def steer_sample_level(
     *,
     positions: str | torch.Tensor = "last",
     decode: bool = False,
+    static: bool | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Sample-level CMRM given each row's text-only counterpart state ``{layer: (B, H)}``.
 
@@ -303,7 +311,8 @@ def steer_sample_level(
     steered (their counterpart is themselves). ``text_only_states`` typically come from
     :func:`text_only_states`.
 
-    ``decode=True`` is refused: a generated token has no text-only counterpart.
+    ``decode=True`` is refused: a generated token has no text-only counterpart. ``static`` picks the
+    compiled path as in :func:`steer`.
     """
     if decode:
         raise InputError("sample-level CMRM cannot steer generated tokens: they have no text-only counterpart (the "
@@ -312,42 +321,9 @@ def steer_sample_level(
     adapter = get_adapter(model)
     layer_ids = adapter.resolve_layers(sorted(text_only_states))
     shifts: dict[int, torch.Tensor] = {}
-    measured: dict[int, Prompt] = {}
-    per_call: dict[str, Any] = {}
-
-    def where_to_read(edit: CallEdit, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Index of each row's last prompt token and which rows get a shift; once per forward call."""
-        if per_call.get("edit") is not edit or per_call["device"] != device:
-            cols = edit.last_cols.to(device)
-            keep = cols >= 0
-            if edit.row_mask is not None:
-                keep = keep & edit.row_mask.to(device)
-            index = (torch.arange(cols.shape[0], device=device), cols.clamp(min=0))
-            per_call.update(edit=edit, device=device, index=index, keep=keep.unsqueeze(1))
-        return per_call["index"], per_call["keep"]
-
-    def make_vector(layer: int):
-        target = text_only_states[layer].detach().float()
-
-        def vector(hidden: torch.Tensor, edit: CallEdit) -> torch.Tensor:
-            if edit.last_cols is None:
-                if measured.get(layer) is not edit.prompt:
-                    raise InputError("sample-level steering needs each row's last prompt token in the same forward "
-                                     "call as the steered positions; prefill in one call (no prefill_chunk_size)")
-                return shifts[layer]
-            if target.shape != (hidden.shape[0], hidden.shape[-1]):
-                raise InputError(f"text-only states for layer {layer} have shape {tuple(target.shape)} but the batch "
-                                 f"is {(hidden.shape[0], hidden.shape[-1])}; compute them on the same prompts")
-            index, keep = where_to_read(edit, hidden.device)
-            current = hidden[index].float()  # gathered by index: nothing at other positions can leak in
-            shifts[layer] = torch.where(keep, current - target.to(current.device), 0.0)
-            measured[layer] = edit.prompt
-            return shifts[layer]
-
-        return vector
-
-    plan = _plan(adapter, {l: make_vector(l) for l in layer_ids}, alpha, positions, False, False)
-    with edit_activations(adapter, plan) as state:
+    vectors = {l: RelativeVector(l, text_only_states[l], store=shifts) for l in layer_ids}
+    plan = _plan(adapter, vectors, alpha, positions, False, False)
+    with edit_activations(adapter, plan, static=static) as state:
         state["shifts"] = shifts
         yield state
 

@@ -80,6 +80,10 @@ class SteeringConfig:
         "help": "ShiftDC: read each layer's image shift from an unsteered pass (unsteered, as published; corrections "
                 "add up across layers) or from the stream already corrected at earlier layers (running; one pass "
                 "less)"})
+    static: bool | None = field(default=None, metadata={
+        "help": "steer with no per-token Python work (usable under torch.compile and static-cache generation; same "
+                "tokens): True, False (forward hooks, which also handle use_cache=False and chunked prefill), or "
+                "None: the compiled path when the model is set up for compiled generation"})
 
     def __post_init__(self) -> None:
         from vlmsafe.steering.anchors import check_anchor
@@ -116,6 +120,8 @@ class SteeringConfig:
             raise InputError("an anchor image is a sample-level choice (dataset-level vectors carry the anchor they "
                              "were calibrated with: `vlmsafe calibrate --anchor`); use mode='sample' or drop it")
         check_choice(self.shift_from, "shift_from", SHIFT_FROM)
+        if not (self.static is None or isinstance(self.static, bool)):
+            raise InputError(f"static must be True, False or None, got {self.static!r}")
         if not isinstance(self.strict_model, bool):
             raise InputError(f"strict_model must be True or False, got {self.strict_model!r}")
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
@@ -221,7 +227,7 @@ class SteeringConfig:
             # "all" = every calibrated layer
             layers = None if self.layers in (None, "all") else adapter.resolve_layers(self.layers)
             return steer(adapter, self.vectors, self.alpha, layers=layers, positions=self.positions,
-                         decode=self.decode, steer_text_only=self.steer_text_only)
+                         decode=self.decode, steer_text_only=self.steer_text_only, static=self.static)
         if prompts is None:
             raise InputError(f"{self.mode} steering needs the batch's prompts (their text-only counterparts are "
                              "run first)")
@@ -231,12 +237,12 @@ class SteeringConfig:
                                  "its caption)")
             return steer_shiftdc(adapter, self.directions, self.alpha, prompts=list(prompts), images=list(images),
                                  captions=captions, layers=self._shiftdc_layers(), shift_from=self.shift_from,
-                                 decode=self.decode, system_prompt=system_prompt)
+                                 decode=self.decode, system_prompt=system_prompt, static=self.static)
         if not isinstance(self.anchor, str) or self.anchor != "real":
             return _sample_level_anchored(self, adapter, list(prompts), images, system_prompt)
         layers = None if self.layers == "all" else self.layers
         states = text_only_states(adapter, None, list(prompts), images, layers=layers, system_prompt=system_prompt)
-        return steer_sample_level(adapter, states, self.alpha, positions=self.positions)
+        return steer_sample_level(adapter, states, self.alpha, positions=self.positions, static=self.static)
 
 
 def _sample_level_anchored(cfg: SteeringConfig, adapter: ModelAdapter, prompts: list[str],
@@ -260,7 +266,8 @@ def _sample_level_anchored(cfg: SteeringConfig, adapter: ModelAdapter, prompts: 
     text = prompt_states(adapter, None, prompts, None, rows=rows, layers=layer_ids, system_prompt=system_prompt)
     shifts = {l: anchored[l] - text[l] for l in layer_ids}  # rows without an image: zero in both
     per_row = ShiftVectors(shifts=shifts, meta={"num_layers": adapter.num_layers, "family": adapter.family, **meta})
-    return steer(adapter, per_row, cfg.alpha, positions=cfg.positions, steer_text_only=cfg.steer_text_only)
+    return steer(adapter, per_row, cfg.alpha, positions=cfg.positions, steer_text_only=cfg.steer_text_only,
+                 static=cfg.static)
 
 
 def field_help(name: str) -> str:

@@ -80,7 +80,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlmsafe.activations import CallEdit, EditPlan, Prompt, edit_activations
+from vlmsafe.activations import EditPlan, Prompt, RelativeVector, edit_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import as_pair
 from vlmsafe.errors import FileFormatError, InputError
@@ -300,6 +300,7 @@ def steer_shiftdc(
     shift_from: str = "unsteered",
     decode: bool = False,
     system_prompt: str | None = None,
+    static: bool | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Steer the next forward call(s) on this batch with ShiftDC.
 
@@ -309,7 +310,8 @@ def steer_shiftdc(
     s_l . s_l) s_l`` at every steered layer. The batch must be built from the same ``prompts`` and
     ``images``, left-padded, with the same ``system_prompt`` (as :class:`~vlmsafe.steering.SafeVLM` does).
     Yields a state dict whose ``"corrections"`` holds ``{layer: (B, H)}``, the projection each row got
-    (before ``alpha``), and ``"captions"`` the captions used.
+    (before ``alpha``), and ``"captions"`` the captions used. ``static`` picks the compiled path as in
+    :func:`~vlmsafe.steering.steer` (``shift_from="running"`` with ``decode=True`` runs on hooks).
     """
     alpha = check_alpha(alpha)  # the one rule for every steering entry point, checked before any forward pass
     adapter = get_adapter(model)
@@ -353,9 +355,12 @@ def steer_shiftdc(
         vectors: dict[int, Any] = corrections
     else:
         corrections = {}
-        vectors = {l: _running_correction(l, chosen.directions[l], counter[l], row_on, corrections) for l in layer_ids}
+        # in the call holding the prompt: the projection of (this layer's running last-token state - counterpart
+        # state); generated tokens (decode=True) get the prompt's correction
+        vectors = {l: RelativeVector(l, counter[l], direction=chosen.directions[l], store=corrections, what="ShiftDC")
+                   for l in layer_ids}
     plan = EditPlan(vectors=vectors, positions="last", decode=decode, rows=_image_rows(row_on), scale=-alpha)
-    with edit_activations(adapter, plan) as edit_state:
+    with edit_activations(adapter, plan, static=static) as edit_state:
         edit_state.update(state, corrections=corrections)
         yield edit_state
 
@@ -370,28 +375,6 @@ def _image_rows(row_on: torch.Tensor):
         return row_on
 
     return rows
-
-
-def _running_correction(
-    layer: int, direction: torch.Tensor, counter: torch.Tensor, row_on: torch.Tensor, store: dict[int, torch.Tensor]
-):
-    """A vector callable: in the call holding the prompt, the projection of (this layer's running last-token
-    state - counterpart state); generated tokens (``decode=True``) get the prompt's correction."""
-
-    def vector(hidden: torch.Tensor, edit: CallEdit) -> torch.Tensor:
-        if edit.last_cols is None:
-            if layer not in store:
-                raise InputError("ShiftDC needs each row's last prompt token in the same forward call as the "
-                                 "correction; prefill in one call (no prefill_chunk_size)")
-            return store[layer]
-        cols = edit.last_cols.to(hidden.device)
-        current = hidden[torch.arange(cols.shape[0], device=hidden.device), cols.clamp(min=0)].float()
-        keep = (row_on.to(hidden.device) & (cols >= 0)).unsqueeze(1)
-        m = torch.where(keep, current - counter.to(hidden.device), 0.0)
-        store[layer] = projection(m, direction.to(hidden.device).float())
-        return store[layer]
-
-    return vector
 
 
 __all__ = [
