@@ -77,7 +77,7 @@ class RelativeVector:
         self._nonzero_direction = self.direction is None or float(self.direction @ self.direction) > 0.0
 
     def measure(self, current: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """The vector from each row's last-prompt-token state ``current`` ``(B, H)`` and row rule ``keep`` ``(B, 1)``."""
+        """The vector from each row's last-prompt-token state ``current`` (B, H) and row rule ``keep`` (B, 1)."""
         m = torch.where(keep, current.float() - self.target.to(current.device), 0.0)
         if self.direction is not None:
             s = self.direction.to(m.device)
