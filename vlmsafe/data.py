@@ -544,3 +544,18 @@ def prompt_of(item: Any) -> str:
             f"cannot read a prompt from {type(item).__name__}; pass Items, (prompt, image) tuples or dicts"
         )
     return prompt
+
+
+# --------------------------------------------------------------------------- batching
+#: Items per generation batch: the one default of ``SafeVLM``, :func:`vlmsafe.eval.evaluate` and ``--batch-size``.
+BATCH_SIZE = 8
+
+
+def length_order(prompts: Sequence[str], has_image: Sequence[bool]) -> list[int]:
+    """Indices that batch like with like: items with an image first, then longest prompt first (stable).
+
+    Left padding makes every row as long as the batch's longest, and an image adds hundreds of tokens,
+    so neighbours in this order share a length and a batch pads little; the longest batch comes first,
+    so running out of memory shows at once. Callers put results back in input order.
+    """
+    return sorted(range(len(prompts)), key=lambda i: (not has_image[i], -len(prompts[i])))

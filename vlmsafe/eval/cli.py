@@ -48,6 +48,7 @@ Examples:
 
 def register(subparsers: Any) -> None:
     """Add the ``evaluate`` subcommand."""
+    from vlmsafe.data import BATCH_SIZE
     from vlmsafe.eval.loaders import BENCHMARK_FORMATS
 
     p = subparsers.add_parser(
@@ -82,8 +83,9 @@ def register(subparsers: Any) -> None:
         "both: run both and compare (default image). Items without an image are reported on their own "
         "(no-image.json), never under the multimodal label",
     )
-    p.add_argument("--batch-size", type=int_arg(low=1), default=8, metavar="N",
-                   help="items per generation batch (default 8)")
+    p.add_argument("--batch-size", type=int_arg(low=1), default=BATCH_SIZE, metavar="N",
+                   help=f"items per generation batch, batched with their like (default {BATCH_SIZE}); the "
+                   "results do not depend on it")
     add_max_new_tokens(p)
     add_steering_options(p)
     add_output_options(p, help="output folder: <run>.json (records + summary), <run>.md, summary.md (written at once)")

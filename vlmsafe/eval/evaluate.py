@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vlmsafe.data import BATCH_SIZE, length_order
 from vlmsafe.data import Item as EvalItem
 from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError, VlmsafeError
@@ -161,7 +162,7 @@ def evaluate(
     items: Sequence[EvalItem],
     judge: Judge,
     *,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     max_new_tokens: int = 64,
     text_only: bool = False,
     progress: bool = True,
@@ -175,7 +176,11 @@ def evaluate(
         generator: the model under test (see :class:`Generator`).
         items: evaluation items (harmful and/or benign; with or without images).
         judge: decides unsafe / refused (see :mod:`vlmsafe.eval.judges`).
-        batch_size: items per ``generate`` / ``judge`` call.
+        batch_size: items per ``generate`` / ``judge`` call. Items are batched with their like (with an
+            image first, then longest prompt first: :func:`vlmsafe.data.length_order`), so a batch pads
+            little; the report keeps input order, and a generator whose answer to an item does not
+            depend on its batch (greedy :class:`~vlmsafe.steering.SafeVLM`, every remedy) gives the
+            same report at every batch size.
         max_new_tokens: generation budget per response.
         text_only: drop every image -- the text-only counterpart of a multimodal set, the
             baseline that shows how much safety the image channel loses.
@@ -205,55 +210,26 @@ def evaluate(
         raise InputError("no items to evaluate; the data set is empty.")
     _check_items(items)
     judges_content = bool(getattr(judge, "judges_content", True))
-    records: list[ItemRecord] = []
     n_total = len(items)
     with shard(items, accelerator) as part:
         items = part
     progress = progress and is_main_process(accelerator)
     bar = tqdm(total=len(items), desc="evaluate" + (" (text-only)" if text_only else ""), unit="item",
                disable=not progress)
+    order = length_order([it.prompt for it in items], [not text_only and it.image is not None for it in items])
+    done: dict[int, ItemRecord] = {}
     try:
-        for start in range(0, len(items), batch_size):
-            batch = list(items[start : start + batch_size])
-            prompts = [it.prompt for it in batch]
-            images = [None if text_only else it.load_image() for it in batch]
-            responses = list(generator.generate(prompts, images, max_new_tokens=max_new_tokens))
-            if len(responses) != len(batch):
-                raise InputError(
-                    f"generator returned {len(responses)} responses for {len(batch)} prompts; "
-                    "it must return one per prompt."
-                )
-            judge_prompts = [str(it.meta.get("question") or it.prompt) for it in batch]
-            verdicts = judge.judge(judge_prompts, responses)
-            if len(verdicts) != len(batch):
-                raise InputError(
-                    f"judge {getattr(judge, 'name', judge)!r} returned {len(verdicts)} verdicts "
-                    f"for {len(batch)} responses."
-                )
-            for it, response, verdict in zip(batch, responses, verdicts):
-                unsafe: bool | None = verdict.unsafe
-                if it.label == "benign" and not judges_content:
-                    unsafe = None  # "it answered" is not unsafe for a benign request
-                records.append(
-                    ItemRecord(
-                        id=it.id,
-                        category=it.category,
-                        label=it.label,
-                        prompt=it.prompt,
-                        response=response,
-                        unsafe=unsafe,
-                        refused=verdict.refused,
-                        correct=_correct(response, it, utility_fn),
-                        image=None if text_only else it.image,
-                        reference=it.reference,
-                        judge_category=verdict.category,
-                        judge_raw=verdict.raw,
-                        degenerate=bool(getattr(verdict, "degenerate", False)),
-                    )
-                )
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = [items[i] for i in rows]
+            for i, record in zip(rows, _run_batch(generator, judge, batch, max_new_tokens=max_new_tokens,
+                                                  text_only=text_only, utility_fn=utility_fn,
+                                                  judges_content=judges_content)):
+                done[i] = record
             bar.update(len(batch))
     finally:
         bar.close()
+    records = [done[i] for i in range(len(items))]
     records = gather(records, accelerator)  # process order = shard order = item order
     if len(records) != n_total:
         raise RuntimeError(
@@ -261,6 +237,49 @@ def evaluate(
         )
     cfg = {"text_only": text_only, "max_new_tokens": max_new_tokens, "batch_size": batch_size, **(config or {})}
     return EvalReport(records=records, judge=getattr(judge, "name", type(judge).__name__), config=cfg)
+
+
+def _run_batch(generator: Generator, judge: Judge, batch: list[EvalItem], *, max_new_tokens: int, text_only: bool,
+               utility_fn: UtilityFn | None, judges_content: bool) -> list[ItemRecord]:
+    """Generate and judge one batch: one record per item, in the batch's order."""
+    prompts = [it.prompt for it in batch]
+    images = [None if text_only else it.load_image() for it in batch]
+    responses = list(generator.generate(prompts, images, max_new_tokens=max_new_tokens))
+    if len(responses) != len(batch):
+        raise InputError(
+            f"generator returned {len(responses)} responses for {len(batch)} prompts; "
+            "it must return one per prompt."
+        )
+    judge_prompts = [str(it.meta.get("question") or it.prompt) for it in batch]
+    verdicts = judge.judge(judge_prompts, responses)
+    if len(verdicts) != len(batch):
+        raise InputError(
+            f"judge {getattr(judge, 'name', judge)!r} returned {len(verdicts)} verdicts "
+            f"for {len(batch)} responses."
+        )
+    records = []
+    for it, response, verdict in zip(batch, responses, verdicts):
+        unsafe: bool | None = verdict.unsafe
+        if it.label == "benign" and not judges_content:
+            unsafe = None  # "it answered" is not unsafe for a benign request
+        records.append(
+            ItemRecord(
+                id=it.id,
+                category=it.category,
+                label=it.label,
+                prompt=it.prompt,
+                response=response,
+                unsafe=unsafe,
+                refused=verdict.refused,
+                correct=_correct(response, it, utility_fn),
+                image=None if text_only else it.image,
+                reference=it.reference,
+                judge_category=verdict.category,
+                judge_raw=verdict.raw,
+                degenerate=bool(getattr(verdict, "degenerate", False)),
+            )
+        )
+    return records
 
 
 def _correct(response: str, item: EvalItem, utility_fn: UtilityFn | None) -> bool | None:

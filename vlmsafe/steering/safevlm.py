@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from vlmsafe.adapters import ModelAdapter, get_adapter
+from vlmsafe.data import BATCH_SIZE, length_order
 from vlmsafe.errors import InputError
 from vlmsafe.loading import load_model
 from vlmsafe.steering.config import MODES, SteeringConfig
@@ -56,7 +57,7 @@ class SafeVLM:
         steering: SteeringConfig | None = None,
         system_prompt: str | None = None,
         max_new_tokens: int = 64,
-        batch_size: int = 8,
+        batch_size: int = BATCH_SIZE,
         generate_kwargs: dict[str, Any] | None = None,
     ):
         self.adapter: ModelAdapter = get_adapter(model, processor)
@@ -148,7 +149,12 @@ class SafeVLM:
         captions: str | Sequence[str | None] | None = None,
         **generate_kwargs: Any,
     ) -> str | list[str]:
-        """Generate one response per prompt (a str for a single prompt, else a list).
+        """Generate one response per prompt (a str for a single prompt, else a list, in input order).
+
+        Prompts are batched ``batch_size`` at a time with their like (:func:`vlmsafe.data.length_order`:
+        with an image first, then longest first), left-padded, images batched by the processor;
+        steering is prepared once per batch (sample-level: one text-only pass for the whole batch).
+        Greedy answers do not depend on the batching.
 
         ``captions`` (ShiftDC only): known captions of the images, one per prompt (``None`` where
         unknown); the model writes the missing ones.
@@ -172,12 +178,14 @@ class SafeVLM:
             raise InputError(f"got {len(prompts)} prompts but {len(captions)} captions; "
                              "pass one caption (or None) per prompt")
         budget = self.max_new_tokens if max_new_tokens is None else check_int(max_new_tokens, "max_new_tokens", low=1)
-        out: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            end = start + self.batch_size
-            out.extend(self._generate_batch(prompts[start:end], images[start:end], budget, generate_kwargs,
-                                            captions[start:end]))
-        return out[0] if single else out
+        order = length_order(prompts, [img is not None for img in images])  # like with like: little padding
+        out: dict[int, str] = {}
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            answers = self._generate_batch([prompts[i] for i in rows], [images[i] for i in rows], budget,
+                                           generate_kwargs, [captions[i] for i in rows])
+            out.update(zip(rows, answers))
+        return out[0] if single else [out[i] for i in range(len(prompts))]
 
     @torch.no_grad()
     def _generate_batch(self, prompts, images, max_new_tokens, generate_kwargs, captions=None) -> list[str]:
