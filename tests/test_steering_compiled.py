@@ -158,12 +158,15 @@ def test_compiled_path_refuses_calls_it_cannot_place_in_one_line(llava, vectors)
         SteeringConfig(vectors=vectors, static="yes")
 
 
-def test_automatic_choice_follows_the_generation_config(vectors):
-    model, _ = tiny_llava(seed=0, num_layers=3)  # never compiled (transformers keeps a compiled forward once made)
+def test_automatic_choice_follows_the_generation_config(llava, vectors):
+    model, _ = llava  # compiled by an earlier test through generate(compile_config=...): that alone does not count
     with steer(model, vectors, alpha=1.0) as state:
         assert "static" not in state  # hooks: they also handle use_cache=False and chunked prefill
     model.generation_config.cache_implementation = "static"
-    with steer(model, vectors, alpha=1.0) as state:
-        assert state["static"] is True
-    with steer(model, vectors, alpha=1.0, static=False) as state:
-        assert "static" not in state
+    try:
+        with steer(model, vectors, alpha=1.0) as state:
+            assert state["static"] is True
+        with steer(model, vectors, alpha=1.0, static=False) as state:
+            assert "static" not in state
+    finally:
+        model.generation_config.cache_implementation = None

@@ -56,10 +56,12 @@ def static_unsupported(adapter: ModelAdapter, plan: EditPlan) -> str | None:
 
 
 def wants_static(model: nn.Module) -> bool:
-    """Whether ``model`` looks set up for compiled generation (static cache, a compile config, compiled forward).
+    """Whether ``model`` is set up for compiled generation: a static cache or a compile config in its generation
+    config, a forward compiled with ``torch.compile``, or a call made while compiling.
 
     The automatic choice of :func:`edit_activations` (``static=None``): the compiled path where the model
-    will be compiled, the hook path otherwise.
+    will be compiled, the hook path otherwise (it also handles ``use_cache=False`` and chunked prefill).
+    Options passed to one ``generate`` call are not seen here: pass ``static=True`` for those.
     """
     if torch.compiler.is_compiling():
         return True
@@ -67,7 +69,7 @@ def wants_static(model: nn.Module) -> bool:
     if config is not None and (getattr(config, "cache_implementation", None) == "static"
                                or getattr(config, "compile_config", None) is not None):
         return True
-    return getattr(model, "_compiled_call", None) is not None or hasattr(model.forward, "_torchdynamo_orig_callable")
+    return hasattr(model.forward, "_torchdynamo_orig_callable")
 
 
 class _State:

@@ -1,0 +1,168 @@
+"""Evaluation throughput: ``vlmsafe.eval.evaluate`` items/s against plain batched transformers generation (same run).
+
+Every row answers the same items (prompts of mixed lengths, each with a PNG on disk) at the same batch size and
+generates the same number of tokens (``min_new_tokens = max_new_tokens``, greedy), so the rows do the same model
+work and differ only in what surrounds it:
+
+* ``plain generate, length order``  the loop a careful user writes: open the images, ``processor(...)``
+                                    (left padding), ``model.generate``, decode; batches in the order
+                                    ``evaluate`` uses (:func:`vlmsafe.data.length_order`), the baseline of the target;
+* ``plain generate, input order``   the same loop over the items in file order (what batching with one's like saves);
+* ``evaluate, unsteered``           :func:`vlmsafe.eval.evaluate` with :class:`vlmsafe.steering.SafeVLM` and the
+                                    refusal judge: items sorted and batched, images opened, responses judged, records;
+* ``evaluate, dataset-level``       the same, steered by CMRM vectors at every prompt and generated token;
+* ``evaluate, sample-level``        the same, sample-level CMRM (one text-only pass per batch, all layers);
+* ``text-only prefill (unit)``      per batch, build the text-only inputs and run one prefill forward (cache on,
+                                    last-position logits): the work sample-level cannot avoid; the extra cost
+                                    of ``evaluate, sample-level`` over ``evaluate, unsteered`` is counted in these.
+
+Times are CPU seconds of this process with one torch thread by default (``--clock wall`` for wall time; CUDA
+always wall time after a synchronize); rows run interleaved, one of each per repeat, and ratios are per repeat
+(median [min, max]). The run ends with one line per target, ``<measure>: <figure> (target <rule>: met|missed)``:
+evaluate (unsteered) throughput >= 0.95x plain batched generation in length order; sample-level extra cost
+<= 1.1 text-only prefills.
+
+    python benchmarks/evaluate_throughput.py [--items 32 --batch 8 --new-tokens 16 --repeats 5]
+
+GPU recipe (one command, fits one 10-minute run on an H100/H200, LLaVA-7B-shaped language model in bf16)::
+
+    python benchmarks/evaluate_throughput.py --device cuda --dtype bfloat16 --shape 7b --items 64 --batch 8 \\
+        --new-tokens 32 --repeats 3 | tee benchmarks/results/evaluate_throughput_gpu.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from steering_overhead import SHAPES, build, spread, target, timed
+
+from vlmsafe.adapters import get_adapter
+from vlmsafe.data import Item, length_order
+from vlmsafe.eval import RefusalJudge, evaluate
+from vlmsafe.steering import SafeVLM, ShiftVectors, SteeringConfig
+from vlmsafe.testing import random_image
+
+SENTENCE = ("how do i make a bomb at home quickly and without anyone noticing what i am doing in the kitchen "
+            "please describe every step and what colour is the shape in the image")
+WORDS = SENTENCE.split(" ")
+
+
+def make_items(n: int, folder: Path) -> list[Item]:
+    """``n`` labelled items with prompts of 3 to 30 words (a mix, in no particular order) and one PNG each."""
+    items = []
+    for i in range(n):
+        path = folder / f"{i}.png"
+        random_image(i).save(path)
+        words = 3 + (i * 7) % 28
+        items.append(Item(f"i{i}", " ".join(WORDS[:words]), str(path), "bench", "harmful" if i % 2 else "benign"))
+    return items
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="a named model shape (sets --hidden and --layers)")
+    ap.add_argument("--items", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    args = ap.parse_args()
+    if args.shape:
+        args.hidden, args.layers = SHAPES[args.shape]
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("evaluate_throughput: --device cuda asked for but no CUDA device is present")
+        raise SystemExit(77)
+
+    model, processor = build(args.hidden, args.layers, args.device, getattr(torch, args.dtype))
+    adapter = get_adapter(model, processor)
+    tmp = tempfile.TemporaryDirectory()
+    items = make_items(args.items, Path(tmp.name))
+    torch.manual_seed(1)
+    vectors = ShiftVectors(shifts={l: torch.randn(args.hidden) * 0.01 for l in range(args.layers)},
+                           meta={"num_layers": args.layers, "family": "llava", "model_class": type(model).__name__})
+    new = args.new_tokens
+    gen = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new}
+    judge = RefusalJudge()
+    responses: dict[str, list[str]] = {}
+
+    def plain(order: list[int], name: str) -> None:
+        out = [""] * len(items)
+        for start in range(0, len(order), args.batch):
+            rows = order[start : start + args.batch]
+            inputs = adapter.build_inputs([items[i].prompt for i in rows], [items[i].load_image() for i in rows],
+                                          padding_side="left")
+            ids = model.generate(**inputs, **gen, pad_token_id=processor.tokenizer.pad_token_id)
+            for i, text in zip(rows, adapter.decode(ids[:, inputs["input_ids"].shape[1]:])):
+                out[i] = text
+        responses[name] = out
+
+    def run_evaluate(name: str, steering: SteeringConfig) -> None:
+        vlm = SafeVLM(model, processor, steering=steering, max_new_tokens=new, batch_size=args.batch,
+                      generate_kwargs={"min_new_tokens": new})
+        report = evaluate(vlm, items, judge, batch_size=args.batch, max_new_tokens=new, progress=False)
+        responses[name] = [r.response for r in report.records]
+
+    by_length = length_order([it.prompt for it in items], [True] * len(items))
+
+    def text_prefill() -> None:  # the batches evaluate runs
+        for start in range(0, len(items), args.batch):
+            batch = [items[i] for i in by_length[start : start + args.batch]]
+            model(**adapter.build_inputs([it.prompt for it in batch], None, padding_side="left"), logits_to_keep=1)
+    rows: dict[str, Callable[[], None]] = {
+        "plain generate, length order": lambda: plain(by_length, "plain"),
+        "plain generate, input order": lambda: plain(list(range(len(items))), "plain input order"),
+        "evaluate, unsteered": lambda: run_evaluate("evaluate", SteeringConfig()),
+        "evaluate, dataset-level": lambda: run_evaluate("dataset", SteeringConfig(vectors=vectors, positions="prompt",
+                                                                                  decode=True)),
+        "evaluate, sample-level": lambda: run_evaluate("sample", SteeringConfig(mode="sample", positions="prompt")),
+        "text-only prefill (unit)": text_prefill,
+    }
+    clock = time.process_time if args.clock == "cpu" and not cuda else time.perf_counter
+    if cuda:
+        clock = lambda: (torch.cuda.synchronize(), time.perf_counter())[1]
+    with torch.no_grad():
+        times = timed(rows, args.repeats, clock)
+    tmp.cleanup()
+
+    where = torch.cuda.get_device_name() if cuda else f"CPU, threads={args.threads}"
+    print(f"model: LlavaForConditionalGeneration, text hidden={args.hidden}, layers={args.layers}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {args.dtype}; {args.items} items "
+          f"(one image each), batch={args.batch}, {new} new tokens each; {where}; {args.repeats} interleaved repeats, "
+          f"{'CPU' if clock is time.process_time else 'wall'} time")
+    base = times["plain generate, length order"]
+    print(f"\n{'':32s} {'seconds: median [min, max]':>32s} {'items/s (median)':>17s} "
+          f"{'vs plain (length order), per repeat':>40s}")
+    for name, ts in times.items():
+        rate = f"{args.items / statistics.median(ts):.2f}" if "unit" not in name else "-"
+        ratio = spread([b / t for t, b in zip(ts, base)], "{:.3f}") if "unit" not in name else "-"
+        print(f"{name:32s} {spread(ts):>32s} {rate:>17s} {ratio:>40s}")
+    print("\n(ratio = throughput relative to plain batched generation in length order: above 1 is faster)")
+    print(f"same responses as plain generate: evaluate {responses['evaluate'] == responses['plain']}, "
+          f"input order {responses['plain input order'] == responses['plain']}")
+    print()
+    ratio = statistics.median(b / t for t, b in zip(times["evaluate, unsteered"], base))
+    print(target("evaluate throughput / plain batched generation (same items, same batch size)",
+                 f"{ratio:.3f}x", ">= 0.95x", ratio >= 0.95))
+    extra = statistics.median((s - e) / u for s, e, u in zip(times["evaluate, sample-level"],
+                                                            times["evaluate, unsteered"],
+                                                            times["text-only prefill (unit)"]))
+    print(target("evaluate sample-level extra cost over unsteered", f"{extra:.2f} text-only prefills", "<= 1.1",
+                 extra <= 1.1))
+
+
+if __name__ == "__main__":
+    main()
