@@ -258,11 +258,17 @@ def _make_edit_hook(adapter: ModelAdapter, layer: int, vector: Any, scale: float
         on_device = param is not None and param.device.type != "meta"
         fixed = (scale * vector.detach().float()).to(device=param.device if on_device else vector.device,
                                                       dtype=param.dtype if param is not None else vector.dtype)
+    # the decode step of a batch steered everywhere, on a tensor output of the vector's dtype and device: one add
+    fast_dtype = fixed.dtype if fixed is not None and fixed.dim() == 1 and batch_first else None
+    fast_device = fixed.get_device() if fast_dtype is not None else None
 
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         edit: CallEdit | None = state["edit"]
         if edit is None:
             return None
+        if (edit.rows is None and type(output) is torch.Tensor and output.dtype is fast_dtype
+                and output.get_device() == fast_device):
+            return output + fixed
         plain = batch_first and isinstance(output, torch.Tensor)  # the common case, with no per-call unwrapping
         hidden = output if plain else _hidden(output)
         if not batch_first:
