@@ -170,3 +170,27 @@ def test_automatic_choice_follows_the_generation_config(llava, vectors):
             assert "static" not in state
     finally:
         model.generation_config.cache_implementation = None
+
+
+def test_vectors_apply_themselves_as_a_context_manager_or_a_handle(llava, vectors):
+    """``vectors.apply(model, alpha=...)`` (as steering-vectors' ``SteeringVector.apply``) = ``steer``."""
+    model, processor = llava
+    adapter = get_adapter(model, processor)
+    inputs = adapter.build_inputs(PROMPTS, IMAGES, padding_side="left")
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    model.generate(**inputs, **kw)  # transformers adds its own hooks on first use
+    before = hook_ids(model)
+    with steer(model, vectors, alpha=0.7, positions="prompt", decode=True):
+        expected = model.generate(**inputs, **kw)
+    with vectors.apply(model, alpha=0.7, positions="prompt", decode=True) as handle:
+        assert torch.equal(model.generate(**inputs, **kw), expected)
+    assert hook_ids(model) == before
+    handle = vectors.apply(model, alpha=0.7, positions="prompt", decode=True, static=True)
+    assert handle.state["static"] is True and hook_ids(model) != before
+    assert torch.equal(model.generate(**inputs, **kw), expected)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert hook_ids(model) == before
+    assert not torch.equal(model.generate(**inputs, **kw), expected)
+    with pytest.raises(InputError, match="alpha"):
+        vectors.apply(model, alpha=-5)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmsafe.activations.editing import EditPlan, RelativeVector, _PromptPlan
+from vlmsafe.activations.plan import EditPlan, RelativeVector, _PromptPlan
 from vlmsafe.activations.positions import _capture_call, _replace_hidden
 from vlmsafe.activations.prompts import Prompt, _track_generate
 from vlmsafe.adapters import ModelAdapter

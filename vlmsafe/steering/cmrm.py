@@ -41,13 +41,14 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlmsafe.activations import EditPlan, Prompt, RelativeVector, edit_activations, record_activations
+from vlmsafe.activations import RelativeVector, edit_activations, record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, prompt_of
 from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
 from vlmsafe.steering.anchors import anchor_image
-from vlmsafe.steering.choices import CALIBRATION_POSITIONS, STEER_POSITIONS, TEXT_READ_POSITIONS, check_alpha
+from vlmsafe.steering.application import apply_vectors, steering_plan
+from vlmsafe.steering.choices import CALIBRATION_POSITIONS, TEXT_READ_POSITIONS
 from vlmsafe.steering.items import DatasetHasher, batched
 from vlmsafe.steering.vectors import AGGREGATES, ShiftAccumulator, ShiftVectors, calibration_meta
 
@@ -225,35 +226,7 @@ def safety_directions(
 
 
 # --------------------------------------------------------------------------- steering
-def _validate_positions(positions: str | torch.Tensor) -> None:
-    if isinstance(positions, str) and positions not in STEER_POSITIONS:
-        raise InputError(
-            f"unknown steering positions {positions!r}; use one of {STEER_POSITIONS} "
-            "(and decode=True to also steer generated tokens)"
-        )
-
-
-def _multimodal_rows(adapter: ModelAdapter, steer_text_only: bool):
-    """Row rule for :class:`EditPlan`: rows whose prompt holds image tokens (all rows with ``steer_text_only``)."""
-    if steer_text_only:
-        return None
-
-    def rows(prompt: Prompt) -> torch.Tensor:
-        if prompt.context_ids is None:
-            raise InputError("steering needs input_ids to tell multimodal rows from text-only ones (got "
-                             "inputs_embeds); pass input_ids, or steer_text_only=True to steer every row")
-        return adapter.image_token_mask(prompt.context_ids).any(dim=1)
-
-    return rows
-
-
-def _plan(adapter: ModelAdapter, vectors: dict, alpha: float, positions: str | torch.Tensor, decode: bool,
-          steer_text_only: bool) -> EditPlan:
-    _validate_positions(positions)
-    alpha = check_alpha(alpha)
-    rows = _multimodal_rows(adapter, steer_text_only)
-    return EditPlan(vectors=vectors, positions=positions, decode=decode, rows=rows, scale=-alpha,
-                    image_token_id=adapter.image_token_id)
+_plan = steering_plan  # the plan every CMRM entry point builds (sample-level too)
 
 
 @contextlib.contextmanager
@@ -283,13 +256,9 @@ def steer(
     set up for compiled generation (a static cache or compile config in its generation config, a
     compiled forward).
     """
-    adapter = get_adapter(model)
-    vectors.check_compatible(adapter)
-    layer_ids = vectors.layers if layers is None else adapter.resolve_layers(layers)
-    chosen = vectors.select(layer_ids)
-    plan = _plan(adapter, dict(chosen.shifts), alpha, positions, decode, steer_text_only)
-    with edit_activations(adapter, plan, static=static) as state:
-        yield state
+    with apply_vectors(vectors, model, alpha, layers=layers, positions=positions, decode=decode,
+                       steer_text_only=steer_text_only, static=static) as handle:
+        yield handle.state
 
 
 @contextlib.contextmanager

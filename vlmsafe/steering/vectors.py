@@ -352,6 +352,24 @@ class ShiftVectors:
         check_fits(self.meta, self.hidden_size, self.layers, model, what="vectors", title="steering vectors",
                    fix="Calibrate vectors for this model with `vlmsafe calibrate`.", strict=strict)
 
+    # ------------------------------------------------------------------ application
+    def apply(self, model: Any, alpha: float = 1.0, *, layers: Any = None, positions: Any = "last",
+              decode: bool = False, steer_text_only: bool = False, static: bool | None = None,
+              strict: bool = False) -> Any:
+        """Steer ``model`` with these vectors: ``h_l <- h_l - alpha * shifts[l]``; returns a
+        :class:`~vlmsafe.steering.application.SteeringHandle`, a context manager with ``remove()``.
+
+        >>> with vectors.apply(model, alpha=1.0):
+        ...     model.generate(**inputs)
+
+        The arguments are :func:`~vlmsafe.steering.steer`'s (``static``: the compiled path); ``strict``
+        refuses vectors calibrated on other weights of the same architecture instead of warning.
+        """
+        from vlmsafe.steering.application import apply_vectors
+
+        return apply_vectors(self, model, alpha, layers=layers, positions=positions, decode=decode,
+                             steer_text_only=steer_text_only, static=static, strict=strict)
+
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write ``vectors.safetensors`` + ``vectors.json`` into ``directory`` atomically.
