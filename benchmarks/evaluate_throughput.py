@@ -24,10 +24,8 @@ evaluate (unsteered) throughput >= 0.95x plain batched generation in length orde
 
     python benchmarks/evaluate_throughput.py [--items 32 --batch 8 --new-tokens 16 --repeats 5]
 
-GPU recipe (one command, fits one 10-minute run on an H100/H200, LLaVA-7B-shaped language model in bf16)::
-
-    python benchmarks/evaluate_throughput.py --device cuda --dtype bfloat16 --shape 7b --items 64 --batch 8 \\
-        --new-tokens 32 --repeats 3 | tee benchmarks/results/evaluate_throughput_gpu.log
+GPU recipe: ``bash benchmarks/gpu_speed.sh`` (one device run under 10 minutes; this benchmark runs last, on a
+LLaVA-7B-shaped language model in bf16: ``--device cuda --dtype bfloat16 --shape 7b --items 32 --batch 8``).
 """
 
 from __future__ import annotations
