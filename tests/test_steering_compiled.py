@@ -194,3 +194,32 @@ def test_vectors_apply_themselves_as_a_context_manager_or_a_handle(llava, vector
     assert not torch.equal(model.generate(**inputs, **kw), expected)
     with pytest.raises(InputError, match="alpha"):
         vectors.apply(model, alpha=-5)
+
+
+def test_aggregation_strategies_are_callables(llava, tmp_path):
+    """``calibrate(aggregate=fn)``: any function of the per-item shifts; the named ones are such functions."""
+    from vlmsafe.steering import ShiftVectors as SV
+    from vlmsafe.steering import calibrate
+    from vlmsafe.steering.vectors import first_principal_component, mean_shift
+
+    model, processor = llava
+    items = [(p, random_image(i)) for i, p in enumerate(PROMPTS)]
+    kw = dict(layers=[0, 2], progress=False, anchor="noise", batch_size=2)
+    named = {a: calibrate(model, processor, items, aggregate=a, **kw) for a in ("mean", "pca")}
+    same = {"mean": calibrate(model, processor, items, aggregate=mean_shift, **kw),
+            "pca": calibrate(model, processor, items, aggregate=first_principal_component, **kw)}
+    for a in ("mean", "pca"):
+        for l in (0, 2):
+            torch.testing.assert_close(same[a].shifts[l], named[a].shifts[l], atol=1e-6, rtol=0)
+
+    def median(diffs, mean):
+        return diffs.median(dim=0).values
+
+    custom = calibrate(model, processor, items, aggregate=median, **kw)
+    assert custom.meta["aggregate"] == "custom:median"
+    custom.save(tmp_path / "v")
+    assert SV.load(tmp_path / "v", model).meta["aggregate"] == "custom:median"  # loads back
+    with pytest.raises(InputError, match="return one vector"):
+        calibrate(model, processor, items, aggregate=lambda d, m: d, **kw)
+    with pytest.raises(InputError, match="aggregate must be one of"):
+        calibrate(model, processor, items, aggregate="median", **kw)

@@ -33,7 +33,7 @@ whether decoding steps are steered):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -50,7 +50,7 @@ from vlmsafe.steering.anchors import anchor_image
 from vlmsafe.steering.application import apply_vectors, steering_plan
 from vlmsafe.steering.choices import CALIBRATION_POSITIONS, TEXT_READ_POSITIONS
 from vlmsafe.steering.items import DatasetHasher, batched
-from vlmsafe.steering.vectors import AGGREGATES, ShiftAccumulator, ShiftVectors, calibration_meta
+from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors, calibration_meta, mean_shift, resolve_aggregate
 
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ def calibrate(
     anchor: str | Image.Image = "real",
     anchor_colour: Any = BLANK_COLOUR,
     anchor_seed: int = NOISE_SEED,
-    aggregate: str = "mean",
+    aggregate: str | Callable[[torch.Tensor, torch.Tensor], Any] = "mean",
 ) -> ShiftVectors:
     """Calibrate dataset-level CMRM vectors on (prompt, image) ``items``.
 
@@ -87,7 +87,9 @@ def calibrate(
 
     ``aggregate``: ``"mean"`` of the per-item shifts, or ``"pca"``, their first principal
     component oriented and scaled by the mean (:func:`~vlmsafe.steering.vectors.first_principal_component`;
-    keeps every item's shift in memory). Anchor and aggregation are recorded in ``vectors.meta``.
+    keeps every item's shift in memory), or a function ``fn(per_item_shifts, mean) -> vector`` (see
+    :func:`~vlmsafe.steering.vectors.resolve_aggregate`; recorded as ``"custom:<name>"``). Anchor and
+    aggregation are recorded in ``vectors.meta``.
 
     With an ``accelerate.Accelerator`` of several processes (``accelerate launch`` / ``torchrun``),
     each process runs a contiguous shard of ``items`` and the sums are all-reduced: every process
@@ -100,12 +102,11 @@ def calibrate(
             f"{type(adapter.model).__name__} is text-only: CMRM calibration needs a vision-language model"
         )
     _check_read_positions(positions, CALIBRATION_POSITIONS, "calibrate")
-    if aggregate not in AGGREGATES:
-        raise InputError(f"aggregate must be one of {', '.join(map(repr, AGGREGATES))}, got {aggregate!r}")
+    _, aggregator = resolve_aggregate(aggregate)  # refused before any model work
     layer_ids = adapter.resolve_layers(layers)
     fixed, anchor_meta = anchor_image(adapter, anchor, colour=anchor_colour, seed=anchor_seed)
     items = list(items) if fixed is None else [(prompt_of(it), fixed) for it in items]  # fixed anchor: prompts only
-    sums = ShiftAccumulator(layer_ids, adapter.hidden_size, keep_items=aggregate == "pca")
+    sums = ShiftAccumulator(layer_ids, adapter.hidden_size, keep_items=aggregator is not mean_shift)
     hasher = DatasetHasher()
     with shard(items, accelerator) as part:
         bar = tqdm(total=len(part), desc="calibrating CMRM", unit="item",

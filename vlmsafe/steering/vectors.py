@@ -193,7 +193,8 @@ META_SCHEMA: dict[str, Field] = {
     "calibration_sha256": (_is_sha256, "64 hex digits or null"),
     "calibration_data": (_optional_str, "a path string or null"),
     "num_items": (lambda v: _is_int(v, 1), "a positive integer"),
-    "aggregate": (lambda v: v in ("mean", "pca"), "'mean' or 'pca'"),
+    "aggregate": (lambda v: v in ("mean", "pca") or (_is_str(v) and v.startswith("custom:") and len(v) > 7),
+                  "'mean', 'pca' or 'custom:NAME'"),
     "anchor": (lambda v: v in ("real", "blank", "noise", "image"), "one of 'real', 'blank', 'noise', 'image'"),
     "anchor_colour": (_int_list(3, 0, 255), "three integers in 0..255"),
     "anchor_seed": (lambda v: _is_int(v), "a non-negative integer"),
@@ -494,6 +495,28 @@ def calibration_meta(adapter: ModelAdapter, *, layers: list[int], positions: str
         **extra,
     }
 #: How per-item shifts become one vector per layer (see :meth:`ShiftAccumulator.to_vectors`).
+Aggregator = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+
+
+def mean_shift(diffs: torch.Tensor | None, mean: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean shift itself (the default aggregate; needs no per-item shifts)."""
+    return mean.float(), {}
+
+
+def resolve_aggregate(aggregate: str | Aggregator) -> tuple[str, Aggregator]:
+    """``(name recorded in meta, function)`` of an aggregate: ``"mean"``, ``"pca"`` or a callable.
+
+    A callable ``fn(diffs, mean)`` gets one layer's per-item shifts ``(N, H)`` and their mean ``(H,)``
+    (float64) and returns the layer's vector ``(H,)``, or it and a dict of float statistics; it is
+    recorded as ``"custom:<its name>"``.
+    """
+    if callable(aggregate):
+        return f"custom:{getattr(aggregate, '__name__', type(aggregate).__name__)}", aggregate
+    named = {"mean": mean_shift, "pca": first_principal_component}
+    if aggregate not in named:
+        raise InputError(f"aggregate must be one of {', '.join(map(repr, AGGREGATES))} or a function "
+                         f"fn(per_item_shifts, mean) -> vector, got {aggregate!r}")
+    return aggregate, named[aggregate]
 
 
 def first_principal_component(diffs: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -612,19 +635,19 @@ class ShiftAccumulator:
                 self.item_shifts[l] = [t for t in gather([mine], accelerator) if t.numel()]
         return self
 
-    def to_vectors(self, meta: dict[str, Any], *, aggregate: str = "mean") -> ShiftVectors:
+    def to_vectors(self, meta: dict[str, Any], *, aggregate: str | Aggregator = "mean") -> ShiftVectors:
         """Per-layer shifts (multimodal minus text-only) with statistics and ``meta``.
 
         ``aggregate="mean"``: the mean shift. ``"pca"``: the first principal component of the
-        per-item shifts, oriented and scaled by the mean (:func:`first_principal_component`; needs
-        ``keep_items=True``). The means of both sides are kept either way.
+        per-item shifts, oriented and scaled by the mean (:func:`first_principal_component`), or any
+        function of the per-item shifts (:func:`resolve_aggregate`); both need ``keep_items=True``.
+        The means of both sides are kept either way.
         """
         if self.count == 0:
             raise IncompatibleVectorsError("no calibration items were seen; pass at least one (prompt, image) pair")
-        if aggregate not in AGGREGATES:
-            raise InputError(f"aggregate must be one of {', '.join(map(repr, AGGREGATES))}, got {aggregate!r}")
-        if aggregate == "pca" and self.item_shifts is None:
-            raise InputError("aggregate='pca' needs the per-item shifts; "
+        name, fn = resolve_aggregate(aggregate)
+        if fn is not mean_shift and self.item_shifts is None:
+            raise InputError(f"aggregate={name!r} needs the per-item shifts; "
                              "create the ShiftAccumulator with keep_items=True")
         shifts, mm_means, text_means, stats = {}, {}, {}, {}
         n = self.count
@@ -635,10 +658,15 @@ class ShiftAccumulator:
             diff, mm_norm, text_norm = (float(x) / n for x in self.norms[layer])
             stats[layer] = {"count": n, "shift_norm": float(shifts[layer].norm()), "mean_item_shift_norm": diff,
                             "mm_norm": mm_norm, "text_norm": text_norm}
-            if aggregate == "pca":
+            if fn is not mean_shift:
                 mean = self.mm_sum[layer] / n - self.text_sum[layer] / n
-                shifts[layer], extra = first_principal_component(torch.cat(self.item_shifts[layer]), mean)
+                out = fn(torch.cat(self.item_shifts[layer]), mean)
+                vector, extra = out if isinstance(out, tuple) else (out, {})
+                if not isinstance(vector, torch.Tensor) or vector.shape != (self.hidden_size,):
+                    raise InputError(f"aggregate {name!r} returned {getattr(vector, 'shape', type(vector).__name__)} "
+                                     f"for layer {layer}; return one vector of {self.hidden_size} values")
+                shifts[layer] = vector.float()
                 stats[layer].update(extra, mean_shift_norm=stats[layer]["shift_norm"],
                                     shift_norm=float(shifts[layer].norm()))
         return ShiftVectors(shifts=shifts, mm_means=mm_means, text_means=text_means, stats=stats,
-                            meta={**meta, "num_items": n, "aggregate": aggregate})
+                            meta={**meta, "num_items": n, "aggregate": name})
