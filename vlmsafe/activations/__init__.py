@@ -45,6 +45,11 @@ while a forward call edits something, and every hook (and the ``generate`` wrapp
 when the context exits, normally or by exception. Selection is by index (``hidden[rows, cols]``),
 never by multiplying with a mask, so a non-finite value at an unselected (e.g. padded) position
 never reaches a selected one.
+
+Compiled generation: ``edit_activations(..., static=True)`` (:mod:`vlmsafe.activations.compiled`) resolves
+the positions once per ``generate`` call into fixed tensors and edits with ``torch.where`` in one reusable
+hook per layer, so ``torch.compile`` (static cache, CUDA graphs) traces it without a graph break; same
+values, for ``generate`` with a KV cache.
 """
 
 from vlmsafe.activations.editing import CallEdit, EditPlan, RelativeVector, edit_activations
