@@ -102,7 +102,9 @@ def _compile_config():
 
 
 def test_static_cache_compiled_generate_matches_hooks_without_graph_breaks_or_recompiles(llava, vectors):
-    """transformers compiles the decode step (fullgraph) when the cache is static; steering must ride along."""
+    """transformers compiles the decode step (fullgraph) when the cache is static; steering must ride along,
+    also when the model was compiled unsteered first (torch.compile does not guard on hooks added later), and
+    leave plain compiled generation plain afterwards."""
     from torch._dynamo.utils import counters
 
     model, processor = llava
@@ -110,16 +112,20 @@ def test_static_cache_compiled_generate_matches_hooks_without_graph_breaks_or_re
     inputs = adapter.build_inputs(PROMPTS, IMAGES, padding_side="left")
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     torch._dynamo.reset()
+    plain = model.generate(**inputs, **kw)
+    compiled_kw = dict(cache_implementation="static", compile_config=_compile_config())
+    assert torch.equal(model.generate(**inputs, **kw, **compiled_kw), plain)  # compiled unsteered first
     before = hook_ids(model)
     graphs = []
     for alpha in (1.0, 0.5):  # a second context (another batch, another alpha) reuses the compiled graph
         with steer(model, vectors, alpha=alpha, positions="prompt", decode=True, static=False):
             hooks = model.generate(**inputs, **kw)
         with steer(model, vectors, alpha=alpha, positions="prompt", decode=True, static=True):
-            compiled = model.generate(**inputs, **kw, cache_implementation="static", compile_config=_compile_config())
-        assert torch.equal(compiled, hooks)
+            compiled = model.generate(**inputs, **kw, **compiled_kw)
+        assert torch.equal(compiled, hooks) and not torch.equal(compiled, plain)
+        assert torch.equal(model.generate(**inputs, **kw, **compiled_kw), plain)  # and back to plain
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] >= 1 and graphs[1] == graphs[0]
+    assert graphs[0] >= 2 and graphs[1] == graphs[0]
     assert hook_ids(model) == before
     torch._dynamo.reset()
 

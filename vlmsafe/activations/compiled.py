@@ -10,11 +10,16 @@ declared (once per ``generate`` call, in Python, outside any graph):
   at generated tokens one ``(batch, 1, 1)`` mask, both fixed for the whole ``generate`` call;
 * vectors are scaled and cast once per context; a :class:`~vlmsafe.activations.editing.RelativeVector`
   (sample-level CMRM, ShiftDC's running shift) gathers each row's last prompt token with a fixed index;
-* each steered layer gets one forward hook whose body is tensor arithmetic
-  (``torch.where(mask, hidden + vector, hidden)``) and branches only on shapes and on flags fixed per
-  call, which ``torch.compile`` specialises on instead of breaking the graph. The hook functions are
-  kept per model and reused by later contexts, so entering a new context (a new batch, another alpha)
-  does not recompile.
+* each steered layer is wrapped (swapped in its ``ModuleList`` while the context is open) by a module
+  whose edit is tensor arithmetic (``torch.where(mask, hidden + vector, hidden)``) and branches only on
+  shapes and on flags fixed per call, which ``torch.compile`` specialises on instead of breaking the
+  graph. A wrapper, not a hook: ``torch.compile`` does not guard on hooks, so a model compiled before a
+  hook is added keeps running its unsteered graph, while a swapped module is seen. The wrappers are kept
+  per model and reused by later contexts, so a new batch or another alpha does not recompile.
+
+Under ``torch.compile``, steer through ``generate`` (or :func:`~vlmsafe.activations.declare_prompt`): a
+forward call outside them declares its prompt from an entry pre-hook, which a graph compiled earlier
+does not see.
 
 A forward call with more than one token is the prompt; a one-token call is a generated token. That
 is how ``generate`` with a KV cache (dynamic or static, compiled or not) calls a model; a call that
@@ -126,15 +131,18 @@ class _State:
 
 
 class _Hooks:
-    """Per model: one forward hook function per layer, reading whichever :class:`_State` is current.
+    """Per model: one wrapper module per steered layer and the entry pre-hook, reading whichever :class:`_State`
+    is current.
 
-    Reusing the same functions keeps ``torch.compile``'s guards on the model's hooks satisfied from one
-    context to the next.
+    Layers are wrapped, not hooked: ``torch.compile`` does not guard on hooks (``skip_nnmodule_hook_guards``), so
+    a graph compiled before a hook was added would silently ignore it, while swapping a module in its
+    ``ModuleList`` is seen and recompiled for. Reusing the same wrapper objects (and the same state fields) keeps
+    the guards satisfied from one context to the next: a new batch or another alpha reuses the compiled graph.
     """
 
     def __init__(self, tracker: Any) -> None:
         self.state: _State | None = None
-        self.functions: dict[int, Any] = {}
+        self.wrappers: dict[int, _SteeredLayer] = {}
         self.tracker = tracker
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -144,10 +152,35 @@ class _Hooks:
 
         self.pre_hook = pre_hook
 
-    def hook(self, layer: int) -> Any:
-        if layer not in self.functions:
-            self.functions[layer] = _make_hook(self, layer)
-        return self.functions[layer]
+    def wrapper(self, layer: int, inner: nn.Module) -> _SteeredLayer:
+        wrapper = self.wrappers.get(layer)
+        if wrapper is None or wrapper.inner is not inner:
+            wrapper = self.wrappers[layer] = _SteeredLayer(inner, _make_hook(self, layer))
+        return wrapper
+
+
+class _SteeredLayer(nn.Module):
+    """A decoder layer followed by the compiled-path edit (in its ``ModuleList`` only while a context is open).
+
+    Attributes it does not have are read from the wrapped layer, so model code that inspects its layers
+    (``attention_type``, ...) sees the same values.
+    """
+
+    def __init__(self, inner: nn.Module, edit: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self._edit = edit
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.inner(*args, **kwargs)
+        new = self._edit(self, args, output)
+        return output if new is None else new
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
 
 
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, _Hooks] = weakref.WeakKeyDictionary()
@@ -202,14 +235,20 @@ def edit_static(adapter: ModelAdapter, plan: EditPlan, layer_ids: list[int]) -> 
     if hooks is None:
         hooks = _HOOKS[adapter.model] = _Hooks(tracker)
     handles = []
+    swapped: list[tuple[int, nn.Module]] = []
+    container = adapter.layers
     hooks.state = state
     tracker.listeners.append(state.declare)
     try:
         handles.append(adapter.entry_module.register_forward_pre_hook(hooks.pre_hook, with_kwargs=True))
         for layer in layer_ids:
-            handles.append(adapter.layers[layer].register_forward_hook(hooks.hook(layer), prepend=True))
+            inner = container[layer]
+            container[layer] = hooks.wrapper(layer, inner)
+            swapped.append((layer, inner))
         yield {"static": True, "state": state}
     finally:
+        for layer, inner in reversed(swapped):
+            container[layer] = inner
         for handle in handles:
             handle.remove()
         tracker.listeners.remove(state.declare)
