@@ -262,6 +262,11 @@ def test_merge_with_the_aligned_llm_layout(built, name, tmp_path):
     merged = set()
     for key, tensor in vlm_t.items():
         other = keymap.find(key, llm_t)
+        if other is None and ".mlp.experts." in key:  # fused experts (Qwen3-VL-MoE) vs one tensor per expert
+            want, sources = _fused_counterpart(keymap.lm_name(key), tensor, llm_t)
+            torch.testing.assert_close(got[key], 0.7 * tensor + 0.3 * want, atol=1e-6, rtol=0, msg=key)
+            merged.update(sources)
+            continue
         if other is None:  # vision tower, projector, image_newline, cross-attention layers: bit for bit
             assert keymap.lm_name(key) is None, key
             assert torch.equal(got[key], tensor), key
@@ -279,6 +284,50 @@ def test_merge_with_the_aligned_llm_layout(built, name, tmp_path):
     assert adapter.num_layers == model.config.get_text_config().num_hidden_layers
     embed = next(k for k in got if k.endswith("embed_tokens.weight"))
     assert torch.equal(reloaded.get_input_embeddings().weight.detach(), got[embed])  # loads what was written
+
+
+def _fused_counterpart(lm_name, tensor, llm_t):
+    """The Qwen3-MoE tensors a fused Qwen3-VL-MoE expert tensor corresponds to, stacked by hand: per expert,
+    ``cat([gate, up])`` (``(2I, H)``) or ``down`` (``(H, I)``), transposed if the VLM stores the released layout."""
+    prefix, kind = lm_name.rsplit(".", 1)
+    parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+    names = [[f"{prefix}.{e}.{p}.weight" for p in parts] for e in range(tensor.shape[0])]
+    stacked = torch.stack([torch.cat([llm_t[n] for n in group]) for group in names])
+    if stacked.shape != tensor.shape:
+        stacked = stacked.transpose(1, 2)
+    assert stacked.shape == tensor.shape
+    return stacked, {n for group in names for n in group}
+
+
+def test_qwen3_vl_moe_merge_in_the_released_layout(built, tmp_path):
+    """The released Qwen3-VL-MoE checkpoints store the fused experts transposed (``(E, H, 2I)``, ``(E, I, H)``):
+    merged element by element with the matching Qwen3-MoE weights, written in that layout, and loaded back."""
+    from safetensors.torch import save_file
+
+    model, processor = built("qwen3_vl_moe")
+    llm = tiny_aligned_llm("qwen3_vl_moe", model)
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    llm.save_pretrained(tmp_path / "llm")
+    vlm_t = {k: (v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v)
+             for k, v in _read(tmp_path / "vlm").items()}
+    save_file(vlm_t, str(tmp_path / "vlm" / "model.safetensors"), metadata={"format": "pt"})
+    llm_t = _read(tmp_path / "llm")
+    res = merge_checkpoints(MergeConfig(vlm=tmp_path / "vlm", aligned=tmp_path / "llm", output=tmp_path / "out",
+                                        weight=0.3), progress=False)
+    got = _read(res.output)
+    gate_up = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    e, h, i2 = vlm_t[gate_up].shape
+    assert (h, i2) == (32, 2 * 8) and got[gate_up].shape == (e, h, i2)  # (2I != H: transformers can tell)
+    g, u = llm_t["model.layers.0.mlp.experts.1.gate_proj.weight"], llm_t["model.layers.0.mlp.experts.1.up_proj.weight"]
+    torch.testing.assert_close(got[gate_up][1], 0.7 * vlm_t[gate_up][1] + 0.3 * torch.cat([g, u]).t(), atol=1e-6,
+                               rtol=0)
+    down = "model.language_model.layers.1.mlp.experts.down_proj"
+    torch.testing.assert_close(got[down][3], 0.7 * vlm_t[down][3]
+                               + 0.3 * llm_t["model.layers.1.mlp.experts.3.down_proj.weight"].t(), atol=1e-6, rtol=0)
+    reloaded, _ = load_model(str(res.output))  # transformers transposes the released layout back on load
+    experts = reloaded.model.language_model.layers[0].mlp.experts
+    torch.testing.assert_close(experts.gate_up_proj.detach(), got[gate_up].transpose(1, 2))
 
 
 def test_internvl_embedding_with_fewer_rows_than_its_llm(built, tmp_path):

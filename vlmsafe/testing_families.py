@@ -146,7 +146,7 @@ def tiny_qwen3_vl(seed: int = 0, moe: bool = False):
                   spatial_merge_size=2,
                   temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
     if moe:
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, decoder_sparse_step=1)
         config_cls, model_cls = t.Qwen3VLMoeConfig, t.Qwen3VLMoeForConditionalGeneration
     else:
         config_cls, model_cls = t.Qwen3VLConfig, t.Qwen3VLForConditionalGeneration

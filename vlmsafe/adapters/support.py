@@ -30,7 +30,8 @@ ALIGNED_LLMS: dict[str, tuple[str, str]] = {
     "qwen2_vl": ("Qwen2-VL", "Qwen2 (`Qwen2ForCausalLM`)"),
     "qwen2_5_vl": ("Qwen2.5-VL", "Qwen2.5 (`Qwen2ForCausalLM`)"),
     "qwen3_vl": ("Qwen3-VL", "Qwen3 (`Qwen3ForCausalLM`)"),
-    "qwen3_vl_moe": ("Qwen3-VL-MoE", "Qwen3-MoE (`Qwen3MoeForCausalLM`)"),
+    "qwen3_vl_moe": ("Qwen3-VL-MoE", "Qwen3-MoE (`Qwen3MoeForCausalLM`), fused experts matched to per-expert "
+                                     "tensors in either stored orientation"),
     "gemma3": ("Gemma 3", "Gemma 3 text, tied embeddings (`Gemma3ForCausalLM`)"),
     "mistral3": ("Mistral 3 (Pixtral)", "Mistral Small (`MistralForCausalLM`)"),
     "smolvlm": ("SmolVLM / Idefics3", "SmolLM2 / Llama (`LlamaForCausalLM`)"),
@@ -40,9 +41,7 @@ ALIGNED_LLMS: dict[str, tuple[str, str]] = {
 }
 
 #: Families whose merge with the aligned LLM is not supported yet, and why.
-MERGE_GAPS: dict[str, str] = {
-    "qwen3_vl_moe": "the VLM stores fused expert tensors (`experts.gate_up_proj`), Qwen3-MoE one tensor per expert",
-}
+MERGE_GAPS: dict[str, str] = {}
 
 COLUMNS = ("steering", "sample-level", "ShiftDC", "merge with its LLM", "probes")
 
