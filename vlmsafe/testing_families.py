@@ -3,9 +3,10 @@
 Each builder returns ``(model, processor)``: the family's real transformers model class built from its
 own config class with the default architecture shrunk (2-3 decoder layers, widths of 16-32, 32-pixel
 images), and the family's real processor class around a word-level tokenizer that carries the family's
-special tokens and a chat template that renders the published prompt format of the checkpoint named above
-each template (written to match it, not a byte-for-byte copy: tool calls, videos, reasoning and role-order
-checks are left out). Nothing is downloaded.
+special tokens. The chat template is, by default (``template="published"``), the checkpoint's published
+template byte for byte, read from ``tests/fixtures/templates/<family>/chat_template.json`` (sources in each
+folder's ``SOURCE.md``; :data:`PUBLISHED_TEMPLATE_DIR`); ``template="sketch"`` uses the short templates below,
+written to render the same prompt format without tool calls, videos and role checks. Nothing is downloaded.
 
 Kept apart from :data:`vlmsafe.testing.BUILDERS` (which ``tests/conftest.py`` builds for every session):
 these are built only by the tests that use them (:data:`FAMILY_BUILDERS`).
@@ -17,13 +18,39 @@ multimodal projection and mllama's cross-attention gates.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from vlmsafe.errors import InputError
 from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _seed
 from vlmsafe.tokenization import BOS, EOS, PAD, TEMPLATE_WORDS, UNK
+
+#: The published chat templates of the families, one folder each (``chat_template.json`` + ``SOURCE.md``).
+PUBLISHED_TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "templates"
+TEMPLATES = ("published", "sketch")
+
+
+def published_template(family: str, root: str | os.PathLike[str] | None = None) -> str:
+    """The published chat template of ``family`` (byte for byte, see the folder's ``SOURCE.md``).
+
+    ``root`` defaults to ``$VLMSAFE_TEMPLATE_FIXTURES`` or the checkout's ``tests/fixtures/templates``."""
+    base = Path(root or os.environ.get("VLMSAFE_TEMPLATE_FIXTURES") or PUBLISHED_TEMPLATE_DIR)
+    path = base / family / "chat_template.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no published chat template there; pass template='sketch', or root= (or set "
+                         "VLMSAFE_TEMPLATE_FIXTURES) to the tests/fixtures/templates folder of a vlmsafe checkout")
+    return json.loads(path.read_text(encoding="utf-8"))["chat_template"]
+
+
+def _template(family: str, template: str, sketch: str | None) -> str | None:
+    if template not in TEMPLATES:
+        raise InputError(f"template must be one of {TEMPLATES}, got {template!r}")
+    return published_template(family) if template == "published" else sketch
 
 
 def family_tokenizer(special_tokens, named=None, *, chat_template=None, bos=BOS, eos=EOS, pad=PAD,
@@ -86,13 +113,14 @@ ONEVISION_TEMPLATE = (
 )
 
 
-def tiny_llava_onevision(seed: int = 0):
+def tiny_llava_onevision(seed: int = 0, template: str = "published"):
     """``LlavaOnevisionForConditionalGeneration`` (SigLIP + Qwen2, AnyRes-max tiling) + its processor."""
     import transformers as t
 
     _seed(seed)
+    chat_template = _template("llava_onevision", template, ONEVISION_TEMPLATE)
     tok = family_tokenizer(("<image>", "<video>", "<|im_start|>", "<|im_end|>"),
-                           {"image_token": "<image>", "video_token": "<video>"}, chat_template=ONEVISION_TEMPLATE,
+                           {"image_token": "<image>", "video_token": "<video>"}, chat_template=chat_template,
                            bos="<|endoftext|>", eos="<|im_end|>")
     pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -100,7 +128,7 @@ def tiny_llava_onevision(seed: int = 0):
         image_processor=t.LlavaOnevisionImageProcessor(size=size, crop_size=size, image_grid_pinpoints=pinpoints),
         tokenizer=tok, video_processor=t.LlavaOnevisionVideoProcessor(size=size),
         num_image_tokens=(IMAGE_SIZE // 8) ** 2, vision_feature_select_strategy="full",
-        chat_template=ONEVISION_TEMPLATE,
+        chat_template=chat_template,
     )
     config = t.LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", **_text(tok)), vision_config=_siglip(),
@@ -123,22 +151,23 @@ QWEN3VL_SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_e
                    "<|video_pad|>")
 
 
-def tiny_qwen3_vl(seed: int = 0, moe: bool = False):
+def tiny_qwen3_vl(seed: int = 0, moe: bool = False, template: str = "published"):
     """``Qwen3VLForConditionalGeneration`` (``moe=True``: ``Qwen3VLMoeForConditionalGeneration``; DeepStack
     visual features added to the first decoder layers) + ``Qwen3VLProcessor``."""
     import transformers as t
 
     _seed(seed)
+    chat_template = _template("qwen3_vl", template, QWEN3VL_TEMPLATE)
     tok = family_tokenizer(QWEN3VL_SPECIAL, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                              "vision_bos_token": "<|vision_start|>",
                                              "vision_eos_token": "<|vision_end|>"},
-                           chat_template=QWEN3VL_TEMPLATE, bos="<|endoftext|>", eos="<|im_end|>")
+                           chat_template=chat_template, bos="<|endoftext|>", eos="<|im_end|>")
     ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN3VL_SPECIAL}
     processor = t.Qwen3VLProcessor(
         image_processor=t.Qwen2VLImageProcessor(patch_size=4, temporal_patch_size=2, merge_size=2,
                                                 size={"shortest_edge": 16 * 16, "longest_edge": IMAGE_SIZE ** 2}),
         tokenizer=tok, video_processor=t.Qwen3VLVideoProcessor(patch_size=4, temporal_patch_size=2, merge_size=2),
-        chat_template=QWEN3VL_TEMPLATE,
+        chat_template=chat_template,
     )
     text = _text(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
                                        "mrope_interleaved": True})
@@ -176,18 +205,19 @@ def _randomise(*tensors: torch.Tensor, std: float = 0.5) -> None:
             tensor.normal_(0.0, std)
 
 
-def tiny_gemma3(seed: int = 0):
+def tiny_gemma3(seed: int = 0, template: str = "published"):
     """``Gemma3ForConditionalGeneration`` (SigLIP, pooled to 4 soft tokens, Gemma 3 text with sliding-window
     layers) + ``Gemma3Processor``. The multimodal projection (zero in a fresh model) is randomised."""
     import transformers as t
 
     _seed(seed)
+    chat_template = _template("gemma3", template, GEMMA3_TEMPLATE)
     tok = family_tokenizer(("<start_of_turn>", "<end_of_turn>"),
                            {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
-                            "eoi_token": "<end_of_image>"}, chat_template=GEMMA3_TEMPLATE, bos="<bos>", eos="<eos>")
+                            "eoi_token": "<end_of_image>"}, chat_template=chat_template, bos="<bos>", eos="<eos>")
     processor = t.Gemma3Processor(
         image_processor=t.Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        tokenizer=tok, image_seq_length=4, chat_template=GEMMA3_TEMPLATE,
+        tokenizer=tok, image_seq_length=4, chat_template=chat_template,
     )
     config = t.Gemma3Config(
         text_config=dict(model_type="gemma3_text", **_text(tok, sliding_window=16, tie_word_embeddings=True)),
@@ -210,16 +240,17 @@ MISTRAL3_TEMPLATE = (
 )
 
 
-def tiny_mistral3(seed: int = 0):
+def tiny_mistral3(seed: int = 0, template: str = "published"):
     """``Mistral3ForConditionalGeneration`` (Pixtral ViT, 2x2 patch merger, Mistral text) + ``PixtralProcessor``."""
     import transformers as t
 
     _seed(seed)
+    chat_template = _template("mistral3", template, MISTRAL3_TEMPLATE)
     tok = family_tokenizer(("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]",
-                            "[IMG_END]"), {"image_token": "[IMG]"}, chat_template=MISTRAL3_TEMPLATE)
+                            "[IMG_END]"), {"image_token": "[IMG]"}, chat_template=chat_template)
     processor = t.PixtralProcessor(
         image_processor=t.PixtralImageProcessor(size={"longest_edge": IMAGE_SIZE}, patch_size=4),
-        tokenizer=tok, patch_size=4, spatial_merge_size=2, chat_template=MISTRAL3_TEMPLATE,
+        tokenizer=tok, patch_size=4, spatial_merge_size=2, chat_template=chat_template,
     )
     config = t.Mistral3Config(
         text_config=dict(model_type="mistral", **_text(tok)),
@@ -241,20 +272,21 @@ SMOLVLM_TEMPLATE = (
 )
 
 
-def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm"):
+def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm", template: str = "published"):
     """``SmolVLMForConditionalGeneration`` (or ``variant="idefics3"``): SigLIP + pixel-shuffle connector, the
     language model under ``model.text_model``; with ``Idefics3Processor`` (``SmolVLMProcessor`` needs the
     ``num2words`` package; both expand ``<image>`` the same way for one unsplit image)."""
     import transformers as t
 
     _seed(seed)
+    chat_template = _template("smolvlm", template, SMOLVLM_TEMPLATE)
     tok = family_tokenizer(("<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-                            "<global-img>"), {"image_token": "<image>"}, chat_template=SMOLVLM_TEMPLATE,
+                            "<global-img>"), {"image_token": "<image>"}, chat_template=chat_template,
                            eos="<end_of_utterance>")
     processor = t.Idefics3Processor(
         image_processor=t.Idefics3ImageProcessor(size={"longest_edge": IMAGE_SIZE}, do_image_splitting=False,
                                                  max_image_size={"longest_edge": IMAGE_SIZE}),
-        tokenizer=tok, image_seq_len=(IMAGE_SIZE // 8) ** 2 // 4, chat_template=SMOLVLM_TEMPLATE,
+        tokenizer=tok, image_seq_len=(IMAGE_SIZE // 8) ** 2 // 4, chat_template=chat_template,
     )
     vision = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=2)
@@ -282,21 +314,22 @@ INTERNVL_TEMPLATE = (
 )
 
 
-def tiny_internvl(seed: int = 0):
+def tiny_internvl(seed: int = 0, template: str = "published"):
     """``InternVLForConditionalGeneration`` (InternViT, pixel-shuffle MLP projector, Qwen2 text; the HF-native
     layout) + ``InternVLProcessor`` (one 32-pixel tile, no thumbnail)."""
     import transformers as t
 
     _seed(seed)
+    chat_template = _template("internvl", template, INTERNVL_TEMPLATE)
     tok = family_tokenizer(("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
                            {"start_image_token": "<img>", "end_image_token": "</img>",
                             "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
-                           chat_template=INTERNVL_TEMPLATE, bos="<|endoftext|>", eos="<|im_end|>")
+                           chat_template=chat_template, bos="<|endoftext|>", eos="<|im_end|>")
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     processor = t.InternVLProcessor(
         image_processor=t.GotOcr2ImageProcessor(size=size, crop_to_patches=False),
         tokenizer=tok, video_processor=t.InternVLVideoProcessor(size=size),
-        image_seq_length=(IMAGE_SIZE // 8) ** 2 // 4, chat_template=INTERNVL_TEMPLATE,
+        image_seq_length=(IMAGE_SIZE // 8) ** 2 // 4, chat_template=chat_template,
     )
     config = t.InternVLConfig(
         text_config=dict(model_type="qwen2", **_text(tok)),
@@ -308,11 +341,13 @@ def tiny_internvl(seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------- PaliGemma
-def tiny_paligemma(seed: int = 0):
+def tiny_paligemma(seed: int = 0, template: str = "published"):
     """``PaliGemmaForConditionalGeneration`` (SigLIP + linear projector + Gemma, prefix-LM) + ``PaliGemmaProcessor``
-    (no chat template: ``<image>*N<bos>{prompt}\\n``)."""
+    (no chat template, published or not: ``<image>*N<bos>{prompt}\\n``)."""
     import transformers as t
 
+    if template not in TEMPLATES:
+        raise InputError(f"template must be one of {TEMPLATES}, got {template!r}")
     _seed(seed)
     tok = family_tokenizer((), {"image_token": "<image>"}, bos="<bos>", eos="<eos>", chat_template=None)
     image_processor = t.SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
@@ -339,18 +374,19 @@ MLLAMA_TEMPLATE = (
 )
 
 
-def tiny_mllama(seed: int = 0):
+def tiny_mllama(seed: int = 0, template: str = "published"):
     """``MllamaForConditionalGeneration`` (tiled ViT + cross-attention layer 1 of 3 in the Llama text model) +
     ``MllamaProcessor``. The cross-attention gates (zero in a fresh model) are randomised."""
     import transformers as t
 
     _seed(seed)
+    chat_template = _template("mllama", template, MLLAMA_TEMPLATE)
     tok = family_tokenizer(("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|image|>"),
-                           {"image_token": "<|image|>"}, chat_template=MLLAMA_TEMPLATE, bos="<|begin_of_text|>",
+                           {"image_token": "<|image|>"}, chat_template=chat_template, bos="<|begin_of_text|>",
                            eos="<|eot_id|>", pad="<|finetune_right_pad_id|>")
     processor = t.MllamaProcessor(
         image_processor=t.MllamaImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=2),
-        tokenizer=tok, chat_template=MLLAMA_TEMPLATE,
+        tokenizer=tok, chat_template=chat_template,
     )
     config = t.MllamaConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -372,11 +408,11 @@ def tiny_mllama(seed: int = 0):
 FAMILY_BUILDERS = {
     "llava_onevision": tiny_llava_onevision,
     "qwen3_vl": tiny_qwen3_vl,
-    "qwen3_vl_moe": lambda seed=0: tiny_qwen3_vl(seed, moe=True),
+    "qwen3_vl_moe": lambda seed=0, template="published": tiny_qwen3_vl(seed, moe=True, template=template),
     "gemma3": tiny_gemma3,
     "mistral3": tiny_mistral3,
     "smolvlm": tiny_smolvlm,
-    "idefics3": lambda seed=0: tiny_smolvlm(seed, variant="idefics3"),
+    "idefics3": lambda seed=0, template="published": tiny_smolvlm(seed, variant="idefics3", template=template),
     "internvl": tiny_internvl,
     "paligemma": tiny_paligemma,
     "mllama": tiny_mllama,
