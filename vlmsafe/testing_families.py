@@ -113,7 +113,7 @@ ONEVISION_TEMPLATE = (
 )
 
 
-def tiny_llava_onevision(seed: int = 0, template: str = "published"):
+def tiny_llava_onevision(seed: int = 0, template: str = "published", text: dict | None = None):
     """``LlavaOnevisionForConditionalGeneration`` (SigLIP + Qwen2, AnyRes-max tiling) + its processor."""
     import transformers as t
 
@@ -131,7 +131,7 @@ def tiny_llava_onevision(seed: int = 0, template: str = "published"):
         chat_template=chat_template,
     )
     config = t.LlavaOnevisionConfig(
-        text_config=dict(model_type="qwen2", **_text(tok)), vision_config=_siglip(),
+        text_config=dict(model_type="qwen2", **_text(tok, **(text or {}))), vision_config=_siglip(),
         image_token_id=tok.convert_tokens_to_ids("<image>"), video_token_id=tok.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full", vision_feature_layer=-1,
     )
@@ -151,7 +151,7 @@ QWEN3VL_SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_e
                    "<|video_pad|>")
 
 
-def tiny_qwen3_vl(seed: int = 0, moe: bool = False, template: str = "published"):
+def tiny_qwen3_vl(seed: int = 0, moe: bool = False, template: str = "published", text: dict | None = None):
     """``Qwen3VLForConditionalGeneration`` (``moe=True``: ``Qwen3VLMoeForConditionalGeneration``; DeepStack
     visual features added to the first decoder layers) + ``Qwen3VLProcessor``."""
     import transformers as t
@@ -169,11 +169,14 @@ def tiny_qwen3_vl(seed: int = 0, moe: bool = False, template: str = "published")
         tokenizer=tok, video_processor=t.Qwen3VLVideoProcessor(patch_size=4, temporal_patch_size=2, merge_size=2),
         chat_template=chat_template,
     )
-    text = _text(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
-                                       "mrope_interleaved": True})
-    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
-                  spatial_merge_size=2,
-                  temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    text = _text(tok, **(text or {}))
+    half = text["head_dim"] // 2  # M-RoPE sections (temporal, height, width) cover half the head: [2, 1, 1] at 8
+    sections = [half // 2, half // 4, half - half // 2 - half // 4]
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": sections, "rope_theta": 10000.0,
+                               "mrope_interleaved": True}
+    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=text["hidden_size"],
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, decoder_sparse_step=1)
         config_cls, model_cls = t.Qwen3VLMoeConfig, t.Qwen3VLMoeForConditionalGeneration
@@ -205,7 +208,7 @@ def _randomise(*tensors: torch.Tensor, std: float = 0.5) -> None:
             tensor.normal_(0.0, std)
 
 
-def tiny_gemma3(seed: int = 0, template: str = "published"):
+def tiny_gemma3(seed: int = 0, template: str = "published", text: dict | None = None):
     """``Gemma3ForConditionalGeneration`` (SigLIP, pooled to 4 soft tokens, Gemma 3 text with sliding-window
     layers) + ``Gemma3Processor``. The multimodal projection (zero in a fresh model) is randomised."""
     import transformers as t
@@ -220,7 +223,8 @@ def tiny_gemma3(seed: int = 0, template: str = "published"):
         tokenizer=tok, image_seq_length=4, chat_template=chat_template,
     )
     config = t.Gemma3Config(
-        text_config=dict(model_type="gemma3_text", **_text(tok, sliding_window=16, tie_word_embeddings=True)),
+        text_config=dict(model_type="gemma3_text", **_text(tok, sliding_window=16, tie_word_embeddings=True,
+                                                          **(text or {}))),
         vision_config=_siglip(), mm_tokens_per_image=4, image_token_id=tok.convert_tokens_to_ids("<image_soft_token>"),
         boi_token_id=tok.convert_tokens_to_ids("<start_of_image>"),
         eoi_token_id=tok.convert_tokens_to_ids("<end_of_image>"), tie_word_embeddings=True,
@@ -240,7 +244,7 @@ MISTRAL3_TEMPLATE = (
 )
 
 
-def tiny_mistral3(seed: int = 0, template: str = "published"):
+def tiny_mistral3(seed: int = 0, template: str = "published", text: dict | None = None):
     """``Mistral3ForConditionalGeneration`` (Pixtral ViT, 2x2 patch merger, Mistral text) + ``PixtralProcessor``."""
     import transformers as t
 
@@ -253,7 +257,7 @@ def tiny_mistral3(seed: int = 0, template: str = "published"):
         tokenizer=tok, patch_size=4, spatial_merge_size=2, chat_template=chat_template,
     )
     config = t.Mistral3Config(
-        text_config=dict(model_type="mistral", **_text(tok)),
+        text_config=dict(model_type="mistral", **_text(tok, **(text or {}))),
         vision_config=dict(model_type="pixtral", image_size=IMAGE_SIZE, patch_size=4, hidden_size=16,
                            intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=8),
         image_token_id=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
@@ -272,7 +276,7 @@ SMOLVLM_TEMPLATE = (
 )
 
 
-def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm", template: str = "published"):
+def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm", template: str = "published", text: dict | None = None):
     """``SmolVLMForConditionalGeneration`` (or ``variant="idefics3"``): SigLIP + pixel-shuffle connector, the
     language model under ``model.text_model``; with ``Idefics3Processor`` (``SmolVLMProcessor`` needs the
     ``num2words`` package; both expand ``<image>`` the same way for one unsplit image)."""
@@ -290,7 +294,7 @@ def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm", template: str = "publi
     )
     vision = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=2)
-    text = dict(model_type="llama", **_text(tok))
+    text = dict(model_type="llama", **_text(tok, **(text or {})))
     image_token_id = tok.convert_tokens_to_ids("<image>")
     if variant == "smolvlm":
         config = t.SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2, image_token_id=image_token_id)
@@ -314,7 +318,7 @@ INTERNVL_TEMPLATE = (
 )
 
 
-def tiny_internvl(seed: int = 0, template: str = "published"):
+def tiny_internvl(seed: int = 0, template: str = "published", text: dict | None = None):
     """``InternVLForConditionalGeneration`` (InternViT, pixel-shuffle MLP projector, Qwen2 text; the HF-native
     layout) + ``InternVLProcessor`` (one 32-pixel tile, no thumbnail)."""
     import transformers as t
@@ -332,7 +336,7 @@ def tiny_internvl(seed: int = 0, template: str = "published"):
         image_seq_length=(IMAGE_SIZE // 8) ** 2 // 4, chat_template=chat_template,
     )
     config = t.InternVLConfig(
-        text_config=dict(model_type="qwen2", **_text(tok)),
+        text_config=dict(model_type="qwen2", **_text(tok, **(text or {}))),
         vision_config=dict(image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[8, 8], hidden_size=24,
                            intermediate_size=48, num_hidden_layers=2, num_attention_heads=2),
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
@@ -341,7 +345,7 @@ def tiny_internvl(seed: int = 0, template: str = "published"):
 
 
 # ----------------------------------------------------------------------------------------------- PaliGemma
-def tiny_paligemma(seed: int = 0, template: str = "published"):
+def tiny_paligemma(seed: int = 0, template: str = "published", text: dict | None = None):
     """``PaliGemmaForConditionalGeneration`` (SigLIP + linear projector + Gemma, prefix-LM) + ``PaliGemmaProcessor``
     (no chat template, published or not: ``<image>*N<bos>{prompt}\\n``)."""
     import transformers as t
@@ -354,8 +358,9 @@ def tiny_paligemma(seed: int = 0, template: str = "published"):
     image_processor.image_seq_length = (IMAGE_SIZE // 8) ** 2
     processor = t.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
     config = t.PaliGemmaConfig(
-        text_config=dict(model_type="gemma", **_text(tok)), vision_config=_siglip(projection_dim=32),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), projection_dim=32,
+        text_config=dict(model_type="gemma", **_text(tok, **(text or {}))),
+        vision_config=_siglip(projection_dim=(text or {}).get("hidden_size", 32)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), projection_dim=(text or {}).get("hidden_size", 32),
     )
     return t.PaliGemmaForConditionalGeneration(config).eval(), processor
 
@@ -374,7 +379,7 @@ MLLAMA_TEMPLATE = (
 )
 
 
-def tiny_mllama(seed: int = 0, template: str = "published"):
+def tiny_mllama(seed: int = 0, template: str = "published", text: dict | None = None):
     """``MllamaForConditionalGeneration`` (tiled ViT + cross-attention layer 1 of 3 in the Llama text model) +
     ``MllamaProcessor``. The cross-attention gates (zero in a fresh model) are randomised."""
     import transformers as t
@@ -389,9 +394,10 @@ def tiny_mllama(seed: int = 0, template: str = "published"):
         tokenizer=tok, chat_template=chat_template,
     )
     config = t.MllamaConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
-                         max_position_embeddings=512, **_ids(tok)),
+        text_config={**dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                            max_position_embeddings=512, **_ids(tok)),
+                     **{k: v for k, v in (text or {}).items() if k != "head_dim"}},
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
                            attention_heads=2, vision_output_dim=32, image_size=IMAGE_SIZE, patch_size=8,
                            max_num_tiles=2, intermediate_layers_indices=[0],
@@ -405,14 +411,16 @@ def tiny_mllama(seed: int = 0, template: str = "published"):
     return model, processor
 
 
+#: ``name -> builder(seed=0, template="published", text=None)``; ``text``: overrides of the language model's
+#: config (widths, depth, heads: e.g. the GPU smoke run's reduced-but-real shapes), merged over the tiny defaults.
 FAMILY_BUILDERS = {
     "llava_onevision": tiny_llava_onevision,
     "qwen3_vl": tiny_qwen3_vl,
-    "qwen3_vl_moe": lambda seed=0, template="published": tiny_qwen3_vl(seed, moe=True, template=template),
+    "qwen3_vl_moe": lambda seed=0, template="published", text=None: tiny_qwen3_vl(seed, True, template, text),
     "gemma3": tiny_gemma3,
     "mistral3": tiny_mistral3,
     "smolvlm": tiny_smolvlm,
-    "idefics3": lambda seed=0, template="published": tiny_smolvlm(seed, variant="idefics3", template=template),
+    "idefics3": lambda seed=0, template="published", text=None: tiny_smolvlm(seed, "idefics3", template, text),
     "internvl": tiny_internvl,
     "paligemma": tiny_paligemma,
     "mllama": tiny_mllama,
