@@ -34,6 +34,7 @@ EXPECTED = {
     "mistral3": ("Mistral3Adapter", "model.language_model.layers", ("[IMG_BREAK]", "[IMG_END]")),
     "smolvlm": ("SmolVLMAdapter", "model.text_model.layers", ("<fake_token_around_image>", "<global-img>")),
     "idefics3": ("SmolVLMAdapter", "model.text_model.layers", ("<fake_token_around_image>", "<global-img>")),
+    "idefics2": ("Idefics2Adapter", "model.text_model.layers", ("<fake_token_around_image>",)),
     "internvl": ("InternVLAdapter", "model.language_model.layers", ("<img>", "</img>")),
     "paligemma": ("PaliGemmaAdapter", "model.language_model.layers", ()),
 }

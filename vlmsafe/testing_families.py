@@ -308,6 +308,42 @@ def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm", template: str = "publi
     return model.eval(), processor
 
 
+# ------------------------------------------------------------------------------------------------- Idefics2
+#: HuggingFaceM4/idefics2-8b: ``User:<image>{text}<end_of_utterance>\nAssistant:`` (SmolVLM's format without its
+#: ``<|im_start|>``; no published copy was found to store byte for byte: a sketch).
+IDEFICS2_TEMPLATE = SMOLVLM_TEMPLATE.replace("<|im_start|>", "", 1)
+
+
+def tiny_idefics2(seed: int = 0, template: str = "sketch", text: dict | None = None):
+    """``Idefics2ForConditionalGeneration`` (SigLIP + perceiver resampler to a fixed number of latents + Mistral; the
+    language model under ``model.text_model``) + ``Idefics2Processor`` (one unsplit 32-pixel image)."""
+    import transformers as t
+
+    _seed(seed)
+    if template == "published":
+        raise InputError("no published Idefics2 chat template is stored (tests/fixtures/templates has none); "
+                         "pass template='sketch'")
+    chat_template = _template("idefics2", template, IDEFICS2_TEMPLATE)
+    tok = family_tokenizer(("<end_of_utterance>", "<fake_token_around_image>", "<image>"), {},
+                           chat_template=chat_template, eos="<end_of_utterance>")
+    latents = 4
+    processor = t.Idefics2Processor(
+        image_processor=t.Idefics2ImageProcessor(size={"shortest_edge": IMAGE_SIZE, "longest_edge": IMAGE_SIZE},
+                                                 do_image_splitting=False),
+        tokenizer=tok, image_seq_len=latents, chat_template=chat_template,
+    )
+    text_config = dict(model_type="mistral", **_text(tok, **(text or {})))
+    config = t.Idefics2Config(
+        text_config=text_config,
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=2),
+        perceiver_config=dict(hidden_size=text_config["hidden_size"], resampler_n_latents=latents, resampler_depth=1,
+                              resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=1),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    return t.Idefics2ForConditionalGeneration(config).eval(), processor
+
+
 # ------------------------------------------------------------------------------------------------ InternVL
 #: OpenGVLab/InternVL3-1B-hf: Qwen2 turns, an image is ``<IMG_CONTEXT>\n`` before the text.
 INTERNVL_TEMPLATE = (
@@ -421,6 +457,7 @@ FAMILY_BUILDERS = {
     "mistral3": tiny_mistral3,
     "smolvlm": tiny_smolvlm,
     "idefics3": lambda seed=0, template="published", text=None: tiny_smolvlm(seed, "idefics3", template, text),
+    "idefics2": tiny_idefics2,
     "internvl": tiny_internvl,
     "paligemma": tiny_paligemma,
     "mllama": tiny_mllama,
@@ -436,6 +473,7 @@ ALIGNED_LLMS = {
     "mistral3": ("MistralConfig", "MistralForCausalLM"),
     "smolvlm": ("LlamaConfig", "LlamaForCausalLM"),
     "idefics3": ("LlamaConfig", "LlamaForCausalLM"),
+    "idefics2": ("MistralConfig", "MistralForCausalLM"),
     "internvl": ("Qwen2Config", "Qwen2ForCausalLM"),
     "paligemma": ("GemmaConfig", "GemmaForCausalLM"),
     "mllama": ("LlamaConfig", "LlamaForCausalLM"),

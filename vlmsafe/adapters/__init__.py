@@ -22,6 +22,7 @@ from vlmsafe.adapters.chat import ChatVLMAdapter, LlavaAdapter, LlavaNextAdapter
 from vlmsafe.adapters.clip import CLIPAdapter, OpenCLIPAdapter
 from vlmsafe.adapters.families import (
     Gemma3Adapter,
+    Idefics2Adapter,
     InternVLAdapter,
     LlavaOnevisionAdapter,
     Mistral3Adapter,
@@ -56,6 +57,7 @@ __all__ = [
     "Gemma3Adapter",
     "GenericVLMAdapter",
     "GuessedAdapterWarning",
+    "Idefics2Adapter",
     "InternVLAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",

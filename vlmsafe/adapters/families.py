@@ -122,6 +122,21 @@ class SmolVLMAdapter(ChatVLMAdapter):
         return int(side), int(side)
 
 
+@register_adapter("Idefics2ForConditionalGeneration")
+class Idefics2Adapter(SmolVLMAdapter):
+    """Idefics2: SmolVLM's layout (``model.text_model``, ``model.vision_model``), with a perceiver resampler as its
+    connector (a fixed number of image latents per image or tile) and a Mistral language model."""
+
+    family = "idefics2"
+
+    @property
+    def image_input_size(self) -> tuple[int, int]:
+        """One unsplit image: a square of the processor's ``size["longest_edge"]`` (980 published; images are
+        resized to fit it)."""
+        side = int(_get(self._require_processor().image_processor.size, "longest_edge"))
+        return side, side
+
+
 @register_adapter("InternVLForConditionalGeneration")
 class InternVLAdapter(ChatVLMAdapter):
     """InternVL 2.5 / 3 in the HF-native layout (``OpenGVLab/InternVL3-*-hf``): InternViT, pixel-shuffle MLP
@@ -234,6 +249,7 @@ class MllamaAdapter(ChatVLMAdapter):
 
 __all__ = [
     "Gemma3Adapter",
+    "Idefics2Adapter",
     "InternVLAdapter",
     "LlavaOnevisionAdapter",
     "Mistral3Adapter",

@@ -35,6 +35,7 @@ ALIGNED_LLMS: dict[str, tuple[str, str]] = {
     "gemma3": ("Gemma 3", "Gemma 3 text, tied embeddings (`Gemma3ForCausalLM`)"),
     "mistral3": ("Mistral 3 (Pixtral)", "Mistral Small (`MistralForCausalLM`)"),
     "smolvlm": ("SmolVLM / Idefics3", "SmolLM2 / Llama (`LlamaForCausalLM`)"),
+    "idefics2": ("Idefics2", "Mistral (`MistralForCausalLM`)"),
     "internvl": ("InternVL (HF-native)", "its Qwen2 LLM (`Qwen2ForCausalLM`)"),
     "paligemma": ("PaliGemma", "Gemma (`GemmaForCausalLM`)"),
     "mllama": ("Llama 3.2 Vision (mllama)", "Llama 3.1 (`LlamaForCausalLM`), cross-attention layers kept"),
