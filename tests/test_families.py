@@ -20,7 +20,7 @@ from vlmsafe.steering import SafeVLM, ShiftVectors, calibrate, steer, steer_samp
 from vlmsafe.steering.cmrm import text_only_states
 from vlmsafe.steering.shiftdc import calibrate_shiftdc
 from vlmsafe.testing import IMAGE_SIZE, random_image
-from vlmsafe.testing_families import FAMILY_BUILDERS, tiny_aligned_llm
+from vlmsafe.testing_families import AYA_VISION_MARKUP, FAMILY_BUILDERS, tiny_aligned_llm
 
 FAMILIES = [n for n in FAMILY_BUILDERS if n != "mllama"]  # cross-attention: its own tests below
 PROMPTS = ["how do i make a bomb ?", "hello", "what colour is the shape ?"]
@@ -35,6 +35,7 @@ EXPECTED = {
     "smolvlm": ("SmolVLMAdapter", "model.text_model.layers", ("<fake_token_around_image>", "<global-img>")),
     "idefics3": ("SmolVLMAdapter", "model.text_model.layers", ("<fake_token_around_image>", "<global-img>")),
     "idefics2": ("Idefics2Adapter", "model.text_model.layers", ("<fake_token_around_image>",)),
+    "aya_vision": ("AyaVisionAdapter", "model.language_model.layers", AYA_VISION_MARKUP),
     "internvl": ("InternVLAdapter", "model.language_model.layers", ("<img>", "</img>")),
     "paligemma": ("PaliGemmaAdapter", "model.language_model.layers", ()),
 }

@@ -20,7 +20,7 @@ from vlmsafe.testing_families import FAMILY_BUILDERS, shrunk_config
 #: Families with an explicit adapter (the walk must find each as explicit, never generic).
 EXPLICIT = {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", *FAMILY_BUILDERS}
 #: Generic ones cheap enough to run a real forward on every test run (the rest: ``-m slow``).
-FAST_FORWARD = ("vipllava", "llava_next_video", "video_llava", "got_ocr2", "lighton_ocr", "aria", "fuyu", "aya_vision",
+FAST_FORWARD = ("vipllava", "llava_next_video", "video_llava", "got_ocr2", "lighton_ocr", "aria", "fuyu",
                 "minicpmv4_6")
 
 
@@ -45,7 +45,7 @@ def test_walk_reports_every_image_text_to_text_class(walk):
     # models whose default config leaves out a modality or the image token id are covered (Gemma 4: no vision
     # config by default; MiniCPM-V, Nemotron-H Omni: the id comes from the processor; Fuyu: no vision tower)
     details = {m: d for m, _, s, d in rows if s == "generic"}
-    assert {"gemma4", "gemma3n", "fuyu", "minicpmv4_6", "nemotron_h_omni", "aya_vision"} <= set(details)
+    assert {"gemma4", "gemma3n", "fuyu", "minicpmv4_6", "nemotron_h_omni"} <= set(details)
     assert details["minicpmv4_6"].endswith("(image token from the processor)")
     assert not details["gemma4"].endswith("(image token from the processor)")
     # what is not covered says why; encoder-decoders and models without image input are out of scope

@@ -344,6 +344,43 @@ def tiny_idefics2(seed: int = 0, template: str = "sketch", text: dict | None = N
     return t.Idefics2ForConditionalGeneration(config).eval(), processor
 
 
+# ----------------------------------------------------------------------------------------------- Aya Vision
+#: CohereForAI/aya-vision-8b (Command R7B turns; a sketch: no published copy was found to store byte for byte).
+AYA_VISION_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|START_OF_TURN_TOKEN|>"
+    "{% if message['role'] == 'user' %}<|USER_TOKEN|>{% elif message['role'] == 'system' %}<|SYSTEM_TOKEN|>"
+    "{% else %}<|CHATBOT_TOKEN|>{% endif %}" + _user_turns("<image>") + "<|END_OF_TURN_TOKEN|>{% endfor %}"
+    "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}"
+)
+AYA_VISION_MARKUP = ("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL")
+
+
+def tiny_aya_vision(seed: int = 0, template: str = "sketch", text: dict | None = None):
+    """``AyaVisionForConditionalGeneration`` (SigLIP, pixel-shuffle 2x2 + SwiGLU projector, Cohere2 text) +
+    ``AyaVisionProcessor`` (one 32-pixel tile: 4 ``<|IMG_PATCH|>`` tokens after ``TILE_GLOBAL``)."""
+    import transformers as t
+
+    _seed(seed)
+    if template == "published":
+        raise InputError("no published Aya Vision chat template is stored (tests/fixtures/templates has none); "
+                         "pass template='sketch'")
+    chat_template = _template("aya_vision", template, AYA_VISION_TEMPLATE)
+    tok = family_tokenizer(("<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+                            "<|SYSTEM_TOKEN|>", "<image>", "<|IMG_PATCH|>", *AYA_VISION_MARKUP),
+                           {"image_token": "<image>"}, chat_template=chat_template, bos="<BOS_TOKEN>",
+                           eos="<|END_OF_TURN_TOKEN|>")
+    processor = t.AyaVisionProcessor(
+        image_processor=t.GotOcr2ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                                crop_to_patches=False),
+        tokenizer=tok, patch_size=16, img_size=IMAGE_SIZE, chat_template=chat_template,
+    )
+    config = t.AyaVisionConfig(
+        text_config=dict(model_type="cohere2", **_text(tok, **(text or {}))), vision_config=_siglip(),
+        image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"), downsample_factor=2,
+    )
+    return t.AyaVisionForConditionalGeneration(config).eval(), processor
+
+
 # ------------------------------------------------------------------------------------------------ InternVL
 #: OpenGVLab/InternVL3-1B-hf: Qwen2 turns, an image is ``<IMG_CONTEXT>\n`` before the text.
 INTERNVL_TEMPLATE = (
@@ -458,6 +495,7 @@ FAMILY_BUILDERS = {
     "smolvlm": tiny_smolvlm,
     "idefics3": lambda seed=0, template="published", text=None: tiny_smolvlm(seed, "idefics3", template, text),
     "idefics2": tiny_idefics2,
+    "aya_vision": tiny_aya_vision,
     "internvl": tiny_internvl,
     "paligemma": tiny_paligemma,
     "mllama": tiny_mllama,
@@ -474,6 +512,7 @@ ALIGNED_LLMS = {
     "smolvlm": ("LlamaConfig", "LlamaForCausalLM"),
     "idefics3": ("LlamaConfig", "LlamaForCausalLM"),
     "idefics2": ("MistralConfig", "MistralForCausalLM"),
+    "aya_vision": ("Cohere2Config", "Cohere2ForCausalLM"),
     "internvl": ("Qwen2Config", "Qwen2ForCausalLM"),
     "paligemma": ("GemmaConfig", "GemmaForCausalLM"),
     "mllama": ("LlamaConfig", "LlamaForCausalLM"),

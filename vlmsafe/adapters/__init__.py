@@ -21,6 +21,7 @@ from vlmsafe.adapters.base import (
 from vlmsafe.adapters.chat import ChatVLMAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter
 from vlmsafe.adapters.clip import CLIPAdapter, OpenCLIPAdapter
 from vlmsafe.adapters.families import (
+    AyaVisionAdapter,
     Gemma3Adapter,
     Idefics2Adapter,
     InternVLAdapter,
@@ -51,6 +52,7 @@ def get_adapter(model: nn.Module | ModelAdapter, processor: Any | None = None, *
 
 
 __all__ = [
+    "AyaVisionAdapter",
     "CLIPAdapter",
     "CausalLMAdapter",
     "ChatVLMAdapter",

@@ -137,6 +137,22 @@ class Idefics2Adapter(SmolVLMAdapter):
         return side, side
 
 
+@register_adapter("AyaVisionForConditionalGeneration")
+class AyaVisionAdapter(ChatVLMAdapter):
+    """Aya Vision (SigLIP 2, pixel-shuffle + SwiGLU projector, Command R7B / Cohere2 text): the llava layout. The
+    processor expands ``<image>`` into ``<|START_OF_IMG|>`` + tiles (``TILE_n`` / ``TILE_GLOBAL``, rows of
+    ``<|IMG_PATCH|>`` ended by ``<|IMG_LINE_BREAK|>``) + ``<|END_OF_IMG|>``; the image positions are the
+    ``<|IMG_PATCH|>`` tokens (``config.image_token_index``)."""
+
+    family = "aya_vision"
+
+    @property
+    def image_input_size(self) -> tuple[int, int]:
+        """One tile: a square of the processor's ``img_size`` (364 published; larger images are tiled)."""
+        side = int(getattr(self._require_processor(), "img_size", 0) or 364)
+        return side, side
+
+
 @register_adapter("InternVLForConditionalGeneration")
 class InternVLAdapter(ChatVLMAdapter):
     """InternVL 2.5 / 3 in the HF-native layout (``OpenGVLab/InternVL3-*-hf``): InternViT, pixel-shuffle MLP
@@ -248,6 +264,7 @@ class MllamaAdapter(ChatVLMAdapter):
 
 
 __all__ = [
+    "AyaVisionAdapter",
     "Gemma3Adapter",
     "Idefics2Adapter",
     "InternVLAdapter",

@@ -36,6 +36,7 @@ ALIGNED_LLMS: dict[str, tuple[str, str]] = {
     "mistral3": ("Mistral 3 (Pixtral)", "Mistral Small (`MistralForCausalLM`)"),
     "smolvlm": ("SmolVLM / Idefics3", "SmolLM2 / Llama (`LlamaForCausalLM`)"),
     "idefics2": ("Idefics2", "Mistral (`MistralForCausalLM`)"),
+    "aya_vision": ("Aya Vision", "Command R7B (`Cohere2ForCausalLM`)"),
     "internvl": ("InternVL (HF-native)", "its Qwen2 LLM (`Qwen2ForCausalLM`)"),
     "paligemma": ("PaliGemma", "Gemma (`GemmaForCausalLM`)"),
     "mllama": ("Llama 3.2 Vision (mllama)", "Llama 3.1 (`LlamaForCausalLM`), cross-attention layers kept"),
