@@ -19,7 +19,7 @@ timing each stage and recording its peak CUDA memory:
                       back and run;
 
 and then, for every other explicit family (LLaVA-OneVision, Qwen3-VL dense and MoE, Gemma 3, Mistral 3,
-SmolVLM, Idefics3, Idefics2, Aya Vision, InternVL, PaliGemma, Llama 3.2 Vision:
+SmolVLM, Idefics3, Idefics2, Aya Vision, GLM-4.1V, InternVL, PaliGemma, Llama 3.2 Vision:
 :data:`vlmsafe.testing_families.FAMILY_BUILDERS`,
 with the published chat templates of ``tests/fixtures/templates`` where stored), its language model at the preset's
 reduced-but-real shape (``text_hidden`` / ``text_layers`` / heads, head dim 64 on the GPU) behind the family's
@@ -99,7 +99,7 @@ PRESETS = {
 PATCH = 14
 #: The families run after the core stages by default (``--families``); LLaVA-1.5 and Qwen2-VL are the core.
 FAMILIES = ("llava_onevision", "qwen3_vl", "qwen3_vl_moe", "gemma3", "mistral3", "smolvlm", "idefics3", "idefics2",
-            "aya_vision", "internvl", "paligemma", "mllama")
+            "aya_vision", "glm4v", "internvl", "paligemma", "mllama")
 
 
 def check(ok: bool, message: str) -> None:

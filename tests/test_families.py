@@ -36,6 +36,7 @@ EXPECTED = {
     "idefics3": ("SmolVLMAdapter", "model.text_model.layers", ("<fake_token_around_image>", "<global-img>")),
     "idefics2": ("Idefics2Adapter", "model.text_model.layers", ("<fake_token_around_image>",)),
     "aya_vision": ("AyaVisionAdapter", "model.language_model.layers", AYA_VISION_MARKUP),
+    "glm4v": ("Glm4vAdapter", "model.language_model.layers", ("<|begin_of_image|>", "<|end_of_image|>")),
     "internvl": ("InternVLAdapter", "model.language_model.layers", ("<img>", "</img>")),
     "paligemma": ("PaliGemmaAdapter", "model.language_model.layers", ()),
 }

@@ -381,6 +381,53 @@ def tiny_aya_vision(seed: int = 0, template: str = "sketch", text: dict | None =
     return t.AyaVisionForConditionalGeneration(config).eval(), processor
 
 
+# -------------------------------------------------------------------------------------------------- GLM-4V
+#: zai-org/GLM-4.1V-9B-Thinking style turns: ``[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>
+#: {text}<|assistant|>\n`` (a sketch without the thinking and tool parts: no published copy was stored).
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>{{ '\n' }}"
+    + _user_turns("<|begin_of_image|><|image|><|end_of_image|>") + "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{{ '\n' }}{% endif %}"
+)
+GLM4V_SPECIAL = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>",
+                 "<|end_of_image|>", "<|image|>", "<|video|>", "<|begin_of_video|>", "<|end_of_video|>")
+
+
+def tiny_glm4v(seed: int = 0, template: str = "sketch", text: dict | None = None):
+    """``Glm4vForConditionalGeneration`` (GLM-4.1V: a Qwen2-VL-style native-resolution ViT with a 2x2 merger, the
+    GLM-4 text model with partial, 3-section M-RoPE) + ``Glm4vProcessor``."""
+    import transformers as t
+
+    _seed(seed)
+    if template == "published":
+        raise InputError("no published GLM-4V chat template is stored (tests/fixtures/templates has none); "
+                         "pass template='sketch'")
+    chat_template = _template("glm4v", template, GLM4V_TEMPLATE)
+    tok = family_tokenizer(GLM4V_SPECIAL, {"image_token": "<|image|>", "video_token": "<|video|>"},
+                           chat_template=chat_template, bos="<|endoftext|>", eos="<|user|>")
+    patches = dict(patch_size=4, temporal_patch_size=2, merge_size=2)
+    processor = t.Glm4vProcessor(
+        image_processor=t.Glm4vImageProcessor(size={"shortest_edge": 16 * 16, "longest_edge": IMAGE_SIZE ** 2},
+                                              **patches),
+        tokenizer=tok, video_processor=t.Glm4vVideoProcessor(**patches), chat_template=chat_template,
+    )
+    text = _text(tok, partial_rotary_factor=0.5, **(text or {}))
+    quarter = text["head_dim"] // 4  # the rotary half-dimension at partial_rotary_factor 0.5
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                               "mrope_section": [quarter // 2, quarter - quarter // 2 - quarter // 4, quarter // 4]}
+    ids = {s: tok.convert_tokens_to_ids(s) for s in GLM4V_SPECIAL}
+    config = t.Glm4vConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, image_size=IMAGE_SIZE,
+                           out_hidden_size=text["hidden_size"], patch_size=4, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
+    )
+    return t.Glm4vForConditionalGeneration(config).eval(), processor
+
+
 # ------------------------------------------------------------------------------------------------ InternVL
 #: OpenGVLab/InternVL3-1B-hf: Qwen2 turns, an image is ``<IMG_CONTEXT>\n`` before the text.
 INTERNVL_TEMPLATE = (
@@ -496,6 +543,7 @@ FAMILY_BUILDERS = {
     "idefics3": lambda seed=0, template="published", text=None: tiny_smolvlm(seed, "idefics3", template, text),
     "idefics2": tiny_idefics2,
     "aya_vision": tiny_aya_vision,
+    "glm4v": tiny_glm4v,
     "internvl": tiny_internvl,
     "paligemma": tiny_paligemma,
     "mllama": tiny_mllama,
@@ -513,6 +561,7 @@ ALIGNED_LLMS = {
     "idefics3": ("LlamaConfig", "LlamaForCausalLM"),
     "idefics2": ("MistralConfig", "MistralForCausalLM"),
     "aya_vision": ("Cohere2Config", "Cohere2ForCausalLM"),
+    "glm4v": ("Glm4Config", "Glm4ForCausalLM"),
     "internvl": ("Qwen2Config", "Qwen2ForCausalLM"),
     "paligemma": ("GemmaConfig", "GemmaForCausalLM"),
     "mllama": ("LlamaConfig", "LlamaForCausalLM"),

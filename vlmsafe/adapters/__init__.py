@@ -23,6 +23,7 @@ from vlmsafe.adapters.clip import CLIPAdapter, OpenCLIPAdapter
 from vlmsafe.adapters.families import (
     AyaVisionAdapter,
     Gemma3Adapter,
+    Glm4vAdapter,
     Idefics2Adapter,
     InternVLAdapter,
     LlavaOnevisionAdapter,
@@ -58,6 +59,7 @@ __all__ = [
     "ChatVLMAdapter",
     "Gemma3Adapter",
     "GenericVLMAdapter",
+    "Glm4vAdapter",
     "GuessedAdapterWarning",
     "Idefics2Adapter",
     "InternVLAdapter",

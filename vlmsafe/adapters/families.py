@@ -48,6 +48,15 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     family = "qwen3_vl_moe"
 
 
+@register_adapter("Glm4vForConditionalGeneration")
+class Glm4vAdapter(Qwen2VLAdapter):
+    """GLM-4.1V / GLM-4V: Qwen2-VL's layout (``model.visual`` with its merger, ``model.language_model``) around the
+    GLM-4 text model; ``<|image|>`` marks the image positions between ``<|begin_of_image|>`` and
+    ``<|end_of_image|>``."""
+
+    family = "glm4v"
+
+
 @register_adapter("Gemma3ForConditionalGeneration")
 class Gemma3Adapter(ChatVLMAdapter):
     """Gemma 3 (SigLIP pooled to a fixed number of soft tokens + Gemma 3 text). The template's image
@@ -266,6 +275,7 @@ class MllamaAdapter(ChatVLMAdapter):
 __all__ = [
     "AyaVisionAdapter",
     "Gemma3Adapter",
+    "Glm4vAdapter",
     "Idefics2Adapter",
     "InternVLAdapter",
     "LlavaOnevisionAdapter",

@@ -37,6 +37,7 @@ ALIGNED_LLMS: dict[str, tuple[str, str]] = {
     "smolvlm": ("SmolVLM / Idefics3", "SmolLM2 / Llama (`LlamaForCausalLM`)"),
     "idefics2": ("Idefics2", "Mistral (`MistralForCausalLM`)"),
     "aya_vision": ("Aya Vision", "Command R7B (`Cohere2ForCausalLM`)"),
+    "glm4v": ("GLM-4.1V", "GLM-4 (`Glm4ForCausalLM`)"),
     "internvl": ("InternVL (HF-native)", "its Qwen2 LLM (`Qwen2ForCausalLM`)"),
     "paligemma": ("PaliGemma", "Gemma (`GemmaForCausalLM`)"),
     "mllama": ("Llama 3.2 Vision (mllama)", "Llama 3.1 (`LlamaForCausalLM`), cross-attention layers kept"),
