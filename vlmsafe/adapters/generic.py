@@ -10,7 +10,15 @@ when all of these hold, and otherwise the model is refused with the reason:
   ``text_config.num_hidden_layers`` blocks that share no parameter with the vision tower;
 * no decoder layer holds a cross-attention block (such models read the image from the side, not from image
   positions in the sequence, so the text-only twin has no image positions to compare);
-* its ``forward`` runs without ``pixel_values`` (BLIP-2 and InstructBLIP require an image: no text-only twin);
+* its ``forward`` runs without ``pixel_values`` (BLIP-2 and InstructBLIP require an image: no text-only twin;
+  and their ``generate`` calls the language model's ``generate`` directly, so hooks on the model's ``forward``
+  would never see a generated token; their default language model is OPT, decoder-only; a T5-based checkpoint
+  sets ``is_encoder_decoder`` and is out of scope as an encoder-decoder);
+* its image positions are marked by a token id, not by a separate mask (Kosmos-2 / 2.5 pass
+  ``image_embeds_position_mask`` and write ordinary vocabulary ids at the image positions);
+* a config that is its own text config is refused with what its layout does instead: IDEFICS 1's gated
+  cross-attention, GIT's image embeddings prepended inside the embedding layer (no image positions in
+  ``input_ids``);
 * the input embeddings are ``text_config.hidden_size`` wide;
 * the config has an image-token field (``image_token_id`` / ``image_token_index``). A field left unset
   (MiniCPM-V, BLIP-2, Nemotron-H Omni: the class default is ``None``, a released checkpoint's
@@ -49,6 +57,7 @@ LAYER_PATHS = (
     "language_model.model.decoder.layers",  # BLIP-2 / InstructBLIP around OPT
     "model.language_model.decoder.layers",
     "text_model.model.layers",  # Kosmos-2 / 2.5
+    "text_decoder.bert.encoder.layer",  # BLIP (its blocks cross-attend to the image: refused, with that reason)
 )
 VISION_PATHS = ("model.vision_tower", "model.visual", "model.vision_model", "model.vision_encoder",
                 "vision_tower", "visual", "vision_model", "model.vision")
@@ -191,6 +200,29 @@ def out_of_scope(model: nn.Module) -> str | None:
     return None
 
 
+def _inner_generate(model: nn.Module) -> str:
+    """The submodule whose ``generate`` a wrapper VLM's ``generate`` calls (named in refusals)."""
+    return next((n for n in ("language_model", "text_model") if isinstance(getattr(model, n, None), nn.Module)),
+                "its language model")
+
+
+def _flat_config_reason(model: nn.Module, config: Any) -> str | None:
+    """Why a VLM whose config is its own text config (IDEFICS 1, GIT) cannot be read, if a known layout says so."""
+    name = type(model).__name__
+    if getattr(config, "cross_layer_interval", None) is not None:
+        return (f"the generic adapter found gated cross-attention in {name} (config.cross_layer_interval): it reads "
+                "the image from the side rather than from image positions in the sequence, so the text-only twin "
+                "has nothing to compare; such a family needs an explicit adapter (as Llama 3.2 Vision has)")
+    if getattr(config, "num_image_with_embedding", _MISSING) is not _MISSING:
+        return (f"the generic adapter needs image positions in input_ids; {name} (GIT) prepends the image "
+                "embeddings ahead of the text inside its embedding layer, so the decoder's positions do not line up "
+                "with input_ids and no token id marks the image")
+    return None
+
+
+_MISSING = object()
+
+
 def _inspect(model: nn.Module) -> type[ModelAdapter] | str:
     name = type(model).__name__
     config = getattr(model, "config", None)
@@ -204,6 +236,8 @@ def _inspect(model: nn.Module) -> type[ModelAdapter] | str:
         return f"the generic adapter handles decoder-only VLMs; {scope}"
     text = config.get_text_config()
     n, width = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    if text is config and _flat_config_reason(model, config):
+        return _flat_config_reason(model, config)
     if text is config or not isinstance(n, int) or not isinstance(width, int):
         return f"the generic adapter found no text config with num_hidden_layers and hidden_size in {name}'s config"
     vision_path = next((p for p in VISION_PATHS if isinstance(_path(model, p), nn.Module)), None)
@@ -224,10 +258,17 @@ def _inspect(model: nn.Module) -> type[ModelAdapter] | str:
         return (f"the generic adapter found cross-attention in {name}'s decoder layers ({cross}): it reads the image "
                 "from the side rather than from image positions in the sequence, so the text-only twin has nothing to "
                 "compare; such a family needs an explicit adapter (as Llama 3.2 Vision has)")
-    forward = inspect.signature(type(model).forward).parameters.get("pixel_values")
+    params = inspect.signature(type(model).forward).parameters
+    forward = params.get("pixel_values")
     if forward is not None and forward.default is inspect.Parameter.empty:
         return (f"the generic adapter needs a model that runs without an image (the text-only twin); "
-                f"{name}.forward requires pixel_values")
+                f"{name}.forward requires pixel_values, and its generate() hands inputs_embeds straight to "
+                f"{_inner_generate(model)}.generate, bypassing forward, so no entry hook sees the prompt's "
+                "input_ids while it generates")
+    if "image_embeds_position_mask" in params:
+        return (f"the generic adapter takes image positions from an image token id; {name} marks them with an "
+                "image_embeds_position_mask its processor builds, and the ids at those positions also mean text "
+                "(Kosmos-2: ordinary vocabulary ids; Kosmos-2.5: its BOS token <s>), so no id tells image from text")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if getattr(embeddings, "embedding_dim", width) != width:
         return (f"the generic adapter found input embeddings {embeddings.embedding_dim} wide in {name}, not "
