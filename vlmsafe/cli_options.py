@@ -30,8 +30,29 @@ from vlmsafe.validation import float_arg, int_arg, layer_spec_arg, seed_arg
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help states its default: an option that takes a value and has a default its help does not
+    already mention gets `` (default: VALUE)`` appended (argparse's ``ArgumentDefaultsHelpFormatter`` rule, minus
+    its ``(default: None)`` / ``(default: False)`` noise: an option without a default says in its own help what
+    happens without it, and a flag is off unless given). Descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.nargs != 0 and not action.required
+                and action.default not in (None, argparse.SUPPRESS) and "default" not in text.lower()):
+            text += " (default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse`` with vlmsafe's error format: one line naming the problem and the fix, exit code 2."""
+    """``argparse`` with vlmsafe's error format (one line naming the problem and the fix, exit code 2) and help
+    that states every option's default (:class:`HelpFormatter`, also for subcommands that ask for argparse's
+    plain or raw-description formatter)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("formatter_class") in (None, argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
@@ -47,7 +68,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, help: str | None = Non
                    help="load the weights in this dtype (default float32; auto = the checkpoint's)")
     g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu, auto (default: cpu)")
     g.add_argument("--device-map", default=None, metavar="MAP",
-                   help="dispatch a model too large for one device with accelerate: auto, balanced or sequential")
+                   help="dispatch a model too large for one device with accelerate: auto, balanced or sequential "
+                        "(default: none, the whole model on --device)")
 
 
 def load_model_from_args(args: argparse.Namespace, *, kind: str = "auto", device: Any = None) -> tuple[Any, Any]:
@@ -74,12 +96,23 @@ def colour_arg(text: str) -> tuple[int, int, int]:
                                          + (f" ({exc})" if isinstance(exc, InputError) else "")) from None
 
 
-def add_anchor_options(group: Any, *, help_prefix: str = "") -> None:
-    """``--anchor {real,blank,noise}``, ``--anchor-colour R,G,B`` and ``--anchor-seed N`` (defaults applied later)."""
+#: ``--anchor`` for ``calibrate``: the anchor of the calibration passes (the config field's help is sample-level's).
+CALIBRATE_ANCHOR_HELP = (
+    "the image each item's shift is measured with: real (its own image), blank (a uniform image, as in the CMRM "
+    "paper) or noise (seeded uniform noise); with blank/noise the items need no images, a list of prompts is a "
+    "calibration set (default real)")
+
+
+def add_anchor_options(group: Any, *, sample_level: bool = True) -> None:
+    """``--anchor {real,blank,noise}``, ``--anchor-colour R,G,B`` and ``--anchor-seed N`` (defaults applied later).
+
+    ``sample_level``: the anchor of sample-level steering (``generate``, ``evaluate``: "with --sample-level: ..."),
+    else of calibration (``calibrate``), whose help says what the anchor does there."""
     from vlmsafe.steering.config import field_help
 
-    group.add_argument("--anchor", choices=("real", "blank", "noise"), default=None,
-                       help=help_prefix + field_help("anchor") + " (default real)")
+    anchor_help = ("with --sample-level: " + field_help("anchor").removeprefix("sample-level: ") + " (default real)"
+                   if sample_level else CALIBRATE_ANCHOR_HELP)
+    group.add_argument("--anchor", choices=("real", "blank", "noise"), default=None, help=anchor_help)
     group.add_argument("--anchor-colour", type=colour_arg, default=None, metavar="R,G,B",
                        help=field_help("anchor_colour"))
     group.add_argument("--anchor-seed", type=seed_arg(), default=None, metavar="N", help=field_help("anchor_seed"))
@@ -114,11 +147,11 @@ def add_steering_options(
 
     g = parser.add_argument_group(title)
     src = g.add_mutually_exclusive_group()
-    add_input(src, "--vectors", metavar="DIR", help=field_help("vectors"))
+    add_input(src, "--vectors", metavar="DIR", help=field_help("vectors") + " (default: none, unsteered)")
     src.add_argument("--sample-level", action="store_true",
                      help="sample-level CMRM: each input's shift from its own text-only counterpart "
                           "(one extra text-only pass)")
-    add_input(src, "--shiftdc", metavar="DIR", help=field_help("directions"))
+    add_input(src, "--shiftdc", metavar="DIR", help=field_help("directions") + " (default: none)")
     g.add_argument("--alpha", type=float_arg(low=0.0, high=MAX_ALPHA), default=None,
                    help=field_help("alpha") + " (default 1.0)")
     g.add_argument(layers_flag, dest="steer_layers", type=layer_spec_arg, default=None, metavar="LAYERS",
@@ -127,9 +160,9 @@ def add_steering_options(
                    help=field_help("positions") + " (default last)")
     g.add_argument("--decode", action="store_true", default=None, help=field_help("decode"))
     g.add_argument("--strict-model", action="store_true", help=field_help("strict_model"))
-    add_anchor_options(g, help_prefix="with --sample-level: ")
+    add_anchor_options(g)
     g.add_argument("--shift-from", choices=("unsteered", "running"), default=None,
-                   help="with --shiftdc: " + field_help("shift_from") + " (default unsteered)")
+                   help="with --shiftdc: " + field_help("shift_from").removeprefix("ShiftDC: ") + " (default unsteered)")
 
 
 def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, flags: Sequence[str] = ()) -> Any:
@@ -281,7 +314,8 @@ def add_progress_option(parser: argparse.ArgumentParser) -> None:
 def add_data_options(parser: argparse.ArgumentParser, *, help: str, batch_size: int = 8) -> None:
     """``--data`` (required), ``--limit N`` and ``--batch-size N`` (both positive integers)."""
     add_input(parser, "--data", required=True, help=help)
-    parser.add_argument("--limit", type=int_arg(low=1), default=None, metavar="N", help="use only the first N items")
+    parser.add_argument("--limit", type=int_arg(low=1), default=None, metavar="N",
+                        help="use only the first N items (default: all)")
     parser.add_argument("--batch-size", type=int_arg(low=1), default=batch_size, metavar="N",
                         help=f"items per forward pass (default {batch_size})")
 

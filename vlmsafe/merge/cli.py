@@ -48,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_input(p, "config", nargs="?", label="merge config",
               help="YAML merge config, vlmsafe's or mergekit's form (optional if --vlm/--aligned/--out are given)")
-    add_input(p, "--vlm", help="VL-adapted model directory (its layout is kept)")
-    add_input(p, "--aligned", help="safety-aligned text-only LLM directory")
+    add_input(p, "--vlm", help="VL-adapted model directory, its layout kept (default: the YAML's vlm)")
+    add_input(p, "--aligned", help="safety-aligned text-only LLM directory (default: the YAML's aligned)")
     add_input(p, "--base", help="common base model for task-vector methods (default: the aligned LLM)")
     p.add_argument("--method", choices=METHODS, help="merge method (default linear)")
     p.add_argument("--weight", type=float_arg(low=-1.0, high=2.0), metavar="LAMBDA",
@@ -58,8 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=float_arg(low=0.0, high=1.0, low_open=True),
                    help="ties/dare only: fraction of each task vector kept, in (0, 1] (default 1.0)")
     p.add_argument("--convention", choices=("mergekit", "peft"), help="ties/dare numerics (default mergekit)")
-    add_input(p, "--mask", help="safetensors mask file (from `vlmsafe merge-mask`): merge only masked entries")
-    p.add_argument("--vocab-rows", choices=("error", "shared"), help="vocabulary-size mismatch handling")
+    add_input(p, "--mask", help="safetensors mask file (from `vlmsafe merge-mask`): merge only masked entries "
+                               "(default: none, every entry)")
+    p.add_argument("--vocab-rows", choices=("error", "shared"),
+                   help="vocabulary-size mismatch: error, or shared (merge the shared token rows, copy the rest) "
+                        "(default: error)")
     p.add_argument("--allow-passthrough", action="store_true", default=None,
                    help="copy the VLM tensor where a counterpart is missing or mismatched instead of failing")
     p.add_argument("--cast-dtype", action="store_true", default=None, help="merge inputs of different dtypes")
@@ -68,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed_arg(), help="seed for DARE's random drop (default 0)")
     p.add_argument("--no-hash", dest="hash_inputs", action="store_false", default=None,
                    help="skip sha256 of the inputs in the recipe (hashing costs CPU, not an extra read)")
-    add_output_options(p, dest="output", required=False, help="output directory (created atomically; or `output:` "
-                       "in the YAML)")
+    add_output_options(p, dest="output", required=False, help="output directory, created atomically "
+                       "(default: the YAML's output)")
     add_progress_option(p)
     p.set_defaults(func=_merge)
 

@@ -76,7 +76,7 @@ def register(subparsers: Any) -> None:
                      help="token positions read per item: the last prompt token (default) or the mean over the "
                      "prompt's text tokens (image tokens have no text-only counterpart); ShiftDC reads the last only")
     g = cal.add_argument_group("CMRM")
-    add_anchor_options(g)
+    add_anchor_options(g, sample_level=False)
     g.add_argument("--aggregate", choices=("mean", "pca"), default=None,
                    help="mean of the per-item shifts (default), or their first principal component oriented and "
                         "scaled by the mean (keeps every item's shift in memory)")
@@ -87,7 +87,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("--caption-tokens", type=int_arg(low=1), default=None, metavar="N",
                    help="caption budget in tokens (default 128, as in ShiftDC's code)")
     add_input(g, "--captions", default=None, metavar="JSONL",
-              help="reuse captions by item id, e.g. the captions.jsonl of an earlier --method shiftdc run")
+              help="reuse captions by item id, e.g. the captions.jsonl of an earlier --method shiftdc run "
+                   "(default: none, captions from the data or the model)")
     add_progress_option(cal)
     cal.set_defaults(func=run_calibrate)
 
@@ -101,7 +102,7 @@ def register(subparsers: Any) -> None:
     add_model_options(gen)
     gen.add_argument("--prompt", required=True,
                      help="the instruction (plain text; the chat template is applied for you)")
-    add_input(gen, "--image", default=None, help="image file (omit for a text-only prompt)")
+    add_input(gen, "--image", default=None, help="image file (default: none, a text-only prompt)")
     add_max_new_tokens(gen)
     add_steering_options(gen)
     gen.set_defaults(func=run_generate)
