@@ -7,6 +7,8 @@
 * :func:`add_output_options` -- ``--out`` and ``--overwrite``; :func:`add_input` marks an option as something the
   command reads, and :func:`check_command_output` checks an output against every input (marked options, paths
   named inside data and config files) before any work (see :func:`vlmsafe.io.check_output`);
+* :func:`add_push_options` / :func:`check_push_args` / :func:`push_from_args` -- ``--push-to-hub REPO_ID``
+  (``--hub-private``, ``--hub-token``) on the commands that write shareable artefacts;
 * :func:`add_progress_option` -- ``--no-progress`` (``--quiet`` is kept as a hidden alias);
 * :func:`add_data_options` -- ``--data --limit --batch-size``.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -162,7 +165,8 @@ def add_steering_options(
     g.add_argument("--strict-model", action="store_true", help=field_help("strict_model"))
     add_anchor_options(g)
     g.add_argument("--shift-from", choices=("unsteered", "running"), default=None,
-                   help="with --shiftdc: " + field_help("shift_from").removeprefix("ShiftDC: ") + " (default unsteered)")
+                   help="with --shiftdc: " + field_help("shift_from").removeprefix("ShiftDC: ")
+                   + " (default unsteered)")
 
 
 def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, flags: Sequence[str] = ()) -> Any:
@@ -303,6 +307,65 @@ def check_command_output(
         overwrite = bool(getattr(args, "overwrite", False))
     check_output(path, kind=kind, overwrite=overwrite, option=option, inputs=every)
     return Path(os.path.expanduser(os.fspath(path)))
+
+
+# --------------------------------------------------------------------------- sharing: --push-to-hub
+def add_push_options(parser: argparse.ArgumentParser, *, what: str) -> None:
+    """``--push-to-hub REPO_ID``, ``--hub-private``, ``--hub-token TOKEN`` (:func:`vlmsafe.cards.push_to_hub`'s
+    ``private`` and ``token``): upload ``what`` with its model card once it is written, as transformers'
+    ``push_to_hub=True`` does. Checked by :func:`check_push_args` before the work, pushed by
+    :func:`push_from_args` after the atomic write."""
+    g = parser.add_argument_group("sharing on the Hugging Face Hub")
+    g.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                   help=f"once {what} is written, upload it with its model card to this Hub repository "
+                        "(user-or-org/name, created if missing; default: none, nothing is uploaded)")
+    g.add_argument("--hub-private", action="store_true",
+                   help="with --push-to-hub: create the repository private (an existing one keeps its visibility)")
+    g.add_argument("--hub-token", metavar="TOKEN", default=None,
+                   help="with --push-to-hub: a Hub token with write access (default: the one `hf auth login` "
+                        "stored, or $HF_TOKEN)")
+
+
+def check_push_args(args: argparse.Namespace) -> None:
+    """Before the work: ``--hub-private`` / ``--hub-token`` need ``--push-to-hub`` (they would be ignored), and the
+    repository id must be one and offline mode off (:func:`vlmsafe.cards.check_push_target`)."""
+    if getattr(args, "push_to_hub", None) is None:
+        given = [flag for flag, value in (("--hub-private", getattr(args, "hub_private", False)),
+                                          ("--hub-token", getattr(args, "hub_token", None))) if value]
+        if given:
+            raise InputError(f"{', '.join(given)} set(s) how to upload, but nothing is uploaded; add --push-to-hub "
+                             "REPO_ID or drop it")
+        return
+    from vlmsafe.cards import check_push_target
+
+    try:
+        check_push_target(args.push_to_hub)
+    except InputError as exc:
+        raise InputError(f"--push-to-hub: {exc}") from None
+
+
+def push_from_args(args: argparse.Namespace, folder: str | os.PathLike[str]) -> str | None:
+    """Upload the written ``folder`` when ``--push-to-hub`` was given; returns the commit URL, printed on stderr
+    (stdout stays the command's own output, e.g. ``safeclip train``'s JSON summary).
+
+    The output is already in place: a refused or failed upload is one line saying so and how to retry, the folder
+    kept (exit code 2 through the CLI)."""
+    repo_id = getattr(args, "push_to_hub", None)
+    if repo_id is None:
+        return None
+    from vlmsafe.cards import push_to_hub
+    from vlmsafe.errors import VlmsafeError
+
+    try:
+        url = push_to_hub(folder, repo_id, private=True if args.hub_private else None, token=args.hub_token)
+    except VlmsafeError:
+        raise
+    except Exception as exc:  # the Hub's HTTP errors, a lost connection: the written output stays
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{folder} was written, but the upload to {repo_id} failed ({first}); retry with "
+                         f"`hf upload {repo_id} {folder}` or vlmsafe.cards.push_to_hub") from None
+    print(f"pushed {folder} to the Hub repository {repo_id}: {url}", file=sys.stderr)  # stdout: the command's own
+    return url
 
 
 def add_progress_option(parser: argparse.ArgumentParser) -> None:

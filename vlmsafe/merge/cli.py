@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlmsafe.cli_options import add_input, add_output_options, add_progress_option, check_command_output
+from vlmsafe.cli_options import (
+    add_input,
+    add_output_options,
+    add_progress_option,
+    add_push_options,
+    check_command_output,
+    check_push_args,
+    push_from_args,
+)
 from vlmsafe.merge.choices import METHODS
 from vlmsafe.validation import float_arg, seed_arg, size_arg
 
@@ -73,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="skip sha256 of the inputs in the recipe (hashing costs CPU, not an extra read)")
     add_output_options(p, dest="output", required=False, help="output directory, created atomically "
                        "(default: the YAML's output)")
+    add_push_options(p, what="the merged model")
     add_progress_option(p)
     p.set_defaults(func=_merge)
 
@@ -100,6 +109,7 @@ def _merge(args: argparse.Namespace) -> int:
     from vlmsafe.merge.config import MergeConfig
     from vlmsafe.merge.streaming import merge_checkpoints
 
+    check_push_args(args)
     overrides = {
         k: getattr(args, k)
         for k in ("vlm", "aligned", "base", "output", "method", "weight", "density", "convention", "mask",
@@ -116,6 +126,7 @@ def _merge(args: argparse.Namespace) -> int:
     t = result.recipe["tensors"]
     print(f"merged {t['merged']} tensors, copied {t['copied']} ({json.dumps(t['copied_by_reason'])}) "
           f"in {result.seconds:.1f}s -> {result.output}")
+    push_from_args(args, result.output)
     return 0
 
 

@@ -19,9 +19,12 @@ from vlmsafe.cli_options import (
     add_model_options,
     add_output_options,
     add_progress_option,
+    add_push_options,
     check_command_output,
     check_named_inputs,
+    check_push_args,
     command_inputs,
+    push_from_args,
 )
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import check_no_overlap, json_text
@@ -106,6 +109,7 @@ def _register_train(sub: Any) -> None:
                                   "(default: none, the field defaults)")
     group = t.add_argument_group("training options (SafeCLIPTrainingConfig fields)")
     add_options(group, SafeCLIPTrainingConfig, types={"weights": _weights_arg})
+    add_push_options(t, what="the final model (OUTPUT_DIR/model)")
     t.set_defaults(func=_train)
 
 
@@ -155,6 +159,7 @@ def _train(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.trainer import SafeCLIPTrainer
 
     config = _training_config(args)
+    check_push_args(args)
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     require_extra("safeclip", *(("peft",) if config.use_lora else ()), feature="safeclip train with LoRA")
     check_no_overlap(args.output_dir, command_inputs(args), option="--output-dir")  # even with --overwrite / --resume
@@ -176,6 +181,7 @@ def _train(args: argparse.Namespace) -> int:
                    "stopped_early": result.stopped_early, "best_step": result.best_step,
                    "best_metrics": result.best_metrics}
         print(json_text(summary))
+        push_from_args(args, out / model_dir.relative_to(run_dir))
     return 0
 
 

@@ -15,11 +15,14 @@ from vlmsafe.cli_options import (
     add_model_options,
     add_output_options,
     add_progress_option,
+    add_push_options,
     add_steering_options,
     anchor_from_args,
     check_command_output,
     check_named_inputs,
+    check_push_args,
     load_model_from_args,
+    push_from_args,
     steering_from_args,
 )
 from vlmsafe.errors import InputError
@@ -89,6 +92,7 @@ def register(subparsers: Any) -> None:
     add_input(g, "--captions", default=None, metavar="JSONL",
               help="reuse captions by item id, e.g. the captions.jsonl of an earlier --method shiftdc run "
                    "(default: none, captions from the data or the model)")
+    add_push_options(cal, what="the vectors / directions folder")
     add_progress_option(cal)
     cal.set_defaults(func=run_calibrate)
 
@@ -109,6 +113,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    check_push_args(args)
     check_command_output(args, args.out, kind="dir")  # the images --data names: once it is read, below
     if args.method == "shiftdc":
         return _calibrate_shiftdc(args)
@@ -151,6 +156,7 @@ def _calibrate_cmrm(args: argparse.Namespace) -> int:
         print(f"saved CMRM vectors ({vectors.meta['anchor']} anchor, {vectors.meta['aggregate']}) for "
               f"{len(vectors.layers)} layers from {vectors.meta['num_items']} items to {args.out}")
         print(json.dumps({str(l): round(s["shift_norm"], 4) for l, s in vectors.stats.items()}))
+        push_from_args(args, args.out)
     wait_for_everyone(accelerator)
     return 0
 
@@ -205,6 +211,7 @@ def _calibrate_shiftdc(args: argparse.Namespace) -> int:
           f"{directions.meta['n_harmful']} harmful and {directions.meta['n_benign']} benign items to {args.out} "
           f"(captions: {src['data']} from the data, {src['cache']} from --captions, {src['generated']} generated; "
           "all in captions.jsonl)")
+    push_from_args(args, args.out)
     return 0
 
 
