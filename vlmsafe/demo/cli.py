@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(format_t2i_table(report["safe_clip_t2i"]))
         print(f"prompts x (original, Safe-CLIP) grid: {args.out}/{report['safe_clip_t2i']['grid']}")
-    print(
-        f"\nfigures: {args.out}/cmrm_sweep.png, {args.out}/merge_sweep.png; all numbers: {args.out}/report.json "
-        f"({report['seconds']} s)"
-    )
+    from vlmsafe.demo.run import timing_line
+
+    print(f"\nfigures: {args.out}/cmrm_sweep.png, {args.out}/merge_sweep.png; all numbers: {args.out}/report.json")
+    print(f"time: {timing_line(report)}")
     return 0

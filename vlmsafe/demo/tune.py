@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vlmsafe.demo import progress as bar
 from vlmsafe.demo.context import DemoContext, value
 from vlmsafe.steering import SteeringConfig
 
@@ -106,9 +107,14 @@ def tune(
     """
     grid: list[dict[str, Any]] = []
     best: tuple | None = None
-    for layers in method.layer_sets:
+    positive = sorted(a for a in alphas if a > 0)
+    n_settings = len(method.layer_sets) * len(positive)  # at most: a layer set's sweep may stop early
+    name = f"tune {method.name}"
+    bar.stage(ctx, name, f"{name} 1/{n_settings}")
+    for set_index, layers in enumerate(method.layer_sets):
         misses = 0
-        for alpha in sorted(a for a in alphas if a > 0):
+        for alpha_index, alpha in enumerate(positive):
+            bar.describe(ctx, f"{name} {len(grid) + 1}/{n_settings}")
             row = _measure_setting(ctx, method.config(layers, alpha), base, best)
             row.update(alpha=alpha, layers=layers)
             grid.append(row)
@@ -117,13 +123,26 @@ def tune(
                 best = max(best or _key(row), _key(row))
             elif row["skipped"] != ["image_questions", "benign"]:
                 misses += 1  # measured and out of bounds (not merely outdone by a better setting)
-            if misses == 2 or value(row["harmful"]["refusal"]) == 1.0:
+            stop = misses == 2 or value(row["harmful"]["refusal"]) == 1.0
+            left = len(positive) * (len(method.layer_sets) - set_index - 1)
+            left += 0 if stop else len(positive) - alpha_index - 1
+            _expect_rest(ctx, len(grid), left)
+            if stop:
                 break
     pick = choose(grid, base)
+    bar.describe(ctx, f"{name}: completing {layers_label(pick['layers'])}")
     for row in grid:
         if row["layers"] == pick["layers"] and row["skipped"]:
             complete(ctx, method, row)
     return grid
+
+
+def _expect_rest(ctx: Any, measured: int, settings_left: int) -> None:
+    """Tell the demo's bar what the rest of a tuning grid will cost: the settings still to try at the mean
+    cost of those measured (a pruned setting costs its harmful items only, a full one every group)."""
+    tracker = bar.tracker_of(ctx)
+    if tracker is not None and measured:
+        tracker.expect(round(tracker.stage_done / measured * settings_left))
 
 
 def complete(ctx: DemoContext, method: SteeringMethod, row: dict[str, Any]) -> None:
