@@ -67,7 +67,7 @@ def merge_paragraph(report: dict[str, Any], weight_change: list[dict[str, Any]] 
         moved = (
             f"Visual instruction tuning moved the language model's weight matrices by {100 * min(changes):.0f}-"
             f"{100 * max(changes):.0f}% per layer (relative Frobenius norm; `vlmsafe probe weights --before "
-            "assets/testbed/aligned_lm --after assets/testbed`). "
+            "assets/testbed/aligned_lm --after assets/testbed --out reports/`). "
         )
     return (
         "**Why the merge row moves little here.** " + moved + "A linear merge walks back along that change: on the "

@@ -111,6 +111,8 @@ def tune(
     n_settings = len(method.layer_sets) * len(positive)  # at most: a layer set's sweep may stop early
     name = f"tune {method.name}"
     bar.stage(ctx, name, f"{name} 1/{n_settings}")
+    tracker = bar.tracker_of(ctx)
+    prior = tracker.estimates[name] / n_settings if tracker is not None and n_settings else 0.0
     for set_index, layers in enumerate(method.layer_sets):
         misses = 0
         for alpha_index, alpha in enumerate(positive):
@@ -126,7 +128,7 @@ def tune(
             stop = misses == 2 or value(row["harmful"]["refusal"]) == 1.0
             left = len(positive) * (len(method.layer_sets) - set_index - 1)
             left += 0 if stop else len(positive) - alpha_index - 1
-            _expect_rest(ctx, len(grid), left)
+            _expect_rest(ctx, len(grid), left, prior)
             if stop:
                 break
     pick = choose(grid, base)
@@ -137,12 +139,18 @@ def tune(
     return grid
 
 
-def _expect_rest(ctx: Any, measured: int, settings_left: int) -> None:
-    """Tell the demo's bar what the rest of a tuning grid will cost: the settings still to try at the mean
-    cost of those measured (a pruned setting costs its harmful items only, a full one every group)."""
+#: How many settings' worth of weight the planned cost per setting keeps against the measured ones.
+PRIOR_SETTINGS = 5
+
+
+def _expect_rest(ctx: Any, measured: int, settings_left: int, prior: float) -> None:
+    """Tell the demo's bar what the rest of a tuning grid will cost: the settings still to try at the cost per
+    setting seen so far, smoothed toward the planned one (``prior``): the first settings cost every group, later
+    ones are mostly pruned to their harmful items, so the raw mean of the first few would overshoot."""
     tracker = bar.tracker_of(ctx)
     if tracker is not None and measured:
-        tracker.expect(round(tracker.stage_done / measured * settings_left))
+        per_setting = (prior * PRIOR_SETTINGS + tracker.stage_done) / (PRIOR_SETTINGS + measured)
+        tracker.expect(round(per_setting * settings_left))
 
 
 def complete(ctx: DemoContext, method: SteeringMethod, row: dict[str, Any]) -> None:
