@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -56,6 +57,9 @@ def test_wheel_carries_every_bundled_asset_and_the_single_version(tmp_path):
     assert not any(n.startswith(("tests/", "benchmarks/", "assets/")) for n in names)
     assert f"\nVersion: {vlmsafe.__version__}\n" in metadata
     assert any(n.startswith("probes/") for n in names) and "vlmsafe/py.typed" in names
+    # the size the README states (its "Install sizes"), in MB as the README rounds it
+    stated = re.search(r"`vlmsafe-<version>-py3-none-any.whl`, (\d+) MB\)", (ROOT / "README.md").read_text())
+    assert stated and int(stated[1]) == round(wheel.stat().st_size / 1e6), wheel.stat().st_size
 
 
 def test_bundled_assets_are_found_through_the_package_not_the_source_tree():
