@@ -92,7 +92,7 @@ def not_run() -> list[tuple[str, str, str]]:
     return out
 
 
-def run_document(path: Path, tmp_path: Path, *, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_document(path: Path, tmp_path: Path, *, timeout: int = 1800) -> subprocess.CompletedProcess:
     (tmp_path / "document.py").write_text(document_script(path), encoding="utf-8")
     for name in ("assets", "tests", "benchmarks"):
         (tmp_path / name).symlink_to(ROOT / name)

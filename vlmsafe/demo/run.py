@@ -44,6 +44,10 @@ from vlmsafe.testbed.outcome import requested_tasks
 from vlmsafe.validation import check_float, check_int
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+#: What one image of the text-to-image section costs on the demo's bar, in generated testbed answers (10
+#: denoising steps of the tiny UNet against one answer of the tiny LLaVA: about 8x on a 2-core CPU), so the
+#: bar's ETA does not under-count the section.
+IMAGE_COST = 8
 
 
 def normalize_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
@@ -172,11 +176,11 @@ def run_demo(
 
 def demo_plan(ctx: DemoContext, makers: Sequence[Any], alphas: Sequence[float], *, merge: bool = True
               ) -> list[tuple[str, int]]:
-    """The demo's stages and the items each is expected to cost (generated items; a calibration pass or a
-    generated image counts as one), for the overall bar's total and ETA. A tuning stage is estimated at its
-    whole grid, harmful items for every setting plus the chosen layer set's other groups; it stops early
-    more often than not, and re-estimates itself as it runs (:func:`vlmsafe.demo.tune.tune`). Steering stages
-    are named ``tune #i`` / ``test #i`` until their method is built."""
+    """The demo's stages and the items each is expected to cost (generated answers; a calibration pass counts as
+    one, a generated image as :data:`IMAGE_COST`), for the overall bar's total and ETA. A tuning stage is
+    estimated at its whole grid, harmful items for every setting plus the chosen layer set's other groups; it
+    stops early more often than not, and re-estimates itself as it runs (:func:`vlmsafe.demo.tune.tune`).
+    Steering stages are named ``tune #i`` / ``test #i`` until their method is built."""
     from vlmsafe.demo import rows as demo_rows
     from vlmsafe.demo.merge import MERGE_WEIGHTS
 
@@ -203,7 +207,7 @@ def demo_plan(ctx: DemoContext, makers: Sequence[Any], alphas: Sequence[float], 
     prompts = ctx.root.parent / "t2i" / "prompts.json"
     if prompts.is_file() and (ctx.root.parent / "safeclip").is_dir() and importlib.util.find_spec("diffusers"):
         test_prompts = read_json(prompts, what="text-to-image testbed prompts").get("test", {})
-        plan.append(("Safe-CLIP text-to-image", 2 * sum(len(v) for v in test_prompts.values())))
+        plan.append(("Safe-CLIP text-to-image", IMAGE_COST * 2 * sum(len(v) for v in test_prompts.values())))
     return plan
 
 
@@ -262,8 +266,13 @@ def t2i_section(assets: Path, folder: Path, ctx: DemoContext | None = None) -> d
     from vlmsafe.safeclip.t2i_demo import GRID_FILE, t2i_demo_section
 
     bar.stage(ctx, "Safe-CLIP text-to-image")
+    if bar.tracker_of(ctx) is not None:  # diffusers' "Loading pipeline components" bar: the demo's bar counts it
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     section = t2i_demo_section(assets, folder, overwrite=True)
-    bar.advance(ctx, sum(row["unsafe_rate"]["n"] + row["safe_agreement"]["n"] for row in section["rows"]))  # images
+    images = sum(row["unsafe_rate"]["n"] + row["safe_agreement"]["n"] for row in section["rows"])
+    bar.advance(ctx, IMAGE_COST * images)
     section["grid"] = GRID_FILE  # relative to the demo's output folder
     return section
 
