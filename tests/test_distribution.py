@@ -99,12 +99,15 @@ def test_installed_wheel_runs_the_demo_and_an_example_outside_the_checkout(tmp_p
     assert len(list((ROOT / "dist").glob("*.tar.gz"))) == 1
     venv = _venv_outside_the_checkout(tmp_path)
     py = str(venv / "bin" / "python")
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", *map(str, wheels)], check=True,
-                   timeout=300)
-    work = tmp_path / "elsewhere"
-    work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLMSAFE_TESTBED")}
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # without PYTHONPATH: a checkout on it holds the vlmsafe.egg-info `make dist` leaves, and pip would take that
+    # for an installed vlmsafe ("already satisfied") and install nothing
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", *map(str, wheels)], check=True,
+                   timeout=300, env=env)
+    assert (venv / "bin" / "vlmsafe").is_file()
+    work = tmp_path / "elsewhere"
+    work.mkdir()
 
     def sh(*cmd: str, timeout: int = 600) -> str:
         res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
