@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vlmsafe.demo import progress as bar
 from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.rows import baseline_calibration
 from vlmsafe.demo.tune import choose
@@ -30,19 +31,25 @@ def merge_row(ctx: DemoContext, multimodal: dict[str, Any]) -> tuple[dict[str, A
         model, processor = load_model(model_dir)
         return ctx.generator(model=model.eval(), processor=processor)
 
+    def calibration_rates(model_dir: Path) -> dict[str, Any]:
+        bar.describe(ctx, f"merge sweep, {Path(model_dir).name.replace('_', ' ')}")
+        return {"calibration": ctx.measure(generator(model_dir), "calibration", intervals=False)}
+
+    base = baseline_calibration(ctx)
+    bar.stage(ctx, "merge sweep")
     with tempfile.TemporaryDirectory(prefix="vlmsafe-merge-") as tmp:
         rows = merge_sweep(
             ctx.root,
             ctx.root / "aligned_lm",
             MERGE_WEIGHTS,
             tmp,
-            lambda d: {"calibration": ctx.measure(generator(d), "calibration", intervals=False)},
+            calibration_rates,
             progress=False,
             vocab_rows="shared",
         )
-        base = baseline_calibration(ctx)
         pick = choose([{**r["calibration"], "alpha": r["weight"], "layers": None} for r in rows], base)
         weight = pick["alpha"]
+        bar.stage(ctx, "test merge")
         test = ctx.measure(generator(Path(tmp) / f"weight_{weight:g}"), "test") if weight else None
     rates = test if test is not None else {k: multimodal[k] for k in _GROUPS}
     row = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vlmsafe.demo import progress as bar
 from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.tune import SteeringMethod, choose, layers_label, tune
 from vlmsafe.steering import SteeringConfig, calibrate, calibrate_shiftdc, safety_directions
@@ -24,12 +25,14 @@ from vlmsafe.validation import preset_layers
 
 def text_only_row(ctx: DemoContext) -> dict[str, Any]:
     """Harmful and benign instructions without their image: the aligned behaviour."""
+    bar.stage(ctx, "test text-only")
     rates = ctx.measure(ctx.generator(), "test", text_only=True)
     return {"setting": "text-only (image removed)", **rates, "accuracy": None, "note": "the aligned behaviour"}
 
 
 def multimodal_row(ctx: DemoContext) -> dict[str, Any]:
     """The same instructions with their image, plus the image questions: what VL adaptation did."""
+    bar.stage(ctx, "test multimodal")
     rates = ctx.measure(ctx.generator(), "test")
     return {"setting": "multimodal (image + text)", **rates, "note": "after VL adaptation"}
 
@@ -37,6 +40,7 @@ def multimodal_row(ctx: DemoContext) -> dict[str, Any]:
 def baseline_calibration(ctx: DemoContext) -> dict[str, Any]:
     """Unsteered rates on the calibration split: the reference every choice is made against."""
     if "base_calibration" not in ctx.cache:
+        bar.stage(ctx, "calibration baseline")
         row = ctx.measure(ctx.generator(), "calibration", intervals=False)
         ctx.cache["base_calibration"] = {**row, "alpha": 0.0, "layers": None}
     return ctx.cache["base_calibration"]
@@ -51,9 +55,12 @@ def _vectors(ctx: DemoContext):
     """CMRM vectors calibrated once on the calibration split's items with images (all layers)."""
     if "vectors" not in ctx.cache:
         items = [it for it in ctx.calibration if it.image is not None]
+        bar.stage(ctx, "calibrate CMRM vectors")
         ctx.cache["vectors"] = calibrate(
-            ctx.model, ctx.processor, items, positions="last", batch_size=ctx.batch_size, progress=ctx.progress
+            ctx.model, ctx.processor, items, positions="last", batch_size=ctx.batch_size,
+            progress=ctx.inner_progress,
         )
+        bar.advance(ctx, len(items))
     return ctx.cache["vectors"]
 
 
@@ -100,8 +107,11 @@ def cmrm_safety_component(ctx: DemoContext) -> SteeringMethod:
     """Dataset-level vectors reduced to their component along the layer's harmful-minus-benign direction."""
     if "projected" not in ctx.cache:
         labelled = [it for it in ctx.calibration if it.reference is None]
+        vectors = _vectors(ctx)
+        bar.stage(ctx, "safety directions")
         directions = safety_directions(ctx.model, ctx.processor, labelled, batch_size=ctx.batch_size)
-        ctx.cache["projected"] = _vectors(ctx).project_onto(directions)
+        bar.advance(ctx, len(labelled))
+        ctx.cache["projected"] = vectors.project_onto(directions)
     return SteeringMethod(
         "CMRM dataset-level, safety component",
         _config(ctx, mode="dataset", vectors=ctx.cache["projected"]),
@@ -113,9 +123,12 @@ def cmrm_safety_component(ctx: DemoContext) -> SteeringMethod:
 def cmrm_dataset_blank(ctx: DemoContext) -> SteeringMethod:
     """CMRM dataset-level with the paper's anchor: the shift a blank image causes (prompts only needed)."""
     if "vectors_blank" not in ctx.cache:
+        bar.stage(ctx, "calibrate blank-anchor vectors")
         ctx.cache["vectors_blank"] = calibrate(
-            ctx.model, ctx.processor, ctx.calibration, anchor="blank", batch_size=ctx.batch_size, progress=ctx.progress
+            ctx.model, ctx.processor, ctx.calibration, anchor="blank", batch_size=ctx.batch_size,
+            progress=ctx.inner_progress,
         )
+        bar.advance(ctx, len(ctx.calibration))
     return SteeringMethod(
         "CMRM dataset-level, blank anchor (paper)",
         _config(ctx, mode="dataset", vectors=ctx.cache["vectors_blank"]),
@@ -142,10 +155,12 @@ def shiftdc(ctx: DemoContext) -> SteeringMethod:
     """
     if "directions" not in ctx.cache:
         labelled = [it for it in ctx.calibration if it.image is not None or it.meta.get("caption")]
+        bar.stage(ctx, "ShiftDC directions")
         ctx.cache["directions"] = calibrate_shiftdc(
             ctx.model, ctx.processor, labelled, caption_prompt=TESTBED_CAPTION_PROMPT, caption_tokens=8,
-            batch_size=ctx.batch_size, progress=ctx.progress,
+            batch_size=ctx.batch_size, progress=ctx.inner_progress,
         )  # fmt: skip
+        bar.advance(ctx, len(labelled))
     n = ctx.model.config.get_text_config().num_hidden_layers
     fixed = ctx.steering_defaults.get("layers")
     sets = _layer_sets(ctx) if fixed is not None else [preset_layers("middle-to-last", n), *_layer_sets(ctx)]
@@ -187,6 +202,7 @@ def steered_row(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float
     grid = tune(ctx, method, alphas, base)
     pick = choose(grid, base)
     layers, alpha = pick["layers"], pick["alpha"]
+    bar.stage(ctx, f"test {method.name}")
     rates = ctx.measure(ctx.generator(method.config(layers, alpha) if alpha else None), "test")
     chosen = {"alpha": alpha, "layers": "all" if layers is None else layers, "calibration": pick}
     note = f"alpha={alpha:g}, {layers_label(layers)}" if alpha else "no setting qualified (unsteered)"

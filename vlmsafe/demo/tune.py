@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vlmsafe.demo import progress as bar
 from vlmsafe.demo.context import DemoContext, value
 from vlmsafe.steering import SteeringConfig
 
@@ -106,9 +107,16 @@ def tune(
     """
     grid: list[dict[str, Any]] = []
     best: tuple | None = None
-    for layers in method.layer_sets:
+    positive = sorted(a for a in alphas if a > 0)
+    n_settings = len(method.layer_sets) * len(positive)  # at most: a layer set's sweep may stop early
+    name = f"tune {method.name}"
+    bar.stage(ctx, name, f"{name} 1/{n_settings}")
+    tracker = bar.tracker_of(ctx)
+    prior = tracker.estimates[name] / n_settings if tracker is not None and n_settings else 0.0
+    for set_index, layers in enumerate(method.layer_sets):
         misses = 0
-        for alpha in sorted(a for a in alphas if a > 0):
+        for alpha_index, alpha in enumerate(positive):
+            bar.describe(ctx, f"{name} {len(grid) + 1}/{n_settings}")
             row = _measure_setting(ctx, method.config(layers, alpha), base, best)
             row.update(alpha=alpha, layers=layers)
             grid.append(row)
@@ -117,13 +125,32 @@ def tune(
                 best = max(best or _key(row), _key(row))
             elif row["skipped"] != ["image_questions", "benign"]:
                 misses += 1  # measured and out of bounds (not merely outdone by a better setting)
-            if misses == 2 or value(row["harmful"]["refusal"]) == 1.0:
+            stop = misses == 2 or value(row["harmful"]["refusal"]) == 1.0
+            left = len(positive) * (len(method.layer_sets) - set_index - 1)
+            left += 0 if stop else len(positive) - alpha_index - 1
+            _expect_rest(ctx, len(grid), left, prior)
+            if stop:
                 break
     pick = choose(grid, base)
+    bar.describe(ctx, f"{name}: completing {layers_label(pick['layers'])}")
     for row in grid:
         if row["layers"] == pick["layers"] and row["skipped"]:
             complete(ctx, method, row)
     return grid
+
+
+#: How many settings' worth of weight the planned cost per setting keeps against the measured ones.
+PRIOR_SETTINGS = 5
+
+
+def _expect_rest(ctx: Any, measured: int, settings_left: int, prior: float) -> None:
+    """Tell the demo's bar what the rest of a tuning grid will cost: the settings still to try at the cost per
+    setting seen so far, smoothed toward the planned one (``prior``): the first settings cost every group, later
+    ones are mostly pruned to their harmful items, so the raw mean of the first few would overshoot."""
+    tracker = bar.tracker_of(ctx)
+    if tracker is not None and measured:
+        per_setting = (prior * PRIOR_SETTINGS + tracker.stage_done) / (PRIOR_SETTINGS + measured)
+        tracker.expect(round(per_setting * settings_left))
 
 
 def complete(ctx: DemoContext, method: SteeringMethod, row: dict[str, Any]) -> None:
