@@ -15,7 +15,8 @@ from typing import Any
 
 from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.rows import baseline_calibration
-from vlmsafe.demo.tune import choose
+from vlmsafe.demo.tune import RULE, baseline, choose, scorer
+from vlmsafe.eval.sweep import Setting, measure
 from vlmsafe.loading import load_model
 from vlmsafe.merge import merge_sweep
 
@@ -30,19 +31,24 @@ def merge_row(ctx: DemoContext, multimodal: dict[str, Any]) -> tuple[dict[str, A
         model, processor = load_model(model_dir)
         return ctx.generator(model=model.eval(), processor=processor)
 
+    settings: list[Setting] = []
+
+    def measure_weight(model_dir: Path) -> dict[str, Any]:
+        """Calibration rates of one merged model, per item (for the paired choice) and summarised."""
+        setting = measure(generator(model_dir), scorer(ctx), RULE.groups, Setting(None, 0.0))
+        settings.append(setting)
+        return {"calibration": setting.row()}
+
     with tempfile.TemporaryDirectory(prefix="vlmsafe-merge-") as tmp:
         rows = merge_sweep(
-            ctx.root,
-            ctx.root / "aligned_lm",
-            MERGE_WEIGHTS,
-            tmp,
-            lambda d: {"calibration": ctx.measure(generator(d), "calibration", intervals=False)},
-            progress=False,
+            ctx.root, ctx.root / "aligned_lm", MERGE_WEIGHTS, tmp, measure_weight, progress=False,
             vocab_rows="shared",
-        )
+        )  # fmt: skip
+        for setting, r in zip(settings, rows):
+            setting.alpha = float(r["weight"])  # the merge weight plays alpha's part in the choice
         base = baseline_calibration(ctx)
-        pick = choose([{**r["calibration"], "alpha": r["weight"], "layers": None} for r in rows], base)
-        weight = pick["alpha"]
+        pick = choose(settings, baseline(ctx))
+        weight = pick.alpha if pick is not None else 0.0
         test = ctx.measure(generator(Path(tmp) / f"weight_{weight:g}"), "test") if weight else None
     rates = test if test is not None else {k: multimodal[k] for k in _GROUPS}
     row = {

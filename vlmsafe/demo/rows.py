@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vlmsafe.demo.context import DemoContext
-from vlmsafe.demo.tune import SteeringMethod, choose, layers_label, tune
+from vlmsafe.demo.tune import RULE, SteeringMethod, baseline, choose, grid_rows, layers_label, tune
 from vlmsafe.steering import SteeringConfig, calibrate, calibrate_shiftdc, safety_directions
 from vlmsafe.validation import preset_layers
 
@@ -37,8 +37,7 @@ def multimodal_row(ctx: DemoContext) -> dict[str, Any]:
 def baseline_calibration(ctx: DemoContext) -> dict[str, Any]:
     """Unsteered rates on the calibration split: the reference every choice is made against."""
     if "base_calibration" not in ctx.cache:
-        row = ctx.measure(ctx.generator(), "calibration", intervals=False)
-        ctx.cache["base_calibration"] = {**row, "alpha": 0.0, "layers": None}
+        ctx.cache["base_calibration"] = baseline(ctx).row()
     return ctx.cache["base_calibration"]
 
 
@@ -182,19 +181,37 @@ def steering_methods(all_methods: bool = False) -> tuple[Callable[[DemoContext],
 
 
 def steered_row(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float]) -> dict[str, Any]:
-    """Tune ``method`` on the calibration split, then measure its chosen setting on the test split."""
-    base = baseline_calibration(ctx)
+    """Tune ``method`` on the calibration split, then measure its chosen setting on the test split.
+
+    When no setting qualifies on calibration, the row carries no test rates (its cells print "-") and
+    says so: the unsteered model's numbers are never printed under the method's name.
+    """
+    base = baseline(ctx)
     grid = tune(ctx, method, alphas, base)
     pick = choose(grid, base)
-    layers, alpha = pick["layers"], pick["alpha"]
-    rates = ctx.measure(ctx.generator(method.config(layers, alpha) if alpha else None), "test")
-    chosen = {"alpha": alpha, "layers": "all" if layers is None else layers, "calibration": pick}
-    note = f"alpha={alpha:g}, {layers_label(layers)}" if alpha else "no setting qualified (unsteered)"
+    common = {"calibration_grid": grid_rows(grid, base), "description": method.description}
+    if pick is None:
+        return {
+            "setting": f"multimodal + {method.name}",
+            "harmful": None,
+            "benign": None,
+            "accuracy": None,
+            "note": "no setting qualified on calibration",
+            "chosen": {"alpha": 0.0, "layers": None, "calibration": None, "rule": RULE.name},
+            **common,
+        }
+    layers, alpha = pick.layers, pick.alpha
+    rates = ctx.measure(ctx.generator(method.config(layers, alpha)), "test")
+    chosen = {
+        "alpha": alpha,
+        "layers": "all" if layers is None else layers,
+        "calibration": pick.row(base, RULE),
+        "rule": RULE.name,
+    }
     return {
         "setting": f"multimodal + {method.name}",
         **rates,
-        "note": note,
+        "note": f"alpha={alpha:g}, {layers_label(layers)}",
         "chosen": chosen,
-        "calibration_grid": grid,
-        "description": method.description,
+        **common,
     }

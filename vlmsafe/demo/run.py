@@ -28,7 +28,7 @@ from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.plots import plot_merge, plot_steering
 from vlmsafe.demo.rows import multimodal_row, steered_row, steering_methods, text_only_row
 from vlmsafe.demo.table import format_table
-from vlmsafe.demo.tune import MAX_ACCURACY_DROP, MAX_BENIGN_RISE
+from vlmsafe.demo.tune import MAX_ACCURACY_DROP, MAX_BENIGN_RISE, RULE
 from vlmsafe.errors import InputError
 from vlmsafe.inputs import check_named_inputs
 from vlmsafe.io import atomic_path, check_output, read_json, write_json_atomic
@@ -186,7 +186,7 @@ def _report(
     ctx: DemoContext, rows: list[dict[str, Any]], alphas: Sequence[float], sections: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
     grids = {r["setting"]: r.pop("calibration_grid") for r in rows if "calibration_grid" in r}
-    steered = [r for r in rows if r["setting"] in grids]
+    steered = [r for r in rows if r["setting"] in grids and r["chosen"]["calibration"] is not None]
     info_path = ctx.root / "build_info.json"
     info = read_json(info_path, what="testbed build info") if info_path.is_file() else {}
     return {
@@ -200,6 +200,9 @@ def _report(
         "selection": {
             "alphas": list(alphas),
             "criterion": "most genuine refusals of harmful requests",
+            "rule": RULE.name,
+            "rule_description": RULE.description,
+            "margin": RULE.margin,
             "max_accuracy_drop": MAX_ACCURACY_DROP,
             "max_benign_rise": MAX_BENIGN_RISE,
             "split": "calibration",
