@@ -35,6 +35,10 @@ class SteeringMethod:
     config: Callable[[list[int] | None, float], SteeringConfig]
     layer_sets: Sequence[list[int] | None]
     description: str = ""
+    #: the method's own alpha grid (``None``: the demo's); ShiftDC removes only a projection and needs larger ones
+    alphas: Sequence[float] | None = None
+    #: extra measurements written into the row's ``details`` (e.g. ShiftDC's projection of the shift)
+    details: Callable[[], dict[str, Any]] | None = None
 
 
 def layers_label(layers: list[int] | None) -> str:

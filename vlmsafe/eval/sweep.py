@@ -38,7 +38,8 @@ prints no rates under the method's name rather than the unsteered model's.
 **Pruning.** For each layer set, alphas are tried in increasing order and the sweep stops once two
 measured alphas in a row break a limit (a stronger push does not bring benign behaviour back) or
 the objective reaches its best possible value. A setting is measured on the objective's group
-first and the limits' groups only while it could still be chosen; this never changes the choice.
+first and the limits' groups only while it could still be chosen (it beats the unsteered model and
+every qualifying setting so far); this never changes the choice.
 """
 
 from __future__ import annotations
@@ -222,11 +223,12 @@ class Setting:
     def rate(self, metric: str) -> float | None:
         return rate_of(self.flags.get(metric))
 
-    def row(self, base: Setting | None = None, rule: SelectionRule | None = None) -> dict[str, Any]:
+    def row(self, base: Setting | None = None, rule: str | SelectionRule | None = None) -> dict[str, Any]:
         """A JSON-ready grid row: the summary, alpha, layers, skipped groups, and with ``base`` and ``rule``
         each limit's paired difference ``[diff, low, high]`` and whether the setting qualified."""
         out = {**self.summary, "alpha": self.alpha, "layers": self.layers, "skipped": list(self.skipped)}
         if base is not None and rule is not None:
+            rule = get_rule(rule)
             out["differences"] = {
                 lim.metric: list(paired_difference(self.flags[lim.metric], base.flags[lim.metric]))
                 for lim in rule.limits
@@ -325,8 +327,8 @@ def sweep(
             s = Setting(layers, float(alpha), skipped=list(groups))
             measure(gen, scorer, groups[:1], s)
             grid.append(s)
-            if prune and best is not None and _key(s, rule) <= best:
-                continue  # cannot win: leave its benign part unmeasured
+            if prune and (_key(s, rule)[0] <= _key(base, rule)[0] or (best is not None and _key(s, rule) <= best)):
+                continue  # cannot win (no better than unsteered, or than a qualifying setting): benign unmeasured
             for group in groups[1:]:
                 measure(gen, scorer, [group], s)
                 if prune and not qualifies(s, base, _rule_for(rule, s)):
