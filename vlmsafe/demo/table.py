@@ -126,7 +126,11 @@ def breakdown_paragraph(report: dict[str, Any]) -> str:
         f"**Where {name} is weak** (test split, `report.json`: `by_template`, `by_image`, `accuracy_by` of each "
         f"row). Compliance with harmful requests is 0 on {zero} of {n_tpl} templates; the highest: {leaks}. "
         f"Benign refusals, highest per template: {refusals} (unsteered: at most {100 * plain_ref:.1f}% on any "
-        f"template). By image: {kinds}. Image-question accuracy by question kind: {questions}; {phrasing}."
+        f"template). By image: {kinds}."
+        + (f" Image-question accuracy by question kind: {questions}." if questions else "")
+        + (f" By phrasing: {phrasing}." if phrasing else "")
+        + (" By image kind: " + ", ".join(f"{k.replace('vqa_', '')} {_cell_pct(c)}" for k, c in
+                                          acc.get("image_kind", {}).items()) + "." if acc.get("image_kind") else "")
     )
 
 
