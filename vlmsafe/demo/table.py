@@ -159,15 +159,15 @@ def shiftdc_paragraph(report: dict[str, Any]) -> str:
     )
     measured = (
         "per layer, the mean |cosine| between the image shift and the safety direction (benign minus harmful "
-        f"means of captioned prompts) and how far along the benign-harmful gap the image moves a harmful prompt: "
-        f"{proj_text}"
+        "means of captioned prompts), and the signed share of the benign-minus-harmful gap by which the image moves "
+        "a harmful prompt (negative: towards the harmful mean, so removing it moves the prompt towards the benign "
+        f"side): {proj_text}"
     )
     if row["chosen"]["calibration"] is None:
         verdict = (
             "No setting qualified on calibration (none refused more than the unsteered model within the benign "
-            "limits), so the row prints no rates. Why: ShiftDC removes only the image shift's component along the "
-            f"safety direction, and on the testbed that component is measured as {measured}. CMRM removes the "
-            "whole shift."
+            "limits), so the row prints no rates. Why, measured: ShiftDC removes only the image shift's component "
+            f"along the safety direction; {measured}. CMRM removes the whole shift."
         )
     else:
         chosen = row["chosen"]
@@ -201,13 +201,16 @@ def readme_block(report: dict[str, Any], weight_change: list[dict[str, Any]] | N
     n = report["n_test"]
     merge = merge_paragraph(report, weight_change)
     all_methods = " --all-methods" if any("ShiftDC" in r["setting"] for r in report["rows"]) else ""
+    phrasings = next((r.get("accuracy_by", {}).get("phrasing", {}) for r in report["rows"]
+                      if r["setting"] == "multimodal (image + text)"), {})
+    held_out = ", half the image questions in phrasings never trained" if "held-out" in phrasings else ""
     return "\n".join(
         [
             README_START,
             f"What `vlmsafe demo{all_methods}` prints (bundled tiny LLaVA; held-out test split of {n['harmful']} "
             "harmful and "
             f"{n['benign'] + n['image_questions']} benign items: unseen topic pairs, unseen prompt templates, unseen "
-            "image styles, half the image questions in phrasings never trained; "
+            f"image styles{held_out}; "
             f"CPU, {report['seconds']:.0f} s). Each cell: rate [95% bootstrap interval over prompts] "
             "count/total.",
             "",
