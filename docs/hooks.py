@@ -1,4 +1,5 @@
-"""MkDocs hook: the CLI reference page (``cli.md``), generated from the argument parsers at build time.
+"""MkDocs hook: the CLI reference page (``cli.md``), generated from the argument parsers at build time; the
+README's figures and the model support table, taken from the repository at build time too.
 
 Nothing of it is written by hand: :func:`docs.gen_cli.cli_reference` walks ``vlmsafe.cli.build_parser()``
 and every subparser, and the page is added to the build in memory, so it can never go stale.
@@ -16,7 +17,24 @@ sys.path[:0] = [str(ROOT), str(ROOT / "docs")]  # this checkout's vlmsafe, and g
 
 import gen_cli  # noqa: E402
 
+#: The README's figures (assets/readme/*.png), which pages show as ``../assets/readme/NAME.png`` (the path that
+#: works where the Markdown is read in the repository); the site carries them as ``img/NAME.png``.
+FIGURES = ROOT / "assets" / "readme"
+
+
+def on_page_markdown(markdown, page, config, files):
+    """The figures' site path, and the support table of ``models.md`` from ``vlmsafe.adapters.support_table()``,
+    at build time."""
+    markdown = markdown.replace("](../assets/readme/", "](img/")
+    if "<!-- SUPPORT-TABLE -->" in markdown:
+        from vlmsafe.adapters import support_table
+
+        markdown = markdown.replace("<!-- SUPPORT-TABLE -->", support_table().strip())
+    return markdown
+
 
 def on_files(files, config):
     files.append(File.generated(config, "cli.md", content=gen_cli.cli_reference()))
+    for figure in sorted(FIGURES.glob("*.png")):
+        files.append(File.generated(config, f"img/{figure.name}", abs_src_path=str(figure)))
     return files

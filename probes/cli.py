@@ -49,7 +49,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
                          title="CMRM steering (default: dataset-level, vectors calibrated on the fly)")
     add_input(p, "--calibration", metavar="JSONL",
               help="calibrate CMRM vectors on these items (with images) instead of "
-              + ("the probes' training split" if probes else "the analysed items"))
+              + ("the probes' training split" if probes else "the analysed items") + " (default: none)")
 
 
 def register(subparsers: Any) -> None:

@@ -293,7 +293,8 @@ def test_safeclip_encoder_card_and_round_trip(hub, monkeypatch, tmp_path, one_th
 
 
 # --------------------------------------------------------------------------- merged model
-def test_merged_model_card_carries_the_recipe_and_round_trips(hub, monkeypatch, tmp_path):
+def tiny_merge_inputs(root: Path) -> None:
+    """``root/vlm`` (a tiny LLaVA with a card of its own) and ``root/lm`` (its Llama): a merge in milliseconds."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -302,17 +303,23 @@ def test_merged_model_card_carries_the_recipe_and_round_trips(hub, monkeypatch, 
         LlavaForConditionalGeneration,
     )
 
-    from vlmsafe.merge import MergeConfig, merge_checkpoints
-
     text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     vc = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                           image_size=16, patch_size=8, projection_dim=16)
     torch.manual_seed(0)
     LlavaForConditionalGeneration(LlavaConfig(text_config=LlamaConfig(**text), vision_config=vc,
-                                              image_token_index=63)).save_pretrained(tmp_path / "vlm")
-    (tmp_path / "vlm" / "README.md").write_text("# the VLM's own card\n")
-    LlamaForCausalLM(LlamaConfig(**text)).save_pretrained(tmp_path / "lm")
+                                              image_token_index=63)).save_pretrained(root / "vlm")
+    (root / "vlm" / "README.md").write_text("# the VLM's own card\n")
+    LlamaForCausalLM(LlamaConfig(**text)).save_pretrained(root / "lm")
+
+
+def test_merged_model_card_carries_the_recipe_and_round_trips(hub, monkeypatch, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from vlmsafe.merge import MergeConfig, merge_checkpoints
+
+    tiny_merge_inputs(tmp_path)
     weight = {"default": 0.4, "layers": [0.2, 0.6]}
     cfg = MergeConfig(vlm=tmp_path / "vlm", aligned=tmp_path / "lm", output=tmp_path / "merged", weight=weight)
     result = merge_checkpoints(cfg, progress=False)
@@ -378,3 +385,135 @@ def test_a_recorded_alpha_is_checked_on_load(vectors, tmp_path):
     (out / "vectors.json").write_text(json.dumps({**meta, "alpha": "strong"}))
     with pytest.raises(FileFormatError, match=r"field 'alpha' must be a number >= 0, got \"strong\""):
         ShiftVectors.load(out)
+
+
+# --------------------------------------------------------------------------- the CLI's --push-to-hub
+def uploaded_equals_written(hub: FakeHub, repo_id: str, folder: Path) -> None:
+    """The Hub repository holds every file of the written folder, byte for byte."""
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    snapshot = hub.snapshot(repo_id)
+    assert sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()) == written
+    assert all((snapshot / name).read_bytes() == (folder / name).read_bytes() for name in written)
+
+
+@pytest.fixture(scope="module")
+def llava_folder(llava, tmp_path_factory):
+    """The tiny LLaVA saved, and a JSONL of labelled prompts with images and captions for calibrate."""
+    root = tmp_path_factory.mktemp("push_cli")
+    model, processor = llava
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    lines = []
+    for i, item in enumerate(ITEMS):
+        random_image(i).save(root / f"{i}.png")
+        lines.append(json.dumps({**item, "image": f"{i}.png"}))
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("method", ["cmrm", "shiftdc"])
+def test_calibrate_push_to_hub_uploads_the_written_folder(method, llava_folder, llava, hub, monkeypatch, tmp_path,
+                                                          capsys):
+    from vlmsafe.cli import main
+
+    out = tmp_path / "out"
+    argv = ["calibrate", "--model", str(llava_folder / "model"), "--data", str(llava_folder / "data.jsonl"),
+            "--layers", "1-2", "--method", method, "--out", str(out), "--no-progress", "--push-to-hub", "org/cli",
+            "--hub-private", "--hub-token", "hf_x"]
+    if method == "shiftdc":
+        argv += ["--caption-tokens", "2"]
+    with hub.online(monkeypatch):
+        assert main(argv) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"pushed {out} to the Hub repository org/cli: https://hub.invalid/org/cli/commit/" in err
+    assert hub.repos == {"org/cli": {"private": True}} and hub.token == "hf_x" and len(hub.uploads) == 1
+    uploaded_equals_written(hub, "org/cli", out)
+    assert card_meta(hub.snapshot("org/cli"))["vlmsafe"]["method"] == card_meta(out)["vlmsafe"]["method"]
+    if method == "cmrm":
+        local, remote = ShiftVectors.load(out, model=llava[0]), ShiftVectors.load("org/cli", model=llava[0])
+        assert local.layers == remote.layers == [1, 2]
+        assert all(torch.equal(local[layer], remote[layer]) for layer in local.layers)
+    else:
+        local, remote = SafetyDirections.load(out), SafetyDirections.load("org/cli")
+        assert local.layers == remote.layers
+
+
+def test_merge_and_safeclip_train_push_to_hub(hub, monkeypatch, tmp_path, capsys, one_thread):
+    from vlmsafe.cli import main
+    from vlmsafe.safeclip.testbed import make_splits, render_split, tiny_clip_backend
+
+    tiny_merge_inputs(tmp_path)
+    with hub.online(monkeypatch):
+        assert main(["merge", "--vlm", str(tmp_path / "vlm"), "--aligned", str(tmp_path / "lm"), "--weight", "0.3",
+                     "--out", str(tmp_path / "merged"), "--no-progress", "--push-to-hub", "org/merged"]) == 0
+    uploaded_equals_written(hub, "org/merged", tmp_path / "merged")
+    assert card_meta(hub.snapshot("org/merged"))["vlmsafe"]["settings"]["weight"] == 0.3
+    assert hub.repos["org/merged"] == {"private": None} and hub.token is None  # the defaults: login's token
+
+    tiny_clip_backend(0, hidden=32, layers=1, vision_layers=1).save_pretrained(tmp_path / "clip")
+    records, safe, unsafe = render_split(make_splits(0)["train"][:4], 1, 0)
+    from PIL import Image
+
+    lines = []
+    for i, r in enumerate(records):
+        Image.fromarray(safe[i].permute(1, 2, 0).numpy()).save(tmp_path / f"v{i}.png")
+        Image.fromarray(unsafe[i].permute(1, 2, 0).numpy()).save(tmp_path / f"g{i}.png")
+        lines.append(json.dumps({"safe": r["safe"], "unsafe": r["unsafe"], "safe_image": f"v{i}.png",
+                                 "unsafe_image": f"g{i}.png"}))
+    (tmp_path / "quads.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    with hub.online(monkeypatch):
+        assert main(["safeclip", "train", "--model", str(tmp_path / "clip"), "--data", str(tmp_path / "quads.jsonl"),
+                     "--output-dir", str(tmp_path / "run"), "--batch-size", "4", "--max-steps", "1", "--lora-r", "2",
+                     "--val-fraction", "0", "--no-progress", "--push-to-hub", "org/safe-clip"]) == 0
+    assert json.loads(capsys.readouterr().out)["global_step"] == 1  # stdout stays the JSON summary
+    uploaded_equals_written(hub, "org/safe-clip", tmp_path / "run" / "model")
+    assert card_meta(hub.snapshot("org/safe-clip"))["vlmsafe"]["artifact"] == "safe-clip-encoder"
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--push-to-hub", "org/x"], "vlmsafe calibrate: error: --push-to-hub: cannot push to org/x: offline mode is "
+                                 "on (HF_HUB_OFFLINE=1); unset it to upload"),
+    (["--push-to-hub", "no-slash"], "vlmsafe calibrate: error: --push-to-hub: repo_id 'no-slash' is not a Hub "
+                                    "repository id; write it as 'user-or-org/name'"),
+    (["--hub-private"], "vlmsafe calibrate: error: --hub-private set(s) how to upload, but nothing is uploaded; add "
+                        "--push-to-hub REPO_ID or drop it"),
+])
+def test_push_to_hub_refused_before_the_work_in_one_line(extra, expected, llava_folder, hub, tmp_path, capsys):
+    """Offline mode (the hub fixture's) or a bad id stops the command before it loads a model or writes."""
+    from vlmsafe.cli import main
+
+    code = main(["calibrate", "--model", str(tmp_path / "no-model-here"), "--data", str(llava_folder / "data.jsonl"),
+                 "--out", str(tmp_path / "out"), "--no-progress", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [expected]
+    assert not (tmp_path / "out").exists() and hub.uploads == [] and hub.repos == {}
+
+
+@pytest.mark.parametrize("command", [["merge", "--vlm", "a", "--aligned", "b", "--out", "c"],
+                                     ["safeclip", "train", "--model", "m", "--data", "d", "--output-dir", "o"]])
+def test_merge_and_safeclip_refuse_an_offline_push_first(command, hub, tmp_path, monkeypatch, capsys):
+    from vlmsafe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--push-to-hub", "org/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--push-to-hub: cannot push to org/x: offline mode is on" in err[0], err
+
+
+def test_a_failed_upload_keeps_the_output_and_says_how_to_retry(llava_folder, hub, monkeypatch, tmp_path, capsys):
+    from vlmsafe.cli import main
+
+    def refuse(**kwargs):
+        raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(hub, "upload_folder", refuse)
+    out = tmp_path / "out"
+    with hub.online(monkeypatch):
+        code = main(["calibrate", "--model", str(llava_folder / "model"), "--data", str(llava_folder / "data.jsonl"),
+                     "--layers", "1", "--out", str(out), "--no-progress", "--push-to-hub", "org/x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"vlmsafe calibrate: error: {out} was written, but the upload to org/x failed "
+                                 f"(Connection reset by peer); retry with `hf upload org/x {out}` or "
+                                 "vlmsafe.cards.push_to_hub"]
+    assert (out / "vectors.safetensors").is_file() and (out / "README.md").is_file()

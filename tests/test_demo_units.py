@@ -63,18 +63,22 @@ def test_table_cells_show_rate_interval_and_count():
     assert line.startswith("| multimodal (image + text) | 60.0% [") and " 6/10 |" in line and " 3/5 |" in line
     block = readme_block({"n_test": {"harmful": 10, "benign": 4, "image_questions": 5}, "rows": [row], "seconds": 3.0})
     assert "10 harmful and 9 benign items" in block and line in block
-    sized = readme_block(
-        {
-            "n_test": {"harmful": 1, "benign": 1, "image_questions": 0},
-            "rows": [row],
-            "seconds": 1.0,
-            "testbed_params": 751296,
-            "build_seconds": 600,
-        }
-    )
+    small = {
+        "n_test": {"harmful": 1, "benign": 1, "image_questions": 0},
+        "rows": [row],
+        "seconds": 1.0,
+        "testbed_params": 751296,
+        "build_seconds": 600,
+    }
+    sized = readme_block(small)
     assert (
         "751,296-parameter `LlavaForConditionalGeneration`" in sized and "(10 minutes with one torch thread)" in sized
     )
+    assert "unseen image styles; CPU, 1 s)." in sized  # a report from before CPU time was recorded
+    timed = readme_block({**small, "seconds": 83.4, "cpu_seconds": 161.6,
+                          "machine": {"cpu": "Intel(R) Xeon(R) CPU @ 2.20GHz", "cores": 2, "torch_threads": 2}})
+    assert ("unseen image styles; 83 s wall, 162 s CPU on Intel(R) Xeon(R) CPU @ 2.20GHz (2 cores, 2 torch "
+            "threads))") in timed
 
 
 def test_merge_figure_marks_the_test_split_at_the_chosen_weight(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -56,6 +57,9 @@ def test_wheel_carries_every_bundled_asset_and_the_single_version(tmp_path):
     assert not any(n.startswith(("tests/", "benchmarks/", "assets/")) for n in names)
     assert f"\nVersion: {vlmsafe.__version__}\n" in metadata
     assert any(n.startswith("probes/") for n in names) and "vlmsafe/py.typed" in names
+    # the size the README states (its "Install sizes"), in MB as the README rounds it
+    stated = re.search(r"`vlmsafe-<version>-py3-none-any.whl`, (\d+) MB\)", (ROOT / "README.md").read_text())
+    assert stated and int(stated[1]) == round(wheel.stat().st_size / 1e6), wheel.stat().st_size
 
 
 def test_bundled_assets_are_found_through_the_package_not_the_source_tree():
@@ -95,12 +99,15 @@ def test_installed_wheel_runs_the_demo_and_an_example_outside_the_checkout(tmp_p
     assert len(list((ROOT / "dist").glob("*.tar.gz"))) == 1
     venv = _venv_outside_the_checkout(tmp_path)
     py = str(venv / "bin" / "python")
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", *map(str, wheels)], check=True,
-                   timeout=300)
-    work = tmp_path / "elsewhere"
-    work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLMSAFE_TESTBED")}
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # without PYTHONPATH: a checkout on it holds the vlmsafe.egg-info `make dist` leaves, and pip would take that
+    # for an installed vlmsafe ("already satisfied") and install nothing
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", *map(str, wheels)], check=True,
+                   timeout=300, env=env)
+    assert (venv / "bin" / "vlmsafe").is_file()
+    work = tmp_path / "elsewhere"
+    work.mkdir()
 
     def sh(*cmd: str, timeout: int = 600) -> str:
         res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,36 +1,61 @@
-"""The README's Python examples run as written, in order, on the bundled testbed."""
+"""The README runs as written, in order, on the bundled testbed: its shell commands and its Python example (the
+machinery of tests/test_docs.py); its links, generated tables and stated sizes are current."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
+from test_docs import blocks, document_script, not_run_reason, run_document, shell_commands
+
 ROOT = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+README = ROOT / "README.md"
 
 
-def readme_blocks() -> list[str]:
-    return FENCE.findall((ROOT / "README.md").read_text(encoding="utf-8"))
+def test_readme_first_screen_has_the_set_up_demo_and_test_commands():
+    """What a first visitor needs before scrolling: the set-up commands, `make demo` and `make test`."""
+    first_block = blocks(README)[0]
+    commands = shell_commands(first_block[1])
+    assert README.read_text(encoding="utf-8").index("```bash") < 1200
+    assert [c.split()[0:2] for c in commands][-2:] == [["make", "demo"], ["make", "test"]]
+    assert any("pip install" in c and "constraints.txt" in c for c in commands)
+    assert all(not_run_reason(c) for c in commands)  # installs and the suite itself: marked, listed in test_docs
 
 
-def test_readme_python_examples_run(tmp_path):
-    blocks = readme_blocks()
-    assert len(blocks) >= 4  # steering, adapter registration, activations, device map
-    script = "\n\n".join(f"# --- README block {i}\n{block}" for i, block in enumerate(blocks))
-    (tmp_path / "readme_examples.py").write_text(script, encoding="utf-8")
-    (tmp_path / "assets").symlink_to(ROOT / "assets")  # the examples name assets/... relative to the checkout
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "readme_examples.py"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+def test_readme_python_example_compiles():
+    """The fast half of the check below: the Python example is valid as written (it runs under -m slow)."""
+    (python,) = [block for lang, block in blocks(README) if lang == "python"]
+    compile(python, "README.md", "exec")
+    assert "import vlmsafe" in python and "ShiftVectors.load(" in python
+
+
+@pytest.mark.slow  # the calibration split through the CLI, then six answers: 30 s to over a minute on 2 cores
+def test_readme_examples_run(tmp_path):
+    """The README's commands and Python example in order: `vlmsafe calibrate` writes the vectors the example
+    loads; the example prints each harmful prompt's unsteered and steered answers."""
+    script = document_script(README)
+    assert "_sh('vlmsafe calibrate --model assets/testbed" in script and "ShiftVectors.load(\"vectors\"" in script
+    result = run_document(README, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    # what the examples promise: vectors saved, two steered answers and the recorded shape printed
-    assert (tmp_path / "vectors" / "vectors.safetensors").is_file()
-    printed = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(printed) >= 3, result.stdout
-    assert printed[-1].startswith("torch.Size([1, ")
+    assert (tmp_path / "vectors" / "vectors.safetensors").is_file() and (tmp_path / "vectors" / "README.md").is_file()
+    lines = result.stdout.splitlines()
+    unsteered = [line for line in lines if line.startswith("  unsteered: ")]
+    steered = [line for line in lines if line.startswith("  steered:   ")]
+    assert len(unsteered) == len(steered) == 3
+    assert all(line.startswith("  unsteered: sure , here are the steps") for line in unsteered)  # the VLM complies
+    assert all(line.startswith("  steered:   sorry , i cannot help") for line in steered)  # CMRM restores refusal
+
+
+def test_readme_states_the_install_sizes():
+    """The assets' size in the README is the bundled files' (the wheel's size is checked where it is built)."""
+    text = README.read_text(encoding="utf-8")
+    stated = re.search(r"judge's labelled set: (\d+) MB unpacked", text)
+    assert stated, "the README states the bundled assets' size"
+    size = sum(p.stat().st_size for p in (ROOT / "assets").rglob("*")
+               if p.is_file() and p.relative_to(ROOT / "assets").parts[0] != "readme" and "__pycache__" not in p.parts)
+    assert int(stated[1]) == round(size / 1e6)
+    assert re.search(r"`vlmsafe-<version>-py3-none-any.whl`, \d+ MB\)", text)
 
 
 def test_readme_links_point_at_files_in_the_checkout():

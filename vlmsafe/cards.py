@@ -228,6 +228,16 @@ def resolve(spec: str | os.PathLike[str], *, patterns: Sequence[str], what: str,
 
 
 # --------------------------------------------------------------------------- pushing
+def check_push_target(repo_id: Any) -> str:
+    """``repo_id`` when an upload to it can be tried: a ``user-or-org/name`` id, and offline mode off. The CLI's
+    ``--push-to-hub`` calls it before the work, so a run that cannot upload stops before it computes anything."""
+    if not isinstance(repo_id, str) or not _HUB_ID.match(repo_id):
+        raise InputError(f"repo_id {repo_id!r} is not a Hub repository id; write it as 'user-or-org/name'")
+    if _offline():
+        raise InputError(f"cannot push to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); unset it to upload")
+    return repo_id
+
+
 def push_to_hub(
     folder: str | os.PathLike[str],
     repo_id: str,
@@ -254,10 +264,7 @@ def push_to_hub(
     if not isinstance(meta.get(LIBRARY_NAME), Mapping):
         raise FileFormatError(f"{root}: no vlmsafe model card ({CARD_FILE} with a `vlmsafe:` block); push a folder "
                               "saved by vlmsafe (ShiftVectors.save, SafetyDirections.save, save_pretrained, merge)")
-    if not isinstance(repo_id, str) or not _HUB_ID.match(repo_id):
-        raise InputError(f"repo_id {repo_id!r} is not a Hub repository id; write it as 'user-or-org/name'")
-    if _offline():
-        raise InputError(f"cannot push to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); unset it to upload")
+    check_push_target(repo_id)
     api = huggingface_hub.HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     repo = getattr(url, "repo_id", None) or repo_id
@@ -280,5 +287,6 @@ def push_saved(save: Any, repo_id: str, **kwargs: Any) -> str:
         return push_to_hub(folder, repo_id, **kwargs)
 
 
-__all__ = ["CARD_FILE", "CHECKPOINT_PATTERNS", "LIBRARY_NAME", "digest_lines", "display_name", "hub_id", "push_saved",
+__all__ = ["CARD_FILE", "CHECKPOINT_PATTERNS", "LIBRARY_NAME", "check_push_target", "digest_lines", "display_name",
+           "hub_id", "push_saved",
            "push_to_hub", "read_card", "remote_id", "render_card", "resolve", "write_card"]

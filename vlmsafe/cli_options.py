@@ -7,6 +7,8 @@
 * :func:`add_output_options` -- ``--out`` and ``--overwrite``; :func:`add_input` marks an option as something the
   command reads, and :func:`check_command_output` checks an output against every input (marked options, paths
   named inside data and config files) before any work (see :func:`vlmsafe.io.check_output`);
+* :func:`add_push_options` / :func:`check_push_args` / :func:`push_from_args` -- ``--push-to-hub REPO_ID``
+  (``--hub-private``, ``--hub-token``) on the commands that write shareable artefacts;
 * :func:`add_progress_option` -- ``--no-progress`` (``--quiet`` is kept as a hidden alias);
 * :func:`add_data_options` -- ``--data --limit --batch-size``.
 
@@ -31,8 +33,29 @@ from vlmsafe.validation import float_arg, int_arg, layer_spec_arg, seed_arg
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help states its default: an option that takes a value and has a default its help does not
+    already mention gets `` (default: VALUE)`` appended (argparse's ``ArgumentDefaultsHelpFormatter`` rule, minus
+    its ``(default: None)`` / ``(default: False)`` noise: an option without a default says in its own help what
+    happens without it, and a flag is off unless given). Descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.nargs != 0 and not action.required
+                and action.default not in (None, argparse.SUPPRESS) and "default" not in text.lower()):
+            text += " (default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse`` with vlmsafe's error format: one line naming the problem and the fix, exit code 2."""
+    """``argparse`` with vlmsafe's error format (one line naming the problem and the fix, exit code 2) and help
+    that states every option's default (:class:`HelpFormatter`, also for subcommands that ask for argparse's
+    plain or raw-description formatter)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("formatter_class") in (None, argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
@@ -48,7 +71,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, help: str | None = Non
                    help="load the weights in this dtype (default float32; auto = the checkpoint's)")
     g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu, auto (default: cpu)")
     g.add_argument("--device-map", default=None, metavar="MAP",
-                   help="dispatch a model too large for one device with accelerate: auto, balanced or sequential")
+                   help="dispatch a model too large for one device with accelerate: auto, balanced or sequential "
+                        "(default: none, the whole model on --device)")
 
 
 def load_model_from_args(args: argparse.Namespace, *, kind: str = "auto", device: Any = None) -> tuple[Any, Any]:
@@ -75,12 +99,23 @@ def colour_arg(text: str) -> tuple[int, int, int]:
                                          + (f" ({exc})" if isinstance(exc, InputError) else "")) from None
 
 
-def add_anchor_options(group: Any, *, help_prefix: str = "") -> None:
-    """``--anchor {real,blank,noise}``, ``--anchor-colour R,G,B`` and ``--anchor-seed N`` (defaults applied later)."""
+#: ``--anchor`` for ``calibrate``: the anchor of the calibration passes (the config field's help is sample-level's).
+CALIBRATE_ANCHOR_HELP = (
+    "the image each item's shift is measured with: real (its own image), blank (a uniform image, as in the CMRM "
+    "paper) or noise (seeded uniform noise); with blank/noise the items need no images, a list of prompts is a "
+    "calibration set (default real)")
+
+
+def add_anchor_options(group: Any, *, sample_level: bool = True) -> None:
+    """``--anchor {real,blank,noise}``, ``--anchor-colour R,G,B`` and ``--anchor-seed N`` (defaults applied later).
+
+    ``sample_level``: the anchor of sample-level steering (``generate``, ``evaluate``: "with --sample-level: ..."),
+    else of calibration (``calibrate``), whose help says what the anchor does there."""
     from vlmsafe.steering.config import field_help
 
-    group.add_argument("--anchor", choices=("real", "blank", "noise"), default=None,
-                       help=help_prefix + field_help("anchor") + " (default real)")
+    anchor_help = ("with --sample-level: " + field_help("anchor").removeprefix("sample-level: ") + " (default real)"
+                   if sample_level else CALIBRATE_ANCHOR_HELP)
+    group.add_argument("--anchor", choices=("real", "blank", "noise"), default=None, help=anchor_help)
     group.add_argument("--anchor-colour", type=colour_arg, default=None, metavar="R,G,B",
                        help=field_help("anchor_colour"))
     group.add_argument("--anchor-seed", type=seed_arg(), default=None, metavar="N", help=field_help("anchor_seed"))
@@ -115,11 +150,11 @@ def add_steering_options(
 
     g = parser.add_argument_group(title)
     src = g.add_mutually_exclusive_group()
-    add_input(src, "--vectors", metavar="DIR", help=field_help("vectors"))
+    add_input(src, "--vectors", metavar="DIR", help=field_help("vectors") + " (default: none, unsteered)")
     src.add_argument("--sample-level", action="store_true",
                      help="sample-level CMRM: each input's shift from its own text-only counterpart "
                           "(one extra text-only pass)")
-    add_input(src, "--shiftdc", metavar="DIR", help=field_help("directions"))
+    add_input(src, "--shiftdc", metavar="DIR", help=field_help("directions") + " (default: none)")
     g.add_argument("--alpha", type=float_arg(low=0.0, high=MAX_ALPHA), default=None,
                    help=field_help("alpha") + " (default 1.0)")
     g.add_argument(layers_flag, dest="steer_layers", type=layer_spec_arg, default=None, metavar="LAYERS",
@@ -128,9 +163,10 @@ def add_steering_options(
                    help=field_help("positions") + " (default last)")
     g.add_argument("--decode", action="store_true", default=None, help=field_help("decode"))
     g.add_argument("--strict-model", action="store_true", help=field_help("strict_model"))
-    add_anchor_options(g, help_prefix="with --sample-level: ")
+    add_anchor_options(g)
     g.add_argument("--shift-from", choices=("unsteered", "running"), default=None,
-                   help="with --shiftdc: " + field_help("shift_from") + " (default unsteered)")
+                   help="with --shiftdc: " + field_help("shift_from").removeprefix("ShiftDC: ")
+                   + " (default unsteered)")
 
 
 def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, flags: Sequence[str] = ()) -> Any:
@@ -280,6 +316,65 @@ def check_command_output(
     return Path(os.path.expanduser(os.fspath(path)))
 
 
+# --------------------------------------------------------------------------- sharing: --push-to-hub
+def add_push_options(parser: argparse.ArgumentParser, *, what: str) -> None:
+    """``--push-to-hub REPO_ID``, ``--hub-private``, ``--hub-token TOKEN`` (:func:`vlmsafe.cards.push_to_hub`'s
+    ``private`` and ``token``): upload ``what`` with its model card once it is written, as transformers'
+    ``push_to_hub=True`` does. Checked by :func:`check_push_args` before the work, pushed by
+    :func:`push_from_args` after the atomic write."""
+    g = parser.add_argument_group("sharing on the Hugging Face Hub")
+    g.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                   help=f"once {what} is written, upload it with its model card to this Hub repository "
+                        "(user-or-org/name, created if missing; default: none, nothing is uploaded)")
+    g.add_argument("--hub-private", action="store_true",
+                   help="with --push-to-hub: create the repository private (an existing one keeps its visibility)")
+    g.add_argument("--hub-token", metavar="TOKEN", default=None,
+                   help="with --push-to-hub: a Hub token with write access (default: the one `hf auth login` "
+                        "stored, or $HF_TOKEN)")
+
+
+def check_push_args(args: argparse.Namespace) -> None:
+    """Before the work: ``--hub-private`` / ``--hub-token`` need ``--push-to-hub`` (they would be ignored), and the
+    repository id must be one and offline mode off (:func:`vlmsafe.cards.check_push_target`)."""
+    if getattr(args, "push_to_hub", None) is None:
+        given = [flag for flag, value in (("--hub-private", getattr(args, "hub_private", False)),
+                                          ("--hub-token", getattr(args, "hub_token", None))) if value]
+        if given:
+            raise InputError(f"{', '.join(given)} set(s) how to upload, but nothing is uploaded; add --push-to-hub "
+                             "REPO_ID or drop it")
+        return
+    from vlmsafe.cards import check_push_target
+
+    try:
+        check_push_target(args.push_to_hub)
+    except InputError as exc:
+        raise InputError(f"--push-to-hub: {exc}") from None
+
+
+def push_from_args(args: argparse.Namespace, folder: str | os.PathLike[str]) -> str | None:
+    """Upload the written ``folder`` when ``--push-to-hub`` was given; returns the commit URL, printed on stderr
+    (stdout stays the command's own output, e.g. ``safeclip train``'s JSON summary).
+
+    The output is already in place: a refused or failed upload is one line saying so and how to retry, the folder
+    kept (exit code 2 through the CLI)."""
+    repo_id = getattr(args, "push_to_hub", None)
+    if repo_id is None:
+        return None
+    from vlmsafe.cards import push_to_hub
+    from vlmsafe.errors import VlmsafeError
+
+    try:
+        url = push_to_hub(folder, repo_id, private=True if args.hub_private else None, token=args.hub_token)
+    except VlmsafeError:
+        raise
+    except Exception as exc:  # the Hub's HTTP errors, a lost connection: the written output stays
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{folder} was written, but the upload to {repo_id} failed ({first}); retry with "
+                         f"`hf upload {repo_id} {folder}` or vlmsafe.cards.push_to_hub") from None
+    print(f"pushed {folder} to the Hub repository {repo_id}: {url}", file=sys.stderr)  # stdout: the command's own
+    return url
+
+
 def add_progress_option(parser: argparse.ArgumentParser) -> None:
     """``--no-progress`` hides progress bars (``--quiet`` is accepted as an alias)."""
     parser.add_argument("--no-progress", dest="no_progress", action="store_true", help="hide progress bars")
@@ -289,7 +384,8 @@ def add_progress_option(parser: argparse.ArgumentParser) -> None:
 def add_data_options(parser: argparse.ArgumentParser, *, help: str, batch_size: int = 8) -> None:
     """``--data`` (required), ``--limit N`` and ``--batch-size N`` (both positive integers)."""
     add_input(parser, "--data", required=True, help=help)
-    parser.add_argument("--limit", type=int_arg(low=1), default=None, metavar="N", help="use only the first N items")
+    parser.add_argument("--limit", type=int_arg(low=1), default=None, metavar="N",
+                        help="use only the first N items (default: all)")
     parser.add_argument("--batch-size", type=int_arg(low=1), default=batch_size, metavar="N",
                         help=f"items per forward pass (default {batch_size})")
 

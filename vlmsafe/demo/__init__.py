@@ -6,6 +6,7 @@
 * :mod:`~vlmsafe.demo.tune` -- choosing a setting on the calibration split by genuine refusals;
 * :mod:`~vlmsafe.demo.context` -- measuring, with 95% intervals (:func:`vlmsafe.stats.bootstrap_rate`);
 * :mod:`~vlmsafe.demo.table` / :mod:`~vlmsafe.demo.plots` -- the table, README block and figures;
+* :mod:`~vlmsafe.demo.progress` -- one bar over the whole run, with named stages and an ETA;
 * :mod:`~vlmsafe.demo.check` -- measure a (re)built testbed and record the figures in its README.
 """
 

@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="JSONL",
         help="evaluate this held-out set instead of the shipped test split "
-        "(e.g. from python -m vlmsafe.testbed.unseen)",
+        "(e.g. from python -m vlmsafe.testbed.unseen; default: the testbed's data/test.jsonl)",
     )
     p.add_argument(
         "--alphas",
@@ -64,9 +64,10 @@ def register(subparsers: Any) -> None:
         "--layers",
         type=layer_spec_arg,
         default=None,
-        help="steer only these layers instead of choosing (e.g. 2 or 1,2)",
+        help="steer only these layers instead of choosing (e.g. 2 or 1,2; default: chosen on the calibration split)",
     )
-    p.add_argument("--positions", default=None, choices=STEER_POSITIONS, help="override the steered positions")
+    p.add_argument("--positions", default=None, choices=STEER_POSITIONS,
+                   help="override the steered positions (default: last)")
     p.add_argument(
         "--decode",
         action="store_true",
@@ -128,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(format_t2i_table(report["safe_clip_t2i"]))
         print(f"prompts x (original, Safe-CLIP) grid: {args.out}/{report['safe_clip_t2i']['grid']}")
-    print(
-        f"\nfigures: {args.out}/cmrm_sweep.png, {args.out}/merge_sweep.png; all numbers: {args.out}/report.json "
-        f"({report['seconds']} s)"
-    )
+    from vlmsafe.demo.run import timing_line
+
+    print(f"\nfigures: {args.out}/cmrm_sweep.png, {args.out}/merge_sweep.png; all numbers: {args.out}/report.json")
+    print(f"time: {timing_line(report)}")
     return 0

@@ -34,11 +34,18 @@ class DemoContext:
     progress: bool = False
     steering_defaults: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
+    #: the demo's one bar (:class:`vlmsafe.demo.progress.DemoProgress`); while set, inner bars stay hidden
+    tracker: Any = None
 
     def __post_init__(self) -> None:
         # the task field where a record has one, else the testbed task its prompt names; load_context
         # refuses files with instructions naming neither (their compliance would silently read 0)
         self.judge = OutcomeJudge(requested_tasks([*self.calibration, *self.test], strict=False))
+
+    @property
+    def inner_progress(self) -> bool:
+        """Whether a step may show its own bar (``calibrate``'s): only when no overall bar counts it."""
+        return self.progress and self.tracker is None
 
     def generator(self, steering: SteeringConfig | None = None, model: Any = None, processor: Any = None) -> SafeVLM:
         """A greedy generator over the testbed (or ``model``), optionally steered."""
@@ -58,7 +65,7 @@ class DemoContext:
             batch_size=self.batch_size,
             max_new_tokens=self.max_new_tokens,
             text_only=text_only,
-            progress=self.progress,
+            progress=self.tracker.advance if self.tracker is not None else self.progress,
             utility_fn=answers_correctly,
         )
 

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vlmsafe.demo import progress as bar
 from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.rows import baseline_calibration
 from vlmsafe.demo.tune import RULE, baseline, choose, scorer
@@ -35,10 +36,13 @@ def merge_row(ctx: DemoContext, multimodal: dict[str, Any]) -> tuple[dict[str, A
 
     def measure_weight(model_dir: Path) -> dict[str, Any]:
         """Calibration rates of one merged model, per item (for the paired choice) and summarised."""
+        bar.describe(ctx, f"merge sweep, {Path(model_dir).name.replace('_', ' ')}")
         setting = measure(generator(model_dir), scorer(ctx), RULE.groups, Setting(None, 0.0))
         settings.append(setting)
         return {"calibration": setting.row()}
 
+    base = baseline_calibration(ctx)
+    bar.stage(ctx, "merge sweep")
     with tempfile.TemporaryDirectory(prefix="vlmsafe-merge-") as tmp:
         rows = merge_sweep(
             ctx.root, ctx.root / "aligned_lm", MERGE_WEIGHTS, tmp, measure_weight, progress=False,
@@ -46,9 +50,9 @@ def merge_row(ctx: DemoContext, multimodal: dict[str, Any]) -> tuple[dict[str, A
         )  # fmt: skip
         for setting, r in zip(settings, rows):
             setting.alpha = float(r["weight"])  # the merge weight plays alpha's part in the choice
-        base = baseline_calibration(ctx)
         pick = choose(settings, baseline(ctx))
         weight = pick.alpha if pick is not None else 0.0
+        bar.stage(ctx, "test merge")
         test = ctx.measure(generator(Path(tmp) / f"weight_{weight:g}"), "test") if weight else None
     rates = test if test is not None else {k: multimodal[k] for k in _GROUPS}
     row = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vlmsafe.demo import progress as bar
 from vlmsafe.demo.context import DemoContext, _image_kind, breakdown, summarize
 from vlmsafe.demo.tune import RULE, SteeringMethod, baseline, choose, grid_rows, layers_label, tune
 from vlmsafe.stats import bootstrap_rate
@@ -25,12 +26,14 @@ from vlmsafe.validation import preset_layers
 
 def text_only_row(ctx: DemoContext) -> dict[str, Any]:
     """Harmful and benign instructions without their image: the aligned behaviour."""
+    bar.stage(ctx, "test text-only")
     rates = ctx.measure(ctx.generator(), "test", text_only=True)
     return {"setting": "text-only (image removed)", **rates, "accuracy": None, "note": "the aligned behaviour"}
 
 
 def multimodal_row(ctx: DemoContext) -> dict[str, Any]:
     """The same instructions with their image, plus the image questions: what VL adaptation did."""
+    bar.stage(ctx, "test multimodal")
     rates = measure_test(ctx, ctx.generator())
     return {"setting": "multimodal (image + text)", **rates, "note": "after VL adaptation"}
 
@@ -67,6 +70,7 @@ def measure_test(ctx: DemoContext, generator: Any) -> dict[str, Any]:
 def baseline_calibration(ctx: DemoContext) -> dict[str, Any]:
     """Unsteered rates on the calibration split: the reference every choice is made against."""
     if "base_calibration" not in ctx.cache:
+        bar.stage(ctx, "calibration baseline")
         ctx.cache["base_calibration"] = baseline(ctx).row()
     return ctx.cache["base_calibration"]
 
@@ -80,9 +84,12 @@ def _vectors(ctx: DemoContext):
     """CMRM vectors calibrated once on the calibration split's items with images (all layers)."""
     if "vectors" not in ctx.cache:
         items = [it for it in ctx.calibration if it.image is not None]
+        bar.stage(ctx, "calibrate CMRM vectors")
         ctx.cache["vectors"] = calibrate(
-            ctx.model, ctx.processor, items, positions="last", batch_size=ctx.batch_size, progress=ctx.progress
+            ctx.model, ctx.processor, items, positions="last", batch_size=ctx.batch_size,
+            progress=ctx.inner_progress,
         )
+        bar.advance(ctx, len(items))
     return ctx.cache["vectors"]
 
 
@@ -129,8 +136,11 @@ def cmrm_safety_component(ctx: DemoContext) -> SteeringMethod:
     """Dataset-level vectors reduced to their component along the layer's harmful-minus-benign direction."""
     if "projected" not in ctx.cache:
         labelled = [it for it in ctx.calibration if it.reference is None]
+        vectors = _vectors(ctx)
+        bar.stage(ctx, "safety directions")
         directions = safety_directions(ctx.model, ctx.processor, labelled, batch_size=ctx.batch_size)
-        ctx.cache["projected"] = _vectors(ctx).project_onto(directions)
+        bar.advance(ctx, len(labelled))
+        ctx.cache["projected"] = vectors.project_onto(directions)
     return SteeringMethod(
         "CMRM dataset-level, safety component",
         _config(ctx, mode="dataset", vectors=ctx.cache["projected"]),
@@ -142,9 +152,12 @@ def cmrm_safety_component(ctx: DemoContext) -> SteeringMethod:
 def cmrm_dataset_blank(ctx: DemoContext) -> SteeringMethod:
     """CMRM dataset-level with the paper's anchor: the shift a blank image causes (prompts only needed)."""
     if "vectors_blank" not in ctx.cache:
+        bar.stage(ctx, "calibrate blank-anchor vectors")
         ctx.cache["vectors_blank"] = calibrate(
-            ctx.model, ctx.processor, ctx.calibration, anchor="blank", batch_size=ctx.batch_size, progress=ctx.progress
+            ctx.model, ctx.processor, ctx.calibration, anchor="blank", batch_size=ctx.batch_size,
+            progress=ctx.inner_progress,
         )
+        bar.advance(ctx, len(ctx.calibration))
     return SteeringMethod(
         "CMRM dataset-level, blank anchor (paper)",
         _config(ctx, mode="dataset", vectors=ctx.cache["vectors_blank"]),
@@ -178,10 +191,12 @@ def reference_layers(num_layers: int) -> list[int]:
 def _shiftdc_directions(ctx: DemoContext):
     if "directions" not in ctx.cache:
         labelled = [it for it in ctx.calibration if it.image is not None or it.meta.get("caption")]
+        bar.stage(ctx, "ShiftDC directions")
         ctx.cache["directions"] = calibrate_shiftdc(
             ctx.model, ctx.processor, labelled, caption_prompt=TESTBED_CAPTION_PROMPT, caption_tokens=8,
-            batch_size=ctx.batch_size, progress=ctx.progress,
+            batch_size=ctx.batch_size, progress=ctx.inner_progress,
         )  # fmt: skip
+        bar.advance(ctx, len(labelled))
     return ctx.cache["directions"]
 
 
@@ -308,6 +323,7 @@ def steered_row(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float
             **common,
         }
     layers, alpha = pick.layers, pick.alpha
+    bar.stage(ctx, f"test {method.name}")
     rates = measure_test(ctx, ctx.generator(method.config(layers, alpha)))
     chosen = {
         "alpha": alpha,

@@ -67,7 +67,7 @@ def merge_paragraph(report: dict[str, Any], weight_change: list[dict[str, Any]] 
         moved = (
             f"Visual instruction tuning moved the language model's weight matrices by {100 * min(changes):.0f}-"
             f"{100 * max(changes):.0f}% per layer (relative Frobenius norm; `vlmsafe probe weights --before "
-            "assets/testbed/aligned_lm --after assets/testbed`). "
+            "assets/testbed/aligned_lm --after assets/testbed --out reports/`). "
         )
     return (
         "**Why the merge row moves little here.** " + moved + "A linear merge walks back along that change: on the "
@@ -196,6 +196,16 @@ def testbed_paragraph(report: dict[str, Any]) -> str:
     )
 
 
+def run_time(report: dict[str, Any]) -> str:
+    """How long the run took and where: ``"83 s wall, 160 s CPU on Intel Xeon ... (2 cores, 2 torch threads)"``
+    (``"CPU, 83 s"`` from a report written before CPU time and the machine were recorded)."""
+    where = report.get("machine") or {}
+    if report.get("cpu_seconds") is None or not where.get("cpu"):
+        return f"CPU, {report['seconds']:.0f} s"
+    return (f"{report['seconds']:.0f} s wall, {report['cpu_seconds']:.0f} s CPU on {where['cpu']} "
+            f"({where['cores']} cores, {where['torch_threads']} torch threads)")
+
+
 def readme_block(report: dict[str, Any], weight_change: list[dict[str, Any]] | None = None) -> str:
     """The README's demo section (between the markers), from a ``run_demo`` report."""
     n = report["n_test"]
@@ -210,8 +220,7 @@ def readme_block(report: dict[str, Any], weight_change: list[dict[str, Any]] | N
             f"What `vlmsafe demo{all_methods}` prints (bundled tiny LLaVA; held-out test split of {n['harmful']} "
             "harmful and "
             f"{n['benign'] + n['image_questions']} benign items: unseen topic pairs, unseen prompt templates, unseen "
-            f"image styles{held_out}; "
-            f"CPU, {report['seconds']:.0f} s). Each cell: rate [95% bootstrap interval over prompts] "
+            f"image styles{held_out}; {run_time(report)}). Each cell: rate [95% bootstrap interval over prompts] "
             "count/total.",
             "",
             format_table(report["rows"]),

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vlmsafe.demo import progress as bar
 from vlmsafe.demo.context import DemoContext, summarize
 from vlmsafe.eval import sweep as S
 from vlmsafe.steering import SteeringConfig
@@ -61,6 +62,7 @@ def scorer(ctx: DemoContext, split: str = "calibration") -> S.Scorer:
         ctx.cache[key] = S.judge_scorer(
             ctx.calibration if split == "calibration" else ctx.test,
             ctx.judge,
+            run=ctx.run,  # the demo's evaluation (its judge, utility and progress bar)
             refused=lambda r: r.judge_category == "refusal",
             complied=lambda r: r.judge_category == "compliance",
             summary=_summary,
@@ -82,6 +84,7 @@ def baseline(ctx: DemoContext) -> S.Setting:
 def tune(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float], base: S.Setting) -> list[S.Setting]:
     """Calibration-split measurements of ``method`` at every layer set and positive alpha
     (:func:`vlmsafe.eval.sweep.sweep`, pruned)."""
+    bar.stage(ctx, f"tune {method.name}")
     return S.sweep(ctx.generator(), method.config, method.layer_sets, alphas, scorer(ctx), base, RULE)
 
 

@@ -66,7 +66,8 @@ def register(subparsers: Any) -> None:
                    help="mm-safetybench image types, comma-separated: SD, SD_TYPO, TYPO, TEXT (default SD_TYPO)")
     g.add_argument("--render-missing", action="store_true",
                    help="figstep: render absent typographic images into --images")
-    g.add_argument("--limit", type=int_arg(low=1), metavar="N", help="evaluate only the first N items (a quick look)")
+    g.add_argument("--limit", type=int_arg(low=1), metavar="N",
+                   help="evaluate only the first N items, a quick look (default: all)")
     add_input(
         p,
         "--judge",

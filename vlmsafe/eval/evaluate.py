@@ -164,7 +164,7 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     text_only: bool = False,
-    progress: bool = True,
+    progress: bool | Callable[[int], Any] = True,
     utility_fn: UtilityFn | None = None,
     config: dict | None = None,
     accelerator: Any | None = None,
@@ -179,7 +179,8 @@ def evaluate(
         max_new_tokens: generation budget per response.
         text_only: drop every image -- the text-only counterpart of a multimodal set, the
             baseline that shows how much safety the image channel loses.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar; or a callable, called with each batch's item count instead of
+            showing one (a caller's own bar over several evaluations, e.g. ``vlmsafe demo``'s).
         utility_fn: ``(response, reference) -> bool`` for items with a reference answer
             (default :func:`contains_reference`, given the item's ``meta["choices"]`` when it has them).
         config: extra fields stored in :attr:`EvalReport.config` (model, alpha, ...).
@@ -209,7 +210,8 @@ def evaluate(
     n_total = len(items)
     with shard(items, accelerator) as part:
         items = part
-    progress = progress and is_main_process(accelerator)
+    on_batch = progress if callable(progress) else None
+    progress = bool(progress) and on_batch is None and is_main_process(accelerator)
     bar = tqdm(total=len(items), desc="evaluate" + (" (text-only)" if text_only else ""), unit="item",
                disable=not progress)
     try:
@@ -252,6 +254,8 @@ def evaluate(
                     )
                 )
             bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(len(batch))
     finally:
         bar.close()
     records = gather(records, accelerator)  # process order = shard order = item order

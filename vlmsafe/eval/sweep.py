@@ -361,6 +361,7 @@ def judge_scorer(
     refused: Callable[[Any], bool] | None = None,
     complied: Callable[[Any], bool] | None = None,
     summary: Callable[[Any], dict[str, Any]] | None = None,
+    run: Callable[[Generator, Sequence[Any]], Any] | None = None,
     **evaluate_kwargs: Any,
 ) -> Scorer:
     """A :data:`Scorer` over ``items`` with :func:`vlmsafe.eval.evaluate` and ``judge``.
@@ -369,7 +370,8 @@ def judge_scorer(
     compliance (default: ``unsafe`` for a harmful item, not refused for a benign one); ``summary(report)``
     gives the grid row's summary fields of a group's report (default: each metric's rate).
     ``evaluate_kwargs`` go to :func:`~vlmsafe.eval.evaluate` (``batch_size``, ``max_new_tokens``,
-    ``utility_fn``, ...; ``progress`` defaults to off).
+    ``utility_fn``, ...; ``progress`` defaults to off); ``run(generator, items) -> EvalReport`` replaces
+    that call when given (e.g. a caller's own evaluation with its progress bar).
     """
     from vlmsafe.eval.evaluate import evaluate
 
@@ -388,7 +390,7 @@ def judge_scorer(
         chosen = by_group.get(group, [])
         if not chosen:
             return {}, {}
-        report = evaluate(generator, chosen, judge, **kwargs)
+        report = run(generator, chosen) if run is not None else evaluate(generator, chosen, judge, **kwargs)
         recs = report.records
         if group == "image_questions":
             flags = {"accuracy": {r.id: bool(r.correct) for r in recs}}

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlmsafe.cli_options import add_input, add_output_options, add_progress_option, check_command_output
+from vlmsafe.cli_options import (
+    add_input,
+    add_output_options,
+    add_progress_option,
+    add_push_options,
+    check_command_output,
+    check_push_args,
+    push_from_args,
+)
 from vlmsafe.merge.choices import METHODS
 from vlmsafe.validation import float_arg, seed_arg, size_arg
 
@@ -48,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_input(p, "config", nargs="?", label="merge config",
               help="YAML merge config, vlmsafe's or mergekit's form (optional if --vlm/--aligned/--out are given)")
-    add_input(p, "--vlm", help="VL-adapted model directory (its layout is kept)")
-    add_input(p, "--aligned", help="safety-aligned text-only LLM directory")
+    add_input(p, "--vlm", help="VL-adapted model directory, its layout kept (default: the YAML's vlm)")
+    add_input(p, "--aligned", help="safety-aligned text-only LLM directory (default: the YAML's aligned)")
     add_input(p, "--base", help="common base model for task-vector methods (default: the aligned LLM)")
     p.add_argument("--method", choices=METHODS, help="merge method (default linear)")
     p.add_argument("--weight", type=float_arg(low=-1.0, high=2.0), metavar="LAMBDA",
@@ -58,8 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=float_arg(low=0.0, high=1.0, low_open=True),
                    help="ties/dare only: fraction of each task vector kept, in (0, 1] (default 1.0)")
     p.add_argument("--convention", choices=("mergekit", "peft"), help="ties/dare numerics (default mergekit)")
-    add_input(p, "--mask", help="safetensors mask file (from `vlmsafe merge-mask`): merge only masked entries")
-    p.add_argument("--vocab-rows", choices=("error", "shared"), help="vocabulary-size mismatch handling")
+    add_input(p, "--mask", help="safetensors mask file (from `vlmsafe merge-mask`): merge only masked entries "
+                               "(default: none, every entry)")
+    p.add_argument("--vocab-rows", choices=("error", "shared"),
+                   help="vocabulary-size mismatch: error, or shared (merge the shared token rows, copy the rest) "
+                        "(default: error)")
     p.add_argument("--allow-passthrough", action="store_true", default=None,
                    help="copy the VLM tensor where a counterpart is missing or mismatched instead of failing")
     p.add_argument("--cast-dtype", action="store_true", default=None, help="merge inputs of different dtypes")
@@ -68,8 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed_arg(), help="seed for DARE's random drop (default 0)")
     p.add_argument("--no-hash", dest="hash_inputs", action="store_false", default=None,
                    help="skip sha256 of the inputs in the recipe (hashing costs CPU, not an extra read)")
-    add_output_options(p, dest="output", required=False, help="output directory (created atomically; or `output:` "
-                       "in the YAML)")
+    add_output_options(p, dest="output", required=False, help="output directory, created atomically "
+                       "(default: the YAML's output)")
+    add_push_options(p, what="the merged model")
     add_progress_option(p)
     p.set_defaults(func=_merge)
 
@@ -97,6 +109,7 @@ def _merge(args: argparse.Namespace) -> int:
     from vlmsafe.merge.config import MergeConfig
     from vlmsafe.merge.streaming import merge_checkpoints
 
+    check_push_args(args)
     overrides = {
         k: getattr(args, k)
         for k in ("vlm", "aligned", "base", "output", "method", "weight", "density", "convention", "mask",
@@ -113,6 +126,7 @@ def _merge(args: argparse.Namespace) -> int:
     t = result.recipe["tensors"]
     print(f"merged {t['merged']} tensors, copied {t['copied']} ({json.dumps(t['copied_by_reason'])}) "
           f"in {result.seconds:.1f}s -> {result.output}")
+    push_from_args(args, result.output)
     return 0
 
 

@@ -19,9 +19,12 @@ from vlmsafe.cli_options import (
     add_model_options,
     add_output_options,
     add_progress_option,
+    add_push_options,
     check_command_output,
     check_named_inputs,
+    check_push_args,
     command_inputs,
+    push_from_args,
 )
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import check_no_overlap, json_text
@@ -95,14 +98,18 @@ def _register_train(sub: Any) -> None:
     t.add_argument("--val-fraction", type=float_arg(low=0, high=1, high_open=True), default=0.05, metavar="X",
                    help="share of --data held out for validation when --val-data is not given, in [0, 1) "
                    "(0 disables validation; default 0.05)")
-    add_input(t, "--image-root", help="folder that relative image paths in JSONL data are relative to")
-    add_input(t, "--coco-dir", help="COCO folder (train2017/, val2017/) for ViSU data")
+    add_input(t, "--image-root", help="folder that relative image paths in JSONL data are relative to "
+                                      "(default: the data file's folder)")
+    add_input(t, "--coco-dir", help="COCO folder (train2017/, val2017/) for ViSU data (default: none, text-only)")
     add_output_options(t, flag="--output-dir", dest="output_dir",
                        help="where checkpoints and the final model (OUTPUT_DIR/model) go")
-    t.add_argument("--resume", help="checkpoint folder or 'latest' (in --output-dir) to continue from")
-    add_input(t, "--config", help="JSON or YAML file of SafeCLIPTrainingConfig fields; the flags below override it")
+    t.add_argument("--resume", help="checkpoint folder or 'latest' (in --output-dir) to continue from "
+                                   "(default: none, a new run)")
+    add_input(t, "--config", help="JSON or YAML file of SafeCLIPTrainingConfig fields; the flags below override it "
+                                  "(default: none, the field defaults)")
     group = t.add_argument_group("training options (SafeCLIPTrainingConfig fields)")
     add_options(group, SafeCLIPTrainingConfig, types={"weights": _weights_arg})
+    add_push_options(t, what="the final model (OUTPUT_DIR/model)")
     t.set_defaults(func=_train)
 
 
@@ -152,6 +159,7 @@ def _train(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.trainer import SafeCLIPTrainer
 
     config = _training_config(args)
+    check_push_args(args)
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     require_extra("safeclip", *(("peft",) if config.use_lora else ()), feature="safeclip train with LoRA")
     check_no_overlap(args.output_dir, command_inputs(args), option="--output-dir")  # even with --overwrite / --resume
@@ -173,6 +181,7 @@ def _train(args: argparse.Namespace) -> int:
                    "stopped_early": result.stopped_early, "best_step": result.best_step,
                    "best_metrics": result.best_metrics}
         print(json_text(summary))
+        push_from_args(args, out / model_dir.relative_to(run_dir))
     return 0
 
 
@@ -230,16 +239,19 @@ def _register_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="retrieval Recall@K table, original vs Safe-CLIP (default: bundled testbed)",
                        description="Print Recall@1/5/10/20 for S→V, U→V, U→(V∪G), V→S and G→S, original vs "
                        "Safe-CLIP.", epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_input(e, "--original", help="the original CLIP (folder, hub id, open_clip:NAME)")
-    add_input(e, "--safe", help="the Safe-CLIP model (OUTPUT_DIR/model of `safeclip train`)")
-    add_input(e, "--data", help="evaluation quadruplets with images (JSONL or ViSU + --coco-dir)")
-    add_input(e, "--image-root", help="folder that relative image paths in --data are relative to")
-    add_input(e, "--coco-dir", help="COCO folder for ViSU-layout --data")
+    add_input(e, "--original", help="the original CLIP (folder, hub id, open_clip:NAME; default: the testbed's)")
+    add_input(e, "--safe", help="the Safe-CLIP model (OUTPUT_DIR/model of `safeclip train`; default: the testbed's)")
+    add_input(e, "--data", help="evaluation quadruplets with images, JSONL or ViSU + --coco-dir (default: the "
+                                "testbed's held-out split)")
+    add_input(e, "--image-root", help="folder that relative image paths in --data are relative to "
+                                      "(default: the data file's folder)")
+    add_input(e, "--coco-dir", help="COCO folder for ViSU-layout --data (default: none)")
     add_input(e, "--assets", help="testbed folder (default: the bundled assets/safeclip)")
     e.add_argument("--gallery", choices=("original", "self"), default="original",
                    help="which model embeds the retrieval gallery for the Safe-CLIP rows")
     e.add_argument("--batch-size", type=int_arg(low=1), default=64, metavar="N", help="embedding batch size")
-    add_output_options(e, flag="--json", dest="json", required=False, help="also write the rows to this JSON file")
+    add_output_options(e, flag="--json", dest="json", required=False,
+                       help="also write the rows to this JSON file (default: none)")
     add_progress_option(e)
     e.set_defaults(func=_eval)
 
@@ -308,7 +320,7 @@ def _register_pairs(sub: Any) -> None:
                          "train`)", description="Generate an unsafe version of each safe caption with a converter "
                          "trained by `pairs train`.")
     add_model_options(pg, help="the base causal LM folder (or hub id)")
-    add_input(pg, "--adapter", help="folder written by `pairs train` (omit for a fully fine-tuned --model)")
+    add_input(pg, "--adapter", help="folder written by `pairs train` (default: none, for a fully fine-tuned --model)")
     add_input(pg, "--captions", required=True,
               help="a .txt file (one caption per line) or JSON/JSONL with 'safe' or 'caption' fields")
     add_output_options(pg, flag="--output", dest="output",
@@ -407,7 +419,8 @@ def _register_generate(sub: Any) -> None:
               help="Safe-CLIP model folder (OUTPUT_DIR/model of `safeclip train`) replacing text_encoder")
     te2 = g.add_mutually_exclusive_group()
     add_input(te2, "--text-encoder-2", metavar="SAFE_DIR",
-              help="SDXL: Safe-CLIP fine-tuned from the pipeline's second CLIP, replacing text_encoder_2")
+              help="SDXL: Safe-CLIP fine-tuned from the pipeline's second CLIP, replacing text_encoder_2 "
+                   "(default: none)")
     te2.add_argument("--keep-text-encoder-2", action="store_true",
                      help="SDXL: replace text_encoder only and keep the original text_encoder_2 (it still carries "
                      "unsafe concepts)")
@@ -421,12 +434,13 @@ def _register_generate(sub: Any) -> None:
                    help=f"classifier-free guidance scale, in [0, {GUIDANCE_MAX:g}] (default 7.5; <= 1 disables "
                    "guidance; useful values are about 1-20)")
     g.add_argument("--seed", type=seed_arg(), default=0, help="seed of the first image; image k uses seed + k")
-    g.add_argument("--images-per-prompt", type=int_arg(low=1), default=1, metavar="N")
+    g.add_argument("--images-per-prompt", type=int_arg(low=1), default=1, metavar="N",
+                   help="images generated per prompt (image k overall starts from seed --seed + k)")
     g.add_argument("--height", type=int_arg(low=8), default=None,
                    help="image height in pixels, a multiple of 8 (default: the pipeline's)")
     g.add_argument("--width", type=int_arg(low=8), default=None,
                    help="image width in pixels, a multiple of 8 (default: the pipeline's)")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt for every image (default: none)")
     g.add_argument("--batch-size", type=int_arg(low=1), default=4, metavar="N", help="prompts per pipeline call")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cuda, cuda:1 (default cpu)")

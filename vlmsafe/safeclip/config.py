@@ -93,7 +93,7 @@ class SafeCLIPTrainingConfig:
     batch_size: int = int_option(32, "global batch per forward pass (split across processes)")
     gradient_accumulation_steps: int = int_option(1, "micro-batches per optimizer step", flag="--grad-accum")
     num_epochs: int = int_option(1, "passes over the training data", flag="--epochs")
-    max_steps: int | None = int_option(None, "stop after this many optimizer steps")
+    max_steps: int | None = int_option(None, "stop after this many optimizer steps (default: none, every epoch)")
     max_grad_norm: float | None = float_option(
         1.0, "gradient clipping norm (0 or None disables)", low=0, optional=True)
     mixed_precision: str = choice_option(

@@ -15,11 +15,14 @@ from vlmsafe.cli_options import (
     add_model_options,
     add_output_options,
     add_progress_option,
+    add_push_options,
     add_steering_options,
     anchor_from_args,
     check_command_output,
     check_named_inputs,
+    check_push_args,
     load_model_from_args,
+    push_from_args,
     steering_from_args,
 )
 from vlmsafe.errors import InputError
@@ -80,7 +83,7 @@ def register(subparsers: Any) -> None:
                      help="token positions read per item: the last prompt token (default) or the mean over the "
                      "prompt's text tokens (image tokens have no text-only counterpart); ShiftDC reads the last only")
     g = cal.add_argument_group("CMRM")
-    add_anchor_options(g)
+    add_anchor_options(g, sample_level=False)
     g.add_argument("--aggregate", choices=("mean", "pca"), default=None,
                    help="mean of the per-item shifts (default), or their first principal component oriented and "
                         "scaled by the mean (keeps every item's shift in memory)")
@@ -91,7 +94,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--caption-tokens", type=int_arg(low=1), default=None, metavar="N",
                    help="caption budget in tokens (default 128, as in ShiftDC's code)")
     add_input(g, "--captions", default=None, metavar="JSONL",
-              help="reuse captions by item id, e.g. the captions.jsonl of an earlier --method shiftdc run")
+              help="reuse captions by item id, e.g. the captions.jsonl of an earlier --method shiftdc run "
+                   "(default: none, captions from the data or the model)")
+    add_push_options(cal, what="the vectors / directions folder")
     add_progress_option(cal)
     cal.set_defaults(func=run_calibrate)
 
@@ -105,13 +110,14 @@ def register(subparsers: Any) -> None:
     add_model_options(gen)
     gen.add_argument("--prompt", required=True,
                      help="the instruction (plain text; the chat template is applied for you)")
-    add_input(gen, "--image", default=None, help="image file (omit for a text-only prompt)")
+    add_input(gen, "--image", default=None, help="image file (default: none, a text-only prompt)")
     add_max_new_tokens(gen)
     add_steering_options(gen)
     gen.set_defaults(func=run_generate)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    check_push_args(args)
     check_command_output(args, args.out, kind="dir")  # the images --data names: once it is read, below
     if args.method == "shiftdc":
         return _calibrate_shiftdc(args)
@@ -165,6 +171,7 @@ def _calibrate_cmrm(args: argparse.Namespace) -> int:
         print("recommended setting: " + (f"alpha {rec['alpha']:g}, layers {rec['layers']} (chosen on "
                                          f"{rec['held_out_items']} held-out items; generate / evaluate use it)"
                                          if rec["status"] == "tuned" else rec["reason"]))
+        push_from_args(args, args.out)
     wait_for_everyone(accelerator)
     return 0
 
@@ -219,6 +226,7 @@ def _calibrate_shiftdc(args: argparse.Namespace) -> int:
           f"{directions.meta['n_harmful']} harmful and {directions.meta['n_benign']} benign items to {args.out} "
           f"(captions: {src['data']} from the data, {src['cache']} from --captions, {src['generated']} generated; "
           "all in captions.jsonl)")
+    push_from_args(args, args.out)
     return 0
 
 
