@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.demo import progress as bar
+import vlmsafe.demo.progress as bar
 from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.rows import baseline_calibration
 from vlmsafe.demo.tune import RULE, baseline, choose, scorer

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vlmsafe.demo import progress as bar
+import vlmsafe.demo.progress as bar
 from vlmsafe.demo.context import DemoContext, _image_kind, breakdown, summarize
 from vlmsafe.demo.tune import RULE, SteeringMethod, baseline, choose, grid_rows, layers_label, tune
 from vlmsafe.stats import bootstrap_rate

@@ -181,7 +181,7 @@ def demo_plan(ctx: DemoContext, makers: Sequence[Any], alphas: Sequence[float], 
     estimated at its whole grid, harmful items for every setting plus the chosen layer set's other groups; it
     stops early more often than not, and re-estimates itself as it runs (:func:`vlmsafe.demo.tune.tune`).
     Steering stages are named ``tune #i`` / ``test #i`` until their method is built."""
-    from vlmsafe.demo import rows as demo_rows
+    import vlmsafe.demo.rows as demo_rows
     from vlmsafe.demo.merge import MERGE_WEIGHTS
 
     cal, test = ctx.calibration, ctx.test
@@ -248,7 +248,7 @@ def _optional_sections(ctx: DemoContext, rows: list[dict[str, Any]], merge: bool
     except ImportError:  # the safeclip extra is not installed
         return sections
     if (ctx.root.parent / "safeclip").is_dir():
-        from vlmsafe.demo import progress as bar
+        import vlmsafe.demo.progress as bar
 
         bar.stage(ctx, "Safe-CLIP retrieval")
         sections["safe_clip"] = safeclip_demo_rows(ctx.root.parent / "safeclip")
@@ -262,7 +262,7 @@ def t2i_section(assets: Path, folder: Path, ctx: DemoContext | None = None) -> d
         return None
     if importlib.util.find_spec("diffusers") is None:  # the safeclip extra is not installed
         return None
-    from vlmsafe.demo import progress as bar
+    import vlmsafe.demo.progress as bar
     from vlmsafe.safeclip.t2i_demo import GRID_FILE, t2i_demo_section
 
     bar.stage(ctx, "Safe-CLIP text-to-image")

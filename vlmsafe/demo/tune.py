@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vlmsafe.demo import progress as bar
+import vlmsafe.demo.progress as bar
 from vlmsafe.demo.context import DemoContext, summarize
 from vlmsafe.eval import sweep as S
 from vlmsafe.steering import SteeringConfig
