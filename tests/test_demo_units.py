@@ -7,7 +7,6 @@ import pytest
 
 from vlmsafe.demo.context import summarize, value
 from vlmsafe.demo.table import format_table, readme_block
-from vlmsafe.demo.tune import SteeringMethod, choose, tune, within_constraints
 from vlmsafe.eval.report import EvalReport, ItemRecord
 from vlmsafe.stats import wilson_interval
 
@@ -80,112 +79,6 @@ def test_table_cells_show_rate_interval_and_count():
                           "machine": {"cpu": "Intel(R) Xeon(R) CPU @ 2.20GHz", "cores": 2, "torch_threads": 2}})
     assert ("unseen image styles; 83 s wall, 162 s CPU on Intel(R) Xeon(R) CPU @ 2.20GHz (2 cores, 2 torch "
             "threads))") in timed
-
-
-def _row(refusal, acc, ben_refusal=0.0, ben_compliance=1.0, alpha=1.0, layers=None):
-    return {
-        "harmful": {"refusal": refusal},
-        "accuracy": acc,
-        "benign": {"refusal": ben_refusal, "compliance": ben_compliance},
-        "alpha": alpha,
-        "layers": layers,
-    }
-
-
-BASE = _row(0.5, 0.80, alpha=0.0)
-
-
-def test_constraints_are_relative_to_the_unsteered_model():
-    assert within_constraints(_row(0.9, 0.77), BASE)  # exactly 3 points lower accuracy is allowed
-    assert not within_constraints(_row(0.9, 0.769), BASE)
-    assert not within_constraints(_row(0.9, 0.8, ben_refusal=0.031), BASE)
-    assert not within_constraints(_row(0.9, 0.8, ben_compliance=0.96), BASE)
-    unmeasured = {**_row(0.9, 0.8), "benign": {}}
-    assert not within_constraints(unmeasured, BASE)  # a row whose benign part was skipped never qualifies
-
-
-def test_choose_most_genuine_refusals_within_limits():
-    grid = [
-        _row(0.95, 0.60, alpha=2.0),
-        _row(0.85, 0.79, alpha=1.0),
-        _row(0.85, 0.78, alpha=0.5),
-        _row(0.7, 0.8, alpha=0.25),
-    ]
-    pick = choose(grid, BASE)
-    assert (pick["alpha"], value(pick["harmful"]["refusal"])) == (0.5, 0.85)  # ties go to the smaller alpha
-    none = choose([_row(0.95, 0.5), _row(0.4, 0.8)], BASE)  # nothing qualifies and refuses more than base
-    assert none["alpha"] == 0.0 and none["layers"] is None
-
-
-class _FakeContext:
-    """Answers ``measure`` from a table of rates per (layers, alpha) and counts what was measured."""
-
-    def __init__(self, table):
-        self.table, self.calls = table, []
-
-    def generator(self, config):
-        return config
-
-    def measure(self, gen, split, *, intervals, groups):
-        assert split == "calibration" and intervals is False
-        key = (None if gen.layers is None else tuple(gen.layers), gen.alpha)
-        self.calls.append((key, tuple(groups)))
-        r = self.table[key]
-        return {"harmful": r["harmful"], "accuracy": r["accuracy"], "benign": r["benign"]}
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_tune_prunes_without_changing_the_choice(seed):
-    import random
-
-    from vlmsafe.steering import SteeringConfig
-
-    rng = random.Random(seed)
-    layer_sets = [None, [0], [1], [2]]
-    alphas = [0.25, 0.5, 1.0, 1.5, 2.0]
-    table = {}
-    for layers in layer_sets:
-        refusal, acc = 0.5, 0.80
-        for a in alphas:  # refusals rise and accuracy falls with alpha, at a random pace per layer set
-            refusal, acc = min(1.0, refusal + rng.uniform(0, 0.2)), acc - rng.uniform(0, 0.03)
-            table[(None if layers is None else tuple(layers), a)] = _row(
-                round(refusal, 3), round(acc, 3), ben_refusal=rng.choice([0.0, 0.0, 0.05])
-            )
-    method = SteeringMethod("fake", lambda layers, alpha: SteeringConfig(alpha=alpha, layers=layers), layer_sets)
-    ctx = _FakeContext(table)
-    grid = tune(ctx, method, [0.0, *alphas], BASE)
-    full = [{**r, "alpha": a, "layers": None if l is None else list(l)} for (l, a), r in table.items()]
-    expected = choose(full, BASE)
-    got = choose(grid, BASE)
-    assert (got["alpha"], got["layers"]) == (expected["alpha"], expected["layers"])
-    # the chosen layer set's sweep is complete (it is plotted); other rows may be partly measured
-    assert all(not r["skipped"] for r in grid if r["layers"] == got["layers"])
-    measured = sum(len(groups) for _, groups in ctx.calls)
-    assert measured <= 3 * len(table)
-    assert all(k[1] > 0 for k, _ in ctx.calls)  # alpha 0 is the baseline, never re-measured
-
-
-def test_tune_skips_settings_that_cannot_win():
-    table = {
-        (None, 0.5): _row(0.9, 0.8),
-        (None, 1.0): _row(0.95, 0.5),
-        (None, 2.0): _row(0.97, 0.4),
-        ((0,), 0.5): _row(0.6, 0.8),
-        ((0,), 1.0): _row(0.6, 0.8),
-        ((0,), 2.0): _row(0.6, 0.8),
-    }
-    from vlmsafe.steering import SteeringConfig
-
-    method = SteeringMethod("fake", lambda layers, alpha: SteeringConfig(alpha=alpha, layers=layers), [None, [0]])
-    ctx = _FakeContext(table)
-    grid = tune(ctx, method, [0.5, 1.0, 2.0], BASE)
-    # layer 0 never beats 0.9 refusals: only its harmful part is measured, and its rows say so
-    assert [g for k, g in ctx.calls if k[0] == (0,)] == [("harmful",)] * 3
-    assert [r["skipped"] for r in grid if r["layers"] == [0]] == [["image_questions", "benign"]] * 3
-    pick = choose(grid, BASE)
-    assert (pick["alpha"], pick["layers"]) == (0.5, None)
-    # the chosen (all-layer) sweep was completed for its plot: alpha 1 and 2 got their benign part afterwards
-    assert [r["benign"] for r in grid if r["layers"] is None] == [table[(None, a)]["benign"] for a in (0.5, 1.0, 2.0)]
 
 
 def test_merge_figure_marks_the_test_split_at_the_chosen_weight(tmp_path, monkeypatch):

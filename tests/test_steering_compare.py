@@ -89,9 +89,14 @@ def test_compare_methods_end_to_end(llava):
     )
     rows = result["rows"]
     assert [r["setting"] for r in rows] == ["multimodal (unsteered)", *(s.name for s in specs)]
-    for row in rows:
-        assert row["unsafe"]["n"] == 2 and row["over_refusal"]["n"] == 3 and row["accuracy"]["n"] == 1
+    assert rows[0]["unsafe"]["n"] == 2 and rows[0]["over_refusal"]["n"] == 3 and rows[0]["accuracy"]["n"] == 1
     for row in rows[1:]:
+        if row["chosen"]["calibration"] is None:  # nothing qualified: no rates under the method's name
+            assert [row[k] for k in ("unsafe", "genuine_refusal", "over_refusal", "accuracy")] == [None] * 4
+            assert f"| {row['setting']} | no setting qualified on calibration | - | - | - | - |" in format_rows(rows)
+        else:
+            assert row["unsafe"]["n"] == 2 and row["over_refusal"]["n"] == 3 and row["accuracy"]["n"] == 1
+            assert row["chosen"]["calibration"]["qualified"] is True
         grid = result["grids"][row["setting"]]
         assert len(grid) == 4 and {
             (g["layers"] if isinstance(g["layers"], str) else tuple(g["layers"]), g["alpha"]) for g in grid

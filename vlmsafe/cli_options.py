@@ -201,12 +201,19 @@ def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, fl
     vectors = ShiftVectors.load(vectors_dir, model=model) if vectors_dir else None
     directions = SafetyDirections.load(shiftdc_dir, model=model) if shiftdc_dir else None
     anchor = anchor_from_args(args) if sample and hasattr(args, "anchor") else {}
+    alpha, layers = args.alpha, args.steer_layers
+    rec = (vectors.meta.get("recommended") or {}) if vectors is not None else {}
+    if rec.get("status") == "tuned" and (alpha is None or layers is None):  # the setting calibrate chose
+        alpha = rec["alpha"] if alpha is None else alpha
+        layers = (None if rec["layers"] == "all" else rec["layers"]) if layers is None else layers
+        print(f"vlmsafe: steering with the setting recommended at calibration (alpha {alpha:g}, layers "
+              f"{'all' if layers is None else layers}); --alpha / --layers override it", file=sys.stderr)
     return SteeringConfig(
         mode="dataset" if vectors is not None else "shiftdc" if directions is not None else "sample",
         vectors=vectors,
         directions=directions,
-        alpha=1.0 if args.alpha is None else args.alpha,
-        layers=args.steer_layers,
+        alpha=1.0 if alpha is None else alpha,
+        layers=layers,
         positions=args.steer_positions or "last",
         decode=bool(args.decode),
         shift_from=getattr(args, "shift_from", None) or "unsteered",

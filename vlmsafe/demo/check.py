@@ -37,7 +37,7 @@ def measure_testbed(
 ) -> dict[str, Any]:
     """The demo's report on the testbed at ``path`` (on ``test`` when given); figures copied to ``figures``."""
     with tempfile.TemporaryDirectory(prefix="vlmsafe-check-") as tmp:
-        report = run_demo(Path(tmp) / "demo", testbed=path, test=test, progress=progress)
+        report = run_demo(Path(tmp) / "demo", testbed=path, test=test, progress=progress, all_methods=True)
         if figures is not None:
             figures.mkdir(parents=True, exist_ok=True)
             for name in ("cmrm_sweep.png", "merge_sweep.png"):

@@ -13,10 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.demo import progress as bar
+import vlmsafe.demo.progress as bar
 from vlmsafe.demo.context import DemoContext
 from vlmsafe.demo.rows import baseline_calibration
-from vlmsafe.demo.tune import choose
+from vlmsafe.demo.tune import RULE, baseline, choose, scorer
+from vlmsafe.eval.sweep import Setting, measure
 from vlmsafe.loading import load_model
 from vlmsafe.merge import merge_sweep
 
@@ -31,24 +32,26 @@ def merge_row(ctx: DemoContext, multimodal: dict[str, Any]) -> tuple[dict[str, A
         model, processor = load_model(model_dir)
         return ctx.generator(model=model.eval(), processor=processor)
 
-    def calibration_rates(model_dir: Path) -> dict[str, Any]:
+    settings: list[Setting] = []
+
+    def measure_weight(model_dir: Path) -> dict[str, Any]:
+        """Calibration rates of one merged model, per item (for the paired choice) and summarised."""
         bar.describe(ctx, f"merge sweep, {Path(model_dir).name.replace('_', ' ')}")
-        return {"calibration": ctx.measure(generator(model_dir), "calibration", intervals=False)}
+        setting = measure(generator(model_dir), scorer(ctx), RULE.groups, Setting(None, 0.0))
+        settings.append(setting)
+        return {"calibration": setting.row()}
 
     base = baseline_calibration(ctx)
     bar.stage(ctx, "merge sweep")
     with tempfile.TemporaryDirectory(prefix="vlmsafe-merge-") as tmp:
         rows = merge_sweep(
-            ctx.root,
-            ctx.root / "aligned_lm",
-            MERGE_WEIGHTS,
-            tmp,
-            calibration_rates,
-            progress=False,
+            ctx.root, ctx.root / "aligned_lm", MERGE_WEIGHTS, tmp, measure_weight, progress=False,
             vocab_rows="shared",
-        )
-        pick = choose([{**r["calibration"], "alpha": r["weight"], "layers": None} for r in rows], base)
-        weight = pick["alpha"]
+        )  # fmt: skip
+        for setting, r in zip(settings, rows):
+            setting.alpha = float(r["weight"])  # the merge weight plays alpha's part in the choice
+        pick = choose(settings, baseline(ctx))
+        weight = pick.alpha if pick is not None else 0.0
         bar.stage(ctx, "test merge")
         test = ctx.measure(generator(Path(tmp) / f"weight_{weight:g}"), "test") if weight else None
     rates = test if test is not None else {k: multimodal[k] for k in _GROUPS}

@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vlmsafe.demo import progress as bar
-from vlmsafe.demo.context import DemoContext
-from vlmsafe.demo.tune import SteeringMethod, choose, layers_label, tune
+import vlmsafe.demo.progress as bar
+from vlmsafe.demo.context import DemoContext, _image_kind, breakdown, summarize
+from vlmsafe.demo.tune import RULE, SteeringMethod, baseline, choose, grid_rows, layers_label, tune
+from vlmsafe.stats import bootstrap_rate
 from vlmsafe.steering import SteeringConfig, calibrate, calibrate_shiftdc, safety_directions
 from vlmsafe.validation import preset_layers
 
@@ -33,16 +34,44 @@ def text_only_row(ctx: DemoContext) -> dict[str, Any]:
 def multimodal_row(ctx: DemoContext) -> dict[str, Any]:
     """The same instructions with their image, plus the image questions: what VL adaptation did."""
     bar.stage(ctx, "test multimodal")
-    rates = ctx.measure(ctx.generator(), "test")
+    rates = measure_test(ctx, ctx.generator())
     return {"setting": "multimodal (image + text)", **rates, "note": "after VL adaptation"}
+
+
+def _accuracy_by(report: Any, items: Sequence[Any], key: Callable[[Any], str | None]) -> dict[str, Any]:
+    """Image-question accuracy per value of ``key(item)`` (items whose key is ``None`` left out)."""
+    keys = {it.id: key(it) for it in items}
+    groups: dict[str, list[bool]] = {}
+    for r in report.records:
+        if r.reference is not None and keys.get(r.id) is not None:
+            groups.setdefault(str(keys[r.id]), []).append(bool(r.correct))
+    return {k: bootstrap_rate(v) for k, v in sorted(groups.items())}
+
+
+def measure_test(ctx: DemoContext, generator: Any) -> dict[str, Any]:
+    """Test-split rates with intervals (:func:`~vlmsafe.demo.context.summarize`) and the breakdowns a reader
+    needs to find weak spots: instruction outcomes by harm category (``by_category``), by image kind
+    (``by_image``: drawn / blank / noise) and by prompt template (``by_template``), and image-question
+    accuracy by question kind, by phrasing (trained or held-out) and by image kind (``accuracy_by``)."""
+    items = ctx.test
+    report = ctx.run(generator, items)
+    out = summarize(report)
+    out["by_category"] = breakdown(report, items, lambda it: it.category)
+    out["by_image"] = breakdown(report, items, lambda it: f"{it.label}/{_image_kind(it.meta.get('style'))}")
+    out["by_template"] = breakdown(report, items, lambda it: f"{it.label}/{it.meta.get('template')}")
+    out["accuracy_by"] = {
+        "question": _accuracy_by(report, items, lambda it: it.meta.get("question")),
+        "phrasing": _accuracy_by(report, items, lambda it: it.meta.get("phrasing")),
+        "image_kind": _accuracy_by(report, items, lambda it: it.category),
+    }
+    return out
 
 
 def baseline_calibration(ctx: DemoContext) -> dict[str, Any]:
     """Unsteered rates on the calibration split: the reference every choice is made against."""
     if "base_calibration" not in ctx.cache:
         bar.stage(ctx, "calibration baseline")
-        row = ctx.measure(ctx.generator(), "calibration", intervals=False)
-        ctx.cache["base_calibration"] = {**row, "alpha": 0.0, "layers": None}
+        ctx.cache["base_calibration"] = baseline(ctx).row()
     return ctx.cache["base_calibration"]
 
 
@@ -147,12 +176,19 @@ def cmrm_sample_blank(ctx: DemoContext) -> SteeringMethod:
     )
 
 
-def shiftdc(ctx: DemoContext) -> SteeringMethod:
-    """ShiftDC as published: per-input shift against the captioned counterpart, safety component removed.
+#: ShiftDC's alphas: log-spaced from 0.5 to 128. ShiftDC removes only the shift's component along the
+#: safety direction, which on the testbed is a small share of the benign-harmful gap, so alphas far above
+#: CMRM's are needed before anything moves; the sweep stops once outputs break the benign limits.
+SHIFTDC_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 
-    Captions are written by the testbed itself from its caption question (``describe the image .``);
-    layer sets start with ShiftDC's default, middle-to-last.
-    """
+
+def reference_layers(num_layers: int) -> list[int]:
+    """The reference's layer range mapped onto ``num_layers``: its README runs layers 10-31 of LLaVA-1.5-7B's
+    32, so the layers from ``round(10 / 32 * num_layers)`` to the last (1-3 of the testbed's 4)."""
+    return list(range(min(num_layers - 1, round(10 * num_layers / 32)), num_layers))
+
+
+def _shiftdc_directions(ctx: DemoContext):
     if "directions" not in ctx.cache:
         labelled = [it for it in ctx.calibration if it.image is not None or it.meta.get("caption")]
         bar.stage(ctx, "ShiftDC directions")
@@ -161,14 +197,76 @@ def shiftdc(ctx: DemoContext) -> SteeringMethod:
             batch_size=ctx.batch_size, progress=ctx.inner_progress,
         )  # fmt: skip
         bar.advance(ctx, len(labelled))
+    return ctx.cache["directions"]
+
+
+def shiftdc_projection(ctx: DemoContext) -> dict[str, Any]:
+    """How much of the image-induced shift ShiftDC can remove, per layer, on the calibration instructions.
+
+    For each harmful and benign instruction with an image: the shift ``s = h(prompt, image) - h(prompt
+    Image Caption: caption)`` at the last prompt token, and the safety direction ``d`` (benign minus
+    harmful means). ``cosine``: mean ``|s . d| / (|s| |d|)``, the share of the shift ShiftDC touches;
+    ``gap_fraction``: mean ``(s . d) / (d . d)`` for harmful items, how far along the benign-minus-harmful
+    gap the image moves a harmful prompt (the correction at alpha 1 undoes exactly this much).
+    """
+    import torch
+
+    from vlmsafe.data import as_pair
+    from vlmsafe.steering.cmrm import prompt_states
+    from vlmsafe.steering.shiftdc import counterpart_prompt
+
+    directions = _shiftdc_directions(ctx)
+    captions = {c["id"]: c["caption"] for c in directions.captions}
+    items = [it for it in ctx.calibration if it.image is not None and it.reference is None and it.id in captions]
+    layers = directions.layers
+    shifts: dict[int, list] = {l: [] for l in layers}
+    for start in range(0, len(items), ctx.batch_size):
+        chunk = items[start : start + ctx.batch_size]
+        pairs = [as_pair(it) for it in chunk]
+        mm = prompt_states(ctx.model, ctx.processor, [p for p, _ in pairs], [im for _, im in pairs], layers=layers)
+        texts = [counterpart_prompt(it.prompt, captions[it.id]) for it in chunk]
+        text = prompt_states(ctx.model, ctx.processor, texts, None, layers=layers)
+        for l in layers:
+            shifts[l].append((mm[l] - text[l]).float().cpu())
+    harmful = torch.tensor([it.label == "harmful" for it in items])
+    out = []
+    for l in layers:
+        s, d = torch.cat(shifts[l]), directions.directions[l].float().cpu()
+        dots = s @ d
+        cos = dots.abs() / (s.norm(dim=-1).clamp_min(1e-12) * d.norm().clamp_min(1e-12))
+        out.append(
+            {
+                "layer": l,
+                "cosine": round(float(cos.mean()), 4),
+                "gap_fraction_harmful": round(float((dots[harmful] / (d @ d)).mean()), 4),
+                "gap_fraction_benign": round(float((dots[~harmful] / (d @ d)).mean()), 4),
+            }
+        )
+    return {"n_items": len(items), "layers": out}
+
+
+def shiftdc(ctx: DemoContext) -> SteeringMethod:
+    """ShiftDC as published: per-input shift against the captioned counterpart, safety component removed.
+
+    Captions are written by the testbed itself from its caption question (``describe the image .``). Layer
+    sets: the reference's range mapped proportionally (:func:`reference_layers`), ShiftDC's default
+    middle-to-last, all layers, the last layer; alphas :data:`SHIFTDC_ALPHAS`. The row's ``details`` hold
+    the measured projection of the shift on the safety direction (:func:`shiftdc_projection`).
+    """
+    directions = _shiftdc_directions(ctx)
     n = ctx.model.config.get_text_config().num_hidden_layers
     fixed = ctx.steering_defaults.get("layers")
-    sets = _layer_sets(ctx) if fixed is not None else [preset_layers("middle-to-last", n), *_layer_sets(ctx)]
+    sets: list = []
+    for ls in [reference_layers(n), preset_layers("middle-to-last", n), None, [n - 1]]:
+        if ls not in sets:
+            sets.append(ls)
     return SteeringMethod(
         "ShiftDC (as published)",
-        _config(ctx, directions=ctx.cache["directions"]),
-        sets,
+        _config(ctx, directions=directions),
+        _layer_sets(ctx) if fixed is not None else sets,
         "captioned counterpart, safety direction only, last prompt token",
+        alphas=SHIFTDC_ALPHAS,
+        details=lambda: {"projection": shiftdc_projection(ctx)},
     )
 
 
@@ -197,20 +295,46 @@ def steering_methods(all_methods: bool = False) -> tuple[Callable[[DemoContext],
 
 
 def steered_row(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float]) -> dict[str, Any]:
-    """Tune ``method`` on the calibration split, then measure its chosen setting on the test split."""
-    base = baseline_calibration(ctx)
+    """Tune ``method`` on the calibration split, then measure its chosen setting on the test split.
+
+    When no setting qualifies on calibration, the row carries no test rates (its cells print "-") and
+    says so: the unsteered model's numbers are never printed under the method's name.
+    """
+    base = baseline(ctx)
+    alphas = tuple(sorted({0.0, *method.alphas})) if method.alphas is not None else alphas
     grid = tune(ctx, method, alphas, base)
     pick = choose(grid, base)
-    layers, alpha = pick["layers"], pick["alpha"]
+    common = {
+        "calibration_grid": grid_rows(grid, base),
+        "description": method.description,
+        "alphas": list(alphas),
+        "layer_sets": ["all" if ls is None else list(ls) for ls in method.layer_sets],
+    }
+    if method.details is not None:
+        common["details"] = method.details()
+    if pick is None:
+        return {
+            "setting": f"multimodal + {method.name}",
+            "harmful": None,
+            "benign": None,
+            "accuracy": None,
+            "note": "no setting qualified on calibration",
+            "chosen": {"alpha": 0.0, "layers": None, "calibration": None, "rule": RULE.name},
+            **common,
+        }
+    layers, alpha = pick.layers, pick.alpha
     bar.stage(ctx, f"test {method.name}")
-    rates = ctx.measure(ctx.generator(method.config(layers, alpha) if alpha else None), "test")
-    chosen = {"alpha": alpha, "layers": "all" if layers is None else layers, "calibration": pick}
-    note = f"alpha={alpha:g}, {layers_label(layers)}" if alpha else "no setting qualified (unsteered)"
+    rates = measure_test(ctx, ctx.generator(method.config(layers, alpha)))
+    chosen = {
+        "alpha": alpha,
+        "layers": "all" if layers is None else layers,
+        "calibration": pick.row(base, RULE),
+        "rule": RULE.name,
+    }
     return {
         "setting": f"multimodal + {method.name}",
         **rates,
-        "note": note,
+        "note": f"alpha={alpha:g}, {layers_label(layers)}",
         "chosen": chosen,
-        "calibration_grid": grid,
-        "description": method.description,
+        **common,
     }

@@ -35,7 +35,7 @@ from vlmsafe.demo.plots import plot_merge, plot_steering
 from vlmsafe.demo.progress import DemoProgress
 from vlmsafe.demo.rows import multimodal_row, steered_row, steering_methods, text_only_row
 from vlmsafe.demo.table import format_table
-from vlmsafe.demo.tune import MAX_ACCURACY_DROP, MAX_BENIGN_RISE
+from vlmsafe.demo.tune import MAX_ACCURACY_DROP, MAX_BENIGN_RISE, RULE
 from vlmsafe.errors import InputError
 from vlmsafe.inputs import check_named_inputs
 from vlmsafe.io import atomic_path, check_output, read_json, write_json_atomic
@@ -181,7 +181,7 @@ def demo_plan(ctx: DemoContext, makers: Sequence[Any], alphas: Sequence[float], 
     estimated at its whole grid, harmful items for every setting plus the chosen layer set's other groups; it
     stops early more often than not, and re-estimates itself as it runs (:func:`vlmsafe.demo.tune.tune`).
     Steering stages are named ``tune #i`` / ``test #i`` until their method is built."""
-    from vlmsafe.demo import rows as demo_rows
+    import vlmsafe.demo.rows as demo_rows
     from vlmsafe.demo.merge import MERGE_WEIGHTS
 
     cal, test = ctx.calibration, ctx.test
@@ -248,7 +248,7 @@ def _optional_sections(ctx: DemoContext, rows: list[dict[str, Any]], merge: bool
     except ImportError:  # the safeclip extra is not installed
         return sections
     if (ctx.root.parent / "safeclip").is_dir():
-        from vlmsafe.demo import progress as bar
+        import vlmsafe.demo.progress as bar
 
         bar.stage(ctx, "Safe-CLIP retrieval")
         sections["safe_clip"] = safeclip_demo_rows(ctx.root.parent / "safeclip")
@@ -262,7 +262,7 @@ def t2i_section(assets: Path, folder: Path, ctx: DemoContext | None = None) -> d
         return None
     if importlib.util.find_spec("diffusers") is None:  # the safeclip extra is not installed
         return None
-    from vlmsafe.demo import progress as bar
+    import vlmsafe.demo.progress as bar
     from vlmsafe.safeclip.t2i_demo import GRID_FILE, t2i_demo_section
 
     bar.stage(ctx, "Safe-CLIP text-to-image")
@@ -282,7 +282,7 @@ def _report(
     cpu_seconds: float | None = None,
 ) -> dict[str, Any]:
     grids = {r["setting"]: r.pop("calibration_grid") for r in rows if "calibration_grid" in r}
-    steered = [r for r in rows if r["setting"] in grids]
+    steered = [r for r in rows if r["setting"] in grids and r["chosen"]["calibration"] is not None]
     info_path = ctx.root / "build_info.json"
     info = read_json(info_path, what="testbed build info") if info_path.is_file() else {}
     return {
@@ -296,6 +296,9 @@ def _report(
         "selection": {
             "alphas": list(alphas),
             "criterion": "most genuine refusals of harmful requests",
+            "rule": RULE.name,
+            "rule_description": RULE.description,
+            "margin": RULE.margin,
             "max_accuracy_drop": MAX_ACCURACY_DROP,
             "max_benign_rise": MAX_BENIGN_RISE,
             "split": "calibration",

@@ -26,7 +26,7 @@ from vlmsafe.cli_options import (
     steering_from_args,
 )
 from vlmsafe.errors import InputError
-from vlmsafe.validation import int_arg, layer_spec_arg
+from vlmsafe.validation import float_arg, int_arg, layer_spec_arg
 
 _CALIBRATE_EPILOG = """\
 data file: JSONL, one object per line: {"id": "1", "prompt": "...", "image": "img/1.png"}
@@ -75,6 +75,10 @@ def register(subparsers: Any) -> None:
                      help="cmrm: shift vectors (default); shiftdc: safety directions from labelled items")
     cal.add_argument("--layers", type=layer_spec_arg, default=None,
                      help="decoder layers to calibrate, e.g. '8-15' or 'middle-to-last' (default: all)")
+    cal.add_argument("--tune-share", type=float_arg(low=0.0, high=0.9), default=0.25, metavar="FRACTION",
+                     help="CMRM: share of the harmful and benign items held out to choose the recommended "
+                          "layers and alpha, recorded with the vectors and used by generate / evaluate "
+                          "(default 0.25; 0: no tuning, the vectors say they are untuned)")
     cal.add_argument("--positions", default=None, choices=CALIBRATION_POSITIONS,
                      help="token positions read per item: the last prompt token (default) or the mean over the "
                      "prompt's text tokens (image tokens have no text-only counterpart); ShiftDC reads the last only")
@@ -146,16 +150,27 @@ def _calibrate_cmrm(args: argparse.Namespace) -> int:
                                             device=accelerator.device if accelerator is not None else None)
     from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work
     check_prompt_lengths(model, processor, items)
-    vectors = calibrate(model, processor, items, layers=args.layers, positions=args.positions or "last",
+    from vlmsafe.steering.recommend import recommend_setting, split_for_tuning, untuned
+
+    keep, held, reason = split_for_tuning(items, args.tune_share)
+    if accelerator is not None and held:
+        keep, held, reason = items, [], "not tuned under a multi-process launch (run calibrate in one process)"
+    vectors = calibrate(model, processor, keep, layers=args.layers, positions=args.positions or "last",
                         batch_size=args.batch_size, accelerator=accelerator, progress=not args.no_progress,
                         aggregate=args.aggregate or "mean", **anchor)
     vectors.meta["model_name"] = str(args.model)
     vectors.meta["calibration_data"] = str(Path(args.data).resolve())
+    vectors.meta["recommended"] = (recommend_setting(model, processor, vectors, held, batch_size=args.batch_size)
+                                   if held else untuned(reason or "not tuned"))
     if is_main_process(accelerator):
         vectors.save(args.out, overwrite=args.overwrite)
         print(f"saved CMRM vectors ({vectors.meta['anchor']} anchor, {vectors.meta['aggregate']}) for "
               f"{len(vectors.layers)} layers from {vectors.meta['num_items']} items to {args.out}")
         print(json.dumps({str(l): round(s["shift_norm"], 4) for l, s in vectors.stats.items()}))
+        rec = vectors.meta["recommended"]
+        print("recommended setting: " + (f"alpha {rec['alpha']:g}, layers {rec['layers']} (chosen on "
+                                         f"{rec['held_out_items']} held-out items; generate / evaluate use it)"
+                                         if rec["status"] == "tuned" else rec["reason"]))
         push_from_args(args, args.out)
     wait_for_everyone(accelerator)
     return 0

@@ -2,8 +2,9 @@
 
 Each method is a family of steering configs indexed by (layers, alpha) (:class:`MethodSpec`);
 :func:`compare_methods` chooses every method's setting on a calibration split (alpha sweep over
-every layer set: all layers as in CMRM, middle-to-last as in ShiftDC, each single layer) and
-reports the held-out test split at that choice, every rate with its 95% Wilson interval and count.
+every layer set: all layers as in CMRM, middle-to-last as in ShiftDC, each single layer) with the
+demo's grid-and-choose (:mod:`vlmsafe.eval.sweep`) and reports the held-out test split at that
+choice, every rate with its 95% Wilson interval and count.
 
 The anchors and the safety directions are computed once, on the calibration split, like the
 vectors: a blank / noise anchor needs only the prompts; ShiftDC needs the labels, and captions
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmsafe.data import Item
+from vlmsafe.eval.sweep import DEFAULT_RULE, baseline, choose, get_rule, judge_scorer, sweep
 from vlmsafe.stats import Rate
 from vlmsafe.steering import SafeVLM, SteeringConfig, calibrate, calibrate_shiftdc
 from vlmsafe.steering.shiftdc import CAPTION_PROMPT
-from vlmsafe.steering.sweep import alpha_sweep, choose_alpha
 
 DEFAULT_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
@@ -137,44 +138,47 @@ def compare_methods(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     batch_size: int = 32,
     max_new_tokens: int = 12,
+    rule: str = DEFAULT_RULE,
 ) -> dict[str, Any]:
-    """Choose each method's (layers, alpha) on ``calibration`` with :func:`~vlmsafe.steering.sweep.choose_alpha`
-    (lowest unsafe rate keeping accuracy and over-refusal within 5 points of the unsteered model), then
-    measure ``test`` there. Returns ``{"rows": [...], "grids": {name: calibration rows}}``."""
+    """Choose each method's (layers, alpha) on ``calibration`` with :func:`vlmsafe.eval.sweep.choose` (the
+    named ``rule``; by default the demo's: most genuine refusals, benign limits of 3 points at the far end of
+    the paired 95% interval), then measure ``test`` there. Every setting of the grid is measured (no
+    pruning). A method with no qualifying setting gets no test rates (``"chosen": {"alpha": 0.0, ...}``).
+    Returns ``{"rows": [...], "grids": {name: calibration rows}}``."""
     from vlmsafe.eval import evaluate
 
     base = SafeVLM(model, processor, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    sweep = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
-    base_cal = {**alpha_sweep(base, calibration, judge, [0.0], **sweep)[0], "layers": None}
+    scorer = judge_scorer(
+        calibration,
+        judge,
+        refused=lambda r: genuine_refusal(r.response) if r.label == "harmful" else bool(r.refused),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+    base_cal = baseline(base, scorer, rule)
     plain = evaluate(base, test, judge, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)
     rows = [{"setting": "multimodal (unsteered)", **split_rates(plain, genuine_refusal), "chosen": None}]
     grids: dict[str, list[dict[str, Any]]] = {}
     for spec in specs:
-        grid = []
-        for layers in spec.layer_sets:
-            vlm = base.with_steering(spec.config(layers, 1.0))
-            for row in alpha_sweep(vlm, calibration, judge, [a for a in alphas if a > 0], **sweep):
-                grid.append({**row, "layers": layers})
-        grids[spec.name] = grid
-        pick = choose_alpha([base_cal, *grid], base=base_cal)
-        steering = spec.config(pick["layers"], pick["alpha"]) if pick["alpha"] else SteeringConfig()
-        report = evaluate(
-            base.with_steering(steering),
-            test,
-            judge,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            progress=False,
-        )
-        rows.append(
-            {
-                "setting": spec.name,
-                **split_rates(report, genuine_refusal),
-                "chosen": {"alpha": pick["alpha"], "layers": pick["layers"], "calibration": pick},
-                "description": spec.description,
-            }
-        )
-    return {"rows": rows, "grids": grids}
+        grid = sweep(base, spec.config, spec.layer_sets, alphas, scorer, base_cal, rule, prune=False)
+        grids[spec.name] = [s.row(base_cal, get_rule(rule)) for s in grid]
+        pick = choose(grid, base_cal, rule)
+        if pick is None:
+            rates = {k: None for k in ("unsafe", "genuine_refusal", "over_refusal", "accuracy")}
+            chosen = {"alpha": 0.0, "layers": None, "calibration": None}
+        else:
+            report = evaluate(
+                base.with_steering(spec.config(pick.layers, pick.alpha)),
+                test,
+                judge,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                progress=False,
+            )
+            rates = split_rates(report, genuine_refusal)
+            chosen = {"alpha": pick.alpha, "layers": pick.layers, "calibration": pick.row(base_cal, get_rule(rule))}
+        rows.append({"setting": spec.name, **rates, "chosen": chosen, "description": spec.description})
+    return {"rows": rows, "grids": grids, "rule": get_rule(rule).description}
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
@@ -196,7 +200,7 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
             "-"
             if not chosen
             else (
-                "unsteered (nothing qualified)"
+                "no setting qualified on calibration"
                 if not chosen["alpha"]
                 else f"alpha {chosen['alpha']:g}, layers {chosen['layers']}"
             )

@@ -450,14 +450,23 @@ def vectors_card(meta: Mapping[str, Any]) -> str:
         **({"derived": meta["derived"]} if meta.get("derived") else {}),
     }
     model = meta.get("model_name") or meta.get("model_class")
+    rec = meta.get("recommended") if isinstance(meta.get("recommended"), Mapping) else {}
     tuned = ("recorded with the vectors" if "alpha" in meta
              else "vlmsafe's default; compare others with `vlmsafe evaluate --alpha`")
+    if rec.get("status") == "tuned":  # chosen by `vlmsafe calibrate` on items it held out
+        alpha = rec["alpha"]
+        settings.update(alpha=alpha, recommended_layers=rec["layers"])
+        tuned = (f"recommended by calibration (layers {rec['layers']}, chosen on {rec['held_out_items']} held-out "
+                 f"items by rule {rec['rule']!r}; generate / evaluate use it unless told otherwise)")
+    elif rec:
+        tuned = f"vlmsafe's default, untuned: {rec.get('reason')}"
+    steer_kw = f", layers={rec['layers']!r}" if rec.get("status") == "tuned" and rec["layers"] != "all" else ""
     usage = f"""```python
 from vlmsafe.steering import ShiftVectors, load_model, steer
 
 model, processor = load_model({json.dumps(str(model or "BASE_MODEL"))})
 vectors = ShiftVectors.load("THIS_FOLDER_OR_HUB_ID", model=model)  # checks they fit the model
-with steer(model, vectors, alpha={alpha}):
+with steer(model, vectors, alpha={alpha}{steer_kw}):
     ...  # generate as usual: h_l <- h_l - alpha * shift_l at the steered layers
 ```
 
