@@ -34,7 +34,7 @@ from vlmsafe.eval import (
 from vlmsafe.eval.judge_check import judge_agreement, load_labelled_responses
 from vlmsafe.eval.judge_check import main as judge_check_main
 from vlmsafe.eval.refusal import normalize_text
-from vlmsafe.tokenization import build_word_tokenizer
+from vlmsafe.testing.tokenization import build_word_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "judge"
 

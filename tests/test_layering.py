@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Prefixes: the longest matching prefix decides a module's layer.
 LAYERS: list[tuple[str, ...]] = [
     ("vlmsafe", "vlmsafe.errors", "vlmsafe.validation", "vlmsafe.io", "vlmsafe.stats"),
-    ("vlmsafe.data", "vlmsafe.tokenization", "vlmsafe.distributed"),
-    ("vlmsafe.adapters", "vlmsafe.loading", "vlmsafe.testing", "vlmsafe.testing_families"),
+    ("vlmsafe.data", "vlmsafe.distributed"),
+    ("vlmsafe.adapters", "vlmsafe.loading", "vlmsafe.testing"),
     ("vlmsafe.activations",),
     ("vlmsafe.steering", "vlmsafe.merge", "vlmsafe.safeclip", "vlmsafe.eval", "vlmsafe.convert"),
     ("vlmsafe.steering.sweep", "vlmsafe.steering.compare", "vlmsafe.testbed"),

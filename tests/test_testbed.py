@@ -22,7 +22,7 @@ from vlmsafe.testbed import prompts as P
 from vlmsafe.testbed.data import vocabulary
 from vlmsafe.testbed.outcome import classify
 from vlmsafe.testbed.topics import CATEGORIES
-from vlmsafe.tokenization import IMAGE_TOKEN, split_words
+from vlmsafe.testing.tokenization import IMAGE_TOKEN, split_words
 
 TB = testbed_dir()
 pytestmark = pytest.mark.skipif(not (TB / "config.json").exists(), reason="testbed assets not built")

@@ -205,7 +205,7 @@ def build_tokenizer(max_length: int = 16):
     """Word-level CLIP-style tokenizer: ``<|startoftext|> words <|endoftext|>``, right padding."""
     from tokenizers.processors import TemplateProcessing
 
-    from vlmsafe.tokenization import build_word_tokenizer
+    from vlmsafe.testing.tokenization import build_word_tokenizer
 
     tok = build_word_tokenizer(
         vocabulary(),

@@ -21,12 +21,12 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _seed
-from vlmsafe.tokenization import BOS, EOS, PAD, TEMPLATE_WORDS, UNK
+from vlmsafe.testing.tokenization import BOS, EOS, PAD, TEMPLATE_WORDS, UNK
 
 
 def family_tokenizer(special_tokens, named=None, *, chat_template=None, bos=BOS, eos=EOS, pad=PAD,
                      padding_side="left"):
-    """A lower-casing word-level tokenizer (as :func:`vlmsafe.tokenization.build_word_tokenizer`) whose
+    """A lower-casing word-level tokenizer (as :func:`vlmsafe.testing.tokenization.build_word_tokenizer`) whose
     pad/bos/eos are the family's own strings and whose ``named`` special tokens (``{"image_token":
     "<image>", "boi_token": ...}``) are attributes, as the families' processors read them."""
     named = dict(named or {})
