@@ -414,7 +414,7 @@ class Smoke:
 
         from vlmsafe.safeclip import HFCLIPBackend, SafeCLIPTrainer, SafeCLIPTrainingConfig
         from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset
-        from vlmsafe.safeclip.testbed import build_tokenizer
+        from vlmsafe.testbed.safeclip import build_tokenizer
 
         p, steps, batch = self.preset, 20, 8
         tok = build_tokenizer()

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # Safe-CLIP results are bit-
 def ws(tmp_path_factory) -> Path:
     from PIL import Image
 
-    from vlmsafe.safeclip.testbed import make_splits, render_split, tiny_clip_backend
+    from vlmsafe.testbed.safeclip import make_splits, render_split, tiny_clip_backend
 
     root = tmp_path_factory.mktemp("safeclip_cli")
     tiny_clip_backend(0, hidden=32, layers=1, vision_layers=1).save_pretrained(root / "clip")

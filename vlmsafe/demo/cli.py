@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         print("safe@1 = share of unsafe-text queries whose top-1 image is safe")
         print(format_retrieval(report["safe_clip"]))
     if "safe_clip_t2i" in report:
-        from vlmsafe.safeclip.t2i_demo import format_t2i_table
+        from vlmsafe.demo.t2i import format_t2i_table
 
         print()
         print(format_t2i_table(report["safe_clip_t2i"]))

@@ -9,7 +9,7 @@ Steps (CPU, no downloads):
    test split at that choice;
 4. the safety merge at several weights (:mod:`vlmsafe.demo.merge`), Safe-CLIP retrieval when
    its testbed is present, and Safe-CLIP in a diffusers pipeline when the text-to-image testbed
-   (``assets/t2i``, :mod:`vlmsafe.safeclip.t2i_demo`) is present;
+   (``assets/t2i``, :mod:`vlmsafe.demo.t2i`) is present;
 5. write ``report.json``, ``table.md``, ``cmrm_sweep.png``, ``merge_sweep.png`` (and
    ``safeclip_t2i_grid.png``) to the output folder (refused if it exists and is not empty, unless
    ``overwrite``).
@@ -160,7 +160,7 @@ def _optional_sections(ctx: DemoContext, rows: list[dict[str, Any]], merge: bool
         row, sections["safety_merge"] = merge_row(ctx, rows[1])
         rows.append(row)
     try:
-        from vlmsafe.safeclip import safeclip_demo_rows
+        from vlmsafe.testbed.safeclip import safeclip_demo_rows
     except ImportError:  # the safeclip extra is not installed
         return sections
     if (ctx.root.parent / "safeclip").is_dir():
@@ -175,7 +175,7 @@ def t2i_section(assets: Path, folder: Path) -> dict[str, Any] | None:
         return None
     if importlib.util.find_spec("diffusers") is None:  # the safeclip extra is not installed
         return None
-    from vlmsafe.safeclip.t2i_demo import GRID_FILE, t2i_demo_section
+    from vlmsafe.demo.t2i import GRID_FILE, t2i_demo_section
 
     section = t2i_demo_section(assets, folder, overwrite=True)
     section["grid"] = GRID_FILE  # relative to the demo's output folder

@@ -249,7 +249,7 @@ def _eval(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.retrieval import format_table, retrieval_table
 
     if args.json:
-        from vlmsafe.safeclip.testbed import default_assets_dir
+        from vlmsafe.testbed.safeclip import default_assets_dir
 
         testbed = None if args.safe or args.data or args.original or args.assets else default_assets_dir()
         check_command_output(args, args.json, kind="file", option="--json", inputs=[("Safe-CLIP testbed", testbed)])
@@ -269,7 +269,7 @@ def _eval(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, progress=not args.no_progress)
         title = f"Retrieval on {args.data} ({len(data)} items)"
     else:
-        from vlmsafe.safeclip.testbed import default_assets_dir, heldout_rows, resolve_assets_dir
+        from vlmsafe.testbed.safeclip import default_assets_dir, heldout_rows, resolve_assets_dir
 
         d = resolve_assets_dir(args.assets or default_assets_dir())
         _quiet_weight_loading()

@@ -13,9 +13,9 @@ silver blade) and *fire* (flames along the bottom). Every scene gives a quadrupl
 (U, G) pairs — like web-trained CLIP it learns the unsafe concepts — and (2) fine-tunes it with
 :class:`~vlmsafe.safeclip.trainer.SafeCLIPTrainer` (LoRA, merged on save): the paper's eight terms plus
 ``text_safe_tokens`` at :data:`TOKEN_WEIGHT`, as the text tower also conditions the text-to-image testbed
-(:mod:`vlmsafe.safeclip.t2i_testbed`), whose UNet reads every token state. Colour/shape/position/
+(:mod:`vlmsafe.testbed.t2i`), whose UNet reads every token state. Colour/shape/position/
 background combinations are split so the held-out test scenes are combinations never seen in
-training. ``python -m vlmsafe.safeclip.testbed assets/safeclip`` rebuilds it (75-110 s on one CPU core;
+training. ``python -m vlmsafe.testbed.safeclip assets/safeclip`` rebuilds it (75-110 s on one CPU core;
 deterministic for a given seed and software stack); the shipped one was made with ``--reuse-original``,
 which keeps ``original/`` (the text-to-image testbed's encoder) byte for byte.
 """
@@ -371,7 +371,7 @@ def build_testbed(
     val = render_split(splits["val"], 2, seed + 2)
     test = render_split(splits["test"], 1, seed + 3)
     if reuse_original:
-        fix = f"build it once without reusing the original: `python -m vlmsafe.safeclip.testbed {out}`"
+        fix = f"build it once without reusing the original: `python -m vlmsafe.testbed.safeclip {out}`"
         old = read_json(out / INFO_FILE, what="Safe-CLIP testbed build info", fix=fix)
         if (old.get("seed"), old.get("train_items")) != (seed, len(train[0])):
             raise InputError(f"{out / INFO_FILE}: built with seed {old.get('seed')} and {old.get('train_items')} "
@@ -420,13 +420,13 @@ def load_heldout(assets_dir: str | os.PathLike[str], *, as_pil: bool = True) -> 
     from safetensors.torch import load_file
 
     d = Path(assets_dir)
-    fix = f"rebuild the testbed with `python -m vlmsafe.safeclip.testbed {d}`"
+    fix = f"rebuild the testbed with `python -m vlmsafe.testbed.safeclip {d}`"
     records = read_json(d / HELDOUT_JSON, what="testbed held-out split", fix=fix)
     try:
         imgs = load_file(str(d / HELDOUT_FILE))
     except Exception as exc:  # OSError and safetensors' own error type
         raise FileFormatError(
-            f"{d} is not a Safe-CLIP testbed folder ({exc}); rebuild it with `python -m vlmsafe.safeclip.testbed {d}`"
+            f"{d} is not a Safe-CLIP testbed folder ({exc}); rebuild it with `python -m vlmsafe.testbed.safeclip {d}`"
         ) from exc
     return quadruplets(records, imgs["safe"], imgs["unsafe"], as_pil=as_pil)
 
@@ -454,7 +454,7 @@ def resolve_assets_dir(assets_dir: str | os.PathLike[str]) -> Path:
     if not (d / SAFE_DIR).is_dir() and (d / "safeclip" / SAFE_DIR).is_dir():
         d = d / "safeclip"
     if not (d / SAFE_DIR).is_dir() or not (d / ORIGINAL_DIR).is_dir():
-        raise FileFormatError(f"no Safe-CLIP testbed in {d}; build it with `python -m vlmsafe.safeclip.testbed {d}`")
+        raise FileFormatError(f"no Safe-CLIP testbed in {d}; build it with `python -m vlmsafe.testbed.safeclip {d}`")
     return d
 
 

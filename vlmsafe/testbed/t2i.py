@@ -9,7 +9,7 @@ unsafe images) must be demonstrable offline in seconds. The build trains, from s
    :data:`SCHEDULER_CONFIG`) conditioned, as in SD 1.x, on the full ``last_hidden_state`` of the
    *frozen* testbed CLIP text tower (``assets/safeclip/original``), with 10% empty captions for
    classifier-free guidance and conditioning augmentation (:data:`COND_NOISE`);
-3. the :class:`~vlmsafe.safeclip.t2i.SceneClassifier` that plays NudeNet/Q16.
+3. the :class:`~vlmsafe.testbed.t2i_measure.SceneClassifier` that plays NudeNet/Q16.
 
 The training scenes are the CLIP testbed's *training* combinations (colour/shape/position/
 background), each drawn safe and with one unsafe concept, captioned like the CLIP testbed; so the
@@ -18,7 +18,7 @@ CLIP testbed's validation combinations, test prompts from its held-out test comb
 CLIP, Safe-CLIP nor the generator ever saw them. Everything lands in one
 ``StableDiffusionPipeline.save_pretrained`` folder, so ``vlmsafe safeclip generate`` runs on it too.
 
-``python -m vlmsafe.safeclip.t2i_testbed --out assets/t2i --seed 0`` rebuilds it: about 450 s of CPU
+``python -m vlmsafe.testbed.t2i --out assets/t2i --seed 0`` rebuilds it: about 450 s of CPU
 time on one thread, bit-identical for a given seed and machine. ``build_info.json`` records the
 settings, losses, timings, the sampler chosen on the calibration prompts and the classifier's
 accuracy on held-out drawn scenes.
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from vlmsafe.io import atomic_path, check_output, read_json, sha256_file, write_json_atomic
 from vlmsafe.resources import bundled_asset
-from vlmsafe.safeclip import t2i
-from vlmsafe.safeclip import testbed as tb
+from vlmsafe.testbed import safeclip as tb
+from vlmsafe.testbed import t2i_measure as t2i
 
 VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3,
@@ -280,7 +280,7 @@ def build_t2i_testbed(
     """Train the pipeline and classifier on the scene world; write ``out_dir`` (see the module doc).
 
     ``sampler_steps`` and the guidance scale (one of ``guidances``, chosen on the calibration prompts
-    with the original encoder by :func:`~vlmsafe.safeclip.t2i.choose_sampler`) are recorded as the
+    with the original encoder by :func:`~vlmsafe.testbed.t2i_measure.choose_sampler`) are recorded as the
     pipeline's sampler settings.
     Returns the build record also written to ``out_dir/build_info.json``. Runs on one torch thread
     (restored afterwards): multi-threaded CPU kernels sum in varying order, and a seed must give the
@@ -410,7 +410,7 @@ def heldout_classifier_check(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vlmsafe.safeclip.t2i_testbed``: build the testbed (one torch thread, so a seed reproduces it)."""
+    """``python -m vlmsafe.testbed.t2i``: build the testbed (one torch thread, so a seed reproduces it)."""
     from vlmsafe.errors import VlmsafeError
     from vlmsafe.validation import float_arg, int_arg, seed_arg
 
