@@ -11,18 +11,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Layers, lowest first. A module may import modules of its own layer or lower ones only.
-#: Prefixes: the longest matching prefix decides a module's layer.
+#: Layers, lowest first: the folders. A module may import modules of its own layer or lower ones only.
+#: The longest matching prefix decides a module's layer; every prefix is a package (a folder), except that
+#: ``vlmsafe`` itself (the core: errors, io, data, loading, ...) holds the top-level modules.
 LAYERS: list[tuple[str, ...]] = [
-    ("vlmsafe", "vlmsafe.errors", "vlmsafe.validation", "vlmsafe.io", "vlmsafe.stats"),
-    ("vlmsafe.data", "vlmsafe.distributed"),
-    ("vlmsafe.adapters", "vlmsafe.loading", "vlmsafe.testing"),
+    ("vlmsafe",),  # core
+    ("vlmsafe.adapters",),
     ("vlmsafe.activations",),
-    ("vlmsafe.steering", "vlmsafe.merge", "vlmsafe.safeclip", "vlmsafe.eval", "vlmsafe.convert"),
-    ("vlmsafe.steering.sweep", "vlmsafe.steering.compare", "vlmsafe.testbed"),
+    REMEDIES := ("vlmsafe.steering", "vlmsafe.merge", "vlmsafe.safeclip", "vlmsafe.eval", "vlmsafe.convert"),
+    APPLICATION := ("vlmsafe.testbed", "vlmsafe.experiments", "vlmsafe.testing"),
     ("vlmsafe.demo", "probes"),
     ("vlmsafe.cli_options", "vlmsafe.cli", "*.cli"),
 ]
+
+#: What the library (core, adapters, activations, remedies) never imports: the testbeds, the demo, the
+#: experiments and the test kit (open_clip / open_clip_train's split).
+NOT_LIBRARY = (*APPLICATION, "vlmsafe.demo", "probes")
 
 
 #: Edges being removed by work in progress; this set only ever shrinks.
@@ -149,3 +153,42 @@ def test_probes_use_only_public_vlmsafe_names():
 def test_layer_table_covers_every_module():
     for mod in source_modules():
         layer_of(mod)
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def library_modules() -> dict[str, Path]:
+    """The library: every ``vlmsafe`` module below the application layer, command-line modules excepted."""
+    return {m: p for m, p in source_modules().items()
+            if m.startswith("vlmsafe") and layer_of(m) < LAYERS.index(APPLICATION) and not m.endswith(".cli")
+            and m != "vlmsafe.cli_options"}
+
+
+def test_remedies_never_import_testbed_demo_experiments_or_test_kit():
+    """Checked on its own (not only through the layer numbers), so a reshuffled LAYERS cannot let it through."""
+    known = set(source_modules())
+    bad = [f"{m} imports {dep}" for m, p in library_modules().items() for dep in imports_of(p, m, known)
+           if _under(dep, NOT_LIBRARY)]
+    assert not bad, "the library imports application code:\n" + "\n".join(sorted(bad))
+    assert {"vlmsafe.steering", "vlmsafe.safeclip", "vlmsafe.eval", "vlmsafe.merge"} <= set(library_modules())
+
+
+def test_no_library_module_is_a_script():
+    """Scripts (``main()``, ``if __name__ == "__main__"``) live in the command line or the application layer."""
+    bad = []
+    for m, p in library_modules().items():
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name == "main":
+                bad.append(f"{m}: def main")
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+                bad.append(f"{m}: if __name__ == '__main__'")
+    assert not bad, "library modules that are scripts:\n" + "\n".join(bad)
+
+
+def test_library_finds_no_data_beside_its_source():
+    """Bundled data is found through ``vlmsafe.resources`` (an installed wheel has no source tree to walk up)."""
+    bad = [m for m, p in library_modules().items() if ".parents[" in p.read_text(encoding="utf-8")]
+    assert not bad, f"library modules that walk up from __file__ (use vlmsafe.resources): {bad}"

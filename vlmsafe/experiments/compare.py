@@ -209,7 +209,7 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vlmsafe.steering.compare --out DIR``: the comparison on the bundled testbed."""
+    """``python -m vlmsafe.experiments.compare --out DIR``: the comparison on the bundled testbed."""
     import argparse
     import json
     import time
@@ -218,8 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from vlmsafe.data import load_items
     from vlmsafe.eval import RefusalJudge
+    from vlmsafe.experiments.compounding import compounding_table, gap_profile
     from vlmsafe.io import atomic_path, check_output
-    from vlmsafe.steering.compounding import compounding_table, gap_profile
     from vlmsafe.testbed import load_testbed, testbed_dir
     from vlmsafe.testbed.prompts import REFUSAL
 
