@@ -11,7 +11,7 @@
 >>> report = probe_layers(model, processor, items)          # items: EvalItems with labels + images
 >>> write_report(report, "reports/")                         # reports/layers.json + layers.png
 
-The names below are imported lazily (on first access), so ``import probes.cli`` -- done by every
+The names below are imported lazily (on first access), so ``vlmsafe.cli.probe`` -- imported by every
 ``vlmsafe`` invocation -- does not pay for sklearn, matplotlib and torch.
 """
 

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     REMEDIES := ("vlmsafe.steering", "vlmsafe.merge", "vlmsafe.safeclip", "vlmsafe.eval", "vlmsafe.convert"),
     APPLICATION := ("vlmsafe.testbed", "vlmsafe.experiments", "vlmsafe.testing"),
     ("vlmsafe.demo", "probes"),
-    ("vlmsafe.cli_options", "vlmsafe.cli", "*.cli"),
+    ("vlmsafe.cli",),
 ]
 
 #: What the library (core, adapters, activations, remedies) never imports: the testbeds, the demo, the
@@ -44,10 +44,6 @@ def layer_of(module: str) -> int:
     best, best_len = None, -1
     for i, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if prefix == "*.cli":
-                if module.endswith(".cli") and best_len < 10_000:
-                    best, best_len = i, 10_000  # a package's cli module is always the top layer
-                continue
             if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
                 best, best_len = i, len(prefix)
     assert best is not None, f"{module} is in no layer; add it to LAYERS in tests/test_layering.py"
@@ -94,8 +90,7 @@ def test_no_import_from_a_higher_layer():
         for dep in deps:
             if f"{mod} -> {dep}" in KNOWN_VIOLATIONS:
                 continue
-            own_cli = mod.startswith(dep.rpartition(".")[0] + ".") and dep.endswith(".cli")
-            if layer_of(dep) > layer_of(mod) and not own_cli:
+            if layer_of(dep) > layer_of(mod):
                 bad.append(f"{mod} (layer {layer_of(mod)}) imports {dep} (layer {layer_of(dep)})")
     assert not bad, "imports that go up a layer:\n" + "\n".join(sorted(bad))
 
@@ -160,10 +155,8 @@ def _under(module: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def library_modules() -> dict[str, Path]:
-    """The library: every ``vlmsafe`` module below the application layer, command-line modules excepted."""
-    return {m: p for m, p in source_modules().items()
-            if m.startswith("vlmsafe") and layer_of(m) < LAYERS.index(APPLICATION) and not m.endswith(".cli")
-            and m != "vlmsafe.cli_options"}
+    """The library: every ``vlmsafe`` module below the application layer."""
+    return {m: p for m, p in source_modules().items() if layer_of(m) < LAYERS.index(APPLICATION)}
 
 
 def test_remedies_never_import_testbed_demo_experiments_or_test_kit():

@@ -71,7 +71,7 @@ def check_error(capsys, argv: list[str], expected: str) -> None:
 
 # --------------------------------------------------------------------------- flags from the config
 def parse_train(*flags: str):
-    from vlmsafe.safeclip.cli import _training_config
+    from vlmsafe.cli.safeclip import _training_config
 
     args = build_parser().parse_args(["safeclip", "train", "--model", "m", "--data", "d", "--output-dir", "o", *flags])
     return _training_config(args)

@@ -1,7 +1,10 @@
 """The ``vlmsafe`` command line.
 
-Each capability registers its own subcommands through a ``register(subparsers)`` function in a
-``cli`` module of its subpackage (see ``_SUBCOMMAND_MODULES``), so this file stays a thin router.
+All argparse code lives in this package: this router, :mod:`vlmsafe.cli.options` (the flags shared by
+several commands, and the engine that turns dataclass fields into flags) and one module per command
+(``vlmsafe.cli.steering``: calibrate, generate; ``.eval``; ``.merge``; ``.convert``; ``.safeclip``;
+``.demo``; ``.probe``), each registering its subcommands through ``register(subparsers)`` (see
+``_SUBCOMMAND_MODULES``). The library below never parses arguments; its errors name parameters.
 User errors (:class:`vlmsafe.errors.VlmsafeError`) are printed as one clear message, exit code 2; so is a
 full disk or quota. SIGTERM and SIGHUP end a command like Ctrl-C does (``finally`` blocks run, so a
 half-written output's temporary is removed), with exit code 128 + the signal's number.
@@ -19,19 +22,30 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from vlmsafe import __version__
-from vlmsafe.cli_options import ArgumentParser
+from vlmsafe.cli.options import ArgumentParser
 from vlmsafe.errors import VlmsafeError
 
 #: Modules that contribute subcommands, in --help order. Each defines ``register(subparsers)``.
 _SUBCOMMAND_MODULES = (
-    "vlmsafe.demo.cli",  # demo
-    "vlmsafe.steering.cli",  # calibrate, generate
-    "vlmsafe.eval.cli",  # evaluate
-    "vlmsafe.merge.cli",  # merge
-    "vlmsafe.convert.cli",  # convert-llava
-    "vlmsafe.safeclip.cli",  # safeclip train|eval|pairs
-    "probes.cli",  # probe layers|shift|weights
+    "vlmsafe.cli.demo",  # demo
+    "vlmsafe.cli.steering",  # calibrate, generate
+    "vlmsafe.cli.eval",  # evaluate
+    "vlmsafe.cli.merge",  # merge
+    "vlmsafe.cli.convert",  # convert-llava
+    "vlmsafe.cli.safeclip",  # safeclip train|eval|pairs
+    "vlmsafe.cli.probe",  # probe layers|shift|weights
 )
+
+#: The capability package each command module needs: a build without it has no such subcommand.
+_CAPABILITIES = {
+    "vlmsafe.cli.demo": "vlmsafe.demo",
+    "vlmsafe.cli.steering": "vlmsafe.steering",
+    "vlmsafe.cli.eval": "vlmsafe.eval",
+    "vlmsafe.cli.merge": "vlmsafe.merge",
+    "vlmsafe.cli.convert": "vlmsafe.convert",
+    "vlmsafe.cli.safeclip": "vlmsafe.safeclip",
+    "vlmsafe.cli.probe": "probes",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:  # a capability not installed in this build
-            if exc.name and name.startswith(exc.name):
+            if exc.name and (name.startswith(exc.name) or _CAPABILITIES.get(name, name).startswith(exc.name)):
                 continue
             raise
         module.register(subparsers)
@@ -146,5 +160,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown(barrier=ok)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

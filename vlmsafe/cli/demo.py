@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmsafe.cli_options import add_input, add_output_options, add_progress_option
+from vlmsafe.cli.options import add_input, add_output_options, add_progress_option
 from vlmsafe.validation import float_list_arg, int_arg, layer_spec_arg
 
 DEMO_HELP = """\

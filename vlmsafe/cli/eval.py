@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.cli_options import (
+from vlmsafe.cli.options import (
     add_input,
     add_max_new_tokens,
     add_model_options,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlmsafe.cli_options import add_input, add_output_options, add_progress_option, check_command_output
+from vlmsafe.cli.options import add_input, add_output_options, add_progress_option, check_command_output
 from vlmsafe.merge.choices import METHODS
 from vlmsafe.validation import float_arg, seed_arg, size_arg
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.cli_options import (
+from vlmsafe.cli.options import (
     add_input,
     add_max_new_tokens,
     add_model_options,

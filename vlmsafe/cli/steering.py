@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.cli_options import (
+from vlmsafe.cli.options import (
     add_anchor_options,
     add_data_options,
     add_input,

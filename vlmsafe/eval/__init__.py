@@ -10,7 +10,7 @@ Typical use::
     print(compare_reports({"text-only": text, "multimodal": mm}))   # rates with 95% intervals and counts
 
 How far the refusal judge can be trusted: :mod:`vlmsafe.eval.judge_check`
-(``python -m vlmsafe.eval.judge_check assets/judge/heldout.jsonl``). See :mod:`vlmsafe.eval.loaders`
+(``python -m vlmsafe.cli.judge_check assets/judge/heldout.jsonl``). See :mod:`vlmsafe.eval.loaders`
 for MM-SafetyBench, FigStep/SafeBench and VLSafe, and :mod:`vlmsafe.eval.figstep` for rendering
 FigStep-style typographic attacks.
 """

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.cli_options import (
+from vlmsafe.cli.options import (
     add_data_options,
     add_input,
     add_model_options,
