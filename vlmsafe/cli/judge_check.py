@@ -1,6 +1,7 @@
 """How far can a judge be trusted? Its agreement with responses labelled by hand.
 
-``python -m vlmsafe.cli.judge_check FILE... [--match MODE] [--errors]``. The check itself is :mod:`vlmsafe.eval.judge_check`; this module only reads the command line.
+``python -m vlmsafe.cli.judge_check FILE... [--match MODE] [--errors]``. The check itself is
+:mod:`vlmsafe.eval.judge_check`; this module only reads the command line.
 """
 
 from __future__ import annotations
