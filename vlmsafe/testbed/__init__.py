@@ -49,15 +49,14 @@ def _require(d: Path, what: str) -> None:
 def load_testbed(path: str | os.PathLike[str] | None = None):
     """Load the testbed VLM and its processor, offline: ``(LlavaForConditionalGeneration, LlavaProcessor)``.
 
-    The model is returned in eval mode, fp32, on CPU.
+    The model is returned in eval mode, fp32, on CPU, loaded like every other model
+    (:func:`vlmsafe.loading.load_model`: safetensors only, no remote code, its weights' fingerprint kept).
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from vlmsafe.loading import load_model
 
     d = testbed_dir(path)
     _require(d / "config.json", "model")
-    model = LlavaForConditionalGeneration.from_pretrained(d, local_files_only=True, trust_remote_code=False)
-    processor = AutoProcessor.from_pretrained(d, local_files_only=True, trust_remote_code=False)
-    return model.eval(), processor
+    return load_model(d, kind="vlm")
 
 
 def load_aligned_lm(path: str | os.PathLike[str] | None = None):
@@ -66,13 +65,11 @@ def load_aligned_lm(path: str | os.PathLike[str] | None = None):
     Its weight names match the VLM's language model (``model.layers.N.*`` here,
     ``model.language_model.layers.N.*`` in the VLM), so it is the base of a safety merge.
     """
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from vlmsafe.loading import load_model
 
     d = testbed_dir(path) / "aligned_lm"
     _require(d / "config.json", "aligned language model")
-    return LlamaForCausalLM.from_pretrained(d, local_files_only=True).eval(), AutoTokenizer.from_pretrained(
-        d, local_files_only=True, trust_remote_code=False
-    )
+    return load_model(d, kind="causal_lm")
 
 
 def load_split(name: str, path: str | os.PathLike[str] | None = None) -> list[dict]:
