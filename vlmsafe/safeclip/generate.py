@@ -237,20 +237,8 @@ def run_generate(
             )
         check_encoder_fits(text_encoder_2, pipe_dir / "text_encoder_2", "--text-encoder-2")
 
-    from diffusers import DiffusionPipeline
-
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    # float32 is diffusers' default; naming it would only trigger the torch_dtype -> dtype rename warning
-    load_kwargs = {} if torch_dtype is torch.float32 else {"torch_dtype": torch_dtype}
-    try:
-        with _loading_bars(progress):
-            pipe = DiffusionPipeline.from_pretrained(str(pipe_dir), **load_kwargs).to(device)
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(
-            f"--pipeline {pipe_dir}: cannot load the diffusers pipeline ({str(exc).splitlines()[0]}); "
-            "pass a complete pipeline folder"
-        ) from exc
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(pipe_dir, dtype=torch_dtype, device=device, progress=progress, what="--pipeline")
     settings = {
         "steps": steps,
         "guidance": guidance,
@@ -311,6 +299,40 @@ def run_generate(
         }
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
+
+
+def load_pipeline(
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    device: Any = None,
+    progress: bool | None = None,
+    what: str = "pipeline",
+    **overrides: Any,
+) -> Any:
+    """A diffusers pipeline folder, loaded the one way vlmsafe loads them (sampling progress bar off).
+
+    ``dtype`` None is float32 (diffusers' default, not named, which would only trigger its
+    torch_dtype -> dtype rename warning); ``progress`` switches the loading bars on or off for the load
+    (None leaves them as they are); ``overrides`` go to ``from_pretrained`` (e.g.
+    ``safety_checker=None``); ``what`` names the folder in the one-line error (a parameter or a flag).
+    """
+    import torch
+    from diffusers import DiffusionPipeline
+
+    load_kwargs = {} if dtype is None or dtype is torch.float32 else {"torch_dtype": dtype}
+    try:
+        with contextlib.nullcontext() if progress is None else _loading_bars(progress):
+            pipe = DiffusionPipeline.from_pretrained(str(path), **load_kwargs, **overrides)
+    except (OSError, ValueError) as exc:
+        raise FileFormatError(
+            f"{what} {path}: cannot load the diffusers pipeline ({str(exc).splitlines()[0]}); "
+            "pass a complete pipeline folder"
+        ) from exc
+    if device is not None:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @contextlib.contextmanager

@@ -212,8 +212,8 @@ def generate(
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> Any:
-    """The testbed's ``StableDiffusionPipeline`` (float32, CPU, progress bar off)."""
-    from diffusers import StableDiffusionPipeline
+    """The testbed's ``StableDiffusionPipeline`` (float32, CPU, progress bar off), through the library's loader."""
+    from vlmsafe.safeclip.generate import load_pipeline as load
 
     p = Path(path)
     if not (p / "model_index.json").is_file():
@@ -221,9 +221,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> Any:
             f"{p}: no diffusers pipeline (model_index.json missing); "
             "build it with `python -m vlmsafe.testbed.t2i`"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(str(p), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load(p, safety_checker=None, requires_safety_checker=False)
 
 
 def score(clf: SceneClassifier, images: torch.Tensor, prompts: Sequence[dict[str, str]]) -> dict[str, Any]:
