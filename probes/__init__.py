@@ -8,7 +8,7 @@
 * :func:`write_report` -- JSON + PNG for any of the three (``vlmsafe probe layers|shift|weights``).
 
 >>> from probes import probe_layers, write_report
->>> report = probe_layers(model, processor, items)          # items: EvalItems with labels + images
+>>> report = probe_layers(model, processor, items)          # items: vlmsafe.data.Item with labels + images
 >>> write_report(report, "reports/")                         # reports/layers.json + layers.png
 
 The names below are imported lazily (on first access), so ``vlmsafe.cli.probe`` -- imported by every

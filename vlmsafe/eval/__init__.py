@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # static analysers see the real names; at run time they load 
 #: Public name -> the module that defines it (``module:attr`` for an alias).
 _EXPORTS: dict[str, str] = {
     "DEFAULT_REFUSAL_PHRASES": "vlmsafe.eval.judges",
-    "EvalItem": "vlmsafe.data:Item",
+    "EvalItem": "vlmsafe.data:Item",  # the old name of vlmsafe.data.Item, the one item type; kept for existing imports
     "EvalReport": "vlmsafe.eval.report",
     "FIGSTEP_PROMPT": "vlmsafe.eval.figstep",
     "Generator": "vlmsafe.eval.evaluate",
