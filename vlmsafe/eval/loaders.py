@@ -35,8 +35,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.data import Item
-from vlmsafe.data import read_records, resolve_path
+from vlmsafe.data import Item, read_records, resolve_path
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.eval.figstep import FIGSTEP_PROMPT, render_typographic
 
