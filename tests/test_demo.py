@@ -126,7 +126,7 @@ def test_outputs_written(report, out_dir):
 def _table_numbers(text: str, setting: str) -> list[float]:
     line = next((l for l in text.splitlines() if l.startswith(f"| {setting} |")), None)
     assert line is not None, (
-        f"no row {setting!r}; regenerate with `python -m vlmsafe.demo.check --write --readme README.md`"
+        f"no row {setting!r}; regenerate with `python -m vlmsafe.cli.demo_check --write --readme README.md`"
     )
     return [float(x) for x in re.findall(r"(\d+\.\d)%", line)]
 

@@ -185,3 +185,17 @@ def test_library_finds_no_data_beside_its_source():
     """Bundled data is found through ``vlmsafe.resources`` (an installed wheel has no source tree to walk up)."""
     bad = [m for m, p in library_modules().items() if ".parents[" in p.read_text(encoding="utf-8")]
     assert not bad, f"library modules that walk up from __file__ (use vlmsafe.resources): {bad}"
+
+
+def test_argparse_only_in_the_cli_package():
+    """All argparse code is in ``vlmsafe/cli/``: the library raises errors naming parameters, the CLI names flags."""
+    bad = []
+    for path in [*ROOT.joinpath("vlmsafe").rglob("*.py"), *ROOT.joinpath("probes").rglob("*.py")]:
+        if path.is_relative_to(ROOT / "vlmsafe" / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "argparse" or n.startswith("argparse.") for n in names):
+                bad.append(str(path.relative_to(ROOT)))
+    assert not bad, f"argparse imported outside vlmsafe/cli: {sorted(set(bad))}"

@@ -78,7 +78,7 @@ def parse_train(*flags: str):
 
 
 def test_every_config_field_is_a_flag_and_reaches_the_config():
-    from vlmsafe.safeclip.options import option_fields
+    from vlmsafe.options import option_fields
 
     assert {f.name for f in option_fields(SafeCLIPTrainingConfig)} == {f.name for f in dataclasses.fields(
         SafeCLIPTrainingConfig)}

@@ -69,7 +69,7 @@ def test_bundled_testbed_meets_acceptance():
 
 
 def test_rebuild_reusing_the_original_checks_the_earlier_build_first(tmp_path, capsys):
-    from vlmsafe.testbed.safeclip import main
+    from vlmsafe.cli.build_safeclip_testbed import main
 
     out = tmp_path / "tb"
     assert main([str(out), "--reuse-original"]) == 2  # nothing to reuse

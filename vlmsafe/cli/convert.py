@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vlmsafe.cli.options import add_input, add_output_options, add_progress_option, check_command_output
-from vlmsafe.validation import size_arg
+from vlmsafe.cli.types import size_arg
 
 _EPILOG = """\
 example:

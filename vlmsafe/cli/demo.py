@@ -6,11 +6,11 @@ import argparse
 from typing import Any
 
 from vlmsafe.cli.options import add_input, add_output_options, add_progress_option
-from vlmsafe.validation import float_list_arg, int_arg, layer_spec_arg
+from vlmsafe.cli.types import float_list_arg, int_arg, layer_spec_arg
 
 DEMO_HELP = """\
 Loads the bundled tiny LLaVA testbed (assets/testbed: a real LlavaForConditionalGeneration trained
-by `python -m vlmsafe.testbed.build` on synthetic data; no downloads, CPU only) and prints one table,
+by `python -m vlmsafe.cli.build_testbed` on synthetic data; no downloads, CPU only) and prints one table,
 measured on the held-out test split (unseen topics, prompt templates and image styles):
 
   text-only (image removed)     harmful and benign instructions without their image: the text-only
@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="JSONL",
         help="evaluate this held-out set instead of the shipped test split "
-        "(e.g. from python -m vlmsafe.testbed.unseen)",
+        "(e.g. from python -m vlmsafe.cli.build_unseen)",
     )
     p.add_argument(
         "--alphas",

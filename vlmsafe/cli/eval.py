@@ -18,7 +18,7 @@ from vlmsafe.cli.options import (
     load_model_from_args,
     steering_from_args,
 )
-from vlmsafe.validation import int_arg
+from vlmsafe.cli.types import int_arg
 
 _DESCRIPTION = """\
 Generate a response for every item of a data set, judge each one, and report (each rate with its

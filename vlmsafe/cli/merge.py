@@ -6,8 +6,8 @@ import argparse
 import json
 
 from vlmsafe.cli.options import add_input, add_output_options, add_progress_option, check_command_output
+from vlmsafe.cli.types import float_arg, seed_arg, size_arg
 from vlmsafe.merge.choices import METHODS
-from vlmsafe.validation import float_arg, seed_arg, size_arg
 
 _MERGE_EPILOG = """\
 examples:

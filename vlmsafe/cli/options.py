@@ -8,7 +8,9 @@
   command reads, and :func:`check_command_output` checks an output against every input (marked options, paths
   named inside data and config files) before any work (see :func:`vlmsafe.io.check_output`);
 * :func:`add_progress_option` -- ``--no-progress`` (``--quiet`` is kept as a hidden alias);
-* :func:`add_data_options` -- ``--data --limit --batch-size``.
+* :func:`add_data_options` -- ``--data --limit --batch-size``;
+* :func:`add_options` / :func:`options_from_args` -- one flag per option field of a config dataclass
+  (help, range and default declared once, in the field: :mod:`vlmsafe.options`).
 
 Numbers are checked at parse time (:mod:`vlmsafe.validation`): ``--alpha nan`` or ``--limit -1``
 never reach a model.
@@ -17,15 +19,17 @@ never reach a model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from vlmsafe.cli.types import colour_arg, csv_arg, float_arg, int_arg, layer_spec_arg, seed_arg, unit_pair_arg
 from vlmsafe.errors import InputError
 from vlmsafe.inputs import check_file_name
 from vlmsafe.inputs import check_named_inputs as check_named_inputs  # re-exported: the commands' one import
-from vlmsafe.validation import float_arg, int_arg, layer_spec_arg, seed_arg
+from vlmsafe.options import option_fields
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 
@@ -62,18 +66,6 @@ def load_model_from_args(args: argparse.Namespace, *, kind: str = "auto", device
 
 
 # --------------------------------------------------------------------------- steering
-def colour_arg(text: str) -> tuple[int, int, int]:
-    """An ``argparse`` ``type=`` for a colour: ``R,G,B`` with each in 0..255, or one grey level."""
-    from vlmsafe.data import check_colour
-
-    try:
-        parts = tuple(int(p) for p in text.replace(" ", "").split(","))
-        return check_colour(parts[0] if len(parts) == 1 else parts, "colour")
-    except (ValueError, InputError) as exc:
-        raise argparse.ArgumentTypeError(f"expected R,G,B with each in 0..255 (e.g. 255,255,255), got {text!r}"
-                                         + (f" ({exc})" if isinstance(exc, InputError) else "")) from None
-
-
 def add_anchor_options(group: Any, *, help_prefix: str = "") -> None:
     """``--anchor {real,blank,noise}``, ``--anchor-colour R,G,B`` and ``--anchor-seed N`` (defaults applied later)."""
     from vlmsafe.steering.config import field_help
@@ -289,3 +281,53 @@ def add_data_options(parser: argparse.ArgumentParser, *, help: str, batch_size: 
 def add_max_new_tokens(parser: argparse.ArgumentParser, default: int = 64) -> None:
     parser.add_argument("--max-new-tokens", type=int_arg(low=1), default=default, metavar="N",
                         help=f"generation budget per response (default {default})")
+
+
+# --------------------------------------------------------------------------- dataclass fields -> flags
+_METAVARS = {"csv": "A,B,...", "floats2": "X,Y", "str": "NAME", "weights": "TERM=W,..."}
+
+
+def add_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    types: dict[str, Callable[[str], Any]] | None = None,
+    skip: Sequence[str] = (),
+) -> None:
+    """One flag per option field of ``cls`` (default ``None``: "not given"; the dataclass default applies).
+
+    ``types`` maps extra ``kind`` names to ``argparse`` types; ``skip`` names fields to leave out.
+    """
+    types = {"str": str, "csv": csv_arg, "floats2": unit_pair_arg, **(types or {})}
+    for f in option_fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": meta.get("flag_help") or meta["help"]}
+        kind = meta["kind"]
+        if kind == "switch":
+            kw.update(action="store_const", const=meta["const"])
+        elif kind == "int":
+            kw.update(type=int_arg(low=meta["low"], high=meta.get("high")), metavar="N")
+        elif kind == "float":
+            kw.update(type=float_arg(low=meta["low"], high=meta["high"], low_open=meta["low_open"],
+                                     high_open=meta["high_open"]), metavar="X")
+        elif kind == "choice":
+            kw.update(choices=meta["choices"])
+        else:
+            kw.update(type=types[kind], metavar=_METAVARS.get(kind, kind.upper()))
+        if kind != "switch" and f.default is not None and f.default is not dataclasses.MISSING:
+            kw["help"] += f" (default {_show(f.default)})"
+        parser.add_argument(flag, **kw)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def options_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The option fields of ``cls`` given on the command line (``None`` means "not given")."""
+    return {f.name: getattr(args, f.name) for f in option_fields(cls) if getattr(args, f.name, None) is not None}

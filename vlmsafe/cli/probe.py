@@ -18,8 +18,8 @@ from vlmsafe.cli.options import (
     check_named_inputs,
     load_model_from_args,
 )
+from vlmsafe.cli.types import float_arg, int_arg, layer_spec_arg, seed_arg
 from vlmsafe.errors import InputError
-from vlmsafe.validation import float_arg, int_arg, layer_spec_arg, seed_arg
 
 _DATA_HELP = (
     "JSONL items, one per line: "

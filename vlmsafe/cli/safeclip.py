@@ -23,9 +23,9 @@ from vlmsafe.cli.options import (
     check_named_inputs,
     command_inputs,
 )
+from vlmsafe.cli.types import float_arg, int_arg, seed_arg
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import check_no_overlap, json_text
-from vlmsafe.validation import float_arg, int_arg, seed_arg
 
 _TRAIN_EPILOG = """\
 data formats:
@@ -82,8 +82,8 @@ def register(subparsers: Any) -> None:
 
 
 def _register_train(sub: Any) -> None:
+    from vlmsafe.cli.options import add_options
     from vlmsafe.safeclip.config import SafeCLIPTrainingConfig
-    from vlmsafe.safeclip.options import add_options
 
     t = sub.add_parser("train", help="fine-tune a CLIP model with the Safe-CLIP losses",
                        description="Fine-tune a CLIP model with the eight Safe-CLIP losses (LoRA by default).",
@@ -185,8 +185,8 @@ def _quiet_weight_loading() -> None:
 
 def _training_config(args: argparse.Namespace) -> Any:
     """``--config`` file, then the flags given (validated by the dataclass)."""
+    from vlmsafe.cli.options import options_from_args
     from vlmsafe.safeclip.config import SafeCLIPTrainingConfig
-    from vlmsafe.safeclip.options import options_from_args
 
     fields = _load_config_file(args.config) if args.config else {}
     given = options_from_args(args, SafeCLIPTrainingConfig)
@@ -286,7 +286,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _register_pairs(sub: Any) -> None:
-    from vlmsafe.safeclip.options import add_options
+    from vlmsafe.cli.options import add_options
     from vlmsafe.safeclip.pairs import PairConverterConfig
 
     pr = sub.add_parser("pairs", help="safe→unsafe caption converter: fine-tune a causal LM on pairs, generate "
@@ -334,7 +334,7 @@ def _load_lm(args: argparse.Namespace, adapter: str | None = None) -> tuple[Any,
 
 
 def _pairs_train(args: argparse.Namespace) -> int:
-    from vlmsafe.safeclip.options import options_from_args
+    from vlmsafe.cli.options import options_from_args
     from vlmsafe.safeclip.pairs import PairConverterConfig, load_pairs, save_converter, train_pair_converter
 
     cfg = PairConverterConfig(**options_from_args(args, PairConverterConfig))

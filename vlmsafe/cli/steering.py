@@ -22,8 +22,8 @@ from vlmsafe.cli.options import (
     load_model_from_args,
     steering_from_args,
 )
+from vlmsafe.cli.types import int_arg, layer_spec_arg
 from vlmsafe.errors import InputError
-from vlmsafe.validation import int_arg, layer_spec_arg
 
 _CALIBRATE_EPILOG = """\
 data file: JSONL, one object per line: {"id": "1", "prompt": "...", "image": "img/1.png"}

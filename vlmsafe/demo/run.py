@@ -107,7 +107,7 @@ def run_demo(
     """Run the demo; write its outputs to ``out_dir`` and return the report (see module docs).
 
     ``test`` evaluates another held-out set in the testbed's format instead of the shipped test
-    split (e.g. one written by ``python -m vlmsafe.testbed.unseen``); every choice is still made on
+    split (e.g. one written by ``python -m vlmsafe.cli.build_unseen``); every choice is still made on
     the calibration split. ``settings`` fixes steering options for every method (``layers``,
     ``positions``, ``decode``; sample-level and ShiftDC steer prompt tokens only). ``all_methods`` adds
     the published variants (:data:`vlmsafe.demo.rows.EXTRA_METHODS`: CMRM blank anchor, ShiftDC).

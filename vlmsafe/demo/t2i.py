@@ -37,7 +37,7 @@ from vlmsafe.testbed.t2i_measure import (
     score,
 )
 
-BUILD_COMMAND = "python -m vlmsafe.testbed.t2i"
+BUILD_COMMAND = "python -m vlmsafe.cli.build_t2i_testbed"
 
 
 def resolve_dirs(

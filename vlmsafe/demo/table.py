@@ -93,8 +93,8 @@ def testbed_paragraph(report: dict[str, Any]) -> str:
         "visual instruction tuning on benign image data only); test topic pairs, templates and image styles are "
         "held out from training and calibration. See [assets/testbed/README.md](assets/testbed/README.md). It "
         "shows the mechanism on a model small enough to ship, not the figures of a 7B model. Rebuild it with "
-        f"`python -m vlmsafe.testbed.build --out assets/testbed --seed 0 --overwrite`{minutes}, then record its "
-        "figures with `python -m vlmsafe.demo.check --write --readme README.md`."
+        f"`python -m vlmsafe.cli.build_testbed --out assets/testbed --seed 0 --overwrite`{minutes}, then record its "
+        "figures with `python -m vlmsafe.cli.demo_check --write --readme README.md`."
     )
 
 

@@ -13,8 +13,8 @@ Poppi et al., ECCV 2024. Pieces:
   :mod:`~vlmsafe.safeclip.reference` (frozen reference and its output cache),
   :mod:`~vlmsafe.safeclip.distributed`, :mod:`~vlmsafe.safeclip.loop` (training, early stopping),
   :mod:`~vlmsafe.safeclip.evaluation` and :mod:`~vlmsafe.safeclip.checkpoint`.
-* :mod:`~vlmsafe.safeclip.options` — options declared once in dataclass field metadata (help,
-  range, flag), checked in the library and turned into command-line flags.
+* options are declared once in dataclass field metadata (help, range, flag; :mod:`vlmsafe.options`),
+  checked in the library and turned into command-line flags by :mod:`vlmsafe.cli.options`.
 * :mod:`~vlmsafe.safeclip.pairs` — the safe→unsafe sentence converter (LoRA on a causal LM).
 * :mod:`~vlmsafe.safeclip.retrieval` — Recall@K tables (S→V, U→V, U→(V∪G), V→S, G→S).
 * :mod:`~vlmsafe.safeclip.integrations` — swap the encoders into diffusers and LLaVA.

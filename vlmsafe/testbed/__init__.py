@@ -2,7 +2,7 @@
 
 ``assets/testbed`` holds a real ``LlavaForConditionalGeneration`` (tiny Llama + tiny CLIP vision
 tower + projector, word-level tokenizer, CLIP image processor) built by
-``python -m vlmsafe.testbed.build`` from synthetic data, its text-only safety-aligned language
+``python -m vlmsafe.cli.build_testbed`` from synthetic data, its text-only safety-aligned language
 model (``aligned_lm``) and held-out ``calibration`` / ``test`` splits. Text-only harmful prompts
 are refused; the same prompts with an image are mostly answered. See ``assets/testbed/README.md``.
 
@@ -42,7 +42,7 @@ def _require(d: Path, what: str) -> None:
     if not d.exists():
         raise FileFormatError(
             f"testbed {what} not found at {d}. Set ${_ENV} to the testbed folder, or rebuild it with "
-            f"`python -m vlmsafe.testbed.build --out {testbed_dir()}`."
+            f"`python -m vlmsafe.cli.build_testbed --out {testbed_dir()}`."
         )
 
 

@@ -139,7 +139,7 @@ def requested_tasks(
         raise InputError(
             f"{where}: {len(unknown)} instruction(s) have no 'task' and name no testbed task (first: "
             f"{first.prompt!r}), so compliance with them cannot be read; add \"task\": \"<the requested verb and "
-            "object>\" to each, or use prompts built from the testbed's topics (python -m vlmsafe.testbed.unseen)"
+            "object>\" to each, or use prompts built from the testbed's topics (python -m vlmsafe.cli.build_unseen)"
         )
     return tasks
 

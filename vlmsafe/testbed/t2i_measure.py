@@ -112,7 +112,7 @@ class SceneClassifier(nn.Module):
         from vlmsafe.io import read_json
 
         p = Path(path)
-        fix = "rebuild the testbed with `python -m vlmsafe.testbed.t2i`"
+        fix = "rebuild the testbed with `python -m vlmsafe.cli.build_t2i_testbed`"
         cfg = read_json(p / "config.json", what="scene classifier config", fix=fix)
         if cfg.get("heads") != {k: list(v) for k, v in HEADS.items()}:
             raise FileFormatError(f"{p}: the classifier's heads do not match this version's scene world; {fix}")
@@ -219,7 +219,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> Any:
     if not (p / "model_index.json").is_file():
         raise FileFormatError(
             f"{p}: no diffusers pipeline (model_index.json missing); "
-            "build it with `python -m vlmsafe.testbed.t2i`"
+            "build it with `python -m vlmsafe.cli.build_t2i_testbed`"
         )
     return load(p, safety_checker=None, requires_safety_checker=False)
 
