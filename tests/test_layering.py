@@ -199,3 +199,22 @@ def test_argparse_only_in_the_cli_package():
             if any(n == "argparse" or n.startswith("argparse.") for n in names):
                 bad.append(str(path.relative_to(ROOT)))
     assert not bad, f"argparse imported outside vlmsafe/cli: {sorted(set(bad))}"
+
+
+#: Flags several commands share: each is written in exactly one ``add_argument`` call (a helper in
+#: ``vlmsafe.cli.options`` every command calls), so its type, range and metavar cannot drift apart.
+SHARED_FLAGS = ("--dtype", "--device", "--device-map", "--alpha", "--seed", "--batch-size", "--limit",
+                "--max-new-tokens", "--no-progress")
+
+
+def test_shared_flags_are_defined_once():
+    where: dict[str, list[str]] = {flag: [] for flag in SHARED_FLAGS}
+    for path in [*ROOT.joinpath("vlmsafe").rglob("*.py"), *ROOT.joinpath("probes").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+                    in ("add_argument", "add_input") and node.args):
+                flags = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                for flag in set(flags) & set(SHARED_FLAGS):
+                    where[flag].append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    repeated = {flag: places for flag, places in where.items() if len(places) != 1}
+    assert not repeated, f"shared flags defined more (or less) than once: {repeated}"

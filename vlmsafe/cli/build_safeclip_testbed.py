@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmsafe.cli.types import float_arg, seed_arg
+from vlmsafe.cli.options import add_seed_option
+from vlmsafe.cli.types import float_arg
 from vlmsafe.errors import VlmsafeError
 from vlmsafe.testbed.safeclip import TOKEN_WEIGHT, build_testbed, default_assets_dir
 
@@ -23,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "out_dir", nargs="?", default=str(default_assets_dir()), help="where to write it (default: assets/safeclip)"
     )
-    parser.add_argument("--seed", type=seed_arg(), default=0)
+    add_seed_option(parser, default=0)
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--train-renders", type=int, default=10, help="random renders per training combination")
     parser.add_argument("--token-weight", type=float_arg(low=0), default=TOKEN_WEIGHT, metavar="X",

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmsafe.cli.types import float_arg, int_arg, seed_arg
+from vlmsafe.cli.options import add_progress_option, add_seed_option
+from vlmsafe.cli.types import float_arg, int_arg
 from vlmsafe.errors import VlmsafeError
 from vlmsafe.resources import bundled_asset
 from vlmsafe.testbed import safeclip as tb
@@ -34,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=str(tb.default_assets_dir()),
         help="the Safe-CLIP testbed whose original text tower conditions the UNet (default: assets/safeclip)",
     )
-    parser.add_argument("--seed", type=seed_arg(), default=0)
+    add_seed_option(parser, default=0)
     parser.add_argument("--renders", type=int_arg(low=1), default=8, help="random renders per training combination")
     parser.add_argument("--vae-steps", type=int_arg(low=1), default=300)
     parser.add_argument("--unet-steps", type=int_arg(low=1), default=UNET_STEPS)
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="conditioning augmentation: noise on the text states, share of their RMS",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     try:

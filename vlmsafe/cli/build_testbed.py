@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from vlmsafe.cli.types import seed_arg
+from vlmsafe.cli.options import add_seed_option
 from vlmsafe.errors import VlmsafeError
 from vlmsafe.testbed import build as _module
 from vlmsafe.testbed.build import BuildConfig, build_testbed
@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--out", default="assets/testbed", help="output folder (written atomically)")
-    ap.add_argument("--seed", type=seed_arg(), default=0, help="seed of data, splits and training")
+    add_seed_option(ap, default=0, help="seed of data, splits and training")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     args = ap.parse_args(argv)
     try:

@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from vlmsafe.cli.options import add_seed_option
 from vlmsafe.cli.types import seed_arg
 from vlmsafe.errors import VlmsafeError
 from vlmsafe.testbed import unseen as _module
@@ -22,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--seed", type=seed_arg(), default=1, help="seed of templates, images and sampling")
+    add_seed_option(ap, default=1, help="seed of templates, images and sampling")
     ap.add_argument("--build-seed", type=seed_arg(), default=0, help="the testbed's build seed")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     args = ap.parse_args(argv)

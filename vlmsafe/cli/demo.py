@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmsafe.cli.options import add_input, add_output_options, add_progress_option
-from vlmsafe.cli.types import float_list_arg, int_arg, layer_spec_arg
+from vlmsafe.cli.options import add_batch_size_option, add_input, add_output_options, add_progress_option
+from vlmsafe.cli.types import float_list_arg, layer_spec_arg
 
 DEMO_HELP = """\
 Loads the bundled tiny LLaVA testbed (assets/testbed: a real LlavaForConditionalGeneration trained
@@ -73,7 +73,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="also steer generated tokens (dataset-level rows; sample-level and ShiftDC steer the prompt only)",
     )
-    p.add_argument("--batch-size", type=int_arg(low=1), default=64, help="items per generation batch (default: 64)")
+    add_batch_size_option(p, default=64, help="items per generation batch (default: 64)")
     p.add_argument("--no-merge", action="store_true", help="skip the safety-merge row")
     p.add_argument(
         "--all-methods",

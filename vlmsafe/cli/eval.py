@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.cli.options import (
+    add_batch_size_option,
     add_input,
+    add_limit_option,
     add_max_new_tokens,
     add_model_options,
     add_output_options,
@@ -18,7 +20,6 @@ from vlmsafe.cli.options import (
     load_model_from_args,
     steering_from_args,
 )
-from vlmsafe.cli.types import int_arg
 
 _DESCRIPTION = """\
 Generate a response for every item of a data set, judge each one, and report (each rate with its
@@ -66,7 +67,7 @@ def register(subparsers: Any) -> None:
                    help="mm-safetybench image types, comma-separated: SD, SD_TYPO, TYPO, TEXT (default SD_TYPO)")
     g.add_argument("--render-missing", action="store_true",
                    help="figstep: render absent typographic images into --images")
-    g.add_argument("--limit", type=int_arg(low=1), metavar="N", help="evaluate only the first N items (a quick look)")
+    add_limit_option(g, help="evaluate only the first N items (a quick look)")
     add_input(
         p,
         "--judge",
@@ -82,7 +83,7 @@ def register(subparsers: Any) -> None:
         "both: run both and compare (default image). Items without an image are reported on their own "
         "(no-image.json), never under the multimodal label",
     )
-    p.add_argument("--batch-size", type=int_arg(low=1), default=8, metavar="N",
+    add_batch_size_option(p, default=8,
                    help="items per generation batch (default 8)")
     add_max_new_tokens(p)
     add_steering_options(p)

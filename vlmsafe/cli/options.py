@@ -1,6 +1,7 @@
 """Option groups shared by the ``vlmsafe`` commands, so each flag is defined once.
 
-* :func:`add_model_options` / :func:`load_model_from_args` -- ``--model --dtype --device --device-map``;
+* :func:`add_model_options` / :func:`load_model_from_args` -- ``--model --dtype --device --device-map``
+  (:func:`add_dtype_option` and :func:`add_device_option` are the only definitions of ``--dtype`` and ``--device``);
 * :func:`add_steering_options` / :func:`steering_from_args` -- the CMRM and ShiftDC flags, built from
   :class:`vlmsafe.steering.SteeringConfig`'s field help;
 * :func:`add_anchor_options` -- ``--anchor --anchor-colour --anchor-seed`` (CMRM's anchor image);
@@ -31,8 +32,6 @@ from vlmsafe.inputs import check_file_name
 from vlmsafe.inputs import check_named_inputs as check_named_inputs  # re-exported: the commands' one import
 from vlmsafe.options import option_fields
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
-
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` with vlmsafe's error format: one line naming the problem and the fix, exit code 2."""
@@ -42,14 +41,38 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- model
+def add_dtype_option(parser: Any, *, help: str, auto: bool = False) -> None:
+    """``--dtype``: the names of the one dtype table (:mod:`vlmsafe.dtypes`); ``auto`` adds the checkpoint's own.
+
+    The default is always "not given" (None): each command's help says what that means for it.
+    """
+    from vlmsafe.dtypes import DTYPE_NAMES
+
+    parser.add_argument("--dtype", default=None, choices=(*DTYPE_NAMES, *(("auto",) if auto else ())), help=help)
+
+
+def add_device_option(parser: Any) -> None:
+    """``--device``: where the weights run (default None: the CPU, see :func:`vlmsafe.loading.resolve_device`)."""
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu, auto (default: cpu)")
+
+
+def add_seed_option(parser: Any, *, default: int | None = 0, help: str | None = None) -> None:
+    """``--seed``: an integer in ``[0, 2**32 - 1]`` (what every random generator vlmsafe seeds accepts)."""
+    parser.add_argument("--seed", type=seed_arg(), default=default, help=help)
+
+
+def add_batch_size_option(parser: Any, *, default: int | None, help: str) -> None:
+    """``--batch-size N``: a positive count; the default and what is batched are the command's."""
+    parser.add_argument("--batch-size", type=int_arg(low=1), default=default, metavar="N", help=help)
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, help: str | None = None) -> None:
     """``--model`` (required), ``--dtype``, ``--device``, ``--device-map``."""
     g = parser.add_argument_group("model")
     add_input(g, "--model", required=True, metavar="DIR",
               help=help or "model folder written by save_pretrained (model + processor)")
-    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                   help="load the weights in this dtype (default float32; auto = the checkpoint's)")
-    g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu, auto (default: cpu)")
+    add_dtype_option(g, auto=True, help="load the weights in this dtype (default float32; auto = the checkpoint's)")
+    add_device_option(g)
     g.add_argument("--device-map", default=None, metavar="MAP",
                    help="dispatch a model too large for one device with accelerate: auto, balanced or sequential")
 
@@ -273,9 +296,13 @@ def add_progress_option(parser: argparse.ArgumentParser) -> None:
 def add_data_options(parser: argparse.ArgumentParser, *, help: str, batch_size: int = 8) -> None:
     """``--data`` (required), ``--limit N`` and ``--batch-size N`` (both positive integers)."""
     add_input(parser, "--data", required=True, help=help)
-    parser.add_argument("--limit", type=int_arg(low=1), default=None, metavar="N", help="use only the first N items")
-    parser.add_argument("--batch-size", type=int_arg(low=1), default=batch_size, metavar="N",
-                        help=f"items per forward pass (default {batch_size})")
+    add_limit_option(parser)
+    add_batch_size_option(parser, default=batch_size, help=f"items per forward pass (default {batch_size})")
+
+
+def add_limit_option(parser: Any, *, help: str = "use only the first N items") -> None:
+    """``--limit N``: only the first N items (a positive count; default: all)."""
+    parser.add_argument("--limit", type=int_arg(low=1), default=None, metavar="N", help=help)
 
 
 def add_max_new_tokens(parser: argparse.ArgumentParser, default: int = 64) -> None:

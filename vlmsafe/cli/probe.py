@@ -13,12 +13,13 @@ from vlmsafe.cli.options import (
     add_model_options,
     add_output_options,
     add_progress_option,
+    add_seed_option,
     add_steering_options,
     check_command_output,
     check_named_inputs,
     load_model_from_args,
 )
-from vlmsafe.cli.types import float_arg, int_arg, layer_spec_arg, seed_arg
+from vlmsafe.cli.types import float_arg, int_arg, layer_spec_arg
 from vlmsafe.errors import InputError
 
 _DATA_HELP = (
@@ -40,7 +41,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
     p.add_argument("--blank-image", action="store_true",
                    help="use one blank white image for every prompt instead of the item's own "
                         "(the CMRM paper's setting)")
-    p.add_argument("--seed", type=seed_arg(), default=0, help="seed of the train/test split and CV folds")
+    add_seed_option(p, default=0, help="seed of the train/test split and CV folds")
     p.add_argument("--cv", type=int_arg(low=2), default=None,
                    help="cross-validation folds for the probes' regularisation (default 5, fewer when a class has "
                         "fewer training items; a larger value given here is refused)")

@@ -14,16 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.cli.options import (
+    add_batch_size_option,
+    add_device_option,
+    add_dtype_option,
     add_input,
     add_max_new_tokens,
     add_model_options,
     add_output_options,
     add_progress_option,
+    add_seed_option,
     check_command_output,
     check_named_inputs,
     command_inputs,
 )
-from vlmsafe.cli.types import float_arg, int_arg, seed_arg
+from vlmsafe.cli.types import float_arg, int_arg
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import check_no_overlap, json_text
 
@@ -238,7 +242,7 @@ def _register_eval(sub: Any) -> None:
     add_input(e, "--assets", help="testbed folder (default: the bundled assets/safeclip)")
     e.add_argument("--gallery", choices=("original", "self"), default="original",
                    help="which model embeds the retrieval gallery for the Safe-CLIP rows")
-    e.add_argument("--batch-size", type=int_arg(low=1), default=64, metavar="N", help="embedding batch size")
+    add_batch_size_option(e, default=64, help="embedding batch size")
     add_output_options(e, flag="--json", dest="json", required=False, help="also write the rows to this JSON file")
     add_progress_option(e)
     e.set_defaults(func=_eval)
@@ -313,7 +317,7 @@ def _register_pairs(sub: Any) -> None:
               help="a .txt file (one caption per line) or JSON/JSONL with 'safe' or 'caption' fields")
     add_output_options(pg, flag="--output", dest="output",
                        help="JSONL output: {\"safe\": ..., \"unsafe\": ...} per line")
-    pg.add_argument("--batch-size", type=int_arg(low=1), default=16, metavar="N", help="captions per generate call")
+    add_batch_size_option(pg, default=16, help="captions per generate call")
     add_max_new_tokens(pg)
     pg.add_argument("--sample", action="store_true", help="sample (with --temperature/--top-p) instead of greedy")
     pg.add_argument("--temperature", type=float_arg(low=0, low_open=True), metavar="X",
@@ -393,7 +397,7 @@ text encoder of every image). Image k of the run starts from seed --seed + k.
 
 
 def _register_generate(sub: Any) -> None:
-    from vlmsafe.safeclip.generate import DTYPES, GUIDANCE_MAX
+    from vlmsafe.safeclip.generate import GUIDANCE_MAX
 
     g = sub.add_parser(
         "generate",
@@ -420,16 +424,16 @@ def _register_generate(sub: Any) -> None:
     g.add_argument("--guidance", type=float_arg(low=0, high=GUIDANCE_MAX), default=7.5, metavar="G",
                    help=f"classifier-free guidance scale, in [0, {GUIDANCE_MAX:g}] (default 7.5; <= 1 disables "
                    "guidance; useful values are about 1-20)")
-    g.add_argument("--seed", type=seed_arg(), default=0, help="seed of the first image; image k uses seed + k")
+    add_seed_option(g, default=0, help="seed of the first image; image k uses seed + k")
     g.add_argument("--images-per-prompt", type=int_arg(low=1), default=1, metavar="N")
     g.add_argument("--height", type=int_arg(low=8), default=None,
                    help="image height in pixels, a multiple of 8 (default: the pipeline's)")
     g.add_argument("--width", type=int_arg(low=8), default=None,
                    help="image width in pixels, a multiple of 8 (default: the pipeline's)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
-    g.add_argument("--batch-size", type=int_arg(low=1), default=4, metavar="N", help="prompts per pipeline call")
-    g.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cuda, cuda:1 (default cpu)")
+    add_batch_size_option(g, default=4, help="prompts per pipeline call")
+    add_dtype_option(g, help="weights dtype (default float32)")
+    add_device_option(g)
     add_progress_option(g)
     g.set_defaults(func=_generate)
 

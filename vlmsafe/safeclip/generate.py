@@ -29,7 +29,6 @@ from typing import Any
 from vlmsafe.errors import FileFormatError, InputError
 
 SAFE, ORIGINAL, RECORD_FILE = "safe", "original", "generations.json"
-DTYPES = ("float32", "float16", "bfloat16")
 
 #: The largest classifier-free guidance scale accepted. Useful scales are about 1-20 (diffusers' default 7.5);
 #: a huge one (1e300) overflows the noise prediction and the pipeline decodes all-black images without an error.
@@ -184,24 +183,26 @@ def run_generate(
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str | None = None,
+    device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate every prompt with the Safe-CLIP encoder(s) (and, with ``also_original``, without); write ``out``.
 
     Writes ``out/safe/<k>.png`` (and ``out/original/<k>.png``) and ``out/generations.json``, atomically;
-    returns the record written to ``generations.json``.
+    returns the record written to ``generations.json``. ``dtype`` None is float32, ``device`` None the CPU
+    (``"auto"``: CUDA when available).
 
     Raises:
         InputError / FileFormatError / OutputExistsError: before the pipeline is loaded.
     """
-    import torch
 
+    from vlmsafe.dtypes import dtype_name, torch_dtype
     from vlmsafe.io import atomic_path, check_output, sha256_file
+    from vlmsafe.loading import resolve_device
     from vlmsafe.safeclip.integrations import apply_safe_text_encoder
-    from vlmsafe.validation import SEED_MAX, check_choice, check_float, check_int
+    from vlmsafe.validation import SEED_MAX, check_float, check_int
 
     # --- everything checkable before loading anything heavy
     check_int(steps, "steps", low=1)
@@ -209,7 +210,8 @@ def run_generate(
     check_int(seed, "seed", low=0, high=SEED_MAX)
     check_int(images_per_prompt, "images_per_prompt", low=1)
     check_int(batch_size, "batch_size", low=1)
-    check_choice(dtype, "dtype", DTYPES)
+    dtype = dtype_name(dtype or "float32", "dtype")
+    device = str(resolve_device(device) or "cpu")
     _check_size(height, "--height")
     _check_size(width, "--width")
     inputs = (("--pipeline", pipeline), ("--text-encoder", text_encoder), ("--text-encoder-2", text_encoder_2),
@@ -237,8 +239,7 @@ def run_generate(
             )
         check_encoder_fits(text_encoder_2, pipe_dir / "text_encoder_2", "--text-encoder-2")
 
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    pipe = load_pipeline(pipe_dir, dtype=torch_dtype, device=device, progress=progress, what="--pipeline")
+    pipe = load_pipeline(pipe_dir, dtype=torch_dtype(dtype), device=device, progress=progress, what="--pipeline")
     settings = {
         "steps": steps,
         "guidance": guidance,
