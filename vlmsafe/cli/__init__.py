@@ -4,7 +4,8 @@ All argparse code lives in this package: this router, :mod:`vlmsafe.cli.options`
 several commands, and the engine that turns dataclass fields into flags) and one module per command
 (``vlmsafe.cli.steering``: calibrate, generate; ``.eval``; ``.merge``; ``.convert``; ``.safeclip``;
 ``.demo``; ``.probe``), each registering its subcommands through ``register(subparsers)`` (see
-``_SUBCOMMAND_MODULES``). The library below never parses arguments; its errors name parameters.
+``_SUBCOMMAND_MODULES``). The library below never parses arguments; its errors name parameters
+(in backticks: ```text_encoder_2```) and :func:`flags_for_parameters` names the command's flag instead.
 User errors (:class:`vlmsafe.errors.VlmsafeError`) are printed as one clear message, exit code 2; so is a
 full disk or quota. SIGTERM and SIGHUP end a command like Ctrl-C does (``finally`` blocks run, so a
 half-written output's temporary is removed), with exit code 128 + the signal's number.
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import errno
 import importlib
+import re
 import signal
 import sys
 import threading
@@ -80,6 +82,23 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> arg
     return parser
 
 
+_PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def flags_for_parameters(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library error message as the command line says it: a backticked parameter of the library
+    (```text_encoder_2```) becomes the flag that sets it (``--text-encoder-2``).
+
+    The flag is found from the command's own parser (the option whose ``dest`` is the parameter, or the
+    one a command maps it to with ``set_defaults(parameter_flags={...})``); a backticked name no flag
+    sets is left as it is.
+    """
+    flags = {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])
+             for a in parser._actions if a.option_strings and a.dest != "help"}
+    flags.update(parser.get_default("parameter_flags") or {})
+    return _PARAMETER.sub(lambda m: flags.get(m[1], m[0]), message)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP arrived: raised like Ctrl-C's KeyboardInterrupt, so the same clean-up runs."""
 
@@ -137,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ok = code == 0
         return code
     except VlmsafeError as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        message = flags_for_parameters(" ".join(str(exc).split()), _command_parser(parser, argv))  # one line
         print(f"vlmsafe {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Terminated as exc:

@@ -435,7 +435,7 @@ def _register_generate(sub: Any) -> None:
     add_dtype_option(g, help="weights dtype (default float32)")
     add_device_option(g)
     add_progress_option(g)
-    g.set_defaults(func=_generate)
+    g.set_defaults(func=_generate, parameter_flags={"prompts_file": "--prompts"})  # run_generate names it so
 
 
 def _generate(args: argparse.Namespace) -> int:

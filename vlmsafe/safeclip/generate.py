@@ -79,7 +79,7 @@ def pipeline_index(pipeline: str | os.PathLike[str]) -> dict[str, Any]:
     )
     if not isinstance(index.get("text_encoder"), list) or index["text_encoder"][0] is None:
         raise InputError(
-            f"--pipeline {p}: the pipeline has no text_encoder ({index.get('_class_name')}); "
+            f"`pipeline` {p}: the pipeline has no text_encoder ({index.get('_class_name')}); "
             "pass a Stable Diffusion / SDXL text-to-image pipeline"
         )
     return index
@@ -212,34 +212,34 @@ def run_generate(
     check_int(batch_size, "batch_size", low=1)
     dtype = dtype_name(dtype or "float32", "dtype")
     device = str(resolve_device(device) or "cpu")
-    _check_size(height, "--height")
-    _check_size(width, "--width")
-    inputs = (("--pipeline", pipeline), ("--text-encoder", text_encoder), ("--text-encoder-2", text_encoder_2),
-              ("--prompts", prompts_file))
+    _check_size(height, "`height`")
+    _check_size(width, "`width`")
+    inputs = (("`pipeline`", pipeline), ("`text_encoder`", text_encoder), ("`text_encoder_2`", text_encoder_2),
+              ("`prompts_file`", prompts_file))
     dest = check_output(out, kind="dir", overwrite=overwrite, inputs=inputs)
     prompts = read_prompts(prompts_file)
     index = pipeline_index(pipeline)
     pipe_dir = Path(pipeline)
-    check_encoder_fits(text_encoder, pipe_dir / "text_encoder", "--text-encoder")
+    check_encoder_fits(text_encoder, pipe_dir / "text_encoder", "`text_encoder`")
     has_second = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
     if has_second and not (text_encoder_2 or keep_text_encoder_2):
         raise InputError(
-            f"--pipeline {pipe_dir} has a second text encoder (SDXL); pass --text-encoder-2 SAFE_DIR (Safe-CLIP "
-            "fine-tuned from that CLIP) or --keep-text-encoder-2 to replace only the first one (the second still "
+            f"`pipeline` {pipe_dir} has a second text encoder (SDXL); pass `text_encoder_2` SAFE_DIR (Safe-CLIP "
+            "fine-tuned from that CLIP) or `keep_text_encoder_2` to replace only the first one (the second still "
             "carries unsafe concepts)"
         )
     if keep_text_encoder_2 and (text_encoder_2 or not has_second):
-        why = "--text-encoder-2 replaces it" if text_encoder_2 else f"{pipe_dir} has no text_encoder_2 (not SDXL)"
-        raise InputError(f"--keep-text-encoder-2 has nothing to keep: {why}; drop it")
+        why = "`text_encoder_2` replaces it" if text_encoder_2 else f"{pipe_dir} has no text_encoder_2 (not SDXL)"
+        raise InputError(f"`keep_text_encoder_2` has nothing to keep: {why}; drop it")
     if text_encoder_2:
         if not has_second:
             raise InputError(
-                f"--text-encoder-2 was given but {pipe_dir} has no text_encoder_2 "
+                f"`text_encoder_2` was given but {pipe_dir} has no text_encoder_2 "
                 "(only SDXL-style pipelines do); drop it"
             )
-        check_encoder_fits(text_encoder_2, pipe_dir / "text_encoder_2", "--text-encoder-2")
+        check_encoder_fits(text_encoder_2, pipe_dir / "text_encoder_2", "`text_encoder_2`")
 
-    pipe = load_pipeline(pipe_dir, dtype=torch_dtype(dtype), device=device, progress=progress, what="--pipeline")
+    pipe = load_pipeline(pipe_dir, dtype=torch_dtype(dtype), device=device, progress=progress, what="`pipeline`")
     settings = {
         "steps": steps,
         "guidance": guidance,
