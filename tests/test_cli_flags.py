@@ -43,7 +43,7 @@ def test_cli_error_names_the_flag(tmp_path, capsys):
 @pytest.mark.parametrize("kwargs", [{"match": "sometimes"}, {"refusal_phrases": "sorry"}, {"refusal_phrases": [" "]},
                                     {"opening_words": 0}])
 def test_judge_settings_are_refused_as_user_errors(kwargs):
-    """A bad judge setting is a user error (InputError: one line, exit 2 on the command line), not a bare ValueError."""
+    """A bad judge setting is a user error (InputError: one line, exit 2 on the command line), no bare ValueError."""
     from vlmsafe.eval import RefusalJudge
 
     with pytest.raises(InputError):
