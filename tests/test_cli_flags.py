@@ -10,11 +10,11 @@ from vlmsafe.cli import flags_for_parameters
 from vlmsafe.errors import InputError
 
 
-def test_library_error_names_the_parameter(tmp_path):
-    from vlmsafe.safeclip.generate import run_generate
+def test_library_error_names_the_parameter():
+    from vlmsafe.safeclip.generate import GenerateSettings
 
     with pytest.raises(InputError) as info:
-        run_generate(tmp_path / "p", tmp_path / "t", tmp_path / "q", tmp_path / "out", height=30)
+        GenerateSettings(height=30)
     assert str(info.value).startswith("`height` 30 is not a multiple of 8") and "--" not in str(info.value)
 
 

@@ -438,8 +438,9 @@ def test_shipped_safeclip_meets_the_text_to_image_acceptance(tmp_path):
 def test_run_generate_bounds_guidance_and_seed_first(tmp_path, kw, message):
     """The library entry point checks the same bounds as the flags, before any path is read."""
     from vlmsafe.errors import InputError
-    from vlmsafe.safeclip.generate import run_generate
+    from vlmsafe.safeclip.generate import GenerateSettings, run_generate
 
     with pytest.raises(InputError, match=re.escape(message)):
-        run_generate(tmp_path / "no_pipe", tmp_path / "no_encoder", tmp_path / "no_prompts", tmp_path / "out", **kw)
+        run_generate(tmp_path / "no_pipe", tmp_path / "no_encoder", tmp_path / "no_prompts", tmp_path / "out",
+                     GenerateSettings(**kw))
     assert not (tmp_path / "out").exists()

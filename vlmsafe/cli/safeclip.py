@@ -440,17 +440,18 @@ def _register_generate(sub: Any) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
-    from vlmsafe.safeclip.generate import run_generate
+    from vlmsafe.safeclip.generate import GenerateSettings, run_generate
 
     require_extra("safeclip", "diffusers", feature="safeclip generate")
     check_command_output(args, args.out, kind="dir")  # run_generate checks it again (its Python callers)
-    record = run_generate(
-        args.pipeline, args.text_encoder, args.prompts, args.out, text_encoder_2=args.text_encoder_2,
-        keep_text_encoder_2=args.keep_text_encoder_2, also_original=args.also_original, steps=args.steps,
-        guidance=args.guidance, seed=args.seed, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
-        height=args.height, width=args.width, negative_prompt=args.negative_prompt, dtype=args.dtype,
-        device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
-    )  # fmt: skip
+    settings = GenerateSettings(
+        steps=args.steps, guidance=args.guidance, seed=args.seed, images_per_prompt=args.images_per_prompt,
+        batch_size=args.batch_size, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+        also_original=args.also_original, dtype=args.dtype, device=args.device, progress=not args.no_progress,
+    )
+    record = run_generate(args.pipeline, args.text_encoder, args.prompts, args.out, settings,
+                          text_encoder_2=args.text_encoder_2, keep_text_encoder_2=args.keep_text_encoder_2,
+                          overwrite=args.overwrite)
     counts = {}
     for img in record["images"]:
         counts[img["encoder"]] = counts.get(img["encoder"], 0) + 1
