@@ -15,6 +15,13 @@ STAGES = [f"{family}/{stage}" for family in ("llava-1.5", "qwen2-vl")
           for stage in ("build", "calibrate", "steer-dataset", "steer-sample", "evaluate")]
 STAGES.insert(5, "llava-1.5/dispatch")
 STAGES += ["safeclip", "merge"]
+#: The other families the CPU test runs (a plain decoder, the cross-attention one, the fused-experts one); all of
+#: them: the slow test.
+QUICK_FAMILIES = ("gemma3", "mllama", "qwen3_vl_moe")
+
+
+def _family_stages(families):
+    return [f"{family}/{stage}" for family in families for stage in ("build", "steer", "sample", "merge")]
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +36,50 @@ def smoke():
         sys.modules.pop("gpu_smoke", None)
 
 
-def test_cpu_run_passes_every_stage(smoke, capsys):
+def _run(smoke, capsys, families):
     threads = torch.get_num_threads()
     try:
-        code = smoke.main(["--device", "cpu", "--threads", "1"])
+        code = smoke.main(["--device", "cpu", "--threads", "1", "--families", ",".join(families)])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in STAGES}
+    stages = STAGES + _family_stages(families)
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in stages}
     assert code == 0, out
-    assert list(rows) == STAGES
+    assert list(rows) == stages
     assert all("  ok  " in row for row in rows.values()), out
+    assert f"all {len(stages)} stages passed" in out
+    return rows
+
+
+def test_cpu_run_passes_every_stage(smoke, capsys):
+    rows = _run(smoke, capsys, QUICK_FAMILIES)
+    for family in ("gemma3", "qwen3_vl_moe"):
+        assert "alpha 0 == plain; batched equal" in rows[f"{family}/steer"]
+        assert "alpha 0 == plain; batched equal" in rows[f"{family}/sample"]
+        assert "LM tensors = mean" in rows[f"{family}/merge"] and "kept bit for bit" in rows[f"{family}/merge"]
+    assert "given vectors: alpha 0 == plain; batched equal" in rows["mllama/steer"]
+    assert "refused in one line (cross-attention" in rows["mllama/sample"]
+    assert "loads as MllamaForConditionalGeneration" in rows["mllama/merge"]
+    assert "loads as Qwen3VLMoeForConditionalGeneration" in rows["qwen3_vl_moe/merge"]
     assert "64 image tokens (112 px)" in rows["llava-1.5/build"]  # (112 / 14) ** 2: LLaVA's expansion
     for stage in ("llava-1.5/steer-dataset", "llava-1.5/steer-sample", "qwen2-vl/steer-dataset"):
         assert "alpha 0 == plain; batched equal" in rows[stage]
     assert "greedy equal (plain, dataset, sample); vectors within 0" in rows["llava-1.5/dispatch"]
     assert "20 LoRA steps" in rows["safeclip"] and "merged LM = mean" in rows["merge"]
-    assert f"all {len(STAGES)} stages passed" in out
+
+
+@pytest.mark.slow
+def test_cpu_run_passes_every_stage_on_every_family(smoke, capsys):
+    rows = _run(smoke, capsys, smoke.FAMILIES)
+    assert sum("LM tensors = mean" in rows[f"{family}/merge"] for family in smoke.FAMILIES) == len(smoke.FAMILIES)
+
+
+def test_unknown_family_is_refused_in_one_line(smoke, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        smoke.main(["--device", "cpu", "--families", "gemma3,llava_onevison"])
+    assert exit_.value.code == 2
+    assert "unknown families ['llava_onevison']; choose from llava_onevision" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the default run would not skip")
@@ -68,7 +102,7 @@ def test_failures_are_reported_and_fail_the_run(smoke, capsys, monkeypatch):
     monkeypatch.setattr(smoke, "build_qwen2_vl", crashing)
     monkeypatch.setattr(smoke.Smoke, "safeclip", lambda self: "fine")
     monkeypatch.setattr(smoke.Smoke, "merge", lambda self: "fine")
-    assert smoke.main(["--device", "cpu"]) == 1
+    assert smoke.main(["--device", "cpu", "--families", ""]) == 1
     out = capsys.readouterr().out
     assert "FAIL llava-1.5/build: batched differs from one by one" in out
     assert "FAIL qwen2-vl/build: RuntimeError: out of memory\n" in out  # first line of the error only

@@ -1,11 +1,16 @@
 """Template handling on what users load: the published processors of llava-1.5, llava-v1.6-mistral and
 Qwen2-VL-Instruct (real tokenizer classes with tiny trained vocabularies, the published chat templates;
-``tests/fixtures/tokenizers``), driving tiny random models of each family."""
+``tests/fixtures/tokenizers``), driving tiny random models of each family; and the published chat templates of
+the other families (``tests/fixtures/templates``) on their tiny models: the text-only twin and the image
+positions."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -13,9 +18,10 @@ from transformers import AutoProcessor, LlamaTokenizerFast, Qwen2TokenizerFast
 
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import get_adapter
-from vlmsafe.errors import InputError
+from vlmsafe.errors import InputError, UnsupportedModelError
 from vlmsafe.steering import SafeVLM, ShiftVectors, calibrate, steer, steer_sample_level
 from vlmsafe.testing import REAL_PROCESSOR_DIR, REAL_TOKENIZER_BUILDERS, random_image, real_processor, tiny_llava
+from vlmsafe.testing.families import FAMILY_BUILDERS, PUBLISHED_TEMPLATE_DIR, published_template
 
 NAMES = list(REAL_TOKENIZER_BUILDERS)
 LLAVA15, MISTRAL, QWEN = NAMES
@@ -208,3 +214,129 @@ def test_steering_on_the_published_templates(built, name):
         assert batched[1] == plain_text[1]  # the text-only row is never moved
         outputs.append(batched)
     assert outputs[0] != plain_text  # dataset-level steering changed the multimodal answers
+
+
+# ------------------------------------------------------------------ the other families' published templates
+#: Families whose published chat template is a fixture under tests/fixtures/templates (the tiny family builders
+#: use it by default); mllama: its twin is refused, tested apart.
+PUBLISHED = ["llava_onevision", "qwen3_vl", "gemma3", "internvl", "smolvlm", "mistral3"]
+#: Tokens the processors put around or between image tokens (not part of the text-only twin).
+MARKUP = {
+    "llava_onevision": (), "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"),
+    "gemma3": ("<start_of_image>", "<end_of_image>"), "internvl": ("<img>", "</img>"),
+    "smolvlm": ("<fake_token_around_image>", "<global-img>"), "mistral3": ("[IMG_BREAK]", "[IMG_END]"),
+}
+
+
+@pytest.fixture(scope="module")
+def family():
+    cache: dict = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = FAMILY_BUILDERS[name]()
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in PUBLISHED_TEMPLATE_DIR.iterdir() if p.is_dir()))
+def test_template_fixture_says_where_it_comes_from(name):
+    """Each fixture folder names its source; a stored template is the text whose sha256 the note states (an edit
+    of either is caught)."""
+    note = (PUBLISHED_TEMPLATE_DIR / name / "SOURCE.md").read_text(encoding="utf-8")
+    stored = PUBLISHED_TEMPLATE_DIR / name / "chat_template.json"
+    if not stored.exists():
+        assert "tests/fixtures/tokenizers/" in note or "no chat template" in note.lower() or "Not sourced" in note
+        return
+    (digest,) = re.findall(r"sha256 of the template text: `([0-9a-f]{64})`", note)
+    assert hashlib.sha256(published_template(name).encode()).hexdigest() == digest
+    # names a repository or file path, or says the index that served the text did not name one
+    assert re.search(r"\* Source: [^`]*`[\w./-]+/[\w./-]+`", note) or "did not name its repository" in note
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_template_loads_as_users_load_it(family, name, tmp_path):
+    """The fixture file is what ``AutoProcessor.from_pretrained`` reads from a checkpoint folder, unchanged."""
+    _, processor = family(name)
+    processor.save_pretrained(tmp_path)
+    for stale in tmp_path.glob("chat_template.*"):
+        stale.unlink()
+    shutil.copyfile(PUBLISHED_TEMPLATE_DIR / name / "chat_template.json", tmp_path / "chat_template.json")
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.chat_template == processor.chat_template == published_template(name)
+
+
+def _collapse(ids: list[int], block: set[int], placeholder: int) -> list[int]:
+    """Each run of image / markup tokens replaced by one placeholder: where the template put the image."""
+    out: list[int] = []
+    for t in ids:
+        if t in block:
+            if not (out and out[-1] == placeholder):
+                out.append(placeholder)
+        else:
+            out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("system_prompt", [None, "be safe ."])
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_template_twin_and_image_positions(family, name, system_prompt):
+    """(a) the text-only twin is the published template applied to the conversation without the image, and the
+    multimodal prompt is the template applied with it; (b) the image tokens sit where the template put the image,
+    as many as the family's processor expands an image of that size into (the model checks its features
+    against them), and removing them and their markup leaves exactly the twin."""
+    model, processor = family(name)
+    adapter = get_adapter(model, processor)
+    tok = processor.tokenizer
+    for prompt in PROMPTS:
+        for with_image in (False, True):
+            conv = [{"role": "user", "content": ([{"type": "image"}] if with_image else [])
+                     + [{"type": "text", "text": prompt}]}]
+            if system_prompt:
+                conv.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+            want = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+            assert adapter.render(prompt, with_image, system_prompt=system_prompt) == want
+    images = [random_image(1, 48).resize((48, 24)), random_image(2), random_image(3), random_image(4, 40)]
+    mm, text = adapter.build_pair(PROMPTS, images, padding_side="right", system_prompt=system_prompt)
+    markup = {tok.convert_tokens_to_ids(t) for t in MARKUP[name]}
+    placeholder = tok.convert_tokens_to_ids(adapter.image_placeholder)
+    block = markup | {adapter.image_token_id, placeholder}
+    for row, prompt in enumerate(PROMPTS):
+        mm_ids = mm["input_ids"][row][mm["attention_mask"][row].bool()].tolist()
+        txt_ids = text["input_ids"][row][text["attention_mask"][row].bool()].tolist()
+        assert txt_ids == tok(adapter.render(prompt, False, system_prompt=system_prompt),
+                              add_special_tokens=False)["input_ids"]
+        assert [t for t in mm_ids if t not in block] == txt_ids
+        rendered = tok(adapter.render(prompt, True, system_prompt=system_prompt),
+                       add_special_tokens=False)["input_ids"]
+        assert _collapse(mm_ids, block, placeholder) == _collapse(rendered, block, placeholder)
+        assert mm_ids.count(adapter.image_token_id) > 0
+    with torch.no_grad():
+        model(**mm)  # raises if the image tokens and the image features differ in number
+
+
+def test_published_mllama_template_explains_the_twin_refusal(family):
+    """Llama 3.2 Vision's published template adds its system block only without an image and refuses a system
+    message with an image: the twin differs by more than the image, so vlmsafe refuses what needs it."""
+    model, processor = family("mllama")
+    adapter = get_adapter(model, processor)
+    text_only, with_image = adapter.render("hello", False), adapter.render("hello", True)
+    conv = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    assert text_only == processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    assert "Cutting Knowledge Date: December 2023" in text_only and "Cutting Knowledge" not in with_image
+    assert with_image.endswith("<|start_header_id|>user<|end_header_id|>\n\n<|image|>hello<|eot_id|>"
+                               "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    with pytest.raises(Exception, match="Prompting with images is incompatible with system messages"):
+        adapter.render("hello", True, system_prompt="be safe .")
+    with pytest.raises(UnsupportedModelError, match="cross-attention"):
+        adapter.build_pair(["hello"], [random_image(1)])
+
+
+def test_missing_published_template_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="no published chat template there; pass template='sketch'"):
+        published_template("gemma3", root=tmp_path)
+    with pytest.raises(InputError, match="template must be one of"):
+        FAMILY_BUILDERS["gemma3"](template="hub")
+    _, processor = FAMILY_BUILDERS["internvl"](template="sketch")  # the short stand-in, same prompt format
+    assert processor.chat_template != published_template("internvl")

@@ -21,7 +21,10 @@ from vlmsafe.adapters.base import (
 from vlmsafe.adapters.chat import ChatVLMAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter
 from vlmsafe.adapters.clip import CLIPAdapter, OpenCLIPAdapter
 from vlmsafe.adapters.families import (
+    AyaVisionAdapter,
     Gemma3Adapter,
+    Glm4vAdapter,
+    Idefics2Adapter,
     InternVLAdapter,
     LlavaOnevisionAdapter,
     Mistral3Adapter,
@@ -50,12 +53,15 @@ def get_adapter(model: nn.Module | ModelAdapter, processor: Any | None = None, *
 
 
 __all__ = [
+    "AyaVisionAdapter",
     "CLIPAdapter",
     "CausalLMAdapter",
     "ChatVLMAdapter",
     "Gemma3Adapter",
     "GenericVLMAdapter",
+    "Glm4vAdapter",
     "GuessedAdapterWarning",
+    "Idefics2Adapter",
     "InternVLAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",

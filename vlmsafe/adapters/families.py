@@ -48,6 +48,15 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     family = "qwen3_vl_moe"
 
 
+@register_adapter("Glm4vForConditionalGeneration")
+class Glm4vAdapter(Qwen2VLAdapter):
+    """GLM-4.1V / GLM-4V: Qwen2-VL's layout (``model.visual`` with its merger, ``model.language_model``) around the
+    GLM-4 text model; ``<|image|>`` marks the image positions between ``<|begin_of_image|>`` and
+    ``<|end_of_image|>``."""
+
+    family = "glm4v"
+
+
 @register_adapter("Gemma3ForConditionalGeneration")
 class Gemma3Adapter(ChatVLMAdapter):
     """Gemma 3 (SigLIP pooled to a fixed number of soft tokens + Gemma 3 text). The template's image
@@ -120,6 +129,37 @@ class SmolVLMAdapter(ChatVLMAdapter):
         side = _get(getattr(image_processor, "max_image_size", None) or {}, "longest_edge") or _get(
             image_processor.size, "longest_edge")
         return int(side), int(side)
+
+
+@register_adapter("Idefics2ForConditionalGeneration")
+class Idefics2Adapter(SmolVLMAdapter):
+    """Idefics2: SmolVLM's layout (``model.text_model``, ``model.vision_model``), with a perceiver resampler as its
+    connector (a fixed number of image latents per image or tile) and a Mistral language model."""
+
+    family = "idefics2"
+
+    @property
+    def image_input_size(self) -> tuple[int, int]:
+        """One unsplit image: a square of the processor's ``size["longest_edge"]`` (980 published; images are
+        resized to fit it)."""
+        side = int(_get(self._require_processor().image_processor.size, "longest_edge"))
+        return side, side
+
+
+@register_adapter("AyaVisionForConditionalGeneration")
+class AyaVisionAdapter(ChatVLMAdapter):
+    """Aya Vision (SigLIP 2, pixel-shuffle + SwiGLU projector, Command R7B / Cohere2 text): the llava layout. The
+    processor expands ``<image>`` into ``<|START_OF_IMG|>`` + tiles (``TILE_n`` / ``TILE_GLOBAL``, rows of
+    ``<|IMG_PATCH|>`` ended by ``<|IMG_LINE_BREAK|>``) + ``<|END_OF_IMG|>``; the image positions are the
+    ``<|IMG_PATCH|>`` tokens (``config.image_token_index``)."""
+
+    family = "aya_vision"
+
+    @property
+    def image_input_size(self) -> tuple[int, int]:
+        """One tile: a square of the processor's ``img_size`` (364 published; larger images are tiled)."""
+        side = int(getattr(self._require_processor(), "img_size", 0) or 364)
+        return side, side
 
 
 @register_adapter("InternVLForConditionalGeneration")
@@ -233,7 +273,10 @@ class MllamaAdapter(ChatVLMAdapter):
 
 
 __all__ = [
+    "AyaVisionAdapter",
     "Gemma3Adapter",
+    "Glm4vAdapter",
+    "Idefics2Adapter",
     "InternVLAdapter",
     "LlavaOnevisionAdapter",
     "Mistral3Adapter",

@@ -40,6 +40,8 @@ from vlmsafe.cards import write_card
 from vlmsafe.io import atomic_path, check_output, read_json
 from vlmsafe.merge.checkpoint import Checkpoint
 from vlmsafe.merge.config import MergeConfig
+from vlmsafe.merge.experts import fused_experts_view
+from vlmsafe.merge.keymap import KeyMap
 from vlmsafe.merge.methods import apply_mask, merge_pair
 from vlmsafe.merge.pipeline import BufferPool, run_pipeline
 from vlmsafe.merge.plan import BUFFER_REASON, PASSTHROUGH_PREFIX, MergePlan, PlanItem, plan_merge
@@ -243,6 +245,10 @@ def merge_checkpoints(cfg: MergeConfig, *, progress: bool = True) -> MergeResult
         names = {"vlm": "VLM", "aligned": "aligned model", "base": "base model", "mask": "mask"}
         cks = {r: stack.enter_context(Checkpoint(p, role=names[r], hash_files=cfg.hash_inputs))
                for r, p in roles.items() if p is not None}
+        keymap = KeyMap.for_checkpoint(cfg.vlm, cfg.key_rules)
+        for role in ("aligned", "base"):  # fused MoE experts (Qwen3-VL-MoE) vs one tensor per expert (Qwen3-MoE)
+            if role in cks:
+                cks[role] = fused_experts_view(cks["vlm"], cks[role], keymap)
         plan = plan_merge(cfg, cks["vlm"], cks["aligned"], cks.get("base"), cks.get("mask"))
 
         with atomic_path(cfg.output, overwrite=cfg.overwrite) as tmp:
