@@ -20,7 +20,7 @@ timing each stage and recording its peak CUDA memory:
 
 and then, for every other explicit family (LLaVA-OneVision, Qwen3-VL dense and MoE, Gemma 3, Mistral 3,
 SmolVLM, Idefics3, Idefics2, Aya Vision, GLM-4.1V, InternVL, PaliGemma, Llama 3.2 Vision:
-:data:`vlmsafe.testing_families.FAMILY_BUILDERS`,
+:data:`vlmsafe.testing.families.FAMILY_BUILDERS`,
 with the published chat templates of ``tests/fixtures/templates`` where stored), its language model at the preset's
 reduced-but-real shape (``text_hidden`` / ``text_layers`` / heads, head dim 64 on the GPU) behind the family's
 own vision tower and processor (32-pixel images):
@@ -441,7 +441,7 @@ class Smoke:
         from vlmsafe.adapters import get_adapter
         from vlmsafe.errors import UnsupportedModelError
         from vlmsafe.steering import SafeVLM
-        from vlmsafe.testing_families import FAMILY_BUILDERS
+        from vlmsafe.testing.families import FAMILY_BUILDERS
 
         state: dict[str, Any] = {}
 
@@ -495,7 +495,7 @@ class Smoke:
 
         from vlmsafe.safeclip import HFCLIPBackend, SafeCLIPTrainer, SafeCLIPTrainingConfig
         from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset
-        from vlmsafe.safeclip.testbed import build_tokenizer
+        from vlmsafe.testbed.safeclip import build_tokenizer
 
         p, steps, batch = self.preset, 20, 8
         tok = build_tokenizer()
@@ -601,7 +601,7 @@ def _merge_family(name: str, model, processor, workdir: Path, dtype: torch.dtype
     from vlmsafe.loading import load_model
     from vlmsafe.merge import MergeConfig, merge_checkpoints
     from vlmsafe.merge.keymap import KeyMap
-    from vlmsafe.testing_families import tiny_aligned_llm
+    from vlmsafe.testing.families import tiny_aligned_llm
 
     vlm_dir, llm_dir, out = workdir / f"{name}-vlm", workdir / f"{name}-llm", workdir / f"{name}-merged"
     model.save_pretrained(vlm_dir)

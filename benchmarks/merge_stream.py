@@ -161,7 +161,7 @@ def write_checkpoint(directory: Path, tensors: list[tuple[str, tuple[int, ...]]]
 
 #: Runs only `vlmsafe merge` (the full CLI router would also import every other subcommand's module).
 _MERGE_ONLY = (
-    "import argparse, sys; from vlmsafe.merge.cli import register; p = argparse.ArgumentParser(); "
+    "import argparse, sys; from vlmsafe.cli.merge import register; p = argparse.ArgumentParser(); "
     "register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
 )
 

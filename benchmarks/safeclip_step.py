@@ -50,7 +50,7 @@ def build(size: str, batch_size: int, full_finetune: bool, threads: int):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from vlmsafe.safeclip import HFCLIPBackend
-    from vlmsafe.safeclip.testbed import build_tokenizer
+    from vlmsafe.testbed.safeclip import build_tokenizer
 
     torch.set_num_threads(threads)
     hidden, layers, image, patch = SIZES[size]

@@ -8,10 +8,10 @@
 * :func:`write_report` -- JSON + PNG for any of the three (``vlmsafe probe layers|shift|weights``).
 
 >>> from probes import probe_layers, write_report
->>> report = probe_layers(model, processor, items)          # items: EvalItems with labels + images
+>>> report = probe_layers(model, processor, items)          # items: vlmsafe.data.Item with labels + images
 >>> write_report(report, "reports/")                         # reports/layers.json + layers.png
 
-The names below are imported lazily (on first access), so ``import probes.cli`` -- done by every
+The names below are imported lazily (on first access), so ``vlmsafe.cli.probe`` -- imported by every
 ``vlmsafe`` invocation -- does not pay for sklearn, matplotlib and torch.
 """
 
@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "ShiftReport": "probes.analysis",
     "analyze_shift": "probes.analysis",
     "probe_layers": "probes.analysis",
-    "blank_image": "probes.collect",
+    "blank_image": "vlmsafe.data",  # one owner: the same image the steering anchors use
     "collect_activations": "probes.collect",
     "vectors_from_activations": "probes.collect",
     "LayerProbe": "probes.linear",
@@ -52,12 +52,13 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # static analysers see the real names
     from probes.analysis import LayerProbeReport, ShiftReport, analyze_shift, probe_layers  # noqa: F401
-    from probes.collect import blank_image, collect_activations, vectors_from_activations  # noqa: F401
+    from probes.collect import collect_activations, vectors_from_activations  # noqa: F401
     from probes.linear import LayerProbe, fit_probe, labels_from_items, train_layer_probes  # noqa: F401
     from probes.plots import plot_layer_probes, plot_shift, plot_weight_change  # noqa: F401
     from probes.report import summary_table, write_report  # noqa: F401
     from probes.shift import cosine_distance, l2_distance, layer_shift_metrics, linear_cka, shift_on_direction  # noqa: F401
     from probes.weights import WeightChangeReport, canonical_name, classify, weight_change  # noqa: F401
+    from vlmsafe.data import blank_image  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

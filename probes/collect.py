@@ -37,11 +37,6 @@ def vectors_source(vectors: ShiftVectors) -> str:
     return f"user vectors (calibrated on {data})" if data else "user vectors"
 
 
-def blank_image(size: int = 336, color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """A uniform image: the CMRM paper's simplest image, enough to shift the representations."""
-    return Image.new("RGB", (size, size), color)
-
-
 @torch.no_grad()
 def collect_activations(
     model: Any,
@@ -66,7 +61,7 @@ def collect_activations(
         with_images: ``False`` builds each item's text-only counterpart (its image is dropped);
             ``True`` feeds the image, which every item must then have unless ``image`` is given.
         image: if given (and ``with_images``), used for every item instead of its own image,
-            e.g. :func:`blank_image` to reproduce the paper's blank-image setting.
+            e.g. :func:`vlmsafe.data.blank_image` to reproduce the paper's blank-image setting.
         steering: CMRM steering applied during the forward pass (the recording hooks see the
             steered stream).
         positions: ``"last"`` prompt token, or the mean over all ``"prompt"`` / ``"text"`` tokens.

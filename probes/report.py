@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlmsafe.errors import OutputExistsError
 from vlmsafe.io import check_output, write_json_atomic
+from vlmsafe.tables import text_table
 
 if TYPE_CHECKING:  # probes.analysis imports scikit-learn, which `probe weights` does not need
     from probes.analysis import LayerProbeReport, ShiftReport
@@ -71,11 +72,8 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in header]] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """:func:`vlmsafe.tables.text_table` of the values as :func:`_fmt` writes them."""
+    return text_table(header, [[_fmt(v) for v in row] for row in rows])
 
 
 def summary_table(report: Report, *, top: int = 12) -> str:

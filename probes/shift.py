@@ -34,6 +34,8 @@ def _paired(X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return X, Y
 
 
+# Copied from vlmsafe.safeclip.losses.cosine_distance: the same measure on numpy arrays (a probe reads
+# recorded activations, no autograd), with checked inputs; tests/test_copies.py checks that they agree.
 def cosine_distance(X: np.ndarray, Y: np.ndarray) -> float:
     """Mean over rows of ``1 - cos(x_i, y_i)`` (0 = same direction, 2 = opposite)."""
     X, Y = _paired(X, Y)

@@ -250,7 +250,7 @@ def test_directions_card_and_round_trip_by_folder_and_hub_id(llava, hub, monkeyp
 # --------------------------------------------------------------------------- Safe-CLIP encoder
 def test_safeclip_encoder_card_and_round_trip(hub, monkeypatch, tmp_path, one_thread):
     from vlmsafe.safeclip import SafeCLIPLossWeights, SafeCLIPTrainer, SafeCLIPTrainingConfig, load_backend
-    from vlmsafe.safeclip.testbed import make_splits, quadruplets, render_split, tiny_clip_backend
+    from vlmsafe.testbed.safeclip import make_splits, quadruplets, render_split, tiny_clip_backend
 
     data = quadruplets(*render_split(make_splits(0)["train"][:8], 1, 0))
     weights = SafeCLIPLossWeights(G_Sref=0.5, text_nsfw=0.2)
@@ -440,7 +440,7 @@ def test_calibrate_push_to_hub_uploads_the_written_folder(method, llava_folder, 
 
 def test_merge_and_safeclip_train_push_to_hub(hub, monkeypatch, tmp_path, capsys, one_thread):
     from vlmsafe.cli import main
-    from vlmsafe.safeclip.testbed import make_splits, render_split, tiny_clip_backend
+    from vlmsafe.testbed.safeclip import make_splits, render_split, tiny_clip_backend
 
     tiny_merge_inputs(tmp_path)
     with hub.online(monkeypatch):

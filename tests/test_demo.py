@@ -147,7 +147,7 @@ def test_outputs_written(report, out_dir):
 def _table_numbers(text: str, setting: str) -> list[float]:
     line = next((l for l in text.splitlines() if l.startswith(f"| {setting} |")), None)
     assert line is not None, (
-        f"no row {setting!r}; regenerate with `python -m vlmsafe.demo.check --write --readme README.md`"
+        f"no row {setting!r}; regenerate with `python -m vlmsafe.cli.demo_check --write --readme README.md`"
     )
     return [float(x) for x in re.findall(r"(\d+\.\d)%", line)]
 
@@ -206,7 +206,7 @@ def _shipped():
 @needs_testbed
 def test_chosen_settings_keep_benign_refusals_on_the_independent_check_set():
     """With the paired margin, the settings chosen on calibration keep benign refusals within 3 points of the
-    unsteered model on the independent check set too (figures recorded by `python -m vlmsafe.demo.check
+    unsteered model on the independent check set too (figures recorded by `python -m vlmsafe.cli.demo_check
     --unseen`); blank-anchor sample-level CMRM had refused 7.1% there (0% unsteered) with the point rule."""
     rep = _shipped()["measured_unseen"]
     rows = _rows(rep)

@@ -66,8 +66,8 @@ def test_bundled_assets_are_found_through_the_package_not_the_source_tree():
     import vlmsafe_assets
 
     from vlmsafe.resources import assets_root, bundled_asset
-    from vlmsafe.safeclip.testbed import default_assets_dir
     from vlmsafe.testbed import testbed_dir
+    from vlmsafe.testbed.safeclip import default_assets_dir
 
     root = Path(vlmsafe_assets.__file__).parent
     assert assets_root() == root

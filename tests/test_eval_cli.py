@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import vlmsafe.eval.cli as eval_cli
+import vlmsafe.cli.eval as eval_cli
 from vlmsafe.cli import build_parser, main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
@@ -144,7 +144,7 @@ def test_steering_flags_map_to_config(tmp_path):
     """--vectors/--sample-level/--alpha/--layers/--positions/--decode become one SteeringConfig."""
     import torch
 
-    from vlmsafe.cli_options import steering_from_args
+    from vlmsafe.cli.options import steering_from_args
     from vlmsafe.steering import ShiftVectors
 
     ShiftVectors(shifts={0: torch.ones(4), 1: torch.ones(4)}, meta={"num_layers": 2}).save(tmp_path / "v")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from vlmsafe.cli.judge_check import main as judge_check_main
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.eval import (
     DEFAULT_REFUSAL_PHRASES,
@@ -32,9 +33,8 @@ from vlmsafe.eval import (
     parse_yes_no,
 )
 from vlmsafe.eval.judge_check import judge_agreement, load_labelled_responses
-from vlmsafe.eval.judge_check import main as judge_check_main
 from vlmsafe.eval.refusal import normalize_text
-from vlmsafe.tokenization import build_word_tokenizer
+from vlmsafe.testing.tokenization import build_word_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "judge"
 

@@ -130,7 +130,7 @@ class ShapesVLM:
 
 
 def test_evaluate_and_demo_give_the_same_rates_on_the_same_records(tmp_path, monkeypatch, capsys):
-    import vlmsafe.eval.cli as eval_cli
+    import vlmsafe.cli.eval as eval_cli
     from vlmsafe.data import load_items
     from vlmsafe.demo.context import DemoContext
 
@@ -192,7 +192,7 @@ def mixed_file(tmp_path):
 
 
 def test_evaluate_reports_items_without_an_image_as_their_own_modality(tmp_path, monkeypatch, mixed_file):
-    import vlmsafe.eval.cli as eval_cli
+    import vlmsafe.cli.eval as eval_cli
 
     monkeypatch.setattr(eval_cli, "load_generator", lambda args, steering=None: ImageOnlyVLM())
     before = mixed_file.read_bytes()
@@ -211,7 +211,7 @@ def test_evaluate_reports_items_without_an_image_as_their_own_modality(tmp_path,
 
 
 def test_evaluate_refuses_a_multimodal_run_on_items_without_any_image(tmp_path, monkeypatch, capsys):
-    import vlmsafe.eval.cli as eval_cli
+    import vlmsafe.cli.eval as eval_cli
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the data was checked")

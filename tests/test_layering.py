@@ -11,22 +11,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Layers, lowest first. A module may import modules of its own layer or lower ones only.
-#: Prefixes: the longest matching prefix decides a module's layer.
+#: Layers, lowest first: the folders. A module may import modules of its own layer or lower ones only.
+#: The longest matching prefix decides a module's layer; every prefix is a package (a folder), except that
+#: ``vlmsafe`` itself (the core: errors, io, data, loading, ...) holds the top-level modules.
 LAYERS: list[tuple[str, ...]] = [
-    ("vlmsafe", "vlmsafe.errors", "vlmsafe.validation", "vlmsafe.io", "vlmsafe.stats"),
-    ("vlmsafe.data", "vlmsafe.tokenization", "vlmsafe.distributed"),
-    ("vlmsafe.adapters", "vlmsafe.loading", "vlmsafe.testing", "vlmsafe.testing_families"),
+    ("vlmsafe",),  # core
+    ("vlmsafe.adapters",),
     ("vlmsafe.activations",),
-    ("vlmsafe.steering", "vlmsafe.merge", "vlmsafe.safeclip", "vlmsafe.eval", "vlmsafe.convert"),
-    ("vlmsafe.steering.sweep", "vlmsafe.steering.compare", "vlmsafe.testbed"),
+    REMEDIES := ("vlmsafe.steering", "vlmsafe.merge", "vlmsafe.safeclip", "vlmsafe.eval", "vlmsafe.convert"),
+    APPLICATION := ("vlmsafe.testbed", "vlmsafe.experiments", "vlmsafe.testing"),
     ("vlmsafe.demo", "probes"),
-    ("vlmsafe.cli_options", "vlmsafe.cli", "*.cli"),
+    ("vlmsafe.cli",),
 ]
 
+#: What the library (core, adapters, activations, remedies) never imports: the testbeds, the demo, the
+#: experiments and the test kit (open_clip / open_clip_train's split).
+NOT_LIBRARY = (*APPLICATION, "vlmsafe.demo", "probes")
 
-#: Edges being removed by work in progress; this set only ever shrinks.
-KNOWN_VIOLATIONS: set[str] = set()
+
+#: Edges being removed by work in progress; this set only ever shrinks. The README support-table generator
+#: (``vlmsafe.adapters.support``, a script) walks transformers' classes with the test kit's ``shrunk_config``;
+#: it arrived with the family work in the same merge as the floor plan and moves above the library next.
+KNOWN_VIOLATIONS: set[str] = {
+    "vlmsafe.adapters.support -> vlmsafe.testing.families",
+    "vlmsafe.adapters.support: if __name__ == '__main__'",
+}
 
 
 def module_name(path: Path) -> str:
@@ -40,10 +49,6 @@ def layer_of(module: str) -> int:
     best, best_len = None, -1
     for i, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if prefix == "*.cli":
-                if module.endswith(".cli") and best_len < 10_000:
-                    best, best_len = i, 10_000  # a package's cli module is always the top layer
-                continue
             if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
                 best, best_len = i, len(prefix)
     assert best is not None, f"{module} is in no layer; add it to LAYERS in tests/test_layering.py"
@@ -90,8 +95,7 @@ def test_no_import_from_a_higher_layer():
         for dep in deps:
             if f"{mod} -> {dep}" in KNOWN_VIOLATIONS:
                 continue
-            own_cli = mod.startswith(dep.rpartition(".")[0] + ".") and dep.endswith(".cli")
-            if layer_of(dep) > layer_of(mod) and not own_cli:
+            if layer_of(dep) > layer_of(mod):
                 bad.append(f"{mod} (layer {layer_of(mod)}) imports {dep} (layer {layer_of(dep)})")
     assert not bad, "imports that go up a layer:\n" + "\n".join(sorted(bad))
 
@@ -149,3 +153,74 @@ def test_probes_use_only_public_vlmsafe_names():
 def test_layer_table_covers_every_module():
     for mod in source_modules():
         layer_of(mod)
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def library_modules() -> dict[str, Path]:
+    """The library: every ``vlmsafe`` module below the application layer."""
+    return {m: p for m, p in source_modules().items() if layer_of(m) < LAYERS.index(APPLICATION)}
+
+
+def test_remedies_never_import_testbed_demo_experiments_or_test_kit():
+    """Checked on its own (not only through the layer numbers), so a reshuffled LAYERS cannot let it through."""
+    known = set(source_modules())
+    bad = [f"{m} imports {dep}" for m, p in library_modules().items() for dep in imports_of(p, m, known)
+           if _under(dep, NOT_LIBRARY) and f"{m} -> {dep}" not in KNOWN_VIOLATIONS]
+    assert not bad, "the library imports application code:\n" + "\n".join(sorted(bad))
+    assert {"vlmsafe.steering", "vlmsafe.safeclip", "vlmsafe.eval", "vlmsafe.merge"} <= set(library_modules())
+
+
+def test_no_library_module_is_a_script():
+    """Scripts (``main()``, ``if __name__ == "__main__"``) live in the command line or the application layer."""
+    bad = []
+    for m, p in library_modules().items():
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name == "main":
+                bad.append(f"{m}: def main")
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+                bad.append(f"{m}: if __name__ == '__main__'")
+    bad = [b for b in bad if b not in KNOWN_VIOLATIONS]
+    assert not bad, "library modules that are scripts:\n" + "\n".join(bad)
+
+
+def test_library_finds_no_data_beside_its_source():
+    """Bundled data is found through ``vlmsafe.resources`` (an installed wheel has no source tree to walk up)."""
+    bad = [m for m, p in library_modules().items() if ".parents[" in p.read_text(encoding="utf-8")]
+    assert not bad, f"library modules that walk up from __file__ (use vlmsafe.resources): {bad}"
+
+
+def test_argparse_only_in_the_cli_package():
+    """All argparse code is in ``vlmsafe/cli/``: the library raises errors naming parameters, the CLI names flags."""
+    bad = []
+    for path in [*ROOT.joinpath("vlmsafe").rglob("*.py"), *ROOT.joinpath("probes").rglob("*.py")]:
+        if path.is_relative_to(ROOT / "vlmsafe" / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "argparse" or n.startswith("argparse.") for n in names):
+                bad.append(str(path.relative_to(ROOT)))
+    assert not bad, f"argparse imported outside vlmsafe/cli: {sorted(set(bad))}"
+
+
+#: Flags several commands share: each is written in exactly one ``add_argument`` call (a helper in
+#: ``vlmsafe.cli.options`` every command calls), so its type, range and metavar cannot drift apart.
+SHARED_FLAGS = ("--dtype", "--device", "--device-map", "--alpha", "--seed", "--batch-size", "--limit",
+                "--max-new-tokens", "--no-progress")
+
+
+def test_shared_flags_are_defined_once():
+    where: dict[str, list[str]] = {flag: [] for flag in SHARED_FLAGS}
+    for path in [*ROOT.joinpath("vlmsafe").rglob("*.py"), *ROOT.joinpath("probes").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+                    in ("add_argument", "add_input") and node.args):
+                flags = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                for flag in set(flags) & set(SHARED_FLAGS):
+                    where[flag].append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    repeated = {flag: places for flag, places in where.items() if len(places) != 1}
+    assert not repeated, f"shared flags defined more (or less) than once: {repeated}"

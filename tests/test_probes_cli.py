@@ -44,7 +44,7 @@ def workspace(tmp_path_factory):
 def main(argv: list[str]) -> int:
     """``vlmsafe`` with only the probe subcommands registered (isolated from other capabilities)."""
     old = vlmsafe.cli._SUBCOMMAND_MODULES
-    vlmsafe.cli._SUBCOMMAND_MODULES = ("probes.cli",)
+    vlmsafe.cli._SUBCOMMAND_MODULES = ("vlmsafe.cli.probe",)
     try:
         return vlmsafe.cli.main(argv)
     finally:

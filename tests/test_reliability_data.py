@@ -434,10 +434,10 @@ def test_demo_without_matplotlib_stops_before_the_work(tmp_path, capsys, monkeyp
     (["probe", "layers"], "matplotlib", "needs matplotlib"),
 ])
 def test_probes_without_their_extra_stop_before_the_model_loads(ws, capsys, monkeypatch, command, hidden, expected):
-    import vlmsafe.cli_options
+    import vlmsafe.cli.options
 
     _hide(monkeypatch, hidden)
-    monkeypatch.setattr(vlmsafe.cli_options, "load_model_from_args", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(vlmsafe.cli.options, "load_model_from_args", lambda *a, **k: pytest.fail("model loaded"))
     rc = main([*command, "--model", "assets/testbed", "--data", str(ws / "good.jsonl"), "--out", str(ws / "o")])
     _check(rc, capsys.readouterr().err, expected, "pip install 'vlmsafe[probes]'")
 

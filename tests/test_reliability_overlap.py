@@ -255,7 +255,7 @@ def test_an_output_over_an_input_is_refused_and_nothing_is_lost(tmp_path, capsys
 def test_an_output_beside_the_images_is_still_allowed(tmp_path):
     """Only the images themselves (and folders holding them) are protected: an output next to them, or a probe
     report in a folder that holds the data file, is legal."""
-    from vlmsafe.cli_options import check_command_output, check_named_inputs, command_inputs
+    from vlmsafe.cli.options import check_command_output, check_named_inputs, command_inputs
 
     data = _items(tmp_path / "D")
     args = build_parser().parse_args(["probe", "shift", "--model", str(TESTBED), "--data", str(data),
@@ -307,7 +307,7 @@ def test_many_named_images_are_checked_with_one_resolve_per_folder(tmp_path, mon
 
 
 # Options that take a free value and name no input of the command: outputs, and text / choices / numbers given as
-# strings. Every other option with a value must be marked with vlmsafe.cli_options.add_input.
+# strings. Every other option with a value must be marked with vlmsafe.cli.options.add_input.
 NOT_INPUTS = {
     "--out", "--output", "--output-dir", "--json",  # outputs (checked against the inputs)
     "--prompt", "--caption-prompt", "--template", "--negative-prompt", "--include",  # text
@@ -328,7 +328,7 @@ def _commands(parser: argparse.ArgumentParser, prefix: str = "vlmsafe"):
 def test_every_path_option_of_every_command_is_a_marked_input():
     """A new option that names a file the command reads must be declared with add_input, so that the output
     check knows it: every free-valued option is either marked, or listed above as no input."""
-    from vlmsafe.cli_options import INPUTS_KEY
+    from vlmsafe.cli.options import INPUTS_KEY
 
     unmarked = []
     for prog, parser in _commands(build_parser()):
@@ -344,7 +344,7 @@ def test_every_path_option_of_every_command_is_a_marked_input():
 
 def test_each_command_knows_its_inputs():
     """The inputs each command declares (positionals included), as listed in the report of issue #24."""
-    from vlmsafe.cli_options import INPUTS_KEY
+    from vlmsafe.cli.options import INPUTS_KEY
 
     got = {prog: [label for _, label, _ in parser.get_default(INPUTS_KEY) or ()]
            for prog, parser in _commands(build_parser())}

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # Safe-CLIP results are bit-
 def ws(tmp_path_factory) -> Path:
     from PIL import Image
 
-    from vlmsafe.safeclip.testbed import make_splits, render_split, tiny_clip_backend
+    from vlmsafe.testbed.safeclip import make_splits, render_split, tiny_clip_backend
 
     root = tmp_path_factory.mktemp("safeclip_cli")
     tiny_clip_backend(0, hidden=32, layers=1, vision_layers=1).save_pretrained(root / "clip")
@@ -71,14 +71,14 @@ def check_error(capsys, argv: list[str], expected: str) -> None:
 
 # --------------------------------------------------------------------------- flags from the config
 def parse_train(*flags: str):
-    from vlmsafe.safeclip.cli import _training_config
+    from vlmsafe.cli.safeclip import _training_config
 
     args = build_parser().parse_args(["safeclip", "train", "--model", "m", "--data", "d", "--output-dir", "o", *flags])
     return _training_config(args)
 
 
 def test_every_config_field_is_a_flag_and_reaches_the_config():
-    from vlmsafe.safeclip.options import option_fields
+    from vlmsafe.options import option_fields
 
     assert {f.name for f in option_fields(SafeCLIPTrainingConfig)} == {f.name for f in dataclasses.fields(
         SafeCLIPTrainingConfig)}

@@ -8,7 +8,7 @@ from PIL import Image
 
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.safeclip import Quadruplet, QuadrupletCollator, QuadrupletDataset, load_dataset
-from vlmsafe.safeclip.testbed import tiny_clip_backend
+from vlmsafe.testbed.safeclip import tiny_clip_backend
 
 
 def png(path, color):

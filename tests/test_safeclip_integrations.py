@@ -5,7 +5,7 @@ import torch
 
 from vlmsafe.errors import InputError, UnsupportedModelError
 from vlmsafe.safeclip import apply_safe_text_encoder, apply_safe_vision_encoder, load_safe_text_encoder
-from vlmsafe.safeclip.testbed import tiny_clip_backend
+from vlmsafe.testbed.safeclip import tiny_clip_backend
 from vlmsafe.testing import tiny_sd_pipeline
 
 PROMPT = "a blue circle on the left on sand with blood"

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     import json, sys, torch
     torch.set_num_threads(1)
     from vlmsafe.safeclip import SafeCLIPLossWeights, SafeCLIPTrainer, SafeCLIPTrainingConfig
-    from vlmsafe.safeclip.testbed import make_splits, quadruplets, render_split, tiny_clip_backend
+    from vlmsafe.testbed.safeclip import make_splits, quadruplets, render_split, tiny_clip_backend
 
     data = quadruplets(*render_split(make_splits(0)["train"][:32], 1, 0))
     data.items[3].unsafe_image = None  # a ragged batch: one item without its unsafe image

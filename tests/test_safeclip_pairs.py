@@ -14,7 +14,7 @@ from vlmsafe.safeclip.pairs import (
     train_pair_converter,
 )
 from vlmsafe.testing import tiny_text_config
-from vlmsafe.tokenization import build_word_tokenizer
+from vlmsafe.testing.tokenization import build_word_tokenizer
 
 SUBJECTS = ["dog", "cat", "man", "woman", "child", "horse", "bird", "car"]
 PAIRS = [(f"a {s} on the {p}", f"a {s} on the {p} covered in blood") for s in SUBJECTS for p in ("grass", "beach")]

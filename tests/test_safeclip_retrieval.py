@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmsafe.safeclip import format_table, recall_at_k, retrieval_metrics, safeclip_demo_rows
+from vlmsafe.safeclip import format_table, recall_at_k, retrieval_metrics
+from vlmsafe.testbed.safeclip import safeclip_demo_rows
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "safeclip"
 
@@ -68,7 +69,7 @@ def test_bundled_testbed_meets_acceptance():
 
 
 def test_rebuild_reusing_the_original_checks_the_earlier_build_first(tmp_path, capsys):
-    from vlmsafe.safeclip.testbed import main
+    from vlmsafe.cli.build_safeclip_testbed import main
 
     out = tmp_path / "tb"
     assert main([str(out), "--reuse-original"]) == 2  # nothing to reuse
@@ -94,7 +95,7 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     from transformers import CLIPModel
 
     from vlmsafe.cli import main
-    from vlmsafe.safeclip.testbed import make_splits, render_split, tiny_clip_backend
+    from vlmsafe.testbed.safeclip import make_splits, render_split, tiny_clip_backend
 
     tiny_clip_backend(0, hidden=32, layers=1, vision_layers=1).save_pretrained(tmp_path / "clip")
     records, safe, unsafe = render_split(make_splits(0)["train"][:12], 1, 0)

@@ -16,7 +16,7 @@ from vlmsafe.safeclip import (
     SafeCLIPTrainingConfig,
 )
 from vlmsafe.safeclip.losses import token_drift
-from vlmsafe.safeclip.testbed import make_splits, quadruplets, render_split, tiny_clip_backend
+from vlmsafe.testbed.safeclip import make_splits, quadruplets, render_split, tiny_clip_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # Safe-CLIP results are bit-exact on one thread
 

@@ -14,7 +14,7 @@ from vlmsafe.safeclip import (
     SafeCLIPTrainer,
     SafeCLIPTrainingConfig,
 )
-from vlmsafe.safeclip.testbed import make_splits, quadruplets, render_split, tiny_clip_backend
+from vlmsafe.testbed.safeclip import make_splits, quadruplets, render_split, tiny_clip_backend
 
 COSINE_ONLY = SafeCLIPLossWeights(S_Vref=0.0, U_Vref=0.0, V_Sref=0.0, G_Sref=0.0)
 

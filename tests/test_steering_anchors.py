@@ -11,12 +11,12 @@ from vlmsafe.activations import record_activations
 from vlmsafe.adapters import get_adapter
 from vlmsafe.adapters.base import processor_image_size
 from vlmsafe.cli import main
+from vlmsafe.cli.types import layer_spec_arg
 from vlmsafe.data import BLANK_COLOUR, blank_image, noise_image
 from vlmsafe.errors import InputError
 from vlmsafe.steering import SafeVLM, ShiftVectors, SteeringConfig, calibrate, compute_sample_shifts
 from vlmsafe.steering.vectors import first_principal_component
 from vlmsafe.testing import random_image, solid_image, tiny_llava
-from vlmsafe.validation import layer_spec_arg
 
 PROMPTS = ["how do i make a bomb ?", "hello", "what colour is the shape ?", "describe picture", "steal car"]
 

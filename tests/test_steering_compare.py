@@ -4,10 +4,10 @@ import pytest
 
 from vlmsafe.data import Item
 from vlmsafe.eval import RefusalJudge
+from vlmsafe.experiments.compare import compare_methods, format_rows, method_specs, rate
+from vlmsafe.experiments.compounding import compounding_table, gap_profile
 from vlmsafe.stats import wilson_interval
 from vlmsafe.steering import SteeringConfig, calibrate
-from vlmsafe.steering.compare import compare_methods, format_rows, method_specs, rate
-from vlmsafe.steering.compounding import compounding_table, gap_profile
 from vlmsafe.testing import random_image, tiny_llava
 
 PROMPTS = [

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
+from vlmsafe.data import blank_image
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.steering import SafeVLM
 from vlmsafe.testbed import images as I
@@ -22,7 +23,7 @@ from vlmsafe.testbed import prompts as P
 from vlmsafe.testbed.data import vocabulary
 from vlmsafe.testbed.outcome import classify
 from vlmsafe.testbed.topics import CATEGORIES
-from vlmsafe.tokenization import IMAGE_TOKEN, split_words
+from vlmsafe.testing.tokenization import IMAGE_TOKEN, split_words
 
 TB = testbed_dir()
 pytestmark = pytest.mark.skipif(not (TB / "config.json").exists(), reason="testbed assets not built")
@@ -72,7 +73,7 @@ def test_model_and_processor_load_offline(testbed):
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how do i bake bread ?"}]}]
     text = processor.apply_chat_template(conv, add_generation_prompt=True)
     assert text == "USER: <image> how do i bake bread ? ASSISTANT:"
-    enc = processor(text=[text], images=[I.blank_image()], return_tensors="pt")
+    enc = processor(text=[text], images=[blank_image(I.IMAGE_SIZE)], return_tensors="pt")
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     assert image_id == model.config.image_token_index
     assert int((enc["input_ids"] == image_id).sum()) == model.config.image_seq_length == 16

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
 
+from vlmsafe.cli.build_testbed import main
 from vlmsafe.errors import InputError, OutputExistsError
 from vlmsafe.testbed import load_split, testbed_dir
-from vlmsafe.testbed.build import STAGES, BuildConfig, build_testbed, main
+from vlmsafe.testbed.build import STAGES, BuildConfig, build_testbed
 
 TINY = dict(
     pretrain=(2, 1e-3, 8),

@@ -1,6 +1,6 @@
 """Lazy package exports: a package's public names are imported on first access, not with the package.
 
-Why: every ``vlmsafe`` invocation imports the subcommands' ``cli`` modules, and importing ``vlmsafe.steering.cli``
+Why: every ``vlmsafe`` invocation imports the subcommands' ``cli`` modules, and importing ``vlmsafe.cli.steering``
 imports the package ``vlmsafe.steering`` first. If the package's ``__init__`` imported its submodules eagerly,
 ``vlmsafe --help`` would pay for torch and transformers (seconds) before printing a line. With
 :func:`attach`, ``from vlmsafe.steering import SafeVLM`` works as before, and only that name's module loads.

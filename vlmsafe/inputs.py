@@ -4,7 +4,7 @@ A data file is not the only thing a command reads from it: every image its recor
 output that is, holds or lies in one of them would be replaced by ``--overwrite`` (or mixed into). These helpers
 take the records as the command loads them anyway (no file is read twice) and refuse such an output with the
 message of :func:`vlmsafe.io.check_no_overlap`. The command-line side (which options are inputs) is
-:func:`vlmsafe.cli_options.check_command_output`.
+:func:`vlmsafe.cli.options.check_command_output`.
 """
 
 from __future__ import annotations

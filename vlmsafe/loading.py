@@ -34,23 +34,23 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vlmsafe.dtypes import torch_dtype
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.weights import check_model_folder, check_no_remote_code, fingerprint, shape_mismatch_error
 
 ModelKind = Literal["auto", "vlm", "causal_lm"]
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 #: ``architectures`` of checkpoints in the original LLaVA repository's own layout.
 ORIGINAL_LLAVA_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaMptForCausalLM")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
-    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` -> ``torch.bfloat16``; ``None`` and ``"auto"`` pass through."""
+    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` -> ``torch.bfloat16``; ``None`` and ``"auto"`` pass through.
+
+    The names are those of :mod:`vlmsafe.dtypes`, the one dtype table.
+    """
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
-    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
-        return DTYPES[dtype.replace("torch.", "")]
-    raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))} or 'auto'")
+    return torch_dtype(dtype)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device | None:

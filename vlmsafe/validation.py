@@ -3,16 +3,15 @@
 A steering strength of ``nan`` gives empty generations and a 100% "unsafe" rate; a merge weight of
 1.5 extrapolates past the aligned model. Both are silently wrong, so every float argument goes
 through :func:`check_float` (finite, in its documented range) and every count through
-:func:`check_int`. The ``*_arg`` factories wrap the same checks as ``argparse`` types, so bad
+:func:`check_int`. :mod:`vlmsafe.cli.types` wraps the same checks as ``argparse`` types, so bad
 command-line values are rejected at parse time, before any model is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from vlmsafe.errors import InputError, LayerIndexError
 
@@ -117,77 +116,8 @@ def parse_layer_spec(spec: str) -> list[int]:
     return out
 
 
-# --------------------------------------------------------------------------- argparse types
-def float_arg(
-    *, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
-) -> Callable[[str], float]:
-    """An ``argparse`` ``type=`` accepting finite floats in the given range."""
-
-    def parse(text: str) -> float:
-        try:
-            x = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if (low is not None and (x < low or (low_open and x == low))) or (
-            high is not None and (x > high or (high_open and x == high))
-        ):
-            raise argparse.ArgumentTypeError(f"must be {_interval(low, high, low_open, high_open)}, got {text}")
-        return x
-
-    parse.__name__ = "number"
-    return parse
-
-
-def int_arg(*, low: int | None = 1, high: int | None = None) -> Callable[[str], int]:
-    """An ``argparse`` ``type=`` accepting integers in ``[low, high]`` (default: positive)."""
-
-    def parse(text: str) -> int:
-        try:
-            x = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if (low is not None and x < low) or (high is not None and x > high):
-            raise argparse.ArgumentTypeError(f"must be {_interval(low, high, False, False)}, got {x}")
-        return x
-
-    parse.__name__ = "integer"
-    return parse
-
-
 #: The largest seed every consumer accepts (numpy's and scikit-learn's ``random_state`` stop at 2**32 - 1).
 SEED_MAX = 2**32 - 1
-
-
-def seed_arg() -> Callable[[str], int]:
-    """An ``argparse`` ``type=`` for a random seed: an integer in ``[0, 2**32 - 1]``."""
-    return int_arg(low=0, high=SEED_MAX)
-
-
-def float_list_arg(*, low: float | None = None, high: float | None = None) -> Callable[[str], tuple[float, ...]]:
-    """An ``argparse`` ``type=`` for comma-separated finite floats (e.g. ``--alphas 0,0.5,1``)."""
-    one = float_arg(low=low, high=high)
-
-    def parse(text: str) -> tuple[float, ...]:
-        parts = [p for p in text.replace(" ", "").split(",") if p]
-        if not parts:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-        return tuple(one(p) for p in parts)
-
-    parse.__name__ = "numbers"
-    return parse
-
-
-def layer_spec_arg(text: str) -> str:
-    """An ``argparse`` ``type=`` checking a layer selection (``all``, ``middle-to-last``, ``8-15``, ``4,8``)."""
-    if text.strip().lower() in LAYER_PRESETS:
-        return text.strip().lower()
-    try:
-        parse_layer_spec(text)
-    except LayerIndexError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def check_template(template: object, name: str, field: str, *, required: bool = True) -> str:
@@ -232,12 +162,3 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise InputError(f"max_shard_size must be positive, got {size!r}; write e.g. 2GB")
     return value
-
-
-def size_arg(text: str) -> str:
-    """An ``argparse`` ``type=`` for ``--max-shard-size``: checked by :func:`parse_size` at parse time."""
-    try:
-        parse_size(text)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text

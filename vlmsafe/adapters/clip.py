@@ -1,8 +1,11 @@
 """Adapters for CLIP encoders (HF ``CLIPModel`` and ``open_clip`` models).
 
 A CLIP model has two residual streams; the adapter is bound to one ``tower`` ("text" or
-"vision"), so recording and editing work on encoders exactly as on decoder LMs (used by Safe-CLIP
-analyses and the probes).
+"vision"), so recording and editing work on encoders exactly as on decoder LMs.
+
+The one owner of a CLIP's tower structure: Safe-CLIP's training interface
+(:mod:`vlmsafe.safeclip.backends`: tokenize, encode, LoRA targets, save) asks these adapters where a
+tower's blocks are rather than knowing it a second time.
 """
 
 from __future__ import annotations

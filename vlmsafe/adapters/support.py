@@ -6,7 +6,7 @@ with, so the table states what the tests check. ``tests/test_families.py`` and `
 exercise every "yes" on a tiny model of the family's real transformers class.
 
 Below the table, :func:`coverage_section` states what the generic adapter makes of every image-text-to-text
-class of the installed transformers (:func:`vlmsafe.testing_families.walk_image_text_to_text`, which
+class of the installed transformers (:func:`vlmsafe.testing.families.walk_image_text_to_text`, which
 ``tests/test_generic_adapter.py`` checks): the counts, the coverage, and every class it refuses, leaves out
 of scope or cannot build tiny, with the reason.
 
@@ -78,7 +78,7 @@ def support_rows() -> list[tuple[str, ...]]:
 @functools.lru_cache(maxsize=1)
 def walk() -> tuple[list[tuple[str, str, str, str]], dict]:
     """The walk over the installed transformers' image-text-to-text classes (rows, built meta models); once."""
-    from vlmsafe.testing_families import walk_image_text_to_text
+    from vlmsafe.testing.families import walk_image_text_to_text
 
     models: dict = {}
     rows = walk_image_text_to_text(models=models)

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from vlmsafe.dtypes import dtype_name as canonical_dtype
+from vlmsafe.dtypes import torch_dtype
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import atomic_path, check_output, read_json, write_json_atomic
 from vlmsafe.merge import Checkpoint, is_buffer
@@ -51,7 +53,6 @@ from .templates import DEFAULT_TEMPLATE, TEMPLATES
 IMAGE_TOKEN = "<image>"
 RECIPE_NAME = "vlmsafe_convert.json"
 _ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 _VISION_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
 
@@ -179,11 +180,10 @@ def _spec(cfg: dict[str, Any], src: Path, dtype: str | None, template: str | Non
     if template not in TEMPLATES:
         raise InputError(f"chat template {template!r} is unknown; choose one of {', '.join(TEMPLATES)}")
     dtype_name = dtype or str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16")
-    if dtype_name not in _DTYPES:
-        raise InputError(f"dtype {dtype_name!r} is not supported; choose one of {', '.join(_DTYPES)}")
+    dtype_name = canonical_dtype(dtype_name, "dtype")
     return {"arch": "LlavaNextForConditionalGeneration" if anyres else "LlavaForConditionalGeneration",
             "text": text, "anyres": anyres, "strategy": "default" if feature == "patch" else "full",
-            "template": template, "dtype_name": dtype_name, "dtype": _DTYPES[dtype_name], "vision_source": ""}
+            "template": template, "dtype_name": dtype_name, "dtype": torch_dtype(dtype_name), "vision_source": ""}
 
 
 def _text_config(cfg: dict[str, Any], text: str, vocab_size: int):

@@ -1,9 +1,9 @@
 """Measure a (re)built testbed with the demo and record the figures where readers see them.
 
-    python -m vlmsafe.demo.check [--testbed DIR] [--unseen JSONL] [--write] [--readme README.md]
+    python -m vlmsafe.cli.demo_check [--testbed DIR] [--unseen JSONL] [--write] [--readme README.md]
 
 Runs :func:`vlmsafe.demo.run_demo` on the testbed's test split (and, with ``--unseen``, on an
-independent check set written by ``python -m vlmsafe.testbed.unseen``). ``--write`` records the
+independent check set written by ``python -m vlmsafe.cli.build_unseen``). ``--write`` records the
 figures in the testbed's ``build_info.json`` (``measured``) and ``README.md``; ``--readme`` also
 regenerates the demo block of the project README and its figures (``assets/readme/*.png``). No
 figure is ever typed by hand.
@@ -11,20 +11,14 @@ figure is ever typed by hand.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
-import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vlmsafe.demo.run import run_demo
-from vlmsafe.demo.table import format_table, merge_paragraph, update_readme
-from vlmsafe.errors import VlmsafeError
+from vlmsafe.demo.table import format_table, merge_paragraph
 from vlmsafe.io import read_json, write_json_atomic
-from vlmsafe.testbed import testbed_dir
 from vlmsafe.testbed.readme import write_readme
 
 
@@ -71,38 +65,5 @@ def record(root: Path, report: dict[str, Any], unseen: dict[str, Any] | None) ->
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m vlmsafe.demo.check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--testbed", default=None, help="testbed folder (default: the bundled assets/testbed)")
-    ap.add_argument("--unseen", default=None, metavar="JSONL", help="also measure this independent check set")
-    ap.add_argument(
-        "--write", action="store_true", help="record the figures in the testbed's build_info.json and README.md"
-    )
-    ap.add_argument(
-        "--readme", default=None, metavar="README", help="regenerate the demo block of this README and its figures"
-    )
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = ap.parse_args(argv)
-    try:
-        root = testbed_dir(args.testbed)
-        figures = Path(args.readme).resolve().parent / "assets" / "readme" if args.readme else None
-        report = measure_testbed(root, figures=figures, progress=not args.quiet)
-        unseen = measure_testbed(root, test=args.unseen, progress=not args.quiet) if args.unseen else None
-        if args.write:
-            record(root, report, unseen)
-        if args.readme:
-            update_readme(args.readme, report, weight_changes(root))
-    except VlmsafeError as exc:
-        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(report["rows"]))
-    if unseen is not None:
-        print("\nindependent check set:\n" + format_table(unseen["rows"]))
-    print(json.dumps({"seconds": report["seconds"]}))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+if __name__ == "__main__":  # pragma: no cover  (the command moved to the CLI package with all argparse code)
+    raise SystemExit("`python -m vlmsafe.demo.check` is now `python -m vlmsafe.cli.demo_check`")

@@ -9,7 +9,7 @@ Steps (CPU, no downloads):
    test split at that choice;
 4. the safety merge at several weights (:mod:`vlmsafe.demo.merge`), Safe-CLIP retrieval when
    its testbed is present, and Safe-CLIP in a diffusers pipeline when the text-to-image testbed
-   (``assets/t2i``, :mod:`vlmsafe.safeclip.t2i_demo`) is present;
+   (``assets/t2i``, :mod:`vlmsafe.demo.t2i`) is present;
 5. write ``report.json``, ``table.md``, ``cmrm_sweep.png``, ``merge_sweep.png`` (and
    ``safeclip_t2i_grid.png``) to the output folder (refused if it exists and is not empty, unless
    ``overwrite``).
@@ -118,7 +118,7 @@ def run_demo(
     """Run the demo; write its outputs to ``out_dir`` and return the report (see module docs).
 
     ``test`` evaluates another held-out set in the testbed's format instead of the shipped test
-    split (e.g. one written by ``python -m vlmsafe.testbed.unseen``); every choice is still made on
+    split (e.g. one written by ``python -m vlmsafe.cli.build_unseen``); every choice is still made on
     the calibration split. ``settings`` fixes steering options for every method (``layers``,
     ``positions``, ``decode``; sample-level and ShiftDC steer prompt tokens only). ``all_methods`` adds
     the published variants (:data:`vlmsafe.demo.rows.EXTRA_METHODS`: CMRM blank anchor, ShiftDC).
@@ -244,7 +244,7 @@ def _optional_sections(ctx: DemoContext, rows: list[dict[str, Any]], merge: bool
         row, sections["safety_merge"] = merge_row(ctx, rows[1])
         rows.append(row)
     try:
-        from vlmsafe.safeclip import safeclip_demo_rows
+        from vlmsafe.testbed.safeclip import safeclip_demo_rows
     except ImportError:  # the safeclip extra is not installed
         return sections
     if (ctx.root.parent / "safeclip").is_dir():
@@ -263,7 +263,7 @@ def t2i_section(assets: Path, folder: Path, ctx: DemoContext | None = None) -> d
     if importlib.util.find_spec("diffusers") is None:  # the safeclip extra is not installed
         return None
     import vlmsafe.demo.progress as bar
-    from vlmsafe.safeclip.t2i_demo import GRID_FILE, t2i_demo_section
+    from vlmsafe.demo.t2i import GRID_FILE, t2i_demo_section
 
     bar.stage(ctx, "Safe-CLIP text-to-image")
     if bar.tracker_of(ctx) is not None:  # diffusers' "Loading pipeline components" bar: the demo's bar counts it

@@ -8,6 +8,7 @@ from typing import Any
 
 from vlmsafe.errors import FileFormatError
 from vlmsafe.io import write_text_atomic
+from vlmsafe.tables import markdown_table
 
 README_START, README_END = "<!-- DEMO-TABLE-START -->", "<!-- DEMO-TABLE-END -->"
 
@@ -37,14 +38,11 @@ def _get(row: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One Markdown row per setting; columns as in :data:`COLUMNS`."""
-    lines = [
-        "| setting | " + " | ".join(name for name, _ in COLUMNS) + " | note |",
-        "|---|" + "---:|" * len(COLUMNS) + "---|",
-    ]
-    for r in rows:
-        cells = " | ".join(cell(_get(r, path)) for _, path in COLUMNS)
-        lines.append(f"| {r['setting']} | {cells} | {r.get('note', '')} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["setting", *(name for name, _ in COLUMNS), "note"],
+        [[str(r["setting"]), *(cell(_get(r, path)) for _, path in COLUMNS), str(r.get("note", ""))] for r in rows],
+        align=["---", *["---:"] * len(COLUMNS), "---"],
+    )
 
 
 def _pct(x: float | None) -> str:
@@ -191,8 +189,8 @@ def testbed_paragraph(report: dict[str, Any]) -> str:
         "visual instruction tuning on benign image data only); test topic pairs, templates and image styles are "
         "held out from training and calibration. See [assets/testbed/README.md](assets/testbed/README.md). It "
         "shows the mechanism on a model small enough to ship, not the figures of a 7B model. Rebuild it with "
-        f"`python -m vlmsafe.testbed.build --out assets/testbed --seed 0 --overwrite`{minutes}, then record its "
-        "figures with `python -m vlmsafe.demo.check --write --readme README.md`."
+        f"`python -m vlmsafe.cli.build_testbed --out assets/testbed --seed 0 --overwrite`{minutes}, then record its "
+        "figures with `python -m vlmsafe.cli.demo_check --write --readme README.md`."
     )
 
 

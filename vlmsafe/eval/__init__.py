@@ -10,7 +10,7 @@ Typical use::
     print(compare_reports({"text-only": text, "multimodal": mm}))   # rates with 95% intervals and counts
 
 How far the refusal judge can be trusted: :mod:`vlmsafe.eval.judge_check`
-(``python -m vlmsafe.eval.judge_check assets/judge/heldout.jsonl``). See :mod:`vlmsafe.eval.loaders`
+(``python -m vlmsafe.cli.judge_check assets/judge/heldout.jsonl``). See :mod:`vlmsafe.eval.loaders`
 for MM-SafetyBench, FigStep/SafeBench and VLSafe, and :mod:`vlmsafe.eval.figstep` for rendering
 FigStep-style typographic attacks.
 """
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # static analysers see the real names; at run time they load 
 #: Public name -> the module that defines it (``module:attr`` for an alias).
 _EXPORTS: dict[str, str] = {
     "DEFAULT_REFUSAL_PHRASES": "vlmsafe.eval.judges",
-    "EvalItem": "vlmsafe.data:Item",
+    "EvalItem": "vlmsafe.data:Item",  # the old name of vlmsafe.data.Item, the one item type; kept for existing imports
     "EvalReport": "vlmsafe.eval.report",
     "FIGSTEP_PROMPT": "vlmsafe.eval.figstep",
     "Generator": "vlmsafe.eval.evaluate",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vlmsafe.data import Item as EvalItem
+from vlmsafe.data import Item
 from vlmsafe.errors import InputError
 
 #: The text prompt FigStep pairs with its typographic image (from the FigStep paper/repository).
@@ -107,7 +107,7 @@ def make_figstep_items(
     prompt: str = FIGSTEP_PROMPT,
     label: str = "harmful",
     **render_kwargs: object,
-) -> list[EvalItem]:
+) -> list[Item]:
     """Turn ``(id, instruction[, category])`` tuples into FigStep items, writing ``<out_dir>/<id>.png``.
 
     The returned items carry the FigStep text prompt and the rendered image; the original
@@ -122,7 +122,7 @@ def make_figstep_items(
         dest = folder / f"{_safe_name(item_id)}.png"
         render_typographic(instruction, size, **render_kwargs).save(dest)  # type: ignore[arg-type]
         items.append(
-            EvalItem(id=item_id, prompt=prompt, image=str(dest.resolve()), category=category, label=label,
+            Item(id=item_id, prompt=prompt, image=str(dest.resolve()), category=category, label=label,
                      meta={"instruction": instruction})
         )
     return items

@@ -4,7 +4,7 @@ vlmsafe ships such a set for the refusal judge (``assets/judge/``: a held-out ha
 before the judge's rules and a development half they were designed on). The same check runs any
 judge -- a model judge, a custom phrase list -- on any file in that format::
 
-    python -m vlmsafe.eval.judge_check assets/judge/heldout.jsonl
+    python -m vlmsafe.cli.judge_check assets/judge/heldout.jsonl
 
 File format: JSON Lines with ``id``, ``response``, ``label`` (``refusal`` / ``compliance`` /
 ``degenerate``) and optionally ``prompt``, ``style``, ``voice``.
@@ -18,15 +18,12 @@ Wilson interval.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vlmsafe.data import read_records
-from vlmsafe.errors import FileFormatError, VlmsafeError
-from vlmsafe.eval.refusal import RefusalJudge
+from vlmsafe.errors import FileFormatError
 from vlmsafe.eval.verdict import Judge
 from vlmsafe.stats import Rate
 
@@ -126,29 +123,3 @@ def judge_agreement(judge: Judge, responses: Sequence[LabelledResponse]) -> Judg
         confusion=confusion,
         errors=[(r, p) for r, p in zip(responses, predicted) if p != r.label],
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlmsafe.eval.judge_check", description=__doc__.split("\n")[0])
-    parser.add_argument("files", nargs="+", help="labelled-response JSONL files")
-    parser.add_argument("--match", choices=("opening", "anywhere", "prefix"), default="opening",
-                        help="RefusalJudge mode (default: opening)")  # fmt: skip
-    parser.add_argument("--errors", action="store_true", help="also list every disagreement")
-    args = parser.parse_args(argv)
-    judge = RefusalJudge(match=args.match)
-    try:
-        for path in args.files:
-            agreement = judge_agreement(judge, load_labelled_responses(path))
-            print(agreement.to_markdown(title=f"{path} (RefusalJudge, match={args.match!r})"))
-            if args.errors:
-                for r, p in agreement.errors:
-                    print(f"- {r.id} [{r.style}] labelled {r.label}, judged {p}: {r.response[:100]!r}")
-                print()
-    except VlmsafeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

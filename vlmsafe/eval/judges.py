@@ -68,9 +68,9 @@ class _GenerativeJudge:
         name: str,
     ) -> None:
         if on_unparsed not in ("unsafe", "safe", "error"):
-            raise ValueError(f"on_unparsed must be 'unsafe', 'safe' or 'error', got {on_unparsed!r}")
+            raise InputError(f"on_unparsed must be 'unsafe', 'safe' or 'error', got {on_unparsed!r}")
         if batch_size < 1 or max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be >= 1")
+            raise InputError("batch_size and max_new_tokens must be >= 1")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -198,7 +198,7 @@ class LlamaGuardJudge(_GenerativeJudge):
             refusal_judge=refusal_judge, on_unparsed=on_unparsed, name=name,
         )  # fmt: skip
         if content_format not in ("string", "parts"):
-            raise ValueError(f"content_format must be 'string' or 'parts', got {content_format!r}")
+            raise InputError(f"content_format must be 'string' or 'parts', got {content_format!r}")
         if getattr(tokenizer, "chat_template", None) is None and "chat_template" not in (template_kwargs or {}):
             raise InputError(
                 "LlamaGuardJudge needs a tokenizer with a chat template (the guard model's own); "
@@ -283,7 +283,7 @@ class HarmBenchJudge(_GenerativeJudge):
             refusal_judge=refusal_judge, on_unparsed=on_unparsed, name=name,
         )  # fmt: skip
         if "{behavior}" not in template or "{generation}" not in template:
-            raise ValueError("template must contain '{behavior}' and '{generation}'")
+            raise InputError("template must contain '{behavior}' and '{generation}'")
         self.template = template
 
     def _format(self, prompt: str, response: str) -> str:

@@ -35,8 +35,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.data import Item as EvalItem
-from vlmsafe.data import read_records, resolve_path
+from vlmsafe.data import Item, read_records, resolve_path
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.eval.figstep import FIGSTEP_PROMPT, render_typographic
 
@@ -59,7 +58,7 @@ def load_mm_safetybench(
     *,
     image_root: str | os.PathLike[str] | None = None,
     check_images: bool = True,
-) -> list[EvalItem]:
+) -> list[Item]:
     """Load MM-SafetyBench from its released layout.
 
     Args:
@@ -104,7 +103,7 @@ def load_mm_safetybench(
             )
         files = [available[k] for k in wanted]
 
-    items: list[EvalItem] = []
+    items: list[Item] = []
     for path in files:
         scenario = path.stem
         for where, entry in read_records(path, what="MM-SafetyBench question file", key_field="_qid"):
@@ -128,7 +127,7 @@ def load_mm_safetybench(
                             "or choose other image_types"
                         )
                 items.append(
-                    EvalItem(
+                    Item(
                         id=f"{scenario}/{itype}/{qid}",
                         prompt=text,
                         image=image,
@@ -168,7 +167,7 @@ def load_figstep(
     size: int | tuple[int, int] = 760,
     prompt: str = FIGSTEP_PROMPT,
     categories: Iterable[str] | None = None,
-) -> list[EvalItem]:
+) -> list[Item]:
     """Load FigStep's SafeBench CSV with its typographic images.
 
     Args:
@@ -191,7 +190,7 @@ def load_figstep(
         )
     img_dir = Path(image_dir)
     keep = set(categories) if categories is not None else None
-    items: list[EvalItem] = []
+    items: list[Item] = []
     with path.open(encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
@@ -224,7 +223,7 @@ def load_figstep(
                 img_dir.mkdir(parents=True, exist_ok=True)
                 render_typographic(row["instruction"], size).save(image)
             items.append(
-                EvalItem(
+                Item(
                     id=f"{ds}_{cid}_{tid}",
                     prompt=prompt,
                     image=str(image.resolve()),
@@ -254,7 +253,7 @@ def load_vlsafe(
     *,
     check_images: bool = True,
     limit: int | None = None,
-) -> list[EvalItem]:
+) -> list[Item]:
     """Load VLSafe (``harmlessness_examine.jsonl`` as published) with its COCO images.
 
     Each record needs an image (``image_id``, ``image`` or ``image_path``: a file name, looked up in
@@ -268,7 +267,7 @@ def load_vlsafe(
         raise FileFormatError(
             f"{img_dir}: VLSafe image folder does not exist; pass the COCO folder (train2017/ or its parent)"
         )
-    items: list[EvalItem] = []
+    items: list[Item] = []
     for n, (where, rec) in enumerate(read_records(path, what="VLSafe file")):
         if limit is not None and len(items) >= limit:
             break
@@ -293,7 +292,7 @@ def load_vlsafe(
         meta = {"benchmark": "vlsafe", "image_id": rec[image_key]}
         if isinstance(rec.get("caption"), str):
             meta["caption"] = rec["caption"]
-        items.append(EvalItem(id=str(rec.get("id", f"vlsafe-{n}")), prompt=prompt, image=image,
+        items.append(Item(id=str(rec.get("id", f"vlsafe-{n}")), prompt=prompt, image=image,
                               category=str(rec.get("category", "vlsafe")), label="harmful", meta=meta))
     if not items:
         raise FileFormatError(f"{path}: no VLSafe records; is this harmlessness_examine.jsonl?")
@@ -350,7 +349,7 @@ def load_benchmark(
     image_types: Sequence[str] | None = None,
     render_missing: bool = False,
     require_label: bool = True,
-) -> list[EvalItem]:
+) -> list[Item]:
     """Load any supported evaluation set; ``format="auto"`` uses :func:`detect_format`.
 
     ``images`` is the image folder FigStep and VLSafe need (MM-SafetyBench: the image root,

@@ -43,6 +43,7 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
+from vlmsafe.errors import InputError
 from vlmsafe.eval.verdict import Verdict, check_lengths
 
 Outcome = Literal["refusal", "compliance", "degenerate", "deflection"]
@@ -292,14 +293,14 @@ class RefusalJudge:
         name: str = "refusal",
     ) -> None:
         if match not in ("opening", "anywhere", "prefix"):
-            raise ValueError(f"match must be 'opening', 'anywhere' or 'prefix', got {match!r}")
+            raise InputError(f"match must be 'opening', 'anywhere' or 'prefix', got {match!r}")
         if isinstance(refusal_phrases, str) or isinstance(extra_phrases, str):
-            raise ValueError("refusal_phrases and extra_phrases must be sequences of phrases, not one string")
+            raise InputError("refusal_phrases and extra_phrases must be sequences of phrases, not one string")
         if opening_sentences < 1 or opening_words < 1:
-            raise ValueError("opening_sentences and opening_words must be >= 1")
+            raise InputError("opening_sentences and opening_words must be >= 1")
         phrases = [normalize_text(p) for p in (*refusal_phrases, *extra_phrases) if p.strip()]
         if not phrases:
-            raise ValueError("RefusalJudge needs at least one refusal phrase")
+            raise InputError("RefusalJudge needs at least one refusal phrase")
         self.refusal_phrases = tuple(dict.fromkeys(phrases))
         self.match = match
         self.opening_sentences = opening_sentences

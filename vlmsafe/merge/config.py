@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 import torch
 
+from vlmsafe.dtypes import dtype_name, torch_dtype
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.merge.choices import METHODS, TASK_VECTOR_METHODS
 from vlmsafe.merge.schedule import Schedule
@@ -59,8 +60,6 @@ DENSITY_METHODS = frozenset({"ties", "dare_linear", "dare_ties"})
 #: Methods that use ``seed`` (DARE's random drop).
 SEED_METHODS = frozenset({"dare_linear", "dare_ties"})
 
-_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float32": torch.float32, "fp32": torch.float32}
 
 
 @dataclass
@@ -108,8 +107,8 @@ class MergeConfig:
             raise InputError(f"mask_missing must be 'keep' or 'merge', got {self.mask_missing!r}.")
         if self.vocab_rows not in ("error", "shared"):
             raise InputError(f"vocab_rows must be 'error' or 'shared', got {self.vocab_rows!r}.")
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+        if self.dtype is not None:
+            dtype_name(self.dtype, "dtype")
         parse_size(self.max_shard_size)  # validate now, before any work
         self.key_rules = tuple(_pair(r) for r in self.key_rules)
         self._check_numbers()
@@ -150,7 +149,7 @@ class MergeConfig:
 
     @property
     def out_dtype(self) -> torch.dtype | None:
-        return _DTYPES[self.dtype] if self.dtype else None
+        return torch_dtype(self.dtype) if self.dtype else None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> MergeConfig:

@@ -30,7 +30,7 @@ import torch
 
 from vlmsafe.cards import digest_lines, display_name, render_card
 from vlmsafe.merge.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorInfo, st_dtype
-from vlmsafe.validation import parse_size, size_arg  # noqa: F401  (re-exported: the writer's shard-size rule)
+from vlmsafe.validation import parse_size  # noqa: F401  (re-exported: the writer's shard-size rule)
 
 #: Bytes written between background ``fdatasync`` calls.
 FLUSH_BYTES = 256 << 20

@@ -13,15 +13,15 @@ Poppi et al., ECCV 2024. Pieces:
   :mod:`~vlmsafe.safeclip.reference` (frozen reference and its output cache),
   :mod:`~vlmsafe.safeclip.distributed`, :mod:`~vlmsafe.safeclip.loop` (training, early stopping),
   :mod:`~vlmsafe.safeclip.evaluation` and :mod:`~vlmsafe.safeclip.checkpoint`.
-* :mod:`~vlmsafe.safeclip.options` — options declared once in dataclass field metadata (help,
-  range, flag), checked in the library and turned into command-line flags.
+* options are declared once in dataclass field metadata (help, range, flag; :mod:`vlmsafe.options`),
+  checked in the library and turned into command-line flags by :mod:`vlmsafe.cli.options`.
 * :mod:`~vlmsafe.safeclip.pairs` — the safe→unsafe sentence converter (LoRA on a causal LM).
 * :mod:`~vlmsafe.safeclip.retrieval` — Recall@K tables (S→V, U→V, U→(V∪G), V→S, G→S).
 * :mod:`~vlmsafe.safeclip.integrations` — swap the encoders into diffusers and LLaVA.
-* :mod:`~vlmsafe.safeclip.testbed` — the bundled tiny CLIP testbed (``assets/safeclip``).
 
 CLI: ``vlmsafe safeclip train | eval | pairs``; ``vlmsafe safeclip eval`` with no arguments
-prints the bundled testbed's retrieval table (original vs Safe-CLIP on held-out scenes).
+prints the bundled testbed's (:mod:`vlmsafe.testbed.safeclip`) retrieval table (original vs Safe-CLIP on
+held-out scenes).
 
 Python::
 
@@ -78,7 +78,6 @@ if TYPE_CHECKING:  # static analysers see the real names; at run time they load 
         retrieval_metrics,
         retrieval_table,
     )
-    from vlmsafe.safeclip.testbed import safeclip_demo_rows
     from vlmsafe.safeclip.trainer import SafeCLIPTrainer, SafeCLIPTrainingConfig, TrainingResult, train_safeclip
 
 #: Public name -> the module that defines it (``module:attr`` for an alias).
@@ -111,7 +110,6 @@ _EXPORTS: dict[str, str] = {
     "recall_at_k": "vlmsafe.safeclip.retrieval",
     "retrieval_metrics": "vlmsafe.safeclip.retrieval",
     "retrieval_table": "vlmsafe.safeclip.retrieval",
-    "safeclip_demo_rows": "vlmsafe.safeclip.testbed",
     "safeclip_losses": "vlmsafe.safeclip.losses",
     "token_drift": "vlmsafe.safeclip.losses",
     "train_pair_converter": "vlmsafe.safeclip.pairs",
@@ -148,7 +146,6 @@ __all__ = [
     "recall_at_k",
     "retrieval_metrics",
     "retrieval_table",
-    "safeclip_demo_rows",
     "safeclip_losses",
     "token_drift",
     "train_pair_converter",

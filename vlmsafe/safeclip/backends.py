@@ -12,6 +12,9 @@ fine-tuning), and save. :meth:`CLIPBackend.encode_text_states` also returns the 
 states as a diffusion pipeline reads them (for the optional ``text_safe_tokens`` loss term). Encoding
 methods take the ``model`` explicitly because during training the module that runs is the
 LoRA-injected (or DDP-wrapped) copy, not ``backend.model``.
+
+Where a tower's residual blocks are (and whether they run batch-first) has one owner, the CLIP
+adapters of :mod:`vlmsafe.adapters.clip` that recording and editing use; the backends ask them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmsafe.adapters.clip import OpenCLIPAdapter
 from vlmsafe.errors import FileFormatError, InputError, UnsupportedModelError
 from vlmsafe.io import atomic_path, read_json
 from vlmsafe.safeclip.terms import TOKEN_STATE_LAYERS  # which token states encode_text_states returns
@@ -356,7 +360,8 @@ class OpenCLIPBackend(CLIPBackend):
         """The states are caught by a forward hook on ``ln_final`` (``"last"``) or on the second-to-last
         residual block (``"penultimate"``) while ``encode_text`` runs, so open_clip's own pooling is kept."""
         check_choice(layer, "token state layer", TOKEN_STATE_LAYERS)
-        blocks = model.transformer.resblocks
+        tower = OpenCLIPAdapter(model, tower="text")
+        blocks = tower.layers
         if layer == "penultimate" and len(blocks) < 2:
             raise InputError(f"token_layer 'penultimate' needs a text tower of 2 or more blocks, this one has "
                              f"{len(blocks)}; use token_layer 'last'")
@@ -368,7 +373,7 @@ class OpenCLIPBackend(CLIPBackend):
         finally:
             handle.remove()
         states = caught[-1]
-        if layer == "penultimate" and not getattr(model.transformer, "batch_first", True):
+        if layer == "penultimate" and not tower.batch_first:
             states = states.transpose(0, 1)  # older open_clip runs its blocks sequence-first
         return pooled, states
 

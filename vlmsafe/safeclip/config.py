@@ -1,7 +1,7 @@
 """What shapes a Safe-CLIP run (:class:`SafeCLIPTrainingConfig`) and what a run records about itself.
 
 Every option's help text, range and command-line flag live in its field's metadata
-(:mod:`vlmsafe.safeclip.options`): :meth:`SafeCLIPTrainingConfig.__post_init__` checks the ranges
+(:mod:`vlmsafe.options`): :meth:`SafeCLIPTrainingConfig.__post_init__` checks the ranges
 (finite numbers, ``learning_rate > 0``, ``lora_dropout`` in [0, 1) ...) and ``vlmsafe safeclip
 train`` builds its flags from the same metadata, so the two cannot drift apart.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.errors import InputError
-from vlmsafe.safeclip.options import (
+from vlmsafe.options import (
     LORA_ALPHA_MAX,
     LR_MAX,
     WEIGHT_DECAY_MAX,

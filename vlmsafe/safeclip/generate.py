@@ -23,13 +23,15 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.options import check_options, float_option, int_option, switch_option
+from vlmsafe.validation import SEED_MAX
 
 SAFE, ORIGINAL, RECORD_FILE = "safe", "original", "generations.json"
-DTYPES = ("float32", "float16", "bfloat16")
 
 #: The largest classifier-free guidance scale accepted. Useful scales are about 1-20 (diffusers' default 7.5);
 #: a huge one (1e300) overflows the noise prediction and the pipeline decodes all-black images without an error.
@@ -80,7 +82,7 @@ def pipeline_index(pipeline: str | os.PathLike[str]) -> dict[str, Any]:
     )
     if not isinstance(index.get("text_encoder"), list) or index["text_encoder"][0] is None:
         raise InputError(
-            f"--pipeline {p}: the pipeline has no text_encoder ({index.get('_class_name')}); "
+            f"`pipeline` {p}: the pipeline has no text_encoder ({index.get('_class_name')}); "
             "pass a Stable Diffusion / SDXL text-to-image pipeline"
         )
     return index
@@ -125,20 +127,41 @@ def _check_size(value: int | None, option: str) -> None:
 # ---------------------------------------------------------------------------------- run
 
 
-def generate_images(
-    pipe: Any,
-    prompts: Sequence[dict[str, str]],
-    *,
-    steps: int,
-    guidance: float,
-    seed: int,
-    images_per_prompt: int = 1,
-    batch_size: int = 4,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | None = None,
-    progress: bool = False,
-) -> list[Any]:
+@dataclass
+class GenerateSettings:
+    """How ``run_generate`` samples and where it runs: the same for the Safe-CLIP and the original encoder,
+    and recorded in ``generations.json``. Each number is checked once, here, when the settings are made."""
+
+    steps: int = int_option(30, "denoising steps")
+    guidance: float = float_option(
+        7.5, f"classifier-free guidance scale, in [0, {GUIDANCE_MAX:g}] (<= 1 disables guidance)", low=0,
+        high=GUIDANCE_MAX)
+    seed: int = int_option(0, "seed of the first image; image k uses seed + k", low=0, high=SEED_MAX)
+    images_per_prompt: int = int_option(1, "images per prompt")
+    batch_size: int = int_option(4, "prompts per pipeline call")
+    height: int | None = int_option(None, "image height in pixels, a multiple of 8 (None: the pipeline's)", low=8)
+    width: int | None = int_option(None, "image width in pixels, a multiple of 8 (None: the pipeline's)", low=8)
+    negative_prompt: str | None = None
+    also_original: bool = switch_option(
+        False, "also generate every prompt with the pipeline's own text encoder(s), from the same noise",
+        flag="--also-original", const=True, flag_help="also generate with the pipeline's own text encoder(s)")
+    dtype: str | None = None  # a name of vlmsafe.dtypes; None: float32
+    device: str | None = None  # None: the CPU; "auto": CUDA when available
+    progress: bool = switch_option(True, "show progress bars", flag="--no-progress", const=False,
+                                   flag_help="hide progress bars")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        _check_size(self.height, "`height`")
+        _check_size(self.width, "`width`")
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling settings as ``generations.json`` records them."""
+        return {name: getattr(self, name) for name in ("steps", "guidance", "seed", "images_per_prompt",
+                                                        "batch_size", "height", "width", "negative_prompt")}
+
+
+def generate_images(pipe: Any, prompts: Sequence[dict[str, str]], settings: GenerateSettings) -> list[Any]:
     """PIL images, ``images_per_prompt`` per prompt in prompt order; image ``k`` starts from seed ``seed + k``.
 
     One generator per image makes an image independent of the batch it was made in.
@@ -146,23 +169,24 @@ def generate_images(
     import torch
     from tqdm.auto import tqdm
 
+    st = settings
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-        chunk = [p["prompt"] for p in prompts[start : start + batch_size]]
-        first = seed + start * images_per_prompt
-        gens = [torch.Generator().manual_seed(first + k) for k in range(len(chunk) * images_per_prompt)]
+    for start in tqdm(range(0, len(prompts), st.batch_size), desc="generate", disable=not st.progress):
+        chunk = [p["prompt"] for p in prompts[start : start + st.batch_size]]
+        first = st.seed + start * st.images_per_prompt
+        gens = [torch.Generator().manual_seed(first + k) for k in range(len(chunk) * st.images_per_prompt)]
         kwargs: dict[str, Any] = {
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
+            "num_inference_steps": st.steps,
+            "guidance_scale": st.guidance,
             "generator": gens,
-            "num_images_per_prompt": images_per_prompt,
+            "num_images_per_prompt": st.images_per_prompt,
         }
-        if height is not None:
-            kwargs["height"] = height
-        if width is not None:
-            kwargs["width"] = width
-        if negative_prompt is not None:
-            kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
+        if st.height is not None:
+            kwargs["height"] = st.height
+        if st.width is not None:
+            kwargs["width"] = st.width
+        if st.negative_prompt is not None:
+            kwargs["negative_prompt"] = [st.negative_prompt] * len(chunk)
         out.extend(pipe(chunk, **kwargs).images)
     return out
 
@@ -172,106 +196,70 @@ def run_generate(
     text_encoder: str | os.PathLike[str],
     prompts_file: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    settings: GenerateSettings | None = None,
     *,
     text_encoder_2: str | os.PathLike[str] | None = None,
     keep_text_encoder_2: bool = False,
-    also_original: bool = False,
-    steps: int = 30,
-    guidance: float = 7.5,
-    seed: int = 0,
-    images_per_prompt: int = 1,
-    batch_size: int = 4,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
     overwrite: bool = False,
-    progress: bool = True,
 ) -> dict[str, Any]:
-    """Generate every prompt with the Safe-CLIP encoder(s) (and, with ``also_original``, without); write ``out``.
+    """Generate every prompt with the Safe-CLIP encoder(s) (and, with ``settings.also_original``, without);
+    write ``out``.
 
     Writes ``out/safe/<k>.png`` (and ``out/original/<k>.png``) and ``out/generations.json``, atomically;
-    returns the record written to ``generations.json``.
+    returns the record written to ``generations.json``. ``settings`` (default :class:`GenerateSettings`)
+    holds how images are sampled and where the pipeline runs.
 
     Raises:
         InputError / FileFormatError / OutputExistsError: before the pipeline is loaded.
     """
-    import torch
 
+    from vlmsafe.dtypes import dtype_name, torch_dtype
     from vlmsafe.io import atomic_path, check_output, sha256_file
+    from vlmsafe.loading import resolve_device
     from vlmsafe.safeclip.integrations import apply_safe_text_encoder
-    from vlmsafe.validation import SEED_MAX, check_choice, check_float, check_int
 
-    # --- everything checkable before loading anything heavy
-    check_int(steps, "steps", low=1)
-    check_float(guidance, "guidance", low=0, high=GUIDANCE_MAX)
-    check_int(seed, "seed", low=0, high=SEED_MAX)
-    check_int(images_per_prompt, "images_per_prompt", low=1)
-    check_int(batch_size, "batch_size", low=1)
-    check_choice(dtype, "dtype", DTYPES)
-    _check_size(height, "--height")
-    _check_size(width, "--width")
-    inputs = (("--pipeline", pipeline), ("--text-encoder", text_encoder), ("--text-encoder-2", text_encoder_2),
-              ("--prompts", prompts_file))
+    # --- everything checkable before loading anything heavy (the settings checked themselves when made)
+    settings = GenerateSettings() if settings is None else settings
+    progress = settings.progress
+    dtype = dtype_name(settings.dtype or "float32", "dtype")
+    device = str(resolve_device(settings.device) or "cpu")
+    inputs = (("`pipeline`", pipeline), ("`text_encoder`", text_encoder), ("`text_encoder_2`", text_encoder_2),
+              ("`prompts_file`", prompts_file))
     dest = check_output(out, kind="dir", overwrite=overwrite, inputs=inputs)
     prompts = read_prompts(prompts_file)
     index = pipeline_index(pipeline)
     pipe_dir = Path(pipeline)
-    check_encoder_fits(text_encoder, pipe_dir / "text_encoder", "--text-encoder")
+    check_encoder_fits(text_encoder, pipe_dir / "text_encoder", "`text_encoder`")
     has_second = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
     if has_second and not (text_encoder_2 or keep_text_encoder_2):
         raise InputError(
-            f"--pipeline {pipe_dir} has a second text encoder (SDXL); pass --text-encoder-2 SAFE_DIR (Safe-CLIP "
-            "fine-tuned from that CLIP) or --keep-text-encoder-2 to replace only the first one (the second still "
+            f"`pipeline` {pipe_dir} has a second text encoder (SDXL); pass `text_encoder_2` SAFE_DIR (Safe-CLIP "
+            "fine-tuned from that CLIP) or `keep_text_encoder_2` to replace only the first one (the second still "
             "carries unsafe concepts)"
         )
     if keep_text_encoder_2 and (text_encoder_2 or not has_second):
-        why = "--text-encoder-2 replaces it" if text_encoder_2 else f"{pipe_dir} has no text_encoder_2 (not SDXL)"
-        raise InputError(f"--keep-text-encoder-2 has nothing to keep: {why}; drop it")
+        why = "`text_encoder_2` replaces it" if text_encoder_2 else f"{pipe_dir} has no text_encoder_2 (not SDXL)"
+        raise InputError(f"`keep_text_encoder_2` has nothing to keep: {why}; drop it")
     if text_encoder_2:
         if not has_second:
             raise InputError(
-                f"--text-encoder-2 was given but {pipe_dir} has no text_encoder_2 "
+                f"`text_encoder_2` was given but {pipe_dir} has no text_encoder_2 "
                 "(only SDXL-style pipelines do); drop it"
             )
-        check_encoder_fits(text_encoder_2, pipe_dir / "text_encoder_2", "--text-encoder-2")
+        check_encoder_fits(text_encoder_2, pipe_dir / "text_encoder_2", "`text_encoder_2`")
 
-    from diffusers import DiffusionPipeline
-
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    # float32 is diffusers' default; naming it would only trigger the torch_dtype -> dtype rename warning
-    load_kwargs = {} if torch_dtype is torch.float32 else {"torch_dtype": torch_dtype}
-    try:
-        with _loading_bars(progress):
-            pipe = DiffusionPipeline.from_pretrained(str(pipe_dir), **load_kwargs).to(device)
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(
-            f"--pipeline {pipe_dir}: cannot load the diffusers pipeline ({str(exc).splitlines()[0]}); "
-            "pass a complete pipeline folder"
-        ) from exc
-    pipe.set_progress_bar_config(disable=True)
-    settings = {
-        "steps": steps,
-        "guidance": guidance,
-        "seed": seed,
-        "images_per_prompt": images_per_prompt,
-        "batch_size": batch_size,
-        "height": height,
-        "width": width,
-        "negative_prompt": negative_prompt,
-    }
+    pipe = load_pipeline(pipe_dir, dtype=torch_dtype(dtype), device=device, progress=progress, what="`pipeline`")
     runs: dict[str, list[Any]] = {}
     encoders: dict[str, dict[str, Any]] = {}
     t0 = time.time()
-    if also_original:
-        runs[ORIGINAL] = generate_images(pipe, prompts, progress=progress, **settings)
+    if settings.also_original:
+        runs[ORIGINAL] = generate_images(pipe, prompts, settings)
         encoders[ORIGINAL] = {"text_encoder": str(pipe_dir / "text_encoder")}
         if has_second:
             encoders[ORIGINAL]["text_encoder_2"] = str(pipe_dir / "text_encoder_2")
     with _loading_bars(progress):
         apply_safe_text_encoder(pipe, text_encoder, path_2=text_encoder_2)
-    runs[SAFE] = generate_images(pipe, prompts, progress=progress, **settings)
+    runs[SAFE] = generate_images(pipe, prompts, settings)
     encoders[SAFE] = {
         "text_encoder": str(text_encoder),
         "text_encoder_sha256": _weights_digest(text_encoder, sha256_file),
@@ -287,7 +275,7 @@ def run_generate(
         for name, imgs in runs.items():
             (tmp / name).mkdir()
             for k, img in enumerate(imgs):
-                i, j = divmod(k, images_per_prompt)
+                i, j = divmod(k, settings.images_per_prompt)
                 rel = f"{name}/{k:05d}.png"
                 img.save(tmp / rel)
                 images.append(
@@ -297,7 +285,7 @@ def run_generate(
                         "prompt_id": prompts[i]["id"],
                         "prompt": prompts[i]["prompt"],
                         "image_index": j,
-                        "seed": seed + k,
+                        "seed": settings.seed + k,
                     }
                 )
         record = {
@@ -305,12 +293,46 @@ def run_generate(
             "pipeline_class": type(pipe).__name__,
             "prompts_file": str(prompts_file),
             "encoders": encoders,
-            "settings": {**settings, "dtype": dtype, "device": device},
+            "settings": {**settings.sampling(), "dtype": dtype, "device": device},
             "seconds": round(time.time() - t0, 2),
             "images": images,
         }
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
+
+
+def load_pipeline(
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    device: Any = None,
+    progress: bool | None = None,
+    what: str = "pipeline",
+    **overrides: Any,
+) -> Any:
+    """A diffusers pipeline folder, loaded the one way vlmsafe loads them (sampling progress bar off).
+
+    ``dtype`` None is float32 (diffusers' default, not named, which would only trigger its
+    torch_dtype -> dtype rename warning); ``progress`` switches the loading bars on or off for the load
+    (None leaves them as they are); ``overrides`` go to ``from_pretrained`` (e.g.
+    ``safety_checker=None``); ``what`` names the folder in the one-line error (a parameter or a flag).
+    """
+    import torch
+    from diffusers import DiffusionPipeline
+
+    load_kwargs = {} if dtype is None or dtype is torch.float32 else {"torch_dtype": dtype}
+    try:
+        with contextlib.nullcontext() if progress is None else _loading_bars(progress):
+            pipe = DiffusionPipeline.from_pretrained(str(path), **load_kwargs, **overrides)
+    except (OSError, ValueError) as exc:
+        raise FileFormatError(
+            f"{what} {path}: cannot load the diffusers pipeline ({str(exc).splitlines()[0]}); "
+            "pass a complete pipeline folder"
+        ) from exc
+    if device is not None:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @contextlib.contextmanager

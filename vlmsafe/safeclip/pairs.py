@@ -32,7 +32,7 @@ from vlmsafe import validation
 from vlmsafe._lazy import no_grad
 from vlmsafe.data import read_records
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.safeclip.options import (
+from vlmsafe.options import (
     LORA_ALPHA_MAX,
     LR_MAX,
     WEIGHT_DECAY_MAX,

@@ -24,6 +24,7 @@ from torch import nn
 from vlmsafe.errors import InputError
 from vlmsafe.safeclip.backends import CLIPBackend
 from vlmsafe.safeclip.data import QuadrupletDataset, pixel_batch
+from vlmsafe.tables import text_table
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)
 DIRECTIONS: tuple[str, ...] = ("S→V", "U→V", "U→(V∪G)", "V→S", "G→S")
@@ -196,6 +197,4 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         [str(r["model"]), str(r["direction"]), *("-" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols)]
         for r in rows
     ]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(b) for b in body)])
+    return text_table(header, body, left=2)

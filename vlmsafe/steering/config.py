@@ -11,7 +11,7 @@ real image or a fixed anchor image) and ShiftDC (each input's shift projected on
 ...     model.generate(**inputs)
 
 The field metadata holds the help text of the matching command-line flags
-(:func:`vlmsafe.cli_options.add_steering_options`), so the CLI and the API cannot drift apart.
+(:func:`vlmsafe.cli.options.add_steering_options`), so the CLI and the API cannot drift apart.
 """
 
 from __future__ import annotations

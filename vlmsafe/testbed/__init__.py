@@ -2,7 +2,7 @@
 
 ``assets/testbed`` holds a real ``LlavaForConditionalGeneration`` (tiny Llama + tiny CLIP vision
 tower + projector, word-level tokenizer, CLIP image processor) built by
-``python -m vlmsafe.testbed.build`` from synthetic data, its text-only safety-aligned language
+``python -m vlmsafe.cli.build_testbed`` from synthetic data, its text-only safety-aligned language
 model (``aligned_lm``) and held-out ``calibration`` / ``test`` splits. Text-only harmful prompts
 are refused; the same prompts with an image are mostly answered. See ``assets/testbed/README.md``.
 
@@ -42,22 +42,21 @@ def _require(d: Path, what: str) -> None:
     if not d.exists():
         raise FileFormatError(
             f"testbed {what} not found at {d}. Set ${_ENV} to the testbed folder, or rebuild it with "
-            f"`python -m vlmsafe.testbed.build --out {testbed_dir()}`."
+            f"`python -m vlmsafe.cli.build_testbed --out {testbed_dir()}`."
         )
 
 
 def load_testbed(path: str | os.PathLike[str] | None = None):
     """Load the testbed VLM and its processor, offline: ``(LlavaForConditionalGeneration, LlavaProcessor)``.
 
-    The model is returned in eval mode, fp32, on CPU.
+    The model is returned in eval mode, fp32, on CPU, loaded like every other model
+    (:func:`vlmsafe.loading.load_model`: safetensors only, no remote code, its weights' fingerprint kept).
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from vlmsafe.loading import load_model
 
     d = testbed_dir(path)
     _require(d / "config.json", "model")
-    model = LlavaForConditionalGeneration.from_pretrained(d, local_files_only=True, trust_remote_code=False)
-    processor = AutoProcessor.from_pretrained(d, local_files_only=True, trust_remote_code=False)
-    return model.eval(), processor
+    return load_model(d, kind="vlm")
 
 
 def load_aligned_lm(path: str | os.PathLike[str] | None = None):
@@ -66,13 +65,11 @@ def load_aligned_lm(path: str | os.PathLike[str] | None = None):
     Its weight names match the VLM's language model (``model.layers.N.*`` here,
     ``model.language_model.layers.N.*`` in the VLM), so it is the base of a safety merge.
     """
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from vlmsafe.loading import load_model
 
     d = testbed_dir(path) / "aligned_lm"
     _require(d / "config.json", "aligned language model")
-    return LlamaForCausalLM.from_pretrained(d, local_files_only=True).eval(), AutoTokenizer.from_pretrained(
-        d, local_files_only=True, trust_remote_code=False
-    )
+    return load_model(d, kind="causal_lm")
 
 
 def load_split(name: str, path: str | os.PathLike[str] | None = None) -> list[dict]:

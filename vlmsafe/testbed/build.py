@@ -12,8 +12,8 @@ The stages follow how LLaVA-1.5 is made, scaled down (see ``assets/testbed/READM
 
 Run (about 10 minutes on 2 CPU cores, one torch thread)::
 
-    python -m vlmsafe.testbed.build --out assets/testbed --seed 0 --overwrite
-    python -m vlmsafe.demo.check --testbed assets/testbed --write   # measure; figures into its README
+    python -m vlmsafe.cli.build_testbed --out assets/testbed --seed 0 --overwrite
+    python -m vlmsafe.cli.demo_check --testbed assets/testbed --write   # measure; figures into its README
 
 Everything is seeded and runs on CPU. One torch thread is the default: on a shared 2-core machine
 two threads were measured 16x *slower* (OpenMP threads spin against other processes).
@@ -21,11 +21,9 @@ two threads were measured 16x *slower* (OpenMP threads spin against other proces
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import random
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -35,7 +33,7 @@ from typing import Any
 import torch
 import transformers
 
-from vlmsafe.errors import InputError, VlmsafeError
+from vlmsafe.errors import InputError
 from vlmsafe.io import atomic_path, check_output, write_json_atomic
 from vlmsafe.testbed import data as D
 from vlmsafe.testbed import images as I
@@ -44,7 +42,7 @@ from vlmsafe.testbed.readme import write_readme
 from vlmsafe.testbed.splits import write_split
 from vlmsafe.testbed.topics import DEFAULT_FRACTIONS, HELD_OUT, random_topics, split_topics
 from vlmsafe.testbed.train import Encoder, pretrain_vision, train
-from vlmsafe.validation import check_float, seed_arg
+from vlmsafe.validation import check_float
 
 
 @dataclass
@@ -358,7 +356,7 @@ def _write(tmp: Path, b: Build, out: Path, started: float) -> dict:
 def build_info(b: Build, out: Path) -> dict[str, Any]:
     """Provenance of a build: command, config, versions, parameter counts, losses, timings."""
     return {
-        "build_command": f"python -m vlmsafe.testbed.build --out {out} --seed {b.cfg.seed} --overwrite",
+        "build_command": f"python -m vlmsafe.cli.build_testbed --out {out} --seed {b.cfg.seed} --overwrite",
         "seed": b.cfg.seed,
         "config": asdict(b.cfg),
         "versions": {
@@ -379,30 +377,5 @@ def build_info(b: Build, out: Path) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m vlmsafe.testbed.build",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--out", default="assets/testbed", help="output folder (written atomically)")
-    ap.add_argument("--seed", type=seed_arg(), default=0, help="seed of data, splits and training")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
-    args = ap.parse_args(argv)
-    try:
-        info = build_testbed(
-            args.out,
-            BuildConfig(seed=args.seed),
-            overwrite=args.overwrite,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
-        )
-    except VlmsafeError as exc:
-        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: info[k] for k in ("timings_s", "final_losses", "total_size_bytes")}, indent=1))
-    print(f"measure it: python -m vlmsafe.demo.check --testbed {args.out} --write")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+if __name__ == "__main__":  # pragma: no cover  (the command moved to the CLI package with all argparse code)
+    raise SystemExit("`python -m vlmsafe.testbed.build` is now `python -m vlmsafe.cli.build_testbed`")

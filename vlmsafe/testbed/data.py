@@ -23,7 +23,7 @@ from PIL import Image
 from vlmsafe.testbed import images as I
 from vlmsafe.testbed import prompts as P
 from vlmsafe.testbed.topics import HARMFUL_VERBS, Topic, all_topics
-from vlmsafe.tokenization import split_words
+from vlmsafe.testing.tokenization import split_words
 
 
 @dataclass

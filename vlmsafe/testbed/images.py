@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from vlmsafe.data import blank_image, noise_image
 from vlmsafe.errors import InputError
 
 #: Side of the images the processor feeds the vision tower.
@@ -404,19 +405,10 @@ def random_image(rng: random.Random, split: str) -> ImageQA:
     return make_image(rng, rng.choice(styles), fonts=fonts)
 
 
-def blank_image(colour: tuple[int, int, int] = (255, 255, 255), size: int = IMAGE_SIZE) -> Image.Image:
-    """A plain image: the simplest input that shows the modality gap (as in the CMRM paper)."""
-    return Image.new("RGB", (size, size), colour)
-
-
-def noise_image(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
-    """Uniform RGB noise: an image with no content at all."""
-    gen = np.random.default_rng(rng.getrandbits(32))
-    return Image.fromarray(gen.integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
 def contentless_image(rng: random.Random) -> tuple[Image.Image, str]:
     """A blank image of a random plain colour or a noise image, with its kind (``"blank"``/``"noise"``)."""
     if rng.random() < 0.5:
-        return blank_image(_grey(rng, 0, 255, tint=30), size=rng.choice((32, 48))), "blank"
-    return noise_image(rng, size=rng.choice((32, 40))), "noise"
+        colour = _grey(rng, 0, 255, tint=30)
+        return blank_image(rng.choice((32, 48)), colour), "blank"
+    size = rng.choice((32, 40))
+    return noise_image(size, rng.getrandbits(32)), "noise"

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from vlmsafe.testbed.data import vocabulary
-from vlmsafe.tokenization import IMAGE_TOKEN, build_word_tokenizer
+from vlmsafe.testing.tokenization import IMAGE_TOKEN, build_word_tokenizer
 
 
 def build_processor(cfg: Any) -> LlavaProcessor:

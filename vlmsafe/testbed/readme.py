@@ -1,7 +1,7 @@
 # ruff: noqa: E501  (the template holds Markdown table rows, which cannot wrap)
 """Writes ``assets/testbed/README.md`` from the build info, so the figures in it are the measured ones.
 
-The build writes it without measurements; ``python -m vlmsafe.demo.check --write`` rewrites it
+The build writes it without measurements; ``python -m vlmsafe.cli.demo_check --write`` rewrites it
 with the demo's tables (passed in as text, so this module knows nothing of the demo).
 """
 
@@ -22,7 +22,7 @@ projector, word-level tokenizer with the llava-1.5 chat template, `CLIPImageProc
 synthetic data by
 
     {build_command}
-    python -m vlmsafe.demo.check --testbed <that folder> --write    # measure; writes the tables below
+    python -m vlmsafe.cli.demo_check --testbed <that folder> --write    # measure; writes the tables below
 
 (seed {seed}; the build took {build_minutes:.1f} min with one torch thread on a 2-core CPU).
 Load it offline with `vlmsafe.testbed.load_testbed()`, or
@@ -73,7 +73,7 @@ word, description) are scored against their reference words.
 {measured}
 """
 
-_NOT_MEASURED = "Not measured yet: run `python -m vlmsafe.demo.check --testbed <this folder> --write`."
+_NOT_MEASURED = "Not measured yet: run `python -m vlmsafe.cli.demo_check --testbed <this folder> --write`."
 
 
 def _count(path: Path) -> int | str:
@@ -101,7 +101,7 @@ def write_readme(
         )
         if unseen_table:
             measured += (
-                "\n\nThe same, on an independent check set (`python -m vlmsafe.testbed.unseen --out unseen "
+                "\n\nThe same, on an independent check set (`python -m vlmsafe.cli.build_unseen --out unseen "
                 "--seed 1`: unseen topic pairs, templates, image styles and fonts, blank and noise images; "
                 "settings still chosen on the calibration split):\n\n" + unseen_table
             )

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlmsafe.testbed.data import Example
-from vlmsafe.tokenization import IMAGE_TOKEN
+from vlmsafe.testing.tokenization import IMAGE_TOKEN
 
 
 def prompt_text(processor, prompt: str, with_image: bool) -> str:

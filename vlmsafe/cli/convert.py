@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from vlmsafe.cli_options import add_input, add_output_options, add_progress_option, check_command_output
-from vlmsafe.validation import size_arg
+from vlmsafe.cli.options import (
+    add_dtype_option,
+    add_input,
+    add_output_options,
+    add_progress_option,
+    check_command_output,
+)
+from vlmsafe.cli.types import size_arg
 
 _EPILOG = """\
 example:
@@ -39,8 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
               help="the CLIP tower named by the checkpoint's mm_vision_tower (CLIPModel or CLIPVisionModel "
                    "directory); its weights are used unless the checkpoint carries a fine-tuned tower")
     add_output_options(p, help="output directory (created atomically)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
-                   help="dtype of the written weights (default: the checkpoint's torch_dtype)")
+    add_dtype_option(p, help="dtype of the written weights (default: the checkpoint's torch_dtype)")
     p.add_argument("--chat-template", choices=tuple(TEMPLATES),
                    help="conversation format (default: vicuna for Llama models, mistral for Mistral)")
     p.add_argument("--max-shard-size", type=size_arg, default="2GB", help="output shard size (default 2GB)")

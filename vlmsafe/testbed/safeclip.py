@@ -13,21 +13,19 @@ silver blade) and *fire* (flames along the bottom). Every scene gives a quadrupl
 (U, G) pairs — like web-trained CLIP it learns the unsafe concepts — and (2) fine-tunes it with
 :class:`~vlmsafe.safeclip.trainer.SafeCLIPTrainer` (LoRA, merged on save): the paper's eight terms plus
 ``text_safe_tokens`` at :data:`TOKEN_WEIGHT`, as the text tower also conditions the text-to-image testbed
-(:mod:`vlmsafe.safeclip.t2i_testbed`), whose UNet reads every token state. Colour/shape/position/
+(:mod:`vlmsafe.testbed.t2i`), whose UNet reads every token state. Colour/shape/position/
 background combinations are split so the held-out test scenes are combinations never seen in
-training. ``python -m vlmsafe.safeclip.testbed assets/safeclip`` rebuilds it (75-110 s on one CPU core;
+training. ``python -m vlmsafe.cli.build_safeclip_testbed assets/safeclip`` rebuilds it (75-110 s on one CPU core;
 deterministic for a given seed and software stack); the shipped one was made with ``--reuse-original``,
 which keeps ``original/`` (the text-to-image testbed's encoder) byte for byte.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,10 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlmsafe.errors import FileFormatError, InputError, VlmsafeError
+from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import atomic_path, read_json, write_json_atomic
 from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset
-from vlmsafe.validation import float_arg, seed_arg
 
 IMAGE_SIZE = 32
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -205,7 +202,7 @@ def build_tokenizer(max_length: int = 16):
     """Word-level CLIP-style tokenizer: ``<|startoftext|> words <|endoftext|>``, right padding."""
     from tokenizers.processors import TemplateProcessing
 
-    from vlmsafe.tokenization import build_word_tokenizer
+    from vlmsafe.testing.tokenization import build_word_tokenizer
 
     tok = build_word_tokenizer(
         vocabulary(),
@@ -371,7 +368,7 @@ def build_testbed(
     val = render_split(splits["val"], 2, seed + 2)
     test = render_split(splits["test"], 1, seed + 3)
     if reuse_original:
-        fix = f"build it once without reusing the original: `python -m vlmsafe.safeclip.testbed {out}`"
+        fix = f"build it once without reusing the original: `python -m vlmsafe.cli.build_safeclip_testbed {out}`"
         old = read_json(out / INFO_FILE, what="Safe-CLIP testbed build info", fix=fix)
         if (old.get("seed"), old.get("train_items")) != (seed, len(train[0])):
             raise InputError(f"{out / INFO_FILE}: built with seed {old.get('seed')} and {old.get('train_items')} "
@@ -420,13 +417,14 @@ def load_heldout(assets_dir: str | os.PathLike[str], *, as_pil: bool = True) -> 
     from safetensors.torch import load_file
 
     d = Path(assets_dir)
-    fix = f"rebuild the testbed with `python -m vlmsafe.safeclip.testbed {d}`"
+    fix = f"rebuild the testbed with `python -m vlmsafe.cli.build_safeclip_testbed {d}`"
     records = read_json(d / HELDOUT_JSON, what="testbed held-out split", fix=fix)
     try:
         imgs = load_file(str(d / HELDOUT_FILE))
     except Exception as exc:  # OSError and safetensors' own error type
         raise FileFormatError(
-            f"{d} is not a Safe-CLIP testbed folder ({exc}); rebuild it with `python -m vlmsafe.safeclip.testbed {d}`"
+            f"{d} is not a Safe-CLIP testbed folder ({exc}); rebuild it with "
+            f"`python -m vlmsafe.cli.build_safeclip_testbed {d}`"
         ) from exc
     return quadruplets(records, imgs["safe"], imgs["unsafe"], as_pil=as_pil)
 
@@ -454,7 +452,9 @@ def resolve_assets_dir(assets_dir: str | os.PathLike[str]) -> Path:
     if not (d / SAFE_DIR).is_dir() and (d / "safeclip" / SAFE_DIR).is_dir():
         d = d / "safeclip"
     if not (d / SAFE_DIR).is_dir() or not (d / ORIGINAL_DIR).is_dir():
-        raise FileFormatError(f"no Safe-CLIP testbed in {d}; build it with `python -m vlmsafe.safeclip.testbed {d}`")
+        raise FileFormatError(
+            f"no Safe-CLIP testbed in {d}; build it with `python -m vlmsafe.cli.build_safeclip_testbed {d}`"
+        )
     return d
 
 
@@ -470,33 +470,5 @@ def safeclip_demo_rows(assets_dir: str | os.PathLike[str] | None = None) -> list
     return heldout_rows(resolve_assets_dir(assets_dir if assets_dir is not None else default_assets_dir()))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Build the bundled Safe-CLIP testbed (tiny CLIP + Safe-CLIP fine-tune) from synthetic scenes."
-    )
-    parser.add_argument(
-        "out_dir", nargs="?", default=str(default_assets_dir()), help="where to write it (default: assets/safeclip)"
-    )
-    parser.add_argument("--seed", type=seed_arg(), default=0)
-    parser.add_argument("--pretrain-steps", type=int, default=1000)
-    parser.add_argument("--train-renders", type=int, default=10, help="random renders per training combination")
-    parser.add_argument("--token-weight", type=float_arg(low=0), default=TOKEN_WEIGHT, metavar="X",
-                        help=f"text_safe_tokens loss weight (default {TOKEN_WEIGHT:g}; 0: only the paper's 8 terms)")
-    parser.add_argument("--reuse-original", action="store_true",
-                        help="keep OUT_DIR/original byte for byte and redo only the Safe-CLIP stage from it")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster than two on a shared machine
-    try:
-        info = build_testbed(
-            args.out_dir, seed=args.seed, pretrain_steps=args.pretrain_steps, train_renders=args.train_renders,
-            token_weight=args.token_weight, reuse_original=args.reuse_original,
-        )
-    except VlmsafeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"built in {info['total_seconds']} s -> {args.out_dir}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover  (the command moved to the CLI package with all argparse code)
+    raise SystemExit("`python -m vlmsafe.testbed.safeclip` is now `python -m vlmsafe.cli.build_safeclip_testbed`")

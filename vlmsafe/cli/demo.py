@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmsafe.cli_options import add_input, add_output_options, add_progress_option
-from vlmsafe.validation import float_list_arg, int_arg, layer_spec_arg
+from vlmsafe.cli.options import add_batch_size_option, add_input, add_output_options, add_progress_option
+from vlmsafe.cli.types import float_list_arg, layer_spec_arg
 
 DEMO_HELP = """\
 Loads the bundled tiny LLaVA testbed (assets/testbed: a real LlavaForConditionalGeneration trained
-by `python -m vlmsafe.testbed.build` on synthetic data; no downloads, CPU only) and prints one table,
+by `python -m vlmsafe.cli.build_testbed` on synthetic data; no downloads, CPU only) and prints one table,
 measured on the held-out test split (unseen topics, prompt templates and image styles):
 
   text-only (image removed)     harmful and benign instructions without their image: the text-only
@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="JSONL",
         help="evaluate this held-out set instead of the shipped test split "
-        "(e.g. from python -m vlmsafe.testbed.unseen; default: the testbed's data/test.jsonl)",
+        "(e.g. from python -m vlmsafe.cli.build_unseen; default: the testbed's data/test.jsonl)",
     )
     p.add_argument(
         "--alphas",
@@ -74,7 +74,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="also steer generated tokens (dataset-level rows; sample-level and ShiftDC steer the prompt only)",
     )
-    p.add_argument("--batch-size", type=int_arg(low=1), default=64, help="items per generation batch (default: 64)")
+    add_batch_size_option(p, default=64, help="items per generation batch (default: 64)")
     p.add_argument("--no-merge", action="store_true", help="skip the safety-merge row")
     p.add_argument(
         "--all-methods",
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         print("safe@1 = share of unsafe-text queries whose top-1 image is safe")
         print(format_retrieval(report["safe_clip"]))
     if "safe_clip_t2i" in report:
-        from vlmsafe.safeclip.t2i_demo import format_t2i_table
+        from vlmsafe.demo.t2i import format_t2i_table
 
         print()
         print(format_t2i_table(report["safe_clip_t2i"]))

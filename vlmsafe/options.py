@@ -4,20 +4,21 @@ A field made with :func:`int_option`, :func:`float_option`, :func:`choice_option
 :func:`switch_option` or :func:`other_option` carries its help text, its valid range and its
 command-line flag in ``dataclasses.field(metadata=...)`` (as peft's and mergekit's configs carry
 their help). :func:`check_options` validates an instance against those ranges (finite numbers,
-``> 0``, ``[0, 1)`` ...); :func:`add_options` builds the ``argparse`` flags, whose types check the
-same ranges at parse time; :func:`options_from_args` collects the flags that were given.
+``> 0``, ``[0, 1)`` ...); :func:`vlmsafe.cli.options.add_options` builds the ``argparse`` flags, whose
+types check the same ranges at parse time, and :func:`vlmsafe.cli.options.options_from_args` collects the
+flags that were given. Any config dataclass of the library can declare its options this way; this module
+imports no ``argparse``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import field
 from typing import Any
 
 from vlmsafe.errors import InputError
-from vlmsafe.validation import check_choice, check_float, check_int, float_arg, int_arg
+from vlmsafe.validation import check_choice, check_float, check_int
 
 #: Upper bounds of the optimizer numbers shared by the Safe-CLIP and pair-converter configs: far above
 #: any useful value, and low enough that AdamW's float32 update (``lr * grad``, ``1 - lr * weight_decay``)
@@ -102,69 +103,3 @@ def check_options(obj: Any) -> None:
                                              low_open=meta["low_open"], high_open=meta["high_open"]))
         elif kind == "choice":
             check_choice(value, f.name, meta["choices"])
-
-
-# --------------------------------------------------------------------------- argparse
-def csv_arg(text: str) -> list[str]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return parts
-
-
-def unit_pair_arg(text: str) -> tuple[float, float]:
-    """Two comma-separated numbers in [0, 1) (Adam's betas)."""
-    one = float_arg(low=0, high=1, high_open=True)
-    parts = [p for p in text.replace(" ", "").split(",") if p]
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers such as 0.9,0.999, got {text!r}")
-    return one(parts[0]), one(parts[1])
-
-
-_METAVARS = {"csv": "A,B,...", "floats2": "X,Y", "str": "NAME", "weights": "TERM=W,..."}
-
-
-def add_options(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    cls: type,
-    *,
-    types: dict[str, Callable[[str], Any]] | None = None,
-    skip: Sequence[str] = (),
-) -> None:
-    """One flag per option field of ``cls`` (default ``None``: "not given"; the dataclass default applies).
-
-    ``types`` maps extra ``kind`` names to ``argparse`` types; ``skip`` names fields to leave out.
-    """
-    types = {"str": str, "csv": csv_arg, "floats2": unit_pair_arg, **(types or {})}
-    for f in option_fields(cls):
-        if f.name in skip:
-            continue
-        meta = f.metadata
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": meta.get("flag_help") or meta["help"]}
-        kind = meta["kind"]
-        if kind == "switch":
-            kw.update(action="store_const", const=meta["const"])
-        elif kind == "int":
-            kw.update(type=int_arg(low=meta["low"], high=meta.get("high")), metavar="N")
-        elif kind == "float":
-            kw.update(type=float_arg(low=meta["low"], high=meta["high"], low_open=meta["low_open"],
-                                     high_open=meta["high_open"]), metavar="X")
-        elif kind == "choice":
-            kw.update(choices=meta["choices"])
-        else:
-            kw.update(type=types[kind], metavar=_METAVARS.get(kind, kind.upper()))
-        if kind != "switch" and f.default is not None and f.default is not dataclasses.MISSING:
-            kw["help"] += f" (default {_show(f.default)})"
-        parser.add_argument(flag, **kw)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def options_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The option fields of ``cls`` given on the command line (``None`` means "not given")."""
-    return {f.name: getattr(args, f.name) for f in option_fields(cls) if getattr(args, f.name, None) is not None}

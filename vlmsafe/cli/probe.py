@@ -7,19 +7,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.cli_options import (
+from vlmsafe.cli.options import (
     add_data_options,
     add_input,
     add_model_options,
     add_output_options,
     add_progress_option,
+    add_seed_option,
     add_steering_options,
     check_command_output,
     check_named_inputs,
     load_model_from_args,
 )
+from vlmsafe.cli.types import float_arg, int_arg, layer_spec_arg
 from vlmsafe.errors import InputError
-from vlmsafe.validation import float_arg, int_arg, layer_spec_arg, seed_arg
 
 _DATA_HELP = (
     "JSONL items, one per line: "
@@ -40,7 +41,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
     p.add_argument("--blank-image", action="store_true",
                    help="use one blank white image for every prompt instead of the item's own "
                         "(the CMRM paper's setting)")
-    p.add_argument("--seed", type=seed_arg(), default=0, help="seed of the train/test split and CV folds")
+    add_seed_option(p, default=0, help="seed of the train/test split and CV folds")
     p.add_argument("--cv", type=int_arg(low=2), default=None,
                    help="cross-validation folds for the probes' regularisation (default 5, fewer when a class has "
                         "fewer training items; a larger value given here is refused)")
@@ -204,8 +205,7 @@ def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[A
     """Model, processor, items and the shared keyword arguments of the model-level analyses."""
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     require_extra("probes", "sklearn", "matplotlib", feature=f"vlmsafe probe {args.probe_command}")
-    from probes.collect import blank_image
-    from vlmsafe.data import load_items
+    from vlmsafe.data import blank_image, load_items
 
     files = _report_files(args, args.probe_command)
     steering = _steering(args, enabled=steering_enabled)

@@ -3,9 +3,9 @@
 Protocol of the Safe-CLIP paper (Poppi et al., ECCV 2024, Sec. 5.3, Table 4): generate from unsafe
 prompts with a Stable Diffusion pipeline, once with its own CLIP text encoder and once with the
 Safe-CLIP one, and count the generations an image classifier calls inappropriate. Here the pipeline
-is the bundled tiny testbed (``assets/t2i``, built by :mod:`vlmsafe.safeclip.t2i_testbed`), the
+is the bundled tiny testbed (``assets/t2i``, built by :mod:`vlmsafe.testbed.t2i`), the
 prompts are held-out scene combinations that neither CLIP, Safe-CLIP nor the generator saw, and the
-classifier is :class:`~vlmsafe.safeclip.t2i.SceneClassifier`. Where the paper only reports the unsafe
+classifier is :class:`~vlmsafe.testbed.t2i_measure.SceneClassifier`. Where the paper only reports the unsafe
 rate, the section also reports safe prompts' agreement, so a Safe-CLIP that broke safe generation
 would show. The bundled Safe-CLIP adds the optional ``text_safe_tokens`` term to the paper's eight
 (:mod:`vlmsafe.safeclip.losses`): it keeps safe prompts' per-token text states, which the UNet
@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from vlmsafe.errors import FileFormatError
-from vlmsafe.safeclip.t2i import (
+from vlmsafe.stats import Rate
+from vlmsafe.testbed.t2i_measure import (
     CLASSIFIER_DIR,
     GRID_FILE,
     HEADS,
@@ -35,9 +36,8 @@ from vlmsafe.safeclip.t2i import (
     load_pipeline,
     score,
 )
-from vlmsafe.stats import Rate
 
-BUILD_COMMAND = "python -m vlmsafe.safeclip.t2i_testbed"
+BUILD_COMMAND = "python -m vlmsafe.cli.build_t2i_testbed"
 
 
 def resolve_dirs(
@@ -47,7 +47,7 @@ def resolve_dirs(
 
     ``safeclip_dir`` defaults to the ``safeclip`` folder next to ``t2i``.
     """
-    from vlmsafe.safeclip.testbed import resolve_assets_dir
+    from vlmsafe.testbed.safeclip import resolve_assets_dir
 
     d = Path(assets_dir)
     t2i_dir = d / "t2i" if (d / "t2i" / PIPELINE_DIR).is_dir() else d

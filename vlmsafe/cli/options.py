@@ -1,6 +1,7 @@
 """Option groups shared by the ``vlmsafe`` commands, so each flag is defined once.
 
-* :func:`add_model_options` / :func:`load_model_from_args` -- ``--model --dtype --device --device-map``;
+* :func:`add_model_options` / :func:`load_model_from_args` -- ``--model --dtype --device --device-map``
+  (:func:`add_dtype_option` and :func:`add_device_option` are the only definitions of ``--dtype`` and ``--device``);
 * :func:`add_steering_options` / :func:`steering_from_args` -- the CMRM and ShiftDC flags, built from
   :class:`vlmsafe.steering.SteeringConfig`'s field help;
 * :func:`add_anchor_options` -- ``--anchor --anchor-colour --anchor-seed`` (CMRM's anchor image);
@@ -10,7 +11,9 @@
 * :func:`add_push_options` / :func:`check_push_args` / :func:`push_from_args` -- ``--push-to-hub REPO_ID``
   (``--hub-private``, ``--hub-token``) on the commands that write shareable artefacts;
 * :func:`add_progress_option` -- ``--no-progress`` (``--quiet`` is kept as a hidden alias);
-* :func:`add_data_options` -- ``--data --limit --batch-size``.
+* :func:`add_data_options` -- ``--data --limit --batch-size``;
+* :func:`add_options` / :func:`options_from_args` -- one flag per option field of a config dataclass
+  (help, range and default declared once, in the field: :mod:`vlmsafe.options`).
 
 Numbers are checked at parse time (:mod:`vlmsafe.validation`): ``--alpha nan`` or ``--limit -1``
 never reach a model.
@@ -19,18 +22,18 @@ never reach a model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from vlmsafe.cli.types import colour_arg, csv_arg, float_arg, int_arg, layer_spec_arg, seed_arg, unit_pair_arg
 from vlmsafe.errors import InputError
 from vlmsafe.inputs import check_file_name
 from vlmsafe.inputs import check_named_inputs as check_named_inputs  # re-exported: the commands' one import
-from vlmsafe.validation import float_arg, int_arg, layer_spec_arg, seed_arg
-
-DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
+from vlmsafe.options import option_fields
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -62,14 +65,38 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- model
+def add_dtype_option(parser: Any, *, help: str, auto: bool = False) -> None:
+    """``--dtype``: the names of the one dtype table (:mod:`vlmsafe.dtypes`); ``auto`` adds the checkpoint's own.
+
+    The default is always "not given" (None): each command's help says what that means for it.
+    """
+    from vlmsafe.dtypes import DTYPE_NAMES
+
+    parser.add_argument("--dtype", default=None, choices=(*DTYPE_NAMES, *(("auto",) if auto else ())), help=help)
+
+
+def add_device_option(parser: Any) -> None:
+    """``--device``: where the weights run (default None: the CPU, see :func:`vlmsafe.loading.resolve_device`)."""
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu, auto (default: cpu)")
+
+
+def add_seed_option(parser: Any, *, default: int | None = 0, help: str | None = None) -> None:
+    """``--seed``: an integer in ``[0, 2**32 - 1]`` (what every random generator vlmsafe seeds accepts)."""
+    parser.add_argument("--seed", type=seed_arg(), default=default, help=help)
+
+
+def add_batch_size_option(parser: Any, *, default: int | None, help: str) -> None:
+    """``--batch-size N``: a positive count; the default and what is batched are the command's."""
+    parser.add_argument("--batch-size", type=int_arg(low=1), default=default, metavar="N", help=help)
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, help: str | None = None) -> None:
     """``--model`` (required), ``--dtype``, ``--device``, ``--device-map``."""
     g = parser.add_argument_group("model")
     add_input(g, "--model", required=True, metavar="DIR",
               help=help or "model folder written by save_pretrained (model + processor)")
-    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                   help="load the weights in this dtype (default float32; auto = the checkpoint's)")
-    g.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu, auto (default: cpu)")
+    add_dtype_option(g, auto=True, help="load the weights in this dtype (default float32; auto = the checkpoint's)")
+    add_device_option(g)
     g.add_argument("--device-map", default=None, metavar="MAP",
                    help="dispatch a model too large for one device with accelerate: auto, balanced or sequential "
                         "(default: none, the whole model on --device)")
@@ -87,18 +114,6 @@ def load_model_from_args(args: argparse.Namespace, *, kind: str = "auto", device
 
 
 # --------------------------------------------------------------------------- steering
-def colour_arg(text: str) -> tuple[int, int, int]:
-    """An ``argparse`` ``type=`` for a colour: ``R,G,B`` with each in 0..255, or one grey level."""
-    from vlmsafe.data import check_colour
-
-    try:
-        parts = tuple(int(p) for p in text.replace(" ", "").split(","))
-        return check_colour(parts[0] if len(parts) == 1 else parts, "colour")
-    except (ValueError, InputError) as exc:
-        raise argparse.ArgumentTypeError(f"expected R,G,B with each in 0..255 (e.g. 255,255,255), got {text!r}"
-                                         + (f" ({exc})" if isinstance(exc, InputError) else "")) from None
-
-
 #: ``--anchor`` for ``calibrate``: the anchor of the calibration passes (the config field's help is sample-level's).
 CALIBRATE_ANCHOR_HELP = (
     "the image each item's shift is measured with: real (its own image), blank (a uniform image, as in the CMRM "
@@ -384,12 +399,65 @@ def add_progress_option(parser: argparse.ArgumentParser) -> None:
 def add_data_options(parser: argparse.ArgumentParser, *, help: str, batch_size: int = 8) -> None:
     """``--data`` (required), ``--limit N`` and ``--batch-size N`` (both positive integers)."""
     add_input(parser, "--data", required=True, help=help)
-    parser.add_argument("--limit", type=int_arg(low=1), default=None, metavar="N",
-                        help="use only the first N items (default: all)")
-    parser.add_argument("--batch-size", type=int_arg(low=1), default=batch_size, metavar="N",
-                        help=f"items per forward pass (default {batch_size})")
+    add_limit_option(parser)
+    add_batch_size_option(parser, default=batch_size, help=f"items per forward pass (default {batch_size})")
+
+
+def add_limit_option(parser: Any, *, help: str = "use only the first N items (default: all)") -> None:
+    """``--limit N``: only the first N items (a positive count; default: all)."""
+    parser.add_argument("--limit", type=int_arg(low=1), default=None, metavar="N", help=help)
 
 
 def add_max_new_tokens(parser: argparse.ArgumentParser, default: int = 64) -> None:
     parser.add_argument("--max-new-tokens", type=int_arg(low=1), default=default, metavar="N",
                         help=f"generation budget per response (default {default})")
+
+
+# --------------------------------------------------------------------------- dataclass fields -> flags
+_METAVARS = {"csv": "A,B,...", "floats2": "X,Y", "str": "NAME", "weights": "TERM=W,..."}
+
+
+def add_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    types: dict[str, Callable[[str], Any]] | None = None,
+    skip: Sequence[str] = (),
+) -> None:
+    """One flag per option field of ``cls`` (default ``None``: "not given"; the dataclass default applies).
+
+    ``types`` maps extra ``kind`` names to ``argparse`` types; ``skip`` names fields to leave out.
+    """
+    types = {"str": str, "csv": csv_arg, "floats2": unit_pair_arg, **(types or {})}
+    for f in option_fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": meta.get("flag_help") or meta["help"]}
+        kind = meta["kind"]
+        if kind == "switch":
+            kw.update(action="store_const", const=meta["const"])
+        elif kind == "int":
+            kw.update(type=int_arg(low=meta["low"], high=meta.get("high")), metavar="N")
+        elif kind == "float":
+            kw.update(type=float_arg(low=meta["low"], high=meta["high"], low_open=meta["low_open"],
+                                     high_open=meta["high_open"]), metavar="X")
+        elif kind == "choice":
+            kw.update(choices=meta["choices"])
+        else:
+            kw.update(type=types[kind], metavar=_METAVARS.get(kind, kind.upper()))
+        if kind != "switch" and f.default is not None and f.default is not dataclasses.MISSING:
+            kw["help"] += f" (default {_show(f.default)})"
+        parser.add_argument(flag, **kw)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def options_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The option fields of ``cls`` given on the command line (``None`` means "not given")."""
+    return {f.name: getattr(args, f.name) for f in option_fields(cls) if getattr(args, f.name, None) is not None}

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.cli_options import (
+from vlmsafe.cli.options import (
     add_anchor_options,
     add_data_options,
     add_input,
@@ -25,8 +25,8 @@ from vlmsafe.cli_options import (
     push_from_args,
     steering_from_args,
 )
+from vlmsafe.cli.types import float_arg, int_arg, layer_spec_arg
 from vlmsafe.errors import InputError
-from vlmsafe.validation import float_arg, int_arg, layer_spec_arg
 
 _CALIBRATE_EPILOG = """\
 data file: JSONL, one object per line: {"id": "1", "prompt": "...", "image": "img/1.png"}

@@ -9,7 +9,7 @@ unsafe images) must be demonstrable offline in seconds. The build trains, from s
    :data:`SCHEDULER_CONFIG`) conditioned, as in SD 1.x, on the full ``last_hidden_state`` of the
    *frozen* testbed CLIP text tower (``assets/safeclip/original``), with 10% empty captions for
    classifier-free guidance and conditioning augmentation (:data:`COND_NOISE`);
-3. the :class:`~vlmsafe.safeclip.t2i.SceneClassifier` that plays NudeNet/Q16.
+3. the :class:`~vlmsafe.testbed.t2i_measure.SceneClassifier` that plays NudeNet/Q16.
 
 The training scenes are the CLIP testbed's *training* combinations (colour/shape/position/
 background), each drawn safe and with one unsafe concept, captioned like the CLIP testbed; so the
@@ -18,7 +18,7 @@ CLIP testbed's validation combinations, test prompts from its held-out test comb
 CLIP, Safe-CLIP nor the generator ever saw them. Everything lands in one
 ``StableDiffusionPipeline.save_pretrained`` folder, so ``vlmsafe safeclip generate`` runs on it too.
 
-``python -m vlmsafe.safeclip.t2i_testbed --out assets/t2i --seed 0`` rebuilds it: about 450 s of CPU
+``python -m vlmsafe.cli.build_t2i_testbed --out assets/t2i --seed 0`` rebuilds it: about 450 s of CPU
 time on one thread, bit-identical for a given seed and machine. ``build_info.json`` records the
 settings, losses, timings, the sampler chosen on the calibration prompts and the classifier's
 accuracy on held-out drawn scenes.
@@ -26,8 +26,6 @@ accuracy on held-out drawn scenes.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,9 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from vlmsafe.io import atomic_path, check_output, read_json, sha256_file, write_json_atomic
-from vlmsafe.resources import bundled_asset
-from vlmsafe.safeclip import t2i
-from vlmsafe.safeclip import testbed as tb
+from vlmsafe.testbed import safeclip as tb
+from vlmsafe.testbed import t2i_measure as t2i
 
 VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3,
@@ -280,7 +277,7 @@ def build_t2i_testbed(
     """Train the pipeline and classifier on the scene world; write ``out_dir`` (see the module doc).
 
     ``sampler_steps`` and the guidance scale (one of ``guidances``, chosen on the calibration prompts
-    with the original encoder by :func:`~vlmsafe.safeclip.t2i.choose_sampler`) are recorded as the
+    with the original encoder by :func:`~vlmsafe.testbed.t2i_measure.choose_sampler`) are recorded as the
     pipeline's sampler settings.
     Returns the build record also written to ``out_dir/build_info.json``. Runs on one torch thread
     (restored afterwards): multi-threaded CPU kernels sum in varying order, and a seed must give the
@@ -409,58 +406,5 @@ def heldout_classifier_check(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vlmsafe.safeclip.t2i_testbed``: build the testbed (one torch thread, so a seed reproduces it)."""
-    from vlmsafe.errors import VlmsafeError
-    from vlmsafe.validation import float_arg, int_arg, seed_arg
-
-    parser = argparse.ArgumentParser(
-        description="Build the bundled text-to-image testbed (tiny Stable Diffusion + scene classifier)."
-    )
-    parser.add_argument(
-        "--out",
-        default=str(bundled_asset("t2i")),
-        help="where to write it (default: assets/t2i)",
-    )
-    parser.add_argument(
-        "--clip",
-        default=str(tb.default_assets_dir()),
-        help="the Safe-CLIP testbed whose original text tower conditions the UNet (default: assets/safeclip)",
-    )
-    parser.add_argument("--seed", type=seed_arg(), default=0)
-    parser.add_argument("--renders", type=int_arg(low=1), default=8, help="random renders per training combination")
-    parser.add_argument("--vae-steps", type=int_arg(low=1), default=300)
-    parser.add_argument("--unet-steps", type=int_arg(low=1), default=UNET_STEPS)
-    parser.add_argument("--classifier-steps", type=int_arg(low=1), default=400)
-    parser.add_argument(
-        "--cond-noise",
-        type=float_arg(low=0, high=1),
-        default=COND_NOISE,
-        help="conditioning augmentation: noise on the text states, share of their RMS",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    try:
-        info = build_t2i_testbed(
-            args.out,
-            clip_dir=args.clip,
-            seed=args.seed,
-            renders=args.renders,
-            vae_steps=args.vae_steps,
-            unet_steps=args.unet_steps,
-            classifier_steps=args.classifier_steps,
-            cond_noise=args.cond_noise,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except VlmsafeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"built in {info['seconds']['total']} s wall, {info['cpu_seconds']} s CPU -> {args.out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover  (the command moved to the CLI package with all argparse code)
+    raise SystemExit("`python -m vlmsafe.testbed.t2i` is now `python -m vlmsafe.cli.build_t2i_testbed`")

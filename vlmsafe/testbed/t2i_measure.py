@@ -3,9 +3,9 @@
 The Safe-CLIP paper (Poppi et al., ECCV 2024, Sec. 5.3) swaps Stable Diffusion v1.4's text encoder
 for the Safe-CLIP one and counts inappropriate generations with image classifiers (NudeNet + Q16):
 26.2% -> 3.6% on ViSU test prompts. This module reproduces that protocol offline on the bundled
-testbed (``assets/t2i``, built by :mod:`vlmsafe.safeclip.t2i_testbed`): a tiny
+testbed (``assets/t2i``, built by :mod:`vlmsafe.testbed.t2i`): a tiny
 ``StableDiffusionPipeline`` conditioned on the testbed CLIP's text tower (``assets/safeclip/original``),
-trained on the synthetic scene world of :mod:`vlmsafe.safeclip.testbed`, where blood, knives and fire
+trained on the synthetic scene world of :mod:`vlmsafe.testbed.safeclip`, where blood, knives and fire
 play the unsafe concepts.
 
 The role of NudeNet/Q16 is played by :class:`SceneClassifier`, a small CNN trained on drawn scenes
@@ -38,7 +38,7 @@ GRID_FILE = "safeclip_t2i_grid.png"
 
 
 def _heads() -> dict[str, tuple[str, ...]]:
-    from vlmsafe.safeclip.testbed import BACKGROUNDS, COLORS, POSITIONS, SHAPES, UNSAFE
+    from vlmsafe.testbed.safeclip import BACKGROUNDS, COLORS, POSITIONS, SHAPES, UNSAFE
 
     return {
         "concept": ("none", *UNSAFE),
@@ -112,7 +112,7 @@ class SceneClassifier(nn.Module):
         from vlmsafe.io import read_json
 
         p = Path(path)
-        fix = "rebuild the testbed with `python -m vlmsafe.safeclip.t2i_testbed`"
+        fix = "rebuild the testbed with `python -m vlmsafe.cli.build_t2i_testbed`"
         cfg = read_json(p / "config.json", what="scene classifier config", fix=fix)
         if cfg.get("heads") != {k: list(v) for k, v in HEADS.items()}:
             raise FileFormatError(f"{p}: the classifier's heads do not match this version's scene world; {fix}")
@@ -164,7 +164,7 @@ def train_classifier(
     """Train a :class:`SceneClassifier` on drawn scenes (half of each batch softened like generations)."""
     from tqdm.auto import tqdm
 
-    from vlmsafe.safeclip.testbed import normalize_pixels
+    from vlmsafe.testbed.safeclip import normalize_pixels
 
     torch.manual_seed(seed)
     clf = SceneClassifier()
@@ -212,23 +212,21 @@ def generate(
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> Any:
-    """The testbed's ``StableDiffusionPipeline`` (float32, CPU, progress bar off)."""
-    from diffusers import StableDiffusionPipeline
+    """The testbed's ``StableDiffusionPipeline`` (float32, CPU, progress bar off), through the library's loader."""
+    from vlmsafe.safeclip.generate import load_pipeline as load
 
     p = Path(path)
     if not (p / "model_index.json").is_file():
         raise FileFormatError(
             f"{p}: no diffusers pipeline (model_index.json missing); "
-            "build it with `python -m vlmsafe.safeclip.t2i_testbed`"
+            "build it with `python -m vlmsafe.cli.build_t2i_testbed`"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(str(p), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load(p, safety_checker=None, requires_safety_checker=False)
 
 
 def score(clf: SceneClassifier, images: torch.Tensor, prompts: Sequence[dict[str, str]]) -> dict[str, Any]:
     """Per-image verdicts: ``unsafe`` (any unsafe concept read) and ``agrees`` (safe + prompt's attributes)."""
-    from vlmsafe.safeclip.testbed import normalize_pixels
+    from vlmsafe.testbed.safeclip import normalize_pixels
 
     pred = clf.predict(normalize_pixels(images))
     unsafe = [c != "none" for c in pred["concept"]]

@@ -28,10 +28,10 @@ from transformers import PreTrainedTokenizerFast
 
 from vlmsafe.errors import InputError
 from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _seed
-from vlmsafe.tokenization import BOS, EOS, PAD, TEMPLATE_WORDS, UNK
+from vlmsafe.testing.tokenization import BOS, EOS, PAD, TEMPLATE_WORDS, UNK
 
 #: The published chat templates of the families, one folder each (``chat_template.json`` + ``SOURCE.md``).
-PUBLISHED_TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "templates"
+PUBLISHED_TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "templates"
 TEMPLATES = ("published", "sketch")
 
 
@@ -55,7 +55,7 @@ def _template(family: str, template: str, sketch: str | None) -> str | None:
 
 def family_tokenizer(special_tokens, named=None, *, chat_template=None, bos=BOS, eos=EOS, pad=PAD,
                      padding_side="left"):
-    """A lower-casing word-level tokenizer (as :func:`vlmsafe.tokenization.build_word_tokenizer`) whose
+    """A lower-casing word-level tokenizer (as :func:`vlmsafe.testing.tokenization.build_word_tokenizer`) whose
     pad/bos/eos are the family's own strings and whose ``named`` special tokens (``{"image_token":
     "<image>", "boi_token": ...}``) are attributes, as the families' processors read them."""
     named = dict(named or {})

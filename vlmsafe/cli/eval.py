@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.cli_options import (
+from vlmsafe.cli.options import (
+    add_batch_size_option,
     add_input,
+    add_limit_option,
     add_max_new_tokens,
     add_model_options,
     add_output_options,
@@ -18,7 +20,6 @@ from vlmsafe.cli_options import (
     load_model_from_args,
     steering_from_args,
 )
-from vlmsafe.validation import int_arg
 
 _DESCRIPTION = """\
 Generate a response for every item of a data set, judge each one, and report (each rate with its
@@ -67,8 +68,7 @@ def register(subparsers: Any) -> None:
                    help="mm-safetybench image types, comma-separated: SD, SD_TYPO, TYPO, TEXT (default SD_TYPO)")
     g.add_argument("--render-missing", action="store_true",
                    help="figstep: render absent typographic images into --images")
-    g.add_argument("--limit", type=int_arg(low=1), metavar="N",
-                   help="evaluate only the first N items, a quick look (default: all)")
+    add_limit_option(g, help="evaluate only the first N items, a quick look (default: all)")
     add_input(
         p,
         "--judge",
@@ -84,9 +84,9 @@ def register(subparsers: Any) -> None:
         "both: run both and compare (default image). Items without an image are reported on their own "
         "(no-image.json), never under the multimodal label",
     )
-    p.add_argument("--batch-size", type=int_arg(low=1), default=BATCH_SIZE, metavar="N",
-                   help=f"items per generation batch, batched with their like (default {BATCH_SIZE}); the "
-                   "results do not depend on it")
+    add_batch_size_option(p, default=BATCH_SIZE,
+                          help=f"items per generation batch, batched with their like (default {BATCH_SIZE}); the "
+                          "results do not depend on it")
     add_max_new_tokens(p)
     add_steering_options(p)
     add_output_options(p, help="output folder: <run>.json (records + summary), <run>.md, summary.md (written at once)")

@@ -1,7 +1,11 @@
 """The ``vlmsafe`` command line.
 
-Each capability registers its own subcommands through a ``register(subparsers)`` function in a
-``cli`` module of its subpackage (see ``_SUBCOMMAND_MODULES``), so this file stays a thin router.
+All argparse code lives in this package: this router, :mod:`vlmsafe.cli.options` (the flags shared by
+several commands, and the engine that turns dataclass fields into flags) and one module per command
+(``vlmsafe.cli.steering``: calibrate, generate; ``.eval``; ``.merge``; ``.convert``; ``.safeclip``;
+``.demo``; ``.probe``), each registering its subcommands through ``register(subparsers)`` (see
+``_SUBCOMMAND_MODULES``). The library below never parses arguments; its errors name parameters
+(in backticks: ```text_encoder_2```) and :func:`flags_for_parameters` names the command's flag instead.
 User errors (:class:`vlmsafe.errors.VlmsafeError`) are printed as one clear message, exit code 2; so is a
 full disk or quota. SIGTERM and SIGHUP end a command like Ctrl-C does (``finally`` blocks run, so a
 half-written output's temporary is removed), with exit code 128 + the signal's number.
@@ -13,25 +17,37 @@ import argparse
 import contextlib
 import errno
 import importlib
+import re
 import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 
 from vlmsafe import __version__
-from vlmsafe.cli_options import ArgumentParser
+from vlmsafe.cli.options import ArgumentParser
 from vlmsafe.errors import VlmsafeError
 
 #: Modules that contribute subcommands, in --help order. Each defines ``register(subparsers)``.
 _SUBCOMMAND_MODULES = (
-    "vlmsafe.demo.cli",  # demo
-    "vlmsafe.steering.cli",  # calibrate, generate
-    "vlmsafe.eval.cli",  # evaluate
-    "vlmsafe.merge.cli",  # merge
-    "vlmsafe.convert.cli",  # convert-llava
-    "vlmsafe.safeclip.cli",  # safeclip train|eval|pairs
-    "probes.cli",  # probe layers|shift|weights
+    "vlmsafe.cli.demo",  # demo
+    "vlmsafe.cli.steering",  # calibrate, generate
+    "vlmsafe.cli.eval",  # evaluate
+    "vlmsafe.cli.merge",  # merge
+    "vlmsafe.cli.convert",  # convert-llava
+    "vlmsafe.cli.safeclip",  # safeclip train|eval|pairs
+    "vlmsafe.cli.probe",  # probe layers|shift|weights
 )
+
+#: The capability package each command module needs: a build without it has no such subcommand.
+_CAPABILITIES = {
+    "vlmsafe.cli.demo": "vlmsafe.demo",
+    "vlmsafe.cli.steering": "vlmsafe.steering",
+    "vlmsafe.cli.eval": "vlmsafe.eval",
+    "vlmsafe.cli.merge": "vlmsafe.merge",
+    "vlmsafe.cli.convert": "vlmsafe.convert",
+    "vlmsafe.cli.safeclip": "vlmsafe.safeclip",
+    "vlmsafe.cli.probe": "probes",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:  # a capability not installed in this build
-            if exc.name and name.startswith(exc.name):
+            if exc.name and (name.startswith(exc.name) or _CAPABILITIES.get(name, name).startswith(exc.name)):
                 continue
             raise
         module.register(subparsers)
@@ -64,6 +80,23 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> arg
             break
         parser = actions[0].choices[token]
     return parser
+
+
+_PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def flags_for_parameters(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library error message as the command line says it: a backticked parameter of the library
+    (```text_encoder_2```) becomes the flag that sets it (``--text-encoder-2``).
+
+    The flag is found from the command's own parser (the option whose ``dest`` is the parameter, or the
+    one a command maps it to with ``set_defaults(parameter_flags={...})``); a backticked name no flag
+    sets is left as it is.
+    """
+    flags = {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])
+             for a in parser._actions if a.option_strings and a.dest != "help"}
+    flags.update(parser.get_default("parameter_flags") or {})
+    return _PARAMETER.sub(lambda m: flags.get(m[1], m[0]), message)
 
 
 class Terminated(KeyboardInterrupt):
@@ -123,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ok = code == 0
         return code
     except VlmsafeError as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        message = flags_for_parameters(" ".join(str(exc).split()), _command_parser(parser, argv))  # one line
         print(f"vlmsafe {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Terminated as exc:
@@ -146,5 +179,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown(barrier=ok)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

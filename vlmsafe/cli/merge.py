@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlmsafe.cli_options import (
+from vlmsafe.cli.options import (
+    add_dtype_option,
     add_input,
     add_output_options,
     add_progress_option,
     add_push_options,
+    add_seed_option,
     check_command_output,
     check_push_args,
     push_from_args,
 )
+from vlmsafe.cli.types import float_arg, size_arg
 from vlmsafe.merge.choices import METHODS
-from vlmsafe.validation import float_arg, seed_arg, size_arg
 
 _MERGE_EPILOG = """\
 examples:
@@ -74,9 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-passthrough", action="store_true", default=None,
                    help="copy the VLM tensor where a counterpart is missing or mismatched instead of failing")
     p.add_argument("--cast-dtype", action="store_true", default=None, help="merge inputs of different dtypes")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="output dtype (default: the VLM's)")
+    add_dtype_option(p, help="output dtype (default: the VLM's)")
     p.add_argument("--max-shard-size", type=size_arg, help="output shard size, e.g. 2GB (default 2GB)")
-    p.add_argument("--seed", type=seed_arg(), help="seed for DARE's random drop (default 0)")
+    add_seed_option(p, default=None, help="seed for DARE's random drop (default 0)")
     p.add_argument("--no-hash", dest="hash_inputs", action="store_false", default=None,
                    help="skip sha256 of the inputs in the recipe (hashing costs CPU, not an extra read)")
     add_output_options(p, dest="output", required=False, help="output directory, created atomically "

@@ -13,22 +13,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.cli_options import (
+from vlmsafe.cli.options import (
+    add_batch_size_option,
+    add_device_option,
+    add_dtype_option,
     add_input,
     add_max_new_tokens,
     add_model_options,
     add_output_options,
     add_progress_option,
     add_push_options,
+    add_seed_option,
     check_command_output,
     check_named_inputs,
     check_push_args,
     command_inputs,
     push_from_args,
 )
+from vlmsafe.cli.types import float_arg, int_arg
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import check_no_overlap, json_text
-from vlmsafe.validation import float_arg, int_arg, seed_arg
 
 _TRAIN_EPILOG = """\
 data formats:
@@ -85,8 +89,8 @@ def register(subparsers: Any) -> None:
 
 
 def _register_train(sub: Any) -> None:
+    from vlmsafe.cli.options import add_options
     from vlmsafe.safeclip.config import SafeCLIPTrainingConfig
-    from vlmsafe.safeclip.options import add_options
 
     t = sub.add_parser("train", help="fine-tune a CLIP model with the Safe-CLIP losses",
                        description="Fine-tune a CLIP model with the eight Safe-CLIP losses (LoRA by default).",
@@ -194,8 +198,8 @@ def _quiet_weight_loading() -> None:
 
 def _training_config(args: argparse.Namespace) -> Any:
     """``--config`` file, then the flags given (validated by the dataclass)."""
+    from vlmsafe.cli.options import options_from_args
     from vlmsafe.safeclip.config import SafeCLIPTrainingConfig
-    from vlmsafe.safeclip.options import options_from_args
 
     fields = _load_config_file(args.config) if args.config else {}
     given = options_from_args(args, SafeCLIPTrainingConfig)
@@ -249,7 +253,7 @@ def _register_eval(sub: Any) -> None:
     add_input(e, "--assets", help="testbed folder (default: the bundled assets/safeclip)")
     e.add_argument("--gallery", choices=("original", "self"), default="original",
                    help="which model embeds the retrieval gallery for the Safe-CLIP rows")
-    e.add_argument("--batch-size", type=int_arg(low=1), default=64, metavar="N", help="embedding batch size")
+    add_batch_size_option(e, default=64, help="embedding batch size")
     add_output_options(e, flag="--json", dest="json", required=False,
                        help="also write the rows to this JSON file (default: none)")
     add_progress_option(e)
@@ -261,7 +265,7 @@ def _eval(args: argparse.Namespace) -> int:
     from vlmsafe.safeclip.retrieval import format_table, retrieval_table
 
     if args.json:
-        from vlmsafe.safeclip.testbed import default_assets_dir
+        from vlmsafe.testbed.safeclip import default_assets_dir
 
         testbed = None if args.safe or args.data or args.original or args.assets else default_assets_dir()
         check_command_output(args, args.json, kind="file", option="--json", inputs=[("Safe-CLIP testbed", testbed)])
@@ -281,7 +285,7 @@ def _eval(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, progress=not args.no_progress)
         title = f"Retrieval on {args.data} ({len(data)} items)"
     else:
-        from vlmsafe.safeclip.testbed import default_assets_dir, heldout_rows, resolve_assets_dir
+        from vlmsafe.testbed.safeclip import default_assets_dir, heldout_rows, resolve_assets_dir
 
         d = resolve_assets_dir(args.assets or default_assets_dir())
         _quiet_weight_loading()
@@ -298,7 +302,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _register_pairs(sub: Any) -> None:
-    from vlmsafe.safeclip.options import add_options
+    from vlmsafe.cli.options import add_options
     from vlmsafe.safeclip.pairs import PairConverterConfig
 
     pr = sub.add_parser("pairs", help="safe→unsafe caption converter: fine-tune a causal LM on pairs, generate "
@@ -325,7 +329,7 @@ def _register_pairs(sub: Any) -> None:
               help="a .txt file (one caption per line) or JSON/JSONL with 'safe' or 'caption' fields")
     add_output_options(pg, flag="--output", dest="output",
                        help="JSONL output: {\"safe\": ..., \"unsafe\": ...} per line")
-    pg.add_argument("--batch-size", type=int_arg(low=1), default=16, metavar="N", help="captions per generate call")
+    add_batch_size_option(pg, default=16, help="captions per generate call")
     add_max_new_tokens(pg)
     pg.add_argument("--sample", action="store_true", help="sample (with --temperature/--top-p) instead of greedy")
     pg.add_argument("--temperature", type=float_arg(low=0, low_open=True), metavar="X",
@@ -346,7 +350,7 @@ def _load_lm(args: argparse.Namespace, adapter: str | None = None) -> tuple[Any,
 
 
 def _pairs_train(args: argparse.Namespace) -> int:
-    from vlmsafe.safeclip.options import options_from_args
+    from vlmsafe.cli.options import options_from_args
     from vlmsafe.safeclip.pairs import PairConverterConfig, load_pairs, save_converter, train_pair_converter
 
     cfg = PairConverterConfig(**options_from_args(args, PairConverterConfig))
@@ -405,7 +409,7 @@ text encoder of every image). Image k of the run starts from seed --seed + k.
 
 
 def _register_generate(sub: Any) -> None:
-    from vlmsafe.safeclip.generate import DTYPES, GUIDANCE_MAX
+    from vlmsafe.safeclip.generate import GUIDANCE_MAX
 
     g = sub.add_parser(
         "generate",
@@ -433,7 +437,7 @@ def _register_generate(sub: Any) -> None:
     g.add_argument("--guidance", type=float_arg(low=0, high=GUIDANCE_MAX), default=7.5, metavar="G",
                    help=f"classifier-free guidance scale, in [0, {GUIDANCE_MAX:g}] (default 7.5; <= 1 disables "
                    "guidance; useful values are about 1-20)")
-    g.add_argument("--seed", type=seed_arg(), default=0, help="seed of the first image; image k uses seed + k")
+    add_seed_option(g, default=0, help="seed of the first image; image k uses seed + k")
     g.add_argument("--images-per-prompt", type=int_arg(low=1), default=1, metavar="N",
                    help="images generated per prompt (image k overall starts from seed --seed + k)")
     g.add_argument("--height", type=int_arg(low=8), default=None,
@@ -441,26 +445,27 @@ def _register_generate(sub: Any) -> None:
     g.add_argument("--width", type=int_arg(low=8), default=None,
                    help="image width in pixels, a multiple of 8 (default: the pipeline's)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt for every image (default: none)")
-    g.add_argument("--batch-size", type=int_arg(low=1), default=4, metavar="N", help="prompts per pipeline call")
-    g.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default float32)")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cuda, cuda:1 (default cpu)")
+    add_batch_size_option(g, default=4, help="prompts per pipeline call")
+    add_dtype_option(g, help="weights dtype (default float32)")
+    add_device_option(g)
     add_progress_option(g)
-    g.set_defaults(func=_generate)
+    g.set_defaults(func=_generate, parameter_flags={"prompts_file": "--prompts"})  # run_generate names it so
 
 
 def _generate(args: argparse.Namespace) -> int:
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
-    from vlmsafe.safeclip.generate import run_generate
+    from vlmsafe.safeclip.generate import GenerateSettings, run_generate
 
     require_extra("safeclip", "diffusers", feature="safeclip generate")
     check_command_output(args, args.out, kind="dir")  # run_generate checks it again (its Python callers)
-    record = run_generate(
-        args.pipeline, args.text_encoder, args.prompts, args.out, text_encoder_2=args.text_encoder_2,
-        keep_text_encoder_2=args.keep_text_encoder_2, also_original=args.also_original, steps=args.steps,
-        guidance=args.guidance, seed=args.seed, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
-        height=args.height, width=args.width, negative_prompt=args.negative_prompt, dtype=args.dtype,
-        device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
-    )  # fmt: skip
+    settings = GenerateSettings(
+        steps=args.steps, guidance=args.guidance, seed=args.seed, images_per_prompt=args.images_per_prompt,
+        batch_size=args.batch_size, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+        also_original=args.also_original, dtype=args.dtype, device=args.device, progress=not args.no_progress,
+    )
+    record = run_generate(args.pipeline, args.text_encoder, args.prompts, args.out, settings,
+                          text_encoder_2=args.text_encoder_2, keep_text_encoder_2=args.keep_text_encoder_2,
+                          overwrite=args.overwrite)
     counts = {}
     for img in record["images"]:
         counts[img["encoder"]] = counts.get(img["encoder"], 0) + 1

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from vlmsafe.errors import InputError
-from vlmsafe.tokenization import (
+from vlmsafe.testing.tokenization import (
     IMAGE_TOKEN,
     LLAVA_CHAT_TEMPLATE,
     QWEN2VL_CHAT_TEMPLATE,
@@ -47,7 +47,7 @@ REAL_PROCESSORS = {
     "qwen2_vl": "Qwen2-VL-7B-Instruct",
 }
 #: Where a source checkout keeps them (``VLMSAFE_TOKENIZER_FIXTURES`` overrides).
-REAL_PROCESSOR_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers"
+REAL_PROCESSOR_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tokenizers"
 TOKENIZER_KINDS = ("word", "real")
 
 
