@@ -74,6 +74,12 @@ class DemoProgress:
         self.bar.total = self.total
         self.bar.update(items)
 
+    def skip(self, name: str) -> None:
+        """A planned stage will not run (a method with no qualifying setting has no test stage): it costs nothing."""
+        if name in self.estimates and name != self.current:
+            self.estimates[name] = 0
+            self._refresh()
+
     def close(self) -> None:
         self._end()
         self.current = None
@@ -110,6 +116,12 @@ def expect(ctx: Any, remaining: int) -> None:
     tracker = tracker_of(ctx)
     if tracker is not None:
         tracker.expect(remaining)
+
+
+def skip(ctx: Any, name: str) -> None:
+    tracker = tracker_of(ctx)
+    if tracker is not None:
+        tracker.skip(name)
 
 
 def advance(ctx: Any, items: int) -> None:

@@ -70,7 +70,6 @@ def measure_test(ctx: DemoContext, generator: Any) -> dict[str, Any]:
 def baseline_calibration(ctx: DemoContext) -> dict[str, Any]:
     """Unsteered rates on the calibration split: the reference every choice is made against."""
     if "base_calibration" not in ctx.cache:
-        bar.stage(ctx, "calibration baseline")
         ctx.cache["base_calibration"] = baseline(ctx).row()
     return ctx.cache["base_calibration"]
 
@@ -313,6 +312,7 @@ def steered_row(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float
     if method.details is not None:
         common["details"] = method.details()
     if pick is None:
+        bar.skip(ctx, f"test {method.name}")
         return {
             "setting": f"multimodal + {method.name}",
             "harmful": None,

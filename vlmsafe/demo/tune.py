@@ -77,6 +77,7 @@ def scorer(ctx: DemoContext, split: str = "calibration") -> S.Scorer:
 def baseline(ctx: DemoContext) -> S.Setting:
     """The unsteered model on the calibration split, per item: the reference of every choice (cached)."""
     if "base_setting" not in ctx.cache:
+        bar.stage(ctx, "calibration baseline")
         ctx.cache["base_setting"] = S.baseline(ctx.generator(), scorer(ctx), RULE)
     return ctx.cache["base_setting"]
 
@@ -84,8 +85,32 @@ def baseline(ctx: DemoContext) -> S.Setting:
 def tune(ctx: DemoContext, method: SteeringMethod, alphas: Sequence[float], base: S.Setting) -> list[S.Setting]:
     """Calibration-split measurements of ``method`` at every layer set and positive alpha
     (:func:`vlmsafe.eval.sweep.sweep`, pruned)."""
-    bar.stage(ctx, f"tune {method.name}")
-    return S.sweep(ctx.generator(), method.config, method.layer_sets, alphas, scorer(ctx), base, RULE)
+    n_settings = len(method.layer_sets) * len([a for a in alphas if a > 0])  # at most: a sweep may stop early
+    name = f"tune {method.name}"
+    bar.stage(ctx, name, f"{name} 1/{n_settings}")
+    tracker = bar.tracker_of(ctx)
+    prior = tracker.estimates[name] / n_settings if tracker is not None and n_settings else 0.0
+
+    def on_setting(measured: int, left: int) -> None:
+        bar.describe(ctx, f"{name} {measured + 1}/{n_settings}" if left else f"{name}: completing the chosen layers")
+        _expect_rest(ctx, measured, left, prior)
+
+    return S.sweep(ctx.generator(), method.config, method.layer_sets, alphas, scorer(ctx), base, RULE,
+                   on_setting=on_setting)
+
+
+#: Weight of the planned cost per setting against the settings measured so far, in settings.
+PRIOR_SETTINGS = 5
+
+
+def _expect_rest(ctx: Any, measured: int, settings_left: int, prior: float) -> None:
+    """Tell the demo's bar what the rest of a tuning grid will cost: the settings still to try at the cost per
+    setting seen so far, smoothed toward the planned one (``prior``): the first settings cost every group, later
+    ones are mostly pruned to their harmful items, so the raw mean of the first few would overshoot."""
+    tracker = bar.tracker_of(ctx)
+    if tracker is not None and measured:
+        per_setting = (prior * PRIOR_SETTINGS + tracker.stage_done) / (PRIOR_SETTINGS + measured)
+        tracker.expect(round(per_setting * settings_left))
 
 
 def choose(grid: Sequence[S.Setting], base: S.Setting) -> S.Setting | None:

@@ -306,8 +306,13 @@ def sweep(
     rule: str | SelectionRule = DEFAULT_RULE,
     *,
     prune: bool = True,
+    on_setting: Callable[[int, int], None] | None = None,
 ) -> list[Setting]:
     """Measure ``generator.with_steering(config(layers, alpha))`` for every layer set and positive alpha.
+
+    ``on_setting(measured, left)`` is called after each setting with the number measured so far and the most
+    still to try (0 once the sweep stops and only the chosen layer set is completed): a caller's progress bar
+    (the demo's) labels and re-estimates a grid that can stop early with it.
 
     With ``prune`` (see module docs) settings that cannot be chosen are left partly measured
     (``skipped`` names their unmeasured groups) and a layer set's sweep stops early; the settings of the
@@ -320,9 +325,10 @@ def sweep(
     groups = rule.groups
     grid: list[Setting] = []
     best: tuple[float, float] | None = None
-    for layers in layer_sets:
+    positive = sorted(a for a in alphas if a > 0)
+    for set_index, layers in enumerate(layer_sets):
         misses = 0
-        for alpha in sorted(a for a in alphas if a > 0):
+        for alpha_index, alpha in enumerate(positive):
             gen = generator.with_steering(config(layers, alpha))
             s = Setting(layers, float(alpha), skipped=list(groups))
             measure(gen, scorer, groups[:1], s)
@@ -339,7 +345,11 @@ def sweep(
             elif not s.skipped or s.skipped != list(groups[1:]):
                 misses += 1  # measured and out of bounds (not merely outdone by a better setting)
             objective = s.rate(rule.objective)
-            if prune and (misses == 2 or objective == (1.0 if rule.maximize else 0.0)):
+            stop = prune and (misses == 2 or objective == (1.0 if rule.maximize else 0.0))
+            if on_setting is not None:
+                left = len(positive) * (len(layer_sets) - set_index - 1)
+                on_setting(len(grid), left + (0 if stop else len(positive) - alpha_index - 1))
+            if stop:
                 break
     pick = choose(grid, base, rule)
     if pick is not None:
