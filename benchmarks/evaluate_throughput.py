@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from steering_overhead import SHAPES, build, spread, target, timed
+from steering_overhead import SHAPES, setup_model, spread, target, timed
 
 from vlmsafe.adapters import get_adapter
 from vlmsafe.data import Item, length_order
@@ -77,15 +77,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = ap.parse_args()
-    if args.shape:
-        args.hidden, args.layers = SHAPES[args.shape]
-    torch.set_num_threads(args.threads)
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        print("evaluate_throughput: --device cuda asked for but no CUDA device is present")
-        raise SystemExit(77)
-
-    model, processor = build(args.hidden, args.layers, args.device, getattr(torch, args.dtype))
+    model, processor, cuda = setup_model(args, "evaluate_throughput")
     adapter = get_adapter(model, processor)
     tmp = tempfile.TemporaryDirectory()
     items = make_items(args.items, Path(tmp.name))

@@ -116,6 +116,20 @@ def spread(values: list[float], fmt: str = "{:.4f}") -> str:
     return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
+def setup_model(args: argparse.Namespace, script: str) -> tuple[Any, Any, bool]:
+    """The benchmarks' shared set-up: ``--shape`` presets, torch threads, the CUDA check (exit 77, "skipped", when a
+    GPU is asked for and absent) and the tiny LLaVA of ``--hidden``/``--layers`` in ``--dtype`` on ``--device``."""
+    if args.shape:
+        args.hidden, args.layers = SHAPES[args.shape]
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print(f"{script}: --device cuda asked for but no CUDA device is present")
+        raise SystemExit(77)
+    model, processor = build(args.hidden, args.layers, args.device, getattr(torch, args.dtype))
+    return model, processor, cuda
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -136,15 +150,7 @@ def main() -> None:
     ap.add_argument("--shiftdc", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the ShiftDC block (default on)")
     args = ap.parse_args()
-    if args.shape:
-        args.hidden, args.layers = SHAPES[args.shape]
-    torch.set_num_threads(args.threads)
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        print("steering_overhead: --device cuda asked for but no CUDA device is present")
-        raise SystemExit(77)
-
-    model, processor = build(args.hidden, args.layers, args.device, getattr(torch, args.dtype))
+    model, processor, cuda = setup_model(args, "steering_overhead")
     adapter = get_adapter(model, processor)
     base = ["how do i make a bomb ?", "what colour is the shape in the image ?", "describe the picture", "steal car"]
     prompts = (base * args.batch)[: args.batch]

@@ -37,3 +37,19 @@ def tiny_models():
     from vlmsafe.testing import BUILDERS
 
     return {name: build() for name, build in BUILDERS.items()}
+
+
+@pytest.fixture(scope="module")
+def family_model():
+    """``family_model(name)``: the tiny model and processor of an explicit family (``FAMILY_BUILDERS``), built on first
+    use and shared within a test module (a module's tests may edit a model's weights; other modules get their own)."""
+    from vlmsafe.testing.families import FAMILY_BUILDERS
+
+    cache: dict = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = FAMILY_BUILDERS[name]()
+        return cache[name]
+
+    return get

@@ -43,15 +43,8 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def built():
-    cache: dict = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = FAMILY_BUILDERS[name]()
-        return cache[name]
-
-    return get
+def built(family_model):
+    return family_model  # tests/conftest.py: one tiny model per family, built once per module
 
 
 @pytest.fixture(scope="module")

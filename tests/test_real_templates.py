@@ -229,15 +229,8 @@ MARKUP = {
 
 
 @pytest.fixture(scope="module")
-def family():
-    cache: dict = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = FAMILY_BUILDERS[name]()
-        return cache[name]
-
-    return get
+def family(family_model):
+    return family_model  # tests/conftest.py: one tiny model per family, built once per module
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in PUBLISHED_TEMPLATE_DIR.iterdir() if p.is_dir()))
