@@ -312,6 +312,7 @@ NOT_INPUTS = {
     "--out", "--output", "--output-dir", "--json",  # outputs (checked against the inputs)
     "--prompt", "--caption-prompt", "--template", "--negative-prompt", "--include",  # text
     "--device", "--device-map", "--image-types", "--resume",  # --resume: a checkpoint inside --output-dir
+    "--push-to-hub", "--hub-token",  # a Hub repository id and a token, never a local file
     "--help", "--version",
 }
 
