@@ -23,13 +23,13 @@ FIGURES = ROOT / "assets" / "readme"
 
 
 def on_page_markdown(markdown, page, config, files):
-    """The figures' site path, and the support table of ``models.md`` from ``vlmsafe.adapters.support_table()``,
-    at build time."""
+    """The figures' site path, and the support block of ``models.md`` (the README's:
+    ``vlmsafe.testing.coverage.readme_block()``), at build time."""
     markdown = markdown.replace("](../assets/readme/", "](img/")
     if "<!-- SUPPORT-TABLE -->" in markdown:
-        from vlmsafe.adapters import support_table
+        from vlmsafe.testing.coverage import readme_block
 
-        markdown = markdown.replace("<!-- SUPPORT-TABLE -->", support_table().strip())
+        markdown = markdown.replace("<!-- SUPPORT-TABLE -->", readme_block().strip())
     return markdown
 
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import get_adapter
 from vlmsafe.adapters.families import MllamaAdapter
-from vlmsafe.adapters.support import ALIGNED_LLMS, MERGE_GAPS, _family_table
+from vlmsafe.adapters.support import ALIGNED_LLMS, MERGE_GAPS, support_table
 from vlmsafe.errors import InputError, UnsupportedModelError
 from vlmsafe.loading import load_model
 from vlmsafe.merge import MergeConfig, merge_checkpoints
@@ -453,7 +453,7 @@ def test_mllama_steering_with_given_vectors(built):
 def test_support_table_states_what_the_tests_check():
     """One row per explicit family (each built and tested here), gaps with their reasons; the merge gaps are the
     families the merge test skips, and the cross-attention family's twin refusal is its adapter's."""
-    table = _family_table()  # (support_table() appends the generic adapter's coverage: test_generic_adapter.py)
+    table = support_table()  # (the README block appends the generic adapter's coverage: test_generic_adapter.py)
     rows = {line.split(" | ")[0]: line for line in table.splitlines()[2:]}
     assert len(rows) == len(ALIGNED_LLMS) + 1
     tested = set(FAMILY_BUILDERS) | {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl"}

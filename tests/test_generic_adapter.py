@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from vlmsafe.adapters import GenericVLMAdapter, GuessedAdapterWarning, get_adapter, support
+from vlmsafe.adapters import GenericVLMAdapter, GuessedAdapterWarning, get_adapter, support_table
 from vlmsafe.adapters.base import adapter_class_for
 from vlmsafe.adapters.generic import _CACHE
 from vlmsafe.errors import UnsupportedModelError
 from vlmsafe.steering import SafeVLM, calibrate, steer
-from vlmsafe.testing import IMAGE_SIZE, random_image, tiny_llava, tiny_text_config, tiny_vision_config
+from vlmsafe.testing import IMAGE_SIZE, coverage, random_image, tiny_llava, tiny_text_config, tiny_vision_config
 from vlmsafe.testing.families import FAMILY_BUILDERS, shrunk_config
 
 #: Families with an explicit adapter (the walk must find each as explicit, never generic).
@@ -26,7 +26,7 @@ FAST_FORWARD = ("vipllava", "llava_next_video", "video_llava", "got_ocr2", "ligh
 
 @pytest.fixture(scope="module")
 def walk():
-    return support.walk()  # the same (cached) walk the README's coverage section is generated from
+    return coverage.walk()  # the same (cached) walk the README's coverage section is generated from
 
 
 def test_walk_reports_every_image_text_to_text_class(walk):
@@ -38,7 +38,7 @@ def test_walk_reports_every_image_text_to_text_class(walk):
         print(f"{model_type:28} {cls:48} {status:11} {detail[:110]}")  # the report (pytest -s)
     assert set(by_status["explicit"]) >= EXPLICIT
     assert not EXPLICIT & set(by_status.get("generic", []))
-    generic, refused, share = support.coverage(rows)
+    generic, refused, share = coverage.coverage(rows)
     assert (generic, refused) == (len(by_status["generic"]), len(by_status["refused"]))
     print({k: len(v) for k, v in by_status.items()}, f"generic coverage {share:.0%}")
     assert share >= 0.8
@@ -69,15 +69,15 @@ def test_walk_reports_every_image_text_to_text_class(walk):
 def test_readme_coverage_section_is_the_walks(walk):
     """The README block's coverage section is generated from this walk: counts, share, every gap with its reason."""
     rows, _ = walk
-    section = support.coverage_section(rows)
-    table = support.support_table()
-    assert table.startswith(support._family_table()) and table.endswith(section)
-    generic, refused, share = support.coverage(rows)
+    section = coverage.coverage_section(rows)
+    table = coverage.readme_block()
+    assert table.startswith(support_table()) and table.endswith(section)
+    generic, refused, share = coverage.coverage(rows)
     assert f"covers {generic} of the {generic + refused} decoder-only VLM classes without an explicit adapter " \
            f"({share:.0%})" in section
     # the stricter reading counts the out-of-scope classes as uncovered too; both shares are printed
     scope = sum(r[2] == "out of scope" for r in rows)
-    assert support.strict_coverage(rows) == (generic, refused + scope, generic / (generic + refused + scope))
+    assert coverage.strict_coverage(rows) == (generic, refused + scope, generic / (generic + refused + scope))
     assert f"{generic} of the {generic + refused + scope} buildable classes without an explicit adapter " \
            f"({generic / (generic + refused + scope):.0%})" in section
     for model_type, _, status, detail in rows:

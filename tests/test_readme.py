@@ -68,8 +68,9 @@ def test_readme_links_point_at_files_in_the_checkout():
 
 
 def test_readme_support_table_is_the_generated_one():
-    from vlmsafe.adapters import support_table
+    from vlmsafe.testing.coverage import readme_block
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text.split("<!-- SUPPORT-TABLE-START -->\n", 1)[1].split("\n<!-- SUPPORT-TABLE-END -->", 1)[0]
-    assert block.strip() == support_table().strip(), "regenerate it from vlmsafe.adapters.support_table()"
+    assert block.strip() == readme_block().strip(), \
+        "regenerate it: python -m vlmsafe.cli.support_table --write README.md"

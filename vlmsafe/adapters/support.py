@@ -5,20 +5,13 @@ from :data:`ALIGNED_LLMS` / :data:`MERGE_GAPS`, which ``tests/test_families.py``
 with, so the table states what the tests check. ``tests/test_families.py`` and ``tests/test_generic_adapter.py``
 exercise every "yes" on a tiny model of the family's real transformers class.
 
-Below the table, :func:`coverage_section` states what the generic adapter makes of every image-text-to-text
-class of the installed transformers (:func:`vlmsafe.testing.families.walk_image_text_to_text`, which
-``tests/test_generic_adapter.py`` checks): the counts, the coverage, and every class it refuses, leaves out
-of scope or cannot build tiny, with the reason.
-
-Regenerate the README block with ``python -m vlmsafe.adapters.support`` (prints it) or
-``python -m vlmsafe.adapters.support --write README.md``.
+The README block adds, below this table, what the generic adapter makes of every image-text-to-text class of
+the installed transformers: that walk builds tiny models with the test kit, so it lives above the library
+(:mod:`vlmsafe.testing.coverage`); regenerate the block with ``python -m vlmsafe.cli.support_table --write
+README.md``.
 """
 
 from __future__ import annotations
-
-import functools
-import sys
-from pathlib import Path
 
 from vlmsafe.adapters.base import _REGISTRY, ModelAdapter
 
@@ -75,89 +68,9 @@ def support_rows() -> list[tuple[str, ...]]:
     return rows
 
 
-@functools.lru_cache(maxsize=1)
-def walk() -> tuple[list[tuple[str, str, str, str]], dict]:
-    """The walk over the installed transformers' image-text-to-text classes (rows, built meta models); once."""
-    from vlmsafe.testing.families import walk_image_text_to_text
-
-    models: dict = {}
-    rows = walk_image_text_to_text(models=models)
-    return rows, models
-
-
-def coverage(rows) -> tuple[int, int, float]:
-    """``(generic, refused, share)``: the generic adapter's share of the decoder-only VLM classes that have no
-    explicit adapter (out-of-scope and unbuildable classes are not counted)."""
-    generic = sum(r[2] == "generic" for r in rows)
-    refused = sum(r[2] == "refused" for r in rows)
-    return generic, refused, generic / max(1, generic + refused)
-
-
-def strict_coverage(rows) -> tuple[int, int, float]:
-    """``(generic, not covered, share)`` counting every buildable class without an explicit adapter, the out-of-
-    scope ones (encoder-decoders, models without image input) as not covered: the stricter reading."""
-    generic = sum(r[2] == "generic" for r in rows)
-    missed = sum(r[2] in ("refused", "out of scope") for r in rows)
-    return generic, missed, generic / max(1, generic + missed)
-
-
-def coverage_section(rows) -> str:
-    """Markdown: what the walk found, the generic adapter's coverage, and every class it does not cover."""
-    import transformers
-
-    counts = {s: sum(r[2] == s for r in rows) for s in ("explicit", "generic", "refused", "out of scope",
-                                                        "unbuildable")}
-    generic, refused, share = coverage(rows)
-    _, missed, strict = strict_coverage(rows)
-    lines = [
-        f"Every image-text-to-text model class of the installed transformers ({transformers.__version__}), built "
-        f"from its default config shrunk to 2 layers: {len(rows)} classes; {counts['explicit']} explicit, "
-        f"{counts['generic']} generic, {counts['refused']} refused, {counts['out of scope']} out of scope, "
-        f"{counts['unbuildable']} whose default config does not build. The generic adapter covers {generic} of "
-        f"the {generic + refused} decoder-only VLM classes without an explicit adapter ({share:.0%}); counting "
-        f"the out-of-scope classes as uncovered too, {generic} of the {generic + missed} buildable classes without "
-        f"an explicit adapter ({strict:.0%}). Out of scope, and not counted in the first share: encoder-decoders "
-        "(their decoder reads the image through cross-attention to an encoder; no image positions, no text-only "
-        "twin) and classes with neither a vision config nor an image "
-        "token (text-only, protein-text and robot-action models listed under image-text-to-text). Generic: "
-        + ", ".join(f"`{r[0]}`" for r in rows if r[2] == "generic") + ".",
-        "",
-        "| model type | class | status | why |",
-        "|---|---|---|---|",
-    ]
-    for model_type, cls, status, detail in rows:
-        if status in ("refused", "out of scope", "unbuildable"):
-            lines.append(f"| `{model_type}` | `{cls}` | {status} | {detail.replace('|', '/')} |")
-    return "\n".join(lines) + "\n"
-
-
 def support_table() -> str:
-    """The family table, then the generic adapter's coverage of the installed transformers (the README block)."""
-    return _family_table() + "\n" + coverage_section(walk()[0])
-
-
-def _family_table() -> str:
     """The support table as Markdown (family x {steering, sample-level, ShiftDC, merge with its LLM, probes})."""
     head = ("family", *COLUMNS)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in support_rows()]
     return "\n".join(lines) + "\n"
-
-
-START, END = "<!-- SUPPORT-TABLE-START -->\n", "\n<!-- SUPPORT-TABLE-END -->"
-
-
-def write_readme(path: str | Path) -> None:
-    """Replace the block between the SUPPORT-TABLE markers of ``path`` with :func:`support_table`."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(head + START + support_table().strip() + END + tail, encoding="utf-8")
-
-
-if __name__ == "__main__":  # python -m vlmsafe.adapters.support [--write README.md]
-    if sys.argv[1:2] == ["--write"]:
-        write_readme(sys.argv[2] if len(sys.argv) > 2 else "README.md")
-    else:
-        sys.stdout.write(support_table())
