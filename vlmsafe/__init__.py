@@ -47,6 +47,6 @@ _EXPORTS: dict[str, str] = {
     # evaluation
     "evaluate": "vlmsafe.eval.evaluate",
 }
-__getattr__, __dir__ = attach(__name__, _EXPORTS)
-
 __all__ = ["VlmsafeError", "__version__", *_EXPORTS]
+
+__getattr__, __dir__ = attach(__name__, _EXPORTS)

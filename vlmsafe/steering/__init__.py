@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 from vlmsafe._lazy import attach
 
-if TYPE_CHECKING:  # static analysers see the real names; at run time they load on first access
+if TYPE_CHECKING:  # the public names and their modules, for static tools; at run time
+    # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.loading import load_model
     from vlmsafe.steering.anchors import ANCHORS, anchor_image
     from vlmsafe.steering.cmrm import calibrate, compute_sample_shifts, safety_directions, steer, steer_sample_level
@@ -15,28 +16,6 @@ if TYPE_CHECKING:  # static analysers see the real names; at run time they load 
     from vlmsafe.steering.safevlm import SafeVLM
     from vlmsafe.steering.shiftdc import calibrate_shiftdc, generate_captions, steer_shiftdc
     from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors, calibration_meta
-
-#: Public name -> the module that defines it (``module:attr`` for an alias).
-_EXPORTS: dict[str, str] = {
-    "ANCHORS": "vlmsafe.steering.anchors",
-    "SafeVLM": "vlmsafe.steering.safevlm",
-    "SafetyDirections": "vlmsafe.steering.directions",
-    "ShiftAccumulator": "vlmsafe.steering.vectors",
-    "ShiftVectors": "vlmsafe.steering.vectors",
-    "SteeringConfig": "vlmsafe.steering.config",
-    "anchor_image": "vlmsafe.steering.anchors",
-    "calibrate": "vlmsafe.steering.cmrm",
-    "calibrate_shiftdc": "vlmsafe.steering.shiftdc",
-    "calibration_meta": "vlmsafe.steering.vectors",
-    "compute_sample_shifts": "vlmsafe.steering.cmrm",
-    "generate_captions": "vlmsafe.steering.shiftdc",
-    "load_model": "vlmsafe.loading",
-    "safety_directions": "vlmsafe.steering.cmrm",
-    "steer": "vlmsafe.steering.cmrm",
-    "steer_sample_level": "vlmsafe.steering.cmrm",
-    "steer_shiftdc": "vlmsafe.steering.shiftdc",
-}
-__getattr__, __dir__ = attach(__name__, _EXPORTS)
 
 __all__ = [
     "ANCHORS",
@@ -57,3 +36,5 @@ __all__ = [
     "steer_sample_level",
     "steer_shiftdc",
 ]
+
+__getattr__, __dir__ = attach(__name__)
