@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the public names and their modules, for static tools; at ru
     from vlmsafe.merge.methods import (
         METHODS,
         apply_mask,
+        dare,
         dare_linear,
         dare_ties,
         linear,
@@ -65,6 +66,7 @@ __all__ = [
     "build_masks",
     "canonical_name",
     "collect_input_norms",
+    "dare",
     "dare_linear",
     "dare_ties",
     "is_buffer",
