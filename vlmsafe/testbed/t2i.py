@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from vlmsafe.io import atomic_path, check_output, read_json, sha256_file, write_json_atomic
 from vlmsafe.testbed import safeclip as tb
 from vlmsafe.testbed import t2i_measure as t2i
+from vlmsafe.testbed.train import optimizer_step
 
 VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3,
@@ -171,11 +172,7 @@ def train_vae(
         z = vae.encode(xb).latent_dist.mean
         rec = vae.decode(z).sample
         loss = (rec - xb).abs().mean() + (rec - xb).pow(2).mean() + 1e-4 * z.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(opt, sched, loss, None))
     return vae.eval(), losses
 
 
@@ -244,15 +241,10 @@ def train_unet(
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
         pred = unet(noise_sched.add_noise(x0, noise, t), t, c).sample
         loss = F.mse_loss(pred, noise_sched.get_velocity(x0, noise, t))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        losses.append(optimizer_step(opt, sched, loss, unet.parameters()))
         with torch.no_grad():
             for pe, p in zip(ema_unet.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - ema)
-        losses.append(float(loss.detach()))
     return ema_unet.eval(), losses
 
 
