@@ -24,17 +24,21 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from vlmsafe.errors import InputError
 from vlmsafe.eval.refusal import DEFAULT_REFUSAL_PHRASES, RefusalJudge, is_degenerate, normalize_text
 from vlmsafe.eval.verdict import Judge, Verdict, check_lengths
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
     "HARMBENCH_PROMPT",
     "HarmBenchJudge",
     "Judge",
+    "JudgeOptions",
     "LlamaGuardJudge",
     "RefusalJudge",
     "Verdict",
@@ -51,6 +55,16 @@ __all__ = [
 OnUnparsed = Literal["unsafe", "safe", "error"]
 
 
+class JudgeOptions(TypedDict, total=False):
+    """The options every model judge takes, with their defaults in one place (:class:`_GenerativeJudge`):
+    ``batch_size`` (8), ``refusal_judge`` (a default :class:`RefusalJudge`: fills ``refused`` and ``degenerate``)
+    and ``on_unparsed`` (``"unsafe"``: what an answer that is neither safe nor unsafe counts as)."""
+
+    batch_size: int
+    refusal_judge: RefusalJudge | None
+    on_unparsed: OnUnparsed
+
+
 class _GenerativeJudge:
     """Shared plumbing: batch prompts, greedy-generate a few tokens with left padding, decode."""
 
@@ -61,11 +75,11 @@ class _GenerativeJudge:
         model: Any,
         tokenizer: Any,
         *,
-        batch_size: int,
         max_new_tokens: int,
-        refusal_judge: RefusalJudge | None,
-        on_unparsed: OnUnparsed,
         name: str,
+        batch_size: int = 8,
+        refusal_judge: RefusalJudge | None = None,
+        on_unparsed: OnUnparsed = "unsafe",
     ) -> None:
         if on_unparsed not in ("unsafe", "safe", "error"):
             raise InputError(f"on_unparsed must be 'unsafe', 'safe' or 'error', got {on_unparsed!r}")
@@ -176,8 +190,9 @@ class LlamaGuardJudge(_GenerativeJudge):
         content_format: ``"string"`` (``"content": "text"``, Llama Guard 1-3) or ``"parts"``
             (``"content": [{"type": "text", "text": ...}]``, Llama Guard 3 Vision / 4).
         template_kwargs: extra ``apply_chat_template`` arguments (e.g. ``categories=...``).
-        on_unparsed: what an unparseable answer counts as (default ``"unsafe"``: a judge failure
-            must not flatter the model); a warning reports how many there were.
+        options: :class:`JudgeOptions` -- ``batch_size``, ``refusal_judge`` and ``on_unparsed``, what an
+            unparseable answer counts as (default ``"unsafe"``: a judge failure must not flatter the model); a
+            warning reports how many there were.
     """
 
     def __init__(
@@ -185,18 +200,13 @@ class LlamaGuardJudge(_GenerativeJudge):
         model: Any,
         tokenizer: Any,
         *,
-        batch_size: int = 8,
         max_new_tokens: int = 16,
         content_format: Literal["string", "parts"] = "string",
         template_kwargs: dict[str, Any] | None = None,
-        refusal_judge: RefusalJudge | None = None,
-        on_unparsed: OnUnparsed = "unsafe",
         name: str = "llamaguard",
+        **options: Unpack[JudgeOptions],
     ) -> None:
-        super().__init__(
-            model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            refusal_judge=refusal_judge, on_unparsed=on_unparsed, name=name,
-        )  # fmt: skip
+        super().__init__(model, tokenizer, max_new_tokens=max_new_tokens, name=name, **options)
         if content_format not in ("string", "parts"):
             raise InputError(f"content_format must be 'string' or 'parts', got {content_format!r}")
         if getattr(tokenizer, "chat_template", None) is None and "chat_template" not in (template_kwargs or {}):
@@ -262,6 +272,7 @@ class HarmBenchJudge(_GenerativeJudge):
         model / tokenizer: the classifier (e.g. ``cais/HarmBench-Llama-2-13b-cls``).
         template: prompt with ``{behavior}`` and ``{generation}`` fields (default :data:`HARMBENCH_PROMPT`).
         max_new_tokens: HarmBench reads one token.
+        options: :class:`JudgeOptions` (``batch_size``, ``refusal_judge``, ``on_unparsed``).
     """
 
     judges_content = False
@@ -272,16 +283,11 @@ class HarmBenchJudge(_GenerativeJudge):
         tokenizer: Any,
         *,
         template: str = HARMBENCH_PROMPT,
-        batch_size: int = 8,
         max_new_tokens: int = 1,
-        refusal_judge: RefusalJudge | None = None,
-        on_unparsed: OnUnparsed = "unsafe",
         name: str = "harmbench",
+        **options: Unpack[JudgeOptions],
     ) -> None:
-        super().__init__(
-            model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            refusal_judge=refusal_judge, on_unparsed=on_unparsed, name=name,
-        )  # fmt: skip
+        super().__init__(model, tokenizer, max_new_tokens=max_new_tokens, name=name, **options)
         if "{behavior}" not in template or "{generation}" not in template:
             raise InputError("template must contain '{behavior}' and '{generation}'")
         self.template = template
