@@ -56,40 +56,25 @@ def _seed(seed: int) -> None:
     np.random.seed(seed)
 
 
+#: The tiny language model (a ``LlamaConfig``): every builder's text side, less what it overrides.
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)
+#: The tiny CLIP vision tower (a ``CLIPVisionConfig``): patch 8 at :data:`IMAGE_SIZE` pixels.
+_TINY_VISION = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=2, projection_dim=16)
+
+
 def tiny_text_config(vocab_size: int, **overrides):
     from transformers import LlamaConfig
 
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    return LlamaConfig(**{**_TINY_TEXT, "vocab_size": vocab_size, **overrides})
 
 
 def tiny_vision_config(**overrides):
     from transformers import CLIPVisionConfig
 
-    kwargs = dict(
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        hidden_size=24,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        projection_dim=16,
-    )
-    kwargs.update(overrides)
-    return CLIPVisionConfig(**kwargs)
+    return CLIPVisionConfig(**{**_TINY_VISION, **overrides})
 
 
 def tiny_tokenizer(**kwargs):

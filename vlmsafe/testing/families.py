@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from vlmsafe.errors import InputError
-from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _seed
+from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _seed, _token_ids
 from vlmsafe.testing.tokenization import BOS, EOS, PAD, TEMPLATE_WORDS, UNK
 
 #: The published chat templates of the families, one folder each (``chat_template.json`` + ``SOURCE.md``).
@@ -78,14 +78,10 @@ def family_tokenizer(special_tokens, named=None, *, chat_template=None, bos=BOS,
     return tok
 
 
-def _ids(tok) -> dict:
-    return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
-
-
 def _text(tok, **overrides) -> dict:
     kwargs = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                  tie_word_embeddings=False, **_ids(tok))
+                  tie_word_embeddings=False, **_token_ids(tok))
     kwargs.update(overrides)
     return kwargs
 
@@ -516,7 +512,7 @@ def tiny_mllama(seed: int = 0, template: str = "published", text: dict | None = 
     config = t.MllamaConfig(
         text_config={**dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
-                            max_position_embeddings=512, **_ids(tok)),
+                            max_position_embeddings=512, **_token_ids(tok)),
                      **{k: v for k, v in (text or {}).items() if k != "head_dim"}},
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
                            attention_heads=2, vision_output_dim=32, image_size=IMAGE_SIZE, patch_size=8,
