@@ -9,6 +9,7 @@ from typing import Any
 
 from vlmsafe.cli.options import (
     add_anchor_options,
+    add_command,
     add_data_options,
     add_input,
     add_max_new_tokens,
@@ -54,8 +55,8 @@ examples:
 def register(subparsers: Any) -> None:
     from vlmsafe.steering.choices import CALIBRATION_POSITIONS
 
-    cal = subparsers.add_parser(
-        "calibrate",
+    cal = add_command(
+        subparsers, "calibrate", run_calibrate,
         help="compute dataset-level CMRM shift vectors (or ShiftDC safety directions) for a VLM",
         description=(
             "CMRM (default): run every item of --data through the model twice, with an image (its own, or a "
@@ -66,7 +67,6 @@ def register(subparsers: Any) -> None:
             "use them with `vlmsafe generate --shiftdc DIR`."
         ),
         epilog=_CALIBRATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_options(cal)
     add_data_options(cal, help="JSONL calibration items (with an image each, unless --anchor blank/noise)")
@@ -98,14 +98,12 @@ def register(subparsers: Any) -> None:
                    "(default: none, captions from the data or the model)")
     add_push_options(cal, what="the vectors / directions folder")
     add_progress_option(cal)
-    cal.set_defaults(func=run_calibrate)
 
-    gen = subparsers.add_parser(
-        "generate",
+    gen = add_command(
+        subparsers, "generate", run_generate,
         help="generate with a VLM, optionally under CMRM or ShiftDC steering",
         description="Generate a response for one prompt (and image), unsteered or steered with CMRM or ShiftDC.",
         epilog=_GENERATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_options(gen)
     gen.add_argument("--prompt", required=True,
@@ -113,7 +111,6 @@ def register(subparsers: Any) -> None:
     add_input(gen, "--image", default=None, help="image file (default: none, a text-only prompt)")
     add_max_new_tokens(gen)
     add_steering_options(gen)
-    gen.set_defaults(func=run_generate)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
