@@ -107,6 +107,12 @@ def _check_tokenizer_kind(tokenizer: str) -> None:
         raise InputError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {tokenizer!r}")
 
 
+def _check_variant(variant: str, *variants: str) -> None:
+    """Refuse an unknown ``variant`` of a builder before any work, naming the ones there are."""
+    if variant not in variants:
+        raise InputError(f"unknown variant {variant!r}; use {' or '.join(map(repr, variants))}")
+
+
 def _token_ids(tok) -> dict:
     """pad/bos/eos ids of a tokenizer for a tiny text config (``None`` where the tokenizer has none)."""
     return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
@@ -208,6 +214,7 @@ def tiny_qwen2_vl(seed: int = 0, variant: str = "qwen2_vl", *, tokenizer: str = 
     from transformers import Qwen2VLImageProcessor
 
     _check_tokenizer_kind(tokenizer)
+    _check_variant(variant, "qwen2_vl", "qwen2_5_vl")
     _seed(seed)
     real = real_processor("qwen2_vl") if tokenizer == "real" else None
     if real is not None:
@@ -240,15 +247,13 @@ def tiny_qwen2_vl(seed: int = 0, variant: str = "qwen2_vl", *, tokenizer: str = 
         vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
         config_cls, model_cls, proc_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    elif variant == "qwen2_5_vl":
+    else:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
         vision = dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
                       fullatt_block_indexes=[0])
         config_cls, model_cls, proc_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    else:
-        raise ValueError(f"unknown variant {variant!r}; use 'qwen2_vl' or 'qwen2_5_vl'")
     config = config_cls(
         text_config=text,
         vision_config=vision,

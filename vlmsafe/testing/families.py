@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from vlmsafe.errors import InputError
-from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _seed, _token_ids
+from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _check_variant, _seed, _token_ids
 from vlmsafe.testing.tokenization import BOS, EOS, PAD, TEMPLATE_WORDS, UNK
 
 #: The published chat templates of the families, one folder each (``chat_template.json`` + ``SOURCE.md``).
@@ -278,6 +278,7 @@ def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm", template: str = "publi
     ``num2words`` package; both expand ``<image>`` the same way for one unsplit image)."""
     import transformers as t
 
+    _check_variant(variant, "smolvlm", "idefics3")
     _seed(seed)
     chat_template = _template("smolvlm", template, SMOLVLM_TEMPLATE)
     tok = family_tokenizer(("<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
@@ -295,12 +296,10 @@ def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm", template: str = "publi
     if variant == "smolvlm":
         config = t.SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2, image_token_id=image_token_id)
         model = t.SmolVLMForConditionalGeneration(config)
-    elif variant == "idefics3":
+    else:
         config = t.Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
                                   image_token_id=image_token_id)
         model = t.Idefics3ForConditionalGeneration(config)
-    else:
-        raise ValueError(f"unknown variant {variant!r}; use 'smolvlm' or 'idefics3'")
     return model.eval(), processor
 
 
