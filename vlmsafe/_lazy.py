@@ -20,15 +20,14 @@ def attach(
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package``; assign both at the end of the package's ``__init__``.
 
-    Each public name is declared once, where static tools read it: an import in the package's
-    ``if TYPE_CHECKING:`` block (``from vlmsafe.eval.judges import RefusalJudge``; ``import X as Y`` for an alias),
-    listed in the literal ``__all__``. The block is what ruff, IDEs and the API reference (griffe) follow, and a
-    literal ``__all__`` is the only one they read, so neither can be computed; ``attach`` reads the block from the
-    package's source (:func:`block_exports`) instead of a third, hand-kept table. ``exports`` (name ->
-    ``"module"`` or ``"module:attr"``) is for the top-level package, whose layer may not import its subpackages even
-    for type checkers (``tests/test_layering.py``). Every name of ``__all__`` must be either lazy or already
-    defined, and every lazy name listed: a mismatch is a :class:`~vlmsafe.errors.InternalError` at import, so a
-    forgotten export cannot ship.
+    A package states its public names only where static tools read them: an import in its ``if TYPE_CHECKING:``
+    block (``from vlmsafe.eval.judges import RefusalJudge``; ``import X as Y`` for an alias), and the literal
+    ``__all__`` (ruff, IDEs and the API reference's griffe read no computed one). ``attach`` reads the block from
+    the package's source (:func:`block_exports`) instead of a third, hand-kept name -> module table, and checks it
+    against ``__all__``: every listed name must be lazy or already defined, every lazy name listed, else an
+    :class:`~vlmsafe.errors.InternalError` at import, so a forgotten export cannot ship. ``exports`` (name ->
+    ``"module"`` or ``"module:attr"``) is for the top-level package, whose layer may not import its subpackages
+    even for type checkers (``tests/test_layering.py``).
 
     A submodule named like an export (``vlmsafe.eval.evaluate`` and the function ``evaluate``) would otherwise
     replace the export on the package when it is imported (the import system sets the package attribute); as
