@@ -236,11 +236,11 @@ def dare(
     return _consensus_merge(b, deltas, w, elect_sign=elect_sign, normalize=normalize, scale=scale)
 
 
-#: DARE + task arithmetic: randomly drop ``1 - density`` of each delta, rescale, weighted sum (:func:`dare`).
 dare_linear = functools.partial(dare, elect_sign=False)
+"""DARE + task arithmetic: randomly drop ``1 - density`` of each delta, rescale, weighted sum (:func:`dare`)."""
 
-#: DARE + TIES sign election: randomly drop and rescale each delta, then elect sign and merge (:func:`dare`).
 dare_ties = functools.partial(dare, elect_sign=True)
+"""DARE + TIES sign election: randomly drop and rescale each delta, then elect sign and merge (:func:`dare`)."""
 
 
 def slerp(
