@@ -19,7 +19,7 @@ from vlmsafe.activations import RelativeVector, edit_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import InputError
 from vlmsafe.steering.anchors import anchor_image
-from vlmsafe.steering.application import SteeringHandle, prompt_states, steering_plan
+from vlmsafe.steering.application import prompt_states, steering_plan
 from vlmsafe.steering.choices import DEFAULT_ALPHA, check_alpha, check_positions
 from vlmsafe.steering.config import SteeringConfig
 from vlmsafe.steering.registry import SteeringBatch, SteeringMethod, register_steering_method
@@ -61,7 +61,8 @@ class DatasetLevel(SteeringMethod):
     def recorded_setting(self, artefact: ShiftVectors) -> dict[str, Any]:
         return artefact.recorded_setting()
 
-    def apply(self, config: SteeringConfig, adapter: ModelAdapter, batch: SteeringBatch) -> SteeringHandle:
+    def apply(self, config: SteeringConfig, adapter: ModelAdapter,
+              batch: SteeringBatch) -> contextlib.AbstractContextManager[Any]:
         if config.vectors is None:
             raise InputError(NEEDS_VECTORS)
         vectors = config.vectors
@@ -71,7 +72,7 @@ class DatasetLevel(SteeringMethod):
         chosen = vectors.select(layer_ids)
         plan = steering_plan(adapter, dict(chosen.shifts), config.alpha, config.positions, config.decode,
                              config.steer_text_only)
-        return SteeringHandle(edit_activations(adapter, plan, static=config.static))
+        return edit_activations(adapter, plan, static=config.static)
 
 
 @register_steering_method("sample")
@@ -109,7 +110,7 @@ class SampleLevel(SteeringMethod):
 
 
 def _anchored(config: SteeringConfig, adapter: ModelAdapter, prompts: list[str],
-              batch: SteeringBatch) -> SteeringHandle:
+              batch: SteeringBatch) -> contextlib.AbstractContextManager[Any]:
     """Sample-level CMRM on a fixed anchor image, as in the paper: two extra (unsteered) passes per batch.
 
     Each row's shift is ``h(prompt, anchor) - h(prompt)`` at the last prompt token, measured before
@@ -127,7 +128,7 @@ def _anchored(config: SteeringConfig, adapter: ModelAdapter, prompts: list[str],
     per_row = ShiftVectors(shifts=shifts, meta={"num_layers": adapter.num_layers, "family": adapter.family, **meta})
     plan = steering_plan(adapter, dict(per_row.shifts), config.alpha, config.positions, False,
                          config.steer_text_only)
-    return SteeringHandle(edit_activations(adapter, plan, static=config.static))
+    return edit_activations(adapter, plan, static=config.static)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from torch import nn
 from vlmsafe.activations import EditPlan, Prompt, RelativeVector, edit_activations
 from vlmsafe.adapters import ModelAdapter
 from vlmsafe.errors import InputError
-from vlmsafe.steering.application import SteeringHandle, prompt_states
+from vlmsafe.steering.application import prompt_states
 from vlmsafe.steering.choices import DEFAULT_ALPHA, SHIFTDC_LAYERS
 from vlmsafe.steering.config import SteeringConfig, apply_steering
 from vlmsafe.steering.registry import SteeringBatch, SteeringMethod, register_steering_method
@@ -63,7 +63,8 @@ class ShiftDC(SteeringMethod):
     def _layers(config: SteeringConfig) -> Any:
         return SHIFTDC_LAYERS if config.layers is None else config.layers
 
-    def apply(self, config: SteeringConfig, adapter: ModelAdapter, batch: SteeringBatch) -> SteeringHandle:
+    def apply(self, config: SteeringConfig, adapter: ModelAdapter,
+              batch: SteeringBatch) -> contextlib.AbstractContextManager[Any]:
         """Runs, before steering starts: the caption generation for rows with an image and no caption, the
         counterpart pass, and (``shift_from="unsteered"``) the unsteered multimodal pass. Then the last prompt
         token of each row with an image gets ``h_l -= alpha * (m_l . s_l / s_l . s_l) s_l`` at every steered layer.
@@ -111,8 +112,8 @@ class ShiftDC(SteeringMethod):
                                          what="ShiftDC") for l in layer_ids}
         plan = EditPlan(vectors=vectors, positions="last", decode=config.decode, rows=_image_rows(row_on),
                         scale=-config.alpha)
-        return SteeringHandle(_with_state(edit_activations(adapter, plan, static=config.static),
-                                          captions=given, corrections=corrections))
+        return _with_state(edit_activations(adapter, plan, static=config.static), captions=given,
+                           corrections=corrections)
 
 
 @contextlib.contextmanager

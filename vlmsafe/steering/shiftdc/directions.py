@@ -93,7 +93,8 @@ class SafetyDirections:
     harmful ones (benign minus harmful: vlmsafe's one sign for safety directions, also that of
     :func:`~vlmsafe.steering.cmrm.safety_directions`; a projection does not depend on it);
     ``benign_means`` / ``harmful_means`` are the two means. ``meta`` records the model, the caption
-    instruction and budget, the counts and the calibration-set hash; ``captions`` the caption of every calibration item and where it came from (``"data"`` or ``"generated"``).
+    instruction and budget, the counts and the calibration-set hash; ``captions`` the caption of every
+    calibration item and where it came from (``"data"`` or ``"generated"``).
     """
 
     directions: dict[int, torch.Tensor]
