@@ -153,6 +153,12 @@ class SteeringConfig:
         }
         return {**out, **method.describe(self)}
 
+    def check_ready(self) -> None:
+        """Refuse a config that cannot be applied as it is (its method says what it lacks)."""
+        missing = self.method.missing(self) if self.method is not None else None
+        if missing:
+            raise InputError(missing)
+
     def check_model(self, model: Any) -> None:
         """Validate the artefact and layers against ``model`` (before any generation)."""
         from vlmsafe.adapters import get_adapter

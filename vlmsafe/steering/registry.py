@@ -75,6 +75,11 @@ class SteeringMethod:
     def validate(self, config: SteeringConfig) -> None:
         """Refuse a config this method cannot apply (at construction, before any model is loaded)."""
 
+    def missing(self, config: SteeringConfig) -> str | None:
+        """What ``config`` still lacks before it can be applied (``None``: nothing), e.g. dataset-level vectors that a
+        probe calibrates later: allowed in a config, refused by :class:`~vlmsafe.steering.SafeVLM` and by ``apply``."""
+        return None
+
     def default_layers(self, config: SteeringConfig) -> Any:
         """The layers steered when the config names none (``None``: all)."""
         return None

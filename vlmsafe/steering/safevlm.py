@@ -49,6 +49,7 @@ class SafeVLM:
     ):
         self.adapter: ModelAdapter = get_adapter(model, processor)
         self.steering_config: SteeringConfig = as_steering(steering)
+        self.steering_config.check_ready()
         self.steering_config.check_model(self.adapter)
         self.system_prompt = system_prompt
         self.max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
@@ -103,6 +104,7 @@ class SafeVLM:
     def with_steering(self, steering: Any) -> SafeVLM:
         """A copy sharing the model, steered by another steering object (as the constructor takes)."""
         steering = as_steering(steering)
+        steering.check_ready()
         steering.check_model(self.adapter)
         clone = object.__new__(SafeVLM)
         clone.__dict__.update(self.__dict__)

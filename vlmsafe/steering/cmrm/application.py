@@ -41,13 +41,15 @@ class DatasetLevel(SteeringMethod):
     owns: ClassVar = {"vectors": (None, "{mode}-level steering does not use CMRM vectors; drop them or use "
                                         "mode='dataset'")}
 
+    def missing(self, config: SteeringConfig) -> str | None:
+        return NEEDS_VECTORS if config.vectors is None else None
+
     def default_layers(self, config: SteeringConfig) -> Any:
         return None if config.vectors is None else config.vectors.layers
 
     def check_model(self, config: SteeringConfig, adapter: ModelAdapter) -> None:
-        if config.vectors is None:
-            raise InputError(NEEDS_VECTORS)
-        config.vectors.check_compatible(adapter, strict=config.strict_model)
+        if config.vectors is not None:
+            config.vectors.check_compatible(adapter, strict=config.strict_model)
         super().check_model(config, adapter)
 
     def describe(self, config: SteeringConfig) -> dict[str, Any]:
@@ -63,8 +65,7 @@ class DatasetLevel(SteeringMethod):
 
     def apply(self, config: SteeringConfig, adapter: ModelAdapter,
               batch: SteeringBatch) -> contextlib.AbstractContextManager[Any]:
-        if config.vectors is None:
-            raise InputError(NEEDS_VECTORS)
+        config.check_ready()
         vectors = config.vectors
         vectors.check_compatible(adapter, strict=config.strict_model)
         # "all" = every calibrated layer
