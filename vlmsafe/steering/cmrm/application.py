@@ -202,23 +202,17 @@ def steer_sample_level(
 
 
 @torch.no_grad()
-def text_only_states(
-    model: nn.Module | ModelAdapter,
-    processor: Any,
-    prompts: Sequence[str],
-    images: Sequence[Any] | None,
-    *,
-    layers: int | Sequence[int] | str | None = None,
-    system_prompt: str | None = None,
-) -> dict[int, torch.Tensor]:
+def text_only_states(model: nn.Module | ModelAdapter, processor: Any, prompts: Sequence[str],
+                     images: Sequence[Any] | None, **options: Any) -> dict[int, torch.Tensor]:
     """Last-prompt-token states of the text-only counterparts, for :func:`steer_sample_level`: ``{layer: (B, H)}``.
 
     Runs the smallest pass that yields them: only the rows that have an image (other rows are
     not steered and get zeros), no KV cache, and only up to the deepest requested layer (the
-    layers above it and the output head do not run).
+    layers above it and the output head do not run). ``options``: :func:`prompt_states`'s ``layers`` and
+    ``system_prompt``.
     """
     rows = None if images is None else [i for i, img in enumerate(images) if img is not None]
-    return prompt_states(model, processor, prompts, None, rows=rows, layers=layers, system_prompt=system_prompt)
+    return prompt_states(model, processor, prompts, None, rows=rows, **options)
 
 
 __all__ = ["DatasetLevel", "SampleLevel", "steer", "steer_sample_level", "text_only_states"]
