@@ -51,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "SafeVLM": "vlmsafe.steering.safevlm",
     "SafetyDirections": "vlmsafe.steering.shiftdc.directions",
     "ShiftAccumulator": "vlmsafe.steering.vectors",
-    "ShiftDCCalibration": "vlmsafe.steering.shiftdc.calibration",
+    "ShiftDCCalibration": "vlmsafe.steering.shiftdc.config",
     "ShiftVectors": "vlmsafe.steering.vectors",
     "SteeringConfig": "vlmsafe.steering.config",
     "SteeringMethod": "vlmsafe.steering.registry",

@@ -67,21 +67,21 @@ Choices where the paper or its code leave room:
   compounding, and one forward pass less.
 
 The package: :mod:`~vlmsafe.steering.shiftdc.directions` (the artefact, :class:`SafetyDirections`),
-:mod:`~vlmsafe.steering.shiftdc.captions` (captions and counterparts, :class:`CaptionConfig`),
-:mod:`~vlmsafe.steering.shiftdc.calibration` (:func:`calibrate_shiftdc`, :class:`ShiftDCCalibration`) and
+:mod:`~vlmsafe.steering.shiftdc.config` (:class:`ShiftDCCalibration`, :class:`CaptionConfig`),
+:mod:`~vlmsafe.steering.shiftdc.captions` (captions and counterparts), :mod:`~vlmsafe.steering.shiftdc.calibration`
+(:func:`calibrate_shiftdc`) and
 :mod:`~vlmsafe.steering.shiftdc.application` (the registered ``"shiftdc"`` method, :func:`steer_shiftdc`).
 """
 
 from vlmsafe.steering.shiftdc.application import ShiftDC, steer_shiftdc
-from vlmsafe.steering.shiftdc.calibration import ShiftDCCalibration, calibrate_shiftdc, labelled_rows
+from vlmsafe.steering.shiftdc.calibration import calibrate_shiftdc, labelled_rows
 from vlmsafe.steering.shiftdc.captions import (
     COUNTERPART_TEMPLATE,
-    CaptionConfig,
-    check_caption_prompt,
     counterpart_prompt,
     generate_captions,
     read_caption_cache,
 )
+from vlmsafe.steering.shiftdc.config import CaptionConfig, ShiftDCCalibration, check_caption_prompt
 from vlmsafe.steering.shiftdc.directions import CAPTION_PROMPT, CAPTION_TOKENS, SafetyDirections, projection
 
 __all__ = [

@@ -22,7 +22,8 @@ from vlmsafe.steering.application import prompt_states
 from vlmsafe.steering.choices import DEFAULT_ALPHA, SHIFTDC_LAYERS
 from vlmsafe.steering.config import SteeringConfig, apply_steering
 from vlmsafe.steering.registry import SteeringBatch, SteeringMethod, register_steering_method
-from vlmsafe.steering.shiftdc.captions import CaptionConfig, _captions, counterpart_prompt
+from vlmsafe.steering.shiftdc.captions import _captions, counterpart_prompt
+from vlmsafe.steering.shiftdc.config import CaptionConfig
 from vlmsafe.steering.shiftdc.directions import SafetyDirections
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,33 +14,10 @@ from vlmsafe.data import as_pair
 from vlmsafe.errors import InputError
 from vlmsafe.steering.application import prompt_states
 from vlmsafe.steering.choices import with_options
-from vlmsafe.steering.shiftdc.captions import COUNTERPART_TEMPLATE, CaptionConfig, _captions, counterpart_prompt
-from vlmsafe.steering.shiftdc.directions import CAPTION_PROMPT, CAPTION_TOKENS, SafetyDirections
+from vlmsafe.steering.shiftdc.captions import COUNTERPART_TEMPLATE, _captions, counterpart_prompt
+from vlmsafe.steering.shiftdc.config import ShiftDCCalibration
+from vlmsafe.steering.shiftdc.directions import SafetyDirections
 from vlmsafe.steering.vectors import calibration_meta
-from vlmsafe.validation import LAYER_PRESETS, check_int, parse_layer_spec
-
-
-@dataclass(frozen=True)
-class ShiftDCCalibration:
-    """Options of ShiftDC calibration (:func:`calibrate_shiftdc`), each checked here once.
-
-    ``layers``: the decoder layers read (default all). ``caption_prompt`` / ``caption_tokens``: how the model
-    captions an item that brings no caption. ``batch_size`` items per forward pass, built with ``system_prompt``.
-    """
-
-    layers: Any = None
-    batch_size: int = 8
-    caption_prompt: str = CAPTION_PROMPT
-    caption_tokens: int = CAPTION_TOKENS
-    system_prompt: str | None = None
-
-    def __post_init__(self) -> None:
-        check_int(self.caption_tokens, "caption_tokens", low=1)  # named as the caller knows it
-        captioning = CaptionConfig(instruction=self.caption_prompt, max_new_tokens=self.caption_tokens,
-                                   batch_size=self.batch_size, system_prompt=self.system_prompt)  # checks the rest
-        object.__setattr__(self, "captioning", captioning)  # how the items without a caption are captioned
-        if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
-            parse_layer_spec(self.layers)  # syntax errors now, not after a model is loaded
 
 
 def _labelled(item: Any, index: int) -> tuple[str, str, str, str | None, Any]:

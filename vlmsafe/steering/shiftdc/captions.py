@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,37 +15,15 @@ from tqdm.auto import tqdm
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.steering.choices import with_options
-from vlmsafe.steering.shiftdc.directions import CAPTION_PROMPT, CAPTION_TOKENS
-from vlmsafe.validation import check_int, check_template
+from vlmsafe.steering.shiftdc.config import CaptionConfig
 
 #: The reference code's text-only counterpart (``ANSWER_Q_BASED_ON_CAPTION``).
 COUNTERPART_TEMPLATE = "{prompt} Image Caption: {caption}"
 
 
-def check_caption_prompt(instruction: Any) -> str:
-    """A caption instruction: a non-empty string whose only field, if any, is ``{prompt}``."""
-    return check_template(instruction, "caption prompt", "prompt", required=False)
-
-
 def counterpart_prompt(prompt: str, caption: str) -> str:
     """The text-only counterpart of (prompt, image): the prompt followed by the image's caption."""
     return COUNTERPART_TEMPLATE.format(prompt=prompt.strip(), caption=caption.strip())
-
-
-@dataclass(frozen=True)
-class CaptionConfig:
-    """How the model captions images (:func:`generate_captions`): greedily, from ``instruction`` (``{prompt}`` =
-    the request), up to ``max_new_tokens``, ``batch_size`` images per call, with ``system_prompt``."""
-
-    instruction: str = CAPTION_PROMPT
-    max_new_tokens: int = CAPTION_TOKENS
-    batch_size: int = 8
-    system_prompt: str | None = None
-
-    def __post_init__(self) -> None:
-        check_caption_prompt(self.instruction)
-        check_int(self.max_new_tokens, "caption max_new_tokens", low=1)
-        check_int(self.batch_size, "batch_size", low=1)
 
 
 @torch.no_grad()
@@ -108,5 +85,4 @@ def read_caption_cache(path: str | os.PathLike[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["COUNTERPART_TEMPLATE", "CaptionConfig", "check_caption_prompt", "counterpart_prompt",
-           "generate_captions", "read_caption_cache"]
+__all__ = ["COUNTERPART_TEMPLATE", "counterpart_prompt", "generate_captions", "read_caption_cache"]
