@@ -197,7 +197,7 @@ def add_steering_options(
     title: str = "steering (CMRM / ShiftDC)",
 ) -> None:
     """The steering flags; defaults are applied by :func:`steering_from_args` so it can tell what was given."""
-    from vlmsafe.steering.choices import STEER_POSITIONS
+    from vlmsafe.steering.choices import DEFAULT_ALPHA, STEER_POSITIONS
     from vlmsafe.steering.config import MAX_ALPHA, field_help
 
     g = parser.add_argument_group(title)
@@ -208,7 +208,7 @@ def add_steering_options(
                           "(one extra text-only pass)")
     add_input(src, "--shiftdc", metavar="DIR", help=field_help("directions") + " (default: none)")
     g.add_argument("--alpha", type=float_arg(low=0.0, high=MAX_ALPHA), default=None,
-                   help=field_help("alpha") + " (default 1.0)")
+                   help=field_help("alpha") + f" (default {DEFAULT_ALPHA})")
     g.add_argument(layers_flag, dest="steer_layers", type=layer_spec_arg, default=None, metavar="LAYERS",
                    help=field_help("layers"))
     g.add_argument(positions_flag, dest="steer_positions", choices=STEER_POSITIONS, default=None,
@@ -256,15 +256,16 @@ def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, fl
     alpha, layers = args.alpha, args.steer_layers
     rec = (vectors.meta.get("recommended") or {}) if vectors is not None else {}
     if rec.get("status") == "tuned" and (alpha is None or layers is None):  # the setting calibrate chose
-        alpha = rec["alpha"] if alpha is None else alpha
-        layers = (None if rec["layers"] == "all" else rec["layers"]) if layers is None else layers
+        recorded = vectors.recorded_setting()
+        alpha = recorded["alpha"] if alpha is None else alpha
+        layers = recorded["layers"] if layers is None else layers
         print(f"vlmsafe: steering with the setting recommended at calibration (alpha {alpha:g}, layers "
               f"{'all' if layers is None else layers}); --alpha / --layers override it", file=sys.stderr)
     return SteeringConfig(
         mode="dataset" if vectors is not None else "shiftdc" if directions is not None else "sample",
         vectors=vectors,
         directions=directions,
-        alpha=1.0 if alpha is None else alpha,
+        **({} if alpha is None else {"alpha": alpha}),  # the config's default otherwise
         layers=layers,
         positions=args.steer_positions or "last",
         decode=bool(args.decode),

@@ -147,7 +147,8 @@ def _calibrate_cmrm(args: argparse.Namespace) -> int:
                                             device=accelerator.device if accelerator is not None else None)
     from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work
     check_prompt_lengths(model, processor, items)
-    from vlmsafe.steering.recommend import recommend_setting, split_for_tuning, untuned
+    from vlmsafe.steering import SafeVLM
+    from vlmsafe.steering.recommend import RECOMMEND_TOKENS, recommend_setting, split_for_tuning, untuned
 
     keep, held, reason = split_for_tuning(items, args.tune_share)
     if accelerator is not None and held:
@@ -157,8 +158,9 @@ def _calibrate_cmrm(args: argparse.Namespace) -> int:
                         aggregate=args.aggregate or "mean", **anchor)
     vectors.meta["model_name"] = str(args.model)
     vectors.meta["calibration_data"] = str(Path(args.data).resolve())
-    vectors.meta["recommended"] = (recommend_setting(model, processor, vectors, held, batch_size=args.batch_size)
-                                   if held else untuned(reason or "not tuned"))
+    plain = SafeVLM(model, processor, batch_size=args.batch_size, max_new_tokens=RECOMMEND_TOKENS) if held else None
+    vectors.meta["recommended"] = (recommend_setting(plain, vectors, held) if held
+                                   else untuned(reason or "not tuned"))
     if is_main_process(accelerator):
         vectors.save(args.out, overwrite=args.overwrite)
         print(f"saved CMRM vectors ({vectors.meta['anchor']} anchor, {vectors.meta['aggregate']}) for "
@@ -234,6 +236,6 @@ def run_generate(args: argparse.Namespace) -> int:
     image = open_image(args.image, context="--image") if args.image else None
     steering = steering_from_args(args)  # flag and vectors errors before the model is loaded
     model, processor = load_model_from_args(args, kind="vlm")
-    vlm = SafeVLM(model, processor, steering=steering, max_new_tokens=args.max_new_tokens)  # checks vectors vs model
+    vlm = SafeVLM(model, processor, steering, max_new_tokens=args.max_new_tokens)  # checks vectors vs model
     print(vlm.generate(args.prompt, image))
     return 0
