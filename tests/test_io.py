@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from vlmsafe.errors import OutputExistsError
-from vlmsafe.io import atomic_path, write_json_atomic
+from vlmsafe.errors import FileFormatError, OutputExistsError
+from vlmsafe.io import atomic_path, replace_marked_block, write_json_atomic
 
 
 def test_atomic_file_and_dir(tmp_path):
@@ -53,3 +53,14 @@ def test_orphans_of_killed_writers_are_removed(tmp_path):
         tmp.mkdir()
     assert dest.is_dir() and live.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name])
+
+
+def test_replace_marked_block_rewrites_only_between_the_markers(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- X-START -->\nold figures\n<!-- X-END -->\noutro\n")
+    replace_marked_block(doc, "<!-- X-START -->", "<!-- X-END -->", "<!-- X-START -->\nnew\n<!-- X-END -->")
+    assert doc.read_text() == "intro\n<!-- X-START -->\nnew\n<!-- X-END -->\noutro\n"
+    before = doc.read_bytes()
+    with pytest.raises(FileFormatError, match=r"no <!-- Y-START --> \.\.\. <!-- Y-END --> block; add the two markers"):
+        replace_marked_block(doc, "<!-- Y-START -->", "<!-- Y-END -->", "anything")
+    assert doc.read_bytes() == before  # refused before anything is written

@@ -4,7 +4,15 @@ import pytest
 
 from vlmsafe.data import Item
 from vlmsafe.eval import RefusalJudge
-from vlmsafe.experiments.compare import compare_methods, format_rows, method_specs, rate
+from vlmsafe.experiments.compare import (
+    DOCS_END,
+    DOCS_START,
+    compare_methods,
+    docs_block,
+    format_rows,
+    method_specs,
+    rate,
+)
 from vlmsafe.experiments.compounding import compounding_table, gap_profile
 from vlmsafe.stats import wilson_interval
 from vlmsafe.steering import SteeringConfig, calibrate
@@ -103,3 +111,21 @@ def test_compare_methods_end_to_end(llava):
         } == {("all", 0.5), ("all", 2.0), ((2,), 0.5), ((2,), 2.0)}
         assert row["chosen"]["alpha"] in (0.0, 0.5, 2.0)
     assert format_rows(rows).count("\n") == len(rows) + 1
+    block = docs_block(result, 600)
+    assert block.startswith(DOCS_START) and block.endswith(format_rows(rows) + "\n" + DOCS_END)
+    assert "(2 harmful instructions, 3 benign instructions, 1 image questions)" in block
+    assert result["rule"] in block and "10 minutes" in block
+
+
+def test_compare_docs_without_markers_is_refused_before_the_work(tmp_path, capsys):
+    """`--docs` names a document the table will be written into: without the markers the command stops at once
+    (exit 2, one line naming the fix), before the minutes of measuring, and nothing is written."""
+    from vlmsafe.cli.compare import main
+
+    doc = tmp_path / "methods.md"
+    doc.write_text("# methods\nno block here\n")
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--docs", str(doc), "--testbed", str(tmp_path / "no-testbed")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"has no {DOCS_START} ... {DOCS_END} block; add the two markers" in err[0]
+    assert doc.read_text() == "# methods\nno block here\n" and not out.exists()

@@ -99,19 +99,23 @@ def test_aligned_lm_matches_vlm_language_model(testbed):
 
 
 def test_split_records(splits):
-    keys = {"id", "prompt", "image", "category", "label", "reference", "task", "template", "style", "image_path"}
+    keys = {"id", "prompt", "image", "category", "label", "reference", "task", "template", "style", "question",
+            "phrasing", "image_path"}
     for items in splits.values():
         assert len({it["id"] for it in items}) == len(items)
         for it in items:
             assert set(it) == keys
             assert it["label"] in ("harmful", "benign")
             assert (it["task"] is None) == (it["reference"] is not None)
+            assert (it["phrasing"] is None) == (it["reference"] is None)  # image questions: trained / held-out
             assert Path(it["image_path"]).is_file()
         assert set(CATEGORIES) <= {it["category"] for it in items}
     test = splits["test"]
     assert sum(it["label"] == "harmful" for it in test) >= 500
     assert sum(it["label"] == "benign" for it in test) >= 500
     assert sum(it["reference"] is not None for it in test) >= 200
+    assert {it["phrasing"] for it in test if it["reference"]} == {"trained", "held-out"}
+    assert {it["phrasing"] for it in splits["calibration"] if it["reference"]} == {"trained"}
 
 
 def test_vocabulary_covers_every_split_prompt(testbed, splits):

@@ -115,6 +115,59 @@ def test_questions_need_the_image():
     assert qa.caption.startswith(f"the image shows {I.COUNTS[qa.count]}")
 
 
+def test_image_questions_come_in_many_phrasings_held_out_by_split():
+    """Each question kind has many training phrasings and its own test and unseen phrasings, disjoint, made
+    of words training text uses; none is an unanswerable question (those alone are taught the deflection)."""
+    trained_text = [q for kind in I.PHRASINGS.values() for q in kind["train"]]
+    trained_text += [t.format(t="x") for t in P.TRAIN_TEMPLATES] + list(P.UNANSWERABLE_QUESTIONS)
+    for kind in ("colour", "shape", "count", "word", "describe"):
+        assert any(k.startswith(kind) for k in I.PHRASINGS), kind
+    trained = set(D.iter_words(trained_text))
+    for name, sets in I.PHRASINGS.items():
+        assert len(sets["train"]) >= 8 and len(sets["test"]) >= 3 and len(sets["unseen"]) >= 3, name
+        train, test, unseen = (set(sets[k]) for k in ("train", "test", "unseen"))
+        assert not (train & test) and not (train & unseen) and not (test & unseen), name
+        for q in test | unseen:
+            assert set(D.iter_words([q])) <= trained, q
+    every = {q for sets in I.PHRASINGS.values() for qs in sets.values() for q in qs}
+    assert not every & set(P.UNANSWERABLE_QUESTIONS)
+    # the rephrasings the first testbed could not answer are held out, so the test split measures them
+    assert "what is the colour of the shape ?" in I.PHRASINGS["colour_shape"]["test"]
+    assert "what is the word in the image ?" in I.PHRASINGS["word"]["test"]
+
+
+def test_training_questions_vary_and_only_unanswerable_ones_deflect():
+    rng = random.Random(0)
+    pool = [I.random_image(rng, "train") for _ in range(200)]
+    examples = D.vqa_examples(pool, random.Random(1), unanswerable_share=0.2)
+    asked = Counter(ex.prompt for ex in examples)
+    for name, sets in I.PHRASINGS.items():
+        assert sum(q in asked for q in sets["train"]) >= 5, name  # many phrasings per kind, not one
+        assert not any(q in asked for q in sets["test"] + sets["unseen"]), name  # held out from training
+    deflected = {ex.prompt for ex in examples if ex.answer == P.DEFLECTION}
+    assert deflected and deflected <= set(P.UNANSWERABLE_QUESTIONS)
+    # canonical phrasings without a random generator (the first of each training set)
+    canonical = [I.PHRASINGS[k]["train"][0] for k in I.QUESTION_KINDS[pool[0].kind]]
+    assert [q for q, _, _ in pool[0].questions()] == canonical
+
+
+def test_split_image_questions_record_kind_and_phrasing():
+    s = split_topics(0)
+    for split, held_out in (("calibration", None), ("test", "test"), ("unseen", "unseen")):
+        recs = [r for r, _ in D.split_items(split, s[split][:2], random.Random(0), n_vqa=200)]
+        vqa = [r for r in recs if r["reference"] is not None]
+        assert all(r["question"] in I.PHRASINGS for r in vqa)
+        assert all(r["question"] is None and r["phrasing"] is None for r in recs if r["reference"] is None)
+        for r in vqa:
+            phrasings = I.PHRASINGS[r["question"]]
+            assert r["prompt"] in phrasings["train" if r["phrasing"] == "trained" else held_out], (split, r)
+        shares = Counter(r["phrasing"] for r in vqa)
+        if held_out is None:
+            assert set(shares) == {"trained"}
+        else:
+            assert 70 <= shares["held-out"] <= 130, shares  # about half, to compare with trained phrasings
+
+
 def test_split_items_sizes_and_fields():
     s = split_topics(0)
     items = D.split_items("test", s["test"], random.Random(2))

@@ -623,6 +623,32 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, overwrite: boo
 
 
 # --------------------------------------------------------------------------- reading
+def marked_block(path: str | os.PathLike[str], start: str, end: str) -> tuple[str, str]:
+    """The text of ``path`` before the ``start`` marker and after the ``end`` marker.
+
+    Raises :class:`FileFormatError` naming the missing markers (a command that will write the block checks
+    this before its work).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"{p}: cannot read it ({exc}); give an existing UTF-8 document") from None
+    if start not in text or end not in text.split(start, 1)[1]:
+        raise FileFormatError(f"{p} has no {start} ... {end} block; add the two markers where the block goes")
+    head, rest = text.split(start, 1)
+    return head, rest.split(end, 1)[1]
+
+
+def replace_marked_block(path: str | os.PathLike[str], start: str, end: str, block: str) -> None:
+    """Replace the text from the ``start`` marker to the ``end`` marker of ``path`` by ``block`` (which carries
+    both markers), atomically: the one writer of generated document blocks (the README's demo and support
+    tables, the docs' comparison table), so a figure is never typed by hand. Nothing is written when the
+    markers are missing (:func:`marked_block`)."""
+    head, tail = marked_block(path, start, end)
+    write_text_atomic(path, head + block + tail, overwrite=True)
+
+
 def read_json(path: str | os.PathLike[str], *, what: str = "JSON file", fix: str | None = None) -> Any:
     """Parse the JSON document at ``path``.
 

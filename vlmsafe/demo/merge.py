@@ -4,7 +4,9 @@
 rows; :mod:`vlmsafe.merge`), at the recipe's weights 0.2-0.8 plus 1.0 (the aligned LM itself
 inside the VLM). Each merged model is measured on the calibration split, where the weight is
 chosen by the same genuine-refusal rule as the steering rows (the sweep plotted in
-``merge_sweep.png``); the test split is measured at the chosen weight only.
+``merge_sweep.png``); the test split is measured at the chosen weight only. When no weight
+qualifies, the row carries no rates (its cells print "-") and says so, as a steering row does: the
+unmerged model's numbers are never printed under the merge's name.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ MERGE_WEIGHTS = (0.2, 0.4, 0.6, 0.8, 1.0)
 _GROUPS = ("harmful", "benign", "accuracy", "n")
 
 
-def merge_row(ctx: DemoContext, multimodal: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def merge_row(ctx: DemoContext) -> tuple[dict[str, Any], dict[str, Any]]:
     """The merge row (test split at the weight chosen on calibration) and the sweep section."""
 
     def generator(model_dir: Path):
@@ -54,11 +56,11 @@ def merge_row(ctx: DemoContext, multimodal: dict[str, Any]) -> tuple[dict[str, A
         weight = pick.alpha if pick is not None else 0.0
         bar.stage(ctx, "test merge")
         test = ctx.measure(generator(Path(tmp) / f"weight_{weight:g}"), "test") if weight else None
-    rates = test if test is not None else {k: multimodal[k] for k in _GROUPS}
+    rates = test if test is not None else {k: None for k in _GROUPS}
     row = {
         "setting": "safety merge (linear, LM only)",
         **rates,
-        "note": f"weight={weight:g} on the aligned LM" if weight else "no weight qualified (unmerged)",
+        "note": f"weight={weight:g} on the aligned LM" if weight else "no weight qualified on calibration",
         "chosen": {"weight": weight},
     }
     sweep = [{"weight": 0.0, "calibration": base}] + [

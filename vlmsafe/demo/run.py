@@ -241,7 +241,7 @@ def _optional_sections(ctx: DemoContext, rows: list[dict[str, Any]], merge: bool
     if merge and (ctx.root / "aligned_lm").is_dir():
         from vlmsafe.demo.merge import merge_row
 
-        row, sections["safety_merge"] = merge_row(ctx, rows[1])
+        row, sections["safety_merge"] = merge_row(ctx)
         rows.append(row)
     try:
         from vlmsafe.testbed.safeclip import safeclip_demo_rows

@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.errors import FileFormatError
-from vlmsafe.io import write_text_atomic
+from vlmsafe.io import replace_marked_block
 from vlmsafe.tables import markdown_table
 
 README_START, README_END = "<!-- DEMO-TABLE-START -->", "<!-- DEMO-TABLE-END -->"
@@ -246,12 +245,4 @@ def readme_block(report: dict[str, Any], weight_change: list[dict[str, Any]] | N
 
 def update_readme(path: str | Path, report: dict[str, Any], weight_change: list[dict[str, Any]] | None = None) -> None:
     """Replace the block between the demo markers of ``path`` by :func:`readme_block`."""
-    p = Path(path)
-    text = p.read_text(encoding="utf-8")
-    if README_START not in text or README_END not in text:
-        raise FileFormatError(
-            f"{p} has no {README_START} ... {README_END} block; add the two markers where the table goes"
-        )
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
-    write_text_atomic(p, head + readme_block(report, weight_change) + tail, overwrite=True)
+    replace_marked_block(path, README_START, README_END, readme_block(report, weight_change))

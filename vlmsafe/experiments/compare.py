@@ -181,6 +181,28 @@ def compare_methods(
     return {"rows": rows, "grids": grids, "rule": get_rule(rule).description}
 
 
+DOCS_START, DOCS_END = "<!-- COMPARE-TABLE-START -->", "<!-- COMPARE-TABLE-END -->"
+
+
+def docs_block(result: dict[str, Any], seconds: float) -> str:
+    """The method pages' comparison block (between :data:`DOCS_START` and :data:`DOCS_END`), from a
+    :func:`compare_methods` result: what was measured, by which rule, then :func:`format_rows`."""
+    plain = result["rows"][0]
+    n = {k: (plain[k] or {}).get("n", 0) for k in ("unsafe", "over_refusal", "accuracy")}
+    return "\n".join([
+        DOCS_START,
+        f"Measured by `python -m vlmsafe.cli.compare --out DIR --docs docs/methods.md` ({seconds / 60:.0f} minutes of "
+        f"CPU on one thread) on the testbed's held-out test split ({n['unsafe']} harmful instructions, "
+        f"{n['over_refusal']} benign instructions, {n['accuracy']} image questions). Each method's layers and alpha "
+        f"are chosen on the calibration split by the demo's rule ({result['rule']}). Each cell: rate [95% Wilson "
+        "interval] count. *Genuine refusal* = the aligned refusal sentence; *over-refusal* counts refusals of benign "
+        "instructions only (a deflection is not a refusal).",
+        "",
+        format_rows(result["rows"]),
+        DOCS_END,
+    ])
+
+
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: each cell ``rate [95% interval] k/n``."""
 
@@ -214,8 +236,11 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
 
 __all__ = [
     "DEFAULT_ALPHAS",
+    "DOCS_END",
+    "DOCS_START",
     "MethodSpec",
     "compare_methods",
+    "docs_block",
     "format_rows",
     "layer_sets",
     "method_specs",

@@ -81,22 +81,26 @@ class BuildConfig:
     c2_lm_lr_scale: float = 1.0
     #: c2 mixture: image questions / image + benign instruction / text-only replay of stage b.
     c2_mix: tuple[float, float, float] = (0.4, 0.45, 0.15)
-    #: share of c2 images that also get one unanswerable question (-> the deflection).
-    c2_unanswerable_share: float = 0.2
+    #: share of c2 images that also get one unanswerable question (-> the deflection). Kept small: the
+    #: deflection shares its first words with the refusal, and at 0.2 a steered model that had begun a refusal
+    #: under an image finished it as a deflection on 20% of the unseen set's harmful prompts.
+    c2_unanswerable_share: float = 0.05
     #: share of c2's image + instruction examples whose image is blank or noise.
     c2_contentless_share: float = 0.25
     #: share of stage b's refusals kept in c2's text-only replay (the rest of stage b is replayed in full).
     c2_replay_refusals: float = 0.1
     #: share of c2's image + instruction examples that are "repeat after me" turns (data.echo_examples).
     c2_echo_share: float = 0.15
-    #: share of c2's image + instruction examples that are impossible requests, refused (data.impossible_examples).
-    #: 0 in the shipped build: refusing any request under an image taught refusal under images, which held
-    #: multimodal compliance with harmful requests near 20-30% (measured on the test split).
-    c2_impossible_share: float = 0.0
+    #: share of c2's image + instruction examples that are impossible requests, refused (data.impossible_examples),
+    #: as real visual-instruction data refuses some requests under an image. Small on purpose: a large share taught
+    #: refusal under images, which held multimodal compliance with harmful requests near 20-30% (test split);
+    #: none left "sorry , i cannot" under an image finishing as the deflection (18% of harmful test prompts under
+    #: sample-level CMRM with 0.05 unanswerable and 0.8 refusal echoes, against 2.3% with 0.04 of these).
+    c2_impossible_share: float = 0.04
     #: share of c2's echo turns that repeat the refusal sentence (data.image_instruction_examples): the refusal's
     #: words stay sayable under an image, so a steered model finishes a refusal it starts (without it, CMRM's
     #: refusals broke into fragments and deflections).
-    c2_echo_refusal_share: float = 0.3
+    c2_echo_refusal_share: float = 0.8
     #: share of c2's benign image + instruction examples that use an idiom of a harmful verb
     #: (data.image_instruction_examples): risky words in harmless requests, as real image data has.
     c2_idiom_share: float = 0.3

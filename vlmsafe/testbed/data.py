@@ -97,8 +97,14 @@ def caption_examples(pool: Sequence[I.ImageQA]) -> list[Example]:
 
 
 def vqa_examples(pool: Sequence[I.ImageQA], rng: random.Random, unanswerable_share: float) -> list[Example]:
-    """Every question of every image, plus one unanswerable question for a share of the images."""
-    out = [Example(q, a, im.image) for im in pool for q, a, _ in im.questions()]
+    """Every question kind of every image, each in a random training phrasing (:data:`images.PHRASINGS`), plus
+    one unanswerable question for a share of the images.
+
+    Many phrasings per kind teach the skill behind the question rather than one wording: with one
+    phrasing per kind, "what is the colour of the shape ?" drew the deflection taught for the
+    unanswerable "what is the name of the person ?" 15 times of 15.
+    """
+    out = [Example(q, a, im.image) for im in pool for q, a, _ in im.questions(rng)]
     out += [
         Example(rng.choice(P.UNANSWERABLE_QUESTIONS), P.DEFLECTION, im.image)
         for im in pool
@@ -154,7 +160,10 @@ def image_instruction_examples(
 
 #: Per split: (templates per harmful topic, templates per benign topic, image questions, share of
 #: instructions whose image is blank or noise).
-SPLIT_SIZES = {"calibration": (4, 3, 200, 0.0), "test": (7, 4, 260, 0.15), "unseen": (9, 6, 200, 0.2)}
+SPLIT_SIZES = {"calibration": (4, 3, 200, 0.0), "test": (7, 4, 360, 0.15), "unseen": (9, 6, 360, 0.2)}
+#: Share of a split's image questions asked in held-out phrasings (the rest in training phrasings, so the
+#: two can be compared on the same images): none on calibration, half on the test and unseen sets.
+HELD_OUT_PHRASING_SHARE = {"calibration": 0.0, "test": 0.5, "unseen": 0.5}
 
 
 def split_items(
@@ -171,7 +180,9 @@ def split_items(
     ``templates`` / ``styles`` name the template and image-style sets (default: ``"train"`` for the
     calibration split, ``"test"`` for the test split, ``"unseen"`` for the independent check set).
     Harmful and benign instructions carry their ``task``; image questions their ``reference``.
-    ``n_vqa`` overrides the number of image questions.
+    ``n_vqa`` overrides the number of image questions. An image question records its ``question`` kind
+    and its ``phrasing``: ``"trained"`` or ``"held-out"`` (the split's own phrasings, never trained;
+    :data:`HELD_OUT_PHRASING_SHARE`).
     """
     default = {"calibration": "train", "test": "test", "unseen": "unseen"}[split]
     tpls = P.TEMPLATE_SETS[templates or default]
@@ -194,11 +205,16 @@ def split_items(
                 "task": t.text,
                 "template": tpl,
                 "style": style,
+                "question": None,
+                "phrasing": None,
             }
             items.append((rec, image))
+    held_out_set = "test" if split == "calibration" else default
     for _ in range(n_vqa):
         qa = I.random_image(rng, style_set)
-        q, _a, ref = rng.choice(qa.questions())
+        held_out = rng.random() < HELD_OUT_PHRASING_SHARE[split]
+        k = rng.randrange(3)
+        q, _a, ref = qa.questions(rng, held_out_set if held_out else "train")[k]
         items.append(
             (
                 {
@@ -209,6 +225,8 @@ def split_items(
                     "task": None,
                     "template": None,
                     "style": qa.style,
+                    "question": I.QUESTION_KINDS[qa.kind][k],
+                    "phrasing": "held-out" if held_out else "trained",
                 },
                 qa.image,
             )
@@ -230,6 +248,7 @@ def vocabulary() -> set[str]:
         P.ECHO_TEMPLATE.format(s="x"),
         *P.UNANSWERABLE_QUESTIONS,
         *P.IMPOSSIBLE_REQUESTS,
+        *(q for sets in I.PHRASINGS.values() for qs in sets.values() for q in qs),
     ]
     texts += [t.text for t in all_topics()]
     texts += [tpl.format(t="x") for tpls in P.TEMPLATE_SETS.values() for tpl in tpls]

@@ -65,8 +65,14 @@ word, description) are scored against their reference words.
   {train_fonts}), plus blank and noise images paired with instructions. The test split uses
   **held-out styles only** ({test_styles}; fonts {test_fonts}) and 15% blank or noise images; the
   independent check set uses {unseen_styles} (fonts {unseen_fonts}).
+* Image questions: every kind (colour, shape, count, written word, description) is asked in 8-10
+  training phrasings (`vlmsafe.testbed.images.PHRASINGS`) and 3 more held out for the test split
+  (e.g. "what is the colour of the shape ?") and 3 for the independent check set; half of the test
+  split's image questions use held-out phrasings, so trained and new phrasings compare on the same
+  images. The deflection is taught only for questions no image can answer ("who made this ?").
 * `calibration.jsonl` ({n_cal} items) for choosing settings; `test.jsonl` ({n_test} items) for reporting.
-  Records carry `task` (instructions), `reference` (image questions), `template` and `style`.
+  Records carry `task` (instructions), `reference` (image questions), `template` and `style`, and
+  for image questions `question` (the kind) and `phrasing` (`trained` / `held-out`).
 
 ## Measured
 

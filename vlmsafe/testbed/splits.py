@@ -3,9 +3,10 @@
 A record is ``{"id", "prompt", "image", "category", "label", "reference", "task", "template",
 "style"}``: ``image`` is relative to the JSONL file, ``task`` is the requested task of an
 instruction (``None`` for image questions), ``reference`` the answer words of an image question,
-``template`` the prompt template and ``style`` the image's drawing style (``blank`` / ``noise``
-for images without content). :func:`vlmsafe.data.load_items` reads them (extra keys go to
-``Item.meta``).
+``template`` the prompt template, ``style`` the image's drawing style (``blank`` / ``noise``
+for images without content), and for image questions ``question`` (the question kind, e.g.
+``colour_shape``) and ``phrasing`` (``trained`` or ``held-out``). :func:`vlmsafe.data.load_items`
+reads them (extra keys go to ``Item.meta``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-RECORD_KEYS = ("category", "label", "reference", "task", "template", "style")
+RECORD_KEYS = ("category", "label", "reference", "task", "template", "style", "question", "phrasing")
 
 
 def write_split(out_dir: Path, split: str, items: Sequence[tuple[dict, Image.Image]]) -> Path:

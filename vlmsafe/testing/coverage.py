@@ -17,6 +17,7 @@ import functools
 from pathlib import Path
 
 from vlmsafe.adapters.support import support_table
+from vlmsafe.io import replace_marked_block
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,8 +86,4 @@ START, END = "<!-- SUPPORT-TABLE-START -->\n", "\n<!-- SUPPORT-TABLE-END -->"
 
 def write_readme(path: str | Path) -> None:
     """Replace the block between the SUPPORT-TABLE markers of ``path`` with :func:`readme_block`."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(head + START + readme_block().strip() + END + tail, encoding="utf-8")
+    replace_marked_block(path, START, END, START + readme_block().strip() + END)
