@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from vlmsafe.experiments.compare import compare_methods, format_rows, method_specs
-from vlmsafe.steering import SteeringConfig
+from vlmsafe.experiments.compare import BATCH_SIZE, MAX_NEW_TOKENS, compare_methods, format_rows, method_specs
+from vlmsafe.steering import SafeVLM, SteeringConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,8 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = method_specs(model, processor, calibration, caption_prompt="describe the image .", caption_tokens=8)
     result = compare_methods(
         specs,
-        model,
-        processor,
+        SafeVLM(model, processor, batch_size=BATCH_SIZE, max_new_tokens=MAX_NEW_TOKENS),
         calibration,
         test,
         RefusalJudge(),

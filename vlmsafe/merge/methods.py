@@ -209,24 +209,23 @@ def _dare(
     convention: Convention,
     normalize: bool,
     scale: float,
-    seed: int | None,
 ) -> torch.Tensor:
+    """DARE's drop and merge; the callers run it under :func:`_seeded` (the merge after the drop draws nothing)."""
     _check_density(density)
     _check_convention(convention)
     dtype = compute_dtype(base, *tensors)
     b = base.to(dtype)
     w = _weights(weights, len(tensors), dtype)
-    with _seeded(seed):
-        if convention == "peft":
-            deltas = [t.to(dtype) - b for t in tensors]
-            mu = _peft()
-            if density >= 1.0:
-                return task_arithmetic(b, tensors, weights, scale=scale) if not elect_sign else ties(
-                    b, tensors, weights, 1.0, convention="peft", scale=scale
-                )
-            fn = mu.dare_ties if elect_sign else mu.dare_linear
-            return b + scale * fn(deltas, w, density)
-        deltas = [random_prune(t.to(dtype) - b, density, rescale="l1") for t in tensors]
+    if convention == "peft":
+        deltas = [t.to(dtype) - b for t in tensors]
+        mu = _peft()
+        if density >= 1.0:
+            return task_arithmetic(b, tensors, weights, scale=scale) if not elect_sign else ties(
+                b, tensors, weights, 1.0, convention="peft", scale=scale
+            )
+        fn = mu.dare_ties if elect_sign else mu.dare_linear
+        return b + scale * fn(deltas, w, density)
+    deltas = [random_prune(t.to(dtype) - b, density, rescale="l1") for t in tensors]
     return _consensus_merge(b, deltas, w, elect_sign=elect_sign, normalize=normalize, scale=scale)
 
 
@@ -242,10 +241,9 @@ def dare_linear(
     seed: int | None = None,
 ) -> torch.Tensor:
     """DARE + task arithmetic: randomly drop ``1 - density`` of each delta, rescale, weighted sum."""
-    return _dare(
-        base, tensors, weights, density, elect_sign=False, convention=convention, normalize=normalize,
-        scale=scale, seed=seed,
-    )
+    with _seeded(seed):
+        return _dare(base, tensors, weights, density, elect_sign=False, convention=convention, normalize=normalize,
+                     scale=scale)
 
 
 def dare_ties(
@@ -260,10 +258,9 @@ def dare_ties(
     seed: int | None = None,
 ) -> torch.Tensor:
     """DARE + TIES sign election: randomly drop and rescale each delta, then elect sign and merge."""
-    return _dare(
-        base, tensors, weights, density, elect_sign=True, convention=convention, normalize=normalize,
-        scale=scale, seed=seed,
-    )
+    with _seeded(seed):
+        return _dare(base, tensors, weights, density, elect_sign=True, convention=convention, normalize=normalize,
+                     scale=scale)
 
 
 def slerp(
