@@ -13,9 +13,9 @@ imports no ``argparse``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import field
-from typing import Any
+from typing import Any, TypeVar
 
 from vlmsafe.errors import InputError
 from vlmsafe.validation import check_choice, check_float, check_int
@@ -66,6 +66,22 @@ def other_option(help: str, *, flag: str | None, kind: str, default: Any = None,
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+T = TypeVar("T")
+
+
+def with_overrides(cls: type[T], options: T | None, overrides: Mapping[str, Any]) -> T:
+    """``options`` (``None``: ``cls()``, the defaults) with the fields named in ``overrides`` replaced.
+
+    The ``generate(inputs, generation_config=None, **kwargs)`` form of transformers: a function takes its
+    settings as one options object, and a caller who changes one or two of them names them as keyword
+    arguments instead of building the object. The copy is made by the class's ``__init__``, so its checks
+    (:func:`check_options` in ``__post_init__``) run on the result, and an unknown name is the ``TypeError``
+    of an unexpected keyword argument. ``options`` itself is never modified.
+    """
+    base = options if options is not None else cls()
+    return dataclasses.replace(base, **overrides) if overrides else base  # type: ignore[type-var]
 
 
 def option_fields(cls: type) -> Iterator[dataclasses.Field]:

@@ -23,7 +23,7 @@ from vlmsafe._lazy import attach
 
 if TYPE_CHECKING:  # static analysers see the real names; at run time they load on first access
     from vlmsafe.data import LABELS, Item, load_items, save_items
-    from vlmsafe.eval.evaluate import Generator, contains_reference, evaluate
+    from vlmsafe.eval.evaluate import EvalOptions, Generator, contains_reference, evaluate
     from vlmsafe.eval.figstep import FIGSTEP_PROMPT, figstep_text, make_figstep_items, render_typographic
     from vlmsafe.eval.judges import (
         DEFAULT_REFUSAL_PHRASES,
@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "EvalItem": "vlmsafe.data:Item",  # the old name of vlmsafe.data.Item, the one item type; kept for existing imports
     "EvalReport": "vlmsafe.eval.report",
     "FIGSTEP_PROMPT": "vlmsafe.eval.figstep",
+    "EvalOptions": "vlmsafe.eval.evaluate",
     "Generator": "vlmsafe.eval.evaluate",
     "HARMBENCH_PROMPT": "vlmsafe.eval.judges",
     "HarmBenchJudge": "vlmsafe.eval.judges",
@@ -85,6 +86,7 @@ __all__ = [
     "HARMBENCH_PROMPT",
     "LABELS",
     "EvalItem",
+    "EvalOptions",
     "EvalReport",
     "Generator",
     "HarmBenchJudge",
