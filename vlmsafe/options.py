@@ -1,7 +1,7 @@
 """Options declared once, in a config dataclass's field metadata, and derived everywhere else.
 
 A field made with :func:`int_option`, :func:`float_option`, :func:`choice_option`,
-:func:`switch_option` or :func:`other_option` carries its help text, its valid range and its
+:func:`switch_option`, :func:`bool_option` or :func:`other_option` carries its help text, its valid range and its
 command-line flag in ``dataclasses.field(metadata=...)`` (as peft's and mergekit's configs carry
 their help). :func:`check_options` validates an instance against those ranges (finite numbers,
 ``> 0``, ``[0, 1)`` ...); :func:`vlmsafe.cli.options.add_options` builds the ``argparse`` flags, whose
@@ -53,10 +53,17 @@ def choice_option(default: str, choices: Sequence[str], help: str, *, flag: str 
     return field(default=default, metadata={"help": help, "kind": "choice", "choices": tuple(choices), "flag": flag})
 
 
-def switch_option(default: bool | None, help: str, *, flag: str, const: bool, flag_help: str) -> Any:
+def switch_option(default: bool | None, help: str, *, flag: str | None, const: bool, flag_help: str) -> Any:
     """A boolean (``help`` says what it means) set on the command line by ``flag``, which stores ``const``."""
     meta = {"help": help, "kind": "switch", "flag": flag, "const": const, "flag_help": flag_help}
     return field(default=default, metadata=meta)
+
+
+def bool_option(default: bool, help: str) -> Any:
+    """A boolean set in code or a config file, with no command-line flag of its own: checked like a switch (a
+    string ``"false"`` is refused); :func:`vlmsafe.cli.options.add_options` would give it ``--name``, which
+    stores the opposite of the default."""
+    return switch_option(default, help, flag=None, const=not default, flag_help=help)
 
 
 def other_option(help: str, *, flag: str | None, kind: str, default: Any = None, default_factory: Any = None) -> Any:

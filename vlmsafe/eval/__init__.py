@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # static analysers see the real names; at run time they load 
         parse_yes_no,
     )
     from vlmsafe.eval.loaders import load_figstep, load_mm_safetybench, load_vlsafe
+    from vlmsafe.eval.refusal import RefusalRules
     from vlmsafe.eval.report import EvalReport, ItemRecord, compare_reports, fmt_rate
     from vlmsafe.stats import Rate, wilson_interval
 
@@ -59,6 +60,7 @@ _EXPORTS: dict[str, str] = {
     "LlamaGuardJudge": "vlmsafe.eval.judges",
     "Rate": "vlmsafe.stats",
     "RefusalJudge": "vlmsafe.eval.judges",
+    "RefusalRules": "vlmsafe.eval.refusal",
     "Verdict": "vlmsafe.eval.judges",
     "compare_reports": "vlmsafe.eval.report",
     "contains_reference": "vlmsafe.eval.evaluate",
@@ -96,6 +98,7 @@ __all__ = [
     "LlamaGuardJudge",
     "Rate",
     "RefusalJudge",
+    "RefusalRules",
     "Verdict",
     "compare_reports",
     "contains_reference",

@@ -23,7 +23,7 @@ from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError, VlmsafeError
 from vlmsafe.eval.judges import Judge
 from vlmsafe.eval.report import EvalReport, ItemRecord
-from vlmsafe.options import check_options, int_option, switch_option, with_overrides
+from vlmsafe.options import bool_option, check_options, int_option, with_overrides
 
 UtilityFn = Callable[[str, str], bool]
 
@@ -173,8 +173,7 @@ class EvalOptions:
 
     batch_size: int = int_option(BATCH_SIZE, "items per generate / judge call")
     max_new_tokens: int = int_option(64, "generation budget per response")
-    text_only: bool = switch_option(False, "drop every image (the text-only counterpart)", flag="--text-only",
-                                    const=True, flag_help="drop every image")
+    text_only: bool = bool_option(False, "drop every image (the text-only counterpart)")
 
     def __post_init__(self) -> None:
         check_options(self)
