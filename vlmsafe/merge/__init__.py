@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # static analysers see the real names; at run time they load 
     )
     from vlmsafe.merge.methods import (
         METHODS,
+        PairMethod,
         apply_mask,
         dare_linear,
         dare_ties,
@@ -56,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "Checkpoint": "vlmsafe.merge.checkpoint",
     "KeyMap": "vlmsafe.merge.keymap",
     "METHODS": "vlmsafe.merge.methods",
+    "PairMethod": "vlmsafe.merge.methods",
     "MergeConfig": "vlmsafe.merge.config",
     "MergeResult": "vlmsafe.merge.streaming",
     "RECIPE_NAME": "vlmsafe.merge.streaming",
@@ -96,6 +98,7 @@ __all__ = [
     "KeyMap",
     "MergeConfig",
     "MergeResult",
+    "PairMethod",
     "Schedule",
     "TensorInfo",
     "apply_mask",
