@@ -105,14 +105,24 @@ def _check_steering(steering: SteeringConfig | None, calibration_items: Sequence
         raise InputError("pass either vectors (in the steering config) or calibration_items, not both")
 
 
-def _options(
-    read: ReadOptions | None, fit: ProbeFit | None, overrides: dict[str, Any]
-) -> tuple[ReadOptions, ProbeFit]:
-    """``read`` and ``fit`` with the keyword overrides of their fields (:func:`vlmsafe.options.with_overrides`);
-    a name of neither is the ``TypeError`` of an unexpected keyword argument."""
+def _prepare(
+    model: Any,
+    processor: Any,
+    steering: SteeringConfig | None,
+    calibration_items: Sequence[Any] | None,
+    options: tuple[ReadOptions | None, ProbeFit | None, dict[str, Any]],
+) -> tuple[Any, ReadOptions, ProbeFit]:
+    """What both analyses start from: the adapter, and ``read`` (its layers resolved) and ``fit`` with the keyword
+    overrides of their fields (:func:`vlmsafe.options.with_overrides`; a name of neither is the ``TypeError`` of
+    an unexpected keyword argument); the steering checked against ``calibration_items``."""
+    read, fit, overrides = options
     names = {f.name for f in fields(ReadOptions)}
-    return (with_overrides(ReadOptions, read, {k: v for k, v in overrides.items() if k in names}),
-            with_overrides(ProbeFit, fit, {k: v for k, v in overrides.items() if k not in names}))
+    read = with_overrides(ReadOptions, read, {k: v for k, v in overrides.items() if k in names})
+    fit = with_overrides(ProbeFit, fit, {k: v for k, v in overrides.items() if k not in names})
+    adapter = get_adapter(model, processor)
+    read = replace(read, layers=adapter.resolve_layers(read.layers))
+    _check_steering(steering, calibration_items)
+    return adapter, read, fit
 
 
 def split_sizes(n: int, test_size: float) -> tuple[int, int]:
@@ -165,17 +175,9 @@ def split_items(
     return y, train_idx, test_idx
 
 
-def probe_layers(
-    model: Any,
-    processor: Any,
-    items: Sequence[Any],
-    *,
-    steering: SteeringConfig | None = None,
-    calibration_items: Sequence[Any] | None = None,
-    read: ReadOptions | None = None,
-    fit: ProbeFit | None = None,
-    **overrides: Any,
-) -> LayerProbeReport:
+def probe_layers(model: Any, processor: Any, items: Sequence[Any], *, steering: SteeringConfig | None = None,
+                 calibration_items: Sequence[Any] | None = None, read: ReadOptions | None = None,
+                 fit: ProbeFit | None = None, **overrides: Any) -> LayerProbeReport:
     """Train a probe per layer on text-only inputs and test it with and without images.
 
     ``items`` carry ``label`` = ``"harmful"`` | ``"benign"`` (e.g. :class:`vlmsafe.data.Item`)
@@ -196,12 +198,8 @@ def probe_layers(
     ProbeFit`; their fields may also be given as keywords (``cv=3, progress=False``), which replace those of
     ``read`` / ``fit``.
     """
-    read, fit = _options(read, fit, overrides)
-    adapter = get_adapter(model, processor)
-    layer_ids = adapter.resolve_layers(read.layers)
-    read = replace(read, layers=layer_ids)
-    positions, image = read.positions, read.image
-    _check_steering(steering, calibration_items)
+    adapter, read, fit = _prepare(model, processor, steering, calibration_items, (read, fit, overrides))
+    layer_ids, positions, image = read.layers, read.positions, read.image
     steer = steering is not None and steering.active
     items = list(items)
     y, train_idx, test_idx = split_items(items, fit.test_size, fit.seed)
@@ -291,17 +289,9 @@ def _pca_view(rows, text, mm_test, steered_test, test_idx, train_idx, y) -> dict
     return view
 
 
-def analyze_shift(
-    model: Any,
-    processor: Any,
-    items: Sequence[Any],
-    *,
-    steering: SteeringConfig | None = None,
-    calibration_items: Sequence[Any] | None = None,
-    read: ReadOptions | None = None,
-    fit: ProbeFit | None = None,
-    **overrides: Any,
-) -> ShiftReport:
+def analyze_shift(model: Any, processor: Any, items: Sequence[Any], *, steering: SteeringConfig | None = None,
+                  calibration_items: Sequence[Any] | None = None, read: ReadOptions | None = None,
+                  fit: ProbeFit | None = None, **overrides: Any) -> ShiftReport:
     """Per layer, how far an image moves each prompt's representation, and in which direction.
 
     For every layer: cosine distance, L2 distance (absolute and relative to the text-only norm)
@@ -315,12 +305,8 @@ def analyze_shift(
     ``read`` and ``fit`` (or their fields as keywords) as for :func:`probe_layers`; the probe is fitted on every
     item, so ``fit.test_size`` does not apply.
     """
-    read, fit = _options(read, fit, overrides)
-    adapter = get_adapter(model, processor)
-    layer_ids = adapter.resolve_layers(read.layers)
-    read = replace(read, layers=layer_ids)
-    positions, image = read.positions, read.image
-    _check_steering(steering, calibration_items)
+    adapter, read, fit = _prepare(model, processor, steering, calibration_items, (read, fit, overrides))
+    layer_ids, positions, image = read.layers, read.positions, read.image
     items = list(items)
     text = collect_activations(adapter, None, items, with_images=False, read=read, desc="text-only")
     mm = collect_activations(adapter, None, items, with_images=True, read=read, desc="with image")
