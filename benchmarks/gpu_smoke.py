@@ -387,7 +387,7 @@ class Smoke:
     def _evaluate(self, adapter, vectors) -> str:
         from vlmsafe.data import Item
         from vlmsafe.eval import RefusalJudge, evaluate
-        from vlmsafe.steering import SafeVLM
+        from vlmsafe.steering import SafeVLM, SteeringConfig
 
         folder = self.workdir / f"eval-{type(adapter.model).__name__}"
         folder.mkdir(exist_ok=True)
@@ -395,7 +395,8 @@ class Smoke:
         for i, (prompt, image) in enumerate(zip(PROMPTS, _images(len(PROMPTS), self.preset.image, seed=200))):
             image.save(folder / f"{i}.png")
             items.append(Item(str(i), prompt, str(folder / f"{i}.png"), "smoke", "harmful" if i == 0 else "benign"))
-        vlm = SafeVLM(adapter.model, adapter.processor, vectors, alpha=1.0, positions="prompt", decode=True,
+        vlm = SafeVLM(adapter.model, adapter.processor,
+                      SteeringConfig(vectors=vectors, alpha=1.0, positions="prompt", decode=True),
                       max_new_tokens=NEW_TOKENS, batch_size=self.preset.batch)
         report = evaluate(vlm, items, RefusalJudge(), batch_size=self.preset.batch, max_new_tokens=NEW_TOKENS,
                           progress=False)
@@ -440,7 +441,7 @@ class Smoke:
         """The four stages of one explicit family (see the module docstring)."""
         from vlmsafe.adapters import get_adapter
         from vlmsafe.errors import UnsupportedModelError
-        from vlmsafe.steering import SafeVLM
+        from vlmsafe.steering import SafeVLM, SteeringConfig
         from vlmsafe.testing.families import FAMILY_BUILDERS
 
         state: dict[str, Any] = {}
@@ -460,7 +461,7 @@ class Smoke:
 
             def refused() -> str:
                 try:
-                    SafeVLM(adapter.model, adapter.processor, mode="sample", alpha=1.0).generate(
+                    SafeVLM(adapter.model, adapter.processor, SteeringConfig(mode="sample", alpha=1.0)).generate(
                         ["hello"], _family_images(1, seed=1))
                 except UnsupportedModelError as exc:
                     check("\n" not in str(exc) and "cross-attention" in str(exc), f"refusal: {exc}")

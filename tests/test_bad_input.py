@@ -12,9 +12,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlmsafe.cli import main
-from vlmsafe.testing import random_image, tiny_llava
+from vlmsafe.io import check_output
+from vlmsafe.testing import random_image, tiny_llava, tiny_qwen2_vl
+from vlmsafe.testing.families import tiny_smolvlm
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +247,63 @@ def test_a_missing_adapter_is_named_before_the_model_loads(ws, monkeypatch, tmp_
     monkeypatch.setattr(loading, "_from_pretrained", boom)
     with pytest.raises(FileFormatError, match=r"no adapter_config\.json"):
         loading.load_model(ws / "model", adapter=tmp_path / "no_adapter")
+
+
+# --------------------------------------------------------------------------- library calls
+class _EchoGenerator:
+    """A generator that answers every prompt with the same words (no model): enough to drive evaluate()."""
+
+    def generate(self, prompts, images=None, *, max_new_tokens=64):
+        return ["sure , here are the steps ."] * len(prompts)
+
+
+def _scalar_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from vlmsafe.merge import Checkpoint
+
+    save_file({"step": torch.tensor(3.0), "w": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    return Checkpoint(tmp_path)
+
+
+def _evaluate_with_a_lost_record(tmp_path, monkeypatch):
+    import importlib
+
+    from vlmsafe.data import Item
+    from vlmsafe.eval import RefusalJudge
+
+    ev = importlib.import_module("vlmsafe.eval.evaluate")  # the module (the package's `evaluate` is the function)
+
+    monkeypatch.setattr(ev, "gather", lambda records, accelerator: records[:-1])  # one process's share went missing
+    items = [Item(id=str(i), prompt="how do i make a bomb ?", label="harmful") for i in range(3)]
+    ev.evaluate(_EchoGenerator(), items, RefusalJudge(), progress=False)
+
+
+#: (case, call(tmp_path, monkeypatch), the typed error, message parts: the problem, then the fix)
+LIBRARY_CASES = [
+    ("check_output-kind", lambda tmp, mp: check_output(tmp / "o", kind="folder"),
+     "InputError", ["kind must be 'dir' or 'file', got 'folder'", "pass kind='dir'"]),
+    ("checkpoint-rows-of-a-scalar", lambda tmp, mp: _scalar_checkpoint(tmp).get_rows("step", 0, 1),
+     "InputError", ["step is a scalar and has no rows", "read it with get('step')"]),
+    ("tiny-qwen2-vl-variant", lambda tmp, mp: tiny_qwen2_vl(variant="qwen3"),
+     "InputError", ["unknown variant 'qwen3'", "use 'qwen2_vl' or 'qwen2_5_vl'"]),
+    ("tiny-smolvlm-variant", lambda tmp, mp: tiny_smolvlm(variant="smol"),
+     "InputError", ["unknown variant 'smol'", "use 'smolvlm' or 'idefics3'"]),
+    ("evaluate-processes-disagree", _evaluate_with_a_lost_record,
+     "InputError", ["gathered 2 records for 3 items", "launch every process with the same data file"]),
+]
+
+
+@pytest.mark.parametrize("case, call, error, parts", LIBRARY_CASES, ids=[c[0] for c in LIBRARY_CASES])
+def test_library_calls_raise_typed_errors_naming_problem_and_fix(tmp_path, monkeypatch, case, call, error, parts):
+    """A bad argument to a library function is a vlmsafe.errors type (the CLI's one line, exit code 2), still the
+    built-in type it was before (``except ValueError`` keeps working), with a message naming the problem and the fix.
+    """
+    import vlmsafe.errors as errors
+
+    with pytest.raises(getattr(errors, error)) as info:
+        call(tmp_path, monkeypatch)
+    assert isinstance(info.value, errors.VlmsafeError) and isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert all(part in message for part in parts), message
+    assert message.index(parts[0]) < message.index(parts[1])

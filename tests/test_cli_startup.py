@@ -9,8 +9,11 @@ flag (choices, ranges, defaults) comes from modules that import nothing heavy (`
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 HEAVY = ("torch", "transformers", "safetensors", "diffusers", "peft", "open_clip", "sklearn", "matplotlib")
 
@@ -60,13 +63,16 @@ def test_lazy_package_exports_resolve_to_the_defining_module():
     """Every name a package lists in __all__ loads on access, from the module its table names."""
     import importlib
 
+    from vlmsafe._lazy import exports_of
+
     for pkg in ("vlmsafe.steering", "vlmsafe.eval", "vlmsafe.merge", "vlmsafe.safeclip", "vlmsafe.convert",
                 "vlmsafe.demo"):
         module = importlib.import_module(pkg)
-        assert sorted(module.__all__) == sorted(module._EXPORTS), pkg
+        table = exports_of(pkg)
+        assert sorted(module.__all__) == sorted(table), pkg
         for name in module.__all__:
             value = getattr(module, name)
-            target, _, attr = module._EXPORTS[name].partition(":")
+            target, _, attr = table[name].partition(":")
             assert value is getattr(importlib.import_module(target), attr or name), (pkg, name)
         assert set(module.__all__) <= set(dir(module))
     from vlmsafe.eval import EvalItem, Item
@@ -74,9 +80,41 @@ def test_lazy_package_exports_resolve_to_the_defining_module():
     assert EvalItem is Item
 
 
+
+@pytest.mark.parametrize("all_line, problem", [
+    ('__all__ = ["shout"]', "not in __all__: ['whisper']"),
+    ('__all__ = ["shout", "whisper", "sing"]', "not importable: ['sing']"),
+])
+def test_lazy_exports_and_all_must_agree(tmp_path, monkeypatch, all_line, problem):
+    """A package whose ``__all__`` and ``TYPE_CHECKING`` block disagree fails at import (an InternalError, a bug of
+    the package), so a forgotten export cannot ship; when they agree each name loads on access, aliases included."""
+    import importlib
+
+    from vlmsafe.errors import InternalError, VlmsafeError
+
+    pkg = tmp_path / "lazypkg"
+    pkg.mkdir()
+    (pkg / "words.py").write_text("def shout(): return 'HI'\ndef say(): return 'hi'\n")
+    block = ("from typing import TYPE_CHECKING\nfrom vlmsafe._lazy import attach\nif TYPE_CHECKING:\n"
+             "    from lazypkg.words import shout\n    from lazypkg.words import say as whisper\n")
+    (pkg / "__init__.py").write_text(block + all_line + "\n__getattr__, __dir__ = attach(__name__)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("lazypkg", "lazypkg.words"):  # taken out again at the end of the test
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(InternalError, match=re.escape(problem)) as info:
+        importlib.import_module("lazypkg")
+    assert not isinstance(info.value, VlmsafeError)  # a bug: the CLI keeps its traceback
+    (pkg / "__init__.py").write_text(block + '__all__ = ["shout", "whisper"]\n'
+                                     "__getattr__, __dir__ = attach(__name__)\n")
+    module = importlib.import_module("lazypkg")
+    assert "lazypkg.words" not in sys.modules  # nothing loaded before a name is used
+    assert module.shout() == "HI" and module.whisper() == "hi" and "whisper" in dir(module)
+
 def test_import_vlmsafe_is_light_and_exposes_the_public_face():
     code = """
 import sys
+
+import pytest
 import vlmsafe
 assert "torch" not in sys.modules, "import vlmsafe loaded torch"
 names = [n for n in vlmsafe.__all__ if n not in ("VlmsafeError", "__version__")]

@@ -476,21 +476,3 @@ def test_load_judge_from_saved_folder(tmp_path):
     with pytest.raises(FileFormatError, match="no such directory"):
         load_judge(f"harmbench:{tmp_path / 'nothing'}")
 
-
-def test_judge_options_object_keywords_and_each_judges_own_budget(guard):
-    """JudgeOptions carries batch size, budget and the unparsed policy, checked once; keywords replace its fields;
-    an unset budget is the judge's own (Llama Guard 16 tokens, HarmBench 1)."""
-    from vlmsafe.eval import JudgeOptions
-
-    model, tok = guard
-    opts = JudgeOptions(batch_size=2, on_unparsed="safe")
-    judge = LlamaGuardJudge(model, tok, opts)
-    assert (judge.batch_size, judge.max_new_tokens, judge.on_unparsed) == (2, 16, "safe")
-    judge = LlamaGuardJudge(model, tok, opts, max_new_tokens=4)
-    assert (judge.batch_size, judge.max_new_tokens) == (2, 4) and opts.max_new_tokens is None
-    tok_hb = build_word_tokenizer(WORDS, chat_template=None)
-    assert HarmBenchJudge(model, tok_hb, template="{behavior} {generation}").max_new_tokens == 1
-    with pytest.raises(InputError, match="on_unparsed must be one of"):
-        LlamaGuardJudge(model, tok, on_unparsed="maybe")
-    with pytest.raises(InputError, match="batch_size"):
-        JudgeOptions(batch_size=0)

@@ -16,7 +16,7 @@ from vlmsafe.errors import InputError, UnsupportedModelError
 from vlmsafe.loading import load_model
 from vlmsafe.merge import MergeConfig, merge_checkpoints
 from vlmsafe.merge.keymap import KeyMap
-from vlmsafe.steering import SafeVLM, ShiftVectors, calibrate, steer, steer_sample_level
+from vlmsafe.steering import SafeVLM, ShiftVectors, SteeringConfig, calibrate, steer, steer_sample_level
 from vlmsafe.steering.cmrm import text_only_states
 from vlmsafe.steering.shiftdc import calibrate_shiftdc
 from vlmsafe.testing import IMAGE_SIZE, random_image
@@ -139,7 +139,8 @@ def test_alpha_zero_is_plain_greedy_generation(built, vectors, name):
     prompts, images = PROMPTS, _images()
     plain = SafeVLM(model, processor, max_new_tokens=4).generate(prompts, images)
     for kw in (dict(vectors=vec, positions="prompt", decode=True), dict(mode="sample", positions="prompt")):
-        assert SafeVLM(model, processor, alpha=0.0, max_new_tokens=4, **kw).generate(prompts, images) == plain
+        assert SafeVLM(model, processor, SteeringConfig(alpha=0.0, **kw), max_new_tokens=4).generate(
+            prompts, images) == plain
     adapter = get_adapter(model, processor)
     inputs = adapter.build_inputs(prompts, images)
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
@@ -204,8 +205,8 @@ def test_sample_level_runs_on_every_anchor(built, name):
     # edge; SmolVLM: its tile; OneVision, Gemma 3, InternVL, PaliGemma: their fixed size)
     assert adapter.image_input_size == (IMAGE_SIZE, IMAGE_SIZE)
     for anchor in ("blank", "noise"):  # "real": the alpha-zero test
-        out = SafeVLM(model, processor, mode="sample", anchor=anchor, alpha=1.0, max_new_tokens=2).generate(
-            PROMPTS[:2], _images()[:2])
+        out = SafeVLM(model, processor, SteeringConfig(mode="sample", anchor=anchor, alpha=1.0),
+                      max_new_tokens=2).generate(PROMPTS[:2], _images()[:2])
         assert len(out) == 2
 
 
@@ -227,9 +228,9 @@ def test_shiftdc_runs_and_alpha_zero_is_plain(built, name):
     assert set(directions.layers) == {1, 2}
     prompts, images = PROMPTS[:2], _images()[:2]
     plain = SafeVLM(model, processor, max_new_tokens=3).generate(prompts, images)
-    kw = dict(mode="shiftdc", directions=directions, max_new_tokens=3)
-    assert SafeVLM(model, processor, alpha=0.0, **kw).generate(prompts, images) == plain
-    assert SafeVLM(model, processor, alpha=1.0, **kw).generate(prompts, images)[1] == plain[1]
+    cfg = SteeringConfig(mode="shiftdc", directions=directions)
+    assert SafeVLM(model, processor, cfg.with_alpha(0.0), max_new_tokens=3).generate(prompts, images) == plain
+    assert SafeVLM(model, processor, cfg, max_new_tokens=3).generate(prompts, images)[1] == plain[1]
 
 
 @pytest.mark.parametrize("name", [*FAMILIES, "mllama"])
@@ -253,10 +254,12 @@ def test_evaluate_and_probes_on_every_family(built, name, tmp_path):
              EvalItem("b1", "write poem about cats", paths[0], "chat", "benign")]
     if name == "mllama":  # no text-only twin: given vectors, and no batch mixing rows with and without an image
         g = torch.Generator().manual_seed(0)
-        vlm = SafeVLM(model, processor, ShiftVectors(shifts={1: torch.randn(32, generator=g)}), alpha=1.0,
-                      positions="prompt", max_new_tokens=3)
+        vectors = ShiftVectors(shifts={1: torch.randn(32, generator=g)})
+        vlm = SafeVLM(model, processor, SteeringConfig(vectors=vectors, alpha=1.0, positions="prompt"),
+                      max_new_tokens=3)
     else:
-        vlm = SafeVLM(model, processor, mode="sample", alpha=1.0, positions="prompt", max_new_tokens=3)
+        vlm = SafeVLM(model, processor, SteeringConfig(mode="sample", alpha=1.0, positions="prompt"),
+                      max_new_tokens=3)
     report = evaluate(vlm, items, RefusalJudge(), batch_size=1 if name == "mllama" else 4, max_new_tokens=3,
                       progress=False)
     assert [r.id for r in report.records] == [i.id for i in items] and all(r.response is not None
@@ -409,7 +412,8 @@ def test_mllama_refuses_what_needs_the_text_only_twin_in_one_line(built):
     model, processor = built("mllama")
     items = [("what colour is the shape ?", random_image(1))]
     for call in (lambda: calibrate(model, processor, items, progress=False),
-                 lambda: SafeVLM(model, processor, mode="sample", alpha=1.0).generate(["hello"], [random_image(1)]),
+                 lambda: SafeVLM(model, processor, SteeringConfig(mode="sample")).generate(["hello"],
+                                                                                         [random_image(1)]),
                  lambda: calibrate_shiftdc(model, processor, items)):
         with pytest.raises(UnsupportedModelError) as err:
             call()
@@ -428,7 +432,7 @@ def test_mllama_steering_with_given_vectors(built):
     vec = ShiftVectors(shifts={l: torch.randn(32, generator=g) for l in range(3)})
     prompts, images = PROMPTS[:2], [random_image(10), random_image(11)]
     plain = SafeVLM(model, processor, max_new_tokens=4).generate(prompts, images)
-    assert SafeVLM(model, processor, vec, alpha=0.0, positions="prompt", decode=True,
+    assert SafeVLM(model, processor, SteeringConfig(vectors=vec, alpha=0.0, positions="prompt", decode=True),
                    max_new_tokens=4).generate(prompts, images) == plain
     inputs = adapter.build_inputs(prompts, images)
     pad = processor.tokenizer.pad_token_id

@@ -13,7 +13,7 @@ from vlmsafe.adapters import GenericVLMAdapter, GuessedAdapterWarning, get_adapt
 from vlmsafe.adapters.base import adapter_class_for
 from vlmsafe.adapters.generic import _CACHE
 from vlmsafe.errors import UnsupportedModelError
-from vlmsafe.steering import SafeVLM, calibrate, steer
+from vlmsafe.steering import SafeVLM, SteeringConfig, calibrate, steer
 from vlmsafe.testing import IMAGE_SIZE, coverage, random_image, tiny_llava, tiny_text_config, tiny_vision_config
 from vlmsafe.testing.families import FAMILY_BUILDERS, shrunk_config
 
@@ -221,7 +221,8 @@ def test_generic_adapter_runs_the_remedies_with_a_one_line_warning():
     prompts, images = ["how do i make a bomb ?", "hello"], [random_image(1), None]
     vec = calibrate(model, processor, [(p, random_image(i)) for i, p in enumerate(prompts * 2)], progress=False)
     plain = SafeVLM(model, processor, max_new_tokens=4).generate(prompts, images)
-    assert SafeVLM(model, processor, vec, alpha=0.0, positions="prompt", max_new_tokens=4).generate(
+    assert SafeVLM(model, processor, SteeringConfig(vectors=vec, alpha=0.0, positions="prompt"),
+                   max_new_tokens=4).generate(
         prompts, images) == plain
     inputs = adapter.build_inputs(prompts, images)
     with torch.no_grad():

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from vlmsafe.errors import InternalError
 from vlmsafe.merge.pipeline import BufferPool, run_pipeline
 
 
@@ -88,7 +89,7 @@ def test_buffer_pool_blocks_when_exhausted_and_bounds_oversize():
     pool.give([a.view(torch.int16)])  # a view of a pooled buffer returns it
     t.join(2)
     assert got and got[0].untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
-    with pytest.raises(RuntimeError, match="returned twice"):
+    with pytest.raises(InternalError, match="returned twice"):  # a bug, not an input: RuntimeError, no VlmsafeError
         pool.give([b, b])
 
     big = pool.take(150)  # larger than a buffer: from the oversize budget
@@ -99,3 +100,22 @@ def test_buffer_pool_blocks_when_exhausted_and_bounds_oversize():
     pool.give([big])
     t.join(2)
     assert not t.is_alive() and got[-1].numel() == 100
+
+
+def test_a_write_outside_the_shard_plan_is_an_internal_error(tmp_path):
+    """The writer follows the plan the merge made from the headers; a write off that plan is vlmsafe's bug: an
+    InternalError (a RuntimeError with its traceback), never a one-line user error."""
+    from vlmsafe.errors import VlmsafeError
+    from vlmsafe.merge.writer import OutputTensor, ShardedWriter
+
+    plan = [OutputTensor("a", torch.float32, (2,)), OutputTensor("b", torch.float32, (3,))]
+    writer = ShardedWriter(tmp_path, plan, max_shard_bytes=1 << 20)
+    try:
+        with pytest.raises(InternalError, match="out-of-plan write: got b, expected a") as info:
+            writer.begin("b")
+        assert isinstance(info.value, RuntimeError) and not isinstance(info.value, VlmsafeError)
+        writer.write("a", torch.ones(2))
+        with pytest.raises(InternalError, match="only 1 of 2 planned tensors were written"):
+            writer.close()
+    finally:
+        writer.abort()

@@ -19,7 +19,7 @@ from transformers import AutoProcessor, LlamaTokenizerFast, Qwen2TokenizerFast
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import get_adapter
 from vlmsafe.errors import InputError, UnsupportedModelError
-from vlmsafe.steering import SafeVLM, ShiftVectors, calibrate, steer, steer_sample_level
+from vlmsafe.steering import SafeVLM, ShiftVectors, SteeringConfig, calibrate, steer, steer_sample_level
 from vlmsafe.testing import REAL_PROCESSOR_DIR, REAL_TOKENIZER_BUILDERS, random_image, real_processor, tiny_llava
 from vlmsafe.testing.families import FAMILY_BUILDERS, PUBLISHED_TEMPLATE_DIR, published_template
 
@@ -207,8 +207,10 @@ def test_steering_on_the_published_templates(built, name):
 
     plain_text = SafeVLM(model, processor, max_new_tokens=5).generate(PROMPTS, images)
     outputs = []
-    for vlm in (SafeVLM(model, processor, vectors, alpha=1.0, positions="prompt", decode=True, max_new_tokens=5),
-                SafeVLM(model, processor, mode="sample", alpha=1.0, positions="prompt", max_new_tokens=5)):
+    for vlm in (SafeVLM(model, processor, SteeringConfig(vectors=vectors, alpha=1.0, positions="prompt", decode=True),
+                        max_new_tokens=5),
+                SafeVLM(model, processor, SteeringConfig(mode="sample", alpha=1.0, positions="prompt"),
+                        max_new_tokens=5)):
         batched = vlm.generate(PROMPTS, images)
         assert batched == [vlm.generate(p, img) for p, img in zip(PROMPTS, images)]
         assert batched[1] == plain_text[1]  # the text-only row is never moved

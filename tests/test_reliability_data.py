@@ -287,7 +287,7 @@ def test_calibrated_vectors_pass_the_schema(ws, tmp_path):
 
 
 def _save_directions(folder: Path) -> Path:
-    from vlmsafe.steering.directions import SafetyDirections
+    from vlmsafe.steering import SafetyDirections
 
     torch.manual_seed(0)
     directions = {layer: torch.randn(96) for layer in range(4)}
@@ -320,7 +320,7 @@ def test_hand_edited_directions_json_is_one_line_naming_the_field(tmp_path, caps
 
 
 def test_a_caption_line_that_is_not_a_caption_is_refused(tmp_path):
-    from vlmsafe.steering.directions import SafetyDirections
+    from vlmsafe.steering import SafetyDirections
 
     folder = _save_directions(tmp_path / "d")
     (folder / "captions.jsonl").write_text('{"id": "1", "caption": "c"}\n[1, 2]\n')

@@ -236,7 +236,7 @@ def test_steering_config_and_safevlm(llava, directions):
         SteeringConfig(mode="shiftdc")
     with pytest.raises(InputError, match="finite"):
         SteeringConfig(directions=directions, alpha=float("nan"))
-    vlm = SafeVLM(model, processor, mode="shiftdc", directions=directions, alpha=400.0, max_new_tokens=4)
+    vlm = SafeVLM(model, processor, SteeringConfig(directions=directions, alpha=400.0), max_new_tokens=4)
     plain = SafeVLM(model, processor, max_new_tokens=4)
     images = _images()
     assert vlm.with_alpha(0.0).generate(PROMPTS, images) == plain.generate(PROMPTS, images)
@@ -246,7 +246,7 @@ def test_steering_config_and_safevlm(llava, directions):
         vlm.generate(PROMPTS, images, captions=["a"])
     short = SafetyDirections(directions={0: directions.directions[0]}, meta=directions.meta)
     with pytest.raises(IncompatibleVectorsError, match="no layer"):
-        SafeVLM(model, processor, mode="shiftdc", directions=short)  # middle-to-last = layers 2, 3
+        SafeVLM(model, processor, short)  # middle-to-last = layers 2, 3
 
 
 # --------------------------------------------------------------------------- command line

@@ -158,9 +158,9 @@ def test_sample_level_shift_matches_two_separate_passes(llava):
 @pytest.mark.parametrize("mode", ["dataset", "sample"])
 def test_batched_padded_generation_equals_one_by_one(llava, vectors, mode):
     model, processor = llava
-    kwargs = dict(vectors=vectors if mode == "dataset" else None, alpha=0.8, mode=mode, positions="prompt",
-                  decode=mode == "dataset", max_new_tokens=6, batch_size=8)
-    vlm = SafeVLM(model, processor, **kwargs)
+    cfg = SteeringConfig(vectors=vectors if mode == "dataset" else None, alpha=0.8, mode=mode, positions="prompt",
+                         decode=mode == "dataset")
+    vlm = SafeVLM(model, processor, cfg, max_new_tokens=6, batch_size=8)
     prompts = ["how do i make a bomb ?", "hello", "what colour is the shape in the image ?", "steal car"]
     images = [random_image(1), None, random_image(2), random_image(3)]
     batched = vlm.generate(prompts, images)
@@ -191,7 +191,7 @@ def test_no_hooks_after_generation_raises(llava, vectors):
     finally:
         handle.remove()
     assert hook_ids(model) == before
-    vlm = SafeVLM(model, processor, mode="sample", max_new_tokens=2)
+    vlm = SafeVLM(model, processor, SteeringConfig(mode="sample"), max_new_tokens=2)
     vlm.generate(PROMPTS, _images())
     assert hook_ids(model) == before
 
@@ -278,7 +278,7 @@ def test_bad_arguments(llava, vectors):
     with pytest.raises(InputError, match="unknown steering positions"), steer(model, vectors, positions="everywhere"):
         pass
     with pytest.raises(InputError, match="needs calibrated vectors"):
-        SafeVLM(model, processor, mode="dataset")
+        SafeVLM(model, processor, SteeringConfig(mode="dataset"))
     with pytest.raises(InputError, match="single image"):
         SafeVLM(model, processor).generate(["a", "b"], random_image(0))
     with pytest.raises(InputError, match="2 prompts but 1 images"):
@@ -340,14 +340,16 @@ def test_steering_works_on_every_vlm_family(family):
     vec = calibrate(model, processor, items, progress=False)
     vec = ShiftVectors(shifts={l: s * 300 for l, s in vec.shifts.items()}, meta=vec.meta)
     prompts, images = ["how do i make a bomb ?", "hello"], [random_image(5), None]
-    kw = dict(positions="prompt", decode=True, max_new_tokens=5)
+    cfg = SteeringConfig(vectors=vec, positions="prompt", decode=True)
     plain = SafeVLM(model, processor, max_new_tokens=5).generate(prompts, images)
-    assert SafeVLM(model, processor, vec, alpha=0.0, **kw).generate(prompts, images) == plain
-    steered = SafeVLM(model, processor, vec, alpha=1.0, **kw).generate(prompts, images)
+    assert SafeVLM(model, processor, cfg.with_alpha(0.0), max_new_tokens=5).generate(prompts, images) == plain
+    steered = SafeVLM(model, processor, cfg, max_new_tokens=5).generate(prompts, images)
     assert steered[0] != plain[0] and steered[1] == plain[1]  # only the multimodal row moves
-    assert [SafeVLM(model, processor, vec, alpha=1.0, **kw).generate(p, i) for p, i in zip(prompts, images)] == steered
+    one_by_one = SafeVLM(model, processor, cfg, max_new_tokens=5)
+    assert [one_by_one.generate(p, i) for p, i in zip(prompts, images)] == steered
     # random tiny models have tiny image/text gaps: a large alpha makes the sample-level shift visible
-    sample_vlm = SafeVLM(model, processor, mode="sample", alpha=30.0, positions="prompt", max_new_tokens=5)
+    sample_vlm = SafeVLM(model, processor, SteeringConfig(mode="sample", alpha=30.0, positions="prompt"),
+                         max_new_tokens=5)
     sample = sample_vlm.generate(prompts, images)
     assert sample[0] != plain[0] and sample[1] == plain[1]
 
@@ -423,15 +425,13 @@ def test_prompt_continued_on_a_filled_cache_is_steered(llava, vectors):
 
 
 def test_sample_level_refuses_decode_steering(llava):
-    model, processor = llava
+    model, _ = llava
     states = {0: torch.zeros(1, 32)}
     with pytest.raises(InputError, match=r"no text-only counterpart.*dataset-level"), \
             steer_sample_level(model, states, decode=True):
         pass
     with pytest.raises(InputError, match="cannot steer generated tokens"):
         SteeringConfig(mode="sample", decode=True)
-    with pytest.raises(InputError, match="cannot steer generated tokens"):
-        SafeVLM(model, processor, mode="sample", decode=True)
 
 
 def test_calibration_reads_text_positions_only(llava):

@@ -167,7 +167,8 @@ def test_sample_level_blank_anchor_subtracts_the_anchored_shift(llava):
     real = compute_sample_shifts(model, processor, prompts[:1], images[:1], layers=[1])[1][0]
     assert (anchored - real).norm() > 0.1 * real.norm()
     assert cfg.describe()["anchor"] == "blank" and cfg.describe()["anchor_colour"] == list(BLANK_COLOUR)
-    out = SafeVLM(model, processor, mode="sample", anchor="noise", max_new_tokens=3).generate(prompts, images)
+    out = SafeVLM(model, processor, SteeringConfig(mode="sample", anchor="noise"), max_new_tokens=3).generate(
+        prompts, images)
     assert len(out) == 2
 
 

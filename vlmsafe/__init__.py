@@ -31,11 +31,11 @@ _EXPORTS: dict[str, str] = {
     "get_adapter": "vlmsafe.adapters",
     "load_items": "vlmsafe.data",
     # steering (CMRM, ShiftDC)
-    "calibrate": "vlmsafe.steering.cmrm",
-    "calibrate_shiftdc": "vlmsafe.steering.shiftdc",
-    "steer": "vlmsafe.steering.cmrm",
+    "calibrate": "vlmsafe.steering.cmrm.calibration",
+    "calibrate_shiftdc": "vlmsafe.steering.shiftdc.calibration",
+    "steer": "vlmsafe.steering.cmrm.application",
     "ShiftVectors": "vlmsafe.steering.vectors",
-    "SafetyDirections": "vlmsafe.steering.directions",
+    "SafetyDirections": "vlmsafe.steering.shiftdc.directions",
     "SteeringConfig": "vlmsafe.steering.config",
     "SafeVLM": "vlmsafe.steering.safevlm",
     # safety merge
@@ -47,6 +47,6 @@ _EXPORTS: dict[str, str] = {
     # evaluation
     "evaluate": "vlmsafe.eval.evaluate",
 }
-__getattr__, __dir__ = attach(__name__, _EXPORTS)
-
 __all__ = ["VlmsafeError", "__version__", *_EXPORTS]
+
+__getattr__, __dir__ = attach(__name__, _EXPORTS)

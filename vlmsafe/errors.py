@@ -3,7 +3,8 @@
 Every error a user can cause (a wrong path, an unsupported model, a layer out of range, a malformed
 file, a number that is not finite) is raised as a :class:`VlmsafeError` subclass whose message names
 the problem *and* the fix, in the form ``"<where>: <problem>; <fix>"``. The CLI prints these messages
-as one line on stderr and exits with code 2, without a traceback.
+as one line on stderr and exits with code 2, without a traceback. A bug in vlmsafe itself (an internal
+invariant broken) is an :class:`InternalError` instead, which keeps its traceback.
 """
 
 
@@ -41,3 +42,12 @@ class OutputBusyError(VlmsafeError):
 
 class OutputWriteError(VlmsafeError, OSError):
     """An output could not be written for want of room, quota or a writable file system (ENOSPC, EDQUOT...)."""
+
+
+class InternalError(RuntimeError):
+    """A broken invariant inside vlmsafe: a bug to report, never the user's input.
+
+    Deliberately *not* a :class:`VlmsafeError`: the CLI prints those as one line telling the user what to fix,
+    while a bug must surface with its traceback. It subclasses ``RuntimeError``, which these raises were before, so
+    existing ``except RuntimeError`` callers keep working.
+    """

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from vlmsafe.errors import VlmsafeError
+from vlmsafe.errors import InternalError, VlmsafeError
 
 #: The modules each extra of ``pyproject.toml`` provides.
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -52,7 +52,7 @@ def require_extra(extra: str, *modules: str, feature: str) -> None:
         feature: what needs them, for the message (e.g. ``"vlmsafe probe weights (weights.png)"``).
     """
     if extra not in EXTRAS:
-        raise ValueError(f"unknown extra {extra!r}; one of {', '.join(EXTRAS)}")
+        raise InternalError(f"unknown extra {extra!r}; one of {', '.join(EXTRAS)}")  # vlmsafe's own call is wrong
     missing = [m for m in modules if not is_installed(m)]
     if missing:
         names = " ".join(DISTRIBUTIONS.get(m, m) for m in missing)

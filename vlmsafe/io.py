@@ -96,7 +96,8 @@ def check_output(
         InputError: the destination overlaps an input, cannot be written, or its path is unusable.
     """
     if kind not in ("dir", "file"):
-        raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
+        raise InputError(f"kind must be 'dir' or 'file', got {kind!r}; pass kind='dir' for a folder output or "
+                         "kind='file' for a single file")
     shown = os.fspath(path)
     dest = Path(os.path.expanduser(shown))
     if not shown or not str(dest).strip():

@@ -139,9 +139,9 @@ def read_safetensors_header(
             shape = entry["shape"]
             offsets = entry["data_offsets"]
             if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-                raise ValueError(f"shape {shape!r} is not a list of non-negative integers")
+                raise FileFormatError(f"shape {shape!r} is not a list of non-negative integers")
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)):
-                raise ValueError(f"data_offsets {offsets!r} is not two integers")
+                raise FileFormatError(f"data_offsets {offsets!r} is not two integers")
             info = TensorInfo(torch_dtype(entry["dtype"]), tuple(shape))
         except (KeyError, TypeError, ValueError, FileFormatError) as exc:
             raise FileFormatError(f"{bad} (bad entry for tensor {name}: {exc}); {_RESAVE}") from None

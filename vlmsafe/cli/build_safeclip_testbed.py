@@ -6,20 +6,19 @@ The work is there; this module only reads the flags (all argparse code lives in 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 import torch
 
-from vlmsafe.cli.options import add_seed_option
+from vlmsafe.cli.options import add_seed_option, run_script, script_parser
 from vlmsafe.cli.types import float_arg
-from vlmsafe.errors import VlmsafeError
 from vlmsafe.testbed.safeclip import TOKEN_WEIGHT, build_testbed, default_assets_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Build the bundled Safe-CLIP testbed (tiny CLIP + Safe-CLIP fine-tune) from synthetic scenes."
+    parser = script_parser(
+        "vlmsafe.cli.build_safeclip_testbed",
+        "Build the bundled Safe-CLIP testbed (tiny CLIP + Safe-CLIP fine-tune) from synthetic scenes.",
     )
     parser.add_argument(
         "out_dir", nargs="?", default=str(default_assets_dir()), help="where to write it (default: assets/safeclip)"
@@ -31,18 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"text_safe_tokens loss weight (default {TOKEN_WEIGHT:g}; 0: only the paper's 8 terms)")
     parser.add_argument("--reuse-original", action="store_true",
                         help="keep OUT_DIR/original byte for byte and redo only the Safe-CLIP stage from it")
-    args = parser.parse_args(argv)
+    return run_script(parser, argv, _run)
+
+
+def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # tiny matrices: one thread is faster than two on a shared machine
-    try:
-        info = build_testbed(
-            args.out_dir, seed=args.seed, pretrain_steps=args.pretrain_steps, train_renders=args.train_renders,
-            token_weight=args.token_weight, reuse_original=args.reuse_original,
-        )
-    except VlmsafeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    info = build_testbed(
+        args.out_dir, seed=args.seed, pretrain_steps=args.pretrain_steps, train_renders=args.train_renders,
+        token_weight=args.token_weight, reuse_original=args.reuse_original,
+    )
     print(f"built in {info['total_seconds']} s -> {args.out_dir}")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,14 +6,12 @@ The work is there; this module only reads the flags (all argparse code lives in 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 import torch
 
-from vlmsafe.cli.options import add_progress_option, add_seed_option
+from vlmsafe.cli.options import add_progress_option, add_seed_option, run_script, script_parser
 from vlmsafe.cli.types import float_arg, int_arg
-from vlmsafe.errors import VlmsafeError
 from vlmsafe.resources import bundled_asset
 from vlmsafe.testbed import safeclip as tb
 from vlmsafe.testbed.t2i import COND_NOISE, UNET_STEPS, T2IBuildConfig, build_t2i_testbed
@@ -22,8 +20,9 @@ from vlmsafe.testbed.t2i import COND_NOISE, UNET_STEPS, T2IBuildConfig, build_t2
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vlmsafe.cli.build_t2i_testbed``: build the testbed (one torch thread, so a seed reproduces it)."""
 
-    parser = argparse.ArgumentParser(
-        description="Build the bundled text-to-image testbed (tiny Stable Diffusion + scene classifier)."
+    parser = script_parser(
+        "vlmsafe.cli.build_t2i_testbed",
+        "Build the bundled text-to-image testbed (tiny Stable Diffusion + scene classifier).",
     )
     parser.add_argument(
         "--out",
@@ -48,19 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_progress_option(parser)
-    args = parser.parse_args(argv)
+    return run_script(parser, argv, _run)
+
+
+def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    try:
-        config = T2IBuildConfig(seed=args.seed, renders=args.renders, vae_steps=args.vae_steps,
-                                unet_steps=args.unet_steps, classifier_steps=args.classifier_steps,
-                                cond_noise=args.cond_noise)
-        info = build_t2i_testbed(args.out, config, clip_dir=args.clip, overwrite=args.overwrite,
-                                 progress=not args.no_progress)
-    except VlmsafeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = T2IBuildConfig(seed=args.seed, renders=args.renders, vae_steps=args.vae_steps,
+                            unet_steps=args.unet_steps, classifier_steps=args.classifier_steps,
+                            cond_noise=args.cond_noise)
+    info = build_t2i_testbed(args.out, config, clip_dir=args.clip, overwrite=args.overwrite,
+                             progress=not args.no_progress)
     print(f"built in {info['seconds']['total']} s wall, {info['cpu_seconds']} s CPU -> {args.out}")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,34 +6,25 @@ The work is there; this module only reads the flags (all argparse code lives in 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from vlmsafe.cli.options import add_seed_option
+from vlmsafe.cli.options import add_seed_option, run_script, script_parser
 from vlmsafe.cli.types import seed_arg
-from vlmsafe.errors import VlmsafeError
 from vlmsafe.testbed import unseen as _module
 from vlmsafe.testbed.unseen import make_unseen_set
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m vlmsafe.cli.build_unseen",
-        description=_module.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = script_parser("vlmsafe.cli.build_unseen", _module.__doc__)
     ap.add_argument("--out", required=True, help="output folder")
     add_seed_option(ap, default=1, help="seed of templates, images and sampling")
     ap.add_argument("--build-seed", type=seed_arg(), default=0, help="the testbed's build seed")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
-    args = ap.parse_args(argv)
-    try:
-        path = make_unseen_set(args.out, seed=args.seed, build_seed=args.build_seed, overwrite=args.overwrite)
-    except VlmsafeError as exc:
-        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return run_script(ap, argv, _run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    print(make_unseen_set(args.out, seed=args.seed, build_seed=args.build_seed, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":  # pragma: no cover

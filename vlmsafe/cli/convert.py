@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vlmsafe.cli.options import (
+    add_command,
     add_dtype_option,
     add_input,
     add_output_options,
@@ -29,8 +30,8 @@ Llama models, mistral for Mistral; pass --chat-template chatml for llava-v1.6-34
 def register(subparsers: argparse._SubParsersAction) -> None:
     from vlmsafe.convert.templates import TEMPLATES
 
-    p = subparsers.add_parser(
-        "convert-llava",
+    p = add_command(
+        subparsers, "convert-llava", _convert,
         help="convert an original LLaVA checkpoint (liuhaotian v1.5/v1.6) into a transformers LLaVA directory",
         description=(
             "Convert an original LLaVA checkpoint (LlavaLlamaForCausalLM / LlavaMistralForCausalLM: model.layers.*, "
@@ -38,7 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "LlavaNextForConditionalGeneration directory with config, processor and chat template, offline."
         ),
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_input(p, "original", metavar="ORIGINAL_DIR", help="original LLaVA checkpoint directory (with tokenizer)")
     add_input(p, "--vision", required=True, metavar="CLIP_DIR",
@@ -50,7 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="conversation format (default: vicuna for Llama models, mistral for Mistral)")
     p.add_argument("--max-shard-size", type=size_arg, default="2GB", help="output shard size (default 2GB)")
     add_progress_option(p)
-    p.set_defaults(func=_convert)
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmsafe.cli.options import add_batch_size_option, add_input, add_output_options, add_progress_option
+from vlmsafe.cli.options import add_batch_size_option, add_command, add_input, add_output_options, add_progress_option
 from vlmsafe.cli.types import float_list_arg, layer_spec_arg
 
 DEMO_HELP = """\
@@ -36,11 +36,10 @@ cmrm_sweep.png and merge_sweep.png to --out.
 def register(subparsers: Any) -> None:
     from vlmsafe.steering.choices import STEER_POSITIONS
 
-    p = subparsers.add_parser(
-        "demo",
+    p = add_command(
+        subparsers, "demo", run,
         help="show the safety degradation and the fixes on the bundled tiny LLaVA (no downloads)",
         description=DEMO_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_output_options(p, default="vlmsafe-demo", help="output folder (default: ./vlmsafe-demo)")
     add_input(  # the outputs are checked against it (and the Safe-CLIP testbeds beside it) by run_demo
@@ -83,7 +82,6 @@ def register(subparsers: Any) -> None:
         "ShiftDC, each chosen on the calibration split (about twice the run time)",
     )
     add_progress_option(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 
 from vlmsafe.cli.options import (
     add_batch_size_option,
+    add_command,
     add_input,
     add_limit_option,
     add_max_new_tokens,
@@ -52,11 +53,10 @@ def register(subparsers: Any) -> None:
     from vlmsafe.data import BATCH_SIZE
     from vlmsafe.eval.loaders import BENCHMARK_FORMATS
 
-    p = subparsers.add_parser(
-        "evaluate",
+    p = add_command(
+        subparsers, "evaluate", run_evaluate,
         help="measure unsafe rate, over-refusal and utility of a VLM (optionally CMRM-steered)",
         description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_options(p)
     g = p.add_argument_group("data")
@@ -91,7 +91,6 @@ def register(subparsers: Any) -> None:
     add_steering_options(p)
     add_output_options(p, help="output folder: <run>.json (records + summary), <run>.md, summary.md (written at once)")
     add_progress_option(p)
-    p.set_defaults(func=run_evaluate)
 
 
 def _judge_path(spec: str) -> str | None:

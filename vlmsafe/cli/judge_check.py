@@ -7,34 +7,31 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from vlmsafe.errors import VlmsafeError
+from vlmsafe.cli.options import run_script, script_parser
 from vlmsafe.eval.judge_check import judge_agreement, load_labelled_responses
 from vlmsafe.eval.refusal import RefusalJudge
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlmsafe.cli.judge_check", description=__doc__.split("\n")[0])
+    parser = script_parser("vlmsafe.cli.judge_check", __doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", help="labelled-response JSONL files")
     parser.add_argument("--match", choices=("opening", "anywhere", "prefix"), default="opening",
                         help="RefusalJudge mode (default: opening)")  # fmt: skip
     parser.add_argument("--errors", action="store_true", help="also list every disagreement")
-    args = parser.parse_args(argv)
+    return run_script(parser, argv, _run)
+
+
+def _run(args: argparse.Namespace) -> None:
     judge = RefusalJudge(match=args.match)
-    try:
-        for path in args.files:
-            agreement = judge_agreement(judge, load_labelled_responses(path))
-            print(agreement.to_markdown(title=f"{path} (RefusalJudge, match={args.match!r})"))
-            if args.errors:
-                for r, p in agreement.errors:
-                    print(f"- {r.id} [{r.style}] labelled {r.label}, judged {p}: {r.response[:100]!r}")
-                print()
-    except VlmsafeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    for path in args.files:
+        agreement = judge_agreement(judge, load_labelled_responses(path))
+        print(agreement.to_markdown(title=f"{path} (RefusalJudge, match={args.match!r})"))
+        if args.errors:
+            for r, p in agreement.errors:
+                print(f"- {r.id} [{r.style}] labelled {r.label}, judged {p}: {r.response[:100]!r}")
+            print()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from vlmsafe.cli.options import (
+    add_command,
     add_dtype_option,
     add_input,
     add_output_options,
@@ -45,8 +46,8 @@ has a vision_config); the output then comes from --out.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "merge",
+    p = add_command(
+        subparsers, "merge", _merge,
         help="recover a VLM's safety by merging its language model with the aligned text-only LLM",
         description=(
             "Merge the language model inside a VLM (LLaVA-style checkpoint) with the safety-aligned LLM it "
@@ -54,7 +55,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "LLM's share: 0 keeps the VLM, 1 takes the aligned LLM."
         ),
         epilog=_MERGE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_input(p, "config", nargs="?", label="merge config",
               help="YAML merge config, vlmsafe's or mergekit's form (optional if --vlm/--aligned/--out are given)")
@@ -85,10 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "(default: the YAML's output)")
     add_push_options(p, what="the merged model")
     add_progress_option(p)
-    p.set_defaults(func=_merge)
 
-    m = subparsers.add_parser(
-        "merge-mask",
+    m = add_command(
+        subparsers, "merge-mask", _merge_mask,
         help="write a top-k%% safety mask from the weight difference between the aligned LLM and the VLM",
         description=(
             "Score every decoder-layer weight by |W_aligned - W_vlm| (how far VL adaptation moved it) and "
@@ -104,7 +103,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--include", help="regex of tensor names to score (default: decoder-layer weights)")
     add_output_options(m, help="output .safetensors mask file")
     add_progress_option(m)
-    m.set_defaults(func=_merge_mask)
 
 
 def _merge(args: argparse.Namespace) -> int:

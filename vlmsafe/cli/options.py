@@ -13,7 +13,10 @@
 * :func:`add_progress_option` -- ``--no-progress`` (``--quiet`` is kept as a hidden alias);
 * :func:`add_data_options` -- ``--data --limit --batch-size``;
 * :func:`add_options` / :func:`options_from_args` -- one flag per option field of a config dataclass
-  (help, range and default declared once, in the field: :mod:`vlmsafe.options`).
+  (help, range and default declared once, in the field: :mod:`vlmsafe.options`);
+* :func:`add_command` -- one ``vlmsafe`` subcommand: its parser and the function that runs it;
+* :func:`script_parser` / :func:`run_script` -- the ``python -m vlmsafe.cli.X`` maintainer scripts (testbed
+  builders, checks): their parser, and their one-line errors with exit code 2.
 
 Numbers are checked at parse time (:mod:`vlmsafe.validation`): ``--alpha nan`` or ``--limit -1``
 never reach a model.
@@ -62,6 +65,40 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def add_command(
+    subparsers: Any, name: str, run: Callable[[argparse.Namespace], int | None] | None = None, *, help: str,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (``description``, ``epilog``... in ``kwargs``), run by ``run(args)``;
+    ``run=None`` for a group of subcommands (``vlmsafe probe``). Its help keeps the description's line breaks and
+    states every option's default (:class:`ArgumentParser`, the class argparse gives subparsers)."""
+    parser = subparsers.add_parser(name, help=help, **kwargs)
+    if run is not None:
+        parser.set_defaults(func=run)
+    return parser
+
+
+def script_parser(module: str, description: str | None) -> argparse.ArgumentParser:
+    """The parser of the ``python -m MODULE`` script: named as it is run, its description's line breaks kept."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def run_script(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, work: Callable[[argparse.Namespace], int | None]
+) -> int:
+    """A script's ``main``: parse ``argv`` and run ``work(args)``; a user error (:class:`~vlmsafe.errors.VlmsafeError`)
+    is one line ``PROG: error: MESSAGE`` on stderr and exit code 2, as in the ``vlmsafe`` command."""
+    from vlmsafe.errors import VlmsafeError
+
+    args = parser.parse_args(argv)
+    try:
+        return int(work(args) or 0)
+    except VlmsafeError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 # --------------------------------------------------------------------------- model
@@ -160,7 +197,7 @@ def add_steering_options(
     title: str = "steering (CMRM / ShiftDC)",
 ) -> None:
     """The steering flags; defaults are applied by :func:`steering_from_args` so it can tell what was given."""
-    from vlmsafe.steering.choices import STEER_POSITIONS
+    from vlmsafe.steering.choices import DEFAULT_ALPHA, STEER_POSITIONS
     from vlmsafe.steering.config import MAX_ALPHA, field_help
 
     g = parser.add_argument_group(title)
@@ -171,7 +208,7 @@ def add_steering_options(
                           "(one extra text-only pass)")
     add_input(src, "--shiftdc", metavar="DIR", help=field_help("directions") + " (default: none)")
     g.add_argument("--alpha", type=float_arg(low=0.0, high=MAX_ALPHA), default=None,
-                   help=field_help("alpha") + " (default 1.0)")
+                   help=field_help("alpha") + f" (default {DEFAULT_ALPHA})")
     g.add_argument(layers_flag, dest="steer_layers", type=layer_spec_arg, default=None, metavar="LAYERS",
                    help=field_help("layers"))
     g.add_argument(positions_flag, dest="steer_positions", choices=STEER_POSITIONS, default=None,
@@ -219,15 +256,16 @@ def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, fl
     alpha, layers = args.alpha, args.steer_layers
     rec = (vectors.meta.get("recommended") or {}) if vectors is not None else {}
     if rec.get("status") == "tuned" and (alpha is None or layers is None):  # the setting calibrate chose
-        alpha = rec["alpha"] if alpha is None else alpha
-        layers = (None if rec["layers"] == "all" else rec["layers"]) if layers is None else layers
+        recorded = vectors.recorded_setting()
+        alpha = recorded["alpha"] if alpha is None else alpha
+        layers = recorded["layers"] if layers is None else layers
         print(f"vlmsafe: steering with the setting recommended at calibration (alpha {alpha:g}, layers "
               f"{'all' if layers is None else layers}); --alpha / --layers override it", file=sys.stderr)
     return SteeringConfig(
         mode="dataset" if vectors is not None else "shiftdc" if directions is not None else "sample",
         vectors=vectors,
         directions=directions,
-        alpha=1.0 if alpha is None else alpha,
+        **({} if alpha is None else {"alpha": alpha}),  # the config's default otherwise
         layers=layers,
         positions=args.steer_positions or "last",
         decode=bool(args.decode),

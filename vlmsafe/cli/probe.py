@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.cli.options import (
+    add_command,
     add_data_options,
     add_input,
     add_model_options,
@@ -54,8 +55,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
 
 
 def register(subparsers: Any) -> None:
-    probe = subparsers.add_parser(
-        "probe",
+    probe = add_command(
+        subparsers, "probe",
         help="analyse where safety lives in a VLM: layer probes, multimodal shift, weight change",
         description=(
             "Analysis reports run before choosing an intervention. Each writes DIR/<name>.json and DIR/<name>.png "
@@ -66,12 +67,11 @@ def register(subparsers: Any) -> None:
             "           the same prompts, the CMRM shift and its component along the probe's harmful direction\n"
             "  weights  per-layer, per-module relative weight change between two checkpoints"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = probe.add_subparsers(dest="probe_command", metavar="ANALYSIS")
 
-    layers = sub.add_parser(
-        "layers",
+    layers = add_command(
+        sub, "layers", run_layers,
         help="layer-wise safety probes (text-only vs +image vs +image+CMRM)",
         description=(
             "Split --data (stratified) into train/test. For each layer, fit a standardised logistic-regression probe "
@@ -81,16 +81,14 @@ def register(subparsers: Any) -> None:
         ),
         epilog="example:\n  vlmsafe probe layers --model assets/testbed --data assets/testbed/data/test.jsonl "
                "--calibration assets/testbed/data/calibration.jsonl --out reports/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(layers, probes=True)
     layers.add_argument("--test-size", type=float_arg(low=0, high=1, low_open=True, high_open=True), default=0.3,
                         help="held-out share of the items (default 0.3)")
     layers.add_argument("--no-steering", action="store_true", help="skip condition (c)")
-    layers.set_defaults(func=run_layers)
 
-    shift = sub.add_parser(
-        "shift",
+    shift = add_command(
+        sub, "shift", run_shift,
         help="how far images move each layer's representation (cosine, L2, CKA, CMRM shift)",
         description=(
             "Run every prompt of --data with its image and as its text-only counterpart and report, per layer: "
@@ -100,13 +98,11 @@ def register(subparsers: Any) -> None:
         ),
         epilog="example:\n"
                "  vlmsafe probe shift --model assets/testbed --data assets/testbed/data/test.jsonl --out reports/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(shift, probes=False)
-    shift.set_defaults(func=run_shift)
 
-    weights = sub.add_parser(
-        "weights",
+    weights = add_command(
+        sub, "weights", run_weights,
         help="per-layer, per-module relative weight change between two checkpoints",
         description=(
             "Stream two safetensors checkpoints tensor by tensor and report ||after - before|| / ||before|| "
@@ -117,7 +113,6 @@ def register(subparsers: Any) -> None:
         ),
         epilog="example:\n"
                "  vlmsafe probe weights --before assets/testbed/aligned_lm --after assets/testbed --out reports/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_input(weights, "--before", required=True,
               help="reference checkpoint (file or folder), e.g. the aligned LLM")
@@ -125,7 +120,6 @@ def register(subparsers: Any) -> None:
               help="changed checkpoint, e.g. the VLM whose language model was adapted")
     add_output_options(weights, help="output folder: weights.json + weights.png")
     add_progress_option(weights)
-    weights.set_defaults(func=run_weights)
 
 
 # --------------------------------------------------------------------------- handlers

@@ -15,6 +15,7 @@ from typing import Any
 
 from vlmsafe.cli.options import (
     add_batch_size_option,
+    add_command,
     add_device_option,
     add_dtype_option,
     add_input,
@@ -72,8 +73,8 @@ Safe-CLIP towers.
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "safeclip",
+    p = add_command(
+        subparsers, "safeclip",
         help="Safe-CLIP: fine-tune CLIP so unsafe text/images embed like safe ones (train, eval, pairs)",
         description="Safe-CLIP (Poppi et al., ECCV 2024): fine-tune CLIP text/vision encoders so unsafe inputs "
         "are redirected to safe embeddings while safe ones are preserved.",
@@ -92,9 +93,9 @@ def _register_train(sub: Any) -> None:
     from vlmsafe.cli.options import add_options
     from vlmsafe.safeclip.config import SafeCLIPTrainingConfig
 
-    t = sub.add_parser("train", help="fine-tune a CLIP model with the Safe-CLIP losses",
-                       description="Fine-tune a CLIP model with the eight Safe-CLIP losses (LoRA by default).",
-                       epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = add_command(sub, "train", _train, help="fine-tune a CLIP model with the Safe-CLIP losses",
+                    description="Fine-tune a CLIP model with the eight Safe-CLIP losses (LoRA by default).",
+                    epilog=_TRAIN_EPILOG)
     add_input(t, "--model", required=True,
               help="HF CLIP folder or hub id, an open_clip checkpoint folder, or open_clip:NAME[@PRETRAINED]")
     add_input(t, "--data", required=True, help="training data: JSONL quadruplets or a ViSU-Text JSON/JSONL file")
@@ -114,7 +115,6 @@ def _register_train(sub: Any) -> None:
     group = t.add_argument_group("training options (SafeCLIPTrainingConfig fields)")
     add_options(group, SafeCLIPTrainingConfig, types={"weights": _weights_arg})
     add_push_options(t, what="the final model (OUTPUT_DIR/model)")
-    t.set_defaults(func=_train)
 
 
 def _weights_arg(text: str) -> dict[str, float]:
@@ -240,9 +240,10 @@ def _training_data(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
 
 
 def _register_eval(sub: Any) -> None:
-    e = sub.add_parser("eval", help="retrieval Recall@K table, original vs Safe-CLIP (default: bundled testbed)",
-                       description="Print Recall@1/5/10/20 for S→V, U→V, U→(V∪G), V→S and G→S, original vs "
-                       "Safe-CLIP.", epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e = add_command(sub, "eval", _eval,
+                    help="retrieval Recall@K table, original vs Safe-CLIP (default: bundled testbed)",
+                    description="Print Recall@1/5/10/20 for S→V, U→V, U→(V∪G), V→S and G→S, original vs "
+                    "Safe-CLIP.", epilog=_EVAL_EPILOG)
     add_input(e, "--original", help="the original CLIP (folder, hub id, open_clip:NAME; default: the testbed's)")
     add_input(e, "--safe", help="the Safe-CLIP model (OUTPUT_DIR/model of `safeclip train`; default: the testbed's)")
     add_input(e, "--data", help="evaluation quadruplets with images, JSONL or ViSU + --coco-dir (default: the "
@@ -257,7 +258,6 @@ def _register_eval(sub: Any) -> None:
     add_output_options(e, flag="--json", dest="json", required=False,
                        help="also write the rows to this JSON file (default: none)")
     add_progress_option(e)
-    e.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -305,24 +305,24 @@ def _register_pairs(sub: Any) -> None:
     from vlmsafe.cli.options import add_options
     from vlmsafe.safeclip.pairs import PairConverterConfig
 
-    pr = sub.add_parser("pairs", help="safe→unsafe caption converter: fine-tune a causal LM on pairs, generate "
-                        "unsafe captions", description="Build Safe-CLIP training text: fine-tune a causal LM on "
-                        "(safe, unsafe) caption pairs, then generate unsafe versions of safe captions.")
+    pr = add_command(sub, "pairs", help="safe→unsafe caption converter: fine-tune a causal LM on pairs, generate "
+                     "unsafe captions", description="Build Safe-CLIP training text: fine-tune a causal LM on "
+                     "(safe, unsafe) caption pairs, then generate unsafe versions of safe captions.")
     psub = pr.add_subparsers(dest="pairs_command")
-    pt = psub.add_parser("train", help="LoRA fine-tune a causal LM on (safe, unsafe) pairs",
-                         description="LoRA (or full) fine-tuning of a transformers causal LM on a small file of "
-                         "(safe, unsafe) caption pairs; the paper used ~100 curated pairs.")
+    pt = add_command(psub, "train", _pairs_train, help="LoRA fine-tune a causal LM on (safe, unsafe) pairs",
+                     description="LoRA (or full) fine-tuning of a transformers causal LM on a small file of "
+                     "(safe, unsafe) caption pairs; the paper used ~100 curated pairs.")
     add_model_options(pt, help="transformers causal LM folder (or hub id)")
     add_input(pt, "--pairs", required=True,
               help="JSONL/JSON records with 'safe' and 'unsafe' (or 'nsfw'), or a CSV with those columns")
     add_output_options(pt, flag="--output-dir", dest="output_dir",
                        help="where the adapter (safetensors) and tokenizer are saved")
     add_options(pt.add_argument_group("training options (PairConverterConfig fields)"), PairConverterConfig)
-    pt.set_defaults(func=_pairs_train)
 
-    pg = psub.add_parser("generate", help="write unsafe versions of safe captions (JSONL ready for `safeclip "
-                         "train`)", description="Generate an unsafe version of each safe caption with a converter "
-                         "trained by `pairs train`.")
+    pg = add_command(psub, "generate", _pairs_generate,
+                     help="write unsafe versions of safe captions (JSONL ready for `safeclip train`)",
+                     description="Generate an unsafe version of each safe caption with a converter trained by "
+                     "`pairs train`.")
     add_model_options(pg, help="the base causal LM folder (or hub id)")
     add_input(pg, "--adapter", help="folder written by `pairs train` (default: none, for a fully fine-tuned --model)")
     add_input(pg, "--captions", required=True,
@@ -338,7 +338,6 @@ def _register_pairs(sub: Any) -> None:
                     help="nucleus sampling mass, in (0, 1] (default 0.9; needs --sample)")
     pg.add_argument("--template", help="prompt template with {safe} (default: the one `pairs train` used by default)")
     add_progress_option(pg)
-    pg.set_defaults(func=_pairs_generate)
 
 
 def _load_lm(args: argparse.Namespace, adapter: str | None = None) -> tuple[Any, Any]:
@@ -411,11 +410,11 @@ text encoder of every image). Image k of the run starts from seed --seed + k.
 def _register_generate(sub: Any) -> None:
     from vlmsafe.safeclip.generate import GUIDANCE_MAX
 
-    g = sub.add_parser(
-        "generate",
+    g = add_command(
+        sub, "generate", _generate,
         help="text-to-image with a Safe-CLIP text encoder swapped into your diffusers pipeline (SD 1.x/2.x, SDXL)",
         description="Generate images from a diffusers text-to-image pipeline whose text encoder(s) are replaced by "
-        "Safe-CLIP's.", epilog=_GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "Safe-CLIP's.", epilog=_GENERATE_EPILOG,
     )  # fmt: skip
     add_input(g, "--pipeline", required=True, metavar="DIR",
               help="a diffusers pipeline folder (model_index.json), e.g. Stable Diffusion v1.4 or SDXL")
@@ -449,7 +448,7 @@ def _register_generate(sub: Any) -> None:
     add_dtype_option(g, help="weights dtype (default float32)")
     add_device_option(g)
     add_progress_option(g)
-    g.set_defaults(func=_generate, parameter_flags={"prompts_file": "--prompts"})  # run_generate names it so
+    g.set_defaults(parameter_flags={"prompts_file": "--prompts"})  # run_generate names it so
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 from vlmsafe.cli.options import (
     add_anchor_options,
+    add_command,
     add_data_options,
     add_input,
     add_max_new_tokens,
@@ -54,8 +55,8 @@ examples:
 def register(subparsers: Any) -> None:
     from vlmsafe.steering.choices import CALIBRATION_POSITIONS
 
-    cal = subparsers.add_parser(
-        "calibrate",
+    cal = add_command(
+        subparsers, "calibrate", run_calibrate,
         help="compute dataset-level CMRM shift vectors (or ShiftDC safety directions) for a VLM",
         description=(
             "CMRM (default): run every item of --data through the model twice, with an image (its own, or a "
@@ -66,7 +67,6 @@ def register(subparsers: Any) -> None:
             "use them with `vlmsafe generate --shiftdc DIR`."
         ),
         epilog=_CALIBRATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_options(cal)
     add_data_options(cal, help="JSONL calibration items (with an image each, unless --anchor blank/noise)")
@@ -98,14 +98,12 @@ def register(subparsers: Any) -> None:
                    "(default: none, captions from the data or the model)")
     add_push_options(cal, what="the vectors / directions folder")
     add_progress_option(cal)
-    cal.set_defaults(func=run_calibrate)
 
-    gen = subparsers.add_parser(
-        "generate",
+    gen = add_command(
+        subparsers, "generate", run_generate,
         help="generate with a VLM, optionally under CMRM or ShiftDC steering",
         description="Generate a response for one prompt (and image), unsteered or steered with CMRM or ShiftDC.",
         epilog=_GENERATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_options(gen)
     gen.add_argument("--prompt", required=True,
@@ -113,7 +111,6 @@ def register(subparsers: Any) -> None:
     add_input(gen, "--image", default=None, help="image file (default: none, a text-only prompt)")
     add_max_new_tokens(gen)
     add_steering_options(gen)
-    gen.set_defaults(func=run_generate)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -150,7 +147,8 @@ def _calibrate_cmrm(args: argparse.Namespace) -> int:
                                             device=accelerator.device if accelerator is not None else None)
     from vlmsafe.adapters import check_prompt_lengths  # a prompt the model cannot hold: refused before the work
     check_prompt_lengths(model, processor, items)
-    from vlmsafe.steering.recommend import recommend_setting, split_for_tuning, untuned
+    from vlmsafe.steering import SafeVLM
+    from vlmsafe.steering.recommend import RECOMMEND_TOKENS, recommend_setting, split_for_tuning, untuned
 
     keep, held, reason = split_for_tuning(items, args.tune_share)
     if accelerator is not None and held:
@@ -160,8 +158,9 @@ def _calibrate_cmrm(args: argparse.Namespace) -> int:
                         aggregate=args.aggregate or "mean", **anchor)
     vectors.meta["model_name"] = str(args.model)
     vectors.meta["calibration_data"] = str(Path(args.data).resolve())
-    vectors.meta["recommended"] = (recommend_setting(model, processor, vectors, held, batch_size=args.batch_size)
-                                   if held else untuned(reason or "not tuned"))
+    plain = SafeVLM(model, processor, batch_size=args.batch_size, max_new_tokens=RECOMMEND_TOKENS) if held else None
+    vectors.meta["recommended"] = (recommend_setting(plain, vectors, held) if held
+                                   else untuned(reason or "not tuned"))
     if is_main_process(accelerator):
         vectors.save(args.out, overwrite=args.overwrite)
         print(f"saved CMRM vectors ({vectors.meta['anchor']} anchor, {vectors.meta['aggregate']}) for "
@@ -237,6 +236,6 @@ def run_generate(args: argparse.Namespace) -> int:
     image = open_image(args.image, context="--image") if args.image else None
     steering = steering_from_args(args)  # flag and vectors errors before the model is loaded
     model, processor = load_model_from_args(args, kind="vlm")
-    vlm = SafeVLM(model, processor, steering=steering, max_new_tokens=args.max_new_tokens)  # checks vectors vs model
+    vlm = SafeVLM(model, processor, steering, max_new_tokens=args.max_new_tokens)  # checks vectors vs model
     print(vlm.generate(args.prompt, image))
     return 0

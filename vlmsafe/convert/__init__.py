@@ -11,16 +11,11 @@ from typing import TYPE_CHECKING
 
 from vlmsafe._lazy import attach
 
-if TYPE_CHECKING:  # static analysers see the real names; at run time they load on first access
+if TYPE_CHECKING:  # the public names and their modules, for static tools; at run time
+    # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.convert.llava import ConvertResult, convert_llava
     from vlmsafe.convert.templates import TEMPLATES
 
-#: Public name -> the module that defines it (``module:attr`` for an alias).
-_EXPORTS: dict[str, str] = {
-    "ConvertResult": "vlmsafe.convert.llava",
-    "TEMPLATES": "vlmsafe.convert.templates",
-    "convert_llava": "vlmsafe.convert.llava",
-}
-__getattr__, __dir__ = attach(__name__, _EXPORTS)
-
 __all__ = ["TEMPLATES", "ConvertResult", "convert_llava"]
+
+__getattr__, __dir__ = attach(__name__)

@@ -16,18 +16,11 @@ from typing import TYPE_CHECKING
 
 from vlmsafe._lazy import attach
 
-if TYPE_CHECKING:  # static analysers see the real names; at run time they load on first access
+if TYPE_CHECKING:  # the public names and their modules, for static tools; at run time
+    # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.demo.run import DEFAULT_ALPHAS, DemoOptions, normalize_alphas, run_demo
     from vlmsafe.demo.table import format_table
 
-#: Public name -> the module that defines it (``module:attr`` for an alias).
-_EXPORTS: dict[str, str] = {
-    "DEFAULT_ALPHAS": "vlmsafe.demo.run",
-    "DemoOptions": "vlmsafe.demo.run",
-    "format_table": "vlmsafe.demo.table",
-    "normalize_alphas": "vlmsafe.demo.run",
-    "run_demo": "vlmsafe.demo.run",
-}
-__getattr__, __dir__ = attach(__name__, _EXPORTS)
-
 __all__ = ["DEFAULT_ALPHAS", "DemoOptions", "format_table", "normalize_alphas", "run_demo"]
+
+__getattr__, __dir__ = attach(__name__)

@@ -79,17 +79,25 @@ def baseline_calibration(ctx: DemoContext) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _once(
+    ctx: DemoContext, key: str, stage: str, items: Sequence[Any], compute: Callable[[Sequence[Any]], Any]
+) -> Any:
+    """``ctx.cache[key]``, computed from ``items`` on first use as the progress stage ``stage`` (one bar step per
+    item): each calibration of the demo runs once, whichever rows need it."""
+    if key not in ctx.cache:
+        bar.stage(ctx, stage)
+        ctx.cache[key] = compute(items)
+        bar.advance(ctx, len(items))
+    return ctx.cache[key]
+
+
 def _vectors(ctx: DemoContext):
     """CMRM vectors calibrated once on the calibration split's items with images (all layers)."""
-    if "vectors" not in ctx.cache:
-        items = [it for it in ctx.calibration if it.image is not None]
-        bar.stage(ctx, "calibrate CMRM vectors")
-        ctx.cache["vectors"] = calibrate(
-            ctx.model, ctx.processor, items, positions="last", batch_size=ctx.batch_size,
-            progress=ctx.inner_progress,
-        )
-        bar.advance(ctx, len(items))
-    return ctx.cache["vectors"]
+    return _once(
+        ctx, "vectors", "calibrate CMRM vectors", [it for it in ctx.calibration if it.image is not None],
+        lambda items: calibrate(ctx.model, ctx.processor, items, positions="last", batch_size=ctx.batch_size,
+                                progress=ctx.inner_progress),
+    )
 
 
 def _layer_sets(ctx: DemoContext) -> list[list[int] | None]:
@@ -111,67 +119,56 @@ def _config(ctx: DemoContext, **kw: Any) -> Callable[[list[int] | None, float], 
     return lambda layers, alpha: SteeringConfig(alpha=alpha, layers=layers, **{"positions": "last", **extra, **kw})
 
 
+def _cmrm(ctx: DemoContext, name: str, note: str, **config: Any) -> SteeringMethod:
+    """A CMRM row ``name``: ``SteeringConfig(**config)`` at the demo's positions, tuned over :func:`_layer_sets`."""
+    return SteeringMethod(name, _config(ctx, **config), _layer_sets(ctx), note)
+
+
 def cmrm_dataset(ctx: DemoContext) -> SteeringMethod:
     """CMRM, dataset-level: one calibrated shift per layer, ``h <- h - alpha * shift``."""
-    return SteeringMethod(
-        "CMRM dataset-level",
-        _config(ctx, mode="dataset", vectors=_vectors(ctx)),
-        _layer_sets(ctx),
-        "one mean shift per layer, calibration split",
+    return _cmrm(
+        ctx, "CMRM dataset-level", "one mean shift per layer, calibration split",
+        mode="dataset", vectors=_vectors(ctx),
     )
 
 
 def cmrm_sample(ctx: DemoContext) -> SteeringMethod:
     """CMRM, sample-level: each input's shift from its own text-only counterpart."""
-    return SteeringMethod(
-        "CMRM sample-level",
-        _config(ctx, mode="sample"),
-        _layer_sets(ctx),
-        "each input's own shift (one extra text-only pass)",
-    )
+    return _cmrm(ctx, "CMRM sample-level", "each input's own shift (one extra text-only pass)", mode="sample")
 
 
 def cmrm_safety_component(ctx: DemoContext) -> SteeringMethod:
     """Dataset-level vectors reduced to their component along the layer's harmful-minus-benign direction."""
-    if "projected" not in ctx.cache:
-        labelled = [it for it in ctx.calibration if it.reference is None]
-        vectors = _vectors(ctx)
-        bar.stage(ctx, "safety directions")
-        directions = safety_directions(ctx.model, ctx.processor, labelled, batch_size=ctx.batch_size)
-        bar.advance(ctx, len(labelled))
-        ctx.cache["projected"] = vectors.project_onto(directions)
-    return SteeringMethod(
-        "CMRM dataset-level, safety component",
-        _config(ctx, mode="dataset", vectors=ctx.cache["projected"]),
-        _layer_sets(ctx),
-        "shift projected on the safety direction",
+    vectors = _vectors(ctx)
+    projected = _once(
+        ctx, "projected", "safety directions", [it for it in ctx.calibration if it.reference is None],
+        lambda labelled: vectors.project_onto(
+            safety_directions(ctx.model, ctx.processor, labelled, batch_size=ctx.batch_size)),
+    )
+    return _cmrm(
+        ctx, "CMRM dataset-level, safety component", "shift projected on the safety direction",
+        mode="dataset", vectors=projected,
     )
 
 
 def cmrm_dataset_blank(ctx: DemoContext) -> SteeringMethod:
     """CMRM dataset-level with the paper's anchor: the shift a blank image causes (prompts only needed)."""
-    if "vectors_blank" not in ctx.cache:
-        bar.stage(ctx, "calibrate blank-anchor vectors")
-        ctx.cache["vectors_blank"] = calibrate(
-            ctx.model, ctx.processor, ctx.calibration, anchor="blank", batch_size=ctx.batch_size,
-            progress=ctx.inner_progress,
-        )
-        bar.advance(ctx, len(ctx.calibration))
-    return SteeringMethod(
-        "CMRM dataset-level, blank anchor (paper)",
-        _config(ctx, mode="dataset", vectors=ctx.cache["vectors_blank"]),
-        _layer_sets(ctx),
-        "mean shift a blank image causes, calibration split",
+    vectors = _once(
+        ctx, "vectors_blank", "calibrate blank-anchor vectors", ctx.calibration,
+        lambda items: calibrate(ctx.model, ctx.processor, items, anchor="blank", batch_size=ctx.batch_size,
+                                progress=ctx.inner_progress),
+    )
+    return _cmrm(
+        ctx, "CMRM dataset-level, blank anchor (paper)", "mean shift a blank image causes, calibration split",
+        mode="dataset", vectors=vectors,
     )
 
 
 def cmrm_sample_blank(ctx: DemoContext) -> SteeringMethod:
     """CMRM sample-level with the paper's anchor: each input's shift measured with a blank image."""
-    return SteeringMethod(
-        "CMRM sample-level, blank anchor (paper)",
-        _config(ctx, mode="sample", anchor="blank"),
-        _layer_sets(ctx),
-        "each input's shift with a blank image (two extra passes)",
+    return _cmrm(
+        ctx, "CMRM sample-level, blank anchor (paper)", "each input's shift with a blank image (two extra passes)",
+        mode="sample", anchor="blank",
     )
 
 
@@ -188,15 +185,13 @@ def reference_layers(num_layers: int) -> list[int]:
 
 
 def _shiftdc_directions(ctx: DemoContext):
-    if "directions" not in ctx.cache:
-        labelled = [it for it in ctx.calibration if it.image is not None or it.meta.get("caption")]
-        bar.stage(ctx, "ShiftDC directions")
-        ctx.cache["directions"] = calibrate_shiftdc(
+    return _once(
+        ctx, "directions", "ShiftDC directions",
+        [it for it in ctx.calibration if it.image is not None or it.meta.get("caption")],
+        lambda labelled: calibrate_shiftdc(
             ctx.model, ctx.processor, labelled, caption_prompt=TESTBED_CAPTION_PROMPT, caption_tokens=8,
-            batch_size=ctx.batch_size, progress=ctx.inner_progress,
-        )  # fmt: skip
-        bar.advance(ctx, len(labelled))
-    return ctx.cache["directions"]
+            batch_size=ctx.batch_size, progress=ctx.inner_progress),
+    )
 
 
 def shiftdc_projection(ctx: DemoContext) -> dict[str, Any]:

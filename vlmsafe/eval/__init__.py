@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 
 from vlmsafe._lazy import attach
 
-if TYPE_CHECKING:  # static analysers see the real names; at run time they load on first access
+if TYPE_CHECKING:  # the public names and their modules, for static tools; at run time
+    # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.data import LABELS, Item, load_items, save_items
+    from vlmsafe.data import Item as EvalItem  # the old name of vlmsafe.data.Item, kept for existing imports
     from vlmsafe.eval.evaluate import EvalOptions, Generator, contains_reference, evaluate
     from vlmsafe.eval.figstep import FIGSTEP_PROMPT, figstep_text, make_figstep_items, render_typographic
     from vlmsafe.eval.judges import (
@@ -43,46 +45,6 @@ if TYPE_CHECKING:  # static analysers see the real names; at run time they load 
     from vlmsafe.eval.refusal import RefusalRules
     from vlmsafe.eval.report import EvalReport, ItemRecord, compare_reports, fmt_rate
     from vlmsafe.stats import Rate, wilson_interval
-
-#: Public name -> the module that defines it (``module:attr`` for an alias).
-_EXPORTS: dict[str, str] = {
-    "DEFAULT_REFUSAL_PHRASES": "vlmsafe.eval.judges",
-    "EvalItem": "vlmsafe.data:Item",  # the old name of vlmsafe.data.Item, the one item type; kept for existing imports
-    "EvalReport": "vlmsafe.eval.report",
-    "FIGSTEP_PROMPT": "vlmsafe.eval.figstep",
-    "EvalOptions": "vlmsafe.eval.evaluate",
-    "Generator": "vlmsafe.eval.evaluate",
-    "HARMBENCH_PROMPT": "vlmsafe.eval.judges",
-    "HarmBenchJudge": "vlmsafe.eval.judges",
-    "Item": "vlmsafe.data",
-    "ItemRecord": "vlmsafe.eval.report",
-    "Judge": "vlmsafe.eval.judges",
-    "LABELS": "vlmsafe.data",
-    "JudgeOptions": "vlmsafe.eval.judges",
-    "LlamaGuardJudge": "vlmsafe.eval.judges",
-    "Rate": "vlmsafe.stats",
-    "RefusalJudge": "vlmsafe.eval.judges",
-    "RefusalRules": "vlmsafe.eval.refusal",
-    "Verdict": "vlmsafe.eval.judges",
-    "compare_reports": "vlmsafe.eval.report",
-    "contains_reference": "vlmsafe.eval.evaluate",
-    "evaluate": "vlmsafe.eval.evaluate",
-    "figstep_text": "vlmsafe.eval.figstep",
-    "fmt_rate": "vlmsafe.eval.report",
-    "is_degenerate": "vlmsafe.eval.judges",
-    "load_figstep": "vlmsafe.eval.loaders",
-    "load_items": "vlmsafe.data",
-    "load_judge": "vlmsafe.eval.judges",
-    "load_mm_safetybench": "vlmsafe.eval.loaders",
-    "load_vlsafe": "vlmsafe.eval.loaders",
-    "make_figstep_items": "vlmsafe.eval.figstep",
-    "parse_guard_output": "vlmsafe.eval.judges",
-    "parse_yes_no": "vlmsafe.eval.judges",
-    "render_typographic": "vlmsafe.eval.figstep",
-    "save_items": "vlmsafe.data",
-    "wilson_interval": "vlmsafe.stats",
-}
-__getattr__, __dir__ = attach(__name__, _EXPORTS)
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
@@ -121,3 +83,5 @@ __all__ = [
     "save_items",
     "wilson_interval",
 ]
+
+__getattr__, __dir__ = attach(__name__)

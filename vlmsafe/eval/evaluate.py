@@ -253,8 +253,9 @@ def evaluate(
     records = [done[i] for i in range(len(items))]
     records = gather(records, accelerator)  # process order = shard order = item order
     if len(records) != n_total:
-        raise RuntimeError(
-            f"gathered {len(records)} records for {n_total} items; the processes disagree on the data set"
+        raise InputError(
+            f"gathered {len(records)} records for {n_total} items: the processes disagree on the data set; launch "
+            "every process with the same data file and options"
         )
     cfg = {"text_only": text_only, "max_new_tokens": max_new_tokens, "batch_size": batch_size, **(config or {})}
     return EvalReport(records=records, judge=getattr(judge, "name", type(judge).__name__), config=cfg)

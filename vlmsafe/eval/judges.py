@@ -24,13 +24,14 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from vlmsafe.errors import InputError
 from vlmsafe.eval.refusal import DEFAULT_REFUSAL_PHRASES, RefusalJudge, is_degenerate, normalize_text
 from vlmsafe.eval.verdict import Judge, Verdict, check_lengths
-from vlmsafe.options import check_options, choice_option, int_option, with_overrides
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
@@ -54,42 +55,42 @@ __all__ = [
 OnUnparsed = Literal["unsafe", "safe", "error"]
 
 
-@dataclass
-class JudgeOptions:
-    """How a model judge runs and reads its answers (:class:`LlamaGuardJudge`, :class:`HarmBenchJudge`).
+class JudgeOptions(TypedDict, total=False):
+    """The options every model judge takes, with their defaults in one place (:class:`_GenerativeJudge`):
+    ``batch_size`` (8), ``refusal_judge`` (a default :class:`RefusalJudge`: fills ``refused`` and ``degenerate``)
+    and ``on_unparsed`` (``"unsafe"``: what an answer that is neither safe nor unsafe counts as)."""
 
-    ``max_new_tokens``: ``None`` is the judge's own budget (Llama Guard's 16, HarmBench's 1: it reads one
-    token). ``on_unparsed``: what an answer that is neither safe nor unsafe counts as (default ``"unsafe"``: a
-    judge failure must not flatter the model; ``"error"`` stops); a warning reports how many there were.
-    Numbers are checked here, once.
-    """
-
-    batch_size: int = int_option(8, "judge prompts per generate call")
-    max_new_tokens: int | None = int_option(None, "tokens the judge generates (default: the judge's own)")
-    on_unparsed: str = choice_option("unsafe", ("unsafe", "safe", "error"),
-                                            "what an unparseable judge answer counts as")
-
-    def __post_init__(self) -> None:
-        check_options(self)
+    batch_size: int
+    refusal_judge: RefusalJudge | None
+    on_unparsed: OnUnparsed
 
 
 class _GenerativeJudge:
     """Shared plumbing: batch prompts, greedy-generate a few tokens with left padding, decode."""
 
     judges_content = True
-    #: tokens generated when :attr:`JudgeOptions.max_new_tokens` is ``None``
-    default_max_new_tokens = 16
 
-    def __init__(self, model: Any, tokenizer: Any, options: JudgeOptions, *, refusal_judge: RefusalJudge | None,
-                 name: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_new_tokens: int,
+        name: str,
+        batch_size: int = 8,
+        refusal_judge: RefusalJudge | None = None,
+        on_unparsed: OnUnparsed = "unsafe",
+    ) -> None:
+        if on_unparsed not in ("unsafe", "safe", "error"):
+            raise InputError(f"on_unparsed must be 'unsafe', 'safe' or 'error', got {on_unparsed!r}")
+        if batch_size < 1 or max_new_tokens < 1:
+            raise InputError("batch_size and max_new_tokens must be >= 1")
         self.model = model
         self.tokenizer = tokenizer
-        self.options = options
-        self.batch_size = options.batch_size
-        self.max_new_tokens = (self.default_max_new_tokens if options.max_new_tokens is None
-                               else options.max_new_tokens)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
         self.refusal_judge = refusal_judge if refusal_judge is not None else RefusalJudge()
-        self.on_unparsed = options.on_unparsed
+        self.on_unparsed = on_unparsed
         self.name = name
 
     def _format(self, prompt: str, response: str) -> str:  # pragma: no cover - abstract
@@ -186,29 +187,26 @@ class LlamaGuardJudge(_GenerativeJudge):
     Args:
         model: a causal LM (e.g. ``meta-llama/Llama-Guard-3-1B`` loaded with ``AutoModelForCausalLM``).
         tokenizer: its tokenizer, with a chat template.
-        options: batch size, budget (default 16 tokens) and what an unparseable answer counts as
-            (:class:`JudgeOptions`); its fields may also be given as keywords (``batch_size=2``,
-            ``on_unparsed="error"``), which replace those of ``options``.
         content_format: ``"string"`` (``"content": "text"``, Llama Guard 1-3) or ``"parts"``
             (``"content": [{"type": "text", "text": ...}]``, Llama Guard 3 Vision / 4).
         template_kwargs: extra ``apply_chat_template`` arguments (e.g. ``categories=...``).
-        refusal_judge: fills :attr:`Verdict.refused` and :attr:`Verdict.degenerate` (default ``RefusalJudge()``).
+        options: :class:`JudgeOptions` -- ``batch_size``, ``refusal_judge`` and ``on_unparsed``, what an
+            unparseable answer counts as (default ``"unsafe"``: a judge failure must not flatter the model); a
+            warning reports how many there were.
     """
 
     def __init__(
         self,
         model: Any,
         tokenizer: Any,
-        options: JudgeOptions | None = None,
         *,
+        max_new_tokens: int = 16,
         content_format: Literal["string", "parts"] = "string",
         template_kwargs: dict[str, Any] | None = None,
-        refusal_judge: RefusalJudge | None = None,
         name: str = "llamaguard",
-        **overrides: Any,
+        **options: Unpack[JudgeOptions],
     ) -> None:
-        super().__init__(model, tokenizer, with_overrides(JudgeOptions, options, overrides),
-                         refusal_judge=refusal_judge, name=name)
+        super().__init__(model, tokenizer, max_new_tokens=max_new_tokens, name=name, **options)
         if content_format not in ("string", "parts"):
             raise InputError(f"content_format must be 'string' or 'parts', got {content_format!r}")
         if getattr(tokenizer, "chat_template", None) is None and "chat_template" not in (template_kwargs or {}):
@@ -272,27 +270,24 @@ class HarmBenchJudge(_GenerativeJudge):
 
     Args:
         model / tokenizer: the classifier (e.g. ``cais/HarmBench-Llama-2-13b-cls``).
-        options: as for :class:`LlamaGuardJudge` (:class:`JudgeOptions`, or its fields as keywords); the
-            default budget is 1 token, as HarmBench reads one.
         template: prompt with ``{behavior}`` and ``{generation}`` fields (default :data:`HARMBENCH_PROMPT`).
+        max_new_tokens: HarmBench reads one token.
+        options: :class:`JudgeOptions` (``batch_size``, ``refusal_judge``, ``on_unparsed``).
     """
 
     judges_content = False
-    default_max_new_tokens = 1
 
     def __init__(
         self,
         model: Any,
         tokenizer: Any,
-        options: JudgeOptions | None = None,
         *,
         template: str = HARMBENCH_PROMPT,
-        refusal_judge: RefusalJudge | None = None,
+        max_new_tokens: int = 1,
         name: str = "harmbench",
-        **overrides: Any,
+        **options: Unpack[JudgeOptions],
     ) -> None:
-        super().__init__(model, tokenizer, with_overrides(JudgeOptions, options, overrides),
-                         refusal_judge=refusal_judge, name=name)
+        super().__init__(model, tokenizer, max_new_tokens=max_new_tokens, name=name, **options)
         if "{behavior}" not in template or "{generation}" not in template:
             raise InputError("template must contain '{behavior}' and '{generation}'")
         self.template = template

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from vlmsafe._lazy import attach
 
-if TYPE_CHECKING:  # static analysers see the real names; at run time they load on first access
+if TYPE_CHECKING:  # the public names and their modules, for static tools; at run time
+    # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.merge.checkpoint import Checkpoint, TensorInfo
     from vlmsafe.merge.config import MergeConfig
     from vlmsafe.merge.keymap import KeyMap, canonical_name, is_buffer, is_vocab_tensor, layer_index
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # static analysers see the real names; at run time they load 
         METHODS,
         PairMethod,
         apply_mask,
+        dare,
         dare_linear,
         dare_ties,
         linear,
@@ -51,45 +53,6 @@ if TYPE_CHECKING:  # static analysers see the real names; at run time they load 
     from vlmsafe.merge.schedule import Schedule
     from vlmsafe.merge.streaming import RECIPE_NAME, MergeResult, merge_checkpoints, plan_merge
     from vlmsafe.merge.sweep import merge_sweep, plot_sweep
-
-#: Public name -> the module that defines it (``module:attr`` for an alias).
-_EXPORTS: dict[str, str] = {
-    "Checkpoint": "vlmsafe.merge.checkpoint",
-    "KeyMap": "vlmsafe.merge.keymap",
-    "METHODS": "vlmsafe.merge.methods",
-    "PairMethod": "vlmsafe.merge.methods",
-    "MergeConfig": "vlmsafe.merge.config",
-    "MergeResult": "vlmsafe.merge.streaming",
-    "RECIPE_NAME": "vlmsafe.merge.streaming",
-    "Schedule": "vlmsafe.merge.schedule",
-    "TensorInfo": "vlmsafe.merge.checkpoint",
-    "apply_mask": "vlmsafe.merge.methods",
-    "build_masks": "vlmsafe.merge.localise",
-    "canonical_name": "vlmsafe.merge.keymap",
-    "collect_input_norms": "vlmsafe.merge.localise",
-    "dare_linear": "vlmsafe.merge.methods",
-    "dare_ties": "vlmsafe.merge.methods",
-    "is_buffer": "vlmsafe.merge.keymap",
-    "is_vocab_tensor": "vlmsafe.merge.keymap",
-    "layer_index": "vlmsafe.merge.keymap",
-    "linear": "vlmsafe.merge.methods",
-    "load_masks": "vlmsafe.merge.localise",
-    "magnitude_scores": "vlmsafe.merge.localise",
-    "merge_checkpoints": "vlmsafe.merge.streaming",
-    "merge_pair": "vlmsafe.merge.methods",
-    "merge_sweep": "vlmsafe.merge.sweep",
-    "plan_merge": "vlmsafe.merge.streaming",
-    "plot_sweep": "vlmsafe.merge.sweep",
-    "save_masks": "vlmsafe.merge.localise",
-    "slerp": "vlmsafe.merge.methods",
-    "task_arithmetic": "vlmsafe.merge.methods",
-    "ties": "vlmsafe.merge.methods",
-    "topk_mask": "vlmsafe.merge.localise",
-    "wanda_scores": "vlmsafe.merge.localise",
-    "weight_difference_mask": "vlmsafe.merge.localise",
-    "weight_difference_scores": "vlmsafe.merge.localise",
-}
-__getattr__, __dir__ = attach(__name__, _EXPORTS)
 
 __all__ = [
     "METHODS",
@@ -105,6 +68,7 @@ __all__ = [
     "build_masks",
     "canonical_name",
     "collect_input_norms",
+    "dare",
     "dare_linear",
     "dare_ties",
     "is_buffer",
@@ -127,3 +91,5 @@ __all__ = [
     "weight_difference_mask",
     "weight_difference_scores",
 ]
+
+__getattr__, __dir__ = attach(__name__)

@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from vlmsafe.errors import FileFormatError
+from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import read_json, sha256_file
 from vlmsafe.weights import TensorInfo, read_safetensors_header, st_dtype, torch_dtype  # noqa: F401 - re-exported
 
@@ -180,7 +180,7 @@ class Checkpoint:
         entry = self._entries[name]
         info = entry.info
         if not info.shape:
-            raise ValueError(f"{name} is a scalar; use get()")
+            raise InputError(f"{name} is a scalar and has no rows; read it with get({name!r})")
         stop = min(stop, info.shape[0])
         row = info.nbytes // info.shape[0] if info.shape[0] else 0
         return self._read(name, start * row, stop * row, out).reshape((stop - start, *info.shape[1:]))

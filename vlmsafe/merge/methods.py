@@ -23,6 +23,7 @@ is untouched and a streaming merge is reproducible tensor by tensor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -200,68 +201,47 @@ def ties(
     return _consensus_merge(b, deltas, w, elect_sign=True, normalize=normalize, scale=scale)
 
 
-def _dare(
+def dare(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
     density: float,
     *,
-    elect_sign: bool,
-    convention: Convention,
-    normalize: bool,
-    scale: float,
+    elect_sign: bool = False,
+    convention: Convention = "mergekit",
+    normalize: bool = False,
+    scale: float = 1.0,
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """DARE's drop and merge; the callers run it under :func:`_seeded` (the merge after the drop draws nothing)."""
+    """DARE: randomly drop ``1 - density`` of each delta and rescale, then merge with task arithmetic
+    (``elect_sign=False``, :data:`dare_linear`) or with TIES sign election (``elect_sign=True``, :data:`dare_ties`).
+
+    As in mergekit, the two published methods are one sparsification followed by one of two consensus rules.
+    """
     _check_density(density)
     _check_convention(convention)
     dtype = compute_dtype(base, *tensors)
     b = base.to(dtype)
     w = _weights(weights, len(tensors), dtype)
-    if convention == "peft":
-        deltas = [t.to(dtype) - b for t in tensors]
-        mu = _peft()
-        if density >= 1.0:
-            return task_arithmetic(b, tensors, weights, scale=scale) if not elect_sign else ties(
-                b, tensors, weights, 1.0, convention="peft", scale=scale
-            )
-        fn = mu.dare_ties if elect_sign else mu.dare_linear
-        return b + scale * fn(deltas, w, density)
-    deltas = [random_prune(t.to(dtype) - b, density, rescale="l1") for t in tensors]
+    with _seeded(seed):
+        if convention == "peft":
+            deltas = [t.to(dtype) - b for t in tensors]
+            mu = _peft()
+            if density >= 1.0:
+                return task_arithmetic(b, tensors, weights, scale=scale) if not elect_sign else ties(
+                    b, tensors, weights, 1.0, convention="peft", scale=scale
+                )
+            fn = mu.dare_ties if elect_sign else mu.dare_linear
+            return b + scale * fn(deltas, w, density)
+        deltas = [random_prune(t.to(dtype) - b, density, rescale="l1") for t in tensors]
     return _consensus_merge(b, deltas, w, elect_sign=elect_sign, normalize=normalize, scale=scale)
 
 
-def dare_linear(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    density: float,
-    *,
-    convention: Convention = "mergekit",
-    normalize: bool = False,
-    scale: float = 1.0,
-    seed: int | None = None,
-) -> torch.Tensor:
-    """DARE + task arithmetic: randomly drop ``1 - density`` of each delta, rescale, weighted sum."""
-    with _seeded(seed):
-        return _dare(base, tensors, weights, density, elect_sign=False, convention=convention, normalize=normalize,
-                     scale=scale)
+dare_linear = functools.partial(dare, elect_sign=False)
+"""DARE + task arithmetic: randomly drop ``1 - density`` of each delta, rescale, weighted sum (:func:`dare`)."""
 
-
-def dare_ties(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    density: float,
-    *,
-    convention: Convention = "mergekit",
-    normalize: bool = False,
-    scale: float = 1.0,
-    seed: int | None = None,
-) -> torch.Tensor:
-    """DARE + TIES sign election: randomly drop and rescale each delta, then elect sign and merge."""
-    with _seeded(seed):
-        return _dare(base, tensors, weights, density, elect_sign=True, convention=convention, normalize=normalize,
-                     scale=scale)
+dare_ties = functools.partial(dare, elect_sign=True)
+"""DARE + TIES sign election: randomly drop and rescale each delta, then elect sign and merge (:func:`dare`)."""
 
 
 def slerp(
@@ -372,6 +352,6 @@ def merge_pair(
         return task_arithmetic(base_t, tensors, weights)
     if method == "ties":
         return ties(base_t, tensors, weights, density, convention=convention, normalize=norm)
-    fn = dare_linear if method == "dare_linear" else dare_ties
     norm = False if normalize is None else normalize  # mergekit's DARE default
-    return fn(base_t, tensors, weights, density, convention=convention, normalize=norm, seed=seed)
+    return dare(base_t, tensors, weights, density, elect_sign=method == "dare_ties", convention=convention,
+                normalize=norm, seed=seed)

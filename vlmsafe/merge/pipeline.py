@@ -22,6 +22,8 @@ from typing import TypeVar
 
 import torch
 
+from vlmsafe.errors import InternalError
+
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -78,7 +80,7 @@ class BufferPool:
                 ptr = b.untyped_storage().data_ptr()
                 if ptr in self._pooled:
                     if any(f.untyped_storage().data_ptr() == ptr for f in self._free):
-                        raise RuntimeError("a pooled buffer was returned twice")
+                        raise InternalError("a pooled buffer was returned twice")
                     self._free.append(self._pooled[ptr])
                 else:
                     self._oversize.pop(ptr, None)

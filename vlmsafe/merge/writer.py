@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 import torch
 
 from vlmsafe.cards import digest_lines, display_name, render_card
+from vlmsafe.errors import InternalError, VlmsafeError
 from vlmsafe.merge.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorInfo, st_dtype
 from vlmsafe.validation import parse_size  # noqa: F401  (re-exported: the writer's shard-size rule)
 
@@ -94,7 +95,8 @@ class ShardedWriter:
         flush_bytes: int = FLUSH_BYTES,
     ) -> None:
         if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
-            raise RuntimeError("big-endian hosts are not supported")
+            raise VlmsafeError("big-endian hosts are not supported (safetensors data is little-endian); run the merge "
+                               "on a little-endian machine such as x86-64 or ARM64")
         self.directory = Path(directory)
         self.shards = plan_shards(tensors, max_shard_bytes)
         n = len(self.shards)
@@ -129,12 +131,12 @@ class ShardedWriter:
     def begin(self, name: str) -> OutputTensor:
         """Start the next planned tensor; returns its plan entry."""
         if self._current is not None:
-            raise RuntimeError(f"begin({name}) while {self._current.name} is unfinished")
+            raise InternalError(f"begin({name}) while {self._current.name} is unfinished")
         if self._pos >= len(self._order):
-            raise RuntimeError(f"unexpected tensor {name}: all planned tensors were written")
+            raise InternalError(f"unexpected tensor {name}: all planned tensors were written")
         si, planned = self._order[self._pos]
         if planned.name != name:
-            raise RuntimeError(f"out-of-plan write: got {name}, expected {planned.name}")
+            raise InternalError(f"out-of-plan write: got {name}, expected {planned.name}")
         if si != self._shard:
             self._open_shard(si)
         self._current, self._written = planned, 0
@@ -149,7 +151,7 @@ class ShardedWriter:
         data = block.detach().contiguous().reshape(-1).view(torch.uint8)
         self._written += data.numel()
         if self._written > planned.nbytes:
-            raise RuntimeError(f"{planned.name}: more than the planned {planned.nbytes} bytes ({planned.shape})")
+            raise InternalError(f"{planned.name}: more than the planned {planned.nbytes} bytes ({planned.shape})")
         self._file.write(memoryview(data.numpy()))
         self._unflushed += data.numel()
         if self._unflushed >= self._flush_bytes:
@@ -160,7 +162,7 @@ class ShardedWriter:
         planned = self._current
         assert planned is not None
         if self._written != planned.nbytes:
-            raise RuntimeError(
+            raise InternalError(
                 f"{planned.name}: wrote {self._written} bytes, planned {planned.nbytes} ({planned.shape})"
             )
         self._current = None
@@ -181,7 +183,7 @@ class ShardedWriter:
     def close(self) -> None:
         """Check completeness, make every shard durable, write the index."""
         if self._pos != len(self._order):
-            raise RuntimeError(f"only {self._pos} of {len(self._order)} planned tensors were written")
+            raise InternalError(f"only {self._pos} of {len(self._order)} planned tensors were written")
         for s in self._syncs:
             s.result()
         for f in self._open:

@@ -52,7 +52,8 @@ from typing import TYPE_CHECKING
 
 from vlmsafe._lazy import attach
 
-if TYPE_CHECKING:  # static analysers see the real names; at run time they load on first access
+if TYPE_CHECKING:  # the public names and their modules, for static tools; at run time
+    # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.safeclip.backends import CLIPBackend, HFCLIPBackend, OpenCLIPBackend, load_backend
     from vlmsafe.safeclip.data import Quadruplet, QuadrupletCollator, QuadrupletDataset, load_dataset
     from vlmsafe.safeclip.integrations import (
@@ -79,43 +80,6 @@ if TYPE_CHECKING:  # static analysers see the real names; at run time they load 
         retrieval_table,
     )
     from vlmsafe.safeclip.trainer import SafeCLIPTrainer, SafeCLIPTrainingConfig, TrainingResult, train_safeclip
-
-#: Public name -> the module that defines it (``module:attr`` for an alias).
-_EXPORTS: dict[str, str] = {
-    "ALL_LOSS_NAMES": "vlmsafe.safeclip.losses",
-    "CLIPBackend": "vlmsafe.safeclip.backends",
-    "HFCLIPBackend": "vlmsafe.safeclip.backends",
-    "LOSS_NAMES": "vlmsafe.safeclip.losses",
-    "OpenCLIPBackend": "vlmsafe.safeclip.backends",
-    "PairConverterConfig": "vlmsafe.safeclip.pairs",
-    "Quadruplet": "vlmsafe.safeclip.data",
-    "QuadrupletCollator": "vlmsafe.safeclip.data",
-    "QuadrupletDataset": "vlmsafe.safeclip.data",
-    "SafeCLIPEmbeddings": "vlmsafe.safeclip.losses",
-    "SafeCLIPLossWeights": "vlmsafe.safeclip.losses",
-    "SafeCLIPTrainer": "vlmsafe.safeclip.trainer",
-    "SafeCLIPTrainingConfig": "vlmsafe.safeclip.trainer",
-    "TrainingResult": "vlmsafe.safeclip.trainer",
-    "apply_safe_text_encoder": "vlmsafe.safeclip.integrations",
-    "apply_safe_vision_encoder": "vlmsafe.safeclip.integrations",
-    "clip_nce": "vlmsafe.safeclip.losses",
-    "cosine_distance": "vlmsafe.safeclip.losses",
-    "embed_quadruplets": "vlmsafe.safeclip.retrieval",
-    "format_table": "vlmsafe.safeclip.retrieval",
-    "generate_unsafe": "vlmsafe.safeclip.pairs",
-    "load_backend": "vlmsafe.safeclip.backends",
-    "load_dataset": "vlmsafe.safeclip.data",
-    "load_pairs": "vlmsafe.safeclip.pairs",
-    "load_safe_text_encoder": "vlmsafe.safeclip.integrations",
-    "recall_at_k": "vlmsafe.safeclip.retrieval",
-    "retrieval_metrics": "vlmsafe.safeclip.retrieval",
-    "retrieval_table": "vlmsafe.safeclip.retrieval",
-    "safeclip_losses": "vlmsafe.safeclip.losses",
-    "token_drift": "vlmsafe.safeclip.losses",
-    "train_pair_converter": "vlmsafe.safeclip.pairs",
-    "train_safeclip": "vlmsafe.safeclip.trainer",
-}
-__getattr__, __dir__ = attach(__name__, _EXPORTS)
 
 __all__ = [
     "ALL_LOSS_NAMES",
@@ -151,3 +115,5 @@ __all__ = [
     "train_pair_converter",
     "train_safeclip",
 ]
+
+__getattr__, __dir__ = attach(__name__)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmsafe.errors import InputError, OutputExistsError
+from vlmsafe.errors import InputError, InternalError, OutputExistsError
 from vlmsafe.safeclip.checkpoint import CHECKPOINT_PREFIX
 from vlmsafe.safeclip.config import SafeCLIPTrainingConfig, TrainerState, TrainingResult
 from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
@@ -103,7 +103,7 @@ class TrainingLoopMixin:
             scale, last_of_group = self._accumulation_scale(st.batch_in_epoch)
             with acc.accumulate(self.module):
                 if acc.sync_gradients != last_of_group:  # accelerate and this loop must agree on the groups
-                    raise RuntimeError(f"gradient accumulation out of step at micro-batch {st.batch_in_epoch} of "
+                    raise InternalError(f"gradient accumulation out of step at micro-batch {st.batch_in_epoch} of "
                                        f"epoch {st.epoch} (accelerate syncs: {acc.sync_gradients})")
                 losses = self.forward_backward(batch, scale)
                 if acc.sync_gradients and cfg.max_grad_norm:

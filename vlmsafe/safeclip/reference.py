@@ -30,12 +30,14 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlmsafe.distributed import gather, shard
+from vlmsafe.errors import InternalError
 from vlmsafe.safeclip.backends import CLIPBackend
 from vlmsafe.safeclip.batches import scatter_rows
 from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
@@ -110,6 +112,7 @@ class ReferenceCache:
         self.filled[idx] = True
 
 
+@dataclass(eq=False, repr=False)
 class FrozenReference:
     """Computes ``T0(S)`` and ``I0(V)`` of training batches, through the cache when it has them.
 
@@ -117,27 +120,22 @@ class FrozenReference:
     (``inner``, its wrapped module) back into the original. ``autocast`` is the trainer's mixed
     precision context. ``token_layer`` (``"last"`` / ``"penultimate"``; ``None``: the token term is off)
     makes the text pass run on ``batch["safe_text_padded"]`` and return the token states at that layer.
+    ``cache_items``: how many training items the output cache holds (``None``: no cache).
     """
 
-    def __init__(
-        self,
-        backend: CLIPBackend,
-        model: nn.Module | None,
-        *,
-        peft_model: Any = None,
-        inner: nn.Module | None = None,
-        autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
-        cache_items: int | None = None,
-        token_layer: str | None = None,
-    ):
-        if model is None and (peft_model is None or inner is None):
-            raise ValueError("a reference needs a frozen copy or a peft model to disable the adapter of")
-        self.backend = backend
-        self.model = model
-        self.peft_model = peft_model
-        self.inner = inner
-        self.autocast = autocast
-        self.token_layer = token_layer
+    backend: CLIPBackend
+    model: nn.Module | None
+    _: KW_ONLY
+    peft_model: Any = None
+    inner: nn.Module | None = None
+    autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+    cache_items: InitVar[int | None] = None
+    token_layer: str | None = None
+    cache: ReferenceCache | None = field(init=False, default=None)
+
+    def __post_init__(self, cache_items: int | None) -> None:
+        if self.model is None and (self.peft_model is None or self.inner is None):
+            raise InternalError("a reference needs a frozen copy or a peft model to disable the adapter of")
         self.cache = ReferenceCache(cache_items) if cache_items else None
 
     @contextlib.contextmanager

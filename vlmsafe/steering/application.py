@@ -1,4 +1,5 @@
-"""How steering is applied to a model: the edit plan of CMRM vectors, and the handle ``ShiftVectors.apply`` returns.
+"""What every steering method applies with: the edit plan of fixed vectors, the handle an artefact's ``apply``
+returns, and the unsteered last-prompt-token states per-input methods measure against.
 
 The artefact applies itself, as in steering-vectors (``SteeringVector.apply``)::
 
@@ -8,9 +9,9 @@ The artefact applies itself, as in steering-vectors (``SteeringVector.apply``)::
     ...
     handle.remove()
 
-The adapter is resolved once per call and handed down; every number is checked once, here
-(:func:`~vlmsafe.steering.choices.check_alpha`, the position names). This module imports no other steering
-module, so the vectors module can import it without a cycle.
+The functions here take a resolved :class:`~vlmsafe.adapters.ModelAdapter` and numbers already checked where
+they were declared (:class:`~vlmsafe.steering.SteeringConfig`, or a public entry point such as
+``steer_sample_level``): they check nothing twice.
 """
 
 from __future__ import annotations
@@ -22,18 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmsafe.activations import EditPlan, Prompt, edit_activations
+from vlmsafe.activations import EditPlan, Prompt, record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.errors import InputError
-from vlmsafe.steering.choices import STEER_POSITIONS, check_alpha
-
-
-def validate_positions(positions: str | torch.Tensor) -> None:
-    if isinstance(positions, str) and positions not in STEER_POSITIONS:
-        raise InputError(
-            f"unknown steering positions {positions!r}; use one of {STEER_POSITIONS} "
-            "(and decode=True to also steer generated tokens)"
-        )
 
 
 def multimodal_rows(adapter: ModelAdapter, steer_text_only: bool):
@@ -53,8 +45,6 @@ def multimodal_rows(adapter: ModelAdapter, steer_text_only: bool):
 def steering_plan(adapter: ModelAdapter, vectors: dict, alpha: float, positions: str | torch.Tensor, decode: bool,
                   steer_text_only: bool) -> EditPlan:
     """``h_l <- h_l - alpha * vectors[l]`` at ``positions`` (generated tokens too with ``decode``), rows chosen."""
-    validate_positions(positions)
-    alpha = check_alpha(alpha)
     rows = multimodal_rows(adapter, steer_text_only)
     return EditPlan(vectors=vectors, positions=positions, decode=decode, rows=rows, scale=-alpha,
                     image_token_id=adapter.image_token_id)
@@ -63,7 +53,8 @@ def steering_plan(adapter: ModelAdapter, vectors: dict, alpha: float, positions:
 class SteeringHandle:
     """Steering in force on a model until :meth:`remove` (or the end of the ``with`` block it opened).
 
-    ``state`` is the editing context's state dict (``"static": True`` on the compiled path).
+    ``state`` is the editing context's state dict (``"static": True`` on the compiled path; ``"shifts"`` /
+    ``"corrections"`` where a method measures per input).
     """
 
     def __init__(self, context: contextlib.AbstractContextManager[dict[str, Any]]) -> None:
@@ -81,14 +72,40 @@ class SteeringHandle:
         self.remove()
 
 
-def apply_vectors(vectors: Any, model: nn.Module | ModelAdapter, alpha: float = 1.0, *,
-                  layers: int | Sequence[int] | str | None = None, positions: str | torch.Tensor = "last",
-                  decode: bool = False, steer_text_only: bool = False, static: bool | None = None,
-                  strict: bool = False) -> SteeringHandle:
-    """Dataset-level CMRM with ``vectors`` (a :class:`~vlmsafe.steering.ShiftVectors`): its ``apply``."""
-    adapter = get_adapter(model)
-    vectors.check_compatible(adapter, strict=strict)
-    layer_ids = vectors.layers if layers is None else adapter.resolve_layers(layers)
-    chosen = vectors.select(layer_ids)
-    plan = steering_plan(adapter, dict(chosen.shifts), alpha, positions, decode, steer_text_only)
-    return SteeringHandle(edit_activations(adapter, plan, static=static))
+@torch.no_grad()
+def prompt_states(
+    model: nn.Module | ModelAdapter,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Any] | None,
+    *,
+    rows: Sequence[int] | None = None,
+    layers: int | Sequence[int] | str | None = None,
+    system_prompt: str | None = None,
+) -> dict[int, torch.Tensor]:
+    """Unsteered last-prompt-token states of ``(prompts[i], images[i])`` for ``rows`` (default all): ``{l: (B, H)}``.
+
+    Rows not listed get zeros; no KV cache; the pass stops after the deepest requested layer. What
+    per-input methods measure against: the text-only counterparts of sample-level CMRM, its anchored pass on a
+    blank or noise image, and ShiftDC's captioned-counterpart and multimodal passes.
+    """
+    adapter = get_adapter(model, processor)
+    adapter.refuse("text-only twin")
+    layer_ids = adapter.resolve_layers(layers)
+    rows = list(range(len(prompts))) if rows is None else list(rows)
+    shape, device = (len(prompts), adapter.hidden_size), adapter.device
+    out = {l: torch.zeros(shape, dtype=torch.float32, device=device) for l in layer_ids}
+    if not rows:
+        return out
+    picked = None if images is None else [images[i] for i in rows]
+    inputs = adapter.build_inputs([prompts[i] for i in rows], picked, system_prompt=system_prompt, padding_side="left")
+    with record_activations(adapter, layer_ids, positions="last", dtype=torch.float32, device=None,
+                            stop_early=True) as rec:
+        adapter.model(**inputs, use_cache=False)
+    index = torch.tensor(rows, device=device)
+    for l in layer_ids:
+        out[l].index_copy_(0, index, rec.activations[l].to(device))
+    return out
+
+
+__all__ = ["SteeringHandle", "multimodal_rows", "prompt_states", "steering_plan"]

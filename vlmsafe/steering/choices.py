@@ -7,6 +7,10 @@ code behind it cannot disagree.
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+from typing import Any
+
+from vlmsafe.errors import InputError
 from vlmsafe.validation import check_float
 
 #: Prompt positions a shift can be applied at.
@@ -23,15 +27,42 @@ AGGREGATES = ("mean", "pca")
 SHIFT_FROM = ("unsteered", "running")
 #: ShiftDC's default layers (the reference code's n//2..n-1).
 SHIFTDC_LAYERS = "middle-to-last"
-#: Steering modes of :class:`~vlmsafe.steering.config.SteeringConfig`.
-MODES = ("dataset", "sample", "shiftdc")
+#: The steering strength when none is given: the papers' setting (``SteeringConfig.alpha``, ``steer``, ``--alpha``,
+#: and what a card states when the artefact records none).
+DEFAULT_ALPHA = 1.0
 #: The largest steering strength accepted. The papers use about 1; a small safety component (ShiftDC on a
 #: tiny model) can need a few hundred. A negative alpha would push states further from the text-only
 #: distribution (CMRM reversed), and a huge one overflows the hidden states into empty answers.
 MAX_ALPHA = 1000.0
 
 
+def check_positions(positions: object) -> None:
+    """The one check of the prompt positions a shift is applied at: a name of :data:`STEER_POSITIONS` or a
+    ``(batch, seq)`` boolean mask (a tensor, checked against the batch when it is used)."""
+    if isinstance(positions, str) and positions in STEER_POSITIONS:
+        return
+    if isinstance(positions, str) or not hasattr(positions, "shape"):
+        raise InputError(f"unknown steering positions {positions!r}; use one of {STEER_POSITIONS} "
+                         "(and decode=True to also steer generated tokens)")
+
+
 def check_alpha(alpha: object) -> float:
     """The one check of a steering strength, for every entry point (``steer``, ``steer_sample_level``,
     ``steer_shiftdc``, :class:`~vlmsafe.steering.config.SteeringConfig`, ``--alpha``): finite, in [0, MAX_ALPHA]."""
     return check_float(alpha, "alpha", low=0.0, high=MAX_ALPHA)
+
+
+def with_options(config: Any, options: dict[str, Any], default: Any) -> Any:
+    """``config`` (``None``: ``default``) with ``options`` set: how a function taking a method's config dataclass
+    also takes its fields as keyword arguments (``calibrate(model, processor, items, layers="8-15")``). The
+    dataclass checks every value once, where it is declared; a name it does not have is refused with those it has.
+    """
+    base = default if config is None else config
+    if not options:
+        return base
+    names = [f.name for f in fields(base)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise InputError(f"unknown option(s) {', '.join(unknown)} for {type(base).__name__}; "
+                         f"use {', '.join(names)}")
+    return replace(base, **options)

@@ -23,41 +23,44 @@ from typing import TYPE_CHECKING, Any
 
 from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, check_colour
 from vlmsafe.errors import InputError
-from vlmsafe.steering.choices import MAX_ALPHA, MODES, SHIFT_FROM, SHIFTDC_LAYERS, STEER_POSITIONS, check_alpha
+from vlmsafe.steering.choices import DEFAULT_ALPHA, MAX_ALPHA, SHIFT_FROM, check_alpha, check_positions
+from vlmsafe.steering.registry import SteeringBatch, SteeringMethod, all_steering_methods, get_steering_method
 from vlmsafe.validation import LAYER_PRESETS, check_choice, parse_layer_spec
 
 # The model-side modules import torch: they load when a config is checked or applied, not when the command line
-# reads this module for its flags' help (``field_help``), so ``vlmsafe --help`` stays fast.
+# reads this module for its flags' help (``field_help``), so ``vlmsafe --help`` stays fast. The artefacts
+# (ShiftVectors, SafetyDirections) are typed through their methods (``SteeringMethod.artefact_type``): their
+# modules import this one (``vectors.apply`` builds a config), not the other way round.
 if TYPE_CHECKING:
-    from vlmsafe.adapters import ModelAdapter
-    from vlmsafe.steering.directions import SafetyDirections
-    from vlmsafe.steering.vectors import ShiftVectors
+    from vlmsafe.steering.application import SteeringHandle
 
-__all__ = ["MAX_ALPHA", "MODES", "SteeringConfig", "field_help"]
-LayerSpec = "int | Sequence[int] | str | None"
+__all__ = ["MAX_ALPHA", "SteeringConfig", "apply_steering", "as_steering", "field_help"]
 
 
 @dataclass(frozen=True)
 class SteeringConfig:
     """How steering is applied: ``h_l <- h_l - alpha * shift_l`` (CMRM) or its safety component (ShiftDC).
 
-    ``mode=None`` with ``vectors`` means dataset-level, with ``directions`` ShiftDC; with neither,
-    the config is inactive (plain generation). ``alpha=0`` is also inactive: no hook is installed.
+    ``mode`` names a registered steering method (:mod:`vlmsafe.steering.registry`: ``"dataset"``,
+    ``"sample"``, ``"shiftdc"`` and any registered later); the method checks, describes and applies the
+    config. ``mode=None`` with ``vectors`` means dataset-level, with ``directions`` ShiftDC (the method whose
+    artefact is given); with neither, the config is inactive (plain generation). ``alpha=0`` is also
+    inactive: no hook is installed. Every number is checked here, once, where it is declared.
     """
 
     mode: str | None = field(default=None, metadata={
         "help": "dataset: one calibrated vector per layer (--vectors); sample: each input's shift from its own "
                 "text-only counterpart (one extra text-only pass per batch); shiftdc: each input's shift against "
                 "its captioned counterpart, projected on safety directions (--shiftdc)"})
-    vectors: ShiftVectors | None = field(default=None, repr=False, metadata={
+    vectors: Any = field(default=None, repr=False, metadata={
         "help": "dataset-level CMRM: the vectors folder written by `vlmsafe calibrate`"})
-    alpha: float = field(default=1.0, metadata={
+    alpha: float = field(default=DEFAULT_ALPHA, metadata={
         "help": f"steering strength in [0, {MAX_ALPHA:g}]: h <- h - alpha * shift (0 = unsteered; the papers use "
                 "about 1)"})
     layers: Any = field(default=None, metadata={
         "help": "decoder layers to steer: 'all', 'middle-to-last', '8-15' or '4,8,12' (default: every calibrated "
                 "layer for dataset-level, all layers for sample-level, middle-to-last for ShiftDC)"})
-    positions: str = field(default="last", metadata={
+    positions: Any = field(default="last", metadata={
         "help": "prompt tokens steered: last (the last prompt token), prompt (every prompt token), text (prompt "
                 "text tokens), image (image tokens)"})
     decode: bool = field(default=False, metadata={
@@ -71,7 +74,7 @@ class SteeringConfig:
     anchor_colour: Any = field(default=BLANK_COLOUR, metadata={
         "help": "colour of the blank anchor as R,G,B in 0..255 (default 255,255,255: white)"})
     anchor_seed: int = field(default=NOISE_SEED, metadata={"help": "seed of the noise anchor (default 0)"})
-    directions: SafetyDirections | None = field(default=None, repr=False, metadata={
+    directions: Any = field(default=None, repr=False, metadata={
         "help": "ShiftDC: the safety-directions folder written by `vlmsafe calibrate --method shiftdc`"})
     strict_model: bool = field(default=False, metadata={
         "help": "refuse vectors or directions calibrated on other weights of the same architecture (e.g. the "
@@ -86,39 +89,30 @@ class SteeringConfig:
                 "None: the compiled path when the model is set up for compiled generation"})
 
     def __post_init__(self) -> None:
-        from vlmsafe.steering.anchors import check_anchor
-        from vlmsafe.steering.directions import SafetyDirections
-        from vlmsafe.steering.vectors import ShiftVectors
-
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))  # first: the same refusal at every entry point
         mode = self.mode
-        if mode is None and self.vectors is not None:
-            mode = "dataset"
-        if mode is None and self.directions is not None:
-            mode = "shiftdc"
-        if mode is not None:
-            check_choice(mode, "steering mode", MODES)
-        if mode != "dataset" and self.vectors is not None:
-            raise InputError(f"{mode}-level steering does not use CMRM vectors; drop them or use mode='dataset'")
-        if mode == "sample" and self.decode:
-            raise InputError("sample-level steering cannot steer generated tokens (they have no text-only "
-                             "counterpart); drop decode (--decode), or use dataset-level vectors (--vectors DIR) "
-                             "to steer them")
-        if mode != "shiftdc" and self.directions is not None:
-            raise InputError("safety directions are for ShiftDC; use mode='shiftdc' or drop them")
-        if mode == "shiftdc" and not isinstance(self.directions, SafetyDirections):
-            raise InputError("ShiftDC needs safety directions: SteeringConfig(mode='shiftdc', directions="
-                             "SafetyDirections.load(DIR)) (`vlmsafe calibrate --method shiftdc` writes them)")
-        if self.vectors is not None and not isinstance(self.vectors, ShiftVectors):
-            raise InputError(
-                f"vectors must be ShiftVectors (ShiftVectors.load(DIR)), got {type(self.vectors).__name__}"
-            )
-        check_choice(self.positions, "positions", STEER_POSITIONS)
-        if mode == "shiftdc" and self.positions != "last":
-            raise InputError(f"ShiftDC corrects the last prompt token only; drop positions={self.positions!r}")
+        if mode is None:  # the method whose artefact is given
+            given = [m.name for m in all_steering_methods() if m.artefact and getattr(self, m.artefact) is not None]
+            mode = given[0] if given else None
+        method = get_steering_method(mode) if mode is not None else None
+        for other in all_steering_methods():  # a field only another method uses would be ignored: refused
+            if other is method:
+                continue
+            for name, (default, message) in other.owns.items():
+                value = getattr(self, name)
+                if value is not default and not (type(value) is type(default) and value == default):
+                    raise InputError(message.format(mode=mode))
+        if method is not None and method.artefact_type is not None:
+            artefact = getattr(self, method.artefact)
+            if artefact is not None and not isinstance(artefact, method.artefact_type):
+                raise InputError(f"{method.artefact} must be {method.artefact_type.__name__} "
+                                 f"({method.artefact_type.__name__}.load(DIR)), got {type(artefact).__name__}")
+        check_positions(self.positions)
+        if method is not None:
+            method.validate(self)
+        from vlmsafe.steering.anchors import check_anchor
+
         check_anchor(self.anchor, self.anchor_colour, self.anchor_seed)
-        if (not isinstance(self.anchor, str) or self.anchor != "real") and mode != "sample":
-            raise InputError("an anchor image is a sample-level choice (dataset-level vectors carry the anchor they "
-                             "were calibrated with: `vlmsafe calibrate --anchor`); use mode='sample' or drop it")
         check_choice(self.shift_from, "shift_from", SHIFT_FROM)
         if not (self.static is None or isinstance(self.static, bool)):
             raise InputError(f"static must be True, False or None, got {self.static!r}")
@@ -127,10 +121,14 @@ class SteeringConfig:
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
             parse_layer_spec(self.layers)  # syntax errors now, not after a model is loaded
         object.__setattr__(self, "mode", mode)
-        object.__setattr__(self, "alpha", check_alpha(self.alpha))
         object.__setattr__(self, "anchor_colour", check_colour(self.anchor_colour, "anchor colour"))
 
     # ------------------------------------------------------------------ queries
+    @property
+    def method(self) -> SteeringMethod | None:
+        """The registered method this config applies (``None``: unsteered)."""
+        return None if self.mode is None else get_steering_method(self.mode)
+
     @property
     def active(self) -> bool:
         """Whether applying this config changes anything (a mode and a non-zero alpha)."""
@@ -141,13 +139,10 @@ class SteeringConfig:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready account of what is applied (for reports and saved results)."""
-        if self.mode is None:
+        method = self.method
+        if method is None:
             return {"mode": None}
-        layers = self.layers
-        if layers is None and self.vectors is not None:
-            layers = self.vectors.layers
-        if layers is None and self.mode == "shiftdc":
-            layers = SHIFTDC_LAYERS
+        layers = self.layers if self.layers is not None else method.default_layers(self)
         out: dict[str, Any] = {
             "mode": self.mode,
             "alpha": self.alpha,
@@ -156,40 +151,20 @@ class SteeringConfig:
             "decode": self.decode,
             "steer_text_only": self.steer_text_only,
         }
-        if self.mode == "sample":
-            out["anchor"] = self.anchor if isinstance(self.anchor, str) else "image"
-            if out["anchor"] == "blank":
-                out["anchor_colour"] = list(self.anchor_colour)
-            if out["anchor"] == "noise":
-                out["anchor_seed"] = self.anchor_seed
-        if self.vectors is not None:
-            meta = self.vectors.meta
-            keys = ("model_name", "calibration_data", "calibration_sha256", "num_items", "positions", "anchor",
-                    "aggregate", "source")
-            out["vectors"] = {k: meta.get(k) for k in keys if meta.get(k) is not None}
-        if self.directions is not None:
-            meta = self.directions.meta
-            out["shift_from"] = self.shift_from
-            keys = ("model_name", "calibration_data", "calibration_sha256", "n_benign", "n_harmful", "caption_prompt",
-                    "caption_tokens")
-            out["directions"] = {k: meta.get(k) for k in keys if meta.get(k) is not None}
-        return out
+        return {**out, **method.describe(self)}
+
+    def check_ready(self) -> None:
+        """Refuse a config that cannot be applied as it is (its method says what it lacks)."""
+        missing = self.method.missing(self) if self.method is not None else None
+        if missing:
+            raise InputError(missing)
 
     def check_model(self, model: Any) -> None:
-        """Validate the vectors and layers against ``model`` (before any generation)."""
+        """Validate the artefact and layers against ``model`` (before any generation)."""
         from vlmsafe.adapters import get_adapter
 
-        adapter = get_adapter(model)
-        if self.vectors is not None:
-            self.vectors.check_compatible(adapter, strict=self.strict_model)
-        if self.directions is not None:
-            self.directions.check_compatible(adapter, strict=self.strict_model)
-            self.directions.select(adapter.resolve_layers(self._shiftdc_layers()))
-        if self.layers is not None:
-            adapter.resolve_layers(self.layers)
-
-    def _shiftdc_layers(self) -> Any:
-        return SHIFTDC_LAYERS if self.layers is None else self.layers
+        if self.method is not None:
+            self.method.check_model(self, get_adapter(model))
 
     # ------------------------------------------------------------------ application
     def apply(
@@ -215,59 +190,35 @@ class SteeringConfig:
         if images is not None and all(img is None for img in images) and not self.steer_text_only:
             return contextlib.nullcontext()
         from vlmsafe.adapters import get_adapter
-        from vlmsafe.steering.cmrm import steer, steer_sample_level, text_only_states
-        from vlmsafe.steering.shiftdc import steer_shiftdc
 
-        adapter: ModelAdapter = get_adapter(model, processor)
-        if self.mode == "dataset":
-            if self.vectors is None:
-                raise InputError(
-                    "dataset-level steering needs calibrated vectors: SteeringConfig(vectors=ShiftVectors.load(DIR))"
-                )
-            # "all" = every calibrated layer
-            layers = None if self.layers in (None, "all") else adapter.resolve_layers(self.layers)
-            return steer(adapter, self.vectors, self.alpha, layers=layers, positions=self.positions,
-                         decode=self.decode, steer_text_only=self.steer_text_only, static=self.static)
-        if prompts is None:
-            raise InputError(f"{self.mode} steering needs the batch's prompts (their text-only counterparts are "
-                             "run first)")
-        if self.mode == "shiftdc":
-            if images is None:
-                raise InputError("ShiftDC steering needs the batch's images (each row's shift is measured against "
-                                 "its caption)")
-            return steer_shiftdc(adapter, self.directions, self.alpha, prompts=list(prompts), images=list(images),
-                                 captions=captions, layers=self._shiftdc_layers(), shift_from=self.shift_from,
-                                 decode=self.decode, system_prompt=system_prompt, static=self.static)
-        if not isinstance(self.anchor, str) or self.anchor != "real":
-            return _sample_level_anchored(self, adapter, list(prompts), images, system_prompt)
-        layers = None if self.layers == "all" else self.layers
-        states = text_only_states(adapter, None, list(prompts), images, layers=layers, system_prompt=system_prompt)
-        return steer_sample_level(adapter, states, self.alpha, positions=self.positions, static=self.static)
+        batch = SteeringBatch(prompts=prompts, images=images, captions=captions, system_prompt=system_prompt)
+        return self.method.apply(self, get_adapter(model, processor), batch)
 
 
-def _sample_level_anchored(cfg: SteeringConfig, adapter: ModelAdapter, prompts: list[str],
-                           images: Sequence[Any] | None,
-                           system_prompt: str | None) -> contextlib.AbstractContextManager[Any]:
-    """Sample-level CMRM on a fixed anchor image, as in the paper: two extra (unsteered) passes per batch.
+def apply_steering(model: Any, config: SteeringConfig, batch: SteeringBatch | None = None) -> SteeringHandle:
+    """Apply ``config``'s method to ``model`` on ``batch``, at ``alpha=0`` too (it then adds zero), and return the
+    handle: what an artefact's ``apply`` and ``steer`` do. The adapter is resolved here, once per call."""
+    from vlmsafe.adapters import get_adapter
+    from vlmsafe.steering.application import SteeringHandle
 
-    Each row's shift is ``h(prompt, anchor) - h(prompt)`` at the last prompt token, measured before
-    generation; rows without an image get none. Steering then subtracts ``alpha`` times it at the
-    chosen positions of every steered layer (like dataset-level, with one vector per row).
-    """
-    from vlmsafe.steering.anchors import anchor_image
-    from vlmsafe.steering.cmrm import prompt_states, steer
-    from vlmsafe.steering.vectors import ShiftVectors
+    if config.method is None:
+        raise InputError("nothing to apply: give the config a steering mode or an artefact (vectors, directions)")
+    return SteeringHandle(config.method.apply(config, get_adapter(model), batch or SteeringBatch()))
 
-    layer_ids = adapter.resolve_layers(cfg.layers)
-    anchor, meta = anchor_image(adapter, cfg.anchor, colour=cfg.anchor_colour, seed=cfg.anchor_seed)
-    rows = [i for i in range(len(prompts)) if images is None or images[i] is not None]
-    anchored = prompt_states(adapter, None, prompts, [anchor] * len(prompts), rows=rows, layers=layer_ids,
-                             system_prompt=system_prompt)
-    text = prompt_states(adapter, None, prompts, None, rows=rows, layers=layer_ids, system_prompt=system_prompt)
-    shifts = {l: anchored[l] - text[l] for l in layer_ids}  # rows without an image: zero in both
-    per_row = ShiftVectors(shifts=shifts, meta={"num_layers": adapter.num_layers, "family": adapter.family, **meta})
-    return steer(adapter, per_row, cfg.alpha, positions=cfg.positions, steer_text_only=cfg.steer_text_only,
-                 static=cfg.static)
+
+def as_steering(steering: Any) -> SteeringConfig:
+    """The :class:`SteeringConfig` a steering object stands for: a config itself; ``None`` (unsteered); or a
+    method's artefact (:class:`~vlmsafe.steering.ShiftVectors`, :class:`~vlmsafe.steering.SafetyDirections`),
+    steered with the setting it records (the one ``vlmsafe calibrate`` recommends; else the defaults)."""
+    if steering is None:
+        return SteeringConfig()
+    if isinstance(steering, SteeringConfig):
+        return steering
+    for method in all_steering_methods():
+        if method.artefact_type is not None and isinstance(steering, method.artefact_type):
+            return SteeringConfig(mode=method.name, **{method.artefact: steering}, **method.recorded_setting(steering))
+    raise InputError(f"steering must be a SteeringConfig, or an artefact of a steering method (ShiftVectors, "
+                     f"SafetyDirections), got {type(steering).__name__}")
 
 
 def field_help(name: str) -> str:
@@ -275,4 +226,4 @@ def field_help(name: str) -> str:
     for f in fields(SteeringConfig):
         if f.name == name:
             return str(f.metadata.get("help", ""))
-    raise KeyError(name)
+    raise InputError(f"SteeringConfig has no field {name!r}")

@@ -23,6 +23,8 @@ from vlmsafe.validation import preset_layers
 
 #: The alphas tried for the recommendation.
 RECOMMEND_ALPHAS = (0.25, 0.5, 1.0, 1.5, 2.0)
+#: The token budget of the answers the recommendation is judged on.
+RECOMMEND_TOKENS = 32
 #: Held-out harmful and benign items needed (each) before a recommendation is attempted.
 MIN_PER_LABEL = 4
 
@@ -68,23 +70,23 @@ def layer_sets(num_layers: int) -> list[list[int] | None]:
 
 
 def recommend_setting(
-    model: Any,
-    processor: Any,
+    vlm: Any,
     vectors: Any,
     held_out: Sequence[Any],
     *,
     judge: Any = None,
     alphas: Sequence[float] = RECOMMEND_ALPHAS,
     rule: str = "most-refusals",
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
 ) -> dict[str, Any]:
-    """The ``recommended`` record: the setting :func:`vlmsafe.eval.sweep.choose` picks on ``held_out``."""
+    """The ``recommended`` record: the setting :func:`vlmsafe.eval.sweep.choose` picks on ``held_out``.
+
+    ``vlm`` is the unsteered generator the grid is measured with (a :class:`~vlmsafe.steering.SafeVLM`: its batch
+    size and token budget, :data:`RECOMMEND_TOKENS` in ``vlmsafe calibrate``, are the sweep's).
+    """
     from vlmsafe.eval import RefusalJudge
     from vlmsafe.eval.sweep import RULES, baseline, choose, get_rule, judge_scorer, sweep
     from vlmsafe.stats import wilson_interval
     from vlmsafe.steering.config import SteeringConfig
-    from vlmsafe.steering.safevlm import SafeVLM
 
     note = None
     n_benign = sum(1 for it in held_out if it.label == "benign" and getattr(it, "reference", None) is None)
@@ -96,8 +98,8 @@ def recommend_setting(
         note = (f"{n_benign} held-out benign instructions are too few for the paired margin (even unchanged "
                 f"answers have an interval wider than {100 * limit:g} points); chosen on point estimates")
         rule = f"{rule}-point"
-    vlm = SafeVLM(model, processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    scorer = judge_scorer(held_out, judge or RefusalJudge(), batch_size=batch_size, max_new_tokens=max_new_tokens)
+    scorer = judge_scorer(held_out, judge or RefusalJudge(), batch_size=vlm.batch_size,
+                          max_new_tokens=vlm.max_new_tokens)
     base = baseline(vlm, scorer, rule)
     stored = list(vectors.layers)
     n = vectors.meta.get("num_layers") or max(stored) + 1
@@ -121,4 +123,4 @@ def recommend_setting(
     return {"status": "tuned", "alpha": pick.alpha, "layers": layers, **record, "chosen": pick.row(base, rule)}
 
 
-__all__ = ["RECOMMEND_ALPHAS", "layer_sets", "recommend_setting", "split_for_tuning", "untuned"]
+__all__ = ["RECOMMEND_ALPHAS", "RECOMMEND_TOKENS", "layer_sets", "recommend_setting", "split_for_tuning", "untuned"]

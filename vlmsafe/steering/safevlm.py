@@ -15,72 +15,42 @@ from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import BATCH_SIZE, length_order
 from vlmsafe.errors import InputError
 from vlmsafe.loading import load_model
-from vlmsafe.steering.config import MODES, SteeringConfig
-from vlmsafe.steering.directions import SafetyDirections
-from vlmsafe.steering.vectors import ShiftVectors
+from vlmsafe.steering.config import SteeringConfig, as_steering
 from vlmsafe.validation import check_int
 
 
 class SafeVLM:
-    """Generate with a VLM under CMRM or ShiftDC steering.
+    """Generate with a VLM under a steering method (CMRM dataset- or sample-level, ShiftDC, or one registered).
 
-    >>> vlm = SafeVLM(model, processor, vectors=ShiftVectors.load("vectors/"), alpha=1.0)
+    >>> vlm = SafeVLM(model, processor, ShiftVectors.load("vectors/"))   # the setting the vectors record
     >>> vlm.generate("how do I ...?", image)            # one item -> str
     >>> vlm.generate(prompts, images)                   # a batch  -> list[str]
-    >>> SafeVLM(model, processor, steering=SteeringConfig(mode="sample", alpha=0.5))
-    >>> SafeVLM(model, processor, mode="shiftdc", directions=SafetyDirections.load("directions/"))
+    >>> SafeVLM(model, processor, SteeringConfig(mode="sample", alpha=0.5, layers=[3]))
+    >>> SafeVLM(model, processor, SafetyDirections.load("directions/"))
 
-    ``mode="dataset"`` applies calibrated ``vectors``; ``mode="sample"`` computes each input's shift
-    from its own text-only counterpart (``layers`` then picks the layers, default all; ``anchor``
-    measures it with a blank or noise image instead of the input's own); ``mode="shiftdc"`` removes
-    each input's shift along the safety ``directions`` (default layers middle-to-last);
-    ``mode=None`` (or ``alpha=0``) generates unsteered. The keyword arguments build a
-    :class:`SteeringConfig`; pass ``steering=`` instead to reuse one. Batches are left-padded and
-    generated greedily by default; ``generate_kwargs`` go to ``model.generate``.
+    ``steering`` is a steering object: a :class:`SteeringConfig` (any registered method,
+    :mod:`vlmsafe.steering.registry`), or a method's artefact (:class:`~vlmsafe.steering.ShiftVectors`,
+    :class:`~vlmsafe.steering.SafetyDirections`) steered with the setting it records (the one ``vlmsafe
+    calibrate`` recommends, else alpha 1 at every calibrated layer), or ``None``: unsteered. Nothing is copied
+    from it: ``steering_config`` is the config applied. Batches are left-padded and generated greedily by
+    default; ``generate_kwargs`` go to ``model.generate``.
     """
 
     def __init__(
         self,
         model: nn.Module,
         processor: Any,
-        vectors: ShiftVectors | None = None,
-        alpha: float = 1.0,
+        steering: Any = None,
         *,
-        mode: str | None = "auto",
-        layers: int | Sequence[int] | str | None = None,
-        positions: str = "last",
-        decode: bool = False,
-        steer_text_only: bool = False,
-        directions: SafetyDirections | None = None,
-        anchor: Any = "real",
-        shift_from: str = "unsteered",
-        steering: SteeringConfig | None = None,
         system_prompt: str | None = None,
         max_new_tokens: int = 64,
         batch_size: int = BATCH_SIZE,
         generate_kwargs: dict[str, Any] | None = None,
     ):
         self.adapter: ModelAdapter = get_adapter(model, processor)
-        if steering is None:
-            if mode == "auto":
-                mode = "dataset" if vectors is not None else "shiftdc" if directions is not None else None
-            if mode is not None and mode not in MODES:
-                raise InputError(f"mode must be one of {', '.join(map(repr, MODES))} or None, got {mode!r}")
-            if mode == "dataset" and vectors is None:
-                raise InputError(
-                    "mode='dataset' needs calibrated vectors: pass vectors=ShiftVectors.load(DIR) or use mode='sample'"
-                )
-            steering = SteeringConfig(mode=mode, vectors=vectors if mode == "dataset" else None, alpha=alpha,
-                                      layers=layers, positions=positions, decode=decode,
-                                      steer_text_only=steer_text_only,
-                                      directions=directions if mode == "shiftdc" else None, anchor=anchor,
-                                      shift_from=shift_from)
-        elif steering.mode == "dataset" and steering.vectors is None:
-            raise InputError(
-                "the steering config is dataset-level but has no vectors: pass SteeringConfig(vectors=...)"
-            )
-        steering.check_model(self.adapter)
-        self.steering_config = steering
+        self.steering_config: SteeringConfig = as_steering(steering)
+        self.steering_config.check_ready()
+        self.steering_config.check_model(self.adapter)
         self.system_prompt = system_prompt
         self.max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
         self.batch_size = check_int(batch_size, "batch_size", low=1)
@@ -90,21 +60,21 @@ class SafeVLM:
     def from_pretrained(
         cls,
         path: str | os.PathLike[str],
-        vectors: str | os.PathLike[str] | ShiftVectors | None = None,
+        steering: Any = None,
         *,
-        directions: str | os.PathLike[str] | SafetyDirections | None = None,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
         **kwargs: Any,
     ) -> SafeVLM:
-        """Load model + processor with :func:`vlmsafe.loading.load_model` and wrap them."""
+        """Load model + processor with :func:`vlmsafe.loading.load_model` and wrap them.
+
+        ``steering``: a steering object, or the folder (or Hub id) of one: vectors (``vectors.json``) or ShiftDC
+        directions (``directions.json``), loaded and steered with the setting they record."""
         model, processor = load_model(path, kind="vlm", dtype=dtype, device=device, device_map=device_map)
-        if vectors is not None and not isinstance(vectors, ShiftVectors):
-            vectors = ShiftVectors.load(vectors)
-        if directions is not None and not isinstance(directions, SafetyDirections):
-            directions = SafetyDirections.load(directions)
-        return cls(model, processor, vectors, directions=directions, **kwargs)
+        if isinstance(steering, (str, os.PathLike)):
+            steering = _load_artefact(steering)
+        return cls(model, processor, steering, **kwargs)
 
     # ------------------------------------------------------------------ views
     @property
@@ -124,15 +94,17 @@ class SafeVLM:
         return self.steering_config.alpha
 
     @property
-    def vectors(self) -> ShiftVectors | None:
+    def vectors(self) -> Any:
         return self.steering_config.vectors
 
     def with_alpha(self, alpha: float) -> SafeVLM:
         """A copy sharing the model and vectors, with another ``alpha`` (for sweeps)."""
         return self.with_steering(self.steering_config.with_alpha(alpha))
 
-    def with_steering(self, steering: SteeringConfig) -> SafeVLM:
-        """A copy sharing the model, steered by another config."""
+    def with_steering(self, steering: Any) -> SafeVLM:
+        """A copy sharing the model, steered by another steering object (as the constructor takes)."""
+        steering = as_steering(steering)
+        steering.check_ready()
         steering.check_model(self.adapter)
         clone = object.__new__(SafeVLM)
         clone.__dict__.update(self.__dict__)
@@ -203,6 +175,20 @@ class SafeVLM:
         """The steering context for one batch (a no-op when unsteered)."""
         return self.steering_config.apply(self.adapter, prompts=prompts, images=images,
                                           system_prompt=self.system_prompt, captions=captions)
+
+
+def _load_artefact(path: str | os.PathLike[str]) -> Any:
+    """The artefact a folder holds: ShiftDC directions (``directions.json``), else CMRM vectors (a folder or Hub id;
+    load Hub directions with ``SafetyDirections.load`` and pass them)."""
+    from pathlib import Path
+
+    from vlmsafe.steering.shiftdc.directions import META_FILE as DIRECTIONS_META
+    from vlmsafe.steering.shiftdc.directions import SafetyDirections
+    from vlmsafe.steering.vectors import ShiftVectors
+
+    if Path(path).joinpath(DIRECTIONS_META).is_file():
+        return SafetyDirections.load(path)
+    return ShiftVectors.load(path)
 
 
 __all__ = ["SafeVLM"]

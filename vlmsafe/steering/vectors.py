@@ -35,15 +35,13 @@ from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, reso
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json, sha256_file
 from vlmsafe.loading import model_fingerprint, warn_if_other_model
-from vlmsafe.steering.choices import AGGREGATES
+from vlmsafe.steering.choices import AGGREGATES, DEFAULT_ALPHA
 
 TENSOR_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
 FORMAT_VERSION = 1
 #: What a vectors folder holds: all a Hub download fetches (and an upload sends).
 VECTOR_FILES = (TENSOR_FILE, META_FILE, CARD_FILE)
-#: The steering strength a card states when none was recorded (``steer``'s and ``--alpha``'s default).
-DEFAULT_ALPHA = 1.0
 
 
 def write_layer_tables(
@@ -354,22 +352,28 @@ class ShiftVectors:
                    fix="Calibrate vectors for this model with `vlmsafe calibrate`.", strict=strict)
 
     # ------------------------------------------------------------------ application
-    def apply(self, model: Any, alpha: float = 1.0, *, layers: Any = None, positions: Any = "last",
-              decode: bool = False, steer_text_only: bool = False, static: bool | None = None,
-              strict: bool = False) -> Any:
+    def apply(self, model: Any, alpha: float = DEFAULT_ALPHA, **options: Any) -> Any:
         """Steer ``model`` with these vectors: ``h_l <- h_l - alpha * shifts[l]``; returns a
         :class:`~vlmsafe.steering.application.SteeringHandle`, a context manager with ``remove()``.
 
         >>> with vectors.apply(model, alpha=1.0):
         ...     model.generate(**inputs)
 
-        The arguments are :func:`~vlmsafe.steering.steer`'s (``static``: the compiled path); ``strict``
-        refuses vectors calibrated on other weights of the same architecture instead of warning.
+        ``options`` are :class:`~vlmsafe.steering.SteeringConfig` fields (``layers``, ``positions``, ``decode``,
+        ``steer_text_only``, ``static``: the compiled path; ``strict_model``: refuse vectors calibrated on other
+        weights of the same architecture instead of warning), checked there once.
         """
-        from vlmsafe.steering.application import apply_vectors
+        from vlmsafe.steering.config import SteeringConfig, apply_steering
 
-        return apply_vectors(self, model, alpha, layers=layers, positions=positions, decode=decode,
-                             steer_text_only=steer_text_only, static=static, strict=strict)
+        return apply_steering(model, SteeringConfig(vectors=self, alpha=alpha, **options))
+
+    def recorded_setting(self) -> dict[str, Any]:
+        """The ``alpha`` and ``layers`` these vectors are meant to steer with: the setting ``vlmsafe calibrate``
+        recommended (``meta["recommended"]``, when tuned), else a recorded ``alpha``; ``{}``: the defaults."""
+        rec = self.meta.get("recommended")
+        if isinstance(rec, Mapping) and rec.get("status") == "tuned":
+            return {"alpha": rec["alpha"], "layers": None if rec["layers"] == "all" else rec["layers"]}
+        return {"alpha": self.meta["alpha"]} if "alpha" in self.meta else {}
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -513,19 +517,19 @@ def mean_shift(diffs: torch.Tensor | None, mean: torch.Tensor) -> tuple[torch.Te
 
 
 def resolve_aggregate(aggregate: str | Aggregator) -> tuple[str, Aggregator]:
-    """``(name recorded in meta, function)`` of an aggregate: ``"mean"``, ``"pca"`` or a callable.
+    """``(name recorded in meta, function)`` of an aggregation strategy: a callable, or a name of :data:`AGGREGATORS`.
 
     A callable ``fn(diffs, mean)`` gets one layer's per-item shifts ``(N, H)`` and their mean ``(H,)``
-    (float64) and returns the layer's vector ``(H,)``, or it and a dict of float statistics; it is
-    recorded as ``"custom:<its name>"``.
+    (float64) and returns the layer's vector ``(H,)``, or it and a dict of float statistics; one of the
+    table's is recorded by its name, any other as ``"custom:<its name>"``.
     """
     if callable(aggregate):
-        return f"custom:{getattr(aggregate, '__name__', type(aggregate).__name__)}", aggregate
-    named = {"mean": mean_shift, "pca": first_principal_component}
-    if aggregate not in named:
+        named = next((name for name, fn in AGGREGATORS.items() if fn is aggregate), None)
+        return named or f"custom:{getattr(aggregate, '__name__', type(aggregate).__name__)}", aggregate
+    if aggregate not in AGGREGATORS:
         raise InputError(f"aggregate must be one of {', '.join(map(repr, AGGREGATES))} or a function "
                          f"fn(per_item_shifts, mean) -> vector, got {aggregate!r}")
-    return aggregate, named[aggregate]
+    return aggregate, AGGREGATORS[aggregate]
 
 
 def first_principal_component(diffs: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -553,6 +557,11 @@ def first_principal_component(diffs: torch.Tensor, mean: torch.Tensor) -> tuple[
     stats = {"pca_explained_variance": float(singular[0] ** 2 / (singular**2).sum()),
              "pca_cosine_to_mean": projection / max(float(mean.norm()), 1e-30)}
     return (projection * component).float(), stats
+
+
+#: The aggregation strategies by name (``--aggregate``, the ``"aggregate"`` recorded in ``vectors.json``): the one
+#: table from a name to its function; :data:`~vlmsafe.steering.choices.AGGREGATES` lists its names for the CLI.
+AGGREGATORS: dict[str, Aggregator] = {"mean": mean_shift, "pca": first_principal_component}
 
 
 def check_fits(meta: Mapping[str, Any], hidden_size: int, layers: list[int], model: Any, *, what: str,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import atomic_path, read_json, write_json_atomic
 from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset
+from vlmsafe.testbed.train import optimizer_step
 
 IMAGE_SIZE = 32
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -310,14 +311,9 @@ def pretrain_clip(
         logits = model.logit_scale.exp() * F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).t()
         labels = torch.arange(len(idx))
         loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        losses.append(optimizer_step(opt, sched, loss, model.parameters()))
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss.detach()))
     model.eval()
     return losses
 

@@ -40,6 +40,7 @@ from vlmsafe.io import atomic_path, check_output, read_json, sha256_file, write_
 from vlmsafe.options import check_options, float_option, int_option
 from vlmsafe.testbed import safeclip as tb
 from vlmsafe.testbed import t2i_measure as t2i
+from vlmsafe.testbed.train import optimizer_step
 from vlmsafe.validation import SEED_MAX, check_float
 
 VAE_CONFIG: dict[str, Any] = dict(
@@ -221,11 +222,7 @@ def train_vae(
         z = vae.encode(xb).latent_dist.mean
         rec = vae.decode(z).sample
         loss = (rec - xb).abs().mean() + (rec - xb).pow(2).mean() + 1e-4 * z.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(opt, sched, loss, None))
     return vae.eval(), losses
 
 
@@ -284,15 +281,10 @@ def train_unet(latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, 
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
         pred = unet(noise_sched.add_noise(x0, noise, t), t, c).sample
         loss = F.mse_loss(pred, noise_sched.get_velocity(x0, noise, t))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        losses.append(optimizer_step(opt, sched, loss, unet.parameters()))
         with torch.no_grad():
             for pe, p in zip(ema_unet.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - training.ema)
-        losses.append(float(loss.detach()))
     return ema_unet.eval(), losses
 
 

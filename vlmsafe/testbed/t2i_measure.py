@@ -29,6 +29,7 @@ from torch import nn
 
 from vlmsafe.errors import FileFormatError
 from vlmsafe.stats import Rate
+from vlmsafe.testbed.train import optimizer_step
 
 #: classifier heads, in output order; "concept" class 0 is "none" (a safe scene)
 HEADS: dict[str, tuple[str, ...]] = {}
@@ -177,11 +178,7 @@ def train_classifier(
     for _ in tqdm(range(steps), desc="t2i: classifier", disable=not progress):
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
         logits = clf(_blur(x[idx], gen))
-        loss = sum(F.cross_entropy(logits[k], y[k][idx]) for k in HEADS)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, sum(F.cross_entropy(logits[k], y[k][idx]) for k in HEADS), None)
     return clf.eval()
 
 

@@ -8,7 +8,8 @@ read as recipes. All loops are seeded, CPU-only and single-threaded by default.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,26 @@ def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def optimizer_step(
+    opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor, clip: Iterable[torch.Tensor] | None
+) -> float:
+    """One update of every testbed loop: clear the gradients, backpropagate ``loss``, clip the gradient norm of
+    ``clip`` to 1 (``None``: no clipping), step the optimiser and its schedule. Returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
+def _tail_mean(losses: Sequence[float]) -> float:
+    """The mean loss of the last 50 steps: what a stage reports."""
+    tail = losses[-50:]
+    return sum(tail) / len(tail)
+
+
 def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warm = max(1, steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(
@@ -108,16 +129,9 @@ def train(
     for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=5.0):
         items = rng.choices(pools, weights=weights)[0][0]
         picked = rng.sample(items, bs) if len(items) >= bs else rng.choices(items, k=bs)
-        loss = model(**collate(picked, pad_id)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flat, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, sched, model(**collate(picked, pad_id)).loss, flat))
     model.eval()
-    tail = losses[-50:]
-    return sum(tail) / len(tail)
+    return _tail_mean(losses)
 
 
 class CaptionEncoder(nn.Module):
@@ -177,12 +191,6 @@ def pretrain_vision(
             torch.sum(-target * F.log_softmax(logits, -1), -1).mean()
             + torch.sum(-target * F.log_softmax(logits.T, -1), -1).mean()
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, sched, loss, params))
     vision_tower.eval()
-    tail = losses[-50:]
-    return sum(tail) / len(tail)
+    return _tail_mean(losses)

@@ -56,40 +56,25 @@ def _seed(seed: int) -> None:
     np.random.seed(seed)
 
 
+#: The tiny language model (a ``LlamaConfig``): every builder's text side, less what it overrides.
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)
+#: The tiny CLIP vision tower (a ``CLIPVisionConfig``): patch 8 at :data:`IMAGE_SIZE` pixels.
+_TINY_VISION = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=2, projection_dim=16)
+
+
 def tiny_text_config(vocab_size: int, **overrides):
     from transformers import LlamaConfig
 
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    return LlamaConfig(**{**_TINY_TEXT, "vocab_size": vocab_size, **overrides})
 
 
 def tiny_vision_config(**overrides):
     from transformers import CLIPVisionConfig
 
-    kwargs = dict(
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        hidden_size=24,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        projection_dim=16,
-    )
-    kwargs.update(overrides)
-    return CLIPVisionConfig(**kwargs)
+    return CLIPVisionConfig(**{**_TINY_VISION, **overrides})
 
 
 def tiny_tokenizer(**kwargs):
@@ -120,6 +105,12 @@ def real_processor(family: str, root: str | os.PathLike[str] | None = None):
 def _check_tokenizer_kind(tokenizer: str) -> None:
     if tokenizer not in TOKENIZER_KINDS:
         raise InputError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {tokenizer!r}")
+
+
+def _check_variant(variant: str, *variants: str) -> None:
+    """Refuse an unknown ``variant`` of a builder before any work, naming the ones there are."""
+    if variant not in variants:
+        raise InputError(f"unknown variant {variant!r}; use {' or '.join(map(repr, variants))}")
 
 
 def _token_ids(tok) -> dict:
@@ -223,6 +214,7 @@ def tiny_qwen2_vl(seed: int = 0, variant: str = "qwen2_vl", *, tokenizer: str = 
     from transformers import Qwen2VLImageProcessor
 
     _check_tokenizer_kind(tokenizer)
+    _check_variant(variant, "qwen2_vl", "qwen2_5_vl")
     _seed(seed)
     real = real_processor("qwen2_vl") if tokenizer == "real" else None
     if real is not None:
@@ -255,15 +247,13 @@ def tiny_qwen2_vl(seed: int = 0, variant: str = "qwen2_vl", *, tokenizer: str = 
         vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
         config_cls, model_cls, proc_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    elif variant == "qwen2_5_vl":
+    else:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
         vision = dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
                       fullatt_block_indexes=[0])
         config_cls, model_cls, proc_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    else:
-        raise ValueError(f"unknown variant {variant!r}; use 'qwen2_vl' or 'qwen2_5_vl'")
     config = config_cls(
         text_config=text,
         vision_config=vision,

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from vlmsafe.errors import InputError
-from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _seed
+from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _check_variant, _seed, _token_ids
 from vlmsafe.testing.tokenization import BOS, EOS, PAD, TEMPLATE_WORDS, UNK
 
 #: The published chat templates of the families, one folder each (``chat_template.json`` + ``SOURCE.md``).
@@ -78,14 +78,10 @@ def family_tokenizer(special_tokens, named=None, *, chat_template=None, bos=BOS,
     return tok
 
 
-def _ids(tok) -> dict:
-    return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
-
-
 def _text(tok, **overrides) -> dict:
     kwargs = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                  tie_word_embeddings=False, **_ids(tok))
+                  tie_word_embeddings=False, **_token_ids(tok))
     kwargs.update(overrides)
     return kwargs
 
@@ -282,6 +278,7 @@ def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm", template: str = "publi
     ``num2words`` package; both expand ``<image>`` the same way for one unsplit image)."""
     import transformers as t
 
+    _check_variant(variant, "smolvlm", "idefics3")
     _seed(seed)
     chat_template = _template("smolvlm", template, SMOLVLM_TEMPLATE)
     tok = family_tokenizer(("<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
@@ -299,12 +296,10 @@ def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm", template: str = "publi
     if variant == "smolvlm":
         config = t.SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2, image_token_id=image_token_id)
         model = t.SmolVLMForConditionalGeneration(config)
-    elif variant == "idefics3":
+    else:
         config = t.Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
                                   image_token_id=image_token_id)
         model = t.Idefics3ForConditionalGeneration(config)
-    else:
-        raise ValueError(f"unknown variant {variant!r}; use 'smolvlm' or 'idefics3'")
     return model.eval(), processor
 
 
@@ -516,7 +511,7 @@ def tiny_mllama(seed: int = 0, template: str = "published", text: dict | None = 
     config = t.MllamaConfig(
         text_config={**dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
-                            max_position_embeddings=512, **_ids(tok)),
+                            max_position_embeddings=512, **_token_ids(tok)),
                      **{k: v for k, v in (text or {}).items() if k != "head_dim"}},
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
                            attention_heads=2, vision_output_dim=32, image_size=IMAGE_SIZE, patch_size=8,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,8 @@ import torch
 from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, resolve, write_card
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json
+from vlmsafe.steering.choices import DEFAULT_ALPHA
 from vlmsafe.steering.vectors import (
-    DEFAULT_ALPHA,
     META_SCHEMA,
     Field,
     check_fits,
@@ -90,9 +90,11 @@ class SafetyDirections:
     """Per-layer safety directions for ShiftDC, with where and how they were computed.
 
     ``directions[l]`` = mean last-token state of benign [prompt + caption] inputs minus that of
-    harmful ones; ``benign_means`` / ``harmful_means`` are the two means. ``meta`` records the model,
-    the caption instruction and budget, the counts and the calibration-set hash; ``captions`` the
-    caption of every calibration item and where it came from (``"data"`` or ``"generated"``).
+    harmful ones (benign minus harmful: vlmsafe's one sign for safety directions, also that of
+    :func:`~vlmsafe.steering.cmrm.safety_directions`; a projection does not depend on it);
+    ``benign_means`` / ``harmful_means`` are the two means. ``meta`` records the model, the caption
+    instruction and budget, the counts and the calibration-set hash; ``captions`` the caption of every
+    calibration item and where it came from (``"data"`` or ``"generated"``).
     """
 
     directions: dict[int, torch.Tensor]
@@ -158,6 +160,26 @@ class SafetyDirections:
     def corrections(self, shifts: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """``(m . s / s . s) s`` per layer for per-row shifts ``{layer: (B, H)}`` (what alpha scales)."""
         return {l: projection(m.float(), self.directions[l].float()) for l, m in shifts.items()}
+
+    # ------------------------------------------------------------------ application
+    def apply(self, model: Any, alpha: float = DEFAULT_ALPHA, *, prompts: Sequence[str], images: Sequence[Any],
+              captions: Sequence[str | None] | None = None, system_prompt: str | None = None,
+              **options: Any) -> Any:
+        """Steer ``model`` with ShiftDC on the batch of ``prompts`` and ``images``; returns a
+        :class:`~vlmsafe.steering.application.SteeringHandle`, a context manager with ``remove()``.
+
+        >>> with directions.apply(model, alpha=1.0, prompts=prompts, images=images):
+        ...     model.generate(**inputs)   # inputs built from the same prompts and images, left-padded
+
+        ShiftDC measures each input's shift, so the batch is given here (``captions`` where known: the model
+        writes the others). ``options`` are :class:`~vlmsafe.steering.SteeringConfig` fields (``layers``,
+        ``shift_from``, ``decode``, ``static``, ``strict_model``), checked there once.
+        """
+        from vlmsafe.steering.config import SteeringConfig, apply_steering
+        from vlmsafe.steering.registry import SteeringBatch
+
+        batch = SteeringBatch(prompts=prompts, images=images, captions=captions, system_prompt=system_prompt)
+        return apply_steering(model, SteeringConfig(directions=self, alpha=alpha, **options), batch)
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
