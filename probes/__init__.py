@@ -26,9 +26,11 @@ _EXPORTS: dict[str, str] = {
     "analyze_shift": "probes.analysis",
     "probe_layers": "probes.analysis",
     "blank_image": "vlmsafe.data",  # one owner: the same image the steering anchors use
+    "ReadOptions": "probes.collect",
     "collect_activations": "probes.collect",
     "vectors_from_activations": "probes.collect",
     "LayerProbe": "probes.linear",
+    "ProbeFit": "probes.linear",
     "fit_probe": "probes.linear",
     "labels_from_items": "probes.linear",
     "train_layer_probes": "probes.linear",
@@ -52,8 +54,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # static analysers see the real names
     from probes.analysis import LayerProbeReport, ShiftReport, analyze_shift, probe_layers  # noqa: F401
-    from probes.collect import collect_activations, vectors_from_activations  # noqa: F401
-    from probes.linear import LayerProbe, fit_probe, labels_from_items, train_layer_probes  # noqa: F401
+    from probes.collect import ReadOptions, collect_activations, vectors_from_activations  # noqa: F401
+    from probes.linear import LayerProbe, ProbeFit, fit_probe, labels_from_items, train_layer_probes  # noqa: F401
     from probes.plots import plot_layer_probes, plot_shift, plot_weight_change  # noqa: F401
     from probes.report import summary_table, write_report  # noqa: F401
     from probes.shift import cosine_distance, l2_distance, layer_shift_metrics, linear_cka, shift_on_direction  # noqa: F401

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -18,11 +18,12 @@ from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.model_selection import train_test_split
 
-from probes.collect import Activations, collect_activations, vectors_from_activations, vectors_source
-from probes.linear import DEFAULT_CS, HARMFUL, LayerProbe, check_binary, labels_from_items, train_layer_probes
+from probes.collect import Activations, ReadOptions, collect_activations, vectors_from_activations, vectors_source
+from probes.linear import HARMFUL, LayerProbe, ProbeFit, check_binary, labels_from_items, train_layer_probes
 from probes.shift import layer_shift_metrics, shift_on_direction
 from vlmsafe.adapters import get_adapter
 from vlmsafe.errors import InputError
+from vlmsafe.options import with_overrides
 from vlmsafe.steering import ShiftVectors, SteeringConfig
 
 CONDITIONS = ("text", "image", "steered")
@@ -76,26 +77,20 @@ def _with_vectors(
     steering: SteeringConfig,
     calibration_items: Sequence[Any] | None,
     fallback: tuple[Activations, Activations, str] | None,
-    *,
-    layers: list[int],
-    positions: str,
-    image: Image.Image | None,
-    batch_size: int,
-    progress: bool,
+    read: ReadOptions,
 ) -> SteeringConfig:
     """Fill in a dataset-level config's vectors: given > calibrated on ``calibration_items`` > from ``fallback``."""
     if steering.mode != "dataset" or steering.vectors is not None:
         return steering
     if calibration_items is not None:
-        kw = dict(layers=layers, positions=positions, batch_size=batch_size, progress=progress)
-        mm = collect_activations(adapter, None, calibration_items, with_images=True, image=image,
-                                 desc="calibration (image)", **kw)
-        text = collect_activations(adapter, None, calibration_items, with_images=False,
-                                   desc="calibration (text)", **kw)
-        vectors = vectors_from_activations(adapter, mm, text, positions=positions, source="calibration split")
+        mm = collect_activations(adapter, None, calibration_items, with_images=True, read=read,
+                                 desc="calibration (image)")
+        text = collect_activations(adapter, None, calibration_items, with_images=False, read=read,
+                                   desc="calibration (text)")
+        vectors = vectors_from_activations(adapter, mm, text, positions=read.positions, source="calibration split")
     elif fallback is not None:
         mm, text, source = fallback
-        vectors = vectors_from_activations(adapter, mm, text, positions=positions, source=source)
+        vectors = vectors_from_activations(adapter, mm, text, positions=read.positions, source=source)
     else:
         raise InputError("dataset-level steering needs vectors: pass SteeringConfig(vectors=...) or calibration_items")
     return replace(steering, vectors=vectors)
@@ -108,6 +103,26 @@ def _check_steering(steering: SteeringConfig | None, calibration_items: Sequence
         )
     if steering is not None and steering.vectors is not None and calibration_items is not None:
         raise InputError("pass either vectors (in the steering config) or calibration_items, not both")
+
+
+def _prepare(
+    model: Any,
+    processor: Any,
+    steering: SteeringConfig | None,
+    calibration_items: Sequence[Any] | None,
+    options: tuple[ReadOptions | None, ProbeFit | None, dict[str, Any]],
+) -> tuple[Any, ReadOptions, ProbeFit]:
+    """What both analyses start from: the adapter, and ``read`` (its layers resolved) and ``fit`` with the keyword
+    overrides of their fields (:func:`vlmsafe.options.with_overrides`; a name of neither is the ``TypeError`` of
+    an unexpected keyword argument); the steering checked against ``calibration_items``."""
+    read, fit, overrides = options
+    names = {f.name for f in fields(ReadOptions)}
+    read = with_overrides(ReadOptions, read, {k: v for k, v in overrides.items() if k in names})
+    fit = with_overrides(ProbeFit, fit, {k: v for k, v in overrides.items() if k not in names})
+    adapter = get_adapter(model, processor)
+    read = replace(read, layers=adapter.resolve_layers(read.layers))
+    _check_steering(steering, calibration_items)
+    return adapter, read, fit
 
 
 def split_sizes(n: int, test_size: float) -> tuple[int, int]:
@@ -160,23 +175,9 @@ def split_items(
     return y, train_idx, test_idx
 
 
-def probe_layers(
-    model: Any,
-    processor: Any,
-    items: Sequence[Any],
-    *,
-    layers: Sequence[int] | str | None = None,
-    positions: str = "last",
-    test_size: float = 0.3,
-    cv: int = 5,
-    Cs: Sequence[float] = DEFAULT_CS,
-    seed: int = 0,
-    image: Image.Image | None = None,
-    steering: SteeringConfig | None = None,
-    calibration_items: Sequence[Any] | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> LayerProbeReport:
+def probe_layers(model: Any, processor: Any, items: Sequence[Any], *, steering: SteeringConfig | None = None,
+                 calibration_items: Sequence[Any] | None = None, read: ReadOptions | None = None,
+                 fit: ProbeFit | None = None, **overrides: Any) -> LayerProbeReport:
     """Train a probe per layer on text-only inputs and test it with and without images.
 
     ``items`` carry ``label`` = ``"harmful"`` | ``"benign"`` (e.g. :class:`vlmsafe.data.Item`)
@@ -191,19 +192,22 @@ def probe_layers(
     (c) shows how much CMRM recovers. A dataset-level ``steering`` without vectors gets them
     calibrated on ``calibration_items``, else computed on the fly from the training split
     (disjoint from the held-out set).
+
+    What is read (``layers``, ``positions``, ``image``, ``batch_size``, ``progress``) is a :class:`~probes.collect.
+    ReadOptions`, how the probes are fitted (``test_size``, ``cv``, ``Cs``, ``seed``) a :class:`~probes.linear.
+    ProbeFit`; their fields may also be given as keywords (``cv=3, progress=False``), which replace those of
+    ``read`` / ``fit``.
     """
-    adapter = get_adapter(model, processor)
-    layer_ids = adapter.resolve_layers(layers)
-    _check_steering(steering, calibration_items)
+    adapter, read, fit = _prepare(model, processor, steering, calibration_items, (read, fit, overrides))
+    layer_ids, positions, image = read.layers, read.positions, read.image
     steer = steering is not None and steering.active
     items = list(items)
-    y, train_idx, test_idx = split_items(items, test_size, seed)
-    kw = dict(layers=layer_ids, positions=positions, batch_size=batch_size, progress=progress)
-    text = collect_activations(adapter, None, items, with_images=False, desc="text-only", **kw)
+    y, train_idx, test_idx = split_items(items, fit.test_size, fit.seed)
+    text = collect_activations(adapter, None, items, with_images=False, read=read, desc="text-only")
     need_train_mm = steer and steering.mode == "dataset" and steering.vectors is None and calibration_items is None
     mm_idx = np.arange(len(items)) if need_train_mm else test_idx
-    mm_part = collect_activations(adapter, None, [items[i] for i in mm_idx], with_images=True, image=image,
-                                  desc="with image", **kw)
+    mm_part = collect_activations(adapter, None, [items[i] for i in mm_idx], with_images=True, read=read,
+                                  desc="with image")
     pos = {int(i): k for k, i in enumerate(mm_idx)}
     mm_test = {l: a[[pos[int(i)] for i in test_idx]] for l, a in mm_part.items()}
 
@@ -213,13 +217,12 @@ def probe_layers(
         if need_train_mm:
             mm_train = {l: a[[pos[int(i)] for i in train_idx]] for l, a in mm_part.items()}
             fallback = (mm_train, {l: a[train_idx] for l, a in text.items()}, "training split (on the fly)")
-        steering = _with_vectors(adapter, steering, calibration_items, fallback, layers=layer_ids, positions=positions,
-                                 image=image, batch_size=batch_size, progress=progress)
-        steered_test = collect_activations(adapter, None, [items[i] for i in test_idx], with_images=True, image=image,
-                                           steering=steering, desc="with image + CMRM", **kw)
+        steering = _with_vectors(adapter, steering, calibration_items, fallback, read)
+        steered_test = collect_activations(adapter, None, [items[i] for i in test_idx], with_images=True, read=read,
+                                           steering=steering, desc="with image + CMRM")
 
-    probes = train_layer_probes({l: a[train_idx] for l, a in text.items()}, y[train_idx], cv=cv, Cs=Cs, seed=seed,
-                                progress=progress)
+    probes = train_layer_probes({l: a[train_idx] for l, a in text.items()}, y[train_idx], cv=fit.cv, Cs=fit.Cs,
+                                seed=fit.seed, progress=read.progress)
     rows = [_probe_row(l, probes[l], text[l][test_idx], mm_test[l], None if steered_test is None else steered_test[l],
                        y[test_idx])
             for l in layer_ids]
@@ -227,11 +230,11 @@ def probe_layers(
         **_model_config(adapter, positions, items, y, image),
         "n_train": len(train_idx),
         "n_test": len(test_idx),
-        "test_size": test_size,
+        "test_size": fit.test_size,
         "majority_baseline": float(max(y[test_idx].mean(), 1 - y[test_idx].mean())),
         "cv_folds": probes[layer_ids[0]].cv_folds,
-        "Cs": list(Cs),
-        "seed": seed,
+        "Cs": list(fit.Cs),
+        "seed": fit.seed,
         "steering": steering.describe() if steer else None,
     }
     pca = _pca_view(rows, text, mm_test, steered_test, test_idx, train_idx, y)
@@ -286,22 +289,9 @@ def _pca_view(rows, text, mm_test, steered_test, test_idx, train_idx, y) -> dict
     return view
 
 
-def analyze_shift(
-    model: Any,
-    processor: Any,
-    items: Sequence[Any],
-    *,
-    layers: Sequence[int] | str | None = None,
-    positions: str = "last",
-    image: Image.Image | None = None,
-    steering: SteeringConfig | None = None,
-    calibration_items: Sequence[Any] | None = None,
-    cv: int = 5,
-    Cs: Sequence[float] = DEFAULT_CS,
-    seed: int = 0,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> ShiftReport:
+def analyze_shift(model: Any, processor: Any, items: Sequence[Any], *, steering: SteeringConfig | None = None,
+                  calibration_items: Sequence[Any] | None = None, read: ReadOptions | None = None,
+                  fit: ProbeFit | None = None, **overrides: Any) -> ShiftReport:
     """Per layer, how far an image moves each prompt's representation, and in which direction.
 
     For every layer: cosine distance, L2 distance (absolute and relative to the text-only norm)
@@ -311,32 +301,32 @@ def analyze_shift(
     harmful direction of a probe trained on the text-only states (when ``items`` hold at least 2
     harmful and 2 benign prompts), also as a fraction of the harmful-benign gap; and, when
     ``steering`` is active, the same distances after steering, showing how much drift it removes.
+
+    ``read`` and ``fit`` (or their fields as keywords) as for :func:`probe_layers`; the probe is fitted on every
+    item, so ``fit.test_size`` does not apply.
     """
-    adapter = get_adapter(model, processor)
-    layer_ids = adapter.resolve_layers(layers)
-    _check_steering(steering, calibration_items)
+    adapter, read, fit = _prepare(model, processor, steering, calibration_items, (read, fit, overrides))
+    layer_ids, positions, image = read.layers, read.positions, read.image
     items = list(items)
-    kw = dict(layers=layer_ids, positions=positions, batch_size=batch_size, progress=progress)
-    text = collect_activations(adapter, None, items, with_images=False, desc="text-only", **kw)
-    mm = collect_activations(adapter, None, items, with_images=True, image=image, desc="with image", **kw)
+    text = collect_activations(adapter, None, items, with_images=False, read=read, desc="text-only")
+    mm = collect_activations(adapter, None, items, with_images=True, read=read, desc="with image")
     dataset_level = steering is not None and steering.mode == "dataset"
     base = steering if dataset_level else SteeringConfig(mode="dataset", alpha=0.0)
-    with_vectors = _with_vectors(adapter, base, calibration_items, (mm, text, "analysed items"), layers=layer_ids,
-                                 positions=positions, image=image, batch_size=batch_size, progress=progress)
+    with_vectors = _with_vectors(adapter, base, calibration_items, (mm, text, "analysed items"), read)
     shift_vectors = with_vectors.vectors
     if steering is not None and steering.mode == "dataset":
         steering = with_vectors
     steered = None
     if steering is not None and steering.active:
-        steered = collect_activations(adapter, None, items, with_images=True, image=image, steering=steering,
-                                      desc="with image + CMRM", **kw)
+        steered = collect_activations(adapter, None, items, with_images=True, read=read, steering=steering,
+                                      desc="with image + CMRM")
     probes: dict[int, LayerProbe] = {}
     y = None
     note = None
     try:
         y = labels_from_items(items)
         check_binary(y)
-        probes = train_layer_probes(text, y, cv=cv, Cs=Cs, seed=seed, progress=progress)
+        probes = train_layer_probes(text, y, cv=fit.cv, Cs=fit.Cs, seed=fit.seed, progress=read.progress)
     except InputError as exc:
         note = f"no probe projection: {exc}"
     rows = [_shift_row(l, text, mm, steered, shift_vectors, probes, y) for l in layer_ids]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from vlmsafe.activations import record_activations
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.data import as_pair, prompt_of
 from vlmsafe.errors import InputError
+from vlmsafe.options import bool_option, check_options, choice_option, int_option, with_overrides
 from vlmsafe.steering import ShiftAccumulator, ShiftVectors, SteeringConfig, calibration_meta
 
 #: Positions a probe may read (a mean over them per prompt); see :mod:`vlmsafe.activations`.
@@ -37,6 +39,29 @@ def vectors_source(vectors: ShiftVectors) -> str:
     return f"user vectors (calibrated on {data})" if data else "user vectors"
 
 
+@dataclass
+class ReadOptions:
+    """What :func:`collect_activations` reads and how: one object that the analyses pass on whole.
+
+    Attributes:
+        layers: layer indices, a preset name or ``None`` (every layer), resolved by the model's adapter.
+        positions: ``"last"`` prompt token, or the mean over all ``"prompt"`` / ``"text"`` tokens.
+        image: used (in multimodal passes) for every item instead of its own image, e.g.
+            :func:`vlmsafe.data.blank_image` to reproduce the paper's blank-image setting.
+        batch_size: prompts per forward pass.
+        progress: show a progress bar.
+    """
+
+    layers: Sequence[int] | str | None = None
+    positions: str = choice_option("last", READ_POSITIONS, "token positions whose mean is read per prompt")
+    image: Image.Image | None = None
+    batch_size: int = int_option(8, "prompts per forward pass")
+    progress: bool = bool_option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
 @torch.no_grad()
 def collect_activations(
     model: Any,
@@ -44,41 +69,37 @@ def collect_activations(
     items: Sequence[Any],
     *,
     with_images: bool,
-    layers: Sequence[int] | str | None = None,
-    positions: str = "last",
-    image: Image.Image | None = None,
+    read: ReadOptions | None = None,
     steering: SteeringConfig | None = None,
-    batch_size: int = 8,
     system_prompt: str | None = None,
-    progress: bool = True,
     desc: str | None = None,
+    **overrides: Any,
 ) -> Activations:
-    """Hidden states ``{layer: (n_items, hidden)}`` for ``items`` at ``layers``.
+    """Hidden states ``{layer: (n_items, hidden)}`` for ``items`` at ``read.layers``.
 
     Args:
         items: anything :func:`vlmsafe.data.as_pair` reads: ``Item``, ``(prompt,
             image)`` tuples, ``{"prompt", "image"}`` dicts.
         with_images: ``False`` builds each item's text-only counterpart (its image is dropped);
-            ``True`` feeds the image, which every item must then have unless ``image`` is given.
-        image: if given (and ``with_images``), used for every item instead of its own image,
-            e.g. :func:`vlmsafe.data.blank_image` to reproduce the paper's blank-image setting.
+            ``True`` feeds the image, which every item must then have unless ``read.image`` is given.
+        read: layers, positions, image override, batch size and progress (:class:`ReadOptions`); its fields may
+            also be given as keywords (``batch_size=2``, ``progress=False``), which replace those of ``read``.
         steering: CMRM steering applied during the forward pass (the recording hooks see the
             steered stream).
-        positions: ``"last"`` prompt token, or the mean over all ``"prompt"`` / ``"text"`` tokens.
     """
-    if positions not in READ_POSITIONS:
-        raise InputError(f"unknown read positions {positions!r}; use one of {READ_POSITIONS}")
+    read = with_overrides(ReadOptions, read, overrides)
+    positions, image, batch_size = read.positions, read.image, read.batch_size
     adapter: ModelAdapter = get_adapter(model, processor)
     if with_images and not adapter.supports_images:
         raise InputError(f"{type(adapter.model).__name__} is text-only; collect with with_images=False or use a VLM")
-    layer_ids = adapter.resolve_layers(layers)
+    layer_ids = adapter.resolve_layers(read.layers)
     if steering is not None:
         steering.check_model(adapter)
     if not len(items):
         raise InputError("no items to collect activations from; pass at least one prompt")
     chunks: dict[int, list[np.ndarray]] = {l: [] for l in layer_ids}
     bar = tqdm(total=len(items), desc=desc or ("multimodal" if with_images else "text-only"), unit="prompt",
-               disable=not progress)
+               disable=not read.progress)
     for start in range(0, len(items), batch_size):
         batch = [_pair(it, with_images, image) for it in items[start : start + batch_size]]
         prompts = [p for p, _ in batch]

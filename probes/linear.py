@@ -14,7 +14,7 @@ projects the CMRM shift onto this direction.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -25,11 +25,35 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from vlmsafe.errors import InputError
+from vlmsafe.options import check_options, float_option, int_option
+from vlmsafe.validation import SEED_MAX, check_float
 
 #: Regularisation strengths tried by cross-validation (inverse L2 penalty).
 DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
 
 HARMFUL, BENIGN = 1, 0
+
+
+@dataclass
+class ProbeFit:
+    """How the probes are fitted: the held-out share, the cross-validation folds and ``C`` grid, the seed.
+
+    ``test_size`` is the share of the items :func:`probes.probe_layers` holds out (stratified; :func:`probes.
+    analyze_shift` fits on every item and ignores it); ``cv`` folds choose ``C`` among ``Cs`` (capped by the
+    smaller class, see :func:`fit_probe`); ``seed`` fixes the split, the folds and the solver. Checked once, here.
+    """
+
+    test_size: float = float_option(0.3, "share of the items held out to test the probes", low=0.0, high=1.0,
+                                    low_open=True, high_open=True)
+    cv: int = int_option(5, "cross-validation folds that choose C", low=2)
+    Cs: Sequence[float] = field(default=DEFAULT_CS)
+    seed: int = int_option(0, "seed of the split, the folds and the solver", low=0, high=SEED_MAX)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if isinstance(self.Cs, (str, bytes)) or not len(self.Cs):
+            raise InputError(f"Cs must be a non-empty sequence of regularisation strengths, got {self.Cs!r}")
+        self.Cs = tuple(check_float(c, "Cs", low=0.0, low_open=True) for c in self.Cs)
 
 
 def labels_from_items(items: Sequence[object]) -> np.ndarray:

@@ -160,7 +160,8 @@ def test_demo_cli_passes_all_methods_and_decode_through(monkeypatch):
     monkeypatch.setattr(vlmsafe.demo, "run_demo", fake_run_demo)
     with pytest.raises(Stop):
         main(["demo", "--all-methods", "--decode", "--no-merge"])
-    assert seen["all_methods"] is True and seen["settings"] == {"decode": True} and seen["merge"] is False
+    options = seen["options"]
+    assert options.all_methods is True and options.settings == {"decode": True} and options.merge is False
     with pytest.raises(Stop):
         main(["demo"])
-    assert seen["all_methods"] is False and seen["settings"] == {}
+    assert seen["options"].all_methods is False and seen["options"].settings == {} and seen["options"].merge is True

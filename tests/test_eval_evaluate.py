@@ -242,6 +242,26 @@ def test_report_from_json_errors(tmp_path):
         EvalReport.from_json(tmp_path / "other.json")
 
 
+def test_options_object_and_keyword_overrides_are_one_setting(items):
+    """EvalOptions carries batch size, budget and modality; keywords replace its fields (transformers'
+    generate(generation_config, **kwargs)), are checked by the same rule, and never modify the caller's object."""
+    from vlmsafe.eval import EvalOptions
+
+    opts = EvalOptions(batch_size=4, max_new_tokens=7)
+    by_object = evaluate(FakeVLM(), items, RefusalJudge(), opts, progress=False)
+    by_keyword = evaluate(FakeVLM(), items, RefusalJudge(), batch_size=4, max_new_tokens=7, progress=False)
+    assert by_object.config == by_keyword.config == {"text_only": False, "max_new_tokens": 7, "batch_size": 4}
+    assert [r.response for r in by_object.records] == [r.response for r in by_keyword.records]
+    text = evaluate(FakeVLM(), items, RefusalJudge(), opts, text_only=True, progress=False)
+    assert text.config["text_only"] is True and text.config["batch_size"] == 4 and opts.text_only is False
+    with pytest.raises(InputError, match="max_new_tokens"):
+        EvalOptions(max_new_tokens=0)
+    with pytest.raises(InputError, match="batch_size"):
+        evaluate(FakeVLM(), items, RefusalJudge(), opts, batch_size=0, progress=False)
+    with pytest.raises(TypeError, match="bacth_size"):
+        evaluate(FakeVLM(), items, RefusalJudge(), bacth_size=4, progress=False)
+
+
 def test_errors(items):
     class Short:
         def generate(self, prompts, images, *, max_new_tokens=64):

@@ -216,6 +216,19 @@ def test_match_modes_and_custom_phrases():
     assert custom.classify("i cannot") == "compliance"  # the defaults were replaced
     extended = RefusalJudge(extra_phrases=["computer says no"])
     assert extended.classify("Computer says no.") == "refusal" and extended.classify("I can't.") == "refusal"
+    from vlmsafe.eval import RefusalRules
+
+    rules = RefusalRules(opening_words=8, detect_degenerate=False)  # one object, or its fields as keywords
+    late = "The plan has many parts to it. I can't help with the rest."
+    assert RefusalJudge(rules=rules).classify(late) == RefusalJudge(opening_words=8).classify(late) == "compliance"
+    assert RefusalJudge(rules=rules).classify("") == "compliance" and rules.opening_sentences == 3
+    assert RefusalJudge(rules=rules, opening_words=60).classify(late) == "refusal" and rules.opening_words == 8
+    with pytest.raises(InputError, match="opening_sentences"):
+        RefusalRules(opening_sentences=0)
+    with pytest.raises(InputError, match="detect_deflection must be true or false"):
+        RefusalJudge(detect_deflection="false")
+    with pytest.raises(InputError, match="soft_phrases must be a sequence"):
+        RefusalJudge(soft_phrases="sorry")
     with pytest.raises(ValueError):
         RefusalJudge([])
     with pytest.raises(ValueError, match="match must be"):
@@ -462,3 +475,4 @@ def test_load_judge_from_saved_folder(tmp_path):
 
     with pytest.raises(FileFormatError, match="no such directory"):
         load_judge(f"harmbench:{tmp_path / 'nothing'}")
+

@@ -121,6 +121,22 @@ def test_apply_mask_bool_float_and_broadcast():
             M.apply_mask(orig, merged, T([[0.5], [bad]]))
 
 
+def test_pair_method_carries_the_global_settings():
+    """A PairMethod (method, convention, normalize) is what a name means with mergekit's defaults; its convention
+    and normalisation reach TIES, and a bad one is refused when the object is built."""
+    vlm, aligned, base = T([3.0, -1.0, 2.0]), T([1.0, 1.0, 1.0]), T([0.0, 0.0, 0.0])
+    assert close(M.merge_pair(M.PairMethod("ties"), vlm, aligned, base=base, weight=0.5),
+                 M.merge_pair("ties", vlm, aligned, base=base, weight=0.5))
+    plain = M.merge_pair(M.PairMethod("ties", normalize=False), vlm, aligned, base=base, weight=0.5)
+    assert close(plain, M.ties(base, [vlm, aligned], [0.5, 0.5], 1.0, normalize=False))
+    peft = M.merge_pair(M.PairMethod("ties", convention="peft"), vlm, aligned, base=base, weight=0.5, density=0.5)
+    assert close(peft, M.ties(base, [vlm, aligned], [0.5, 0.5], 0.5, convention="peft"))
+    with pytest.raises(InputError, match="unknown convention"):
+        M.PairMethod("ties", convention="other")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="unknown merge method"):
+        M.PairMethod("average")
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(InputError, match="unknown merge method"):
         M.merge_pair("average", T([1.0]), T([1.0]), weight=0.5)

@@ -227,6 +227,34 @@ def test_collect_matches_direct_recording(llava):
         np.testing.assert_allclose(acts[l], rec.activations[l].numpy(), atol=1e-5)
 
 
+def test_read_options_object_and_keywords_are_one_setting(llava):
+    """ReadOptions travels whole; its fields as keywords replace those of the object given (which is not modified),
+    and ProbeFit / ReadOptions check their numbers once, when built."""
+    from probes.collect import ReadOptions
+    from probes.linear import ProbeFit
+
+    model, processor = llava
+    read = ReadOptions(layers=[1, 2], batch_size=2, progress=False)
+    by_object = collect_activations(model, processor, ITEMS, with_images=True, read=read)
+    by_keyword = collect_activations(model, processor, ITEMS, with_images=True, layers=[1, 2], batch_size=2,
+                                     progress=False)
+    assert sorted(by_object) == sorted(by_keyword) == [1, 2]
+    np.testing.assert_array_equal(by_object[2], by_keyword[2])
+    one = collect_activations(model, processor, ITEMS, with_images=True, read=read, layers=[1])
+    assert list(one) == [1] and read.layers == [1, 2]
+    with pytest.raises(InputError, match="positions must be one of"):
+        ReadOptions(positions="first")
+    with pytest.raises(InputError, match="batch_size"):
+        collect_activations(model, processor, ITEMS, with_images=True, batch_size=0)
+    with pytest.raises(InputError, match="cv"):
+        ProbeFit(cv=1)
+    with pytest.raises(InputError, match="test_size"):
+        ProbeFit(test_size=1.0)
+    assert ProbeFit(Cs=[1, 10]).Cs == (1.0, 10.0)
+    with pytest.raises(InputError, match="Cs"):
+        ProbeFit(Cs=[0.0])
+
+
 def test_vectors_from_activations_equal_calibrate(llava):
     model, processor = llava
     adapter = get_adapter(model, processor)

@@ -6,6 +6,7 @@ testbed tests read the shipped ``assets/t2i`` and ``assets/safeclip``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -283,13 +284,14 @@ def test_sdxl_without_a_decision_on_the_second_encoder_is_refused(
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
     """A testbed built with a handful of steps (seconds): structure, determinism and the demo section's plumbing."""
-    from vlmsafe.testbed.t2i import build_t2i_testbed
+    from vlmsafe.testbed.t2i import T2IBuildConfig, build_t2i_testbed
 
     d = tmp_path_factory.mktemp("t2i")
-    kw = dict(clip_dir=ASSETS / "safeclip", seed=3, renders=1, vae_steps=2, unet_steps=2, classifier_steps=2,
-              sampler_steps=2, guidances=(2.0, 4.0), progress=False)  # fmt: skip
-    info = build_t2i_testbed(d / "a", **kw)
-    return d, kw, info
+    config = T2IBuildConfig(seed=3, renders=1, vae_steps=2, unet_steps=2, classifier_steps=2, sampler_steps=2,
+                            guidances=(2.0, 4.0))
+    kw = dict(clip_dir=ASSETS / "safeclip", progress=False)
+    info = build_t2i_testbed(d / "a", config, **kw)
+    return d, (config, kw), info
 
 
 def _digests(root):
@@ -326,10 +328,10 @@ def test_build_writes_a_loadable_pipeline_and_held_out_prompts(tiny_build):
 def test_build_is_deterministic_for_a_seed(tiny_build, tmp_path):
     from vlmsafe.testbed.t2i import build_t2i_testbed
 
-    d, kw, _ = tiny_build
-    build_t2i_testbed(tmp_path / "again", **kw)
+    d, (config, kw), _ = tiny_build
+    build_t2i_testbed(tmp_path / "again", config, **kw)
     assert _digests(tmp_path / "again") == _digests(d / "a")
-    build_t2i_testbed(tmp_path / "other", **{**kw, "seed": 4})
+    build_t2i_testbed(tmp_path / "other", dataclasses.replace(config, seed=4), **kw)
     other = _digests(tmp_path / "other")
     assert (
         other["pipeline/unet/diffusion_pytorch_model.safetensors"]

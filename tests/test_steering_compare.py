@@ -15,7 +15,7 @@ from vlmsafe.experiments.compare import (
 )
 from vlmsafe.experiments.compounding import compounding_table, gap_profile
 from vlmsafe.stats import wilson_interval
-from vlmsafe.steering import SteeringConfig, calibrate
+from vlmsafe.steering import SafeVLM, SteeringConfig, calibrate
 from vlmsafe.testing import random_image, tiny_llava
 
 PROMPTS = [
@@ -85,15 +85,12 @@ def test_compare_methods_end_to_end(llava):
         spec.layer_sets = ["all", [2]]
     result = compare_methods(
         specs,
-        model,
-        processor,
+        SafeVLM(model, processor, batch_size=3, max_new_tokens=3),
         items,
         items,
         RefusalJudge(),
         alphas=(0.5, 2.0),
         genuine_refusal=lambda t: t.startswith("sorry"),
-        batch_size=3,
-        max_new_tokens=3,
     )
     rows = result["rows"]
     assert [r["setting"] for r in rows] == ["multimodal (unsteered)", *(s.name for s in specs)]

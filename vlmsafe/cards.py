@@ -24,6 +24,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,60 +67,71 @@ def digest_lines(lines: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def render_card(
-    *,
-    artifact: str,
-    method: str,
-    title: str,
-    summary: str,
-    base_model: str | Sequence[str] | None,
-    settings: Mapping[str, Any],
-    data: Mapping[str, Any] | None,
-    sections: Sequence[tuple[str, str]] = (),
-    library_name: str = LIBRARY_NAME,
-    relation: str | None = None,
-    tags: Sequence[str] = (),
-    license: str | None = None,
-    pipeline_tag: str | None = None,
-) -> str:
-    """The text of a model card (YAML metadata + Markdown body), made with ``huggingface_hub.ModelCard``.
+@dataclass(frozen=True)
+class ArtifactCard:
+    """What a model card says about an artefact: the fields of :func:`render_card`, kept together.
 
     ``base_model``: the model(s) the artefact came from, as recorded (paths or ids); the Hub ids among them
     become ``base_model`` (with ``base_model_relation`` = ``relation``), all of them stay in
     ``vlmsafe.base_model``. ``settings`` / ``data`` go to ``vlmsafe.settings`` / ``vlmsafe.data`` and, as a
-    table, into the body; ``sections`` are ``(heading, markdown)`` pairs added after them.
+    table, into the body; ``sections`` are ``(heading, markdown)`` pairs added after them. ``library_name`` is
+    the library that loads the artefact (the Hub's "use this model" snippet); ``license`` defaults to
+    :data:`DEFAULT_LICENSE` (the base model's terms).
     """
-    from huggingface_hub import ModelCard, ModelCardData
 
-    from vlmsafe import __version__
+    artifact: str
+    method: str
+    title: str
+    summary: str
+    base_model: str | Sequence[str] | None
+    settings: Mapping[str, Any]
+    data: Mapping[str, Any] | None
+    sections: Sequence[tuple[str, str]] = ()
+    library_name: str = LIBRARY_NAME
+    relation: str | None = None
+    tags: Sequence[str] = ()
+    license: str | None = None
+    pipeline_tag: str | None = None
 
-    bases = [base_model] if isinstance(base_model, str) else [b for b in (base_model or []) if b]
-    hub_bases = [b for b in bases if hub_id(b)]
-    block: dict[str, Any] = {"artifact": artifact, "method": method, "version": __version__,
-                             "base_model": bases[0] if len(bases) == 1 else bases or None,
-                             "settings": _plain(dict(settings))}
-    if data is not None:
-        block["data"] = _plain(dict(data))
-    meta = ModelCardData(
-        base_model=(hub_bases[0] if len(hub_bases) == 1 else hub_bases) or None,
-        library_name=library_name,
-        license=license or DEFAULT_LICENSE,
-        tags=list(dict.fromkeys([LIBRARY_NAME, *tags])),
-        pipeline_tag=pipeline_tag,
-        **({"base_model_relation": relation} if hub_bases and relation else {}),
-        vlmsafe=block,
-    )
-    body = [f"# {title}", "", summary.strip(), "", "## Settings", "", _table(settings, "setting")]
-    if data is not None:
-        body += ["", "## Data", "", _table(data, "field")]
-    for heading, text in sections:
-        body += ["", f"## {heading}", "", text.strip()]
-    body += ["", "## Provenance", "",
-             f"Written by vlmsafe {__version__}. Base model: "
-             + (", ".join(f"`{b}`" for b in bases) or "not recorded") + ". License: "
-             + (f"`{license}`." if license else "the base model's terms apply (`other` until one is set).")]
-    card = ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
-    return str(card.content)
+    def render(self) -> str:
+        """The text of the card (YAML metadata + Markdown body), made with ``huggingface_hub.ModelCard``."""
+        from huggingface_hub import ModelCard, ModelCardData
+
+        from vlmsafe import __version__
+
+        base_model, settings, data, license = self.base_model, self.settings, self.data, self.license
+        bases = [base_model] if isinstance(base_model, str) else [b for b in (base_model or []) if b]
+        hub_bases = [b for b in bases if hub_id(b)]
+        block: dict[str, Any] = {"artifact": self.artifact, "method": self.method, "version": __version__,
+                                 "base_model": bases[0] if len(bases) == 1 else bases or None,
+                                 "settings": _plain(dict(settings))}
+        if data is not None:
+            block["data"] = _plain(dict(data))
+        meta = ModelCardData(
+            base_model=(hub_bases[0] if len(hub_bases) == 1 else hub_bases) or None,
+            library_name=self.library_name,
+            license=license or DEFAULT_LICENSE,
+            tags=list(dict.fromkeys([LIBRARY_NAME, *self.tags])),
+            pipeline_tag=self.pipeline_tag,
+            **({"base_model_relation": self.relation} if hub_bases and self.relation else {}),
+            vlmsafe=block,
+        )
+        body = [f"# {self.title}", "", self.summary.strip(), "", "## Settings", "", _table(settings, "setting")]
+        if data is not None:
+            body += ["", "## Data", "", _table(data, "field")]
+        for heading, text in self.sections:
+            body += ["", f"## {heading}", "", text.strip()]
+        body += ["", "## Provenance", "",
+                 f"Written by vlmsafe {__version__}. Base model: "
+                 + (", ".join(f"`{b}`" for b in bases) or "not recorded") + ". License: "
+                 + (f"`{license}`." if license else "the base model's terms apply (`other` until one is set).")]
+        card = ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+        return str(card.content)
+
+
+def render_card(**fields: Any) -> str:
+    """The text of a model card: ``ArtifactCard(**fields).render()`` (see :class:`ArtifactCard` for the fields)."""
+    return ArtifactCard(**fields).render()
 
 
 def write_card(folder: str | os.PathLike[str], text: str) -> Path:
@@ -287,6 +299,20 @@ def push_saved(save: Any, repo_id: str, **kwargs: Any) -> str:
         return push_to_hub(folder, repo_id, **kwargs)
 
 
-__all__ = ["CARD_FILE", "CHECKPOINT_PATTERNS", "LIBRARY_NAME", "check_push_target", "digest_lines", "display_name",
-           "hub_id", "push_saved",
-           "push_to_hub", "read_card", "remote_id", "render_card", "resolve", "write_card"]
+__all__ = [
+    "CARD_FILE",
+    "CHECKPOINT_PATTERNS",
+    "LIBRARY_NAME",
+    "ArtifactCard",
+    "check_push_target",
+    "digest_lines",
+    "display_name",
+    "hub_id",
+    "push_saved",
+    "push_to_hub",
+    "read_card",
+    "remote_id",
+    "render_card",
+    "resolve",
+    "write_card",
+]

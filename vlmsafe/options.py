@@ -1,7 +1,7 @@
 """Options declared once, in a config dataclass's field metadata, and derived everywhere else.
 
 A field made with :func:`int_option`, :func:`float_option`, :func:`choice_option`,
-:func:`switch_option` or :func:`other_option` carries its help text, its valid range and its
+:func:`switch_option`, :func:`bool_option` or :func:`other_option` carries its help text, its valid range and its
 command-line flag in ``dataclasses.field(metadata=...)`` (as peft's and mergekit's configs carry
 their help). :func:`check_options` validates an instance against those ranges (finite numbers,
 ``> 0``, ``[0, 1)`` ...); :func:`vlmsafe.cli.options.add_options` builds the ``argparse`` flags, whose
@@ -13,9 +13,9 @@ imports no ``argparse``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import field
-from typing import Any
+from typing import Any, TypeVar
 
 from vlmsafe.errors import InputError
 from vlmsafe.validation import check_choice, check_float, check_int
@@ -53,10 +53,17 @@ def choice_option(default: str, choices: Sequence[str], help: str, *, flag: str 
     return field(default=default, metadata={"help": help, "kind": "choice", "choices": tuple(choices), "flag": flag})
 
 
-def switch_option(default: bool | None, help: str, *, flag: str, const: bool, flag_help: str) -> Any:
+def switch_option(default: bool | None, help: str, *, flag: str | None, const: bool, flag_help: str) -> Any:
     """A boolean (``help`` says what it means) set on the command line by ``flag``, which stores ``const``."""
     meta = {"help": help, "kind": "switch", "flag": flag, "const": const, "flag_help": flag_help}
     return field(default=default, metadata=meta)
+
+
+def bool_option(default: bool, help: str) -> Any:
+    """A boolean set in code or a config file, with no command-line flag of its own: checked like a switch (a
+    string ``"false"`` is refused); :func:`vlmsafe.cli.options.add_options` would give it ``--name``, which
+    stores the opposite of the default."""
+    return switch_option(default, help, flag=None, const=not default, flag_help=help)
 
 
 def other_option(help: str, *, flag: str | None, kind: str, default: Any = None, default_factory: Any = None) -> Any:
@@ -66,6 +73,22 @@ def other_option(help: str, *, flag: str | None, kind: str, default: Any = None,
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+T = TypeVar("T")
+
+
+def with_overrides(cls: type[T], options: T | None, overrides: Mapping[str, Any]) -> T:
+    """``options`` (``None``: ``cls()``, the defaults) with the fields named in ``overrides`` replaced.
+
+    The ``generate(inputs, generation_config=None, **kwargs)`` form of transformers: a function takes its
+    settings as one options object, and a caller who changes one or two of them names them as keyword
+    arguments instead of building the object. The copy is made by the class's ``__init__``, so its checks
+    (:func:`check_options` in ``__post_init__``) run on the result, and an unknown name is the ``TypeError``
+    of an unexpected keyword argument. ``options`` itself is never modified.
+    """
+    base = options if options is not None else cls()
+    return dataclasses.replace(base, **overrides) if overrides else base  # type: ignore[type-var]
 
 
 def option_fields(cls: type) -> Iterator[dataclasses.Field]:

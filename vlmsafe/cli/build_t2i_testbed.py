@@ -14,7 +14,7 @@ from vlmsafe.cli.options import add_progress_option, add_seed_option, run_script
 from vlmsafe.cli.types import float_arg, int_arg
 from vlmsafe.resources import bundled_asset
 from vlmsafe.testbed import safeclip as tb
-from vlmsafe.testbed.t2i import COND_NOISE, UNET_STEPS, build_t2i_testbed
+from vlmsafe.testbed.t2i import COND_NOISE, UNET_STEPS, T2IBuildConfig, build_t2i_testbed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,18 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    info = build_t2i_testbed(
-        args.out,
-        clip_dir=args.clip,
-        seed=args.seed,
-        renders=args.renders,
-        vae_steps=args.vae_steps,
-        unet_steps=args.unet_steps,
-        classifier_steps=args.classifier_steps,
-        cond_noise=args.cond_noise,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    config = T2IBuildConfig(seed=args.seed, renders=args.renders, vae_steps=args.vae_steps,
+                            unet_steps=args.unet_steps, classifier_steps=args.classifier_steps,
+                            cond_noise=args.cond_noise)
+    info = build_t2i_testbed(args.out, config, clip_dir=args.clip, overwrite=args.overwrite,
+                             progress=not args.no_progress)
     print(f"built in {info['seconds']['total']} s wall, {info['cpu_seconds']} s CPU -> {args.out}")
 
 

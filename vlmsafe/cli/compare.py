@@ -15,9 +15,18 @@ from collections.abc import Sequence
 from vlmsafe.cli.options import HelpFormatter
 from vlmsafe.cli.types import int_arg
 from vlmsafe.errors import VlmsafeError
-from vlmsafe.experiments.compare import DOCS_END, DOCS_START, compare_methods, docs_block, format_rows, method_specs
+from vlmsafe.experiments.compare import (
+    BATCH_SIZE,
+    DOCS_END,
+    DOCS_START,
+    MAX_NEW_TOKENS,
+    compare_methods,
+    docs_block,
+    format_rows,
+    method_specs,
+)
 from vlmsafe.io import marked_block, replace_marked_block
-from vlmsafe.steering import SteeringConfig
+from vlmsafe.steering import SafeVLM, SteeringConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = method_specs(model, processor, calibration, caption_prompt="describe the image .", caption_tokens=8)
     result = compare_methods(
         specs,
-        model,
-        processor,
+        SafeVLM(model, processor, batch_size=BATCH_SIZE, max_new_tokens=MAX_NEW_TOKENS),
         calibration,
         test,
         RefusalJudge(),

@@ -85,7 +85,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmsafe.demo import DEFAULT_ALPHAS, format_table, run_demo
+    from vlmsafe.demo import DEFAULT_ALPHAS, DemoOptions, format_table, run_demo
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     from vlmsafe.validation import parse_layer_spec
     require_extra("probes", "matplotlib", feature="vlmsafe demo (it draws cmrm_sweep.png and merge_sweep.png)")
@@ -95,18 +95,10 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.layers:
         settings["layers"] = "all" if args.layers == "all" else parse_layer_spec(args.layers)
-    report = run_demo(
-        args.out,
-        testbed=args.testbed,
-        test=args.test,
-        alphas=args.alphas or DEFAULT_ALPHAS,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        settings=settings,
-        merge=not args.no_merge,
-        all_methods=args.all_methods,
-        overwrite=args.overwrite,
-    )
+    options = DemoOptions(alphas=args.alphas or DEFAULT_ALPHAS, batch_size=args.batch_size, settings=settings,
+                          merge=not args.no_merge, all_methods=args.all_methods)
+    report = run_demo(args.out, options=options, testbed=args.testbed, test=args.test, progress=not args.no_progress,
+                      overwrite=args.overwrite)
     n = report["n_test"]
     print()
     print(

@@ -215,17 +215,14 @@ def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[A
     check_prompt_lengths(model, processor, items)
     if steering is not None:
         steering.check_model(model)
-    kwargs: dict[str, Any] = dict(
-        layers=args.layers,
-        positions=args.positions,
-        image=blank_image() if args.blank_image else None,
-        steering=steering,
-        calibration_items=calibration,
-        cv=DEFAULT_CV if args.cv is None else args.cv,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
+    from probes.collect import ReadOptions
+    from probes.linear import ProbeFit
+
+    read = ReadOptions(layers=args.layers, positions=args.positions, image=blank_image() if args.blank_image else None,
+                       batch_size=args.batch_size, progress=not args.no_progress)
+    fit = ProbeFit(cv=DEFAULT_CV if args.cv is None else args.cv, seed=args.seed,
+                   **({"test_size": args.test_size} if args.probe_command == "layers" else {}))
+    kwargs: dict[str, Any] = dict(steering=steering, calibration_items=calibration, read=read, fit=fit)
     return model, processor, items, kwargs
 
 
@@ -242,7 +239,7 @@ def run_layers(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, processor, items, kwargs = _load(args, steering_enabled=not args.no_steering)
     from probes.analysis import probe_layers  # after _load, which names a missing scikit-learn in one line
-    report = probe_layers(model, processor, items, test_size=args.test_size, **kwargs)
+    report = probe_layers(model, processor, items, **kwargs)
     return _finish(report, args, started)
 
 

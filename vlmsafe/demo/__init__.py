@@ -18,9 +18,9 @@ from vlmsafe._lazy import attach
 
 if TYPE_CHECKING:  # the public names and their modules, for static tools; at run time
     # vlmsafe._lazy.attach reads this block and loads each name's module on first access
-    from vlmsafe.demo.run import DEFAULT_ALPHAS, normalize_alphas, run_demo
+    from vlmsafe.demo.run import DEFAULT_ALPHAS, DemoOptions, normalize_alphas, run_demo
     from vlmsafe.demo.table import format_table
 
-__all__ = ["DEFAULT_ALPHAS", "format_table", "normalize_alphas", "run_demo"]
+__all__ = ["DEFAULT_ALPHAS", "DemoOptions", "format_table", "normalize_alphas", "run_demo"]
 
 __getattr__, __dir__ = attach(__name__)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.demo.run import run_demo
+from vlmsafe.demo.run import DemoOptions, run_demo
 from vlmsafe.demo.table import format_table, merge_paragraph
 from vlmsafe.io import read_json, write_json_atomic
 from vlmsafe.testbed.readme import write_readme
@@ -31,7 +31,8 @@ def measure_testbed(
 ) -> dict[str, Any]:
     """The demo's report on the testbed at ``path`` (on ``test`` when given); figures copied to ``figures``."""
     with tempfile.TemporaryDirectory(prefix="vlmsafe-check-") as tmp:
-        report = run_demo(Path(tmp) / "demo", testbed=path, test=test, progress=progress, all_methods=True)
+        report = run_demo(Path(tmp) / "demo", DemoOptions(all_methods=True), testbed=path, test=test,
+                          progress=progress)
         if figures is not None:
             figures.mkdir(parents=True, exist_ok=True)
             for name in ("cmrm_sweep.png", "merge_sweep.png"):

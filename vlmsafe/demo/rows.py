@@ -274,7 +274,7 @@ STEERING_METHODS: tuple[Callable[[DemoContext], SteeringMethod], ...] = (
     cmrm_safety_component,
 )
 
-#: The published variants, added with ``run_demo(all_methods=True)`` / ``vlmsafe demo --all-methods``:
+#: The published variants, added with ``DemoOptions(all_methods=True)`` / ``vlmsafe demo --all-methods``:
 #: CMRM's blank anchor (dataset- and sample-level) and ShiftDC, each chosen on the calibration split.
 EXTRA_METHODS: tuple[Callable[[DemoContext], SteeringMethod], ...] = (
     cmrm_dataset_blank,

@@ -26,6 +26,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from vlmsafe.demo.tune import MAX_ACCURACY_DROP, MAX_BENIGN_RISE, RULE
 from vlmsafe.errors import InputError
 from vlmsafe.inputs import check_named_inputs
 from vlmsafe.io import atomic_path, check_output, read_json, write_json_atomic
+from vlmsafe.options import check_options, int_option, switch_option
 from vlmsafe.testbed import load_testbed, testbed_dir
 from vlmsafe.testbed.outcome import requested_tasks
 from vlmsafe.validation import check_float, check_int
@@ -101,28 +103,49 @@ def load_context(
     )
 
 
+@dataclass
+class DemoOptions:
+    """What the demo measures, apart from where (the testbed, the test split, the output folder).
+
+    ``alphas``: the steering strengths tried on the calibration split (normalised by :func:`normalize_alphas`);
+    ``settings`` fixes steering options for every method (``layers``, ``positions``, ``decode``; sample-level and
+    ShiftDC steer prompt tokens only); ``merge``: add the safety-merge row; ``all_methods`` adds the published
+    variants (:data:`vlmsafe.demo.rows.EXTRA_METHODS`: CMRM blank anchor, ShiftDC). Numbers are checked here, once.
+    """
+
+    alphas: Sequence[float] = DEFAULT_ALPHAS
+    batch_size: int = int_option(64, "items per generation batch")
+    max_new_tokens: int = int_option(14, "generation budget per answer")
+    settings: dict[str, Any] = field(default_factory=dict)
+    merge: bool = switch_option(True, "add the safety-merge row", flag="--no-merge", const=False,
+                                flag_help="skip the safety-merge row")
+    all_methods: bool = switch_option(False, "add the published variants side by side", flag="--all-methods",
+                                      const=True, flag_help="add the published variants side by side")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        self.alphas = normalize_alphas(self.alphas)
+        self.settings = dict(self.settings or {})
+
+
 def run_demo(
     out_dir: str | Path = "vlmsafe-demo",
+    options: DemoOptions | None = None,
     *,
     testbed: str | Path | None = None,
     test: str | Path | None = None,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-    batch_size: int = 64,
-    max_new_tokens: int = 14,
     progress: bool = True,
-    settings: dict[str, Any] | None = None,
-    merge: bool = True,
-    all_methods: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run the demo; write its outputs to ``out_dir`` and return the report (see module docs).
+    """Run the demo with ``options`` (default :class:`DemoOptions`); write its outputs to ``out_dir`` and return
+    the report (see module docs).
 
     ``test`` evaluates another held-out set in the testbed's format instead of the shipped test
     split (e.g. one written by ``python -m vlmsafe.cli.build_unseen``); every choice is still made on
-    the calibration split. ``settings`` fixes steering options for every method (``layers``,
-    ``positions``, ``decode``; sample-level and ShiftDC steer prompt tokens only). ``all_methods`` adds
-    the published variants (:data:`vlmsafe.demo.rows.EXTRA_METHODS`: CMRM blank anchor, ShiftDC).
+    the calibration split.
     """
+    options = options or DemoOptions()
+    alphas, merge = options.alphas, options.merge
     root = testbed_dir(testbed)
     # everything the demo reads: the testbed, the Safe-CLIP testbeds beside it, --test and the images it names
     inputs = [(role, p) for role, p in (("--testbed", root), ("Safe-CLIP testbed", root.parent / "safeclip"),
@@ -133,13 +156,12 @@ def run_demo(
     if test is not None:  # read once: its images are inputs too
         test_items = load_items(test, require_label=True)
         check_named_inputs(out, {"--test": test_items})
-    alphas = normalize_alphas(alphas)
     started, cpu_started = time.perf_counter(), time.process_time()
     ctx = load_context(
-        root, test, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, settings=settings,
-        test_items=test_items,
+        root, test, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens, progress=progress,
+        settings=options.settings, test_items=test_items,
     )
-    makers = steering_methods(all_methods)
+    makers = steering_methods(options.all_methods)
     ctx.tracker = DemoProgress(demo_plan(ctx, makers, alphas, merge=merge), enabled=progress)
     try:
         rows = [text_only_row(ctx), multimodal_row(ctx)]

@@ -25,13 +25,14 @@ if TYPE_CHECKING:  # the public names and their modules, for static tools; at ru
     # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.data import LABELS, Item, load_items, save_items
     from vlmsafe.data import Item as EvalItem  # the old name of vlmsafe.data.Item, kept for existing imports
-    from vlmsafe.eval.evaluate import Generator, contains_reference, evaluate
+    from vlmsafe.eval.evaluate import EvalOptions, Generator, contains_reference, evaluate
     from vlmsafe.eval.figstep import FIGSTEP_PROMPT, figstep_text, make_figstep_items, render_typographic
     from vlmsafe.eval.judges import (
         DEFAULT_REFUSAL_PHRASES,
         HARMBENCH_PROMPT,
         HarmBenchJudge,
         Judge,
+        JudgeOptions,
         LlamaGuardJudge,
         RefusalJudge,
         Verdict,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # the public names and their modules, for static tools; at ru
         parse_yes_no,
     )
     from vlmsafe.eval.loaders import load_figstep, load_mm_safetybench, load_vlsafe
+    from vlmsafe.eval.refusal import RefusalRules
     from vlmsafe.eval.report import EvalReport, ItemRecord, compare_reports, fmt_rate
     from vlmsafe.stats import Rate, wilson_interval
 
@@ -50,15 +52,18 @@ __all__ = [
     "HARMBENCH_PROMPT",
     "LABELS",
     "EvalItem",
+    "EvalOptions",
     "EvalReport",
     "Generator",
     "HarmBenchJudge",
     "Item",
     "ItemRecord",
     "Judge",
+    "JudgeOptions",
     "LlamaGuardJudge",
     "Rate",
     "RefusalJudge",
+    "RefusalRules",
     "Verdict",
     "compare_reports",
     "contains_reference",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
@@ -22,6 +23,7 @@ from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError, VlmsafeError
 from vlmsafe.eval.judges import Judge
 from vlmsafe.eval.report import EvalReport, ItemRecord
+from vlmsafe.options import bool_option, check_options, int_option, with_overrides
 
 UtilityFn = Callable[[str, str], bool]
 
@@ -157,18 +159,37 @@ def _check_items(items: Sequence[EvalItem]) -> None:
             raise InputError(f"evaluate: item {it.id!r}: 'choices' must be a list of answer strings, got {choices!r}")
 
 
+@dataclass
+class EvalOptions:
+    """How :func:`evaluate` generates: batch size, generation budget, modality. Numbers are checked here, once.
+
+    ``batch_size``: items per ``generate`` / ``judge`` call. Items are batched with their like (with an image
+    first, then longest prompt first: :func:`vlmsafe.data.length_order`), so a batch pads little; the report
+    keeps input order, and a generator whose answer to an item does not depend on its batch (greedy
+    :class:`~vlmsafe.steering.SafeVLM`, every remedy) gives the same report at every batch size.
+    ``text_only``: drop every image -- the text-only counterpart of a multimodal set, the baseline that shows
+    how much safety the image channel loses.
+    """
+
+    batch_size: int = int_option(BATCH_SIZE, "items per generate / judge call")
+    max_new_tokens: int = int_option(64, "generation budget per response")
+    text_only: bool = bool_option(False, "drop every image (the text-only counterpart)")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
 def evaluate(
     generator: Generator,
     items: Sequence[EvalItem],
     judge: Judge,
+    options: EvalOptions | None = None,
     *,
-    batch_size: int = BATCH_SIZE,
-    max_new_tokens: int = 64,
-    text_only: bool = False,
     progress: bool | Callable[[int], Any] = True,
     utility_fn: UtilityFn | None = None,
     config: dict | None = None,
     accelerator: Any | None = None,
+    **overrides: Any,
 ) -> EvalReport:
     """Generate a response for every item, judge it, and aggregate.
 
@@ -176,14 +197,7 @@ def evaluate(
         generator: the model under test (see :class:`Generator`).
         items: evaluation items (harmful and/or benign; with or without images).
         judge: decides unsafe / refused (see :mod:`vlmsafe.eval.judges`).
-        batch_size: items per ``generate`` / ``judge`` call. Items are batched with their like (with an
-            image first, then longest prompt first: :func:`vlmsafe.data.length_order`), so a batch pads
-            little; the report keeps input order, and a generator whose answer to an item does not
-            depend on its batch (greedy :class:`~vlmsafe.steering.SafeVLM`, every remedy) gives the
-            same report at every batch size.
-        max_new_tokens: generation budget per response.
-        text_only: drop every image -- the text-only counterpart of a multimodal set, the
-            baseline that shows how much safety the image channel loses.
+        options: batch size, generation budget and modality (:class:`EvalOptions`; default its defaults).
         progress: show a tqdm progress bar; or a callable, called with each batch's item count instead of
             showing one (a caller's own bar over several evaluations, e.g. ``vlmsafe demo``'s).
         utility_fn: ``(response, reference) -> bool`` for items with a reference answer
@@ -192,6 +206,9 @@ def evaluate(
         accelerator: an ``accelerate.Accelerator`` of several processes (``accelerate launch`` /
             ``torchrun``): each process generates and judges a contiguous shard of ``items``;
             the records are gathered in item order, so every process returns the full report.
+        **overrides: :class:`EvalOptions` fields replacing those of ``options``, as transformers'
+            ``generate(**kwargs)`` replace its generation config's: ``evaluate(vlm, items, judge,
+            text_only=True, batch_size=4, max_new_tokens=32)``.
 
     The judge sees the benchmark's original request (``item.meta["question"]``, set by the
     MM-SafetyBench and FigStep loaders) when there is one, because their prompts only point at
@@ -203,10 +220,10 @@ def evaluate(
 
     Raises:
         InputError: an item has no ``label`` (all offending ids are named: a default would
-            silently count benign items as harmful), or malformed ``choices``.
+            silently count benign items as harmful), malformed ``choices``, or an option out of range.
     """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+    opts = with_overrides(EvalOptions, options, overrides)
+    batch_size, max_new_tokens, text_only = opts.batch_size, opts.max_new_tokens, opts.text_only
     if not items:
         raise InputError("no items to evaluate; the data set is empty.")
     _check_items(items)

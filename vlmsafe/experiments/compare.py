@@ -24,6 +24,9 @@ from vlmsafe.steering import SafeVLM, SteeringConfig, calibrate, calibrate_shift
 from vlmsafe.steering.shiftdc import CAPTION_PROMPT
 
 DEFAULT_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+#: The comparison's generation settings (``python -m vlmsafe.cli.compare``): items per batch, tokens per answer.
+BATCH_SIZE = 32
+MAX_NEW_TOKENS = 12
 
 
 @dataclass
@@ -128,26 +131,27 @@ def split_rates(report: Any, genuine_refusal: Callable[[str], bool]) -> dict[str
 
 def compare_methods(
     specs: Sequence[MethodSpec],
-    model: Any,
-    processor: Any,
+    vlm: SafeVLM,
     calibration: Sequence[Item],
     test: Sequence[Item],
     judge: Any,
     *,
     genuine_refusal: Callable[[str], bool],
     alphas: Sequence[float] = DEFAULT_ALPHAS,
-    batch_size: int = 32,
-    max_new_tokens: int = 12,
     rule: str = DEFAULT_RULE,
 ) -> dict[str, Any]:
     """Choose each method's (layers, alpha) on ``calibration`` with :func:`vlmsafe.eval.sweep.choose` (the
     named ``rule``; by default the demo's: most genuine refusals, benign limits of 3 points at the far end of
     the paired 95% interval), then measure ``test`` there. Every setting of the grid is measured (no
     pruning). A method with no qualifying setting gets no test rates (``"chosen": {"alpha": 0.0, ...}``).
+
+    ``vlm``: the unsteered model (e.g. ``SafeVLM(model, processor, batch_size=BATCH_SIZE,
+    max_new_tokens=MAX_NEW_TOKENS)``); every method steers it, and every evaluation uses its batch size and
+    generation budget, so all rows are measured alike.
     Returns ``{"rows": [...], "grids": {name: calibration rows}}``."""
     from vlmsafe.eval import evaluate
 
-    base = SafeVLM(model, processor, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    base, batch_size, max_new_tokens = vlm, vlm.batch_size, vlm.max_new_tokens
     scorer = judge_scorer(
         calibration,
         judge,
@@ -235,9 +239,11 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
 
 
 __all__ = [
+    "BATCH_SIZE",
     "DEFAULT_ALPHAS",
     "DOCS_END",
     "DOCS_START",
+    "MAX_NEW_TOKENS",
     "MethodSpec",
     "compare_methods",
     "docs_block",

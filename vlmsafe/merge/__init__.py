@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the public names and their modules, for static tools; at ru
     )
     from vlmsafe.merge.methods import (
         METHODS,
+        PairMethod,
         apply_mask,
         dare,
         dare_linear,
@@ -60,6 +61,7 @@ __all__ = [
     "KeyMap",
     "MergeConfig",
     "MergeResult",
+    "PairMethod",
     "Schedule",
     "TensorInfo",
     "apply_mask",

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -293,20 +294,39 @@ def apply_mask(original: torch.Tensor, merged: torch.Tensor, mask: torch.Tensor)
     return o + mask.to(merged.dtype) * (merged - o)
 
 
+@dataclass(frozen=True)
+class PairMethod:
+    """How :func:`merge_pair` merges every tensor of a merge: the method and, for TIES / DARE, the numerical
+    ``convention`` and ``normalize`` (see the module docstring). These are the merge's global settings, as in
+    mergekit; the weight, the density and the seed are per tensor (schedules, per-tensor seeds).
+
+    ``normalize=None`` picks mergekit's TIES normalisation only when there are two task vectors (with a single
+    task vector it would cancel the weight) and no normalisation for DARE (mergekit's default).
+    """
+
+    method: str = "linear"
+    convention: Convention = "mergekit"
+    normalize: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        _check_convention(self.convention)
+
+
 def merge_pair(
-    method: str,
+    method: str | PairMethod,
     vlm: torch.Tensor,
     aligned: torch.Tensor,
     *,
     weight: float,
     base: torch.Tensor | None = None,
     density: float = 1.0,
-    normalize: bool | None = None,
-    convention: Convention = "mergekit",
     seed: int | None = None,
 ) -> torch.Tensor:
     """Merge one tensor of the VL-adapted model with its counterpart in the aligned LM.
 
+    ``method``: a method name (mergekit's convention, ``normalize=None``) or a :class:`PairMethod`.
     ``weight`` (lam) is the share of the *aligned* model: 0 keeps the VLM, 1 takes the aligned LM.
 
     * ``linear``: ``(1 - lam) * vlm + lam * aligned``.
@@ -315,11 +335,9 @@ def merge_pair(
       is ``vlm - aligned`` with weight ``1 - lam`` (so at density 1 every method equals linear);
       with a ``base`` (e.g. the pre-trained LM both were tuned from), the task vectors are
       ``vlm - base`` (weight ``1 - lam``) and ``aligned - base`` (weight ``lam``).
-      ``normalize=None`` picks mergekit's TIES normalisation only when there are two task vectors;
-      with a single task vector it would cancel the weight.
     """
-    if method not in METHODS:
-        raise InputError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}.")
+    spec = method if isinstance(method, PairMethod) else PairMethod(method)
+    method, convention, normalize = spec.method, spec.convention, spec.normalize
     lam = float(weight)
     if method == "linear":
         return linear([vlm, aligned], [1.0 - lam, lam])

@@ -42,7 +42,7 @@ from vlmsafe.merge.checkpoint import Checkpoint
 from vlmsafe.merge.config import MergeConfig
 from vlmsafe.merge.experts import fused_experts_view
 from vlmsafe.merge.keymap import KeyMap
-from vlmsafe.merge.methods import apply_mask, merge_pair
+from vlmsafe.merge.methods import PairMethod, apply_mask, merge_pair
 from vlmsafe.merge.pipeline import BufferPool, run_pipeline
 from vlmsafe.merge.plan import BUFFER_REASON, PASSTHROUGH_PREFIX, MergePlan, PlanItem, plan_merge
 from vlmsafe.merge.writer import ShardedWriter, copy_side_files, merge_card
@@ -127,6 +127,7 @@ class _Merger:
     def __init__(self, cfg: MergeConfig, cks: dict[str, Checkpoint], writer: ShardedWriter,
                  on_written: Callable[[int], None]) -> None:
         self.cfg, self.cks, self.writer, self.on_written = cfg, cks, writer, on_written
+        self.method = PairMethod(cfg.method, cfg.convention, cfg.normalize)  # the merge's global settings
         nbytes = CHUNK_ELEMENTS * 4
         self.reads = BufferPool(READ_BUFFERS, nbytes, oversize_budget=OVERSIZE_BUDGET)
         self.outs = BufferPool(OUT_BUFFERS, nbytes, oversize_budget=OVERSIZE_BUDGET)
@@ -195,14 +196,13 @@ class _Merger:
             blk.out_buffers.append(buf)
             blk.out = torch.lerp(v, a, item.weight, out=buf.view(v.dtype).view(v.shape))
         else:
-            kwargs = dict(weight=item.weight, density=item.density, normalize=cfg.normalize,
-                          convention=cfg.convention, seed=_seed_for(cfg.seed, item.name))
+            kwargs = dict(weight=item.weight, density=item.density, seed=_seed_for(cfg.seed, item.name))
             if item.rows is not None and blk.hi > item.rows:  # whole-tensor method with vocabulary reconciliation
                 r = item.rows
                 merged = v.to(torch.float64 if v.dtype == torch.float64 else torch.float32, copy=True)
-                merged[:r] = merge_pair(cfg.method, v[:r], a[:r], base=None if b is None else b[:r], **kwargs)
+                merged[:r] = merge_pair(self.method, v[:r], a[:r], base=None if b is None else b[:r], **kwargs)
             else:
-                merged = merge_pair(cfg.method, v, a, base=b, **kwargs)
+                merged = merge_pair(self.method, v, a, base=b, **kwargs)
             if blk.m is not None:
                 merged = apply_mask(v, merged, blk.m)
             blk.out = merged

@@ -33,7 +33,6 @@ def merge_sweep(
     out_root: str | os.PathLike[str],
     evaluate_fn: EvaluateFn | None = None,
     *,
-    method: str = "linear",
     keep_models: bool = True,
     plot_metrics: Sequence[str] | None = None,
     progress: bool = True,
@@ -41,10 +40,11 @@ def merge_sweep(
 ) -> list[dict[str, Any]]:
     """Merge ``vlm`` with ``aligned`` at each weight under ``out_root/weight_<w>`` and evaluate it.
 
-    ``options`` are further :class:`~vlmsafe.merge.config.MergeConfig` fields (``mask``,
-    ``vocab_rows``, ``density`` ...). A merged directory that already holds a recipe for the same
-    settings is reused, so an interrupted sweep resumes. With ``keep_models=False`` each merged
-    model is deleted after evaluation (disk-friendly for 7B models). Returns one row per weight:
+    ``options`` are further :class:`~vlmsafe.merge.config.MergeConfig` fields (``method``, default
+    ``linear``; ``mask``, ``vocab_rows``, ``density`` ...), checked by the config as in a single merge. A merged
+    directory that already holds a recipe for the same settings is reused, so an interrupted sweep resumes.
+    With ``keep_models=False`` each merged model is deleted after evaluation (disk-friendly for 7B models).
+    Returns one row per weight:
     ``{"weight": w, "model_dir": ..., **metrics}``, also written to ``sweep.json`` / ``sweep.csv``.
     """
     if not weights:
@@ -52,7 +52,7 @@ def merge_sweep(
     root = Path(out_root)
     # Every config is built (and its numbers checked) before the first merge: a bad weight fails now, not later.
     configs = [MergeConfig(vlm=Path(vlm), aligned=Path(aligned), output=root / f"weight_{check_float(w, 'weight'):g}",
-                           method=method, weight=float(w), overwrite=True, **options) for w in weights]
+                           weight=float(w), overwrite=True, **options) for w in weights]
     root.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for w, cfg in zip(weights, configs):

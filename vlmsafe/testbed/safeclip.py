@@ -272,9 +272,7 @@ def tiny_clip_backend(seed: int = 0, **kwargs: Any):
 
 def pretrain_clip(
     backend: Any,
-    records: Sequence[dict[str, str]],
-    safe: torch.Tensor,
-    unsafe: torch.Tensor,
+    split: tuple[Sequence[dict[str, str]], torch.Tensor, torch.Tensor],
     *,
     steps: int,
     batch_size: int = 128,
@@ -282,10 +280,14 @@ def pretrain_clip(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Plain CLIP contrastive training on (S, V) and (U, G) pairs. Returns the loss curve."""
+    """Plain CLIP contrastive training on (S, V) and (U, G) pairs. Returns the loss curve.
+
+    ``split``: ``(records, safe pixels, unsafe pixels)`` as :func:`render_split` returns them (one rendered split
+    travels as one value, as it does to :func:`quadruplets`)."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    records, safe, unsafe = split
     model = backend.model
     model.train()
     texts = [r["safe"] for r in records] + [r["unsafe"] for r in records]
@@ -373,7 +375,7 @@ def build_testbed(
         pretrain = {k: old[k] for k in ("pretrain_steps", "pretrain_loss_first_last", "pretrain_seconds")}
     else:
         backend = tiny_clip_backend(seed)
-        curve = pretrain_clip(backend, *train, steps=pretrain_steps, seed=seed, progress=progress)
+        curve = pretrain_clip(backend, train, steps=pretrain_steps, seed=seed, progress=progress)
         pretrain = {"pretrain_steps": pretrain_steps, "pretrain_loss_first_last": [curve[0], curve[-1]],
                     "pretrain_seconds": round(time.time() - t0, 1)}
     with atomic_path(out, overwrite=True) as tmp:

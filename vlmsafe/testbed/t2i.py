@@ -28,16 +28,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from vlmsafe.errors import InputError
 from vlmsafe.io import atomic_path, check_output, read_json, sha256_file, write_json_atomic
+from vlmsafe.options import check_options, float_option, int_option
 from vlmsafe.testbed import safeclip as tb
 from vlmsafe.testbed import t2i_measure as t2i
 from vlmsafe.testbed.train import optimizer_step
+from vlmsafe.validation import SEED_MAX, check_float
 
 VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3,
@@ -85,6 +89,52 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
     clip_sample=False,
     timestep_spacing="trailing",
 )
+
+
+@dataclass
+class T2IBuildConfig:
+    """The settings of a testbed build, recorded in ``build_info.json``; numbers checked once, here.
+
+    ``sampler_steps`` and the guidance scale (one of ``guidances``, chosen on the calibration prompts with the
+    original encoder by :func:`~vlmsafe.testbed.t2i_measure.choose_sampler`) are recorded as the pipeline's
+    sampler settings.
+    """
+
+    seed: int = int_option(0, "seed of every random draw of the build", low=0, high=SEED_MAX)
+    renders: int = int_option(8, "random renders per training combination")
+    vae_steps: int = int_option(300, "autoencoder training steps")
+    unet_steps: int = int_option(UNET_STEPS, "UNet training steps")
+    classifier_steps: int = int_option(400, "scene classifier training steps")
+    sampler_steps: int = int_option(10, "denoising steps of the recorded sampler")
+    guidances: tuple[float, ...] = (2.0, 3.0, 5.0)
+    cond_noise: float = float_option(COND_NOISE, "conditioning augmentation: noise on the text states, share of "
+                                     "their RMS", low=0.0, high=1.0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if not self.guidances:
+            raise InputError("guidances: empty; pass the guidance scales to choose from, e.g. (2.0, 3.0, 5.0)")
+        guidances = tuple(check_float(g, "guidances", low=0.0, low_open=True) for g in self.guidances)
+        self.guidances = guidances
+
+
+@dataclass
+class UNetTraining:
+    """How :func:`train_unet` trains: ``steps`` of AdamW (``lr``, cosine schedule) on ``batch_size`` latents, the
+    caption dropped with probability ``p_uncond`` (classifier-free guidance), ``cond_noise`` on the text states
+    (conditioning augmentation, see :func:`train_unet`), an EMA of the weights with decay ``ema``."""
+
+    steps: int = int_option(UNET_STEPS, "training steps")
+    batch_size: int = int_option(64, "latents per step")
+    lr: float = float_option(2e-3, "AdamW learning rate", low=0.0, high=10.0, low_open=True)
+    p_uncond: float = float_option(0.1, "probability of an empty caption", low=0.0, high=1.0)
+    cond_noise: float = float_option(0.0, "noise on the text states, share of their RMS", low=0.0, high=1.0)
+    ema: float = float_option(0.995, "decay of the weights' exponential moving average", low=0.0, high=1.0,
+                              high_open=True)
+    seed: int = int_option(0, "seed of the initialisation and every draw", low=0, high=SEED_MAX)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -191,23 +241,11 @@ def text_states(text_encoder: Any, tokenizer: Any, texts: Sequence[str]) -> torc
     return text_encoder(ids)[0]
 
 
-def train_unet(
-    latents: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    *,
-    steps: int,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    p_uncond: float = 0.1,
-    cond_noise: float = 0.0,
-    ema: float = 0.995,
-    seed: int = 0,
-    progress: bool = True,
-):
+def train_unet(latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, training: UNetTraining, *,
+               progress: bool = True):
     """v-prediction training of a tiny ``UNet2DConditionModel``; returns the EMA weights' UNet.
 
-    ``cond_noise``: Gaussian noise added to the text states during training, as a share of each token
+    ``training.cond_noise``: Gaussian noise added to the text states during training, as a share of each token
     state's RMS (conditioning augmentation, as in Imagen and cascaded diffusion models; Ho et al.,
     JMLR 2022). It keeps the generator's response to a prompt smooth in the text states, which is what
     lets a fine-tuned text encoder that moves safe prompts' states slightly be dropped in.
@@ -218,11 +256,13 @@ def train_unet(
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    steps, batch_size, p_uncond, cond_noise, seed = (training.steps, training.batch_size, training.p_uncond,
+                                                     training.cond_noise, training.seed)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**UNET_CONFIG, cross_attention_dim=cond.shape[-1])
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(unet.parameters(), lr=training.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
@@ -244,7 +284,7 @@ def train_unet(
         losses.append(optimizer_step(opt, sched, loss, unet.parameters()))
         with torch.no_grad():
             for pe, p in zip(ema_unet.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - ema)
+                pe.lerp_(p, 1 - training.ema)
     return ema_unet.eval(), losses
 
 
@@ -253,24 +293,15 @@ def train_unet(
 
 def build_t2i_testbed(
     out_dir: str | Path,
+    config: T2IBuildConfig | None = None,
     *,
     clip_dir: str | Path,
-    seed: int = 0,
-    renders: int = 8,
-    vae_steps: int = 300,
-    unet_steps: int = UNET_STEPS,
-    classifier_steps: int = 400,
-    sampler_steps: int = 10,
-    guidances: Sequence[float] = (2.0, 3.0, 5.0),
-    cond_noise: float = COND_NOISE,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the pipeline and classifier on the scene world; write ``out_dir`` (see the module doc).
+    """Train the pipeline and classifier on the scene world with ``config`` (default: the shipped build's
+    settings); write ``out_dir`` (see the module doc).
 
-    ``sampler_steps`` and the guidance scale (one of ``guidances``, chosen on the calibration prompts
-    with the original encoder by :func:`~vlmsafe.testbed.t2i_measure.choose_sampler`) are recorded as the
-    pipeline's sampler settings.
     Returns the build record also written to ``out_dir/build_info.json``. Runs on one torch thread
     (restored afterwards): multi-threaded CPU kernels sum in varying order, and a seed must give the
     same weights bit for bit.
@@ -278,44 +309,20 @@ def build_t2i_testbed(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _build(
-            out_dir,
-            clip_dir=clip_dir,
-            seed=seed,
-            renders=renders,
-            vae_steps=vae_steps,
-            unet_steps=unet_steps,
-            classifier_steps=classifier_steps,
-            sampler_steps=sampler_steps,
-            guidances=guidances,
-            cond_noise=cond_noise,
-            overwrite=overwrite,
-            progress=progress,
-        )
+        return _build(out_dir, config or T2IBuildConfig(), clip_dir=clip_dir, overwrite=overwrite, progress=progress)
     finally:
         torch.set_num_threads(threads)
 
 
 def _build(
-    out_dir: str | Path,
-    *,
-    clip_dir: str | Path,
-    seed: int,
-    renders: int,
-    vae_steps: int,
-    unet_steps: int,
-    classifier_steps: int,
-    sampler_steps: int,
-    guidances: Sequence[float],
-    cond_noise: float,
-    overwrite: bool,
-    progress: bool,
+    out_dir: str | Path, config: T2IBuildConfig, *, clip_dir: str | Path, overwrite: bool, progress: bool
 ) -> dict[str, Any]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import AutoTokenizer
 
     from vlmsafe.safeclip.integrations import load_safe_text_encoder
 
+    seed, renders, cond_noise = config.seed, config.renders, config.cond_noise
     t0, cpu0 = time.time(), time.process_time()
     clip_dir = tb.resolve_assets_dir(clip_dir)
     out = check_output(out_dir, kind="dir", overwrite=overwrite)
@@ -326,7 +333,7 @@ def _build(
     text_encoder = load_safe_text_encoder(clip_dir / tb.ORIGINAL_DIR)  # the original text tower as CLIPTextModel
 
     timings: dict[str, float] = {}
-    vae, vae_curve = train_vae(pixels, steps=vae_steps, seed=seed, progress=progress)
+    vae, vae_curve = train_vae(pixels, steps=config.vae_steps, seed=seed, progress=progress)
     timings["autoencoder"] = time.time() - t0
     latents = encode_latents(vae, pixels)
     scale = float(1.0 / latents.std())
@@ -335,11 +342,10 @@ def _build(
     states = text_states(text_encoder, tokenizer, [*captions, ""])
     row = {c: i for i, c in enumerate(captions)}
     cond = states[torch.tensor([row[r["caption"]] for r in records])]
-    unet, unet_curve = train_unet(
-        latents * scale, cond, states[-1], steps=unet_steps, cond_noise=cond_noise, seed=seed, progress=progress
-    )
+    training = UNetTraining(steps=config.unet_steps, cond_noise=cond_noise, seed=seed)
+    unet, unet_curve = train_unet(latents * scale, cond, states[-1], training, progress=progress)
     timings["unet"] = time.time() - t0 - sum(timings.values())
-    clf = t2i.train_classifier(pixels, records, steps=classifier_steps, seed=seed, progress=progress)
+    clf = t2i.train_classifier(pixels, records, steps=config.classifier_steps, seed=seed, progress=progress)
     timings["classifier"] = time.time() - t0 - sum(timings.values())
 
     pipe = StableDiffusionPipeline(
@@ -361,12 +367,13 @@ def _build(
         "renders": renders,
         "cond_noise": cond_noise,
         "train_images": len(records),
-        "steps": {"autoencoder": vae_steps, "unet": unet_steps, "classifier": classifier_steps},
+        "steps": {"autoencoder": config.vae_steps, "unet": config.unet_steps,
+                  "classifier": config.classifier_steps},
         "loss_first_last": {"autoencoder": [vae_curve[0], vae_curve[-1]], "unet": [unet_curve[0], unet_curve[-1]]},
         "latent_scaling_factor": scale,
     }
     info["generation"], info["calibration"] = t2i.choose_sampler(
-        pipe, clf, prompts["calibration"], steps=sampler_steps, guidances=guidances, seed=seed
+        pipe, clf, prompts["calibration"], steps=config.sampler_steps, guidances=config.guidances, seed=seed
     )
     timings["calibration"] = time.time() - t0 - sum(timings.values())
     with atomic_path(out, overwrite=overwrite) as tmp:
