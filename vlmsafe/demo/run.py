@@ -312,6 +312,7 @@ def _report(
         "build_seed": info.get("seed"),
         "testbed_params": info.get("params", {}).get("total"),
         "build_seconds": info.get("timings_s", {}).get("total_build"),
+        "build_cpu_seconds": info.get("cpu_s", {}).get("total_build"),
         "judge": ctx.judge.name,
         "n_test": rows[1]["n"],
         "n_calibration": {"items": len(ctx.calibration)},

@@ -8,6 +8,7 @@ from typing import Any
 
 from vlmsafe.io import replace_marked_block
 from vlmsafe.tables import markdown_table
+from vlmsafe.testbed.readme import build_time
 
 README_START, README_END = "<!-- DEMO-TABLE-START -->", "<!-- DEMO-TABLE-END -->"
 
@@ -179,9 +180,8 @@ def shiftdc_paragraph(report: dict[str, Any]) -> str:
 def testbed_paragraph(report: dict[str, Any]) -> str:
     """What the bundled testbed is and how to rebuild it (size and build time from its build info)."""
     size = f"{report['testbed_params']:,}-parameter " if report.get("testbed_params") else ""
-    minutes = (
-        f" ({report['build_seconds'] / 60:.0f} minutes with one torch thread)" if report.get("build_seconds") else ""
-    )
+    minutes = f" ({build_time(report['build_seconds'], report.get('build_cpu_seconds'))})" if report.get(
+        "build_seconds") else ""
     return (
         f"The testbed is a {size}`LlavaForConditionalGeneration` trained on synthetic data in the stages of "
         "LLaVA-1.5 (language pretraining, text-only safety alignment, vision pretraining, feature alignment, "
@@ -200,7 +200,7 @@ def run_time(report: dict[str, Any]) -> str:
     if report.get("cpu_seconds") is None or not where.get("cpu"):
         return f"CPU, {report['seconds']:.0f} s"
     return (f"{report['seconds']:.0f} s wall, {report['cpu_seconds']:.0f} s CPU on {where['cpu']} "
-            f"({where['cores']} cores, {where['torch_threads']} torch threads)")
+            f"({where['cores']} cores, {where['torch_threads']} torch thread{'s' * (where['torch_threads'] != 1)})")
 
 
 def readme_block(report: dict[str, Any], weight_change: list[dict[str, Any]] | None = None) -> str:

@@ -14,6 +14,15 @@ from vlmsafe.testbed import images as I
 from vlmsafe.testbed import prompts as P
 from vlmsafe.testbed.topics import CATEGORIES
 
+
+def build_time(wall: float, cpu: float | None) -> str:
+    """A build's time as readers can compare it: its CPU minutes with one torch thread (what a rebuild costs on an
+    idle core), then the wall minutes of the recorded build (longer on a busy machine)."""
+    if cpu is None:
+        return f"{wall / 60:.0f} minutes with one torch thread"
+    return f"{cpu / 60:.0f} minutes of CPU with one torch thread; the recorded build took {wall / 60:.0f} minutes wall"
+
+
 _TEMPLATE = """# vlmsafe safety testbed
 
 A tiny but real LLaVA (`LlavaForConditionalGeneration`: {params_lm:,}-parameter Llama language
@@ -24,7 +33,7 @@ synthetic data by
     {build_command}
     python -m vlmsafe.cli.demo_check --testbed <that folder> --write    # measure; writes the tables below
 
-(seed {seed}; the build took {build_minutes:.1f} min with one torch thread on a 2-core CPU).
+(seed {seed}; the build took {build_time}).
 Load it offline with `vlmsafe.testbed.load_testbed()`, or
 `LlavaForConditionalGeneration.from_pretrained(<this folder>)` and `AutoProcessor.from_pretrained(<this folder>)`.
 
@@ -126,7 +135,7 @@ def write_readme(
         params_proj=info["params"]["projector"],
         build_command=info["build_command"],
         seed=info["seed"],
-        build_minutes=info["timings_s"]["total_build"] / 60,
+        build_time=build_time(info["timings_s"]["total_build"], info.get("cpu_s", {}).get("total_build")),
         compliance=P.compliance_answer("<task>"),
         prefix=P.COMPLIANCE_PREFIX,
         refusal=P.REFUSAL,
