@@ -57,7 +57,7 @@ def test_a_small_demo_shows_one_bar_with_its_stages(tiny_demo, monkeypatch):
     from vlmsafe.demo.run import demo_plan
 
     inner = []
-    for module in map(importlib.import_module, ("vlmsafe.eval.evaluate", "vlmsafe.steering.cmrm")):
+    for module in map(importlib.import_module, ("vlmsafe.eval.evaluate", "vlmsafe.steering.cmrm.calibration")):
         real = module.tqdm
 
         def recording(*args, _real=real, **kwargs):
