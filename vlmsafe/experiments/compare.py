@@ -195,8 +195,8 @@ def docs_block(result: dict[str, Any], seconds: float) -> str:
     n = {k: (plain[k] or {}).get("n", 0) for k in ("unsafe", "over_refusal", "accuracy")}
     return "\n".join([
         DOCS_START,
-        f"Measured by `python -m vlmsafe.cli.compare --out DIR --docs docs/methods.md` ({seconds / 60:.0f} minutes of "
-        f"CPU on one thread) on the testbed's held-out test split ({n['unsafe']} harmful instructions, "
+        f"Measured by `python -m vlmsafe.cli.compare --out DIR --docs docs/methods.md` ({seconds / 60:.0f} minutes "
+        f"wall on one torch thread) on the testbed's held-out test split ({n['unsafe']} harmful instructions, "
         f"{n['over_refusal']} benign instructions, {n['accuracy']} image questions). Each method's layers and alpha "
         f"are chosen on the calibration split by the demo's rule ({result['rule']}). Each cell: rate [95% Wilson "
         "interval] count. *Genuine refusal* = the aligned refusal sentence; *over-refusal* counts refusals of benign "
