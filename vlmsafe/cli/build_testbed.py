@@ -31,7 +31,7 @@ def _run(args: argparse.Namespace) -> None:
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(json.dumps({k: info[k] for k in ("timings_s", "final_losses", "total_size_bytes")}, indent=1))
-    print(f"measure it: python -m vlmsafe.demo.check --testbed {args.out} --write")
+    print(f"measure it: python -m vlmsafe.cli.demo_check --testbed {args.out} --write")
 
 
 if __name__ == "__main__":  # pragma: no cover
