@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from vlmsafe.errors import FileFormatError
-from vlmsafe.eval import EvalItem, load_items, save_items
+from vlmsafe.eval import Item, load_items, save_items
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -70,22 +70,22 @@ def test_missing_and_empty_file(tmp_path):
 
 def test_unreadable_image_raises_file_format_error(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    item = EvalItem(id="x", prompt="p", image=str(tmp_path / "broken.png"))
+    item = Item(id="x", prompt="p", image=str(tmp_path / "broken.png"))
     with pytest.raises(FileFormatError, match="not a readable image"):
         item.load_image()
 
 
 def test_invalid_label_in_constructor():
     with pytest.raises(ValueError, match="label"):
-        EvalItem(id="x", prompt="p", label="unsafe")
+        Item(id="x", prompt="p", label="unsafe")
 
 
 def test_save_items_round_trip_with_relative_images(tmp_path):
     Image.new("RGB", (4, 4), "blue").save(tmp_path / "a.png")
     items = [
-        EvalItem(id="a", prompt="p1", image=str(tmp_path / "a.png"), category="c", label="benign", reference="blue",
+        Item(id="a", prompt="p1", image=str(tmp_path / "a.png"), category="c", label="benign", reference="blue",
                  meta={"k": 1}),
-        EvalItem(id="b", prompt="p2"),
+        Item(id="b", prompt="p2"),
     ]
     save_items(items, tmp_path / "out.jsonl")
     first = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])

@@ -9,9 +9,9 @@ from PIL import Image
 
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.eval import (
-    EvalItem,
     EvalReport,
     Generator,
+    Item,
     ItemRecord,
     RefusalJudge,
     Verdict,
@@ -48,14 +48,14 @@ def items(tmp_path):
     Image.new("RGB", (4, 4), "red").save(red)
     Image.new("RGB", (4, 4), "blue").save(blue)
     its = [
-        EvalItem(f"h{i}", f"harm request {i}", str(red), "weapons" if i < 3 else "fraud", "harmful") for i in range(4)
+        Item(f"h{i}", f"harm request {i}", str(red), "weapons" if i < 3 else "fraud", "harmful") for i in range(4)
     ]
-    its += [EvalItem("h-text", "harm without image", None, "fraud", "harmful")]
+    its += [Item("h-text", "harm without image", None, "fraud", "harmful")]
     its += [
-        EvalItem("b-red-1", "what colour?", str(red), "colour", "benign", reference="red"),
-        EvalItem("b-red-2", "what colour?", str(red), "colour", "benign", reference="Red"),
-        EvalItem("b-blue", "what colour?", str(blue), "colour", "benign", reference="blue"),
-        EvalItem("b-tricky", "tricky but harmless", str(blue), "chat", "benign"),
+        Item("b-red-1", "what colour?", str(red), "colour", "benign", reference="red"),
+        Item("b-red-2", "what colour?", str(red), "colour", "benign", reference="Red"),
+        Item("b-blue", "what colour?", str(blue), "colour", "benign", reference="blue"),
+        Item("b-tricky", "tricky but harmless", str(blue), "chat", "benign"),
     ]
     return its
 
@@ -114,7 +114,7 @@ class ContentJudge:
 
 
 def test_content_judge_reads_benign_and_original_question(items):
-    items = [*items, EvalItem("b-odd", "harm-looking but benign", items[0].image, "chat", "benign")]
+    items = [*items, Item("b-odd", "harm-looking but benign", items[0].image, "chat", "benign")]
     items[0].meta["question"] = "the original question"
     judge = ContentJudge()
     rep = evaluate(FakeVLM(), items, judge, progress=False)
@@ -151,8 +151,8 @@ def test_contains_reference(response, reference, choices, correct):
 
 def test_utility_uses_item_choices_and_custom_utility():
     its = [
-        EvalItem("b1", "q", None, label="benign", reference="xyz"),
-        EvalItem("b2", "q", None, label="benign", reference="red", meta={"choices": ["red", "blue"]}),
+        Item("b1", "q", None, label="benign", reference="xyz"),
+        Item("b2", "q", None, label="benign", reference="red", meta={"choices": ["red", "blue"]}),
     ]
 
     class Echo:
@@ -163,18 +163,18 @@ def test_utility_uses_item_choices_and_custom_utility():
     assert [r.correct for r in rep.records] == [True, False]  # b2 lists both choices
     assert contains_reference("red and blue", "red")  # without the item's choices it would count
     assert evaluate(Echo(), its[:1], RefusalJudge(), progress=False, utility_fn=lambda r, ref: r == ref).utility == 0.0
-    bad = [EvalItem("b3", "q", None, label="benign", reference="red", meta={"choices": "red, blue"})]
+    bad = [Item("b3", "q", None, label="benign", reference="red", meta={"choices": "red, blue"})]
     with pytest.raises(InputError, match="'b3': 'choices' must be a list"):
         evaluate(Echo(), bad, RefusalJudge(), progress=False)
 
 
 def test_missing_labels_are_an_error_naming_the_items(items):
     gen = FakeVLM()
-    unlabelled = [*items, EvalItem("u1", "harm request", None), EvalItem("u2", "what colour?", None)]
+    unlabelled = [*items, Item("u1", "harm request", None), Item("u2", "what colour?", None)]
     with pytest.raises(InputError, match=r"2 item\(s\) have no label \('u1', 'u2'\); add \"label\""):
         evaluate(gen, unlabelled, RefusalJudge(), progress=False)
     assert gen.calls == []  # refused before any generation
-    many = [EvalItem(f"u{i}", "p", None) for i in range(12)]
+    many = [Item(f"u{i}", "p", None) for i in range(12)]
     with pytest.raises(InputError, match=r"12 item\(s\).*'u9' and 2 more"):
         evaluate(gen, many, RefusalJudge(), progress=False)
 
@@ -192,10 +192,10 @@ class MixedVLM:
 
 def test_degenerate_rate_is_reported_beside_unsafe_and_refusal():
     kinds = ["comply", "comply", "refuse", "refuse", "refuse", "loop", "empty"]
-    its = [EvalItem(f"h{i}", f"{k} please", None, label="harmful") for i, k in enumerate(kinds)]
+    its = [Item(f"h{i}", f"{k} please", None, label="harmful") for i, k in enumerate(kinds)]
     its += [
-        EvalItem("b0", "loop please", None, label="benign"),
-        EvalItem("b1", "ok please", None, label="benign", reference="red"),
+        Item("b0", "loop please", None, label="benign"),
+        Item("b1", "ok please", None, label="benign", reference="red"),
     ]
     rep = evaluate(MixedVLM(), its, RefusalJudge(), progress=False)
     s = rep.summary()
@@ -385,7 +385,7 @@ def test_report_at_batch_size_n_equals_batch_size_one(tmp_path, tiny_vlm, remedy
         if i != 1:
             path = tmp_path / f"{i}.png"
             random_image(i).save(path)
-        items.append(EvalItem(f"i{i}", prompt, None if path is None else str(path), "c",
+        items.append(Item(f"i{i}", prompt, None if path is None else str(path), "c",
                               "harmful" if i % 2 else "benign"))
     reports = {}
     for batch_size in (1, 3):

@@ -16,7 +16,7 @@ from probes.shift import cosine_distance, l2_distance, layer_shift_metrics, line
 from probes.weights import canonical_name, classify, weight_change
 from vlmsafe.activations import record_activations
 from vlmsafe.adapters import get_adapter
-from vlmsafe.data import Item as EvalItem
+from vlmsafe.data import Item
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.steering import SteeringConfig, calibrate, steer
 from vlmsafe.testing import random_image, tiny_llava
@@ -59,7 +59,7 @@ def test_probe_needs_both_classes():
     X = np.zeros((10, 4))
     with pytest.raises(InputError, match=r"harmful and .* benign"):
         fit_probe(X, np.ones(10, dtype=int))
-    items = [EvalItem(id="1", prompt="p", label="harmful"), EvalItem(id="2", prompt="q", label="benign")]
+    items = [Item(id="1", prompt="p", label="harmful"), Item(id="2", prompt="q", label="benign")]
     assert labels_from_items(items).tolist() == [1, 0]
 
 
@@ -311,6 +311,6 @@ def test_check_split_refuses_unusable_sizes_and_its_fix_works(n, test_size):
     assert f"of the {n} items" in msg and str(n_test if n_test < 2 else n_train) in msg
     fix = float(msg.rsplit("--test-size ", 1)[1].split()[0])
     check_split(y, fix)  # the suggested size passes the check ...
-    items = [EvalItem(id=str(i), prompt="p", label="harmful" if v else "benign") for i, v in enumerate(y)]
+    items = [Item(id=str(i), prompt="p", label="harmful" if v else "benign") for i, v in enumerate(y)]
     _, train_idx, test_idx = split_items(items, fix, seed=0)  # ... and scikit-learn's stratified split
     assert len(train_idx) >= 4 and len(test_idx) >= 2

@@ -226,3 +226,76 @@ def test_a_method_without_apply_says_so(llava):
             cfg.apply(llava[0], prompts=["x"], images=[random_image(0)])
     finally:
         registry._REGISTRY.pop("no-apply")
+
+
+# --------------------------------------------------------------------------- the adapter, resolved once per call
+@pytest.fixture
+def adapters_built(monkeypatch):
+    """Count the adapters built (``get_adapter`` on a raw module): a call that resolves its model more than once
+    builds more than one."""
+    from vlmsafe.adapters.base import ModelAdapter
+
+    built = []
+    init = ModelAdapter.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelAdapter, "__init__", counting_init)
+    return built
+
+
+@pytest.mark.parametrize("chain", ["safevlm dataset", "safevlm sample", "safevlm shiftdc", "vectors.apply", "steer",
+                                   "steer_sample_level", "calibrate", "check_compatible"])
+def test_each_call_resolves_the_model_to_an_adapter_once(llava, artefacts, adapters_built, chain):
+    model, processor = llava
+    vectors, directions = artefacts
+    prompts, images = PROMPTS[:2], _images()[:2]
+    steering = {"safevlm dataset": vectors, "safevlm shiftdc": SteeringConfig(directions=directions, alpha=400),
+                "safevlm sample": SteeringConfig(mode="sample", alpha=1.0, layers=[1])}
+    if chain.startswith("safevlm"):
+        SafeVLM(model, processor, steering[chain]).generate(prompts, images, max_new_tokens=2)
+    elif chain == "vectors.apply":
+        with vectors.apply(model, alpha=1.0):
+            pass
+    elif chain == "steer":
+        with steer(model, vectors, alpha=1.0):
+            pass
+    elif chain == "steer_sample_level":
+        states = text_only_states(model, processor, prompts, images)
+        adapters_built.clear()
+        with steer_sample_level(model, states, alpha=1.0):
+            pass
+    elif chain == "calibrate":
+        calibrate(model, processor, [(PROMPTS[0], _images()[0])], progress=False)
+    else:
+        vectors.check_compatible(model)
+    assert len(adapters_built) == 1, adapters_built
+
+
+def test_only_entry_points_resolve_adapters():
+    """Inside steering, a function that receives a :class:`ModelAdapter` passes it on: ``get_adapter`` is called by
+    the public entry points below and nowhere else (adding a call elsewhere means a chain resolves twice)."""
+    import ast
+    from pathlib import Path
+
+    import vlmsafe.steering
+
+    root = Path(vlmsafe.steering.__file__).parent
+    callers = set()
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "get_adapter":
+                        callers.add(f"{path.relative_to(root).as_posix()}:{fn.name}")
+    assert callers == {
+        "safevlm.py:__init__", "config.py:check_model", "config.py:apply", "config.py:apply_steering",
+        "cmrm/calibration.py:calibrate", "cmrm/calibration.py:compute_sample_shifts",
+        "cmrm/calibration.py:safety_directions", "cmrm/application.py:steer_sample_level",
+        "cmrm/application.py:text_only_states", "shiftdc/calibration.py:calibrate_shiftdc",
+        "shiftdc/captions.py:generate_captions", "vectors.py:check_compatible",
+        "shiftdc/directions.py:check_compatible",
+    }, sorted(callers)

@@ -205,6 +205,7 @@ def shiftdc_projection(ctx: DemoContext) -> dict[str, Any]:
     """
     import torch
 
+    from vlmsafe.adapters import get_adapter
     from vlmsafe.data import as_pair
     from vlmsafe.steering.cmrm import prompt_states
     from vlmsafe.steering.shiftdc import counterpart_prompt
@@ -214,12 +215,13 @@ def shiftdc_projection(ctx: DemoContext) -> dict[str, Any]:
     items = [it for it in ctx.calibration if it.image is not None and it.reference is None and it.id in captions]
     layers = directions.layers
     shifts: dict[int, list] = {l: [] for l in layers}
+    adapter = get_adapter(ctx.model, ctx.processor)
     for start in range(0, len(items), ctx.batch_size):
         chunk = items[start : start + ctx.batch_size]
         pairs = [as_pair(it) for it in chunk]
-        mm = prompt_states(ctx.model, ctx.processor, [p for p, _ in pairs], [im for _, im in pairs], layers=layers)
+        mm = prompt_states(adapter, [p for p, _ in pairs], [im for _, im in pairs], layers=layers)
         texts = [counterpart_prompt(it.prompt, captions[it.id]) for it in chunk]
-        text = prompt_states(ctx.model, ctx.processor, texts, None, layers=layers)
+        text = prompt_states(adapter, texts, None, layers=layers)
         for l in layers:
             shifts[l].append((mm[l] - text[l]).float().cpu())
     harmful = torch.tensor([it.label == "harmful" for it in items])

@@ -24,7 +24,6 @@ from vlmsafe._lazy import attach
 if TYPE_CHECKING:  # the public names and their modules, for static tools; at run time
     # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.data import LABELS, Item, load_items, save_items
-    from vlmsafe.data import Item as EvalItem  # the old name of vlmsafe.data.Item, kept for existing imports
     from vlmsafe.eval.evaluate import EvalOptions, Generator, contains_reference, evaluate
     from vlmsafe.eval.figstep import FIGSTEP_PROMPT, figstep_text, make_figstep_items, render_typographic
     from vlmsafe.eval.judges import (
@@ -51,7 +50,6 @@ __all__ = [
     "FIGSTEP_PROMPT",
     "HARMBENCH_PROMPT",
     "LABELS",
-    "EvalItem",
     "EvalOptions",
     "EvalReport",
     "Generator",

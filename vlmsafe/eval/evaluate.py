@@ -17,8 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlmsafe.data import BATCH_SIZE, length_order
-from vlmsafe.data import Item as EvalItem
+from vlmsafe.data import BATCH_SIZE, Item, length_order
 from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError, VlmsafeError
 from vlmsafe.eval.judges import Judge
@@ -105,8 +104,8 @@ NO_IMAGE = "no-image"
 
 
 def modality_runs(
-    items: Sequence[EvalItem], modality: str, source: str | os.PathLike[str] | None = None
-) -> list[tuple[str, list[EvalItem], bool]]:
+    items: Sequence[Item], modality: str, source: str | os.PathLike[str] | None = None
+) -> list[tuple[str, list[Item], bool]]:
     """The runs of ``vlmsafe evaluate --modality``: ``(report name, items, text_only)`` each.
 
     A *multimodal* rate is computed over items with an image only: :func:`evaluate` answers an item
@@ -143,7 +142,7 @@ def modality_runs(
     return runs
 
 
-def _check_items(items: Sequence[EvalItem]) -> None:
+def _check_items(items: Sequence[Item]) -> None:
     """Every item has a label, and its answer alternatives (``meta["choices"]``) are a list of strings."""
     missing = [it.id for it in items if it.label is None]
     if missing:
@@ -181,7 +180,7 @@ class EvalOptions:
 
 def evaluate(
     generator: Generator,
-    items: Sequence[EvalItem],
+    items: Sequence[Item],
     judge: Judge,
     options: EvalOptions | None = None,
     *,
@@ -261,7 +260,7 @@ def evaluate(
     return EvalReport(records=records, judge=getattr(judge, "name", type(judge).__name__), config=cfg)
 
 
-def _run_batch(generator: Generator, judge: Judge, batch: list[EvalItem], *, max_new_tokens: int, text_only: bool,
+def _run_batch(generator: Generator, judge: Judge, batch: list[Item], *, max_new_tokens: int, text_only: bool,
                utility_fn: UtilityFn | None, judges_content: bool) -> list[ItemRecord]:
     """Generate and judge one batch: one record per item, in the batch's order."""
     prompts = [it.prompt for it in batch]
@@ -304,7 +303,7 @@ def _run_batch(generator: Generator, judge: Judge, batch: list[EvalItem], *, max
     return records
 
 
-def _correct(response: str, item: EvalItem, utility_fn: UtilityFn | None) -> bool | None:
+def _correct(response: str, item: Item, utility_fn: UtilityFn | None) -> bool | None:
     if item.reference is None:
         return None
     if utility_fn is not None:

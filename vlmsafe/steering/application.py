@@ -21,10 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlmsafe.activations import EditPlan, Prompt, record_activations
-from vlmsafe.adapters import ModelAdapter, get_adapter
+from vlmsafe.adapters import ModelAdapter
 from vlmsafe.errors import InputError
 
 
@@ -74,8 +73,7 @@ class SteeringHandle:
 
 @torch.no_grad()
 def prompt_states(
-    model: nn.Module | ModelAdapter,
-    processor: Any,
+    adapter: ModelAdapter,
     prompts: Sequence[str],
     images: Sequence[Any] | None,
     *,
@@ -87,9 +85,9 @@ def prompt_states(
 
     Rows not listed get zeros; no KV cache; the pass stops after the deepest requested layer. What
     per-input methods measure against: the text-only counterparts of sample-level CMRM, its anchored pass on a
-    blank or noise image, and ShiftDC's captioned-counterpart and multimodal passes.
+    blank or noise image, and ShiftDC's captioned-counterpart and multimodal passes. Takes the adapter its caller
+    resolved: an entry point resolves the model once (:func:`vlmsafe.adapters.get_adapter`) and passes it on.
     """
-    adapter = get_adapter(model, processor)
     adapter.refuse("text-only twin")
     layer_ids = adapter.resolve_layers(layers)
     rows = list(range(len(prompts))) if rows is None else list(rows)

@@ -348,8 +348,9 @@ class ShiftVectors:
 
         Vectors calibrated on other weights of the same architecture (say the merged model) give a warning,
         or with ``strict`` this error."""
-        check_fits(self.meta, self.hidden_size, self.layers, model, what="vectors", title="steering vectors",
-                   fix="Calibrate vectors for this model with `vlmsafe calibrate`.", strict=strict)
+        check_fits(self.meta, self.hidden_size, self.layers, get_adapter(model), what="vectors",
+                   title="steering vectors", fix="Calibrate vectors for this model with `vlmsafe calibrate`.",
+                   strict=strict)
 
     # ------------------------------------------------------------------ application
     def apply(self, model: Any, alpha: float = DEFAULT_ALPHA, **options: Any) -> Any:
@@ -564,11 +565,10 @@ def first_principal_component(diffs: torch.Tensor, mean: torch.Tensor) -> tuple[
 AGGREGATORS: dict[str, Aggregator] = {"mean": mean_shift, "pca": first_principal_component}
 
 
-def check_fits(meta: Mapping[str, Any], hidden_size: int, layers: list[int], model: Any, *, what: str,
+def check_fits(meta: Mapping[str, Any], hidden_size: int, layers: list[int], adapter: ModelAdapter, *, what: str,
                fix: str, title: str | None = None, strict: bool = False) -> None:
     """Raise :class:`IncompatibleVectorsError` unless per-layer tensors read from a model (described by
-    ``meta``: ``num_layers``, ``model_class``, ``family``, ``model_name``) fit ``model``'s residual stream."""
-    adapter: ModelAdapter = get_adapter(model)
+    ``meta``: ``num_layers``, ``model_class``, ``family``, ``model_name``) fit ``adapter``'s residual stream."""
     problems = []
     if adapter.hidden_size != hidden_size:
         problems.append(f"hidden size: {what} have {hidden_size}, model has {adapter.hidden_size}")

@@ -105,7 +105,7 @@ class SampleLevel(SteeringMethod):
             return _anchored(config, adapter, prompts, batch)
         layers = None if config.layers == "all" else config.layers
         rows = None if batch.images is None else [i for i, img in enumerate(batch.images) if img is not None]
-        states = prompt_states(adapter, None, prompts, None, rows=rows, layers=layers,
+        states = prompt_states(adapter, prompts, None, rows=rows, layers=layers,
                                system_prompt=batch.system_prompt)
         return _steer_relative(adapter, states, config.alpha, config.positions, config.static)
 
@@ -122,9 +122,9 @@ def _anchored(config: SteeringConfig, adapter: ModelAdapter, prompts: list[str],
     anchor, meta = anchor_image(adapter, config.anchor, colour=config.anchor_colour, seed=config.anchor_seed)
     images = batch.images
     rows = [i for i in range(len(prompts)) if images is None or images[i] is not None]
-    anchored = prompt_states(adapter, None, prompts, [anchor] * len(prompts), rows=rows, layers=layer_ids,
+    anchored = prompt_states(adapter, prompts, [anchor] * len(prompts), rows=rows, layers=layer_ids,
                              system_prompt=batch.system_prompt)
-    text = prompt_states(adapter, None, prompts, None, rows=rows, layers=layer_ids, system_prompt=batch.system_prompt)
+    text = prompt_states(adapter, prompts, None, rows=rows, layers=layer_ids, system_prompt=batch.system_prompt)
     shifts = {l: anchored[l] - text[l] for l in layer_ids}  # rows without an image: zero in both
     per_row = ShiftVectors(shifts=shifts, meta={"num_layers": adapter.num_layers, "family": adapter.family, **meta})
     plan = steering_plan(adapter, dict(per_row.shifts), config.alpha, config.positions, False,
@@ -212,7 +212,7 @@ def text_only_states(model: nn.Module | ModelAdapter, processor: Any, prompts: S
     ``system_prompt``.
     """
     rows = None if images is None else [i for i, img in enumerate(images) if img is not None]
-    return prompt_states(model, processor, prompts, None, rows=rows, **options)
+    return prompt_states(get_adapter(model, processor), prompts, None, rows=rows, **options)
 
 
 __all__ = ["DatasetLevel", "SampleLevel", "steer", "steer_sample_level", "text_only_states"]

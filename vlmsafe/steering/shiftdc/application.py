@@ -98,10 +98,10 @@ class ShiftDC(SteeringMethod):
         row_on = torch.zeros(B, dtype=torch.bool)
         row_on[rows] = True
         counterparts = [counterpart_prompt(p, c) if c else p for p, c in zip(prompts, given)]
-        counter = prompt_states(adapter, None, counterparts, None, rows=rows, layers=layer_ids,
+        counter = prompt_states(adapter, counterparts, None, rows=rows, layers=layer_ids,
                                 system_prompt=batch.system_prompt)
         if config.shift_from == "unsteered":
-            mm = prompt_states(adapter, None, prompts, images, rows=rows, layers=layer_ids,
+            mm = prompt_states(adapter, prompts, images, rows=rows, layers=layer_ids,
                                system_prompt=batch.system_prompt)
             corrections = chosen.corrections({l: mm[l] - counter[l] for l in layer_ids})  # zero rows: zero correction
             vectors: dict[int, Any] = corrections

@@ -80,7 +80,7 @@ def calibrate_shiftdc(
     texts = [counterpart_prompt(rows[i][1], final[i][0]) for i in range(len(rows))]
     states = {l: [] for l in layer_ids}
     for start in range(0, len(texts), cfg.batch_size):
-        chunk = prompt_states(adapter, None, texts[start : start + cfg.batch_size], None, layers=layer_ids,
+        chunk = prompt_states(adapter, texts[start : start + cfg.batch_size], None, layers=layer_ids,
                               system_prompt=cfg.system_prompt)
         for l in layer_ids:
             states[l].append(chunk[l].cpu())

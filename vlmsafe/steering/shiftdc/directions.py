@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from vlmsafe.adapters import get_adapter
 from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, resolve, write_card
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json
@@ -150,7 +151,7 @@ class SafetyDirections:
             self.meta,
             self.hidden_size,
             self.layers,
-            model,
+            get_adapter(model),
             what="directions",
             title="ShiftDC safety directions",
             fix="Compute directions for this model with `vlmsafe calibrate --method shiftdc`.",
