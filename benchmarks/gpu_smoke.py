@@ -602,7 +602,7 @@ def _merge_family(name: str, model, processor, workdir: Path, dtype: torch.dtype
     from vlmsafe.loading import load_model
     from vlmsafe.merge import MergeConfig, merge_checkpoints
     from vlmsafe.merge.keymap import KeyMap
-    from vlmsafe.testing.families import tiny_aligned_llm
+    from vlmsafe.testing.aligned import tiny_aligned_llm
 
     vlm_dir, llm_dir, out = workdir / f"{name}-vlm", workdir / f"{name}-llm", workdir / f"{name}-merged"
     model.save_pretrained(vlm_dir)

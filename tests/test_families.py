@@ -20,7 +20,8 @@ from vlmsafe.steering import SafeVLM, ShiftVectors, SteeringConfig, calibrate, s
 from vlmsafe.steering.cmrm import text_only_states
 from vlmsafe.steering.shiftdc import calibrate_shiftdc
 from vlmsafe.testing import IMAGE_SIZE, random_image
-from vlmsafe.testing.families import AYA_VISION_MARKUP, FAMILY_BUILDERS, tiny_aligned_llm
+from vlmsafe.testing.aligned import tiny_aligned_llm
+from vlmsafe.testing.families import AYA_VISION_MARKUP, FAMILY_BUILDERS
 
 FAMILIES = [n for n in FAMILY_BUILDERS if n != "mllama"]  # cross-attention: its own tests below
 PROMPTS = ["how do i make a bomb ?", "hello", "what colour is the shape ?"]

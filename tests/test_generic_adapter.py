@@ -15,7 +15,8 @@ from vlmsafe.adapters.generic import _CACHE
 from vlmsafe.errors import UnsupportedModelError
 from vlmsafe.steering import SafeVLM, SteeringConfig, calibrate, steer
 from vlmsafe.testing import IMAGE_SIZE, coverage, random_image, tiny_llava, tiny_text_config, tiny_vision_config
-from vlmsafe.testing.families import FAMILY_BUILDERS, shrunk_config
+from vlmsafe.testing.coverage import shrunk_config
+from vlmsafe.testing.families import FAMILY_BUILDERS
 
 #: Families with an explicit adapter (the walk must find each as explicit, never generic).
 EXPLICIT = {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", *FAMILY_BUILDERS}

@@ -10,6 +10,7 @@ import numpy as np
 from vlmsafe.testbed import data as D
 from vlmsafe.testbed import images as I
 from vlmsafe.testbed import prompts as P
+from vlmsafe.testbed import questions as Q
 from vlmsafe.testbed.topics import (
     CATEGORIES,
     HARMFUL_OBJECTS,
@@ -118,22 +119,22 @@ def test_questions_need_the_image():
 def test_image_questions_come_in_many_phrasings_held_out_by_split():
     """Each question kind has many training phrasings and its own test and unseen phrasings, disjoint, made
     of words training text uses; none is an unanswerable question (those alone are taught the deflection)."""
-    trained_text = [q for kind in I.PHRASINGS.values() for q in kind["train"]]
+    trained_text = [q for kind in Q.PHRASINGS.values() for q in kind["train"]]
     trained_text += [t.format(t="x") for t in P.TRAIN_TEMPLATES] + list(P.UNANSWERABLE_QUESTIONS)
     for kind in ("colour", "shape", "count", "word", "describe"):
-        assert any(k.startswith(kind) for k in I.PHRASINGS), kind
+        assert any(k.startswith(kind) for k in Q.PHRASINGS), kind
     trained = set(D.iter_words(trained_text))
-    for name, sets in I.PHRASINGS.items():
+    for name, sets in Q.PHRASINGS.items():
         assert len(sets["train"]) >= 8 and len(sets["test"]) >= 3 and len(sets["unseen"]) >= 3, name
         train, test, unseen = (set(sets[k]) for k in ("train", "test", "unseen"))
         assert not (train & test) and not (train & unseen) and not (test & unseen), name
         for q in test | unseen:
             assert set(D.iter_words([q])) <= trained, q
-    every = {q for sets in I.PHRASINGS.values() for qs in sets.values() for q in qs}
+    every = {q for sets in Q.PHRASINGS.values() for qs in sets.values() for q in qs}
     assert not every & set(P.UNANSWERABLE_QUESTIONS)
     # the rephrasings the first testbed could not answer are held out, so the test split measures them
-    assert "what is the colour of the shape ?" in I.PHRASINGS["colour_shape"]["test"]
-    assert "what is the word in the image ?" in I.PHRASINGS["word"]["test"]
+    assert "what is the colour of the shape ?" in Q.PHRASINGS["colour_shape"]["test"]
+    assert "what is the word in the image ?" in Q.PHRASINGS["word"]["test"]
 
 
 def test_training_questions_vary_and_only_unanswerable_ones_deflect():
@@ -141,13 +142,13 @@ def test_training_questions_vary_and_only_unanswerable_ones_deflect():
     pool = [I.random_image(rng, "train") for _ in range(200)]
     examples = D.vqa_examples(pool, random.Random(1), unanswerable_share=0.2)
     asked = Counter(ex.prompt for ex in examples)
-    for name, sets in I.PHRASINGS.items():
+    for name, sets in Q.PHRASINGS.items():
         assert sum(q in asked for q in sets["train"]) >= 5, name  # many phrasings per kind, not one
         assert not any(q in asked for q in sets["test"] + sets["unseen"]), name  # held out from training
     deflected = {ex.prompt for ex in examples if ex.answer == P.DEFLECTION}
     assert deflected and deflected <= set(P.UNANSWERABLE_QUESTIONS)
     # canonical phrasings without a random generator (the first of each training set)
-    canonical = [I.PHRASINGS[k]["train"][0] for k in I.QUESTION_KINDS[pool[0].kind]]
+    canonical = [Q.PHRASINGS[k]["train"][0] for k in Q.QUESTION_KINDS[pool[0].kind]]
     assert [q for q, _, _ in pool[0].questions()] == canonical
 
 
@@ -156,10 +157,10 @@ def test_split_image_questions_record_kind_and_phrasing():
     for split, held_out in (("calibration", None), ("test", "test"), ("unseen", "unseen")):
         recs = [r for r, _ in D.split_items(split, s[split][:2], random.Random(0), n_vqa=200)]
         vqa = [r for r in recs if r["reference"] is not None]
-        assert all(r["question"] in I.PHRASINGS for r in vqa)
+        assert all(r["question"] in Q.PHRASINGS for r in vqa)
         assert all(r["question"] is None and r["phrasing"] is None for r in recs if r["reference"] is None)
         for r in vqa:
-            phrasings = I.PHRASINGS[r["question"]]
+            phrasings = Q.PHRASINGS[r["question"]]
             assert r["prompt"] in phrasings["train" if r["phrasing"] == "trained" else held_out], (split, r)
         shares = Counter(r["phrasing"] for r in vqa)
         if held_out is None:

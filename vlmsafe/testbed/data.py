@@ -22,6 +22,7 @@ from PIL import Image
 
 from vlmsafe.testbed import images as I
 from vlmsafe.testbed import prompts as P
+from vlmsafe.testbed import questions as Q
 from vlmsafe.testbed.topics import HARMFUL_VERBS, Topic, all_topics
 from vlmsafe.testing.tokenization import split_words
 
@@ -74,7 +75,7 @@ def echo_examples(rng: random.Random, n: int, topics: Sequence[Topic] = ()) -> l
             text = rng.choice(topics).text
         else:
             kind, colour = rng.choice(I.KINDS), rng.choice(sorted(I.COLOURS))
-            facts = I.image_questions(
+            facts = Q.image_questions(
                 kind, colour, rng.choice(I.SHAPES), rng.choice(list(I.COUNTS)), rng.choice(I.WORDS)
             )
             text = rng.choice(facts)[1]
@@ -97,7 +98,7 @@ def caption_examples(pool: Sequence[I.ImageQA]) -> list[Example]:
 
 
 def vqa_examples(pool: Sequence[I.ImageQA], rng: random.Random, unanswerable_share: float) -> list[Example]:
-    """Every question kind of every image, each in a random training phrasing (:data:`images.PHRASINGS`), plus
+    """Every question kind of every image, each in a random training phrasing (:data:`questions.PHRASINGS`), plus
     one unanswerable question for a share of the images.
 
     Many phrasings per kind teach the skill behind the question rather than one wording: with one
@@ -225,7 +226,7 @@ def split_items(
                     "task": None,
                     "template": None,
                     "style": qa.style,
-                    "question": I.QUESTION_KINDS[qa.kind][k],
+                    "question": Q.QUESTION_KINDS[qa.kind][k],
                     "phrasing": "held-out" if held_out else "trained",
                 },
                 qa.image,
@@ -248,7 +249,7 @@ def vocabulary() -> set[str]:
         P.ECHO_TEMPLATE.format(s="x"),
         *P.UNANSWERABLE_QUESTIONS,
         *P.IMPOSSIBLE_REQUESTS,
-        *(q for sets in I.PHRASINGS.values() for qs in sets.values() for q in qs),
+        *(q for sets in Q.PHRASINGS.values() for qs in sets.values() for q in qs),
     ]
     texts += [t.text for t in all_topics()]
     texts += [tpl.format(t="x") for tpls in P.TEMPLATE_SETS.values() for tpl in tpls]
@@ -257,7 +258,7 @@ def vocabulary() -> set[str]:
             for kind in I.KINDS:
                 for count in I.COUNTS:
                     for word in I.WORDS:
-                        texts += [q + " " + a for q, a, _ in I.image_questions(kind, colour, shape, count, word)]
+                        texts += [q + " " + a for q, a, _ in Q.image_questions(kind, colour, shape, count, word)]
     words = set(iter_words(texts))
     words.discard("x")
     return words

@@ -75,7 +75,7 @@ word, description) are scored against their reference words.
   **held-out styles only** ({test_styles}; fonts {test_fonts}) and 15% blank or noise images; the
   independent check set uses {unseen_styles} (fonts {unseen_fonts}).
 * Image questions: every kind (colour, shape, count, written word, description) is asked in 8-10
-  training phrasings (`vlmsafe.testbed.images.PHRASINGS`) and 3 more held out for the test split
+  training phrasings (`vlmsafe.testbed.questions.PHRASINGS`) and 3 more held out for the test split
   (e.g. "what is the colour of the shape ?") and 3 for the independent check set; half of the test
   split's image questions use held-out phrasings, so trained and new phrasings compare on the same
   images. The deflection is taught only for questions no image can answer ("who made this ?").
