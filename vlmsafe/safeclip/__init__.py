@@ -55,7 +55,8 @@ from vlmsafe._lazy import attach
 if TYPE_CHECKING:  # the public names and their modules, for static tools; at run time
     # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.safeclip.backends import CLIPBackend, HFCLIPBackend, OpenCLIPBackend, load_backend
-    from vlmsafe.safeclip.data import Quadruplet, QuadrupletCollator, QuadrupletDataset, load_dataset
+    from vlmsafe.safeclip.batches import QuadrupletCollator
+    from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset, load_dataset
     from vlmsafe.safeclip.integrations import (
         apply_safe_text_encoder,
         apply_safe_vision_encoder,
