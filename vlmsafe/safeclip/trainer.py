@@ -158,11 +158,6 @@ class SafeCLIPTrainer:
         """Optimizer steps taken so far (:attr:`state`)."""
         return self.state.global_step
 
-    @property
-    def epoch(self) -> int:
-        """The current epoch (:attr:`state`)."""
-        return self.state.epoch
-
     def epoch_loader(self, epoch: int) -> DataLoader:
         """This process's data loader for ``epoch`` (a seeded order: reproducible and resumable)."""
         assert self.train_data is not None
