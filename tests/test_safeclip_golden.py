@@ -1,7 +1,7 @@
 """The Safe-CLIP trainer gives bit-identical numbers and weights before and after its redesign.
 
 The golden values below were computed by the trainer before it was composed of a ``TrainState``, a
-``Checkpointer``, an ``Evaluator`` and a loop function (main at 4127045, the mixins ``TrainingLoopMixin``,
+``Checkpointer``, an ``Evaluator`` and a ``TrainingLoop`` (main at 4127045, the mixins ``TrainingLoopMixin``,
 ``EvaluationMixin``, ``CheckpointMixin``), on one torch thread: a tiny HF CLIP from config, LoRA with dropout
 (the RNG matters), gradient accumulation with a cut mid-epoch, a validation after every epoch and at the cut,
 a checkpoint, and a resume to the end. ``tests/fixtures/safeclip_checkpoint`` is the output folder that code
