@@ -61,8 +61,6 @@ class Evaluator:
         metrics["recall_sum"] = float(sum(recalls.values()))
         return metrics
 
-    __call__ = evaluate
-
     def embed(self, data: QuadrupletDataset) -> tuple[Embedded, Embedded]:
         """The trained towers' embeddings of ``data`` and the reference's ``T0(S)``, ``I0(V)``."""
         was_training = self.module.training

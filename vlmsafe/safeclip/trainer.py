@@ -207,7 +207,6 @@ class SafeCLIPTrainer:
         (:meth:`LossStep.forward_backward <vlmsafe.safeclip.step.LossStep.forward_backward>`)."""
         return self.loss_step.forward_backward(batch, scale)
 
-    @torch.no_grad()
     def evaluate(self, data: QuadrupletDataset) -> dict[str, float]:
         """Validation losses (averaged over ``eval_batch_size`` chunks), R@1 per direction and ``recall_sum``."""
         return self.evaluator.evaluate(data)
