@@ -271,7 +271,7 @@ def test_safeclip_encoder_card_and_round_trip(hub, monkeypatch, tmp_path, one_th
     assert (s["use_lora"], s["lora_r"], s["lora_alpha"], s["lora_dropout"]) == (True, 4, 8.0, 0.0)
     assert s["loss_weights"] == weights.as_dict() and s["loss_weights"]["G_Sref"] == 0.5
     assert s["towers"] == list(trainer.towers) and s["global_step"] == 1
-    from vlmsafe.safeclip.checkpoint import dataset_digest
+    from vlmsafe.safeclip.card import dataset_digest
 
     assert block["data"]["sha256"] == dataset_digest(data)["sha256"] and block["data"]["items"] == 8
     assert dataset_digest(data)["sha256"] != dataset_digest(quadruplets(*render_split(

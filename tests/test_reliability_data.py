@@ -380,7 +380,7 @@ def test_a_palette_image_with_a_transparent_colour_is_composited_on_white(tmp_pa
 def test_pil_images_handed_to_the_model_go_through_the_same_conversion(testbed):
     """A 16-bit PIL image given to a command or the library (not a path) is scaled the same way."""
     from vlmsafe.adapters import get_adapter
-    from vlmsafe.safeclip.data import load_image
+    from vlmsafe.safeclip.images import load_image
     from vlmsafe.testbed import load_testbed
 
     grey16 = Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16))

@@ -136,7 +136,7 @@ TRAIN_DATA_CASES = [
     ("malformed.jsonl", "malformed.jsonl:2:"),
     ("nonimage.jsonl", "not a readable image"),
     ("truncated.jsonl", "not a readable image"),
-    ("missing_image.jsonl", "does not exist"),
+    ("missing_image.jsonl", "does not exist; fix the path or --image-root"),  # the library names `image_root`
     ("no_unsafe.jsonl", "'safe' and 'unsafe'"),
     ("img", "is a directory"),
 ]
@@ -182,7 +182,8 @@ NUMBER_CASES = [
     (["--scheduler", "nope"], "not a transformers scheduler"),
     (["--text-only", "--weights", "text_safe=0,text_nsfw=0"], "weight 0"),
     (["--batch-size", "64"], "need at least batch_size=64"),
-    (["--resume", "latest", "--overwrite"], "pass one of them"),
+    (["--resume", "latest", "--overwrite"], "resuming (--resume) continues the run in the output folder and "
+                                            "overwriting (--overwrite) replaces it; pass one of them"),
     (["--resume", "latest"], "no checkpoint-* folder"),
 ]
 

@@ -117,7 +117,7 @@ def test_split_is_deterministic_and_disjoint():
 
 
 def test_preprocessed_tensor_images_skip_the_processor():
-    from vlmsafe.safeclip.data import pixel_batch
+    from vlmsafe.safeclip.images import pixel_batch
 
     backend = tiny_clip_backend(0, hidden=32, layers=1, vision_layers=1)
     t = torch.rand(3, 32, 32)
@@ -131,7 +131,8 @@ def test_record_fields_are_checked_with_their_location(tmp_path):
     with pytest.raises(FileFormatError, match=r"a\.jsonl:2: 'safe_image' must be an image path"):
         QuadrupletDataset.from_jsonl(tmp_path / "a.jsonl")
     (tmp_path / "b.jsonl").write_text('{"safe": "x", "unsafe": "y", "unsafe_image": "gone.png"}\n')
-    with pytest.raises(FileFormatError, match=r"b\.jsonl:1: unsafe_image .*gone\.png' does not exist"):
+    with pytest.raises(FileFormatError,
+                       match=r"b\.jsonl:1: unsafe_image .*gone\.png' does not exist; fix the path or `image_root`"):
         QuadrupletDataset.from_jsonl(tmp_path / "b.jsonl")
     (tmp_path / "coco").mkdir()
     (tmp_path / "v.json").write_text(json.dumps({"7": {"safe": "a", "nsfw": "b", "coco_id": "seven"}}))
@@ -147,7 +148,7 @@ def test_truncated_and_non_image_files_are_clear_errors(tmp_path):
     full = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(full[: len(full) // 2])
     (tmp_path / "text.png").write_text("not an image")
-    from vlmsafe.safeclip.data import load_image
+    from vlmsafe.safeclip.images import load_image
 
     for name in ("cut.png", "text.png"):
         ds = QuadrupletDataset([Quadruplet("a", "b", tmp_path / "ok.png"), Quadruplet("c", "d", tmp_path / name)])

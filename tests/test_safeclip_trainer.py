@@ -240,7 +240,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, data):
 
     resumed = SafeCLIPTrainer(backend(), cfg(num_epochs=2, lora_dropout=0.1), data, output_dir=tmp_path)
     res = resumed.train(resume_from="latest")
-    assert res.global_step == 4
+    assert res.global_step == 4 and resumed.global_step == 4  # the trainer forwards its state's step
     got = resumed.trainable_state_dict()
     for k in expected:
         assert torch.allclose(got[k], expected[k], atol=1e-6), k

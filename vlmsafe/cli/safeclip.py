@@ -110,6 +110,7 @@ def _register_train(sub: Any) -> None:
                        help="where checkpoints and the final model (OUTPUT_DIR/model) go")
     t.add_argument("--resume", help="checkpoint folder or 'latest' (in --output-dir) to continue from "
                                    "(default: none, a new run)")
+    t.set_defaults(parameter_flags={"resume_from": "--resume"})  # check_run_output's parameter
     add_input(t, "--config", help="JSON or YAML file of SafeCLIPTrainingConfig fields; the flags below override it "
                                   "(default: none, the field defaults)")
     group = t.add_argument_group("training options (SafeCLIPTrainingConfig fields)")

@@ -6,13 +6,16 @@ Poppi et al., ECCV 2024. Pieces:
   ``text_safe_tokens`` (not in the paper, weight 0 by default), that keeps safe captions' per-token text
   states where a diffusion UNet reads them.
 * :mod:`~vlmsafe.safeclip.backends` — ``transformers`` ``CLIPModel`` and ``open_clip`` behind one interface.
-* :mod:`~vlmsafe.safeclip.data` — JSONL quadruplets, the ViSU-Text layout + COCO, text-only mode.
+* :mod:`~vlmsafe.safeclip.data` — JSONL quadruplets, the ViSU-Text layout + COCO, text-only mode;
+  :mod:`~vlmsafe.safeclip.images` loads their images, :mod:`~vlmsafe.safeclip.batches` collates them.
 * :mod:`~vlmsafe.safeclip.trainer` — LoRA / full fine-tuning with a truly frozen reference,
-  ``accelerate`` multi-process, resumable safetensors+JSON checkpoints, early stopping; built from
-  :mod:`~vlmsafe.safeclip.config` (options and run state), :mod:`~vlmsafe.safeclip.batches`,
-  :mod:`~vlmsafe.safeclip.reference` (frozen reference and its output cache),
-  :mod:`~vlmsafe.safeclip.distributed`, :mod:`~vlmsafe.safeclip.loop` (training, early stopping),
-  :mod:`~vlmsafe.safeclip.evaluation` and :mod:`~vlmsafe.safeclip.checkpoint`.
+  ``accelerate`` multi-process, resumable safetensors+JSON checkpoints, early stopping; a facade over
+  :mod:`~vlmsafe.safeclip.config` (options), :mod:`~vlmsafe.safeclip.state` (where a run is, early stopping),
+  :mod:`~vlmsafe.safeclip.weights` (LoRA or tower weights), :mod:`~vlmsafe.safeclip.reference` (frozen
+  reference and its output cache), :mod:`~vlmsafe.safeclip.step` (the loss of a batch),
+  :mod:`~vlmsafe.safeclip.distributed`, :mod:`~vlmsafe.safeclip.loop` (the training loop),
+  :mod:`~vlmsafe.safeclip.evaluation` (validation), :mod:`~vlmsafe.safeclip.checkpoint` (checkpoints) and
+  :mod:`~vlmsafe.safeclip.card` (the files beside the final model).
 * options are declared once in dataclass field metadata (help, range, flag; :mod:`vlmsafe.options`),
   checked in the library and turned into command-line flags by :mod:`vlmsafe.cli.options`.
 * :mod:`~vlmsafe.safeclip.pairs` — the safe→unsafe sentence converter (LoRA on a causal LM).
@@ -55,7 +58,8 @@ from vlmsafe._lazy import attach
 if TYPE_CHECKING:  # the public names and their modules, for static tools; at run time
     # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.safeclip.backends import CLIPBackend, HFCLIPBackend, OpenCLIPBackend, load_backend
-    from vlmsafe.safeclip.data import Quadruplet, QuadrupletCollator, QuadrupletDataset, load_dataset
+    from vlmsafe.safeclip.batches import QuadrupletCollator
+    from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset, load_dataset
     from vlmsafe.safeclip.integrations import (
         apply_safe_text_encoder,
         apply_safe_vision_encoder,

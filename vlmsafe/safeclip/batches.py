@@ -1,5 +1,7 @@
-"""Training batches: a reproducible per-epoch order, item ids for the reference cache, the trainable forward.
+"""Training batches: collation, a reproducible per-epoch order, item ids for the reference cache, the trainable
+forward.
 
+:class:`QuadrupletCollator` turns quadruplets into a batch (tokens, pixels, which rows have which image).
 Each epoch's order is one seeded permutation (:func:`epoch_order`), so a resumed run sees the same
 batches as an uninterrupted one; batches carry the dataset index of every row (``batch["index"]``)
 so the frozen reference's outputs can be cached per item (:mod:`vlmsafe.safeclip.reference`).
@@ -15,8 +17,55 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlmsafe.safeclip.backends import CLIPBackend
-from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
+from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset
+from vlmsafe.safeclip.images import pixel_batch
 from vlmsafe.safeclip.pooled import pooled_image, pooled_text
+
+
+def _trimmed_rows(tokens: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows ``start:stop`` of a tokenizer output, without the padding columns none of them needs."""
+    rows = {k: v[start:stop] for k, v in tokens.items()}
+    mask = rows.get("attention_mask")
+    if mask is not None and mask.ndim == 2 and mask.shape[0]:
+        width = int(mask.sum(dim=1).max())
+        if bool((mask[:, width:] == 0).all()):  # right padding only: the columns after `width` are pure padding
+            rows = {k: v[:, :width] if v.ndim == 2 else v for k, v in rows.items()}
+    return rows
+
+
+class QuadrupletCollator:
+    """Turn a list of :class:`Quadruplet` into a batch dict for the trainer.
+
+    The safe and unsafe captions are tokenized in one call; ``safe_text`` / ``unsafe_text`` are the
+    two halves, each with only the padding it needs. Image tensors hold only the items that have
+    that image; ``safe_image_index`` / ``unsafe_image_index`` say which rows they belong to, so
+    embeddings can be scattered back. With ``padded_safe_text`` the batch also holds
+    ``safe_text_padded``, the safe captions padded to the full context length without a mask
+    (:meth:`~vlmsafe.safeclip.backends.CLIPBackend.tokenize_padded`: what a diffusion pipeline feeds
+    the text encoder), for the ``text_safe_tokens`` loss term.
+    """
+
+    def __init__(self, backend: Any, use_images: bool = True, *, padded_safe_text: bool = False):
+        self.backend = backend
+        self.use_images = use_images
+        self.padded_safe_text = padded_safe_text
+
+    def __call__(self, items: Sequence[Quadruplet], *, safe_only: bool = False) -> dict[str, Any]:
+        """The batch of ``items``; ``safe_only``: only its safe half (``safe_text``, ``safe_text_padded``, the safe
+        images), all the frozen reference reads: the unsafe captions are not tokenized nor the images loaded."""
+        n = len(items)
+        texts = [q.safe for q in items] + ([] if safe_only else [q.unsafe for q in items])
+        tokens = self.backend.tokenize(texts)
+        batch: dict[str, Any] = {"size": torch.tensor(n), "safe_text": _trimmed_rows(tokens, 0, n)}
+        if not safe_only:
+            batch["unsafe_text"] = _trimmed_rows(tokens, n, 2 * n)
+        if self.padded_safe_text:
+            batch["safe_text_padded"] = self.backend.tokenize_padded([q.safe for q in items])
+        for key in ("safe_image",) if safe_only else ("safe_image", "unsafe_image"):
+            idx = [i for i, q in enumerate(items) if getattr(q, key) is not None] if self.use_images else []
+            batch[f"{key}_index"] = torch.tensor(idx, dtype=torch.long)
+            batch[f"{key}_pixels"] = pixel_batch(self.backend, [getattr(items[i], key) for i in idx]) if idx else None
+        return batch
 
 
 class FixedOrder(Sampler[int]):

@@ -5,14 +5,14 @@ Every option's help text, range and command-line flag live in its field's metada
 (finite numbers, ``learning_rate > 0``, ``lora_dropout`` in [0, 1) ...) and ``vlmsafe safeclip
 train`` builds its flags from the same metadata, so the two cannot drift apart.
 
-:class:`TrainerState` is the JSON part of a checkpoint (where training is, early-stopping state,
-history); :class:`TrainingResult` is what :meth:`SafeCLIPTrainer.train` returns.
+:class:`TrainingResult` is what :meth:`SafeCLIPTrainer.train` returns (where a run is:
+:class:`~vlmsafe.safeclip.state.TrainState`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,23 +164,6 @@ class SafeCLIPTrainingConfig:
         if unknown:
             raise InputError(f"unknown Safe-CLIP training option(s) {sorted(unknown)}; valid: {sorted(known)}")
         return cls(**data)
-
-
-@dataclass
-class TrainerState:
-    """The JSON part of a checkpoint: where training is and what it has seen."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    best_metric: float | None = None  # lower is better (the negated recall sum for best_metric="recall_sum")
-    best_tie: float | None = None  # the other metric, breaks ties
-    best_loss: float | None = None
-    best_recall_sum: float | None = None
-    best_step: int | None = None
-    bad_evals: int = 0
-    stopped_early: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -13,7 +13,8 @@ Items without images train the text terms only (see :mod:`vlmsafe.safeclip.losse
 with no images at all is the first-class *text-only* mode.
 
 Images may be given as a path, a PIL image, or an already preprocessed ``[3, H, W]`` tensor
-(skips the image processor: the bundled testbed uses this to train fast).
+(:mod:`vlmsafe.safeclip.images` loads them); :class:`~vlmsafe.safeclip.batches.QuadrupletCollator`
+turns a list of quadruplets into a training batch.
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from vlmsafe.data import Record, open_image, read_records, resolve_path, to_rgb, verify_image
+from vlmsafe.data import Record, read_records, resolve_path, verify_image
 from vlmsafe.errors import FileFormatError, InputError
-
-ImageLike = Union[str, os.PathLike, "PIL.Image.Image", torch.Tensor]  # noqa: F821
+from vlmsafe.safeclip.images import ImageLike
 
 COCO_SPLITS = ("train2017", "val2017", "test2017")
 _WHAT = "Safe-CLIP data file"
@@ -182,7 +182,7 @@ def _image_path(value: Any, root: Path, where: str, key: str) -> Path | None:
         raise FileFormatError(f"{where}: {key!r} must be an image path or null, got {value!r}")
     p = Path(resolve_path(value, root))
     if not p.is_file():
-        raise FileFormatError(f"{where}: {key} {str(p)!r} does not exist; fix the path or --image-root")
+        raise FileFormatError(f"{where}: {key} {str(p)!r} does not exist; fix the path or `image_root`")
     return p
 
 
@@ -206,70 +206,3 @@ def load_dataset(
         missing = "skip" if coco_dir is None else "error"
         return QuadrupletDataset(_visu_items(records, path, coco_dir, None, missing))
     return QuadrupletDataset(_jsonl_items(records, path, image_root))
-
-
-def load_image(image: ImageLike) -> Any:
-    """Open a path as an RGB PIL image (:func:`vlmsafe.data.open_image`); pass PIL images and tensors through."""
-    if isinstance(image, torch.Tensor):
-        return image
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    return open_image(image)
-
-
-def pixel_batch(backend: Any, images: Sequence[ImageLike]) -> torch.Tensor:
-    """Preprocessed ``[N, 3, H, W]`` pixels; preprocessed tensors are stacked as they are."""
-    loaded = [load_image(im) for im in images]
-    if all(isinstance(im, torch.Tensor) for im in loaded):
-        return torch.stack(loaded).float()
-    if any(isinstance(im, torch.Tensor) for im in loaded):
-        raise InputError("a dataset must not mix preprocessed tensors with paths/PIL images")
-    return backend.preprocess(loaded)
-
-
-def _trimmed_rows(tokens: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
-    """Rows ``start:stop`` of a tokenizer output, without the padding columns none of them needs."""
-    rows = {k: v[start:stop] for k, v in tokens.items()}
-    mask = rows.get("attention_mask")
-    if mask is not None and mask.ndim == 2 and mask.shape[0]:
-        width = int(mask.sum(dim=1).max())
-        if bool((mask[:, width:] == 0).all()):  # right padding only: the columns after `width` are pure padding
-            rows = {k: v[:, :width] if v.ndim == 2 else v for k, v in rows.items()}
-    return rows
-
-
-class QuadrupletCollator:
-    """Turn a list of :class:`Quadruplet` into a batch dict for the trainer.
-
-    The safe and unsafe captions are tokenized in one call; ``safe_text`` / ``unsafe_text`` are the
-    two halves, each with only the padding it needs. Image tensors hold only the items that have
-    that image; ``safe_image_index`` / ``unsafe_image_index`` say which rows they belong to, so
-    embeddings can be scattered back. With ``padded_safe_text`` the batch also holds
-    ``safe_text_padded``, the safe captions padded to the full context length without a mask
-    (:meth:`~vlmsafe.safeclip.backends.CLIPBackend.tokenize_padded`: what a diffusion pipeline feeds
-    the text encoder), for the ``text_safe_tokens`` loss term.
-    """
-
-    def __init__(self, backend: Any, use_images: bool = True, *, padded_safe_text: bool = False):
-        self.backend = backend
-        self.use_images = use_images
-        self.padded_safe_text = padded_safe_text
-
-    def __call__(self, items: Sequence[Quadruplet], *, safe_only: bool = False) -> dict[str, Any]:
-        """The batch of ``items``; ``safe_only``: only its safe half (``safe_text``, ``safe_text_padded``, the safe
-        images), all the frozen reference reads: the unsafe captions are not tokenized nor the images loaded."""
-        n = len(items)
-        texts = [q.safe for q in items] + ([] if safe_only else [q.unsafe for q in items])
-        tokens = self.backend.tokenize(texts)
-        batch: dict[str, Any] = {"size": torch.tensor(n), "safe_text": _trimmed_rows(tokens, 0, n)}
-        if not safe_only:
-            batch["unsafe_text"] = _trimmed_rows(tokens, n, 2 * n)
-        if self.padded_safe_text:
-            batch["safe_text_padded"] = self.backend.tokenize_padded([q.safe for q in items])
-        for key in ("safe_image",) if safe_only else ("safe_image", "unsafe_image"):
-            idx = [i for i, q in enumerate(items) if getattr(q, key) is not None] if self.use_images else []
-            batch[f"{key}_index"] = torch.tensor(idx, dtype=torch.long)
-            batch[f"{key}_pixels"] = pixel_batch(self.backend, [getattr(items[i], key) for i in idx]) if idx else None
-        return batch

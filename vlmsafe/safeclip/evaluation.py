@@ -25,53 +25,63 @@ from vlmsafe.safeclip.retrieval import embed_quadruplets, recall_at_k
 Embedded = dict[str, torch.Tensor | None]
 
 
-class EvaluationMixin:
-    """``evaluate`` of :class:`~vlmsafe.safeclip.trainer.SafeCLIPTrainer`."""
+class Evaluator:
+    """Validation of the trained towers of ``model`` against the frozen reference ``frozen``.
 
-    config: SafeCLIPTrainingConfig
-    accelerator: Any
-    backend: Any
-    module: nn.Module
-    inner: nn.Module
-    frozen: FrozenReference
-    towers: tuple[str, ...]
-    token_layer: str | None
-    _val_reference: tuple[QuadrupletDataset, Embedded] | None
+    ``module`` (default ``model``) is the module whose train/eval mode is switched while embedding (the prepared
+    trainable towers, which wrap ``model``); ``token_layer`` is the layer of the ``text_safe_tokens`` term
+    (``None``: the term is off). The reference's embeddings of a validation set are computed once per dataset
+    object and reused: the reference is frozen.
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        model: nn.Module,
+        frozen: FrozenReference,
+        config: SafeCLIPTrainingConfig,
+        *,
+        towers: tuple[str, ...],
+        token_layer: str | None,
+        accelerator: Any,
+        module: nn.Module | None = None,
+    ):
+        self.backend, self.model, self.frozen, self.config = backend, model, frozen, config
+        self.towers, self.token_layer, self.accelerator = towers, token_layer, accelerator
+        self.module = model if module is None else module
+        self._reference: tuple[QuadrupletDataset, Embedded] | None = None
 
     @torch.no_grad()
     def evaluate(self, data: QuadrupletDataset) -> dict[str, float]:
         """Validation losses (averaged over ``eval_batch_size`` chunks), R@1 per direction and ``recall_sum``."""
-        cur, ref = self._embed_for_validation(data)
+        cur, ref = self.embed(data)
         metrics = validation_losses(cur, ref, len(data), self.config)
         recalls = validation_recalls(cur, ref)
         metrics.update({f"R@1 {k}": v for k, v in recalls.items()})
         metrics["recall_sum"] = float(sum(recalls.values()))
         return metrics
 
-    def _embed_for_validation(self, data: QuadrupletDataset) -> tuple[Embedded, Embedded]:
-        """The trained towers' embeddings of ``data`` and the reference's ``T0(S)``, ``I0(V)``.
-
-        The reference's are computed once per validation dataset (object) and reused: the reference is frozen.
-        """
+    def embed(self, data: QuadrupletDataset) -> tuple[Embedded, Embedded]:
+        """The trained towers' embeddings of ``data`` and the reference's ``T0(S)``, ``I0(V)``."""
         was_training = self.module.training
         self.module.eval()
         bs = self.config.eval_batch_size
         try:
             with self.accelerator.autocast():
-                cur = embed_quadruplets(self.backend, self.inner, data, batch_size=bs, towers=self.towers,
+                cur = embed_quadruplets(self.backend, self.model, data, batch_size=bs, towers=self.towers,
                                         progress=False)
-                if self._val_reference is None or self._val_reference[0] is not data:
+                if self._reference is None or self._reference[0] is not data:
                     with self.frozen.active() as ref_model:
                         ref = embed_quadruplets(self.backend, ref_model, data, batch_size=bs,
                                                 towers=("text", "vision"), progress=False, texts=("safe",),
                                                 images=("safe",))
-                    self._val_reference = (data, ref)
+                    self._reference = (data, ref)
                 if self.token_layer is not None:
                     cur["S_token_drift"] = self._token_drift(data)
         finally:
             if was_training:
                 self.module.train()
-        return cur, self._val_reference[1]
+        return cur, self._reference[1]
 
     def _token_drift(self, data: QuadrupletDataset) -> torch.Tensor:
         """Per item, :func:`~vlmsafe.safeclip.losses.token_drift` of the trained text tower's safe-caption token
@@ -81,7 +91,7 @@ class EvaluationMixin:
         for start in range(0, len(data), bs):
             tokens = self.backend.tokenize_padded([q.safe for q in data.items[start : start + bs]])
             tokens = {k: v.to(device) for k, v in tokens.items()}
-            _, states = self.backend.encode_text_states(self.inner, tokens, layer)
+            _, states = self.backend.encode_text_states(self.model, tokens, layer)
             with self.frozen.active() as ref_model:
                 _, ref_states = self.backend.encode_text_states(ref_model, tokens, layer)
             drifts.append(token_drift(states, ref_states).cpu())

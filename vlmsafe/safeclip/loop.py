@@ -1,100 +1,80 @@
 """The Safe-CLIP training loop: epochs, gradient accumulation, logging, validation and early stopping.
 
-Early stopping follows the reference code: an evaluation *improves* when the validation loss falls
-or the recall sum rises (by more than ``early_stopping_min_delta``); after
-``early_stopping_patience`` evaluations without improvement training stops. The weights kept as
-"best" are those of the best ``best_metric`` (the other metric breaks ties).
+:class:`TrainingLoop` is given every collaborator it uses (as ``open_clip_train``'s ``train_one_epoch`` is):
+the prepared trainable towers and their loss step, the optimizer and scheduler, a factory of each epoch's
+data loader, the trainable weights (for best-weights snapshots), the checkpointer and the evaluator. It
+changes only the :class:`~vlmsafe.safeclip.state.TrainState` passed to :meth:`TrainingLoop.run`; early
+stopping is :meth:`TrainState.track <vlmsafe.safeclip.state.TrainState.track>`.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmsafe.errors import InputError, InternalError, OutputExistsError
-from vlmsafe.safeclip.checkpoint import CHECKPOINT_PREFIX
-from vlmsafe.safeclip.config import SafeCLIPTrainingConfig, TrainerState, TrainingResult
-from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
-from vlmsafe.safeclip.reference import FrozenReference
+from vlmsafe.errors import InternalError
+from vlmsafe.safeclip.checkpoint import Checkpointer
+from vlmsafe.safeclip.config import SafeCLIPTrainingConfig
+from vlmsafe.safeclip.data import QuadrupletDataset
+from vlmsafe.safeclip.evaluation import Evaluator
+from vlmsafe.safeclip.state import TrainState
+from vlmsafe.safeclip.weights import TrainableWeights
+
+#: ``(batch, scale) -> losses``: one micro-batch's losses, with the gradient of ``scale * loss`` accumulated
+Step = Callable[[dict[str, Any], float], dict[str, torch.Tensor]]
 
 
-class TrainingLoopMixin:
-    """``train`` of :class:`~vlmsafe.safeclip.trainer.SafeCLIPTrainer`."""
+@dataclass(eq=False)
+class TrainingLoop:
+    """Trains until ``total_steps`` optimizer steps, the last epoch, or early stopping.
+
+    ``loaders(epoch)`` gives this process's loader of an epoch in its seeded order; ``micro_batches_per_epoch``
+    is its length. ``evaluator`` validates on ``val_data`` (no validation when either is ``None``);
+    ``checkpointer`` saves checkpoints and the best weights (nothing without its output folder).
+    """
 
     config: SafeCLIPTrainingConfig
-    state: TrainerState
     accelerator: Any
     module: nn.Module
     optimizer: Any
     scheduler: Any
-    train_data: QuadrupletDataset | None
+    step: Step
+    loaders: Callable[[int], DataLoader]
+    weights: TrainableWeights
+    checkpointer: Checkpointer
+    evaluator: Evaluator | None
     val_data: QuadrupletDataset | None
-    output_dir: Path | None
-    frozen: FrozenReference
-    collator: QuadrupletCollator
-    world_size: int
     total_steps: int
     micro_batches_per_epoch: int
 
-    # provided by the trainer class and the other mixins (annotations only: nothing here shadows them)
-    epoch_loader: Callable[[int], DataLoader]
-    forward_backward: Callable[[dict[str, Any], float], dict[str, torch.Tensor]]
-    evaluate: Callable[[QuadrupletDataset], dict[str, float]]
-    load_checkpoint: Callable[[str | os.PathLike[str]], None]
-    save_checkpoint: Callable[[], Path]
-    _keep_best: Callable[[dict[str, float]], None]
-
-    def train(self, resume_from: str | os.PathLike[str] | None = None) -> TrainingResult:
-        """Run training (optionally resuming a checkpoint dir, or ``"latest"`` in ``output_dir``)."""
-        from tqdm.auto import tqdm
-
-        cfg, acc = self.config, self.accelerator
-        n_train = 0 if self.train_data is None else len(self.train_data)
-        if n_train < cfg.batch_size:
-            raise InputError(f"need at least batch_size={cfg.batch_size} training items, got {n_train}")
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-        elif self.output_dir is not None and (earlier := sorted(self.output_dir.glob(f"{CHECKPOINT_PREFIX}*"))):
-            # Pruning keeps the newest names: a fresh run here would delete its own checkpoints, not the old ones.
-            raise OutputExistsError(
-                f"{self.output_dir} holds checkpoints of an earlier run ({earlier[-1].name}); pass "
-                "resume_from='latest' (--resume latest) to continue it, or use a new output folder"
-            )
-        st = self.state
-        show = cfg.progress and acc.is_main_process
-        if st.global_step < self.total_steps:  # the frozen reference's outputs, once, before the first step
-            self.frozen.fill_cache(self.train_data, self.collator, batch_size=cfg.eval_batch_size, device=acc.device,
-                                   accelerator=acc if self.world_size > 1 else None, progress=show)
+    def run(self, state: TrainState, bar: Any) -> TrainState:
+        """Train from ``state`` (updated in place and returned), advancing the progress ``bar`` once per step;
+        validate at the end if the last step was not validated, and save a final checkpoint."""
+        cfg, st = self.config, state
         self.module.train()
-        bar = tqdm(total=self.total_steps, initial=st.global_step, desc="safe-clip", disable=not show,
-                   dynamic_ncols=True)
         while st.epoch < cfg.num_epochs and not st.stopped_early and st.global_step < self.total_steps:
-            finished_epoch = self._run_epoch(bar)
+            finished_epoch = self._run_epoch(st, bar)
             if finished_epoch:
                 st.epoch += 1
                 st.batch_in_epoch = 0
                 if not cfg.eval_every and not st.stopped_early:
-                    self._evaluate_and_track()
+                    self._evaluate_and_track(st)
         bar.close()
-        evaluated_last = bool(st.history) and "val/loss" in st.history[-1]
-        if self.val_data is not None and not evaluated_last and not st.stopped_early and st.global_step:
-            self._evaluate_and_track()  # a max_steps cut mid-epoch still gets a final validation
-        if self.output_dir is not None:
-            self.save_checkpoint()
-        best = {"loss": st.best_loss, "recall_sum": st.best_recall_sum} if st.best_step is not None else None
-        return TrainingResult(st.global_step, st.stopped_early, st.best_step, best, list(st.history))
+        if self.val_data is not None and not st.evaluated_last and not st.stopped_early and st.global_step:
+            self._evaluate_and_track(st)  # a max_steps cut mid-epoch still gets a final validation
+        if self.checkpointer.output_dir is not None:
+            self.checkpointer.save(st)
+        return st
 
-    def _run_epoch(self, bar: Any) -> bool:
+    def _run_epoch(self, st: TrainState, bar: Any) -> bool:
         """Train the rest of the current epoch; False when stopped before its end (max_steps, early stop)."""
-        cfg, acc, st = self.config, self.accelerator, self.state
-        loader = self.epoch_loader(st.epoch)
+        cfg, acc = self.config, self.accelerator
+        loader = self.loaders(st.epoch)
         if st.batch_in_epoch:
             loader = acc.skip_first_batches(loader, st.batch_in_epoch)
         running: dict[str, float] = {}
@@ -104,8 +84,8 @@ class TrainingLoopMixin:
             with acc.accumulate(self.module):
                 if acc.sync_gradients != last_of_group:  # accelerate and this loop must agree on the groups
                     raise InternalError(f"gradient accumulation out of step at micro-batch {st.batch_in_epoch} of "
-                                       f"epoch {st.epoch} (accelerate syncs: {acc.sync_gradients})")
-                losses = self.forward_backward(batch, scale)
+                                        f"epoch {st.epoch} (accelerate syncs: {acc.sync_gradients})")
+                losses = self.step(batch, scale)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -118,12 +98,12 @@ class TrainingLoopMixin:
             if not acc.sync_gradients:
                 continue
             st.global_step += 1
-            self._log_step(running, micro, bar)
+            self._log_step(st, running, micro, bar)
             running, micro = {}, 0
             if cfg.eval_every and st.global_step % cfg.eval_every == 0:
-                self._evaluate_and_track()
-            if cfg.save_every and self.output_dir is not None and st.global_step % cfg.save_every == 0:
-                self.save_checkpoint()
+                self._evaluate_and_track(st)
+            if cfg.save_every and self.checkpointer.output_dir is not None and st.global_step % cfg.save_every == 0:
+                self.checkpointer.save(st)
             if st.stopped_early or st.global_step >= self.total_steps:
                 return st.batch_in_epoch >= self.micro_batches_per_epoch
         return True
@@ -141,39 +121,22 @@ class TrainingLoopMixin:
         n = self.config.gradient_accumulation_steps
         start = i - i % n
         size = min(n, self.micro_batches_per_epoch - start)
-        return self.world_size * n / size, i + 1 == start + size
+        return self.accelerator.num_processes * n / size, i + 1 == start + size
 
-    def _log_step(self, running: dict[str, float], micro: int, bar: Any) -> None:
+    def _log_step(self, st: TrainState, running: dict[str, float], micro: int, bar: Any) -> None:
         """Append one optimizer step's mean losses (over its micro-batches) and learning rate to the history."""
-        st = self.state
-        entry = {"step": st.global_step, "epoch": st.epoch, "lr": float(self.scheduler.get_last_lr()[0])}
-        entry.update({f"train/{k}": v / micro for k, v in running.items()})
-        st.history.append(entry)
+        entry = {"lr": float(self.scheduler.get_last_lr()[0]), **{f"train/{k}": v / micro for k, v in running.items()}}
+        st.log(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['train/loss']:.4f}")
 
-    def _evaluate_and_track(self) -> None:
+    def _evaluate_and_track(self, st: TrainState) -> None:
         """Validate, keep the best weights, and count evaluations without improvement (early stopping)."""
-        if self.val_data is None:
+        if self.val_data is None or self.evaluator is None:
             return
-        cfg, st = self.config, self.state
-        metrics = self.evaluate(self.val_data)
-        st.history.append({"step": st.global_step, "epoch": st.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
-        loss, rsum = metrics["loss"], metrics["recall_sum"]
-        delta = cfg.early_stopping_min_delta
-        improved = (st.best_loss is None or loss < st.best_loss - delta) or (
-            st.best_recall_sum is None or rsum > st.best_recall_sum + delta
-        )
-        st.best_loss = loss if st.best_loss is None else min(st.best_loss, loss)
-        st.best_recall_sum = rsum if st.best_recall_sum is None else max(st.best_recall_sum, rsum)
-        key = -rsum if cfg.best_metric == "recall_sum" else loss
-        tie_break = loss if cfg.best_metric == "recall_sum" else -rsum
-        best_so_far = (st.best_metric, st.best_tie if st.best_tie is not None else math.inf)
-        if st.best_metric is None or (key, tie_break) < best_so_far:
-            st.best_metric, st.best_tie = key, tie_break
-            st.best_step = st.global_step
-            self._keep_best(metrics)
-        st.bad_evals = 0 if improved else st.bad_evals + 1
-        if cfg.early_stopping_patience is not None and st.bad_evals >= cfg.early_stopping_patience:
-            st.stopped_early = True
+        metrics = self.evaluator.evaluate(self.val_data)
+        st.log({f"val/{k}": v for k, v in metrics.items()})
+        if st.track(metrics, self.config):
+            st.best_weights = self.weights.state_dict()
+            self.checkpointer.save_best(st, metrics)
         self.module.train()

@@ -39,8 +39,8 @@ from torch import nn
 from vlmsafe.distributed import gather, shard
 from vlmsafe.errors import InternalError
 from vlmsafe.safeclip.backends import CLIPBackend
-from vlmsafe.safeclip.batches import scatter_rows
-from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
+from vlmsafe.safeclip.batches import QuadrupletCollator, scatter_rows
+from vlmsafe.safeclip.data import QuadrupletDataset
 from vlmsafe.safeclip.pooled import pooled_image, pooled_text
 
 #: "ref_text_safe" [B, D], "ref_image_safe" [B, D] or None, "ref_text_safe_tokens" [B, L, W] or None

@@ -23,7 +23,8 @@ from torch import nn
 
 from vlmsafe.errors import InputError
 from vlmsafe.safeclip.backends import CLIPBackend
-from vlmsafe.safeclip.data import QuadrupletDataset, pixel_batch
+from vlmsafe.safeclip.data import QuadrupletDataset
+from vlmsafe.safeclip.images import pixel_batch
 from vlmsafe.tables import text_table
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)

@@ -17,18 +17,20 @@ What this trainer fixes or adds relative to the reference code (aimagelab/safe-c
   default), that keeps safe captions' per-token text states at the reference, for text encoders that
   will condition a diffusion UNet (:mod:`~vlmsafe.safeclip.losses` says why).
 * Validation (:mod:`~vlmsafe.safeclip.evaluation`) with early stopping on the validation loss
-  *and* a recall sum (:mod:`~vlmsafe.safeclip.loop`); the best weights are kept and saved with
+  *and* a recall sum (:mod:`~vlmsafe.safeclip.state`); the best weights are kept and saved with
   LoRA merged as a standard checkpoint.
 
-Module map: :mod:`~vlmsafe.safeclip.config` (options, state), :mod:`~vlmsafe.safeclip.batches`
-(epoch order, trainable forward), :mod:`~vlmsafe.safeclip.loop` (``train``),
-:mod:`~vlmsafe.safeclip.evaluation` (``evaluate``), :mod:`~vlmsafe.safeclip.checkpoint`
-(``save_checkpoint`` / ``load_checkpoint``); this module: set-up, the loss of one batch, weights.
+:class:`SafeCLIPTrainer` is a facade that composes the pieces, each given what it uses (the layout of
+``open_clip_train``): :class:`~vlmsafe.safeclip.state.TrainState` (where the run is, saved and restored
+whole), :class:`~vlmsafe.safeclip.weights.TrainableWeights` (LoRA or tower weights),
+:class:`~vlmsafe.safeclip.step.LossStep` (the loss of one batch), :class:`~vlmsafe.safeclip.evaluation.Evaluator`,
+:class:`~vlmsafe.safeclip.checkpoint.Checkpointer` and :class:`~vlmsafe.safeclip.loop.TrainingLoop`;
+:mod:`~vlmsafe.safeclip.batches` collates batches in each epoch's order and
+:mod:`~vlmsafe.safeclip.card` writes the files beside the final model. This module: set-up and the public API.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from pathlib import Path
@@ -38,29 +40,26 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.errors import InputError, OutputExistsError
 from vlmsafe.safeclip.backends import CLIPBackend
-from vlmsafe.safeclip.batches import TrainableTowers, epoch_loader, row_mask
-from vlmsafe.safeclip.checkpoint import CheckpointMixin, check_run_output, run_directory
-from vlmsafe.safeclip.config import SafeCLIPTrainingConfig, TrainerState, TrainingResult
-from vlmsafe.safeclip.data import QuadrupletCollator, QuadrupletDataset
-from vlmsafe.safeclip.distributed import build_accelerator, gather_embeddings
-from vlmsafe.safeclip.evaluation import EvaluationMixin
-from vlmsafe.safeclip.loop import TrainingLoopMixin
-from vlmsafe.safeclip.losses import (
-    ALL_LOSS_NAMES,
-    TERMS_BY_EMBEDDING,
-    TOKEN_TERM,
-    SafeCLIPEmbeddings,
-    safeclip_losses,
-    token_drift,
-)
-from vlmsafe.safeclip.reference import FrozenReference, RefOutputs, frozen_copy
+from vlmsafe.safeclip.batches import QuadrupletCollator, TrainableTowers, epoch_loader
+from vlmsafe.safeclip.card import RunSummary, model_files
+from vlmsafe.safeclip.checkpoint import Checkpointer, check_run_output, run_directory
+from vlmsafe.safeclip.config import SafeCLIPTrainingConfig, TrainingResult
+from vlmsafe.safeclip.data import QuadrupletDataset
+from vlmsafe.safeclip.distributed import build_accelerator
+from vlmsafe.safeclip.evaluation import Evaluator
+from vlmsafe.safeclip.loop import TrainingLoop
+from vlmsafe.safeclip.losses import TOKEN_TERM
+from vlmsafe.safeclip.reference import FrozenReference, frozen_copy
+from vlmsafe.safeclip.state import TrainState
+from vlmsafe.safeclip.step import LossStep
+from vlmsafe.safeclip.weights import make_trainable
 
-__all__ = ["SafeCLIPTrainer", "SafeCLIPTrainingConfig", "TrainerState", "TrainingResult", "train_safeclip"]
+__all__ = ["SafeCLIPTrainer", "SafeCLIPTrainingConfig", "TrainState", "TrainingResult", "train_safeclip"]
 
 
-class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
+class SafeCLIPTrainer:
     """Fine-tune a CLIP backend with the Safe-CLIP objective.
 
     Example::
@@ -109,10 +108,9 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
         self.token_layer = config.token_layer if keeps_tokens else None
         # The frozen reference is taken BEFORE any LoRA injection (defect (a) of the reference code).
         self.reference: nn.Module | None = frozen_copy(backend.model) if config.reference == "copy" else None
-        self.peft_model, self.inner = self._make_trainable(backend.model)
-        self.trainable_names = [n for n, p in self.inner.named_parameters() if p.requires_grad]
-        if not self.trainable_names:
-            raise InputError("no trainable parameters: check lora_target_modules and the trained towers")
+        self.weights = make_trainable(backend, backend.model, self.towers, config)
+        self.peft_model, self.inner = self.weights.peft_model, self.weights.inner
+        self.trainable_names = self.weights.names
         self._setup_optimization()
         if self.reference is not None:
             self.reference.to(self.accelerator.device)
@@ -120,41 +118,19 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
         self.frozen = FrozenReference(backend, self.reference, peft_model=self.peft_model, inner=self.inner,
                                       autocast=self.accelerator.autocast, cache_items=cache_items,
                                       token_layer=self.token_layer)
-        self.state = TrainerState()
-        self._best_trainable: dict[str, torch.Tensor] | None = None
-        self._val_reference = None  # the reference's embeddings of the validation set (it is frozen)
+        self.state = TrainState()
         self.collator = QuadrupletCollator(backend, use_images=has_images,
                                            padded_safe_text=self.token_layer is not None)
+        self.loss_step = LossStep(self.module, self.frozen, self.accelerator, config)
+        self.evaluator = Evaluator(backend, self.inner, self.frozen, config, towers=self.towers,
+                                   token_layer=self.token_layer, accelerator=self.accelerator, module=self.module)
+        run_info = {"config": config.to_dict(), "towers": list(self.towers), "trainable_names": self.trainable_names,
+                    "backend": backend.config_dict(), "world_size": self.world_size}
+        self.checkpointer = Checkpointer(self.output_dir, self.accelerator, weights=self.weights,
+                                         optimizer=self.optimizer, scheduler=self.scheduler, run_info=run_info,
+                                         keep=config.keep_checkpoints)
 
     # ------------------------------------------------------------------ set-up
-
-    def _make_trainable(self, model: nn.Module) -> tuple[Any, nn.Module]:
-        """Inject LoRA into the trained towers (or unfreeze them); returns (peft model or None, inner model)."""
-        cfg = self.config
-        model.requires_grad_(False)
-        if not cfg.use_lora:
-            for _, p in self.backend.tower_parameters(model, self.towers):
-                p.requires_grad_(True)
-            return None, model
-        from peft import LoraConfig
-
-        from vlmsafe.loading import inject_lora
-
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=self.backend.lora_target_regex(self.towers, cfg.lora_target_modules),
-        )
-        try:
-            peft_model = inject_lora(model, lora)
-        except ValueError as exc:
-            targets = cfg.lora_target_modules or self.backend.default_lora_modules
-            raise InputError(
-                f"LoRA could not target {targets} in this model: {exc}. Set lora_target_modules to leaf module "
-                "names that exist"
-            ) from exc
-        return peft_model, peft_model.base_model.model
 
     def _setup_optimization(self) -> None:
         """AdamW over the trainable parameters, the scheduler, and ``accelerate.prepare``."""
@@ -177,6 +153,11 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
         """Full batches of one epoch (an incomplete final batch is dropped)."""
         return 0 if self.train_data is None else len(self.train_data) // self.config.batch_size
 
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken so far (:attr:`state`)."""
+        return self.state.global_step
+
     def epoch_loader(self, epoch: int) -> DataLoader:
         """This process's data loader for ``epoch`` (a seeded order: reproducible and resumable)."""
         assert self.train_data is not None
@@ -185,120 +166,80 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
                               num_workers=cfg.num_workers)
         return self.accelerator.prepare_data_loader(loader)
 
-    # ------------------------------------------------------------------ loss
+    # ------------------------------------------------------------------ training
+
+    def train(self, resume_from: str | os.PathLike[str] | None = None) -> TrainingResult:
+        """Run training (optionally resuming a checkpoint dir, or ``"latest"`` in ``output_dir``)."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        n_train = 0 if self.train_data is None else len(self.train_data)
+        if n_train < cfg.batch_size:
+            raise InputError(f"need at least batch_size={cfg.batch_size} training items, got {n_train}")
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        elif earlier := self.checkpointer.earlier_checkpoints():
+            # Pruning keeps the newest names: a fresh run here would delete its own checkpoints, not the old ones.
+            raise OutputExistsError(
+                f"{self.output_dir} holds checkpoints of an earlier run ({earlier[-1].name}); pass "
+                "resume_from='latest' to continue it, or use a new output folder"
+            )
+        show = cfg.progress and acc.is_main_process
+        if self.state.global_step < self.total_steps:  # the frozen reference's outputs, once, before the first step
+            self.frozen.fill_cache(self.train_data, self.collator, batch_size=cfg.eval_batch_size, device=acc.device,
+                                   accelerator=acc if self.world_size > 1 else None, progress=show)
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="safe-clip", disable=not show,
+                   dynamic_ncols=True)
+        loop = TrainingLoop(config=cfg, accelerator=acc, module=self.module, optimizer=self.optimizer,
+                            scheduler=self.scheduler, step=self.forward_backward, loaders=self.epoch_loader,
+                            weights=self.weights, checkpointer=self.checkpointer, evaluator=self.evaluator,
+                            val_data=self.val_data, total_steps=self.total_steps,
+                            micro_batches_per_epoch=self.micro_batches_per_epoch)
+        return loop.run(self.state, bar).result()
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Forward one batch (this process's share) and return the terms and ``loss``.
-
-        With several processes the embeddings of all processes are gathered first, so the
-        returned losses are those of the global batch on every process.
-        """
-        emb = self._embeddings(batch, self.module(batch))
-        if self.world_size > 1:
-            emb = gather_embeddings(emb, self.accelerator, int(batch["size"]))
-        return self._losses(emb)
+        """Forward one batch (this process's share) and return the terms and ``loss``
+        (:meth:`LossStep.compute_losses <vlmsafe.safeclip.step.LossStep.compute_losses>`)."""
+        return self.loss_step.compute_losses(batch)
 
     def forward_backward(self, batch: dict[str, Any], scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """The losses of one batch (detached), with the gradient of ``scale * loss`` added to ``.grad``.
+        """The losses of one batch (detached), with the gradient of ``scale * loss`` added to ``.grad``
+        (:meth:`LossStep.forward_backward <vlmsafe.safeclip.step.LossStep.forward_backward>`)."""
+        return self.loss_step.forward_backward(batch, scale)
 
-        Every term involves exactly one trainable embedding, T(S), T(U), I(V) or I(G) (its partner comes
-        from the frozen reference), so the loss is a sum of one part per embedding. In one process each
-        tower pass is therefore backpropagated right after its forward, and only one pass's activations
-        are alive at a time: on the CPU that step took 1.99x a plain CLIP step where one backward through
-        all four passes took 2.21x (``benchmarks/safeclip_step.py``, both before the passes ran their last
-        block on the pooled token only). With several processes the four
-        passes go through DDP as one forward and one backward (:meth:`compute_losses`).
-        """
-        if self.world_size > 1:
-            losses = self.compute_losses(batch)
-            self._backward(losses["loss"], scale)
-            return {k: v.detach() for k, v in losses.items()}
-        ref = self.frozen(batch, self.accelerator.device)
-        out = {name: ref["ref_text_safe"].new_zeros((), dtype=torch.float32) for name in (*ALL_LOSS_NAMES, "loss")}
-        for part in self.module.parts(batch):
-            losses = self._losses(self._embeddings(batch, self.module(batch, parts=(part,)), ref))
-            self._backward(losses["loss"], scale)
-            for term in TERMS_BY_EMBEDDING[part]:
-                out[term] = losses[term].detach()
-            out["loss"] = out["loss"] + losses["loss"].detach()
-        return out
+    def evaluate(self, data: QuadrupletDataset) -> dict[str, float]:
+        """Validation losses (averaged over ``eval_batch_size`` chunks), R@1 per direction and ``recall_sum``."""
+        return self.evaluator.evaluate(data)
 
-    def _backward(self, loss: torch.Tensor, scale: float) -> None:
-        if not loss.requires_grad:
-            # No term reaches a trained tower (e.g. vision-only training, a batch without images): no gradient.
-            # Several processes must all run backward, so there it is an error.
-            if self.world_size > 1:
-                raise InputError("a training batch has no loss term that reaches a trained tower; with several "
-                                 "processes every batch needs one: give every item the images the trained tower uses")
-            return
-        self.accelerator.backward(loss * scale)
+    # ------------------------------------------------------------------ checkpoints
 
-    def _embeddings(
-        self, batch: dict[str, Any], trainable: dict[str, torch.Tensor | None], ref: RefOutputs | None = None
-    ) -> SafeCLIPEmbeddings:
-        """The loss inputs: ``trainable`` tower outputs and the frozen reference's (``ref``, computed if not given).
+    def save_checkpoint(self) -> Path:
+        """Write ``output_dir/checkpoint-{step}`` and prune old ones (keeps ``keep_checkpoints``)."""
+        return self.checkpointer.save(self.state)
 
-        Token states (``trainable["text_safe_tokens"]``) become their per-row drift from the reference's.
-        """
-        n, device = int(batch["size"]), self.accelerator.device
-        ref = self.frozen(batch, device) if ref is None else ref
-        has_v = row_mask(batch["safe_image_index"], n, device)
-        if ref["ref_image_safe"] is None:
-            has_v = torch.zeros_like(has_v)
-        has_g = row_mask(batch["unsafe_image_index"], n, device)
-        trainable = dict(trainable)
-        states = trainable.pop(TOKEN_TERM, None)
-        drift = None if states is None else token_drift(states, ref["ref_text_safe_tokens"])
-        return SafeCLIPEmbeddings(ref_text_safe=ref["ref_text_safe"], ref_image_safe=ref["ref_image_safe"],
-                                  has_safe_image=has_v, has_unsafe_image=has_g, text_safe_token_drift=drift,
-                                  **trainable)
-
-    def _losses(self, emb: SafeCLIPEmbeddings) -> dict[str, torch.Tensor]:
-        cfg = self.config
-        return safeclip_losses(emb, cfg.weights, logit_scale=cfg.logit_scale, loss_scale=cfg.loss_scale)
-
-    def _keep_best(self, metrics: dict[str, float]) -> None:
-        """Remember the current weights as the best so far (and write ``output_dir/best``)."""
-        self._best_trainable = self.trainable_state_dict()
-        if self.output_dir is not None and self.accelerator.is_main_process:
-            self._write_best(metrics)
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Restore weights, optimizer, scheduler, RNG and trainer state from a checkpoint."""
+        self.state = self.checkpointer.load(path)
 
     # ------------------------------------------------------------------ weights
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """CPU copies of the trainable parameters (LoRA weights, or the fine-tuned towers)."""
-        params = dict(self.inner.named_parameters())
-        return {n: params[n].detach().to("cpu", copy=True).contiguous() for n in self.trainable_names}
+        return self.weights.state_dict()
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.inner.named_parameters())
-        missing = set(self.trainable_names) - set(state)
-        extra = set(state) - set(self.trainable_names)
-        if missing or extra:
-            raise FileFormatError(
-                f"checkpoint weights do not match this trainer (missing {sorted(missing)[:3]}, unexpected "
-                f"{sorted(extra)[:3]}); resume with the same model, towers and LoRA settings"
-            )
-        with torch.no_grad():
-            for n, t in state.items():
-                params[n].copy_(t.to(params[n].device, params[n].dtype))
+        self.weights.load_state_dict(state)
 
     def merged_model(self, which: str = "best") -> nn.Module:
         """A standalone copy of the model with LoRA merged in (``which``: "best" or "last")."""
         if which not in ("best", "last"):
             raise InputError("which must be 'best' or 'last'")
-        current = self.trainable_state_dict()
-        if which == "best" and self._best_trainable is not None:
-            self.load_trainable_state_dict(self._best_trainable)
-        try:
-            if self.peft_model is not None:
-                merged = copy.deepcopy(self.peft_model).merge_and_unload()
-            else:
-                merged = copy.deepcopy(self.inner)
-        finally:
-            self.load_trainable_state_dict(current)
-        merged.requires_grad_(False).eval()
-        return merged
+        return self.weights.merged(self.state.best_weights if which == "best" else None)
+
+    def model_files(self) -> dict[str, str]:
+        """``{name: text}`` written beside the final model: the run's summary and the model card."""
+        return model_files(RunSummary(self.config, self.state, self.backend, self.towers, self.train_data,
+                                      self.val_data))
 
     def save_pretrained(self, path: str | os.PathLike[str], which: str = "best", *, overwrite: bool = False) -> Path:
         """Save the fine-tuned model as a standard checkpoint with LoRA merged (main process only)."""
@@ -307,6 +248,20 @@ class SafeCLIPTrainer(TrainingLoopMixin, EvaluationMixin, CheckpointMixin):
                                          extra_files=self.model_files())
         self.accelerator.wait_for_everyone()
         return Path(path)
+
+    def push_to_hub(self, repo_id: str, which: str = "best", **kwargs: Any) -> str:
+        """Save the fine-tuned model (LoRA merged, with its card) and upload it to the Hub repository ``repo_id``;
+        returns the commit URL. ``kwargs``: ``private``, ``token``, ``revision``, ``commit_message``,
+        ``create_pr`` (:func:`vlmsafe.cards.push_to_hub`). Main process only; the others return ``""``."""
+        from vlmsafe.cards import CHECKPOINT_PATTERNS, push_saved
+
+        url = ""
+        if self.accelerator.is_main_process:
+            url = push_saved(lambda folder: self.backend.save_pretrained(folder, self.merged_model(which),
+                                                                         extra_files=self.model_files()),
+                             repo_id, patterns=CHECKPOINT_PATTERNS, **kwargs)
+        self.accelerator.wait_for_everyone()
+        return url
 
 
 def select_towers(config: SafeCLIPTrainingConfig, data: QuadrupletDataset | None) -> tuple[str, ...]:
