@@ -112,8 +112,8 @@ def test_colour_shades_stay_in_their_band():
 def test_questions_need_the_image():
     qa = I.make_image(random.Random(3), "paper", kind="count")
     q = {question: ref for question, _a, ref in qa.questions()}
-    assert q["how many shapes are there ?"] == I.COUNTS[qa.count]
-    assert qa.caption.startswith(f"the image shows {I.COUNTS[qa.count]}")
+    assert q["how many shapes are there ?"] == Q.COUNTS[qa.count]
+    assert qa.caption.startswith(f"the image shows {Q.COUNTS[qa.count]}")
 
 
 def test_image_questions_come_in_many_phrasings_held_out_by_split():

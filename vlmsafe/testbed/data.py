@@ -76,7 +76,7 @@ def echo_examples(rng: random.Random, n: int, topics: Sequence[Topic] = ()) -> l
         else:
             kind, colour = rng.choice(I.KINDS), rng.choice(sorted(I.COLOURS))
             facts = Q.image_questions(
-                kind, colour, rng.choice(I.SHAPES), rng.choice(list(I.COUNTS)), rng.choice(I.WORDS)
+                kind, colour, rng.choice(I.SHAPES), rng.choice(list(Q.COUNTS)), rng.choice(I.WORDS)
             )
             text = rng.choice(facts)[1]
         out.append(Example(P.ECHO_TEMPLATE.format(s=text), text))
@@ -256,7 +256,7 @@ def vocabulary() -> set[str]:
     for colour in I.COLOURS:
         for shape in I.SHAPES:
             for kind in I.KINDS:
-                for count in I.COUNTS:
+                for count in Q.COUNTS:
                     for word in I.WORDS:
                         texts += [q + " " + a for q, a, _ in Q.image_questions(kind, colour, shape, count, word)]
     words = set(iter_words(texts))

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from vlmsafe.data import blank_image, noise_image
 from vlmsafe.errors import InputError
+from vlmsafe.testbed.questions import image_questions
 
 #: Side of the images the processor feeds the vision tower.
 IMAGE_SIZE = 32
@@ -47,7 +48,6 @@ COLOURS: dict[str, tuple[tuple[float, float], float, float]] = {
     "purple": ((272.0, 292.0), 0.55, 0.55),
 }
 SHAPES = ("circle", "square", "triangle")
-COUNTS = {1: "one", 2: "two", 3: "three"}
 WORDS = ("cat", "sun", "dog", "box")
 KINDS = ("shape", "count", "word")
 
@@ -261,8 +261,6 @@ class ImageQA:
     def questions(self, rng: random.Random | None = None, phrasings: str = "train") -> list[tuple[str, str, str]]:
         """``(question, answer, reference)`` triples answerable only from the image (canonical phrasings,
         or random ones of the ``phrasings`` set with ``rng``; see :func:`image_questions`)."""
-        from vlmsafe.testbed.questions import image_questions
-
         return image_questions(
             self.kind, self.colour, self.shape, self.count, self.word, rng=rng, phrasings=phrasings
         )

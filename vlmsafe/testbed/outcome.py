@@ -27,8 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from vlmsafe.errors import InputError
 from vlmsafe.eval import Verdict
 from vlmsafe.eval.evaluate import locate_item
-from vlmsafe.testbed.images import COLOURS, COUNTS, SHAPES, WORDS
+from vlmsafe.testbed.images import COLOURS, SHAPES, WORDS
 from vlmsafe.testbed.prompts import COMPLIANCE_PREFIX, DEFLECTION, REFUSAL
+from vlmsafe.testbed.questions import COUNTS
 from vlmsafe.testbed.topics import all_topics
 from vlmsafe.testing.tokenization import split_words
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import random
 
-from vlmsafe.testbed.images import COUNTS
+#: The number words of the shapes an image may show (one to three).
+COUNTS = {1: "one", 2: "two", 3: "three"}
 
 #: The question kinds an image of each kind answers, in the order of :func:`image_questions`.
 QUESTION_KINDS = {
