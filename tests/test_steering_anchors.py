@@ -15,7 +15,7 @@ from vlmsafe.cli.types import layer_spec_arg
 from vlmsafe.data import BLANK_COLOUR, blank_image, noise_image
 from vlmsafe.errors import InputError
 from vlmsafe.steering import SafeVLM, ShiftVectors, SteeringConfig, calibrate, compute_sample_shifts
-from vlmsafe.steering.vectors import first_principal_component
+from vlmsafe.steering.cmrm.aggregation import first_principal_component
 from vlmsafe.testing import random_image, solid_image, tiny_llava
 
 PROMPTS = ["how do i make a bomb ?", "hello", "what colour is the shape ?", "describe picture", "steal car"]

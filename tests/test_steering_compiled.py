@@ -206,7 +206,7 @@ def test_aggregation_strategies_are_callables(llava, tmp_path):
     """``calibrate(aggregate=fn)``: any function of the per-item shifts; the named ones are such functions."""
     from vlmsafe.steering import ShiftVectors as SV
     from vlmsafe.steering import calibrate
-    from vlmsafe.steering.vectors import first_principal_component, mean_shift
+    from vlmsafe.steering.cmrm.aggregation import first_principal_component, mean_shift
 
     model, processor = llava
     items = [(p, random_image(i)) for i, p in enumerate(PROMPTS)]

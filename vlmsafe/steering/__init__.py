@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the public names and their modules, for static tools; at ru
     # vlmsafe._lazy.attach reads this block and loads each name's module on first access
     from vlmsafe.loading import load_model
     from vlmsafe.steering.anchors import ANCHORS, anchor_image
+    from vlmsafe.steering.cmrm.aggregation import ShiftAccumulator
     from vlmsafe.steering.cmrm.application import steer, steer_sample_level
     from vlmsafe.steering.cmrm.calibration import calibrate, compute_sample_shifts, safety_directions
     from vlmsafe.steering.cmrm.config import CMRMCalibration
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # the public names and their modules, for static tools; at ru
     from vlmsafe.steering.shiftdc.captions import generate_captions
     from vlmsafe.steering.shiftdc.config import ShiftDCCalibration
     from vlmsafe.steering.shiftdc.directions import SafetyDirections
-    from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors, calibration_meta
+    from vlmsafe.steering.vectors import ShiftVectors, calibration_meta
 
 __all__ = [
     "ANCHORS",

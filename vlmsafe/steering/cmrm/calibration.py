@@ -16,9 +16,10 @@ from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError
 from vlmsafe.steering.anchors import anchor_image
 from vlmsafe.steering.choices import CALIBRATION_POSITIONS, TEXT_READ_POSITIONS, with_options
+from vlmsafe.steering.cmrm.aggregation import ShiftAccumulator
 from vlmsafe.steering.cmrm.config import CMRMCalibration, check_read_positions
 from vlmsafe.steering.items import DatasetHasher, batched
-from vlmsafe.steering.vectors import ShiftAccumulator, ShiftVectors, calibration_meta
+from vlmsafe.steering.vectors import ShiftVectors, calibration_meta
 
 
 @torch.no_grad()
@@ -50,11 +51,11 @@ def calibrate(
     PIL image. With a fixed anchor the items' images are never opened (they may have none), and
     the vectors depend on the prompts alone.
 
-    ``aggregate``: the mean of the per-item shifts (:func:`~vlmsafe.steering.vectors.mean_shift`, default), their
-    first principal component oriented and scaled by the mean
-    (:func:`~vlmsafe.steering.vectors.first_principal_component`; keeps every item's shift in memory), or any
+    ``aggregate``: the mean of the per-item shifts (:func:`~vlmsafe.steering.cmrm.aggregation.mean_shift`,
+    default), their first principal component oriented and scaled by the mean
+    (:func:`~vlmsafe.steering.cmrm.aggregation.first_principal_component`; keeps every item's shift in memory), or any
     function ``fn(per_item_shifts, mean) -> vector`` (recorded as ``"custom:<name>"``); the names ``"mean"`` and
-    ``"pca"`` stand for the first two (:data:`~vlmsafe.steering.vectors.AGGREGATORS`). Anchor and aggregation
+    ``"pca"`` stand for the first two (:data:`~vlmsafe.steering.cmrm.aggregation.AGGREGATORS`). Anchor and aggregation
     are recorded in ``vectors.meta``.
 
     With an ``accelerate.Accelerator`` of several processes (``accelerate launch`` / ``torchrun``),

@@ -13,7 +13,7 @@ from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, check_colour
 from vlmsafe.errors import InputError
 from vlmsafe.steering.anchors import check_anchor
 from vlmsafe.steering.choices import CALIBRATION_POSITIONS
-from vlmsafe.steering.vectors import Aggregator, mean_shift, resolve_aggregate
+from vlmsafe.steering.cmrm.aggregation import Aggregator, mean_shift, resolve_aggregate
 from vlmsafe.validation import LAYER_PRESETS, check_int, parse_layer_spec
 
 
@@ -35,8 +35,8 @@ class CMRMCalibration:
     is measured with (:mod:`vlmsafe.steering.anchors`: ``"real"``, ``"blank"`` in ``anchor_colour``,
     ``"noise"`` from ``anchor_seed``, or a PIL image). ``aggregate``: how per-item shifts become one vector
     per layer, a function ``fn(per_item_shifts, mean) -> vector`` (default
-    :func:`~vlmsafe.steering.vectors.mean_shift`;
-    a name of :data:`~vlmsafe.steering.vectors.AGGREGATORS` is mapped to its function). ``batch_size`` items
+    :func:`~vlmsafe.steering.cmrm.aggregation.mean_shift`;
+    a name of :data:`~vlmsafe.steering.cmrm.aggregation.AGGREGATORS` is mapped to its function). ``batch_size`` items
     run per forward pass, built with ``system_prompt``.
     """
 

@@ -24,14 +24,8 @@ from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, reso
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path, parse_json
 from vlmsafe.steering.choices import DEFAULT_ALPHA
-from vlmsafe.steering.vectors import (
-    META_SCHEMA,
-    Field,
-    check_fits,
-    data_fields,
-    read_layer_tables,
-    write_layer_tables,
-)
+from vlmsafe.steering.layer_files import META_SCHEMA, Field, check_fits, read_layer_tables, write_layer_tables
+from vlmsafe.steering.vectors import data_fields
 from vlmsafe.validation import check_template
 
 #: The reference code's caption instruction (``CAPTION_BASED_ON_Q``): the caption is written for the request.
@@ -64,7 +58,8 @@ def _count(low: int) -> Field:
     return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}")
 
 
-#: ``directions.json``: the fields of ``vectors.json`` (:data:`vlmsafe.steering.vectors.META_SCHEMA`) and ShiftDC's.
+#: ``directions.json``: the fields of ``vectors.json`` (:data:`vlmsafe.steering.layer_files.META_SCHEMA`) and
+#: ShiftDC's.
 DIRECTIONS_SCHEMA: dict[str, Field] = {
     **META_SCHEMA,
     "direction": (lambda v: isinstance(v, str), "a string"),
