@@ -68,7 +68,7 @@ def check_output(
     *,
     kind: OutputKind,
     overwrite: bool = False,
-    option: str = "--out",
+    option: str = "`out`",
     inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = (),
 ) -> Path:
     """Validate an output destination before any work is done; return it as a :class:`Path`.
@@ -135,7 +135,7 @@ def _refuse_existing(
     """The existing-output part of :func:`check_output` (``dest`` resolved; ``link``: the path as given)."""
     if not os.path.lexists(dest) or overwrite:
         return
-    fix = f"pass --overwrite to replace it, or choose another {option} path"
+    fix = f"pass `overwrite=True` to replace it, or choose another {option} path"
     where = f"{shown!r} (a link to {dest})" if os.path.islink(link) else repr(shown)
     if dest.is_dir():
         if kind == "dir" and not any(dest.iterdir()):
@@ -150,7 +150,7 @@ def check_no_overlap(
     output: str | os.PathLike[str],
     inputs: Iterable[tuple[str, str | os.PathLike[str] | None]],
     *,
-    option: str = "--out",
+    option: str = "`out`",
 ) -> None:
     """Refuse an output that is, holds or lies inside one of ``inputs`` (``(option, path)``; ``None`` skipped):
     writing it would replace or mix into what the command reads."""
@@ -445,7 +445,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
         if os.path.lexists(dest) and not overwrite and not (dest.is_dir() and not any(dest.iterdir())):
             kind = "a non-empty directory" if dest.is_dir() else "an existing file"
             raise OutputExistsError(
-                f"{shown} is {kind}; pass overwrite=True (--overwrite) to replace it, or choose another path"
+                f"{shown} is {kind}; pass `overwrite=True` to replace it, or choose another path"
             )
         tmp = Path(tempfile.mkdtemp(prefix=f".{_tag(dest.name)}.vlmsafe-", suffix=".tmp", dir=dest.parent))
         try:
@@ -473,7 +473,7 @@ def _commit(target: Path, dest: Path, *, overwrite: bool, shown: str) -> None:
     refuse anything that appeared since the check (only an empty folder may be there)."""
     appeared = OutputExistsError(
         f"{shown} was created by another program while this run was writing it; it is left as it is and this "
-        "run's output was not kept; choose another path (or pass overwrite=True / --overwrite)"
+        "run's output was not kept; choose another path (or pass `overwrite=True`)"
     )
     if os.path.lexists(dest):
         if not overwrite:

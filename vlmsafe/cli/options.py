@@ -86,18 +86,27 @@ def script_parser(module: str, description: str | None) -> argparse.ArgumentPars
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def add_parameter_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    """Name ``parser``'s flag for library parameters whose name is not the flag's ``dest`` (``{"out_dir": "--out"}``,
+    or a whole setting: ``{"image=blank_image()": "--blank-image"}``), added to those already mapped: how
+    :func:`vlmsafe.cli.flags_for_parameters` translates a library error for this command."""
+    parser.set_defaults(parameter_flags={**(parser.get_default("parameter_flags") or {}), **flags})
+
+
 def run_script(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, work: Callable[[argparse.Namespace], int | None]
 ) -> int:
     """A script's ``main``: parse ``argv`` and run ``work(args)``; a user error (:class:`~vlmsafe.errors.VlmsafeError`)
-    is one line ``PROG: error: MESSAGE`` on stderr and exit code 2, as in the ``vlmsafe`` command."""
+    is one line ``PROG: error: MESSAGE`` on stderr and exit code 2, as in the ``vlmsafe`` command, with the
+    library's parameters named as the script's flags (:func:`vlmsafe.cli.flags_for_parameters`)."""
+    from vlmsafe.cli import flags_for_parameters
     from vlmsafe.errors import VlmsafeError
 
     args = parser.parse_args(argv)
     try:
         return int(work(args) or 0)
     except VlmsafeError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {flags_for_parameters(' '.join(str(exc).split()), parser)}", file=sys.stderr)
         return 2
 
 
@@ -219,6 +228,9 @@ def add_steering_options(
     g.add_argument("--shift-from", choices=("unsteered", "running"), default=None,
                    help="with --shiftdc: " + field_help("shift_from").removeprefix("ShiftDC: ")
                    + " (default unsteered)")
+    # SteeringConfig's fields, as this command's flags (probe keeps --layers for its own analysis)
+    add_parameter_flags(parser, {"directions": "--shiftdc", **({"layers": layers_flag, "positions": positions_flag}
+                                                               if layers_flag == "--layers" else {})})
 
 
 def steering_from_args(args: argparse.Namespace, model: Any | None = None, *, flags: Sequence[str] = ()) -> Any:
