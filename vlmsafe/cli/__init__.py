@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import errno
 import importlib
-import re
 import signal
 import sys
 import threading
@@ -25,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 from vlmsafe import __version__
 from vlmsafe.cli.options import ArgumentParser
+from vlmsafe.cli.options import flags_for_parameters as flags_for_parameters  # re-exported
 from vlmsafe.errors import VlmsafeError
 
 #: Modules that contribute subcommands, in --help order. Each defines ``register(subparsers)``.
@@ -80,42 +80,6 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> arg
             break
         parser = actions[0].choices[token]
     return parser
-
-
-_PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`\s]+))?`")
-
-
-def flags_for_parameters(message: str, parser: argparse.ArgumentParser) -> str:
-    """A library error message as the command line says it: a backticked parameter of the library
-    (```text_encoder_2```) becomes the flag that sets it (``--text-encoder-2``).
-
-    A backticked setting (```overwrite=True```, ```resume_from='latest'```) becomes the flag alone where the flag
-    stores that value (``--overwrite``), else the flag and the value (``--resume latest``). The flag is found
-    from the command's own parser (the option whose ``dest`` is the parameter, or the one a command maps it, or a
-    whole setting such as ``"image=blank_image()"``, to with ``set_defaults(parameter_flags={...})``); a
-    backticked name no flag sets is left as it is.
-    """
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
-    flags = {dest: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])
-             for dest, a in actions.items()}
-    flags.update(parser.get_default("parameter_flags") or {})
-    by_flag = {o: a for a in actions.values() for o in a.option_strings}
-
-    def flag(m: re.Match[str]) -> str:
-        name, value = m[1], m[2]
-        if value is not None and f"{name}={value}" in flags:  # a setting the command maps as a whole
-            return flags[f"{name}={value}"]
-        if name not in flags:
-            return m[0]
-        if value is None:
-            return flags[name]
-        action = by_flag.get(flags[name])
-        if action is not None and action.nargs == 0:  # a switch: it says the value by being there, or cannot
-            return flags[name] if value == repr(action.const) else m[0]
-        value = value.strip("'\"")  # `resume_from='latest'`: the shell's word is latest
-        return f"{flags[name]} {value}"
-
-    return _PARAMETER.sub(flag, message)
 
 
 class Terminated(KeyboardInterrupt):
