@@ -83,6 +83,8 @@ def check_output(
     file system allows (all found now, not after the work) and an output another vlmsafe run is writing.
 
     A destination that is a symbolic link is written at the link's target (as ``cp`` and ``open`` do).
+    ``option`` names the destination in messages: the caller's parameter in backticks (```out_dir```), which
+    the command line shows as the flag that sets it (:func:`vlmsafe.cli.options.flags_for_parameters`).
 
     Ownership: the output's lock (``.NAME.vlmsafe-lock`` beside it, see :func:`atomic_path`) is taken now,
     so of two runs started together on one output exactly one goes on and the other stops before its work.
@@ -91,7 +93,7 @@ def check_output(
     run whose end would release it). Processes of a distributed launch other than rank 0 do not take it.
 
     Raises:
-        OutputExistsError: naming the path, what is there, and the fix (``--overwrite`` / another path).
+        OutputExistsError: naming the path, what is there, and the fix (``overwrite=True`` / another path).
         OutputBusyError: another vlmsafe run is writing this output.
         InputError: the destination overlaps an input, cannot be written, or its path is unusable.
     """
