@@ -125,7 +125,7 @@ def _pair(item: Any, with_images: bool, override: Image.Image | None) -> tuple[s
     if img is None:
         raise InputError(
             f"item {getattr(item, 'id', prompt[:40])!r} has no image, but a multimodal pass needs one; "
-            "add an image to every item or use a blank image (--blank-image / image=blank_image())"
+            "add an image to every item or use a blank image (`image=blank_image()`)"
         )
     return prompt, img
 

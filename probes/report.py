@@ -41,10 +41,10 @@ def check_report_paths(name: str, out_dir: str | os.PathLike[str], *, overwrite:
     """The ``<name>.json`` / ``<name>.png`` paths in ``out_dir``, refused if they exist (unless ``overwrite``)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file; pass a folder for the {name} report")
+        raise OutputExistsError(f"`out_dir` {out} is a file; pass a folder for the {name} report")
     paths = out / f"{name}.json", out / f"{name}.png"
     for path in paths:
-        check_output(path, kind="file", overwrite=overwrite)
+        check_output(path, kind="file", overwrite=overwrite, option="`out_dir`")
     return paths
 
 

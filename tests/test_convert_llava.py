@@ -118,7 +118,7 @@ def test_convert_refuses_bad_inputs_before_writing(tmp_path):
     o = write_original_llava(tmp_path, version="1.5", fmt="bin")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("keep me")
-    with pytest.raises(OutputExistsError, match="non-empty directory; pass --overwrite"):
+    with pytest.raises(OutputExistsError, match="non-empty directory; pass `overwrite=True`"):
         convert_llava(o.path, o.vision_path, tmp_path / "taken", progress=False)
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep me"
 

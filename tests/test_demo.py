@@ -199,7 +199,7 @@ def test_demo_refuses_a_non_empty_out_before_work(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="`overwrite=True`"):
         run_demo(out, testbed=tmp_path / "no-testbed")  # refused before the (missing) testbed is touched
     assert (out / "mine.txt").read_text() == "keep"
 

@@ -141,7 +141,7 @@ def test_vocab_rows_error_then_shared(ckpts):
     r = ckpts["root"]
     small = make_lm(seed=2, vocab_size=VOCAB - 4)
     small.save_pretrained(r / "lm_small_vocab")
-    msg = r"vocabulary sizes differ \(VLM 64 rows, aligned 60 rows\).*--vocab-rows shared"
+    msg = r"vocabulary sizes differ \(VLM 64 rows, aligned 60 rows\).*`vocab_rows='shared'`"
     with pytest.raises(InputError, match=msg):
         merge_checkpoints(cfg(ckpts, "vocab", aligned="lm_small_vocab"), progress=False)
     assert not (r / "vocab").exists()
@@ -163,8 +163,8 @@ def test_shape_dtype_and_unmatched_errors(ckpts):
 
     with pytest.raises(InputError, match=r"shape mismatch, VLM F32\[32, 16\] vs aligned F32\[24, 16\]") as e:
         merge_checkpoints(cfg(ckpts, "bad", aligned="lm_wide"), progress=False)
-    assert "--allow-passthrough" in str(e.value)
-    with pytest.raises(InputError, match=r"dtype mismatch.*--cast-dtype"):
+    assert "`allow_passthrough=True`" in str(e.value)
+    with pytest.raises(InputError, match=r"dtype mismatch.*`cast_dtype=True`"):
         merge_checkpoints(cfg(ckpts, "bad", aligned="lm_fp16"), progress=False)
     with pytest.raises(InputError, match=r"language_model\.model\.layers\.1.*no counterpart in the aligned model"):
         merge_checkpoints(cfg(ckpts, "bad", aligned="lm_shallow"), progress=False)

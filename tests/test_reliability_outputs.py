@@ -96,7 +96,7 @@ def test_a_held_output_is_refused_before_the_work_and_its_lock_file_goes_away(tm
     try:
         _wait_for(holder, "checked")  # holds M's lock, has written nothing yet
         assert _names(tmp_path) == [".M.vlmsafe-lock"]
-        message = f"another vlmsafe run is writing {out} (pid {holder.pid}); wait for it or choose another --out"
+        message = f"another vlmsafe run is writing {out} (pid {holder.pid}); wait for it or choose another `out`"
         with pytest.raises(OutputBusyError) as info:
             check_output(out, kind="dir")
         assert str(info.value) == message

@@ -179,6 +179,26 @@ def test_cli_pairs_train_refuses_when_max_length_keeps_no_unsafe_token(tmp_path,
     assert "raise --max-length above" in err[0]
 
 
+def test_max_length_reads_as_the_config_field_in_python_and_as_the_flag_on_the_command_line(tmp_path, capsys):
+    """The same refusal: ``PairConverterConfig.max_length`` from Python, ``--max-length`` from the command line."""
+    from vlmsafe.cli import main
+
+    lm, tok = tiny_lm()
+    with pytest.raises(InputError) as info:
+        train_pair_converter(lm, tok, PAIRS, PairConverterConfig(max_length=1, progress=False))
+    python = str(info.value)
+    assert python.startswith("every pair is truncated to its prompt at `max_length` 1 (the shortest prompt has ")
+    assert "raise `max_length` above" in python and "--" not in python
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"safe": s, "unsafe": u}) + "\n" for s, u in PAIRS))
+    rc = main(["safeclip", "pairs", "train", "--model", str(tmp_path / "lm"), "--pairs", str(tmp_path / "pairs.jsonl"),
+               "--output-dir", str(tmp_path / "conv"), "--max-length", "1", "--no-progress"])
+    assert rc == 2
+    cli = python.replace("`max_length`", "--max-length")
+    assert capsys.readouterr().err.strip() == f"vlmsafe safeclip: error: {cli}"
+
+
 def test_pairs_cut_to_their_prompt_are_left_out_with_one_warning():
     """Pairs whose unsafe text --max-length cuts off entirely are dropped (a batch of them has a NaN loss)."""
     from vlmsafe.safeclip.pairs import encode_pairs

@@ -346,7 +346,7 @@ def test_build_refuses_an_existing_output_before_training(tmp_path, monkeypatch)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("user data")
     monkeypatch.setattr(t2i_testbed, "train_vae", lambda *a, **k: pytest.fail("trained before checking --out"))
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="`overwrite=True`"):
         t2i_testbed.build_t2i_testbed(tmp_path / "out", clip_dir=ASSETS / "safeclip")
     assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
 

@@ -426,7 +426,7 @@ def test_train_safeclip_output_policy(tmp_path, data, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="`overwrite=True`"):
         train_safeclip(backend(), data, out, cfg(max_steps=1))
     # a replacing run that fails leaves the earlier folder as it was, and no temporary behind
     monkeypatch.setattr(SafeCLIPTrainer, "train", lambda self, resume_from=None: 1 / 0)

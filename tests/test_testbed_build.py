@@ -76,7 +76,7 @@ def test_build_refuses_an_existing_folder(tmp_path, capsys):
     out = tmp_path / "tb"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="`overwrite=True`"):
         build_testbed(out, BuildConfig(**TINY))
     assert main(["--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err

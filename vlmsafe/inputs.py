@@ -64,7 +64,7 @@ def _relation(path: str, out: str) -> bool | str | None:
 
 
 def check_named_inputs(output: str | os.PathLike[str], named: Mapping[str, Iterable[Any]], *,
-                       option: str = "--out") -> None:
+                       option: str = "`out`") -> None:
     """Refuse an ``output`` that is, holds or lies in an image named inside a data file (``{"--data": items}``):
     ``--overwrite`` would delete the images the data set points at. Runs once the data are loaded."""
     pairs = [(f"{source} image", p) for source, items in named.items() for p in named_paths(items)]
@@ -76,7 +76,7 @@ def check_named_inputs(output: str | os.PathLike[str], named: Mapping[str, Itera
                          "choose another output path")
 
 
-def check_file_name(path: str | os.PathLike[str], *, option: str = "--out", example: str = "out.json") -> None:
+def check_file_name(path: str | os.PathLike[str], *, option: str = "`out`", example: str = "out.json") -> None:
     """Refuse a file output written like a folder (``dir/``): the path would lose its slash and the file be called
     ``dir``, next to (or instead of) the folder the user meant."""
     text = os.fspath(path)

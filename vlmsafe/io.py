@@ -68,7 +68,7 @@ def check_output(
     *,
     kind: OutputKind,
     overwrite: bool = False,
-    option: str = "--out",
+    option: str = "`out`",
     inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = (),
 ) -> Path:
     """Validate an output destination before any work is done; return it as a :class:`Path`.
@@ -83,6 +83,8 @@ def check_output(
     file system allows (all found now, not after the work) and an output another vlmsafe run is writing.
 
     A destination that is a symbolic link is written at the link's target (as ``cp`` and ``open`` do).
+    ``option`` names the destination in messages: the caller's parameter in backticks (```out_dir```), which
+    the command line shows as the flag that sets it (:func:`vlmsafe.cli.options.flags_for_parameters`).
 
     Ownership: the output's lock (``.NAME.vlmsafe-lock`` beside it, see :func:`atomic_path`) is taken now,
     so of two runs started together on one output exactly one goes on and the other stops before its work.
@@ -91,7 +93,7 @@ def check_output(
     run whose end would release it). Processes of a distributed launch other than rank 0 do not take it.
 
     Raises:
-        OutputExistsError: naming the path, what is there, and the fix (``--overwrite`` / another path).
+        OutputExistsError: naming the path, what is there, and the fix (``overwrite=True`` / another path).
         OutputBusyError: another vlmsafe run is writing this output.
         InputError: the destination overlaps an input, cannot be written, or its path is unusable.
     """
@@ -135,7 +137,7 @@ def _refuse_existing(
     """The existing-output part of :func:`check_output` (``dest`` resolved; ``link``: the path as given)."""
     if not os.path.lexists(dest) or overwrite:
         return
-    fix = f"pass --overwrite to replace it, or choose another {option} path"
+    fix = f"pass `overwrite=True` to replace it, or choose another {option} path"
     where = f"{shown!r} (a link to {dest})" if os.path.islink(link) else repr(shown)
     if dest.is_dir():
         if kind == "dir" and not any(dest.iterdir()):
@@ -150,7 +152,7 @@ def check_no_overlap(
     output: str | os.PathLike[str],
     inputs: Iterable[tuple[str, str | os.PathLike[str] | None]],
     *,
-    option: str = "--out",
+    option: str = "`out`",
 ) -> None:
     """Refuse an output that is, holds or lies inside one of ``inputs`` (``(option, path)``; ``None`` skipped):
     writing it would replace or mix into what the command reads."""
@@ -445,7 +447,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
         if os.path.lexists(dest) and not overwrite and not (dest.is_dir() and not any(dest.iterdir())):
             kind = "a non-empty directory" if dest.is_dir() else "an existing file"
             raise OutputExistsError(
-                f"{shown} is {kind}; pass overwrite=True (--overwrite) to replace it, or choose another path"
+                f"{shown} is {kind}; pass `overwrite=True` to replace it, or choose another path"
             )
         tmp = Path(tempfile.mkdtemp(prefix=f".{_tag(dest.name)}.vlmsafe-", suffix=".tmp", dir=dest.parent))
         try:
@@ -473,7 +475,7 @@ def _commit(target: Path, dest: Path, *, overwrite: bool, shown: str) -> None:
     refuse anything that appeared since the check (only an empty folder may be there)."""
     appeared = OutputExistsError(
         f"{shown} was created by another program while this run was writing it; it is left as it is and this "
-        "run's output was not kept; choose another path (or pass overwrite=True / --overwrite)"
+        "run's output was not kept; choose another path (or pass `overwrite=True`)"
     )
     if os.path.lexists(dest):
         if not overwrite:

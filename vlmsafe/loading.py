@@ -64,7 +64,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     except (RuntimeError, TypeError):
         raise InputError(f"unknown device {device!r}; use e.g. cpu, cuda, cuda:1 or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
+        raise InputError(f"device {device!r} was requested but CUDA is not available; use `device='cpu'`")
     return dev
 
 
@@ -175,7 +175,8 @@ def load_model(
         if any(a in ORIGINAL_LLAVA_ARCHITECTURES for a in archs):
             raise FileFormatError(
                 f"{location}: an original LLaVA checkpoint ({', '.join(archs)}) that transformers cannot load; "
-                "convert it with `vlmsafe convert-llava ORIGINAL_DIR --vision CLIP_DIR --out DIR` and load DIR"
+                "convert it with vlmsafe.convert.convert_llava(ORIGINAL_DIR, vision=CLIP_DIR, out=DIR) (the `vlmsafe "
+                "convert-llava` command) and load DIR"
             ) from None
         raise FileFormatError(
             f"{location}: cannot read a model config ({first}); pass a save_pretrained directory"

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import errno
 import importlib
-import re
 import signal
 import sys
 import threading
@@ -25,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 from vlmsafe import __version__
 from vlmsafe.cli.options import ArgumentParser
+from vlmsafe.cli.options import flags_for_parameters as flags_for_parameters  # re-exported
 from vlmsafe.errors import VlmsafeError
 
 #: Modules that contribute subcommands, in --help order. Each defines ``register(subparsers)``.
@@ -80,23 +80,6 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> arg
             break
         parser = actions[0].choices[token]
     return parser
-
-
-_PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
-
-
-def flags_for_parameters(message: str, parser: argparse.ArgumentParser) -> str:
-    """A library error message as the command line says it: a backticked parameter of the library
-    (```text_encoder_2```) becomes the flag that sets it (``--text-encoder-2``).
-
-    The flag is found from the command's own parser (the option whose ``dest`` is the parameter, or the
-    one a command maps it to with ``set_defaults(parameter_flags={...})``); a backticked name no flag
-    sets is left as it is.
-    """
-    flags = {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])
-             for a in parser._actions if a.option_strings and a.dest != "help"}
-    flags.update(parser.get_default("parameter_flags") or {})
-    return _PARAMETER.sub(lambda m: flags.get(m[1], m[0]), message)
 
 
 class Terminated(KeyboardInterrupt):

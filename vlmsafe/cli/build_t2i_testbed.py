@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmsafe.cli.options import add_progress_option, add_seed_option, run_script, script_parser
+from vlmsafe.cli.options import add_parameter_flags, add_progress_option, add_seed_option, run_script, script_parser
 from vlmsafe.cli.types import float_arg, int_arg
 from vlmsafe.resources import bundled_asset
 from vlmsafe.testbed import safeclip as tb
@@ -47,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_progress_option(parser)
+    add_parameter_flags(parser, {"out_dir": "--out"})  # build_t2i_testbed(out_dir)
     return run_script(parser, argv, _run)
 
 

@@ -9,12 +9,10 @@ figures the method pages quote are the measured ones, never typed by hand.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from vlmsafe.cli.options import HelpFormatter
+from vlmsafe.cli.options import HelpFormatter, run_script, script_parser
 from vlmsafe.cli.types import int_arg
-from vlmsafe.errors import VlmsafeError
 from vlmsafe.experiments.compare import (
     BATCH_SIZE,
     DOCS_END,
@@ -32,6 +30,18 @@ from vlmsafe.steering import SafeVLM, SteeringConfig
 def main(argv: Sequence[str] | None = None) -> int:
     """CMRM (real, blank and noise anchors; dataset- and sample-level) and ShiftDC on the bundled testbed: each
     method's setting chosen on the calibration split by the demo's rule, the held-out test split measured there."""
+    ap = script_parser("vlmsafe.cli.compare", main.__doc__)
+    ap.formatter_class = HelpFormatter
+    ap.add_argument("--out", required=True, help="output folder: report.json and table.md (written atomically)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    ap.add_argument("--testbed", default=None, help="testbed folder (default: the bundled assets/testbed)")
+    ap.add_argument("--threads", type=int_arg(low=1), default=1, help="torch threads")
+    ap.add_argument("--docs", default=None, metavar="MARKDOWN",
+                    help=f"also write the table between the {DOCS_START} and {DOCS_END} lines of this document")
+    return run_script(ap, argv, _run)
+
+
+def _run(args: argparse.Namespace) -> int:
     import json
     import time
 
@@ -44,22 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlmsafe.testbed import load_testbed, testbed_dir
     from vlmsafe.testbed.prompts import REFUSAL
 
-    ap = argparse.ArgumentParser(prog="python -m vlmsafe.cli.compare", description=main.__doc__,
-                                 formatter_class=HelpFormatter)
-    ap.add_argument("--out", required=True, help="output folder: report.json and table.md (written atomically)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
-    ap.add_argument("--testbed", default=None, help="testbed folder (default: the bundled assets/testbed)")
-    ap.add_argument("--threads", type=int_arg(low=1), default=1, help="torch threads")
-    ap.add_argument("--docs", default=None, metavar="MARKDOWN",
-                    help=f"also write the table between the {DOCS_START} and {DOCS_END} lines of this document")
-    args = ap.parse_args(argv)
-    try:
-        check_output(args.out, kind="dir", overwrite=args.overwrite)
-        if args.docs:
-            marked_block(args.docs, DOCS_START, DOCS_END)  # a document without the markers: refused before the work
-    except VlmsafeError as exc:
-        print(f"{ap.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    check_output(args.out, kind="dir", overwrite=args.overwrite)
+    if args.docs:
+        marked_block(args.docs, DOCS_START, DOCS_END)  # a document without the markers: refused before the work
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.perf_counter()

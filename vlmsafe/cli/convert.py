@@ -9,6 +9,7 @@ from vlmsafe.cli.options import (
     add_dtype_option,
     add_input,
     add_output_options,
+    add_parameter_flags,
     add_progress_option,
     check_command_output,
 )
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="conversation format (default: vicuna for Llama models, mistral for Mistral)")
     p.add_argument("--max-shard-size", type=size_arg, default="2GB", help="output shard size (default 2GB)")
     add_progress_option(p)
+    add_parameter_flags(p, {"original": "ORIGINAL_DIR"})  # convert_llava(original, vision, out)
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmsafe.cli.options import add_batch_size_option, add_command, add_input, add_output_options, add_progress_option
+from vlmsafe.cli.options import (
+    add_batch_size_option,
+    add_command,
+    add_input,
+    add_output_options,
+    add_parameter_flags,
+    add_progress_option,
+)
 from vlmsafe.cli.types import float_list_arg, layer_spec_arg
 
 DEMO_HELP = """\
@@ -42,6 +49,7 @@ def register(subparsers: Any) -> None:
         description=DEMO_HELP,
     )
     add_output_options(p, default="vlmsafe-demo", help="output folder (default: ./vlmsafe-demo)")
+    add_parameter_flags(p, {"out_dir": "--out"})  # run_demo(out_dir)
     add_input(  # the outputs are checked against it (and the Safe-CLIP testbeds beside it) by run_demo
         p, "--testbed", default=None, help="testbed folder (default: the bundled assets/testbed, or $VLMSAFE_TESTBED)"
     )

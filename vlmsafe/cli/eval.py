@@ -14,6 +14,7 @@ from vlmsafe.cli.options import (
     add_max_new_tokens,
     add_model_options,
     add_output_options,
+    add_parameter_flags,
     add_progress_option,
     add_steering_options,
     check_command_output,
@@ -91,6 +92,7 @@ def register(subparsers: Any) -> None:
     add_steering_options(p)
     add_output_options(p, help="output folder: <run>.json (records + summary), <run>.md, summary.md (written at once)")
     add_progress_option(p)
+    add_parameter_flags(p, {"spec": "--judge", "image_dir": "--images"})  # load_judge(spec), load_figstep
 
 
 def _judge_path(spec: str) -> str | None:

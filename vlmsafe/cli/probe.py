@@ -13,6 +13,7 @@ from vlmsafe.cli.options import (
     add_input,
     add_model_options,
     add_output_options,
+    add_parameter_flags,
     add_progress_option,
     add_seed_option,
     add_steering_options,
@@ -34,6 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, probes: bool) -> None:
     add_model_options(p, help="VLM folder written by save_pretrained (model + processor)")
     add_data_options(p, help=_DATA_HELP)
     add_output_options(p, help="output folder: <analysis>.json (all figures) + <analysis>.png")
+    add_parameter_flags(p, {"out_dir": "--out", "image=blank_image()": "--blank-image"})  # write_report, ReadOptions
     p.add_argument("--layers", type=layer_spec_arg, default=None,
                    help="decoder layers to analyse, e.g. '8-15' or '0,4,8' (default: all)")
     p.add_argument("--positions", default="last", choices=["last", "prompt", "text"],
@@ -119,6 +121,7 @@ def register(subparsers: Any) -> None:
     add_input(weights, "--after", required=True,
               help="changed checkpoint, e.g. the VLM whose language model was adapted")
     add_output_options(weights, help="output folder: weights.json + weights.png")
+    add_parameter_flags(weights, {"out_dir": "--out"})  # write_report(report, out_dir)
     add_progress_option(weights)
 
 

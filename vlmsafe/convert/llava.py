@@ -90,18 +90,18 @@ def convert_llava(
 
     start = time.perf_counter()
     src, vis = Path(original), Path(vision)
-    for p, what in ((src, "original LLaVA directory"), (vis, "--vision CLIP directory")):
+    for p, what in ((src, "original LLaVA directory"), (vis, "`vision` CLIP directory")):
         if not p.is_dir():
             raise FileFormatError(f"{p}: no such {what}; pass the directory that holds config.json and the weights")
         check_no_remote_code(p, what)  # the original's tokenizer is loaded with transformers
     # an output that is, holds or lies in either input is refused (even with overwrite): it would replace them
-    dest = check_output(out, kind="dir", overwrite=overwrite, inputs=(("ORIGINAL_DIR", src), ("--vision", vis)))
+    dest = check_output(out, kind="dir", overwrite=overwrite, inputs=(("`original`", src), ("`vision`", vis)))
     orig_cfg = read_json(src / "config.json", what="LLaVA config", fix="pass an original LLaVA checkpoint directory")
     spec = _spec(orig_cfg, src, dtype, chat_template)
     vision_cfg = _vision_config(vis)
     if vision_cfg.hidden_size != orig_cfg.get("mm_hidden_size", vision_cfg.hidden_size):
         raise InputError(
-            f"--vision {vis} has hidden size {vision_cfg.hidden_size} but {src} was trained on a tower of "
+            f"`vision` {vis} has hidden size {vision_cfg.hidden_size} but {src} was trained on a tower of "
             f"{orig_cfg['mm_hidden_size']} (mm_vision_tower {orig_cfg.get('mm_vision_tower')!r}); pass that tower"
         )
     tokenizer, added = _tokenizer(src)
@@ -110,7 +110,7 @@ def convert_llava(
     processor = _processor(spec, vis, vision_cfg, tokenizer, orig_cfg)
 
     with Checkpoint(src, role="original LLaVA", hash_files=True) as ck, \
-            Checkpoint(vis, role="--vision CLIP", hash_files=True) as clip:
+            Checkpoint(vis, role="`vision` CLIP", hash_files=True) as clip:
         plan, sources, dropped = _plan(ck, clip, spec, text_cfg, vision_cfg)
         with atomic_path(dest, overwrite=overwrite) as tmp:
             tmp.mkdir()
@@ -204,7 +204,7 @@ def _vision_config(vis: Path):
     if raw.get("model_type") == "clip" and isinstance(raw.get("vision_config"), dict):
         raw = raw["vision_config"]
     elif raw.get("model_type") != "clip_vision_model":
-        raise InputError(f"--vision {vis}: model_type {raw.get('model_type')!r} is not a CLIP model; pass the "
+        raise InputError(f"`vision` {vis}: model_type {raw.get('model_type')!r} is not a CLIP model; pass the "
                          "tower named by the checkpoint's mm_vision_tower (e.g. openai/clip-vit-large-patch14-336)")
     return CLIPVisionConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")})
 

@@ -147,15 +147,15 @@ def run_demo(
     options = options or DemoOptions()
     alphas, merge = options.alphas, options.merge
     root = testbed_dir(testbed)
-    # everything the demo reads: the testbed, the Safe-CLIP testbeds beside it, --test and the images it names
-    inputs = [(role, p) for role, p in (("--testbed", root), ("Safe-CLIP testbed", root.parent / "safeclip"),
-                                        ("text-to-image testbed", root.parent / "t2i"), ("--test", test))
+    # everything the demo reads: the testbed, the Safe-CLIP testbeds beside it, `test` and the images it names
+    inputs = [(role, p) for role, p in (("`testbed`", root), ("Safe-CLIP testbed", root.parent / "safeclip"),
+                                        ("text-to-image testbed", root.parent / "t2i"), ("`test`", test))
               if p is not None and Path(p).exists()]
-    out = check_output(out_dir, kind="dir", overwrite=overwrite, inputs=inputs)
+    out = check_output(out_dir, kind="dir", overwrite=overwrite, option="`out_dir`", inputs=inputs)
     test_items = None
     if test is not None:  # read once: its images are inputs too
         test_items = load_items(test, require_label=True)
-        check_named_inputs(out, {"--test": test_items})
+        check_named_inputs(out, {"`test`": test_items}, option="`out_dir`")
     started, cpu_started = time.perf_counter(), time.process_time()
     ctx = load_context(
         root, test, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens, progress=progress,

@@ -132,7 +132,7 @@ def modality_runs(
     if not with_image:
         where = locate_item(source, items[0].id) if source is not None and items else "the data"
         raise InputError(
-            f"{where}: no item has an image, so there is no multimodal rate to measure; pass --modality text "
+            f"{where}: no item has an image, so there is no multimodal rate to measure; pass `modality='text'` "
             "for text-only items, or give the items an \"image\""
         )
     runs = [("text-only", with_image, True)] if modality == "both" else []

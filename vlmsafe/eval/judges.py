@@ -318,10 +318,10 @@ def load_judge(spec: str, *, device: str | None = None, batch_size: int = 8) -> 
         raise InputError(f"unknown judge {spec!r}; use 'refusal', 'llamaguard:PATH' or 'harmbench:PATH'.")
     if kind == "refusal":
         if path:
-            raise InputError("the refusal judge takes no model path; use '--judge refusal'.")
+            raise InputError("the refusal judge takes no model path; use `spec='refusal'`.")
         return RefusalJudge()
     if not path:
-        raise InputError(f"judge {kind!r} needs a model: '--judge {kind}:PATH' (a local model folder).")
+        raise InputError(f"judge {kind!r} needs a model: `spec='{kind}:PATH'` (a local model folder).")
     from vlmsafe.loading import load_model
 
     model, tokenizer = load_model(path, kind="causal_lm", dtype="auto", device=device or "auto")

@@ -217,8 +217,8 @@ def load_figstep(
             if not image.is_file():
                 if not render_missing:
                     raise FileFormatError(
-                        f"{where}: image {str(image)!r} does not exist; point image_dir at FigStep's images, or pass "
-                        "render_missing=True (--render-missing) to render it."
+                        f"{where}: image {str(image)!r} does not exist; point `image_dir` at FigStep's images, or "
+                        "pass `render_missing=True` to render it."
                     )
                 img_dir.mkdir(parents=True, exist_ok=True)
                 render_typographic(row["instruction"], size).save(image)
@@ -362,8 +362,8 @@ def load_benchmark(
     if format not in BENCHMARK_FORMATS:
         raise InputError(f"unknown data format {format!r}; use one of {', '.join(BENCHMARK_FORMATS)}")
     fmt = detect_format(path) if format == "auto" else format
-    for given, option, owner in ((image_types is not None, "--image-types", "mm-safetybench"),
-                                 (render_missing, "--render-missing", "figstep")):
+    for given, option, owner in ((image_types is not None, "`image_types`", "mm-safetybench"),
+                                 (render_missing, "`render_missing`", "figstep")):
         if given and fmt != owner:
             raise InputError(f"{option} applies to {owner} data, but {path} is {fmt} data; remove {option}")
     if fmt == "jsonl":
@@ -372,7 +372,7 @@ def load_benchmark(
         types = ["SD_TYPO"] if image_types is None else [t.strip().upper() for t in image_types if t.strip()]
         return load_mm_safetybench(path, image_types=types, image_root=images)
     if images is None:
-        raise InputError(f"{fmt} data needs --images, the image folder: "
+        raise InputError(f"{fmt} data needs `images`, the image folder: "
                          + ("the folder of query_*_6.png images, or where to render them" if fmt == "figstep"
                             else "the COCO folder"))
     if fmt == "figstep":

@@ -161,7 +161,8 @@ class MergeConfig:
             raise InputError(f"unknown merge config keys {sorted(unknown)}; valid keys: {', '.join(sorted(names))}.")
         missing = [k for k in ("vlm", "aligned", "output") if merged.get(k) is None]
         if missing:
-            raise InputError(f"merge config is missing {missing}; set them in the YAML or with --vlm/--aligned/--out.")
+            raise InputError(f"merge config is missing {missing}; set them in the YAML or with "
+                             "`vlm`/`aligned`/`output`.")
         return cls(**merged)
 
     @classmethod

@@ -227,8 +227,8 @@ def weight_difference_mask(
         except re.error as exc:
             raise InputError(f"include pattern {include!r} is not a valid regex ({exc}); fix the pattern") from None
     check_file_name(out, example="mask.safetensors")
-    outp = check_output(out, kind="file", overwrite=overwrite, option="--out",
-                        inputs=(("--vlm", vlm), ("--aligned", aligned)))
+    outp = check_output(out, kind="file", overwrite=overwrite, option="`out`",
+                        inputs=(("`vlm`", vlm), ("`aligned`", aligned)))
     km = KeyMap()
     with Checkpoint(vlm, role="VLM") as v, Checkpoint(aligned, role="aligned model") as a:
         check_roles(v, a, km)

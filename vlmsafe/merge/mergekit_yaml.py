@@ -68,7 +68,8 @@ def translate(data: Mapping[str, Any], *, where: str) -> dict[str, Any]:
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
         raise InputError(f"{where}: mergekit key(s) {unknown} are not supported by vlmsafe merge (it reads "
-                         f"{sorted(TOP_KEYS)}); remove them or write vlmsafe's own form (see `vlmsafe merge --help`)")
+                         f"{sorted(TOP_KEYS)}); remove them or write vlmsafe's own form (the fields of "
+                         "vlmsafe.merge.MergeConfig, docs/merge.md)")
     method = data.get("merge_method")
     if method not in METHODS:
         raise InputError(f"{where}: merge_method {method!r} is not one vlmsafe implements; use one of "

@@ -83,7 +83,7 @@ def _compatible(
         elif vocab:
             problems.append(
                 f"{name}: vocabulary sizes differ (VLM {v.shape[0]} rows, {role} {o.shape[0]} rows); pass "
-                "--vocab-rows shared (config `vocab_rows: shared`) to merge the shared token rows and keep the "
+                "`vocab_rows='shared'` (config `vocab_rows: shared`) to merge the shared token rows and keep the "
                 "VLM's rows for the rest"
             )
             return False
@@ -92,7 +92,7 @@ def _compatible(
             return False
     if o.dtype != v.dtype and not cfg.cast_dtype:
         problems.append(
-            f"{name}: dtype mismatch, VLM {_fmt(v)} vs {role} {_fmt(o)}; pass --cast-dtype (config "
+            f"{name}: dtype mismatch, VLM {_fmt(v)} vs {role} {_fmt(o)}; pass `cast_dtype=True` (config "
             "`cast_dtype: true`) to merge in float32 and write the VLM's dtype"
         )
         return False
@@ -110,15 +110,15 @@ def check_roles(vlm: Checkpoint, aligned: Checkpoint, keymap: KeyMap) -> None:
         same = fingerprint(vlm.files, vlm.role) == fingerprint(aligned.files, aligned.role)
     if same:
         raise InputError(
-            f"--vlm {vlm.path} and --aligned {aligned.path} are the same model (same weights), so the merge would "
-            "change nothing; pass the safety-aligned text-only LLM the VLM was built from as --aligned"
+            f"`vlm` {vlm.path} and `aligned` {aligned.path} are the same model (same weights), so the merge would "
+            "change nothing; pass the safety-aligned text-only LLM the VLM was built from as `aligned`"
         )
     vision = [k for k in aligned if keymap.lm_name(k) is None and not is_buffer(k)]
     if vision and all(keymap.lm_name(k) is not None or is_buffer(k) for k in vlm):
         raise InputError(
-            f"--vlm and --aligned look swapped: --vlm {vlm.path} has no vision tower (a text-only LLM) while "
-            f"--aligned {aligned.path} has one ({len(vision)} tensors such as {vision[0]}); pass the VLM as --vlm "
-            "and the text-only LLM as --aligned"
+            f"`vlm` and `aligned` look swapped: `vlm` {vlm.path} has no vision tower (a text-only LLM) while "
+            f"`aligned` {aligned.path} has one ({len(vision)} tensors such as {vision[0]}); pass the VLM as `vlm` "
+            "and the text-only LLM as `aligned`"
         )
 
 
@@ -230,7 +230,7 @@ def plan_merge(cfg: MergeConfig, vlm: Checkpoint, aligned: Checkpoint, base: Che
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise InputError(
             f"cannot merge {vlm.path} with {aligned.path}: {len(problems)} problem(s):\n  {listed}{more}\n"
-            "Fix the inputs, or pass --allow-passthrough (config `allow_passthrough: true`) to keep the VLM's "
+            "Fix the inputs, or pass `allow_passthrough=True` (config `allow_passthrough: true`) to keep the VLM's "
             "tensor wherever there is no usable counterpart."
         )
     return MergePlan(items, num_layers, ignored_aligned=ignored, unused_mask=unused_mask)

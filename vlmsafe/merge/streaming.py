@@ -225,8 +225,8 @@ class _Merger:
 
 
 def _check_paths(cfg: MergeConfig) -> None:
-    inputs = (("vlm", cfg.vlm), ("aligned", cfg.aligned), ("base", cfg.base), ("mask", cfg.mask))
-    check_output(cfg.output, kind="dir", overwrite=cfg.overwrite, inputs=inputs)
+    inputs = (("`vlm`", cfg.vlm), ("`aligned`", cfg.aligned), ("`base`", cfg.base), ("`mask`", cfg.mask))
+    check_output(cfg.output, kind="dir", overwrite=cfg.overwrite, option="`output`", inputs=inputs)
     # Temporaries of killed merges are removed by atomic_path; any left here belong to a live process.
     busy = sorted(cfg.output.parent.glob(f".{cfg.output.name}.*.tmp")) if cfg.output.parent.is_dir() else []
     if busy:

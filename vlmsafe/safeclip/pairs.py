@@ -181,8 +181,8 @@ def encode_pairs(
     kept = [(ids, labels) for ids, labels in encoded if any(t != -100 for t in labels)]
     if not kept:
         shortest = min(len(tokenizer(template.format(safe=s), add_special_tokens=True)["input_ids"]) for s, _ in pairs)
-        raise InputError(f"every pair is truncated to its prompt at --max-length {max_length} (the shortest prompt "
-                         f"has {shortest} tokens), so there is nothing to learn; raise --max-length above {shortest}")
+        raise InputError(f"every pair is truncated to its prompt at `max_length` {max_length} (the shortest prompt "
+                         f"has {shortest} tokens), so there is nothing to learn; raise `max_length` above {shortest}")
     if len(kept) < len(encoded):
         warnings.warn(f"{len(encoded) - len(kept)} of {len(encoded)} pairs are truncated to their prompt at "
                       f"--max-length {max_length} and are left out; raise --max-length to train on them",

@@ -86,7 +86,7 @@ class ShiftVectors:
         if missing:
             raise IncompatibleVectorsError(
                 f"the vectors have no layer(s) {missing}; they were calibrated on layers {self.layers}. "
-                "Re-run `vlmsafe calibrate --layers ...` to include them, or choose among the calibrated layers"
+                "Calibrate again with them included (calibrate's layers), or choose among the calibrated layers"
             )
         pick = lambda d: {l: d[l] for l in layers if l in d}
         return replace(self, shifts=pick(self.shifts), mm_means=pick(self.mm_means), text_means=pick(self.text_means),
@@ -219,7 +219,7 @@ class ShiftVectors:
         root = resolve(directory, patterns=VECTOR_FILES, what="a vectors folder", revision=revision)
         meta, tables = read_layer_tables(
             root, ("shift", "mm_mean", "text_mean"), tensor_file=TENSOR_FILE, meta_file=META_FILE,
-            what="a vectors directory (written by `vlmsafe calibrate --out DIR` or ShiftVectors.save)",
+            what="a vectors directory (written by `vlmsafe calibrate` or ShiftVectors.save)",
             fix="re-create the vectors with `vlmsafe calibrate`",
         )
         stats = {int(l): s for l, s in meta.pop("stats", {}).items()}

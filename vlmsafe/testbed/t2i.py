@@ -325,7 +325,7 @@ def _build(
     seed, renders, cond_noise = config.seed, config.renders, config.cond_noise
     t0, cpu0 = time.time(), time.process_time()
     clip_dir = tb.resolve_assets_dir(clip_dir)
-    out = check_output(out_dir, kind="dir", overwrite=overwrite)
+    out = check_output(out_dir, kind="dir", overwrite=overwrite, option="`out_dir`")
     split_seed = int(read_json(clip_dir / tb.INFO_FILE, what="Safe-CLIP testbed build info").get("seed", 0))
     splits = tb.make_splits(split_seed)
     records, pixels = render_scenes(splits["train"], renders, seed + 11)

@@ -28,8 +28,8 @@ from vlmsafe.steering.vectors import ShiftVectors
 #: Why a dataset-level config without vectors cannot be applied.
 NEEDS_VECTORS = "dataset-level steering needs calibrated vectors: SteeringConfig(vectors=ShiftVectors.load(DIR))"
 #: Why sample-level steering leaves generated tokens alone.
-NO_DECODE = ("sample-level steering cannot steer generated tokens (they have no text-only counterpart); drop decode "
-             "(--decode), or use dataset-level vectors (--vectors DIR) to steer them")
+NO_DECODE = ("sample-level steering cannot steer generated tokens (they have no text-only counterpart); drop "
+             "`decode=True`, or use dataset-level vectors (`vectors`) to steer them")
 
 
 @register_steering_method("dataset")
@@ -81,7 +81,7 @@ class SampleLevel(SteeringMethod):
     """Sample-level CMRM: each input's own shift, from its text-only counterpart (or a fixed anchor image)."""
 
     owns: ClassVar = {"anchor": ("real", "an anchor image is a sample-level choice (dataset-level vectors carry the "
-                                         "anchor they were calibrated with: `vlmsafe calibrate --anchor`); use "
+                                         "anchor they were calibrated with: calibrate(..., anchor=...)); use "
                                          "mode='sample' or drop it")}
 
     def validate(self, config: SteeringConfig) -> None:

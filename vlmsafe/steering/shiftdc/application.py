@@ -38,7 +38,8 @@ class ShiftDC(SteeringMethod):
     def validate(self, config: SteeringConfig) -> None:
         if not isinstance(config.directions, SafetyDirections):
             raise InputError("ShiftDC needs safety directions: SteeringConfig(mode='shiftdc', directions="
-                             "SafetyDirections.load(DIR)) (`vlmsafe calibrate --method shiftdc` writes them)")
+                             "SafetyDirections.load(DIR)) (calibrate_shiftdc writes them; `vlmsafe calibrate` with "
+                             "method shiftdc)")
         if config.positions != "last":
             raise InputError(f"ShiftDC corrects the last prompt token only; drop positions={config.positions!r}")
 

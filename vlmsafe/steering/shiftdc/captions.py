@@ -79,7 +79,7 @@ def read_caption_cache(path: str | os.PathLike[str]) -> dict[str, str]:
         if not isinstance(rec.get("caption"), str) or "id" not in rec:
             raise FileFormatError(
                 f"{where}: a caption cache line needs 'id' and 'caption'; use the captions.jsonl "
-                "that `vlmsafe calibrate --method shiftdc` writes"
+                "that calibrate_shiftdc writes (`vlmsafe calibrate` with method shiftdc)"
             )
         out[str(rec["id"])] = rec["caption"]
     return out

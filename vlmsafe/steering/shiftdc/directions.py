@@ -129,7 +129,7 @@ class SafetyDirections:
         if missing:
             raise IncompatibleVectorsError(
                 f"the safety directions have no layer(s) {missing}; they were calibrated on layers {self.layers}. "
-                "Re-run `vlmsafe calibrate --method shiftdc --layers ...` to include them, or steer calibrated layers"
+                "Calibrate again with them included (calibrate_shiftdc's layers), or steer calibrated layers"
             )
         pick = lambda d: {l: d[l] for l in layers if l in d}
         return replace(
@@ -149,7 +149,7 @@ class SafetyDirections:
             get_adapter(model),
             what="directions",
             title="ShiftDC safety directions",
-            fix="Compute directions for this model with `vlmsafe calibrate --method shiftdc`.",
+            fix="Compute directions for this model with calibrate_shiftdc (`vlmsafe calibrate` with method shiftdc).",
             strict=strict,
         )
 
@@ -204,7 +204,7 @@ class SafetyDirections:
         """Read directions saved by :meth:`save` from a folder or a Hub repository id (checksum verified; nothing
         unpickled; a download gets every check a local folder does); validate against ``model``."""
         root = resolve(directory, patterns=DIRECTION_FILES, what="a ShiftDC directions folder", revision=revision)
-        fix = "re-create them with `vlmsafe calibrate --method shiftdc`"
+        fix = "re-create them with calibrate_shiftdc (`vlmsafe calibrate` with method shiftdc)"
         meta, tables = read_layer_tables(root, ("direction", "benign_mean", "harmful_mean"), tensor_file=TENSOR_FILE,
                                          meta_file=META_FILE, what="a ShiftDC directions folder", fix=fix,
                                          schema=DIRECTIONS_SCHEMA)
