@@ -21,9 +21,8 @@ from vlmsafe.errors import InputError, OutputExistsError
 ROOT = Path(__file__).resolve().parents[1]
 #: The application above the library: its errors may name the command to run (e.g. a testbed's build script).
 APPLICATION = ("vlmsafe/cli/", "vlmsafe/demo/", "vlmsafe/testbed/", "vlmsafe/experiments/", "vlmsafe/testing/")
-#: Safe-CLIP trainer modules being redesigned on another branch, which converts their messages; empty this set
-#: when that branch is merged.
-PENDING = {"vlmsafe/safeclip/checkpoint.py", "vlmsafe/safeclip/data.py", "vlmsafe/safeclip/loop.py"}
+#: Modules whose messages are being converted on another branch (empty: none).
+PENDING: set[str] = set()
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 #: Strings of remedy modules that name flags on purpose: none is an error (``KEPT[path]``: a part of each string).
 KEPT = {
@@ -31,6 +30,7 @@ KEPT = {
     "vlmsafe/steering/vectors.py": ("Or on the command line: `vlmsafe generate",
                                     "compare others with `vlmsafe evaluate"),
     "vlmsafe/steering/shiftdc/directions.py": ("or on the command line:",),
+    "vlmsafe/safeclip/card.py": ("vlmsafe safeclip generate --pipeline",),
     # recorded in vectors.json and the card, and printed by `vlmsafe calibrate`, as the reason tuning was skipped
     "vlmsafe/steering/recommend.py": ("not tuned (--tune-share 0)", "held-out items at --tune-share"),
     # printed by `vlmsafe convert-llava` and recorded in the output's provenance
