@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from vlmsafe.errors import FileFormatError, OutputExistsError
-from vlmsafe.io import atomic_path, replace_marked_block, write_json_atomic
+from vlmsafe.io import atomic_path, write_json_atomic
+from vlmsafe.reading import replace_marked_block
 
 
 def test_atomic_file_and_dir(tmp_path):

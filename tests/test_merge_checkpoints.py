@@ -148,9 +148,9 @@ def test_inputs_are_read_once_and_hashed_in_the_same_read(tmp_path, monkeypatch,
         def __exit__(self, *exc):
             self._f.close()
 
-    import vlmsafe.io
+    import vlmsafe.reading
 
-    for module in (checkpoint, vlmsafe.io):  # the reader and the stand-alone sha256_file
+    for module in (checkpoint, vlmsafe.reading):  # the reader and the stand-alone sha256_file
         monkeypatch.setattr(module, "open", lambda p, *a, **k: Counting(real_open(p, *a, **k), os.fspath(p)),
                             raising=False)
     res = merge_checkpoints(MergeConfig(vlm=o.path, aligned=aligned, output=tmp_path / "out", weight=0.5),

@@ -23,7 +23,8 @@ import pytest
 import vlmsafe
 from vlmsafe.cli import main
 from vlmsafe.errors import InputError, OutputBusyError, OutputExistsError, OutputWriteError
-from vlmsafe.io import atomic_path, check_output, hold_outputs, write_text_atomic
+from vlmsafe.io import atomic_path, check_output, write_text_atomic
+from vlmsafe.output_locks import hold_outputs
 
 REPO = Path(vlmsafe.__file__).resolve().parents[1]
 TESTBED = REPO / "assets" / "testbed"

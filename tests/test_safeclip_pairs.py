@@ -217,7 +217,7 @@ def test_pairs_cut_to_their_prompt_are_left_out_with_one_warning():
 
 
 def test_printed_json_has_null_not_nan():
-    from vlmsafe.io import json_text as _json
+    from vlmsafe.reading import json_text as _json
 
     text = _json({"first_loss": float("nan"), "best_metrics": {"loss": float("inf"), "r": 1.5}, "h": [float("-inf")]})
     assert json.loads(text) == {"first_loss": None, "best_metrics": {"loss": None, "r": 1.5}, "h": [None]}

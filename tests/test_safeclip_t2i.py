@@ -295,7 +295,7 @@ def tiny_build(tmp_path_factory):
 
 
 def _digests(root):
-    from vlmsafe.io import sha256_file
+    from vlmsafe.reading import sha256_file
 
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*.safetensors"))} | {
         "prompts.json": sha256_file(root / "prompts.json")
@@ -412,7 +412,7 @@ SHIPPED = pytest.mark.skipif(
 
 @SHIPPED
 def test_shipped_generator_is_conditioned_on_the_shipped_original_encoder():
-    from vlmsafe.io import sha256_file
+    from vlmsafe.reading import sha256_file
 
     info = json.loads((ASSETS / "t2i" / "build_info.json").read_text())
     # a Safe-CLIP rebuild must keep the original byte for byte (--reuse-original): the UNet was trained on it

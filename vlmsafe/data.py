@@ -35,7 +35,8 @@ from typing import Any
 from PIL import Image
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import atomic_path, parse_json
+from vlmsafe.io import atomic_path
+from vlmsafe.reading import parse_json
 
 LABELS: tuple[str, ...] = ("harmful", "benign")
 _ITEM_KEYS = ("id", "prompt", "image", "category", "label", "reference")
@@ -85,7 +86,7 @@ def _is_single_document(text: str) -> bool:
     """True when ``text`` is one JSON value (a document), not several lines of JSON objects.
 
     Only sniffs the layout; the records themselves are parsed (and their errors reported) by
-    :func:`vlmsafe.io.parse_json`.
+    :func:`vlmsafe.reading.parse_json`.
     """
     decoder = json.JSONDecoder()
     start = len(text) - len(text.lstrip(_JSON_WHITESPACE))

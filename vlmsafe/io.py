@@ -1,51 +1,38 @@
-"""File-system primitives every vlmsafe writer and reader shares.
+"""Writing outputs: the output policy every vlmsafe writer shares.
 
 * **Output policy** (:func:`check_output`, :func:`atomic_path`): a command never deletes or empties
   what it did not create. An existing non-empty output directory, an existing output file, or a
   file where a directory is wanted (and the reverse) is refused *before any work* unless the caller
   passes ``overwrite=True`` (the CLI's ``--overwrite``); then the new output replaces the old one in
   one atomic rename, so an interrupted run never leaves a half-written output. One run at a time
-  owns an output (a lock file beside it), so a dead run's temporaries are recognised without trusting
-  process ids; paths (links, loops, name lengths) are checked before the work; outputs get the umask's
-  permissions; a full disk is one line (:class:`~vlmsafe.errors.OutputWriteError`).
-* **Reading** (:func:`read_json`): the one place JSON documents are parsed, with errors that say
-  ``file:line:column: problem; fix``.
-* **Hashing** (:func:`sha256_file`): provenance of inputs (checkpoints, vectors) in saved artefacts.
+  owns an output (a lock file beside it, :mod:`vlmsafe.output_locks`), so a dead run's temporaries are
+  recognised without trusting process ids; paths (links, loops, name lengths) are checked before the work;
+  outputs get the umask's permissions; a full disk is one line (:class:`~vlmsafe.errors.OutputWriteError`).
+
+Reading (JSON documents, generated-doc blocks, sha256) is :mod:`vlmsafe.reading`.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import dataclasses
 import errno
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
-import socket
 import stat
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from vlmsafe.errors import (
-    FileFormatError,
     InputError,
-    OutputBusyError,
     OutputExistsError,
     OutputWriteError,
     VlmsafeError,
 )
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: outputs are written unlocked (and no temporary is ever swept)
-    fcntl = None  # type: ignore[assignment]
+from vlmsafe.output_locks import claim_output, hidden_tag, in_run, launch_rank, release_claim
 
 OutputKind = Literal["dir", "file"]
 
@@ -57,10 +44,6 @@ _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 #: The same failures as libraries that wrap the errno in their own exception word them (safetensors: Rust's
 #: ``StorageFull``; "No space left on device" from anything that keeps strerror).
 _FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28", "os error 122")
-#: Temporaries and lock files are named ``.<tag>.vlmsafe-...`` after the output's name; a name longer than this
-#: many bytes is shortened to its start plus a hash, so the hidden names fit where the output's own name fits.
-_TAG_MAX = 200
-_LOCK_SUFFIX = ".vlmsafe-lock"
 
 
 def check_output(
@@ -88,8 +71,8 @@ def check_output(
 
     Ownership: the output's lock (``.NAME.vlmsafe-lock`` beside it, see :func:`atomic_path`) is taken now,
     so of two runs started together on one output exactly one goes on and the other stops before its work.
-    Inside :func:`hold_outputs` (the CLI runs every command in one) the lock is kept until the output's
-    :func:`atomic_path` finishes or the scope ends; outside one it is only tested (a library call has no
+    Inside :func:`~vlmsafe.output_locks.hold_outputs` (the CLI runs every command in one) the lock is kept until
+    the output's :func:`atomic_path` finishes or the scope ends; outside one it is only tested (a library call has no
     run whose end would release it). Processes of a distributed launch other than rank 0 do not take it.
 
     Raises:
@@ -117,17 +100,18 @@ def check_output(
     _check_name_lengths(resolved, parent, option=option, shown=shown)
     check_no_overlap(dest, inputs, option=option)
     _check_writable(parent, path, option)
-    claim, new = (None, False) if _launch_rank() else _claim(resolved, shown=shown, fix=f"choose another {option}")
+    fix = f"choose another {option}"
+    claim, new = (None, False) if launch_rank() else claim_output(resolved, shown=shown, fix=fix)
     try:
         if claim is not None and claim.fd is not None:
             _remove_orphans(resolved)
         _refuse_existing(resolved, kind=kind, overwrite=overwrite, option=option, shown=shown, link=dest)
     except BaseException:
         if new:
-            _release(claim)
+            release_claim(claim)
         raise
-    if new and not _SCOPE_DEPTH:
-        _release(claim)
+    if new and not in_run():
+        release_claim(claim)
     return dest
 
 
@@ -246,181 +230,6 @@ def _check_name_lengths(dest: Path, existing: Path, *, option: str, shown: str) 
         )
 
 
-def _tag(name: str) -> str:
-    """The part of the hidden names (temporaries, lock) that says which output they belong to: ``name``, or for
-    a long one its start plus a hash of all of it, so that ``.<tag>.vlmsafe-XXXXXXXX.tmp`` fits in 255 bytes."""
-    raw = os.fsencode(name)
-    if len(raw) <= _TAG_MAX:
-        return name
-    short = name
-    while len(os.fsencode(short)) > 64:
-        short = short[:-1]
-    return f"{short}~{hashlib.sha256(raw).hexdigest()[:16]}"
-
-
-# ----- ownership: one lock file per output, flock'ed for the life of the run that writes it
-@dataclasses.dataclass
-class _Claim:
-    dest: Path
-    lock: Path
-    fd: int | None  # None: this file system has no flock; the run goes on unlocked and sweeps nothing
-    pid: int
-    made: list[Path]  # folders created to hold the lock (and later the output): removed again if left empty
-
-
-_HELD: dict[Path, _Claim] = {}
-_SCOPE_DEPTH = 0
-
-
-def _launch_rank() -> int:
-    """This process's rank in a distributed launch (torchrun / accelerate set ``RANK``); 0 when not launched."""
-    try:
-        return int(os.environ.get("RANK") or 0)
-    except ValueError:
-        return 0
-
-
-def _make_folders(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; return those created, outermost first."""
-    missing = []
-    while not os.path.isdir(folder) and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    made: list[Path] = []
-    for entry in reversed(missing):
-        try:
-            os.mkdir(entry)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            _remove_empty(made)
-            raise InputError(f"cannot create the folder {entry} ({exc.strerror or exc}); choose a writable location") \
-                from None
-        made.append(entry)
-    return made
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for entry in reversed(folders):
-        try:
-            os.rmdir(entry)
-        except OSError:
-            break
-
-
-def _owner(fd: int) -> str:
-    """Who holds a lock, from what its holder wrote in it (``pid host``)."""
-    try:
-        words = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
-    except OSError:
-        words = []
-    if not words:
-        return "process id not yet recorded"
-    pid, host = words[0], " ".join(words[1:])
-    return f"pid {pid}" if not host or host == socket.gethostname() else f"pid {pid} on {host}"
-
-
-def _claim(dest: Path, *, shown: str, fix: str) -> tuple[_Claim, bool]:
-    """Take the lock of output ``dest`` (resolved) for this process; ``(claim, True)`` if taken now, ``(claim,
-    False)`` if this process already held it.
-
-    The lock is ``flock`` on ``.NAME.vlmsafe-lock`` beside the output: the kernel drops it when its holder
-    dies however it dies (SIGKILL included) and it holds across PID namespaces on a shared volume, which a
-    PID written in a file does not. The file is removed on release; as a run may have opened it just before,
-    a lock is only good if the file it locked is still the one at that path (else the lock is taken again).
-
-    Raises:
-        OutputBusyError: another process holds the lock.
-    """
-    held = _HELD.get(dest)
-    if held is not None and held.pid == os.getpid():
-        return held, False
-    made = _make_folders(dest.parent)
-    lock = dest.parent / f".{_tag(dest.name)}{_LOCK_SUFFIX}"
-    for _ in range(1000):
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
-        except FileNotFoundError:  # a run that made the folder removed it again meanwhile
-            made += _make_folders(dest.parent)
-            continue
-        except OSError as exc:
-            _remove_empty(made)
-            raise InputError(f"{shown}: cannot create the lock file {lock} ({exc.strerror or exc}); "
-                             "choose a writable location") from None
-        try:
-            if fcntl is None:
-                raise OSError(errno.ENOSYS, "no flock")
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = _owner(fd)
-            os.close(fd)
-            _remove_empty(made)
-            raise OutputBusyError(f"another vlmsafe run is writing {shown} ({owner}); wait for it or {fix}") from None
-        except OSError:  # no flock on this file system: go on unlocked (and so never sweep)
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(lock)
-            claim = _Claim(dest, lock, None, os.getpid(), made)
-            _HELD[dest] = claim
-            return claim, True
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False))
-        except OSError:
-            same = False
-        if not same:  # its holder removed it between our open and our lock: lock the new one
-            os.close(fd)
-            continue
-        with contextlib.suppress(OSError):  # only informative: a full disk must not stop here
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        claim = _Claim(dest, lock, fd, os.getpid(), made)
-        _HELD[dest] = claim
-        return claim, True
-    raise OutputBusyError(f"{shown}: its lock file {lock} keeps being replaced; {fix}")
-
-
-def _release(claim: _Claim | None) -> None:
-    """Remove the lock file and drop the lock (in that order: see :func:`_claim`); remove folders made for it
-    that stayed empty. Not in a forked child: the lock is its parent's."""
-    if claim is None or claim.pid != os.getpid():
-        return
-    if _HELD.get(claim.dest) is claim:
-        del _HELD[claim.dest]
-    if claim.fd is not None:
-        with contextlib.suppress(OSError):
-            if os.path.samestat(os.fstat(claim.fd), os.stat(claim.lock, follow_symlinks=False)):
-                os.unlink(claim.lock)
-        with contextlib.suppress(OSError):
-            os.close(claim.fd)
-        claim.fd = None
-    _remove_empty(claim.made)
-    claim.made = []
-
-
-def release_outputs() -> None:
-    """Release every output lock this process holds (end of a run; also at interpreter exit). Newest first: a
-    folder made for an earlier output's lock may hold a later one's (``out/a.json`` and ``out/a.png``)."""
-    for claim in reversed(list(_HELD.values())):
-        _release(claim)
-
-
-atexit.register(release_outputs)
-
-
-@contextlib.contextmanager
-def hold_outputs() -> Iterator[None]:
-    """A run: outputs checked by :func:`check_output` inside it stay locked until their :func:`atomic_path`
-    finishes or the run ends, so a second run on the same output stops before its work, not after it."""
-    global _SCOPE_DEPTH
-    _SCOPE_DEPTH += 1
-    try:
-        yield
-    finally:
-        _SCOPE_DEPTH -= 1
-        if not _SCOPE_DEPTH:
-            release_outputs()
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
@@ -440,7 +249,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     shown = os.fspath(path)
     dest = _resolve_output(Path(os.path.expanduser(shown)), option="output", shown=shown)
     _check_name_lengths(dest, _nearest_existing(dest.parent), option="output", shown=shown)
-    claim, _ = _claim(dest, shown=shown, fix="choose another path")
+    claim, _ = claim_output(dest, shown=shown, fix="choose another path")
     try:
         if claim.fd is not None:
             _remove_orphans(dest)  # first: it may put back the output a killed run was replacing
@@ -449,7 +258,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
             raise OutputExistsError(
                 f"{shown} is {kind}; pass `overwrite=True` to replace it, or choose another path"
             )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_tag(dest.name)}.vlmsafe-", suffix=".tmp", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{hidden_tag(dest.name)}.vlmsafe-", suffix=".tmp", dir=dest.parent))
         try:
             target = tmp / dest.name
             yield target
@@ -467,7 +276,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
             raise
         raise error from None
     finally:
-        _release(claim)
+        release_claim(claim)
 
 
 def _commit(target: Path, dest: Path, *, overwrite: bool, shown: str) -> None:
@@ -484,7 +293,7 @@ def _commit(target: Path, dest: Path, *, overwrite: bool, shown: str) -> None:
             except OSError:
                 raise appeared from None
         elif dest.is_dir() or target.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{_tag(dest.name)}.vlmsafe-", suffix=".old", dir=dest.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{hidden_tag(dest.name)}.vlmsafe-", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)
             os.replace(target, dest)
             shutil.rmtree(old, ignore_errors=True)
@@ -580,7 +389,7 @@ def _remove_orphans(dest: Path) -> None:
     back. Temporaries of the earlier naming (``.NAME.<pid>-XXXX.tmp``, no lock) are left alone: their
     writer may be an older vlmsafe that is still running.
     """
-    pattern = re.compile(rf"^\.{re.escape(_tag(dest.name))}\.vlmsafe-[a-z0-9_]{{8}}\.(tmp|old)$")
+    pattern = re.compile(rf"^\.{re.escape(hidden_tag(dest.name))}\.vlmsafe-[a-z0-9_]{{8}}\.(tmp|old)$")
     try:
         entries = list(os.scandir(dest.parent))
     except OSError:
@@ -596,22 +405,6 @@ def _remove_orphans(dest: Path) -> None:
         shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def json_text(obj: Any, *, indent: int | None = 2) -> str:
-    """``obj`` as strict JSON, every non-finite float written as ``null`` (a bare ``NaN`` is not JSON: other
-    readers reject it)."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(obj), indent=indent, allow_nan=False)
-
-
 def write_json_atomic(path: str | os.PathLike[str], data: Any, *, overwrite: bool = False) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path, overwrite=overwrite) as tmp:
@@ -622,72 +415,3 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, overwrite: boo
     """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-# --------------------------------------------------------------------------- reading
-def marked_block(path: str | os.PathLike[str], start: str, end: str) -> tuple[str, str]:
-    """The text of ``path`` before the ``start`` marker and after the ``end`` marker.
-
-    Raises :class:`FileFormatError` naming the missing markers (a command that will write the block checks
-    this before its work).
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"{p}: cannot read it ({exc}); give an existing UTF-8 document") from None
-    if start not in text or end not in text.split(start, 1)[1]:
-        raise FileFormatError(f"{p} has no {start} ... {end} block; add the two markers where the block goes")
-    head, rest = text.split(start, 1)
-    return head, rest.split(end, 1)[1]
-
-
-def replace_marked_block(path: str | os.PathLike[str], start: str, end: str, block: str) -> None:
-    """Replace the text from the ``start`` marker to the ``end`` marker of ``path`` by ``block`` (which carries
-    both markers), atomically: the one writer of generated document blocks (the README's demo and support
-    tables, the docs' comparison table), so a figure is never typed by hand. Nothing is written when the
-    markers are missing (:func:`marked_block`)."""
-    head, tail = marked_block(path, start, end)
-    write_text_atomic(path, head + block + tail, overwrite=True)
-
-
-def read_json(path: str | os.PathLike[str], *, what: str = "JSON file", fix: str | None = None) -> Any:
-    """Parse the JSON document at ``path``.
-
-    Raises :class:`FileFormatError` as ``"<path>:<line>:<col>: invalid JSON (<msg>); <fix>"`` for a
-    malformed file and ``"<path>: no such <what>; <fix>"`` for a missing one.
-    """
-    p = Path(path)
-    fix = fix or f"pass the path of a valid {what}"
-    if not p.is_file():
-        raise FileFormatError(f"{p}: no such {what}" + (" (it is a directory)" if p.is_dir() else "") + f"; {fix}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise FileFormatError(f"{p}: not UTF-8 text ({exc.reason}); {fix}") from None
-    return parse_json(text, where=str(p), fix=fix)
-
-
-def parse_json(text: str, *, where: str, fix: str, line: int | None = None) -> Any:
-    """``json.loads`` with the location format of :func:`read_json` (``where:line:col``); ``line``: ``text`` is
-    that line of the file named by ``where`` (a JSONL record), so the location is ``where:line:col``."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        lineno = exc.lineno if line is None else line + exc.lineno - 1
-        raise FileFormatError(f"{where}:{lineno}:{exc.colno}: invalid JSON ({exc.msg}); {fix}") from None
-    except RecursionError:  # Python's parser recurses once per level: ~1000 nested lists or objects exhaust it
-        raise FileFormatError(f"{where}:{line or 1}: JSON nested too deeply to read (over "
-                              f"{sys.getrecursionlimit()} levels of lists or objects); {fix}") from None
-    except ValueError as exc:  # not a JSONDecodeError: an integer of more digits than Python converts
-        raise FileFormatError(f"{where}:{line or 1}: invalid JSON ({exc}); {fix}") from None
-
-
-# --------------------------------------------------------------------------- hashing
-def sha256_file(path: str | os.PathLike[str], block: int = 8 << 20) -> str:
-    """Hex sha256 of a file, read in ``block``-byte chunks (constant memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

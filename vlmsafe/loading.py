@@ -323,7 +323,7 @@ def _check_adapter(adapter: str | os.PathLike[str]) -> None:
 
 
 def _architectures(location: str) -> list[str]:
-    from vlmsafe.io import read_json
+    from vlmsafe.reading import read_json
 
     try:
         data = read_json(os.path.join(location, "config.json"), what="model config")

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import parse_json
+from vlmsafe.reading import parse_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"

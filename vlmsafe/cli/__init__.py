@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices = ", ".join(actions[0].choices) if actions else ""
         print(f"{group.prog}: error: name a command ({choices}); see `{group.prog} --help`", file=sys.stderr)
         return 2
-    from vlmsafe.io import hold_outputs
+    from vlmsafe.output_locks import hold_outputs
 
     ok = False
     try:

@@ -23,7 +23,7 @@ from vlmsafe.experiments.compare import (
     format_rows,
     method_specs,
 )
-from vlmsafe.io import marked_block, replace_marked_block
+from vlmsafe.reading import marked_block, replace_marked_block
 from vlmsafe.steering import SafeVLM, SteeringConfig
 
 

@@ -33,7 +33,8 @@ from vlmsafe.cli.options import (
 )
 from vlmsafe.cli.types import float_arg, int_arg
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import check_no_overlap, json_text
+from vlmsafe.io import check_no_overlap
+from vlmsafe.reading import json_text
 
 _TRAIN_EPILOG = """\
 data formats:
@@ -137,8 +138,8 @@ def _weights_arg(text: str) -> dict[str, float]:
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
-    """``--config``: a JSON (:func:`vlmsafe.io.read_json`) or YAML mapping of config fields."""
-    from vlmsafe.io import read_json
+    """``--config``: a JSON (:func:`vlmsafe.reading.read_json`) or YAML mapping of config fields."""
+    from vlmsafe.reading import read_json
 
     p = Path(path)
     fix = "write a mapping of SafeCLIPTrainingConfig fields (JSON, or YAML with a .yaml/.yml name)"

@@ -43,9 +43,10 @@ import torch
 from vlmsafe.dtypes import dtype_name as canonical_dtype
 from vlmsafe.dtypes import torch_dtype
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import atomic_path, check_output, read_json, write_json_atomic
+from vlmsafe.io import atomic_path, check_output, write_json_atomic
 from vlmsafe.merge import Checkpoint, is_buffer
 from vlmsafe.merge.writer import OutputTensor, ShardedWriter, parse_size
+from vlmsafe.reading import read_json
 from vlmsafe.weights import check_no_remote_code
 
 from .templates import DEFAULT_TEMPLATE, TEMPLATES

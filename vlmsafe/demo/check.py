@@ -18,7 +18,8 @@ from typing import Any
 
 from vlmsafe.demo.run import DemoOptions, run_demo
 from vlmsafe.demo.table import format_table, merge_paragraph
-from vlmsafe.io import read_json, write_json_atomic
+from vlmsafe.io import write_json_atomic
+from vlmsafe.reading import read_json
 from vlmsafe.testbed.readme import write_readme
 
 

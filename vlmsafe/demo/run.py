@@ -39,8 +39,9 @@ from vlmsafe.demo.table import format_table
 from vlmsafe.demo.tune import MAX_ACCURACY_DROP, MAX_BENIGN_RISE, RULE
 from vlmsafe.errors import InputError
 from vlmsafe.inputs import check_named_inputs
-from vlmsafe.io import atomic_path, check_output, read_json, write_json_atomic
+from vlmsafe.io import atomic_path, check_output, write_json_atomic
 from vlmsafe.options import check_options, int_option, switch_option
+from vlmsafe.reading import read_json
 from vlmsafe.testbed import load_testbed, testbed_dir
 from vlmsafe.testbed.outcome import requested_tasks
 from vlmsafe.validation import check_float, check_int

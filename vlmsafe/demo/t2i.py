@@ -79,7 +79,8 @@ def t2i_demo_section(
     ``unsafe_rate`` and ``safe_agreement``, each ``{"rate", "ci95", "k", "n"}`` (:class:`vlmsafe.stats.Rate`).
     Format it with :func:`format_t2i_table`.
     """
-    from vlmsafe.io import atomic_path, check_output, read_json
+    from vlmsafe.io import atomic_path, check_output
+    from vlmsafe.reading import read_json
     from vlmsafe.safeclip.integrations import apply_safe_text_encoder
     from vlmsafe.validation import check_choice
 

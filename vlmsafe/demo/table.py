@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vlmsafe.io import replace_marked_block
+from vlmsafe.reading import replace_marked_block
 from vlmsafe.tables import markdown_table
 from vlmsafe.testbed.readme import build_time
 

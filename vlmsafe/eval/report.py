@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.errors import FileFormatError
-from vlmsafe.io import read_json, write_json_atomic
+from vlmsafe.io import write_json_atomic
+from vlmsafe.reading import read_json
 from vlmsafe.stats import Rate
 
 

@@ -41,7 +41,7 @@ from typing import Any, BinaryIO
 import torch
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import read_json, sha256_file
+from vlmsafe.reading import read_json, sha256_file
 from vlmsafe.weights import TensorInfo, read_safetensors_header, st_dtype, torch_dtype  # noqa: F401 - re-exported
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from vlmsafe.cards import write_card
-from vlmsafe.io import atomic_path, check_output, read_json
+from vlmsafe.io import atomic_path, check_output
 from vlmsafe.merge.checkpoint import Checkpoint
 from vlmsafe.merge.config import MergeConfig
 from vlmsafe.merge.experts import fused_experts_view
@@ -46,6 +46,7 @@ from vlmsafe.merge.methods import PairMethod, apply_mask, merge_pair
 from vlmsafe.merge.pipeline import BufferPool, run_pipeline
 from vlmsafe.merge.plan import BUFFER_REASON, PASSTHROUGH_PREFIX, MergePlan, PlanItem, plan_merge
 from vlmsafe.merge.writer import ShardedWriter, copy_side_files, merge_card
+from vlmsafe.reading import read_json
 
 __all__ = ["CHUNK_ELEMENTS", "RECIPE_NAME", "MergeResult", "merge_checkpoints", "plan_merge"]
 

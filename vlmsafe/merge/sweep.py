@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.errors import InputError, VlmsafeError
-from vlmsafe.io import atomic_path, read_json, write_json_atomic
+from vlmsafe.io import atomic_path, write_json_atomic
 from vlmsafe.merge.config import MergeConfig
 from vlmsafe.merge.streaming import RECIPE_NAME, merge_checkpoints
+from vlmsafe.reading import read_json
 from vlmsafe.validation import check_float
 
 EvaluateFn = Callable[[Path], Mapping[str, Any]]

@@ -33,7 +33,8 @@ from torch import nn
 
 from vlmsafe.adapters.clip import OpenCLIPAdapter
 from vlmsafe.errors import FileFormatError, InputError, UnsupportedModelError
-from vlmsafe.io import atomic_path, read_json
+from vlmsafe.io import atomic_path
+from vlmsafe.reading import read_json
 from vlmsafe.safeclip.terms import TOKEN_STATE_LAYERS  # which token states encode_text_states returns
 from vlmsafe.validation import check_choice
 from vlmsafe.weights import check_no_remote_code

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import atomic_path, read_json
+from vlmsafe.io import atomic_path
+from vlmsafe.reading import read_json
 from vlmsafe.safeclip.state import TrainState
 from vlmsafe.safeclip.weights import TrainableWeights
 

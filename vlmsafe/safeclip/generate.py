@@ -72,7 +72,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 
 def pipeline_index(pipeline: str | os.PathLike[str]) -> dict[str, Any]:
     """The pipeline's ``model_index.json``; refuses pipelines without a text encoder."""
-    from vlmsafe.io import read_json
+    from vlmsafe.reading import read_json
 
     p = Path(pipeline)
     index = read_json(
@@ -90,7 +90,7 @@ def pipeline_index(pipeline: str | os.PathLike[str]) -> dict[str, Any]:
 
 def check_encoder_fits(safe_dir: str | os.PathLike[str], encoder_dir: str | os.PathLike[str], option: str) -> None:
     """Compare a Safe-CLIP checkpoint's text config with a pipeline encoder's config.json (no weights loaded)."""
-    from vlmsafe.io import read_json
+    from vlmsafe.reading import read_json
     from vlmsafe.safeclip.integrations import _TEXT_FIELDS
 
     safe = read_json(
@@ -214,8 +214,9 @@ def run_generate(
     """
 
     from vlmsafe.dtypes import dtype_name, torch_dtype
-    from vlmsafe.io import atomic_path, check_output, sha256_file
+    from vlmsafe.io import atomic_path, check_output
     from vlmsafe.loading import resolve_device
+    from vlmsafe.reading import sha256_file
     from vlmsafe.safeclip.integrations import apply_safe_text_encoder
 
     # --- everything checkable before loading anything heavy (the settings checked themselves when made)

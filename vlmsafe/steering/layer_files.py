@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from vlmsafe.adapters import ModelAdapter
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError
-from vlmsafe.io import parse_json, sha256_file
 from vlmsafe.loading import warn_if_other_model
+from vlmsafe.reading import parse_json, sha256_file
 
 FORMAT_VERSION = 1
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import atomic_path, read_json, write_json_atomic
+from vlmsafe.io import atomic_path, write_json_atomic
+from vlmsafe.reading import read_json
 from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset
 from vlmsafe.testbed.train import optimizer_step
 

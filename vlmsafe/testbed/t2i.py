@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from vlmsafe.errors import InputError
-from vlmsafe.io import atomic_path, check_output, read_json, sha256_file, write_json_atomic
+from vlmsafe.io import atomic_path, check_output, write_json_atomic
 from vlmsafe.options import check_options, float_option, int_option
+from vlmsafe.reading import read_json, sha256_file
 from vlmsafe.testbed import safeclip as tb
 from vlmsafe.testbed import t2i_measure as t2i
 from vlmsafe.testbed.train import optimizer_step

@@ -110,7 +110,7 @@ class SceneClassifier(nn.Module):
     def load(cls, path: str | os.PathLike[str]) -> SceneClassifier:
         from safetensors.torch import load_file
 
-        from vlmsafe.io import read_json
+        from vlmsafe.reading import read_json
 
         p = Path(path)
         fix = "rebuild the testbed with `python -m vlmsafe.cli.build_t2i_testbed`"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from vlmsafe.adapters.support import support_table
-from vlmsafe.io import replace_marked_block
+from vlmsafe.reading import replace_marked_block
 
 #: Small text widths for a real (not meta) forward of a default config cut to 2 layers.
 SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -22,7 +22,8 @@ import torch
 from vlmsafe.adapters import get_adapter
 from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, resolve, write_card
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
-from vlmsafe.io import atomic_path, parse_json
+from vlmsafe.io import atomic_path
+from vlmsafe.reading import parse_json
 from vlmsafe.steering.choices import DEFAULT_ALPHA
 from vlmsafe.steering.layer_files import META_SCHEMA, Field, check_fits, read_layer_tables, write_layer_tables
 from vlmsafe.steering.vectors import data_fields
