@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "ShiftReport": "probes.analysis",
     "analyze_shift": "probes.analysis",
     "probe_layers": "probes.analysis",
-    "blank_image": "vlmsafe.data",  # one owner: the same image the steering anchors use
+    "blank_image": "vlmsafe.images",  # one owner: the same image the steering anchors use
     "ReadOptions": "probes.collect",
     "collect_activations": "probes.collect",
     "vectors_from_activations": "probes.collect",
@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # static analysers see the real names
     from probes.report import summary_table, write_report  # noqa: F401
     from probes.shift import cosine_distance, l2_distance, layer_shift_metrics, linear_cka, shift_on_direction  # noqa: F401
     from probes.weights import WeightChangeReport, canonical_name, classify, weight_change  # noqa: F401
-    from vlmsafe.data import blank_image  # noqa: F401
+    from vlmsafe.images import blank_image  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -47,7 +47,7 @@ class ReadOptions:
         layers: layer indices, a preset name or ``None`` (every layer), resolved by the model's adapter.
         positions: ``"last"`` prompt token, or the mean over all ``"prompt"`` / ``"text"`` tokens.
         image: used (in multimodal passes) for every item instead of its own image, e.g.
-            :func:`vlmsafe.data.blank_image` to reproduce the paper's blank-image setting.
+            :func:`vlmsafe.images.blank_image` to reproduce the paper's blank-image setting.
         batch_size: prompts per forward pass.
         progress: show a progress bar.
     """

@@ -27,8 +27,9 @@ from PIL import Image
 
 from vlmsafe import data as vdata
 from vlmsafe.cli import main
-from vlmsafe.data import load_items, open_image
+from vlmsafe.data import load_items
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.images import open_image
 from vlmsafe.testbed import testbed_dir
 
 ROOT = Path(__file__).resolve().parents[1]

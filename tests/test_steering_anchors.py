@@ -12,8 +12,8 @@ from vlmsafe.adapters import get_adapter
 from vlmsafe.adapters.base import processor_image_size
 from vlmsafe.cli import main
 from vlmsafe.cli.types import layer_spec_arg
-from vlmsafe.data import BLANK_COLOUR, blank_image, noise_image
 from vlmsafe.errors import InputError
+from vlmsafe.images import BLANK_COLOUR, blank_image, noise_image
 from vlmsafe.steering import SafeVLM, ShiftVectors, SteeringConfig, calibrate, compute_sample_shifts
 from vlmsafe.steering.cmrm.aggregation import first_principal_component
 from vlmsafe.testing import random_image, solid_image, tiny_llava

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
-from vlmsafe.data import blank_image
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.images import blank_image
 from vlmsafe.steering import SafeVLM
 from vlmsafe.testbed import images as I
 from vlmsafe.testbed import load_aligned_lm, load_split, load_testbed, testbed_dir

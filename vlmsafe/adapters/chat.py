@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from vlmsafe.adapters.base import ImageLike, ModelAdapter, apply_template, register_adapter
-from vlmsafe.data import to_rgb
 from vlmsafe.errors import InputError
+from vlmsafe.images import to_rgb
 
 
 @contextlib.contextmanager

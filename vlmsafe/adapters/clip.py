@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from vlmsafe.adapters.base import ImageLike, ModelAdapter, register_adapter
-from vlmsafe.data import to_rgb
 from vlmsafe.errors import InputError
+from vlmsafe.images import to_rgb
 
 _TOWERS = ("text", "vision")
 

@@ -17,8 +17,8 @@ from torch import nn
 
 from vlmsafe.adapters.base import DYNAMIC_RESOLUTION_SIDE, ImageLike, register_adapter
 from vlmsafe.adapters.chat import ChatVLMAdapter, Qwen2VLAdapter
-from vlmsafe.data import to_rgb
 from vlmsafe.errors import InputError
+from vlmsafe.images import to_rgb
 
 
 def _get(obj: Any, key: str) -> Any:

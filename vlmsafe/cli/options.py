@@ -223,7 +223,7 @@ def add_anchor_options(group: Any, *, sample_level: bool = True) -> None:
 def anchor_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """``anchor``, ``anchor_colour``, ``anchor_seed`` from the flags; a colour for a non-blank anchor (or a seed
     for a non-noise one) is an error, since it would be ignored."""
-    from vlmsafe.data import BLANK_COLOUR, NOISE_SEED
+    from vlmsafe.images import BLANK_COLOUR, NOISE_SEED
 
     anchor = args.anchor or "real"
     if args.anchor_colour is not None and anchor != "blank":

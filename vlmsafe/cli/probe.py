@@ -202,7 +202,8 @@ def _load(args: argparse.Namespace, *, steering_enabled: bool = True) -> tuple[A
     """Model, processor, items and the shared keyword arguments of the model-level analyses."""
     from vlmsafe.extras import require_extra  # a missing optional dependency: one line, before the work
     require_extra("probes", "sklearn", "matplotlib", feature=f"vlmsafe probe {args.probe_command}")
-    from vlmsafe.data import blank_image, load_items
+    from vlmsafe.data import load_items
+    from vlmsafe.images import blank_image
 
     files = _report_files(args, args.probe_command)
     steering = _steering(args, enabled=steering_enabled)

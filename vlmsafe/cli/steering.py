@@ -207,7 +207,7 @@ def _calibrate_shiftdc(args: argparse.Namespace) -> int:
     if missing:
         raise InputError(f"{args.data}: items {missing[:5]} have neither a caption nor an image; give each a "
                          "'caption' field or an image (the model captions it)")
-    from vlmsafe.data import verify_image
+    from vlmsafe.images import verify_image
 
     for it in uncaptioned:
         verify_image(it.image, context=f"{args.data}: item {it.id!r}")
@@ -230,7 +230,7 @@ def _calibrate_shiftdc(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from vlmsafe.data import open_image
+    from vlmsafe.images import open_image
     from vlmsafe.steering import SafeVLM
 
     image = open_image(args.image, context="--image") if args.image else None

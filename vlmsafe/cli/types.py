@@ -110,7 +110,7 @@ def unit_pair_arg(text: str) -> tuple[float, float]:
 
 def colour_arg(text: str) -> tuple[int, int, int]:
     """An ``argparse`` ``type=`` for a colour: ``R,G,B`` with each in 0..255, or one grey level."""
-    from vlmsafe.data import check_colour
+    from vlmsafe.images import check_colour
 
     try:
         parts = tuple(int(p) for p in text.replace(" ", "").split(","))

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vlmsafe.data import Record, read_records, resolve_path, verify_image
+from vlmsafe.data import Record, read_records, resolve_path
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.images import verify_image
 from vlmsafe.safeclip.images import ImageLike
 
 COCO_SPLITS = ("train2017", "val2017", "test2017")

@@ -12,14 +12,14 @@ from typing import Any, Union
 
 import torch
 
-from vlmsafe.data import open_image, to_rgb
 from vlmsafe.errors import InputError
+from vlmsafe.images import open_image, to_rgb
 
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 
 
 def load_image(image: ImageLike) -> Any:
-    """Open a path as an RGB PIL image (:func:`vlmsafe.data.open_image`); pass PIL images and tensors through."""
+    """Open a path as an RGB PIL image (:func:`vlmsafe.images.open_image`); pass PIL images and tensors through."""
     if isinstance(image, torch.Tensor):
         return image
     from PIL import Image

@@ -5,9 +5,9 @@ Which image is a choice:
 
 ``"real"``   the item's own image (vlmsafe's original reading): the shift carries the image's
              content as well as the modality gap;
-``"blank"``  a uniform image at the processor's input size (:func:`vlmsafe.data.blank_image`,
-             colour :data:`vlmsafe.data.BLANK_COLOUR` unless given);
-``"noise"``  seeded uniform noise at that size (:func:`vlmsafe.data.noise_image`);
+``"blank"``  a uniform image at the processor's input size (:func:`vlmsafe.images.blank_image`,
+             colour :data:`vlmsafe.images.BLANK_COLOUR` unless given);
+``"noise"``  seeded uniform noise at that size (:func:`vlmsafe.images.noise_image`);
 PIL image   any fixed image of the caller's.
 
 The CMRM paper (Liu et al., 2024, arXiv 2410.09047) anchors on a meaningless or corrupted image,
@@ -24,8 +24,8 @@ from typing import Any
 from PIL import Image
 
 from vlmsafe.adapters import ModelAdapter
-from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, blank_image, check_colour, noise_image, to_rgb
 from vlmsafe.errors import InputError
+from vlmsafe.images import BLANK_COLOUR, NOISE_SEED, blank_image, check_colour, noise_image, to_rgb
 from vlmsafe.steering.choices import ANCHORS
 
 

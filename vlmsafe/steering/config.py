@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, check_colour
 from vlmsafe.errors import InputError
+from vlmsafe.images import BLANK_COLOUR, NOISE_SEED, check_colour
 from vlmsafe.steering.choices import DEFAULT_ALPHA, MAX_ALPHA, SHIFT_FROM, check_alpha, check_positions
 from vlmsafe.steering.registry import SteeringBatch, SteeringMethod, all_steering_methods, get_steering_method
 from vlmsafe.validation import LAYER_PRESETS, check_choice, parse_layer_spec

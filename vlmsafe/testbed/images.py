@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from vlmsafe.data import blank_image, noise_image
 from vlmsafe.errors import InputError
+from vlmsafe.images import blank_image, noise_image
 from vlmsafe.testbed.questions import image_questions
 
 #: Side of the images the processor feeds the vision tower.

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlmsafe.data import BLANK_COLOUR, NOISE_SEED, check_colour
 from vlmsafe.errors import InputError
+from vlmsafe.images import BLANK_COLOUR, NOISE_SEED, check_colour
 from vlmsafe.steering.anchors import check_anchor
 from vlmsafe.steering.choices import CALIBRATION_POSITIONS
 from vlmsafe.steering.cmrm.aggregation import Aggregator, mean_shift, resolve_aggregate
