@@ -2,7 +2,7 @@
 
 A remedy raises "`out_dir` 'x' is a non-empty directory; pass `overwrite=True` ..." and the ``vlmsafe`` command
 (or a ``python -m vlmsafe.cli.X`` script) prints the same error as "--out 'x' ...; pass --overwrite ...":
-:func:`vlmsafe.cli.options.flags_for_parameters` translates, from the command's own parser. The first test keeps
+:func:`vlmsafe.cli.parsing.flags_for_parameters` translates, from the command's own parser. The first test keeps
 ``--flags`` out of the remedies' errors; the others check the same error read from both sides, word for word.
 """
 

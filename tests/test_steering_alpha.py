@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from vlmsafe.cli.options import ArgumentParser, add_steering_options
+from vlmsafe.cli.options import add_steering_options
+from vlmsafe.cli.parsing import ArgumentParser
 from vlmsafe.errors import InputError
 from vlmsafe.steering import ShiftVectors, SteeringConfig, steer, steer_sample_level, steer_shiftdc
 from vlmsafe.steering.choices import MAX_ALPHA, check_alpha

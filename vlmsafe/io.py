@@ -67,7 +67,7 @@ def check_output(
 
     A destination that is a symbolic link is written at the link's target (as ``cp`` and ``open`` do).
     ``option`` names the destination in messages: the caller's parameter in backticks (```out_dir```), which
-    the command line shows as the flag that sets it (:func:`vlmsafe.cli.options.flags_for_parameters`).
+    the command line shows as the flag that sets it (:func:`vlmsafe.cli.parsing.flags_for_parameters`).
 
     Ownership: the output's lock (``.NAME.vlmsafe-lock`` beside it, see :func:`atomic_path`) is taken now,
     so of two runs started together on one output exactly one goes on and the other stops before its work.

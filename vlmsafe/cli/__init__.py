@@ -23,8 +23,8 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from vlmsafe import __version__
-from vlmsafe.cli.options import ArgumentParser
-from vlmsafe.cli.options import flags_for_parameters as flags_for_parameters  # re-exported
+from vlmsafe.cli.parsing import ArgumentParser
+from vlmsafe.cli.parsing import flags_for_parameters as flags_for_parameters  # re-exported
 from vlmsafe.errors import VlmsafeError
 
 #: Modules that contribute subcommands, in --help order. Each defines ``register(subparsers)``.

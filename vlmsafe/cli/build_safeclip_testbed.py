@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmsafe.cli.options import add_seed_option, run_script, script_parser
+from vlmsafe.cli.options import add_seed_option
+from vlmsafe.cli.parsing import run_script, script_parser
 from vlmsafe.cli.types import float_arg
 from vlmsafe.testbed.safeclip import TOKEN_WEIGHT, build_testbed, default_assets_dir
 

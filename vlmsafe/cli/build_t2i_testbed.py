@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmsafe.cli.options import add_parameter_flags, add_progress_option, add_seed_option, run_script, script_parser
+from vlmsafe.cli.options import add_progress_option, add_seed_option
+from vlmsafe.cli.parsing import add_parameter_flags, run_script, script_parser
 from vlmsafe.cli.types import float_arg, int_arg
 from vlmsafe.resources import bundled_asset
 from vlmsafe.testbed import safeclip as tb

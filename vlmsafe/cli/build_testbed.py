@@ -10,7 +10,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from vlmsafe.cli.options import add_seed_option, run_script, script_parser
+from vlmsafe.cli.options import add_seed_option
+from vlmsafe.cli.parsing import run_script, script_parser
 from vlmsafe.testbed import build as _module
 from vlmsafe.testbed.build import BuildConfig, build_testbed
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from vlmsafe.cli.options import add_seed_option, run_script, script_parser
+from vlmsafe.cli.options import add_seed_option
+from vlmsafe.cli.parsing import run_script, script_parser
 from vlmsafe.cli.types import seed_arg
 from vlmsafe.testbed import unseen as _module
 from vlmsafe.testbed.unseen import make_unseen_set

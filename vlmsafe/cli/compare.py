@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from vlmsafe.cli.options import HelpFormatter, run_script, script_parser
+from vlmsafe.cli.parsing import HelpFormatter, run_script, script_parser
 from vlmsafe.cli.types import int_arg
 from vlmsafe.experiments.compare import (
     BATCH_SIZE,

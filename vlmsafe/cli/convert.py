@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 
 from vlmsafe.cli.options import (
-    add_command,
     add_dtype_option,
     add_input,
     add_output_options,
-    add_parameter_flags,
     add_progress_option,
     check_command_output,
 )
+from vlmsafe.cli.parsing import add_command, add_parameter_flags
 from vlmsafe.cli.types import size_arg
 
 _EPILOG = """\

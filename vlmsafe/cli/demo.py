@@ -5,14 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlmsafe.cli.options import (
-    add_batch_size_option,
-    add_command,
-    add_input,
-    add_output_options,
-    add_parameter_flags,
-    add_progress_option,
-)
+from vlmsafe.cli.options import add_batch_size_option, add_input, add_output_options, add_progress_option
+from vlmsafe.cli.parsing import add_command, add_parameter_flags
 from vlmsafe.cli.types import float_list_arg, layer_spec_arg
 
 DEMO_HELP = """\

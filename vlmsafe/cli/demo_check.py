@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlmsafe.cli.options import run_script, script_parser
+from vlmsafe.cli.parsing import run_script, script_parser
 from vlmsafe.demo import check as _module
 from vlmsafe.demo.check import measure_testbed, record, weight_changes
 from vlmsafe.demo.table import format_table, update_readme

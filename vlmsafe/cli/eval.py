@@ -8,13 +8,11 @@ from typing import Any
 
 from vlmsafe.cli.options import (
     add_batch_size_option,
-    add_command,
     add_input,
     add_limit_option,
     add_max_new_tokens,
     add_model_options,
     add_output_options,
-    add_parameter_flags,
     add_progress_option,
     add_steering_options,
     check_command_output,
@@ -22,6 +20,7 @@ from vlmsafe.cli.options import (
     load_model_from_args,
     steering_from_args,
 )
+from vlmsafe.cli.parsing import add_command, add_parameter_flags
 
 _DESCRIPTION = """\
 Generate a response for every item of a data set, judge each one, and report (each rate with its

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from vlmsafe.cli.options import run_script, script_parser
+from vlmsafe.cli.parsing import run_script, script_parser
 from vlmsafe.eval.judge_check import judge_agreement, load_labelled_responses
 from vlmsafe.eval.refusal import RefusalJudge
 

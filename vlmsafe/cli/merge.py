@@ -6,7 +6,6 @@ import argparse
 import json
 
 from vlmsafe.cli.options import (
-    add_command,
     add_dtype_option,
     add_input,
     add_output_options,
@@ -17,6 +16,7 @@ from vlmsafe.cli.options import (
     check_push_args,
     push_from_args,
 )
+from vlmsafe.cli.parsing import add_command
 from vlmsafe.cli.types import float_arg, size_arg
 from vlmsafe.merge.choices import METHODS
 

@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from vlmsafe.cli.options import (
-    add_command,
     add_data_options,
     add_input,
     add_model_options,
     add_output_options,
-    add_parameter_flags,
     add_progress_option,
     add_seed_option,
     add_steering_options,
@@ -21,6 +19,7 @@ from vlmsafe.cli.options import (
     check_named_inputs,
     load_model_from_args,
 )
+from vlmsafe.cli.parsing import add_command, add_parameter_flags
 from vlmsafe.cli.types import float_arg, int_arg, layer_spec_arg
 from vlmsafe.errors import InputError
 

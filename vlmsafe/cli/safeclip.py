@@ -15,7 +15,6 @@ from typing import Any
 
 from vlmsafe.cli.options import (
     add_batch_size_option,
-    add_command,
     add_device_option,
     add_dtype_option,
     add_input,
@@ -31,6 +30,7 @@ from vlmsafe.cli.options import (
     command_inputs,
     push_from_args,
 )
+from vlmsafe.cli.parsing import add_command
 from vlmsafe.cli.types import float_arg, int_arg
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.io import check_no_overlap

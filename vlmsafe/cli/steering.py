@@ -9,7 +9,6 @@ from typing import Any
 
 from vlmsafe.cli.options import (
     add_anchor_options,
-    add_command,
     add_data_options,
     add_input,
     add_max_new_tokens,
@@ -26,6 +25,7 @@ from vlmsafe.cli.options import (
     push_from_args,
     steering_from_args,
 )
+from vlmsafe.cli.parsing import add_command
 from vlmsafe.cli.types import float_arg, int_arg, layer_spec_arg
 from vlmsafe.errors import InputError
 
