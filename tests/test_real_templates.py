@@ -21,7 +21,8 @@ from vlmsafe.adapters import get_adapter
 from vlmsafe.errors import InputError, UnsupportedModelError
 from vlmsafe.steering import SafeVLM, ShiftVectors, SteeringConfig, calibrate, steer, steer_sample_level
 from vlmsafe.testing import REAL_PROCESSOR_DIR, REAL_TOKENIZER_BUILDERS, random_image, real_processor, tiny_llava
-from vlmsafe.testing.families import FAMILY_BUILDERS, PUBLISHED_TEMPLATE_DIR, published_template
+from vlmsafe.testing.families import FAMILY_BUILDERS
+from vlmsafe.testing.family_text import PUBLISHED_TEMPLATE_DIR, published_template
 
 NAMES = list(REAL_TOKENIZER_BUILDERS)
 LLAVA15, MISTRAL, QWEN = NAMES

@@ -5,8 +5,8 @@ own config class with the default architecture shrunk (2-3 decoder layers, width
 images), and the family's real processor class around a word-level tokenizer that carries the family's
 special tokens. The chat template is, by default (``template="published"``), the checkpoint's published
 template byte for byte, read from ``tests/fixtures/templates/<family>/chat_template.json`` (sources in each
-folder's ``SOURCE.md``; :data:`PUBLISHED_TEMPLATE_DIR`); ``template="sketch"`` uses the short templates below,
-written to render the same prompt format without tool calls, videos and role checks. Nothing is downloaded.
+folder's ``SOURCE.md``; :mod:`vlmsafe.testing.family_text`); ``template="sketch"`` uses the short templates
+below, written to render the same prompt format without tool calls, videos and role checks. Nothing is downloaded.
 
 Kept apart from :data:`vlmsafe.testing.BUILDERS` (which ``tests/conftest.py`` builds for every session):
 these are built only by the tests that use them (:data:`FAMILY_BUILDERS`).
@@ -17,64 +17,11 @@ multimodal projection and mllama's cross-attention gates.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from vlmsafe.errors import InputError
-from vlmsafe.testing import IMAGE_SIZE, TEST_WORDS, _check_variant, _seed, _token_ids
-from vlmsafe.testing.tokenization import BOS, EOS, PAD, TEMPLATE_WORDS, UNK
-
-#: The published chat templates of the families, one folder each (``chat_template.json`` + ``SOURCE.md``).
-PUBLISHED_TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "templates"
-TEMPLATES = ("published", "sketch")
-
-
-def published_template(family: str, root: str | os.PathLike[str] | None = None) -> str:
-    """The published chat template of ``family`` (byte for byte, see the folder's ``SOURCE.md``).
-
-    ``root`` defaults to ``$VLMSAFE_TEMPLATE_FIXTURES`` or the checkout's ``tests/fixtures/templates``."""
-    base = Path(root or os.environ.get("VLMSAFE_TEMPLATE_FIXTURES") or PUBLISHED_TEMPLATE_DIR)
-    path = base / family / "chat_template.json"
-    if not path.is_file():
-        raise InputError(f"{path}: no published chat template there; pass template='sketch', or root= (or set "
-                         "VLMSAFE_TEMPLATE_FIXTURES) to the tests/fixtures/templates folder of a vlmsafe checkout")
-    return json.loads(path.read_text(encoding="utf-8"))["chat_template"]
-
-
-def _template(family: str, template: str, sketch: str | None) -> str | None:
-    if template not in TEMPLATES:
-        raise InputError(f"template must be one of {TEMPLATES}, got {template!r}")
-    return published_template(family) if template == "published" else sketch
-
-
-def family_tokenizer(special_tokens, named=None, *, chat_template=None, bos=BOS, eos=EOS, pad=PAD,
-                     padding_side="left"):
-    """A lower-casing word-level tokenizer (as :func:`vlmsafe.testing.tokenization.build_word_tokenizer`) whose
-    pad/bos/eos are the family's own strings and whose ``named`` special tokens (``{"image_token":
-    "<image>", "boi_token": ...}``) are attributes, as the families' processors read them."""
-    named = dict(named or {})
-    fixed = list(dict.fromkeys([pad, bos, eos, UNK, *special_tokens, *named.values()]))
-    extra = sorted(({w.lower() for w in TEST_WORDS} | set(TEMPLATE_WORDS)) - set(fixed) - {""})
-    vocab = {tok: i for i, tok in enumerate([*fixed, *extra])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=UNK, padding_side=padding_side,
-        model_max_length=512, extra_special_tokens=named or None,
-    )
-    specials = [t for t in fixed if t not in (pad, bos, eos, UNK)]
-    if specials:
-        tok.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
-    if chat_template is not None:
-        tok.chat_template = chat_template
-    return tok
+from vlmsafe.testing import IMAGE_SIZE, _check_variant, _seed, _token_ids
+from vlmsafe.testing.family_text import TEMPLATES, family_template, family_tokenizer
 
 
 def _text(tok, **overrides) -> dict:
@@ -113,7 +60,7 @@ def tiny_llava_onevision(seed: int = 0, template: str = "published", text: dict 
     import transformers as t
 
     _seed(seed)
-    chat_template = _template("llava_onevision", template, ONEVISION_TEMPLATE)
+    chat_template = family_template("llava_onevision", template, ONEVISION_TEMPLATE)
     tok = family_tokenizer(("<image>", "<video>", "<|im_start|>", "<|im_end|>"),
                            {"image_token": "<image>", "video_token": "<video>"}, chat_template=chat_template,
                            bos="<|endoftext|>", eos="<|im_end|>")
@@ -152,7 +99,7 @@ def tiny_qwen3_vl(seed: int = 0, moe: bool = False, template: str = "published",
     import transformers as t
 
     _seed(seed)
-    chat_template = _template("qwen3_vl", template, QWEN3VL_TEMPLATE)
+    chat_template = family_template("qwen3_vl", template, QWEN3VL_TEMPLATE)
     tok = family_tokenizer(QWEN3VL_SPECIAL, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                              "vision_bos_token": "<|vision_start|>",
                                              "vision_eos_token": "<|vision_end|>"},
@@ -209,7 +156,7 @@ def tiny_gemma3(seed: int = 0, template: str = "published", text: dict | None = 
     import transformers as t
 
     _seed(seed)
-    chat_template = _template("gemma3", template, GEMMA3_TEMPLATE)
+    chat_template = family_template("gemma3", template, GEMMA3_TEMPLATE)
     tok = family_tokenizer(("<start_of_turn>", "<end_of_turn>"),
                            {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
                             "eoi_token": "<end_of_image>"}, chat_template=chat_template, bos="<bos>", eos="<eos>")
@@ -244,7 +191,7 @@ def tiny_mistral3(seed: int = 0, template: str = "published", text: dict | None 
     import transformers as t
 
     _seed(seed)
-    chat_template = _template("mistral3", template, MISTRAL3_TEMPLATE)
+    chat_template = family_template("mistral3", template, MISTRAL3_TEMPLATE)
     tok = family_tokenizer(("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]",
                             "[IMG_END]"), {"image_token": "[IMG]"}, chat_template=chat_template)
     processor = t.PixtralProcessor(
@@ -279,7 +226,7 @@ def tiny_smolvlm(seed: int = 0, variant: str = "smolvlm", template: str = "publi
 
     _check_variant(variant, "smolvlm", "idefics3")
     _seed(seed)
-    chat_template = _template("smolvlm", template, SMOLVLM_TEMPLATE)
+    chat_template = family_template("smolvlm", template, SMOLVLM_TEMPLATE)
     tok = family_tokenizer(("<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
                             "<global-img>"), {"image_token": "<image>"}, chat_template=chat_template,
                            eos="<end_of_utterance>")
@@ -317,7 +264,7 @@ def tiny_idefics2(seed: int = 0, template: str = "sketch", text: dict | None = N
     if template == "published":
         raise InputError("no published Idefics2 chat template is stored (tests/fixtures/templates has none); "
                          "pass template='sketch'")
-    chat_template = _template("idefics2", template, IDEFICS2_TEMPLATE)
+    chat_template = family_template("idefics2", template, IDEFICS2_TEMPLATE)
     tok = family_tokenizer(("<end_of_utterance>", "<fake_token_around_image>", "<image>"), {},
                            chat_template=chat_template, eos="<end_of_utterance>")
     latents = 4
@@ -358,7 +305,7 @@ def tiny_aya_vision(seed: int = 0, template: str = "sketch", text: dict | None =
     if template == "published":
         raise InputError("no published Aya Vision chat template is stored (tests/fixtures/templates has none); "
                          "pass template='sketch'")
-    chat_template = _template("aya_vision", template, AYA_VISION_TEMPLATE)
+    chat_template = family_template("aya_vision", template, AYA_VISION_TEMPLATE)
     tok = family_tokenizer(("<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
                             "<|SYSTEM_TOKEN|>", "<image>", "<|IMG_PATCH|>", *AYA_VISION_MARKUP),
                            {"image_token": "<image>"}, chat_template=chat_template, bos="<BOS_TOKEN>",
@@ -396,7 +343,7 @@ def tiny_glm4v(seed: int = 0, template: str = "sketch", text: dict | None = None
     if template == "published":
         raise InputError("no published GLM-4V chat template is stored (tests/fixtures/templates has none); "
                          "pass template='sketch'")
-    chat_template = _template("glm4v", template, GLM4V_TEMPLATE)
+    chat_template = family_template("glm4v", template, GLM4V_TEMPLATE)
     tok = family_tokenizer(GLM4V_SPECIAL, {"image_token": "<|image|>", "video_token": "<|video|>"},
                            chat_template=chat_template, bos="<|endoftext|>", eos="<|user|>")
     patches = dict(patch_size=4, temporal_patch_size=2, merge_size=2)
@@ -438,7 +385,7 @@ def tiny_internvl(seed: int = 0, template: str = "published", text: dict | None 
     import transformers as t
 
     _seed(seed)
-    chat_template = _template("internvl", template, INTERNVL_TEMPLATE)
+    chat_template = family_template("internvl", template, INTERNVL_TEMPLATE)
     tok = family_tokenizer(("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
                            {"start_image_token": "<img>", "end_image_token": "</img>",
                             "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
@@ -499,7 +446,7 @@ def tiny_mllama(seed: int = 0, template: str = "published", text: dict | None = 
     import transformers as t
 
     _seed(seed)
-    chat_template = _template("mllama", template, MLLAMA_TEMPLATE)
+    chat_template = family_template("mllama", template, MLLAMA_TEMPLATE)
     tok = family_tokenizer(("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|image|>"),
                            {"image_token": "<|image|>"}, chat_template=chat_template, bos="<|begin_of_text|>",
                            eos="<|eot_id|>", pad="<|finetune_right_pad_id|>")
