@@ -345,3 +345,44 @@ def test_a_cached_hub_model_is_checked_like_a_folder(ws, capsys, monkeypatch, tm
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     _check(main(_generate("acme/evil")), capsys.readouterr().err, REFUSAL)
     assert not (ws / "MARKER").exists()
+
+
+# --------------------------------------------------------------------------- ModelConfig: the loading settings, once
+def test_model_config_checks_its_settings_once_before_any_file_is_read(tmp_path):
+    from vlmsafe import ModelConfig
+    from vlmsafe.errors import InputError
+
+    missing = tmp_path / "no-such-model"  # never read: every check below is the settings' own
+    assert ModelConfig(missing, dtype="bf16").dtype == "bfloat16"  # aliases and torch dtypes: stored as the name
+    assert ModelConfig(missing, dtype=torch.float16).dtype == "float16"
+    assert ModelConfig(missing, dtype="auto").dtype == "auto"
+    with pytest.raises(InputError, match="dtype 'float8' is not a dtype vlmsafe handles"):
+        ModelConfig(missing, dtype="float8")
+    with pytest.raises(InputError, match=r"either `device` or `device_map`, not both"):
+        ModelConfig(missing, device="cpu", device_map="auto")
+    with pytest.raises(InputError, match="unknown device 'gpu9'"):
+        ModelConfig(missing, device="gpu9")
+    config = ModelConfig(missing, dtype="float16")
+    assert config.with_overrides(dtype="float32").dtype == "float32" and config.dtype == "float16"
+    with pytest.raises(InputError, match="not both"):
+        config.with_overrides(device="cpu", device_map="auto")
+
+
+def test_load_model_takes_a_model_config_or_its_fields():
+    from vlmsafe import ModelConfig, load_model
+
+    model, _ = load_model(ModelConfig("assets/testbed", dtype="bf16"))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model, _ = load_model(ModelConfig("assets/testbed", dtype="bf16"), dtype="float16")  # a field replaced
+    assert next(model.parameters()).dtype == torch.float16
+    model, _ = load_model("assets/testbed", dtype="float32")  # the fields as keywords, as before
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_device_and_device_map_together_read_as_flags_on_the_command_line(capsys, tmp_path):
+    code = main(["generate", "--model", "assets/testbed", "--prompt", "hello", "--device", "cpu",
+                 "--device-map", "auto"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err == ("vlmsafe generate: error: pass either --device or --device-map, not both (a device map places "
+                   "the model itself)"), err

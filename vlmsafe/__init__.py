@@ -28,6 +28,7 @@ from vlmsafe.errors import VlmsafeError
 _EXPORTS: dict[str, str] = {
     # models and data
     "load_model": "vlmsafe.loading",
+    "ModelConfig": "vlmsafe.loading",
     "get_adapter": "vlmsafe.adapters",
     "load_items": "vlmsafe.data",
     # steering (CMRM, ShiftDC)

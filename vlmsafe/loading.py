@@ -29,12 +29,13 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from vlmsafe.dtypes import torch_dtype
+from vlmsafe.dtypes import dtype_name, torch_dtype
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.weights import check_model_folder, check_no_remote_code, fingerprint, shape_mismatch_error
 
@@ -130,35 +131,65 @@ def _offline() -> bool:
                                                                                                      "TRUE")
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and where its weights run: the settings every model-loading call shares, checked once.
+
+    ``ModelConfig("llava-hf/llava-1.5-7b-hf", dtype="bf16", device_map="auto")``: ``dtype`` is a name of the one
+    dtype table (:mod:`vlmsafe.dtypes`, aliases and ``torch`` dtypes accepted and stored as the name) or
+    ``"auto"`` (the checkpoint's own), ``None`` meaning float32; ``device`` where the whole model goes
+    (``"auto"``: CUDA when available; ``None``: the CPU); ``device_map`` an accelerate device map (``"auto"``,
+    ``"balanced"``, or a dict) for a model that does not fit one device, exclusive with ``device``. The command
+    line's ``--model --dtype --device --device-map`` build one (:func:`vlmsafe.cli.options.load_model_from_args`).
+    """
+
+    path: str | os.PathLike[str]
+    dtype: torch.dtype | str | None = None
+    device: str | torch.device | None = None
+    device_map: str | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", dtype_name(self.dtype, "dtype", auto=True))
+        if self.device is not None and self.device_map is not None:
+            raise InputError("pass either `device` or `device_map`, not both (a device map places the model itself)")
+        if self.device is not None:
+            resolve_device(self.device)  # an unknown device, or CUDA asked for without one: refused here
+
+    def with_overrides(self, **overrides: Any) -> ModelConfig:
+        """This config with the given fields replaced (checked again)."""
+        return replace(self, **overrides) if overrides else self
+
+
 def load_model(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | ModelConfig,
     *,
     kind: ModelKind = "auto",
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device | None = None,
-    device_map: str | dict[str, Any] | None = None,
     adapter: str | os.PathLike[str] | None = None,
+    **settings: Any,
 ) -> tuple[nn.Module, Any]:
     """Load a model and its processor (VLM) or tokenizer (causal LM) in eval mode.
 
+    >>> model, processor = load_model("llava-hf/llava-1.5-7b-hf", dtype="bfloat16", device="cuda")
+    >>> model, processor = load_model(ModelConfig("llava-hf/llava-1.5-7b-hf", device_map="auto"))
+
     Args:
-        path: a local directory written by ``save_pretrained`` (or a hub id when online).
+        path: a local directory written by ``save_pretrained`` (or a hub id when online), or a
+            :class:`ModelConfig`.
         kind: ``"vlm"`` (``AutoModelForImageTextToText`` + ``AutoProcessor``), ``"causal_lm"``
             (``AutoModelForCausalLM`` + ``AutoTokenizer``) or ``"auto"`` (a ``vision_config`` in the
             config means VLM).
-        dtype: ``torch.bfloat16``, ``"float16"``, ``"auto"`` (the checkpoint's), or ``None`` (float32).
-        device: where to put the whole model (``"auto"``: CUDA when available). Default: CPU.
-        device_map: accelerate device map (``"auto"``, ``"balanced"``, or a dict) for models that do
-            not fit one device; exclusive with ``device``.
         adapter: a peft adapter directory to load on top (e.g. a LoRA caption converter).
+        settings: :class:`ModelConfig`'s ``dtype``, ``device`` and ``device_map`` (replacing the config's fields
+            when ``path`` is one).
     """
+    config = path.with_overrides(**settings) if isinstance(path, ModelConfig) else ModelConfig(path, **settings)
+    dtype, device, device_map = config.dtype, config.device, config.device_map
     from transformers import AutoConfig
 
     if kind not in ("auto", "vlm", "causal_lm"):
         raise InputError(f"kind must be 'auto', 'vlm' or 'causal_lm', got {kind!r}")
-    if device is not None and device_map is not None:
-        raise InputError("pass either device or device_map, not both (device_map places the model itself)")
-    location = check_model_path(path)
+    location = check_model_path(config.path)
     if adapter is not None:
         _check_adapter(adapter)  # before the model loads
     torch_dtype = resolve_dtype(dtype)

@@ -78,15 +78,18 @@ def add_model_options(parser: argparse.ArgumentParser, *, help: str | None = Non
                         "(default: none, the whole model on --device)")
 
 
-def load_model_from_args(args: argparse.Namespace, *, kind: str = "auto", device: Any = None) -> tuple[Any, Any]:
-    """Load ``--model`` with the shared loader (``device`` overrides ``--device``, e.g. a process's GPU)."""
+def load_model_from_args(args: argparse.Namespace, *, kind: str = "auto", device: Any = None,
+                         adapter: str | None = None) -> tuple[Any, Any]:
+    """Load ``--model`` with the shared loader, from the :class:`~vlmsafe.loading.ModelConfig` its flags make
+    (``device`` overrides ``--device``, e.g. a process's GPU; ``adapter``: a peft adapter folder on top)."""
     from transformers.utils import logging as hf_logging
 
-    from vlmsafe.loading import load_model
+    from vlmsafe.loading import ModelConfig, load_model
 
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars: noise next to vlmsafe's own progress
-    return load_model(args.model, kind=kind, dtype=args.dtype, device=device if device is not None else args.device,
-                      device_map=getattr(args, "device_map", None))
+    config = ModelConfig(args.model, dtype=args.dtype, device=device if device is not None else args.device,
+                         device_map=getattr(args, "device_map", None))
+    return load_model(config, kind=kind, adapter=adapter)
 
 
 # --------------------------------------------------------------------------- steering

@@ -28,6 +28,7 @@ from vlmsafe.cli.options import (
     check_named_inputs,
     check_push_args,
     command_inputs,
+    load_model_from_args,
     push_from_args,
 )
 from vlmsafe.cli.parsing import add_command
@@ -343,11 +344,7 @@ def _register_pairs(sub: Any) -> None:
 
 
 def _load_lm(args: argparse.Namespace, adapter: str | None = None) -> tuple[Any, Any]:
-    from vlmsafe.loading import load_model
-
-    _quiet_weight_loading()
-    return load_model(args.model, kind="causal_lm", dtype=args.dtype, device=args.device,
-                      device_map=args.device_map, adapter=adapter)
+    return load_model_from_args(args, kind="causal_lm", adapter=adapter)
 
 
 def _pairs_train(args: argparse.Namespace) -> int:
