@@ -25,7 +25,7 @@ import torch
 from cli_checks import one_line_error
 from PIL import Image
 
-from vlmsafe import data as vdata
+from vlmsafe import images as vimages
 from vlmsafe.cli import main
 from vlmsafe.data import load_items
 from vlmsafe.errors import FileFormatError, InputError
@@ -365,7 +365,7 @@ def test_a_16_bit_greyscale_png_is_scaled_not_saturated(tmp_path):
     ("1", Image.new("1", (4, 4), 1), [255.0] * 3),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_every_image_mode_becomes_a_sensible_rgb_image(case, image, expected):
-    assert _means(vdata.to_rgb(image)) == expected
+    assert _means(vimages.to_rgb(image)) == expected
 
 
 def test_a_palette_image_with_a_transparent_colour_is_composited_on_white(tmp_path):
