@@ -49,9 +49,10 @@ without dependencies to get its row: ``pip install --no-deps steering-vectors==0
 The run ends with one line per target, ``<measure>: <figure> (target <rule>: met|missed)``, figures being
 medians of per-repeat values with their 95% bootstrap interval; the compiled and short sample-level blocks, on which
 two targets are judged, run ``--short-repeats`` (41) times, so their medians hold to within about a point where the
-9 repeats of the long block leave several on a shared CPU. CPU: dataset-level overhead within 0.5 points of the no-op-hook floor;
-sample-level extra cost (sample-level minus plain) <= 1.1 text-only prefills. CUDA: dataset-level overhead
-<= 1% (eager, hooks; run at batch 1 and 8) and compiled dataset-level <= 1% over plain compiled generation.
+9 repeats of the long block leave several on a shared CPU; rows run in turn, the order reversed every other repeat.
+CPU: dataset-level overhead within 0.5 points of the no-op-hook floor; sample-level extra cost (sample-level minus
+plain) <= 1.1 text-only prefills. CUDA: dataset-level overhead <= 1% (eager, hooks; run at batch 1 and 8) and compiled
+dataset-level <= 1% over plain compiled generation.
 """
 
 from __future__ import annotations
@@ -277,9 +278,9 @@ def main() -> None:
     where = torch.cuda.get_device_name() if cuda else f"CPU, threads={args.threads}"
     print(f"model: LlavaForConditionalGeneration, text hidden={args.hidden}, layers={args.layers} (all steered), "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {args.dtype}; batch={args.batch}; "
-          f"{where}; {args.repeats} interleaved repeats ({args.short_repeats} for the compiled and "
-          f"{args.sample_new_tokens}-token blocks), {'CPU' if clock is time.process_time else 'wall'} time; targets: "
-          "median [95% bootstrap interval of the median] over repeats")
+          f"{where}; {args.repeats} interleaved repeats, order reversed every other one ({args.short_repeats} for the "
+          f"compiled and {args.sample_new_tokens}-token blocks), {'CPU' if clock is time.process_time else 'wall'} "
+          "time; targets: median [95% bootstrap interval of the median] over repeats")
     blocks = ((f"{args.new_tokens} new tokens", times),
               (f"{args.new_tokens} new tokens, static cache, compiled", compiled_times),
               (f"{short} new tokens", short_times), (f"ShiftDC, {args.new_tokens} new tokens", shiftdc_times))
@@ -356,14 +357,17 @@ def main() -> None:
 
 
 def timed(rows: dict[str, Callable[[], None]], repeats: int, clock: Callable[[], float]) -> dict[str, list[float]]:
-    """Run every row once as a warm-up, then ``repeats`` rounds of every row in turn."""
+    """Run every row once as a warm-up, then ``repeats`` rounds of every row in turn, the order reversed every other
+    round: a row that always ran right after the same other row would carry that position's effect (a warm cache,
+    an allocator state) into its ratio; alternating the order cancels it in the per-repeat ratios."""
     times: dict[str, list[float]] = {name: [] for name in rows}
     for fn in rows.values():
         fn()
-    for _ in range(repeats):
-        for name, fn in rows.items():
+    names = list(rows)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else reversed(names):
             start = clock()
-            fn()
+            rows[name]()
             times[name].append(clock() - start)
     return times
 
