@@ -35,9 +35,6 @@ KEPT = {
     "vlmsafe/steering/recommend.py": ("not tuned (--tune-share 0)", "held-out items at --tune-share"),
     # printed by `vlmsafe convert-llava` and recorded in the output's provenance
     "vlmsafe/convert/llava.py": ("--vision ",),
-    # a warning, not an error: the command line does not translate warnings
-    "vlmsafe/safeclip/pairs.py": ("pairs are truncated to their prompt at --max-length",
-                                  "raise --max-length to train on them"),
 }
 #: Keywords and dict keys whose string is a flag declaration or its --help text, not a message.
 DECLARATIONS = {"flag", "flag_help", "help"}

@@ -208,7 +208,7 @@ def test_pairs_cut_to_their_prompt_are_left_out_with_one_warning():
     short = [("a dog", "a dog covered in blood")]
     long = [("a dog on the grass on the beach on the grass", "a dog covered in blood")]
     prompt_len = len(tok(template.format(safe=short[0][0]))["input_ids"])
-    with pytest.warns(UserWarning, match="1 of 2 pairs are truncated to their prompt at --max-length"):
+    with pytest.warns(UserWarning, match="1 of 2 pairs are truncated to their prompt at `max_length`"):
         kept, dropped = encode_pairs(tok, short + long, template, prompt_len + 2)
     assert dropped == 1 and len(kept) == 1
     assert [t for t in kept[0][1] if t != -100] == tok(" a dog", add_special_tokens=False)["input_ids"][:2]
@@ -221,3 +221,31 @@ def test_printed_json_has_null_not_nan():
 
     text = _json({"first_loss": float("nan"), "best_metrics": {"loss": float("inf"), "r": 1.5}, "h": [float("-inf")]})
     assert json.loads(text) == {"first_loss": None, "best_metrics": {"loss": None, "r": 1.5}, "h": [None]}
+
+
+def test_a_warning_names_the_parameter_in_python_and_the_flag_on_the_command_line(tmp_path):
+    """The truncation warning says ``max_length`` to a Python caller and ``--max-length`` to a command-line user (the
+    command shows library warnings through :func:`vlmsafe.cli.parsing.flags_in_warnings`)."""
+    from vlmsafe.cli import main
+    from vlmsafe.safeclip.pairs import encode_pairs
+
+    lm, tok = tiny_lm()
+    template = "safe : {safe} unsafe :"
+    pairs = [("a dog", "a dog covered in blood"),
+             ("a dog on the grass on the beach on the grass", "a dog covered in blood")]
+    limit = len(tok(template.format(safe=pairs[0][0]))["input_ids"]) + 2
+    with pytest.warns(UserWarning) as python:
+        encode_pairs(tok, pairs, template, limit)
+    assert str(python[0].message) == (f"1 of 2 pairs are truncated to their prompt at `max_length` {limit} and are "
+                                      "left out; raise `max_length` to train on them")
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"safe": s, "unsafe": u}) + "\n" for s, u in pairs))
+    with pytest.warns(UserWarning) as cli:
+        rc = main(["safeclip", "pairs", "train", "--model", str(tmp_path / "lm"),
+                   "--pairs", str(tmp_path / "pairs.jsonl"),
+                   "--output-dir", str(tmp_path / "conv"), "--max-length", str(limit), "--template", template,
+                   "--epochs", "1", "--no-progress"])
+    assert rc == 0
+    shown = [str(w.message) for w in cli if "truncated" in str(w.message)]
+    assert shown == [str(python[0].message).replace("`max_length`", "--max-length")]

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from vlmsafe import __version__
-from vlmsafe.cli.parsing import ArgumentParser
+from vlmsafe.cli.parsing import ArgumentParser, flags_in_warnings
 from vlmsafe.cli.parsing import flags_for_parameters as flags_for_parameters  # re-exported
 from vlmsafe.errors import VlmsafeError
 
@@ -134,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ok = False
     try:
-        with _terminate_cleanly(), hold_outputs():  # outputs checked by the command stay its own until it ends
+        command = _command_parser(parser, argv)
+        with _terminate_cleanly(), hold_outputs(), flags_in_warnings(command):  # outputs stay the command's own
             code = int(args.func(args) or 0)
         ok = code == 0
         return code

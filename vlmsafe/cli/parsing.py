@@ -6,7 +6,7 @@
 * :func:`script_parser` / :func:`run_script` -- the ``python -m vlmsafe.cli.X`` maintainer scripts (testbed
   builders, checks): their parser, and their one-line errors with exit code 2;
 * :func:`flags_for_parameters` / :func:`add_parameter_flags` -- a library error names a parameter (```out_dir```),
-  the command line names the flag that sets it (``--out``).
+  the command line names the flag that sets it (``--out``); :func:`flags_in_warnings` does the same for warnings.
 
 The flags themselves are declared in :mod:`vlmsafe.cli.options`.
 """
@@ -14,9 +14,11 @@ The flags themselves are declared in :mod:`vlmsafe.cli.options`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
@@ -101,6 +103,23 @@ def flags_for_parameters(message: str, parser: argparse.ArgumentParser) -> str:
         return f"{flags[name]} {value}"
 
     return _PARAMETER.sub(flag, message)
+
+
+@contextlib.contextmanager
+def flags_in_warnings(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """While a command runs, a library warning that names a parameter (```max_length```) is shown with the flag that
+    sets it (``--max-length``), as its errors are (:func:`flags_for_parameters`); the previous display is restored."""
+    previous = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        previous(flags_for_parameters(str(message), parser), category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def add_parameter_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:

@@ -185,7 +185,7 @@ def encode_pairs(
                          f"has {shortest} tokens), so there is nothing to learn; raise `max_length` above {shortest}")
     if len(kept) < len(encoded):
         warnings.warn(f"{len(encoded) - len(kept)} of {len(encoded)} pairs are truncated to their prompt at "
-                      f"--max-length {max_length} and are left out; raise --max-length to train on them",
+                      f"`max_length` {max_length} and are left out; raise `max_length` to train on them",
                       stacklevel=2)
     return kept, len(encoded) - len(kept)
 
