@@ -29,7 +29,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -37,6 +37,7 @@ from torch import nn
 
 from vlmsafe.dtypes import dtype_name, torch_dtype
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.options import with_overrides
 from vlmsafe.weights import check_model_folder, check_no_remote_code, fingerprint, shape_mismatch_error
 
 ModelKind = Literal["auto", "vlm", "causal_lm"]
@@ -157,8 +158,8 @@ class ModelConfig:
             resolve_device(self.device)  # an unknown device, or CUDA asked for without one: refused here
 
     def with_overrides(self, **overrides: Any) -> ModelConfig:
-        """This config with the given fields replaced (checked again)."""
-        return replace(self, **overrides) if overrides else self
+        """This config with the given fields replaced (checked again; :func:`vlmsafe.options.with_overrides`)."""
+        return with_overrides(ModelConfig, self, overrides)
 
 
 def load_model(

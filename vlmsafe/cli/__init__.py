@@ -133,14 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlmsafe.output_locks import hold_outputs
 
     ok = False
+    command = _command_parser(parser, argv)  # the parser whose flags the command's messages name
     try:
-        command = _command_parser(parser, argv)
         with _terminate_cleanly(), hold_outputs(), flags_in_warnings(command):  # outputs stay the command's own
             code = int(args.func(args) or 0)
         ok = code == 0
         return code
     except VlmsafeError as exc:
-        message = flags_for_parameters(" ".join(str(exc).split()), _command_parser(parser, argv))  # one line
+        message = flags_for_parameters(" ".join(str(exc).split()), command)  # one line
         print(f"vlmsafe {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Terminated as exc:
