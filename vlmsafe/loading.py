@@ -7,7 +7,13 @@ dtype handling and the same errors:
 * a local path that does not exist -> "no such directory" at once, with a close sibling's name when
   there is one (``assets/testbd``: never a minute of hub retries); offline, a hub id not in the cache
   -> says so;
-* a directory without ``config.json`` -> says what a model directory holds;
+* a directory without ``config.json`` -> says what a model directory holds, or what the folder is instead
+  (a PEFT adapter, steering vectors: :func:`vlmsafe.model_folders.not_a_model`);
+* a model of the wrong kind (a text-only LM where a VLM is needed, a CLIP encoder), a ``model_type`` this
+  transformers does not ship, a processor whose files are missing -> one line naming it
+  (:mod:`vlmsafe.model_folders`); the processor is built before the weights are read;
+* a PEFT adapter (``adapter=``) that is pickled, truncated, or of another base model -> refused (peft would
+  drop the tensors it has no place for without a word);
 * a folder whose JSON files point at code (``auto_map``), with pickle weights only, or with a
   malformed safetensors file -> refused before transformers reads it (:mod:`vlmsafe.weights`); every
   ``from_pretrained`` passes ``trust_remote_code=False``;
@@ -37,12 +43,11 @@ from torch import nn
 
 from vlmsafe.dtypes import dtype_name, torch_dtype
 from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.model_folders import ORIGINAL_LLAVA_ARCHITECTURES, architectures, not_a_model
 from vlmsafe.options import with_overrides
 from vlmsafe.weights import check_model_folder, check_no_remote_code, fingerprint, shape_mismatch_error
 
 ModelKind = Literal["auto", "vlm", "causal_lm"]
-#: ``architectures`` of checkpoints in the original LLaVA repository's own layout.
-ORIGINAL_LLAVA_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaMptForCausalLM")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
@@ -90,9 +95,8 @@ def check_model_path(path: str | os.PathLike[str]) -> str:
                 f"{text}: is a file, not a model directory; pass the folder written by save_pretrained"
             )
         if not os.path.isfile(os.path.join(expanded, "config.json")):
-            raise FileFormatError(
-                f"{text}: has no config.json; pass a directory written by save_pretrained (model + processor)"
-            )
+            raise FileFormatError(f"{text}: " + (not_a_model(expanded) or "has no config.json; pass a directory "
+                                                 "written by save_pretrained (model + processor)"))
         return expanded
     parent = os.path.dirname(expanded.rstrip("/\\"))
     looks_local = (os.path.isabs(expanded) or text.startswith((".", "~")) or not _HUB_ID.match(text)
@@ -111,6 +115,20 @@ def check_model_path(path: str | os.PathLike[str]) -> str:
                 f"a model folder, or download it first (`hf download {text}` with HF_HUB_OFFLINE unset)"
             )
     return text
+
+
+def check_clip_folder(path: str | os.PathLike[str]) -> None:
+    """What :func:`load_model` checks before transformers reads a byte, for the transformers CLIP folder the
+    Safe-CLIP commands load with ``CLIPModel`` (:class:`vlmsafe.safeclip.backends.HFCLIPBackend`): the path, no
+    code, safetensors only with valid headers, and a ``config.json`` of a CLIP model (``CLIPModel`` reads any
+    config, and a VLM folder would load as a CLIP of random weights)."""
+    from vlmsafe.model_folders import check_model_type
+
+    location = check_model_path(path)
+    folder = location if os.path.isdir(location) else _cached_snapshot(location)
+    if folder is not None:
+        check_model_folder(folder, "CLIP model folder")
+        check_model_type(folder, ("clip",), "a CLIP model (CLIPModel)")
 
 
 def _did_you_mean(path: str) -> str:
@@ -188,6 +206,8 @@ def load_model(
     dtype, device, device_map = config.dtype, config.device, config.device_map
     from transformers import AutoConfig
 
+    from vlmsafe.model_folders import check_kind, config_error
+
     if kind not in ("auto", "vlm", "causal_lm"):
         raise InputError(f"kind must be 'auto', 'vlm' or 'causal_lm', got {kind!r}")
     location = check_model_path(config.path)
@@ -202,19 +222,10 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).split("\n")[0]
-        archs = _architectures(location)
-        if any(a in ORIGINAL_LLAVA_ARCHITECTURES for a in archs):
-            raise FileFormatError(
-                f"{location}: an original LLaVA checkpoint ({', '.join(archs)}) that transformers cannot load; "
-                "convert it with vlmsafe.convert.convert_llava(ORIGINAL_DIR, vision=CLIP_DIR, out=DIR) (the `vlmsafe "
-                "convert-llava` command) and load DIR"
-            ) from None
-        raise FileFormatError(
-            f"{location}: cannot read a model config ({first}); pass a save_pretrained directory"
-        ) from None
+        raise config_error(location, exc) from None
     if kind == "auto":
         kind = "vlm" if hasattr(config, "vision_config") else "causal_lm"
+    check_kind(location, config, kind)  # a text-only LM where a VLM is needed, or the other way round
     kwargs: dict[str, Any] = {}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
@@ -245,7 +256,7 @@ def _cached_snapshot(repo_id: str) -> str | None:
 def _local_folder_weights(location: str) -> dict[Any, Any] | None:
     """:func:`vlmsafe.weights.check_model_folder`, except for an original LLaVA checkpoint, which gets the
     convert-llava advice from :func:`load_model` (it is usually published as pickle ``.bin`` shards)."""
-    if any(a in ORIGINAL_LLAVA_ARCHITECTURES for a in _architectures(location)):
+    if any(a in ORIGINAL_LLAVA_ARCHITECTURES for a in architectures(location)):
         check_no_remote_code(location)
         return None
     return check_model_folder(location)
@@ -256,9 +267,16 @@ def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any],
     from safetensors import SafetensorError  # a truncated or corrupt weights file (not an OSError)
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+    from vlmsafe.model_folders import processor_error
+
     # Remote code never runs; a tensor whose shape differs from the config is reported by name (transformers
     # would reinitialise it, or raise after a long table), so mismatches are collected rather than raised.
     kwargs = {**kwargs, "trust_remote_code": False, "ignore_mismatched_sizes": True, "output_loading_info": True}
+    try:  # the processor first: its missing files are named at once, not after the weights load
+        processor = (AutoProcessor if kind == "vlm" else AutoTokenizer).from_pretrained(location,
+                                                                                      trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise processor_error(location, kind, exc) from None
     try:
         with _quiet_size_mismatch_report():
             if kind == "vlm":
@@ -267,8 +285,7 @@ def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any],
                 model, info = AutoModelForCausalLM.from_pretrained(location, **kwargs)
         error = shape_mismatch_error(location, info.get("mismatched_keys"), stored)
         if error is None:
-            auto = AutoProcessor if kind == "vlm" else AutoTokenizer
-            return model, auto.from_pretrained(location, trust_remote_code=False)
+            return model, processor
     except (OSError, ValueError, SafetensorError) as exc:
         first = str(exc).split("\n")[0]
         raise FileFormatError(
@@ -341,36 +358,35 @@ _WARNED: set[tuple[str, str]] = set()
 
 
 def _with_adapter(model: nn.Module, adapter: str | os.PathLike[str]) -> nn.Module:
+    """``model`` with the PEFT adapter in ``adapter`` on top, refused when the adapter is not of this model."""
     from peft import PeftModel
 
-    _check_adapter(adapter)
-    return PeftModel.from_pretrained(model, os.fspath(adapter))
+    from vlmsafe.model_folders import check_adapter_fits, quiet_peft
 
-
-def _check_adapter(adapter: str | os.PathLike[str]) -> None:
-    if not os.path.isfile(os.path.join(os.fspath(adapter), "adapter_config.json")):
-        raise FileFormatError(
-            f"{adapter}: no adapter_config.json; pass a folder written by a peft model's save_pretrained"
-        )
-
-
-def _architectures(location: str) -> list[str]:
-    from vlmsafe.reading import read_json
-
+    stored = _check_adapter(adapter)
     try:
-        data = read_json(os.path.join(location, "config.json"), what="model config")
-    except FileFormatError:
-        return []
-    return list(data.get("architectures") or []) if isinstance(data, dict) else []
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(model, os.fspath(adapter))
+    except RuntimeError as exc:  # a tensor of another shape: torch's "size mismatch for ..." report
+        reason = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise FileFormatError(f"adapter {adapter} does not fit the model ({reason}); it was trained on another "
+                              "base model, so pass that model") from None
+    check_adapter_fits(peft_model, adapter, stored)
+    return peft_model
+
+
+def _check_adapter(adapter: str | os.PathLike[str]) -> set[str]:
+    from vlmsafe.model_folders import check_adapter_folder
+
+    return check_adapter_folder(adapter)
 
 
 def inject_lora(model: nn.Module, config: Any) -> Any:
     """``peft.get_peft_model(model, config)``, without the FutureWarning transformers 5 raises inside it
-    (peft reads the deprecated ``is_gradient_checkpointing``): noise on stderr that the user cannot act on."""
-    import warnings
-
+    (:func:`vlmsafe.model_folders.quiet_peft`)."""
     from peft import get_peft_model
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from vlmsafe.model_folders import quiet_peft
+
+    with quiet_peft():
         return get_peft_model(model, config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -99,9 +100,12 @@ class ChatVLMAdapter(ModelAdapter):
                add_generation_prompt: bool = True) -> str:
         processor = self._require_processor()
         if getattr(processor, "chat_template", None) is None:
+            where = f"{self.model_name}: " if os.path.isdir(self.model_name) else ""
             raise InputError(
-                f"the processor of {type(self.model).__name__} has no chat template; set "
-                "processor.chat_template (see the model card) so vlmsafe can build conversations"
+                f"{where}the processor of {type(self.model).__name__} has no chat template (chat_template.jinja, or "
+                "chat_template in processor_config.json / tokenizer_config.json); copy chat_template.jinja from the "
+                "checkpoint the model came from, or set processor.chat_template (see the model card), so vlmsafe can "
+                "build conversations"
             )
         return apply_template(
             processor,

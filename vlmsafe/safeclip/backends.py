@@ -37,7 +37,7 @@ from vlmsafe.io import atomic_path
 from vlmsafe.reading import read_json
 from vlmsafe.safeclip.terms import TOKEN_STATE_LAYERS  # which token states encode_text_states returns
 from vlmsafe.validation import check_choice
-from vlmsafe.weights import check_no_remote_code
+from vlmsafe.weights import read_safetensors_header
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -167,7 +167,9 @@ class HFCLIPBackend(CLIPBackend):
         """Load model, tokenizer and image processor from a local directory or hub id."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        check_no_remote_code(path, "CLIP model folder")
+        from vlmsafe.loading import check_clip_folder
+
+        check_clip_folder(path)  # no code, safetensors only, valid headers, a CLIP config
         try:
             model = CLIPModel.from_pretrained(str(path), **{"trust_remote_code": False, **kwargs})
         except OSError as exc:
@@ -338,6 +340,7 @@ class OpenCLIPBackend(CLIPBackend):
             raise FileFormatError(
                 f"{cfg_file} has no 'model_cfg'; re-save the model with OpenCLIPBackend(model_cfg=...)"
             )
+        read_safetensors_header(weights, "open_clip weights")  # a truncated file: one line, not safetensors' error
         model = open_clip.CLIP(**model_cfg)
         load_model(model, str(weights), strict=True)
         model.eval()
