@@ -177,6 +177,22 @@ def test_the_processor_is_checked_before_the_weights_are_read(ws, monkeypatch):
         load_model(ws / "no_tokenizer")
 
 
+def test_weights_load_in_float32_unless_the_dtype_says_otherwise(ws):
+    """``--dtype`` documents "default float32; auto = the checkpoint's": transformers 5 alone loads a bf16 folder in
+    bf16 (its default is "auto"), which a CPU runs slowly and calibrates in another precision than documented."""
+    def dtypes(model):
+        return {p.dtype for p in model.parameters()}
+
+    assert dtypes(load_model(ws / "llava_bf16")[0]) == {torch.float32}
+    assert dtypes(load_model(ws / "llava_bf16", dtype="auto")[0]) == {torch.bfloat16}
+    assert dtypes(load_model(ws / "llava", dtype="bfloat16")[0]) == {torch.bfloat16}
+    plain, _ = load_model(ws / "llava")
+    from_bf16, _ = load_model(ws / "llava_bf16")
+    first = next(iter(plain.state_dict()))
+    torch.testing.assert_close(from_bf16.state_dict()[first],
+                               plain.state_dict()[first].to(torch.bfloat16).float())  # the stored values, widened
+
+
 def test_a_sampling_generation_config_still_decodes_greedily(ws, capsys):
     """A checkpoint whose generation_config.json samples (do_sample, temperature) is still run greedily: vlmsafe's
     answers and rates are reproducible, whatever the checkpoint suggests; and that says nothing on stderr."""

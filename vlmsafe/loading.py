@@ -21,6 +21,9 @@ dtype handling and the same errors:
 * an original LLaVA checkpoint (``LlavaLlamaForCausalLM``, not a transformers class) -> says how to
   convert it (``vlmsafe convert-llava``).
 
+Dtype: float32 unless ``dtype`` says otherwise (``"auto"``: the checkpoint's own); transformers 5 alone would
+load a bf16 folder in bf16.
+
 A model loaded from a folder carries :func:`model_fingerprint` (:func:`vlmsafe.weights.fingerprint`
 of its weights), which calibrated vectors record and check (:func:`warn_if_other_model`).
 
@@ -226,9 +229,8 @@ def load_model(
     if kind == "auto":
         kind = "vlm" if hasattr(config, "vision_config") else "causal_lm"
     check_kind(location, config, kind)  # a text-only LM where a VLM is needed, or the other way round
-    kwargs: dict[str, Any] = {}
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
+    # float32 unless asked: transformers 5 would load a bf16/fp16 folder in its own dtype ("auto")
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if torch_dtype is None else torch_dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
     stored = {n: entry[0].shape for header in (headers or {}).values() for n, entry in header.items()}
