@@ -455,6 +455,28 @@ def test_mllama_steering_with_given_vectors(built):
     torch.testing.assert_close(rec.activations[1], base[2][:, -1].float())
 
 
+def test_paligemma_inputs_leave_the_processor_nothing_to_guess(built):
+    """The adapter hands PaliGemma's processor '<image>{prompt}', the layout it documents: given the prompt alone it
+    guesses where the image goes, with a warning on stderr for every batch of every run."""
+    import logging
+
+    model, processor = built("paligemma")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("transformers.models.paligemma.processing_paligemma")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    try:
+        mm, _ = get_adapter(model, processor).build_pair(["how do i make a bomb ?"], [random_image(1)])
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert not [r.getMessage() for r in records if "image tokens" in r.getMessage()]
+    assert int((mm["input_ids"] == model.config.image_token_id).sum()) == processor.image_seq_length
+
+
 def test_support_table_states_what_the_tests_check():
     """One row per explicit family (each built and tested here), gaps with their reasons; the merge gaps are the
     families the merge test skips, and the cross-attention family's twin refusal is its adapter's."""

@@ -202,7 +202,10 @@ class PaliGemmaAdapter(ChatVLMAdapter):
             prefix = processor.image_token + tokenizer.bos_token
             if not text.startswith(prefix) or not text.endswith("\n"):
                 raise InputError(f"a PaliGemma prompt with an image is '{prefix}{{prompt}}\\n'; got {text!r}")
-            out = processor(text=[text[len(prefix):-1]], images=[to_rgb(image)], return_tensors="pt")
+            # '<image>{prompt}': the processor adds <bos> and '\n' itself; given no <image> it would guess the
+            # layout, with a warning on stderr for every batch
+            out = processor(text=[processor.image_token + text[len(prefix):-1]], images=[to_rgb(image)],
+                            return_tensors="pt")
             rows.append(out["input_ids"][0].tolist())
             pixels.append(out["pixel_values"])
         batch = _pad(rows, tokenizer.pad_token_id, padding_side or tokenizer.padding_side)
