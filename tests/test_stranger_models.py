@@ -218,3 +218,25 @@ def test_an_adapter_of_this_model_loads_quietly(ws, recwarn):
     assert isinstance(model, PeftModel)
     assert not [str(w.message) for w in recwarn if "gradient_checkpointing" in str(w.message)
                 or "Could not find a config file" in str(w.message)]
+
+
+def test_a_hub_id_without_a_network_says_so(monkeypatch):
+    """Online mode with no network: transformers' "couldn't connect" becomes what to do (download elsewhere, or
+    HF_HUB_OFFLINE=1 to stop the retries), not "pass a save_pretrained directory"."""
+    import transformers
+
+    import vlmsafe.loading as loading
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                      "the cached files.\nCheck your internet connection")
+
+    monkeypatch.setattr(loading, "_offline", lambda: False)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
+    with pytest.raises(FileFormatError) as err:
+        load_model("llava-hf/llava-1.5-7b-hf")
+    assert str(err.value) == (
+        "llava-hf/llava-1.5-7b-hf: not a local folder, and the Hugging Face Hub cannot be reached to fetch it (no "
+        "network?) nor is it in the cache; download it where there is a network (`hf download "
+        "llava-hf/llava-1.5-7b-hf`) and pass the folder, or set HF_HUB_OFFLINE=1 to read the cache without trying "
+        "the network")

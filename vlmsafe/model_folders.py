@@ -95,6 +95,13 @@ def config_error(location: str, exc: Exception) -> FileFormatError:
                 "(vlmsafe never runs code from a model folder)"
             )
     first = str(exc).split("\n")[0]
+    if "couldn't connect" in first.lower() and not os.path.isdir(location):
+        return FileFormatError(
+            f"{location}: not a local folder, and the Hugging Face Hub cannot be reached to fetch it (no network?) "
+            "nor is it in the cache; download it where there is a network "
+            f"(`hf download {location}`) and pass the folder, or set HF_HUB_OFFLINE=1 to read the cache without "
+            "trying the network"
+        )
     return FileFormatError(f"{location}: cannot read a model config ({first}); pass a save_pretrained directory")
 
 
