@@ -41,6 +41,14 @@ MERGE_GAPS: dict[str, str] = {}
 
 COLUMNS = ("steering", "sample-level", "ShiftDC", "merge with its LLM", "probes")
 
+#: What holds for every family, below the table (``tests/test_stranger_models.py`` checks each clause).
+LOADING_NOTE = (
+    "Every family loads the same way (`vlmsafe.loading`): in float32 unless `--dtype` says otherwise (`auto`: the "
+    "checkpoint's own dtype), from safetensors only, never running code from the folder; and `generate`, `evaluate` "
+    "and `calibrate` decode greedily whatever a checkpoint's `generation_config.json` suggests (its `do_sample`, "
+    "`temperature` and `top_p` are ignored), so answers and rates are reproducible."
+)
+
 
 def _family_adapters() -> dict[str, type[ModelAdapter]]:
     out: dict[str, type[ModelAdapter]] = {}
@@ -69,8 +77,9 @@ def support_rows() -> list[tuple[str, ...]]:
 
 
 def support_table() -> str:
-    """The support table as Markdown (family x {steering, sample-level, ShiftDC, merge with its LLM, probes})."""
+    """The support table as Markdown (family x {steering, sample-level, ShiftDC, merge with its LLM, probes}), then
+    :data:`LOADING_NOTE`."""
     head = ("family", *COLUMNS)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in support_rows()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + LOADING_NOTE + "\n"
