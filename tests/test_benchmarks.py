@@ -36,15 +36,16 @@ def _targets(out: str) -> dict[str, str]:
 def test_steering_overhead_runs_every_block_and_prints_its_targets():
     proc = _run("benchmarks/steering_overhead.py", "--hidden", "64", "--layers", "2", "--batch", "2",
                 "--new-tokens", "4", "--sample-new-tokens", "2", "--caption-tokens", "2", "--repeats", "2",
-                "--shiftdc-repeats", "1", "--inner", "2", "--no-compiled")
+                "--shiftdc-repeats", "1", "--inner", "2", "--decode-rounds", "3", "--no-compiled")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "2 interleaved repeats (the fastest of 2 runs each)" in out
-    for block in ("4 new tokens", "2 new tokens", "ShiftDC, 4 new tokens"):
+    for block in ("4 new tokens", "decode step (3 rounds of 4)", "2 new tokens", "ShiftDC, 4 new tokens"):
         assert re.search(rf"^{re.escape(block)} +seconds", out, re.M), out
-    assert set(_targets(out)) == {"dataset-level overhead above the no-op-hook floor",
+    assert set(_targets(out)) == {"dataset-level overhead above the no-op-hook floor, per decode step",
                                   "sample-level extra cost (2 new tokens)"}, out
     assert "same tokens as the hook path: {'static': True}" in out
+    assert "decode step: steering changes the logits: True" in out
 
 
 def test_evaluate_throughput_runs_and_prints_its_targets():
