@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,17 @@ def test_a_null_prompt_is_one_line_not_a_traceback(ws, capsys):
     rc = main(["evaluate", "--model", str(testbed_dir(None)), "--data", str(p), "--out", str(ws / "out")])
     one_line_error(rc, capsys.readouterr().err, "null.jsonl:1: key 'prompt' must be a string, got null")
     assert not (ws / "out").exists()
+
+
+@pytest.mark.parametrize("text, expected", [("null", "expected a JSON object, got null"),
+                                           ('"hello"', "expected a JSON object, got a string"),
+                                           ("3", "expected a JSON object, got a number")])
+def test_a_document_that_holds_no_objects_names_what_it_holds_in_json_words(tmp_path, text, expected):
+    """The messages said ``NoneType`` / ``str``: Python's names for what the user wrote as null / a string."""
+    p = tmp_path / "d.json"
+    p.write_text(text)
+    with pytest.raises(FileFormatError, match=rf"d\.json:1: {re.escape(expected)}"):
+        load_items(p)
 
 
 def test_an_empty_reference_is_refused_instead_of_counted_wrong(ws):

@@ -37,7 +37,7 @@ from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.images import open_image, url_problem, verify_image
 from vlmsafe.io import atomic_path
 from vlmsafe.records import Record as Record  # re-exported: vlmsafe.data.Record
-from vlmsafe.records import is_record_list, read_records
+from vlmsafe.records import is_record_list, json_type, read_records
 
 LABELS: tuple[str, ...] = ("harmful", "benign")
 _ITEM_KEYS = ("id", "prompt", "image", "category", "label", "reference")
@@ -149,7 +149,7 @@ def item_from_record(rec: dict[str, Any], *, where: str, base: Path, require_lab
         raise FileFormatError(f"{where}: key 'id' must be a string or a whole number, got {rec['id']!r}")
     for key in ("prompt", "category", "reference"):
         if key in rec and (rec[key] is not None or key == "prompt") and not isinstance(rec[key], str):
-            raise FileFormatError(f"{where}: key {key!r} must be a string, got {_json_type(rec[key])}")
+            raise FileFormatError(f"{where}: key {key!r} must be a string, got {json_type(rec[key])}")
     if not rec["prompt"].strip():
         raise FileFormatError(f"{where}: key 'prompt' is empty; give every item an instruction")
     if isinstance(rec.get("reference"), str) and not rec["reference"].strip():
@@ -177,13 +177,6 @@ def item_from_record(rec: dict[str, Any], *, where: str, base: Path, require_lab
         meta={k: v for k, v in rec.items() if k not in _ITEM_KEYS},
         source=where,
     )
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a parsed value's type (``null``, not ``NoneType``), for messages about a file."""
-    names = {type(None): "null", bool: "true/false", int: "a number", float: "a number", list: "a list",
-             dict: "an object", str: "a string"}
-    return names.get(type(value), type(value).__name__)
 
 
 def _nested_hint(rec: dict[str, Any]) -> str:

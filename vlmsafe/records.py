@@ -149,7 +149,7 @@ def _stream_records(text: str, p: Path) -> list[Record]:
             raise
         if not isinstance(rec, dict):
             raise FileFormatError(
-                f"{p}:{line}: expected a JSON object, got {type(rec).__name__}; write one object per line"
+                f"{p}:{line}: expected a JSON object, got {json_type(rec)}; write one object per line"
             )
         out.append((f"{p}:{line}", rec))
         line += text.count("\n", i, end)
@@ -164,7 +164,7 @@ def _jsonl_records(text: str, p: Path) -> list[Record]:
         rec = parse_json(line, where=str(p), line=lineno, fix="each line must be one complete JSON object")
         if not isinstance(rec, dict):
             raise FileFormatError(
-                f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}; write one object per line"
+                f"{p}:{lineno}: expected a JSON object, got {json_type(rec)}; write one object per line"
             )
         out.append((f"{p}:{lineno}", rec))
     return out
@@ -195,7 +195,7 @@ def _document_records(text: str, p: Path, key_field: str | None = None) -> list[
             return [(f"{p}:1", data)]  # a single record
     if not isinstance(data, list):
         raise FileFormatError(
-            f"{p}:1: expected JSONL records or a JSON list of objects, got a JSON {type(data).__name__}"
+            f"{p}:1: expected JSONL records or a JSON list of objects, got {json_type(data)}"
         )
     out: list[Record] = []
     starts = _list_item_lines(text)
@@ -203,10 +203,17 @@ def _document_records(text: str, p: Path, key_field: str | None = None) -> list[
         line = starts[i] if i < len(starts) else 1
         if not isinstance(rec, dict):
             raise FileFormatError(
-                f"{p}:{line}: entry {i} is a {type(rec).__name__}, not a JSON object; make every entry an object"
+                f"{p}:{line}: entry {i} is {json_type(rec)}, not a JSON object; make every entry an object"
             )
         out.append((f"{p}:{line}", rec))
     return out
+
+
+def json_type(value: Any) -> str:
+    """What a parsed value is, in the words of JSON (``null``, not ``NoneType``): messages about a user's file."""
+    names = {type(None): "null", bool: "true/false", int: "a number", float: "a number", list: "a list",
+             dict: "an object", str: "a string"}
+    return names.get(type(value), type(value).__name__)
 
 
 def is_record_list(value: Any) -> bool:
