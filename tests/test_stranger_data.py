@@ -145,6 +145,20 @@ def test_your_own_items_as_a_csv_are_items_and_safebench_stays_figstep(ws):
         load_items(p)
 
 
+def test_a_folder_of_data_files_is_named_as_such_not_as_a_broken_mm_safetybench(ws, capsys):
+    """A folder is read as MM-SafetyBench; a folder of the user's own JSONL files used to get "has no
+    'processed_questions' folder", which does not say to pass one file."""
+    (ws / "sets").mkdir()
+    _write(ws / "sets" / "part1.jsonl", _records())
+    _write(ws / "sets" / "part2.jsonl", _records())
+    rc = main(["evaluate", "--model", str(testbed_dir(None)), "--data", str(ws / "sets"), "--out", str(ws / "out")])
+    one_line_error(rc, capsys.readouterr().err, "is a folder of 2 data file(s) (part1.jsonl, part2.jsonl), not "
+                   "MM-SafetyBench", f"pass one data file, e.g. {str(ws / 'sets' / 'part1.jsonl')!r}")
+    assert not (ws / "out").exists()
+    with pytest.raises(FileFormatError, match=r"has no 'processed_questions' folder; .* or a data file"):
+        load_benchmark(ws / "imgs")
+
+
 # ------------------------------------------------------------------------------------------- record fields
 def test_a_null_prompt_is_one_line_not_a_traceback(ws, capsys):
     """``"prompt": null`` used to raise AttributeError ('NoneType' object has no attribute 'strip')."""

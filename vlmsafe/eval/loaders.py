@@ -81,9 +81,16 @@ def load_mm_safetybench(
         if root_p.name == "processed_questions" and root_p.is_dir():
             qdir, root_p = root_p, root_p.parent
         else:
+            files = sorted(f.name for f in root_p.iterdir() if f.suffix.lower() in (".jsonl", ".json", ".csv")) \
+                if root_p.is_dir() else []
+            if files:  # a folder of the user's own data files: vlmsafe reads one file per run
+                raise FileFormatError(
+                    f"{str(root_p)!r} is a folder of {len(files)} data file(s) ({', '.join(files[:3])}"
+                    f"{', ...' if len(files) > 3 else ''}), not MM-SafetyBench (no processed_questions/ in it); "
+                    f"pass one data file, e.g. {str(root_p / files[0])!r}, or join them into one")
             raise FileFormatError(
                 f"{str(root_p)!r} has no 'processed_questions' folder; pass the MM-SafetyBench data folder "
-                "(the one containing processed_questions/ and imgs/)."
+                "(the one containing processed_questions/ and imgs/), or a data file (JSONL, JSON or CSV)."
             )
     bad = [t for t in image_types if t not in MMSB_QUESTION_FIELDS]
     if bad or not image_types:
