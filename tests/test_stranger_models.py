@@ -45,9 +45,9 @@ def _truncate(path: Path, n: int = 64) -> None:
 def ws(tmp_path_factory) -> Path:
     """A tiny LLaVA, a causal LM with a LoRA adapter, a CLIP, and copies of them each wrong in one way."""
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_model
 
-    from vlmsafe.safeclip.backends import HFCLIPBackend, OpenCLIPBackend
+    from vlmsafe.safeclip.backends import HFCLIPBackend
     from vlmsafe.testing import tiny_open_clip
 
     root = tmp_path_factory.mktemp("stranger_models")
@@ -93,7 +93,11 @@ def ws(tmp_path_factory) -> Path:
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
                                            "head_width": 16},
            "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 2}}
-    OpenCLIPBackend(oc, model_cfg=cfg).save_pretrained(root / "open_clip_truncated")
+    (root / "open_clip_64_tokens").mkdir()  # as OpenCLIPBackend.save_pretrained writes it, without a model_name
+    save_model(oc, str(root / "open_clip_64_tokens" / "open_clip_model.safetensors"))
+    (root / "open_clip_64_tokens" / "open_clip_config.json").write_text(json.dumps({"model_name": None,
+                                                                                    "model_cfg": cfg}))
+    _copy(root / "open_clip_64_tokens", root / "open_clip_truncated")
     _truncate(root / "open_clip_truncated" / "open_clip_model.safetensors")
     with open(root / "quadruplets.jsonl", "w") as f:
         for i in range(2):
@@ -150,6 +154,8 @@ CASES = [
     ("safeclip-clip-pickle-only", _safeclip_eval("clip_bin"),
      "holds pytorch_model.bin but no model.safetensors; vlmsafe loads safetensors only"),
     ("safeclip-clip-truncated", _safeclip_eval("clip_truncated"), "model.safetensors is not a readable safetensors"),
+    ("safeclip-open-clip-fewer-token-rows-than-its-tokenizer", _safeclip_eval("open_clip_64_tokens"),
+     "the open_clip text tower has 64 token rows but open_clip's default SimpleTokenizer makes ids up to 49407"),
     ("safeclip-open-clip-truncated", _safeclip_eval("open_clip_truncated"),
      "open_clip weights file open_clip_truncated/open_clip_model.safetensors is not a readable safetensors file"),
 ]

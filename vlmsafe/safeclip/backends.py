@@ -296,6 +296,7 @@ class OpenCLIPBackend(CLIPBackend):
                 if model_name
                 else open_clip.SimpleTokenizer(context_length=ctx)
             )
+            _check_token_rows(model, tokenizer, model_name)
         self.tokenizer = tokenizer
         if preprocess is None:
             size = model.visual.image_size
@@ -414,6 +415,20 @@ class OpenCLIPBackend(CLIPBackend):
                 json.dumps({"model_name": self.model_name, "model_cfg": self.model_cfg}, indent=2) + "\n"
             )
             _write_extra(tmp, extra_files)
+
+
+def _check_token_rows(model: nn.Module, tokenizer: Any, model_name: str | None) -> None:
+    """Refuse a text tower with fewer token rows than the default tokenizer's ids (an embedding lookup out of range
+    at the first caption, as a traceback): a model saved without the model_name of the tokenizer it was built for."""
+    rows = int(model.token_embedding.num_embeddings)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > rows:
+        of = f"open_clip's tokenizer of {model_name}" if model_name else "open_clip's default SimpleTokenizer"
+        raise FileFormatError(
+            f"the open_clip text tower has {rows} token rows but {of} makes ids up to {vocab - 1}; save the model "
+            "with the model_name whose tokenizer it was built for (OpenCLIPBackend(model_name=...)), or pass that "
+            "tokenizer as tokenizer="
+        )
 
 
 def _write_extra(folder: Path, files: Mapping[str, str] | None) -> None:
