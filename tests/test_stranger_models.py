@@ -63,6 +63,8 @@ def ws(tmp_path_factory) -> Path:
     (_copy(llava, root / "no_image_processor") / "processor_config.json").unlink()
     (_copy(llava, root / "no_chat_template") / "chat_template.jinja").unlink()
     _edit_json(_copy(llava, root / "unknown_type") / "config.json", model_type="llava_super_new")
+    cut = _copy(llava, root / "cut_config") / "config.json"
+    cut.write_text(cut.read_text()[:-20])
     _edit_json(_copy(llava, root / "sampling") / "generation_config.json", do_sample=True, temperature=1.5, top_k=50)
     (root / "vectors").mkdir()
     (root / "vectors" / "vectors.json").write_text("{}")
@@ -132,6 +134,8 @@ CASES = [
      "no_chat_template: the processor of LlavaForConditionalGeneration has no chat template (chat_template.jinja"),
     ("unknown-model-type", _generate("unknown_type"),
      "config.json has model_type 'llava_super_new', which transformers"),
+    ("config-json-malformed", _generate("cut_config"),
+     "cut_config/config.json:"),
     ("vectors-folder-as-model", _generate("vectors"),
      "holds CMRM steering vectors (vectors.json), not a model; pass the model they were calibrated on as the model "
      "and this folder as --vectors"),

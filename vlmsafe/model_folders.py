@@ -82,6 +82,12 @@ def config_error(location: str, exc: Exception) -> FileFormatError:
             "convert it with vlmsafe.convert.convert_llava(ORIGINAL_DIR, vision=CLIP_DIR, out=DIR) (the `vlmsafe "
             "convert-llava` command) and load DIR"
         )
+    if os.path.isfile(os.path.join(location, "config.json")):  # malformed JSON: named by line and column
+        try:
+            read_json(os.path.join(location, "config.json"), what="model config",
+                      fix="restore the config.json saved with the weights (re-download it or re-save the model)")
+        except FileFormatError as err:
+            return err
     model_type = _config(location).get("model_type")
     if isinstance(model_type, str) and model_type:
         import transformers
