@@ -8,8 +8,10 @@ line and that the user's files are byte for byte what they were.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,74 @@ def test_a_folder_holding_only_a_killed_runs_hidden_files_says_what_they_are(tmp
         "it keep: .m.vlmsafe-ab12cd34.tmp, .m.vlmsafe-lock; once no run writes there, delete them); pass "
         "`overwrite=True` to replace it, or choose another `out` path")
     assert _names(results) == [".m.vlmsafe-ab12cd34.tmp", ".m.vlmsafe-lock"]
+
+
+# --------------------------------------------------------------------------- the python -m vlmsafe.cli.X scripts
+FAKE_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from vlmsafe.cli.parsing import run_script, script_parser
+    from vlmsafe.io import atomic_path, check_output
+
+    def work(args):
+        out = check_output(args.out, kind="dir", overwrite=args.overwrite, option="`out`")
+        print("checked", flush=True)
+        time.sleep(args.work)
+        with atomic_path(out, overwrite=args.overwrite) as tmp:
+            tmp.mkdir()
+            (tmp / "part1.txt").write_text("half")
+            print("writing", flush=True)
+            time.sleep(args.write)
+            (tmp / "part2.txt").write_text("done")
+
+    p = script_parser("vlmsafe.cli.fake", None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--work", type=float, default=0.0)
+    p.add_argument("--write", type=float, default=0.0)
+    sys.exit(run_script(p, sys.argv[1:], work))
+""")
+
+
+def _script(out: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-c", FAKE_SCRIPT, "--out", str(out), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, word: str) -> None:
+    line = proc.stdout.readline()
+    assert line.strip() == word, (line, proc.stderr.read() if proc.poll() is not None else "")
+
+
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGINT, 130, "interrupted")])
+def test_a_script_stopped_while_writing_leaves_nothing(tmp_path, sig, code, line):
+    """The scripts (build_unseen, the testbed builders, compare) ran outside the command's guard: SIGTERM killed
+    them with their temporary and lock left, Ctrl-C printed a traceback."""
+    writer = _script(tmp_path / "u", "--write", "60")
+    _wait_for(writer, "checked")
+    _wait_for(writer, "writing")
+    writer.send_signal(sig)
+    _, err = writer.communicate(timeout=60)
+    assert writer.returncode == code and err.strip() == line, err
+    assert _names(tmp_path) == []
+
+
+def test_a_script_holds_its_output_from_the_check(tmp_path):
+    """Two runs of a script on one output: the second stops before its work, not after it (the lock is held from
+    the check, as in the vlmsafe command)."""
+    first = _script(tmp_path / "u", "--work", "60")
+    try:
+        _wait_for(first, "checked")
+        second = _script(tmp_path / "u")
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 2 and "checked" not in out
+        assert err.strip() == (f"python -m vlmsafe.cli.fake: error: another vlmsafe run is writing {tmp_path / 'u'} "
+                               f"(pid {first.pid}); wait for it or choose another --out")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == 143 and _names(tmp_path) == []
 
 
 HOLDER = ("import sys, time\nfrom vlmsafe.output_locks import hold_outputs\nfrom vlmsafe.io import check_output\n"
