@@ -68,6 +68,25 @@ def test_atomic_path_itself_refuses_the_current_directory(tmp_path, monkeypatch)
     assert not ran and (tmp_path / "cwd" / "notes.txt").read_text() == "mine" and _names(tmp_path) == ["cwd"]
 
 
+def test_the_safeclip_testbed_builder_refuses_a_folder_it_did_not_write(tmp_path, capsys, monkeypatch):
+    """``python -m vlmsafe.cli.build_safeclip_testbed DIR`` replaced any DIR (``.`` included) after its work, without
+    being asked: now it is refused before the work unless --overwrite, like every other output."""
+    from vlmsafe.cli.build_safeclip_testbed import main as build_main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    assert build_main([str(mine), "--pretrain-steps", "1", "--train-renders", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python -m vlmsafe.cli.build_safeclip_testbed: error: OUT_DIR {str(mine)!r} is a non-empty directory; "
+        "pass --overwrite to replace it, or choose another OUT_DIR path")
+    monkeypatch.chdir(mine)
+    assert build_main([".", "--overwrite"]) == 2
+    assert "OUT_DIR '.' is the current, home or root directory" in capsys.readouterr().err
+    assert _names(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "precious"
+    assert _names(tmp_path) == ["mine"]
+
+
 # --------------------------------------------------------------------------- what is at the path
 def test_a_file_output_never_replaces_a_folder_of_files(tmp_path, capsys):
     """merge-mask --out results --overwrite (results/ a folder of the user's) deleted the folder to put one mask
