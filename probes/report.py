@@ -38,8 +38,9 @@ def _clean(obj: Any) -> Any:
 
 
 def check_report_paths(name: str, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> tuple[Path, Path]:
-    """The ``<name>.json`` / ``<name>.png`` paths in ``out_dir``, refused if they exist (unless ``overwrite``)."""
-    out = Path(out_dir)
+    """The ``<name>.json`` / ``<name>.png`` paths in ``out_dir``, refused if they exist (unless ``overwrite``).
+    ``~`` is expanded here as by every writer (a folder literally named ``~`` was made in the current one)."""
+    out = Path(os.path.expanduser(os.fspath(out_dir)))
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"`out_dir` {out} is a file; pass a folder for the {name} report")
     paths = out / f"{name}.json", out / f"{name}.png"

@@ -245,3 +245,15 @@ def test_a_folder_another_run_writes_into_is_not_replaced(tmp_path, capsys):
     assert main(_merge(tmp_path / "R", "--overwrite")) == 0  # a dead run's lock does not stop it
     assert "model.safetensors" in _names(tmp_path / "R")
 
+
+def test_a_quoted_tilde_is_expanded_by_every_part_of_a_probe(tmp_path, capsys, monkeypatch):
+    """``probe weights --out '~/reports'`` (or a tilde from a config): the report went to $HOME/reports, but a
+    folder literally named ``~`` was made in the current directory (the next ``rm -rf ~`` deletes the home)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["probe", "weights", "--before", str(TESTBED / "aligned_lm"), "--after", str(TESTBED),
+                 "--no-progress", "--out", "~/reports"]) == 0, capsys.readouterr().err
+    assert _names(work) == [] and sorted(_names(home / "reports")) == ["weights.json", "weights.png"]
