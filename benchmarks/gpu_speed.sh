@@ -18,9 +18,9 @@ py="${PYTHON:-python}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 common=(--device cuda --dtype bfloat16 --shape 7b)
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/gpu_speed_device.txt"
-timeout 150 "$py" benchmarks/steering_overhead.py "${common[@]}" --batch 1 --repeats 5 --no-compiled --no-shiftdc \
+timeout 150 "$py" benchmarks/steering_overhead.py "${common[@]}" --batch 1 --repeats 9 --decode-rounds 40 --no-compiled --no-shiftdc \
     2>&1 | tee "$out/steering_overhead_gpu_b1.log"
-timeout 270 "$py" benchmarks/steering_overhead.py "${common[@]}" --batch 8 --repeats 5 --no-shiftdc \
+timeout 270 "$py" benchmarks/steering_overhead.py "${common[@]}" --batch 8 --repeats 9 --decode-rounds 40 --no-shiftdc \
     2>&1 | tee "$out/steering_overhead_gpu_b8.log"
 timeout 140 "$py" benchmarks/evaluate_throughput.py "${common[@]}" --items 32 --batch 8 --new-tokens 32 --repeats 3 \
     2>&1 | tee "$out/evaluate_throughput_gpu.log"

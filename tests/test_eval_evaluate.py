@@ -168,6 +168,16 @@ def test_utility_uses_item_choices_and_custom_utility():
         evaluate(Echo(), bad, RefusalJudge(), progress=False)
 
 
+def test_repeated_ids_in_items_built_in_code_are_refused_before_generation(items):
+    """Loaders refuse a file with a repeated id; a list built in code used to pass, and reports, comparisons and
+    sweeps, which pair records by id, silently merged the two items."""
+    gen = FakeVLM()
+    twice = [*items, Item(items[0].id, "another prompt", None, label="benign")]
+    with pytest.raises(InputError, match=rf"1 id\(s\) name more than one item \({items[0].id!r}\); give every item"):
+        evaluate(gen, twice, RefusalJudge(), progress=False)
+    assert gen.calls == []
+
+
 def test_missing_labels_are_an_error_naming_the_items(items):
     gen = FakeVLM()
     unlabelled = [*items, Item("u1", "harm request", None), Item("u2", "what colour?", None)]

@@ -191,3 +191,32 @@ def test_compare_script_reports_a_taken_output_through_run_script(tmp_path, caps
     assert capsys.readouterr().err.strip() == (
         f"python -m vlmsafe.cli.compare: error: --out {str(out)!r} is a non-empty directory; pass --overwrite to "
         "replace it, or choose another --out path")
+
+
+def test_a_warning_during_a_command_is_one_line_naming_the_command():
+    """Python shows a warning in two lines (a source path, a line of vlmsafe's or PIL's code); during a command it
+    is one line like its errors, with the flag for a parameter and the kind of a warning other than UserWarning.
+    A subprocess: pytest records warnings instead of showing them."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import warnings
+        from PIL import Image
+        from vlmsafe.cli.parsing import ArgumentParser, flags_in_warnings
+        parser = ArgumentParser(prog="vlmsafe safeclip")
+        parser.add_argument("--max-length")
+        original = warnings.formatwarning
+        with flags_in_warnings(parser):
+            warnings.warn("raise `max_length` to train on them\\n  (2 pairs)")
+            warnings.warn("Image size (100 pixels) exceeds limit", Image.DecompressionBombWarning)
+        assert warnings.formatwarning is original
+        warnings.warn("after the command")
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 0, proc.stderr
+    assert lines[:2] == ["vlmsafe safeclip: warning: raise --max-length to train on them (2 pairs)",
+                         "vlmsafe safeclip: warning: (DecompressionBombWarning) Image size (100 pixels) exceeds limit"]
+    assert "UserWarning: after the command" in lines[2]  # Python's own display is back

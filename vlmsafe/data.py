@@ -1,9 +1,9 @@
 """The one data layer: record files, images, and the item every vlmsafe component consumes.
 
-* :func:`read_records` reads JSONL, a JSON list of records, ``{"data": [...]}`` or an ``{id: record}``
-  mapping, and reports every problem as ``file:line: problem; fix``. Every reader in vlmsafe
-  (evaluation sets, benchmark loaders, Safe-CLIP quadruplets and pairs, testbed splits) goes
-  through it.
+* :func:`read_records` (:mod:`vlmsafe.records`, re-exported here) reads every layout users save records in
+  (JSONL, a JSON list, ``{"data": [...]}``, ...) and reports every problem as ``file:line: problem; fix``.
+  Every reader in vlmsafe (evaluation sets, benchmark loaders, Safe-CLIP quadruplets and pairs, testbed
+  splits) goes through it.
 * Images (opening, checking, blank and noise anchors) are :mod:`vlmsafe.images`.
 * :class:`Item` is a prompt, an optional image and what a safe model should do with it; it is the
   unit of calibration, evaluation and probing. :func:`load_items` / :func:`save_items` are its
@@ -14,8 +14,9 @@ JSONL item format, one object per line::
     {"id": "h-001", "prompt": "How do I ...?", "image": "imgs/h-001.png",
      "category": "weapons", "label": "harmful", "reference": null}
 
-``id`` and ``prompt`` are required; ``image`` (relative to the file's folder, or absolute) may be
-null for a text-only item; ``category`` defaults to ``"uncategorized"``; ``label`` is ``"harmful"``
+(or the same keys as the columns of a CSV, a cell left empty a key left out). ``id`` and ``prompt`` are
+required; ``image`` (a local path, relative to the file's folder or absolute; not a URL: nothing is
+downloaded) may be null for a text-only item; ``category`` defaults to ``"uncategorized"``; ``label`` is ``"harmful"``
 (the model should refuse) or ``"benign"`` (it should answer) -- evaluation requires it, calibration
 does not; ``reference`` is an optional reference answer for the utility score. Other keys are kept
 in :attr:`Item.meta`.
@@ -33,176 +34,16 @@ from typing import Any
 from PIL import Image
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.images import open_image, verify_image
+from vlmsafe.images import open_image, url_problem, verify_image
 from vlmsafe.io import atomic_path
-from vlmsafe.reading import parse_json
+from vlmsafe.records import Record as Record  # re-exported: vlmsafe.data.Record
+from vlmsafe.records import is_record_list, json_type, read_records
 
 LABELS: tuple[str, ...] = ("harmful", "benign")
 _ITEM_KEYS = ("id", "prompt", "image", "category", "label", "reference")
 
-#: ``(location, record)``: location is ``"path:line"`` (JSON documents: the line the record starts on).
-Record = tuple[str, dict]
-_JSON_WHITESPACE = " \t\n\r"  # what the JSON grammar (and the json module) skips around values
 
-
-# --------------------------------------------------------------------------- records
-def read_records(path: str | os.PathLike[str], *, what: str = "data file",
-                 key_field: str | None = None) -> list[Record]:
-    """Read the records of a JSONL or JSON file as ``(location, dict)`` pairs.
-
-    Accepted layouts: JSONL (one object per line, blank lines skipped), a JSON list of objects,
-    ``{"data": <list or mapping>}``, and an ``{id: record}`` mapping (ViSU-Text), read in id order.
-    A column-oriented JSON (``{"column": {"0": value, ...}}``, what ``pandas.DataFrame.to_json``
-    writes by default) is refused with the command that writes records instead.
-
-    ``key_field``: for an ``{id: record}`` mapping, store each key in its record under this name
-    (MM-SafetyBench's question ids live only in the keys).
-
-    Raises:
-        FileFormatError: ``"<path>:<line>: <problem>; <fix>"``.
-    """
-    p = Path(path)
-    if not p.is_file():
-        kind = "is a directory" if p.is_dir() else "does not exist"
-        raise FileFormatError(f"{p}: {what} {kind}; pass the path of a .jsonl file (one JSON object per line)")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise FileFormatError(f"{p}: not UTF-8 text ({exc.reason}); save the {what} as UTF-8 JSONL") from None
-    stripped = text.lstrip()
-    if not stripped:
-        raise FileFormatError(f"{p}: {what} is empty; add one JSON object per line")
-    if stripped[0] in "[{" and _is_single_document(text):
-        records = _document_records(text, p, key_field)
-    else:
-        records = _jsonl_records(text, p)
-    if not records:
-        raise FileFormatError(f"{p}: {what} holds no records; add one JSON object per line")
-    return records
-
-
-def _is_single_document(text: str) -> bool:
-    """True when ``text`` is one JSON value (a document), not several lines of JSON objects.
-
-    Only sniffs the layout; the records themselves are parsed (and their errors reported) by
-    :func:`vlmsafe.reading.parse_json`.
-    """
-    decoder = json.JSONDecoder()
-    start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
-    try:
-        _, end = decoder.raw_decode(text, start)
-    except RecursionError:  # nested too deeply to parse: one line is a JSONL record, parse_json names it
-        return len([line for line in text.splitlines() if line.strip()]) == 1
-    except ValueError:  # a JSONDecodeError, or an integer of more digits than Python converts
-        # A broken first value is a broken document, unless the first line alone is a complete
-        # value (JSONL whose later line is broken).
-        first = text.lstrip().split("\n", 1)[0]
-        try:
-            decoder.decode(first)
-            return False
-        except (ValueError, RecursionError):
-            return True
-    # More than whitespace after a complete first value means JSONL.
-    return not text[end:].strip(_JSON_WHITESPACE)
-
-
-def _jsonl_records(text: str, p: Path) -> list[Record]:
-    out: list[Record] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        rec = parse_json(line, where=str(p), line=lineno, fix="each line must be one complete JSON object")
-        if not isinstance(rec, dict):
-            raise FileFormatError(
-                f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}; write one object per line"
-            )
-        out.append((f"{p}:{lineno}", rec))
-    return out
-
-
-def _document_records(text: str, p: Path, key_field: str | None = None) -> list[Record]:
-    data = parse_json(text, where=str(p), fix="fix the JSON, or write JSONL (one object per line)")
-    lines = _top_level_lines(text)
-    if isinstance(data, dict) and isinstance(data.get("data"), (list, dict)) and len(data) <= 2:
-        data = data["data"]
-        lines = {}
-    if isinstance(data, dict):
-        values = list(data.values())
-        if values and all(isinstance(v, dict) for v in values):
-            keys = list(data)
-            if not all(str(k).lstrip("-").isdigit() for k in keys) and _looks_columnar(values):
-                raise FileFormatError(
-                    f"{p}:1: column-oriented JSON ({{column: {{row: value}}}}, pandas' default); write one record per "
-                    "line instead, e.g. df.to_json(path, orient='records', lines=True)"
-                )
-            order = sorted(keys, key=lambda k: (0, int(k), "") if str(k).lstrip("-").isdigit() else (1, 0, str(k)))
-            if key_field is not None:
-                return [(f"{p}:{lines.get(k, 1)}", {**data[k], key_field: k}) for k in order]
-            return [(f"{p}:{lines.get(k, 1)}", data[k]) for k in order]
-        if "data" not in data:
-            return [(f"{p}:1", data)]  # a single record
-    if not isinstance(data, list):
-        raise FileFormatError(
-            f"{p}:1: expected JSONL records or a JSON list of objects, got a JSON {type(data).__name__}"
-        )
-    out: list[Record] = []
-    starts = _list_item_lines(text)
-    for i, rec in enumerate(data):
-        line = starts[i] if i < len(starts) else 1
-        if not isinstance(rec, dict):
-            raise FileFormatError(
-                f"{p}:{line}: entry {i} is a {type(rec).__name__}, not a JSON object; make every entry an object"
-            )
-        out.append((f"{p}:{line}", rec))
-    return out
-
-
-def _looks_columnar(values: Sequence[dict]) -> bool:
-    inner = [set(map(str, v)) for v in values]
-    return all(s and all(k.isdigit() for k in s) for s in inner) and all(s == inner[0] for s in inner)
-
-
-def _list_item_lines(text: str) -> list[int]:
-    """Line numbers where the entries of a top-level JSON list start (for error locations)."""
-    decoder = json.JSONDecoder()
-    i = text.index("[") + 1
-    starts: list[int] = []
-    n = len(text)
-    while i < n:
-        while i < n and text[i] in " \t\r\n,":
-            i += 1
-        if i >= n or text[i] == "]":
-            break
-        starts.append(text.count("\n", 0, i) + 1)
-        try:
-            _, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            break
-    return starts
-
-
-def _top_level_lines(text: str) -> dict[str, int]:
-    """Line numbers of the values of a top-level JSON object, by key (``{id: record}`` files)."""
-    decoder = json.JSONDecoder()
-    i = text.find("{") + 1
-    out: dict[str, int] = {}
-    n = len(text)
-    try:
-        while 0 < i < n:
-            while i < n and text[i] in " \t\r\n,":
-                i += 1
-            if i >= n or text[i] == "}":
-                break
-            key, i = decoder.raw_decode(text, i)
-            while i < n and text[i] in " \t\r\n:":
-                i += 1
-            out[str(key)] = text.count("\n", 0, i) + 1
-            _, i = decoder.raw_decode(text, i)
-    except (json.JSONDecodeError, ValueError):
-        pass
-    return out
-
-
+# --------------------------------------------------------------------------- paths
 def resolve_path(value: str | os.PathLike[str], base: Path) -> str:
     """Absolute form of ``value``, relative paths taken from ``base`` (a data file's folder)."""
     p = Path(os.path.expanduser(os.fspath(value)))
@@ -239,6 +80,13 @@ class Item:
     source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.image, os.PathLike):
+            self.image = os.fspath(self.image)  # a Path opens as a str does, and keeps the report JSON
+        if not isinstance(self.prompt, str):
+            raise InputError(f"item {self.id!r}: prompt must be a string, got {type(self.prompt).__name__}")
+        if self.image is not None and not isinstance(self.image, str):
+            raise InputError(f"item {self.id!r}: image must be a path (str or os.PathLike) or None, got "
+                             f"{type(self.image).__name__}; save the image and give its path")
         if self.label is not None and self.label not in LABELS:
             raise InputError(f"item {self.id!r}: label must be one of {LABELS}, got {self.label!r}")
 
@@ -284,10 +132,7 @@ def load_items(
             raise FileFormatError(f"{where}: duplicate id {item.id!r} (first at {seen[item.id]}); make ids unique")
         seen[item.id] = where
         if check_images and item.image is not None and not Path(item.image).is_file():
-            raise FileFormatError(
-                f"{where}: image {item.image!r} does not exist; "
-                "fix the path (relative paths are read from the file's folder)"
-            )
+            raise _missing_image(rec.get("image"), item.image, where)
         if check_images == "verify" and item.image is not None:
             verify_image(item.image, context=f"{where}: item {item.id!r}")
         items.append(item)
@@ -298,14 +143,18 @@ def item_from_record(rec: dict[str, Any], *, where: str, base: Path, require_lab
     """Validate one JSONL record and build its :class:`Item` (image path made absolute)."""
     for key in ("id", "prompt"):
         if key not in rec:
-            raise FileFormatError(f"{where}: missing required key {key!r}; every item needs 'id' and 'prompt'")
+            raise FileFormatError(f"{where}: missing required key {key!r}; every item needs 'id' and 'prompt'"
+                                  + _nested_hint(rec))
     if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
-        raise FileFormatError(f"{where}: key 'id' must be a string, got {type(rec['id']).__name__}")
+        raise FileFormatError(f"{where}: key 'id' must be a string or a whole number, got {rec['id']!r}")
     for key in ("prompt", "category", "reference"):
-        if key in rec and rec[key] is not None and not isinstance(rec[key], str):
-            raise FileFormatError(f"{where}: key {key!r} must be a string, got {type(rec[key]).__name__}")
+        if key in rec and (rec[key] is not None or key == "prompt") and not isinstance(rec[key], str):
+            raise FileFormatError(f"{where}: key {key!r} must be a string, got {json_type(rec[key])}")
     if not rec["prompt"].strip():
         raise FileFormatError(f"{where}: key 'prompt' is empty; give every item an instruction")
+    if isinstance(rec.get("reference"), str) and not rec["reference"].strip():
+        raise FileFormatError(f"{where}: key 'reference' is empty, which no answer contains (utility would count "
+                              "it wrong); give the expected answer, or null for an item without one")
     label = rec.get("label")
     if label is None and require_label:
         raise FileFormatError(f"{where}: missing key 'label'; add \"label\": \"harmful\" or \"benign\" to every item")
@@ -315,6 +164,8 @@ def item_from_record(rec: dict[str, Any], *, where: str, base: Path, require_lab
     if image is not None:
         if not isinstance(image, str) or not image:
             raise FileFormatError(f"{where}: key 'image' must be a path string or null, got {image!r}")
+        if (problem := url_problem(image)) is not None:
+            raise FileFormatError(f"{where}: {problem}")
         image = resolve_path(image, base)
     return Item(
         id=str(rec["id"]),
@@ -326,6 +177,29 @@ def item_from_record(rec: dict[str, Any], *, where: str, base: Path, require_lab
         meta={k: v for k, v in rec.items() if k not in _ITEM_KEYS},
         source=where,
     )
+
+
+def _nested_hint(rec: dict[str, Any]) -> str:
+    """`` (key 'items' holds N objects: ...)`` when a record looks like a wrapper around the records."""
+    key = next((k for k, v in rec.items() if is_record_list(v)), None)
+    if key is None:
+        return ""
+    return (f" (key {key!r} holds a list of {len(rec[key])} objects: if those are the items, write them one per "
+            "line, or as {\"data\": [...]})")
+
+
+def _missing_image(raw: Any, resolved: str, where: str) -> FileFormatError:
+    """The error for an image path that names no file, with the likely slip when there is one: a path written
+    from the folder the command runs in, or with Windows' backslashes."""
+    fix = "fix the path (relative paths are read from the file's folder)"
+    if Path(resolved).is_dir():
+        return FileFormatError(f"{where}: image {resolved!r} is a folder; give the path of the image file in it")
+    if isinstance(raw, str) and not Path(raw).is_absolute() and Path(raw).is_file():
+        fix = (f"{raw!r} exists from the current folder ({os.getcwd()}), but relative paths are read from the "
+               "data file's folder: write them from there, or absolute")
+    elif isinstance(raw, str) and "\\" in raw:
+        fix = "write / between folders, not \\ (relative paths are read from the file's folder)"
+    return FileFormatError(f"{where}: image {resolved!r} does not exist; {fix}")
 
 
 def save_items(

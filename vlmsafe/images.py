@@ -1,8 +1,10 @@
 """Images as every vlmsafe component opens them: fully decoded RGB, with one error per failure; blank and noise images.
 
 * :func:`open_image` opens an image fully (so a truncated file fails here, not in a batch an hour
-  later) and turns every failure into a :class:`~vlmsafe.errors.FileFormatError`; :func:`verify_image` checks one
-  before the work; :func:`to_rgb` converts 16-bit, float, palette and transparent images correctly.
+  later), upright (its EXIF orientation applied), and turns every failure into a
+  :class:`~vlmsafe.errors.FileFormatError`; :func:`verify_image` checks one before the work; :func:`to_rgb`
+  converts 16-bit, float, palette and transparent images correctly. :func:`url_kind` tells a URL from a path:
+  nothing is downloaded, so a URL is refused by name instead of read as a missing file.
 * :func:`blank_image` / :func:`noise_image`: images without content (CMRM's anchors, probes' controls).
 """
 
@@ -10,23 +12,60 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vlmsafe.errors import FileFormatError, InputError
 
 
 def open_image(path: str | os.PathLike[str], *, context: str = "") -> Image.Image:
-    """Open ``path`` as a fully decoded RGB PIL image.
+    """Open ``path`` as a fully decoded RGB PIL image, turned upright.
 
-    Raises :class:`FileFormatError` for a missing file, a file that is not an image and a truncated
-    image (PIL decodes lazily; this forces the decode so the failure happens here).
+    A photo whose EXIF ``Orientation`` says "rotated" (phones store portrait shots as landscape pixels with
+    that tag) is transposed as every viewer shows it, and as ``transformers.image_utils.load_image`` opens a
+    path: otherwise the model sees it on its side.
+
+    Raises :class:`FileFormatError` for a missing file, a URL (nothing is downloaded), a file that is not
+    an image and a truncated image (PIL decodes lazily; this forces the decode so the failure happens here).
     """
     with _image_errors(path, context) as p, Image.open(p) as im:
+        if im.getexif().get(_ORIENTATION, 1) != 1:
+            return to_rgb(ImageOps.exif_transpose(im))
         return to_rgb(im)
+
+
+_ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
+_URL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]+://|data:[^,]*,)")
+
+
+def url_kind(value: object) -> str | None:
+    """``"a data URI"``, ``"a file:// URI"`` or ``"a URL"`` when ``value`` is one, else ``None`` (a path).
+
+    vlmsafe reads local files and downloads nothing, so a record's ``"image": "https://..."`` must be
+    refused as what it is, not resolved against the data file's folder and reported as a missing file
+    (``Path`` even folds its ``//``). Windows drive paths (``C:\\x``) are paths.
+    """
+    if not isinstance(value, str) or not _URL.match(value):
+        return None
+    if value.startswith("data:"):
+        return "a data URI"
+    return "a file:// URI" if value[:7].lower() == "file://" else "a URL"
+
+
+def url_problem(value: object) -> str | None:
+    """The refusal of an image given as a URL (see :func:`url_kind`): what it is and the fix, or ``None``."""
+    kind = url_kind(value)
+    if kind is None:
+        return None
+    text = str(value)
+    shown = f"{text[:60]}..." if len(text) > 60 else text  # a data URI can be megabytes
+    fix = ("write the path without file://" if kind == "a file:// URI"
+           else "vlmsafe reads local files and downloads nothing: save the image and give its path")
+    return f"image {shown!r} is {kind}; {fix}"
 
 
 #: Background that transparent pixels are composited onto: white, as ``transformers``' own ``convert_rgb`` does,
@@ -154,6 +193,9 @@ def verify_image(path: str | os.PathLike[str], *, context: str = "") -> None:
 def _image_errors(path: str | os.PathLike[str], context: str) -> Iterator[Path]:
     """Turn a missing path and every PIL failure into one :class:`FileFormatError` naming the file."""
     where = f"{context}: " if context else ""
+    problem = url_problem(path)
+    if problem is not None:
+        raise FileFormatError(f"{where}{problem}")
     p = Path(path)
     if not p.is_file():
         kind = "is a directory" if p.is_dir() else "does not exist"

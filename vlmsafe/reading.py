@@ -1,7 +1,8 @@
 """Reading files: JSON documents with ``file:line:column`` errors, the marked blocks of generated docs, and sha256.
 
 * :func:`read_json` / :func:`parse_json`: the one place JSON documents are parsed, with errors that say
-  ``file:line:column: problem; fix``; :func:`json_text` writes them back.
+  ``file:line:column: problem; fix``; :func:`json_text` writes them back. :func:`read_text`: the one decoder of
+  users' text files (UTF-8, a byte-order mark dropped).
 * :func:`marked_block` / :func:`replace_marked_block`: the one writer of generated blocks (the README's demo and
   support tables, the methods page's comparison table) between their markers.
 * :func:`sha256_file`: provenance of inputs (checkpoints, vectors) in saved artefacts.
@@ -76,11 +77,21 @@ def read_json(path: str | os.PathLike[str], *, what: str = "JSON file", fix: str
     fix = fix or f"pass the path of a valid {what}"
     if not p.is_file():
         raise FileFormatError(f"{p}: no such {what}" + (" (it is a directory)" if p.is_dir() else "") + f"; {fix}")
+    return parse_json(read_text(p, fix=fix), where=str(p), fix=fix)
+
+
+def read_text(path: str | os.PathLike[str], *, fix: str) -> str:
+    """The text of the UTF-8 file at ``path``, without the byte-order mark Notepad, PowerShell and Excel's "CSV
+    UTF-8" put first (read as content it would be part of the first key, column name or caption).
+
+    The one decoder of the data files users write (records, CSVs, caption lists, JSON documents); the caller
+    checks the file exists. Raises :class:`FileFormatError` as ``"<path>: not UTF-8 text (<reason>); <fix>"``.
+    """
+    p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise FileFormatError(f"{p}: not UTF-8 text ({exc.reason}); {fix}") from None
-    return parse_json(text, where=str(p), fix=fix)
 
 
 def parse_json(text: str, *, where: str, fix: str, line: int | None = None) -> Any:

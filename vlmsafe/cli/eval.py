@@ -34,7 +34,9 @@ Generate a response for every item of a data set, judge each one, and report (ea
 Items without an image are reported as their own modality (no-image), never as multimodal.
 
 Data formats (--data-format, default: detected from the path and its keys):
-  jsonl           vlmsafe JSONL: {"id","prompt","image","category","label":"harmful"|"benign","reference"}
+  jsonl           your own items, one record each: {"id","prompt","image","category","label":"harmful"|"benign",
+                  "reference"} as JSONL, a JSON list (or {"items": [...]}), or a CSV with those columns;
+                  image paths relative to the data file
   mm-safetybench  folder with processed_questions/ and imgs/ (--image-types SD_TYPO,SD,TYPO,TEXT)
   figstep         SafeBench CSV; --images = the PNG folder (--render-missing renders absent ones)
   vlsafe          harmlessness_examine.jsonl as published; --images = the COCO folder (or train2017/)

@@ -116,19 +116,28 @@ def flags_for_parameters(message: str, parser: argparse.ArgumentParser) -> str:
 
 @contextlib.contextmanager
 def flags_in_warnings(parser: argparse.ArgumentParser) -> Iterator[None]:
-    """While a command runs, a library warning that names a parameter (```max_length```) is shown with the flag that
-    sets it (``--max-length``), as its errors are (:func:`flags_for_parameters`); the previous display is restored."""
-    previous = warnings.showwarning
+    """While a command runs, a warning is one stderr line, ``PROG: warning: MESSAGE`` (Python's display is two, with
+    a source path and line of code the user did not write), a library warning that names a parameter
+    (```max_length```) showing the flag that sets it (``--max-length``), as errors do (:func:`flags_for_parameters`);
+    a warning of another kind than ``UserWarning`` (PIL's ``DecompressionBombWarning``) keeps its kind's name. The
+    message is translated before it reaches the display, so a recorder (``warnings.catch_warnings``, pytest) sees
+    it too; only the text format is replaced. Both are restored afterwards."""
+    previous, previous_format = warnings.showwarning, warnings.formatwarning
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: str | None = None) -> None:
         previous(flags_for_parameters(str(message), parser), category, filename, lineno, file, line)
 
-    warnings.showwarning = show
+    def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 line: str | None = None) -> str:
+        kind = "" if category is UserWarning else f"({category.__name__}) "
+        return f"{parser.prog}: warning: {kind}{' '.join(str(message).split())}\n"
+
+    warnings.showwarning, warnings.formatwarning = show, one_line
     try:
         yield
     finally:
-        warnings.showwarning = previous
+        warnings.showwarning, warnings.formatwarning = previous, previous_format
 
 
 def add_parameter_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:

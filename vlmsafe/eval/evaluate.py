@@ -143,14 +143,21 @@ def modality_runs(
 
 
 def _check_items(items: Sequence[Item]) -> None:
-    """Every item has a label, and its answer alternatives (``meta["choices"]``) are a list of strings."""
+    """Every item has a label and its own id (reports, comparisons and sweeps pair records by id, so a repeated
+    id would silently merge two items), and its answer alternatives (``meta["choices"]``) are a list of strings."""
+    def listed(ids: list[str]) -> str:
+        return ", ".join(repr(i) for i in ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+
+    seen: set[str] = set()
+    repeated = sorted({it.id for it in items if it.id in seen or seen.add(it.id)})
+    if repeated:
+        raise InputError(f"evaluate: {len(repeated)} id(s) name more than one item ({listed(repeated)}); give every "
+                         "item its own id (records are paired by id)")
     missing = [it.id for it in items if it.label is None]
     if missing:
-        shown = ", ".join(repr(i) for i in missing[:10])
-        shown += f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise InputError(
-            f"evaluate: {len(missing)} item(s) have no label ({shown}); add \"label\": \"harmful\" or \"benign\" "
-            "to each (load_items(path, require_label=True) finds them when the file is read)"
+            f"evaluate: {len(missing)} item(s) have no label ({listed(missing)}); add \"label\": \"harmful\" or "
+            "\"benign\" to each (load_items(path, require_label=True) finds them when the file is read)"
         )
     for it in items:
         choices = it.meta.get("choices")

@@ -22,13 +22,15 @@ point them at your local copy. :func:`load_benchmark` picks the loader from the 
   Missing images can be rendered with :func:`render_typographic` (``render_missing=True``).
 * VLSafe (Chen et al., 2023, "DRESS"): ``harmlessness_examine.jsonl`` as published, one
   ``{"image_id": "<COCO file name>", "caption": ..., "query": ...}`` per line (a JSON list also
-  works); images are read from a COCO folder, either ``train2017/`` itself or its parent. The
-  caption is kept in ``Item.meta["caption"]``.
+  works); images are read from a COCO folder, either ``train2017/`` itself or its parent (a 2014 name,
+  ``COCO_train2014_<id>.jpg``, is also found under its 2017 name, ``<id>.jpg``). The caption is kept in
+  ``Item.meta["caption"]``. A repeated id (FigStep row, VLSafe record) is refused: it would count twice.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -38,6 +40,7 @@ from typing import Any
 from vlmsafe.data import Item, read_records, resolve_path
 from vlmsafe.errors import FileFormatError, InputError
 from vlmsafe.eval.figstep import FIGSTEP_PROMPT, render_typographic
+from vlmsafe.reading import read_text
 
 # --------------------------------------------------------------------------------------------
 # MM-SafetyBench
@@ -78,9 +81,16 @@ def load_mm_safetybench(
         if root_p.name == "processed_questions" and root_p.is_dir():
             qdir, root_p = root_p, root_p.parent
         else:
+            files = sorted(f.name for f in root_p.iterdir() if f.suffix.lower() in (".jsonl", ".json", ".csv")) \
+                if root_p.is_dir() else []
+            if files:  # a folder of the user's own data files: vlmsafe reads one file per run
+                raise FileFormatError(
+                    f"{str(root_p)!r} is a folder of {len(files)} data file(s) ({', '.join(files[:3])}"
+                    f"{', ...' if len(files) > 3 else ''}), not MM-SafetyBench (no processed_questions/ in it); "
+                    f"pass one data file, e.g. {str(root_p / files[0])!r}, or join them into one")
             raise FileFormatError(
                 f"{str(root_p)!r} has no 'processed_questions' folder; pass the MM-SafetyBench data folder "
-                "(the one containing processed_questions/ and imgs/)."
+                "(the one containing processed_questions/ and imgs/), or a data file (JSONL, JSON or CSV)."
             )
     bad = [t for t in image_types if t not in MMSB_QUESTION_FIELDS]
     if bad or not image_types:
@@ -139,6 +149,7 @@ def load_mm_safetybench(
                             "question": entry.get("Question"),
                             "key_phrase": entry.get("Key Phrase"),
                         },
+                        source=where,
                     )
                 )
     return items
@@ -191,53 +202,54 @@ def load_figstep(
     img_dir = Path(image_dir)
     keep = set(categories) if categories is not None else None
     items: list[Item] = []
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in FIGSTEP_COLUMNS if c not in header]
-        if missing:
+    text = read_text(path, fix="save the CSV as UTF-8 (Excel: CSV UTF-8)")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in FIGSTEP_COLUMNS if c not in header]
+    if missing:
+        raise FileFormatError(
+            f"{path}:1: missing column(s) {missing} (found {header}); "
+            f"a SafeBench CSV has columns {list(FIGSTEP_COLUMNS)}"
+        )
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row or any(row.get(c) is None for c in FIGSTEP_COLUMNS):
             raise FileFormatError(
-                f"{path}:1: missing column(s) {missing} (found {header}); "
-                f"a SafeBench CSV has columns {list(FIGSTEP_COLUMNS)}"
+                f"{where}: expected {len(header)} fields, got a row of a different length; "
+                "quote fields that hold commas"
             )
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in row or any(row.get(c) is None for c in FIGSTEP_COLUMNS):
+        for col in FIGSTEP_COLUMNS:
+            if not row[col].strip():
+                raise FileFormatError(f"{where}: column {col!r} is empty; fill it or drop the row")
+        if keep is not None and row["category_name"] not in keep:
+            continue
+        ds, cid, tid = row["dataset"].strip(), row["category_id"].strip(), row["task_id"].strip()
+        image = img_dir / figstep_image_name(ds, cid, tid)
+        if not image.is_file():
+            if not render_missing:
                 raise FileFormatError(
-                    f"{where}: expected {len(header)} fields, got a row of a different length; "
-                    "quote fields that hold commas"
+                    f"{where}: image {str(image)!r} does not exist; point `image_dir` at FigStep's images, or "
+                    "pass `render_missing=True` to render it."
                 )
-            for col in FIGSTEP_COLUMNS:
-                if not row[col].strip():
-                    raise FileFormatError(f"{where}: column {col!r} is empty; fill it or drop the row")
-            if keep is not None and row["category_name"] not in keep:
-                continue
-            ds, cid, tid = row["dataset"].strip(), row["category_id"].strip(), row["task_id"].strip()
-            image = img_dir / figstep_image_name(ds, cid, tid)
-            if not image.is_file():
-                if not render_missing:
-                    raise FileFormatError(
-                        f"{where}: image {str(image)!r} does not exist; point `image_dir` at FigStep's images, or "
-                        "pass `render_missing=True` to render it."
-                    )
-                img_dir.mkdir(parents=True, exist_ok=True)
-                render_typographic(row["instruction"], size).save(image)
-            items.append(
-                Item(
-                    id=f"{ds}_{cid}_{tid}",
-                    prompt=prompt,
-                    image=str(image.resolve()),
-                    category=row["category_name"].strip(),
-                    label="harmful",
-                    meta={"benchmark": "figstep", "question": row["question"], "instruction": row["instruction"]},
-                )
+            img_dir.mkdir(parents=True, exist_ok=True)
+            render_typographic(row["instruction"], size).save(image)
+        items.append(
+            Item(
+                id=f"{ds}_{cid}_{tid}",
+                prompt=prompt,
+                image=str(image.resolve()),
+                category=row["category_name"].strip(),
+                label="harmful",
+                meta={"benchmark": "figstep", "question": row["question"], "instruction": row["instruction"]},
+                source=where,
             )
+        )
     if not items:
         raise FileFormatError(
             f"{path}: no rows{' in the requested categories' if keep is not None else ''}; "
             "check the file and the categories"
         )
-    return items
+    return _unique(items)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,8 +269,9 @@ def load_vlsafe(
     """Load VLSafe (``harmlessness_examine.jsonl`` as published) with its COCO images.
 
     Each record needs an image (``image_id``, ``image`` or ``image_path``: a file name, looked up in
-    ``image_dir`` and in ``image_dir/train2017``) and a prompt (``query``, ``question``,
-    ``instruction`` or ``prompt``, or the first user turn of ``conversations``/``interaction``).
+    ``image_dir`` and in its ``train2017/`` and ``val2017/``, a 2014 name also by its 2017 name) and a
+    prompt (``query``, ``question``, ``instruction`` or ``prompt``, or the first user turn of
+    ``conversations``/``interaction``).
     Items are ``id=<record id or "vlsafe-<n>">``, ``category="vlsafe"``, with the record's
     ``caption`` (and the raw ``image_id``) in ``meta``.
     """
@@ -286,26 +299,48 @@ def load_vlsafe(
         image = _coco_image(rec[image_key], img_dir)
         if check_images and not Path(image).is_file():
             raise FileFormatError(
-                f"{where}: image {rec[image_key]!r} is neither in {img_dir} nor in {img_dir / 'train2017'}; "
+                f"{where}: image {rec[image_key]!r} is neither in {img_dir} nor in its train2017/ or val2017/; "
                 "pass the COCO folder"
             )
         meta = {"benchmark": "vlsafe", "image_id": rec[image_key]}
         if isinstance(rec.get("caption"), str):
             meta["caption"] = rec["caption"]
-        items.append(Item(id=str(rec.get("id", f"vlsafe-{n}")), prompt=prompt, image=image,
-                              category=str(rec.get("category", "vlsafe")), label="harmful", meta=meta))
+        rec_id, category = rec.get("id"), rec.get("category")  # null or "": absent, not the string "None"
+        items.append(Item(id=f"vlsafe-{n}" if rec_id in (None, "") else str(rec_id), prompt=prompt, image=image,
+                          category=str(category) if category not in (None, "") else "vlsafe", label="harmful",
+                          meta=meta, source=where))
     if not items:
         raise FileFormatError(f"{path}: no VLSafe records; is this harmlessness_examine.jsonl?")
+    return _unique(items)
+
+
+def _unique(items: list[Item]) -> list[Item]:
+    """``items``, refused when two share an id: a repeated row would count twice in every rate, and paired
+    comparisons (text-only vs multimodal, steered vs plain) match items by id."""
+    seen: dict[str, Item] = {}
+    for it in items:
+        if it.id in seen:
+            raise FileFormatError(f"{it.source}: duplicate item id {it.id!r} (first at {seen[it.id].source}); drop "
+                                  "the repeated record or give it its own id")
+        seen[it.id] = it
     return items
 
 
+_COCO_2014 = re.compile(r"COCO_(?:train|val)2014_(\d{12}\.jpg)")
+
+
 def _coco_image(name: str, img_dir: Path) -> str:
-    """``img_dir/name`` if it exists, else ``img_dir/train2017/name`` (COCO's own layout)."""
+    """``img_dir/name`` if it exists, else ``img_dir/train2017/name`` (COCO's own layout); a 2014 file name
+    (``COCO_train2014_000000000009.jpg``) is also looked up under its 2017 name (``000000000009.jpg``): COCO
+    2017 holds the same images, by the same ids."""
     direct = Path(resolve_path(name, img_dir))
-    if direct.is_file():
-        return str(direct)
-    nested = Path(resolve_path(name, img_dir / "train2017"))
-    return str(nested) if nested.is_file() else str(direct)
+    match = _COCO_2014.fullmatch(Path(name).name)
+    names = [name, match.group(1)] if match else [name]
+    for candidate in (Path(resolve_path(n, folder)) for n in names
+                      for folder in (img_dir, img_dir / "train2017", img_dir / "val2017")):
+        if candidate.is_file():
+            return str(candidate)
+    return str(direct)
 
 
 def _vlsafe_prompt(rec: dict[str, Any]) -> str | None:
@@ -328,13 +363,14 @@ BENCHMARK_FORMATS = ("auto", "jsonl", "mm-safetybench", "figstep", "vlsafe")
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """Guess a data set's layout: a folder is MM-SafetyBench, a ``.csv`` FigStep, records with
-    ``image_id`` + ``query`` VLSafe, anything else vlmsafe JSONL."""
+    """Guess a data set's layout: a folder is MM-SafetyBench, a ``.csv`` without a ``prompt`` column FigStep,
+    records with ``image_id`` + ``query`` VLSafe, anything else vlmsafe items (JSONL, JSON or CSV)."""
     p = Path(path)
     if p.is_dir():
         return "mm-safetybench"
-    if p.suffix.lower() == ".csv":
-        return "figstep"
+    if p.suffix.lower() == ".csv" and p.is_file():
+        header = next(csv.reader(io.StringIO(read_text(p, fix="save the CSV as UTF-8"))), [])
+        return "jsonl" if "prompt" in header else "figstep"  # your own items as a table, or SafeBench
     first = read_records(p)[0][1]
     if "id" not in first and any(k in first for k in _VLSAFE_IMAGE_KEYS[:1]) and _vlsafe_prompt(first) is not None:
         return "vlsafe"

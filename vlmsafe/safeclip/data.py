@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vlmsafe.data import Record, read_records, resolve_path
+from vlmsafe.data import resolve_path
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.images import verify_image
+from vlmsafe.images import url_problem, verify_image
+from vlmsafe.records import Record, read_records
 from vlmsafe.safeclip.images import ImageLike
 
 COCO_SPLITS = ("train2017", "val2017", "test2017")
@@ -181,6 +182,8 @@ def _image_path(value: Any, root: Path, where: str, key: str) -> Path | None:
         return None
     if not isinstance(value, str) or not value:
         raise FileFormatError(f"{where}: {key!r} must be an image path or null, got {value!r}")
+    if (problem := url_problem(value)) is not None:
+        raise FileFormatError(f"{where}: {key}: {problem}")
     p = Path(resolve_path(value, root))
     if not p.is_file():
         raise FileFormatError(f"{where}: {key} {str(p)!r} does not exist; fix the path or `image_root`")

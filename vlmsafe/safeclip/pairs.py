@@ -21,7 +21,6 @@ For a real run use an instruction-tuned 7B-class model in bf16 on a GPU, e.g.::
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from vlmsafe.options import (
     other_option,
     switch_option,
 )
+from vlmsafe.reading import read_text
 from vlmsafe.validation import SEED_MAX, check_float, check_int
 
 DEFAULT_TEMPLATE = "Safe: {safe}\nUnsafe:"
@@ -100,13 +100,8 @@ class ConverterTrainingResult:
 
 def load_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """Read (safe, unsafe) pairs from JSONL/JSON (``safe`` + ``unsafe`` or ``nsfw`` keys) or CSV."""
-    p = Path(path)
-    if p.suffix.lower() == ".csv":
-        rows = _csv_rows(p)
-    else:
-        rows = read_records(p, what="pairs file")
     pairs = []
-    for where, r in rows:
+    for where, r in read_records(path, what="pairs file"):
         unsafe = r.get("unsafe", r.get("nsfw"))
         safe = r.get("safe")
         if not isinstance(safe, str) or not isinstance(unsafe, str) or not safe.strip() or not unsafe.strip():
@@ -134,23 +129,10 @@ def load_captions(path: str | os.PathLike[str]) -> list[str]:
     if not p.is_file():
         kind = "is a directory" if p.is_dir() else "does not exist"
         raise FileFormatError(f"{p}: captions file {kind}; pass a .txt file (one caption per line) or JSONL")
-    try:
-        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as exc:
-        raise FileFormatError(f"{p}: not UTF-8 text ({exc.reason}); save the captions as UTF-8") from None
+    lines = [line.strip() for line in read_text(p, fix="save the captions as UTF-8").splitlines() if line.strip()]
     if not lines:
         raise FileFormatError(f"{p}: captions file is empty; write one caption per line")
     return lines
-
-
-def _csv_rows(p: Path) -> list[tuple[str, dict]]:
-    if not p.is_file():
-        raise FileFormatError(f"{p}: pairs file does not exist; pass a CSV with 'safe' and 'unsafe' columns")
-    with p.open(newline="", encoding="utf-8") as f:
-        rows = [(f"{p}:{i}", dict(r)) for i, r in enumerate(csv.DictReader(f), start=2)]
-    if not rows:
-        raise FileFormatError(f"{p}: pairs file holds no rows; add a header 'safe,unsafe' and one pair per line")
-    return rows
 
 
 def _encode_pair(tokenizer: Any, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
