@@ -51,15 +51,18 @@ def check_report_paths(name: str, out_dir: str | os.PathLike[str], *, overwrite:
 
 def write_report(report: Report, out_dir: str | os.PathLike[str], *, overwrite: bool = False,
                  **plot_kwargs: Any) -> tuple[Path, Path]:
-    """Write ``<name>.json`` (every figure) and ``<name>.png`` into ``out_dir``; return both paths."""
+    """Write ``<name>.png`` and then ``<name>.json`` (every figure) into ``out_dir``; return both paths.
+
+    Each file is written atomically, and the JSON last: a run stopped between the two leaves a figure without its
+    numbers, never numbers that look like a finished report without their figure."""
     from probes.plots import plot_layer_probes, plot_shift, plot_weight_change
 
     name = NAMES[type(report).__name__]
     json_path, png_path = check_report_paths(name, out_dir, overwrite=overwrite)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(json_path, _clean(report.to_dict()), overwrite=overwrite)
     plot = {"layers": plot_layer_probes, "shift": plot_shift, "weights": plot_weight_change}[name]
     plot(report, png_path, **plot_kwargs)
+    write_json_atomic(json_path, _clean(report.to_dict()), overwrite=overwrite)
     return json_path, png_path
 
 
