@@ -38,8 +38,9 @@ def _clean(obj: Any) -> Any:
 
 
 def check_report_paths(name: str, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> tuple[Path, Path]:
-    """The ``<name>.json`` / ``<name>.png`` paths in ``out_dir``, refused if they exist (unless ``overwrite``)."""
-    out = Path(out_dir)
+    """The ``<name>.json`` / ``<name>.png`` paths in ``out_dir``, refused if they exist (unless ``overwrite``).
+    ``~`` is expanded here as by every writer (a folder literally named ``~`` was made in the current one)."""
+    out = Path(os.path.expanduser(os.fspath(out_dir)))
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"`out_dir` {out} is a file; pass a folder for the {name} report")
     paths = out / f"{name}.json", out / f"{name}.png"
@@ -50,15 +51,18 @@ def check_report_paths(name: str, out_dir: str | os.PathLike[str], *, overwrite:
 
 def write_report(report: Report, out_dir: str | os.PathLike[str], *, overwrite: bool = False,
                  **plot_kwargs: Any) -> tuple[Path, Path]:
-    """Write ``<name>.json`` (every figure) and ``<name>.png`` into ``out_dir``; return both paths."""
+    """Write ``<name>.png`` and then ``<name>.json`` (every figure) into ``out_dir``; return both paths.
+
+    Each file is written atomically, and the JSON last: a run stopped between the two leaves a figure without its
+    numbers, never numbers that look like a finished report without their figure."""
     from probes.plots import plot_layer_probes, plot_shift, plot_weight_change
 
     name = NAMES[type(report).__name__]
     json_path, png_path = check_report_paths(name, out_dir, overwrite=overwrite)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(json_path, _clean(report.to_dict()), overwrite=overwrite)
     plot = {"layers": plot_layer_probes, "shift": plot_shift, "weights": plot_weight_change}[name]
     plot(report, png_path, **plot_kwargs)
+    write_json_atomic(json_path, _clean(report.to_dict()), overwrite=overwrite)
     return json_path, png_path
 
 

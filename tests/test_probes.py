@@ -143,6 +143,29 @@ def test_weight_change_identical_is_zero(tmp_path):
     assert report.unmatched == {"before": [], "after": [], "shape_mismatch": []}
 
 
+def test_a_report_stopped_before_its_figure_leaves_no_numbers(tmp_path, monkeypatch):
+    """The JSON is written after the figure: a run stopped while plotting leaves no ``weights.json`` that reads as a
+    finished report; a finished one has both."""
+    import probes.plots
+    from probes import write_report
+
+    state = _lm_state(0)
+    save_file(state, str(tmp_path / "a.safetensors"))
+    save_file(state, str(tmp_path / "b.safetensors"))
+    report = weight_change(tmp_path / "a.safetensors", tmp_path / "b.safetensors", progress=False)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(probes.plots, "plot_weight_change", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            write_report(report, tmp_path / "out")
+    assert not (tmp_path / "out" / "weights.json").exists()
+    json_path, png_path = write_report(report, tmp_path / "out2")
+    assert json_path.is_file() and png_path.is_file()
+
+
 def test_weight_change_llava_names_vs_llm(tmp_path):
     """An aligned LLM vs a LLaVA checkpoint whose layer 1 q_proj moved and whose vocab grew by 2."""
     before = _lm_state(0)

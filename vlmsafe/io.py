@@ -1,12 +1,13 @@
 """Writing outputs: the output policy every vlmsafe writer shares.
 
 * **Output policy** (:func:`check_output`, :func:`atomic_path`): a command never deletes or empties
-  what it did not create. An existing non-empty output directory, an existing output file, or a
-  file where a directory is wanted (and the reverse) is refused *before any work* unless the caller
+  what it did not create. An existing non-empty output directory, an existing output file, an empty
+  directory where a file is wanted or a file where a directory is wanted is refused *before any work* unless the caller
   passes ``overwrite=True`` (the CLI's ``--overwrite``); then the new output replaces the old one in
   one atomic rename, so an interrupted run never leaves a half-written output. One run at a time
   owns an output (a lock file beside it, :mod:`vlmsafe.output_locks`), so a dead run's temporaries are
-  recognised without trusting process ids; paths (links, loops, name lengths) are checked before the work;
+  recognised without trusting process ids; paths (links, loops, name lengths, mount points, pipes and devices,
+  the current and home directories) are checked before the work;
   outputs get the umask's permissions; a full disk is one line (:class:`~vlmsafe.errors.OutputWriteError`).
 
 Reading (JSON documents, generated-doc blocks, sha256) is :mod:`vlmsafe.reading`.
@@ -28,11 +29,12 @@ from typing import Any, Literal
 
 from vlmsafe.errors import (
     InputError,
+    OutputBusyError,
     OutputExistsError,
     OutputWriteError,
     VlmsafeError,
 )
-from vlmsafe.output_locks import claim_output, hidden_tag, in_run, launch_rank, release_claim
+from vlmsafe.output_locks import claim_output, hidden_tag, in_run, launch_rank, live_locks, release_claim
 
 OutputKind = Literal["dir", "file"]
 
@@ -58,8 +60,9 @@ def check_output(
 
     Allowed without ``overwrite``: a path that does not exist, or (``kind="dir"``) an empty
     directory. Refused unless ``overwrite``: a non-empty directory, an existing file, a file where a
-    directory is wanted and the reverse. Always refused: the current directory or one of its
-    parents, the file-system root or the home directory (replacing them cannot be what anyone means),
+    directory is wanted and the reverse. Always refused: the current or home directory or one of their
+    parents, the file-system root (replacing them cannot be what anyone means), a named pipe, device or
+    socket, a mount point (the final rename cannot replace it), a non-empty directory where a file is wanted,
     a destination whose parent is a file, one that is, holds or lies inside one of ``inputs``
     (``(option, path)`` pairs; ``--overwrite`` would otherwise replace the command's own input), one in
     a folder this process cannot write in, a symbolic-link loop, a dangling link, a name longer than the
@@ -88,12 +91,7 @@ def check_output(
     if not shown or not str(dest).strip():
         raise OutputExistsError(f"{option}: empty path; pass a new {_noun(kind)} name")
     resolved = _resolve_output(dest, option=option, shown=shown)
-    protected = {Path(resolved.anchor), Path.home().resolve(), *Path.cwd().resolve().parents, Path.cwd().resolve()}
-    if resolved in protected:
-        raise OutputExistsError(
-            f"{option} {shown!r} is the current, home or root directory (or a parent of the current one); "
-            f"pass a new {_noun(kind)} name such as ./out"
-        )
+    _refuse_unreplaceable(resolved, option=option, shown=shown, noun=_noun(kind))
     parent = _nearest_existing(resolved.parent)
     if not os.path.isdir(parent):
         raise OutputExistsError(f"{option} {shown!r}: {parent} is a file, not a directory; choose another path")
@@ -115,18 +113,69 @@ def check_output(
     return dest
 
 
+def _refuse_unreplaceable(dest: Path, *, option: str, shown: str, noun: str) -> None:
+    """Refuse, with or without ``overwrite``, a destination (resolved) that no run may replace: the current, home
+    or root directory or a parent of the current or home one (replacing them cannot be what anyone means), a
+    named pipe, device or socket (``--json /dev/null --overwrite`` would put a file in place of the device), and a
+    mount point (the finished output is renamed into place, which a mount point refuses: found after the work)."""
+    home, cwd = Path.home().resolve(), Path.cwd().resolve()
+    if dest in {Path(dest.anchor), home, *home.parents, cwd, *cwd.parents}:
+        raise OutputExistsError(
+            f"{option} {shown!r} is the current, home or root directory (or a parent of the current or home one); "
+            f"pass a new {noun} name such as ./out"
+        )
+    try:
+        mode = os.stat(dest).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        what = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise OutputExistsError(f"{option} {shown!r} is {what}, which an output never replaces; pass the path of a "
+                                f"regular {noun}")
+    if stat.S_ISDIR(mode) and os.path.ismount(dest):
+        raise OutputExistsError(
+            f"{option} {shown!r} is a mount point, which a finished output cannot be renamed onto; pass a {noun} "
+            f"inside it, such as {os.path.join(shown, 'out')!r}"
+        )
+
+
+def _refuse_live_writers(dest: Path, *, shown: str, fix: str) -> None:
+    """Refuse to replace a folder that another run is writing an output into (``--out R --overwrite`` while a
+    run writes ``R/m``): the replacement would delete that run's temporary under it."""
+    if dest.is_dir() and (busy := live_locks(dest)):
+        raise OutputBusyError(f"{shown} holds {os.path.join(shown, busy[0])}, which a vlmsafe run is writing now; "
+                              f"wait for it or {fix}")
+
+
+#: The hidden names an output's writer keeps beside it: its lock and its temporaries (:func:`atomic_path`).
+_LEFTOVER = re.compile(r"^\..+\.vlmsafe-(lock|[a-z0-9_]{8}\.(tmp|old))$")
+
+
 def _refuse_existing(
     dest: Path, *, kind: OutputKind, overwrite: bool, option: str, shown: str, link: Path
 ) -> None:
     """The existing-output part of :func:`check_output` (``dest`` resolved; ``link``: the path as given)."""
-    if not os.path.lexists(dest) or overwrite:
+    if not os.path.lexists(dest):
+        return
+    where = f"{shown!r} (a link to {dest})" if os.path.islink(link) else repr(shown)
+    if overwrite:
+        if kind == "file" and dest.is_dir() and any(dest.iterdir()):  # one file never replaces a folder of them
+            raise OutputExistsError(
+                f"{option} {where} is a non-empty directory and a file is written here; `overwrite=True` replaces "
+                f"an earlier file, never a folder's contents; pass a file path (inside it, or elsewhere)"
+            )
+        _refuse_live_writers(dest, shown=shown, fix=f"choose another {option}")
         return
     fix = f"pass `overwrite=True` to replace it, or choose another {option} path"
-    where = f"{shown!r} (a link to {dest})" if os.path.islink(link) else repr(shown)
     if dest.is_dir():
-        if kind == "dir" and not any(dest.iterdir()):
+        names = sorted(os.listdir(dest))
+        if kind == "dir" and not names:
             return
         what = "a non-empty directory" if kind == "dir" else "a directory (a file is written here)"
+        if all(_LEFTOVER.match(n) for n in names):  # `ls` shows nothing: say what is there
+            what += (f" (it holds only hidden files that vlmsafe runs writing into it keep: {', '.join(names[:3])}"
+                     f"{', ...' if len(names) > 3 else ''}; once no run writes there, delete them)")
     else:
         what = "an existing file" if kind == "file" else "a file (a directory is written here)"
     raise OutputExistsError(f"{option} {where} is {what}; {fix}")
@@ -248,6 +297,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     """
     shown = os.fspath(path)
     dest = _resolve_output(Path(os.path.expanduser(shown)), option="output", shown=shown)
+    _refuse_unreplaceable(dest, option="output", shown=shown, noun="path")
     _check_name_lengths(dest, _nearest_existing(dest.parent), option="output", shown=shown)
     claim, _ = claim_output(dest, shown=shown, fix="choose another path")
     try:
@@ -258,6 +308,8 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
             raise OutputExistsError(
                 f"{shown} is {kind}; pass `overwrite=True` to replace it, or choose another path"
             )
+        if overwrite:
+            _refuse_live_writers(dest, shown=shown, fix="choose another path")
         tmp = Path(tempfile.mkdtemp(prefix=f".{hidden_tag(dest.name)}.vlmsafe-", suffix=".tmp", dir=dest.parent))
         try:
             target = tmp / dest.name
@@ -293,6 +345,10 @@ def _commit(target: Path, dest: Path, *, overwrite: bool, shown: str) -> None:
             except OSError:
                 raise appeared from None
         elif dest.is_dir() or target.is_dir():
+            if not target.is_dir() and any(dest.iterdir()):  # a library caller that skipped check_output
+                raise OutputExistsError(f"{shown} is a non-empty directory; a file never replaces a folder's "
+                                        "contents; choose a file path")
+            _refuse_live_writers(dest, shown=shown, fix="choose another path")  # one that began since the check
             old = Path(tempfile.mkdtemp(prefix=f".{hidden_tag(dest.name)}.vlmsafe-", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)
             os.replace(target, dest)

@@ -165,6 +165,35 @@ def claim_output(dest: Path, *, shown: str, fix: str) -> tuple[_Claim, bool]:
     raise OutputBusyError(f"{shown}: its lock file {lock} keeps being replaced; {fix}")
 
 
+def live_locks(folder: Path) -> list[str]:
+    """The outputs directly in ``folder`` that a run (this process or another) is writing now: the names whose
+    lock file is there and locked. Replacing ``folder`` would move such a run's temporaries away under it."""
+    if fcntl is None:
+        return []
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith(".") and n.endswith(_LOCK_SUFFIX))
+    except OSError:
+        return []
+    held = []
+    for name in names:
+        if any(c.lock == folder / name and c.fd is not None for c in _HELD.values()):
+            held.append(name[1:-len(_LOCK_SUFFIX)])
+            continue
+        try:
+            fd = os.open(folder / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.append(name[1:-len(_LOCK_SUFFIX)])
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # drops our shared lock, if taken
+    return held
+
+
 def release_claim(claim: _Claim | None) -> None:
     """Remove the lock file and drop the lock (in that order: see :func:`_claim`); remove folders made for it
     that stayed empty. Not in a forked child: the lock is its parent's."""

@@ -8,24 +8,21 @@ several commands, and the engine that turns dataclass fields into flags) and one
 (in backticks: ```text_encoder_2```) and :func:`flags_for_parameters` names the command's flag instead.
 User errors (:class:`vlmsafe.errors.VlmsafeError`) are printed as one clear message, exit code 2; so is a
 full disk or quota. SIGTERM and SIGHUP end a command like Ctrl-C does (``finally`` blocks run, so a
-half-written output's temporary is removed), with exit code 128 + the signal's number.
+half-written output's temporary is removed), with exit code 128 + the signal's number
+(:func:`vlmsafe.cli.parsing.run_guarded`, which the ``python -m vlmsafe.cli.X`` scripts share).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import importlib
-import signal
 import sys
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from vlmsafe import __version__
-from vlmsafe.cli.parsing import ArgumentParser, flags_in_warnings
+from vlmsafe.cli.parsing import ArgumentParser, run_guarded
+from vlmsafe.cli.parsing import Terminated as Terminated  # re-exported
 from vlmsafe.cli.parsing import flags_for_parameters as flags_for_parameters  # re-exported
-from vlmsafe.errors import VlmsafeError
 
 #: Modules that contribute subcommands, in --help order. Each defines ``register(subparsers)``.
 _SUBCOMMAND_MODULES = (
@@ -82,37 +79,6 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> arg
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived: raised like Ctrl-C's KeyboardInterrupt, so the same clean-up runs."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _terminate(signum: int, frame: object) -> None:
-    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once (the clean-up is cut short)
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def _terminate_cleanly() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into :class:`Terminated` while a command runs (main thread only; a signal that is
-    ignored, e.g. SIGHUP under nohup, stays ignored); the previous handlers are put back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            previous[signum] = signal.signal(signum, _terminate)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -130,36 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices = ", ".join(actions[0].choices) if actions else ""
         print(f"{group.prog}: error: name a command ({choices}); see `{group.prog} --help`", file=sys.stderr)
         return 2
-    from vlmsafe.output_locks import hold_outputs
-
-    ok = False
+    code = 1
     command = _command_parser(parser, argv)  # the parser whose flags the command's messages name
     try:
-        with _terminate_cleanly(), hold_outputs(), flags_in_warnings(command):  # outputs stay the command's own
-            code = int(args.func(args) or 0)
-        ok = code == 0
+        code = run_guarded(f"vlmsafe {args.command}", command, lambda: args.func(args))
         return code
-    except VlmsafeError as exc:
-        message = flags_for_parameters(" ".join(str(exc).split()), command)  # one line
-        print(f"vlmsafe {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    except Terminated as exc:
-        print(f"terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        print(f"vlmsafe {args.command}: error: {exc.strerror or exc}{where}; free space (or quota) there, or choose "
-              "an output location with room", file=sys.stderr)
-        return 2
     finally:
         if "torch" in sys.modules:  # under torchrun / accelerate launch: leave the process group cleanly
             from vlmsafe.distributed import shutdown
 
-            shutdown(barrier=ok)
-
-
+            shutdown(barrier=code == 0)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from vlmsafe.cli.options import add_seed_option
-from vlmsafe.cli.parsing import run_script, script_parser
+from vlmsafe.cli.parsing import add_parameter_flags, run_script, script_parser
 from vlmsafe.cli.types import float_arg
 from vlmsafe.testbed.safeclip import TOKEN_WEIGHT, build_testbed, default_assets_dir
 
@@ -31,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"text_safe_tokens loss weight (default {TOKEN_WEIGHT:g}; 0: only the paper's 8 terms)")
     parser.add_argument("--reuse-original", action="store_true",
                         help="keep OUT_DIR/original byte for byte and redo only the Safe-CLIP stage from it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing non-empty OUT_DIR (rebuilding the bundled testbed needs it)")
+    add_parameter_flags(parser, {"out_dir": "OUT_DIR"})  # build_testbed(out_dir)
     return run_script(parser, argv, _run)
 
 
@@ -38,7 +41,7 @@ def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # tiny matrices: one thread is faster than two on a shared machine
     info = build_testbed(
         args.out_dir, seed=args.seed, pretrain_steps=args.pretrain_steps, train_renders=args.train_renders,
-        token_weight=args.token_weight, reuse_original=args.reuse_original,
+        token_weight=args.token_weight, reuse_original=args.reuse_original, overwrite=args.overwrite,
     )
     print(f"built in {info['total_seconds']} s -> {args.out_dir}")
 

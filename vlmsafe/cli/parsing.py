@@ -5,6 +5,10 @@
 * :func:`add_command` -- one ``vlmsafe`` subcommand: its parser and the function that runs it;
 * :func:`script_parser` / :func:`run_script` -- the ``python -m vlmsafe.cli.X`` maintainer scripts (testbed
   builders, checks): their parser, and their one-line errors with exit code 2;
+* :func:`run_guarded` -- how every command and script runs: outputs held for the run
+  (:func:`vlmsafe.output_locks.hold_outputs`), SIGTERM / SIGHUP ending it like Ctrl-C (:class:`Terminated`: the
+  ``finally`` blocks remove a half-written output and its lock; exit code 128 + the signal's number), and a user
+  error, an interrupt or a full disk as one line on stderr, never a traceback;
 * :func:`flags_for_parameters` / :func:`add_parameter_flags` -- a library error names a parameter (```out_dir```),
   the command line names the flag that sets it (``--out``); :func:`flags_in_warnings` does the same for warnings.
 
@@ -15,11 +19,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+from vlmsafe.errors import VlmsafeError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -141,14 +150,68 @@ def add_parameter_flags(parser: argparse.ArgumentParser, flags: dict[str, str]) 
 def run_script(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, work: Callable[[argparse.Namespace], int | None]
 ) -> int:
-    """A script's ``main``: parse ``argv`` and run ``work(args)``; a user error (:class:`~vlmsafe.errors.VlmsafeError`)
-    is one line ``PROG: error: MESSAGE`` on stderr and exit code 2, as in the ``vlmsafe`` command, with the
-    library's parameters named as the script's flags (:func:`flags_for_parameters`)."""
-    from vlmsafe.errors import VlmsafeError
-
+    """A script's ``main``: parse ``argv`` and run ``work(args)`` as the ``vlmsafe`` command runs its commands
+    (:func:`run_guarded`): a user error is one line ``PROG: error: MESSAGE`` on stderr and exit code 2, with the
+    library's parameters named as the script's flags (:func:`flags_for_parameters`); outputs stay locked for the
+    run; SIGTERM, SIGHUP and Ctrl-C remove a half-written output and exit with 128 + the signal's number."""
     args = parser.parse_args(argv)
+    return run_guarded(parser.prog, parser, lambda: work(args))
+
+
+# --------------------------------------------------------------------------- running a command
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: raised like Ctrl-C's KeyboardInterrupt, so the same clean-up runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once (the clean-up is cut short)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into :class:`Terminated` while a command runs (main thread only; a signal that is
+    ignored, e.g. SIGHUP under nohup, stays ignored); the previous handlers are put back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _terminate)
     try:
-        return int(work(args) or 0)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_guarded(prefix: str, parser: argparse.ArgumentParser, work: Callable[[], int | None]) -> int:
+    """Run ``work()`` as one command and return its exit code; ``prefix`` starts its error lines (``vlmsafe merge``,
+    ``python -m vlmsafe.cli.build_unseen``), ``parser`` names the flags that library errors and warnings mean."""
+    from vlmsafe.output_locks import hold_outputs
+
+    try:
+        with terminate_cleanly(), hold_outputs(), flags_in_warnings(parser):  # outputs stay the command's own
+            return int(work() or 0)
     except VlmsafeError as exc:
-        print(f"{parser.prog}: error: {flags_for_parameters(' '.join(str(exc).split()), parser)}", file=sys.stderr)
+        message = flags_for_parameters(" ".join(str(exc).split()), parser)  # one line
+        print(f"{prefix}: error: {message}", file=sys.stderr)
+        return 2
+    except Terminated as exc:
+        print(f"terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"{prefix}: error: {exc.strerror or exc}{where}; free space (or quota) there, or choose an output "
+              "location with room", file=sys.stderr)
         return 2

@@ -15,8 +15,8 @@ silver blade) and *fire* (flames along the bottom). Every scene gives a quadrupl
 ``text_safe_tokens`` at :data:`TOKEN_WEIGHT`, as the text tower also conditions the text-to-image testbed
 (:mod:`vlmsafe.testbed.t2i`), whose UNet reads every token state. Colour/shape/position/
 background combinations are split so the held-out test scenes are combinations never seen in
-training. ``python -m vlmsafe.cli.build_safeclip_testbed assets/safeclip`` rebuilds it (75-110 s on one CPU core;
-deterministic for a given seed and software stack); the shipped one was made with ``--reuse-original``,
+training. ``python -m vlmsafe.cli.build_safeclip_testbed assets/safeclip --overwrite`` rebuilds it (75-110 s on
+one CPU core; deterministic for a given seed and software stack); the shipped one was made with ``--reuse-original``,
 which keeps ``original/`` (the text-to-image testbed's encoder) byte for byte.
 """
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.io import atomic_path, write_json_atomic
+from vlmsafe.io import atomic_path, check_output, write_json_atomic
 from vlmsafe.reading import read_json
 from vlmsafe.safeclip.data import Quadruplet, QuadrupletDataset
 from vlmsafe.testbed.train import optimizer_step
@@ -344,8 +344,12 @@ def build_testbed(
     token_weight: float = TOKEN_WEIGHT,
     reuse_original: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Build the testbed into ``out_dir`` (``original/``, ``safe/``, held-out split, build info).
+
+    An existing non-empty ``out_dir`` is replaced only with ``overwrite`` (or ``reuse_original``, which rebuilds
+    it), checked before the work like every output (:func:`vlmsafe.io.check_output`).
 
     ``token_weight`` is the Safe-CLIP run's ``text_safe_tokens`` loss weight (:func:`testbed_config`).
     ``reuse_original`` keeps ``out_dir/original`` (the text-to-image testbed's encoder, pretraining being
@@ -360,7 +364,8 @@ def build_testbed(
     from vlmsafe.safeclip.trainer import SafeCLIPTrainer
 
     t0 = time.time()
-    out = Path(out_dir)
+    overwrite = overwrite or reuse_original
+    out = check_output(out_dir, kind="dir", overwrite=overwrite, option="`out_dir`")
     torch.manual_seed(seed)
     splits = make_splits(seed)
     train = render_split(splits["train"], train_renders, seed + 1)
@@ -379,7 +384,7 @@ def build_testbed(
         curve = pretrain_clip(backend, train, steps=pretrain_steps, seed=seed, progress=progress)
         pretrain = {"pretrain_steps": pretrain_steps, "pretrain_loss_first_last": [curve[0], curve[-1]],
                     "pretrain_seconds": round(time.time() - t0, 1)}
-    with atomic_path(out, overwrite=True) as tmp:
+    with atomic_path(out, overwrite=overwrite) as tmp:
         tmp.mkdir()
         if reuse_original:
             shutil.copytree(out / ORIGINAL_DIR, tmp / ORIGINAL_DIR)
@@ -416,14 +421,14 @@ def load_heldout(assets_dir: str | os.PathLike[str], *, as_pil: bool = True) -> 
     from safetensors.torch import load_file
 
     d = Path(assets_dir)
-    fix = f"rebuild the testbed with `python -m vlmsafe.cli.build_safeclip_testbed {d}`"
+    fix = f"rebuild the testbed with `python -m vlmsafe.cli.build_safeclip_testbed {d} --overwrite`"
     records = read_json(d / HELDOUT_JSON, what="testbed held-out split", fix=fix)
     try:
         imgs = load_file(str(d / HELDOUT_FILE))
     except Exception as exc:  # OSError and safetensors' own error type
         raise FileFormatError(
             f"{d} is not a Safe-CLIP testbed folder ({exc}); rebuild it with "
-            f"`python -m vlmsafe.cli.build_safeclip_testbed {d}`"
+            f"`python -m vlmsafe.cli.build_safeclip_testbed {d} --overwrite`"
         ) from exc
     return quadruplets(records, imgs["safe"], imgs["unsafe"], as_pil=as_pil)
 
