@@ -36,6 +36,7 @@ from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, reso
 from vlmsafe.errors import IncompatibleVectorsError
 from vlmsafe.io import atomic_path
 from vlmsafe.loading import model_fingerprint
+from vlmsafe.options import refuse_unknown
 from vlmsafe.steering.choices import DEFAULT_ALPHA
 from vlmsafe.steering.layer_files import FORMAT_VERSION, check_fits, read_layer_tables, write_layer_tables
 
@@ -172,6 +173,7 @@ class ShiftVectors:
         """
         from vlmsafe.steering.config import SteeringConfig, apply_steering
 
+        refuse_unknown(SteeringConfig, options)
         return apply_steering(model, SteeringConfig(vectors=self, alpha=alpha, **options))
 
     def recorded_setting(self) -> dict[str, Any]:
