@@ -116,8 +116,9 @@ class SteeringConfig:
         check_choice(self.shift_from, "shift_from", SHIFT_FROM)
         if not (self.static is None or isinstance(self.static, bool)):
             raise InputError(f"static must be True, False or None, got {self.static!r}")
-        if not isinstance(self.strict_model, bool):
-            raise InputError(f"strict_model must be True or False, got {self.strict_model!r}")
+        for name in ("strict_model", "decode", "steer_text_only"):  # decode="no" would be truthy: steered
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
             parse_layer_spec(self.layers)  # syntax errors now, not after a model is loaded
         object.__setattr__(self, "mode", mode)
