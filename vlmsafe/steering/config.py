@@ -17,6 +17,7 @@ The field metadata holds the help text of the matching command-line flags
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -218,8 +219,10 @@ def as_steering(steering: Any) -> SteeringConfig:
     for method in all_steering_methods():
         if method.artefact_type is not None and isinstance(steering, method.artefact_type):
             return SteeringConfig(mode=method.name, **{method.artefact: steering}, **method.recorded_setting(steering))
+    load = (" (a folder: ShiftVectors.load(DIR) or SafetyDirections.load(DIR), or SafeVLM.from_pretrained(MODEL, DIR))"
+            if isinstance(steering, (str, os.PathLike)) else "")
     raise InputError(f"steering must be a SteeringConfig, or an artefact of a steering method (ShiftVectors, "
-                     f"SafetyDirections), got {type(steering).__name__}")
+                     f"SafetyDirections), got {type(steering).__name__}{load}")
 
 
 def field_help(name: str) -> str:

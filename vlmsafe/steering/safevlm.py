@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +54,9 @@ class SafeVLM:
         self.system_prompt = system_prompt
         self.max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
         self.batch_size = check_int(batch_size, "batch_size", low=1)
+        if generate_kwargs is not None and not isinstance(generate_kwargs, Mapping):
+            raise InputError(f"`generate_kwargs` must be a dict of model.generate arguments, e.g. "
+                             f"{{'do_sample': True}}, got {type(generate_kwargs).__name__}")
         self.generate_kwargs = {"do_sample": False, **(generate_kwargs or {})}
 
     @classmethod
