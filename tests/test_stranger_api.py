@@ -118,3 +118,43 @@ def test_safeclip_trainer_refuses_parts_of_the_wrong_type():
     # a JSONL path was read as a data set of its characters ("need at least 32 training items, got 10")
     with pytest.raises(InputError, match="`train_data` must be a QuadrupletDataset"):
         train_safeclip("no-such-model", "data.jsonl", "out")
+
+
+# --------------------------------------------------------------------------- steering objects
+def test_safevlm_names_how_to_load_a_folder_of_vectors(testbed, tmp_path):
+    """``SafeVLM(model, processor, "vectors/")`` is refused (a config or an artefact is expected) with the calls
+    that load the folder; ``generate_kwargs`` that are not a dict were a TypeError inside the constructor."""
+    model, processor, *_ = testbed
+    with pytest.raises(InputError, match=r"got PosixPath \(a folder: ShiftVectors.load\(DIR\) or SafetyDirections"):
+        SafeVLM(model, processor, tmp_path)
+    with pytest.raises(InputError, match="`generate_kwargs` must be a dict"):
+        SafeVLM(model, processor, generate_kwargs=["do_sample"])
+
+
+@pytest.mark.parametrize("wrong", ["vectors/", {0: "tensor"}])
+def test_steer_refuses_what_is_not_vectors(testbed, wrong):
+    model = testbed[0]
+    with pytest.raises(InputError, match=r"`vectors` must be ShiftVectors \(ShiftVectors.load\(DIR\)"), \
+            steer(model, wrong):
+        pass
+
+
+def test_steer_sample_level_refuses_a_list_of_states(testbed):
+    import torch
+
+    from vlmsafe.steering import steer_sample_level
+
+    with pytest.raises(InputError, match=r"`text_only_states` must be a dict \{layer: \(batch, hidden\) tensor\}"), \
+            steer_sample_level(testbed[0], [torch.zeros(1, 96)]):
+        pass
+
+
+def test_vector_algebra_refuses_factors_that_make_nan(testbed):
+    """``vectors * float("nan")`` made vectors that turn every steered state to nan; ``vectors / 0`` was a
+    ZeroDivisionError."""
+    vectors = testbed[2]
+    with pytest.raises(InputError, match="the factor must be a finite number, got nan"):
+        vectors * float("nan")
+    with pytest.raises(InputError, match="cannot divide vectors by 0"):
+        vectors / 0
+    assert (vectors / 2)[1].equal(vectors[1] * 0.5)
