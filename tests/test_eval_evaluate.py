@@ -268,7 +268,7 @@ def test_options_object_and_keyword_overrides_are_one_setting(items):
         EvalOptions(max_new_tokens=0)
     with pytest.raises(InputError, match="batch_size"):
         evaluate(FakeVLM(), items, RefusalJudge(), opts, batch_size=0, progress=False)
-    with pytest.raises(TypeError, match="bacth_size"):
+    with pytest.raises(InputError, match=r"unknown option.*`bacth_size` for EvalOptions"):
         evaluate(FakeVLM(), items, RefusalJudge(), bacth_size=4, progress=False)
 
 

@@ -13,7 +13,7 @@ imports no ``argparse``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import field
 from typing import Any, TypeVar
 
@@ -84,11 +84,22 @@ def with_overrides(cls: type[T], options: T | None, overrides: Mapping[str, Any]
     The ``generate(inputs, generation_config=None, **kwargs)`` form of transformers: a function takes its
     settings as one options object, and a caller who changes one or two of them names them as keyword
     arguments instead of building the object. The copy is made by the class's ``__init__``, so its checks
-    (:func:`check_options` in ``__post_init__``) run on the result, and an unknown name is the ``TypeError``
-    of an unexpected keyword argument. ``options`` itself is never modified.
+    (:func:`check_options` in ``__post_init__``) run on the result; an unknown name (a typo such as
+    ``max_new_token``) is refused with the names there are. ``options`` itself is never modified.
     """
     base = options if options is not None else cls()
+    refuse_unknown(cls, overrides)
     return dataclasses.replace(base, **overrides) if overrides else base  # type: ignore[type-var]
+
+
+def refuse_unknown(cls: type, given: Iterable[str]) -> None:
+    """Refuse keyword arguments that name no field of the dataclass ``cls`` with the names it has: a typo such as
+    ``alpah=2`` is one :class:`InputError` listing them, not ``__init__``'s ``TypeError``."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise InputError(f"unknown option(s) {', '.join(f'`{n}`' for n in unknown)} for {cls.__name__}; "
+                         f"use {', '.join(names)}")
 
 
 def option_fields(cls: type) -> Iterator[dataclasses.Field]:

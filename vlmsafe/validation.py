@@ -10,6 +10,7 @@ command-line values are rejected at parse time, before any model is loaded.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Sequence
 
@@ -30,8 +31,8 @@ def check_float(
     Raises:
         InputError: ``"<name> must be ...; got <value>"``.
     """
-    if isinstance(value, bool) or (not isinstance(value, (int, float)) and not _is_scalar_tensor(value)):
-        raise InputError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or (not isinstance(value, numbers.Real) and not _is_scalar_tensor(value)):
+        raise InputError(f"{name} must be a number, got {value!r}")  # numbers.Real: also numpy's float32, int64
     x = float(value)  # type: ignore[arg-type]
     if not math.isfinite(x):
         raise InputError(f"{name} must be a finite number, got {x}; pass e.g. {name}=1.0")
@@ -44,8 +45,9 @@ def check_float(
 
 def check_int(value: object, name: str, *, low: int | None = None, high: int | None = None) -> int:
     """Return ``value`` as an int within ``[low, high]``, else raise :class:`InputError`."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy's int64 too (an array's item)
         raise InputError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         raise InputError(f"{name} must be {_interval(low, high, False, False)}, got {value}")
     return value

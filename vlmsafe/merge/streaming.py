@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from vlmsafe.cards import write_card
+from vlmsafe.errors import InputError
 from vlmsafe.io import atomic_path, check_output
 from vlmsafe.merge.checkpoint import Checkpoint
 from vlmsafe.merge.config import MergeConfig
@@ -239,6 +240,9 @@ def merge_checkpoints(cfg: MergeConfig, *, progress: bool = True) -> MergeResult
     """Merge ``cfg.vlm``'s language model with ``cfg.aligned`` into ``cfg.output`` (see module doc)."""
     from tqdm.auto import tqdm
 
+    if not isinstance(cfg, MergeConfig):  # a dict or a YAML path would fail deep inside as an AttributeError
+        raise InputError(f"`cfg` must be a MergeConfig (MergeConfig.from_dict(...) or MergeConfig.from_yaml(PATH)), "
+                         f"got {type(cfg).__name__}")
     start = time.perf_counter()
     _check_paths(cfg)
     with ExitStack() as stack:

@@ -85,6 +85,10 @@ class SafeCLIPTrainer:
     ):
         from accelerate.utils import set_seed
 
+        if not isinstance(backend, CLIPBackend):  # a model path would fail as an AttributeError deep in setup
+            raise InputError(f"`backend` must be a CLIPBackend (vlmsafe.safeclip.backends.load_backend(PATH), or "
+                             f"train_safeclip(PATH, ...) with a model folder), got {type(backend).__name__}")
+        _check_parts(config, train_data, val_data)
         self.config = config = config or SafeCLIPTrainingConfig()
         self.backend = backend
         self.train_data = train_data
@@ -264,6 +268,18 @@ class SafeCLIPTrainer:
         return url
 
 
+def _check_parts(config: Any, train_data: Any, val_data: Any) -> None:
+    """The run's parts by type, before any work: a dict of options fails as an AttributeError deep in setup, and
+    a JSONL path read as a data set is its characters (10 "items"). Each refusal names the call that builds it."""
+    if config is not None and not isinstance(config, SafeCLIPTrainingConfig):
+        raise InputError(f"`config` must be a SafeCLIPTrainingConfig (SafeCLIPTrainingConfig.from_dict(...) for "
+                         f"a dict), got {type(config).__name__}")
+    for name, data in (("train_data", train_data), ("val_data", val_data)):
+        if data is not None and not isinstance(data, QuadrupletDataset):
+            raise InputError(f"`{name}` must be a QuadrupletDataset (vlmsafe.safeclip.data.QuadrupletDataset.from_"
+                             f"jsonl(PATH) for a file), got {type(data).__name__}")
+
+
 def select_towers(config: SafeCLIPTrainingConfig, data: QuadrupletDataset | None) -> tuple[str, ...]:
     """The towers a run trains: text unless ``train_text=False``; vision iff asked, or (default) iff the data has
     images."""
@@ -331,6 +347,7 @@ def train_safeclip(
     """
     from vlmsafe.safeclip.backends import load_backend
 
+    _check_parts(config, train_data, val_data)  # before the model loads: a JSONL path is not 10 items
     out, replace = check_run_output(output_dir, resume_from=resume_from, overwrite=overwrite)
     config = config or SafeCLIPTrainingConfig()
     check_training_data(config, train_data)

@@ -7,10 +7,11 @@ code behind it cannot disagree.
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Any
 
 from vlmsafe.errors import InputError
+from vlmsafe.options import refuse_unknown
 from vlmsafe.validation import check_float
 
 #: Prompt positions a shift can be applied at.
@@ -60,9 +61,5 @@ def with_options(config: Any, options: dict[str, Any], default: Any) -> Any:
     base = default if config is None else config
     if not options:
         return base
-    names = [f.name for f in fields(base)]
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise InputError(f"unknown option(s) {', '.join(unknown)} for {type(base).__name__}; "
-                         f"use {', '.join(names)}")
+    refuse_unknown(type(base), options)
     return replace(base, **options)

@@ -17,6 +17,7 @@ The field metadata holds the help text of the matching command-line flags
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -116,8 +117,9 @@ class SteeringConfig:
         check_choice(self.shift_from, "shift_from", SHIFT_FROM)
         if not (self.static is None or isinstance(self.static, bool)):
             raise InputError(f"static must be True, False or None, got {self.static!r}")
-        if not isinstance(self.strict_model, bool):
-            raise InputError(f"strict_model must be True or False, got {self.strict_model!r}")
+        for name in ("strict_model", "decode", "steer_text_only"):  # decode="no" would be truthy: steered
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.layers, str) and self.layers not in LAYER_PRESETS:
             parse_layer_spec(self.layers)  # syntax errors now, not after a model is loaded
         object.__setattr__(self, "mode", mode)
@@ -217,8 +219,10 @@ def as_steering(steering: Any) -> SteeringConfig:
     for method in all_steering_methods():
         if method.artefact_type is not None and isinstance(steering, method.artefact_type):
             return SteeringConfig(mode=method.name, **{method.artefact: steering}, **method.recorded_setting(steering))
+    load = (" (a folder: ShiftVectors.load(DIR) or SafetyDirections.load(DIR), or SafeVLM.from_pretrained(MODEL, DIR))"
+            if isinstance(steering, (str, os.PathLike)) else "")
     raise InputError(f"steering must be a SteeringConfig, or an artefact of a steering method (ShiftVectors, "
-                     f"SafetyDirections), got {type(steering).__name__}")
+                     f"SafetyDirections), got {type(steering).__name__}{load}")
 
 
 def field_help(name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from vlmsafe.adapters import ModelAdapter, get_adapter
-from vlmsafe.data import BATCH_SIZE, length_order
+from vlmsafe.data import BATCH_SIZE, as_pair, length_order
 from vlmsafe.errors import InputError
 from vlmsafe.loading import load_model
 from vlmsafe.steering.config import SteeringConfig, as_steering
@@ -54,6 +54,9 @@ class SafeVLM:
         self.system_prompt = system_prompt
         self.max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
         self.batch_size = check_int(batch_size, "batch_size", low=1)
+        if generate_kwargs is not None and not isinstance(generate_kwargs, Mapping):
+            raise InputError(f"`generate_kwargs` must be a dict of model.generate arguments, e.g. "
+                             f"{{'do_sample': True}}, got {type(generate_kwargs).__name__}")
         self.generate_kwargs = {"do_sample": False, **(generate_kwargs or {})}
 
     @classmethod
@@ -132,19 +135,9 @@ class SafeVLM:
         unknown); the model writes the missing ones.
         """
         single = isinstance(prompts, str)
+        prompts, images = _pairs(prompts, images)
         if single:
-            prompts, images = [prompts], [images]
             captions = None if captions is None else [captions]
-        prompts = list(prompts)
-        if isinstance(images, Image.Image):
-            raise InputError(
-                "got a list of prompts but a single image; pass a list with one image (or None) per prompt"
-            )
-        images = [None] * len(prompts) if images is None else list(images)
-        if len(images) != len(prompts):
-            raise InputError(
-                f"got {len(prompts)} prompts but {len(images)} images; pass one image (or None) per prompt"
-            )
         captions = [None] * len(prompts) if captions is None else list(captions)
         if len(captions) != len(prompts):
             raise InputError(f"got {len(prompts)} prompts but {len(captions)} captions; "
@@ -175,6 +168,30 @@ class SafeVLM:
         """The steering context for one batch (a no-op when unsteered)."""
         return self.steering_config.apply(self.adapter, prompts=prompts, images=images,
                                           system_prompt=self.system_prompt, captions=captions)
+
+
+def _pairs(prompts: Any, images: Any) -> tuple[list[str], list[Image.Image | None]]:
+    """The prompts and their images as two equal lists: a path is opened, anything else that is not a PIL image
+    or ``None`` is refused here (:func:`vlmsafe.data.as_pair`), not deep in the processor as an AttributeError."""
+    if isinstance(prompts, str):
+        if isinstance(images, (list, tuple)):
+            raise InputError(f"got one prompt (a str) but a list of {len(images)} images; pass the image itself "
+                             "with one prompt, or a list of prompts with the list of images")
+        prompts, images = [prompts], [images]
+    elif not isinstance(prompts, (list, tuple)) and not hasattr(prompts, "__iter__"):
+        raise InputError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        raise InputError(
+            "got a list of prompts but a single image; pass a list with one image (or None) per prompt"
+        )
+    images = [None] * len(prompts) if images is None else list(images)
+    if len(images) != len(prompts):
+        raise InputError(
+            f"got {len(prompts)} prompts but {len(images)} images; pass one image (or None) per prompt"
+        )
+    pairs = [as_pair((prompt, image)) for prompt, image in zip(prompts, images)]
+    return [p for p, _ in pairs], [im for _, im in pairs]
 
 
 def _load_artefact(path: str | os.PathLike[str]) -> Any:

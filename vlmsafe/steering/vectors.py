@@ -33,11 +33,13 @@ import torch
 from vlmsafe import __version__
 from vlmsafe.adapters import ModelAdapter, get_adapter
 from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, resolve, write_card
-from vlmsafe.errors import IncompatibleVectorsError
+from vlmsafe.errors import IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path
 from vlmsafe.loading import model_fingerprint
+from vlmsafe.options import refuse_unknown
 from vlmsafe.steering.choices import DEFAULT_ALPHA
 from vlmsafe.steering.layer_files import FORMAT_VERSION, check_fits, read_layer_tables, write_layer_tables
+from vlmsafe.validation import check_float
 
 TENSOR_FILE = "vectors.safetensors"
 META_FILE = "vectors.json"
@@ -120,13 +122,16 @@ class ShiftVectors:
         return ShiftVectors(shifts={l: fn(v) for l, v in self.shifts.items()}, meta=meta)
 
     def __mul__(self, scalar: float) -> ShiftVectors:
-        if not isinstance(scalar, (int, float)):
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
             return NotImplemented
-        return self._map(lambda v: v * float(scalar), note=f"*{scalar}")
+        factor = check_float(scalar, "the factor")  # nan or inf: vectors that turn every steered state to nan
+        return self._map(lambda v: v * factor, note=f"*{scalar}")
 
     __rmul__ = __mul__
 
     def __truediv__(self, scalar: float) -> ShiftVectors:
+        if isinstance(scalar, (int, float)) and not isinstance(scalar, bool) and scalar == 0:
+            raise InputError("cannot divide vectors by 0; use a non-zero divisor, or vectors.normalized()")
         return self * (1.0 / scalar)
 
     def __neg__(self) -> ShiftVectors:
@@ -172,6 +177,7 @@ class ShiftVectors:
         """
         from vlmsafe.steering.config import SteeringConfig, apply_steering
 
+        refuse_unknown(SteeringConfig, options)
         return apply_steering(model, SteeringConfig(vectors=self, alpha=alpha, **options))
 
     def recorded_setting(self) -> dict[str, Any]:

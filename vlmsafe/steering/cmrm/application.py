@@ -9,7 +9,7 @@ given to any entry point is checked by the config, once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -165,6 +165,9 @@ def steer(model: nn.Module | ModelAdapter, vectors: ShiftVectors, alpha: float =
     set up for compiled generation (a static cache or compile config in its generation config, a
     compiled forward).
     """
+    if not isinstance(vectors, ShiftVectors):  # a folder or a dict of tensors failed as "no attribute 'apply'"
+        raise InputError(f"`vectors` must be ShiftVectors (ShiftVectors.load(DIR) for a folder), "
+                         f"got {type(vectors).__name__}")
     with vectors.apply(model, alpha, **options) as handle:
         yield handle.state
 
@@ -197,6 +200,10 @@ def steer_sample_level(
                          "text-only prompt would have generated other tokens); use decode=False, or dataset-level "
                          "vectors (`vlmsafe calibrate`, then steer(..., decode=True)) to steer generated tokens")
     check_positions(positions)
+    if not isinstance(text_only_states, Mapping):  # a list of tensors was read as layer indices
+        raise InputError(f"`text_only_states` must be a dict {{layer: (batch, hidden) tensor}} "
+                         f"(text_only_states(model, processor, prompts, images) makes it), "
+                         f"got {type(text_only_states).__name__}")
     with _steer_relative(get_adapter(model), text_only_states, alpha, positions, static) as state:
         yield state
 

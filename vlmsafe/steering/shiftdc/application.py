@@ -18,6 +18,7 @@ from torch import nn
 from vlmsafe.activations import EditPlan, Prompt, RelativeVector, edit_activations
 from vlmsafe.adapters import ModelAdapter
 from vlmsafe.errors import InputError
+from vlmsafe.options import refuse_unknown
 from vlmsafe.steering.application import prompt_states
 from vlmsafe.steering.choices import DEFAULT_ALPHA, SHIFTDC_LAYERS
 from vlmsafe.steering.config import SteeringConfig, apply_steering
@@ -158,6 +159,7 @@ def steer_shiftdc(
     the projection each row got (before ``alpha``), and ``"captions"`` the captions used. ``static`` picks the
     compiled path as in :func:`~vlmsafe.steering.steer` (``shift_from="running"`` with ``decode=True`` runs on hooks).
     """
+    refuse_unknown(SteeringConfig, options)
     config = SteeringConfig(mode="shiftdc", directions=directions, alpha=alpha, **options)
     batch = SteeringBatch(prompts=prompts, images=images, captions=captions, system_prompt=system_prompt)
     with apply_steering(model, config, batch) as handle:

@@ -23,6 +23,7 @@ from vlmsafe.adapters import get_adapter
 from vlmsafe.cards import CARD_FILE, display_name, push_saved, render_card, resolve, write_card
 from vlmsafe.errors import FileFormatError, IncompatibleVectorsError, InputError
 from vlmsafe.io import atomic_path
+from vlmsafe.options import refuse_unknown
 from vlmsafe.reading import parse_json
 from vlmsafe.steering.choices import DEFAULT_ALPHA
 from vlmsafe.steering.layer_files import META_SCHEMA, Field, check_fits, read_layer_tables, write_layer_tables
@@ -175,6 +176,7 @@ class SafetyDirections:
         from vlmsafe.steering.config import SteeringConfig, apply_steering
         from vlmsafe.steering.registry import SteeringBatch
 
+        refuse_unknown(SteeringConfig, options)
         batch = SteeringBatch(prompts=prompts, images=images, captions=captions, system_prompt=system_prompt)
         return apply_steering(model, SteeringConfig(directions=self, alpha=alpha, **options), batch)
 
