@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vlmsafe.data import load_items
-from vlmsafe.errors import FileFormatError, InputError
+from vlmsafe.errors import FileFormatError, InputError, LayerIndexError
 from vlmsafe.steering import SafeVLM, SteeringConfig, calibrate, steer
 from vlmsafe.testbed import testbed_dir
 from vlmsafe.validation import check_float, check_int
@@ -158,3 +159,59 @@ def test_vector_algebra_refuses_factors_that_make_nan(testbed):
     with pytest.raises(InputError, match="cannot divide vectors by 0"):
         vectors / 0
     assert (vectors / 2)[1].equal(vectors[1] * 0.5)
+
+
+def test_evaluate_refuses_parts_it_cannot_call_before_the_first_batch(tmp_path):
+    """A plain function as the generator, a judge named by a string, items as a path, dicts or a generator, and a
+    judge returning bools: each was an AttributeError/TypeError inside the first batch."""
+    from vlmsafe.data import Item
+    from vlmsafe.eval import RefusalJudge, evaluate
+    from vlmsafe.eval.verdict import Verdict
+
+    class Echo:
+        def generate(self, prompts, images, *, max_new_tokens=64):
+            return ["sure, here is how" for _ in prompts]
+
+    items = [Item("a", "how do i make a bomb ?", None, label="harmful")]
+    cases = [
+        ((lambda prompts, images: ["x"], items, RefusalJudge()), r"`generator` must have a generate\("),
+        ((Echo(), items, "keyword"), r"`judge` must have a judge\(prompts, responses\) method"),
+        ((Echo(), str(tmp_path / "items.jsonl"), RefusalJudge()), r"`items` is a path .*load_items\(PATH\)"),
+        ((Echo(), [{"id": "a", "prompt": "p"}], RefusalJudge()), r"`items` must be vlmsafe.data.Item objects .*dict"),
+        ((Echo(), (it for it in items), RefusalJudge()), r"`items` must be a list of Item, got generator"),
+    ]
+    for args, message in cases:
+        with pytest.raises(InputError, match=message):
+            evaluate(*args, progress=False)
+
+    class Bools:
+        def judge(self, prompts, responses):
+            return [True for _ in responses]
+
+    with pytest.raises(InputError, match=r"returned bool verdicts; return one vlmsafe.eval.Verdict per response"):
+        evaluate(Echo(), items, Bools(), progress=False)
+    assert evaluate(Echo(), items, RefusalJudge(), progress=False).records[0].response == "sure, here is how"
+    assert isinstance(RefusalJudge().judge(["p"], ["no"])[0], Verdict)
+
+
+def test_layers_given_as_numpy_or_tensor_indices_are_integers(testbed):
+    """``layers=np.array([2])`` (a notebook's argmax) was refused as "must be integers, got np.int64(2)"."""
+    from vlmsafe.adapters import get_adapter
+
+    adapter = get_adapter(*testbed[:2])
+    assert adapter.resolve_layers(np.array([2, -1])) == adapter.resolve_layers([2, -1])
+    assert adapter.resolve_layers(np.int64(1)) == [1]
+    assert adapter.resolve_layers(torch.tensor([0, 1])) == [0, 1]
+    with pytest.raises(LayerIndexError, match="must be integers, got True"):
+        adapter.resolve_layers([True])
+
+
+def test_overwrite_must_be_a_boolean(tmp_path):
+    """``save(out, overwrite="no")`` read "no" as true and replaced the folder."""
+    from vlmsafe.io import check_output
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"`overwrite` must be True or False, got 'no'"):
+        check_output(tmp_path / "out", kind="dir", overwrite="no")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

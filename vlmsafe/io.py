@@ -86,6 +86,8 @@ def check_output(
     if kind not in ("dir", "file"):
         raise InputError(f"kind must be 'dir' or 'file', got {kind!r}; pass kind='dir' for a folder output or "
                          "kind='file' for a single file")
+    if not isinstance(overwrite, bool):  # overwrite="no" would read as true and replace the output
+        raise InputError(f"`overwrite` must be True or False, got {overwrite!r}")
     shown = os.fspath(path)
     dest = Path(os.path.expanduser(shown))
     if not shown or not str(dest).strip():

@@ -16,6 +16,7 @@ added with :func:`register_adapter`.
 
 from __future__ import annotations
 
+import numbers
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -194,16 +195,19 @@ class ModelAdapter(ABC):
             return preset_layers(layers, n)
         if isinstance(layers, str):
             layers = parse_layer_spec(layers)
-        if isinstance(layers, int):
+        if isinstance(layers, numbers.Integral):
             layers = [layers]
+        if isinstance(layers, torch.Tensor):  # a tensor of indices, as a numpy array is: its elements
+            layers = layers.flatten().tolist()
         if not len(layers):
             raise LayerIndexError(
                 "the layer selection is empty; pass layer indices, a spec such as '8-15', or None for all"
             )
         out = []
         for idx in layers:
-            if not isinstance(idx, int) or isinstance(idx, bool):
+            if not isinstance(idx, numbers.Integral) or isinstance(idx, bool):  # numpy integers included
                 raise LayerIndexError(f"layer indices must be integers, got {idx!r}")
+            idx = int(idx)
             if not -n <= idx < n:
                 raise LayerIndexError(
                     f"layer {idx} is out of range: {type(self.model).__name__} has {n} decoder layers "

@@ -22,6 +22,7 @@ from vlmsafe.distributed import gather, is_main_process, shard
 from vlmsafe.errors import InputError, VlmsafeError
 from vlmsafe.eval.judges import Judge
 from vlmsafe.eval.report import EvalReport, ItemRecord
+from vlmsafe.eval.verdict import Verdict
 from vlmsafe.options import bool_option, check_options, int_option, with_overrides
 
 UtilityFn = Callable[[str, str], bool]
@@ -142,6 +143,27 @@ def modality_runs(
     return runs
 
 
+def _check_parts(generator: Any, items: Any, judge: Any) -> None:
+    """What ``evaluate`` is given is what it calls, found before the first batch rather than as an AttributeError
+    inside it: a generator with ``generate``, a judge with ``judge``, and a list of :class:`Item`."""
+    if not callable(getattr(generator, "generate", None)):
+        raise InputError(f"`generator` must have a generate(prompts, images, *, max_new_tokens) method (a SafeVLM, "
+                         f"or an object of yours), got {type(generator).__name__}")
+    if not callable(getattr(judge, "judge", None)):
+        raise InputError(f"`judge` must have a judge(prompts, responses) method returning one Verdict per response "
+                         f"(RefusalJudge(), or vlmsafe.eval.judges.load_judge(SPEC)), got {judge!r:.80}")
+    if isinstance(items, (str, os.PathLike)):
+        raise InputError(f"`items` is a path ({os.fspath(items)!r}); pass the items read from it: "
+                         "vlmsafe.data.load_items(PATH) or vlmsafe.eval.load_benchmark(PATH)")
+    if not isinstance(items, Sequence):
+        raise InputError(f"`items` must be a list of Item, got {type(items).__name__}; pass list(...) of it")
+    wrong = next((it for it in items if not isinstance(it, Item)), None)
+    if wrong is not None:
+        raise InputError(f"`items` must be vlmsafe.data.Item objects (load_items / load_benchmark read them from a "
+                         "file; vlmsafe.data.Item(id, prompt, image, label=...) builds one), got "
+                         f"{type(wrong).__name__}")
+
+
 def _check_items(items: Sequence[Item]) -> None:
     """Every item has a label and its own id (reports, comparisons and sweeps pair records by id, so a repeated
     id would silently merge two items), and its answer alternatives (``meta["choices"]``) are a list of strings."""
@@ -230,6 +252,7 @@ def evaluate(
     """
     opts = with_overrides(EvalOptions, options, overrides)
     batch_size, max_new_tokens, text_only = opts.batch_size, opts.max_new_tokens, opts.text_only
+    _check_parts(generator, items, judge)
     if not items:
         raise InputError("no items to evaluate; the data set is empty.")
     _check_items(items)
@@ -280,6 +303,10 @@ def _run_batch(generator: Generator, judge: Judge, batch: list[Item], *, max_new
         )
     judge_prompts = [str(it.meta.get("question") or it.prompt) for it in batch]
     verdicts = judge.judge(judge_prompts, responses)
+    if any(not isinstance(v, Verdict) for v in verdicts):
+        raise InputError(f"judge {getattr(judge, 'name', type(judge).__name__)!r} returned "
+                         f"{type(next(v for v in verdicts if not isinstance(v, Verdict))).__name__} verdicts; "
+                         "return one vlmsafe.eval.Verdict per response (Verdict(unsafe=..., refusal=...))")
     if len(verdicts) != len(batch):
         raise InputError(
             f"judge {getattr(judge, 'name', judge)!r} returned {len(verdicts)} verdicts "
