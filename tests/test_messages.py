@@ -35,6 +35,8 @@ KEPT = {
     "vlmsafe/steering/recommend.py": ("not tuned (--tune-share 0)", "held-out items at --tune-share"),
     # printed by `vlmsafe convert-llava` and recorded in the output's provenance
     "vlmsafe/convert/llava.py": ("--vision ",),
+    # the README's support block (generated from this module): how every family loads, for command-line users
+    "vlmsafe/adapters/support.py": ("in float32 unless `--dtype`",),
 }
 #: Keywords and dict keys whose string is a flag declaration or its --help text, not a message.
 DECLARATIONS = {"flag", "flag_help", "help"}
