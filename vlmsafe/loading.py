@@ -46,7 +46,18 @@ from torch import nn
 
 from vlmsafe.dtypes import dtype_name, torch_dtype
 from vlmsafe.errors import FileFormatError, InputError
-from vlmsafe.model_folders import ORIGINAL_LLAVA_ARCHITECTURES, architectures, not_a_model
+from vlmsafe.model_folders import (
+    ORIGINAL_LLAVA_ARCHITECTURES,
+    architectures,
+    check_adapter_fits,
+    check_adapter_folder,
+    check_kind,
+    check_model_type,
+    config_error,
+    not_a_model,
+    processor_error,
+    quiet_peft,
+)
 from vlmsafe.options import with_overrides
 from vlmsafe.weights import check_model_folder, check_no_remote_code, fingerprint, shape_mismatch_error
 
@@ -125,8 +136,6 @@ def check_clip_folder(path: str | os.PathLike[str]) -> None:
     Safe-CLIP commands load with ``CLIPModel`` (:class:`vlmsafe.safeclip.backends.HFCLIPBackend`): the path, no
     code, safetensors only with valid headers, and a ``config.json`` of a CLIP model (``CLIPModel`` reads any
     config, and a VLM folder would load as a CLIP of random weights)."""
-    from vlmsafe.model_folders import check_model_type
-
     location = check_model_path(path)
     folder = location if os.path.isdir(location) else _cached_snapshot(location)
     if folder is not None:
@@ -209,13 +218,11 @@ def load_model(
     dtype, device, device_map = config.dtype, config.device, config.device_map
     from transformers import AutoConfig
 
-    from vlmsafe.model_folders import check_kind, config_error
-
     if kind not in ("auto", "vlm", "causal_lm"):
         raise InputError(f"kind must be 'auto', 'vlm' or 'causal_lm', got {kind!r}")
     location = check_model_path(config.path)
     if adapter is not None:
-        _check_adapter(adapter)  # before the model loads
+        check_adapter_folder(adapter)  # before the model loads
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     # No code, safetensors only, valid headers: checked before transformers reads a byte, for a local folder
@@ -268,8 +275,6 @@ def _from_pretrained(location: str, kind: str, kwargs: dict[str, Any],
                      stored: dict[str, tuple[int, ...]]) -> tuple[nn.Module, Any]:
     from safetensors import SafetensorError  # a truncated or corrupt weights file (not an OSError)
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
-    from vlmsafe.model_folders import processor_error
 
     # Remote code never runs; a tensor whose shape differs from the config is reported by name (transformers
     # would reinitialise it, or raise after a long table), so mismatches are collected rather than raised.
@@ -363,9 +368,7 @@ def _with_adapter(model: nn.Module, adapter: str | os.PathLike[str]) -> nn.Modul
     """``model`` with the PEFT adapter in ``adapter`` on top, refused when the adapter is not of this model."""
     from peft import PeftModel
 
-    from vlmsafe.model_folders import check_adapter_fits, quiet_peft
-
-    stored = _check_adapter(adapter)
+    stored = check_adapter_folder(adapter)
     try:
         with quiet_peft():
             peft_model = PeftModel.from_pretrained(model, os.fspath(adapter))
@@ -377,18 +380,10 @@ def _with_adapter(model: nn.Module, adapter: str | os.PathLike[str]) -> nn.Modul
     return peft_model
 
 
-def _check_adapter(adapter: str | os.PathLike[str]) -> set[str]:
-    from vlmsafe.model_folders import check_adapter_folder
-
-    return check_adapter_folder(adapter)
-
-
 def inject_lora(model: nn.Module, config: Any) -> Any:
     """``peft.get_peft_model(model, config)``, without the FutureWarning transformers 5 raises inside it
     (:func:`vlmsafe.model_folders.quiet_peft`)."""
     from peft import get_peft_model
-
-    from vlmsafe.model_folders import quiet_peft
 
     with quiet_peft():
         return get_peft_model(model, config)
